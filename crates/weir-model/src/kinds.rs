@@ -1,0 +1,216 @@
+//! The resource kinds weir serves, with the names Kubernetes clients use for them.
+
+/// One resource type of the Kubernetes API (a kind at a group/version, with its REST names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceKind {
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    /// API version within the group.
+    pub version: &'static str,
+    /// Kind, e.g. `Service`.
+    pub kind: &'static str,
+    /// Plural resource name used in URLs, e.g. `services`.
+    pub plural: &'static str,
+    /// Singular resource name, e.g. `service`.
+    pub singular: &'static str,
+    /// Whether objects live in a namespace.
+    pub namespaced: bool,
+    /// kubectl short names.
+    pub short_names: &'static [&'static str],
+    /// Whether the kind has a `/status` subresource (status is written separately from spec).
+    pub has_status: bool,
+}
+
+impl ResourceKind {
+    /// `apiVersion` as written in objects: `v1` or `group/version`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Kind of the list object, e.g. `ServiceList`.
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    /// URL prefix of the group version: `/api/v1` or `/apis/group/version`.
+    pub fn group_version_path(&self) -> String {
+        if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        }
+    }
+
+    /// URL of the collection, in namespace `ns` for namespaced kinds.
+    pub fn collection_path(&self, ns: Option<&str>) -> String {
+        match (self.namespaced, ns) {
+            (true, Some(ns)) => format!(
+                "{}/namespaces/{}/{}",
+                self.group_version_path(),
+                ns,
+                self.plural
+            ),
+            _ => format!("{}/{}", self.group_version_path(), self.plural),
+        }
+    }
+
+    /// URL of one object.
+    pub fn object_path(&self, ns: Option<&str>, name: &str) -> String {
+        format!("{}/{}", self.collection_path(ns), name)
+    }
+}
+
+/// Core group: Namespace.
+pub const NAMESPACE: ResourceKind = ResourceKind {
+    group: "",
+    version: "v1",
+    kind: "Namespace",
+    plural: "namespaces",
+    singular: "namespace",
+    namespaced: false,
+    short_names: &["ns"],
+    has_status: true,
+};
+/// Core group: Pod.
+pub const POD: ResourceKind = ResourceKind {
+    group: "",
+    version: "v1",
+    kind: "Pod",
+    plural: "pods",
+    singular: "pod",
+    namespaced: true,
+    short_names: &["po"],
+    has_status: true,
+};
+/// Core group: Service.
+pub const SERVICE: ResourceKind = ResourceKind {
+    group: "",
+    version: "v1",
+    kind: "Service",
+    plural: "services",
+    singular: "service",
+    namespaced: true,
+    short_names: &["svc"],
+    has_status: true,
+};
+/// Core group: Node.
+pub const NODE: ResourceKind = ResourceKind {
+    group: "",
+    version: "v1",
+    kind: "Node",
+    plural: "nodes",
+    singular: "node",
+    namespaced: false,
+    short_names: &["no"],
+    has_status: true,
+};
+/// discovery.k8s.io/v1 EndpointSlice.
+pub const ENDPOINT_SLICE: ResourceKind = ResourceKind {
+    group: "discovery.k8s.io",
+    version: "v1",
+    kind: "EndpointSlice",
+    plural: "endpointslices",
+    singular: "endpointslice",
+    namespaced: true,
+    short_names: &[],
+    has_status: false,
+};
+/// networking.k8s.io/v1 NetworkPolicy.
+pub const NETWORK_POLICY: ResourceKind = ResourceKind {
+    group: "networking.k8s.io",
+    version: "v1",
+    kind: "NetworkPolicy",
+    plural: "networkpolicies",
+    singular: "networkpolicy",
+    namespaced: true,
+    short_names: &["netpol"],
+    has_status: false,
+};
+
+/// Every kind the API server serves, in the order `get all`-style listings use.
+pub const ALL: &[ResourceKind] = &[
+    NAMESPACE,
+    NODE,
+    POD,
+    SERVICE,
+    ENDPOINT_SLICE,
+    NETWORK_POLICY,
+];
+
+/// The kind served at `group/version/plural`.
+pub fn by_plural(group: &str, version: &str, plural: &str) -> Option<&'static ResourceKind> {
+    ALL.iter()
+        .find(|k| k.group == group && k.version == version && k.plural == plural)
+}
+
+/// The kind an object declares with `apiVersion` and `kind`.
+pub fn by_api_version_kind(api_version: &str, kind: &str) -> Option<&'static ResourceKind> {
+    ALL.iter()
+        .find(|k| k.api_version() == api_version && k.kind == kind)
+}
+
+/// The kind a user names on the command line: plural, singular, short name, kind, or
+/// `plural.group` (case-insensitive), as kubectl resolves them.
+pub fn by_cli_name(name: &str) -> Option<&'static ResourceKind> {
+    let lower = name.to_ascii_lowercase();
+    let (base, group) = match lower.split_once('.') {
+        Some((b, g)) => (b.to_string(), Some(g.to_string())),
+        None => (lower.clone(), None),
+    };
+    ALL.iter().find(|k| {
+        let name_ok = k.plural == base
+            || k.singular == base
+            || k.kind.eq_ignore_ascii_case(&base)
+            || k.short_names.contains(&base.as_str());
+        let group_ok = match &group {
+            None => true,
+            Some(g) => k.group == g || (g == "core" && k.group.is_empty()),
+        };
+        name_ok && group_ok
+    })
+}
+
+/// Group/versions served, for discovery: (group, version).
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for k in ALL {
+        if !out.contains(&(k.group, k.version)) {
+            out.push((k.group, k.version));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_cli_names_like_kubectl() {
+        assert_eq!(by_cli_name("po").unwrap().kind, "Pod");
+        assert_eq!(by_cli_name("Services").unwrap().kind, "Service");
+        assert_eq!(by_cli_name("netpol").unwrap().kind, "NetworkPolicy");
+        assert_eq!(
+            by_cli_name("endpointslices.discovery.k8s.io").unwrap().kind,
+            "EndpointSlice"
+        );
+        assert!(by_cli_name("deployments").is_none());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            SERVICE.object_path(Some("x"), "s"),
+            "/api/v1/namespaces/x/services/s"
+        );
+        assert_eq!(
+            ENDPOINT_SLICE.collection_path(None),
+            "/apis/discovery.k8s.io/v1/endpointslices"
+        );
+        assert_eq!(NODE.object_path(Some("ignored"), "n"), "/api/v1/nodes/n");
+    }
+}

@@ -1,0 +1,21 @@
+//! weir's model of the Kubernetes API: the kinds it serves, their defaults and validation
+//! (with Kubernetes-style messages), label and field selectors, manifest reading and the
+//! table columns used to print objects.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod defaults;
+pub mod kinds;
+pub mod manifest;
+pub mod print;
+pub mod selector;
+pub mod validate;
+
+pub use kinds::ResourceKind;
+pub use selector::{FieldSelector, LabelSelector};
+pub use validate::{FieldError, ValidationError};
+
+/// The current time in the RFC 3339 form Kubernetes uses (`2026-01-02T03:04:05Z`).
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}

@@ -1,0 +1,264 @@
+//! Columns for listing objects as tables, shared by the API server's `as=Table` replies
+//! (what kubectl prints) and `weir get`.
+
+use serde_json::Value;
+
+use crate::kinds::ResourceKind;
+
+/// One column: its name as kube-apiserver spells it, and whether it is shown only in wide
+/// output (priority 1).
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    /// Name, e.g. `Cluster-IP`.
+    pub name: &'static str,
+    /// 0: always shown; 1: only with `-o wide`.
+    pub priority: u8,
+}
+
+
+/// The table columns of `kind`.
+pub fn columns(kind: &ResourceKind) -> &'static [Column] {
+    match kind.kind {
+        "Namespace" => &[Column { name: "Name", priority: 0 }, Column { name: "Status", priority: 0 }, Column { name: "Age", priority: 0 }],
+        "Node" => &[
+            Column { name: "Name", priority: 0 },
+            Column { name: "Status", priority: 0 },
+            Column { name: "Age", priority: 0 },
+            Column { name: "Internal-IP", priority: 1 },
+            Column { name: "Pod-CIDRs", priority: 1 },
+        ],
+        "Pod" => &[
+            Column { name: "Name", priority: 0 },
+            Column { name: "Ready", priority: 0 },
+            Column { name: "Status", priority: 0 },
+            Column { name: "Restarts", priority: 0 },
+            Column { name: "Age", priority: 0 },
+            Column { name: "IP", priority: 1 },
+            Column { name: "Node", priority: 1 },
+        ],
+        "Service" => &[
+            Column { name: "Name", priority: 0 },
+            Column { name: "Type", priority: 0 },
+            Column { name: "Cluster-IP", priority: 0 },
+            Column { name: "External-IP", priority: 0 },
+            Column { name: "Port(s)", priority: 0 },
+            Column { name: "Age", priority: 0 },
+            Column { name: "Selector", priority: 1 },
+        ],
+        "EndpointSlice" => &[
+            Column { name: "Name", priority: 0 },
+            Column { name: "AddressType", priority: 0 },
+            Column { name: "Ports", priority: 0 },
+            Column { name: "Endpoints", priority: 0 },
+            Column { name: "Age", priority: 0 },
+        ],
+        "NetworkPolicy" => &[Column { name: "Name", priority: 0 }, Column { name: "Pod-Selector", priority: 0 }, Column { name: "Age", priority: 0 }],
+        _ => &[Column { name: "Name", priority: 0 }, Column { name: "Age", priority: 0 }],
+    }
+}
+
+fn s<'a>(v: &'a Value, p: &str) -> &'a str {
+    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn arr<'a>(v: &'a Value, p: &str) -> &'a [Value] {
+    v.pointer(p).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn or_none(x: String) -> String {
+    if x.is_empty() {
+        "<none>".into()
+    } else {
+        x
+    }
+}
+
+fn map_string(v: Option<&Value>) -> String {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// kubectl's short human duration: `45s`, `3m12s`, `25m`, `5h10m`, `3d4h`, `40d`.
+pub fn human_duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86400);
+    if secs < 120 {
+        format!("{secs}s")
+    } else if m < 10 {
+        format!("{m}m{}s", secs % 60)
+    } else if h < 3 {
+        format!("{m}m")
+    } else if h < 8 {
+        format!("{h}h{}m", m % 60)
+    } else if h < 48 {
+        format!("{h}h")
+    } else if d < 8 {
+        format!("{d}d{}h", h % 24)
+    } else {
+        format!("{d}d")
+    }
+}
+
+/// Age of an object from its `metadata.creationTimestamp`, as of `now`.
+pub fn age(obj: &Value, now: jiff::Timestamp) -> String {
+    match s(obj, "/metadata/creationTimestamp").parse::<jiff::Timestamp>() {
+        Ok(t) => human_duration((now - t).get_seconds()),
+        Err(_) => "<unknown>".into(),
+    }
+}
+
+/// The Pod `STATUS` column: `Terminating` once deleted, else the phase.
+pub fn pod_status(pod: &Value) -> String {
+    if pod.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+        return "Terminating".into();
+    }
+    s(pod, "/status/phase").to_string()
+}
+
+/// The cells of one row for `obj`, one per column of [`columns`].
+pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String> {
+    let name = s(obj, "/metadata/name").to_string();
+    let age = age(obj, now);
+    match kind.kind {
+        "Namespace" => vec![name, s(obj, "/status/phase").to_string(), age],
+        "Node" => {
+            let ready = arr(obj, "/status/conditions")
+                .iter()
+                .find(|c| s(c, "/type") == "Ready")
+                .map(|c| if s(c, "/status") == "True" { "Ready" } else { "NotReady" })
+                .unwrap_or("NotReady");
+            let ip = arr(obj, "/status/addresses")
+                .iter()
+                .filter(|a| s(a, "/type") == "InternalIP")
+                .map(|a| s(a, "/address"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let cidrs = arr(obj, "/spec/podCIDRs")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![name, ready.into(), age, or_none(ip), or_none(cidrs)]
+        }
+        "Pod" => {
+            let total = arr(obj, "/spec/containers").len();
+            let ready = arr(obj, "/status/containerStatuses")
+                .iter()
+                .filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true))
+                .count();
+            let restarts: i64 = arr(obj, "/status/containerStatuses")
+                .iter()
+                .filter_map(|c| c.get("restartCount").and_then(Value::as_i64))
+                .sum();
+            vec![
+                name,
+                format!("{ready}/{total}"),
+                pod_status(obj),
+                restarts.to_string(),
+                age,
+                or_none(s(obj, "/status/podIP").to_string()),
+                or_none(s(obj, "/spec/nodeName").to_string()),
+            ]
+        }
+        "Service" => {
+            let ty = s(obj, "/spec/type").to_string();
+            let mut ext: Vec<String> = arr(obj, "/status/loadBalancer/ingress")
+                .iter()
+                .map(|i| {
+                    let ip = s(i, "/ip");
+                    if ip.is_empty() { s(i, "/hostname").to_string() } else { ip.to_string() }
+                })
+                .collect();
+            ext.extend(arr(obj, "/spec/externalIPs").iter().filter_map(|v| v.as_str().map(String::from)));
+            let external = if !ext.is_empty() {
+                ext.join(",")
+            } else if ty == "LoadBalancer" {
+                "<pending>".into()
+            } else if ty == "ExternalName" {
+                s(obj, "/spec/externalName").to_string()
+            } else {
+                "<none>".into()
+            };
+            let ports = arr(obj, "/spec/ports")
+                .iter()
+                .map(|p| {
+                    let port = p.get("port").map(|v| v.to_string()).unwrap_or_default();
+                    let proto = s(p, "/protocol");
+                    match p.get("nodePort").and_then(Value::as_i64) {
+                        Some(np) if np != 0 => format!("{port}:{np}/{proto}"),
+                        _ => format!("{port}/{proto}"),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let ips = arr(obj, "/spec/clusterIPs")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                name,
+                ty,
+                or_none(ips),
+                external,
+                or_none(ports),
+                age,
+                or_none(map_string(obj.pointer("/spec/selector"))),
+            ]
+        }
+        "EndpointSlice" => {
+            let ports = arr(obj, "/ports")
+                .iter()
+                .map(|p| p.get("port").map(|v| v.to_string()).unwrap_or_else(|| "<unset>".into()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let addrs: Vec<&str> = arr(obj, "/endpoints")
+                .iter()
+                .flat_map(|e| arr(e, "/addresses").iter().filter_map(Value::as_str))
+                .collect();
+            let shown = if addrs.len() > 3 {
+                format!("{} + {} more...", addrs[..3].join(","), addrs.len() - 3)
+            } else {
+                addrs.join(",")
+            };
+            vec![name, s(obj, "/addressType").to_string(), or_none(ports), or_none(shown), age]
+        }
+        "NetworkPolicy" => {
+            let sel = map_string(obj.pointer("/spec/podSelector/matchLabels"));
+            vec![name, if sel.is_empty() { "<none>".into() } else { sel }, age]
+        }
+        _ => vec![name, age],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::*;
+    use serde_json::json;
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(190), "3m10s");
+        assert_eq!(human_duration(3600), "60m");
+        assert_eq!(human_duration(4 * 3600 + 60), "4h1m");
+        assert_eq!(human_duration(3 * 86400 + 7200), "3d2h");
+    }
+
+    #[test]
+    fn service_row() {
+        let svc = json!({"metadata": {"name": "web", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"type": "NodePort", "clusterIPs": ["10.96.0.10"], "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}], "selector": {"app": "web"}}});
+        let now: jiff::Timestamp = "2026-01-01T00:00:30Z".parse().unwrap();
+        let r = row(&SERVICE, &svc, now);
+        assert_eq!(r, vec!["web", "NodePort", "10.96.0.10", "<none>", "80:30080/TCP", "30s", "app=web"]);
+        assert_eq!(r.len(), columns(&SERVICE).len());
+    }
+}
