@@ -1,0 +1,152 @@
+//! The lab's kernel networking: a fabric namespace with a bridge, one namespace per node and
+//! one for the external host, and per pod a namespace joined to its node by a veth pair.
+//!
+//! Pods get a /32 (and /128) on `eth0` and a default route to a link-local gateway
+//! (169.254.1.1, fe80::1) that the node answers on every pod-facing veth, as Calico does;
+//! the node routes each pod address to its veth, and other nodes' pod CIDRs to their fabric
+//! addresses (native routing).
+
+use std::net::IpAddr;
+
+use crate::paths::{Layout, NodeLayout};
+use crate::sys::{self, ip, ip_batch};
+use crate::LabError;
+
+/// The link-local IPv4 gateway pods route through.
+pub const POD_GATEWAY4: &str = "169.254.1.1";
+/// The link-local IPv6 gateway pods route through.
+pub const POD_GATEWAY6: &str = "fe80::1";
+
+fn base_sysctls(ns: &str, forwarding: bool) -> Result<(), LabError> {
+    let f = if forwarding { "1" } else { "0" };
+    sys::sysctls(
+        ns,
+        &[
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+            ("net.ipv4.ip_forward", f),
+            ("net.ipv6.conf.all.forwarding", f),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.ping_group_range", "0 2147483647"),
+        ],
+    )
+}
+
+/// Creates the fabric, the external host and every node of `layout`.
+pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
+    let fabric = &layout.fabric_netns;
+    ip(&["netns", "add", fabric])?;
+    base_sysctls(fabric, false)?;
+    ip_batch(
+        Some(fabric),
+        &[
+            "link set lo up".into(),
+            "link add br0 type bridge".into(),
+            "link set br0 up".into(),
+        ],
+    )?;
+    attach_host(layout, &layout.external_netns, "ext", &layout.external_ip.to_string(), &layout.external_ip6.to_string(), false)?;
+    for n in &layout.nodes {
+        create_node(layout, n)?;
+    }
+    // Native routing: every node (and the external host) reaches each node's pod CIDRs
+    // through that node's fabric address.
+    for n in &layout.nodes {
+        let mut hosts: Vec<&str> = layout.nodes.iter().filter(|o| o.name != n.name).map(|o| o.netns.as_str()).collect();
+        hosts.push(&layout.external_netns);
+        for h in hosts {
+            ip_batch(
+                Some(h),
+                &[
+                    format!("route replace {} via {}", n.pod_cidr, n.ip),
+                    format!("route replace {} via {}", n.pod_cidr6, n.ip6),
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_host(layout: &Layout, ns: &str, fabric_if: &str, ip4: &str, ip6: &str, forwarding: bool) -> Result<(), LabError> {
+    ip(&["netns", "add", ns])?;
+    base_sysctls(ns, forwarding)?;
+    ip_batch(
+        Some(&layout.fabric_netns),
+        &[
+            format!("link add {fabric_if} type veth peer name eth0 netns {ns}"),
+            format!("link set {fabric_if} master br0"),
+            format!("link set {fabric_if} up"),
+        ],
+    )?;
+    ip_batch(
+        Some(ns),
+        &[
+            "link set lo up".into(),
+            "link set eth0 up".into(),
+            format!("addr add {ip4}/24 dev eth0"),
+            format!("addr add {ip6}/64 dev eth0 nodad"),
+        ],
+    )
+}
+
+fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
+    attach_host(layout, &n.netns, &format!("n{}", n.index), &n.ip.to_string(), &n.ip6.to_string(), true)
+}
+
+/// Network settings of one pod.
+#[derive(Debug, Clone)]
+pub struct PodNet {
+    /// The pod's namespace name.
+    pub netns: String,
+    /// The node-side veth name (in the node's namespace).
+    pub host_if: String,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// Creates the pod's namespace, its veth pair to the node, addresses and routes.
+pub fn create_pod_network(node: &NodeLayout, pod: &PodNet) -> Result<(), LabError> {
+    let _ = ip(&["netns", "del", &pod.netns]);
+    ip(&["netns", "add", &pod.netns])?;
+    let result = (|| {
+        base_sysctls(&pod.netns, false)?;
+        ip_batch(
+            Some(&node.netns),
+            &[
+                format!("link add {} type veth peer name eth0 netns {}", pod.host_if, pod.netns),
+                format!("link set {} up", pod.host_if),
+                format!("addr add {POD_GATEWAY4}/32 dev {}", pod.host_if),
+                format!("addr add {POD_GATEWAY6}/64 dev {} nodad", pod.host_if),
+            ],
+        )?;
+        let mut node_routes = Vec::new();
+        let mut pod_cmds = vec!["link set lo up".to_string(), "link set eth0 up".to_string()];
+        for a in &pod.ips {
+            match a {
+                IpAddr::V4(_) => {
+                    node_routes.push(format!("route replace {a}/32 dev {} src {}", pod.host_if, node.ip));
+                    pod_cmds.push(format!("addr add {a}/32 dev eth0"));
+                }
+                IpAddr::V6(_) => {
+                    node_routes.push(format!("route replace {a}/128 dev {} src {}", pod.host_if, node.ip6));
+                    pod_cmds.push(format!("addr add {a}/128 dev eth0 nodad"));
+                }
+            }
+        }
+        pod_cmds.push(format!("route add {POD_GATEWAY4} dev eth0 scope link"));
+        pod_cmds.push(format!("route add default via {POD_GATEWAY4} dev eth0"));
+        pod_cmds.push(format!("route add ::/0 via {POD_GATEWAY6} dev eth0"));
+        ip_batch(Some(&pod.netns), &pod_cmds)?;
+        ip_batch(Some(&node.netns), &node_routes)
+    })();
+    if result.is_err() {
+        delete_pod_network(pod);
+    }
+    result
+}
+
+/// Removes the pod's namespace; its veth pair and routes go with it.
+pub fn delete_pod_network(pod: &PodNet) {
+    let _ = ip(&["netns", "del", &pod.netns]);
+}

@@ -1,0 +1,211 @@
+//! Thin helpers over the system: running `ip`, entering namespaces and cgroups, finding and
+//! stopping processes.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::paths::{self, CGROUP2_MOUNT};
+use crate::LabError;
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| LabError::Command(format!("{cmd} {}", args.join(" ")), e.to_string()))?;
+    if !out.status.success() {
+        return Err(LabError::Command(
+            format!("{cmd} {}", args.join(" ")),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip` with `args`.
+pub fn ip(args: &[&str]) -> Result<String, LabError> {
+    run("ip", args)
+}
+
+/// Runs many `ip` commands at once with `ip -batch -` (one per line), in namespace `netns`
+/// when given; `-force` keeps going past errors only when asked.
+pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), LabError> {
+    use std::io::Write;
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.join("\n").as_bytes())
+        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(LabError::Command(
+            format!("ip {} -batch: {}", netns.map(|n| format!("-n {n}")).unwrap_or_default(), lines.join("; ")),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes sysctls inside network namespace `netns` (`key` uses dots, e.g.
+/// `net.ipv4.ip_forward`). Done from a thread that enters the namespace, since /proc/sys/net
+/// shows the namespace of the reading thread.
+pub fn sysctls(netns: &str, kv: &[(&str, &str)]) -> Result<(), LabError> {
+    let path = paths::netns_path(netns);
+    let kv: Vec<(String, String)> = kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    std::thread::spawn(move || -> Result<(), LabError> {
+        enter_netns(&path)?;
+        for (k, v) in kv {
+            let file = format!("/proc/sys/{}", k.replace('.', "/"));
+            std::fs::write(&file, &v).map_err(|e| LabError::io(PathBuf::from(&file), e))?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| LabError::Command("sysctl".into(), "thread panicked".into()))?
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter_netns(path: &Path) -> Result<(), LabError> {
+    let f = std::fs::File::open(path).map_err(|e| LabError::io(path.to_path_buf(), e))?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| LabError::Command(format!("setns {}", path.display()), e.to_string()))
+}
+
+/// Moves the calling process into the cgroup v2 directory `dir`.
+pub fn enter_cgroup(dir: &Path) -> Result<(), LabError> {
+    let procs = dir.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string()).map_err(|e| LabError::io(procs, e))
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Makes sure cgroup v2 is mounted at [`CGROUP2_MOUNT`] (weir's own mount point; the host's
+/// /sys/fs/cgroup is left alone).
+pub fn ensure_cgroup2() -> Result<PathBuf, LabError> {
+    let p = PathBuf::from(CGROUP2_MOUNT);
+    if is_cgroup2(&p) {
+        return Ok(p);
+    }
+    std::fs::create_dir_all(&p).map_err(|e| LabError::io(p.clone(), e))?;
+    nix::mount::mount(Some("none"), &p, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| LabError::Command(format!("mount -t cgroup2 none {}", p.display()), e.to_string()))?;
+    Ok(p)
+}
+
+/// Removes a cgroup directory tree (children first). Processes must have left it.
+pub fn remove_cgroup_tree(dir: &Path) -> Result<(), LabError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path())?;
+            }
+        }
+    }
+    let mut last = None;
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+    Err(LabError::io(dir.to_path_buf(), last.expect("error")))
+}
+
+/// Pids of every process whose command line has `needle` as consecutive arguments.
+pub fn pids_with_args(needle: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| *a == b.as_bytes())) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Pids of every process in network namespace `netns` (as `ip netns pids`).
+pub fn pids_in_netns(netns: &str) -> Vec<i32> {
+    ip(&["netns", "pids", netns])
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Pids of every process in the cgroup tree `dir`.
+pub fn pids_in_cgroup_tree(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(pids_in_cgroup_tree(&e.path()));
+        }
+    }
+    out
+}
+
+/// Whether process `pid` is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILLs whatever is left.
+pub fn kill_all(pids: &[i32], grace: std::time::Duration) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for p in pids {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for p in pids.iter().filter(|p| alive(**p)) {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether we run as root (every lab operation needs it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

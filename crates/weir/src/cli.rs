@@ -1,0 +1,541 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use weir_lab::lab::{self, UpOptions, Via};
+use weir_lab::{client, LabError};
+
+/// weir: an eBPF dataplane for Kubernetes, and labs that build a cluster out of network
+/// namespaces on one machine.
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Lab cluster to talk to (its kubeconfig is used).
+    #[arg(long, global = true, env = "WEIR_CLUSTER", conflicts_with = "kubeconfig")]
+    cluster: Option<String>,
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create or update objects from manifests (server-side apply; every document is
+    /// validated with a dry run before any is written).
+    Apply {
+        /// Files, directories or `-` for standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Validate on the server only; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete the objects named in manifests.
+    Delete {
+        /// Files, directories or `-`.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Do not fail on objects that do not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// List or show objects: services, endpointslices, pods, namespaces, nodes,
+    /// networkpolicies (and their short names).
+    Get(crate::get::GetArgs),
+    /// Run the Kubernetes-compatible API server.
+    Apiserver(ApiserverArgs),
+    /// Build and use lab clusters made of network namespaces.
+    #[command(subcommand)]
+    Lab(LabCommand),
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ApiserverArgs {
+    /// Directory of the database.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Loopback ADDRESS:PORT or unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: weir_apiserver::Listen,
+    /// TLS certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding the bearer token clients must send.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Service CIDRs, one per IP family, primary first.
+    #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/16,fd00:10:96::/112")]
+    service_cidr: Vec<String>,
+    /// NodePort range.
+    #[arg(long, default_value = "30000-32767")]
+    node_port_range: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCommand {
+    /// Create a lab: API server, controllers, nodes; apply manifests; wait for pods.
+    Up {
+        /// Lab name.
+        #[arg(long)]
+        name: String,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: u8,
+        /// Manifests to apply once the cluster is up.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        /// How long to wait for pods to become Ready.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Remove a lab and everything it made, even after a crash.
+    Down {
+        /// Lab name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List labs.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// List a lab's nodes and external host with their addresses.
+    Nodes {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Delete a pod with a long grace period: it keeps serving, its endpoint becomes
+    /// serving+terminating.
+    Terminate {
+        /// The pod, as namespace/name.
+        pod: String,
+        /// Grace period in seconds.
+        #[arg(long, default_value_t = 3600)]
+        grace_period: i64,
+    },
+    /// Run a command inside a pod's network namespace and cgroup (or a node's, or `external`).
+    Exec {
+        /// namespace/pod, a node name, or `external`.
+        target: String,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Make fresh connections (or UDP request/replies) and count who answered.
+    Connect {
+        /// namespace/pod, a node name, or `external`.
+        #[arg(long)]
+        from: String,
+        /// HOST:PORT; HOST is an IP or a Service as name[.namespace].
+        #[arg(long)]
+        to: String,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        protocol: Proto,
+        /// Number of attempts.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Timeout per attempt.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Probe every pod from every pod and print the reachability matrix.
+    Probe {
+        /// Port.
+        #[arg(long)]
+        port: u16,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        protocol: Proto,
+        /// Dial pod IPs, or the ClusterIP of a Service selecting exactly that pod.
+        #[arg(long, value_enum, default_value_t = ViaArg::PodIp)]
+        via: ViaArg,
+        /// Timeout per probe.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// (component) The lab's API server.
+    #[command(hide = true)]
+    Apiserver,
+    /// (component) The lab's controller manager.
+    #[command(hide = true)]
+    Controller,
+    /// (component) A node's kubelet.
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        node: String,
+    },
+    /// (component) A pod sandbox: the echo server inside the pod.
+    #[command(hide = true)]
+    Sandbox {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        ready_file: PathBuf,
+        #[arg(long = "port")]
+        ports: Vec<weir_lab::echo::ServePort>,
+    },
+    /// (helper) Connection attempts from inside a namespace; spec on stdin, JSON out.
+    #[command(hide = true)]
+    Attempts {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ViaArg {
+    PodIp,
+    Service,
+}
+
+/// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 1s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?} is not a duration (e.g. 500ms, 1s, 2m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Cli {
+    /// Whether this invocation is a long-running component (logs at info by default).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.command, Command::Apiserver(_) | Command::Lab(LabCommand::Apiserver | LabCommand::Controller | LabCommand::Kubelet { .. } | LabCommand::Sandbox { .. }))
+    }
+
+    fn lab_name(&self) -> Result<String> {
+        self.cluster.clone().ok_or_else(|| anyhow!("this command needs --cluster NAME (hint: `weir lab list` shows labs)"))
+    }
+
+    /// The kubeconfig to use: --kubeconfig, the lab's, or kube-rs' default inference.
+    pub fn kubeconfig_path(&self) -> Result<Option<PathBuf>> {
+        if let Some(k) = &self.kubeconfig {
+            return Ok(Some(k.clone()));
+        }
+        if let Some(c) = &self.cluster {
+            return Ok(Some(lab::kubeconfig_of(c)?));
+        }
+        Ok(None)
+    }
+
+    /// A client for the selected cluster.
+    pub async fn client(&self) -> Result<kube::Client> {
+        match self.kubeconfig_path()? {
+            Some(p) => Ok(client::client_from_kubeconfig(&p).await?),
+            None => kube::Client::try_default().await.context("no cluster selected (hint: use --cluster NAME for a lab, or --kubeconfig FILE)"),
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Turns transport errors into one line with a hint.
+pub fn explain_kube(e: anyhow::Error, cli: &Cli) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Connection refused") || text.contains("tcp connect error") || text.contains("error trying to connect") || text.contains("client error (Connect)") {
+        let which = cli.cluster.as_ref().map(|c| format!("of lab {c:?}")).unwrap_or_else(|| "of the selected cluster".into());
+        return anyhow!("the API server {which} is not reachable (hint: `weir lab list` shows whether it runs)");
+    }
+    e
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "weir", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apiserver(a) => runtime()?.block_on(run_apiserver(a)),
+        Command::Apply { files, dry_run } => runtime()?.block_on(async {
+            let docs = client::read_manifests(files, "default")?;
+            let c = cli.client().await?;
+            if *dry_run {
+                let n = dry_run_all(&c, &docs).await.map_err(|e| explain_kube(e, &cli))?;
+                println!("{n} object(s) valid (server dry run)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for line in client::apply(&c, &docs).await.map_err(|e| explain_kube(e.into(), &cli))? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Delete { files, ignore_not_found } => runtime()?.block_on(async {
+            let docs = client::read_manifests(files, "default")?;
+            let c = cli.client().await?;
+            for line in client::delete(&c, &docs, *ignore_not_found).await.map_err(|e| explain_kube(e.into(), &cli))? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Get(g) => runtime()?.block_on(async {
+            let c = cli.client().await?;
+            crate::get::run(&c, g).await.map_err(|e| explain_kube(e, &cli))?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Lab(l) => run_lab(&cli, l),
+    }
+}
+
+async fn dry_run_all(c: &kube::Client, docs: &[client::Doc]) -> Result<usize> {
+    let mut pp = kube::api::PatchParams::apply("weir").force();
+    pp.dry_run = true;
+    for d in docs {
+        let api = client::dynamic_api(c, d.kind, d.namespace.as_deref());
+        api.patch(&d.name, &pp, &kube::api::Patch::Apply(&d.object)).await.map_err(|e| match e {
+            kube::Error::Api(s) => anyhow!("{}: {} {:?}: {}", d.origin, d.kind.kind, d.name, s.message),
+            e => anyhow!(e),
+        })?;
+    }
+    Ok(docs.len())
+}
+
+async fn run_apiserver(a: &ApiserverArgs) -> Result<ExitCode> {
+    let token = match &a.token_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+        None => None,
+    };
+    let (lo, hi) = a.node_port_range.split_once('-').ok_or_else(|| anyhow!("--node-port-range {:?}: expected LOW-HIGH", a.node_port_range))?;
+    let (lo, hi): (u16, u16) = (lo.parse().context("--node-port-range")?, hi.parse().context("--node-port-range")?);
+    if lo > hi {
+        bail!("--node-port-range {:?}: LOW must not exceed HIGH", a.node_port_range);
+    }
+    let mut cidrs = Vec::new();
+    for c in &a.service_cidr {
+        cidrs.push(weir_model::validate::parse_cidr(c).map_err(|e| anyhow!("--service-cidr {c:?}: {e}"))?);
+    }
+    if cidrs.is_empty() || cidrs.len() > 2 || (cidrs.len() == 2 && cidrs[0].addr().is_ipv4() == cidrs[1].addr().is_ipv4()) {
+        bail!("--service-cidr: give one CIDR, or two of different IP families");
+    }
+    let cfg = weir_apiserver::ServerConfig {
+        data_dir: a.data_dir.clone(),
+        listen: a.listen.clone(),
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(weir_apiserver::TlsFiles { cert: c.clone(), key: k.clone() }),
+            _ => None,
+        },
+        token,
+        store: weir_apiserver::StoreConfig {
+            alloc: weir_apiserver::alloc::AllocConfig { service_cidrs: cidrs, node_ports: lo..=hi },
+            ..Default::default()
+        },
+        bookmark_interval: Duration::from_secs(5),
+    };
+    let running = weir_apiserver::start(cfg).await?;
+    match running.addr {
+        Some(a) => eprintln!("weir apiserver listening on {a}"),
+        None => eprintln!("weir apiserver listening on {:?}", a.listen),
+    }
+    lab::wait_for_signal().await;
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
+    match cmd {
+        LabCommand::Up { name, nodes, files, timeout } => {
+            eprintln!("Creating lab {name:?} ({nodes} node(s))");
+            let k = runtime()?.block_on(lab::up(&UpOptions { name: name.clone(), nodes: *nodes, manifests: files.clone(), timeout: *timeout }))?;
+            eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
+            println!("{}", k.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Down { name } => {
+            let r = lab::down(name)?;
+            eprintln!("Lab {name:?} removed: {} process(es), {} network namespace(s){}{}", r.processes, r.namespaces, if r.cgroups { ", cgroups" } else { "" }, if r.pins { ", BPF pins" } else { "" });
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::List { output } => {
+            let labs = lab::list();
+            if *output == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&labs)?);
+            } else if labs.is_empty() {
+                eprintln!("No labs. Create one with: weir lab up --name demo");
+            } else {
+                let rows: Vec<Vec<String>> = labs
+                    .iter()
+                    .map(|l| vec![l.name.clone(), l.nodes.to_string(), if l.apiserver_running { "Running".into() } else { "Stopped".into() }, l.server.clone(), l.kubeconfig.display().to_string()])
+                    .collect();
+                print!("{}", crate::get::render_table(&["NAME", "NODES", "API SERVER", "SERVER", "KUBECONFIG"], &rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Nodes { output } => {
+            let hosts = lab::nodes(&cli.lab_name()?)?;
+            if *output == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+            } else {
+                let rows: Vec<Vec<String>> = hosts.iter().map(|h| vec![h.name.clone(), h.role.clone(), h.ip.clone(), h.ip6.clone(), h.pod_cidrs.join(","), h.netns.clone()]).collect();
+                print!("{}", crate::get::render_table(&["NAME", "ROLE", "IP", "IPV6", "POD CIDRS", "NETNS"], &rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Terminate { pod, grace_period } => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(lab::terminate(&name, pod, *grace_period))?;
+            println!("pod {pod} terminating (grace period {grace_period}s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Exec { target, command } => {
+            let name = cli.lab_name()?;
+            if !weir_lab::sys::is_root() {
+                return Err(LabError::NotRoot.into());
+            }
+            // Resolve with a runtime that ends before this process enters the namespace.
+            let src = current_thread()?.block_on(async {
+                let c = lab::lab_client(&name).await?;
+                lab::resolve_source(&name, target, &c).await
+            })?;
+            Err(lab::exec_in(&src, command).into())
+        }
+        LabCommand::Connect { from, to, protocol, count, timeout, output } => {
+            let name = cli.lab_name()?;
+            let s = runtime()?.block_on(lab::connect(&name, from, to, *protocol == Proto::Udp, *count, *timeout))?;
+            if *output == Format::Json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("{} attempt(s): {} ok, {} failed", s.attempts, s.ok, s.failed);
+                for (who, n) in &s.responders {
+                    println!("  {who:<30} {n:>6}  {}", "#".repeat((n * 40).div_ceil(s.attempts.max(1))));
+                }
+                for (err, n) in &s.errors {
+                    println!("  error {err:<24} {n:>6}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Probe { port, protocol, via, timeout, output } => {
+            let name = cli.lab_name()?;
+            let via = match via {
+                ViaArg::PodIp => Via::PodIp,
+                ViaArg::Service => Via::Service,
+            };
+            let m = runtime()?.block_on(lab::probe(&name, *port, *protocol == Proto::Udp, via, *timeout))?;
+            if *output == Format::Json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                print!("{}", m.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Apiserver => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(lab::run_apiserver(&name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Controller => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(async {
+                let c = lab::lab_client(&name).await?;
+                tokio::select! {
+                    r = weir_lab::controller::run(c) => r,
+                    _ = lab::wait_for_signal() => Ok(()),
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Kubelet { node } => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(async {
+                let c = lab::lab_client(&name).await?;
+                let k = weir_lab::kubelet::Kubelet::new(weir_lab::paths::LabPaths::new(&name), node, c)?;
+                tokio::select! {
+                    r = k.run() => r,
+                    _ = lab::wait_for_signal() => Ok(()),
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Sandbox { netns, cgroup, identity, ready_file, ports } => {
+            lab::enter(netns, cgroup)?;
+            current_thread()?.block_on(async {
+                weir_lab::echo::serve(identity.clone(), ports).await.with_context(|| format!("serving {identity}"))?;
+                std::fs::write(ready_file, b"ready").with_context(|| format!("writing {}", ready_file.display()))?;
+                lab::wait_for_signal().await;
+                Ok::<_, anyhow::Error>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Attempts { netns, cgroup } => {
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)?;
+            let spec: weir_lab::connect::AttemptSpec = serde_json::from_str(&input).context("reading the attempt spec")?;
+            lab::enter(netns, cgroup)?;
+            let outcomes = current_thread()?.block_on(weir_lab::connect::run(&spec));
+            println!("{}", serde_json::to_string(&outcomes)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
