@@ -152,8 +152,10 @@ fn set_meta(v: &mut Value, f: &str, val: Value) {
 }
 
 fn new_uid() -> String {
-    let r: u128 = rand::random();
-    let b = (r & !(0xf000u128 << 64) | (0x4000u128 << 64)).to_be_bytes();
+    // RFC 4122 version 4: random, with the version and variant bits set.
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }

@@ -180,16 +180,22 @@ impl Kubelet {
         }
     }
 
+    /// The lowest free host index of the node's pod CIDRs, as an IPv4 and an IPv6 address
+    /// with the same index (.0 is the network, .1 is left for a node router address).
     fn allocate_ips(&self) -> Result<Vec<IpAddr>, LabError> {
         let used: BTreeSet<IpAddr> = self.sandboxes.values().flat_map(|s| s.ips.iter().copied()).collect();
-        let mut out = Vec::new();
-        for cidr in [&self.node.pod_cidr, &self.node.pod_cidr6] {
-            let net: ipnet::IpNet = cidr.parse().map_err(|_| LabError::Corrupt { path: self.paths.layout_file(), reason: format!("bad pod CIDR {cidr}") })?;
-            // .0 is the network, .1 is left for a node router address; .255 (v4) broadcast.
-            let found = net.hosts().skip(1).take(65000).find(|ip| !used.contains(ip));
-            out.push(found.ok_or_else(|| LabError::Exhausted(format!("pod CIDR {cidr} of node {}", self.node.name)))?);
+        let bad = |cidr: &str| LabError::Corrupt { path: self.paths.layout_file(), reason: format!("bad pod CIDR {cidr}") };
+        let v4: ipnet::Ipv4Net = self.node.pod_cidr.parse().map_err(|_| bad(&self.node.pod_cidr))?;
+        let v6: ipnet::Ipv6Net = self.node.pod_cidr6.parse().map_err(|_| bad(&self.node.pod_cidr6))?;
+        let size = (1u32 << (32 - v4.prefix_len())).saturating_sub(1);
+        for i in 2..size {
+            let a = IpAddr::V4((u32::from(v4.network()) + i).into());
+            let b = IpAddr::V6((u128::from(v6.network()) + i as u128).into());
+            if !used.contains(&a) && !used.contains(&b) {
+                return Ok(vec![a, b]);
+            }
         }
-        Ok(out)
+        Err(LabError::Exhausted(format!("pod CIDR {} of node {}", self.node.pod_cidr, self.node.name)))
     }
 
     /// Builds the sandbox of `pod`: namespace, veth, addresses, cgroup and the echo process.

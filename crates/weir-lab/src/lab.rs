@@ -180,7 +180,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     wait_for_apiserver(&client, p, Duration::from_secs(15)).await?;
     progress.step(&format!("API server listening on {server}"));
 
-    sys::ensure_cgroup2()?;
+    sys::ensure_cgroup2(&p.cgroup_mount())?;
     for dir in [p.cgroup_dir(), p.cgroup_dir().join("external")] {
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
     }
@@ -300,9 +300,12 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
     }
     let p = LabPaths::new(name);
     let namespaces = lab_netns(&p);
-    if !p.dir.exists() && namespaces.is_empty() && !p.cgroup_dir().exists() && !p.bpf_dir().exists() {
+    if !p.dir.exists() && namespaces.is_empty() && !p.bpf_dir().exists() {
         return Err(LabError::NoSuchLab(name.to_string()));
     }
+    // The lab's cgroups are reachable through its own cgroup2 mount; mount it again if a
+    // crash left the tree but not the mount.
+    sys::ensure_cgroup2(&p.cgroup_mount())?;
     let mut report = DownReport::default();
     // Processes: those started for this lab (they carry `--cluster NAME`), and anything
     // left inside its cgroups or network namespaces.
@@ -328,6 +331,7 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
         sys::remove_cgroup_tree(&p.cgroup_dir())?;
         report.cgroups = true;
     }
+    sys::unmount_cgroup2(&p.cgroup_mount())?;
     if p.bpf_dir().exists() {
         std::fs::remove_dir_all(p.bpf_dir()).map_err(|e| LabError::io(p.bpf_dir(), e))?;
         report.pins = true;

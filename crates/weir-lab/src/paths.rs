@@ -9,8 +9,6 @@ use crate::LabError;
 
 /// Root of every lab's files (one directory per lab).
 pub const RUN_ROOT: &str = "/run/weir/labs";
-/// Where weir mounts cgroup v2 if it is not mounted there already.
-pub const CGROUP2_MOUNT: &str = "/run/weir/cgroup2";
 /// Root of pinned BPF objects of all labs (per lab: `<root>/<lab>`).
 pub const BPF_ROOT: &str = "/sys/fs/bpf/weir";
 
@@ -83,9 +81,15 @@ impl LabPaths {
     pub fn netns_prefix(&self) -> String {
         format!("weir.{}.", self.name)
     }
-    /// The lab's cgroup v2 directory.
+    /// Where the lab mounts cgroup v2 (its own mount, so that labs never share one and
+    /// the host's /sys/fs/cgroup is left alone).
+    pub fn cgroup_mount(&self) -> PathBuf {
+        self.dir.join("cgroup2")
+    }
+    /// The lab's cgroup v2 directory: `weir.<lab>` at the root of the hierarchy, holding
+    /// one directory per node (and `external`), which hold one per pod.
     pub fn cgroup_dir(&self) -> PathBuf {
-        Path::new(CGROUP2_MOUNT).join("weir").join(&self.name)
+        self.cgroup_mount().join(format!("weir.{}", self.name))
     }
     /// The lab's BPF pin directory.
     pub fn bpf_dir(&self) -> PathBuf {

@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::paths::{self, CGROUP2_MOUNT};
+use crate::paths;
 use crate::LabError;
 
 /// Runs a command, failing with its stderr when it exits non-zero.
@@ -99,17 +99,23 @@ fn is_cgroup2(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Makes sure cgroup v2 is mounted at [`CGROUP2_MOUNT`] (weir's own mount point; the host's
-/// /sys/fs/cgroup is left alone).
-pub fn ensure_cgroup2() -> Result<PathBuf, LabError> {
-    let p = PathBuf::from(CGROUP2_MOUNT);
-    if is_cgroup2(&p) {
-        return Ok(p);
+/// Makes sure cgroup v2 is mounted at `path` (mounting it there if not).
+pub fn ensure_cgroup2(path: &Path) -> Result<(), LabError> {
+    if is_cgroup2(path) {
+        return Ok(());
     }
-    std::fs::create_dir_all(&p).map_err(|e| LabError::io(p.clone(), e))?;
-    nix::mount::mount(Some("none"), &p, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| LabError::Command(format!("mount -t cgroup2 none {}", p.display()), e.to_string()))?;
-    Ok(p)
+    std::fs::create_dir_all(path).map_err(|e| LabError::io(path.to_path_buf(), e))?;
+    nix::mount::mount(Some("none"), path, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| LabError::Command(format!("mount -t cgroup2 none {}", path.display()), e.to_string()))
+}
+
+/// Unmounts the cgroup v2 mount at `path`, if mounted.
+pub fn unmount_cgroup2(path: &Path) -> Result<(), LabError> {
+    if !is_cgroup2(path) {
+        return Ok(());
+    }
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| LabError::Command(format!("umount {}", path.display()), e.to_string()))
 }
 
 /// Removes a cgroup directory tree (children first). Processes must have left it.
