@@ -67,8 +67,9 @@ impl ApiError {
         )
     }
 
-    /// 422 Invalid, with one cause per field.
-    pub fn invalid(plural: &str, err: &ValidationError) -> Self {
+    /// 422 Invalid, with one cause per field. `details.kind` is the Kind (as kube-apiserver
+    /// sends it for Invalid), which kubectl prints as `The Service "x" is invalid: ...`.
+    pub fn invalid(group: &str, err: &ValidationError) -> Self {
         let causes: Vec<Value> = err
             .causes
             .iter()
@@ -78,7 +79,7 @@ impl ApiError {
             422,
             "Invalid",
             err.to_string(),
-            json!({"name": err.name, "kind": plural, "group": "", "causes": causes}),
+            json!({"name": err.name, "kind": err.kind, "group": group, "causes": causes}),
         )
     }
 
@@ -118,6 +119,16 @@ impl ApiError {
             415,
             "UnsupportedMediaType",
             format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"),
+            json!({}),
+        )
+    }
+
+    /// 415 for protobuf bodies: this server speaks JSON only.
+    pub fn unsupported_protobuf() -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            "weir's API server accepts JSON (and YAML for server-side apply), not protobuf: kubectl commands that build objects themselves (create service|deployment, run, expose) send protobuf; write a manifest and use `kubectl create -f` or `kubectl apply -f` instead".into(),
             json!({}),
         )
     }

@@ -282,6 +282,9 @@ impl Api {
         let t = route(&path)?;
         let accept = req.headers().get("accept").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        if content_type.contains("protobuf") {
+            return Err(ApiError::unsupported_protobuf());
+        }
         let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
         let opts = WriteOpts { dry_run };
         let body = req.into_body().collect().await.map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?.to_bytes();

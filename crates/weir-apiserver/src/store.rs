@@ -406,11 +406,11 @@ impl Store {
     /// Defaults, allocates and validates `obj` as the new state of an object (`old` on update).
     fn prepare(&self, st: &mut State, kind: &ResourceKind, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
         defaults::apply_defaults(kind, obj);
-        validate::validate(kind, obj, old).map_err(|e| ApiError::invalid(kind.plural, &e))?;
+        validate::validate(kind, obj, old).map_err(|e| ApiError::invalid(kind.group, &e))?;
         if kind.kind == "Service" {
             st.alloc
                 .allocate(&self.cfg.alloc, obj, old)
-                .map_err(|e| ApiError::invalid(kind.plural, &e))?;
+                .map_err(|e| ApiError::invalid(kind.group, &e))?;
             if obj.pointer("/status").is_none_or(Value::is_null) {
                 obj["status"] = json!({"loadBalancer": {}});
             }
@@ -463,7 +463,7 @@ impl Store {
             }
         }
         if meta_str(&obj, "resourceVersion").is_some_and(|r| !r.is_empty()) {
-            return Err(ApiError::invalid(kind.plural, &weir_model::ValidationError {
+            return Err(ApiError::invalid(kind.group, &weir_model::ValidationError {
                 kind: kind.kind.into(),
                 name: meta_str(&obj, "name").unwrap_or_default().into(),
                 causes: vec![weir_model::FieldError {
@@ -511,7 +511,7 @@ impl Store {
         }
         match meta_str(&obj, "resourceVersion") {
             None | Some("") => {
-                return Err(ApiError::invalid(kind.plural, &weir_model::ValidationError {
+                return Err(ApiError::invalid(kind.group, &weir_model::ValidationError {
                     kind: kind.kind.into(),
                     name: name.into(),
                     causes: vec![weir_model::FieldError {

@@ -109,7 +109,11 @@ fn api_error(doc: &Doc, e: kube::Error) -> LabError {
         kube::Error::Api(s) => s.message.clone(),
         other => other.to_string(),
     };
-    LabError::Apply(format!("{}: {} {:?}: {msg}", doc.origin, doc.kind.kind, doc.name))
+    if msg.contains(&format!("{:?}", doc.name)) {
+        LabError::Apply(format!("{}: {msg}", doc.origin))
+    } else {
+        LabError::Apply(format!("{}: {} {:?}: {msg}", doc.origin, doc.kind.kind, doc.name))
+    }
 }
 
 /// Applies documents as `kubectl apply --server-side` does. Every document is first sent

@@ -1,0 +1,144 @@
+//! Helpers for end-to-end tests: labs with unique names torn down by a guard.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The weir binary under test.
+pub fn weir() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+/// Runs a command and returns its output, printing it on failure.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    if !out.status.success() {
+        eprintln!("command {cmd:?} failed: {}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "command failed: {cmd:?}");
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// A unique lab name for this test process.
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 100000);
+    assert!(name.len() <= 20, "lab name {name} too long");
+    name
+}
+
+/// Requires root: the tests build real namespaces.
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root (they create network namespaces)");
+}
+
+/// A running lab, removed when dropped.
+pub struct Lab {
+    /// Its name.
+    pub name: String,
+    /// Its kubeconfig.
+    pub kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// Brings up a lab with `nodes` nodes and the given manifest.
+    pub fn up(prefix: &str, nodes: u8, manifest: &str) -> Lab {
+        require_root();
+        let name = unique_name(prefix);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("manifest.yaml");
+        std::fs::write(&f, manifest).unwrap();
+        let mut cmd = weir();
+        cmd.args(["lab", "up", "--name", &name, "--nodes", &nodes.to_string()]);
+        if !manifest.trim().is_empty() {
+            cmd.arg("-f").arg(&f);
+        }
+        let out = run(&mut cmd);
+        let lab = Lab { name: name.clone(), kubeconfig: PathBuf::from(format!("/run/weir/labs/{name}/kubeconfig")), _dir: dir };
+        assert!(out.status.success(), "lab up failed");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), lab.kubeconfig.display().to_string());
+        lab
+    }
+
+    /// `weir --cluster NAME ARGS...`
+    pub fn weir(&self, args: &[&str]) -> Command {
+        let mut c = weir();
+        c.args(["--cluster", &self.name]).args(args);
+        c
+    }
+
+    /// `kubectl --kubeconfig ... ARGS...`
+    pub fn kubectl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("kubectl");
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        c
+    }
+
+    /// Applies a manifest with `weir apply -f -`.
+    pub fn apply(&self, manifest: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .weir(&["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `weir get ... -o json` parsed.
+    pub fn get_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["get"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&ok(&mut self.weir(&a))).unwrap()
+    }
+
+    /// `weir lab connect ... -o json` parsed.
+    pub fn connect(&self, from: &str, to: &str, proto: &str, count: usize) -> Value {
+        serde_json::from_str(&ok(&mut self.weir(&["lab", "connect", "--from", from, "--to", to, "--protocol", proto, "--count", &count.to_string(), "-o", "json"]))).unwrap()
+    }
+
+    /// `weir lab probe ... -o json` parsed.
+    pub fn probe(&self, port: u16, proto: &str, via: &str) -> Value {
+        serde_json::from_str(&ok(&mut self.weir(&["lab", "probe", "--port", &port.to_string(), "--protocol", proto, "--via", via, "-o", "json"]))).unwrap()
+    }
+
+    /// Waits until `f` holds, failing with `what` after `timeout`.
+    pub fn eventually(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for: {what}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = weir().args(["lab", "down", "--name", &self.name]).output();
+    }
+}
+
+/// Every cell of a probe matrix is true.
+pub fn all_reachable(m: &Value) -> bool {
+    m["rows"].as_object().is_some_and(|rows| !rows.is_empty() && rows.values().all(|r| r.as_object().is_some_and(|c| c.values().all(|v| v == true))))
+}

@@ -1,0 +1,89 @@
+//! kubectl (the real one, /usr/bin/kubectl) driving a lab through weir's API server.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const POD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: k\n  labels: {app: web}\nspec:\n  containers:\n  - name: c\n    image: nginx\n    ports: [{name: http, containerPort: 8080}]\n";
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: k\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: http}]\n";
+
+#[test]
+fn kubectl_create_get_watch_label_apply_delete() {
+    let lab = Lab::up("kubectl", 1, "");
+    let dir = tempfile::tempdir().unwrap();
+    let pod_file = dir.path().join("pod.yaml");
+    std::fs::write(&pod_file, POD).unwrap();
+    let svc_file = dir.path().join("svc.yaml");
+    std::fs::write(&svc_file, SVC).unwrap();
+
+    // A watch started before anything exists sees the pod arrive.
+    let mut watch = lab.kubectl(&["get", "pods", "-n", "k", "-w", "--request-timeout=0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    let out = ok(&mut lab.kubectl(&["create", "-f", pod_file.to_str().unwrap()]));
+    assert!(out.contains("namespace/k created") && out.contains("pod/p created"), "{out}");
+    let again = run(&mut lab.kubectl(&["create", "-f", pod_file.to_str().unwrap()]));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("AlreadyExists"));
+
+    lab.eventually("pod running", Duration::from_secs(20), || ok(&mut lab.kubectl(&["get", "pod", "p", "-n", "k"])).contains("Running"));
+    let yaml = ok(&mut lab.kubectl(&["get", "pod", "p", "-n", "k", "-o", "yaml"]));
+    assert!(yaml.contains("podIP: 10.244.1."), "{yaml}");
+    assert!(yaml.contains("phase: Running"), "{yaml}");
+
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && !seen.iter().any(|l: &String| l.contains("Running")) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+    }
+    assert!(seen.iter().any(|l| l.starts_with("p ") && l.contains("Running")), "watch output: {seen:?}");
+    let _ = watch.kill();
+
+    ok(&mut lab.kubectl(&["label", "pod", "p", "-n", "k", "tier=front"]));
+    let labels = ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-l", "tier=front", "-o", "name"]));
+    assert_eq!(labels.trim(), "pod/p");
+
+    // Client-side apply (strategic merge patch) and server-side apply.
+    let out = ok(&mut lab.kubectl(&["apply", "-f", svc_file.to_str().unwrap()]));
+    assert!(out.contains("service/web created"), "{out}");
+    std::fs::write(&svc_file, SVC.replace("ports: [{port: 80, targetPort: http}]", "ports: [{port: 81, targetPort: http}]")).unwrap();
+    let out = ok(&mut lab.kubectl(&["apply", "-f", svc_file.to_str().unwrap()]));
+    assert!(out.contains("service/web configured"), "{out}");
+    assert!(ok(&mut lab.kubectl(&["get", "svc", "web", "-n", "k"])).contains("81/TCP"));
+    std::fs::write(&svc_file, SVC.replace("ports: [{port: 80, targetPort: http}]", "ports: [{port: 82, targetPort: http}]")).unwrap();
+    let out = ok(&mut lab.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", svc_file.to_str().unwrap()]));
+    assert!(out.contains("service/web serverside-applied"), "{out}");
+    assert!(ok(&mut lab.kubectl(&["get", "svc", "web", "-n", "k"])).contains("82/TCP"));
+    let slices = ok(&mut lab.kubectl(&["get", "endpointslices", "-n", "k"]));
+    assert!(slices.contains("8080"), "{slices}");
+    assert!(ok(&mut lab.kubectl(&["get", "netpol", "-A"])).is_empty());
+
+    // Invalid input is refused with the field named.
+    let bad_file = dir.path().join("bad.yaml");
+    std::fs::write(&bad_file, SVC.replace("name: web", "name: bad").replace("port: 80,", "port: 0,")).unwrap();
+    let bad = run(&mut lab.kubectl(&["create", "-f", bad_file.to_str().unwrap()]));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("The Service \"bad\" is invalid: spec.ports[0].port: Invalid value: 0"), "{err}");
+    // kubectl's object generators send protobuf, which is refused with an explanation.
+    let proto = run(&mut lab.kubectl(&["create", "service", "clusterip", "gen", "-n", "k", "--tcp=80:80"]));
+    assert!(String::from_utf8_lossy(&proto.stderr).contains("not protobuf"), "{}", String::from_utf8_lossy(&proto.stderr));
+
+    // Delete waits until the pod is gone (the kubelet confirms).
+    let out = ok(&mut lab.kubectl(&["delete", "pod", "p", "-n", "k", "--grace-period=1"]));
+    assert!(out.contains("pod \"p\" deleted"), "{out}");
+    assert!(ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-o", "name"])).trim().is_empty());
+    ok(&mut lab.kubectl(&["delete", "namespace", "k"]));
+    lab.eventually("namespace gone", Duration::from_secs(15), || !ok(&mut lab.kubectl(&["get", "ns", "-o", "name"])).contains("namespace/k\n"));
+}
