@@ -216,3 +216,63 @@ async fn reflector_relists_after_410() {
     assert!(relists.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the watcher should have relisted after 410");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn streaming_lists_end_with_the_initial_events_bookmark() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start(dir.path(), port, 1000).await;
+    let c = client(dir.path(), port).await;
+    let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
+    for n in ["s1", "s2"] {
+        pods.create(&PostParams::default(), &pod(n)).await.unwrap();
+    }
+    // With streaming lists there is no LIST: the store fills only when the server sends the
+    // initial-events-end bookmark after the synthetic ADDED events.
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher::watcher(pods.clone(), watcher::Config::default().streaming_lists())).default_backoff();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(stream);
+        while s.next().await.is_some() {}
+    });
+    tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready()).await.expect("store ready").unwrap();
+    names_eventually(&reader, &["s1", "s2"]).await;
+    // A label selector watch sees an object leave the selection as DELETED.
+    let (sel_reader, sel_writer) = reflector::store();
+    let sel = reflector::reflector(sel_writer, watcher::watcher(pods.clone(), watcher::Config::default().labels("tier=a"))).default_backoff();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(sel);
+        while s.next().await.is_some() {}
+    });
+    sel_reader.wait_until_ready().await.unwrap();
+    pods.patch("s1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"tier": "a"}}}))).await.unwrap();
+    names_eventually(&sel_reader, &["s1"]).await;
+    pods.patch("s1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"tier": "b"}}}))).await.unwrap();
+    names_eventually(&sel_reader, &[]).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unix_socket_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let cfg = ServerConfig {
+        data_dir: dir.path().join("data"),
+        listen: Listen::Unix(sock.clone()),
+        tls: None,
+        token: None,
+        store: StoreConfig::default(),
+        bookmark_interval: Duration::from_secs(5),
+    };
+    let server = weir_apiserver::start(cfg).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    s.write_all(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"kubernetes.io/metadata.name\":\"kube-system\""), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    server.shutdown().await;
+}

@@ -304,7 +304,7 @@ impl Kubelet {
             let ready_at = started + jiff::SignedDuration::from_secs(delay);
             let ready = now >= ready_at;
             if !ready {
-                let wait = (ready_at - now).get_seconds().max(0) as u64 + 1;
+                let wait = ready_at.duration_since(now).as_secs().max(0) as u64 + 1;
                 recheck = Some(recheck.map_or(Duration::from_secs(wait), |r| r.min(Duration::from_secs(wait))));
             }
             all_ready &= ready;
@@ -406,7 +406,7 @@ impl Kubelet {
             }
             if self.expiring.insert(uid.clone()) {
                 let at: jiff::Timestamp = serde_json::from_value(serde_json::to_value(ts).expect("time")).unwrap_or_else(|_| jiff::Timestamp::now());
-                let wait = (at - jiff::Timestamp::now()).get_milliseconds().max(0) as u64;
+                let wait = at.duration_since(jiff::Timestamp::now()).as_millis().max(0) as u64;
                 tracing::info!(pod = %format!("{ns}/{name}"), grace_ms = wait, "pod deleted; serving until its grace period ends");
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -108,7 +108,7 @@ pub fn human_duration(secs: i64) -> String {
 /// Age of an object from its `metadata.creationTimestamp`, as of `now`.
 pub fn age(obj: &Value, now: jiff::Timestamp) -> String {
     match s(obj, "/metadata/creationTimestamp").parse::<jiff::Timestamp>() {
-        Ok(t) => human_duration((now - t).get_seconds()),
+        Ok(t) => human_duration(now.duration_since(t).as_secs()),
         Err(_) => "<unknown>".into(),
     }
 }

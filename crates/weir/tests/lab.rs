@@ -172,9 +172,12 @@ endpoints: [{addresses: [10.1.2.3]}]
 fn grace_period_ends_and_pod_is_removed() {
     let lab = Lab::up("grace", 1, &pods_yaml("x", &["a", "b"], ""));
     let a_ip = lab.get_json(&["pod", "a", "-n", "x"])["status"]["podIP"].as_str().unwrap().to_string();
-    ok(&mut lab.weir(&["lab", "terminate", "x/a", "--grace-period", "2"]));
+    ok(&mut lab.weir(&["lab", "terminate", "x/a", "--grace-period", "4"]));
+    // deletionTimestamp has whole seconds, so at least 3 s of the 4 remain.
+    std::thread::sleep(Duration::from_millis(2000));
     let r = lab.connect("x/b", &format!("{a_ip}:8080"), "tcp", 1);
     assert_eq!(r["ok"], 1, "still serving during the grace period: {r}");
+    assert_eq!(lab.get_json(&["pod", "a", "-n", "x"])["metadata"]["deletionGracePeriodSeconds"], 4);
     lab.eventually("pod a removed", Duration::from_secs(15), || {
         lab.get_json(&["pods", "-n", "x"])["items"].as_array().unwrap().iter().all(|p| p["metadata"]["name"] != "a")
     });

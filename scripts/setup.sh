@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what building and testing weir needs on a Debian machine, as root, without
+# prompting. Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: weir's setup installs packages and its labs create network namespaces: run as root (hint: sudo make ...)" >&2
+    exit 1
+  fi
+}
+need_root
+
+export DEBIAN_FRONTEND=noninteractive
+# Debian packages: the eBPF toolchain (clang-19, libelf, zlib, pkg-config), make, and the
+# tools the lab and its tests drive (iproute2 for ip, procps for pgrep, util-linux for
+# nsenter, bash).
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# kubectl: use the one on the machine if there is one; otherwise Debian's kubernetes-client.
+if ! command -v kubectl >/dev/null 2>&1; then
+  missing+=(kubernetes-client)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "setup: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
+  else
+    echo "error: no Rust toolchain (cargo) found; weir needs Rust 1.95 or newer from rustup (Debian's cargo is too old)" >&2
+  fi
+  exit 1
+fi
+echo "setup: ok ($(cargo --version), $(clang-19 --version | head -1), kubectl $(kubectl version --client -o json 2>/dev/null | grep -o '"gitVersion": *"[^"]*"' | head -1 | cut -d'"' -f4))"
