@@ -86,7 +86,10 @@ fn node_ports(svc: &Value) -> Vec<u16> {
         .filter(|p| *p != 0)
         .map(|p| p as u16)
         .collect();
-    if let Some(h) = svc.pointer("/spec/healthCheckNodePort").and_then(Value::as_u64) {
+    if let Some(h) = svc
+        .pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_u64)
+    {
         if h != 0 {
             out.push(h as u16);
         }
@@ -97,8 +100,12 @@ fn node_ports(svc: &Value) -> Vec<u16> {
 fn owner_of(svc: &Value) -> Owner {
     format!(
         "{}/{}",
-        svc.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default(),
-        svc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+        svc.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        svc.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
     )
 }
 
@@ -180,7 +187,11 @@ impl Allocations {
     ) -> Result<(), ValidationError> {
         let owner = owner_of(svc);
         let mut causes = Vec::new();
-        let ty = svc.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+        let ty = svc
+            .pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string();
         let spec = svc
             .get_mut("spec")
             .and_then(Value::as_object_mut)
@@ -206,7 +217,11 @@ impl Allocations {
             let mut ips: Vec<String> = spec
                 .get("clusterIPs")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             if let Some(ip) = spec.get("clusterIP").and_then(Value::as_str) {
                 if !ip.is_empty() && ips.is_empty() {
@@ -217,7 +232,11 @@ impl Allocations {
             let mut families: Vec<String> = spec
                 .get("ipFamilies")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             if families.is_empty() {
                 families = ips
@@ -229,7 +248,11 @@ impl Allocations {
             let policy = spec
                 .get("ipFamilyPolicy")
                 .and_then(Value::as_str)
-                .unwrap_or(if families.len() > 1 { "RequireDualStack" } else { "SingleStack" })
+                .unwrap_or(if families.len() > 1 {
+                    "RequireDualStack"
+                } else {
+                    "SingleStack"
+                })
                 .to_string();
             let cluster_fams: Vec<&str> = cfg.service_cidrs.iter().map(net_family).collect();
             if families.is_empty() {
@@ -239,22 +262,46 @@ impl Allocations {
                 if let Some(other) = cluster_fams.iter().find(|f| **f != families[0]) {
                     families.push(other.to_string());
                 } else if policy == "RequireDualStack" {
-                    causes.push(cause("spec.ipFamilyPolicy", json!(policy), "this cluster is not configured for dual-stack services".into()));
+                    causes.push(cause(
+                        "spec.ipFamilyPolicy",
+                        json!(policy),
+                        "this cluster is not configured for dual-stack services".into(),
+                    ));
                 }
             }
             for (i, f) in families.iter().enumerate() {
                 if !headless && !cluster_fams.contains(&f.as_str()) {
-                    causes.push(cause(&format!("spec.ipFamilies[{i}]"), json!(f), format!("not configured on this cluster (service CIDRs are {:?})", cfg.service_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>())));
+                    causes.push(cause(
+                        &format!("spec.ipFamilies[{i}]"),
+                        json!(f),
+                        format!(
+                            "not configured on this cluster (service CIDRs are {:?})",
+                            cfg.service_cidrs
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect::<Vec<_>>()
+                        ),
+                    ));
                 }
             }
             if !headless && causes.is_empty() {
                 let mut out: Vec<IpAddr> = Vec::new();
                 for (i, fam) in families.iter().enumerate() {
-                    let net = cfg.service_cidrs.iter().find(|n| net_family(n) == fam).expect("checked");
+                    let net = cfg
+                        .service_cidrs
+                        .iter()
+                        .find(|n| net_family(n) == fam)
+                        .expect("checked");
                     match ips.get(i).map(|s| s.parse::<IpAddr>()) {
                         Some(Ok(ip)) => {
                             if family(&ip) != fam {
-                                causes.push(cause(&format!("spec.clusterIPs[{i}]"), json!(ip.to_string()), format!("expected an {fam} value as indicated by `ipFamilies[{i}]`")));
+                                causes.push(cause(
+                                    &format!("spec.clusterIPs[{i}]"),
+                                    json!(ip.to_string()),
+                                    format!(
+                                        "expected an {fam} value as indicated by `ipFamilies[{i}]`"
+                                    ),
+                                ));
                             } else if !net.contains(&ip) {
                                 causes.push(cause(&format!("spec.clusterIPs[{i}]"), json!(ip.to_string()), format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {net}")));
                             } else if !self.ip_free(&ip, &owner) {
@@ -266,7 +313,11 @@ impl Allocations {
                         Some(Err(_)) => {} // reported by validation
                         None => match self.next_ip(net, &owner, &out) {
                             Some(ip) => out.push(ip),
-                            None => causes.push(cause("spec.clusterIPs", json!(null), format!("failed to allocate a serviceIP: range is full ({net})"))),
+                            None => causes.push(cause(
+                                "spec.clusterIPs",
+                                json!(null),
+                                format!("failed to allocate a serviceIP: range is full ({net})"),
+                            )),
                         },
                     }
                 }
@@ -286,7 +337,10 @@ impl Allocations {
         // NodePorts.
         let wants_node_ports = ty == "NodePort"
             || (ty == "LoadBalancer"
-                && spec.get("allocateLoadBalancerNodePorts").and_then(Value::as_bool) != Some(false));
+                && spec
+                    .get("allocateLoadBalancerNodePorts")
+                    .and_then(Value::as_bool)
+                    != Some(false));
         let old_ports: Vec<(i64, String, u64)> = old
             .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array))
             .into_iter()
@@ -294,7 +348,10 @@ impl Allocations {
             .filter_map(|p| {
                 Some((
                     p.get("port")?.as_i64()?,
-                    p.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string(),
+                    p.get("protocol")
+                        .and_then(Value::as_str)
+                        .unwrap_or("TCP")
+                        .to_string(),
                     p.get("nodePort")?.as_u64()?,
                 ))
             })
@@ -307,10 +364,20 @@ impl Allocations {
                 m.remove("nodePort");
                 continue;
             }
-            let explicit = m.get("nodePort").and_then(Value::as_u64).filter(|p| *p != 0);
+            let explicit = m
+                .get("nodePort")
+                .and_then(Value::as_u64)
+                .filter(|p| *p != 0);
             let port = m.get("port").and_then(Value::as_i64).unwrap_or(0);
-            let proto = m.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string();
-            let reuse = old_ports.iter().find(|(op, opr, _)| *op == port && *opr == proto).map(|x| x.2);
+            let proto = m
+                .get("protocol")
+                .and_then(Value::as_str)
+                .unwrap_or("TCP")
+                .to_string();
+            let reuse = old_ports
+                .iter()
+                .find(|(op, opr, _)| *op == port && *opr == proto)
+                .map(|x| x.2);
             match explicit.or(reuse) {
                 Some(np) => {
                     let np16 = np as u16;
@@ -318,7 +385,11 @@ impl Allocations {
                     if !cfg.node_ports.contains(&np16) {
                         causes.push(cause(&format!("spec.ports[{i}].nodePort"), json!(np), format!("provided port is not in the valid range. The range of valid ports is {}-{}", cfg.node_ports.start(), cfg.node_ports.end())));
                     } else if self.node_ports.get(&np16).is_some_and(|o| *o != owner) {
-                        causes.push(cause(&format!("spec.ports[{i}].nodePort"), json!(np), "provided port is already allocated".into()));
+                        causes.push(cause(
+                            &format!("spec.ports[{i}].nodePort"),
+                            json!(np),
+                            "provided port is already allocated".into(),
+                        ));
                     } else {
                         m.insert("nodePort".into(), json!(np));
                         taken.push(np16);
@@ -329,18 +400,38 @@ impl Allocations {
                         m.insert("nodePort".into(), json!(np));
                         taken.push(np);
                     }
-                    None => causes.push(cause(&format!("spec.ports[{i}].nodePort"), json!(null), "range is full".into())),
+                    None => causes.push(cause(
+                        &format!("spec.ports[{i}].nodePort"),
+                        json!(null),
+                        "range is full".into(),
+                    )),
                 },
                 None => {}
             }
         }
         let local = spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local");
         if ty == "LoadBalancer" && local {
-            let explicit = spec.get("healthCheckNodePort").and_then(Value::as_u64).filter(|p| *p != 0);
-            let reuse = old.and_then(|o| o.pointer("/spec/healthCheckNodePort")).and_then(Value::as_u64).filter(|p| *p != 0);
+            let explicit = spec
+                .get("healthCheckNodePort")
+                .and_then(Value::as_u64)
+                .filter(|p| *p != 0);
+            let reuse = old
+                .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+                .and_then(Value::as_u64)
+                .filter(|p| *p != 0);
             match explicit.or(reuse) {
-                Some(np) if self.node_ports.get(&(np as u16)).is_some_and(|o| *o != owner) || taken.contains(&(np as u16)) => {
-                    causes.push(cause("spec.healthCheckNodePort", json!(np), "provided port is already allocated".into()));
+                Some(np)
+                    if self
+                        .node_ports
+                        .get(&(np as u16))
+                        .is_some_and(|o| *o != owner)
+                        || taken.contains(&(np as u16)) =>
+                {
+                    causes.push(cause(
+                        "spec.healthCheckNodePort",
+                        json!(np),
+                        "provided port is already allocated".into(),
+                    ));
                 }
                 Some(np) => {
                     spec.insert("healthCheckNodePort".into(), json!(np));
@@ -349,7 +440,11 @@ impl Allocations {
                     Some(np) => {
                         spec.insert("healthCheckNodePort".into(), json!(np));
                     }
-                    None => causes.push(cause("spec.healthCheckNodePort", json!(null), "range is full".into())),
+                    None => causes.push(cause(
+                        "spec.healthCheckNodePort",
+                        json!(null),
+                        "range is full".into(),
+                    )),
                 },
             }
         } else {
@@ -361,7 +456,11 @@ impl Allocations {
         } else {
             Err(ValidationError {
                 kind: "Service".into(),
-                name: svc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().into(),
+                name: svc
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .into(),
                 causes,
             })
         }
@@ -380,36 +479,75 @@ mod tests {
     fn allocates_and_rejects_taken_ips() {
         let cfg = AllocConfig::default();
         let mut a = Allocations::default();
-        let mut s1 = svc("a", json!({"type": "ClusterIP", "ports": [{"port": 80, "protocol": "TCP"}]}));
+        let mut s1 = svc(
+            "a",
+            json!({"type": "ClusterIP", "ports": [{"port": 80, "protocol": "TCP"}]}),
+        );
         a.allocate(&cfg, &mut s1, None).unwrap();
         assert_eq!(s1["spec"]["clusterIP"], "10.96.0.2");
         assert_eq!(s1["spec"]["ipFamilies"], json!(["IPv4"]));
         a.add(&s1);
-        let mut s2 = svc("b", json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80}]}));
+        let mut s2 = svc(
+            "b",
+            json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80}]}),
+        );
         let err = a.allocate(&cfg, &mut s2, None).unwrap_err().to_string();
         assert!(err.contains("provided IP is already allocated"), "{err}");
-        let mut s3 = svc("c", json!({"clusterIP": "10.1.0.2", "ports": [{"port": 80}]}));
-        assert!(a.allocate(&cfg, &mut s3, None).unwrap_err().to_string().contains("not in the valid range"));
-        let mut s4 = svc("d", json!({"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}));
+        let mut s3 = svc(
+            "c",
+            json!({"clusterIP": "10.1.0.2", "ports": [{"port": 80}]}),
+        );
+        assert!(a
+            .allocate(&cfg, &mut s3, None)
+            .unwrap_err()
+            .to_string()
+            .contains("not in the valid range"));
+        let mut s4 = svc(
+            "d",
+            json!({"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
+        );
         a.allocate(&cfg, &mut s4, None).unwrap();
         assert_eq!(s4["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
-        assert!(s4["spec"]["clusterIPs"][1].as_str().unwrap().starts_with("fd00:10:96::"));
+        assert!(s4["spec"]["clusterIPs"][1]
+            .as_str()
+            .unwrap()
+            .starts_with("fd00:10:96::"));
     }
 
     #[test]
     fn node_ports() {
         let cfg = AllocConfig::default();
         let mut a = Allocations::default();
-        let mut s1 = svc("a", json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}, {"port": 81, "protocol": "TCP"}]}));
+        let mut s1 = svc(
+            "a",
+            json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}, {"port": 81, "protocol": "TCP"}]}),
+        );
         a.allocate(&cfg, &mut s1, None).unwrap();
         assert_eq!(s1["spec"]["ports"][1]["nodePort"], 30000);
         a.add(&s1);
-        let mut s2 = svc("b", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}));
-        assert!(a.allocate(&cfg, &mut s2, None).unwrap_err().to_string().contains("already allocated"));
-        let mut s3 = svc("c", json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}));
-        assert!(a.allocate(&cfg, &mut s3, None).unwrap_err().to_string().contains("valid range"));
+        let mut s2 = svc(
+            "b",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        );
+        assert!(a
+            .allocate(&cfg, &mut s2, None)
+            .unwrap_err()
+            .to_string()
+            .contains("already allocated"));
+        let mut s3 = svc(
+            "c",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}),
+        );
+        assert!(a
+            .allocate(&cfg, &mut s3, None)
+            .unwrap_err()
+            .to_string()
+            .contains("valid range"));
         // An update that leaves nodePort out keeps the allocated one.
-        let mut s1b = svc("a", json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}, {"port": 81, "protocol": "TCP"}]}));
+        let mut s1b = svc(
+            "a",
+            json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}, {"port": 81, "protocol": "TCP"}]}),
+        );
         a.allocate(&cfg, &mut s1b, Some(&s1)).unwrap();
         assert_eq!(s1b["spec"]["ports"][0]["nodePort"], 30080);
         assert_eq!(s1b["spec"]["clusterIP"], s1["spec"]["clusterIP"]);

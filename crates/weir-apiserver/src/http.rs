@@ -42,7 +42,11 @@ fn full(code: StatusCode, ct: &str, body: Vec<u8>) -> Response<Body> {
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
-    full(code, "application/json", serde_json::to_vec(v).expect("json"))
+    full(
+        code,
+        "application/json",
+        serde_json::to_vec(v).expect("json"),
+    )
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
@@ -94,18 +98,24 @@ struct Target {
 }
 
 fn route(path: &str) -> Result<Target, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return Err(ApiError::no_route(path)),
     };
     let (ns, rest) = match rest {
-        ["namespaces", ns, plural, tail @ ..] if !matches!(*plural, "status" | "finalize") => (Some(ns.to_string()), {
-            let mut v = vec![*plural];
-            v.extend_from_slice(tail);
-            v
-        }),
+        ["namespaces", ns, plural, tail @ ..] if !matches!(*plural, "status" | "finalize") => {
+            (Some(ns.to_string()), {
+                let mut v = vec![*plural];
+                v.extend_from_slice(tail);
+                v
+            })
+        }
         other => (None, other.to_vec()),
     };
     let (plural, name, sub) = match rest.as_slice() {
@@ -123,12 +133,20 @@ fn route(path: &str) -> Result<Target, ApiError> {
             return Err(ApiError::no_route(path));
         }
     }
-    Ok(Target { kind, ns, name, sub })
+    Ok(Target {
+        kind,
+        ns,
+        name,
+        sub,
+    })
 }
 
 fn discovery_resources(group: &str, version: &str) -> Option<Value> {
     let mut resources = Vec::new();
-    for k in kinds::ALL.iter().filter(|k| k.group == group && k.version == version) {
+    for k in kinds::ALL
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+    {
         resources.push(json!({
             "name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
@@ -141,8 +159,14 @@ fn discovery_resources(group: &str, version: &str) -> Option<Value> {
     if resources.is_empty() {
         return None;
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 fn discovery_groups() -> Value {
@@ -219,19 +243,42 @@ impl Filter {
     }
 }
 
-fn parse_filter(kind: &'static ResourceKind, ns: Option<String>, q: &HashMap<String, String>) -> Result<Filter, ApiError> {
-    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or_default())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Filter { kind, ns, labels, fields })
+fn parse_filter(
+    kind: &'static ResourceKind,
+    ns: Option<String>,
+    q: &HashMap<String, String>,
+) -> Result<Filter, ApiError> {
+    let labels = LabelSelector::parse(
+        q.get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let fields = FieldSelector::parse(
+        q.get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Filter {
+        kind,
+        ns,
+        labels,
+        fields,
+    })
 }
 
 impl Api {
     /// Handles one request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         let path = req.uri().path().to_string();
-        let public = matches!(path.as_str(), "/healthz" | "/readyz" | "/livez" | "/version");
+        let public = matches!(
+            path.as_str(),
+            "/healthz" | "/readyz" | "/livez" | "/version"
+        );
         if let Some(token) = &self.token {
             let given = req
                 .headers()
@@ -249,18 +296,35 @@ impl Api {
         })
     }
 
-    async fn dispatch(self: &Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn dispatch(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let q = parse_query(req.uri().query());
         let method = req.method().clone();
         match (method.clone(), path.as_str()) {
-            (Method::GET, "/healthz" | "/readyz" | "/livez") => return Ok(full(StatusCode::OK, "text/plain", b"ok".to_vec())),
-            (Method::GET, "/version") => {
-                return Ok(json_response(StatusCode::OK, &json!({"major": "1", "minor": "32", "gitVersion": format!("v1.32.0+weir-{}", env!("CARGO_PKG_VERSION")), "platform": "linux/amd64"})))
+            (Method::GET, "/healthz" | "/readyz" | "/livez") => {
+                return Ok(full(StatusCode::OK, "text/plain", b"ok".to_vec()))
             }
-            (Method::GET, "/api") => return Ok(json_response(StatusCode::OK, &json!({"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"], "serverAddressByClientCIDRs": []}))),
-            (Method::GET, "/apis") => return Ok(json_response(StatusCode::OK, &discovery_groups())),
-            (Method::GET, "/openapi/v2") => return Ok(full(StatusCode::OK, "application/octet-stream", Vec::new())),
+            (Method::GET, "/version") => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"major": "1", "minor": "32", "gitVersion": format!("v1.32.0+weir-{}", env!("CARGO_PKG_VERSION")), "platform": "linux/amd64"}),
+                ))
+            }
+            (Method::GET, "/api") => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"kind": "APIVersions", "apiVersion": "v1", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+                ))
+            }
+            (Method::GET, "/apis") => {
+                return Ok(json_response(StatusCode::OK, &discovery_groups()))
+            }
+            (Method::GET, "/openapi/v2") => {
+                return Ok(full(StatusCode::OK, "application/octet-stream", Vec::new()))
+            }
             _ => {}
         }
         if method == Method::GET {
@@ -268,11 +332,14 @@ impl Api {
             let doc = match segs.as_slice() {
                 ["api", v] => discovery_resources("", v),
                 ["apis", g, v] => discovery_resources(g, v),
-                ["apis", g] => discovery_groups()["groups"].as_array().and_then(|gs| gs.iter().find(|x| x["name"] == *g).cloned()).map(|mut g| {
-                    g["kind"] = json!("APIGroup");
-                    g["apiVersion"] = json!("v1");
-                    g
-                }),
+                ["apis", g] => discovery_groups()["groups"]
+                    .as_array()
+                    .and_then(|gs| gs.iter().find(|x| x["name"] == *g).cloned())
+                    .map(|mut g| {
+                        g["kind"] = json!("APIGroup");
+                        g["apiVersion"] = json!("v1");
+                        g
+                    }),
                 _ => None,
             };
             if let Some(doc) = doc {
@@ -280,14 +347,29 @@ impl Api {
             }
         }
         let t = route(&path)?;
-        let accept = req.headers().get("accept").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-        let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let accept = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         if content_type.contains("protobuf") {
             return Err(ApiError::unsupported_protobuf());
         }
         let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
         let opts = WriteOpts { dry_run };
-        let body = req.into_body().collect().await.map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?.to_bytes();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?
+            .to_bytes();
         let store = self.store.clone();
         let kind = t.kind;
         let ns = t.ns.clone();
@@ -299,10 +381,19 @@ impl Api {
                 self.list(kind, ns, &q, wants_table(&accept))
             }
             (Method::GET, Some(name)) => {
-                let obj = store.get(kind, ns.as_deref(), &name).ok_or_else(|| ApiError::not_found(kind.plural, &name))?;
+                let obj = store
+                    .get(kind, ns.as_deref(), &name)
+                    .ok_or_else(|| ApiError::not_found(kind.plural, &name))?;
                 if wants_table(&accept) {
-                    let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or_default().to_string();
-                    return Ok(json_response(StatusCode::OK, &table(kind, &[obj], &rv, true)));
+                    let rv = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &table(kind, &[obj], &rv, true),
+                    ));
                 }
                 Ok(json_response(StatusCode::OK, &obj))
             }
@@ -315,14 +406,27 @@ impl Api {
             (Method::PUT, Some(name)) => {
                 let v: Value = parse_json(&body)?;
                 let status_only = t.sub.is_some();
-                let obj = blocking(move || store.update(kind, ns.as_deref(), &name, v, status_only, opts)).await?;
+                let obj = blocking(move || {
+                    store.update(kind, ns.as_deref(), &name, v, status_only, opts)
+                })
+                .await?;
                 Ok(json_response(StatusCode::OK, &obj))
             }
             (Method::PATCH, Some(name)) => {
                 let pt = PatchType::from_content_type(&content_type)?;
                 let status_only = t.sub.is_some();
-                let (obj, created) = blocking(move || store.patch(kind, ns.as_deref(), &name, pt, &body, status_only, opts)).await?;
-                Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &obj))
+                let (obj, created) = blocking(move || {
+                    store.patch(kind, ns.as_deref(), &name, pt, &body, status_only, opts)
+                })
+                .await?;
+                Ok(json_response(
+                    if created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    &obj,
+                ))
             }
             (Method::DELETE, Some(name)) => {
                 let mut d = delete_opts(&body, &q)?;
@@ -337,8 +441,15 @@ impl Api {
                 let (objs, rv) = store.list(kind, ns.as_deref());
                 let mut deleted = Vec::new();
                 for o in objs.iter().filter(|o| filter.matches(o)) {
-                    let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
-                    let ons = o.pointer("/metadata/namespace").and_then(Value::as_str).map(String::from);
+                    let name = o
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    let ons = o
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .map(String::from);
                     let (s, d2) = (store.clone(), d.clone());
                     match blocking(move || s.delete(kind, ons.as_deref(), &name, &d2)).await {
                         Ok(v) => deleted.push((*v).clone()),
@@ -346,13 +457,22 @@ impl Api {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok(json_response(StatusCode::OK, &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": deleted})))
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
+                ))
             }
             (m, _) => Err(ApiError::method_not_allowed(m.as_str())),
         }
     }
 
-    fn list(&self, kind: &'static ResourceKind, ns: Option<String>, q: &HashMap<String, String>, as_table: bool) -> Result<Response<Body>, ApiError> {
+    fn list(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<String>,
+        q: &HashMap<String, String>,
+        as_table: bool,
+    ) -> Result<Response<Body>, ApiError> {
         let filter = parse_filter(kind, ns.clone(), q)?;
         let (objs, rev) = self.store.list(kind, ns.as_deref());
         // Continue tokens are `<rv>/<namespace>/<name>` of the last item returned: later pages
@@ -361,21 +481,38 @@ impl Api {
             Some(c) => {
                 let mut parts = c.splitn(3, '/');
                 let rv = parts.next().unwrap_or_default().to_string();
-                let after = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
+                let after = (
+                    parts.next().unwrap_or_default().to_string(),
+                    parts.next().unwrap_or_default().to_string(),
+                );
                 (rv, Some(after))
             }
             None => (rev.to_string(), None),
         };
-        let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let limit: usize = q
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
         let key = |o: &Value| {
             (
-                o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string(),
-                o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                o.pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                o.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
             )
         };
         let mut items: Vec<Arc<Value>> = Vec::new();
         let mut cont = String::new();
-        for o in objs.iter().filter(|o| after.as_ref().is_none_or(|a| key(o) > *a)).filter(|o| filter.matches(o)) {
+        for o in objs
+            .iter()
+            .filter(|o| after.as_ref().is_none_or(|a| key(o) > *a))
+            .filter(|o| filter.matches(o))
+        {
             if items.len() == limit {
                 let (n, name) = key(items.last().expect("non-empty"));
                 cont = format!("{list_rv}/{n}/{name}");
@@ -398,17 +535,32 @@ impl Api {
         Ok(json_response(StatusCode::OK, &body))
     }
 
-    fn watch(&self, kind: &'static ResourceKind, ns: Option<String>, q: &HashMap<String, String>, as_table: bool) -> Result<Response<Body>, ApiError> {
+    fn watch(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<String>,
+        q: &HashMap<String, String>,
+        as_table: bool,
+    ) -> Result<Response<Body>, ApiError> {
         let filter = parse_filter(kind, ns, q)?;
-        let rv = q.get("resourceVersion").map(String::as_str).unwrap_or_default();
+        let rv = q
+            .get("resourceVersion")
+            .map(String::as_str)
+            .unwrap_or_default();
         let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
         let from = match rv {
             "" | "0" => None,
             _ if send_initial => None,
-            r => Some(r.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {r:?}")))?),
+            r => Some(
+                r.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {r:?}")))?,
+            ),
         };
         let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-        let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs);
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         let started = self.store.watch(kind, from);
         let interval = self.bookmark_interval;
@@ -416,7 +568,11 @@ impl Api {
             let mut first = true;
             let mut line = |ty: &str, obj: &Value| -> Bytes {
                 let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
-                    let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+                    let rv = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
                     let t = table(filter.kind, &[Arc::new(obj.clone())], &rv, first);
                     first = false;
                     t
@@ -449,7 +605,13 @@ impl Api {
                         }
                     }
                     last = rev;
-                    if send_initial && bookmarks && tx.send(line("BOOKMARK", &bookmark(rev, true))).await.is_err() {
+                    if send_initial
+                        && bookmarks
+                        && tx
+                            .send(line("BOOKMARK", &bookmark(rev, true)))
+                            .await
+                            .is_err()
+                    {
                         return;
                     }
                 }
@@ -468,7 +630,9 @@ impl Api {
             let mut tick = tokio::time::interval(interval);
             tick.tick().await;
             loop {
-                let sleep_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
+                let sleep_until = deadline.unwrap_or_else(|| {
+                    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+                });
                 tokio::select! {
                     r = events.recv() => match r {
                         Ok(e) => {
@@ -500,7 +664,11 @@ impl Api {
                 }
             }
         });
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx)) });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
         Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
@@ -511,7 +679,8 @@ impl Api {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))
 }
 
 fn delete_opts(body: &[u8], q: &HashMap<String, String>) -> Result<DeleteOpts, ApiError> {
@@ -519,9 +688,18 @@ fn delete_opts(body: &[u8], q: &HashMap<String, String>) -> Result<DeleteOpts, A
     if !body.is_empty() {
         let v: Value = parse_json(body)?;
         d.grace_period = v.get("gracePeriodSeconds").and_then(Value::as_i64);
-        d.precondition_rv = v.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(String::from);
-        d.precondition_uid = v.pointer("/preconditions/uid").and_then(Value::as_str).map(String::from);
-        d.dry_run = v.get("dryRun").and_then(Value::as_array).is_some_and(|a| a.iter().any(|x| x == "All"));
+        d.precondition_rv = v
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from);
+        d.precondition_uid = v
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(String::from);
+        d.dry_run = v
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x == "All"));
     }
     if let Some(g) = q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()) {
         d.grace_period = Some(g);
@@ -529,8 +707,12 @@ fn delete_opts(body: &[u8], q: &HashMap<String, String>) -> Result<DeleteOpts, A
     Ok(d)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -547,11 +729,22 @@ mod tests {
     #[test]
     fn routes() {
         let t = route("/api/v1/namespaces/x/pods/p/status").unwrap();
-        assert_eq!((t.kind.kind, t.ns.as_deref(), t.name.as_deref(), t.sub.as_deref()), ("Pod", Some("x"), Some("p"), Some("status")));
+        assert_eq!(
+            (
+                t.kind.kind,
+                t.ns.as_deref(),
+                t.name.as_deref(),
+                t.sub.as_deref()
+            ),
+            ("Pod", Some("x"), Some("p"), Some("status"))
+        );
         let t = route("/api/v1/namespaces/x").unwrap();
         assert_eq!((t.kind.kind, t.name.as_deref()), ("Namespace", Some("x")));
         let t = route("/api/v1/namespaces/x/status").unwrap();
-        assert_eq!((t.kind.kind, t.sub.as_deref()), ("Namespace", Some("status")));
+        assert_eq!(
+            (t.kind.kind, t.sub.as_deref()),
+            ("Namespace", Some("status"))
+        );
         let t = route("/apis/discovery.k8s.io/v1/endpointslices").unwrap();
         assert_eq!((t.kind.kind, t.ns), ("EndpointSlice", None));
         assert!(route("/api/v1/namespaces/x/nodes/n").is_err());

@@ -56,8 +56,7 @@ pub fn apply(pt: PatchType, target: &mut Value, patch: &Value) -> Result<(), Api
         PatchType::Json => {
             let p: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            json_patch::patch(target, &p)
-                .map_err(|e| ApiError::new_invalid_patch(e.to_string()))
+            json_patch::patch(target, &p).map_err(|e| ApiError::new_invalid_patch(e.to_string()))
         }
     }
 }
@@ -76,8 +75,13 @@ impl ApiError {
 fn merge_key(path: &str) -> Option<&'static str> {
     let last = path.rsplit('.').next().unwrap_or(path);
     match last {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
-        | "imagePullSecrets" | "readinessGates" => Some(match last {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "readinessGates" => Some(match last {
             "readinessGates" => "conditionType",
             _ => "name",
         }),
@@ -110,7 +114,10 @@ fn strategic_merge(target: &mut Value, patch: &Value, path: &str) {
             continue;
         }
         if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(list), Some(del)) = (tm.get_mut(field).and_then(Value::as_array_mut), v.as_array()) {
+            if let (Some(list), Some(del)) = (
+                tm.get_mut(field).and_then(Value::as_array_mut),
+                v.as_array(),
+            ) {
                 list.retain(|x| !del.contains(x));
             }
             continue;
@@ -131,13 +138,17 @@ fn strategic_merge(target: &mut Value, patch: &Value, path: &str) {
                 (Some(key), Some(Value::Array(existing))) => {
                     for item in items {
                         let id = item.get(key).cloned();
-                        let pos = id.as_ref().and_then(|id| existing.iter().position(|e| e.get(key) == Some(id)));
+                        let pos = id
+                            .as_ref()
+                            .and_then(|id| existing.iter().position(|e| e.get(key) == Some(id)));
                         let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
                         match (pos, delete) {
                             (Some(i), true) => {
                                 existing.remove(i);
                             }
-                            (Some(i), false) => strategic_merge(&mut existing[i], item, &child_path),
+                            (Some(i), false) => {
+                                strategic_merge(&mut existing[i], item, &child_path)
+                            }
                             (None, true) => {}
                             (None, false) => {
                                 let mut fresh = Value::Null;
@@ -192,9 +203,23 @@ mod tests {
         let mut v = json!({"a": {"b": 1}, "l": [1, 2]});
         apply(PatchType::Merge, &mut v, &json!({"a": {"c": 2}, "l": [3]})).unwrap();
         assert_eq!(v, json!({"a": {"b": 1, "c": 2}, "l": [3]}));
-        apply(PatchType::Json, &mut v, &json!([{"op": "remove", "path": "/a/b"}])).unwrap();
+        apply(
+            PatchType::Json,
+            &mut v,
+            &json!([{"op": "remove", "path": "/a/b"}]),
+        )
+        .unwrap();
         assert_eq!(v["a"], json!({"c": 2}));
-        assert_eq!(apply(PatchType::Json, &mut v, &json!([{"op": "remove", "path": "/zz"}])).unwrap_err().code, 422);
+        assert_eq!(
+            apply(
+                PatchType::Json,
+                &mut v,
+                &json!([{"op": "remove", "path": "/zz"}])
+            )
+            .unwrap_err()
+            .code,
+            422
+        );
         assert!(PatchType::from_content_type("text/plain").is_err());
     }
 }

@@ -66,7 +66,11 @@ impl Pki {
     /// Creates a CA, a server certificate and a random token under `dir`, unless they exist.
     pub fn ensure(dir: &Path, cluster: &str) -> Result<Pki, PkiError> {
         let pki = Pki::in_dir(dir);
-        if pki.ca_cert.exists() && pki.server_cert.exists() && pki.server_key.exists() && pki.token.exists() {
+        if pki.ca_cert.exists()
+            && pki.server_cert.exists()
+            && pki.server_key.exists()
+            && pki.token.exists()
+        {
             return Ok(pki);
         }
         std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
@@ -79,7 +83,11 @@ impl Pki {
         ca_params
             .distinguished_name
             .push(DnType::CommonName, format!("weir-ca-{cluster}"));
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
 
@@ -93,7 +101,9 @@ impl Pki {
             .push(DnType::CommonName, format!("weir-apiserver-{cluster}"));
         let server_cert = sp.signed_by(&server_key, &issuer)?;
 
-        let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        let token: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
         write_private(&pki.ca_cert, &ca_cert.pem())?;
         write_private(&pki.server_cert, &server_cert.pem())?;
         write_private(&pki.server_key, &server_key.serialize_pem())?;
@@ -107,7 +117,12 @@ impl Pki {
     }
 
     /// Writes a kubeconfig for `server` (e.g. `https://127.0.0.1:6443`) with the CA and token.
-    pub fn write_kubeconfig(&self, path: &Path, cluster: &str, server: &str) -> Result<(), PkiError> {
+    pub fn write_kubeconfig(
+        &self,
+        path: &Path,
+        cluster: &str,
+        server: &str,
+    ) -> Result<(), PkiError> {
         let io = |source| PkiError::Io {
             path: self.ca_cert.clone(),
             source,

@@ -119,12 +119,14 @@ fn load_tls(t: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
     ))
     .map_err(|e| err(format!("{}: {e}", t.key.display())))?
     .ok_or_else(|| err(format!("{}: no private key", t.key.display())))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| err(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| err(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
@@ -147,10 +149,11 @@ where
 
 /// Opens the store and starts serving. Returns once listening.
 pub async fn start(cfg: ServerConfig) -> Result<Running, ServeError> {
-    let store = Store::open(&cfg.data_dir, cfg.store.clone()).map_err(|source| ServeError::Store {
-        dir: cfg.data_dir.clone(),
-        source,
-    })?;
+    let store =
+        Store::open(&cfg.data_dir, cfg.store.clone()).map_err(|source| ServeError::Store {
+            dir: cfg.data_dir.clone(),
+            source,
+        })?;
     let tls = cfg.tls.as_ref().map(load_tls).transpose()?;
     let api = Arc::new(Api {
         store: store.clone(),
@@ -181,8 +184,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, ServeError> {
             if !a.ip().is_loopback() {
                 return Err(ServeError::NotLoopback(*a));
             }
-            let l = tokio::net::TcpListener::bind(a).await.map_err(|source| ServeError::Bind { addr: a.to_string(), source })?;
-            let local = l.local_addr().map_err(|source| ServeError::Bind { addr: a.to_string(), source })?;
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: a.to_string(),
+                    source,
+                })?;
+            let local = l.local_addr().map_err(|source| ServeError::Bind {
+                addr: a.to_string(),
+                source,
+            })?;
             let mut stop = stop_rx.clone();
             let task = tokio::spawn(async move {
                 loop {
@@ -211,7 +222,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, ServeError> {
         }
         Listen::Unix(p) => {
             let _ = std::fs::remove_file(p);
-            let l = tokio::net::UnixListener::bind(p).map_err(|source| ServeError::Bind { addr: p.display().to_string(), source })?;
+            let l = tokio::net::UnixListener::bind(p).map_err(|source| ServeError::Bind {
+                addr: p.display().to_string(),
+                source,
+            })?;
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
             let mut stop = stop_rx.clone();

@@ -157,7 +157,14 @@ fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn random_suffix() -> String {
@@ -198,21 +205,33 @@ impl Store {
         {
             let r = db.begin_read().map_err(db_err)?;
             let meta = r.open_table(META).map_err(db_err)?;
-            st.rev = meta.get("rev").map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
-            st.compacted = meta.get("compacted").map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
+            st.rev = meta
+                .get("rev")
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            st.compacted = meta
+                .get("compacted")
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
             let objs = r.open_table(OBJECTS).map_err(db_err)?;
             for item in objs.iter().map_err(db_err)? {
                 let (k, v) = item.map_err(db_err)?;
                 let mut parts = k.value().splitn(3, '/');
-                let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+                let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next())
+                else {
                     continue;
                 };
-                let Some(rk) = kind_by_name(kind) else { continue };
+                let Some(rk) = kind_by_name(kind) else {
+                    continue;
+                };
                 let obj: Value = serde_json::from_slice(v.value()).map_err(db_err)?;
                 if rk.kind == "Service" {
                     st.alloc.add(&obj);
                 }
-                st.objects.insert((rk.kind, ns.to_string(), name.to_string()), Arc::new(obj));
+                st.objects
+                    .insert((rk.kind, ns.to_string(), name.to_string()), Arc::new(obj));
             }
             let evs = r.open_table(EVENTS).map_err(db_err)?;
             for item in evs.iter().map_err(db_err)? {
@@ -247,7 +266,8 @@ impl Store {
     fn ensure_system_namespaces(&self) -> Result<(), ApiError> {
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             if self.get(&kinds::NAMESPACE, None, ns).is_none() {
-                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
                 self.create(&kinds::NAMESPACE, None, obj, WriteOpts::default())?;
             }
         }
@@ -295,7 +315,11 @@ impl Store {
         let st = self.lock();
         let rx = self.events.subscribe();
         match from {
-            None => Ok((WatchStart::Snapshot(Self::list_locked(&st, kind, None), st.rev), rx, st.rev)),
+            None => Ok((
+                WatchStart::Snapshot(Self::list_locked(&st, kind, None), st.rev),
+                rx,
+                st.rev,
+            )),
             Some(rv) if rv < st.compacted => Err(ApiError::expired(rv, st.compacted + 1)),
             Some(rv) => {
                 let backlog = st.log.iter().filter(|e| e.rev > rv).cloned().collect();
@@ -306,7 +330,11 @@ impl Store {
 
     /// Writes `changes` (new object, or None to remove) in one transaction, assigning each a
     /// new revision, then publishes their events. Returns the stored objects.
-    fn persist(&self, st: &mut State, changes: Vec<(Key, Option<Value>)>) -> Result<Vec<Arc<Value>>, ApiError> {
+    fn persist(
+        &self,
+        st: &mut State,
+        changes: Vec<(Key, Option<Value>)>,
+    ) -> Result<Vec<Arc<Value>>, ApiError> {
         let mut events = Vec::new();
         let mut rev = st.rev;
         for (key, new) in changes {
@@ -316,7 +344,14 @@ impl Store {
             let (ty, obj) = match new {
                 Some(mut v) => {
                     set_meta(&mut v, "resourceVersion", Value::String(rev.to_string()));
-                    (if prev.is_some() { EventType::Modified } else { EventType::Added }, v)
+                    (
+                        if prev.is_some() {
+                            EventType::Modified
+                        } else {
+                            EventType::Added
+                        },
+                        v,
+                    )
                 }
                 None => {
                     let mut v = prev.as_deref().cloned().unwrap_or(Value::Null);
@@ -324,12 +359,22 @@ impl Store {
                     (EventType::Deleted, v)
                 }
             };
-            events.push(Event { rev, kind, ty, object: Arc::new(obj), prev });
+            events.push(Event {
+                rev,
+                kind,
+                ty,
+                object: Arc::new(obj),
+                prev,
+            });
         }
         let mut drop_upto = st.compacted;
         let overflow = (st.log.len() + events.len()).saturating_sub(self.cfg.history);
         if overflow > 0 {
-            drop_upto = st.log.get(overflow.min(st.log.len()) - 1).map(|e| e.rev).unwrap_or(drop_upto);
+            drop_upto = st
+                .log
+                .get(overflow.min(st.log.len()) - 1)
+                .map(|e| e.rev)
+                .unwrap_or(drop_upto);
         }
         let w = self.db.begin_write().map_err(db_err)?;
         {
@@ -337,7 +382,11 @@ impl Store {
             let mut evs = w.open_table(EVENTS).map_err(db_err)?;
             let mut meta = w.open_table(META).map_err(db_err)?;
             for e in &events {
-                let key = (e.kind.kind, meta_str(&e.object, "namespace").unwrap_or("").to_string(), meta_str(&e.object, "name").unwrap_or("").to_string());
+                let key = (
+                    e.kind.kind,
+                    meta_str(&e.object, "namespace").unwrap_or("").to_string(),
+                    meta_str(&e.object, "name").unwrap_or("").to_string(),
+                );
                 let ks = key_string(&key);
                 if e.ty == EventType::Deleted {
                     objs.remove(ks.as_str()).map_err(db_err)?;
@@ -346,7 +395,8 @@ impl Store {
                     objs.insert(ks.as_str(), bytes.as_slice()).map_err(db_err)?;
                 }
                 let ev = json!({"type": e.ty.as_str(), "kind": e.kind.kind, "object": &*e.object, "prev": e.prev.as_deref()});
-                evs.insert(e.rev, serde_json::to_vec(&ev).map_err(db_err)?.as_slice()).map_err(db_err)?;
+                evs.insert(e.rev, serde_json::to_vec(&ev).map_err(db_err)?.as_slice())
+                    .map_err(db_err)?;
             }
             if drop_upto > st.compacted {
                 for r in st.log.iter().take_while(|e| e.rev <= drop_upto) {
@@ -365,7 +415,11 @@ impl Store {
         st.compacted = drop_upto;
         let mut out = Vec::new();
         for e in events {
-            let key = (e.kind.kind, meta_str(&e.object, "namespace").unwrap_or("").to_string(), meta_str(&e.object, "name").unwrap_or("").to_string());
+            let key = (
+                e.kind.kind,
+                meta_str(&e.object, "namespace").unwrap_or("").to_string(),
+                meta_str(&e.object, "name").unwrap_or("").to_string(),
+            );
             if e.kind.kind == "Service" {
                 if let Some(p) = &e.prev {
                     st.alloc.remove(p);
@@ -388,7 +442,12 @@ impl Store {
         Ok(out)
     }
 
-    fn check_namespace(st: &State, kind: &ResourceKind, ns: &str, name: &str) -> Result<(), ApiError> {
+    fn check_namespace(
+        st: &State,
+        kind: &ResourceKind,
+        ns: &str,
+        name: &str,
+    ) -> Result<(), ApiError> {
         if !kind.namespaced {
             return Ok(());
         }
@@ -404,7 +463,13 @@ impl Store {
     }
 
     /// Defaults, allocates and validates `obj` as the new state of an object (`old` on update).
-    fn prepare(&self, st: &mut State, kind: &ResourceKind, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+    fn prepare(
+        &self,
+        st: &mut State,
+        kind: &ResourceKind,
+        obj: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(), ApiError> {
         defaults::apply_defaults(kind, obj);
         validate::validate(kind, obj, old).map_err(|e| ApiError::invalid(kind.group, &e))?;
         if kind.kind == "Service" {
@@ -420,23 +485,37 @@ impl Store {
 
     fn check_body(kind: &ResourceKind, obj: &Value) -> Result<(), ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+            return Err(ApiError::bad_request(
+                "the body of the request must be a JSON object",
+            ));
         }
         if let Some(k) = obj.get("kind").and_then(Value::as_str) {
             if k != kind.kind {
-                return Err(ApiError::bad_request(format!("the kind of the object ({k}) does not match the kind of the request ({})", kind.kind)));
+                return Err(ApiError::bad_request(format!(
+                    "the kind of the object ({k}) does not match the kind of the request ({})",
+                    kind.kind
+                )));
             }
         }
         if let Some(av) = obj.get("apiVersion").and_then(Value::as_str) {
             if av != kind.api_version() {
-                return Err(ApiError::bad_request(format!("the API version of the object ({av}) does not match the request ({})", kind.api_version())));
+                return Err(ApiError::bad_request(format!(
+                    "the API version of the object ({av}) does not match the request ({})",
+                    kind.api_version()
+                )));
             }
         }
         Ok(())
     }
 
     /// Creates an object (POST). `ns` is the namespace of the request path.
-    pub fn create(&self, kind: &'static ResourceKind, ns: Option<&str>, mut obj: Value, opts: WriteOpts) -> Result<Arc<Value>, ApiError> {
+    pub fn create(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<&str>,
+        mut obj: Value,
+        opts: WriteOpts,
+    ) -> Result<Arc<Value>, ApiError> {
         Self::check_body(kind, &obj)?;
         obj["kind"] = json!(kind.kind);
         obj["apiVersion"] = json!(kind.api_version());
@@ -448,7 +527,11 @@ impl Store {
             let ns = match ns {
                 Some(n) => n.to_string(),
                 None if !body_ns.is_empty() => body_ns.clone(),
-                None => return Err(ApiError::bad_request("a namespace is required to create a namespaced object")),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "a namespace is required to create a namespaced object",
+                    ))
+                }
             };
             if !body_ns.is_empty() && body_ns != ns {
                 return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
@@ -463,22 +546,38 @@ impl Store {
             }
         }
         if meta_str(&obj, "resourceVersion").is_some_and(|r| !r.is_empty()) {
-            return Err(ApiError::invalid(kind.group, &weir_model::ValidationError {
-                kind: kind.kind.into(),
-                name: meta_str(&obj, "name").unwrap_or_default().into(),
-                causes: vec![weir_model::FieldError {
-                    field: "metadata.resourceVersion".into(),
-                    kind: validate::FieldErrorType::Invalid(json!(meta_str(&obj, "resourceVersion")), "must not be set on objects to be created".into()),
-                }],
-            }));
+            return Err(ApiError::invalid(
+                kind.group,
+                &weir_model::ValidationError {
+                    kind: kind.kind.into(),
+                    name: meta_str(&obj, "name").unwrap_or_default().into(),
+                    causes: vec![weir_model::FieldError {
+                        field: "metadata.resourceVersion".into(),
+                        kind: validate::FieldErrorType::Invalid(
+                            json!(meta_str(&obj, "resourceVersion")),
+                            "must not be set on objects to be created".into(),
+                        ),
+                    }],
+                },
+            ));
         }
-        for f in ["uid", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "managedFields"] {
+        for f in [
+            "uid",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+            "managedFields",
+        ] {
             if let Some(m) = obj["metadata"].as_object_mut() {
                 m.remove(f);
             }
         }
         set_meta(&mut obj, "uid", json!(new_uid()));
-        set_meta(&mut obj, "creationTimestamp", json!(weir_model::now_rfc3339()));
+        set_meta(
+            &mut obj,
+            "creationTimestamp",
+            json!(weir_model::now_rfc3339()),
+        );
         set_meta(&mut obj, "generation", json!(1));
         if matches!(kind.kind, "Pod" | "Service") {
             if let Some(m) = obj.as_object_mut() {
@@ -501,33 +600,65 @@ impl Store {
     }
 
     /// Replaces an object (PUT), or only its status when `status_only`.
-    pub fn update(&self, kind: &'static ResourceKind, ns: Option<&str>, name: &str, obj: Value, status_only: bool, opts: WriteOpts) -> Result<Arc<Value>, ApiError> {
+    pub fn update(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<&str>,
+        name: &str,
+        obj: Value,
+        status_only: bool,
+        opts: WriteOpts,
+    ) -> Result<Arc<Value>, ApiError> {
         Self::check_body(kind, &obj)?;
         let mut st = self.lock();
         let key = make_key(kind, ns, name);
-        let old = st.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(kind.plural, name))?;
+        let old = st
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(kind.plural, name))?;
         if meta_str(&obj, "name").is_some_and(|n| n != name) {
-            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})", meta_str(&obj, "name").unwrap_or_default())));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&obj, "name").unwrap_or_default()
+            )));
         }
         match meta_str(&obj, "resourceVersion") {
             None | Some("") => {
-                return Err(ApiError::invalid(kind.group, &weir_model::ValidationError {
-                    kind: kind.kind.into(),
-                    name: name.into(),
-                    causes: vec![weir_model::FieldError {
-                        field: "metadata.resourceVersion".into(),
-                        kind: validate::FieldErrorType::Invalid(json!("0x0"), "must be specified for an update".into()),
-                    }],
-                }))
+                return Err(ApiError::invalid(
+                    kind.group,
+                    &weir_model::ValidationError {
+                        kind: kind.kind.into(),
+                        name: name.into(),
+                        causes: vec![weir_model::FieldError {
+                            field: "metadata.resourceVersion".into(),
+                            kind: validate::FieldErrorType::Invalid(
+                                json!("0x0"),
+                                "must be specified for an update".into(),
+                            ),
+                        }],
+                    },
+                ))
             }
-            Some(rv) if Some(rv) != meta_str(&old, "resourceVersion") => return Err(ApiError::conflict(kind.plural, name)),
+            Some(rv) if Some(rv) != meta_str(&old, "resourceVersion") => {
+                return Err(ApiError::conflict(kind.plural, name))
+            }
             Some(_) => {}
         }
         self.update_locked(&mut st, kind, key, &old, obj, status_only, opts)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn update_locked(&self, st: &mut State, kind: &'static ResourceKind, key: Key, old: &Value, obj: Value, status_only: bool, opts: WriteOpts) -> Result<Arc<Value>, ApiError> {
+    fn update_locked(
+        &self,
+        st: &mut State,
+        kind: &'static ResourceKind,
+        key: Key,
+        old: &Value,
+        obj: Value,
+        status_only: bool,
+        opts: WriteOpts,
+    ) -> Result<Arc<Value>, ApiError> {
         let mut new = if status_only {
             let mut n = old.clone();
             n["status"] = obj.get("status").cloned().unwrap_or(Value::Null);
@@ -551,7 +682,14 @@ impl Store {
         if !new.get("metadata").is_some_and(Value::is_object) {
             new["metadata"] = json!({});
         }
-        for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "namespace", "generation"] {
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "namespace",
+            "generation",
+        ] {
             match old.pointer(&format!("/metadata/{f}")) {
                 Some(v) => set_meta(&mut new, f, v.clone()),
                 None => {
@@ -566,10 +704,17 @@ impl Store {
         }
         self.prepare(st, kind, &mut new, Some(old))?;
         if new.get("spec") != old.get("spec") {
-            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
             set_meta(&mut new, "generation", json!(g + 1));
         }
-        set_meta(&mut new, "resourceVersion", old["metadata"]["resourceVersion"].clone());
+        set_meta(
+            &mut new,
+            "resourceVersion",
+            old["metadata"]["resourceVersion"].clone(),
+        );
         if &new == old {
             return Ok(Arc::new(new));
         }
@@ -581,7 +726,16 @@ impl Store {
 
     /// Patches an object (PATCH). Server-side apply creates it when absent (second value true).
     #[allow(clippy::too_many_arguments)]
-    pub fn patch(&self, kind: &'static ResourceKind, ns: Option<&str>, name: &str, pt: PatchType, body: &[u8], status_only: bool, opts: WriteOpts) -> Result<(Arc<Value>, bool), ApiError> {
+    pub fn patch(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<&str>,
+        name: &str,
+        pt: PatchType,
+        body: &[u8],
+        status_only: bool,
+        opts: WriteOpts,
+    ) -> Result<(Arc<Value>, bool), ApiError> {
         let p = patch::parse_body(pt, body)?;
         let key = make_key(kind, ns, name);
         {
@@ -591,17 +745,28 @@ impl Store {
                 patch::apply(pt, &mut target, &p)?;
                 // A patch may carry a resourceVersion as a precondition; otherwise it applies
                 // to the current version.
-                let want = p.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                let want = p
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str);
                 if let Some(rv) = want {
                     if Some(rv) != meta_str(&old, "resourceVersion") {
                         return Err(ApiError::conflict(kind.plural, name));
                     }
                 }
-                set_meta(&mut target, "resourceVersion", old["metadata"]["resourceVersion"].clone());
+                set_meta(
+                    &mut target,
+                    "resourceVersion",
+                    old["metadata"]["resourceVersion"].clone(),
+                );
                 if meta_str(&target, "name") != Some(name) {
-                    return Err(ApiError::bad_request("metadata.name may not be changed by a patch"));
+                    return Err(ApiError::bad_request(
+                        "metadata.name may not be changed by a patch",
+                    ));
                 }
-                return Ok((self.update_locked(&mut st, kind, key, &old, target, status_only, opts)?, false));
+                return Ok((
+                    self.update_locked(&mut st, kind, key, &old, target, status_only, opts)?,
+                    false,
+                ));
             }
         }
         if pt != PatchType::Apply {
@@ -609,7 +774,10 @@ impl Store {
         }
         let mut obj = p;
         if meta_str(&obj, "name").is_some_and(|n| n != name) {
-            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})", meta_str(&obj, "name").unwrap_or_default())));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&obj, "name").unwrap_or_default()
+            )));
         }
         if !obj.get("metadata").is_some_and(Value::is_object) {
             obj["metadata"] = json!({});
@@ -621,10 +789,20 @@ impl Store {
     /// Deletes an object (DELETE). Pods bound to a node get a grace period: they are marked
     /// with `deletionTimestamp` and removed when the kubelet confirms (a delete with grace 0)
     /// or the grace period ends. Namespaces are marked Terminating and removed once empty.
-    pub fn delete(&self, kind: &'static ResourceKind, ns: Option<&str>, name: &str, opts: &DeleteOpts) -> Result<Arc<Value>, ApiError> {
+    pub fn delete(
+        &self,
+        kind: &'static ResourceKind,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> Result<Arc<Value>, ApiError> {
         let mut st = self.lock();
         let key = make_key(kind, ns, name);
-        let old = st.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(kind.plural, name))?;
+        let old = st
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(kind.plural, name))?;
         if let Some(rv) = &opts.precondition_rv {
             if Some(rv.as_str()) != meta_str(&old, "resourceVersion") {
                 return Err(ApiError::conflict(kind.plural, name));
@@ -635,15 +813,24 @@ impl Store {
                 return Err(ApiError::conflict(kind.plural, name));
             }
         }
-        let wo = WriteOpts { dry_run: opts.dry_run };
+        let wo = WriteOpts {
+            dry_run: opts.dry_run,
+        };
         match kind.kind {
             "Pod" => self.delete_pod(&mut st, key, &old, opts.grace_period, wo),
             "Namespace" => {
-                if old.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+                if old
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some_and(|v| !v.is_null())
+                {
                     return Ok(old);
                 }
                 let mut n = (*old).clone();
-                set_meta(&mut n, "deletionTimestamp", json!(weir_model::now_rfc3339()));
+                set_meta(
+                    &mut n,
+                    "deletionTimestamp",
+                    json!(weir_model::now_rfc3339()),
+                );
                 n["status"] = json!({"phase": "Terminating"});
                 if wo.dry_run {
                     return Ok(Arc::new(n));
@@ -661,20 +848,39 @@ impl Store {
         }
     }
 
-    fn delete_pod(&self, st: &mut State, key: Key, old: &Arc<Value>, grace: Option<i64>, wo: WriteOpts) -> Result<Arc<Value>, ApiError> {
+    fn delete_pod(
+        &self,
+        st: &mut State,
+        key: Key,
+        old: &Arc<Value>,
+        grace: Option<i64>,
+        wo: WriteOpts,
+    ) -> Result<Arc<Value>, ApiError> {
         let grace = grace
-            .or_else(|| old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+            .or_else(|| {
+                old.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
             .unwrap_or(30)
             .max(0);
-        let unscheduled = old.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or_default().is_empty();
-        let finished = matches!(old.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"));
+        let unscheduled = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .is_empty();
+        let finished = matches!(
+            old.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
         if grace == 0 || unscheduled || finished {
             if wo.dry_run {
                 return Ok(old.clone());
             }
             return Ok(self.persist(st, vec![(key, None)])?.remove(0));
         }
-        let current = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
+        let current = old
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64);
         if current.is_some_and(|c| c <= grace) {
             return Ok(old.clone());
         }
@@ -714,7 +920,11 @@ impl Store {
         let terminating: Vec<String> = st
             .objects
             .iter()
-            .filter(|(k, v)| k.0 == "Namespace" && v.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null()))
+            .filter(|(k, v)| {
+                k.0 == "Namespace"
+                    && v.pointer("/metadata/deletionTimestamp")
+                        .is_some_and(|t| !t.is_null())
+            })
             .map(|(k, _)| k.2.clone())
             .collect();
         for ns in terminating {
@@ -731,7 +941,9 @@ impl Store {
             let mut now_gone = Vec::new();
             for (k, v) in contents {
                 if k.0 == "Pod" {
-                    if v.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
+                    if v.pointer("/metadata/deletionTimestamp")
+                        .is_none_or(Value::is_null)
+                    {
                         self.delete_pod(st, k, &v, None, WriteOpts::default())?;
                     }
                 } else {
@@ -748,7 +960,11 @@ impl Store {
 
 /// The store key of an object.
 pub fn make_key(kind: &ResourceKind, ns: Option<&str>, name: &str) -> Key {
-    let ns = if kind.namespaced { ns.unwrap_or("default") } else { "" };
+    let ns = if kind.namespaced {
+        ns.unwrap_or("default")
+    } else {
+        ""
+    };
     (kind.kind, ns.to_string(), name.to_string())
 }
 
@@ -771,21 +987,53 @@ mod tests {
     #[test]
     fn create_get_conflict_and_restart() {
         let (d, s) = open();
-        let created = s.create(&POD, Some("default"), pod("p", ""), WriteOpts::default()).unwrap();
+        let created = s
+            .create(&POD, Some("default"), pod("p", ""), WriteOpts::default())
+            .unwrap();
         assert_eq!(created["metadata"]["namespace"], "default");
         assert_eq!(created["status"]["phase"], "Pending");
-        assert_eq!(s.create(&POD, Some("default"), pod("p", ""), WriteOpts::default()).unwrap_err().code, 409);
-        assert_eq!(s.create(&POD, Some("nope"), pod("q", ""), WriteOpts::default()).unwrap_err().code, 404);
+        assert_eq!(
+            s.create(&POD, Some("default"), pod("p", ""), WriteOpts::default())
+                .unwrap_err()
+                .code,
+            409
+        );
+        assert_eq!(
+            s.create(&POD, Some("nope"), pod("q", ""), WriteOpts::default())
+                .unwrap_err()
+                .code,
+            404
+        );
         let mut stale = (*created).clone();
         stale["metadata"]["labels"] = json!({"a": "b"});
-        s.update(&POD, Some("default"), "p", stale.clone(), false, WriteOpts::default()).unwrap();
-        let err = s.update(&POD, Some("default"), "p", stale, false, WriteOpts::default()).unwrap_err();
+        s.update(
+            &POD,
+            Some("default"),
+            "p",
+            stale.clone(),
+            false,
+            WriteOpts::default(),
+        )
+        .unwrap();
+        let err = s
+            .update(
+                &POD,
+                Some("default"),
+                "p",
+                stale,
+                false,
+                WriteOpts::default(),
+            )
+            .unwrap_err();
         assert_eq!((err.code, err.reason), (409, "Conflict"));
         let rev = s.revision();
         drop(s);
         let s = Store::open(d.path(), StoreConfig::default()).unwrap();
         assert_eq!(s.revision(), rev);
-        assert_eq!(s.get(&POD, Some("default"), "p").unwrap()["metadata"]["labels"]["a"], "b");
+        assert_eq!(
+            s.get(&POD, Some("default"), "p").unwrap()["metadata"]["labels"]["a"],
+            "b"
+        );
         let (start, _rx, _) = s.watch(&POD, Some(rev - 1)).unwrap();
         match start {
             WatchStart::Backlog(b) => assert_eq!(b.len(), 1),
@@ -796,14 +1044,46 @@ mod tests {
     #[test]
     fn graceful_pod_delete_and_namespace_termination() {
         let (_d, s) = open();
-        s.create(&NAMESPACE, None, json!({"metadata": {"name": "x"}}), WriteOpts::default()).unwrap();
-        s.create(&POD, Some("x"), pod("p", "n1"), WriteOpts::default()).unwrap();
-        let d = s.delete(&POD, Some("x"), "p", &DeleteOpts { grace_period: Some(60), ..Default::default() }).unwrap();
+        s.create(
+            &NAMESPACE,
+            None,
+            json!({"metadata": {"name": "x"}}),
+            WriteOpts::default(),
+        )
+        .unwrap();
+        s.create(&POD, Some("x"), pod("p", "n1"), WriteOpts::default())
+            .unwrap();
+        let d = s
+            .delete(
+                &POD,
+                Some("x"),
+                "p",
+                &DeleteOpts {
+                    grace_period: Some(60),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert!(d["metadata"]["deletionTimestamp"].is_string());
         assert!(s.get(&POD, Some("x"), "p").is_some());
-        s.delete(&NAMESPACE, None, "x", &DeleteOpts::default()).unwrap();
-        assert_eq!(s.create(&POD, Some("x"), pod("q", "n1"), WriteOpts::default()).unwrap_err().code, 403);
-        s.delete(&POD, Some("x"), "p", &DeleteOpts { grace_period: Some(0), ..Default::default() }).unwrap();
+        s.delete(&NAMESPACE, None, "x", &DeleteOpts::default())
+            .unwrap();
+        assert_eq!(
+            s.create(&POD, Some("x"), pod("q", "n1"), WriteOpts::default())
+                .unwrap_err()
+                .code,
+            403
+        );
+        s.delete(
+            &POD,
+            Some("x"),
+            "p",
+            &DeleteOpts {
+                grace_period: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         s.tick().unwrap();
         assert!(s.get(&NAMESPACE, None, "x").is_none());
     }
@@ -811,9 +1091,22 @@ mod tests {
     #[test]
     fn history_is_compacted() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path(), StoreConfig { history: 5, ..Default::default() }).unwrap();
+        let s = Store::open(
+            d.path(),
+            StoreConfig {
+                history: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for i in 0..10 {
-            s.create(&POD, Some("default"), pod(&format!("p{i}"), ""), WriteOpts::default()).unwrap();
+            s.create(
+                &POD,
+                Some("default"),
+                pod(&format!("p{i}"), ""),
+                WriteOpts::default(),
+            )
+            .unwrap();
         }
         assert_eq!(s.watch(&POD, Some(1)).err().unwrap().code, 410);
         assert!(s.watch(&POD, Some(s.revision() - 3)).is_ok());

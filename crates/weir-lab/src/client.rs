@@ -14,7 +14,8 @@ use crate::LabError;
 
 /// A client for the cluster of `kubeconfig`.
 pub async fn client_from_kubeconfig(kubeconfig: &Path) -> Result<Client, LabError> {
-    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| LabError::Kube(format!("reading {}: {e}", kubeconfig.display())))?;
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| LabError::Kube(format!("reading {}: {e}", kubeconfig.display())))?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| LabError::Kube(format!("loading {}: {e}", kubeconfig.display())))?;
@@ -23,7 +24,10 @@ pub async fn client_from_kubeconfig(kubeconfig: &Path) -> Result<Client, LabErro
 
 /// The kube-rs dynamic resource description of a weir kind.
 pub fn api_resource(kind: &ResourceKind) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(kind.group, kind.version, kind.kind), kind.plural)
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(kind.group, kind.version, kind.kind),
+        kind.plural,
+    )
 }
 
 /// A dynamic API for `kind` in `ns` (ignored for cluster-scoped kinds).
@@ -57,7 +61,8 @@ pub fn read_manifests(sources: &[String], default_ns: &str) -> Result<Vec<Doc>, 
     for s in sources {
         if s == "-" {
             let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| LabError::io("-".into(), e))?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| LabError::io("-".into(), e))?;
             files.push(("-".into(), text));
             continue;
         }
@@ -67,7 +72,10 @@ pub fn read_manifests(sources: &[String], default_ns: &str) -> Result<Vec<Doc>, 
                 .map_err(|e| LabError::io(p.to_path_buf(), e))?
                 .flatten()
                 .map(|e| e.path())
-                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+                .filter(|f| {
+                    f.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
                 .collect();
             entries.sort();
             for f in entries {
@@ -81,16 +89,28 @@ pub fn read_manifests(sources: &[String], default_ns: &str) -> Result<Vec<Doc>, 
     }
     let mut docs = Vec::new();
     for (name, text) in files {
-        let values = weir_model::manifest::parse_documents(&name, &text).map_err(|e| LabError::Manifest(e.to_string()))?;
+        let values = weir_model::manifest::parse_documents(&name, &text)
+            .map_err(|e| LabError::Manifest(e.to_string()))?;
         for (i, v) in values.into_iter().enumerate() {
             let origin = format!("{name}: document {}", i + 1);
-            let kind = weir_model::validate::kind_of(&v).map_err(|e| LabError::Manifest(format!("{origin}: {e}")))?;
-            let meta_name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let kind = weir_model::validate::kind_of(&v)
+                .map_err(|e| LabError::Manifest(format!("{origin}: {e}")))?;
+            let meta_name = v
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             if meta_name.is_empty() {
-                return Err(LabError::Manifest(format!("{origin}: {} has no metadata.name", kind.kind)));
+                return Err(LabError::Manifest(format!(
+                    "{origin}: {} has no metadata.name",
+                    kind.kind
+                )));
             }
             let namespace = kind.namespaced.then(|| {
-                v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(default_ns).to_string()
+                v.pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or(default_ns)
+                    .to_string()
             });
             docs.push(Doc {
                 origin,
@@ -112,7 +132,10 @@ fn api_error(doc: &Doc, e: kube::Error) -> LabError {
     if msg.contains(&format!("{:?}", doc.name)) {
         LabError::Apply(format!("{}: {msg}", doc.origin))
     } else {
-        LabError::Apply(format!("{}: {} {:?}: {msg}", doc.origin, doc.kind.kind, doc.name))
+        LabError::Apply(format!(
+            "{}: {} {:?}: {msg}",
+            doc.origin, doc.kind.kind, doc.name
+        ))
     }
 }
 
@@ -128,13 +151,22 @@ pub async fn apply(client: &Client, docs: &[Doc]) -> Result<Vec<String>, LabErro
     dry.dry_run = true;
     // A dry run of an object in a namespace that the same apply creates would fail with
     // NotFound; such documents are checked after their namespace exists.
-    let new_namespaces: Vec<&str> = ordered.iter().filter(|d| d.kind.kind == "Namespace").map(|d| d.name.as_str()).collect();
+    let new_namespaces: Vec<&str> = ordered
+        .iter()
+        .filter(|d| d.kind.kind == "Namespace")
+        .map(|d| d.name.as_str())
+        .collect();
     let mut deferred = Vec::new();
     for d in &ordered {
         let api = dynamic_api(client, d.kind, d.namespace.as_deref());
         match api.patch(&d.name, &dry, &Patch::Apply(&d.object)).await {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 && d.namespace.as_deref().is_some_and(|n| new_namespaces.contains(&n)) => {
+            Err(kube::Error::Api(s))
+                if s.code == 404
+                    && d.namespace
+                        .as_deref()
+                        .is_some_and(|n| new_namespaces.contains(&n)) =>
+            {
                 deferred.push(*d);
             }
             Err(e) => return Err(api_error(d, e)),
@@ -146,7 +178,9 @@ pub async fn apply(client: &Client, docs: &[Doc]) -> Result<Vec<String>, LabErro
     }
     for d in &deferred {
         let api = dynamic_api(client, d.kind, d.namespace.as_deref());
-        api.patch(&d.name, &dry, &Patch::Apply(&d.object)).await.map_err(|e| api_error(d, e))?;
+        api.patch(&d.name, &dry, &Patch::Apply(&d.object))
+            .await
+            .map_err(|e| api_error(d, e))?;
     }
     for d in ordered.iter().filter(|d| d.kind.kind != "Namespace") {
         out.push(apply_one(client, d, &pp).await?);
@@ -157,7 +191,10 @@ pub async fn apply(client: &Client, docs: &[Doc]) -> Result<Vec<String>, LabErro
 async fn apply_one(client: &Client, d: &Doc, pp: &PatchParams) -> Result<String, LabError> {
     let api = dynamic_api(client, d.kind, d.namespace.as_deref());
     let before = api.get_opt(&d.name).await.map_err(|e| api_error(d, e))?;
-    let after = api.patch(&d.name, pp, &Patch::Apply(&d.object)).await.map_err(|e| api_error(d, e))?;
+    let after = api
+        .patch(&d.name, pp, &Patch::Apply(&d.object))
+        .await
+        .map_err(|e| api_error(d, e))?;
     let verb = match before {
         None => "created",
         Some(b) if b.metadata.resource_version == after.metadata.resource_version => "unchanged",
@@ -168,7 +205,11 @@ async fn apply_one(client: &Client, d: &Doc, pp: &PatchParams) -> Result<String,
 
 /// Deletes the objects named by documents (as `kubectl delete -f`). With `ignore_missing`,
 /// objects already gone are not an error.
-pub async fn delete(client: &Client, docs: &[Doc], ignore_missing: bool) -> Result<Vec<String>, LabError> {
+pub async fn delete(
+    client: &Client,
+    docs: &[Doc],
+    ignore_missing: bool,
+) -> Result<Vec<String>, LabError> {
     let mut out = Vec::new();
     for d in docs.iter().rev() {
         let api = dynamic_api(client, d.kind, d.namespace.as_deref());

@@ -63,7 +63,9 @@ impl ConnectSummary {
                 }
                 (_, e) => {
                     s.failed += 1;
-                    *s.errors.entry(e.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
+                    *s.errors
+                        .entry(e.clone().unwrap_or_else(|| "unknown".into()))
+                        .or_default() += 1;
                 }
             }
         }
@@ -80,10 +82,14 @@ fn error_name(e: &std::io::Error) -> String {
 }
 
 async fn attempt_tcp(to: SocketAddr) -> Result<String, String> {
-    let mut s = tokio::net::TcpStream::connect(to).await.map_err(|e| error_name(&e))?;
+    let mut s = tokio::net::TcpStream::connect(to)
+        .await
+        .map_err(|e| error_name(&e))?;
     s.write_all(b"weir\n").await.map_err(|e| error_name(&e))?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.map_err(|e| error_name(&e))?;
+    s.read_to_string(&mut out)
+        .await
+        .map_err(|e| error_name(&e))?;
     let out = out.trim().to_string();
     if out.is_empty() {
         Err("empty reply".into())
@@ -93,8 +99,14 @@ async fn attempt_tcp(to: SocketAddr) -> Result<String, String> {
 }
 
 async fn attempt_udp(to: SocketAddr) -> Result<String, String> {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-    let s = tokio::net::UdpSocket::bind(bind).await.map_err(|e| error_name(&e))?;
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    };
+    let s = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| error_name(&e))?;
     s.connect(to).await.map_err(|e| error_name(&e))?;
     s.send(b"weir\n").await.map_err(|e| error_name(&e))?;
     let mut buf = vec![0u8; 2048];
@@ -110,9 +122,18 @@ pub async fn attempt(to: SocketAddr, udp: bool, timeout: Duration) -> Outcome {
         tokio::time::timeout(timeout, attempt_tcp(to)).await
     };
     match r {
-        Ok(Ok(who)) => Outcome { responder: Some(who), error: None },
-        Ok(Err(e)) => Outcome { responder: None, error: Some(e) },
-        Err(_) => Outcome { responder: None, error: Some("timeout".into()) },
+        Ok(Ok(who)) => Outcome {
+            responder: Some(who),
+            error: None,
+        },
+        Ok(Err(e)) => Outcome {
+            responder: None,
+            error: Some(e),
+        },
+        Err(_) => Outcome {
+            responder: None,
+            error: Some("timeout".into()),
+        },
     }
 }
 
@@ -133,11 +154,28 @@ mod tests {
 
     #[tokio::test]
     async fn refused_and_answered() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let o = attempt(SocketAddr::from(([127, 0, 0, 1], port)), false, Duration::from_secs(1)).await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let o = attempt(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            false,
+            Duration::from_secs(1),
+        )
+        .await;
         assert_eq!(o.error.as_deref(), Some("ECONNREFUSED"));
-        crate::echo::serve("x/a".into(), &[crate::echo::ServePort { udp: false, port }]).await.unwrap();
-        let outs = run(&AttemptSpec { targets: vec![SocketAddr::from(([127, 0, 0, 1], port)); 5], udp: false, timeout_ms: 1000, parallel: 2 }).await;
+        crate::echo::serve("x/a".into(), &[crate::echo::ServePort { udp: false, port }])
+            .await
+            .unwrap();
+        let outs = run(&AttemptSpec {
+            targets: vec![SocketAddr::from(([127, 0, 0, 1], port)); 5],
+            udp: false,
+            timeout_ms: 1000,
+            parallel: 2,
+        })
+        .await;
         let s = ConnectSummary::from_outcomes(&outs);
         assert_eq!((s.attempts, s.ok, s.failed), (5, 5, 0));
         assert_eq!(s.responders["x/a"], 5);

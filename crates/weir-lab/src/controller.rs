@@ -19,7 +19,11 @@ use crate::endpoints::{self, CONTROLLER_NAME, MANAGED_BY_LABEL, SERVICE_NAME_LAB
 use crate::LabError;
 
 fn rv(s: &EndpointSlice) -> u64 {
-    s.metadata.resource_version.as_deref().and_then(|r| r.parse().ok()).unwrap_or(0)
+    s.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
 }
 
 fn key(ns: &str, name: &str) -> (String, String) {
@@ -42,11 +46,19 @@ struct Controller {
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff().touched_objects();
+    let stream = reflector::reflector(writer, watcher::watcher(api, cfg))
+        .default_backoff()
+        .touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(r) = stream.next().await {
@@ -68,13 +80,16 @@ impl Controller {
                 continue;
             }
             let labels = s.metadata.labels.clone().unwrap_or_default();
-            if labels.get(SERVICE_NAME_LABEL).map(String::as_str) != Some(svc) || labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(CONTROLLER_NAME) {
+            if labels.get(SERVICE_NAME_LABEL).map(String::as_str) != Some(svc)
+                || labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(CONTROLLER_NAME)
+            {
                 continue;
             }
             by_name.insert(s.metadata.name.clone().unwrap_or_default(), (*s).clone());
         }
         // Forget overlay entries the watch has caught up with.
-        self.deleted.retain(|k| k.0 != ns || by_name.contains_key(&k.1));
+        self.deleted
+            .retain(|k| k.0 != ns || by_name.contains_key(&k.1));
         let seen: Vec<(String, String)> = self
             .written
             .iter()
@@ -85,7 +100,12 @@ impl Controller {
             self.written.remove(&k);
         }
         for ((wns, name), w) in &self.written {
-            let owner = w.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str);
+            let owner = w
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .map(String::as_str);
             if wns == ns && owner == Some(svc) {
                 by_name.insert(name.clone(), w.clone());
             }
@@ -103,10 +123,18 @@ impl Controller {
             return Ok(());
         }
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
-        let err = |what: &str, e: kube::Error| LabError::Kube(format!("{what} EndpointSlice for service {ns}/{name}: {e}"));
+        let err = |what: &str, e: kube::Error| {
+            LabError::Kube(format!("{what} EndpointSlice for service {ns}/{name}: {e}"))
+        };
         for s in plan.create {
-            let created = api.create(&PostParams::default(), &s).await.map_err(|e| err("creating", e))?;
-            self.written.insert(key(&ns, created.metadata.name.as_deref().unwrap_or_default()), created);
+            let created = api
+                .create(&PostParams::default(), &s)
+                .await
+                .map_err(|e| err("creating", e))?;
+            self.written.insert(
+                key(&ns, created.metadata.name.as_deref().unwrap_or_default()),
+                created,
+            );
         }
         for s in plan.update {
             let n = s.metadata.name.clone().unwrap_or_default();
@@ -117,7 +145,9 @@ impl Controller {
                 Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
                     // Our view was stale; the watch will bring the current one.
                     self.written.remove(&key(&ns, &n));
-                    return Err(LabError::Kube(format!("EndpointSlice {ns}/{n} changed meanwhile; retrying")));
+                    return Err(LabError::Kube(format!(
+                        "EndpointSlice {ns}/{n} changed meanwhile; retrying"
+                    )));
                 }
                 Err(e) => return Err(err("updating", e)),
             }
@@ -141,7 +171,12 @@ impl Controller {
             .services
             .state()
             .iter()
-            .map(|s| key(s.metadata.namespace.as_deref().unwrap_or_default(), s.metadata.name.as_deref().unwrap_or_default()))
+            .map(|s| {
+                key(
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                )
+            })
             .collect();
         for s in self.slices.state() {
             let labels = s.metadata.labels.clone().unwrap_or_default();
@@ -158,7 +193,11 @@ impl Controller {
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(LabError::Kube(format!("deleting orphaned EndpointSlice {ns}/{name}: {e}"))),
+                Err(e) => {
+                    return Err(LabError::Kube(format!(
+                        "deleting orphaned EndpointSlice {ns}/{name}: {e}"
+                    )))
+                }
             }
             self.deleted.insert(key(&ns, &name));
         }
@@ -172,7 +211,10 @@ impl Controller {
             .state()
             .iter()
             .filter(|n| {
-                n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
             .filter_map(|n| n.metadata.name.clone())
             .collect();
@@ -184,20 +226,50 @@ impl Controller {
             .pods
             .state()
             .into_iter()
-            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default().is_empty())
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .unwrap_or_default()
+                    .is_empty()
+            })
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| !self.bound.contains(p.metadata.uid.as_deref().unwrap_or_default()))
+            .filter(|p| {
+                !self
+                    .bound
+                    .contains(p.metadata.uid.as_deref().unwrap_or_default())
+            })
             .collect();
-        pending.sort_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| serde_json::to_string(&t).unwrap_or_default()), p.metadata.namespace.clone(), p.metadata.name.clone()));
+        pending.sort_by_key(|p| {
+            (
+                p.metadata
+                    .creation_timestamp
+                    .clone()
+                    .map(|t| serde_json::to_string(&t).unwrap_or_default()),
+                p.metadata.namespace.clone(),
+                p.metadata.name.clone(),
+            )
+        });
         for p in pending {
             let node = nodes[self.next_node % nodes.len()].clone();
-            let (ns, name) = (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
+            let (ns, name) = (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone().unwrap_or_default(),
+            );
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-            match api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeName": node}}))).await {
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"nodeName": node}})),
+                )
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(pod = %format!("{ns}/{name}"), node = %node, "scheduled");
                     self.next_node += 1;
-                    self.bound.insert(p.metadata.uid.clone().unwrap_or_default());
+                    self.bound
+                        .insert(p.metadata.uid.clone().unwrap_or_default());
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 422 => {}
                 Err(e) => return Err(LabError::Kube(format!("binding pod {ns}/{name}: {e}"))),
@@ -211,7 +283,10 @@ impl Controller {
         let pods: Vec<Pod> = self.pods.state().iter().map(|p| (**p).clone()).collect();
         let mut by_ns: HashMap<String, Vec<Pod>> = HashMap::new();
         for p in pods {
-            by_ns.entry(p.metadata.namespace.clone().unwrap_or_default()).or_default().push(p);
+            by_ns
+                .entry(p.metadata.namespace.clone().unwrap_or_default())
+                .or_default()
+                .push(p);
         }
         let services: Vec<Arc<Service>> = self.services.state();
         let mut first_err = None;
@@ -231,14 +306,26 @@ impl Controller {
 /// Runs the controllers until the process is stopped.
 pub async fn run(client: Client) -> Result<(), LabError> {
     let notify = Arc::new(Notify::new());
-    let services = spawn_reflector(Api::<Service>::all(client.clone()), watcher::Config::default(), notify.clone());
-    let pods = spawn_reflector(Api::<Pod>::all(client.clone()), watcher::Config::default(), notify.clone());
+    let services = spawn_reflector(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let pods = spawn_reflector(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={CONTROLLER_NAME}")),
         notify.clone(),
     );
-    let nodes = spawn_reflector(Api::<Node>::all(client.clone()), watcher::Config::default(), notify.clone());
+    let nodes = spawn_reflector(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
     for (what, ready) in [
         ("services", services.wait_until_ready().await.is_ok()),
         ("pods", pods.wait_until_ready().await.is_ok()),
@@ -246,7 +333,9 @@ pub async fn run(client: Client) -> Result<(), LabError> {
         ("nodes", nodes.wait_until_ready().await.is_ok()),
     ] {
         if !ready {
-            return Err(LabError::Kube(format!("the {what} watch ended before it started")));
+            return Err(LabError::Kube(format!(
+                "the {what} watch ended before it started"
+            )));
         }
     }
     tracing::info!("controllers started");

@@ -21,7 +21,9 @@ pub struct ServePort {
 impl std::str::FromStr for ServePort {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (proto, port) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected tcp:PORT or udp:PORT"))?;
+        let (proto, port) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected tcp:PORT or udp:PORT"))?;
         let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
         match proto.to_ascii_lowercase().as_str() {
             "tcp" => Ok(ServePort { udp: false, port }),
@@ -52,7 +54,9 @@ pub fn reply(identity: &str, req: &[u8], peer: SocketAddr) -> Vec<u8> {
     let mut parts = first.split_whitespace();
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
-    if matches!(method, "GET" | "HEAD" | "POST" | "PUT") && parts.next().is_some_and(|v| v.starts_with("HTTP/")) {
+    if matches!(method, "GET" | "HEAD" | "POST" | "PUT")
+        && parts.next().is_some_and(|v| v.starts_with("HTTP/"))
+    {
         let body = if path.starts_with("/clientip") {
             canonical(peer).to_string()
         } else {
@@ -97,7 +101,9 @@ pub async fn serve(identity: String, ports: &[ServePort]) -> std::io::Result<()>
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
-                    let Ok((n, peer)) = sock.recv_from(&mut buf).await else { continue };
+                    let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                        continue;
+                    };
                     let _ = sock.send_to(&reply(&id, &buf[..n], peer), peer).await;
                 }
             });
@@ -106,7 +112,9 @@ pub async fn serve(identity: String, ports: &[ServePort]) -> std::io::Result<()>
             let id = identity.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((s, peer)) = l.accept().await else { continue };
+                    let Ok((s, peer)) = l.accept().await else {
+                        continue;
+                    };
                     tokio::spawn(serve_tcp_conn(id.clone(), s, peer));
                 }
             });
@@ -125,19 +133,53 @@ mod tests {
         assert_eq!(reply("x/a", b"weir\n", peer), b"x/a\n");
         assert_eq!(reply("x/a", b"", peer), b"x/a\n");
         assert_eq!(reply("x/a", b"clientip\n", peer), b"10.0.0.1:5555\n");
-        let http = String::from_utf8(reply("x/a", b"GET /clientip HTTP/1.1\r\nHost: h\r\n\r\n", peer)).unwrap();
+        let http = String::from_utf8(reply(
+            "x/a",
+            b"GET /clientip HTTP/1.1\r\nHost: h\r\n\r\n",
+            peer,
+        ))
+        .unwrap();
         assert!(http.starts_with("HTTP/1.1 200 OK"));
         assert!(http.ends_with("\r\n\r\n10.0.0.1:5555"));
-        assert!(String::from_utf8(reply("x/a", b"GET / HTTP/1.0\r\n\r\n", peer)).unwrap().ends_with("x/a"));
-        assert_eq!("udp:53".parse::<ServePort>().unwrap(), ServePort { udp: true, port: 53 });
+        assert!(
+            String::from_utf8(reply("x/a", b"GET / HTTP/1.0\r\n\r\n", peer))
+                .unwrap()
+                .ends_with("x/a")
+        );
+        assert_eq!(
+            "udp:53".parse::<ServePort>().unwrap(),
+            ServePort {
+                udp: true,
+                port: 53
+            }
+        );
     }
 
     #[tokio::test]
     async fn serves_tcp_and_udp_on_loopback() {
         // Ports 0 cannot be asked back, so pick free ones first.
-        let t = std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port();
-        let u = std::net::UdpSocket::bind("[::]:0").unwrap().local_addr().unwrap().port();
-        serve("ns/p".into(), &[ServePort { udp: false, port: t }, ServePort { udp: true, port: u }]).await.unwrap();
+        let t = std::net::TcpListener::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let u = std::net::UdpSocket::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        serve(
+            "ns/p".into(),
+            &[
+                ServePort {
+                    udp: false,
+                    port: t,
+                },
+                ServePort { udp: true, port: u },
+            ],
+        )
+        .await
+        .unwrap();
         let mut s = TcpStream::connect(("127.0.0.1", t)).await.unwrap();
         s.write_all(b"weir\n").await.unwrap();
         let mut out = String::new();
@@ -148,6 +190,9 @@ mod tests {
         c.send(b"clientip\n").await.unwrap();
         let mut buf = [0u8; 100];
         let n = c.recv(&mut buf).await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), c.local_addr().unwrap().to_string());
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..n]).trim(),
+            c.local_addr().unwrap().to_string()
+        );
     }
 }

@@ -42,10 +42,28 @@ impl SlicePlan {
 
 type PortKey = Vec<(String, i32, String)>;
 
+/// Desired endpoints grouped by (address type, port set): the ports, and endpoints by pod uid.
+type Groups = BTreeMap<(String, PortKey), (Vec<EndpointPort>, BTreeMap<String, Endpoint>)>;
+
+/// A slice being planned: the existing slice it updates (if any), its address type, ports
+/// and endpoints.
+type Planned<'a> = (
+    Option<&'a EndpointSlice>,
+    String,
+    Vec<EndpointPort>,
+    Vec<Endpoint>,
+);
+
 fn port_key(ports: &[EndpointPort]) -> PortKey {
     let mut k: PortKey = ports
         .iter()
-        .map(|p| (p.name.clone().unwrap_or_default(), p.port.unwrap_or(0), p.protocol.clone().unwrap_or_else(|| "TCP".into())))
+        .map(|p| {
+            (
+                p.name.clone().unwrap_or_default(),
+                p.port.unwrap_or(0),
+                p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            )
+        })
         .collect();
     k.sort();
     k
@@ -68,7 +86,8 @@ pub fn resolve_target_port(pod: &Pod, sp: &ServicePort) -> Option<i32> {
         Some(IntOrString::Int(n)) => Some(*n),
         Some(IntOrString::String(name)) => pod.spec.as_ref()?.containers.iter().find_map(|c| {
             c.ports.as_ref()?.iter().find_map(|p| {
-                (p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == proto).then_some(p.container_port)
+                (p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == proto)
+                    .then_some(p.container_port)
             })
         }),
     }
@@ -84,12 +103,20 @@ fn family_of(ip: &str) -> &'static str {
 
 fn slice_labels(svc: &Service) -> BTreeMap<String, String> {
     let mut l = svc.metadata.labels.clone().unwrap_or_default();
-    l.insert(SERVICE_NAME_LABEL.into(), svc.metadata.name.clone().unwrap_or_default());
+    l.insert(
+        SERVICE_NAME_LABEL.into(),
+        svc.metadata.name.clone().unwrap_or_default(),
+    );
     l.insert(MANAGED_BY_LABEL.into(), CONTROLLER_NAME.into());
     l
 }
 
-fn new_slice(svc: &Service, address_type: &str, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> EndpointSlice {
+fn new_slice(
+    svc: &Service,
+    address_type: &str,
+    ports: Vec<EndpointPort>,
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
     let name = svc.metadata.name.clone().unwrap_or_default();
     EndpointSlice {
         metadata: ObjectMeta {
@@ -113,14 +140,17 @@ fn new_slice(svc: &Service, address_type: &str, ports: Vec<EndpointPort>, endpoi
 }
 
 /// The desired endpoints of `svc`, keyed by (address type, port set) then by pod uid.
-fn desired(svc: &Service, pods: &[Pod]) -> BTreeMap<(String, PortKey), (Vec<EndpointPort>, BTreeMap<String, Endpoint>)> {
-    let mut out: BTreeMap<(String, PortKey), (Vec<EndpointPort>, BTreeMap<String, Endpoint>)> = BTreeMap::new();
+fn desired(svc: &Service, pods: &[Pod]) -> Groups {
+    let mut out = Groups::new();
     let spec = svc.spec.clone().unwrap_or_default();
     let Some(sel) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
         return out;
     };
     let selector = LabelSelector::from_map(sel);
-    let families = spec.ip_families.clone().unwrap_or_else(|| vec!["IPv4".into()]);
+    let families = spec
+        .ip_families
+        .clone()
+        .unwrap_or_else(|| vec!["IPv4".into()]);
     let publish = spec.publish_not_ready_addresses.unwrap_or(false);
     let svc_ns = svc.metadata.namespace.clone().unwrap_or_default();
     for pod in pods {
@@ -159,7 +189,9 @@ fn desired(svc: &Service, pods: &[Pod]) -> BTreeMap<(String, PortKey), (Vec<Endp
         ports.sort_by_key(|p| (p.name.clone(), p.port, p.protocol.clone()));
         let key = port_key(&ports);
         for fam in &families {
-            let Some(ip) = ips.iter().find(|i| family_of(i) == fam) else { continue };
+            let Some(ip) = ips.iter().find(|i| family_of(i) == fam) else {
+                continue;
+            };
             let ep = Endpoint {
                 addresses: vec![ip.clone()],
                 conditions: Some(EndpointConditions {
@@ -177,7 +209,11 @@ fn desired(svc: &Service, pods: &[Pod]) -> BTreeMap<(String, PortKey), (Vec<Endp
                 }),
                 ..Default::default()
             };
-            let uid = pod.metadata.uid.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default());
+            let uid = pod
+                .metadata
+                .uid
+                .clone()
+                .unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default());
             out.entry((fam.clone(), key.clone()))
                 .or_insert_with(|| (ports.clone(), BTreeMap::new()))
                 .1
@@ -188,7 +224,9 @@ fn desired(svc: &Service, pods: &[Pod]) -> BTreeMap<(String, PortKey), (Vec<Endp
 }
 
 fn endpoint_uid(e: &Endpoint) -> Option<String> {
-    e.target_ref.as_ref().and_then(|r| r.uid.clone().or_else(|| r.name.clone()))
+    e.target_ref
+        .as_ref()
+        .and_then(|r| r.uid.clone().or_else(|| r.name.clone()))
 }
 
 /// Plans the writes that make `existing` (the slices this controller manages for `svc`)
@@ -196,9 +234,16 @@ fn endpoint_uid(e: &Endpoint) -> Option<String> {
 /// in while they remain, so that a change touches as few slices as possible.
 pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePlan {
     let mut plan = SlicePlan::default();
-    let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
+    let has_selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| !s.is_empty());
     if !has_selector {
-        plan.delete = existing.iter().filter_map(|s| s.metadata.name.clone()).collect();
+        plan.delete = existing
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect();
         return plan;
     }
     let mut want = desired(svc, pods);
@@ -209,10 +254,17 @@ pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePla
     if want.is_empty() {
         // A placeholder: one empty slice of the primary family, so watchers see the Service
         // has no endpoints rather than no slices.
-        let fam = svc.spec.as_ref().and_then(|s| s.ip_families.as_ref()).and_then(|f| f.first().cloned()).unwrap_or_else(|| "IPv4".into());
+        let fam = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ip_families.as_ref())
+            .and_then(|f| f.first().cloned())
+            .unwrap_or_else(|| "IPv4".into());
         let mut kept = false;
         for s in existing {
-            let is_placeholder = s.endpoints.as_ref().is_none_or(|e| e.is_empty()) && s.ports.as_ref().is_none_or(|p| p.is_empty()) && s.address_type == fam;
+            let is_placeholder = s.endpoints.as_ref().is_none_or(|e| e.is_empty())
+                && s.ports.as_ref().is_none_or(|p| p.is_empty())
+                && s.address_type == fam;
             if is_placeholder && !kept {
                 kept = true;
                 if s.metadata.labels.as_ref() != Some(&labels) {
@@ -225,17 +277,23 @@ pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePla
             }
         }
         if !kept {
-            plan.create.push(new_slice(svc, &fam, Vec::new(), Vec::new()));
+            plan.create
+                .push(new_slice(svc, &fam, Vec::new(), Vec::new()));
         }
         return plan;
     }
 
     // Keep endpoints where they are.
-    let mut result: Vec<(Option<&EndpointSlice>, String, Vec<EndpointPort>, Vec<Endpoint>)> = Vec::new();
+    let mut result: Vec<Planned> = Vec::new();
     for s in existing {
-        let key = (s.address_type.clone(), port_key(s.ports.as_deref().unwrap_or(&[])));
+        let key = (
+            s.address_type.clone(),
+            port_key(s.ports.as_deref().unwrap_or(&[])),
+        );
         match want.get_mut(&key) {
-            None => plan.delete.push(s.metadata.name.clone().unwrap_or_default()),
+            None => plan
+                .delete
+                .push(s.metadata.name.clone().unwrap_or_default()),
             Some((ports, eps)) => {
                 let kept: Vec<Endpoint> = s
                     .endpoints
@@ -250,7 +308,10 @@ pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePla
     // Fill new endpoints into slices with room, then into new slices.
     for ((fam, _key), (ports, eps)) in want {
         let mut rest: Vec<Endpoint> = eps.into_values().collect();
-        for r in result.iter_mut().filter(|r| r.1 == fam && port_key(&r.2) == port_key(&ports)) {
+        for r in result
+            .iter_mut()
+            .filter(|r| r.1 == fam && port_key(&r.2) == port_key(&ports))
+        {
             while r.3.len() < MAX_ENDPOINTS_PER_SLICE && !rest.is_empty() {
                 r.3.push(rest.remove(0));
             }
@@ -262,10 +323,15 @@ pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePla
     for (old, fam, ports, mut eps) in result {
         eps.sort_by_key(|e| e.target_ref.as_ref().and_then(|r| r.name.clone()));
         match old {
-            Some(s) if eps.is_empty() => plan.delete.push(s.metadata.name.clone().unwrap_or_default()),
+            Some(s) if eps.is_empty() => plan
+                .delete
+                .push(s.metadata.name.clone().unwrap_or_default()),
             Some(s) => {
                 let ports_opt = if ports.is_empty() { None } else { Some(ports) };
-                if s.endpoints.clone().unwrap_or_default() != eps || s.ports != ports_opt || s.metadata.labels.as_ref() != Some(&labels) {
+                if s.endpoints.clone().unwrap_or_default() != eps
+                    || s.ports != ports_opt
+                    || s.metadata.labels.as_ref() != Some(&labels)
+                {
                     let mut u = s.clone();
                     u.endpoints = Some(eps);
                     u.ports = ports_opt;
@@ -281,7 +347,10 @@ pub fn plan(svc: &Service, pods: &[Pod], existing: &[EndpointSlice]) -> SlicePla
 
 /// Names of Services (in `ns`) whose selector matches `labels`, for deciding which
 /// Services a pod change touches.
-pub fn services_selecting<'a>(services: impl Iterator<Item = &'a Service>, labels: &BTreeMap<String, String>) -> BTreeSet<String> {
+pub fn services_selecting<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    labels: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
     services
         .filter(|s| {
             s.spec
@@ -299,8 +368,10 @@ mod tests {
     use serde_json::json;
 
     fn svc(ports: serde_json::Value, families: &[&str]) -> Service {
-        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "x", "uid": "svc-uid"},
-            "spec": {"selector": {"app": "web"}, "ports": ports, "ipFamilies": families}}))
+        serde_json::from_value(
+            json!({"metadata": {"name": "web", "namespace": "x", "uid": "svc-uid"},
+            "spec": {"selector": {"app": "web"}, "ports": ports, "ipFamilies": families}}),
+        )
         .unwrap()
     }
 
@@ -313,21 +384,32 @@ mod tests {
                        "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
         })).unwrap();
         if terminating {
-            p.metadata.deletion_timestamp = Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
+            p.metadata.deletion_timestamp =
+                Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
         }
         p
     }
 
     #[test]
     fn conditions_follow_readiness_and_termination() {
-        let s = svc(json!([{"port": 80, "targetPort": 8080, "protocol": "TCP"}]), &["IPv4"]);
-        let pods = vec![pod("a", true, false, "http", 8080), pod("bb", false, false, "http", 8080), pod("ccc", true, true, "http", 8080)];
+        let s = svc(
+            json!([{"port": 80, "targetPort": 8080, "protocol": "TCP"}]),
+            &["IPv4"],
+        );
+        let pods = vec![
+            pod("a", true, false, "http", 8080),
+            pod("bb", false, false, "http", 8080),
+            pod("ccc", true, true, "http", 8080),
+        ];
         let p = plan(&s, &pods, &[]);
         assert_eq!(p.create.len(), 1);
         let slice = &p.create[0];
         let endpoints = slice.endpoints.clone().unwrap();
         assert_eq!(slice.address_type, "IPv4");
-        assert_eq!(slice.metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL], "web");
+        assert_eq!(
+            slice.metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL],
+            "web"
+        );
         let c: Vec<(bool, bool, bool)> = endpoints
             .iter()
             .map(|e| {
@@ -335,15 +417,32 @@ mod tests {
                 (c.ready.unwrap(), c.serving.unwrap(), c.terminating.unwrap())
             })
             .collect();
-        assert_eq!(c, vec![(true, true, false), (false, false, false), (false, true, true)]);
-        assert_eq!(endpoints[0].target_ref.as_ref().unwrap().name.as_deref(), Some("a"));
+        assert_eq!(
+            c,
+            vec![
+                (true, true, false),
+                (false, false, false),
+                (false, true, true)
+            ]
+        );
+        assert_eq!(
+            endpoints[0].target_ref.as_ref().unwrap().name.as_deref(),
+            Some("a")
+        );
         assert_eq!(slice.ports.as_ref().unwrap()[0].port, Some(8080));
     }
 
     #[test]
     fn named_ports_split_slices_and_dual_stack() {
-        let s = svc(json!([{"name": "web", "port": 80, "targetPort": "http", "protocol": "TCP"}]), &["IPv4", "IPv6"]);
-        let pods = vec![pod("a", true, false, "http", 8080), pod("b", true, false, "http", 9090), pod("c", true, false, "other", 1)];
+        let s = svc(
+            json!([{"name": "web", "port": 80, "targetPort": "http", "protocol": "TCP"}]),
+            &["IPv4", "IPv6"],
+        );
+        let pods = vec![
+            pod("a", true, false, "http", 8080),
+            pod("b", true, false, "http", 9090),
+            pod("c", true, false, "other", 1),
+        ];
         let p = plan(&s, &pods, &[]);
         // Two port sets (8080, 9090) x two families; pod c has no port named http and lands
         // in a slice with no ports.
@@ -354,12 +453,22 @@ mod tests {
     #[test]
     fn stable_updates_placeholder_and_chunking() {
         let s = svc(json!([{"port": 80, "protocol": "TCP"}]), &["IPv4"]);
-        let mut pods: Vec<Pod> = (0..150).map(|i| pod(&format!("p{i:03}"), true, false, "http", 80)).collect();
+        let mut pods: Vec<Pod> = (0..150)
+            .map(|i| pod(&format!("p{i:03}"), true, false, "http", 80))
+            .collect();
         for (i, p) in pods.iter_mut().enumerate() {
-            p.status.as_mut().unwrap().pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: format!("10.244.{}.{}", i / 200, i % 200 + 2) }]);
+            p.status.as_mut().unwrap().pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP {
+                ip: format!("10.244.{}.{}", i / 200, i % 200 + 2),
+            }]);
         }
         let p = plan(&s, &pods, &[]);
-        assert_eq!(p.create.iter().map(|s| s.endpoints.as_ref().unwrap().len()).collect::<Vec<_>>(), vec![100, 50]);
+        assert_eq!(
+            p.create
+                .iter()
+                .map(|s| s.endpoints.as_ref().unwrap().len())
+                .collect::<Vec<_>>(),
+            vec![100, 50]
+        );
         let mut existing = p.create.clone();
         for (i, e) in existing.iter_mut().enumerate() {
             e.metadata.name = Some(format!("web-{i}"));
@@ -368,7 +477,10 @@ mod tests {
         // One pod goes: only its slice changes.
         pods.remove(3);
         let p2 = plan(&s, &pods, &existing);
-        assert_eq!((p2.create.len(), p2.update.len(), p2.delete.len()), (0, 1, 0));
+        assert_eq!(
+            (p2.create.len(), p2.update.len(), p2.delete.len()),
+            (0, 1, 0)
+        );
         // All go: a placeholder remains.
         let p3 = plan(&s, &[], &existing);
         assert_eq!((p3.create.len(), p3.delete.len()), (1, 2));

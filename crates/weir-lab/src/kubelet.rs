@@ -91,7 +91,10 @@ fn pod_ports(pod: &Pod) -> Vec<ServePort> {
                 "UDP" => true,
                 _ => return None,
             };
-            Some(ServePort { udp, port: u16::try_from(p.container_port).ok()? })
+            Some(ServePort {
+                udp,
+                port: u16::try_from(p.container_port).ok()?,
+            })
         })
         .collect();
     out.sort();
@@ -132,14 +135,23 @@ impl Kubelet {
         let dir = self.state_dir();
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
         let f = dir.join(format!("{}.json", sb.uid));
-        std::fs::write(&f, serde_json::to_vec_pretty(sb).expect("json")).map_err(|e| LabError::io(f, e))
+        std::fs::write(&f, serde_json::to_vec_pretty(sb).expect("json"))
+            .map_err(|e| LabError::io(f, e))
     }
 
     /// Adopts sandboxes a previous kubelet left running; removes broken ones.
     fn load_sandboxes(&mut self) {
-        for e in std::fs::read_dir(self.state_dir()).into_iter().flatten().flatten() {
-            let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-            let Ok(sb) = serde_json::from_str::<Sandbox>(&text) else { continue };
+        for e in std::fs::read_dir(self.state_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let Ok(sb) = serde_json::from_str::<Sandbox>(&text) else {
+                continue;
+            };
             if sys::alive(sb.pid) && crate::paths::netns_path(&sb.netns).exists() {
                 self.sandboxes.insert(sb.uid.clone(), sb);
             } else {
@@ -171,9 +183,13 @@ impl Kubelet {
         match api.create(&PostParams::default(), &node).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                api.patch_status(&n.name, &PatchParams::default(), &Patch::Merge(json!({"status": obj["status"]})))
-                    .await
-                    .map_err(|e| LabError::Kube(format!("updating node {}: {e}", n.name)))?;
+                api.patch_status(
+                    &n.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": obj["status"]})),
+                )
+                .await
+                .map_err(|e| LabError::Kube(format!("updating node {}: {e}", n.name)))?;
                 Ok(())
             }
             Err(e) => Err(LabError::Kube(format!("registering node {}: {e}", n.name))),
@@ -183,10 +199,25 @@ impl Kubelet {
     /// The lowest free host index of the node's pod CIDRs, as an IPv4 and an IPv6 address
     /// with the same index (.0 is the network, .1 is left for a node router address).
     fn allocate_ips(&self) -> Result<Vec<IpAddr>, LabError> {
-        let used: BTreeSet<IpAddr> = self.sandboxes.values().flat_map(|s| s.ips.iter().copied()).collect();
-        let bad = |cidr: &str| LabError::Corrupt { path: self.paths.layout_file(), reason: format!("bad pod CIDR {cidr}") };
-        let v4: ipnet::Ipv4Net = self.node.pod_cidr.parse().map_err(|_| bad(&self.node.pod_cidr))?;
-        let v6: ipnet::Ipv6Net = self.node.pod_cidr6.parse().map_err(|_| bad(&self.node.pod_cidr6))?;
+        let used: BTreeSet<IpAddr> = self
+            .sandboxes
+            .values()
+            .flat_map(|s| s.ips.iter().copied())
+            .collect();
+        let bad = |cidr: &str| LabError::Corrupt {
+            path: self.paths.layout_file(),
+            reason: format!("bad pod CIDR {cidr}"),
+        };
+        let v4: ipnet::Ipv4Net = self
+            .node
+            .pod_cidr
+            .parse()
+            .map_err(|_| bad(&self.node.pod_cidr))?;
+        let v6: ipnet::Ipv6Net = self
+            .node
+            .pod_cidr6
+            .parse()
+            .map_err(|_| bad(&self.node.pod_cidr6))?;
         let size = (1u32 << (32 - v4.prefix_len())).saturating_sub(1);
         for i in 2..size {
             let a = IpAddr::V4((u32::from(v4.network()) + i).into());
@@ -195,7 +226,10 @@ impl Kubelet {
                 return Ok(vec![a, b]);
             }
         }
-        Err(LabError::Exhausted(format!("pod CIDR {} of node {}", self.node.pod_cidr, self.node.name)))
+        Err(LabError::Exhausted(format!(
+            "pod CIDR {} of node {}",
+            self.node.pod_cidr, self.node.name
+        )))
     }
 
     /// Builds the sandbox of `pod`: namespace, veth, addresses, cgroup and the echo process.
@@ -222,8 +256,10 @@ impl Kubelet {
             std::fs::create_dir_all(&logs).map_err(|e| LabError::io(logs.clone(), e))?;
             let ready = self.state_dir().join(format!("{uid}.ready"));
             let _ = std::fs::remove_file(&ready);
-            std::fs::create_dir_all(self.state_dir()).map_err(|e| LabError::io(self.state_dir(), e))?;
-            let log = std::fs::File::create(logs.join(format!("{ns}_{name}.log"))).map_err(|e| LabError::io(logs.clone(), e))?;
+            std::fs::create_dir_all(self.state_dir())
+                .map_err(|e| LabError::io(self.state_dir(), e))?;
+            let log = std::fs::File::create(logs.join(format!("{ns}_{name}.log")))
+                .map_err(|e| LabError::io(logs.clone(), e))?;
             let mut cmd = std::process::Command::new(&self.exe);
             cmd.args(["lab", "sandbox", "--cluster", &self.paths.name, "--netns"])
                 .arg(crate::paths::netns_path(&sb.netns))
@@ -240,16 +276,27 @@ impl Kubelet {
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone().map_err(|e| LabError::io(logs.clone(), e))?)
                 .stderr(log);
-            let mut child = cmd.spawn().map_err(|e| LabError::Command("lab sandbox".into(), e.to_string()))?;
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| LabError::Command("lab sandbox".into(), e.to_string()))?;
             let pid = child.id() as i32;
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             while !ready.exists() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(LabError::Command(format!("sandbox of pod {ns}/{name}"), format!("exited with {status}; see {}", logs.join(format!("{ns}_{name}.log")).display())));
+                    return Err(LabError::Command(
+                        format!("sandbox of pod {ns}/{name}"),
+                        format!(
+                            "exited with {status}; see {}",
+                            logs.join(format!("{ns}_{name}.log")).display()
+                        ),
+                    ));
                 }
                 if std::time::Instant::now() > deadline {
                     let _ = child.kill();
-                    return Err(LabError::Command(format!("sandbox of pod {ns}/{name}"), "did not become ready in 20 s".into()));
+                    return Err(LabError::Command(
+                        format!("sandbox of pod {ns}/{name}"),
+                        "did not become ready in 20 s".into(),
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -300,12 +347,19 @@ impl Kubelet {
         let mut statuses = Vec::new();
         let mut all_ready = true;
         for c in &spec.containers {
-            let delay = c.readiness_probe.as_ref().and_then(|p| p.initial_delay_seconds).unwrap_or(0).max(0) as i64;
+            let delay = c
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.initial_delay_seconds)
+                .unwrap_or(0)
+                .max(0) as i64;
             let ready_at = started + jiff::SignedDuration::from_secs(delay);
             let ready = now >= ready_at;
             if !ready {
                 let wait = ready_at.duration_since(now).as_secs().max(0) as u64 + 1;
-                recheck = Some(recheck.map_or(Duration::from_secs(wait), |r| r.min(Duration::from_secs(wait))));
+                recheck = Some(recheck.map_or(Duration::from_secs(wait), |r| {
+                    r.min(Duration::from_secs(wait))
+                }));
             }
             all_ready &= ready;
             statuses.push(json!({
@@ -316,10 +370,20 @@ impl Kubelet {
             }));
         }
         let gates_ok = spec.readiness_gates.iter().flatten().all(|g| {
-            current.conditions.iter().flatten().any(|c| c.type_ == g.condition_type && c.status == "True")
+            current
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == g.condition_type && c.status == "True")
         });
         let ready = all_ready && gates_ok;
-        let own = ["PodScheduled", "Initialized", "ContainersReady", "Ready", "PodReadyToStartContainers"];
+        let own = [
+            "PodScheduled",
+            "Initialized",
+            "ContainersReady",
+            "Ready",
+            "PodReadyToStartContainers",
+        ];
         let cond = |t: &str, ok: bool| {
             let status = if ok { "True" } else { "False" };
             let since = current
@@ -339,10 +403,19 @@ impl Kubelet {
             cond("ContainersReady", all_ready),
             cond("PodScheduled", true),
         ];
-        for c in current.conditions.iter().flatten().filter(|c| !own.contains(&c.type_.as_str())) {
+        for c in current
+            .conditions
+            .iter()
+            .flatten()
+            .filter(|c| !own.contains(&c.type_.as_str()))
+        {
             conditions.push(serde_json::to_value(c).expect("condition"));
         }
-        let ips: Vec<Value> = sb.ips.iter().map(|i| json!({"ip": i.to_string()})).collect();
+        let ips: Vec<Value> = sb
+            .ips
+            .iter()
+            .map(|i| json!({"ip": i.to_string()}))
+            .collect();
         let status = json!({
             "phase": "Running",
             "conditions": conditions,
@@ -359,7 +432,9 @@ impl Kubelet {
 
     async fn report(&self, pod: &Pod, tx: &mpsc::UnboundedSender<Msg>) -> Result<(), LabError> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let Some(sb) = self.sandboxes.get(&uid) else { return Ok(()) };
+        let Some(sb) = self.sandboxes.get(&uid) else {
+            return Ok(());
+        };
         let (status, recheck) = Self::status_for(pod, sb, &self.node);
         if let Some(after) = recheck {
             let tx = tx.clone();
@@ -374,10 +449,20 @@ impl Kubelet {
             return Ok(());
         }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &sb.namespace);
-        match api.patch_status(&sb.name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await {
+        match api
+            .patch_status(
+                &sb.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(LabError::Kube(format!("updating status of pod {}/{}: {e}", sb.namespace, sb.name))),
+            Err(e) => Err(LabError::Kube(format!(
+                "updating status of pod {}/{}: {e}",
+                sb.namespace, sb.name
+            ))),
         }
     }
 
@@ -385,13 +470,18 @@ impl Kubelet {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
             ..Default::default()
         };
         match api.delete(name, &dp).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "confirming deletion"),
+            Err(e) => {
+                tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "confirming deletion")
+            }
         }
     }
 
@@ -405,7 +495,9 @@ impl Kubelet {
                 return;
             }
             if self.expiring.insert(uid.clone()) {
-                let at: jiff::Timestamp = serde_json::from_value(serde_json::to_value(ts).expect("time")).unwrap_or_else(|_| jiff::Timestamp::now());
+                let at: jiff::Timestamp =
+                    serde_json::from_value(serde_json::to_value(ts).expect("time"))
+                        .unwrap_or_else(|_| jiff::Timestamp::now());
                 let wait = at.duration_since(jiff::Timestamp::now()).as_millis().max(0) as u64;
                 tracing::info!(pod = %format!("{ns}/{name}"), grace_ms = wait, "pod deleted; serving until its grace period ends");
                 let tx = tx.clone();
@@ -539,7 +631,9 @@ impl Kubelet {
 /// Whether two statuses agree on everything the kubelet reports (ignoring heartbeat-like
 /// fields the server may normalise).
 fn same_status(current: &Value, want: &Value) -> bool {
-    let Some(w) = want.as_object() else { return false };
+    let Some(w) = want.as_object() else {
+        return false;
+    };
     w.iter().all(|(k, v)| current.get(k) == Some(v))
 }
 

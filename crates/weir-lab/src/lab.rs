@@ -39,7 +39,10 @@ struct Progress {
 
 impl Progress {
     fn new() -> Self {
-        Progress { tty: std::io::stderr().is_terminal(), start: Instant::now() }
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+        }
     }
     fn step(&self, msg: &str) {
         if self.tty {
@@ -65,17 +68,26 @@ fn spawn_daemon(paths: &LabPaths, component: &str, args: &[OsString]) -> Result<
     std::fs::create_dir_all(paths.log_dir()).map_err(|e| LabError::io(paths.log_dir(), e))?;
     std::fs::create_dir_all(paths.pid_dir()).map_err(|e| LabError::io(paths.pid_dir(), e))?;
     let log_path = paths.log_dir().join(format!("{component}.log"));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| LabError::io(log_path.clone(), e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| LabError::io(log_path.clone(), e))?;
     let mut cmd = std::process::Command::new(current_exe()?);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| LabError::io(log_path.clone(), e))?)
+        .stdout(
+            log.try_clone()
+                .map_err(|e| LabError::io(log_path.clone(), e))?,
+        )
         .stderr(log)
         .process_group(0);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let child = cmd.spawn().map_err(|e| LabError::Command(format!("weir {component}"), e.to_string()))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| LabError::Command(format!("weir {component}"), e.to_string()))?;
     let pid = child.id() as i32;
     let pid_file = paths.pid_dir().join(format!("{component}.pid"));
     std::fs::write(&pid_file, pid.to_string()).map_err(|e| LabError::io(pid_file, e))?;
@@ -89,12 +101,30 @@ fn spawn_daemon(paths: &LabPaths, component: &str, args: &[OsString]) -> Result<
 
 /// Starts (or restarts) the lab's API server process.
 pub fn start_apiserver(paths: &LabPaths) -> Result<i32, LabError> {
-    spawn_daemon(paths, "apiserver", &["lab".into(), "apiserver".into(), "--cluster".into(), paths.name.clone().into()])
+    spawn_daemon(
+        paths,
+        "apiserver",
+        &[
+            "lab".into(),
+            "apiserver".into(),
+            "--cluster".into(),
+            paths.name.clone().into(),
+        ],
+    )
 }
 
 /// Starts the lab's controller manager.
 pub fn start_controller(paths: &LabPaths) -> Result<i32, LabError> {
-    spawn_daemon(paths, "controller", &["lab".into(), "controller".into(), "--cluster".into(), paths.name.clone().into()])
+    spawn_daemon(
+        paths,
+        "controller",
+        &[
+            "lab".into(),
+            "controller".into(),
+            "--cluster".into(),
+            paths.name.clone().into(),
+        ],
+    )
 }
 
 /// Starts a node's kubelet.
@@ -102,7 +132,14 @@ pub fn start_kubelet(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
     spawn_daemon(
         paths,
         &format!("kubelet-{node}"),
-        &["lab".into(), "kubelet".into(), "--cluster".into(), paths.name.clone().into(), "--node".into(), node.into()],
+        &[
+            "lab".into(),
+            "kubelet".into(),
+            "--cluster".into(),
+            paths.name.clone().into(),
+            "--node".into(),
+            node.into(),
+        ],
     )
 }
 
@@ -116,7 +153,11 @@ pub async fn lab_client(name: &str) -> Result<Client, LabError> {
     client::client_from_kubeconfig(&p.kubeconfig()).await
 }
 
-async fn wait_for_apiserver(client: &Client, paths: &LabPaths, timeout: Duration) -> Result<(), LabError> {
+async fn wait_for_apiserver(
+    client: &Client,
+    paths: &LabPaths,
+    timeout: Duration,
+) -> Result<(), LabError> {
     let deadline = Instant::now() + timeout;
     loop {
         match client.apiserver_version().await {
@@ -134,8 +175,11 @@ async fn wait_for_apiserver(client: &Client, paths: &LabPaths, timeout: Duration
 }
 
 fn free_port() -> Result<u16, LabError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| LabError::io("127.0.0.1:0".into(), e))?;
-    Ok(l.local_addr().map_err(|e| LabError::io("127.0.0.1:0".into(), e))?.port())
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| LabError::io("127.0.0.1:0".into(), e))?;
+    Ok(l.local_addr()
+        .map_err(|e| LabError::io("127.0.0.1:0".into(), e))?
+        .port())
 }
 
 /// `weir lab up`: builds the lab and waits until every pod is Ready. Returns the kubeconfig.
@@ -146,10 +190,21 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
         return Err(LabError::NotRoot);
     }
     if !(1..=16).contains(&opts.nodes) {
-        return Err(LabError::Usage(format!("--nodes must be between 1 and 16, not {}", opts.nodes)));
+        return Err(LabError::Usage(format!(
+            "--nodes must be between 1 and 16, not {}",
+            opts.nodes
+        )));
     }
     let p = LabPaths::new(&opts.name);
-    let leftovers = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().starts_with(&p.netns_prefix()));
+    let leftovers = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&p.netns_prefix())
+        });
     if p.dir.exists() || leftovers {
         return Err(LabError::LabExists(opts.name.clone()));
     }
@@ -159,7 +214,10 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
         Ok(k) => Ok(k),
         Err(e) => {
             eprintln!("  ✗ {e}");
-            eprintln!("  removing what was made (logs were in {})", p.log_dir().display());
+            eprintln!(
+                "  removing what was made (logs were in {})",
+                p.log_dir().display()
+            );
             let _ = down(&opts.name);
             Err(e)
         }
@@ -171,9 +229,11 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     std::fs::create_dir_all(&p.dir).map_err(|e| LabError::io(p.dir.clone(), e))?;
     let layout = Layout::plan(p, opts.nodes, free_port()?);
     layout.save(p)?;
-    let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name).map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
+    let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
+        .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
     let server = format!("https://127.0.0.1:{}", layout.apiserver_port);
-    pki.write_kubeconfig(&p.kubeconfig(), &opts.name, &server).map_err(|e| LabError::Command("kubeconfig".into(), e.to_string()))?;
+    pki.write_kubeconfig(&p.kubeconfig(), &opts.name, &server)
+        .map_err(|e| LabError::Command("kubeconfig".into(), e.to_string()))?;
 
     start_apiserver(p)?;
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
@@ -185,14 +245,21 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
     }
     tokio::task::block_in_place(|| net::create_cluster_network(&layout))?;
-    progress.step(&format!("network: {} node(s), fabric 172.30.0.0/24, external host {}", layout.nodes.len(), layout.external_ip));
+    progress.step(&format!(
+        "network: {} node(s), fabric 172.30.0.0/24, external host {}",
+        layout.nodes.len(),
+        layout.external_ip
+    ));
 
     start_controller(p)?;
     for n in &layout.nodes {
         start_kubelet(p, &n.name)?;
     }
     wait_for_nodes(&client, &layout, &progress, Duration::from_secs(20)).await?;
-    progress.step(&format!("controllers and {} kubelet(s) running; nodes Ready", layout.nodes.len()));
+    progress.step(&format!(
+        "controllers and {} kubelet(s) running; nodes Ready",
+        layout.nodes.len()
+    ));
 
     if !docs.is_empty() {
         let lines = client::apply(&client, docs).await?;
@@ -203,38 +270,71 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     Ok(k)
 }
 
-async fn wait_for_nodes(client: &Client, layout: &Layout, progress: &Progress, timeout: Duration) -> Result<(), LabError> {
+async fn wait_for_nodes(
+    client: &Client,
+    layout: &Layout,
+    progress: &Progress,
+    timeout: Duration,
+) -> Result<(), LabError> {
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let deadline = Instant::now() + timeout;
     loop {
-        let nodes = api.list(&ListParams::default()).await.map_err(|e| LabError::Kube(e.to_string()))?;
+        let nodes = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| LabError::Kube(e.to_string()))?;
         let ready = nodes
             .items
             .iter()
-            .filter(|n| n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
             .count();
         progress.status(&format!("nodes Ready: {ready}/{}", layout.nodes.len()));
         if ready >= layout.nodes.len() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(LabError::Timeout(format!("only {ready} of {} nodes became Ready within {timeout:?}", layout.nodes.len())));
+            return Err(LabError::Timeout(format!(
+                "only {ready} of {} nodes became Ready within {timeout:?}",
+                layout.nodes.len()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Waits until every pod of the cluster is Ready.
-pub async fn wait_for_pods(client: &Client, progress_out: &impl PodProgress, timeout: Duration) -> Result<(), LabError> {
+pub async fn wait_for_pods(
+    client: &Client,
+    progress_out: &impl PodProgress,
+    timeout: Duration,
+) -> Result<(), LabError> {
     let api: Api<Pod> = Api::all(client.clone());
     let deadline = Instant::now() + timeout;
     loop {
-        let pods = api.list(&ListParams::default()).await.map_err(|e| LabError::Kube(e.to_string()))?;
-        let live: Vec<&Pod> = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        let pods = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| LabError::Kube(e.to_string()))?;
+        let live: Vec<&Pod> = pods
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
         let not_ready: Vec<String> = live
             .iter()
             .filter(|p| !crate::endpoints::pod_is_ready(p))
-            .map(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or_default(),
+                    p.metadata.name.as_deref().unwrap_or_default()
+                )
+            })
             .collect();
         progress_out.pods(live.len() - not_ready.len(), live.len());
         if not_ready.is_empty() {
@@ -242,7 +342,10 @@ pub async fn wait_for_pods(client: &Client, progress_out: &impl PodProgress, tim
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(LabError::Timeout(format!("pods not Ready after {timeout:?}: {}", not_ready.join(", "))));
+            return Err(LabError::Timeout(format!(
+                "pods not Ready after {timeout:?}: {}",
+                not_ready.join(", ")
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -369,10 +472,16 @@ fn pid_alive(paths: &LabPaths, component: &str) -> bool {
 /// `weir lab list`.
 pub fn list() -> Vec<LabSummary> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(paths::RUN_ROOT).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(paths::RUN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         let p = LabPaths::new(&name);
-        let Ok(layout) = Layout::load(&p) else { continue };
+        let Ok(layout) = Layout::load(&p) else {
+            continue;
+        };
         out.push(LabSummary {
             nodes: layout.nodes.len(),
             apiserver_running: pid_alive(&p, "apiserver"),
@@ -433,7 +542,9 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
 
 fn split_pod(spec: &str) -> Result<(String, String), LabError> {
     match spec.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.to_string(), name.to_string())),
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+            Ok((ns.to_string(), name.to_string()))
+        }
         _ => Ok(("default".to_string(), spec.to_string())),
     }
 }
@@ -444,9 +555,14 @@ pub async fn terminate(lab: &str, pod: &str, grace: i64) -> Result<(), LabError>
     let client = lab_client(lab).await?;
     let (ns, name) = split_pod(pod)?;
     let api: Api<Pod> = Api::namespaced(client, &ns);
-    let dp = DeleteParams { grace_period_seconds: Some(grace.max(0) as u32), ..Default::default() };
+    let dp = DeleteParams {
+        grace_period_seconds: Some(grace.max(0) as u32),
+        ..Default::default()
+    };
     api.delete(&name, &dp).await.map_err(|e| match e {
-        kube::Error::Api(s) if s.code == 404 => LabError::NoSuchPod(format!("no pod {ns}/{name} in lab {lab:?}")),
+        kube::Error::Api(s) if s.code == 404 => {
+            LabError::NoSuchPod(format!("no pod {ns}/{name} in lab {lab:?}"))
+        }
         e => LabError::Kube(e.to_string()),
     })?;
     Ok(())
@@ -470,29 +586,60 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
     let p = LabPaths::new(lab);
     let layout = Layout::load(&p)?;
     if what == "external" {
-        return Ok(Source { label: what.into(), netns: paths::netns_path(&layout.external_netns), cgroup: p.cgroup_dir().join("external"), namespace: "default".into() });
+        return Ok(Source {
+            label: what.into(),
+            netns: paths::netns_path(&layout.external_netns),
+            cgroup: p.cgroup_dir().join("external"),
+            namespace: "default".into(),
+        });
     }
     let node_name = what.strip_prefix("node/").unwrap_or(what);
     if let Ok(n) = layout.node(node_name) {
-        return Ok(Source { label: what.into(), netns: paths::netns_path(&n.netns), cgroup: p.cgroup_dir().join(&n.name), namespace: "default".into() });
+        return Ok(Source {
+            label: what.into(),
+            netns: paths::netns_path(&n.netns),
+            cgroup: p.cgroup_dir().join(&n.name),
+            namespace: "default".into(),
+        });
     }
     let (ns, name) = split_pod(what)?;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod = api.get_opt(&name).await.map_err(|e| LabError::Kube(e.to_string()))?.ok_or_else(|| {
-        LabError::NoSuchPod(format!("no pod {ns}/{name} in lab {lab:?} (hint: `weir --cluster {lab} get pods -A`)"))
-    })?;
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let pod = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| LabError::Kube(e.to_string()))?
+        .ok_or_else(|| {
+            LabError::NoSuchPod(format!(
+                "no pod {ns}/{name} in lab {lab:?} (hint: `weir --cluster {lab} get pods -A`)"
+            ))
+        })?;
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let id: String = uid.replace('-', "").chars().take(10).collect();
     let netns = paths::netns_path(&p.netns(&format!("pod-{id}")));
     if node.is_empty() || !netns.exists() {
-        return Err(LabError::NoSuchPod(format!("pod {ns}/{name} of lab {lab:?} is not running yet")));
+        return Err(LabError::NoSuchPod(format!(
+            "pod {ns}/{name} of lab {lab:?} is not running yet"
+        )));
     }
-    Ok(Source { label: format!("{ns}/{name}"), netns, cgroup: p.cgroup_dir().join(&node).join(format!("pod-{id}")), namespace: ns })
+    Ok(Source {
+        label: format!("{ns}/{name}"),
+        netns,
+        cgroup: p.cgroup_dir().join(&node).join(format!("pod-{id}")),
+        namespace: ns,
+    })
 }
 
 /// Runs attempts inside `src` through a helper process (`weir lab attempts`).
-pub async fn run_attempts(lab: &str, src: &Source, spec: &AttemptSpec) -> Result<Vec<Outcome>, LabError> {
+pub async fn run_attempts(
+    lab: &str,
+    src: &Source,
+    spec: &AttemptSpec,
+) -> Result<Vec<Outcome>, LabError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(current_exe()?)
         .args(["lab", "attempts", "--cluster", lab, "--netns"])
@@ -506,39 +653,86 @@ pub async fn run_attempts(lab: &str, src: &Source, spec: &AttemptSpec) -> Result
         .map_err(|e| LabError::Command("weir lab attempts".into(), e.to_string()))?;
     let input = serde_json::to_vec(spec).expect("json");
     let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(&input).await.map_err(|e| LabError::Command("weir lab attempts".into(), e.to_string()))?;
+    stdin
+        .write_all(&input)
+        .await
+        .map_err(|e| LabError::Command("weir lab attempts".into(), e.to_string()))?;
     drop(stdin);
-    let out = child.wait_with_output().await.map_err(|e| LabError::Command("weir lab attempts".into(), e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| LabError::Command("weir lab attempts".into(), e.to_string()))?;
     if !out.status.success() {
-        return Err(LabError::Command(format!("attempts from {}", src.label), String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(LabError::Command(
+            format!("attempts from {}", src.label),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| LabError::Command(format!("attempts from {}", src.label), e.to_string()))
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| LabError::Command(format!("attempts from {}", src.label), e.to_string()))
 }
 
 /// Resolves `HOST:PORT` where HOST is an IP or a Service as `name[.namespace]` (its first
 /// ClusterIP).
-pub async fn resolve_target(client: &Client, to: &str, default_ns: &str) -> Result<SocketAddr, LabError> {
+pub async fn resolve_target(
+    client: &Client,
+    to: &str,
+    default_ns: &str,
+) -> Result<SocketAddr, LabError> {
     if let Ok(a) = to.parse::<SocketAddr>() {
         return Ok(a);
     }
-    let (host, port) = to.rsplit_once(':').ok_or_else(|| LabError::Usage(format!("--to {to:?}: expected HOST:PORT")))?;
-    let port: u16 = port.parse().map_err(|_| LabError::Usage(format!("--to {to:?}: bad port")))?;
+    let (host, port) = to
+        .rsplit_once(':')
+        .ok_or_else(|| LabError::Usage(format!("--to {to:?}: expected HOST:PORT")))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| LabError::Usage(format!("--to {to:?}: bad port")))?;
     if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    let (name, ns) = host.split_once('.').map(|(a, b)| (a, b.split('.').next().unwrap_or(b))).unwrap_or((host, default_ns));
+    let (name, ns) = host
+        .split_once('.')
+        .map(|(a, b)| (a, b.split('.').next().unwrap_or(b)))
+        .unwrap_or((host, default_ns));
     let api: Api<Service> = Api::namespaced(client.clone(), ns);
-    let svc = api.get_opt(name).await.map_err(|e| LabError::Kube(e.to_string()))?.ok_or_else(|| LabError::Usage(format!("--to {to:?}: no Service {ns}/{name}")))?;
-    let ip = svc.spec.and_then(|s| s.cluster_ip).filter(|i| i != "None").ok_or_else(|| LabError::Usage(format!("--to {to:?}: Service {ns}/{name} has no ClusterIP")))?;
-    Ok(SocketAddr::new(ip.parse().map_err(|_| LabError::Usage(format!("bad ClusterIP {ip}")))?, port))
+    let svc = api
+        .get_opt(name)
+        .await
+        .map_err(|e| LabError::Kube(e.to_string()))?
+        .ok_or_else(|| LabError::Usage(format!("--to {to:?}: no Service {ns}/{name}")))?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .filter(|i| i != "None")
+        .ok_or_else(|| {
+            LabError::Usage(format!("--to {to:?}: Service {ns}/{name} has no ClusterIP"))
+        })?;
+    Ok(SocketAddr::new(
+        ip.parse()
+            .map_err(|_| LabError::Usage(format!("bad ClusterIP {ip}")))?,
+        port,
+    ))
 }
 
 /// `weir lab connect`.
-pub async fn connect(lab: &str, from: &str, to: &str, udp: bool, count: usize, timeout: Duration) -> Result<ConnectSummary, LabError> {
+pub async fn connect(
+    lab: &str,
+    from: &str,
+    to: &str,
+    udp: bool,
+    count: usize,
+    timeout: Duration,
+) -> Result<ConnectSummary, LabError> {
     let client = lab_client(lab).await?;
     let src = resolve_source(lab, from, &client).await?;
     let target = resolve_target(&client, to, &src.namespace).await?;
-    let spec = AttemptSpec { targets: vec![target; count], udp, timeout_ms: timeout.as_millis() as u64, parallel: 16 };
+    let spec = AttemptSpec {
+        targets: vec![target; count],
+        udp,
+        timeout_ms: timeout.as_millis() as u64,
+        parallel: 16,
+    };
     let outcomes = run_attempts(lab, &src, &spec).await?;
     Ok(ConnectSummary::from_outcomes(&outcomes))
 }
@@ -566,7 +760,13 @@ pub struct ProbeMatrix {
 }
 
 /// `weir lab probe`: every pod to every pod, in parallel.
-pub async fn probe(lab: &str, port: u16, udp: bool, via: Via, timeout: Duration) -> Result<ProbeMatrix, LabError> {
+pub async fn probe(
+    lab: &str,
+    port: u16,
+    udp: bool,
+    via: Via,
+    timeout: Duration,
+) -> Result<ProbeMatrix, LabError> {
     let client = lab_client(lab).await?;
     let pods: Vec<Pod> = Api::<Pod>::all(client.clone())
         .list(&ListParams::default())
@@ -574,72 +774,140 @@ pub async fn probe(lab: &str, port: u16, udp: bool, via: Via, timeout: Duration)
         .map_err(|e| LabError::Kube(e.to_string()))?
         .items
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some())
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+        })
         .collect();
     let mut pods = pods;
     pods.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
-    let id = |p: &Pod| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default());
+    let id = |p: &Pod| {
+        format!(
+            "{}/{}",
+            p.metadata.namespace.as_deref().unwrap_or_default(),
+            p.metadata.name.as_deref().unwrap_or_default()
+        )
+    };
     let columns: Vec<String> = pods.iter().map(id).collect();
     let mut targets: Vec<SocketAddr> = Vec::new();
     match via {
         Via::PodIp => {
             for p in &pods {
-                let ip: IpAddr = p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).and_then(|i| i.parse().ok()).ok_or_else(|| LabError::NoSuchPod(format!("pod {} has no IP", id(p))))?;
+                let ip: IpAddr = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_ref())
+                    .and_then(|i| i.parse().ok())
+                    .ok_or_else(|| LabError::NoSuchPod(format!("pod {} has no IP", id(p))))?;
                 targets.push(SocketAddr::new(ip, port));
             }
         }
         Via::Service => {
-            let services = Api::<Service>::all(client.clone()).list(&ListParams::default()).await.map_err(|e| LabError::Kube(e.to_string()))?.items;
+            let services = Api::<Service>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| LabError::Kube(e.to_string()))?
+                .items;
             let mut missing = Vec::new();
             for p in &pods {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
-                let in_ns: Vec<&Pod> = pods.iter().filter(|q| q.metadata.namespace.as_deref() == Some(ns.as_str())).collect();
-                let found = services.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str())).find_map(|s| {
-                    let spec = s.spec.as_ref()?;
-                    let sel = spec.selector.as_ref().filter(|m| !m.is_empty())?;
-                    let selector = weir_model::LabelSelector::from_map(sel);
-                    let selected: Vec<&&Pod> = in_ns.iter().filter(|q| selector.matches(&q.metadata.labels.clone().unwrap_or_default())).collect();
-                    if selected.len() != 1 || selected[0].metadata.uid != p.metadata.uid {
-                        return None;
-                    }
-                    let proto = if udp { "UDP" } else { "TCP" };
-                    let sp = spec.ports.as_ref()?.iter().find(|sp| sp.protocol.as_deref().unwrap_or("TCP") == proto && (sp.port == port as i32 || crate::endpoints::resolve_target_port(p, sp) == Some(port as i32)))?;
-                    let ip: IpAddr = spec.cluster_ip.as_ref()?.parse().ok()?;
-                    Some(SocketAddr::new(ip, sp.port as u16))
-                });
+                let in_ns: Vec<&Pod> = pods
+                    .iter()
+                    .filter(|q| q.metadata.namespace.as_deref() == Some(ns.as_str()))
+                    .collect();
+                let found = services
+                    .iter()
+                    .filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()))
+                    .find_map(|s| {
+                        let spec = s.spec.as_ref()?;
+                        let sel = spec.selector.as_ref().filter(|m| !m.is_empty())?;
+                        let selector = weir_model::LabelSelector::from_map(sel);
+                        let selected: Vec<&&Pod> = in_ns
+                            .iter()
+                            .filter(|q| {
+                                selector.matches(&q.metadata.labels.clone().unwrap_or_default())
+                            })
+                            .collect();
+                        if selected.len() != 1 || selected[0].metadata.uid != p.metadata.uid {
+                            return None;
+                        }
+                        let proto = if udp { "UDP" } else { "TCP" };
+                        let sp = spec.ports.as_ref()?.iter().find(|sp| {
+                            sp.protocol.as_deref().unwrap_or("TCP") == proto
+                                && (sp.port == port as i32
+                                    || crate::endpoints::resolve_target_port(p, sp)
+                                        == Some(port as i32))
+                        })?;
+                        let ip: IpAddr = spec.cluster_ip.as_ref()?.parse().ok()?;
+                        Some(SocketAddr::new(ip, sp.port as u16))
+                    });
                 match found {
                     Some(a) => targets.push(a),
                     None => missing.push(id(p)),
                 }
             }
             if !missing.is_empty() {
-                return Err(LabError::Usage(format!("--via service: no Service selects exactly {} on port {port}", missing.join(", "))));
+                return Err(LabError::Usage(format!(
+                    "--via service: no Service selects exactly {} on port {port}",
+                    missing.join(", ")
+                )));
             }
         }
     }
     let mut tasks = Vec::new();
     for p in &pods {
         let src = resolve_source(lab, &id(p), &client).await?;
-        let spec = AttemptSpec { targets: targets.clone(), udp, timeout_ms: timeout.as_millis() as u64, parallel: targets.len().max(1) };
+        let spec = AttemptSpec {
+            targets: targets.clone(),
+            udp,
+            timeout_ms: timeout.as_millis() as u64,
+            parallel: targets.len().max(1),
+        };
         let lab = lab.to_string();
-        tasks.push(tokio::spawn(async move { run_attempts(&lab, &src, &spec).await }));
+        tasks.push(tokio::spawn(async move {
+            run_attempts(&lab, &src, &spec).await
+        }));
     }
     let mut rows = BTreeMap::new();
     for (p, t) in pods.iter().zip(tasks) {
-        let outcomes = t.await.map_err(|e| LabError::Command("probe".into(), e.to_string()))??;
-        let row: BTreeMap<String, bool> = columns.iter().zip(outcomes).map(|(c, o)| (c.clone(), o.responder.as_deref() == Some(c.as_str()))).collect();
+        let outcomes = t
+            .await
+            .map_err(|e| LabError::Command("probe".into(), e.to_string()))??;
+        let row: BTreeMap<String, bool> = columns
+            .iter()
+            .zip(outcomes)
+            .map(|(c, o)| (c.clone(), o.responder.as_deref() == Some(c.as_str())))
+            .collect();
         rows.insert(id(p), row);
     }
-    Ok(ProbeMatrix { port, protocol: if udp { "UDP".into() } else { "TCP".into() }, columns, rows })
+    Ok(ProbeMatrix {
+        port,
+        protocol: if udp { "UDP".into() } else { "TCP".into() },
+        columns,
+        rows,
+    })
 }
 
 impl ProbeMatrix {
     /// A truth table as Cyclonus prints it: `.` reachable, `X` not.
     pub fn render(&self) -> String {
         let head = format!("{}/{}", self.protocol, self.port);
-        let w0 = self.columns.iter().map(String::len).chain([head.len()]).max().unwrap_or(0);
+        let w0 = self
+            .columns
+            .iter()
+            .map(String::len)
+            .chain([head.len()])
+            .max()
+            .unwrap_or(0);
         let widths: Vec<usize> = self.columns.iter().map(|c| c.len().max(1)).collect();
-        let sep = format!("+{}+{}", "-".repeat(w0 + 2), widths.iter().map(|w| format!("{}+", "-".repeat(w + 2))).collect::<String>());
+        let sep = format!(
+            "+{}+{}",
+            "-".repeat(w0 + 2),
+            widths
+                .iter()
+                .map(|w| format!("{}+", "-".repeat(w + 2)))
+                .collect::<String>()
+        );
         let mut out = String::new();
         out.push_str(&sep);
         out.push('\n');
@@ -653,7 +921,12 @@ impl ProbeMatrix {
         for from in &self.columns {
             out.push_str(&format!("| {from:<w0$} |"));
             for (to, w) in self.columns.iter().zip(&widths) {
-                let ok = self.rows.get(from).and_then(|r| r.get(to)).copied().unwrap_or(false);
+                let ok = self
+                    .rows
+                    .get(from)
+                    .and_then(|r| r.get(to))
+                    .copied()
+                    .unwrap_or(false);
                 let cell = if ok { "." } else { "X" };
                 out.push_str(&format!(" {cell:<w$} |"));
             }
@@ -662,8 +935,14 @@ impl ProbeMatrix {
         out.push_str(&sep);
         out.push('\n');
         let total = self.columns.len() * self.columns.len();
-        let ok: usize = self.rows.values().map(|r| r.values().filter(|v| **v).count()).sum();
-        out.push_str(&format!("{ok}/{total} reachable (. = answered by the target pod, X = no answer from it)\n"));
+        let ok: usize = self
+            .rows
+            .values()
+            .map(|r| r.values().filter(|v| **v).count())
+            .sum();
+        out.push_str(&format!(
+            "{ok}/{total} reachable (. = answered by the target pod, X = no answer from it)\n"
+        ));
         out
     }
 }
@@ -704,16 +983,26 @@ pub async fn run_apiserver(name: &str) -> Result<(), LabError> {
     let p = LabPaths::new(name);
     let layout = Layout::load(&p)?;
     let pki = weir_apiserver::pki::Pki::in_dir(&p.pki_dir());
-    let token = pki.read_token().map_err(|e| LabError::io(pki.token.clone(), e))?;
+    let token = pki
+        .read_token()
+        .map_err(|e| LabError::io(pki.token.clone(), e))?;
     let cfg = weir_apiserver::ServerConfig {
         data_dir: p.data_dir(),
-        listen: weir_apiserver::Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], layout.apiserver_port))),
-        tls: Some(weir_apiserver::TlsFiles { cert: pki.server_cert.clone(), key: pki.server_key.clone() }),
+        listen: weir_apiserver::Listen::Tcp(SocketAddr::from((
+            [127, 0, 0, 1],
+            layout.apiserver_port,
+        ))),
+        tls: Some(weir_apiserver::TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+        }),
         token: Some(token),
         store: Default::default(),
         bookmark_interval: Duration::from_secs(5),
     };
-    let running = weir_apiserver::start(cfg).await.map_err(|e| LabError::Command("apiserver".into(), e.to_string()))?;
+    let running = weir_apiserver::start(cfg)
+        .await
+        .map_err(|e| LabError::Command("apiserver".into(), e.to_string()))?;
     tracing::info!(addr = ?running.addr, "API server running");
     wait_for_signal().await;
     running.shutdown().await;

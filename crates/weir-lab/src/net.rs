@@ -46,14 +46,26 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
             "link set br0 up".into(),
         ],
     )?;
-    attach_host(layout, &layout.external_netns, "ext", &layout.external_ip.to_string(), &layout.external_ip6.to_string(), false)?;
+    attach_host(
+        layout,
+        &layout.external_netns,
+        "ext",
+        &layout.external_ip.to_string(),
+        &layout.external_ip6.to_string(),
+        false,
+    )?;
     for n in &layout.nodes {
         create_node(layout, n)?;
     }
     // Native routing: every node (and the external host) reaches each node's pod CIDRs
     // through that node's fabric address.
     for n in &layout.nodes {
-        let mut hosts: Vec<&str> = layout.nodes.iter().filter(|o| o.name != n.name).map(|o| o.netns.as_str()).collect();
+        let mut hosts: Vec<&str> = layout
+            .nodes
+            .iter()
+            .filter(|o| o.name != n.name)
+            .map(|o| o.netns.as_str())
+            .collect();
         hosts.push(&layout.external_netns);
         for h in hosts {
             ip_batch(
@@ -68,7 +80,14 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
     Ok(())
 }
 
-fn attach_host(layout: &Layout, ns: &str, fabric_if: &str, ip4: &str, ip6: &str, forwarding: bool) -> Result<(), LabError> {
+fn attach_host(
+    layout: &Layout,
+    ns: &str,
+    fabric_if: &str,
+    ip4: &str,
+    ip6: &str,
+    forwarding: bool,
+) -> Result<(), LabError> {
     ip(&["netns", "add", ns])?;
     base_sysctls(ns, forwarding)?;
     ip_batch(
@@ -91,7 +110,14 @@ fn attach_host(layout: &Layout, ns: &str, fabric_if: &str, ip4: &str, ip6: &str,
 }
 
 fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
-    attach_host(layout, &n.netns, &format!("n{}", n.index), &n.ip.to_string(), &n.ip6.to_string(), true)
+    attach_host(
+        layout,
+        &n.netns,
+        &format!("n{}", n.index),
+        &n.ip.to_string(),
+        &n.ip6.to_string(),
+        true,
+    )
 }
 
 /// Network settings of one pod.
@@ -114,7 +140,10 @@ pub fn create_pod_network(node: &NodeLayout, pod: &PodNet) -> Result<(), LabErro
         ip_batch(
             Some(&node.netns),
             &[
-                format!("link add {} type veth peer name eth0 netns {}", pod.host_if, pod.netns),
+                format!(
+                    "link add {} type veth peer name eth0 netns {}",
+                    pod.host_if, pod.netns
+                ),
                 format!("link set {} up", pod.host_if),
                 format!("addr add {POD_GATEWAY4}/32 dev {}", pod.host_if),
                 format!("addr add {POD_GATEWAY6}/64 dev {} nodad", pod.host_if),
@@ -125,11 +154,17 @@ pub fn create_pod_network(node: &NodeLayout, pod: &PodNet) -> Result<(), LabErro
         for a in &pod.ips {
             match a {
                 IpAddr::V4(_) => {
-                    node_routes.push(format!("route replace {a}/32 dev {} src {}", pod.host_if, node.ip));
+                    node_routes.push(format!(
+                        "route replace {a}/32 dev {} src {}",
+                        pod.host_if, node.ip
+                    ));
                     pod_cmds.push(format!("addr add {a}/32 dev eth0"));
                 }
                 IpAddr::V6(_) => {
-                    node_routes.push(format!("route replace {a}/128 dev {} src {}", pod.host_if, node.ip6));
+                    node_routes.push(format!(
+                        "route replace {a}/128 dev {} src {}",
+                        pod.host_if, node.ip6
+                    ));
                     pod_cmds.push(format!("addr add {a}/128 dev eth0 nodad"));
                 }
             }

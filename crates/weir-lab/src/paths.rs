@@ -17,7 +17,9 @@ pub const BPF_ROOT: &str = "/sys/fs/bpf/weir";
 pub fn check_name(name: &str) -> Result<(), LabError> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -170,8 +172,12 @@ impl Layout {
 
     /// Reads a lab's layout.
     pub fn load(paths: &LabPaths) -> Result<Layout, LabError> {
-        let text = std::fs::read_to_string(paths.layout_file()).map_err(|_| LabError::NoSuchLab(paths.name.clone()))?;
-        serde_json::from_str(&text).map_err(|e| LabError::Corrupt { path: paths.layout_file(), reason: e.to_string() })
+        let text = std::fs::read_to_string(paths.layout_file())
+            .map_err(|_| LabError::NoSuchLab(paths.name.clone()))?;
+        serde_json::from_str(&text).map_err(|e| LabError::Corrupt {
+            path: paths.layout_file(),
+            reason: e.to_string(),
+        })
     }
 
     /// Writes the layout.

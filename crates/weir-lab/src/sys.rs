@@ -55,7 +55,11 @@ pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), LabError> {
         .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
     if !out.status.success() {
         return Err(LabError::Command(
-            format!("ip {} -batch: {}", netns.map(|n| format!("-n {n}")).unwrap_or_default(), lines.join("; ")),
+            format!(
+                "ip {} -batch: {}",
+                netns.map(|n| format!("-n {n}")).unwrap_or_default(),
+                lines.join("; ")
+            ),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
@@ -67,7 +71,10 @@ pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), LabError> {
 /// shows the namespace of the reading thread.
 pub fn sysctls(netns: &str, kv: &[(&str, &str)]) -> Result<(), LabError> {
     let path = paths::netns_path(netns);
-    let kv: Vec<(String, String)> = kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let kv: Vec<(String, String)> = kv
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     std::thread::spawn(move || -> Result<(), LabError> {
         enter_netns(&path)?;
         for (k, v) in kv {
@@ -105,8 +112,19 @@ pub fn ensure_cgroup2(path: &Path) -> Result<(), LabError> {
         return Ok(());
     }
     std::fs::create_dir_all(path).map_err(|e| LabError::io(path.to_path_buf(), e))?;
-    nix::mount::mount(Some("none"), path, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| LabError::Command(format!("mount -t cgroup2 none {}", path.display()), e.to_string()))
+    nix::mount::mount(
+        Some("none"),
+        path,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        LabError::Command(
+            format!("mount -t cgroup2 none {}", path.display()),
+            e.to_string(),
+        )
+    })
 }
 
 /// Unmounts the cgroup v2 mount at `path`, if mounted.
@@ -149,13 +167,20 @@ pub fn pids_with_args(needle: &[&str]) -> Vec<i32> {
     let mut out = Vec::new();
     let me = std::process::id() as i32;
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.windows(needle.len()).any(|w| w.iter().zip(needle).all(|(a, b)| *a == b.as_bytes())) {
+        if args
+            .windows(needle.len())
+            .any(|w| w.iter().zip(needle).all(|(a, b)| *a == b.as_bytes()))
+        {
             out.push(pid);
         }
     }
@@ -165,7 +190,11 @@ pub fn pids_with_args(needle: &[&str]) -> Vec<i32> {
 /// Pids of every process in network namespace `netns` (as `ip netns pids`).
 pub fn pids_in_netns(netns: &str) -> Vec<i32> {
     ip(&["netns", "pids", netns])
-        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -186,7 +215,12 @@ pub fn pids_in_cgroup_tree(dir: &Path) -> Vec<i32> {
 /// Whether process `pid` is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -155,12 +155,16 @@ mod tests {
         assert_eq!(s["spec"]["type"], "ClusterIP");
         assert_eq!(s["spec"]["ports"][0]["targetPort"], 80);
         assert_eq!(s["spec"]["ports"][0]["protocol"], "TCP");
-        assert_eq!(s["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"], 10800);
+        assert_eq!(
+            s["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            10800
+        );
     }
 
     #[test]
     fn namespace_label_and_policy_types() {
-        let mut n = json!({"metadata": {"name": "x", "labels": {"kubernetes.io/metadata.name": "y"}}});
+        let mut n =
+            json!({"metadata": {"name": "x", "labels": {"kubernetes.io/metadata.name": "y"}}});
         apply_defaults(&NAMESPACE, &mut n);
         assert_eq!(n["metadata"]["labels"]["kubernetes.io/metadata.name"], "x");
         let mut p = json!({"spec": {"podSelector": {}, "egress": [{}]}});

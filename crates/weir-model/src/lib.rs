@@ -17,5 +17,7 @@ pub use validate::{FieldError, ValidationError};
 
 /// The current time in the RFC 3339 form Kubernetes uses (`2026-01-02T03:04:05Z`).
 pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }

@@ -27,7 +27,12 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Value>, Mani
         })?;
         match value {
             Value::Null => {}
-            Value::Object(ref m) if m.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List")) && m.get("items").is_some() => {
+            Value::Object(ref m)
+                if m.get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List"))
+                    && m.get("items").is_some() =>
+            {
                 for item in m["items"].as_array().into_iter().flatten() {
                     out.push(item.clone());
                 }
@@ -55,6 +60,9 @@ mod tests {
         let docs = parse_documents("f.yaml", text).unwrap();
         assert_eq!(docs.len(), 3);
         assert_eq!(docs[2]["kind"], "Service");
-        assert!(parse_documents("f", "- a\n").unwrap_err().to_string().starts_with("f: document 1"));
+        assert!(parse_documents("f", "- a\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("f: document 1"));
     }
 }

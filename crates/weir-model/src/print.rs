@@ -15,45 +15,151 @@ pub struct Column {
     pub priority: u8,
 }
 
-
 /// The table columns of `kind`.
 pub fn columns(kind: &ResourceKind) -> &'static [Column] {
     match kind.kind {
-        "Namespace" => &[Column { name: "Name", priority: 0 }, Column { name: "Status", priority: 0 }, Column { name: "Age", priority: 0 }],
+        "Namespace" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Status",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
         "Node" => &[
-            Column { name: "Name", priority: 0 },
-            Column { name: "Status", priority: 0 },
-            Column { name: "Age", priority: 0 },
-            Column { name: "Internal-IP", priority: 1 },
-            Column { name: "Pod-CIDRs", priority: 1 },
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Status",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+            Column {
+                name: "Internal-IP",
+                priority: 1,
+            },
+            Column {
+                name: "Pod-CIDRs",
+                priority: 1,
+            },
         ],
         "Pod" => &[
-            Column { name: "Name", priority: 0 },
-            Column { name: "Ready", priority: 0 },
-            Column { name: "Status", priority: 0 },
-            Column { name: "Restarts", priority: 0 },
-            Column { name: "Age", priority: 0 },
-            Column { name: "IP", priority: 1 },
-            Column { name: "Node", priority: 1 },
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Ready",
+                priority: 0,
+            },
+            Column {
+                name: "Status",
+                priority: 0,
+            },
+            Column {
+                name: "Restarts",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+            Column {
+                name: "IP",
+                priority: 1,
+            },
+            Column {
+                name: "Node",
+                priority: 1,
+            },
         ],
         "Service" => &[
-            Column { name: "Name", priority: 0 },
-            Column { name: "Type", priority: 0 },
-            Column { name: "Cluster-IP", priority: 0 },
-            Column { name: "External-IP", priority: 0 },
-            Column { name: "Port(s)", priority: 0 },
-            Column { name: "Age", priority: 0 },
-            Column { name: "Selector", priority: 1 },
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Type",
+                priority: 0,
+            },
+            Column {
+                name: "Cluster-IP",
+                priority: 0,
+            },
+            Column {
+                name: "External-IP",
+                priority: 0,
+            },
+            Column {
+                name: "Port(s)",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+            Column {
+                name: "Selector",
+                priority: 1,
+            },
         ],
         "EndpointSlice" => &[
-            Column { name: "Name", priority: 0 },
-            Column { name: "AddressType", priority: 0 },
-            Column { name: "Ports", priority: 0 },
-            Column { name: "Endpoints", priority: 0 },
-            Column { name: "Age", priority: 0 },
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "AddressType",
+                priority: 0,
+            },
+            Column {
+                name: "Ports",
+                priority: 0,
+            },
+            Column {
+                name: "Endpoints",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
         ],
-        "NetworkPolicy" => &[Column { name: "Name", priority: 0 }, Column { name: "Pod-Selector", priority: 0 }, Column { name: "Age", priority: 0 }],
-        _ => &[Column { name: "Name", priority: 0 }, Column { name: "Age", priority: 0 }],
+        "NetworkPolicy" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Pod-Selector",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
+        _ => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
     }
 }
 
@@ -62,7 +168,10 @@ fn s<'a>(v: &'a Value, p: &str) -> &'a str {
 }
 
 fn arr<'a>(v: &'a Value, p: &str) -> &'a [Value] {
-    v.pointer(p).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
+    v.pointer(p)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
 }
 
 fn or_none(x: String) -> String {
@@ -115,7 +224,10 @@ pub fn age(obj: &Value, now: jiff::Timestamp) -> String {
 
 /// The Pod `STATUS` column: `Terminating` once deleted, else the phase.
 pub fn pod_status(pod: &Value) -> String {
-    if pod.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+    if pod
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+    {
         return "Terminating".into();
     }
     s(pod, "/status/phase").to_string()
@@ -131,7 +243,13 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             let ready = arr(obj, "/status/conditions")
                 .iter()
                 .find(|c| s(c, "/type") == "Ready")
-                .map(|c| if s(c, "/status") == "True" { "Ready" } else { "NotReady" })
+                .map(|c| {
+                    if s(c, "/status") == "True" {
+                        "Ready"
+                    } else {
+                        "NotReady"
+                    }
+                })
                 .unwrap_or("NotReady");
             let ip = arr(obj, "/status/addresses")
                 .iter()
@@ -172,10 +290,18 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
                 .iter()
                 .map(|i| {
                     let ip = s(i, "/ip");
-                    if ip.is_empty() { s(i, "/hostname").to_string() } else { ip.to_string() }
+                    if ip.is_empty() {
+                        s(i, "/hostname").to_string()
+                    } else {
+                        ip.to_string()
+                    }
                 })
                 .collect();
-            ext.extend(arr(obj, "/spec/externalIPs").iter().filter_map(|v| v.as_str().map(String::from)));
+            ext.extend(
+                arr(obj, "/spec/externalIPs")
+                    .iter()
+                    .filter_map(|v| v.as_str().map(String::from)),
+            );
             let external = if !ext.is_empty() {
                 ext.join(",")
             } else if ty == "LoadBalancer" {
@@ -215,7 +341,11 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
         "EndpointSlice" => {
             let ports = arr(obj, "/ports")
                 .iter()
-                .map(|p| p.get("port").map(|v| v.to_string()).unwrap_or_else(|| "<unset>".into()))
+                .map(|p| {
+                    p.get("port")
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "<unset>".into())
+                })
                 .collect::<Vec<_>>()
                 .join(",");
             let addrs: Vec<&str> = arr(obj, "/endpoints")
@@ -227,11 +357,21 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             } else {
                 addrs.join(",")
             };
-            vec![name, s(obj, "/addressType").to_string(), or_none(ports), or_none(shown), age]
+            vec![
+                name,
+                s(obj, "/addressType").to_string(),
+                or_none(ports),
+                or_none(shown),
+                age,
+            ]
         }
         "NetworkPolicy" => {
             let sel = map_string(obj.pointer("/spec/podSelector/matchLabels"));
-            vec![name, if sel.is_empty() { "<none>".into() } else { sel }, age]
+            vec![
+                name,
+                if sel.is_empty() { "<none>".into() } else { sel },
+                age,
+            ]
         }
         _ => vec![name, age],
     }
@@ -258,7 +398,18 @@ mod tests {
             "spec": {"type": "NodePort", "clusterIPs": ["10.96.0.10"], "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}], "selector": {"app": "web"}}});
         let now: jiff::Timestamp = "2026-01-01T00:00:30Z".parse().unwrap();
         let r = row(&SERVICE, &svc, now);
-        assert_eq!(r, vec!["web", "NodePort", "10.96.0.10", "<none>", "80:30080/TCP", "30s", "app=web"]);
+        assert_eq!(
+            r,
+            vec![
+                "web",
+                "NodePort",
+                "10.96.0.10",
+                "<none>",
+                "80:30080/TCP",
+                "30s",
+                "app=web"
+            ]
+        );
         assert_eq!(r.len(), columns(&SERVICE).len());
     }
 }

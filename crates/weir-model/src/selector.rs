@@ -56,9 +56,15 @@ impl LabelSelector {
             } else if let Some((k, v)) = term.split_once('=') {
                 reqs.push(LabelRequirement::Eq(k.trim().into(), v.trim().into()));
             } else if let Some((k, set)) = split_set_op(term, " notin ") {
-                reqs.push(LabelRequirement::NotIn(k, parse_set(set).map_err(|e| err(&e))?));
+                reqs.push(LabelRequirement::NotIn(
+                    k,
+                    parse_set(set).map_err(|e| err(&e))?,
+                ));
             } else if let Some((k, set)) = split_set_op(term, " in ") {
-                reqs.push(LabelRequirement::In(k, parse_set(set).map_err(|e| err(&e))?));
+                reqs.push(LabelRequirement::In(
+                    k,
+                    parse_set(set).map_err(|e| err(&e))?,
+                ));
             } else {
                 check_label_key(term).map_err(|e| err(&e))?;
                 reqs.push(LabelRequirement::Exists(term.to_string()));
@@ -180,7 +186,10 @@ fn split_top_level(input: &str) -> Vec<String> {
 
 fn split_set_op<'a>(term: &'a str, op: &str) -> Option<(String, &'a str)> {
     let idx = term.find(op)?;
-    Some((term[..idx].trim().to_string(), term[idx + op.len()..].trim()))
+    Some((
+        term[..idx].trim().to_string(),
+        term[idx + op.len()..].trim(),
+    ))
 }
 
 fn parse_set(set: &str) -> Result<Vec<String>, String> {

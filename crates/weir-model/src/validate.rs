@@ -202,7 +202,9 @@ pub fn iana_svc_name_problem(s: &str) -> Option<String> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Some("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".into());
+        return Some(
+            "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".into(),
+        );
     }
     if s.contains("--") {
         return Some("must not contain consecutive hyphens".into());
@@ -246,9 +248,9 @@ pub fn label_value_problem(v: &str) -> Option<String> {
 
 /// Parses a CIDR in canonical form (`10.0.0.0/8`, not `10.0.0.1/8`).
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)".to_string())?;
+    let net: IpNet = s.parse().map_err(|_| {
+        "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)".to_string()
+    })?;
     if net.network() != net.addr() {
         return Err(format!(
             "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64); did you mean {}?",
@@ -273,7 +275,11 @@ const PROTOCOLS: &[&str] = &["SCTP", "TCP", "UDP"];
 
 /// Validates an object of `kind` (already defaulted); `old` is the stored object on update.
 /// Checks the structure against the Kubernetes types first, then each kind's rules.
-pub fn validate(kind: &ResourceKind, obj: &Value, old: Option<&Value>) -> Result<(), ValidationError> {
+pub fn validate(
+    kind: &ResourceKind,
+    obj: &Value,
+    old: Option<&Value>,
+) -> Result<(), ValidationError> {
     let mut e = Errs::default();
     check_typed(kind, obj, &mut e);
     if e.0.is_empty() {
@@ -293,7 +299,9 @@ pub fn validate(kind: &ResourceKind, obj: &Value, old: Option<&Value>) -> Result
     } else {
         Err(ValidationError {
             kind: kind.kind.to_string(),
-            name: str_at(obj, "/metadata/name").unwrap_or_default().to_string(),
+            name: str_at(obj, "/metadata/name")
+                .unwrap_or_default()
+                .to_string(),
             causes: e.0,
         })
     }
@@ -307,10 +315,21 @@ fn check_typed(kind: &ResourceKind, obj: &Value, e: &mut Errs) {
         if let Err(err) = serde_path_to_error::deserialize::<_, T>(de) {
             let path = err.path().to_string();
             let inner = err.into_inner().to_string();
-            let msg = inner.split(" at line ").next().unwrap_or(&inner).to_string();
-            let field = if path == "." { "<root>".to_string() } else { path };
+            let msg = inner
+                .split(" at line ")
+                .next()
+                .unwrap_or(&inner)
+                .to_string();
+            let field = if path == "." {
+                "<root>".to_string()
+            } else {
+                path
+            };
             let value = obj
-                .pointer(&format!("/{}", field.replace('.', "/").replace('[', "/").replace(']', "")))
+                .pointer(&format!(
+                    "/{}",
+                    field.replace(['.', '['], "/").replace(']', "")
+                ))
                 .cloned()
                 .unwrap_or(Value::Null);
             e.invalid(field, value, msg);
@@ -341,7 +360,11 @@ fn validate_metadata(kind: &ResourceKind, obj: &Value, old: Option<&Value>, e: &
             e.invalid("metadata.name", name, p);
         }
     }
-    if kind.namespaced && str_at(obj, "/metadata/namespace").unwrap_or_default().is_empty() {
+    if kind.namespaced
+        && str_at(obj, "/metadata/namespace")
+            .unwrap_or_default()
+            .is_empty()
+    {
         e.required("metadata.namespace");
     }
     if let Some(labels) = obj.pointer("/metadata/labels").and_then(Value::as_object) {
@@ -364,7 +387,11 @@ fn validate_metadata(kind: &ResourceKind, obj: &Value, old: Option<&Value>, e: &
                 continue;
             }
             if a != b {
-                e.invalid(format!("metadata.{f}"), a.unwrap_or_default(), "field is immutable");
+                e.invalid(
+                    format!("metadata.{f}"),
+                    a.unwrap_or_default(),
+                    "field is immutable",
+                );
             }
         }
     }
@@ -439,9 +466,16 @@ fn validate_pod(obj: &Value, old: Option<&Value>, e: &mut Errs) {
             e.one_of(&format!("{pf}.protocol"), str_at(p, "/protocol"), PROTOCOLS);
         }
     }
-    if let Some(g) = obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64) {
+    if let Some(g) = obj
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+    {
         if g < 0 {
-            e.invalid("spec.terminationGracePeriodSeconds", g, "must be greater than or equal to 0");
+            e.invalid(
+                "spec.terminationGracePeriodSeconds",
+                g,
+                "must be greater than or equal to 0",
+            );
         }
     }
     if let Some(old) = old {
@@ -516,9 +550,16 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         }
         if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
             if np != 0 && ty != "NodePort" && ty != "LoadBalancer" {
-                e.forbidden(format!("{f}.nodePort"), "may not be used when `type` is 'ClusterIP'");
+                e.forbidden(
+                    format!("{f}.nodePort"),
+                    "may not be used when `type` is 'ClusterIP'",
+                );
             } else if !(0..=65535).contains(&np) {
-                e.invalid(format!("{f}.nodePort"), np, "must be between 1 and 65535, inclusive");
+                e.invalid(
+                    format!("{f}.nodePort"),
+                    np,
+                    "must be between 1 and 65535, inclusive",
+                );
             }
         }
         let key = (p.get("port").and_then(Value::as_i64), proto.to_string());
@@ -527,7 +568,11 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         }
     }
     if headless && (ty == "NodePort" || ty == "LoadBalancer") {
-        e.invalid("spec.clusterIPs[0]", "None", format!("may not be set to 'None' for {ty} services"));
+        e.invalid(
+            "spec.clusterIPs[0]",
+            "None",
+            format!("may not be set to 'None' for {ty} services"),
+        );
     }
     let ips = arr_at(obj, "/spec/clusterIPs");
     let mut fams = Vec::new();
@@ -535,7 +580,11 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         let s = ip.as_str().unwrap_or_default();
         if s == "None" {
             if i > 0 || ips.len() > 1 {
-                e.invalid(format!("spec.clusterIPs[{i}]"), s, "'None' must be the only value");
+                e.invalid(
+                    format!("spec.clusterIPs[{i}]"),
+                    s,
+                    "'None' must be the only value",
+                );
             }
             continue;
         }
@@ -549,13 +598,25 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         }
     }
     if !cluster_ip.is_empty() && !headless && cluster_ip.parse::<IpAddr>().is_err() {
-        e.invalid("spec.clusterIP", cluster_ip, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)");
+        e.invalid(
+            "spec.clusterIP",
+            cluster_ip,
+            "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+        );
     }
     if fams.len() == 2 && fams[0] == fams[1] {
-        e.invalid("spec.clusterIPs", Value::from(ips.to_vec()), "may specify no more than one IP for each IP family");
+        e.invalid(
+            "spec.clusterIPs",
+            Value::from(ips.to_vec()),
+            "may specify no more than one IP for each IP family",
+        );
     }
     if !ips.is_empty() && !cluster_ip.is_empty() && ips[0].as_str() != Some(cluster_ip) {
-        e.invalid("spec.clusterIPs", Value::from(ips.to_vec()), "element [0] must match clusterIP");
+        e.invalid(
+            "spec.clusterIPs",
+            Value::from(ips.to_vec()),
+            "element [0] must match clusterIP",
+        );
     }
     let families = arr_at(obj, "/spec/ipFamilies");
     let mut seen = HashSet::new();
@@ -572,39 +633,74 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         &["PreferDualStack", "RequireDualStack", "SingleStack"],
     );
     if str_at(obj, "/spec/ipFamilyPolicy") == Some("SingleStack") && families.len() > 1 {
-        e.invalid("spec.ipFamilies", Value::from(families.to_vec()), "when spec.ipFamilyPolicy is SingleStack, must contain exactly one IP family");
+        e.invalid(
+            "spec.ipFamilies",
+            Value::from(families.to_vec()),
+            "when spec.ipFamilyPolicy is SingleStack, must contain exactly one IP family",
+        );
     }
     for (i, ip) in arr_at(obj, "/spec/externalIPs").iter().enumerate() {
         let s = ip.as_str().unwrap_or_default();
         if s.parse::<IpAddr>().is_err() {
-            e.invalid(format!("spec.externalIPs[{i}]"), s, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)");
+            e.invalid(
+                format!("spec.externalIPs[{i}]"),
+                s,
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            );
         }
     }
     let affinity = str_at(obj, "/spec/sessionAffinity").unwrap_or("None");
-    e.one_of("spec.sessionAffinity", Some(affinity), &["ClientIP", "None"]);
+    e.one_of(
+        "spec.sessionAffinity",
+        Some(affinity),
+        &["ClientIP", "None"],
+    );
     let timeout = obj.pointer("/spec/sessionAffinityConfig/clientIP/timeoutSeconds");
     if affinity == "ClientIP" {
         if let Some(t) = timeout {
             if !t.as_i64().is_some_and(|t| (1..=86400).contains(&t)) {
-                e.invalid("spec.sessionAffinityConfig.clientIP.timeoutSeconds", t.clone(), "must be greater than 0 and less than 86400");
+                e.invalid(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    t.clone(),
+                    "must be greater than 0 and less than 86400",
+                );
             }
         }
-    } else if obj.pointer("/spec/sessionAffinityConfig").is_some_and(|v| !v.is_null()) {
-        e.forbidden("spec.sessionAffinityConfig", "must not be set when session affinity is None");
+    } else if obj
+        .pointer("/spec/sessionAffinityConfig")
+        .is_some_and(|v| !v.is_null())
+    {
+        e.forbidden(
+            "spec.sessionAffinityConfig",
+            "must not be set when session affinity is None",
+        );
     }
     let etp = str_at(obj, "/spec/externalTrafficPolicy");
     e.one_of("spec.externalTrafficPolicy", etp, &["Cluster", "Local"]);
     if etp.is_some() && ty != "NodePort" && ty != "LoadBalancer" {
-        e.invalid("spec.externalTrafficPolicy", etp.unwrap_or_default(), "may only be set when `type` is 'NodePort' or 'LoadBalancer'");
+        e.invalid(
+            "spec.externalTrafficPolicy",
+            etp.unwrap_or_default(),
+            "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+        );
     }
-    e.one_of("spec.internalTrafficPolicy", str_at(obj, "/spec/internalTrafficPolicy"), &["Cluster", "Local"]);
+    e.one_of(
+        "spec.internalTrafficPolicy",
+        str_at(obj, "/spec/internalTrafficPolicy"),
+        &["Cluster", "Local"],
+    );
     let ranges = arr_at(obj, "/spec/loadBalancerSourceRanges");
     if !ranges.is_empty() && ty != "LoadBalancer" {
-        e.forbidden("spec.loadBalancerSourceRanges", "may only be used when `type` is 'LoadBalancer'");
+        e.forbidden(
+            "spec.loadBalancerSourceRanges",
+            "may only be used when `type` is 'LoadBalancer'",
+        );
     }
     for (i, r) in ranges.iter().enumerate() {
         let s = r.as_str().unwrap_or_default();
-        if let Err(m) = s.trim().parse::<IpNet>().map_err(|_| "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 ".to_string()) {
+        if let Err(m) = s.trim().parse::<IpNet>().map_err(|_| {
+            "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 ".to_string()
+        }) {
             e.invalid(format!("spec.loadBalancerSourceRanges[{i}]"), s, m);
         }
     }
@@ -621,11 +717,23 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
     if let Some(old) = old {
         let old_ips = arr_at(old, "/spec/clusterIPs");
         if ty != "ExternalName" && !old_ips.is_empty() && !ips.is_empty() && old_ips[0] != ips[0] {
-            e.invalid("spec.clusterIPs[0]", ips[0].clone(), "may not change once set");
+            e.invalid(
+                "spec.clusterIPs[0]",
+                ips[0].clone(),
+                "may not change once set",
+            );
         }
         let old_fams = arr_at(old, "/spec/ipFamilies");
-        if !old_fams.is_empty() && !families.is_empty() && old_fams[0] != families[0] && ty != "ExternalName" {
-            e.invalid("spec.ipFamilies[0]", families[0].clone(), "may not change once set");
+        if !old_fams.is_empty()
+            && !families.is_empty()
+            && old_fams[0] != families[0]
+            && ty != "ExternalName"
+        {
+            e.invalid(
+                "spec.ipFamilies[0]",
+                families[0].clone(),
+                "may not change once set",
+            );
         }
     }
 }
@@ -665,7 +773,11 @@ fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, e: &mut Errs) {
             e.required(format!("endpoints[{i}].addresses"));
         }
         if addrs.len() > 100 {
-            e.invalid(format!("endpoints[{i}].addresses"), addrs.len(), "must have at most 100 items");
+            e.invalid(
+                format!("endpoints[{i}].addresses"),
+                addrs.len(),
+                "must have at most 100 items",
+            );
         }
         for (j, a) in addrs.iter().enumerate() {
             let s = a.as_str().unwrap_or_default();
@@ -705,7 +817,11 @@ fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, e: &mut Errs) {
         if let Some(v) = p.get("port").filter(|v| !v.is_null()) {
             check_port_number(e, format!("ports[{i}].port"), v);
         }
-        e.one_of(&format!("ports[{i}].protocol"), str_at(p, "/protocol"), PROTOCOLS);
+        e.one_of(
+            &format!("ports[{i}].protocol"),
+            str_at(p, "/protocol"),
+            PROTOCOLS,
+        );
     }
 }
 
@@ -717,7 +833,11 @@ fn validate_network_policy(obj: &Value, e: &mut Errs) {
     let mut types = BTreeSet::new();
     for (i, t) in arr_at(obj, "/spec/policyTypes").iter().enumerate() {
         let s = t.as_str().unwrap_or_default();
-        e.one_of(&format!("spec.policyTypes[{i}]"), Some(s), &["Egress", "Ingress"]);
+        e.one_of(
+            &format!("spec.policyTypes[{i}]"),
+            Some(s),
+            &["Egress", "Ingress"],
+        );
         if !types.insert(s) {
             e.duplicate(format!("spec.policyTypes[{i}]"), s);
         }
@@ -727,7 +847,11 @@ fn validate_network_policy(obj: &Value, e: &mut Errs) {
             let rf = format!("spec.{dir}[{i}]");
             for (j, port) in arr_at(rule, "/ports").iter().enumerate() {
                 let pf = format!("{rf}.ports[{j}]");
-                e.one_of(&format!("{pf}.protocol"), str_at(port, "/protocol"), PROTOCOLS);
+                e.one_of(
+                    &format!("{pf}.protocol"),
+                    str_at(port, "/protocol"),
+                    PROTOCOLS,
+                );
                 if let Some(p) = port.get("port").filter(|v| !v.is_null()) {
                     check_int_or_name(e, format!("{pf}.port"), p);
                 }
@@ -737,9 +861,17 @@ fn validate_network_policy(obj: &Value, e: &mut Errs) {
                         Some(start) => {
                             let end_n = end.as_i64().unwrap_or(0);
                             if !(1..=65535).contains(&end_n) {
-                                e.invalid(format!("{pf}.endPort"), end.clone(), "must be between 1 and 65535, inclusive");
+                                e.invalid(
+                                    format!("{pf}.endPort"),
+                                    end.clone(),
+                                    "must be between 1 and 65535, inclusive",
+                                );
                             } else if end_n < start {
-                                e.invalid(format!("{pf}.endPort"), end.clone(), "must be greater than or equal to `port`");
+                                e.invalid(
+                                    format!("{pf}.endPort"),
+                                    end.clone(),
+                                    "must be greater than or equal to `port`",
+                                );
                             }
                         }
                     }
@@ -757,11 +889,19 @@ fn validate_network_policy(obj: &Value, e: &mut Errs) {
                     e.required(format!("{pf}: must specify a peer"));
                 }
                 check_selector(peer.get("podSelector"), &format!("{pf}.podSelector"), e);
-                check_selector(peer.get("namespaceSelector"), &format!("{pf}.namespaceSelector"), e);
+                check_selector(
+                    peer.get("namespaceSelector"),
+                    &format!("{pf}.namespaceSelector"),
+                    e,
+                );
                 if has_ip {
                     let cidr = str_at(peer, "/ipBlock/cidr").unwrap_or_default();
                     match cidr.parse::<IpNet>() {
-                        Err(_) => e.invalid(format!("{pf}.ipBlock.cidr"), cidr, "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"),
+                        Err(_) => e.invalid(
+                            format!("{pf}.ipBlock.cidr"),
+                            cidr,
+                            "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
+                        ),
                         Ok(net) => {
                             for (k, ex) in arr_at(peer, "/ipBlock/except").iter().enumerate() {
                                 let s = ex.as_str().unwrap_or_default();
@@ -828,35 +968,78 @@ mod tests {
             "Service \"web\" is invalid: spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive"
         );
         let err = validate(&SERVICE, &svc(json!({})), None).unwrap_err();
-        assert_eq!(err.to_string(), "Service \"web\" is invalid: spec.ports: Required value");
+        assert_eq!(
+            err.to_string(),
+            "Service \"web\" is invalid: spec.ports: Required value"
+        );
         let err = validate(
             &SERVICE,
             &svc(json!({"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 80}]})),
             None,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("spec.ports[1].name: Duplicate value: \"a\""), "{err}");
-        assert!(err.to_string().contains("spec.ports[1]: Duplicate value"), "{err}");
-        let err = validate(&SERVICE, &svc(json!({"ports": [{"port": 80}, {"port": 81}]})), None).unwrap_err();
-        assert!(err.to_string().contains("spec.ports[0].name: Required value"));
-        let err = validate(&SERVICE, &svc(json!({"ports": [{"name": "Bad_Name", "port": 80}]})), None).unwrap_err();
-        assert!(err.to_string().contains("spec.ports[0].name: Invalid value: \"Bad_Name\""));
-        let err = validate(&SERVICE, &svc(json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]})), None).unwrap_err();
-        assert!(err.to_string().contains("spec.clusterIP: Invalid value: \"10.0.0.300\""));
-        let err = validate(&SERVICE, &svc(json!({"type": "Foo", "ports": [{"port": 80}]})), None).unwrap_err();
-        assert!(err.to_string().contains("spec.type: Unsupported value: \"Foo\""));
+        assert!(
+            err.to_string()
+                .contains("spec.ports[1].name: Duplicate value: \"a\""),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("spec.ports[1]: Duplicate value"),
+            "{err}"
+        );
+        let err = validate(
+            &SERVICE,
+            &svc(json!({"ports": [{"port": 80}, {"port": 81}]})),
+            None,
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("spec.ports[0].name: Required value"));
+        let err = validate(
+            &SERVICE,
+            &svc(json!({"ports": [{"name": "Bad_Name", "port": 80}]})),
+            None,
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("spec.ports[0].name: Invalid value: \"Bad_Name\""));
+        let err = validate(
+            &SERVICE,
+            &svc(json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]})),
+            None,
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("spec.clusterIP: Invalid value: \"10.0.0.300\""));
+        let err = validate(
+            &SERVICE,
+            &svc(json!({"type": "Foo", "ports": [{"port": 80}]})),
+            None,
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("spec.type: Unsupported value: \"Foo\""));
     }
 
     #[test]
     fn typed_errors_carry_the_path() {
-        let err = validate(&SERVICE, &svc(json!({"ports": [{"port": "eighty"}]})), None).unwrap_err();
+        let err =
+            validate(&SERVICE, &svc(json!({"ports": [{"port": "eighty"}]})), None).unwrap_err();
         assert!(err.to_string().contains("spec.ports[0].port"), "{err}");
     }
 
     #[test]
     fn immutable_cluster_ip() {
-        let old = svc(json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [{"port": 80}]}));
-        let new = svc(json!({"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"], "ports": [{"port": 80}]}));
+        let old = svc(
+            json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [{"port": 80}]}),
+        );
+        let new = svc(
+            json!({"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"], "ports": [{"port": 80}]}),
+        );
         let err = validate(&SERVICE, &new, Some(&old)).unwrap_err();
         assert!(err.to_string().contains("may not change once set"));
     }
@@ -868,8 +1051,14 @@ mod tests {
                 {"containerPort": 80, "name": "http"}, {"containerPort": 81, "name": "http"},
                 {"containerPort": 70000}, {"containerPort": 82, "name": "toolongportname-x"}]}]}});
         let err = validate(&POD, &pod, None).unwrap_err().to_string();
-        assert!(err.contains("spec.containers[0].ports[1].name: Duplicate value: \"http\""), "{err}");
-        assert!(err.contains("spec.containers[0].ports[2].containerPort: Invalid value: 70000"), "{err}");
+        assert!(
+            err.contains("spec.containers[0].ports[1].name: Duplicate value: \"http\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("spec.containers[0].ports[2].containerPort: Invalid value: 70000"),
+            "{err}"
+        );
         assert!(err.contains("ports[3].name: Invalid value"), "{err}");
     }
 
@@ -879,8 +1068,13 @@ mod tests {
             "metadata": {"name": "n", "namespace": "x"},
             "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}],
                      "ports": [{"port": 100, "endPort": 90}]}]}});
-        let err = validate(&NETWORK_POLICY, &np, None).unwrap_err().to_string();
-        assert!(err.contains("spec.ingress[0].from[0].ipBlock.except[0]"), "{err}");
+        let err = validate(&NETWORK_POLICY, &np, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.ingress[0].from[0].ipBlock.except[0]"),
+            "{err}"
+        );
         assert!(err.contains("spec.ingress[0].ports[0].endPort"), "{err}");
     }
 
@@ -894,6 +1088,10 @@ mod tests {
         assert!(label_key_problem("app.kubernetes.io/name").is_none());
         assert!(label_key_problem("-x").is_some());
         assert!(parse_cidr("10.0.0.1/8").is_err());
-        assert!(kind_of(&json!({"apiVersion": "apps/v1", "kind": "Deployment"})).unwrap_err().contains("no matches for kind"));
+        assert!(
+            kind_of(&json!({"apiVersion": "apps/v1", "kind": "Deployment"}))
+                .unwrap_err()
+                .contains("no matches for kind")
+        );
     }
 }

@@ -15,7 +15,12 @@ use weir_lab::{client, LabError};
 #[command(name = "weir", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// Lab cluster to talk to (its kubeconfig is used).
-    #[arg(long, global = true, env = "WEIR_CLUSTER", conflicts_with = "kubeconfig")]
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_CLUSTER",
+        conflicts_with = "kubeconfig"
+    )]
     cluster: Option<String>,
     /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     #[arg(long, global = true)]
@@ -78,7 +83,11 @@ struct ApiserverArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Service CIDRs, one per IP family, primary first.
-    #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/16,fd00:10:96::/112")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10.96.0.0/16,fd00:10:96::/112"
+    )]
     service_cidr: Vec<String>,
     /// NodePort range.
     #[arg(long, default_value = "30000-32767")]
@@ -233,8 +242,13 @@ enum ViaArg {
 /// Parses `500ms`, `1s`, `2m`, `1h` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 1s, 2m)"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 1s, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -248,11 +262,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl Cli {
     /// Whether this invocation is a long-running component (logs at info by default).
     pub fn is_daemon(&self) -> bool {
-        matches!(self.command, Command::Apiserver(_) | Command::Lab(LabCommand::Apiserver | LabCommand::Controller | LabCommand::Kubelet { .. } | LabCommand::Sandbox { .. }))
+        matches!(
+            self.command,
+            Command::Apiserver(_)
+                | Command::Lab(
+                    LabCommand::Apiserver
+                        | LabCommand::Controller
+                        | LabCommand::Kubelet { .. }
+                        | LabCommand::Sandbox { .. }
+                )
+        )
     }
 
     fn lab_name(&self) -> Result<String> {
-        self.cluster.clone().ok_or_else(|| anyhow!("this command needs --cluster NAME (hint: `weir lab list` shows labs)"))
+        self.cluster.clone().ok_or_else(|| {
+            anyhow!("this command needs --cluster NAME (hint: `weir lab list` shows labs)")
+        })
     }
 
     /// The kubeconfig to use: --kubeconfig, the lab's, or kube-rs' default inference.
@@ -270,25 +295,42 @@ impl Cli {
     pub async fn client(&self) -> Result<kube::Client> {
         match self.kubeconfig_path()? {
             Some(p) => Ok(client::client_from_kubeconfig(&p).await?),
-            None => kube::Client::try_default().await.context("no cluster selected (hint: use --cluster NAME for a lab, or --kubeconfig FILE)"),
+            None => kube::Client::try_default().await.context(
+                "no cluster selected (hint: use --cluster NAME for a lab, or --kubeconfig FILE)",
+            ),
         }
     }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn current_thread() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Turns transport errors into one line with a hint.
 pub fn explain_kube(e: anyhow::Error, cli: &Cli) -> anyhow::Error {
     let text = format!("{e:#}");
-    if text.contains("Connection refused") || text.contains("tcp connect error") || text.contains("error trying to connect") || text.contains("client error (Connect)") {
-        let which = cli.cluster.as_ref().map(|c| format!("of lab {c:?}")).unwrap_or_else(|| "of the selected cluster".into());
-        return anyhow!("the API server {which} is not reachable (hint: `weir lab list` shows whether it runs)");
+    if text.contains("Connection refused")
+        || text.contains("tcp connect error")
+        || text.contains("error trying to connect")
+        || text.contains("client error (Connect)")
+    {
+        let which = cli
+            .cluster
+            .as_ref()
+            .map(|c| format!("of lab {c:?}"))
+            .unwrap_or_else(|| "of the selected cluster".into());
+        return anyhow!(
+            "the API server {which} is not reachable (hint: `weir lab list` shows whether it runs)"
+        );
     }
     e
 }
@@ -305,26 +347,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let docs = client::read_manifests(files, "default")?;
             let c = cli.client().await?;
             if *dry_run {
-                let n = dry_run_all(&c, &docs).await.map_err(|e| explain_kube(e, &cli))?;
+                let n = dry_run_all(&c, &docs)
+                    .await
+                    .map_err(|e| explain_kube(e, &cli))?;
                 println!("{n} object(s) valid (server dry run)");
                 return Ok(ExitCode::SUCCESS);
             }
-            for line in client::apply(&c, &docs).await.map_err(|e| explain_kube(e.into(), &cli))? {
+            for line in client::apply(&c, &docs)
+                .await
+                .map_err(|e| explain_kube(e.into(), &cli))?
+            {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Delete { files, ignore_not_found } => runtime()?.block_on(async {
+        Command::Delete {
+            files,
+            ignore_not_found,
+        } => runtime()?.block_on(async {
             let docs = client::read_manifests(files, "default")?;
             let c = cli.client().await?;
-            for line in client::delete(&c, &docs, *ignore_not_found).await.map_err(|e| explain_kube(e.into(), &cli))? {
+            for line in client::delete(&c, &docs, *ignore_not_found)
+                .await
+                .map_err(|e| explain_kube(e.into(), &cli))?
+            {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }),
         Command::Get(g) => runtime()?.block_on(async {
             let c = cli.client().await?;
-            crate::get::run(&c, g).await.map_err(|e| explain_kube(e, &cli))?;
+            crate::get::run(&c, g)
+                .await
+                .map_err(|e| explain_kube(e, &cli))?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Lab(l) => run_lab(&cli, l),
@@ -336,41 +391,73 @@ async fn dry_run_all(c: &kube::Client, docs: &[client::Doc]) -> Result<usize> {
     pp.dry_run = true;
     for d in docs {
         let api = client::dynamic_api(c, d.kind, d.namespace.as_deref());
-        api.patch(&d.name, &pp, &kube::api::Patch::Apply(&d.object)).await.map_err(|e| match e {
-            kube::Error::Api(s) => anyhow!("{}: {} {:?}: {}", d.origin, d.kind.kind, d.name, s.message),
-            e => anyhow!(e),
-        })?;
+        api.patch(&d.name, &pp, &kube::api::Patch::Apply(&d.object))
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) => {
+                    anyhow!("{}: {} {:?}: {}", d.origin, d.kind.kind, d.name, s.message)
+                }
+                e => anyhow!(e),
+            })?;
     }
     Ok(docs.len())
 }
 
 async fn run_apiserver(a: &ApiserverArgs) -> Result<ExitCode> {
     let token = match &a.token_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
         None => None,
     };
-    let (lo, hi) = a.node_port_range.split_once('-').ok_or_else(|| anyhow!("--node-port-range {:?}: expected LOW-HIGH", a.node_port_range))?;
-    let (lo, hi): (u16, u16) = (lo.parse().context("--node-port-range")?, hi.parse().context("--node-port-range")?);
+    let (lo, hi) = a.node_port_range.split_once('-').ok_or_else(|| {
+        anyhow!(
+            "--node-port-range {:?}: expected LOW-HIGH",
+            a.node_port_range
+        )
+    })?;
+    let (lo, hi): (u16, u16) = (
+        lo.parse().context("--node-port-range")?,
+        hi.parse().context("--node-port-range")?,
+    );
     if lo > hi {
-        bail!("--node-port-range {:?}: LOW must not exceed HIGH", a.node_port_range);
+        bail!(
+            "--node-port-range {:?}: LOW must not exceed HIGH",
+            a.node_port_range
+        );
     }
     let mut cidrs = Vec::new();
     for c in &a.service_cidr {
-        cidrs.push(weir_model::validate::parse_cidr(c).map_err(|e| anyhow!("--service-cidr {c:?}: {e}"))?);
+        cidrs.push(
+            weir_model::validate::parse_cidr(c)
+                .map_err(|e| anyhow!("--service-cidr {c:?}: {e}"))?,
+        );
     }
-    if cidrs.is_empty() || cidrs.len() > 2 || (cidrs.len() == 2 && cidrs[0].addr().is_ipv4() == cidrs[1].addr().is_ipv4()) {
+    if cidrs.is_empty()
+        || cidrs.len() > 2
+        || (cidrs.len() == 2 && cidrs[0].addr().is_ipv4() == cidrs[1].addr().is_ipv4())
+    {
         bail!("--service-cidr: give one CIDR, or two of different IP families");
     }
     let cfg = weir_apiserver::ServerConfig {
         data_dir: a.data_dir.clone(),
         listen: a.listen.clone(),
         tls: match (&a.tls_cert, &a.tls_key) {
-            (Some(c), Some(k)) => Some(weir_apiserver::TlsFiles { cert: c.clone(), key: k.clone() }),
+            (Some(c), Some(k)) => Some(weir_apiserver::TlsFiles {
+                cert: c.clone(),
+                key: k.clone(),
+            }),
             _ => None,
         },
         token,
         store: weir_apiserver::StoreConfig {
-            alloc: weir_apiserver::alloc::AllocConfig { service_cidrs: cidrs, node_ports: lo..=hi },
+            alloc: weir_apiserver::alloc::AllocConfig {
+                service_cidrs: cidrs,
+                node_ports: lo..=hi,
+            },
             ..Default::default()
         },
         bookmark_interval: Duration::from_secs(5),
@@ -387,16 +474,32 @@ async fn run_apiserver(a: &ApiserverArgs) -> Result<ExitCode> {
 
 fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
     match cmd {
-        LabCommand::Up { name, nodes, files, timeout } => {
+        LabCommand::Up {
+            name,
+            nodes,
+            files,
+            timeout,
+        } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
-            let k = runtime()?.block_on(lab::up(&UpOptions { name: name.clone(), nodes: *nodes, manifests: files.clone(), timeout: *timeout }))?;
+            let k = runtime()?.block_on(lab::up(&UpOptions {
+                name: name.clone(),
+                nodes: *nodes,
+                manifests: files.clone(),
+                timeout: *timeout,
+            }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Down { name } => {
             let r = lab::down(name)?;
-            eprintln!("Lab {name:?} removed: {} process(es), {} network namespace(s){}{}", r.processes, r.namespaces, if r.cgroups { ", cgroups" } else { "" }, if r.pins { ", BPF pins" } else { "" });
+            eprintln!(
+                "Lab {name:?} removed: {} process(es), {} network namespace(s){}{}",
+                r.processes,
+                r.namespaces,
+                if r.cgroups { ", cgroups" } else { "" },
+                if r.pins { ", BPF pins" } else { "" }
+            );
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::List { output } => {
@@ -408,9 +511,27 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             } else {
                 let rows: Vec<Vec<String>> = labs
                     .iter()
-                    .map(|l| vec![l.name.clone(), l.nodes.to_string(), if l.apiserver_running { "Running".into() } else { "Stopped".into() }, l.server.clone(), l.kubeconfig.display().to_string()])
+                    .map(|l| {
+                        vec![
+                            l.name.clone(),
+                            l.nodes.to_string(),
+                            if l.apiserver_running {
+                                "Running".into()
+                            } else {
+                                "Stopped".into()
+                            },
+                            l.server.clone(),
+                            l.kubeconfig.display().to_string(),
+                        ]
+                    })
                     .collect();
-                print!("{}", crate::get::render_table(&["NAME", "NODES", "API SERVER", "SERVER", "KUBECONFIG"], &rows));
+                print!(
+                    "{}",
+                    crate::get::render_table(
+                        &["NAME", "NODES", "API SERVER", "SERVER", "KUBECONFIG"],
+                        &rows
+                    )
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -419,8 +540,26 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             if *output == Format::Json {
                 println!("{}", serde_json::to_string_pretty(&hosts)?);
             } else {
-                let rows: Vec<Vec<String>> = hosts.iter().map(|h| vec![h.name.clone(), h.role.clone(), h.ip.clone(), h.ip6.clone(), h.pod_cidrs.join(","), h.netns.clone()]).collect();
-                print!("{}", crate::get::render_table(&["NAME", "ROLE", "IP", "IPV6", "POD CIDRS", "NETNS"], &rows));
+                let rows: Vec<Vec<String>> = hosts
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.name.clone(),
+                            h.role.clone(),
+                            h.ip.clone(),
+                            h.ip6.clone(),
+                            h.pod_cidrs.join(","),
+                            h.netns.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    crate::get::render_table(
+                        &["NAME", "ROLE", "IP", "IPV6", "POD CIDRS", "NETNS"],
+                        &rows
+                    )
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -442,15 +581,35 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             })?;
             Err(lab::exec_in(&src, command).into())
         }
-        LabCommand::Connect { from, to, protocol, count, timeout, output } => {
+        LabCommand::Connect {
+            from,
+            to,
+            protocol,
+            count,
+            timeout,
+            output,
+        } => {
             let name = cli.lab_name()?;
-            let s = runtime()?.block_on(lab::connect(&name, from, to, *protocol == Proto::Udp, *count, *timeout))?;
+            let s = runtime()?.block_on(lab::connect(
+                &name,
+                from,
+                to,
+                *protocol == Proto::Udp,
+                *count,
+                *timeout,
+            ))?;
             if *output == Format::Json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!("{} attempt(s): {} ok, {} failed", s.attempts, s.ok, s.failed);
+                println!(
+                    "{} attempt(s): {} ok, {} failed",
+                    s.attempts, s.ok, s.failed
+                );
                 for (who, n) in &s.responders {
-                    println!("  {who:<30} {n:>6}  {}", "#".repeat((n * 40).div_ceil(s.attempts.max(1))));
+                    println!(
+                        "  {who:<30} {n:>6}  {}",
+                        "#".repeat((n * 40).div_ceil(s.attempts.max(1)))
+                    );
                 }
                 for (err, n) in &s.errors {
                     println!("  error {err:<24} {n:>6}");
@@ -458,13 +617,25 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Probe { port, protocol, via, timeout, output } => {
+        LabCommand::Probe {
+            port,
+            protocol,
+            via,
+            timeout,
+            output,
+        } => {
             let name = cli.lab_name()?;
             let via = match via {
                 ViaArg::PodIp => Via::PodIp,
                 ViaArg::Service => Via::Service,
             };
-            let m = runtime()?.block_on(lab::probe(&name, *port, *protocol == Proto::Udp, via, *timeout))?;
+            let m = runtime()?.block_on(lab::probe(
+                &name,
+                *port,
+                *protocol == Proto::Udp,
+                via,
+                *timeout,
+            ))?;
             if *output == Format::Json {
                 println!("{}", serde_json::to_string(&m)?);
             } else {
@@ -492,7 +663,11 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             let name = cli.lab_name()?;
             runtime()?.block_on(async {
                 let c = lab::lab_client(&name).await?;
-                let k = weir_lab::kubelet::Kubelet::new(weir_lab::paths::LabPaths::new(&name), node, c)?;
+                let k = weir_lab::kubelet::Kubelet::new(
+                    weir_lab::paths::LabPaths::new(&name),
+                    node,
+                    c,
+                )?;
                 tokio::select! {
                     r = k.run() => r,
                     _ = lab::wait_for_signal() => Ok(()),
@@ -500,11 +675,20 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Sandbox { netns, cgroup, identity, ready_file, ports } => {
+        LabCommand::Sandbox {
+            netns,
+            cgroup,
+            identity,
+            ready_file,
+            ports,
+        } => {
             lab::enter(netns, cgroup)?;
             current_thread()?.block_on(async {
-                weir_lab::echo::serve(identity.clone(), ports).await.with_context(|| format!("serving {identity}"))?;
-                std::fs::write(ready_file, b"ready").with_context(|| format!("writing {}", ready_file.display()))?;
+                weir_lab::echo::serve(identity.clone(), ports)
+                    .await
+                    .with_context(|| format!("serving {identity}"))?;
+                std::fs::write(ready_file, b"ready")
+                    .with_context(|| format!("writing {}", ready_file.display()))?;
                 lab::wait_for_signal().await;
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -513,7 +697,8 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
         LabCommand::Attempts { netns, cgroup } => {
             let mut input = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)?;
-            let spec: weir_lab::connect::AttemptSpec = serde_json::from_str(&input).context("reading the attempt spec")?;
+            let spec: weir_lab::connect::AttemptSpec =
+                serde_json::from_str(&input).context("reading the attempt spec")?;
             lab::enter(netns, cgroup)?;
             let outcomes = current_thread()?.block_on(weir_lab::connect::run(&spec));
             println!("{}", serde_json::to_string(&outcomes)?);

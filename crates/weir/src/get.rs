@@ -70,7 +70,11 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
     let kind = kinds::by_cli_name(&a.kind).ok_or_else(|| {
         anyhow!("the server doesn't have a resource type {:?} (kinds: services, endpointslices, pods, namespaces, nodes, networkpolicies)", a.kind)
     })?;
-    let ns = if a.all_namespaces { None } else { Some(a.namespace.as_str()) };
+    let ns = if a.all_namespaces {
+        None
+    } else {
+        Some(a.namespace.as_str())
+    };
     let api = if a.all_namespaces && kind.namespaced {
         kube::Api::all_with(c.clone(), &client::api_resource(kind))
     } else {
@@ -78,10 +82,15 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
     };
     let objects: Vec<Value> = match &a.name {
         Some(name) => {
-            let o = api.get_opt(name).await?.ok_or_else(|| match ns.filter(|_| kind.namespaced) {
-                Some(ns) => anyhow!("{} {name:?} not found in namespace {ns:?}", kind.plural),
-                None => anyhow!("{} {name:?} not found", kind.plural),
-            })?;
+            let o =
+                api.get_opt(name)
+                    .await?
+                    .ok_or_else(|| match ns.filter(|_| kind.namespaced) {
+                        Some(ns) => {
+                            anyhow!("{} {name:?} not found in namespace {ns:?}", kind.plural)
+                        }
+                        None => anyhow!("{} {name:?} not found", kind.plural),
+                    })?;
             vec![serde_json::to_value(o)?]
         }
         None => {
@@ -90,7 +99,12 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
                 weir_model::LabelSelector::parse(s).map_err(|e| anyhow!("--selector: {e}"))?;
                 lp = lp.labels(s);
             }
-            api.list(&lp).await?.items.into_iter().map(serde_json::to_value).collect::<Result<_, _>>()?
+            api.list(&lp)
+                .await?
+                .items
+                .into_iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?
         }
     };
     match a.output {
@@ -116,7 +130,12 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
             }
             let wide = a.output == Output::Wide;
             let cols = print::columns(kind);
-            let keep: Vec<usize> = cols.iter().enumerate().filter(|(_, c)| wide || c.priority == 0).map(|(i, _)| i).collect();
+            let keep: Vec<usize> = cols
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| wide || c.priority == 0)
+                .map(|(i, _)| i)
+                .collect();
             let mut headers: Vec<String> = Vec::new();
             let with_ns = a.all_namespaces && kind.namespaced;
             if with_ns {
@@ -130,7 +149,12 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
                     let cells = print::row(kind, o, now);
                     let mut r = Vec::new();
                     if with_ns {
-                        r.push(o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string());
+                        r.push(
+                            o.pointer("/metadata/namespace")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                        );
                     }
                     r.extend(keep.iter().map(|i| cells[*i].clone()));
                     r

@@ -21,7 +21,12 @@ fn kubectl_create_get_watch_label_apply_delete() {
     std::fs::write(&svc_file, SVC).unwrap();
 
     // A watch started before anything exists sees the pod arrive.
-    let mut watch = lab.kubectl(&["get", "pods", "-n", "k", "-w", "--request-timeout=0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut watch = lab
+        .kubectl(&["get", "pods", "-n", "k", "-w", "--request-timeout=0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let stdout = watch.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -31,38 +36,71 @@ fn kubectl_create_get_watch_label_apply_delete() {
     });
 
     let out = ok(&mut lab.kubectl(&["create", "-f", pod_file.to_str().unwrap()]));
-    assert!(out.contains("namespace/k created") && out.contains("pod/p created"), "{out}");
+    assert!(
+        out.contains("namespace/k created") && out.contains("pod/p created"),
+        "{out}"
+    );
     let again = run(&mut lab.kubectl(&["create", "-f", pod_file.to_str().unwrap()]));
     assert!(String::from_utf8_lossy(&again.stderr).contains("AlreadyExists"));
 
-    lab.eventually("pod running", Duration::from_secs(20), || ok(&mut lab.kubectl(&["get", "pod", "p", "-n", "k"])).contains("Running"));
+    lab.eventually("pod running", Duration::from_secs(20), || {
+        ok(&mut lab.kubectl(&["get", "pod", "p", "-n", "k"])).contains("Running")
+    });
     let yaml = ok(&mut lab.kubectl(&["get", "pod", "p", "-n", "k", "-o", "yaml"]));
     assert!(yaml.contains("podIP: 10.244.1."), "{yaml}");
     assert!(yaml.contains("phase: Running"), "{yaml}");
 
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline && !seen.iter().any(|l: &String| l.contains("Running")) {
+    while std::time::Instant::now() < deadline
+        && !seen.iter().any(|l: &String| l.contains("Running"))
+    {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
             seen.push(l);
         }
     }
-    assert!(seen.iter().any(|l| l.starts_with("p ") && l.contains("Running")), "watch output: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("p ") && l.contains("Running")),
+        "watch output: {seen:?}"
+    );
     let _ = watch.kill();
+    let _ = watch.wait();
 
     ok(&mut lab.kubectl(&["label", "pod", "p", "-n", "k", "tier=front"]));
-    let labels = ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-l", "tier=front", "-o", "name"]));
+    let labels =
+        ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-l", "tier=front", "-o", "name"]));
     assert_eq!(labels.trim(), "pod/p");
 
     // Client-side apply (strategic merge patch) and server-side apply.
     let out = ok(&mut lab.kubectl(&["apply", "-f", svc_file.to_str().unwrap()]));
     assert!(out.contains("service/web created"), "{out}");
-    std::fs::write(&svc_file, SVC.replace("ports: [{port: 80, targetPort: http}]", "ports: [{port: 81, targetPort: http}]")).unwrap();
+    std::fs::write(
+        &svc_file,
+        SVC.replace(
+            "ports: [{port: 80, targetPort: http}]",
+            "ports: [{port: 81, targetPort: http}]",
+        ),
+    )
+    .unwrap();
     let out = ok(&mut lab.kubectl(&["apply", "-f", svc_file.to_str().unwrap()]));
     assert!(out.contains("service/web configured"), "{out}");
     assert!(ok(&mut lab.kubectl(&["get", "svc", "web", "-n", "k"])).contains("81/TCP"));
-    std::fs::write(&svc_file, SVC.replace("ports: [{port: 80, targetPort: http}]", "ports: [{port: 82, targetPort: http}]")).unwrap();
-    let out = ok(&mut lab.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", svc_file.to_str().unwrap()]));
+    std::fs::write(
+        &svc_file,
+        SVC.replace(
+            "ports: [{port: 80, targetPort: http}]",
+            "ports: [{port: 82, targetPort: http}]",
+        ),
+    )
+    .unwrap();
+    let out = ok(&mut lab.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        svc_file.to_str().unwrap(),
+    ]));
     assert!(out.contains("service/web serverside-applied"), "{out}");
     assert!(ok(&mut lab.kubectl(&["get", "svc", "web", "-n", "k"])).contains("82/TCP"));
     let slices = ok(&mut lab.kubectl(&["get", "endpointslices", "-n", "k"]));
@@ -71,19 +109,45 @@ fn kubectl_create_get_watch_label_apply_delete() {
 
     // Invalid input is refused with the field named.
     let bad_file = dir.path().join("bad.yaml");
-    std::fs::write(&bad_file, SVC.replace("name: web", "name: bad").replace("port: 80,", "port: 0,")).unwrap();
+    std::fs::write(
+        &bad_file,
+        SVC.replace("name: web", "name: bad")
+            .replace("port: 80,", "port: 0,"),
+    )
+    .unwrap();
     let bad = run(&mut lab.kubectl(&["create", "-f", bad_file.to_str().unwrap()]));
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("The Service \"bad\" is invalid: spec.ports[0].port: Invalid value: 0"), "{err}");
+    assert!(
+        err.contains("The Service \"bad\" is invalid: spec.ports[0].port: Invalid value: 0"),
+        "{err}"
+    );
     // kubectl's object generators send protobuf, which is refused with an explanation.
-    let proto = run(&mut lab.kubectl(&["create", "service", "clusterip", "gen", "-n", "k", "--tcp=80:80"]));
-    assert!(String::from_utf8_lossy(&proto.stderr).contains("not protobuf"), "{}", String::from_utf8_lossy(&proto.stderr));
+    let proto = run(&mut lab.kubectl(&[
+        "create",
+        "service",
+        "clusterip",
+        "gen",
+        "-n",
+        "k",
+        "--tcp=80:80",
+    ]));
+    assert!(
+        String::from_utf8_lossy(&proto.stderr).contains("not protobuf"),
+        "{}",
+        String::from_utf8_lossy(&proto.stderr)
+    );
 
     // Delete waits until the pod is gone (the kubelet confirms).
     let out = ok(&mut lab.kubectl(&["delete", "pod", "p", "-n", "k", "--grace-period=1"]));
     assert!(out.contains("pod \"p\" deleted"), "{out}");
-    assert!(ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-o", "name"])).trim().is_empty());
+    assert!(
+        ok(&mut lab.kubectl(&["get", "pods", "-n", "k", "-o", "name"]))
+            .trim()
+            .is_empty()
+    );
     ok(&mut lab.kubectl(&["delete", "namespace", "k"]));
-    lab.eventually("namespace gone", Duration::from_secs(15), || !ok(&mut lab.kubectl(&["get", "ns", "-o", "name"])).contains("namespace/k\n"));
+    lab.eventually("namespace gone", Duration::from_secs(15), || {
+        !ok(&mut lab.kubectl(&["get", "ns", "-o", "name"])).contains("namespace/k\n")
+    });
 }

@@ -19,7 +19,12 @@ pub fn weir() -> Command {
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
     if !out.status.success() {
-        eprintln!("command {cmd:?} failed: {}\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "command {cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     out
 }
@@ -41,7 +46,10 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Requires root: the tests build real namespaces.
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root (they create network namespaces)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (they create network namespaces)"
+    );
 }
 
 /// A running lab, removed when dropped.
@@ -67,9 +75,16 @@ impl Lab {
             cmd.arg("-f").arg(&f);
         }
         let out = run(&mut cmd);
-        let lab = Lab { name: name.clone(), kubeconfig: PathBuf::from(format!("/run/weir/labs/{name}/kubeconfig")), _dir: dir };
+        let lab = Lab {
+            name: name.clone(),
+            kubeconfig: PathBuf::from(format!("/run/weir/labs/{name}/kubeconfig")),
+            _dir: dir,
+        };
         assert!(out.status.success(), "lab up failed");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), lab.kubeconfig.display().to_string());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            lab.kubeconfig.display().to_string()
+        );
         lab
     }
 
@@ -97,7 +112,12 @@ impl Lab {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     }
 
@@ -111,12 +131,38 @@ impl Lab {
 
     /// `weir lab connect ... -o json` parsed.
     pub fn connect(&self, from: &str, to: &str, proto: &str, count: usize) -> Value {
-        serde_json::from_str(&ok(&mut self.weir(&["lab", "connect", "--from", from, "--to", to, "--protocol", proto, "--count", &count.to_string(), "-o", "json"]))).unwrap()
+        serde_json::from_str(&ok(&mut self.weir(&[
+            "lab",
+            "connect",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--protocol",
+            proto,
+            "--count",
+            &count.to_string(),
+            "-o",
+            "json",
+        ])))
+        .unwrap()
     }
 
     /// `weir lab probe ... -o json` parsed.
     pub fn probe(&self, port: u16, proto: &str, via: &str) -> Value {
-        serde_json::from_str(&ok(&mut self.weir(&["lab", "probe", "--port", &port.to_string(), "--protocol", proto, "--via", via, "-o", "json"]))).unwrap()
+        serde_json::from_str(&ok(&mut self.weir(&[
+            "lab",
+            "probe",
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            proto,
+            "--via",
+            via,
+            "-o",
+            "json",
+        ])))
+        .unwrap()
     }
 
     /// Waits until `f` holds, failing with `what` after `timeout`.
@@ -140,5 +186,10 @@ impl Drop for Lab {
 
 /// Every cell of a probe matrix is true.
 pub fn all_reachable(m: &Value) -> bool {
-    m["rows"].as_object().is_some_and(|rows| !rows.is_empty() && rows.values().all(|r| r.as_object().is_some_and(|c| c.values().all(|v| v == true))))
+    m["rows"].as_object().is_some_and(|rows| {
+        !rows.is_empty()
+            && rows
+                .values()
+                .all(|r| r.as_object().is_some_and(|c| c.values().all(|v| v == true)))
+    })
 }
