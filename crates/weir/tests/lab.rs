@@ -20,10 +20,18 @@ fn pods_yaml(ns: &str, names: &[&str], extra_labels: &str) -> String {
 #[test]
 fn every_pod_reaches_every_pod_across_nodes() {
     let mut m = pods_yaml("x", &["a", "b", "c"], "");
-    m.push_str(&pods_yaml("y", &["a", "b"], "").replace(
-        "kind: Namespace\nmetadata: {name: y}",
-        "kind: Namespace\nmetadata: {name: y}",
-    ));
+    m.push_str(&pods_yaml("y", &["a", "b"], ""));
+    let host_links = || -> Vec<String> {
+        let out = ok(std::process::Command::new("ip").args(["-o", "link", "show"]));
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = host_links();
     let lab = Lab::up("probe", 2, &m);
     // Pods were spread over both nodes.
     let pods = lab.get_json(&["pods", "-A"]);
@@ -60,6 +68,8 @@ fn every_pod_reaches_every_pod_across_nodes() {
         2,
     );
     assert_eq!(r["errors"]["ECONNREFUSED"], 2, "{r}");
+    // The lab lives in its own namespaces: the host's links are untouched.
+    assert_eq!(host_links(), before);
 }
 
 #[test]
@@ -378,20 +388,17 @@ fn lab_down_leaves_nothing_even_after_a_crash() {
     let name = lab.name.clone();
     // Simulate a crash: kill every lab process with SIGKILL, leaving namespaces, cgroups and
     // sandboxes' state behind.
-    let pids = ok(&mut std::process::Command::new("pgrep").args([
-        "-f",
-        "--",
-        &format!("--cluster {name}"),
-    ]));
+    let pids =
+        ok(std::process::Command::new("pgrep").args(["-f", "--", &format!("--cluster {name}")]));
     for p in pids.split_whitespace() {
         let _ = std::process::Command::new("kill").args(["-9", p]).status();
     }
     assert!(!leftovers(&name).is_empty());
-    let out = ok(&mut weir().args(["lab", "down", "--name", &name]));
+    let out = ok(weir().args(["lab", "down", "--name", &name]));
     let _ = out;
     assert_eq!(leftovers(&name), Vec::<String>::new());
     // A second down says there is no such lab.
-    let again = run(&mut weir().args(["lab", "down", "--name", &name]));
+    let again = run(weir().args(["lab", "down", "--name", &name]));
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no lab named"));
     std::mem::forget(lab);
@@ -399,7 +406,7 @@ fn lab_down_leaves_nothing_even_after_a_crash() {
 
 #[test]
 fn cli_errors_are_one_line_with_a_hint() {
-    let out = run(&mut weir().args(["--cluster", "nosuchlab42", "get", "pods"]));
+    let out = run(weir().args(["--cluster", "nosuchlab42", "get", "pods"]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -407,7 +414,7 @@ fn cli_errors_are_one_line_with_a_hint() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let out = run(&mut weir().args(["lab", "up", "--name", "Bad_Name"]));
+    let out = run(weir().args(["lab", "up", "--name", "Bad_Name"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid lab name"));
 }
 
@@ -470,7 +477,7 @@ fn apply_validates_every_document_before_writing_any() {
 fn kubelet_restart_adopts_running_pods() {
     let lab = Lab::up("adopt", 1, &pods_yaml("x", &["a", "b"], ""));
     let before = lab.get_json(&["pods", "-n", "x"]);
-    let pids = ok(&mut std::process::Command::new("pgrep").args([
+    let pids = ok(std::process::Command::new("pgrep").args([
         "-f",
         "--",
         &format!("lab kubelet --cluster {} ", lab.name),
@@ -484,12 +491,14 @@ fn kubelet_restart_adopts_running_pods() {
         lab.name
     ))
     .unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+    let mut kubelet = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["lab", "kubelet", "--cluster", &lab.name, "--node", "node-1"])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
+    // Lab down stops it; a thread reaps it then.
+    std::thread::spawn(move || kubelet.wait());
     std::thread::sleep(Duration::from_secs(1));
     let m = lab.probe(8080, "tcp", "pod-ip");
     assert!(all_reachable(&m), "{m}");
