@@ -347,18 +347,8 @@ impl Api {
             }
         }
         let t = route(&path)?;
-        let accept = req
-            .headers()
-            .get("accept")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let content_type = req
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let accept = header(&req, "accept");
+        let content_type = header(&req, "content-type");
         if content_type.contains("protobuf") {
             return Err(ApiError::unsupported_protobuf());
         }
@@ -676,6 +666,15 @@ impl Api {
             .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
             .expect("response"))
     }
+}
+
+/// A request header as a string ("" when absent or not text).
+fn header<B>(req: &Request<B>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {

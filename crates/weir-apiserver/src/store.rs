@@ -898,10 +898,7 @@ impl Store {
     pub fn tick(&self) -> Result<(), ApiError> {
         let mut st = self.lock();
         let now = jiff::Timestamp::now();
-        let due: Vec<Key> = st
-            .objects
-            .iter()
-            .filter(|(k, _)| k.0 == "Pod")
+        let due: Vec<Key> = kind_range(&st.objects, "Pod")
             .filter(|(_, v)| {
                 v.pointer("/metadata/deletionTimestamp")
                     .and_then(Value::as_str)
@@ -917,13 +914,10 @@ impl Store {
     }
 
     fn finalize_namespaces(&self, st: &mut State) -> Result<(), ApiError> {
-        let terminating: Vec<String> = st
-            .objects
-            .iter()
-            .filter(|(k, v)| {
-                k.0 == "Namespace"
-                    && v.pointer("/metadata/deletionTimestamp")
-                        .is_some_and(|t| !t.is_null())
+        let terminating: Vec<String> = kind_range(&st.objects, "Namespace")
+            .filter(|(_, v)| {
+                v.pointer("/metadata/deletionTimestamp")
+                    .is_some_and(|t| !t.is_null())
             })
             .map(|(k, _)| k.2.clone())
             .collect();
@@ -956,6 +950,16 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The stored objects of one kind (a range of the ordered map, not a scan of all kinds).
+fn kind_range<'a>(
+    objects: &'a BTreeMap<Key, Arc<Value>>,
+    kind: &'static str,
+) -> impl Iterator<Item = (&'a Key, &'a Arc<Value>)> {
+    objects
+        .range((kind, String::new(), String::new())..)
+        .take_while(move |(k, _)| k.0 == kind)
 }
 
 /// The store key of an object.

@@ -20,11 +20,15 @@ pub struct ManifestError {
 pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Value>, ManifestError> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(doc).map_err(|e| ManifestError {
+        // Through serde_yaml's own Value first: it refuses duplicate keys (as kubectl does),
+        // where two documents missing a `---` between them would otherwise merge silently.
+        let err = |message: String| ManifestError {
             source_name: source_name.to_string(),
             index: i + 1,
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let yaml = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        let value = serde_json::to_value(yaml).map_err(|e| err(e.to_string()))?;
         match value {
             Value::Null => {}
             Value::Object(ref m)

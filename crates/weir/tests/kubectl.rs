@@ -151,3 +151,84 @@ fn kubectl_create_get_watch_label_apply_delete() {
         !ok(&mut lab.kubectl(&["get", "ns", "-o", "name"])).contains("namespace/k\n")
     });
 }
+
+#[test]
+fn standalone_apiserver_with_tls_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = weir_apiserver::pki::Pki::ensure(&dir.path().join("pki"), "standalone").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    pki.write_kubeconfig(
+        &kubeconfig,
+        "standalone",
+        &format!("https://127.0.0.1:{port}"),
+    )
+    .unwrap();
+    let server = weir()
+        .args(["apiserver", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-cert"])
+        .arg(&pki.server_cert)
+        .arg("--tls-key")
+        .arg(&pki.server_key)
+        .arg("--token-file")
+        .arg(&pki.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped even when an assertion fails.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Kill(server);
+    let kubectl = |args: &[&str]| {
+        let mut c = std::process::Command::new("kubectl");
+        c.arg("--kubeconfig").arg(&kubeconfig).args(args);
+        c
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        if kubectl(&["get", "ns"]).output().unwrap().status.success() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "the API server did not come up");
+    assert!(ok(&mut kubectl(&["get", "ns", "-o", "name"])).contains("namespace/kube-system"));
+    // Without the token: refused.
+    let anon = run(std::process::Command::new("kubectl").args([
+        "--server",
+        &format!("https://127.0.0.1:{port}"),
+        "--insecure-skip-tls-verify",
+        "--token",
+        "wrong",
+        "get",
+        "ns",
+    ]));
+    assert!(
+        String::from_utf8_lossy(&anon.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&anon.stderr)
+    );
+    drop(server);
+    // Only loopback addresses are accepted.
+    let out = run(weir()
+        .args(["apiserver", "--data-dir"])
+        .arg(dir.path().join("d2"))
+        .args(["--listen", "0.0.0.0:0"]));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

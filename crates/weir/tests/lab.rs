@@ -20,6 +20,7 @@ fn pods_yaml(ns: &str, names: &[&str], extra_labels: &str) -> String {
 #[test]
 fn every_pod_reaches_every_pod_across_nodes() {
     let mut m = pods_yaml("x", &["a", "b", "c"], "");
+    m.push_str("---\n");
     m.push_str(&pods_yaml("y", &["a", "b"], ""));
     let host_links = || -> Vec<String> {
         let out = ok(std::process::Command::new("ip").args(["-o", "link", "show"]));
@@ -68,6 +69,24 @@ fn every_pod_reaches_every_pod_across_nodes() {
         2,
     );
     assert_eq!(r["errors"]["ECONNREFUSED"], 2, "{r}");
+    // --via service dials, for each pod, the ClusterIP of the Service selecting exactly it.
+    // (ClusterIPs carry traffic once the weir agent runs on the nodes; here the matrix has
+    // the right shape.)
+    let via = lab.probe(8080, "tcp", "service");
+    assert_eq!(via["columns"], m_columns(&lab));
+    // A pod no Service selects alone makes --via service fail with the pod named.
+    let out = lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: lonely, namespace: x, labels: {app: demo}}\nspec:\n  containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]\n");
+    assert!(out.status.success());
+    lab.eventually("lonely running", Duration::from_secs(20), || {
+        lab.get_json(&["pod", "lonely", "-n", "x"])["status"]["podIP"].is_string()
+    });
+    let out = run(&mut lab.weir(&["lab", "probe", "--port", "8080", "--via", "service"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no Service selects exactly x/lonely"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The lab lives in its own namespaces: the host's links are untouched.
     assert_eq!(host_links(), before);
 }
@@ -104,6 +123,24 @@ fn echo_server_answers_identity_and_client_ip() {
     // UDP answers with the identity.
     let r = lab.connect("x/a", &format!("{b_ip}:5353"), "udp", 4);
     assert_eq!(r["responders"]["x/b"], 4, "{r}");
+}
+
+fn m_columns(lab: &Lab) -> Value {
+    let pods = lab.get_json(&["pods", "-A"]);
+    let mut cols: Vec<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str().unwrap(),
+                p["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    cols.sort();
+    serde_json::json!(cols)
 }
 
 fn endpoints_of(lab: &Lab, ns: &str, svc: &str) -> Vec<Value> {
@@ -394,6 +431,12 @@ fn lab_down_leaves_nothing_even_after_a_crash() {
         let _ = std::process::Command::new("kill").args(["-9", p]).status();
     }
     assert!(!leftovers(&name).is_empty());
+    let out = run(weir().args(["--cluster", &name, "get", "pods"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not reachable") && err.contains("hint"),
+        "{err}"
+    );
     let out = ok(weir().args(["lab", "down", "--name", &name]));
     let _ = out;
     assert_eq!(leftovers(&name), Vec::<String>::new());
@@ -414,6 +457,8 @@ fn cli_errors_are_one_line_with_a_hint() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let comp = ok(weir().args(["completions", "bash"]));
+    assert!(comp.contains("_weir()"), "bash completions");
     let out = run(weir().args(["lab", "up", "--name", "Bad_Name"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid lab name"));
 }
