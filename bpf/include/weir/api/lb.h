@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Load-balancing structs shared between the eBPF programs and Rust (which gets them from the
+ * skeleton's BTF-generated types). Fixed-width types, byte order in the type and the
+ * comment, explicit padding, size asserted. A layout change gets a new map name.
+ */
+#ifndef WEIR_API_LB_H
+#define WEIR_API_LB_H
+
+#include <linux/types.h>
+
+/* Slot 0 of a service is its master entry; slots 1..count hold backend ids. */
+#define WEIR_LB_MASTER_SLOT 0
+
+/* lb_service.flags */
+#define WEIR_SVC_AFFINITY (1 << 0) /* sessionAffinity: ClientIP */
+#define WEIR_SVC_MAGLEV   (1 << 1) /* backend chosen from the service's Maglev table */
+
+/* lb_service.algorithm-independent limits */
+#define WEIR_LB_MAX_BACKENDS 65535
+
+/* Key of weir_lb4_svc: a frontend (VIP, port, protocol) and a slot. */
+struct lb4_key {
+	__be32 address;	/* network order */
+	__be16 dport;	/* network order */
+	__u8 proto;	/* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad0;
+	__u16 slot;	/* host order; 0 = master */
+	__u16 pad1;
+};
+_Static_assert(sizeof(struct lb4_key) == 12, "lb4_key size");
+
+/* Key of weir_lb6_svc. */
+struct lb6_key {
+	__be32 address[4]; /* network order */
+	__be16 dport;	   /* network order */
+	__u8 proto;
+	__u8 pad0;
+	__u16 slot;	   /* host order */
+	__u16 pad1;
+};
+_Static_assert(sizeof(struct lb6_key) == 24, "lb6_key size");
+
+/*
+ * Value of weir_lb{4,6}_svc. In the master slot: count, svc_id, flags and the affinity
+ * timeout; count == 0 means the service has no usable endpoint and new connections are
+ * refused. In slots 1..count: backend_id.
+ */
+struct lb_service {
+	__u32 backend_id;	/* slots > 0: backend id; master: Maglev table size (0: none) */
+	__u32 svc_id;		/* id of the frontend (affinity, Maglev, reverse NAT) */
+	__u16 count;		/* master: number of backend slots */
+	__u16 flags;		/* master: WEIR_SVC_* */
+	__u32 affinity_timeout; /* master: seconds */
+};
+_Static_assert(sizeof(struct lb_service) == 16, "lb_service size");
+
+/* Value of weir_lb4_backends, keyed by a __u32 backend id. */
+struct lb4_backend {
+	__be32 address; /* network order */
+	__be16 port;	/* network order */
+	__u8 proto;
+	__u8 flags;
+};
+_Static_assert(sizeof(struct lb4_backend) == 8, "lb4_backend size");
+
+/* Value of weir_lb6_backends. */
+struct lb6_backend {
+	__be32 address[4]; /* network order */
+	__be16 port;	   /* network order */
+	__u8 proto;
+	__u8 flags;
+};
+_Static_assert(sizeof(struct lb6_backend) == 20, "lb6_backend size");
+
+/*
+ * Key of weir_lb{4,6}_revnat: which backend a socket was sent to, so that recvmsg and
+ * getpeername can show the service address the application asked for.
+ */
+struct lb4_revnat_key {
+	__u64 cookie;	/* socket cookie */
+	__be32 address; /* backend, network order */
+	__be16 port;	/* backend, network order */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb4_revnat_key) == 16, "lb4_revnat_key size");
+
+struct lb4_revnat {
+	__be32 address; /* service VIP, network order */
+	__be16 port;	/* service port, network order */
+	__u16 pad;
+	__u32 svc_id;
+};
+_Static_assert(sizeof(struct lb4_revnat) == 12, "lb4_revnat size");
+
+struct lb6_revnat_key {
+	__u64 cookie;
+	__be32 address[4];
+	__be16 port;
+	__u16 pad0;
+	__u32 pad1;
+};
+_Static_assert(sizeof(struct lb6_revnat_key) == 32, "lb6_revnat_key size");
+
+struct lb6_revnat {
+	__be32 address[4];
+	__be16 port;
+	__u16 pad;
+	__u32 svc_id;
+};
+_Static_assert(sizeof(struct lb6_revnat) == 24, "lb6_revnat size");
+
+/* Key of weir_lb_affinity: a client (its network namespace cookie) and a service. */
+struct lb_affinity_key {
+	__u64 client;	/* netns cookie */
+	__u32 svc_id;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_affinity_key) == 16, "lb_affinity_key size");
+
+struct lb_affinity {
+	__u64 last_used; /* bpf_ktime_get_boot_ns() / 1e9, seconds */
+	__u32 backend_id;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_affinity) == 16, "lb_affinity size");
+
+/* Key of weir_lb_affinity_match: present while the backend belongs to the service. */
+struct lb_affinity_match {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+_Static_assert(sizeof(struct lb_affinity_match) == 8, "lb_affinity_match size");
+
+/* Indexes of weir_lb_stats (per-CPU counters). */
+enum lb_stat {
+	LB_STAT_XLATE_CONNECT = 0,	/* connect() to a service translated */
+	LB_STAT_XLATE_SENDMSG = 1,	/* UDP sendmsg to a service translated */
+	LB_STAT_XLATE_REV = 2,		/* recvmsg/getpeername shown the service */
+	LB_STAT_NO_BACKEND = 3,		/* refused: service without usable endpoint */
+	LB_STAT_BACKEND_MISSING = 4,	/* slot pointed at a backend not in the map */
+	LB_STAT_AFFINITY_HIT = 5,	/* backend taken from session affinity */
+	LB_STAT_MAGLEV = 6,		/* backend chosen from a Maglev table */
+	LB_STAT_REVNAT_UPDATE_FAIL = 7, /* reverse NAT entry could not be stored */
+	LB_STAT_MAX = 8,
+};
+
+#endif /* WEIR_API_LB_H */

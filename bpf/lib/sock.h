@@ -1,0 +1,197 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket-level load balancing: service addresses are rewritten to a backend once, when a
+ * socket connects (TCP, connected UDP) or sends (unconnected UDP), so no packet is ever
+ * NATed; recvmsg and getpeername show the service address back to the application.
+ */
+#ifndef WEIR_LIB_SOCK_H
+#define WEIR_LIB_SOCK_H
+
+#include "lb.h"
+
+/* The flow identity used for Maglev at the socket layer: the socket itself. */
+static __always_inline __u64 sock_flow(struct bpf_sock_addr *ctx)
+{
+	return bpf_get_socket_cookie(ctx);
+}
+
+static __always_inline int sock_refuse(void)
+{
+	/* connect()/sendmsg() fail at once with ECONNREFUSED instead of timing out. */
+	bpf_set_retval(-ECONNREFUSED_);
+	lb_count(LB_STAT_NO_BACKEND);
+	return 0;
+}
+
+/*
+ * Translates an IPv4 service destination to a backend.
+ * Returns: 1 to let the call proceed (translated or not a service), 0 to refuse it.
+ */
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	struct lb4_key key = {
+		.address = ctx->user_ip4,
+		.dport = (__be16)ctx->user_port,
+		.proto = (__u8)ctx->protocol,
+	};
+	struct lb4_revnat_key rk = {};
+	struct lb4_revnat rv = {};
+	const struct lb_service *svc, *slot;
+	const struct lb4_backend *be;
+	__u64 client;
+	__u32 id;
+
+	if (key.proto != IPPROTO_TCP_ && key.proto != IPPROTO_UDP_)
+		return 1;
+	svc = bpf_map_lookup_elem(&weir_lb4_svc, &key);
+	if (!svc)
+		return 1;
+	if (svc->count == 0)
+		return sock_refuse();
+	client = bpf_get_netns_cookie(ctx);
+	id = lb_affinity_backend(svc, client);
+	if (!id)
+		id = lb_maglev_backend(svc, sock_flow(ctx));
+	if (!id) {
+		key.slot = lb_random_slot(svc);
+		slot = bpf_map_lookup_elem(&weir_lb4_svc, &key);
+		if (!slot)
+			goto missing;
+		id = slot->backend_id;
+	}
+	be = bpf_map_lookup_elem(&weir_lb4_backends, &id);
+	if (!be)
+		goto missing;
+	lb_affinity_remember(svc, client, id);
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.address = be->address;
+	rk.port = be->port;
+	rv.address = ctx->user_ip4;
+	rv.port = (__be16)ctx->user_port;
+	rv.svc_id = svc->svc_id;
+	if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
+		lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+
+	ctx->user_ip4 = be->address;
+	ctx->user_port = (__u32)be->port;
+	lb_count(stat);
+	return 1;
+missing:
+	/* The control plane writes backends before the slots that name them; a miss is a bug or
+	 * a race with a removal. Refuse rather than send to the VIP. */
+	lb_count(LB_STAT_BACKEND_MISSING);
+	return sock_refuse();
+}
+
+/* Shows the service address instead of the backend's (recvmsg, getpeername). */
+static __always_inline void sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct lb4_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.address = ctx->user_ip4,
+		.port = (__be16)ctx->user_port,
+	};
+	const struct lb4_revnat *rv = bpf_map_lookup_elem(&weir_lb4_revnat, &rk);
+
+	if (!rv)
+		return;
+	ctx->user_ip4 = rv->address;
+	ctx->user_port = (__u32)rv->port;
+	lb_count(LB_STAT_XLATE_REV);
+}
+
+static __always_inline void lb6_key_addr(struct lb6_key *key, struct bpf_sock_addr *ctx)
+{
+	key->address[0] = ctx->user_ip6[0];
+	key->address[1] = ctx->user_ip6[1];
+	key->address[2] = ctx->user_ip6[2];
+	key->address[3] = ctx->user_ip6[3];
+}
+
+/* IPv6 counterpart of sock4_xlate_fwd. */
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	struct lb6_key key = {
+		.dport = (__be16)ctx->user_port,
+		.proto = (__u8)ctx->protocol,
+	};
+	struct lb6_revnat_key rk = {};
+	struct lb6_revnat rv = {};
+	const struct lb_service *svc, *slot;
+	const struct lb6_backend *be;
+	__u64 client;
+	__u32 id;
+
+	if (key.proto != IPPROTO_TCP_ && key.proto != IPPROTO_UDP_)
+		return 1;
+	lb6_key_addr(&key, ctx);
+	svc = bpf_map_lookup_elem(&weir_lb6_svc, &key);
+	if (!svc)
+		return 1;
+	if (svc->count == 0)
+		return sock_refuse();
+	client = bpf_get_netns_cookie(ctx);
+	id = lb_affinity_backend(svc, client);
+	if (!id)
+		id = lb_maglev_backend(svc, sock_flow(ctx));
+	if (!id) {
+		key.slot = lb_random_slot(svc);
+		slot = bpf_map_lookup_elem(&weir_lb6_svc, &key);
+		if (!slot)
+			goto missing;
+		id = slot->backend_id;
+	}
+	be = bpf_map_lookup_elem(&weir_lb6_backends, &id);
+	if (!be)
+		goto missing;
+	lb_affinity_remember(svc, client, id);
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rk.address, be->address, sizeof(rk.address));
+	rk.port = be->port;
+	rv.address[0] = ctx->user_ip6[0];
+	rv.address[1] = ctx->user_ip6[1];
+	rv.address[2] = ctx->user_ip6[2];
+	rv.address[3] = ctx->user_ip6[3];
+	rv.port = (__be16)ctx->user_port;
+	rv.svc_id = svc->svc_id;
+	if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
+		lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+
+	ctx->user_ip6[0] = be->address[0];
+	ctx->user_ip6[1] = be->address[1];
+	ctx->user_ip6[2] = be->address[2];
+	ctx->user_ip6[3] = be->address[3];
+	ctx->user_port = (__u32)be->port;
+	lb_count(stat);
+	return 1;
+missing:
+	lb_count(LB_STAT_BACKEND_MISSING);
+	return sock_refuse();
+}
+
+static __always_inline void sock6_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct lb6_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.port = (__be16)ctx->user_port,
+	};
+	const struct lb6_revnat *rv;
+
+	rk.address[0] = ctx->user_ip6[0];
+	rk.address[1] = ctx->user_ip6[1];
+	rk.address[2] = ctx->user_ip6[2];
+	rk.address[3] = ctx->user_ip6[3];
+	rv = bpf_map_lookup_elem(&weir_lb6_revnat, &rk);
+	if (!rv)
+		return;
+	ctx->user_ip6[0] = rv->address[0];
+	ctx->user_ip6[1] = rv->address[1];
+	ctx->user_ip6[2] = rv->address[2];
+	ctx->user_ip6[3] = rv->address[3];
+	ctx->user_port = (__u32)rv->port;
+	lb_count(LB_STAT_XLATE_REV);
+}
+
+#endif /* WEIR_LIB_SOCK_H */

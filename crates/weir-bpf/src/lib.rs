@@ -1,0 +1,416 @@
+//! weir's eBPF programs and everything that touches them: the libbpf-rs skeletons built from
+//! bpf/ by build.rs, loading with pinned maps, attaching with pinned links, and typed access to
+//! the maps. This is the only crate with `unsafe` (the generated skeletons, and viewing the
+//! plain C structs as bytes).
+
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, MapType};
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod sock_skel {
+    include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
+}
+
+pub use sock_skel::types;
+use sock_skel::{SockSkel, SockSkelBuilder};
+
+/// Errors of loading, attaching and map access, naming the object concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// libbpf failed.
+    #[error("{what}: {source}")]
+    Libbpf {
+        /// What was being done (names the program, map or path).
+        what: String,
+        /// The cause.
+        source: libbpf_rs::Error,
+    },
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn lb(what: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> BpfError {
+    let what = what.into();
+    move |source| BpfError::Libbpf { what, source }
+}
+
+/// Views a plain C struct (from the skeleton's generated types, all `Copy` and without
+/// padding holes) as bytes.
+pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is a plain-old-data struct generated from BTF with explicit padding fields,
+    // so every byte is initialised; the slice lives as long as the borrow of `v`.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// Reads a plain C struct from bytes (as returned by a map lookup).
+pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    let mut v = T::default();
+    let n = std::mem::size_of::<T>().min(b.len());
+    // SAFETY: T is plain-old-data (any bit pattern is valid) and at most size_of::<T>() bytes
+    // are copied into it.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    v
+}
+
+/// Makes sure a BPF filesystem is mounted at /sys/fs/bpf.
+pub fn ensure_bpffs() -> Result<(), BpfError> {
+    let p = Path::new("/sys/fs/bpf");
+    let is_bpffs = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                    && l.split_whitespace().nth(2) == Some("bpf")
+            })
+        })
+        .unwrap_or(false);
+    if is_bpffs {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .map_err(|source| BpfError::Io {
+            path: p.into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(BpfError::Io {
+            path: p.into(),
+            source: std::io::Error::other("mount -t bpf failed"),
+        });
+    }
+    Ok(())
+}
+
+/// Names of the socket-LB programs, in attach order, with their attach types.
+pub const SOCK_PROGRAMS: &[&str] = &[
+    "sock4_connect",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock4_getpeername",
+    "sock6_connect",
+    "sock6_sendmsg",
+    "sock6_recvmsg",
+    "sock6_getpeername",
+];
+
+/// Names of the socket-LB maps.
+pub const SOCK_MAPS: &[&str] = &[
+    "weir_lb4_svc",
+    "weir_lb6_svc",
+    "weir_lb4_backends",
+    "weir_lb6_backends",
+    "weir_lb4_revnat",
+    "weir_lb6_revnat",
+    "weir_lb_affinity",
+    "weir_lb_affinity_match",
+    "weir_lb_maglev",
+    "weir_lb_stats",
+];
+
+/// Names of the per-CPU counters in `weir_lb_stats`, by index.
+pub const LB_STATS: &[&str] = &[
+    "xlate_connect",
+    "xlate_sendmsg",
+    "xlate_rev",
+    "no_backend",
+    "backend_missing",
+    "affinity_hit",
+    "maglev",
+    "revnat_update_fail",
+];
+
+/// The socket load balancer: the programs of sock.bpf.c with their maps pinned under a
+/// directory, so that they outlive the agent.
+pub struct SockLb {
+    skel: SockSkel<'static>,
+    pin_dir: PathBuf,
+}
+
+impl SockLb {
+    /// Loads the programs, reusing maps pinned in `pin_dir` (so state survives restarts and
+    /// upgrades) and pinning the ones that do not exist yet.
+    pub fn load(pin_dir: &Path) -> Result<SockLb, BpfError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
+            path: pin_dir.into(),
+            source,
+        })?;
+        // The open object must outlive the skeleton; one per loaded program set.
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = SockSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening sock.bpf.o"))?;
+        {
+            let m = &mut open.maps;
+            for (name, map) in [
+                ("weir_lb4_svc", &mut m.weir_lb4_svc),
+                ("weir_lb6_svc", &mut m.weir_lb6_svc),
+                ("weir_lb4_backends", &mut m.weir_lb4_backends),
+                ("weir_lb6_backends", &mut m.weir_lb6_backends),
+                ("weir_lb4_revnat", &mut m.weir_lb4_revnat),
+                ("weir_lb6_revnat", &mut m.weir_lb6_revnat),
+                ("weir_lb_affinity", &mut m.weir_lb_affinity),
+                ("weir_lb_affinity_match", &mut m.weir_lb_affinity_match),
+                ("weir_lb_maglev", &mut m.weir_lb_maglev),
+                ("weir_lb_stats", &mut m.weir_lb_stats),
+            ] {
+                map.set_pin_path(pin_dir.join(name))
+                    .map_err(lb(format!("pin path of map {name}")))?;
+            }
+        }
+        let skel = open.load().map_err(lb(format!(
+            "loading sock.bpf.o (maps in {})",
+            pin_dir.display()
+        )))?;
+        Ok(SockLb {
+            skel,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    fn link_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    /// Attaches every program to the cgroup v2 directory `cgroup` with pinned links. Links
+    /// pinned by an earlier agent are kept and switched to the new programs atomically, so an
+    /// upgrade never leaves sockets unhooked.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = self.link_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let cg = std::fs::File::open(cgroup).map_err(|source| BpfError::Io {
+            path: cgroup.into(),
+            source,
+        })?;
+        let p = &self.skel.progs;
+        for (name, prog) in [
+            ("sock4_connect", &p.sock4_connect),
+            ("sock4_sendmsg", &p.sock4_sendmsg),
+            ("sock4_recvmsg", &p.sock4_recvmsg),
+            ("sock4_getpeername", &p.sock4_getpeername),
+            ("sock6_connect", &p.sock6_connect),
+            ("sock6_sendmsg", &p.sock6_sendmsg),
+            ("sock6_recvmsg", &p.sock6_recvmsg),
+            ("sock6_getpeername", &p.sock6_getpeername),
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                let mut link = Link::open(&path)
+                    .map_err(lb(format!("opening pinned link {}", path.display())))?;
+                link.update_prog(prog).map_err(lb(format!(
+                    "updating link {} to the new {name}",
+                    path.display()
+                )))?;
+                continue;
+            }
+            let mut link = prog.attach_cgroup(cg.as_raw_fd()).map_err(lb(format!(
+                "attaching {name} to cgroup {}",
+                cgroup.display()
+            )))?;
+            link.pin(&path)
+                .map_err(lb(format!("pinning link {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the programs (unpins the links) and removes the pinned maps under `pin_dir`.
+    pub fn remove_pins(pin_dir: &Path) -> Result<(), BpfError> {
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(pin_dir).map_err(|source| BpfError::Io {
+                path: pin_dir.into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A map by name (one of [`SOCK_MAPS`]).
+    pub fn map(&self, name: &str) -> &libbpf_rs::Map<'static> {
+        let m = &self.skel.maps;
+        match name {
+            "weir_lb4_svc" => &m.weir_lb4_svc,
+            "weir_lb6_svc" => &m.weir_lb6_svc,
+            "weir_lb4_backends" => &m.weir_lb4_backends,
+            "weir_lb6_backends" => &m.weir_lb6_backends,
+            "weir_lb4_revnat" => &m.weir_lb4_revnat,
+            "weir_lb6_revnat" => &m.weir_lb6_revnat,
+            "weir_lb_affinity" => &m.weir_lb_affinity,
+            "weir_lb_affinity_match" => &m.weir_lb_affinity_match,
+            "weir_lb_maglev" => &m.weir_lb_maglev,
+            "weir_lb_stats" => &m.weir_lb_stats,
+            other => panic!("no map named {other}"),
+        }
+    }
+
+    /// Writes `key -> value` into map `name`.
+    pub fn put<K: Copy, V: Copy>(&self, name: &str, key: &K, value: &V) -> Result<(), BpfError> {
+        self.map(name)
+            .update(as_bytes(key), as_bytes(value), MapFlags::ANY)
+            .map_err(lb(format!("updating map {name}")))
+    }
+
+    /// Removes `key` from map `name`; a missing key is not an error.
+    pub fn remove<K: Copy>(&self, name: &str, key: &K) -> Result<(), BpfError> {
+        match self.map(name).delete(as_bytes(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(lb(format!("deleting from map {name}"))(e)),
+        }
+    }
+
+    /// Every entry of map `name`.
+    pub fn entries<K: Copy + Default, V: Copy + Default>(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(K, V)>, BpfError> {
+        let map = self.map(name);
+        let mut out = Vec::new();
+        for k in map.keys() {
+            if let Some(v) = map
+                .lookup(&k, MapFlags::ANY)
+                .map_err(lb(format!("reading map {name}")))?
+            {
+                out.push((from_bytes(&k), from_bytes(&v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// (entries, capacity) of map `name`.
+    pub fn usage(&self, name: &str) -> (usize, u32) {
+        let map = self.map(name);
+        let n = if name == "weir_lb_stats" {
+            LB_STATS.len()
+        } else {
+            map.keys().count()
+        };
+        (n, map.max_entries())
+    }
+
+    /// Installs the Maglev table of service `svc_id` (backend ids, one per slot), replacing
+    /// any previous one in one step.
+    pub fn set_maglev(&self, svc_id: u32, table: &[u32]) -> Result<(), BpfError> {
+        // BPF_F_INNER_MAP, as on the template, lets each table have its own size (kernel 5.10+).
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            map_flags: libbpf_sys::BPF_F_INNER_MAP,
+            ..Default::default()
+        };
+        let inner = MapHandle::create(
+            MapType::Array,
+            Some(format!("weir_mgl_{svc_id}")),
+            4,
+            4,
+            table.len().max(1) as u32,
+            &opts,
+        )
+        .map_err(lb(format!(
+            "creating the Maglev table of service {svc_id} ({} slots)",
+            table.len()
+        )))?;
+        for (i, id) in table.iter().enumerate() {
+            inner
+                .update(&(i as u32).to_ne_bytes(), &id.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb(format!("filling the Maglev table of service {svc_id}")))?;
+        }
+        let fd = inner.as_fd().as_raw_fd();
+        self.map("weir_lb_maglev")
+            .update(&svc_id.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb(format!(
+                "installing the Maglev table of service {svc_id}"
+            )))
+    }
+
+    /// Reads back the Maglev table of service `svc_id`.
+    pub fn maglev(&self, svc_id: u32) -> Result<Option<Vec<u32>>, BpfError> {
+        let outer = self.map("weir_lb_maglev");
+        let Some(id) = outer
+            .lookup(&svc_id.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading weir_lb_maglev"))?
+        else {
+            return Ok(None);
+        };
+        let map_id = u32::from_ne_bytes(id[..4].try_into().expect("4 bytes"));
+        let inner =
+            MapHandle::from_map_id(map_id).map_err(lb(format!("opening Maglev table {map_id}")))?;
+        let mut out = vec![0u32; inner.max_entries() as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Some(v) = inner
+                .lookup(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading a Maglev table"))?
+            {
+                *slot = u32::from_ne_bytes(v[..4].try_into().expect("4 bytes"));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The per-CPU counters summed, by name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
+        let map = self.map("weir_lb_stats");
+        let mut out = Vec::new();
+        for (i, name) in LB_STATS.iter().enumerate() {
+            let per_cpu = map
+                .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading weir_lb_stats"))?;
+            let sum = per_cpu
+                .into_iter()
+                .flatten()
+                .map(|v| u64::from_ne_bytes(v[..8].try_into().expect("8 bytes")))
+                .sum();
+            out.push((*name, sum));
+        }
+        Ok(out)
+    }
+
+    /// Program names with their kernel program ids, for status.
+    pub fn programs(&self) -> Vec<(&'static str, u32)> {
+        let p = &self.skel.progs;
+        [
+            ("sock4_connect", &p.sock4_connect),
+            ("sock4_sendmsg", &p.sock4_sendmsg),
+            ("sock4_recvmsg", &p.sock4_recvmsg),
+            ("sock4_getpeername", &p.sock4_getpeername),
+            ("sock6_connect", &p.sock6_connect),
+            ("sock6_sendmsg", &p.sock6_sendmsg),
+            ("sock6_recvmsg", &p.sock6_recvmsg),
+            ("sock6_getpeername", &p.sock6_getpeername),
+        ]
+        .into_iter()
+        .map(|(name, prog)| (name, prog_id(prog.as_fd().as_raw_fd())))
+        .collect()
+    }
+}
+
+/// The kernel id of the program behind `fd` (0 if it cannot be read).
+fn prog_id(fd: i32) -> u32 {
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: `info` is a properly sized, writable bpf_prog_info and `len` says its size.
+    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+    if ret == 0 {
+        info.id
+    } else {
+        0
+    }
+}

@@ -1,0 +1,166 @@
+//! The socket programs on the real kernel: a process in a hooked cgroup connects to a VIP
+//! and reaches the backend programmed in the maps.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+
+use weir_bpf::types::{lb4_backend, lb4_key, lb_service};
+use weir_bpf::SockLb;
+
+struct Guard {
+    pins: PathBuf,
+    mount: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = SockLb::remove_pins(&self.pins);
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
+fn setup(tag: &str) -> Guard {
+    assert!(
+        nix_is_root(),
+        "this test needs root (BPF programs and cgroups)"
+    );
+    weir_bpf::ensure_bpffs().unwrap();
+    let id = format!("{tag}-{}", std::process::id());
+    let mount = PathBuf::from(format!("/run/weir-test-cg-{id}"));
+    std::fs::create_dir_all(&mount).unwrap();
+    assert!(std::process::Command::new("mount")
+        .args(["-t", "cgroup2", "none"])
+        .arg(&mount)
+        .status()
+        .unwrap()
+        .success());
+    let cgroup = mount.join(format!("weir-test-{id}"));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    Guard {
+        pins: PathBuf::from(format!("/sys/fs/bpf/weir-test-{id}")),
+        mount,
+        cgroup,
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs bash inside the cgroup: connect to the VIP and print what the server sent.
+fn connect_from_cgroup(cgroup: &PathBuf, ip: &str, port: u16) -> std::process::Output {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; exec 3<>/dev/tcp/{ip}/{port} && echo hi >&3 && head -c 2 <&3",
+        cgroup.display()
+    );
+    std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn connect_to_vip_reaches_backend_and_empty_service_is_refused() {
+    let g = setup("conn");
+    let mut lb = SockLb::load(&g.pins).unwrap();
+    lb.attach(&g.cgroup).unwrap();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut b = [0u8; 3];
+        let _ = s.read(&mut b);
+        s.write_all(b"ok").unwrap();
+    });
+    let vip = Ipv4Addr::new(10, 200, 0, 1);
+    let key = lb4_key {
+        address: u32::from_ne_bytes(vip.octets()),
+        dport: 80u16.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    lb.put(
+        "weir_lb4_backends",
+        &7u32,
+        &lb4_backend {
+            address: u32::from_ne_bytes([127, 0, 0, 1]),
+            port: port.to_be(),
+            proto: 6,
+            flags: 0,
+        },
+    )
+    .unwrap();
+    lb.put(
+        "weir_lb4_svc",
+        &lb4_key { slot: 1, ..key },
+        &lb_service {
+            backend_id: 7,
+            svc_id: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    lb.put(
+        "weir_lb4_svc",
+        &key,
+        &lb_service {
+            count: 1,
+            svc_id: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = connect_from_cgroup(&g.cgroup, "10.200.0.1", 80);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.join().unwrap();
+    // No endpoints: refused at once.
+    lb.put(
+        "weir_lb4_svc",
+        &key,
+        &lb_service {
+            count: 0,
+            svc_id: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = connect_from_cgroup(&g.cgroup, "10.200.0.1", 80);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Connection refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: std::collections::BTreeMap<_, _> = lb.stats().unwrap().into_iter().collect();
+    assert_eq!(stats["xlate_connect"], 1);
+    assert_eq!(stats["no_backend"], 1);
+    // A second load reuses the pinned maps and upgrades the pinned links in place.
+    drop(lb);
+    let mut again = SockLb::load(&g.pins).unwrap();
+    again.attach(&g.cgroup).unwrap();
+    assert_eq!(
+        again
+            .entries::<lb4_key, lb_service>("weir_lb4_svc")
+            .unwrap()
+            .len(),
+        2
+    );
+    // Maglev tables round-trip.
+    again.set_maglev(1, &[7, 7, 7, 7, 7]).unwrap();
+    assert_eq!(again.maglev(1).unwrap(), Some(vec![7; 5]));
+}
