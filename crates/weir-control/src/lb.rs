@@ -1,0 +1,398 @@
+//! Services and EndpointSlices to load-balancing state, with Kubernetes' semantics: one
+//! frontend per ClusterIP and port; backends from the Service's EndpointSlices with ports
+//! resolved per slice; ready endpoints, or serving+terminating ones when none is ready
+//! (KEP-1669); internalTrafficPolicy; session affinity; headless and ExternalName Services
+//! get no frontend.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Serialize;
+
+/// Annotation choosing a Service's backend selection: `random` or `maglev`.
+pub const ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
+/// Label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Default session affinity timeout (Kubernetes' default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+/// Transport protocol of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+    /// From an IP protocol number.
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// A service address: VIP, port and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct FrontendKey {
+    /// The ClusterIP.
+    pub vip: IpAddr,
+    /// The Service port.
+    pub port: u16,
+    /// The protocol.
+    pub proto: Proto,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+/// A backend address (its protocol is the frontend's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Backend {
+    /// Endpoint IP.
+    pub ip: IpAddr,
+    /// Resolved target port.
+    pub port: u16,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+        }
+    }
+}
+
+/// How a backend is chosen for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Algorithm {
+    /// Uniformly at random.
+    Random,
+    /// From the Service's Maglev table.
+    Maglev,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(Algorithm::Random),
+            "maglev" => Ok(Algorithm::Maglev),
+            other => Err(format!("unknown load-balancing algorithm {other:?} (use random or maglev)")),
+        }
+    }
+}
+
+/// Everything the datapath needs to know about one frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frontend {
+    /// `namespace/name:port-name` of the Service port.
+    pub service: String,
+    /// Backends new connections may go to, sorted.
+    pub backends: Vec<Backend>,
+    /// True when `backends` are serving+terminating endpoints because none is ready.
+    pub terminating_fallback: bool,
+    /// Session affinity timeout in seconds (sessionAffinity: ClientIP), or None.
+    pub affinity_timeout: Option<u32>,
+    /// Backend selection.
+    pub algorithm: Algorithm,
+}
+
+/// The desired load-balancing state of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LbState {
+    /// Frontends by address.
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// Node-wide settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This node's name (for internalTrafficPolicy: Local).
+    pub node_name: String,
+    /// Selection when a Service has no annotation.
+    pub default_algorithm: Algorithm,
+}
+
+/// Something in the input that weir does not act on, said rather than silently ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// What is not acted on, and why.
+    pub message: String,
+}
+
+struct EndpointView {
+    ip: IpAddr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+}
+
+/// Builds the load-balancing state from all Services and EndpointSlices.
+pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> (LbState, Vec<Warning>) {
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+        by_service.entry((s.metadata.namespace.clone().unwrap_or_default(), svc.clone())).or_default().push(s);
+    }
+    let mut state = LbState::default();
+    let mut warnings = Vec::new();
+    for svc in services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let id = format!("{ns}/{name}");
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .clone()
+            .or_else(|| spec.cluster_ip.clone().map(|i| vec![i]))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            continue; // headless, or not allocated yet
+        }
+        let algorithm = match svc.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION)) {
+            None => opts.default_algorithm,
+            Some(v) => match v.parse() {
+                Ok(a) => a,
+                Err(e) => {
+                    warnings.push(Warning { service: id.clone(), message: format!("annotation {ALGORITHM_ANNOTATION}: {e}; using the default") });
+                    opts.default_algorithm
+                }
+            },
+        };
+        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map(|t| t.max(1) as u32)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let svc_slices = by_service.get(&(ns.clone(), name.clone())).cloned().unwrap_or_default();
+        for sp in spec.ports.iter().flatten() {
+            let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Proto::Tcp,
+                "UDP" => Proto::Udp,
+                other => {
+                    warnings.push(Warning { service: id.clone(), message: format!("port {} uses {other}, which weir does not load-balance", sp.port) });
+                    continue;
+                }
+            };
+            let port_name = sp.name.clone().unwrap_or_default();
+            for ip in &ips {
+                let endpoints = endpoints_for(&svc_slices, ip, &port_name, proto);
+                let eligible: Vec<&EndpointView> = endpoints.iter().filter(|e| !local_only || e.node.as_deref() == Some(opts.node_name.as_str())).collect();
+                let ready: BTreeSet<Backend> = eligible.iter().filter(|e| e.ready).map(|e| Backend { ip: e.ip, port: e.port }).collect();
+                let (backends, fallback) = if !ready.is_empty() {
+                    (ready, false)
+                } else {
+                    let terminating: BTreeSet<Backend> = eligible.iter().filter(|e| e.serving && e.terminating).map(|e| Backend { ip: e.ip, port: e.port }).collect();
+                    let fb = !terminating.is_empty();
+                    (terminating, fb)
+                };
+                let key = FrontendKey { vip: *ip, port: sp.port as u16, proto };
+                state.frontends.insert(
+                    key,
+                    Frontend {
+                        service: format!("{id}:{}", if port_name.is_empty() { sp.port.to_string() } else { port_name.clone() }),
+                        backends: backends.into_iter().collect(),
+                        terminating_fallback: fallback,
+                        affinity_timeout,
+                        algorithm,
+                    },
+                );
+            }
+        }
+    }
+    (state, warnings)
+}
+
+fn endpoints_for(slices: &[&EndpointSlice], vip: &IpAddr, port_name: &str, proto: Proto) -> Vec<EndpointView> {
+    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let mut out = Vec::new();
+    for s in slices.iter().filter(|s| s.address_type == family) {
+        // The slice's port of this name and protocol: its number applies to every endpoint
+        // of the slice (slices are split by resolved port set).
+        let Some(port) = s.ports.iter().flatten().find(|p| p.name.clone().unwrap_or_default() == port_name && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()).and_then(|p| p.port) else {
+            continue;
+        };
+        for e in s.endpoints.iter().flatten() {
+            // Consumers use the first address (the API allows more for future use).
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let c = e.conditions.clone().unwrap_or_default();
+            // Unset conditions: ready means ready; serving defaults to ready.
+            let ready = c.ready.unwrap_or(true);
+            out.push(EndpointView {
+                ip,
+                port: port as u16,
+                ready,
+                serving: c.serving.unwrap_or(ready),
+                terminating: c.terminating.unwrap_or(false),
+                node: e.node_name.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(extra: serde_json::Value) -> Service {
+        let mut v = json!({"metadata": {"name": "web", "namespace": "x"}, "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}});
+        merge(&mut v, &extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(a: &mut serde_json::Value, b: &serde_json::Value) {
+        if let (Some(am), Some(bm)) = (a.as_object_mut(), b.as_object()) {
+            for (k, v) in bm {
+                merge(am.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        } else {
+            *a = b.clone();
+        }
+    }
+
+    fn slice(name: &str, port: i32, eps: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "x", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}], "endpoints": eps}))
+        .unwrap()
+    }
+
+    fn opts() -> Options {
+        Options { node_name: "node-1".into(), default_algorithm: Algorithm::Random }
+    }
+
+    fn backends(st: &LbState) -> Vec<String> {
+        st.frontends.values().next().map(|f| f.backends.iter().map(|b| b.to_string()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn ready_endpoints_with_ports_resolved_per_slice() {
+        let s = svc(json!({}));
+        let slices = vec![
+            slice("a", 8080, json!([{"addresses": ["10.244.1.2"], "conditions": {"ready": true}}, {"addresses": ["10.244.1.3"], "conditions": {"ready": false}}])),
+            slice("b", 9090, json!([{"addresses": ["10.244.2.2"]}])),
+        ];
+        let (st, w) = build(&[s], &slices, &opts());
+        assert!(w.is_empty());
+        let key = FrontendKey { vip: "10.96.0.10".parse().unwrap(), port: 80, proto: Proto::Tcp };
+        assert_eq!(st.frontends[&key].service, "x/web:http");
+        assert_eq!(backends(&st), vec!["10.244.1.2:8080", "10.244.2.2:9090"]);
+    }
+
+    #[test]
+    fn terminating_fallback_only_when_nothing_is_ready() {
+        let s = svc(json!({}));
+        let eps = json!([
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            {"addresses": ["10.244.1.4"], "conditions": {"ready": true, "serving": true, "terminating": false}}]);
+        let (st, _) = build(std::slice::from_ref(&s), &[slice("a", 8080, eps)], &opts());
+        assert_eq!(backends(&st), vec!["10.244.1.4:8080"]);
+        let eps = json!([
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            {"addresses": ["10.244.1.5"], "conditions": {"ready": false, "serving": false, "terminating": false}}]);
+        let (st, _) = build(&[s], &[slice("a", 8080, eps)], &opts());
+        assert_eq!(backends(&st), vec!["10.244.1.2:8080"]);
+        assert!(st.frontends.values().next().unwrap().terminating_fallback);
+    }
+
+    #[test]
+    fn no_endpoints_still_has_a_frontend_that_refuses() {
+        let (st, _) = build(&[svc(json!({}))], &[], &opts());
+        assert_eq!(st.frontends.len(), 1);
+        assert!(st.frontends.values().next().unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn headless_and_external_name_get_nothing() {
+        let (st, _) = build(&[svc(json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}))], &[], &opts());
+        assert!(st.frontends.is_empty());
+        let (st, _) = build(&[svc(json!({"spec": {"type": "ExternalName", "externalName": "x.example"}}))], &[], &opts());
+        assert!(st.frontends.is_empty());
+    }
+
+    #[test]
+    fn affinity_algorithm_and_dual_stack() {
+        let s = svc(json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "maglev"}},
+            "spec": {"sessionAffinity": "ClientIP", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "ipFamilies": ["IPv4", "IPv6"]}}));
+        let (st, _) = build(&[s], &[], &opts());
+        assert_eq!(st.frontends.len(), 2);
+        for f in st.frontends.values() {
+            assert_eq!(f.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+            assert_eq!(f.algorithm, Algorithm::Maglev);
+        }
+        let s = svc(json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "fastest"}}, "spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}}));
+        let (st, w) = build(&[s], &[], &opts());
+        assert_eq!(st.frontends.values().next().unwrap().affinity_timeout, Some(30));
+        assert_eq!(w.len(), 1, "an unknown algorithm is reported");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let s = svc(json!({"spec": {"internalTrafficPolicy": "Local"}}));
+        let eps = json!([{"addresses": ["10.244.1.2"], "nodeName": "node-1"}, {"addresses": ["10.244.2.2"], "nodeName": "node-2"}]);
+        let (st, _) = build(&[s], &[slice("a", 8080, eps)], &opts());
+        assert_eq!(backends(&st), vec!["10.244.1.2:8080"]);
+    }
+
+    #[test]
+    fn multi_port_and_udp() {
+        let s = svc(json!({"spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "s", "port": 9, "protocol": "SCTP"}]}}));
+        let sl: EndpointSlice = serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "x", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": ["10.244.1.2"]}]})).unwrap();
+        let (st, w) = build(&[s], &[sl], &opts());
+        let udp = FrontendKey { vip: "10.96.0.10".parse().unwrap(), port: 53, proto: Proto::Udp };
+        assert_eq!(st.frontends[&udp].backends[0].to_string(), "10.244.1.2:5353");
+        assert_eq!(st.frontends.len(), 2);
+        assert_eq!(w.len(), 1);
+    }
+}
