@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Annotation choosing a Service's backend selection: `random` or `maglev`.
 pub const ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
@@ -20,7 +20,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
 /// Transport protocol of a frontend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Proto {
     /// TCP.
     Tcp,
@@ -56,7 +56,7 @@ impl fmt::Display for Proto {
 }
 
 /// A service address: VIP, port and protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FrontendKey {
     /// The ClusterIP.
     pub vip: IpAddr,
@@ -76,7 +76,7 @@ impl fmt::Display for FrontendKey {
 }
 
 /// A backend address (its protocol is the frontend's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Backend {
     /// Endpoint IP.
     pub ip: IpAddr,
@@ -94,7 +94,7 @@ impl fmt::Display for Backend {
 }
 
 /// How a backend is chosen for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Algorithm {
     /// Uniformly at random.
     Random,
@@ -108,7 +108,9 @@ impl std::str::FromStr for Algorithm {
         match s {
             "random" => Ok(Algorithm::Random),
             "maglev" => Ok(Algorithm::Maglev),
-            other => Err(format!("unknown load-balancing algorithm {other:?} (use random or maglev)")),
+            other => Err(format!(
+                "unknown load-balancing algorithm {other:?} (use random or maglev)"
+            )),
         }
     }
 }
@@ -163,11 +165,28 @@ struct EndpointView {
 }
 
 /// Builds the load-balancing state from all Services and EndpointSlices.
-pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> (LbState, Vec<Warning>) {
+pub fn build(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    opts: &Options,
+) -> (LbState, Vec<Warning>) {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
-        by_service.entry((s.metadata.namespace.clone().unwrap_or_default(), svc.clone())).or_default().push(s);
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        by_service
+            .entry((
+                s.metadata.namespace.clone().unwrap_or_default(),
+                svc.clone(),
+            ))
+            .or_default()
+            .push(s);
     }
     let mut state = LbState::default();
     let mut warnings = Vec::new();
@@ -175,7 +194,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> 
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
         let id = format!("{ns}/{name}");
-        let Some(spec) = svc.spec.as_ref() else { continue };
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
@@ -190,12 +211,22 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> 
         if ips.is_empty() {
             continue; // headless, or not allocated yet
         }
-        let algorithm = match svc.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION)) {
+        let algorithm = match svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ALGORITHM_ANNOTATION))
+        {
             None => opts.default_algorithm,
             Some(v) => match v.parse() {
                 Ok(a) => a,
                 Err(e) => {
-                    warnings.push(Warning { service: id.clone(), message: format!("annotation {ALGORITHM_ANNOTATION}: {e}; using the default") });
+                    warnings.push(Warning {
+                        service: id.clone(),
+                        message: format!(
+                            "annotation {ALGORITHM_ANNOTATION}: {e}; using the default"
+                        ),
+                    });
                     opts.default_algorithm
                 }
             },
@@ -209,33 +240,70 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> 
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
         });
         let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let svc_slices = by_service.get(&(ns.clone(), name.clone())).cloned().unwrap_or_default();
+        let svc_slices = by_service
+            .get(&(ns.clone(), name.clone()))
+            .cloned()
+            .unwrap_or_default();
         for sp in spec.ports.iter().flatten() {
             let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Proto::Tcp,
                 "UDP" => Proto::Udp,
                 other => {
-                    warnings.push(Warning { service: id.clone(), message: format!("port {} uses {other}, which weir does not load-balance", sp.port) });
+                    warnings.push(Warning {
+                        service: id.clone(),
+                        message: format!(
+                            "port {} uses {other}, which weir does not load-balance",
+                            sp.port
+                        ),
+                    });
                     continue;
                 }
             };
             let port_name = sp.name.clone().unwrap_or_default();
             for ip in &ips {
                 let endpoints = endpoints_for(&svc_slices, ip, &port_name, proto);
-                let eligible: Vec<&EndpointView> = endpoints.iter().filter(|e| !local_only || e.node.as_deref() == Some(opts.node_name.as_str())).collect();
-                let ready: BTreeSet<Backend> = eligible.iter().filter(|e| e.ready).map(|e| Backend { ip: e.ip, port: e.port }).collect();
+                let eligible: Vec<&EndpointView> = endpoints
+                    .iter()
+                    .filter(|e| !local_only || e.node.as_deref() == Some(opts.node_name.as_str()))
+                    .collect();
+                let ready: BTreeSet<Backend> = eligible
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| Backend {
+                        ip: e.ip,
+                        port: e.port,
+                    })
+                    .collect();
                 let (backends, fallback) = if !ready.is_empty() {
                     (ready, false)
                 } else {
-                    let terminating: BTreeSet<Backend> = eligible.iter().filter(|e| e.serving && e.terminating).map(|e| Backend { ip: e.ip, port: e.port }).collect();
+                    let terminating: BTreeSet<Backend> = eligible
+                        .iter()
+                        .filter(|e| e.serving && e.terminating)
+                        .map(|e| Backend {
+                            ip: e.ip,
+                            port: e.port,
+                        })
+                        .collect();
                     let fb = !terminating.is_empty();
                     (terminating, fb)
                 };
-                let key = FrontendKey { vip: *ip, port: sp.port as u16, proto };
+                let key = FrontendKey {
+                    vip: *ip,
+                    port: sp.port as u16,
+                    proto,
+                };
                 state.frontends.insert(
                     key,
                     Frontend {
-                        service: format!("{id}:{}", if port_name.is_empty() { sp.port.to_string() } else { port_name.clone() }),
+                        service: format!(
+                            "{id}:{}",
+                            if port_name.is_empty() {
+                                sp.port.to_string()
+                            } else {
+                                port_name.clone()
+                            }
+                        ),
                         backends: backends.into_iter().collect(),
                         terminating_fallback: fallback,
                         affinity_timeout,
@@ -248,18 +316,34 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], opts: &Options) -> 
     (state, warnings)
 }
 
-fn endpoints_for(slices: &[&EndpointSlice], vip: &IpAddr, port_name: &str, proto: Proto) -> Vec<EndpointView> {
+fn endpoints_for(
+    slices: &[&EndpointSlice],
+    vip: &IpAddr,
+    port_name: &str,
+    proto: Proto,
+) -> Vec<EndpointView> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
     for s in slices.iter().filter(|s| s.address_type == family) {
         // The slice's port of this name and protocol: its number applies to every endpoint
         // of the slice (slices are split by resolved port set).
-        let Some(port) = s.ports.iter().flatten().find(|p| p.name.clone().unwrap_or_default() == port_name && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()).and_then(|p| p.port) else {
+        let Some(port) = s
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.clone().unwrap_or_default() == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()
+            })
+            .and_then(|p| p.port)
+        else {
             continue;
         };
         for e in s.endpoints.iter().flatten() {
             // Consumers use the first address (the API allows more for future use).
-            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
             let c = e.conditions.clone().unwrap_or_default();
             // Unset conditions: ready means ready; serving defaults to ready.
             let ready = c.ready.unwrap_or(true);
@@ -305,23 +389,38 @@ mod tests {
     }
 
     fn opts() -> Options {
-        Options { node_name: "node-1".into(), default_algorithm: Algorithm::Random }
+        Options {
+            node_name: "node-1".into(),
+            default_algorithm: Algorithm::Random,
+        }
     }
 
     fn backends(st: &LbState) -> Vec<String> {
-        st.frontends.values().next().map(|f| f.backends.iter().map(|b| b.to_string()).collect()).unwrap_or_default()
+        st.frontends
+            .values()
+            .next()
+            .map(|f| f.backends.iter().map(|b| b.to_string()).collect())
+            .unwrap_or_default()
     }
 
     #[test]
     fn ready_endpoints_with_ports_resolved_per_slice() {
         let s = svc(json!({}));
         let slices = vec![
-            slice("a", 8080, json!([{"addresses": ["10.244.1.2"], "conditions": {"ready": true}}, {"addresses": ["10.244.1.3"], "conditions": {"ready": false}}])),
+            slice(
+                "a",
+                8080,
+                json!([{"addresses": ["10.244.1.2"], "conditions": {"ready": true}}, {"addresses": ["10.244.1.3"], "conditions": {"ready": false}}]),
+            ),
             slice("b", 9090, json!([{"addresses": ["10.244.2.2"]}])),
         ];
         let (st, w) = build(&[s], &slices, &opts());
         assert!(w.is_empty());
-        let key = FrontendKey { vip: "10.96.0.10".parse().unwrap(), port: 80, proto: Proto::Tcp };
+        let key = FrontendKey {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+        };
         assert_eq!(st.frontends[&key].service, "x/web:http");
         assert_eq!(backends(&st), vec!["10.244.1.2:8080", "10.244.2.2:9090"]);
     }
@@ -353,25 +452,44 @@ mod tests {
 
     #[test]
     fn headless_and_external_name_get_nothing() {
-        let (st, _) = build(&[svc(json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}))], &[], &opts());
+        let (st, _) = build(
+            &[svc(
+                json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}),
+            )],
+            &[],
+            &opts(),
+        );
         assert!(st.frontends.is_empty());
-        let (st, _) = build(&[svc(json!({"spec": {"type": "ExternalName", "externalName": "x.example"}}))], &[], &opts());
+        let (st, _) = build(
+            &[svc(
+                json!({"spec": {"type": "ExternalName", "externalName": "x.example"}}),
+            )],
+            &[],
+            &opts(),
+        );
         assert!(st.frontends.is_empty());
     }
 
     #[test]
     fn affinity_algorithm_and_dual_stack() {
-        let s = svc(json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "maglev"}},
-            "spec": {"sessionAffinity": "ClientIP", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "ipFamilies": ["IPv4", "IPv6"]}}));
+        let s = svc(
+            json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "maglev"}},
+            "spec": {"sessionAffinity": "ClientIP", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "ipFamilies": ["IPv4", "IPv6"]}}),
+        );
         let (st, _) = build(&[s], &[], &opts());
         assert_eq!(st.frontends.len(), 2);
         for f in st.frontends.values() {
             assert_eq!(f.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
             assert_eq!(f.algorithm, Algorithm::Maglev);
         }
-        let s = svc(json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "fastest"}}, "spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}}));
+        let s = svc(
+            json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "fastest"}}, "spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}}),
+        );
         let (st, w) = build(&[s], &[], &opts());
-        assert_eq!(st.frontends.values().next().unwrap().affinity_timeout, Some(30));
+        assert_eq!(
+            st.frontends.values().next().unwrap().affinity_timeout,
+            Some(30)
+        );
         assert_eq!(w.len(), 1, "an unknown algorithm is reported");
     }
 
@@ -385,13 +503,22 @@ mod tests {
 
     #[test]
     fn multi_port_and_udp() {
-        let s = svc(json!({"spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "s", "port": 9, "protocol": "SCTP"}]}}));
+        let s = svc(
+            json!({"spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "s", "port": 9, "protocol": "SCTP"}]}}),
+        );
         let sl: EndpointSlice = serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "x", "labels": {SERVICE_NAME_LABEL: "web"}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
             "endpoints": [{"addresses": ["10.244.1.2"]}]})).unwrap();
         let (st, w) = build(&[s], &[sl], &opts());
-        let udp = FrontendKey { vip: "10.96.0.10".parse().unwrap(), port: 53, proto: Proto::Udp };
-        assert_eq!(st.frontends[&udp].backends[0].to_string(), "10.244.1.2:5353");
+        let udp = FrontendKey {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            proto: Proto::Udp,
+        };
+        assert_eq!(
+            st.frontends[&udp].backends[0].to_string(),
+            "10.244.1.2:5353"
+        );
         assert_eq!(st.frontends.len(), 2);
         assert_eq!(w.len(), 1);
     }

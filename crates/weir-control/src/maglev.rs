@@ -86,7 +86,9 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.244.{}.{}:8080", i / 200, i % 200 + 2)).collect()
+        (0..n)
+            .map(|i| format!("10.244.{}.{}:8080", i / 200, i % 200 + 2))
+            .collect()
     }
 
     #[test]
@@ -108,7 +110,10 @@ mod tests {
             }
             let ideal = m as f64 / n as f64;
             for c in counts {
-                assert!((c as f64 - ideal).abs() / ideal <= 0.01 + 1.0 / ideal, "n={n} count={c} ideal={ideal}");
+                assert!(
+                    (c as f64 - ideal).abs() / ideal <= 0.01 + 1.0 / ideal,
+                    "n={n} count={c} ideal={ideal}"
+                );
             }
         }
     }
@@ -130,10 +135,17 @@ mod tests {
         let before: Vec<String> = build(&all, m).iter().map(|i| all[*i].clone()).collect();
         let fewer: Vec<String> = all[1..].to_vec();
         let after: Vec<String> = build(&fewer, m).iter().map(|i| fewer[*i].clone()).collect();
-        let moved = before.iter().zip(&after).filter(|(b, a)| b != a && **b != all[0]).count();
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b != a && **b != all[0])
+            .count();
         let owned_by_removed = before.iter().filter(|b| **b == all[0]).count();
         // Slots of the removed backend must move; of the others, only a few percent may.
         assert!(owned_by_removed as f64 / m as f64 <= 1.0 / n as f64 + 0.01);
-        assert!((moved as f64) / (m as f64) < 0.05, "moved {moved} of {m} slots that did not belong to the removed backend");
+        assert!(
+            (moved as f64) / (m as f64) < 0.05,
+            "moved {moved} of {m} slots that did not belong to the removed backend"
+        );
     }
 }

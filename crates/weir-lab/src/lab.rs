@@ -143,6 +143,22 @@ pub fn start_kubelet(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
     )
 }
 
+/// Starts a node's weir agent.
+pub fn start_agent(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
+    spawn_daemon(
+        paths,
+        &format!("agent-{node}"),
+        &[
+            "lab".into(),
+            "agent".into(),
+            "--cluster".into(),
+            paths.name.clone().into(),
+            "--node".into(),
+            node.into(),
+        ],
+    )
+}
+
 /// A client for the lab, failing with a hint when the lab does not exist.
 pub async fn lab_client(name: &str) -> Result<Client, LabError> {
     paths::check_name(name)?;
@@ -254,6 +270,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     start_controller(p)?;
     for n in &layout.nodes {
         start_kubelet(p, &n.name)?;
+        start_agent(p, &n.name)?;
     }
     wait_for_nodes(&client, &layout, &progress, Duration::from_secs(20)).await?;
     progress.step(&format!(
@@ -266,6 +283,8 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         progress.step(&format!("applied {} object(s)", lines.len()));
         wait_for_pods(&client, &progress, opts.timeout).await?;
     }
+    wait_converged(&client, &layout, opts.timeout).await?;
+    progress.step("EndpointSlices and every node's datapath match the API");
     let k = p.kubeconfig();
     Ok(k)
 }
@@ -349,6 +368,196 @@ pub async fn wait_for_pods(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Frontends and their backends, as comparable strings.
+type LbView = std::collections::BTreeMap<String, Vec<String>>;
+
+fn expected_view(
+    services: &[Service],
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    node: &str,
+) -> LbView {
+    let opts = weir_control::lb::Options {
+        node_name: node.into(),
+        default_algorithm: weir_control::lb::Algorithm::Random,
+    };
+    let (state, _) = weir_control::lb::build(services, slices, &opts);
+    state
+        .frontends
+        .iter()
+        .map(|(k, f)| {
+            (
+                k.to_string(),
+                f.backends.iter().map(|b| b.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn agent_view(dump: &serde_json::Value) -> LbView {
+    let mut out = LbView::new();
+    for f in dump["frontends"].as_array().into_iter().flatten() {
+        let Ok(key) = serde_json::from_value::<weir_control::lb::FrontendKey>(f["key"].clone())
+        else {
+            continue;
+        };
+        let mut backends: Vec<String> = f["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| serde_json::from_value::<weir_control::lb::Backend>(b[1].clone()).ok())
+            .map(|b| b.to_string())
+            .collect();
+        backends.sort();
+        out.insert(key.to_string(), backends);
+    }
+    out
+}
+
+/// Whether every Service's EndpointSlices list exactly its Ready pods.
+fn slices_caught_up(
+    services: &[Service],
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    pods: &[Pod],
+) -> bool {
+    for s in services {
+        let Some(sel) = s
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.selector.as_ref())
+            .filter(|m| !m.is_empty())
+        else {
+            continue;
+        };
+        let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+        let name = s.metadata.name.as_deref().unwrap_or_default();
+        let selector = weir_model::LabelSelector::from_map(sel);
+        let mut want: Vec<String> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.deletion_timestamp.is_none()
+                    && crate::endpoints::pod_is_ready(p)
+            })
+            .filter(|p| selector.matches(&p.metadata.labels.clone().unwrap_or_default()))
+            .filter_map(|p| p.status.as_ref().and_then(|st| st.pod_ip.clone()))
+            .collect();
+        let mut have: Vec<String> = slices
+            .iter()
+            .filter(|sl| sl.metadata.namespace.as_deref() == Some(ns) && sl.address_type == "IPv4")
+            .filter(|sl| {
+                sl.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::endpoints::SERVICE_NAME_LABEL))
+                    .map(String::as_str)
+                    == Some(name)
+            })
+            .flat_map(|sl| sl.endpoints.clone().unwrap_or_default())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .filter_map(|e| e.addresses.first().cloned())
+            .collect();
+        want.sort();
+        have.sort();
+        have.dedup();
+        if want != have {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits until the EndpointSlice controller has caught up with the pods and every node's
+/// agent has programmed exactly what the API says: a lab that `up` returns is consistent.
+pub async fn wait_converged(
+    client: &Client,
+    layout: &Layout,
+    timeout: Duration,
+) -> Result<(), LabError> {
+    let p = LabPaths::new(&layout.name);
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let lp = ListParams::default();
+        let kerr = |e: kube::Error| LabError::Kube(e.to_string());
+        let services = Api::<Service>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(kerr)?
+            .items;
+        let slices = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(kerr)?
+            .items;
+        let pods = Api::<Pod>::all(client.clone())
+            .list(&lp)
+            .await
+            .map_err(kerr)?
+            .items;
+        let mut ok = slices_caught_up(&services, &slices, &pods);
+        if !ok {
+            last = "EndpointSlices do not yet list every Ready pod".into();
+        }
+        if ok {
+            for n in &layout.nodes {
+                let want = expected_view(&services, &slices, &n.name);
+                match weir_agent::api::get(&p.agent_socket(&n.name), "/lb").await {
+                    Ok(dump) if agent_view(&dump) == want => {}
+                    Ok(_) => {
+                        ok = false;
+                        last = format!(
+                            "the agent of {} has not programmed the current Services yet",
+                            n.name
+                        );
+                    }
+                    Err(e) => {
+                        ok = false;
+                        last = format!(
+                            "the agent of {} does not answer on {}: {e}",
+                            n.name,
+                            p.agent_socket(&n.name).display()
+                        );
+                    }
+                }
+            }
+        }
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(LabError::Timeout(format!(
+                "the lab did not converge within {timeout:?}: {last} (logs in {})",
+                p.log_dir().display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a node's agent in this process (the `weir lab agent` component).
+pub async fn run_agent(
+    name: &str,
+    node: &str,
+    algorithm: weir_control::lb::Algorithm,
+) -> Result<(), LabError> {
+    let p = LabPaths::new(name);
+    let layout = Layout::load(&p)?;
+    layout.node(node)?;
+    let cgroup = p.cgroup_dir().join(node);
+    std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
+    let dp = weir_dataplane::ebpf::EbpfDataplane::new(&p.node_bpf_dir(node), &cgroup)
+        .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
+    let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
+    let cfg = weir_agent::AgentConfig {
+        node_name: node.into(),
+        socket: p.agent_socket(node),
+        default_algorithm: algorithm,
+    };
+    weir_agent::run(client, Box::new(dp), cfg)
+        .await
+        .map_err(|e| LabError::Command("agent".into(), e.to_string()))
 }
 
 /// Where `wait_for_pods` reports progress.

@@ -74,6 +74,14 @@ impl LabPaths {
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.dir.join("nodes").join(node)
     }
+    /// The BPF pin directory of a node's agent.
+    pub fn node_bpf_dir(&self, node: &str) -> PathBuf {
+        self.bpf_dir().join(node)
+    }
+    /// The introspection socket of a node's agent.
+    pub fn agent_socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent.sock")
+    }
     /// Name of a lab network namespace: `weir.<lab>.<what>` (dots cannot occur in lab names,
     /// so no lab's names are a prefix of another's).
     pub fn netns(&self, what: &str) -> String {

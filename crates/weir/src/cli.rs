@@ -55,6 +55,19 @@ enum Command {
     Get(crate::get::GetArgs),
     /// Run the Kubernetes-compatible API server.
     Apiserver(ApiserverArgs),
+    /// Run the node agent: watch the API and program the eBPF datapath.
+    Agent(AgentArgs),
+    /// Show the agent's synchronisation, programs and maps.
+    Status {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Inspect the eBPF datapath through the agent.
+    #[command(subcommand)]
+    Bpf(BpfCommand),
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -62,6 +75,70 @@ enum Command {
     Completions {
         /// Shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// This node's name (as in the Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// cgroup v2 directory whose sockets are load-balanced (the pods' subtree).
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// Where maps and links are pinned (default /sys/fs/bpf/weir/default/NODE).
+    #[arg(long)]
+    bpf_pin_dir: Option<PathBuf>,
+    /// Introspection socket.
+    #[arg(long, default_value = "/run/weir/agent.sock")]
+    socket: PathBuf,
+    /// Backend selection for Services without the weir.dev/lb-algorithm annotation.
+    #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
+    lb_algorithm: AlgorithmArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AlgorithmArg {
+    Random,
+    Maglev,
+}
+
+impl From<AlgorithmArg> for weir_control::lb::Algorithm {
+    fn from(a: AlgorithmArg) -> Self {
+        match a {
+            AlgorithmArg::Random => weir_control::lb::Algorithm::Random,
+            AlgorithmArg::Maglev => weir_control::lb::Algorithm::Maglev,
+        }
+    }
+}
+
+/// Which agent to ask: a lab node (with --cluster) or a socket.
+#[derive(Args, Debug)]
+struct AgentTarget {
+    /// The lab node whose agent to ask (with --cluster).
+    #[arg(long, default_value = "node-1")]
+    node: String,
+    /// The agent's socket (default: the lab node's, or /run/weir/agent.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfCommand {
+    /// Load-balancing state.
+    #[command(subcommand)]
+    Lb(LbCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LbCommand {
+    /// Frontends with their backends, Maglev tables and session affinity entries.
+    List {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
 }
 
@@ -196,6 +273,14 @@ enum LabCommand {
     Kubelet {
         #[arg(long)]
         node: String,
+    },
+    /// (component) A node's weir agent.
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
+        lb_algorithm: AlgorithmArg,
     },
     /// (component) A pod sandbox: the echo server inside the pod.
     #[command(hide = true)]
@@ -383,7 +468,53 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Lab(l) => run_lab(&cli, l),
+        Command::Agent(a) => runtime()?.block_on(run_agent(&cli, a)),
+        Command::Status { target, output } => runtime()?.block_on(crate::introspect::status(
+            &agent_socket(&cli, target)?,
+            *output == Format::Json,
+        )),
+        Command::Bpf(BpfCommand::Lb(LbCommand::List { target, output })) => runtime()?.block_on(
+            crate::introspect::lb_list(&agent_socket(&cli, target)?, *output == Format::Json),
+        ),
     }
+}
+
+fn agent_socket(cli: &Cli, t: &AgentTarget) -> Result<PathBuf> {
+    if let Some(s) = &t.socket {
+        return Ok(s.clone());
+    }
+    match &cli.cluster {
+        Some(c) => {
+            lab::kubeconfig_of(c)?;
+            Ok(weir_lab::paths::LabPaths::new(c).agent_socket(&t.node))
+        }
+        None => Ok(PathBuf::from("/run/weir/agent.sock")),
+    }
+}
+
+async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
+    let pins = a
+        .bpf_pin_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
+    let dp = weir_dataplane::ebpf::EbpfDataplane::new(&pins, &a.cgroup)
+        .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
+    let client = match cli.kubeconfig_path()? {
+        Some(p) => client::client_from_kubeconfig(&p).await?,
+        None => kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
+    };
+    let cfg = weir_agent::AgentConfig {
+        node_name: a.node_name.clone(),
+        socket: a.socket.clone(),
+        default_algorithm: a.lb_algorithm.into(),
+    };
+    tokio::select! {
+        r = weir_agent::run(client, Box::new(dp), cfg) => r?,
+        _ = lab::wait_for_signal() => {}
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn dry_run_all(c: &kube::Client, docs: &[client::Doc]) -> Result<usize> {
@@ -646,6 +777,16 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
         LabCommand::Apiserver => {
             let name = cli.lab_name()?;
             runtime()?.block_on(lab::run_apiserver(&name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Agent { node, lb_algorithm } => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(async {
+                tokio::select! {
+                    r = lab::run_agent(&name, node, (*lb_algorithm).into()) => r,
+                    _ = lab::wait_for_signal() => Ok(()),
+                }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Controller => {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod get;
+mod introspect;
 
 use std::process::ExitCode;
 

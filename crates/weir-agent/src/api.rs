@@ -1,0 +1,88 @@
+//! The node-local introspection API: HTTP over a unix socket (mode 0600), JSON answers.
+//! `GET /status` (sync state), `GET /lb` (frontends, backends, affinity, counters,
+//! programs, maps).
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::Shared;
+
+fn json(code: StatusCode, v: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).expect("json"))))
+        .expect("response")
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/status" => {
+            let st = shared.status.lock().expect("status").clone();
+            json(StatusCode::OK, &st)
+        }
+        "/lb" => {
+            let dump = shared.dataplane.lock().expect("dataplane").dump();
+            match dump {
+                Ok(d) => json(StatusCode::OK, &d),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        other => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no such path {other}")}),
+        ),
+    })
+}
+
+/// Serves the API on `path` until the process ends.
+pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(sock), svc)
+                .await;
+        });
+    }
+}
+
+/// A client call: GET `path` on the agent socket, returning the JSON body.
+pub async fn get(socket: &Path, path: &str) -> std::io::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(socket).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    serde_json::from_str(body)
+        .map_err(|e| std::io::Error::other(format!("bad answer from {}: {e}", socket.display())))
+}

@@ -1,0 +1,519 @@
+//! The eBPF dataplane: frontends and backends in the pinned maps of the socket programs.
+//!
+//! Writes are ordered so that a lookup never finds a slot naming a missing backend: new
+//! backends first, then a service's Maglev table and slots, then its master entry (which
+//! makes the new slot count visible), then stale slots, and unreferenced backends last.
+//! Frontend and backend ids are read back from the pinned maps on start, so a restarted
+//! agent keeps them (and the affinity entries that refer to them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use weir_bpf::types::{
+    lb4_backend, lb4_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key, lb_affinity_match,
+    lb_service,
+};
+use weir_bpf::SockLb;
+use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto};
+use weir_control::maglev;
+
+use crate::{AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, FrontendDump, MapUsage};
+
+const SVC_AFFINITY: u16 = 1;
+const SVC_MAGLEV: u16 = 2;
+
+/// A frontend as programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Programmed {
+    id: u32,
+    backends: Vec<u32>,
+    flags: u16,
+    timeout: u32,
+    maglev_size: u32,
+}
+
+/// The eBPF dataplane of one node.
+pub struct EbpfDataplane {
+    lb: SockLb,
+    cgroup: PathBuf,
+    frontends: BTreeMap<FrontendKey, Programmed>,
+    backends: BTreeMap<(Backend, Proto), u32>,
+    next_backend: u32,
+    next_frontend: u32,
+}
+
+fn v4(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn v6(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+}
+
+fn from_v6(a: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+impl EbpfDataplane {
+    /// Loads the socket programs with maps pinned in `pin_dir`, attaches them to the cgroup v2
+    /// directory `cgroup`, and reads back what earlier runs programmed.
+    pub fn new(pin_dir: &Path, cgroup: &Path) -> Result<Self, DataplaneError> {
+        weir_bpf::ensure_bpffs()?;
+        let mut lb = SockLb::load(pin_dir)?;
+        lb.attach(cgroup)?;
+        let mut dp = EbpfDataplane {
+            lb,
+            cgroup: cgroup.to_path_buf(),
+            frontends: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            next_backend: 1,
+            next_frontend: 1,
+        };
+        dp.read_back()?;
+        Ok(dp)
+    }
+
+    /// The socket programs and maps, for introspection.
+    pub fn lb(&self) -> &SockLb {
+        &self.lb
+    }
+
+    fn read_back(&mut self) -> Result<(), DataplaneError> {
+        for (id, b) in self.lb.entries::<u32, lb4_backend>("weir_lb4_backends")? {
+            if let Some(p) = Proto::from_number(b.proto) {
+                self.backends.insert(
+                    (
+                        Backend {
+                            ip: IpAddr::V4(Ipv4Addr::from(b.address.to_ne_bytes())),
+                            port: u16::from_be(b.port),
+                        },
+                        p,
+                    ),
+                    id,
+                );
+            }
+        }
+        for (id, b) in self.lb.entries::<u32, lb6_backend>("weir_lb6_backends")? {
+            if let Some(p) = Proto::from_number(b.proto) {
+                self.backends.insert(
+                    (
+                        Backend {
+                            ip: IpAddr::V6(from_v6(b.address)),
+                            port: u16::from_be(b.port),
+                        },
+                        p,
+                    ),
+                    id,
+                );
+            }
+        }
+        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, lb_service>> = BTreeMap::new();
+        for (k, v) in self.lb.entries::<lb4_key, lb_service>("weir_lb4_svc")? {
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let key = FrontendKey {
+                vip: IpAddr::V4(Ipv4Addr::from(k.address.to_ne_bytes())),
+                port: u16::from_be(k.dport),
+                proto,
+            };
+            slots.entry(key).or_default().insert(k.slot, v);
+        }
+        for (k, v) in self.lb.entries::<lb6_key, lb_service>("weir_lb6_svc")? {
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let key = FrontendKey {
+                vip: IpAddr::V6(from_v6(k.address)),
+                port: u16::from_be(k.dport),
+                proto,
+            };
+            slots.entry(key).or_default().insert(k.slot, v);
+        }
+        for (key, s) in slots {
+            let Some(master) = s.get(&0) else {
+                // Slots without a master: leftovers of an interrupted removal.
+                for slot in s.keys() {
+                    self.delete_slot(&key, *slot)?;
+                }
+                continue;
+            };
+            let backends = (1..=master.count)
+                .filter_map(|i| s.get(&i).map(|v| v.backend_id))
+                .collect();
+            self.frontends.insert(
+                key,
+                Programmed {
+                    id: master.svc_id,
+                    backends,
+                    flags: master.flags,
+                    timeout: master.affinity_timeout,
+                    maglev_size: master.backend_id,
+                },
+            );
+        }
+        self.next_backend = self.backends.values().max().map_or(1, |m| m + 1);
+        self.next_frontend = self
+            .frontends
+            .values()
+            .map(|f| f.id)
+            .max()
+            .map_or(1, |m| m + 1);
+        Ok(())
+    }
+
+    fn alloc_frontend_id(&mut self) -> u32 {
+        let used: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
+        while used.contains(&self.next_frontend) || self.next_frontend == 0 {
+            self.next_frontend = self.next_frontend.wrapping_add(1);
+        }
+        let id = self.next_frontend;
+        self.next_frontend = self.next_frontend.wrapping_add(1);
+        id
+    }
+
+    fn backend_id(
+        &mut self,
+        b: Backend,
+        proto: Proto,
+        stats: &mut ApplyStats,
+    ) -> Result<u32, DataplaneError> {
+        if let Some(id) = self.backends.get(&(b, proto)) {
+            return Ok(*id);
+        }
+        let used: BTreeSet<u32> = self.backends.values().copied().collect();
+        while used.contains(&self.next_backend) || self.next_backend == 0 {
+            self.next_backend = self.next_backend.wrapping_add(1);
+        }
+        let id = self.next_backend;
+        self.next_backend = self.next_backend.wrapping_add(1);
+        match b.ip {
+            IpAddr::V4(a) => self.lb.put(
+                "weir_lb4_backends",
+                &id,
+                &lb4_backend {
+                    address: v4(a),
+                    port: b.port.to_be(),
+                    proto: proto.number(),
+                    flags: 0,
+                },
+            )?,
+            IpAddr::V6(a) => self.lb.put(
+                "weir_lb6_backends",
+                &id,
+                &lb6_backend {
+                    address: v6(a),
+                    port: b.port.to_be(),
+                    proto: proto.number(),
+                    flags: 0,
+                },
+            )?,
+        }
+        self.backends.insert((b, proto), id);
+        stats.backends_added += 1;
+        Ok(id)
+    }
+
+    fn put_slot(&self, key: &FrontendKey, slot: u16, v: &lb_service) -> Result<(), DataplaneError> {
+        match key.vip {
+            IpAddr::V4(a) => self.lb.put(
+                "weir_lb4_svc",
+                &lb4_key {
+                    address: v4(a),
+                    dport: key.port.to_be(),
+                    proto: key.proto.number(),
+                    slot,
+                    ..Default::default()
+                },
+                v,
+            )?,
+            IpAddr::V6(a) => self.lb.put(
+                "weir_lb6_svc",
+                &lb6_key {
+                    address: v6(a),
+                    dport: key.port.to_be(),
+                    proto: key.proto.number(),
+                    slot,
+                    ..Default::default()
+                },
+                v,
+            )?,
+        }
+        Ok(())
+    }
+
+    fn delete_slot(&self, key: &FrontendKey, slot: u16) -> Result<(), DataplaneError> {
+        match key.vip {
+            IpAddr::V4(a) => self.lb.remove(
+                "weir_lb4_svc",
+                &lb4_key {
+                    address: v4(a),
+                    dport: key.port.to_be(),
+                    proto: key.proto.number(),
+                    slot,
+                    ..Default::default()
+                },
+            )?,
+            IpAddr::V6(a) => self.lb.remove(
+                "weir_lb6_svc",
+                &lb6_key {
+                    address: v6(a),
+                    dport: key.port.to_be(),
+                    proto: key.proto.number(),
+                    slot,
+                    ..Default::default()
+                },
+            )?,
+        }
+        Ok(())
+    }
+
+    fn program(
+        &mut self,
+        key: &FrontendKey,
+        f: &Frontend,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DataplaneError> {
+        if f.backends.len() > u16::MAX as usize {
+            return Err(DataplaneError::Full(format!(
+                "service {} has {} backends; at most 65535 are supported",
+                f.service,
+                f.backends.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(f.backends.len());
+        for b in &f.backends {
+            ids.push(self.backend_id(*b, key.proto, stats)?);
+        }
+        let mut flags = 0;
+        if f.affinity_timeout.is_some() {
+            flags |= SVC_AFFINITY;
+        }
+        let maglev_size = if f.algorithm == Algorithm::Maglev && !ids.is_empty() {
+            flags |= SVC_MAGLEV;
+            maglev::table_size(ids.len())
+        } else {
+            0
+        };
+        let old = self.frontends.get(key).cloned();
+        let id = match &old {
+            Some(o) => o.id,
+            None => self.alloc_frontend_id(),
+        };
+        let want = Programmed {
+            id,
+            backends: ids.clone(),
+            flags,
+            timeout: f.affinity_timeout.unwrap_or(0),
+            maglev_size,
+        };
+        if old.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        if maglev_size > 0 {
+            let names: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
+            let table: Vec<u32> = maglev::build(&names, maglev_size)
+                .into_iter()
+                .map(|i| ids[i])
+                .collect();
+            self.lb.set_maglev(id, &table)?;
+        }
+        for (i, bid) in ids.iter().enumerate() {
+            self.put_slot(
+                key,
+                (i + 1) as u16,
+                &lb_service {
+                    backend_id: *bid,
+                    svc_id: id,
+                    ..Default::default()
+                },
+            )?;
+            self.lb.put(
+                "weir_lb_affinity_match",
+                &lb_affinity_match {
+                    svc_id: id,
+                    backend_id: *bid,
+                },
+                &1u8,
+            )?;
+        }
+        self.put_slot(
+            key,
+            0,
+            &lb_service {
+                backend_id: maglev_size,
+                svc_id: id,
+                count: ids.len() as u16,
+                flags,
+                affinity_timeout: want.timeout,
+            },
+        )?;
+        if let Some(o) = &old {
+            for slot in ids.len() + 1..=o.backends.len() {
+                self.delete_slot(key, slot as u16)?;
+            }
+            let now: BTreeSet<u32> = ids.iter().copied().collect();
+            for gone in o.backends.iter().filter(|b| !now.contains(b)) {
+                self.lb.remove(
+                    "weir_lb_affinity_match",
+                    &lb_affinity_match {
+                        svc_id: id,
+                        backend_id: *gone,
+                    },
+                )?;
+            }
+            if o.maglev_size > 0 && maglev_size == 0 {
+                self.lb.remove("weir_lb_maglev", &id)?;
+            }
+        }
+        self.frontends.insert(*key, want);
+        stats.frontends_updated += 1;
+        Ok(())
+    }
+
+    fn unprogram(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
+        let Some(o) = self.frontends.remove(key) else {
+            return Ok(());
+        };
+        self.delete_slot(key, 0)?;
+        for slot in 1..=o.backends.len() {
+            self.delete_slot(key, slot as u16)?;
+        }
+        for b in &o.backends {
+            self.lb.remove(
+                "weir_lb_affinity_match",
+                &lb_affinity_match {
+                    svc_id: o.id,
+                    backend_id: *b,
+                },
+            )?;
+        }
+        if o.maglev_size > 0 {
+            self.lb.remove("weir_lb_maglev", &o.id)?;
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = ApplyStats::default();
+        for (key, f) in &state.frontends {
+            self.program(key, f, &mut stats)?;
+        }
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !state.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.unprogram(&key)?;
+            stats.frontends_removed += 1;
+        }
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.iter().copied())
+            .collect();
+        let unused: Vec<((Backend, Proto), u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        let mut gone_udp = Vec::new();
+        for ((b, proto), id) in unused {
+            match b.ip {
+                IpAddr::V4(_) => self.lb.remove("weir_lb4_backends", &id)?,
+                IpAddr::V6(_) => self.lb.remove("weir_lb6_backends", &id)?,
+            }
+            self.backends.remove(&(b, proto));
+            stats.backends_removed += 1;
+            if proto == Proto::Udp {
+                gone_udp.push(b);
+            }
+        }
+        if !gone_udp.is_empty() {
+            stats.sockets_destroyed =
+                crate::sockets::destroy_connected_udp(&self.cgroup, &gone_udp);
+        }
+        Ok(stats)
+    }
+
+    fn dump(&self) -> Result<Dump, DataplaneError> {
+        let by_id: BTreeMap<u32, (Backend, Proto)> =
+            self.backends.iter().map(|(k, id)| (*id, *k)).collect();
+        let frontends = self
+            .frontends
+            .iter()
+            .map(|(k, p)| FrontendDump {
+                key: *k,
+                id: p.id,
+                backends: p
+                    .backends
+                    .iter()
+                    .filter_map(|id| by_id.get(id).map(|(b, _)| (*id, *b)))
+                    .collect(),
+                affinity_timeout: (p.flags & SVC_AFFINITY != 0).then_some(p.timeout),
+                maglev_size: (p.maglev_size > 0).then_some(p.maglev_size),
+            })
+            .collect();
+        let now = std::time::SystemTime::now();
+        let _ = now;
+        let boot_now = boot_seconds();
+        let affinity = self
+            .lb
+            .entries::<lb_affinity_key, lb_affinity>("weir_lb_affinity")?
+            .into_iter()
+            .map(|(k, v)| AffinityDump {
+                client: k.client,
+                frontend_id: k.svc_id,
+                backend_id: v.backend_id,
+                idle_seconds: boot_now.saturating_sub(v.last_used),
+            })
+            .collect();
+        Ok(Dump {
+            frontends,
+            backends: by_id.into_iter().map(|(id, (b, p))| (id, b, p)).collect(),
+            affinity,
+            counters: self
+                .lb
+                .stats()?
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            programs: self
+                .lb
+                .programs()
+                .into_iter()
+                .map(|(n, id)| (n.to_string(), id))
+                .collect(),
+            maps: weir_bpf::SOCK_MAPS
+                .iter()
+                .map(|m| {
+                    let (entries, capacity) = self.lb.usage(m);
+                    MapUsage {
+                        name: m.to_string(),
+                        entries,
+                        capacity,
+                    }
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Seconds since boot, the clock the datapath stamps affinity entries with.
+fn boot_seconds() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split('.').next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}

@@ -1,0 +1,100 @@
+//! The `Dataplane` trait, which applies the control layer's desired state to a datapath, and
+//! its eBPF implementation. An iptables/nftables dataplane implements the same trait.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod ebpf;
+pub mod sockets;
+
+use serde::Serialize;
+use weir_control::lb::{Backend, FrontendKey, LbState, Proto};
+
+/// A dataplane could not apply or read its state.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The BPF layer failed (the message names the map or program).
+    #[error(transparent)]
+    Bpf(#[from] weir_bpf::BpfError),
+    /// An id space or map is full.
+    #[error("{0}")]
+    Full(String),
+}
+
+/// What an apply changed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Frontends created or changed.
+    pub frontends_updated: usize,
+    /// Frontends removed.
+    pub frontends_removed: usize,
+    /// Backends added to the backend table.
+    pub backends_added: usize,
+    /// Backends removed from the backend table.
+    pub backends_removed: usize,
+    /// Connected UDP sockets closed because their backend went away.
+    pub sockets_destroyed: usize,
+}
+
+/// One programmed frontend, as read back from the datapath.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontendDump {
+    /// Frontend address.
+    pub key: FrontendKey,
+    /// Datapath id of the frontend.
+    pub id: u32,
+    /// Backends in slot order, with their datapath ids.
+    pub backends: Vec<(u32, Backend)>,
+    /// Session affinity timeout, if any.
+    pub affinity_timeout: Option<u32>,
+    /// Maglev table size, if Maglev is used.
+    pub maglev_size: Option<u32>,
+}
+
+/// One session affinity entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct AffinityDump {
+    /// Client (network namespace cookie).
+    pub client: u64,
+    /// Frontend id.
+    pub frontend_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+    /// Seconds since the entry was last used.
+    pub idle_seconds: u64,
+}
+
+/// A map's fill level.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapUsage {
+    /// Map name.
+    pub name: String,
+    /// Entries in use.
+    pub entries: usize,
+    /// Capacity.
+    pub capacity: u32,
+}
+
+/// The whole datapath as read back.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Dump {
+    /// Frontends.
+    pub frontends: Vec<FrontendDump>,
+    /// Backends by id, with protocol.
+    pub backends: Vec<(u32, Backend, Proto)>,
+    /// Session affinity entries.
+    pub affinity: Vec<AffinityDump>,
+    /// Counters by name.
+    pub counters: Vec<(String, u64)>,
+    /// Programs (name, kernel id).
+    pub programs: Vec<(String, u32)>,
+    /// Maps.
+    pub maps: Vec<MapUsage>,
+}
+
+/// A datapath that load-balances Services.
+pub trait Dataplane: Send {
+    /// Makes the datapath match `state`, touching only what differs.
+    fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError>;
+    /// Reads back what is programmed.
+    fn dump(&self) -> Result<Dump, DataplaneError>;
+}
