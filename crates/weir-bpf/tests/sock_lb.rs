@@ -59,7 +59,7 @@ fn nix_is_root() -> bool {
 }
 
 /// Runs bash inside the cgroup: connect to the VIP and print what the server sent.
-fn connect_from_cgroup(cgroup: &PathBuf, ip: &str, port: u16) -> std::process::Output {
+fn connect_from_cgroup(cgroup: &std::path::Path, ip: &str, port: u16) -> std::process::Output {
     let script = format!(
         "echo $$ > {}/cgroup.procs; exec 3<>/dev/tcp/{ip}/{port} && echo hi >&3 && head -c 2 <&3",
         cgroup.display()

@@ -21,6 +21,10 @@ pub struct AttemptSpec {
     pub timeout_ms: u64,
     /// How many attempts run at once.
     pub parallel: usize,
+    /// Hold mode: instead of fresh connections, keep one connection (to `targets[0]`) and
+    /// exchange a message every 100 ms for this many milliseconds, reconnecting after errors.
+    #[serde(default)]
+    pub hold_ms: u64,
 }
 
 /// The outcome of one attempt: who answered, or the error's name (`ECONNREFUSED`,
@@ -31,6 +35,9 @@ pub struct Outcome {
     pub responder: Option<String>,
     /// Error name.
     pub error: Option<String>,
+    /// The peer address the socket reported (getpeername), when connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// The summary `weir lab connect -o json` prints.
@@ -46,6 +53,12 @@ pub struct ConnectSummary {
     pub errors: BTreeMap<String, usize>,
     /// Answers by responder.
     pub responders: BTreeMap<String, usize>,
+    /// Peer addresses the sockets reported (getpeername): the address dialled, when the
+    /// socket layer translates transparently.
+    pub peers: BTreeMap<String, usize>,
+    /// Hold mode: how many times the connection was re-established after an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnects: Option<usize>,
 }
 
 impl ConnectSummary {
@@ -56,6 +69,9 @@ impl ConnectSummary {
             ..Default::default()
         };
         for o in outcomes {
+            if let Some(p) = &o.peer {
+                *s.peers.entry(p.clone()).or_default() += 1;
+            }
             match (&o.responder, &o.error) {
                 (Some(r), None) => {
                     s.ok += 1;
@@ -81,10 +97,23 @@ fn error_name(e: &std::io::Error) -> String {
     }
 }
 
-async fn attempt_tcp(to: SocketAddr) -> Result<String, String> {
+fn canonical(a: SocketAddr) -> String {
+    SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()
+}
+
+fn unspecified(to: SocketAddr) -> SocketAddr {
+    if to.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    }
+}
+
+async fn attempt_tcp(to: SocketAddr, peer: &mut Option<String>) -> Result<String, String> {
     let mut s = tokio::net::TcpStream::connect(to)
         .await
         .map_err(|e| error_name(&e))?;
+    *peer = s.peer_addr().ok().map(canonical);
     s.write_all(b"weir\n").await.map_err(|e| error_name(&e))?;
     let mut out = String::new();
     s.read_to_string(&mut out)
@@ -98,16 +127,12 @@ async fn attempt_tcp(to: SocketAddr) -> Result<String, String> {
     }
 }
 
-async fn attempt_udp(to: SocketAddr) -> Result<String, String> {
-    let bind: SocketAddr = if to.is_ipv4() {
-        "0.0.0.0:0".parse().expect("addr")
-    } else {
-        "[::]:0".parse().expect("addr")
-    };
-    let s = tokio::net::UdpSocket::bind(bind)
+async fn attempt_udp(to: SocketAddr, peer: &mut Option<String>) -> Result<String, String> {
+    let s = tokio::net::UdpSocket::bind(unspecified(to))
         .await
         .map_err(|e| error_name(&e))?;
     s.connect(to).await.map_err(|e| error_name(&e))?;
+    *peer = s.peer_addr().ok().map(canonical);
     s.send(b"weir\n").await.map_err(|e| error_name(&e))?;
     let mut buf = vec![0u8; 2048];
     let n = s.recv(&mut buf).await.map_err(|e| error_name(&e))?;
@@ -116,24 +141,180 @@ async fn attempt_udp(to: SocketAddr) -> Result<String, String> {
 
 /// One attempt with a timeout.
 pub async fn attempt(to: SocketAddr, udp: bool, timeout: Duration) -> Outcome {
+    let mut peer = None;
     let r = if udp {
-        tokio::time::timeout(timeout, attempt_udp(to)).await
+        tokio::time::timeout(timeout, attempt_udp(to, &mut peer)).await
     } else {
-        tokio::time::timeout(timeout, attempt_tcp(to)).await
+        tokio::time::timeout(timeout, attempt_tcp(to, &mut peer)).await
     };
     match r {
         Ok(Ok(who)) => Outcome {
             responder: Some(who),
             error: None,
+            peer,
         },
         Ok(Err(e)) => Outcome {
             responder: None,
             error: Some(e),
+            peer,
         },
         Err(_) => Outcome {
             responder: None,
             error: Some("timeout".into()),
+            peer,
         },
+    }
+}
+
+enum Conn {
+    Tcp(tokio::io::BufReader<tokio::net::TcpStream>),
+    Udp(tokio::net::UdpSocket),
+}
+
+async fn open(to: SocketAddr, udp: bool) -> Result<(Conn, Option<String>), String> {
+    if udp {
+        let s = tokio::net::UdpSocket::bind(unspecified(to))
+            .await
+            .map_err(|e| error_name(&e))?;
+        s.connect(to).await.map_err(|e| error_name(&e))?;
+        let peer = s.peer_addr().ok().map(canonical);
+        Ok((Conn::Udp(s), peer))
+    } else {
+        let mut s = tokio::net::TcpStream::connect(to)
+            .await
+            .map_err(|e| error_name(&e))?;
+        let peer = s.peer_addr().ok().map(canonical);
+        s.write_all(b"stream\n").await.map_err(|e| error_name(&e))?;
+        let mut r = tokio::io::BufReader::new(s);
+        let mut first = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut r, &mut first)
+            .await
+            .map_err(|e| error_name(&e))?;
+        Ok((Conn::Tcp(r), peer))
+    }
+}
+
+async fn exchange(c: &mut Conn) -> Result<String, String> {
+    match c {
+        Conn::Udp(s) => {
+            s.send(b"weir\n").await.map_err(|e| error_name(&e))?;
+            let mut buf = vec![0u8; 2048];
+            let n = s.recv(&mut buf).await.map_err(|e| error_name(&e))?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        }
+        Conn::Tcp(r) => {
+            r.get_mut()
+                .write_all(b"weir\n")
+                .await
+                .map_err(|e| error_name(&e))?;
+            let mut line = String::new();
+            let n = tokio::io::AsyncBufReadExt::read_line(r, &mut line)
+                .await
+                .map_err(|e| error_name(&e))?;
+            if n == 0 {
+                return Err("closed by peer".into());
+            }
+            Ok(line.trim().to_string())
+        }
+    }
+}
+
+/// Hold mode: one connection, a message every 100 ms, reconnect after an error.
+/// Returns the outcomes and the number of reconnects.
+pub async fn hold(
+    to: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+    duration: Duration,
+) -> (Vec<Outcome>, usize) {
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut outcomes = Vec::new();
+    let mut conn: Option<(Conn, Option<String>)> = None;
+    let mut reconnects = 0;
+    let mut opened = 0;
+    while tokio::time::Instant::now() < deadline {
+        if conn.is_none() {
+            match tokio::time::timeout(timeout, open(to, udp)).await {
+                Ok(Ok(c)) => {
+                    if opened > 0 {
+                        reconnects += 1;
+                    }
+                    opened += 1;
+                    conn = Some(c);
+                }
+                Ok(Err(e)) => outcomes.push(Outcome {
+                    responder: None,
+                    error: Some(e),
+                    peer: None,
+                }),
+                Err(_) => outcomes.push(Outcome {
+                    responder: None,
+                    error: Some("timeout".into()),
+                    peer: None,
+                }),
+            }
+        }
+        if let Some((c, peer)) = conn.as_mut() {
+            let peer = peer.clone();
+            match tokio::time::timeout(timeout, exchange(c)).await {
+                Ok(Ok(who)) => outcomes.push(Outcome {
+                    responder: Some(who),
+                    error: None,
+                    peer,
+                }),
+                Ok(Err(e)) => {
+                    outcomes.push(Outcome {
+                        responder: None,
+                        error: Some(e),
+                        peer,
+                    });
+                    conn = None;
+                }
+                Err(_) => {
+                    outcomes.push(Outcome {
+                        responder: None,
+                        error: Some("timeout".into()),
+                        peer,
+                    });
+                    conn = None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (outcomes, reconnects)
+}
+
+/// What the helper prints: the outcomes, and in hold mode the reconnect count.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AttemptReport {
+    /// One per attempt (or per message in hold mode).
+    pub outcomes: Vec<Outcome>,
+    /// Hold mode: reconnects after errors.
+    pub reconnects: Option<usize>,
+}
+
+/// Runs `spec`: fresh attempts, or hold mode when `hold_ms` is set.
+pub async fn execute(spec: &AttemptSpec) -> AttemptReport {
+    if spec.hold_ms > 0 {
+        let Some(to) = spec.targets.first() else {
+            return AttemptReport::default();
+        };
+        let (outcomes, reconnects) = hold(
+            *to,
+            spec.udp,
+            Duration::from_millis(spec.timeout_ms),
+            Duration::from_millis(spec.hold_ms),
+        )
+        .await;
+        return AttemptReport {
+            outcomes,
+            reconnects: Some(reconnects),
+        };
+    }
+    AttemptReport {
+        outcomes: run(spec).await,
+        reconnects: None,
     }
 }
 
@@ -170,6 +351,7 @@ mod tests {
             .await
             .unwrap();
         let outs = run(&AttemptSpec {
+            hold_ms: 0,
             targets: vec![SocketAddr::from(([127, 0, 0, 1], port)); 5],
             udp: false,
             timeout_ms: 1000,

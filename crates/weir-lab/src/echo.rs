@@ -85,6 +85,22 @@ async fn serve_tcp_conn(identity: Arc<String>, mut s: TcpStream, peer: SocketAdd
         Ok(Err(_)) => return,
         Err(_) => 0,
     };
+    if buf[..n].starts_with(b"stream\n") {
+        // Long-lived mode: answer every line with the identity until the client closes.
+        let _ = s.write_all(format!("{identity}\n").as_bytes()).await;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let lines = buf[..n].iter().filter(|b| **b == b'\n').count().max(1);
+                    let out = format!("{identity}\n").repeat(lines);
+                    if s.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
     let _ = s.write_all(&reply(&identity, &buf[..n], peer)).await;
     let _ = s.shutdown().await;
 }

@@ -14,7 +14,7 @@ use kube::Client;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::connect::{AttemptSpec, ConnectSummary, Outcome};
+use crate::connect::{AttemptSpec, ConnectSummary};
 use crate::paths::{self, LabPaths, Layout};
 use crate::{client, net, sys, LabError};
 
@@ -812,6 +812,27 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
         });
     }
     let (ns, name) = split_pod(what)?;
+    // The kubelets' sandbox records answer without the API (so exec and connect work while
+    // the API server is down).
+    for n in &layout.nodes {
+        let dir = p.node_dir(&n.name).join("pods");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let Ok(sb) = serde_json::from_str::<crate::kubelet::Sandbox>(&text) else {
+                continue;
+            };
+            if sb.namespace == ns && sb.name == name && sys::alive(sb.pid) {
+                return Ok(Source {
+                    label: format!("{ns}/{name}"),
+                    netns: paths::netns_path(&sb.netns),
+                    cgroup: sb.cgroup.clone(),
+                    namespace: ns,
+                });
+            }
+        }
+    }
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod = api
         .get_opt(&name)
@@ -848,7 +869,7 @@ pub async fn run_attempts(
     lab: &str,
     src: &Source,
     spec: &AttemptSpec,
-) -> Result<Vec<Outcome>, LabError> {
+) -> Result<crate::connect::AttemptReport, LabError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(current_exe()?)
         .args(["lab", "attempts", "--cluster", lab, "--netns"])
@@ -932,6 +953,7 @@ pub async fn connect(
     udp: bool,
     count: usize,
     timeout: Duration,
+    hold: Option<Duration>,
 ) -> Result<ConnectSummary, LabError> {
     let client = lab_client(lab).await?;
     let src = resolve_source(lab, from, &client).await?;
@@ -941,9 +963,12 @@ pub async fn connect(
         udp,
         timeout_ms: timeout.as_millis() as u64,
         parallel: 16,
+        hold_ms: hold.map_or(0, |h| h.as_millis() as u64),
     };
-    let outcomes = run_attempts(lab, &src, &spec).await?;
-    Ok(ConnectSummary::from_outcomes(&outcomes))
+    let report = run_attempts(lab, &src, &spec).await?;
+    let mut summary = ConnectSummary::from_outcomes(&report.outcomes);
+    summary.reconnects = report.reconnects;
+    Ok(summary)
 }
 
 /// How `weir lab probe` reaches each pod.
@@ -1071,6 +1096,7 @@ pub async fn probe(
             udp,
             timeout_ms: timeout.as_millis() as u64,
             parallel: targets.len().max(1),
+            hold_ms: 0,
         };
         let lab = lab.to_string();
         tasks.push(tokio::spawn(async move {
@@ -1081,7 +1107,8 @@ pub async fn probe(
     for (p, t) in pods.iter().zip(tasks) {
         let outcomes = t
             .await
-            .map_err(|e| LabError::Command("probe".into(), e.to_string()))??;
+            .map_err(|e| LabError::Command("probe".into(), e.to_string()))??
+            .outcomes;
         let row: BTreeMap<String, bool> = columns
             .iter()
             .zip(outcomes)

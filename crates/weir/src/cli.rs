@@ -240,6 +240,11 @@ enum LabCommand {
         /// Timeout per attempt.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Instead of fresh connections, hold one for this long, exchanging a message every
+        /// 100 ms and reconnecting after errors (TCP: a long-lived stream; UDP: a connected
+        /// socket).
+        #[arg(long, value_parser = parse_duration)]
+        hold: Option<Duration>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -718,6 +723,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             protocol,
             count,
             timeout,
+            hold,
             output,
         } => {
             let name = cli.lab_name()?;
@@ -728,6 +734,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 *protocol == Proto::Udp,
                 *count,
                 *timeout,
+                *hold,
             ))?;
             if *output == Format::Json {
                 println!("{}", serde_json::to_string(&s)?);
@@ -744,6 +751,12 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 }
                 for (err, n) in &s.errors {
                     println!("  error {err:<24} {n:>6}");
+                }
+                for (peer, n) in &s.peers {
+                    println!("  the socket saw its peer as {peer} ({n}x)");
+                }
+                if let Some(r) = s.reconnects {
+                    println!("  reconnects: {r}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -841,8 +854,8 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             let spec: weir_lab::connect::AttemptSpec =
                 serde_json::from_str(&input).context("reading the attempt spec")?;
             lab::enter(netns, cgroup)?;
-            let outcomes = current_thread()?.block_on(weir_lab::connect::run(&spec));
-            println!("{}", serde_json::to_string(&outcomes)?);
+            let report = current_thread()?.block_on(weir_lab::connect::execute(&spec));
+            println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }
     }

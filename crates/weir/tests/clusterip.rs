@@ -1,0 +1,389 @@
+//! ClusterIP load balancing at the socket layer, end to end in labs: real programs in the
+//! nodes' pod cgroups, real sockets from inside pods.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: lb}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: lb, labels: {app: web}}
+spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: lb, labels: {app: web}}
+spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}, {name: dns, containerPort: 5353, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: lb, labels: {app: web}}
+spec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 9090}, {name: dns, containerPort: 5353, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: lb, labels: {app: client}}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: lb}
+spec:
+  selector: {app: web}
+  ipFamilyPolicy: PreferDualStack
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: lb}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: maglev, namespace: lb, annotations: {weir.dev/lb-algorithm: maglev}}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: lb}
+spec:
+  selector: {app: nothing}
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
+"#;
+
+fn responders(r: &Value) -> BTreeSet<String> {
+    r["responders"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn webs() -> BTreeSet<String> {
+    ["lb/web-1", "lb/web-2", "lb/web-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn lb_list(lab: &Lab, node: &str) -> Value {
+    serde_json::from_str(&ok(
+        &mut lab.weir(&["bpf", "lb", "list", "--node", node, "-o", "json"])
+    ))
+    .unwrap()
+}
+
+#[test]
+fn clusterip_tcp_udp_ipv4_ipv6_across_nodes() {
+    let lab = Lab::up("cip", 2, APP);
+    // TCP through the VIP reaches all three pods on both nodes, with the named targetPort
+    // resolved per pod (web-3 serves http on 9090), and getpeername shows the VIP.
+    let svc = lab.get_json(&["svc", "web", "-n", "lb"]);
+    let vip4 = svc["spec"]["clusterIPs"][0].as_str().unwrap().to_string();
+    let vip6 = svc["spec"]["clusterIPs"][1].as_str().unwrap().to_string();
+    let r = lab.connect("lb/client", "web.lb:80", "tcp", 60);
+    assert_eq!(r["ok"], 60, "{r}");
+    assert_eq!(responders(&r), webs(), "{r}");
+    assert_eq!(
+        r["peers"][format!("{vip4}:80")],
+        60,
+        "the socket layer is transparent: {r}"
+    );
+    // UDP (unconnected sendmsg/recvmsg would be the same path; the helper uses connected
+    // sockets, which go through connect).
+    let r = lab.connect("lb/client", "web.lb:53", "udp", 60);
+    assert_eq!(r["ok"], 60, "{r}");
+    assert_eq!(responders(&r), webs(), "{r}");
+    // IPv6 ClusterIP.
+    let r = lab.connect("lb/client", &format!("[{vip6}]:80"), "tcp", 40);
+    assert_eq!(r["ok"], 40, "{r}");
+    assert_eq!(responders(&r), webs(), "{r}");
+    assert_eq!(r["peers"][format!("[{vip6}]:80")], 40, "{r}");
+    let r = lab.connect("lb/client", &format!("[{vip6}]:53"), "udp", 40);
+    assert_eq!(responders(&r), webs(), "{r}");
+    // Processes of the node itself (in the node's cgroup) reach ClusterIPs too, as with
+    // kube-proxy; the external host, outside the cluster, does not.
+    let r = lab.connect("node-2", "web.lb:80", "tcp", 6);
+    assert_eq!(r["ok"], 6, "{r}");
+    let r = lab.connect("external", &format!("{vip4}:80"), "tcp", 2);
+    assert_eq!(r["ok"], 0, "{r}");
+    // Both nodes' datapaths hold the same frontends.
+    let a = lb_list(&lab, "node-1");
+    let b = lb_list(&lab, "node-2");
+    let keys = |d: &Value| {
+        d["frontends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["key"].to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(keys(&a), keys(&b));
+    let table = ok(&mut lab.weir(&["bpf", "lb", "list"]));
+    assert!(table.contains(&format!("{vip4}:80/TCP")), "{table}");
+    let status = ok(&mut lab.weir(&["status", "--node", "node-2"]));
+    assert!(
+        status.contains("in sync")
+            && status.contains("sock4_connect")
+            && status.contains("weir_lb4_svc"),
+        "{status}"
+    );
+}
+
+#[test]
+fn no_endpoints_refused_at_once_affinity_and_maglev() {
+    let lab = Lab::up("cip2", 1, APP);
+    let r = lab.connect("lb/client", "empty.lb:80", "tcp", 5);
+    assert_eq!(r["errors"]["ECONNREFUSED"], 5, "{r}");
+    let r = lab.connect("lb/client", "empty.lb:53", "udp", 5);
+    assert_eq!(r["errors"]["ECONNREFUSED"], 5, "{r}");
+    // Session affinity: every connection from one client goes to one backend.
+    let r = lab.connect("lb/client", "sticky.lb:80", "tcp", 30);
+    assert_eq!(r["ok"], 30, "{r}");
+    assert_eq!(responders(&r).len(), 1, "{r}");
+    let list = lb_list(&lab, "node-1");
+    assert!(!list["affinity"].as_array().unwrap().is_empty());
+    // Maglev, chosen by annotation: a table of a prime size over 100 x 3 backends.
+    let fe = list["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["maglev_size"].is_u64())
+        .expect("a maglev frontend")
+        .clone();
+    assert_eq!(fe["maglev_size"], 307);
+    let r = lab.connect("lb/client", "maglev.lb:80", "tcp", 60);
+    assert_eq!(r["ok"], 60, "{r}");
+    assert_eq!(responders(&r), webs(), "{r}");
+    let counters = &list["counters"];
+    assert!(
+        counters
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c[0] == "no_backend" && c[1].as_u64().unwrap() >= 10),
+        "{counters}"
+    );
+}
+
+#[test]
+fn endpoints_follow_scale_termination_and_fallback() {
+    let manifest = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo-1, namespace: t, labels: {app: solo}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: t}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo, namespace: t}
+spec:
+  selector: {app: solo}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+    let lab = Lab::up("cip3", 1, manifest);
+    let t = Duration::from_secs(20);
+    let only = |who: &str| {
+        let r = lab.connect("t/client", "solo.t:80", "tcp", 10);
+        r["ok"] == 10 && responders(&r) == [who.to_string()].into_iter().collect()
+    };
+    assert!(only("t/solo-1"));
+    // Scale up while clients connect: the new pod takes its share.
+    let out = lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: solo-2, namespace: t, labels: {app: solo}}\nspec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}\n");
+    assert!(out.status.success());
+    lab.eventually("solo-2 takes traffic", t, || {
+        responders(&lab.connect("t/client", "solo.t:80", "tcp", 20)).contains("t/solo-2")
+    });
+    // solo-1 terminates (serving+terminating): new connections go to ready solo-2 only.
+    ok(&mut lab.weir(&["lab", "terminate", "t/solo-1"]));
+    lab.eventually("only solo-2 while solo-1 terminates", t, || {
+        only("t/solo-2")
+    });
+    // solo-2 terminates too: nothing is ready, so the serving+terminating endpoints are used
+    // (KEP-1669) instead of refusing.
+    ok(&mut lab.weir(&["lab", "terminate", "t/solo-2"]));
+    lab.eventually("terminating fallback", t, || {
+        let r = lab.connect("t/client", "solo.t:80", "tcp", 20);
+        r["ok"] == 20 && responders(&r).len() == 2
+    });
+    // Both gone: refused at once.
+    ok(&mut lab.kubectl(&[
+        "delete",
+        "pod",
+        "solo-1",
+        "solo-2",
+        "-n",
+        "t",
+        "--grace-period=0",
+        "--force",
+    ]));
+    lab.eventually("refused when no endpoint is left", t, || {
+        lab.connect("t/client", "solo.t:80", "tcp", 3)["errors"]["ECONNREFUSED"] == 3
+    });
+}
+
+#[test]
+fn connected_udp_moves_off_a_removed_backend() {
+    let lab = Lab::up("cip4", 1, APP);
+    // Hold one connected UDP socket to the VIP while its backend leaves the Service.
+    let name = lab.name.clone();
+    let holder = std::thread::spawn(move || {
+        ok(weir().args([
+            "--cluster",
+            &name,
+            "lab",
+            "connect",
+            "--from",
+            "lb/client",
+            "--to",
+            "web.lb:53",
+            "--protocol",
+            "udp",
+            "--hold",
+            "4s",
+            "-o",
+            "json",
+        ]))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    for p in ["web-1", "web-2", "web-3"] {
+        ok(&mut lab.kubectl(&["label", "pod", p, "-n", "lb", "app=out", "--overwrite"]));
+        std::thread::sleep(Duration::from_millis(300));
+        ok(&mut lab.kubectl(&["label", "pod", p, "-n", "lb", "app=web", "--overwrite"]));
+    }
+    let r: Value = serde_json::from_str(&holder.join().unwrap()).unwrap();
+    assert!(
+        r["reconnects"].as_u64().unwrap() >= 1,
+        "the socket was closed when its backend left: {r}"
+    );
+    assert!(
+        responders(&r).len() >= 2,
+        "and the reconnected socket went to another backend: {r}"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
+    let lab = Lab::up("cip5", 1, APP);
+    // A long-lived TCP connection through the VIP while the agent is killed and restarted.
+    let name = lab.name.clone();
+    let holder = std::thread::spawn(move || {
+        ok(weir().args([
+            "--cluster",
+            &name,
+            "lab",
+            "connect",
+            "--from",
+            "lb/client",
+            "--to",
+            "web.lb:80",
+            "--hold",
+            "3s",
+            "-o",
+            "json",
+        ]))
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let pids = ok(std::process::Command::new("pgrep").args([
+        "-f",
+        "--",
+        &format!("lab agent --cluster {} ", lab.name),
+    ]));
+    for p in pids.split_whitespace() {
+        let _ = std::process::Command::new("kill").args(["-9", p]).status();
+    }
+    // New connections keep working with no agent at all: the programs stay attached.
+    let r = lab.connect("lb/client", "web.lb:80", "tcp", 10);
+    assert_eq!(r["ok"], 10, "{r}");
+    let log = std::fs::File::create(format!(
+        "/run/weir/labs/{}/logs/agent-restart.log",
+        lab.name
+    ))
+    .unwrap();
+    let mut agent = weir()
+        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let r: Value = serde_json::from_str(&holder.join().unwrap()).unwrap();
+    assert_eq!(
+        r["failed"], 0,
+        "no message lost on the held connection: {r}"
+    );
+    assert_eq!(
+        r["reconnects"], 0,
+        "the held connection was never reset: {r}"
+    );
+    assert_eq!(responders(&r).len(), 1, "{r}");
+    lab.eventually("restarted agent in sync", Duration::from_secs(10), || {
+        ok(&mut lab.weir(&["status"])).contains("in sync")
+    });
+    // API server outage: the datapath keeps its state and keeps serving.
+    let vip = lab.get_json(&["svc", "web", "-n", "lb"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api = ok(std::process::Command::new("pgrep").args([
+        "-f",
+        "--",
+        &format!("lab apiserver --cluster {}", lab.name),
+    ]));
+    for p in api.split_whitespace() {
+        let _ = std::process::Command::new("kill").args(["-9", p]).status();
+    }
+    let r = lab.connect("lb/client", &format!("{vip}:80"), "tcp", 10);
+    assert_eq!(r["ok"], 10, "serving with the API server down: {r}");
+    // The API server comes back; a change made then reaches the datapath (the agent resyncs).
+    let log = std::fs::File::create(format!(
+        "/run/weir/labs/{}/logs/apiserver-restart.log",
+        lab.name
+    ))
+    .unwrap();
+    let mut api = weir()
+        .args(["lab", "apiserver", "--cluster", &lab.name])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    lab.eventually("API server back", Duration::from_secs(10), || {
+        run(&mut lab.weir(&["get", "ns"])).status.success()
+    });
+    let out = lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: web-4, namespace: lb, labels: {app: web}}\nspec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}]}]}\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.eventually("web-4 receives traffic", Duration::from_secs(30), || {
+        responders(&lab.connect("lb/client", "web.lb:80", "tcp", 30)).contains("lb/web-4")
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = api.kill();
+    let _ = api.wait();
+}
