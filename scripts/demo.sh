@@ -31,13 +31,28 @@ show "$WEIR" --cluster "$LAB" lab probe --port 8080
 say "   ... and over UDP 5353 (only the web pods declare it, so only their columns answer)"
 show "$WEIR" --cluster "$LAB" lab probe --port 5353 --protocol udp
 
-say "4. Ten connections from ops/client to shop/web-2's pod IP (across nodes); the echo server names who answered"
-WEB2=$($K get pod web-2 -n shop -o jsonpath='{.status.podIP}')
-show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to "$WEB2:8080" --count 10
+say "4. ClusterIP load balancing at the socket layer: each node's weir agent programs eBPF hooks on connect/sendmsg/recvmsg/getpeername"
+echo "300 fresh TCP connections from ops/client to web.shop:80 (port 80 remapped to the pods' named port 'http', 8080):"
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to web.shop:80 --count 300
+echo "The backend is chosen once, at connect(); the application still sees the ClusterIP as its peer (getpeername is translated back)."
+echo
+echo "UDP to web.shop:53 (remapped to 5353): each datagram exchange is balanced too:"
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to web.shop:53 --protocol udp --count 300
+echo
+echo "web-sticky has sessionAffinity: ClientIP, so one client always reaches the same pod:"
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to web-sticky.shop:80 --count 100
 
-say "5. Terminating a pod: it keeps serving through its grace period, and its endpoint turns serving+terminating"
+say "5. What the datapath holds: frontends, backend slots, affinity entries (like cilium bpf lb list)"
+show "$WEIR" --cluster "$LAB" bpf lb list
+show "$WEIR" --cluster "$LAB" status --node node-2
+
+say "6. Terminating a pod: it keeps serving through its grace period; its endpoint turns serving+terminating and new connections go to the ready pods"
 show "$WEIR" --cluster "$LAB" lab terminate shop/web-3 --grace-period 60
 sleep 0.5
 show $K get endpointslices -n shop -l kubernetes.io/service-name=web -o jsonpath='{range .items[*].endpoints[*]}{.targetRef.name}{"\tready="}{.conditions.ready}{"\tserving="}{.conditions.serving}{"\tterminating="}{.conditions.terminating}{"\n"}{end}'
-echo
-echo "Next (issue 3): the weir agent load-balances these Services at the socket layer."
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to web.shop:80 --count 100
+
+say "7. A Service with no endpoints refuses new connections at once (ECONNREFUSED), it does not time out"
+show $K delete pod cart -n shop --grace-period=0 --force
+sleep 0.5
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to cart.shop:80 --count 5
