@@ -39,6 +39,12 @@ pub struct EbpfDataplane {
     cgroup: PathBuf,
     frontends: BTreeMap<FrontendKey, Programmed>,
     backends: BTreeMap<(Backend, Proto), u32>,
+    backend_ids: BTreeSet<u32>,
+    frontend_ids: BTreeSet<u32>,
+    /// How many frontends use each backend id.
+    refs: std::collections::HashMap<u32, u32>,
+    /// The desired state last applied, so that an apply only touches what changed.
+    applied: BTreeMap<FrontendKey, Frontend>,
     next_backend: u32,
     next_frontend: u32,
 }
@@ -72,6 +78,10 @@ impl EbpfDataplane {
             cgroup: cgroup.to_path_buf(),
             frontends: BTreeMap::new(),
             backends: BTreeMap::new(),
+            backend_ids: BTreeSet::new(),
+            frontend_ids: BTreeSet::new(),
+            refs: std::collections::HashMap::new(),
+            applied: BTreeMap::new(),
             next_backend: 1,
             next_frontend: 1,
         };
@@ -169,11 +179,11 @@ impl EbpfDataplane {
     }
 
     fn alloc_frontend_id(&mut self) -> u32 {
-        let used: BTreeSet<u32> = self.frontends.values().map(|f| f.id).collect();
-        while used.contains(&self.next_frontend) || self.next_frontend == 0 {
+        while self.frontend_ids.contains(&self.next_frontend) || self.next_frontend == 0 {
             self.next_frontend = self.next_frontend.wrapping_add(1);
         }
         let id = self.next_frontend;
+        self.frontend_ids.insert(id);
         self.next_frontend = self.next_frontend.wrapping_add(1);
         id
     }
@@ -187,11 +197,11 @@ impl EbpfDataplane {
         if let Some(id) = self.backends.get(&(b, proto)) {
             return Ok(*id);
         }
-        let used: BTreeSet<u32> = self.backends.values().copied().collect();
-        while used.contains(&self.next_backend) || self.next_backend == 0 {
+        while self.backend_ids.contains(&self.next_backend) || self.next_backend == 0 {
             self.next_backend = self.next_backend.wrapping_add(1);
         }
         let id = self.next_backend;
+        self.backend_ids.insert(id);
         self.next_backend = self.next_backend.wrapping_add(1);
         match b.ip {
             IpAddr::V4(a) => self.lb.put(
@@ -372,6 +382,16 @@ impl EbpfDataplane {
                 self.lb.remove("weir_lb_maglev", &id)?;
             }
         }
+        for b in &want.backends {
+            *self.refs.entry(*b).or_default() += 1;
+        }
+        if let Some(o) = &old {
+            for b in &o.backends {
+                if let Some(r) = self.refs.get_mut(b) {
+                    *r = r.saturating_sub(1);
+                }
+            }
+        }
         self.frontends.insert(*key, want);
         stats.frontends_updated += 1;
         Ok(())
@@ -381,6 +401,11 @@ impl EbpfDataplane {
         let Some(o) = self.frontends.remove(key) else {
             return Ok(());
         };
+        for b in &o.backends {
+            if let Some(r) = self.refs.get_mut(b) {
+                *r = r.saturating_sub(1);
+            }
+        }
         self.delete_slot(key, 0)?;
         for slot in 1..=o.backends.len() {
             self.delete_slot(key, slot as u16)?;
@@ -397,6 +422,7 @@ impl EbpfDataplane {
         if o.maglev_size > 0 {
             self.lb.remove("weir_lb_maglev", &o.id)?;
         }
+        self.frontend_ids.remove(&o.id);
         Ok(())
     }
 }
@@ -405,7 +431,12 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError> {
         let mut stats = ApplyStats::default();
         for (key, f) in &state.frontends {
+            // Unchanged frontends cost one comparison: a one-Service change touches one.
+            if self.applied.get(key) == Some(f) {
+                continue;
+            }
             self.program(key, f, &mut stats)?;
+            self.applied.insert(*key, f.clone());
         }
         let stale: Vec<FrontendKey> = self
             .frontends
@@ -415,19 +446,23 @@ impl Dataplane for EbpfDataplane {
             .collect();
         for key in stale {
             self.unprogram(&key)?;
+            self.applied.remove(&key);
             stats.frontends_removed += 1;
         }
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.backends.iter().copied())
-            .collect();
-        let unused: Vec<((Backend, Proto), u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, id)| !used.contains(id))
-            .map(|(k, id)| (*k, *id))
-            .collect();
+        let mut unused: Vec<((Backend, Proto), u32)> = Vec::new();
+        if stats.frontends_updated + stats.frontends_removed > 0
+            || self.backends.len() > self.refs.values().filter(|r| **r > 0).count()
+        {
+            unused = self
+                .backends
+                .iter()
+                .filter(|(_, id)| self.refs.get(id).copied().unwrap_or(0) == 0)
+                .map(|(k, id)| (*k, *id))
+                .collect();
+        }
+        for (_, id) in &unused {
+            self.refs.remove(id);
+        }
         let mut gone_udp = Vec::new();
         for ((b, proto), id) in unused {
             match b.ip {
@@ -435,6 +470,7 @@ impl Dataplane for EbpfDataplane {
                 IpAddr::V6(_) => self.lb.remove("weir_lb6_backends", &id)?,
             }
             self.backends.remove(&(b, proto));
+            self.backend_ids.remove(&id);
             stats.backends_removed += 1;
             if proto == Proto::Udp {
                 gone_udp.push(b);

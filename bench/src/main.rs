@@ -1,0 +1,598 @@
+//! weir benchmarks (not tests): every figure is printed with a baseline measured in the same
+//! run.
+//!
+//! `weir-bench connect`: new-connection rate and connect latency (p50/p99) from a client
+//! namespace to a 3-endpoint service behind a router namespace, for 1, 1,000 and 10,000
+//! services: direct to pod IPs (no rules at all), weir's socket-level ClusterIP, kube-proxy's
+//! iptables layout (legacy backend) and its nftables layout. Runs are interleaved, conntrack is
+//! flushed between them, clients close with SO_LINGER 0 (no TIME_WAIT pile-up).
+//!
+//! `weir-bench program`: time to program N services x 3 endpoints into weir's maps (full
+//! apply and one-service change) against iptables-restore (legacy and nf_tables backends) and
+//! nft -f, in scratch network namespaces.
+#![forbid(unsafe_code)]
+
+mod kubeproxy;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kubeproxy::Svc;
+use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto};
+use weir_dataplane::Dataplane;
+
+const MODES: &[&str] = &["direct", "weir", "iptables", "nftables"];
+const ENDPOINTS: [&str; 3] = ["10.244.1.2", "10.244.1.3", "10.244.1.4"];
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(ns: &str, args: &str) -> Result<()> {
+    let mut a = vec!["-n", ns];
+    a.extend(args.split_whitespace());
+    sh("ip", &a).map(|_| ())
+}
+
+fn in_ns(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+    let mut a = vec!["netns", "exec", ns, cmd];
+    a.extend_from_slice(args);
+    sh("ip", &a)
+}
+
+fn in_ns_stdin(ns: &str, cmd: &str, args: &[&str], input: &str) -> Result<Duration> {
+    let mut a = vec!["netns", "exec", ns, cmd];
+    a.extend_from_slice(args);
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(&a)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(started.elapsed())
+}
+
+/// The namespaces of one measured path: client -> router -> server.
+struct Path3 {
+    c: String,
+    r: String,
+    s: String,
+}
+
+struct Topology {
+    prefix: String,
+    paths: Vec<(String, Path3)>,
+    cgroup_mount: PathBuf,
+    pins: PathBuf,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (_, p) in &self.paths {
+            for ns in [&p.c, &p.r, &p.s] {
+                for pid in sh("ip", &["netns", "pids", ns])
+                    .unwrap_or_default()
+                    .split_whitespace()
+                {
+                    let _ = sh("kill", &["-9", pid]);
+                }
+                let _ = sh("ip", &["netns", "del", ns]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let cg = self.cgroup_mount.join(&self.prefix);
+        let _ = std::fs::remove_dir(&cg);
+        let _ = sh("umount", &[self.cgroup_mount.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_dir(&self.cgroup_mount);
+    }
+}
+
+fn build_topology() -> Result<Topology> {
+    let prefix = format!("wb{}", std::process::id());
+    let mut t = Topology {
+        prefix: prefix.clone(),
+        paths: Vec::new(),
+        cgroup_mount: PathBuf::from(format!("/run/{prefix}-cg")),
+        pins: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+    };
+    for mode in MODES {
+        let p = Path3 {
+            c: format!("{prefix}-{mode}-c"),
+            r: format!("{prefix}-{mode}-r"),
+            s: format!("{prefix}-{mode}-s"),
+        };
+        for ns in [&p.c, &p.r, &p.s] {
+            sh("ip", &["netns", "add", ns])?;
+            ip(ns, "link set lo up")?;
+        }
+        t.paths.push((mode.to_string(), p));
+        let p = &t.paths.last().expect("path").1;
+        ip(
+            &p.r,
+            &format!("link add rc type veth peer name eth0 netns {}", p.c),
+        )?;
+        ip(
+            &p.r,
+            &format!("link add rs type veth peer name eth0 netns {}", p.s),
+        )?;
+        ip(&p.r, "addr add 10.244.2.1/24 dev rc")?;
+        ip(&p.r, "addr add 10.244.1.1/24 dev rs")?;
+        ip(&p.r, "link set rc up")?;
+        ip(&p.r, "link set rs up")?;
+        in_ns(&p.r, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        ip(&p.c, "addr add 10.244.2.2/24 dev eth0")?;
+        ip(&p.c, "link set eth0 up")?;
+        ip(&p.c, "route add default via 10.244.2.1")?;
+        for (i, e) in ENDPOINTS.iter().enumerate() {
+            ip(&p.s, &format!("addr add {e}/24 dev eth0"))?;
+            let _ = i;
+        }
+        ip(&p.s, "link set eth0 up")?;
+        ip(&p.s, "route add default via 10.244.1.1")?;
+        in_ns(&p.c, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        in_ns(
+            &p.c,
+            "sysctl",
+            &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+        )?;
+        in_ns(&p.s, "sysctl", &["-qw", "net.core.somaxconn=4096"])?;
+    }
+    std::fs::create_dir_all(&t.cgroup_mount)?;
+    sh(
+        "mount",
+        &[
+            "-t",
+            "cgroup2",
+            "none",
+            t.cgroup_mount.to_str().expect("path"),
+        ],
+    )?;
+    std::fs::create_dir_all(t.cgroup_mount.join(&prefix))?;
+    Ok(t)
+}
+
+/// N services: service i has VIP 10.96.(i/250).(i%250+2) (10.97.x.x for kube-proxy's, so that
+/// weir's socket layer never sees them) and 3 endpoints; the target is the last one.
+fn services(n: usize, second_octet: u8, target_endpoints: bool) -> Vec<Svc> {
+    (0..n)
+        .map(|i| {
+            let last = i + 1 == n;
+            let endpoints = if last && target_endpoints {
+                ENDPOINTS.iter().map(|e| (e.to_string(), 8080)).collect()
+            } else {
+                (0..3)
+                    .map(|k| {
+                        (
+                            format!(
+                                "10.{}.{}.{}",
+                                100 + (i / 60000),
+                                (i / 250) % 240,
+                                (i % 250) + 2 + k * 0
+                            ),
+                            8080 + k as u16,
+                        )
+                    })
+                    .collect()
+            };
+            Svc {
+                name: format!("bench/svc-{i}:http"),
+                vip: format!("10.{second_octet}.{}.{}", i / 250, i % 250 + 2),
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+fn lb_state(svcs: &[Svc]) -> LbState {
+    let mut st = LbState::default();
+    for s in svcs {
+        st.frontends.insert(
+            FrontendKey {
+                vip: s.vip.parse().expect("vip"),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            Frontend {
+                service: s.name.clone(),
+                backends: s
+                    .endpoints
+                    .iter()
+                    .map(|(ip, port)| Backend {
+                        ip: ip.parse().expect("ip"),
+                        port: *port,
+                    })
+                    .collect(),
+                terminating_fallback: false,
+                affinity_timeout: None,
+                algorithm: Algorithm::Random,
+            },
+        );
+    }
+    st
+}
+
+/// Runs in the server namespace: accept, read a line, answer, close.
+fn serve(threads: usize) -> Result<()> {
+    let l = TcpListener::bind("0.0.0.0:8080")?;
+    let mut hs = Vec::new();
+    for _ in 0..threads {
+        let l = l.try_clone()?;
+        hs.push(std::thread::spawn(move || loop {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut b = [0u8; 16];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(b"ok\n");
+            }
+        }));
+    }
+    for h in hs {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn linger0(s: &TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        &s.as_fd(),
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
+/// Runs in the client namespace: `threads` loops of connect/request/reply/close for `secs`.
+/// Prints `connections p50_us p99_us errors`.
+fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut hs = Vec::new();
+    for t in 0..threads {
+        let targets = targets.clone();
+        hs.push(std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = t;
+            while Instant::now() < deadline {
+                let to = targets[i % targets.len()];
+                i += 1;
+                let started = Instant::now();
+                match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                    Ok(mut s) => {
+                        let connected = started.elapsed();
+                        linger0(&s);
+                        let mut b = [0u8; 8];
+                        if s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0 {
+                            lat.push(connected.as_micros() as u64);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in hs {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!("{} {} {} {}", all.len(), pct(0.5), pct(0.99), errors);
+    Ok(())
+}
+
+fn self_exe() -> PathBuf {
+    std::env::current_exe().expect("exe")
+}
+
+/// Runs this binary inside a namespace (and cgroup) with `args`.
+fn spawn_in(ns: &str, cgroup: Option<&Path>, args: &[String]) -> Result<std::process::Child> {
+    let mut a: Vec<String> = vec![
+        "__in".into(),
+        format!("/run/netns/{ns}"),
+        cgroup
+            .map(|c| c.display().to_string())
+            .unwrap_or_else(|| "-".into()),
+    ];
+    a.extend_from_slice(args);
+    Ok(Command::new(self_exe())
+        .args(&a)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+fn enter(netns: &str, cgroup: &str) -> Result<()> {
+    if cgroup != "-" {
+        std::fs::write(
+            Path::new(cgroup).join("cgroup.procs"),
+            std::process::id().to_string(),
+        )?;
+    }
+    let f = std::fs::File::open(netns)?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("number"));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Result<()> {
+    let topo = build_topology()?;
+    let cg = topo.cgroup_mount.join(&topo.prefix);
+    let mut servers = Vec::new();
+    for (_, p) in &topo.paths {
+        servers.push(spawn_in(
+            &p.s,
+            None,
+            &["__serve".into(), threads.to_string()],
+        )?);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let weir_path = &topo
+        .paths
+        .iter()
+        .find(|(m, _)| m == "weir")
+        .expect("weir")
+        .1;
+    let _ = weir_path;
+    let mut dp = weir_dataplane::ebpf::EbpfDataplane::new(&topo.pins, &cg)?;
+    println!("# weir-bench connect: {threads} client threads, {secs} s per run, {rounds} interleaved rounds, medians");
+    println!("# client 10.244.2.2 -> router -> 3 endpoints 10.244.1.{{2,3,4}}:8080; target service last of N");
+    println!(
+        "{:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9}",
+        "N", "mode", "conn/s", "p50 us", "p99 us", "errors", "vs direct"
+    );
+    for &n in counts {
+        // weir: N frontends in the maps (VIPs 10.96.x.x).
+        let weir_svcs = services(n, 96, true);
+        dp.apply(&lb_state(&weir_svcs))?;
+        let weir_vip: Ipv4Addr = weir_svcs.last().expect("target").vip.parse()?;
+        // kube-proxy layouts: N services in the routers (VIPs 10.97.x.x).
+        let kp = services(n, 97, true);
+        let kp_vip: Ipv4Addr = kp.last().expect("target").vip.parse()?;
+        let ipt = &topo
+            .paths
+            .iter()
+            .find(|(m, _)| m == "iptables")
+            .expect("p")
+            .1;
+        let _ = in_ns(&ipt.r, "iptables-legacy", &["-t", "nat", "-F"]);
+        in_ns_stdin(
+            &ipt.r,
+            "iptables-legacy-restore",
+            &["--noflush"],
+            &kubeproxy::iptables(&kp, "10.244.0.0/16"),
+        )?;
+        for j in kubeproxy::iptables_jumps() {
+            let mut a = vec![];
+            a.extend(j);
+            let _ = in_ns(&ipt.r, "iptables-legacy", &a);
+        }
+        let nft = &topo
+            .paths
+            .iter()
+            .find(|(m, _)| m == "nftables")
+            .expect("p")
+            .1;
+        let _ = in_ns(&nft.r, "nft", &["delete", "table", "ip", "kube-proxy"]);
+        in_ns_stdin(
+            &nft.r,
+            "nft",
+            &["-f", "-"],
+            &kubeproxy::nftables(&kp, "10.244.0.0/16", "10.97.0.0/16"),
+        )?;
+        let mut results: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>, u64)> = MODES
+            .iter()
+            .map(|m| (m.to_string(), vec![], vec![], vec![], 0))
+            .collect();
+        for round in 0..=rounds {
+            for (mi, (mode, p)) in topo.paths.iter().enumerate() {
+                let targets: Vec<String> = match mode.as_str() {
+                    "direct" => ENDPOINTS.iter().map(|e| format!("{e}:8080")).collect(),
+                    "weir" => vec![format!("{weir_vip}:80")],
+                    _ => vec![format!("{kp_vip}:80")],
+                };
+                let _ = in_ns(&p.r, "conntrack", &["-F"]);
+                let mut args = vec![
+                    "__client".to_string(),
+                    threads.to_string(),
+                    secs.to_string(),
+                ];
+                args.extend(targets);
+                let cgroup = (mode == "weir").then_some(cg.as_path());
+                let out = spawn_in(&p.c, cgroup, &args)?.wait_with_output()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let f: Vec<f64> = text
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if f.len() < 4 {
+                    bail!("client for {mode} printed {text:?}");
+                }
+                if round == 0 {
+                    continue; // warm-up, discarded
+                }
+                let r = &mut results[mi];
+                r.1.push(f[0] / secs);
+                r.2.push(f[1]);
+                r.3.push(f[2]);
+                r.4 += f[3] as u64;
+            }
+        }
+        let direct = median(&mut results[0].1.clone());
+        for (mode, rate, p50, p99, errors) in results.iter_mut() {
+            let m = median(rate);
+            println!(
+                "{n:>6} {mode:>9} {m:>10.0} {:>8.0} {:>8.0} {errors:>8} {:>9.2}",
+                median(p50),
+                median(p99),
+                m / direct
+            );
+        }
+    }
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    drop(dp);
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn program_bench(n: usize) -> Result<()> {
+    let topo = build_topology()?;
+    let cg = topo.cgroup_mount.join(&topo.prefix);
+    println!("# weir-bench program: {n} services x 3 endpoints");
+    let rss0 = rss_kib();
+    let mut dp = weir_dataplane::ebpf::EbpfDataplane::new(&topo.pins, &cg)?;
+    let svcs = services(n, 96, true);
+    let state = lb_state(&svcs);
+    let t = Instant::now();
+    let stats = dp.apply(&state)?;
+    let full = t.elapsed();
+    let rss1 = rss_kib();
+    let mut changed = state.clone();
+    let key = *changed.frontends.keys().next().expect("one");
+    changed.frontends.get_mut(&key).expect("one").backends[0] = Backend {
+        ip: "10.250.0.9".parse()?,
+        port: 8080,
+    };
+    let t = Instant::now();
+    dp.apply(&changed)?;
+    let one = t.elapsed();
+    let t = Instant::now();
+    dp.apply(&changed)?;
+    let noop = t.elapsed();
+    println!(
+        "(no-change apply over {n} services: {:.3} ms)",
+        noop.as_secs_f64() * 1000.0
+    );
+    println!("weir: full apply {:.3} s ({} frontends, {} backends added); one-service change {:.3} ms; process RSS +{} KiB", full.as_secs_f64(), stats.frontends_updated, stats.backends_added, one.as_secs_f64() * 1000.0, rss1.saturating_sub(rss0));
+    let kp = services(n, 97, true);
+    let r = &topo.paths[2].1.r;
+    let text = kubeproxy::iptables(&kp, "10.244.0.0/16");
+    let legacy = in_ns_stdin(r, "iptables-legacy-restore", &["--noflush"], &text)?;
+    println!(
+        "iptables-legacy-restore: {:.3} s ({} lines)",
+        legacy.as_secs_f64(),
+        text.lines().count()
+    );
+    let r2 = &topo.paths[3].1.r;
+    let nft_text = kubeproxy::nftables(&kp, "10.244.0.0/16", "10.97.0.0/16");
+    let nft = in_ns_stdin(r2, "nft", &["-f", "-"], &nft_text)?;
+    println!(
+        "nft -f: {:.3} s ({} lines)",
+        nft.as_secs_f64(),
+        nft_text.lines().count()
+    );
+    let r3 = &topo.paths[1].1.r;
+    if std::env::var_os("WEIR_BENCH_SKIP_IPTABLES_NFT").is_none() {
+        match in_ns_stdin(r3, "iptables-nft-restore", &["--noflush"], &text) {
+            Ok(d) => println!(
+                "iptables-nft-restore (the host's default iptables backend): {:.3} s",
+                d.as_secs_f64()
+            ),
+            Err(e) => println!("iptables-nft-restore: failed: {e}"),
+        }
+    }
+    println!(
+        "ratios: iptables-legacy-restore/weir {:.1}x, nft/weir {:.1}x",
+        legacy.as_secs_f64() / full.as_secs_f64(),
+        nft.as_secs_f64() / full.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("__in") => {
+            enter(&args[1], &args[2])?;
+            match args[3].as_str() {
+                "__serve" => serve(args[4].parse()?),
+                "__client" => client(
+                    args[6..]
+                        .iter()
+                        .map(|a| a.parse())
+                        .collect::<Result<_, _>>()?,
+                    args[4].parse()?,
+                    args[5].parse()?,
+                ),
+                other => bail!("unknown helper {other}"),
+            }
+        }
+        Some("connect") => {
+            let counts: Vec<usize> = args
+                .get(1)
+                .map(|s| s.split(',').map(|x| x.parse()).collect::<Result<_, _>>())
+                .transpose()?
+                .unwrap_or_else(|| vec![1, 1000, 10000]);
+            let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            connect_bench(&counts, rounds, secs, 4)
+        }
+        Some("program") => {
+            program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
+        }
+        _ => {
+            eprintln!(
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench program [N]"
+            );
+            std::process::exit(2)
+        }
+    }
+}
