@@ -9,13 +9,13 @@
 SEC("cgroup/connect4")
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate_fwd(ctx, LB_STAT_XLATE_CONNECT);
+	return sock4_xlate_fwd(ctx, LB_STAT_XLATE_CONNECT, true);
 }
 
 SEC("cgroup/sendmsg4")
 int sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate_fwd(ctx, LB_STAT_XLATE_SENDMSG);
+	return sock4_xlate_fwd(ctx, LB_STAT_XLATE_SENDMSG, false);
 }
 
 SEC("cgroup/recvmsg4")
@@ -35,13 +35,13 @@ int sock4_getpeername(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sock6_connect(struct bpf_sock_addr *ctx)
 {
-	return sock6_xlate_fwd(ctx, LB_STAT_XLATE_CONNECT);
+	return sock6_xlate_fwd(ctx, LB_STAT_XLATE_CONNECT, true);
 }
 
 SEC("cgroup/sendmsg6")
 int sock6_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return sock6_xlate_fwd(ctx, LB_STAT_XLATE_SENDMSG);
+	return sock6_xlate_fwd(ctx, LB_STAT_XLATE_SENDMSG, false);
 }
 
 SEC("cgroup/recvmsg6")

@@ -27,7 +27,7 @@ static __always_inline int sock_refuse(void)
  * Translates an IPv4 service destination to a backend.
  * Returns: 1 to let the call proceed (translated or not a service), 0 to refuse it.
  */
-static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat)
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat, bool connected)
 {
 	struct lb4_key key = {
 		.address = ctx->user_ip4,
@@ -48,7 +48,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		return 1;
 	if (svc->count == 0)
 		return sock_refuse();
-	client = bpf_get_netns_cookie(ctx);
+	client = (svc->flags & WEIR_SVC_AFFINITY) ? bpf_get_netns_cookie(ctx) : 0;
 	id = lb_affinity_backend(svc, client);
 	if (!id)
 		id = lb_maglev_backend(svc, sock_flow(ctx));
@@ -64,14 +64,31 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		goto missing;
 	lb_affinity_remember(svc, client, id);
 
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.address = be->address;
-	rk.port = be->port;
-	rv.address = ctx->user_ip4;
-	rv.port = (__be16)ctx->user_port;
-	rv.svc_id = svc->svc_id;
-	if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
-		lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+	if (connected) {
+		/* One peer for the socket's life: keep it on the socket itself. */
+		struct lb4_sock *st = bpf_sk_storage_get(&weir_lb4_sock, ctx->sk, 0,
+							 BPF_SK_STORAGE_GET_F_CREATE);
+
+		if (st) {
+			st->vip = ctx->user_ip4;
+			st->vport = (__be16)ctx->user_port;
+			st->backend = be->address;
+			st->bport = be->port;
+			st->svc_id = svc->svc_id;
+		} else {
+			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+		}
+	} else {
+		/* Unconnected UDP talks to many peers: remember each (socket, backend). */
+		rk.cookie = bpf_get_socket_cookie(ctx);
+		rk.address = be->address;
+		rk.port = be->port;
+		rv.address = ctx->user_ip4;
+		rv.port = (__be16)ctx->user_port;
+		rv.svc_id = svc->svc_id;
+		if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
+			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+	}
 
 	ctx->user_ip4 = be->address;
 	ctx->user_port = (__u32)be->port;
@@ -87,6 +104,14 @@ missing:
 /* Shows the service address instead of the backend's (recvmsg, getpeername). */
 static __always_inline void sock4_xlate_rev(struct bpf_sock_addr *ctx)
 {
+	struct lb4_sock *st = bpf_sk_storage_get(&weir_lb4_sock, ctx->sk, 0, 0);
+
+	if (st && st->backend == ctx->user_ip4 && st->bport == (__be16)ctx->user_port) {
+		ctx->user_ip4 = st->vip;
+		ctx->user_port = (__u32)st->vport;
+		lb_count(LB_STAT_XLATE_REV);
+		return;
+	}
 	struct lb4_revnat_key rk = {
 		.cookie = bpf_get_socket_cookie(ctx),
 		.address = ctx->user_ip4,
@@ -110,7 +135,7 @@ static __always_inline void lb6_key_addr(struct lb6_key *key, struct bpf_sock_ad
 }
 
 /* IPv6 counterpart of sock4_xlate_fwd. */
-static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat)
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat, bool connected)
 {
 	struct lb6_key key = {
 		.dport = (__be16)ctx->user_port,
@@ -131,7 +156,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		return 1;
 	if (svc->count == 0)
 		return sock_refuse();
-	client = bpf_get_netns_cookie(ctx);
+	client = (svc->flags & WEIR_SVC_AFFINITY) ? bpf_get_netns_cookie(ctx) : 0;
 	id = lb_affinity_backend(svc, client);
 	if (!id)
 		id = lb_maglev_backend(svc, sock_flow(ctx));
@@ -147,17 +172,35 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		goto missing;
 	lb_affinity_remember(svc, client, id);
 
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(rk.address, be->address, sizeof(rk.address));
-	rk.port = be->port;
-	rv.address[0] = ctx->user_ip6[0];
-	rv.address[1] = ctx->user_ip6[1];
-	rv.address[2] = ctx->user_ip6[2];
-	rv.address[3] = ctx->user_ip6[3];
-	rv.port = (__be16)ctx->user_port;
-	rv.svc_id = svc->svc_id;
-	if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
-		lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+	if (connected) {
+		struct lb6_sock *st = bpf_sk_storage_get(&weir_lb6_sock, ctx->sk, 0,
+							 BPF_SK_STORAGE_GET_F_CREATE);
+
+		if (st) {
+			st->vip[0] = ctx->user_ip6[0];
+			st->vip[1] = ctx->user_ip6[1];
+			st->vip[2] = ctx->user_ip6[2];
+			st->vip[3] = ctx->user_ip6[3];
+			st->vport = (__be16)ctx->user_port;
+			__builtin_memcpy(st->backend, be->address, sizeof(st->backend));
+			st->bport = be->port;
+			st->svc_id = svc->svc_id;
+		} else {
+			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+		}
+	} else {
+		rk.cookie = bpf_get_socket_cookie(ctx);
+		__builtin_memcpy(rk.address, be->address, sizeof(rk.address));
+		rk.port = be->port;
+		rv.address[0] = ctx->user_ip6[0];
+		rv.address[1] = ctx->user_ip6[1];
+		rv.address[2] = ctx->user_ip6[2];
+		rv.address[3] = ctx->user_ip6[3];
+		rv.port = (__be16)ctx->user_port;
+		rv.svc_id = svc->svc_id;
+		if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
+			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
+	}
 
 	ctx->user_ip6[0] = be->address[0];
 	ctx->user_ip6[1] = be->address[1];
@@ -173,6 +216,19 @@ missing:
 
 static __always_inline void sock6_xlate_rev(struct bpf_sock_addr *ctx)
 {
+	struct lb6_sock *st = bpf_sk_storage_get(&weir_lb6_sock, ctx->sk, 0, 0);
+
+	if (st && st->backend[0] == ctx->user_ip6[0] && st->backend[1] == ctx->user_ip6[1] &&
+	    st->backend[2] == ctx->user_ip6[2] && st->backend[3] == ctx->user_ip6[3] &&
+	    st->bport == (__be16)ctx->user_port) {
+		ctx->user_ip6[0] = st->vip[0];
+		ctx->user_ip6[1] = st->vip[1];
+		ctx->user_ip6[2] = st->vip[2];
+		ctx->user_ip6[3] = st->vip[3];
+		ctx->user_port = (__u32)st->vport;
+		lb_count(LB_STAT_XLATE_REV);
+		return;
+	}
 	struct lb6_revnat_key rk = {
 		.cookie = bpf_get_socket_cookie(ctx),
 		.port = (__be16)ctx->user_port,

@@ -168,13 +168,15 @@ impl EbpfDataplane {
                 },
             );
         }
-        self.next_backend = self.backends.values().max().map_or(1, |m| m + 1);
-        self.next_frontend = self
-            .frontends
-            .values()
-            .map(|f| f.id)
-            .max()
-            .map_or(1, |m| m + 1);
+        self.backend_ids = self.backends.values().copied().collect();
+        self.frontend_ids = self.frontends.values().map(|f| f.id).collect();
+        for f in self.frontends.values() {
+            for b in &f.backends {
+                *self.refs.entry(*b).or_default() += 1;
+            }
+        }
+        self.next_backend = self.backend_ids.last().map_or(1, |m| m + 1);
+        self.next_frontend = self.frontend_ids.last().map_or(1, |m| m + 1);
         Ok(())
     }
 

@@ -308,6 +308,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         ]))
     });
     std::thread::sleep(Duration::from_millis(700));
+    let before = lb_list(&lab, "node-1")["frontends"].clone();
     let pids = ok(std::process::Command::new("pgrep").args([
         "-f",
         "--",
@@ -319,6 +320,12 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     // New connections keep working with no agent at all: the programs stay attached.
     let r = lab.connect("lb/client", "web.lb:80", "tcp", 10);
     assert_eq!(r["ok"], 10, "{r}");
+    // While the agent is down a Service goes away: the restarted agent removes it (resync).
+    let maglev_vip = lab.get_json(&["svc", "maglev", "-n", "lb"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&mut lab.kubectl(&["delete", "svc", "maglev", "-n", "lb"]));
     let log = std::fs::File::create(format!(
         "/run/weir/labs/{}/logs/agent-restart.log",
         lab.name
@@ -343,6 +350,31 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     lab.eventually("restarted agent in sync", Duration::from_secs(10), || {
         ok(&mut lab.weir(&["status"])).contains("in sync")
     });
+    // The restart changed nothing else: same frontend ids, same backend ids in the same slots.
+    let after = lb_list(&lab, "node-1")["frontends"].clone();
+    let without = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["key"]["vip"] != maglev_vip.as_str())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        without(&before),
+        without(&after),
+        "a restart must not reprogram unchanged frontends"
+    );
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["key"]["vip"] != maglev_vip.as_str()),
+        "the Service deleted during the restart is gone"
+    );
+    let r = lab.connect("lb/client", "web.lb:80", "tcp", 10);
+    assert_eq!(r["ok"], 10, "{r}");
     // API server outage: the datapath keeps its state and keeps serving.
     let vip = lab.get_json(&["svc", "web", "-n", "lb"])["spec"]["clusterIP"]
         .as_str()
@@ -357,7 +389,12 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         let _ = std::process::Command::new("kill").args(["-9", p]).status();
     }
     let r = lab.connect("lb/client", &format!("{vip}:80"), "tcp", 10);
-    assert_eq!(r["ok"], 10, "serving with the API server down: {r}");
+    assert_eq!(
+        r["ok"],
+        10,
+        "serving with the API server down: {r}\n{}",
+        ok(&mut lab.weir(&["bpf", "lb", "list"]))
+    );
     // The API server comes back; a change made then reaches the datapath (the agent resyncs).
     let log = std::fs::File::create(format!(
         "/run/weir/labs/{}/logs/apiserver-restart.log",

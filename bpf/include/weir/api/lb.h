@@ -110,6 +110,28 @@ struct lb6_revnat {
 };
 _Static_assert(sizeof(struct lb6_revnat) == 24, "lb6_revnat size");
 
+/*
+ * Value of weir_lb{4,6}_sock: per-socket storage (freed with the socket) recording the
+ * translation of a connected socket (TCP, connected UDP), for getpeername and recvmsg.
+ */
+struct lb4_sock {
+	__be32 vip;	/* network order */
+	__be32 backend; /* network order */
+	__be16 vport;	/* network order */
+	__be16 bport;	/* network order */
+	__u32 svc_id;
+};
+_Static_assert(sizeof(struct lb4_sock) == 16, "lb4_sock size");
+
+struct lb6_sock {
+	__be32 vip[4];
+	__be32 backend[4];
+	__be16 vport;
+	__be16 bport;
+	__u32 svc_id;
+};
+_Static_assert(sizeof(struct lb6_sock) == 40, "lb6_sock size");
+
 /* Key of weir_lb_affinity: a client (its network namespace cookie) and a service. */
 struct lb_affinity_key {
 	__u64 client;	/* netns cookie */
