@@ -560,6 +560,117 @@ fn program_bench(n: usize) -> Result<()> {
     Ok(())
 }
 
+fn agent_pid(lab: &str) -> Option<String> {
+    sh(
+        "pgrep",
+        &["-f", "--", &format!("lab agent --cluster {lab} ")],
+    )
+    .ok()
+    .and_then(|s| s.split_whitespace().next().map(String::from))
+}
+
+fn rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// From the API: N selectorless Services with hand-written 3-endpoint EndpointSlices in a lab;
+/// then the agent is restarted with empty maps and timed until it has programmed them all;
+/// then one EndpointSlice changes and the agent is timed until it has applied it.
+fn api_bench(n: usize, weir: &str) -> Result<()> {
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let lab = format!("wbapi{}", std::process::id() % 10000);
+    sh(weir, &["lab", "up", "--name", &lab])?;
+    struct Down(String, String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = sh(&self.1, &["lab", "down", "--name", &self.0]);
+        }
+    }
+    let _down = Down(lab.clone(), weir.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let socket = weir_lab::paths::LabPaths::new(&lab).agent_socket("node-1");
+    rt.block_on(async {
+        let client = weir_lab::lab::lab_client(&lab).await?;
+        let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        ns.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "bench"}}))?).await?;
+        let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), "bench");
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(client.clone(), "bench");
+        let started = Instant::now();
+        use futures::StreamExt;
+        let results: Vec<Result<()>> = futures::stream::iter(0..n)
+            .map(|i| {
+                let (svcs, slices) = (svcs.clone(), slices.clone());
+                async move {
+                    let svc = serde_json::json!({"metadata": {"name": format!("svc-{i}")}, "spec": {"ports": [{"name": "http", "port": 80}]}});
+                    svcs.create(&PostParams::default(), &serde_json::from_value(svc)?).await?;
+                    let eps: Vec<_> = (0..3).map(|k| serde_json::json!({"addresses": [format!("10.{}.{}.{}", 100 + k, i / 250, i % 250 + 2)]})).collect();
+                    let sl = serde_json::json!({"metadata": {"name": format!("svc-{i}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps});
+                    slices.create(&PostParams::default(), &serde_json::from_value(sl)?).await?;
+                    Ok(())
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+        println!("created {n} Services + {n} EndpointSlices through the API in {:.1} s", started.elapsed().as_secs_f64());
+        let status = || async { weir_agent::api::get(&socket, "/status").await.unwrap_or_default() };
+        while status().await["frontends"].as_u64().unwrap_or(0) < n as u64 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = agent_pid(&lab).context("agent pid")?;
+        println!("agent RSS with {n} Services programmed: {} MiB", rss_of(&pid) / 1024);
+        // Restart from empty maps: API -> maps, timed.
+        sh("kill", &["-9", &pid])?;
+        std::fs::remove_dir_all(weir_lab::paths::LabPaths::new(&lab).node_bpf_dir("node-1"))?;
+        let _ = std::fs::remove_file(&socket);
+        let started = Instant::now();
+        let log = std::fs::File::create(format!("/run/weir/labs/{lab}/logs/agent-bench.log"))?;
+        Command::new(weir).args(["lab", "agent", "--cluster", &lab, "--node", "node-1"]).stdout(log.try_clone()?).stderr(log).spawn()?;
+        loop {
+            let st = status().await;
+            if st["synced"] == true && st["frontends"].as_u64().unwrap_or(0) >= n as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let st = status().await;
+        println!("agent start -> {n} Services x 3 endpoints programmed from the API: {:.2} s (of which the map writes: {:.3} s)", started.elapsed().as_secs_f64(), st["last_apply_micros"].as_f64().unwrap_or(0.0) / 1e6);
+        let pid = agent_pid(&lab).context("agent pid")?;
+        println!("agent RSS after a cold start with {n} Services: {} MiB", rss_of(&pid) / 1024);
+        // One Service change.
+        let applies = st["applies"].as_u64().unwrap_or(0);
+        let started = Instant::now();
+        let patch = serde_json::json!({"endpoints": [{"addresses": ["10.250.0.1"]}, {"addresses": ["10.250.0.2"]}, {"addresses": ["10.250.0.3"]}]});
+        slices.patch("svc-7-1", &PatchParams::default(), &Patch::Merge(patch)).await?;
+        let written = started.elapsed();
+        loop {
+            let st = status().await;
+            if st["applies"].as_u64().unwrap_or(0) > applies {
+                println!("one EndpointSlice change: API write {:.1} ms; on the agent, rebuild + apply {:.1} ms; write -> applied {:.1} ms",
+                    written.as_secs_f64() * 1000.0, st["last_apply_micros"].as_f64().unwrap_or(0.0) / 1000.0, started.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -591,9 +702,15 @@ fn main() -> Result<()> {
         Some("program") => {
             program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
         }
+        Some("api") => api_bench(
+            args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000),
+            args.get(2)
+                .map(String::as_str)
+                .unwrap_or("target/release/weir"),
+        ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench program [N]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }
