@@ -3,7 +3,7 @@
 #   make test   runs every test (unit, API server, kubectl, lab end to end)
 CARGO ?= cargo
 
-.PHONY: demo test build setup fmt lint clean
+.PHONY: demo test build setup fmt lint clean bench
 
 setup:
 	@scripts/setup.sh
@@ -16,6 +16,14 @@ demo: build
 
 test: build
 	$(CARGO) test --workspace
+
+# Benchmarks (not tests): ratios against kube-proxy's layouts measured in the same run.
+bench: setup
+	@scripts/setup.sh --bench
+	$(CARGO) build --release -p weir-bench -p weir
+	target/release/weir-bench program 10000
+	target/release/weir-bench connect 1,1000,10000 5 2
+	target/release/weir-bench api 10000 target/release/weir
 
 fmt:
 	$(CARGO) fmt --all

@@ -16,6 +16,10 @@ export DEBIAN_FRONTEND=noninteractive
 # tools the lab and its tests drive (iproute2 for ip, procps for pgrep, util-linux for
 # nsenter, bash).
 packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates)
+# `--bench`: also the baselines the benchmarks compare against.
+if [ "${1:-}" = "--bench" ]; then
+  packages+=(iptables nftables conntrack)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
