@@ -485,15 +485,7 @@ fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> 
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    rss_of("self")
 }
 
 fn program_bench(n: usize) -> Result<()> {

@@ -206,17 +206,7 @@ impl SockLb {
             path: cgroup.into(),
             source,
         })?;
-        let p = &self.skel.progs;
-        for (name, prog) in [
-            ("sock4_connect", &p.sock4_connect),
-            ("sock4_sendmsg", &p.sock4_sendmsg),
-            ("sock4_recvmsg", &p.sock4_recvmsg),
-            ("sock4_getpeername", &p.sock4_getpeername),
-            ("sock6_connect", &p.sock6_connect),
-            ("sock6_sendmsg", &p.sock6_sendmsg),
-            ("sock6_recvmsg", &p.sock6_recvmsg),
-            ("sock6_getpeername", &p.sock6_getpeername),
-        ] {
+        for (name, prog) in self.progs() {
             let path = dir.join(name);
             if path.exists() {
                 let mut link = Link::open(&path)
@@ -389,8 +379,8 @@ impl SockLb {
         Ok(out)
     }
 
-    /// Program names with their kernel program ids, for status.
-    pub fn programs(&self) -> Vec<(&'static str, u32)> {
+    /// Every program with its name, in [`SOCK_PROGRAMS`] order.
+    fn progs(&self) -> [(&'static str, &libbpf_rs::ProgramMut<'static>); 8] {
         let p = &self.skel.progs;
         [
             ("sock4_connect", &p.sock4_connect),
@@ -402,9 +392,14 @@ impl SockLb {
             ("sock6_recvmsg", &p.sock6_recvmsg),
             ("sock6_getpeername", &p.sock6_getpeername),
         ]
-        .into_iter()
-        .map(|(name, prog)| (name, prog_id(prog.as_fd().as_raw_fd())))
-        .collect()
+    }
+
+    /// Program names with their kernel program ids, for status.
+    pub fn programs(&self) -> Vec<(&'static str, u32)> {
+        self.progs()
+            .into_iter()
+            .map(|(name, prog)| (name, prog_id(prog.as_fd().as_raw_fd())))
+            .collect()
     }
 }
 
