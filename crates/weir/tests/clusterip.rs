@@ -54,6 +54,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: brief, namespace: lb}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: maglev, namespace: lb, annotations: {weir.dev/lb-algorithm: maglev}}
 spec:
   selector: {app: web}
@@ -179,6 +188,28 @@ fn no_endpoints_refused_at_once_affinity_and_maglev() {
             .any(|c| c[0] == "no_backend" && c[1].as_u64().unwrap() >= 10),
         "{counters}"
     );
+}
+
+fn counter(lab: &Lab, name: &str) -> u64 {
+    lb_list(lab, "node-1")["counters"].as_array().unwrap().iter().find(|c| c[0] == name).and_then(|c| c[1].as_u64()).unwrap()
+}
+
+#[test]
+fn session_affinity_expires_after_its_timeout() {
+    let lab = Lab::up("cip6", 1, APP);
+    let hits = counter(&lab, "affinity_hit");
+    // First connection picks a backend and remembers it; the second, right after, is a hit.
+    lab.connect("lb/client", "brief.lb:80", "tcp", 1);
+    lab.connect("lb/client", "brief.lb:80", "tcp", 1);
+    assert_eq!(counter(&lab, "affinity_hit"), hits + 1);
+    // After the 1 s timeout (the clock has whole seconds) the entry is stale: no hit.
+    std::thread::sleep(Duration::from_millis(2600));
+    let r = lab.connect("lb/client", "brief.lb:80", "tcp", 1);
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(counter(&lab, "affinity_hit"), hits + 1, "an expired affinity entry must not be used");
+    // ... and a new one was remembered: the next connection right after is a hit again.
+    lab.connect("lb/client", "brief.lb:80", "tcp", 1);
+    assert_eq!(counter(&lab, "affinity_hit"), hits + 2);
 }
 
 #[test]
