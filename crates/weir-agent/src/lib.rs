@@ -47,6 +47,8 @@ pub struct SyncStatus {
     pub last_apply: Option<String>,
     /// How long the last apply took, in microseconds.
     pub last_apply_micros: u64,
+    /// How long building the desired state from the API objects took, in microseconds.
+    pub last_build_micros: u64,
     /// What the last apply changed.
     pub last_stats: ApplyStats,
     /// Frontends programmed.
@@ -133,9 +135,12 @@ pub async fn run(
         default_algorithm: cfg.default_algorithm,
     };
     loop {
-        let svcs: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
-        let sls: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
+        // The stores hand out Arcs: no object is copied to build the state.
+        let build_started = std::time::Instant::now();
+        let svcs = services.state();
+        let sls = slices.state();
         let (state, warnings) = lb::build(&svcs, &sls, &opts);
+        let build_micros = build_started.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();
         let result = {
             let mut dp = shared.dataplane.lock().expect("dataplane lock");
@@ -146,6 +151,7 @@ pub async fn run(
             st.applies += 1;
             st.last_apply = Some(jiff::Timestamp::now().to_string());
             st.last_apply_micros = started.elapsed().as_micros() as u64;
+            st.last_build_micros = build_micros;
             st.frontends = state.frontends.len();
             st.warnings = warnings;
             match result {

@@ -165,13 +165,13 @@ struct EndpointView {
 }
 
 /// Builds the load-balancing state from all Services and EndpointSlices.
-pub fn build(
-    services: &[Service],
-    slices: &[EndpointSlice],
-    opts: &Options,
-) -> (LbState, Vec<Warning>) {
+pub fn build<S, E>(services: &[S], slices: &[E], opts: &Options) -> (LbState, Vec<Warning>)
+where
+    S: std::borrow::Borrow<Service>,
+    E: std::borrow::Borrow<EndpointSlice>,
+{
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
+    for s in slices.iter().map(|s| s.borrow()) {
         let Some(svc) = s
             .metadata
             .labels
@@ -190,7 +190,7 @@ pub fn build(
     }
     let mut state = LbState::default();
     let mut warnings = Vec::new();
-    for svc in services {
+    for svc in services.iter().map(|s| s.borrow()) {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
         let id = format!("{ns}/{name}");
@@ -388,6 +388,8 @@ mod tests {
         .unwrap()
     }
 
+    const NO_SLICES: &[EndpointSlice] = &[];
+
     fn opts() -> Options {
         Options {
             node_name: "node-1".into(),
@@ -445,7 +447,7 @@ mod tests {
 
     #[test]
     fn no_endpoints_still_has_a_frontend_that_refuses() {
-        let (st, _) = build(&[svc(json!({}))], &[], &opts());
+        let (st, _) = build(&[svc(json!({}))], NO_SLICES, &opts());
         assert_eq!(st.frontends.len(), 1);
         assert!(st.frontends.values().next().unwrap().backends.is_empty());
     }
@@ -456,7 +458,7 @@ mod tests {
             &[svc(
                 json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}}),
             )],
-            &[],
+            NO_SLICES,
             &opts(),
         );
         assert!(st.frontends.is_empty());
@@ -464,7 +466,7 @@ mod tests {
             &[svc(
                 json!({"spec": {"type": "ExternalName", "externalName": "x.example"}}),
             )],
-            &[],
+            NO_SLICES,
             &opts(),
         );
         assert!(st.frontends.is_empty());
@@ -476,7 +478,7 @@ mod tests {
             json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "maglev"}},
             "spec": {"sessionAffinity": "ClientIP", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "ipFamilies": ["IPv4", "IPv6"]}}),
         );
-        let (st, _) = build(&[s], &[], &opts());
+        let (st, _) = build(&[s], NO_SLICES, &opts());
         assert_eq!(st.frontends.len(), 2);
         for f in st.frontends.values() {
             assert_eq!(f.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
@@ -485,7 +487,7 @@ mod tests {
         let s = svc(
             json!({"metadata": {"annotations": {ALGORITHM_ANNOTATION: "fastest"}}, "spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}}),
         );
-        let (st, w) = build(&[s], &[], &opts());
+        let (st, w) = build(&[s], NO_SLICES, &opts());
         assert_eq!(
             st.frontends.values().next().unwrap().affinity_timeout,
             Some(30)

@@ -45,7 +45,7 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
         }
     );
     println!(
-        "Sync:          {} ({} applies, last {} in {} µs)",
+        "Sync:          {} ({} applies, last {}: built in {} µs, applied in {} µs)",
         if st["synced"] == true {
             "in sync"
         } else {
@@ -53,6 +53,7 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
         },
         s(&st["applies"]),
         s(&st["last_apply"]),
+        s(&st["last_build_micros"]),
         s(&st["last_apply_micros"])
     );
     println!("Frontends:     {}", s(&st["frontends"]));

@@ -191,7 +191,13 @@ fn no_endpoints_refused_at_once_affinity_and_maglev() {
 }
 
 fn counter(lab: &Lab, name: &str) -> u64 {
-    lb_list(lab, "node-1")["counters"].as_array().unwrap().iter().find(|c| c[0] == name).and_then(|c| c[1].as_u64()).unwrap()
+    lb_list(lab, "node-1")["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap()
 }
 
 #[test]
@@ -206,7 +212,11 @@ fn session_affinity_expires_after_its_timeout() {
     std::thread::sleep(Duration::from_millis(2600));
     let r = lab.connect("lb/client", "brief.lb:80", "tcp", 1);
     assert_eq!(r["ok"], 1, "{r}");
-    assert_eq!(counter(&lab, "affinity_hit"), hits + 1, "an expired affinity entry must not be used");
+    assert_eq!(
+        counter(&lab, "affinity_hit"),
+        hits + 1,
+        "an expired affinity entry must not be used"
+    );
     // ... and a new one was remembered: the next connection right after is a hit again.
     lab.connect("lb/client", "brief.lb:80", "tcp", 1);
     assert_eq!(counter(&lab, "affinity_hit"), hits + 2);
