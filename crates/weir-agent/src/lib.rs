@@ -69,7 +69,15 @@ pub struct Shared {
     pub status: Mutex<SyncStatus>,
 }
 
-fn spawn_reflector<K>(api: Api<K>, notify: Arc<Notify>, shared: Arc<Shared>) -> Store<K>
+/// Starts a kube-rs reflector for `api` in the background and returns its store. After
+/// every watch event (or error) `on_event(ok)` runs, so that callers can wake their
+/// reconcile loop and record the watch's health. Watch errors are retried with kube-rs'
+/// default backoff; the store keeps its last complete view meanwhile.
+pub fn spawn_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    on_event: impl Fn(bool) + Send + 'static,
+) -> Store<K>
 where
     K: kube::Resource
         + Clone
@@ -81,22 +89,27 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .default_backoff();
+    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
-            let ok = ev.is_ok();
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "watch failed; the datapath keeps its last state");
+            if let Err(e) = &ev {
+                tracing::warn!(error = %e, "watch failed; retrying");
             }
-            if let Ok(mut s) = shared.status.lock() {
-                s.api_connected = ok;
-            }
-            notify.notify_one();
+            on_event(ev.is_ok());
         }
     });
     reader
+}
+
+fn wake(notify: &Arc<Notify>, shared: &Arc<Shared>) -> impl Fn(bool) + Send + 'static {
+    let (notify, shared) = (notify.clone(), shared.clone());
+    move |ok| {
+        if let Ok(mut s) = shared.status.lock() {
+            s.api_connected = ok;
+        }
+        notify.notify_one();
+    }
 }
 
 /// Runs the agent until the process is stopped. The dataplane was created (and its pinned
@@ -117,13 +130,13 @@ pub async fn run(
     let notify = Arc::new(Notify::new());
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
-        notify.clone(),
-        shared.clone(),
+        watcher::Config::default(),
+        wake(&notify, &shared),
     );
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
-        notify.clone(),
-        shared.clone(),
+        watcher::Config::default(),
+        wake(&notify, &shared),
     );
     // Apply only from a complete view: until both initial lists are in, the pinned state
     // stays as the previous agent left it (stale entries are removed by the first apply).

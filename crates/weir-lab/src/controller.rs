@@ -5,15 +5,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::Client;
 use serde_json::json;
 use tokio::sync::Notify;
+
+use weir_agent::spawn_reflector;
 
 use crate::endpoints::{self, CONTROLLER_NAME, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 use crate::LabError;
@@ -44,31 +45,9 @@ struct Controller {
     next_node: usize,
 }
 
-fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(r) = stream.next().await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "watch");
-            }
-            notify.notify_one();
-        }
-    });
-    reader
+fn notifier(notify: &Arc<Notify>) -> impl Fn(bool) + Send + 'static {
+    let notify = notify.clone();
+    move |_| notify.notify_one()
 }
 
 impl Controller {
@@ -309,22 +288,22 @@ pub async fn run(client: Client) -> Result<(), LabError> {
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
-        notify.clone(),
+        notifier(&notify),
     );
     let pods = spawn_reflector(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
-        notify.clone(),
+        notifier(&notify),
     );
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={CONTROLLER_NAME}")),
-        notify.clone(),
+        notifier(&notify),
     );
     let nodes = spawn_reflector(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
-        notify.clone(),
+        notifier(&notify),
     );
     for (what, ready) in [
         ("services", services.wait_until_ready().await.is_ok()),
