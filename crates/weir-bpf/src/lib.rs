@@ -395,23 +395,43 @@ impl SockLb {
     }
 
     /// Program names with their kernel program ids, for status.
-    pub fn programs(&self) -> Vec<(&'static str, u32)> {
+    pub fn programs(&self) -> Vec<ProgramInfo> {
         self.progs()
             .into_iter()
-            .map(|(name, prog)| (name, prog_id(prog.as_fd().as_raw_fd())))
+            .map(|(name, prog)| prog_info(name, prog.as_fd().as_raw_fd()))
             .collect()
     }
 }
 
-/// The kernel id of the program behind `fd` (0 if it cannot be read).
-fn prog_id(fd: i32) -> u32 {
+/// A loaded program as the kernel reports it.
+#[derive(Debug, Clone, Default)]
+pub struct ProgramInfo {
+    /// Program name.
+    pub name: &'static str,
+    /// Kernel program id.
+    pub id: u32,
+    /// Runs counted while `kernel.bpf_stats_enabled` is 1.
+    pub run_count: u64,
+    /// Total run time of those runs, in nanoseconds.
+    pub run_time_ns: u64,
+}
+
+/// The kernel's information about the program behind `fd` (zeros if it cannot be read).
+fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
     let mut info = libbpf_sys::bpf_prog_info::default();
     let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
     // SAFETY: `info` is a properly sized, writable bpf_prog_info and `len` says its size.
     let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
-    if ret == 0 {
-        info.id
-    } else {
-        0
+    if ret != 0 {
+        return ProgramInfo {
+            name,
+            ..Default::default()
+        };
+    }
+    ProgramInfo {
+        name,
+        id: info.id,
+        run_count: info.run_cnt,
+        run_time_ns: info.run_time_ns,
     }
 }

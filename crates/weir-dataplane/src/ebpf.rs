@@ -531,7 +531,12 @@ impl Dataplane for EbpfDataplane {
                 .lb
                 .programs()
                 .into_iter()
-                .map(|(n, id)| (n.to_string(), id))
+                .map(|p| crate::ProgramDump {
+                    name: p.name.to_string(),
+                    id: p.id,
+                    run_count: p.run_count,
+                    avg_run_ns: p.run_time_ns.checked_div(p.run_count).unwrap_or(0),
+                })
                 .collect(),
             maps: weir_bpf::SOCK_MAPS
                 .iter()

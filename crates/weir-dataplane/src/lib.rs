@@ -63,6 +63,19 @@ pub struct AffinityDump {
     pub idle_seconds: u64,
 }
 
+/// A loaded program.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramDump {
+    /// Name.
+    pub name: String,
+    /// Kernel id.
+    pub id: u32,
+    /// Runs counted while kernel.bpf_stats_enabled is 1.
+    pub run_count: u64,
+    /// Average run time of those runs, in nanoseconds.
+    pub avg_run_ns: u64,
+}
+
 /// A map's fill level.
 #[derive(Debug, Clone, Serialize)]
 pub struct MapUsage {
@@ -85,8 +98,8 @@ pub struct Dump {
     pub affinity: Vec<AffinityDump>,
     /// Counters by name.
     pub counters: Vec<(String, u64)>,
-    /// Programs (name, kernel id).
-    pub programs: Vec<(String, u32)>,
+    /// Programs.
+    pub programs: Vec<ProgramDump>,
     /// Maps.
     pub maps: Vec<MapUsage>,
 }

@@ -68,9 +68,20 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| vec![s(&p[0]), s(&p[1])])
+        .map(|p| {
+            vec![
+                s(&p["name"]),
+                s(&p["id"]),
+                s(&p["run_count"]),
+                s(&p["avg_run_ns"]),
+            ]
+        })
         .collect();
-    print!("{}", render_table(&["PROGRAM", "ID"], &rows));
+    print!(
+        "{}",
+        render_table(&["PROGRAM", "ID", "RUNS", "AVG NS"], &rows)
+    );
+    println!("(run counts and times are kept while sysctl kernel.bpf_stats_enabled=1)");
     println!("\nMaps:");
     let rows: Vec<Vec<String>> = lb["maps"]
         .as_array()
