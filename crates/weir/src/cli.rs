@@ -173,7 +173,8 @@ struct ApiserverArgs {
 
 #[derive(Subcommand, Debug)]
 enum LabCommand {
-    /// Create a lab: API server, controllers, nodes; apply manifests; wait for pods.
+    /// Create a lab: API server, controllers, nodes (each with a kubelet and a weir agent);
+    /// apply manifests; wait until pods are Ready and every datapath matches the API.
     Up {
         /// Lab name.
         #[arg(long)]
