@@ -148,9 +148,8 @@ fn build_topology() -> Result<Topology> {
         ip(&p.c, "addr add 10.244.2.2/24 dev eth0")?;
         ip(&p.c, "link set eth0 up")?;
         ip(&p.c, "route add default via 10.244.2.1")?;
-        for (i, e) in ENDPOINTS.iter().enumerate() {
+        for e in ENDPOINTS {
             ip(&p.s, &format!("addr add {e}/24 dev eth0"))?;
-            let _ = i;
         }
         ip(&p.s, "link set eth0 up")?;
         ip(&p.s, "route add default via 10.244.1.1")?;
@@ -374,13 +373,6 @@ fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> 
         )?);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let weir_path = &topo
-        .paths
-        .iter()
-        .find(|(m, _)| m == "weir")
-        .expect("weir")
-        .1;
-    let _ = weir_path;
     let mut dp = weir_dataplane::ebpf::EbpfDataplane::new(&topo.pins, &cg)?;
     println!("# weir-bench connect: {threads} client threads, {secs} s per run, {rounds} interleaved rounds, medians");
     println!("# client 10.244.2.2 -> router -> 3 endpoints 10.244.1.{{2,3,4}}:8080; target service last of N");

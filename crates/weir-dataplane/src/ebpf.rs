@@ -503,8 +503,6 @@ impl Dataplane for EbpfDataplane {
                 maglev_size: (p.maglev_size > 0).then_some(p.maglev_size),
             })
             .collect();
-        let now = std::time::SystemTime::now();
-        let _ = now;
         let boot_now = boot_seconds();
         let affinity = self
             .lb

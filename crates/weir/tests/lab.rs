@@ -437,8 +437,7 @@ fn lab_down_leaves_nothing_even_after_a_crash() {
         err.contains("is not reachable") && err.contains("hint"),
         "{err}"
     );
-    let out = ok(weir().args(["lab", "down", "--name", &name]));
-    let _ = out;
+    ok(weir().args(["lab", "down", "--name", &name]));
     assert_eq!(leftovers(&name), Vec::<String>::new());
     // A second down says there is no such lab.
     let again = run(weir().args(["lab", "down", "--name", &name]));
