@@ -8,6 +8,7 @@
 
 pub mod api;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -70,13 +71,13 @@ pub struct Shared {
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
-/// every watch event (or error) `on_event(ok)` runs, so that callers can wake their
+/// every watch event `on_event(Some(event))` runs (`None` after an error), so that callers can wake their
 /// reconcile loop and record the watch's health. Watch errors are retried with kube-rs'
 /// default backoff; the store keeps its last complete view meanwhile.
 pub fn spawn_reflector<K>(
     api: Api<K>,
     cfg: watcher::Config,
-    on_event: impl Fn(bool) + Send + 'static,
+    on_event: impl Fn(Option<&watcher::Event<K>>) + Send + 'static,
 ) -> Store<K>
 where
     K: kube::Resource
@@ -93,22 +94,160 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
-            if let Err(e) = &ev {
-                tracing::warn!(error = %e, "watch failed; retrying");
+            match &ev {
+                Ok(e) => on_event(Some(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch failed; retrying");
+                    on_event(None);
+                }
             }
-            on_event(ev.is_ok());
         }
     });
     reader
 }
 
-fn wake(notify: &Arc<Notify>, shared: &Arc<Shared>) -> impl Fn(bool) + Send + 'static {
-    let (notify, shared) = (notify.clone(), shared.clone());
-    move |ok| {
+type ServiceKey = (String, String);
+
+/// Which Services changed since the last build (or that everything must be rebuilt).
+#[derive(Default)]
+struct Dirty {
+    full: bool,
+    services: HashSet<ServiceKey>,
+    /// The Service each EndpointSlice belonged to when last seen, so that a slice moving to
+    /// another Service (or deleted) dirties the one it left.
+    slice_owner: HashMap<ServiceKey, ServiceKey>,
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> ServiceKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn slice_service(sl: &EndpointSlice) -> Option<ServiceKey> {
+    let name = sl.metadata.labels.as_ref()?.get(lb::SERVICE_NAME_LABEL)?;
+    Some((
+        sl.metadata.namespace.clone().unwrap_or_default(),
+        name.clone(),
+    ))
+}
+
+fn wake<K>(
+    notify: &Arc<Notify>,
+    shared: &Arc<Shared>,
+    dirty: &Arc<Mutex<Dirty>>,
+    mark: fn(&mut Dirty, &K, bool),
+) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static
+where
+    K: Send + 'static,
+{
+    let (notify, shared, dirty) = (notify.clone(), shared.clone(), dirty.clone());
+    move |ev| {
         if let Ok(mut s) = shared.status.lock() {
-            s.api_connected = ok;
+            s.api_connected = ev.is_some();
+        }
+        if let Ok(mut d) = dirty.lock() {
+            match ev {
+                Some(watcher::Event::Apply(o)) => mark(&mut d, o, false),
+                Some(watcher::Event::Delete(o)) => mark(&mut d, o, true),
+                // A relist replaces the whole store.
+                Some(
+                    watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone,
+                ) => d.full = true,
+                None => {}
+            }
         }
         notify.notify_one();
+    }
+}
+
+fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
+    d.services.insert(key_of(&s.metadata));
+}
+
+fn mark_slice(d: &mut Dirty, sl: &EndpointSlice, deleted: bool) {
+    let me = key_of(&sl.metadata);
+    if let Some(old) = d.slice_owner.remove(&me) {
+        d.services.insert(old);
+    }
+    if let Some(svc) = slice_service(sl) {
+        d.services.insert(svc.clone());
+        if !deleted {
+            d.slice_owner.insert(me, svc);
+        }
+    }
+}
+
+/// The desired state kept up to date Service by Service: a change rebuilds only the Services
+/// it touches, so its cost does not grow with the number of Services.
+#[derive(Default)]
+struct Incremental {
+    state: lb::LbState,
+    contrib: HashMap<ServiceKey, Vec<lb::FrontendKey>>,
+    warnings: HashMap<ServiceKey, Vec<Warning>>,
+}
+
+impl Incremental {
+    fn set(
+        &mut self,
+        key: ServiceKey,
+        svc: Option<&Service>,
+        slices: &[&EndpointSlice],
+        opts: &Options,
+    ) {
+        for k in self.contrib.remove(&key).unwrap_or_default() {
+            self.state.frontends.remove(&k);
+        }
+        self.warnings.remove(&key);
+        let Some(svc) = svc else { return };
+        let (st, w) = lb::build(std::slice::from_ref(svc), slices, opts);
+        self.contrib
+            .insert(key.clone(), st.frontends.keys().copied().collect());
+        self.state.frontends.extend(st.frontends);
+        if !w.is_empty() {
+            self.warnings.insert(key, w);
+        }
+    }
+
+    fn rebuild_all(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        opts: &Options,
+    ) {
+        *self = Incremental::default();
+        let mut by_service: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
+        for sl in slices {
+            if let Some(k) = slice_service(sl) {
+                by_service.entry(k).or_default().push(sl);
+            }
+        }
+        for svc in services {
+            let key = key_of(&svc.metadata);
+            let own = by_service.remove(&key).unwrap_or_default();
+            self.set(key, Some(svc), &own, opts);
+        }
+    }
+
+    fn rebuild(
+        &mut self,
+        key: ServiceKey,
+        services: &Store<Service>,
+        slices: &[Arc<EndpointSlice>],
+        opts: &Options,
+    ) {
+        let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
+        let own: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|sl| slice_service(sl).as_ref() == Some(&key))
+            .map(|sl| sl.as_ref())
+            .collect();
+        self.set(key, svc.as_deref(), &own, opts);
+    }
+
+    fn all_warnings(&self) -> Vec<Warning> {
+        self.warnings.values().flatten().cloned().collect()
     }
 }
 
@@ -128,15 +267,19 @@ pub async fn run(
     });
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());
+    let dirty = Arc::new(Mutex::new(Dirty {
+        full: true,
+        ..Default::default()
+    }));
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
-        wake(&notify, &shared),
+        wake(&notify, &shared, &dirty, mark_service),
     );
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
-        wake(&notify, &shared),
+        wake(&notify, &shared, &dirty, mark_slice),
     );
     // Apply only from a complete view: until both initial lists are in, the pinned state
     // stays as the previous agent left it (stale entries are removed by the first apply).
@@ -147,17 +290,30 @@ pub async fn run(
         node_name: cfg.node_name.clone(),
         default_algorithm: cfg.default_algorithm,
     };
+    let mut desired = Incremental::default();
     loop {
-        // The stores hand out Arcs: no object is copied to build the state.
+        // The stores hand out Arcs: no object is copied. After a relist everything is
+        // rebuilt; otherwise only the Services that the events touched.
         let build_started = std::time::Instant::now();
-        let svcs = services.state();
+        let (full, changed) = {
+            let mut d = dirty.lock().expect("dirty lock");
+            (std::mem::take(&mut d.full), std::mem::take(&mut d.services))
+        };
         let sls = slices.state();
-        let (state, warnings) = lb::build(&svcs, &sls, &opts);
+        if full {
+            desired.rebuild_all(&services.state(), &sls, &opts);
+        } else {
+            for key in changed {
+                desired.rebuild(key, &services, &sls, &opts);
+            }
+        }
+        let state = &desired.state;
+        let warnings = desired.all_warnings();
         let build_micros = build_started.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();
         let result = {
             let mut dp = shared.dataplane.lock().expect("dataplane lock");
-            dp.apply(&state)
+            dp.apply(state)
         };
         {
             let mut st = shared.status.lock().expect("status lock");

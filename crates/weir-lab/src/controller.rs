@@ -45,7 +45,7 @@ struct Controller {
     next_node: usize,
 }
 
-fn notifier(notify: &Arc<Notify>) -> impl Fn(bool) + Send + 'static {
+fn notifier<K>(notify: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static {
     let notify = notify.clone();
     move |_| notify.notify_one()
 }
