@@ -359,3 +359,95 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use serde_json::json;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "x", "resourceVersion": "1"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}))
+        .unwrap()
+    }
+
+    fn slice(name: &str, owner: &str, addr: &str) -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "x", "labels": {lb::SERVICE_NAME_LABEL: owner}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [addr]}]}))
+        .unwrap()
+    }
+
+    fn opts() -> Options {
+        Options {
+            node_name: "n".into(),
+            default_algorithm: lb::Algorithm::Random,
+        }
+    }
+
+    /// Applies `events` to the stores and the dirty set as the reflectors would, rebuilds the
+    /// dirty Services, and checks the result against a full build.
+    #[test]
+    fn incremental_state_equals_a_full_build() {
+        let (svc_reader, mut svc_writer): (Store<Service>, Writer<Service>) = reflector::store();
+        let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+        let mut dirty = Dirty::default();
+        let mut inc = Incremental::default();
+        let services = vec![
+            svc("a", "10.96.0.1"),
+            svc("b", "10.96.0.2"),
+            svc("c", "10.96.0.3"),
+        ];
+        for s in &services {
+            svc_writer.apply_watcher_event(&watcher::Event::Apply(s.clone()));
+        }
+        let initial = vec![
+            slice("a-1", "a", "10.0.0.1"),
+            slice("b-1", "b", "10.0.0.2"),
+            slice("c-1", "c", "10.0.0.3"),
+        ];
+        for sl in &initial {
+            mark_slice(&mut dirty, sl, false);
+            slices.push(Arc::new(sl.clone()));
+        }
+        inc.rebuild_all(&svc_reader.state(), &slices, &opts());
+        let check = |inc: &Incremental, slices: &[Arc<EndpointSlice>]| {
+            let (full, _) = lb::build(&svc_reader.state(), slices, &opts());
+            assert_eq!(inc.state, full);
+        };
+        check(&inc, &slices);
+
+        // b-1 moves from Service b to Service c: both must be rebuilt.
+        dirty.services.clear();
+        let moved = slice("b-1", "c", "10.0.0.2");
+        mark_slice(&mut dirty, &moved, false);
+        slices[1] = Arc::new(moved);
+        assert!(
+            dirty.services.contains(&("x".into(), "b".into()))
+                && dirty.services.contains(&("x".into(), "c".into()))
+        );
+        for k in std::mem::take(&mut dirty.services) {
+            inc.rebuild(k, &svc_reader, &slices, &opts());
+        }
+        check(&inc, &slices);
+
+        // Service a is deleted: its frontend goes.
+        let gone = services[0].clone();
+        svc_writer.apply_watcher_event(&watcher::Event::Delete(gone.clone()));
+        mark_service(&mut dirty, &gone, true);
+        for k in std::mem::take(&mut dirty.services) {
+            inc.rebuild(k, &svc_reader, &slices, &opts());
+        }
+        check(&inc, &slices);
+        assert_eq!(inc.state.frontends.len(), 2);
+
+        // c-1 is deleted: only b-1 remains behind Service c.
+        let c1 = slices.remove(2);
+        mark_slice(&mut dirty, &c1, true);
+        for k in std::mem::take(&mut dirty.services) {
+            inc.rebuild(k, &svc_reader, &slices, &opts());
+        }
+        check(&inc, &slices);
+    }
+}
