@@ -29,6 +29,8 @@ pub struct UpOptions {
     pub manifests: Vec<String>,
     /// How long to wait for pods to become Ready.
     pub timeout: Duration,
+    /// Default backend selection of the agents (Services can override it by annotation).
+    pub lb_algorithm: weir_control::lb::Algorithm,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -243,7 +245,11 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
 async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<PathBuf, LabError> {
     let progress = Progress::new();
     std::fs::create_dir_all(&p.dir).map_err(|e| LabError::io(p.dir.clone(), e))?;
-    let layout = Layout::plan(p, opts.nodes, free_port()?);
+    let mut layout = Layout::plan(p, opts.nodes, free_port()?);
+    layout.lb_algorithm = match opts.lb_algorithm {
+        weir_control::lb::Algorithm::Random => "random".into(),
+        weir_control::lb::Algorithm::Maglev => "maglev".into(),
+    };
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -540,11 +546,16 @@ pub async fn wait_converged(
 pub async fn run_agent(
     name: &str,
     node: &str,
-    algorithm: weir_control::lb::Algorithm,
+    algorithm: Option<weir_control::lb::Algorithm>,
 ) -> Result<(), LabError> {
     let p = LabPaths::new(name);
     let layout = Layout::load(&p)?;
     layout.node(node)?;
+    // The lab's default (from `lab up --lb-algorithm`) unless the command line says otherwise.
+    let algorithm = match algorithm {
+        Some(a) => a,
+        None => layout.lb_algorithm.parse().map_err(LabError::Usage)?,
+    };
     let cgroup = p.cgroup_dir().join(node);
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
     let dp = weir_dataplane::ebpf::EbpfDataplane::new(&p.node_bpf_dir(node), &cgroup)

@@ -150,6 +150,13 @@ pub struct Layout {
     pub fabric_netns: String,
     /// Creation time (RFC 3339).
     pub created: String,
+    /// Default backend selection of the lab's agents (`random` or `maglev`).
+    #[serde(default = "default_algorithm")]
+    pub lb_algorithm: String,
+}
+
+fn default_algorithm() -> String {
+    "random".into()
 }
 
 impl Layout {
@@ -175,6 +182,7 @@ impl Layout {
             external_ip6: "fd00:172:30::2".parse().expect("ipv6"),
             fabric_netns: paths.netns("fabric"),
             created: weir_model::now_rfc3339(),
+            lb_algorithm: default_algorithm(),
         }
     }
 

@@ -188,6 +188,10 @@ enum LabCommand {
         /// How long to wait for pods to become Ready.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        /// The agents' backend selection for Services without the weir.dev/lb-algorithm
+        /// annotation.
+        #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
+        lb_algorithm: AlgorithmArg,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -285,8 +289,8 @@ enum LabCommand {
     Agent {
         #[arg(long)]
         node: String,
-        #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
-        lb_algorithm: AlgorithmArg,
+        #[arg(long, value_enum)]
+        lb_algorithm: Option<AlgorithmArg>,
     },
     /// (component) A pod sandbox: the echo server inside the pod.
     #[command(hide = true)]
@@ -616,6 +620,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             nodes,
             files,
             timeout,
+            lb_algorithm,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -623,6 +628,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 nodes: *nodes,
                 manifests: files.clone(),
                 timeout: *timeout,
+                lb_algorithm: (*lb_algorithm).into(),
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());
@@ -797,7 +803,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             let name = cli.lab_name()?;
             runtime()?.block_on(async {
                 tokio::select! {
-                    r = lab::run_agent(&name, node, (*lb_algorithm).into()) => r,
+                    r = lab::run_agent(&name, node, lb_algorithm.map(Into::into)) => r,
                     _ = lab::wait_for_signal() => Ok(()),
                 }
             })?;

@@ -190,6 +190,22 @@ fn no_endpoints_refused_at_once_affinity_and_maglev() {
     );
 }
 
+#[test]
+fn lab_wide_maglev_default() {
+    let lab = Lab::up_with("cip7", 1, APP, &["--lb-algorithm", "maglev"]);
+    let list = lb_list(&lab, "node-1");
+    for f in list["frontends"].as_array().unwrap() {
+        if !f["backends"].as_array().unwrap().is_empty() {
+            assert!(
+                f["maglev_size"].as_u64().unwrap() > 100,
+                "every Service uses Maglev: {f}"
+            );
+        }
+    }
+    let r = lab.connect("lb/client", "web.lb:80", "tcp", 30);
+    assert_eq!(responders(&r), webs(), "{r}");
+}
+
 fn counter(lab: &Lab, name: &str) -> u64 {
     lb_list(lab, "node-1")["counters"]
         .as_array()

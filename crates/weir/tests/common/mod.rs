@@ -64,6 +64,11 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab with `nodes` nodes and the given manifest.
     pub fn up(prefix: &str, nodes: u8, manifest: &str) -> Lab {
+        Lab::up_with(prefix, nodes, manifest, &[])
+    }
+
+    /// Brings up a lab with extra `weir lab up` arguments.
+    pub fn up_with(prefix: &str, nodes: u8, manifest: &str, extra: &[&str]) -> Lab {
         require_root();
         let name = unique_name(prefix);
         let dir = tempfile::tempdir().unwrap();
@@ -74,6 +79,7 @@ impl Lab {
         if !manifest.trim().is_empty() {
             cmd.arg("-f").arg(&f);
         }
+        cmd.args(extra);
         let out = run(&mut cmd);
         let lab = Lab {
             name: name.clone(),
