@@ -33,6 +33,32 @@ struct Programmed {
     maglev_size: u32,
 }
 
+/// The services-map key of one slot of a frontend, in its family's layout.
+enum SlotKey {
+    V4(lb4_key),
+    V6(lb6_key),
+}
+
+fn slot_key(key: &FrontendKey, slot: u16) -> SlotKey {
+    let (dport, proto) = (key.port.to_be(), key.proto.number());
+    match key.vip {
+        IpAddr::V4(a) => SlotKey::V4(lb4_key {
+            address: v4(a),
+            dport,
+            proto,
+            slot,
+            ..Default::default()
+        }),
+        IpAddr::V6(a) => SlotKey::V6(lb6_key {
+            address: v6(a),
+            dport,
+            proto,
+            slot,
+            ..Default::default()
+        }),
+    }
+}
+
 /// The eBPF dataplane of one node.
 pub struct EbpfDataplane {
     lb: SockLb,
@@ -233,55 +259,17 @@ impl EbpfDataplane {
     }
 
     fn put_slot(&self, key: &FrontendKey, slot: u16, v: &lb_service) -> Result<(), DataplaneError> {
-        match key.vip {
-            IpAddr::V4(a) => self.lb.put(
-                "weir_lb4_svc",
-                &lb4_key {
-                    address: v4(a),
-                    dport: key.port.to_be(),
-                    proto: key.proto.number(),
-                    slot,
-                    ..Default::default()
-                },
-                v,
-            )?,
-            IpAddr::V6(a) => self.lb.put(
-                "weir_lb6_svc",
-                &lb6_key {
-                    address: v6(a),
-                    dport: key.port.to_be(),
-                    proto: key.proto.number(),
-                    slot,
-                    ..Default::default()
-                },
-                v,
-            )?,
+        match slot_key(key, slot) {
+            SlotKey::V4(k) => self.lb.put("weir_lb4_svc", &k, v)?,
+            SlotKey::V6(k) => self.lb.put("weir_lb6_svc", &k, v)?,
         }
         Ok(())
     }
 
     fn delete_slot(&self, key: &FrontendKey, slot: u16) -> Result<(), DataplaneError> {
-        match key.vip {
-            IpAddr::V4(a) => self.lb.remove(
-                "weir_lb4_svc",
-                &lb4_key {
-                    address: v4(a),
-                    dport: key.port.to_be(),
-                    proto: key.proto.number(),
-                    slot,
-                    ..Default::default()
-                },
-            )?,
-            IpAddr::V6(a) => self.lb.remove(
-                "weir_lb6_svc",
-                &lb6_key {
-                    address: v6(a),
-                    dport: key.port.to_be(),
-                    proto: key.proto.number(),
-                    slot,
-                    ..Default::default()
-                },
-            )?,
+        match slot_key(key, slot) {
+            SlotKey::V4(k) => self.lb.remove("weir_lb4_svc", &k)?,
+            SlotKey::V6(k) => self.lb.remove("weir_lb6_svc", &k)?,
         }
         Ok(())
     }
