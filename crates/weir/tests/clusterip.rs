@@ -366,14 +366,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     });
     std::thread::sleep(Duration::from_millis(700));
     let before = lb_list(&lab, "node-1")["frontends"].clone();
-    let pids = ok(std::process::Command::new("pgrep").args([
-        "-f",
-        "--",
-        &format!("lab agent --cluster {} ", lab.name),
-    ]));
-    for p in pids.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-9", p]).status();
-    }
+    kill9_matching(&format!("lab agent --cluster {} ", lab.name));
     // New connections keep working with no agent at all: the programs stay attached.
     let r = lab.connect("lb/client", "web.lb:80", "tcp", 10);
     assert_eq!(r["ok"], 10, "{r}");
@@ -437,14 +430,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         .as_str()
         .unwrap()
         .to_string();
-    let api = ok(std::process::Command::new("pgrep").args([
-        "-f",
-        "--",
-        &format!("lab apiserver --cluster {}", lab.name),
-    ]));
-    for p in api.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-9", p]).status();
-    }
+    kill9_matching(&format!("lab apiserver --cluster {}", lab.name));
     let r = lab.connect("lb/client", &format!("{vip}:80"), "tcp", 10);
     assert_eq!(
         r["ok"],

@@ -425,11 +425,7 @@ fn lab_down_leaves_nothing_even_after_a_crash() {
     let name = lab.name.clone();
     // Simulate a crash: kill every lab process with SIGKILL, leaving namespaces, cgroups and
     // sandboxes' state behind.
-    let pids =
-        ok(std::process::Command::new("pgrep").args(["-f", "--", &format!("--cluster {name}")]));
-    for p in pids.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-9", p]).status();
-    }
+    kill9_matching(&format!("--cluster {name}"));
     assert!(!leftovers(&name).is_empty());
     let out = run(weir().args(["--cluster", &name, "get", "pods"]));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -521,14 +517,7 @@ fn apply_validates_every_document_before_writing_any() {
 fn kubelet_restart_adopts_running_pods() {
     let lab = Lab::up("adopt", 1, &pods_yaml("x", &["a", "b"], ""));
     let before = lab.get_json(&["pods", "-n", "x"]);
-    let pids = ok(std::process::Command::new("pgrep").args([
-        "-f",
-        "--",
-        &format!("lab kubelet --cluster {} ", lab.name),
-    ]));
-    for p in pids.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-9", p]).status();
-    }
+    kill9_matching(&format!("lab kubelet --cluster {} ", lab.name));
     // Start a new kubelet the way `lab up` does.
     let log = std::fs::File::create(format!(
         "/run/weir/labs/{}/logs/kubelet-restart.log",

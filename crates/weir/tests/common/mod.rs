@@ -190,6 +190,14 @@ impl Drop for Lab {
     }
 }
 
+/// SIGKILLs every process whose command line matches `pattern` (pgrep -f); at least one must.
+pub fn kill9_matching(pattern: &str) {
+    let pids = ok(Command::new("pgrep").args(["-f", "--", pattern]));
+    for p in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", p]).status();
+    }
+}
+
 /// Every cell of a probe matrix is true.
 pub fn all_reachable(m: &Value) -> bool {
     m["rows"].as_object().is_some_and(|rows| {
