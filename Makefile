@@ -22,7 +22,7 @@ bench: setup
 	@scripts/setup.sh --bench
 	$(CARGO) build --release -p weir-bench -p weir
 	target/release/weir-bench program 10000
-	target/release/weir-bench connect 1,1000,10000 5 2
+	target/release/weir-bench connect 1,1000,10000 7 3
 	target/release/weir-bench api 10000 target/release/weir
 
 fmt:

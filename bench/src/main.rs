@@ -361,7 +361,19 @@ fn median(v: &mut [f64]) -> f64 {
 /// Per mode: name, conn/s per run, p50 per run, p99 per run, errors.
 type ModeResults = (String, Vec<f64>, Vec<f64>, Vec<f64>, u64);
 
-fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Result<()> {
+fn connect_bench(
+    counts: &[usize],
+    rounds: usize,
+    secs: f64,
+    threads: usize,
+    modes: &[&str],
+) -> Result<()> {
+    if !modes.contains(&"direct") {
+        bail!("the modes must include direct, the baseline");
+    }
+    if let Some(m) = modes.iter().find(|m| !MODES.contains(m)) {
+        bail!("unknown mode {m:?}; modes are {}", MODES.join(","));
+    }
     let topo = build_topology()?;
     let cg = topo.cgroup_mount.join(&topo.prefix);
     let mut servers = Vec::new();
@@ -377,8 +389,8 @@ fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> 
     println!("# weir-bench connect: {threads} client threads, {secs} s per run, {rounds} interleaved rounds, medians");
     println!("# client 10.244.2.2 -> router -> 3 endpoints 10.244.1.{{2,3,4}}:8080; target service last of N");
     println!(
-        "{:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9}",
-        "N", "mode", "conn/s", "p50 us", "p99 us", "errors", "vs direct"
+        "{:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10}",
+        "N", "mode", "conn/s", "p50 us", "p99 us", "errors", "vs direct", "paired", "range"
     );
     for &n in counts {
         // weir: N frontends in the maps (VIPs 10.96.x.x).
@@ -388,43 +400,53 @@ fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> 
         // kube-proxy layouts: N services in the routers (VIPs 10.97.x.x).
         let kp = services(n, 97, true);
         let kp_vip: Ipv4Addr = kp.last().expect("target").vip.parse()?;
-        let ipt = &topo
-            .paths
-            .iter()
-            .find(|(m, _)| m == "iptables")
-            .expect("p")
-            .1;
-        let _ = in_ns(&ipt.r, "iptables-legacy", &["-t", "nat", "-F"]);
-        in_ns_stdin(
-            &ipt.r,
-            "iptables-legacy-restore",
-            &["--noflush"],
-            &kubeproxy::iptables(&kp, "10.244.0.0/16"),
-        )?;
-        for j in kubeproxy::iptables_jumps() {
-            let mut a = vec![];
-            a.extend(j);
-            let _ = in_ns(&ipt.r, "iptables-legacy", &a);
+        if modes.contains(&"iptables") {
+            let ipt = &topo
+                .paths
+                .iter()
+                .find(|(m, _)| m == "iptables")
+                .expect("p")
+                .1;
+            let _ = in_ns(&ipt.r, "iptables-legacy", &["-t", "nat", "-F"]);
+            in_ns_stdin(
+                &ipt.r,
+                "iptables-legacy-restore",
+                &["--noflush"],
+                &kubeproxy::iptables(&kp, "10.244.0.0/16"),
+            )?;
+            for j in kubeproxy::iptables_jumps() {
+                let mut a = vec![];
+                a.extend(j);
+                let _ = in_ns(&ipt.r, "iptables-legacy", &a);
+            }
         }
-        let nft = &topo
-            .paths
-            .iter()
-            .find(|(m, _)| m == "nftables")
-            .expect("p")
-            .1;
-        let _ = in_ns(&nft.r, "nft", &["delete", "table", "ip", "kube-proxy"]);
-        in_ns_stdin(
-            &nft.r,
-            "nft",
-            &["-f", "-"],
-            &kubeproxy::nftables(&kp, "10.244.0.0/16", "10.97.0.0/16"),
-        )?;
+        if modes.contains(&"nftables") {
+            let nft = &topo
+                .paths
+                .iter()
+                .find(|(m, _)| m == "nftables")
+                .expect("p")
+                .1;
+            let _ = in_ns(&nft.r, "nft", &["delete", "table", "ip", "kube-proxy"]);
+            in_ns_stdin(
+                &nft.r,
+                "nft",
+                &["-f", "-"],
+                &kubeproxy::nftables(&kp, "10.244.0.0/16", "10.97.0.0/16"),
+            )?;
+        }
         let mut results: Vec<ModeResults> = MODES
             .iter()
             .map(|m| (m.to_string(), vec![], vec![], vec![], 0))
             .collect();
         for round in 0..=rounds {
-            for (mi, (mode, p)) in topo.paths.iter().enumerate() {
+            // Rotate the order every round so that no mode always runs first or after another.
+            let order: Vec<usize> = (0..topo.paths.len())
+                .map(|k| (k + round) % topo.paths.len())
+                .filter(|&mi| modes.contains(&topo.paths[mi].0.as_str()))
+                .collect();
+            for mi in order {
+                let (mode, p) = &topo.paths[mi];
                 let targets: Vec<String> = match mode.as_str() {
                     "direct" => ENDPOINTS.iter().map(|e| format!("{e}:8080")).collect(),
                     "weir" => vec![format!("{weir_vip}:80")],
@@ -458,13 +480,35 @@ fn connect_bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> 
             }
         }
         let direct = median(&mut results[0].1.clone());
+        let direct_rates = results[0].1.clone();
         for (mode, rate, p50, p99, errors) in results.iter_mut() {
+            if rate.is_empty() {
+                continue;
+            }
+            // Paired: each run against the direct run of the same round.
+            let mut paired: Vec<f64> = rate.iter().zip(&direct_rates).map(|(r, d)| r / d).collect();
+            let (lo, hi) = paired
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
             let m = median(rate);
             println!(
-                "{n:>6} {mode:>9} {m:>10.0} {:>8.0} {:>8.0} {errors:>8} {:>9.2}",
+                "{n:>6} {mode:>9} {m:>10.0} {:>8.0} {:>8.0} {errors:>8} {:>9.2} {:>7.2} {lo:>5.2}-{hi:.2}",
                 median(p50),
                 median(p99),
-                m / direct
+                m / direct,
+                median(&mut paired),
+            );
+        }
+    }
+    // With kernel.bpf_stats_enabled=1 the kernel times every program run: show what the
+    // socket hooks cost per call over the whole benchmark.
+    for p in dp.lb().programs() {
+        if p.run_count > 0 {
+            println!(
+                "# {}: {} runs, {} ns per run (kernel.bpf_stats_enabled)",
+                p.name,
+                p.run_count,
+                p.run_time_ns / p.run_count
             );
         }
     }
@@ -681,7 +725,11 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| vec![1, 1000, 10000]);
             let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
             let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
-            connect_bench(&counts, rounds, secs, 4)
+            let modes: Vec<&str> = args
+                .get(4)
+                .map(|m| m.split(',').collect())
+                .unwrap_or_else(|| MODES.to_vec());
+            connect_bench(&counts, rounds, secs, 4, &modes)
         }
         Some("program") => {
             program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
@@ -694,7 +742,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }

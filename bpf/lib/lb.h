@@ -139,10 +139,11 @@ static __always_inline __u32 lb_affinity_backend(const struct lb_service *svc, _
 	struct lb_affinity_key ak = { .client = client, .svc_id = svc->svc_id };
 	struct lb_affinity_match m = { .svc_id = svc->svc_id };
 	struct lb_affinity *a;
-	__u64 now = lb_now_sec();
+	__u64 now;
 
 	if (!(svc->flags & WEIR_SVC_AFFINITY))
 		return 0;
+	now = lb_now_sec();
 	a = bpf_map_lookup_elem(&weir_lb_affinity, &ak);
 	if (!a || now - a->last_used > svc->affinity_timeout)
 		return 0;
@@ -158,10 +159,12 @@ static __always_inline void lb_affinity_remember(const struct lb_service *svc, _
 						 __u32 backend_id)
 {
 	struct lb_affinity_key ak = { .client = client, .svc_id = svc->svc_id };
-	struct lb_affinity a = { .last_used = lb_now_sec(), .backend_id = backend_id };
+	struct lb_affinity a = { .backend_id = backend_id };
 
-	if (svc->flags & WEIR_SVC_AFFINITY)
-		bpf_map_update_elem(&weir_lb_affinity, &ak, &a, BPF_ANY);
+	if (!(svc->flags & WEIR_SVC_AFFINITY))
+		return;
+	a.last_used = lb_now_sec();
+	bpf_map_update_elem(&weir_lb_affinity, &ak, &a, BPF_ANY);
 }
 
 /*

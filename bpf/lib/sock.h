@@ -50,7 +50,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		return sock_refuse();
 	client = (svc->flags & WEIR_SVC_AFFINITY) ? bpf_get_netns_cookie(ctx) : 0;
 	id = lb_affinity_backend(svc, client);
-	if (!id)
+	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
 	if (!id) {
 		key.slot = lb_random_slot(svc);
@@ -158,7 +158,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		return sock_refuse();
 	client = (svc->flags & WEIR_SVC_AFFINITY) ? bpf_get_netns_cookie(ctx) : 0;
 	id = lb_affinity_backend(svc, client);
-	if (!id)
+	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
 	if (!id) {
 		key.slot = lb_random_slot(svc);
