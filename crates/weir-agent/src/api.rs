@@ -1,6 +1,7 @@
 //! The node-local introspection API: HTTP over a unix socket (mode 0600), JSON answers.
 //! `GET /status` (sync state), `GET /lb` (frontends, backends, affinity, counters,
-//! programs, maps).
+//! programs, maps), `GET /datapath` (the per-packet datapath: endpoints, devices, counters by
+//! reason, programs, maps).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,25 @@ async fn handle(
                 ),
             }
         }
+        "/datapath" => match &shared.pods {
+            None => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "this agent runs no per-packet datapath"}),
+            ),
+            Some(p) => {
+                let status = p.status.lock().expect("pod status").clone();
+                match p.dataplane.lock().expect("pods").dump() {
+                    Ok(d) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({"status": status, "dump": d}),
+                    ),
+                    Err(e) => json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": e.to_string()}),
+                    ),
+                }
+            }
+        },
         other => json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("no such path {other}")}),

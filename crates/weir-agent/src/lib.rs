@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod pods;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ pub struct Shared {
     pub dataplane: Mutex<Box<dyn Dataplane>>,
     /// Sync status.
     pub status: Mutex<SyncStatus>,
+    /// The per-packet pod datapath, when the agent runs one.
+    pub pods: Option<Arc<pods::Pods>>,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -256,14 +259,27 @@ impl Incremental {
 pub async fn run(
     client: Client,
     dataplane: Box<dyn Dataplane>,
+    pod_datapath: Option<(weir_dataplane::pods::PodDataplane, pods::PodConfig)>,
     cfg: AgentConfig,
 ) -> Result<(), std::io::Error> {
+    let pods = match pod_datapath {
+        Some((dp, pcfg)) => {
+            let p = Arc::new(pods::Pods {
+                dataplane: Mutex::new(dp),
+                status: Mutex::new(Default::default()),
+            });
+            pods::spawn(p.clone(), pcfg).map_err(std::io::Error::other)?;
+            Some(p)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         dataplane: Mutex::new(dataplane),
         status: Mutex::new(SyncStatus {
             node: cfg.node_name.clone(),
             ..Default::default()
         }),
+        pods,
     });
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());

@@ -21,6 +21,8 @@ mod sock_skel {
     include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
 }
 
+pub mod datapath;
+
 pub use sock_skel::types;
 use sock_skel::{SockSkel, SockSkelBuilder};
 

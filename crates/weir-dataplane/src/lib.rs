@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod ebpf;
+pub mod pods;
 pub mod sockets;
 
 use serde::Serialize;

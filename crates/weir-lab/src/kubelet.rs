@@ -251,6 +251,7 @@ impl Kubelet {
         };
         net::create_pod_network(&self.node, &sb.net())?;
         let spawned = (|| {
+            self.write_endpoint(&sb)?;
             std::fs::create_dir_all(&sb.cgroup).map_err(|e| LabError::io(sb.cgroup.clone(), e))?;
             let logs = self.paths.node_dir(&self.node.name).join("logs");
             std::fs::create_dir_all(&logs).map_err(|e| LabError::io(logs.clone(), e))?;
@@ -317,6 +318,24 @@ impl Kubelet {
         }
     }
 
+    /// Tells the agent about the pod's interface, as a CNI plugin does on ADD.
+    fn write_endpoint(&self, sb: &Sandbox) -> Result<(), LabError> {
+        let (host_ifindex, host_mac) = net::link_info(&self.node.netns, &sb.host_if)?;
+        let (_, mac) = net::link_info(&sb.netns, "eth0")?;
+        let dir = self.paths.endpoint_dir(&self.node.name);
+        weir_model::endpoint::EndpointRecord {
+            pod: format!("{}/{}", sb.namespace, sb.name),
+            uid: sb.uid.clone(),
+            ips: sb.ips.clone(),
+            host_if: sb.host_if.clone(),
+            host_ifindex,
+            host_mac,
+            mac,
+        }
+        .write(&dir)
+        .map_err(|e| LabError::io(dir, e))
+    }
+
     /// Stops the sandbox process and removes the namespace, cgroup and state.
     fn destroy(&self, sb: &Sandbox) {
         if sb.pid > 0 {
@@ -330,6 +349,12 @@ impl Kubelet {
         if !stragglers.is_empty() {
             sys::kill_all(&stragglers, Duration::from_millis(500));
         }
+        // The agent forgets the endpoint before its interface goes (CNI DEL).
+        let _ = std::fs::remove_file(
+            self.paths
+                .endpoint_dir(&self.node.name)
+                .join(format!("{}.json", sb.uid)),
+        );
         net::delete_pod_network(&sb.net());
         let _ = sys::remove_cgroup_tree(&sb.cgroup);
         let _ = std::fs::remove_file(self.state_dir().join(format!("{}.json", sb.uid)));

@@ -185,3 +185,18 @@ pub fn create_pod_network(node: &NodeLayout, pod: &PodNet) -> Result<(), LabErro
 pub fn delete_pod_network(pod: &PodNet) {
     let _ = ip(&["netns", "del", &pod.netns]);
 }
+
+/// A link's interface index and MAC address, read with `ip -j link show` in `netns`.
+pub fn link_info(netns: &str, ifname: &str) -> Result<(u32, String), LabError> {
+    let out = sys::run("ip", &["-j", "-n", netns, "link", "show", "dev", ifname])?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| LabError::Command(format!("ip -j link show dev {ifname}"), e.to_string()))?;
+    let l = &v[0];
+    match (l["ifindex"].as_u64(), l["address"].as_str()) {
+        (Some(i), Some(mac)) => Ok((i as u32, mac.to_string())),
+        _ => Err(LabError::Command(
+            format!("ip -j link show dev {ifname}"),
+            format!("no ifindex or address in {out}"),
+        )),
+    }
+}

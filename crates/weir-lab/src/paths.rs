@@ -78,6 +78,11 @@ impl LabPaths {
     pub fn node_bpf_dir(&self, node: &str) -> PathBuf {
         self.bpf_dir().join(node)
     }
+    /// Where the node's network plugin (the lab kubelet) leaves endpoint records for the
+    /// agent.
+    pub fn endpoint_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("endpoints")
+    }
     /// The introspection socket of a node's agent.
     pub fn agent_socket(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("agent.sock")

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod defaults;
+pub mod endpoint;
 pub mod kinds;
 pub mod manifest;
 pub mod print;

@@ -95,6 +95,14 @@ struct AgentArgs {
     /// Backend selection for Services without the weir.dev/lb-algorithm annotation.
     #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
     lb_algorithm: AlgorithmArg,
+    /// Where the network plugin leaves endpoint records (one JSON file per local pod); their
+    /// host-side veths get the pod programs.
+    #[arg(long, default_value = "/run/weir/endpoints")]
+    endpoint_dir: PathBuf,
+    /// A node device that gets the node program, which hands packets for local pods straight
+    /// to them (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,6 +136,24 @@ enum BpfCommand {
     /// Load-balancing state.
     #[command(subcommand)]
     Lb(LbCommand),
+    /// Local pods the per-packet datapath delivers to directly.
+    #[command(subcommand)]
+    Endpoint(ListOnly),
+    /// Packets and bytes of the per-packet datapath by direction and reason (drops from 130).
+    #[command(subcommand)]
+    Metrics(ListOnly),
+}
+
+#[derive(Subcommand, Debug)]
+enum ListOnly {
+    /// List the entries.
+    List {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -486,6 +512,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bpf(BpfCommand::Lb(LbCommand::List { target, output })) => runtime()?.block_on(
             crate::introspect::lb_list(&agent_socket(&cli, target)?, *output == Format::Json),
         ),
+        Command::Bpf(BpfCommand::Endpoint(ListOnly::List { target, output })) => runtime()?
+            .block_on(crate::introspect::endpoint_list(
+                &agent_socket(&cli, target)?,
+                *output == Format::Json,
+            )),
+        Command::Bpf(BpfCommand::Metrics(ListOnly::List { target, output })) => runtime()?
+            .block_on(crate::introspect::metrics_list(
+                &agent_socket(&cli, target)?,
+                *output == Format::Json,
+            )),
     }
 }
 
@@ -509,6 +545,17 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
     let dp = weir_dataplane::ebpf::EbpfDataplane::new(&pins, &a.cgroup)
         .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
+    let pods = weir_dataplane::pods::PodDataplane::new(&pins.join("tc")).with_context(|| {
+        format!(
+            "loading the pod datapath (pins in {})",
+            pins.join("tc").display()
+        )
+    })?;
+    let pod_cfg = weir_agent::pods::PodConfig {
+        endpoint_dir: a.endpoint_dir.clone(),
+        devices: a.devices.clone(),
+        netns: None,
+    };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,
         None => kube::Client::try_default()
@@ -521,7 +568,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         default_algorithm: a.lb_algorithm.into(),
     };
     tokio::select! {
-        r = weir_agent::run(client, Box::new(dp), cfg) => r?,
+        r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
         _ = lab::wait_for_signal() => {}
     }
     Ok(ExitCode::SUCCESS)

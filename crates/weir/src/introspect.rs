@@ -1,4 +1,5 @@
-//! `weir status` and `weir bpf lb list`: the agent's view, through its unix socket.
+//! `weir status`, `weir bpf lb list`, `weir bpf endpoint list` and `weir bpf metrics list`:
+//! the agent's view, through its unix socket.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -103,6 +104,133 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
         .map(|c| vec![s(&c[0]), s(&c[1])])
         .collect();
     print!("{}", render_table(&["COUNTER", "VALUE"], &rows));
+    if let Ok(dp) = ask(socket, "/datapath").await {
+        if dp.get("error").is_none() {
+            let st = &dp["status"];
+            println!(
+                "\nPod datapath:  {} endpoints, {} devices attached, node devices {}",
+                s(&st["endpoints"]),
+                dp["dump"]["devices"]
+                    .as_array()
+                    .map(|a| a.len())
+                    .unwrap_or(0),
+                st["devices"]
+                    .as_array()
+                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            );
+            if let Some(e) = st["last_error"].as_str() {
+                println!("Last error:    {e}");
+            }
+            for b in st["bad_records"].as_array().into_iter().flatten() {
+                println!("Ignored:       {}", s(b));
+            }
+            let rows: Vec<Vec<String>> = dp["dump"]["programs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    vec![
+                        s(&p["name"]),
+                        s(&p["id"]),
+                        s(&p["run_count"]),
+                        s(&p["avg_run_ns"]),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(&["PROGRAM", "ID", "RUNS", "AVG NS"], &rows)
+            );
+            let rows: Vec<Vec<String>> = dp["dump"]["maps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    vec![
+                        s(&m["name"]),
+                        format!("{}/{}", s(&m["entries"]), s(&m["capacity"])),
+                    ]
+                })
+                .collect();
+            print!("{}", render_table(&["MAP", "ENTRIES/CAPACITY"], &rows));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn datapath(socket: &Path) -> Result<Value> {
+    let dp = ask(socket, "/datapath").await?;
+    if let Some(e) = dp.get("error") {
+        return Err(anyhow!("{}: {}", socket.display(), s(e)));
+    }
+    Ok(dp)
+}
+
+/// `weir bpf endpoint list`: the local pods the per-packet datapath delivers to directly.
+pub async fn endpoint_list(socket: &Path, json: bool) -> Result<ExitCode> {
+    let dp = datapath(socket).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&dp["dump"]["endpoints"])?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = dp["dump"]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["ip"]),
+                s(&e["ifindex"]),
+                s(&e["mac"]),
+                s(&e["node_mac"]),
+                if e["flags"].as_u64().unwrap_or(0) & 1 != 0 {
+                    "host-stack".into()
+                } else {
+                    "redirect-peer".into()
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render_table(
+            &["ADDRESS", "IFINDEX", "POD MAC", "HOST MAC", "DELIVERY"],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `weir bpf metrics list`: packets and bytes by direction and reason (verdicts below 128,
+/// drops from 130), as `cilium-dbg bpf metrics list`.
+pub async fn metrics_list(socket: &Path, json: bool) -> Result<ExitCode> {
+    let dp = datapath(socket).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&dp["dump"]["metrics"])?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = dp["dump"]["metrics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                s(&m["name"]),
+                s(&m["reason"]),
+                s(&m["direction"]),
+                s(&m["packets"]),
+                s(&m["bytes"]),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render_table(&["REASON", "CODE", "DIRECTION", "PACKETS", "BYTES"], &rows)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,472 @@
+//! The per-packet datapath: the tc programs of pod.bpf.c (on each pod's host-side veth) and
+//! node.bpf.c (on the node's device), their shared maps pinned under one directory, tcx links
+//! pinned per device, and BPF_PROG_TEST_RUN for fixtures and `weir explain`.
+
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags};
+
+use crate::{as_bytes, from_bytes, lb, BpfError};
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod pod_skel {
+    include!(concat!(env!("OUT_DIR"), "/pod.skel.rs"));
+}
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod node_skel {
+    include!(concat!(env!("OUT_DIR"), "/node.skel.rs"));
+}
+
+pub use pod_skel::types::{endpoint_info, endpoint_key, metrics_value, weir_reason};
+
+use node_skel::{NodeSkel, NodeSkelBuilder};
+use pod_skel::{PodSkel, PodSkelBuilder};
+
+/// `endpoint_key.family` for IPv4.
+pub const AF_INET: u8 = 4;
+/// `endpoint_key.family` for IPv6.
+pub const AF_INET6: u8 = 6;
+/// `endpoint_info.flags`: deliver through the host stack, no shortcut.
+pub const EP_HOST_STACK: u32 = 1;
+
+/// Names of the datapath maps (shared by the pod and node programs).
+pub const DATAPATH_MAPS: &[&str] = &["weir_endpoints", "weir_metrics"];
+
+/// Where a tc program runs on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Packets the device receives.
+    Ingress,
+    /// Packets the device sends.
+    Egress,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// The tc programs by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcProgram {
+    /// Ingress of a pod's host-side veth: what the pod sends.
+    FromPod,
+    /// Egress of a pod's host-side veth: what the host stack delivers to the pod.
+    ToPod,
+    /// Ingress of the node's device: what arrives from the network.
+    FromNetdev,
+}
+
+impl TcProgram {
+    /// The program's name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcProgram::FromPod => "from_pod",
+            TcProgram::ToPod => "to_pod",
+            TcProgram::FromNetdev => "from_netdev",
+        }
+    }
+
+    fn direction(self) -> Direction {
+        match self {
+            TcProgram::FromPod | TcProgram::FromNetdev => Direction::Ingress,
+            TcProgram::ToPod => Direction::Egress,
+        }
+    }
+}
+
+/// The reason codes with their names. The values come from the skeleton (BTF), so a renamed
+/// or removed C reason fails to compile here; a test checks that none is missing.
+pub const REASONS: &[(weir_reason, &str)] = &[
+    (weir_reason::REASON_FORWARD_PEER, "REASON_FORWARD_PEER"),
+    (weir_reason::REASON_FORWARD_FIB, "REASON_FORWARD_FIB"),
+    (weir_reason::REASON_FORWARD_NEIGH, "REASON_FORWARD_NEIGH"),
+    (weir_reason::REASON_PASS_STACK, "REASON_PASS_STACK"),
+    (weir_reason::REASON_PASS_NOT_IP, "REASON_PASS_NOT_IP"),
+    (weir_reason::REASON_PASS_TTL, "REASON_PASS_TTL"),
+    (weir_reason::REASON_TO_POD, "REASON_TO_POD"),
+    (weir_reason::DROP_INVALID_PACKET, "DROP_INVALID_PACKET"),
+    (weir_reason::DROP_HEADER_WRITE, "DROP_HEADER_WRITE"),
+];
+
+/// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).
+pub fn reason_name(code: u8) -> String {
+    REASONS
+        .iter()
+        .find(|(r, _)| r.0 == code as u32)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|| format!("REASON_{code}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_c_reason_has_a_name() {
+        let h = include_str!("../../../bpf/include/weir/api/datapath.h");
+        let body = &h[h.find("enum weir_reason {").expect("enum")..];
+        let body = &body[..body.find("};").expect("end")];
+        for line in body.lines().skip(1) {
+            let name = line.trim().split([' ', '=', ',']).next().unwrap_or("");
+            if name.is_empty() || name.starts_with("/*") || name == "REASON_MAX" {
+                continue;
+            }
+            assert!(
+                super::REASONS.iter().any(|(_, n)| *n == name),
+                "{name} is missing from REASONS"
+            );
+        }
+    }
+}
+
+/// One counter of `weir_metrics`: packets and bytes seen under a reason in a direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    /// `ingress` or `egress` of the device the program runs on.
+    pub direction: &'static str,
+    /// The reason code (0-127 verdicts, 130+ drops).
+    pub reason: u8,
+    /// Its name.
+    pub name: String,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// What BPF_PROG_TEST_RUN gave back.
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    /// The program's return value (a tc verdict).
+    pub verdict: u32,
+    /// The packet after the program.
+    pub packet: Vec<u8>,
+}
+
+const METRICS_STRIDE: u32 = 256;
+
+/// The tc datapath: both objects loaded, their maps pinned in one directory.
+pub struct Datapath {
+    pod: PodSkel<'static>,
+    node: NodeSkel<'static>,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps pinned in `pin_dir` (so state survives restarts and
+    /// upgrades) and pinning the ones that do not exist yet.
+    pub fn load(pin_dir: &Path) -> Result<Datapath, BpfError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
+            path: pin_dir.into(),
+            source,
+        })?;
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = PodSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening pod.bpf.o"))?;
+        for (name, map) in [
+            ("weir_endpoints", &mut open.maps.weir_endpoints),
+            ("weir_metrics", &mut open.maps.weir_metrics),
+        ] {
+            map.set_pin_path(pin_dir.join(name))
+                .map_err(lb(format!("pin path of map {name}")))?;
+        }
+        let pod = open.load().map_err(lb(format!(
+            "loading pod.bpf.o (maps in {})",
+            pin_dir.display()
+        )))?;
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = NodeSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening node.bpf.o"))?;
+        for (name, map) in [
+            ("weir_endpoints", &mut open.maps.weir_endpoints),
+            ("weir_metrics", &mut open.maps.weir_metrics),
+        ] {
+            map.set_pin_path(pin_dir.join(name))
+                .map_err(lb(format!("pin path of map {name}")))?;
+        }
+        let node = open.load().map_err(lb(format!(
+            "loading node.bpf.o (maps in {})",
+            pin_dir.display()
+        )))?;
+        Ok(Datapath {
+            pod,
+            node,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    fn prog(&self, p: TcProgram) -> &libbpf_rs::ProgramMut<'static> {
+        match p {
+            TcProgram::FromPod => &self.pod.progs.from_pod,
+            TcProgram::ToPod => &self.pod.progs.to_pod,
+            TcProgram::FromNetdev => &self.node.progs.from_netdev,
+        }
+    }
+
+    fn map(&self, name: &str) -> &libbpf_rs::Map<'static> {
+        match name {
+            "weir_endpoints" => &self.pod.maps.weir_endpoints,
+            "weir_metrics" => &self.pod.maps.weir_metrics,
+            other => panic!("no datapath map named {other}"),
+        }
+    }
+
+    fn link_path(&self, ifindex: u32, dir: Direction) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("tc-{ifindex}-{}", dir.name()))
+    }
+
+    /// Attaches `prog` to device `ifindex` (in the caller's network namespace) with a pinned
+    /// tcx link. A link pinned by an earlier agent is switched to the new program atomically,
+    /// so an upgrade never leaves the device without a program.
+    pub fn attach(&self, prog: TcProgram, ifindex: u32) -> Result<(), BpfError> {
+        let dir = prog.direction();
+        let path = self.link_path(ifindex, dir);
+        let p = self.prog(prog);
+        if path.exists() {
+            let updated = Link::open(&path).and_then(|mut l| l.update_prog(p));
+            match updated {
+                Ok(()) => return Ok(()),
+                // The device the link was on is gone (ifindexes are not reused at once):
+                // drop the stale pin and attach afresh.
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "replacing a stale tc link");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| BpfError::Io {
+                path: parent.into(),
+                source,
+            })?;
+        }
+        let attach_type = match dir {
+            Direction::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+            Direction::Egress => libbpf_sys::BPF_TCX_EGRESS,
+        };
+        let opts = libbpf_sys::bpf_link_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+            ..Default::default()
+        };
+        // SAFETY: a valid program fd, a plain ifindex and a properly sized options struct.
+        let fd = unsafe {
+            libbpf_sys::bpf_link_create(p.as_fd().as_raw_fd(), ifindex as i32, attach_type, &opts)
+        };
+        if fd < 0 {
+            return Err(BpfError::Io {
+                path: path.clone(),
+                source: std::io::Error::from_raw_os_error(-fd),
+            });
+        }
+        // SAFETY: bpf_link_create returned a new file descriptor that nothing else owns.
+        let link = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cpath = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+            BpfError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("path contains a NUL byte"),
+            }
+        })?;
+        // SAFETY: a valid link fd and a NUL-terminated path.
+        let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), cpath.as_ptr()) };
+        if rc < 0 {
+            return Err(BpfError::Io {
+                path,
+                source: std::io::Error::from_raw_os_error(-rc),
+            });
+        }
+        Ok(())
+    }
+
+    /// Detaches whatever weir attached to device `ifindex` (unpins its links); links of a
+    /// device that no longer exists are just unpinned.
+    pub fn detach(&self, ifindex: u32) {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let path = self.link_path(ifindex, dir);
+            if let Ok(l) = Link::open(&path) {
+                let _ = l.detach();
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// The devices with pinned links, by ifindex.
+    pub fn attached(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = std::fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("tc-")?.split('-').next()?.parse().ok()
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Writes a local endpoint.
+    pub fn put_endpoint(&self, key: &endpoint_key, info: &endpoint_info) -> Result<(), BpfError> {
+        self.map("weir_endpoints")
+            .update(as_bytes(key), as_bytes(info), MapFlags::ANY)
+            .map_err(lb("updating map weir_endpoints"))
+    }
+
+    /// Removes a local endpoint; a missing one is not an error.
+    pub fn remove_endpoint(&self, key: &endpoint_key) -> Result<(), BpfError> {
+        match self.map("weir_endpoints").delete(as_bytes(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(lb("deleting from map weir_endpoints")(e)),
+        }
+    }
+
+    /// Every local endpoint in the map.
+    pub fn endpoints(&self) -> Result<Vec<(endpoint_key, endpoint_info)>, BpfError> {
+        let map = self.map("weir_endpoints");
+        let mut out = Vec::new();
+        for k in map.keys() {
+            if let Some(v) = map
+                .lookup(&k, MapFlags::ANY)
+                .map_err(lb("reading map weir_endpoints"))?
+            {
+                out.push((from_bytes(&k), from_bytes(&v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// (entries, capacity) of map `name` (one of [`DATAPATH_MAPS`]).
+    pub fn usage(&self, name: &str) -> (usize, u32) {
+        let map = self.map(name);
+        let n = if name == "weir_metrics" {
+            self.metrics().map(|m| m.len()).unwrap_or(0)
+        } else {
+            map.keys().count()
+        };
+        (n, map.max_entries())
+    }
+
+    /// Every non-zero counter, summed over CPUs.
+    pub fn metrics(&self) -> Result<Vec<Metric>, BpfError> {
+        let map = self.map("weir_metrics");
+        let mut out = Vec::new();
+        for idx in 0..map.max_entries() {
+            let per_cpu = map
+                .lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading weir_metrics"))?;
+            let (mut packets, mut bytes) = (0u64, 0u64);
+            for v in per_cpu.into_iter().flatten() {
+                let m: metrics_value = from_bytes(&v);
+                packets += m.packets;
+                bytes += m.bytes;
+            }
+            if packets == 0 {
+                continue;
+            }
+            let reason = (idx % METRICS_STRIDE) as u8;
+            out.push(Metric {
+                direction: if idx / METRICS_STRIDE == 0 {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                reason,
+                name: reason_name(reason),
+                packets,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs `prog` once on `packet` (an Ethernet frame) with BPF_PROG_TEST_RUN, as if it had
+    /// arrived on `ingress_ifindex`. Helpers that consult the kernel (the FIB) see the caller's
+    /// network namespace. Redirects are not carried out: the verdict says what would happen.
+    pub fn test_run(
+        &self,
+        prog: TcProgram,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRun, BpfError> {
+        let mut ctx = pod_skel::types::__sk_buff {
+            ingress_ifindex,
+            ifindex: ingress_ifindex,
+            ..Default::default()
+        };
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut input = libbpf_rs::ProgramInput::default();
+        // SAFETY: __sk_buff is a plain C struct; the kernel reads and writes its bytes.
+        let ctx_bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut ctx as *mut pod_skel::types::__sk_buff).cast::<u8>(),
+                std::mem::size_of::<pod_skel::types::__sk_buff>(),
+            )
+        };
+        input.context_in = Some(ctx_bytes);
+        input.data_in = Some(packet);
+        input.data_out = Some(&mut out);
+        let output = self
+            .prog(prog)
+            .test_run(input)
+            .map_err(lb(format!("BPF_PROG_TEST_RUN of {}", prog.name())))?;
+        let verdict = output.return_value;
+        let n = output.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        out.truncate(n);
+        Ok(TestRun {
+            verdict,
+            packet: out,
+        })
+    }
+
+    /// Programs with their kernel ids and run statistics, for status.
+    pub fn programs(&self) -> Vec<crate::ProgramInfo> {
+        [TcProgram::FromPod, TcProgram::ToPod, TcProgram::FromNetdev]
+            .into_iter()
+            .map(|p| crate::prog_info(p.name(), self.prog(p).as_fd().as_raw_fd()))
+            .collect()
+    }
+
+    /// Detaches every pinned link and removes the pinned maps under `pin_dir`.
+    pub fn remove_pins(pin_dir: &Path) -> Result<(), BpfError> {
+        if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
+            for e in rd.flatten() {
+                if let Ok(l) = Link::open(e.path()) {
+                    let _ = l.detach();
+                }
+            }
+        }
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(pin_dir).map_err(|source| BpfError::Io {
+                path: pin_dir.into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,488 @@
+//! BPF_PROG_TEST_RUN fixtures for the tc programs: a crafted frame in, seeded maps, the
+//! expected verdict and the expected frame out (checksums included), with a per-field diff on
+//! failure. FIB lookups run in a scratch network namespace with real devices and routes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use weir_bpf::datapath::{endpoint_info, endpoint_key, Datapath, TcProgram, AF_INET, AF_INET6};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const NEXTHOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xcc];
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A scratch namespace with devices for the FIB, and a pin directory; both removed on drop.
+struct Fixture {
+    netns: String,
+    pins: PathBuf,
+    dp: Datapath,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Datapath::remove_pins(&self.pins);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+impl Fixture {
+    /// Namespace layout: `in0` (the device packets arrive on; 10.1.0.1/24, fd01::1/64),
+    /// `out0` (10.2.0.1/24, fd02::1/64) with routes 10.50.0.0/24 via 10.2.0.2 (neighbour
+    /// known) and 10.60.0.0/24 via 10.2.0.3 (neighbour unknown), fd50::/64 via fd02::2.
+    fn new() -> Fixture {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let netns = format!("wbt-dp-{}-{n}", std::process::id());
+        let pins = PathBuf::from(format!("/sys/fs/bpf/wbt-dp-{}-{n}", std::process::id()));
+        weir_bpf::ensure_bpffs().expect("bpffs");
+        sh("ip", &["netns", "add", &netns]);
+        let batch = [
+            "link set lo up",
+            "link add in0 type veth peer name in0p",
+            "link add out0 type veth peer name out0p",
+            "link set in0 up",
+            "link set in0p up",
+            "link set out0 up",
+            "link set out0p up",
+            "addr add 10.1.0.1/24 dev in0",
+            "addr add 10.2.0.1/24 dev out0",
+            "addr add fd01::1/64 dev in0 nodad",
+            "addr add fd02::1/64 dev out0 nodad",
+            "route add 10.50.0.0/24 via 10.2.0.2",
+            "route add 10.60.0.0/24 via 10.2.0.3",
+            "route add fd50::/64 via fd02::2",
+            "neigh add 10.2.0.2 lladdr 02:00:00:00:00:cc dev out0 nud permanent",
+            "neigh add fd02::2 lladdr 02:00:00:00:00:cc dev out0 nud permanent",
+        ];
+        let mut child = Command::new("ip")
+            .args(["-n", &netns, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(batch.join("\n").as_bytes())
+            .expect("write");
+        assert!(child.wait().expect("ip").success());
+        for kv in [
+            "net.ipv4.conf.all.forwarding=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ] {
+            sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", kv]);
+        }
+        let dp = Datapath::load(&pins).expect("load");
+        Fixture { netns, pins, dp }
+    }
+
+    fn ifindex(&self, dev: &str) -> u32 {
+        let out = sh("ip", &["-j", "-n", &self.netns, "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v[0]["ifindex"].as_u64().expect("ifindex") as u32
+    }
+
+    fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = sh("ip", &["-j", "-n", &self.netns, "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let s = v[0]["address"].as_str().expect("address");
+        weir_model_mac(s)
+    }
+
+    fn endpoint(&self, ip: IpAddr, ifindex: u32) {
+        let mut k = endpoint_key::default();
+        match ip {
+            IpAddr::V4(a) => {
+                k.addr[0] = u32::from_ne_bytes(a.octets());
+                k.family = AF_INET;
+            }
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                for (i, w) in k.addr.iter_mut().enumerate() {
+                    *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+                }
+                k.family = AF_INET6;
+            }
+        }
+        let v = endpoint_info {
+            ifindex,
+            mac: POD_MAC,
+            node_mac: VETH_MAC,
+            ..Default::default()
+        };
+        self.dp.put_endpoint(&k, &v).expect("endpoint");
+    }
+
+    /// Runs `prog` on `frame` from inside the fixture's namespace (on a thread of its own).
+    fn run(&self, prog: TcProgram, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(&path).expect("netns");
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let r = self.dp.test_run(prog, frame, ingress).expect("test run");
+                (r.verdict, r.packet)
+            })
+            .join()
+            .expect("thread")
+        })
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        self.dp
+            .metrics()
+            .expect("metrics")
+            .iter()
+            .filter(|m| m.name == name)
+            .map(|m| m.packets)
+            .sum()
+    }
+}
+
+fn weir_model_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
+}
+
+fn csum16(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += w as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + TCP SYN frame with a valid IP header checksum.
+fn frame4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![
+        0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, ttl, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = csum16(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    // TCP: ports 40000 -> 80, SYN, a fixed checksum (no program touches L4 here).
+    f.extend_from_slice(&[
+        0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0xab, 0xcd, 0, 0,
+    ]);
+    f
+}
+
+/// An Ethernet + IPv6 + TCP SYN frame.
+fn frame6(src: Ipv6Addr, dst: Ipv6Addr, hlim: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, hlim]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[
+        0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0xab, 0xcd, 0, 0,
+    ]);
+    f
+}
+
+/// Named fields of a frame, for a readable diff.
+fn fields(f: &[u8]) -> Vec<(String, String)> {
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let mut out = vec![];
+    if f.len() < 14 {
+        return vec![("frame".into(), hex(f))];
+    }
+    out.push(("eth.dst".into(), hex(&f[0..6])));
+    out.push(("eth.src".into(), hex(&f[6..12])));
+    out.push(("eth.type".into(), hex(&f[12..14])));
+    let l3 = &f[14..];
+    if f[12..14] == [0x08, 0x00] && l3.len() >= 20 {
+        out.push(("ip.ttl".into(), l3[8].to_string()));
+        out.push(("ip.proto".into(), l3[9].to_string()));
+        out.push(("ip.check".into(), hex(&l3[10..12])));
+        out.push((
+            "ip.src".into(),
+            Ipv4Addr::new(l3[12], l3[13], l3[14], l3[15]).to_string(),
+        ));
+        out.push((
+            "ip.dst".into(),
+            Ipv4Addr::new(l3[16], l3[17], l3[18], l3[19]).to_string(),
+        ));
+        out.push(("l4".into(), hex(&l3[20..])));
+    } else if f[12..14] == [0x86, 0xdd] && l3.len() >= 40 {
+        out.push(("ip6.hlim".into(), l3[7].to_string()));
+        out.push(("ip6.next".into(), l3[6].to_string()));
+        let a = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16")).to_string();
+        out.push(("ip6.src".into(), a(&l3[8..24])));
+        out.push(("ip6.dst".into(), a(&l3[24..40])));
+        out.push(("l4".into(), hex(&l3[40..])));
+    } else {
+        out.push(("payload".into(), hex(l3)));
+    }
+    out
+}
+
+fn assert_frame(case: &str, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let (g, w) = (fields(got), fields(want));
+    let mut diff = String::new();
+    for i in 0..g.len().max(w.len()) {
+        let gf = g.get(i).cloned().unwrap_or_default();
+        let wf = w.get(i).cloned().unwrap_or_default();
+        if gf != wf {
+            diff.push_str(&format!(
+                "  {}: got {} want {}\n",
+                if wf.0.is_empty() { &gf.0 } else { &wf.0 },
+                gf.1,
+                wf.1
+            ));
+        }
+    }
+    panic!("{case}: output frame differs\n{diff}");
+}
+
+/// What a router makes of `f`: new MACs, TTL - 1 and the IPv4 checksum recomputed.
+fn routed4(f: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o[0..6].copy_from_slice(&dst);
+    o[6..12].copy_from_slice(&src);
+    o[14 + 8] -= 1;
+    o[14 + 10] = 0;
+    o[14 + 11] = 0;
+    let c = csum16(&o[14..34]);
+    o[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    o
+}
+
+fn routed6(f: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut o = f.to_vec();
+    o[0..6].copy_from_slice(&dst);
+    o[6..12].copy_from_slice(&src);
+    o[14 + 7] -= 1;
+    o
+}
+
+#[test]
+fn from_pod_to_a_local_pod_is_redirected_to_its_peer_with_router_headers() {
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    let target = fx.ifindex("out0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), target);
+    fx.endpoint("fd00:10:244:1::7".parse().expect("ip"), target);
+
+    let f = frame4(
+        "10.244.1.5".parse().expect("ip"),
+        "10.244.1.7".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_frame("ipv4 to local pod", &out, &routed4(&f, POD_MAC, VETH_MAC));
+    assert_eq!(csum16(&out[14..34]), 0, "the IPv4 header checksum verifies");
+
+    let f = frame6(
+        "fd00:10:244:1::5".parse().expect("ip"),
+        "fd00:10:244:1::7".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_frame("ipv6 to local pod", &out, &routed6(&f, POD_MAC, VETH_MAC));
+    assert_eq!(fx.metric("REASON_FORWARD_PEER"), 2);
+
+    // The node program does the same for packets from the network.
+    let f = frame4(
+        "10.244.2.5".parse().expect("ip"),
+        "10.244.1.7".parse().expect("ip"),
+        63,
+    );
+    let (v, out) = fx.run(TcProgram::FromNetdev, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_frame(
+        "ipv4 from the network to local pod",
+        &out,
+        &routed4(&f, POD_MAC, VETH_MAC),
+    );
+}
+
+#[test]
+fn from_pod_to_a_remote_address_follows_the_fib() {
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    let out_mac = fx.mac("out0");
+
+    // Neighbour known: MACs from the FIB, sent out of out0.
+    let f = frame4(
+        "10.1.0.5".parse().expect("ip"),
+        "10.50.0.9".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_frame("ipv4 via fib", &out, &routed4(&f, NEXTHOP_MAC, out_mac));
+    let f = frame6(
+        "fd01::5".parse().expect("ip"),
+        "fd50::9".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_frame("ipv6 via fib", &out, &routed6(&f, NEXTHOP_MAC, out_mac));
+    assert_eq!(fx.metric("REASON_FORWARD_FIB"), 2);
+
+    // Neighbour unknown: bpf_redirect_neigh resolves it; only the TTL changes here.
+    let f = frame4(
+        "10.1.0.5".parse().expect("ip"),
+        "10.60.0.9".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    let mut want = routed4(&f, GW_MAC, SRC_MAC);
+    want[0..12].copy_from_slice(&f[0..12]);
+    assert_frame("ipv4 via redirect_neigh", &out, &want);
+    assert_eq!(fx.metric("REASON_FORWARD_NEIGH"), 1);
+
+    // The node program never uses the FIB: non-pod traffic goes to the stack untouched.
+    let f = frame4(
+        "10.1.0.5".parse().expect("ip"),
+        "10.50.0.9".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromNetdev, &f, in0);
+    assert_eq!(v, TC_ACT_OK, "verdict");
+    assert_frame("from the network, not a pod", &out, &f);
+}
+
+#[test]
+fn what_the_stack_must_handle_is_left_untouched() {
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
+
+    let cases: Vec<(&str, Vec<u8>, u32, &str)> = vec![
+        (
+            "for the node itself",
+            frame4(
+                "10.1.0.5".parse().expect("ip"),
+                "10.2.0.1".parse().expect("ip"),
+                64,
+            ),
+            TC_ACT_OK,
+            "REASON_PASS_STACK",
+        ),
+        (
+            "no route",
+            frame4(
+                "10.1.0.5".parse().expect("ip"),
+                "192.0.2.1".parse().expect("ip"),
+                64,
+            ),
+            TC_ACT_OK,
+            "REASON_PASS_STACK",
+        ),
+        (
+            "ttl expiring (the stack sends time exceeded)",
+            frame4(
+                "10.1.0.5".parse().expect("ip"),
+                "10.244.1.7".parse().expect("ip"),
+                1,
+            ),
+            TC_ACT_OK,
+            "REASON_PASS_TTL",
+        ),
+        (
+            "multicast",
+            frame4(
+                "10.1.0.5".parse().expect("ip"),
+                "224.0.0.251".parse().expect("ip"),
+                1,
+            ),
+            TC_ACT_OK,
+            "REASON_PASS_NOT_IP",
+        ),
+        (
+            "ipv6 link-local (neighbour discovery)",
+            frame6(
+                "fe80::5".parse().expect("ip"),
+                "fe80::1".parse().expect("ip"),
+                255,
+            ),
+            TC_ACT_OK,
+            "REASON_PASS_NOT_IP",
+        ),
+    ];
+    for (case, f, verdict, reason) in cases {
+        let before = fx.metric(reason);
+        let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+        assert_eq!(v, verdict, "{case}: verdict");
+        assert_frame(case, &out, &f);
+        assert_eq!(fx.metric(reason), before + 1, "{case}: counted as {reason}");
+    }
+
+    // ARP goes to the stack.
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&SRC_MAC);
+    arp.extend_from_slice(&0x0806u16.to_be_bytes());
+    arp.extend_from_slice(&[0u8; 28]);
+    let (v, out) = fx.run(TcProgram::FromPod, &arp, in0);
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame("arp", &out, &arp);
+
+    // A malformed IPv4 header (IHL below 5) is dropped with a reason. (Frames shorter than
+    // the headers they announce are refused by BPF_PROG_TEST_RUN itself.)
+    let mut f = frame4(
+        "10.1.0.5".parse().expect("ip"),
+        "10.244.1.7".parse().expect("ip"),
+        64,
+    );
+    f[14] = 0x44;
+    let (v, _) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_SHOT, "malformed: verdict");
+    assert_eq!(fx.metric("DROP_INVALID_PACKET"), 1);
+}

@@ -1,0 +1,262 @@
+//! End-to-end tests of the per-packet pod datapath in a two-node lab: pod-to-pod traffic is
+//! delivered by the tc programs (bpf_redirect_peer on the same node, the FIB's device across
+//! nodes) and never reaches netfilter in the node namespaces.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn pod(name: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: echo\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+fn node_netns(lab: &Lab, node: &str) -> String {
+    let layout: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    layout["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["netns"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn in_netns(ns: &str, cmd: &[&str]) -> String {
+    ok(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .args(cmd))
+}
+
+fn metric(lab: &Lab, node: &str, name: &str) -> u64 {
+    let v: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["bpf", "metrics", "list", "--node", node, "-o", "json"])
+    ))
+    .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == name)
+        .map(|m| m["packets"].as_u64().unwrap())
+        .sum()
+}
+
+fn ip_of(lab: &Lab, pod: &str, family: usize) -> String {
+    let p = lab.get_json(&["pod", pod, "-n", "x"]);
+    p["status"]["podIPs"][family]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn pod_traffic_takes_the_shortcut_and_bypasses_netfilter() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}",
+        pod("a", "node-1"),
+        pod("b", "node-1"),
+        pod("c", "node-2")
+    );
+    let lab = Lab::up("dp", 2, &m);
+    // The agents know every local pod (the kubelet's endpoint records).
+    lab.eventually("endpoints programmed", Duration::from_secs(20), || {
+        let n1: Value = serde_json::from_str(&ok(
+            &mut lab.weir(&["bpf", "endpoint", "list", "--node", "node-1", "-o", "json"])
+        ))
+        .unwrap();
+        let n2: Value = serde_json::from_str(&ok(
+            &mut lab.weir(&["bpf", "endpoint", "list", "--node", "node-2", "-o", "json"])
+        ))
+        .unwrap();
+        // a and b dual-stack on node-1, c on node-2.
+        n1.as_array().unwrap().len() == 4 && n2.as_array().unwrap().len() == 2
+    });
+    let table = ok(&mut lab.weir(&["bpf", "endpoint", "list", "--node", "node-1"]));
+    assert!(table.contains("redirect-peer"), "{table}");
+
+    // Netfilter in both node namespaces: rules that count every pod TCP and UDP packet the
+    // host stack would see, and conntrack switched on by a state match. (Neighbour discovery
+    // between a pod and its gateway is the node's business and goes to the stack.)
+    let nodes = [node_netns(&lab, "node-1"), node_netns(&lab, "node-2")];
+    for ns in &nodes {
+        for proto in ["tcp", "udp"] {
+            for args in [
+                vec![
+                    "iptables",
+                    "-t",
+                    "raw",
+                    "-A",
+                    "PREROUTING",
+                    "-s",
+                    "10.244.0.0/16",
+                ],
+                vec![
+                    "iptables",
+                    "-A",
+                    "FORWARD",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW,ESTABLISHED",
+                ],
+                vec![
+                    "iptables",
+                    "-t",
+                    "mangle",
+                    "-A",
+                    "POSTROUTING",
+                    "-d",
+                    "10.244.0.0/16",
+                ],
+                vec![
+                    "ip6tables",
+                    "-t",
+                    "raw",
+                    "-A",
+                    "PREROUTING",
+                    "-s",
+                    "fd00:10:244::/48",
+                ],
+                vec!["ip6tables", "-A", "FORWARD"],
+            ] {
+                let mut a = args.clone();
+                a.extend(["-p", proto]);
+                in_netns(ns, &a);
+            }
+        }
+    }
+    let peer_before = metric(&lab, "node-1", "REASON_FORWARD_PEER");
+
+    // Same node (a -> b) and across nodes (a -> c), TCP and UDP, IPv4 and IPv6.
+    for (to, family) in [("b", 0), ("c", 0), ("b", 1), ("c", 1)] {
+        let ip = ip_of(&lab, to, family);
+        let addr = if family == 1 {
+            format!("[{ip}]")
+        } else {
+            ip.clone()
+        };
+        let r = lab.connect("x/a", &format!("{addr}:8080"), "tcp", 5);
+        assert_eq!(r["ok"], 5, "tcp to {to} ({ip}): {r}");
+        assert!(
+            r["responders"].to_string().contains(&format!("x/{to}")),
+            "{r}"
+        );
+        let r = lab.connect("x/a", &format!("{addr}:5353"), "udp", 3);
+        assert_eq!(r["ok"], 3, "udp to {to} ({ip}): {r}");
+    }
+
+    // Nothing of it went through netfilter, on either node.
+    for ns in &nodes {
+        for (cmd, table, chain) in [
+            ("iptables", "raw", "PREROUTING"),
+            ("iptables", "filter", "FORWARD"),
+            ("iptables", "mangle", "POSTROUTING"),
+            ("ip6tables", "raw", "PREROUTING"),
+            ("ip6tables", "filter", "FORWARD"),
+        ] {
+            let out = in_netns(ns, &[cmd, "-t", table, "-L", chain, "-v", "-n", "-x"]);
+            for line in out.lines().skip(2) {
+                let packets: u64 = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                assert_eq!(
+                    packets, 0,
+                    "{ns} {cmd} {table} {chain} counted pod traffic:\n{out}"
+                );
+            }
+        }
+        let ct = in_netns(ns, &["conntrack", "-L"]);
+        assert!(
+            !ct.contains("10.244.") && !ct.contains("fd00:10:244:"),
+            "{ns}: conntrack tracked pod flows:\n{ct}"
+        );
+    }
+
+    // The programs did the work, and say so.
+    assert!(metric(&lab, "node-1", "REASON_FORWARD_PEER") > peer_before);
+    assert!(
+        metric(&lab, "node-1", "REASON_FORWARD_FIB")
+            + metric(&lab, "node-1", "REASON_FORWARD_NEIGH")
+            > 0
+    );
+    assert!(metric(&lab, "node-2", "REASON_FORWARD_PEER") > 0);
+    let table = ok(&mut lab.weir(&["bpf", "metrics", "list", "--node", "node-2"]));
+    assert!(table.contains("REASON_FORWARD_PEER"), "{table}");
+    let status = ok(&mut lab.weir(&["status", "--node", "node-1"]));
+    assert!(status.contains("from_pod"), "{status}");
+}
+
+#[test]
+fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}",
+        pod("a", "node-1"),
+        pod("b", "node-1")
+    );
+    let lab = Lab::up("dpr", 1, &m);
+    let count = |lab: &Lab| -> usize {
+        let v: Value = serde_json::from_str(&ok(
+            &mut lab.weir(&["bpf", "endpoint", "list", "--node", "node-1", "-o", "json"])
+        ))
+        .unwrap();
+        v.as_array().unwrap().len()
+    };
+    lab.eventually("both pods programmed", Duration::from_secs(20), || {
+        count(&lab) == 4
+    });
+    let b = ip_of(&lab, "b", 0);
+    // A long connection through the shortcut stays up while the agent is killed and restarted.
+    let before = metric(&lab, "node-1", "REASON_FORWARD_PEER");
+    kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
+    let r = lab.connect("x/a", &format!("{b}:8080"), "tcp", 5);
+    assert_eq!(r["ok"], 5, "traffic flows while the agent is down: {r}");
+    let log = std::fs::File::create(format!(
+        "/run/weir/labs/{}/logs/agent-restart.log",
+        lab.name
+    ))
+    .unwrap();
+    let mut agent = weir()
+        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    lab.eventually("the agent is back", Duration::from_secs(30), || {
+        lab.weir(&["bpf", "endpoint", "list", "--node", "node-1"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    assert!(
+        metric(&lab, "node-1", "REASON_FORWARD_PEER") > before,
+        "the pinned programs kept forwarding"
+    );
+    // Deleting a pod removes its endpoint.
+    ok(&mut lab.kubectl(&[
+        "delete",
+        "pod",
+        "b",
+        "-n",
+        "x",
+        "--grace-period=0",
+        "--force",
+    ]));
+    lab.eventually("b's endpoint removed", Duration::from_secs(20), || {
+        count(&lab) == 2
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
