@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kubeproxy::Svc;
-use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto};
+use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::Dataplane;
 
 const MODES: &[&str] = &["direct", "weir", "iptables", "nftables"];
@@ -215,6 +215,7 @@ fn lb_state(svcs: &[Svc]) -> LbState {
                 vip: s.vip.parse().expect("vip"),
                 port: 80,
                 proto: Proto::Tcp,
+                scope: Scope::Cluster,
             },
             Frontend {
                 service: s.name.clone(),

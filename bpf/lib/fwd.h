@@ -9,58 +9,8 @@
 #ifndef WEIR_LIB_FWD_H
 #define WEIR_LIB_FWD_H
 
-#include "pkt.h"
-#include "weir/api/datapath.h"
-
-#define ENDPOINT_MAP_SIZE 65536
-
-/* Local pods, written by the agent from the CNI's endpoint records. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ENDPOINT_MAP_SIZE);
-	__type(key, struct endpoint_key);
-	__type(value, struct endpoint_info);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} weir_endpoints SEC(".maps");
-
-/* Packets and bytes per (direction, reason). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, WEIR_METRICS_SIZE);
-	__type(key, __u32);
-	__type(value, struct metrics_value);
-} weir_metrics SEC(".maps");
-
-/* Keeps enum weir_reason in the object's BTF, so that Rust takes the reason names from it. */
-const volatile enum weir_reason weir_reason_btf = REASON_MAX;
-
-/* Counts the packet under `reason` and returns `verdict`, so a program ends in one line. */
-static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason, int verdict)
-{
-	__u32 idx = dir * WEIR_METRICS_STRIDE + reason;
-	struct metrics_value *m = bpf_map_lookup_elem(&weir_metrics, &idx);
-
-	if (m) {
-		m->packets += 1;
-		m->bytes += skb->len;
-	}
-	return verdict;
-}
-
-static __always_inline const struct endpoint_info *endpoint4(__be32 addr)
-{
-	struct endpoint_key k = { .addr = { addr }, .family = WEIR_AF_INET };
-
-	return bpf_map_lookup_elem(&weir_endpoints, &k);
-}
-
-static __always_inline const struct endpoint_info *endpoint6(const struct in6_addr *addr)
-{
-	struct endpoint_key k = { .family = WEIR_AF_INET6 };
-
-	__builtin_memcpy(k.addr, addr, sizeof(k.addr));
-	return bpf_map_lookup_elem(&weir_endpoints, &k);
-}
+#include "endpoint.h"
+#include "nodeport.h"
 
 /*
  * Hands the packet to a local pod: the L2 header its host-side veth would have written, then
@@ -106,43 +56,87 @@ static __always_inline bool fib_forwardable(long rc)
 }
 
 /*
- * Forwards an IPv4 packet arriving on `skb->ingress_ifindex`: to a local pod, or out of the
- * FIB's device. Returns a tc verdict; TC_ACT_OK leaves the packet to the host stack.
+ * Reads the ports (and TCP flags) of an IPv4 TCP/UDP packet without IP options or
+ * fragmentation into `t`. Returns 0, or -1 when the packet is not one the NAT handles.
  */
-static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool use_fib)
+static __always_inline int pkt_ip4_tuple(struct __sk_buff *skb, const struct iphdr *ip4,
+					 struct ct4_key *t, __u8 *tcp_flags)
+{
+	__be16 ports[2];
+
+	if (ip4->protocol != IPPROTO_TCP_ && ip4->protocol != IPPROTO_UDP_)
+		return -1;
+	if (ip4->ihl != 5 || (ip4->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	if (bpf_skb_load_bytes(skb, L4_OFF, ports, sizeof(ports)) < 0)
+		return -1;
+	if (ip4->protocol == IPPROTO_TCP_ &&
+	    bpf_skb_load_bytes(skb, L4_OFF + 13, tcp_flags, 1) < 0)
+		return -1;
+	t->saddr = ip4->saddr;
+	t->daddr = ip4->daddr;
+	t->sport = ports[0];
+	t->dport = ports[1];
+	t->proto = ip4->protocol;
+	return 0;
+}
+
+/*
+ * Forwards an IPv4 packet arriving on `skb->ingress_ifindex`: load-balancing NAT first
+ * (replies of tracked flows, NodePorts and external frontends), then to a local pod, or out of
+ * the FIB's device. `from_pod` is true on a pod's veth (the FIB is used for every
+ * destination), false on the node's device (only pods and translated flows are forwarded
+ * here). Returns a tc verdict; TC_ACT_OK leaves the packet to the host stack.
+ */
+static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	struct bpf_fib_lookup p = {};
 	const struct endpoint_info *ep;
 	struct iphdr *ip4 = pkt_ip4(skb);
-	__be32 saddr, daddr;
+	struct ct4_key t = {};
+	__u8 tcp_flags = 0, tos, proto;
+	__u16 tot_len;
 	long rc = 0;
+	int nat = 0;
 	__u8 ttl;
 
 	if (!ip4)
 		return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
 	if (ip4->ihl < 5 || ip4->version != 4)
 		return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
-	daddr = ip4->daddr;
-	saddr = ip4->saddr;
 	ttl = ip4->ttl;
-	if (ip4_is_local_scope(daddr))
+	tos = ip4->tos;
+	proto = ip4->protocol;
+	tot_len = bpf_ntohs(ip4->tot_len);
+	if (ip4_is_local_scope(ip4->daddr))
 		return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);
-	ep = endpoint4(daddr);
-	if (!ep && !use_fib)
+	if (ttl <= 1)
+		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
+	if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) == 0) {
+		/* From a pod, only traffic to this node's addresses can start a NodePort flow. */
+		bool new_flows = !from_pod || node_addr4(t.daddr);
+
+		nat = lb4_nat(skb, &t, tcp_flags, skb->len, new_flows);
+		if (nat < 0)
+			return count(skb, dir, -nat, TC_ACT_SHOT);
+	} else {
+		t.saddr = ip4->saddr;
+		t.daddr = ip4->daddr;
+	}
+	ep = endpoint4(t.daddr);
+	if (!ep && !from_pod && !nat)
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
-	if (ttl <= 1)
-		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
 	if (!ep) {
 		p.family = AF_INET_;
-		p.tos = ip4->tos;
-		p.l4_protocol = ip4->protocol;
-		p.tot_len = bpf_ntohs(ip4->tot_len);
-		p.ipv4_src = saddr;
-		p.ipv4_dst = daddr;
+		p.tos = tos;
+		p.l4_protocol = proto;
+		p.tot_len = tot_len;
+		p.ipv4_src = t.saddr;
+		p.ipv4_dst = t.daddr;
 		p.ifindex = skb->ingress_ifindex;
-		/* Ask first, rewrite after: a packet left to the stack must be untouched. */
+		/* Ask first, rewrite after: a packet left to the stack keeps its TTL. */
 		rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
 		if (!fib_forwardable(rc))
 			return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
@@ -155,7 +149,7 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool use_fi
 }
 
 /* IPv6 counterpart of fwd_ip4. */
-static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool use_fib)
+static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	struct bpf_fib_lookup p = {};
 	const struct endpoint_info *ep;
@@ -172,7 +166,7 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool use_fi
 	if (ip6_is_local_scope(&daddr))
 		return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);
 	ep = endpoint6(&daddr);
-	if (!ep && !use_fib)
+	if (!ep && !from_pod)
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
@@ -198,14 +192,14 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool use_fi
 }
 
 /* Forwards an IP packet, or leaves anything else to the stack. */
-static __always_inline int fwd(struct __sk_buff *skb, __u32 dir, bool use_fib)
+static __always_inline int fwd(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	__be16 proto = pkt_proto(skb);
 
 	if (proto == bpf_htons(ETH_P_IP))
-		return fwd_ip4(skb, dir, use_fib);
+		return fwd_ip4(skb, dir, from_pod);
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return fwd_ip6(skb, dir, use_fib);
+		return fwd_ip6(skb, dir, from_pod);
 	if (proto == 0)
 		return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
 	return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);

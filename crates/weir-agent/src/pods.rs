@@ -1,6 +1,7 @@
 //! The pod datapath loop: a thread (in the node's network namespace, where the devices are)
-//! that attaches the node program to the node's devices and keeps the endpoint map and the pod
-//! programs in step with the network plugin's endpoint records.
+//! that attaches the node program to the node's devices, writes the node's addresses and SNAT
+//! settings, keeps the endpoint map and the pod programs in step with the network plugin's
+//! endpoint records, and collects expired conntrack entries every 10 s.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,33 @@ pub struct PodConfig {
     /// The network namespace the devices and pods' veths live in, when it is not the agent's
     /// own (a lab node).
     pub netns: Option<PathBuf>,
+    /// Source ports for flows SNATed to the node (inclusive). Keep it outside the node's
+    /// ephemeral port range (net.ipv4.ip_local_port_range, 32768-60999 by default).
+    pub snat_ports: (u16, u16),
+}
+
+/// The default SNAT source port range: above Linux's default ephemeral range.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+
+/// Parses `LOW-HIGH`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 61000-65535"))?;
+    let lo: u16 = lo
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {lo:?} is not a port"))?;
+    let hi: u16 = hi
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {hi:?} is not a port"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!(
+            "{s:?}: the range must be non-empty and start above 0"
+        ));
+    }
+    Ok((lo, hi))
 }
 
 /// What the pod datapath reports.
@@ -32,6 +60,10 @@ pub struct PodStatus {
     pub bad_records: Vec<String>,
     /// Node devices with the node program.
     pub devices: Vec<String>,
+    /// The node's addresses a NodePort answers on.
+    pub node_addresses: Vec<String>,
+    /// Conntrack entries removed by the collector so far.
+    pub ct_collected: u64,
     /// What the last sync changed.
     pub last_sync: PodSyncStats,
     /// The last error, if the last sync failed.
@@ -76,6 +108,27 @@ fn sync_once(pods: &Pods, cfg: &PodConfig) {
     }
 }
 
+/// The addresses of the node's devices (in the current network namespace).
+fn device_addresses(devices: &[String]) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().into_iter().flatten() {
+        if !devices.contains(&ifa.interface_name) {
+            continue;
+        }
+        let Some(a) = ifa.address else { continue };
+        if let Some(v4) = a.as_sockaddr_in() {
+            out.push(std::net::IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            let ip = v6.ip();
+            // Link-local addresses are not where a NodePort is reached.
+            if (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                out.push(std::net::IpAddr::V6(ip));
+            }
+        }
+    }
+    out
+}
+
 fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     let mut names = Vec::new();
     for dev in &cfg.devices {
@@ -88,8 +141,32 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
             .map_err(|e| format!("attaching to device {dev:?}: {e}"))?;
         names.push(dev.clone());
     }
-    pods.status.lock().expect("pod status").devices = names;
+    let addrs = device_addresses(&cfg.devices);
+    let snat4 = addrs.iter().find_map(|a| match a {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        _ => None,
+    });
+    pods.dataplane
+        .lock()
+        .expect("pods")
+        .configure_node(&addrs, snat4, cfg.snat_ports)
+        .map_err(|e| format!("writing the node's addresses: {e}"))?;
+    let mut st = pods.status.lock().expect("pod status");
+    st.devices = names;
+    st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
     Ok(())
+}
+
+fn collect_ct(pods: &Pods) {
+    match pods.dataplane.lock().expect("pods").ct_gc() {
+        Ok(n) => {
+            if n > 0 {
+                tracing::debug!(removed = n, "conntrack entries expired");
+            }
+            pods.status.lock().expect("pod status").ct_collected += n as u64;
+        }
+        Err(e) => tracing::warn!(error = %e, "conntrack garbage collection"),
+    }
 }
 
 /// Starts the loop on its own thread. It enters `cfg.netns` first; failing that, or failing
@@ -128,6 +205,9 @@ pub fn spawn(pods: Arc<Pods>, cfg: PodConfig) -> Result<(), String> {
                 // A record written or removed changes the directory's mtime; a full pass every
                 // 10 s also repairs anything changed behind the agent's back.
                 if now != seen || failed || since_full >= Duration::from_secs(10) {
+                    if since_full >= Duration::from_secs(10) {
+                        collect_ct(&pods);
+                    }
                     seen = now;
                     since_full = Duration::ZERO;
                     sync_once(&pods, &cfg);

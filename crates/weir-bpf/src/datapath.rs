@@ -33,7 +33,9 @@ mod node_skel {
     include!(concat!(env!("OUT_DIR"), "/node.skel.rs"));
 }
 
-pub use pod_skel::types::{endpoint_info, endpoint_key, metrics_value, weir_reason};
+pub use pod_skel::types::{
+    ct4_entry, ct4_key, endpoint_info, endpoint_key, metrics_value, node_config, weir_reason,
+};
 
 use node_skel::{NodeSkel, NodeSkelBuilder};
 use pod_skel::{PodSkel, PodSkelBuilder};
@@ -45,8 +47,60 @@ pub const AF_INET6: u8 = 6;
 /// `endpoint_info.flags`: deliver through the host stack, no shortcut.
 pub const EP_HOST_STACK: u32 = 1;
 
-/// Names of the datapath maps (shared by the pod and node programs).
-pub const DATAPATH_MAPS: &[&str] = &["weir_endpoints", "weir_metrics"];
+/// Names of the datapath maps (shared by the pod and node programs; the load-balancing maps
+/// are the socket layer's, pinned in its directory).
+pub const DATAPATH_MAPS: &[&str] = &[
+    "weir_endpoints",
+    "weir_metrics",
+    "weir_ct4",
+    "weir_config",
+    "weir_node_addrs",
+];
+
+/// `ct4_entry.flags`: keyed by the reply direction.
+pub const CT_F_REPLY: u16 = 1;
+/// `ct4_entry.flags`: source-NATed to the node.
+pub const CT_F_SNAT: u16 = 2;
+/// `ct4_entry.flags`: a reply was seen.
+pub const CT_F_SEEN_REPLY: u16 = 4;
+/// `ct4_entry.flags`: TCP established.
+pub const CT_F_ESTABLISHED: u16 = 8;
+/// `ct4_entry.flags`: TCP FIN or RST seen.
+pub const CT_F_CLOSING: u16 = 16;
+
+/// Pins every map of an object being opened: load-balancing maps in `lb_pin_dir` (shared with
+/// the socket programs), the others in `pin_dir`.
+fn pin_maps(
+    obj: &mut libbpf_rs::OpenObject,
+    pin_dir: &Path,
+    lb_pin_dir: &Path,
+) -> Result<(), BpfError> {
+    for mut m in obj.maps_mut() {
+        let name = m.name().to_string_lossy().into_owned();
+        if name.contains('.') {
+            continue; // .rodata and friends belong to the object
+        }
+        let dir = if crate::SOCK_MAPS.contains(&name.as_str()) {
+            lb_pin_dir
+        } else {
+            pin_dir
+        };
+        m.set_pin_path(dir.join(&name))
+            .map_err(lb(format!("pin path of map {name}")))?;
+    }
+    Ok(())
+}
+
+/// The boot clock in seconds, as the programs read it (`bpf_ktime_get_boot_ns`).
+pub fn boot_seconds() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64
+}
 
 /// Where a tc program runs on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +161,13 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::REASON_TO_POD, "REASON_TO_POD"),
     (weir_reason::DROP_INVALID_PACKET, "DROP_INVALID_PACKET"),
     (weir_reason::DROP_HEADER_WRITE, "DROP_HEADER_WRITE"),
+    (
+        weir_reason::DROP_NO_SERVICE_BACKEND,
+        "DROP_NO_SERVICE_BACKEND",
+    ),
+    (weir_reason::DROP_BACKEND_MISSING, "DROP_BACKEND_MISSING"),
+    (weir_reason::DROP_CT_CREATE_FAILED, "DROP_CT_CREATE_FAILED"),
+    (weir_reason::DROP_NAT_NO_PORT, "DROP_NAT_NO_PORT"),
 ];
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).
@@ -173,8 +234,13 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs, reusing maps pinned in `pin_dir` (so state survives restarts and
-    /// upgrades) and pinning the ones that do not exist yet.
-    pub fn load(pin_dir: &Path) -> Result<Datapath, BpfError> {
+    /// upgrades) and pinning the ones that do not exist yet; the load-balancing maps are the
+    /// socket layer's, in `lb_pin_dir`.
+    pub fn load(pin_dir: &Path, lb_pin_dir: &Path) -> Result<Datapath, BpfError> {
+        std::fs::create_dir_all(lb_pin_dir).map_err(|source| BpfError::Io {
+            path: lb_pin_dir.into(),
+            source,
+        })?;
         std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
             path: pin_dir.into(),
             source,
@@ -184,13 +250,7 @@ impl Datapath {
         let mut open = PodSkelBuilder::default()
             .open(storage)
             .map_err(lb("opening pod.bpf.o"))?;
-        for (name, map) in [
-            ("weir_endpoints", &mut open.maps.weir_endpoints),
-            ("weir_metrics", &mut open.maps.weir_metrics),
-        ] {
-            map.set_pin_path(pin_dir.join(name))
-                .map_err(lb(format!("pin path of map {name}")))?;
-        }
+        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
         let pod = open.load().map_err(lb(format!(
             "loading pod.bpf.o (maps in {})",
             pin_dir.display()
@@ -200,13 +260,7 @@ impl Datapath {
         let mut open = NodeSkelBuilder::default()
             .open(storage)
             .map_err(lb("opening node.bpf.o"))?;
-        for (name, map) in [
-            ("weir_endpoints", &mut open.maps.weir_endpoints),
-            ("weir_metrics", &mut open.maps.weir_metrics),
-        ] {
-            map.set_pin_path(pin_dir.join(name))
-                .map_err(lb(format!("pin path of map {name}")))?;
-        }
+        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
         let node = open.load().map_err(lb(format!(
             "loading node.bpf.o (maps in {})",
             pin_dir.display()
@@ -230,6 +284,9 @@ impl Datapath {
         match name {
             "weir_endpoints" => &self.pod.maps.weir_endpoints,
             "weir_metrics" => &self.pod.maps.weir_metrics,
+            "weir_ct4" => &self.pod.maps.weir_ct4,
+            "weir_config" => &self.pod.maps.weir_config,
+            "weir_node_addrs" => &self.pod.maps.weir_node_addrs,
             other => panic!("no datapath map named {other}"),
         }
     }
@@ -364,12 +421,71 @@ impl Datapath {
     /// (entries, capacity) of map `name` (one of [`DATAPATH_MAPS`]).
     pub fn usage(&self, name: &str) -> (usize, u32) {
         let map = self.map(name);
-        let n = if name == "weir_metrics" {
-            self.metrics().map(|m| m.len()).unwrap_or(0)
-        } else {
-            map.keys().count()
+        let n = match name {
+            "weir_metrics" => self.metrics().map(|m| m.len()).unwrap_or(0),
+            "weir_config" => 1,
+            _ => map.keys().count(),
         };
         (n, map.max_entries())
+    }
+
+    /// Writes the node-wide settings.
+    pub fn set_config(&self, cfg: &node_config) -> Result<(), BpfError> {
+        self.map("weir_config")
+            .update(&0u32.to_ne_bytes(), as_bytes(cfg), MapFlags::ANY)
+            .map_err(lb("updating map weir_config"))
+    }
+
+    /// Makes `weir_node_addrs` hold exactly `addrs` (the node's own addresses, on which a
+    /// NodePort answers).
+    pub fn set_node_addrs(&self, addrs: &[endpoint_key]) -> Result<(), BpfError> {
+        let map = self.map("weir_node_addrs");
+        let want: Vec<Vec<u8>> = addrs.iter().map(|k| as_bytes(k).to_vec()).collect();
+        for k in &want {
+            map.update(k, &1u32.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("updating map weir_node_addrs"))?;
+        }
+        let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
+        for k in stale {
+            let _ = map.delete(&k);
+        }
+        Ok(())
+    }
+
+    /// Every conntrack entry.
+    pub fn ct_entries(&self) -> Result<Vec<(ct4_key, ct4_entry)>, BpfError> {
+        let map = self.map("weir_ct4");
+        let mut out = Vec::new();
+        for k in map.keys() {
+            if let Some(v) = map
+                .lookup(&k, MapFlags::ANY)
+                .map_err(lb("reading map weir_ct4"))?
+            {
+                out.push((from_bytes(&k), from_bytes(&v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the conntrack entries that expired before `now` (boot clock seconds), and
+    /// those that `also` says to remove. Returns how many were removed.
+    pub fn ct_gc(
+        &self,
+        now: u64,
+        also: impl Fn(&ct4_key, &ct4_entry) -> bool,
+    ) -> Result<usize, BpfError> {
+        let map = self.map("weir_ct4");
+        let mut removed = 0;
+        for (k, v) in self.ct_entries()? {
+            if v.expires < now || also(&k, &v) {
+                match map.delete(as_bytes(&k)) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(e) => return Err(lb("deleting from map weir_ct4")(e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Every non-zero counter, summed over CPUs.

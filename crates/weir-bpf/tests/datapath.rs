@@ -95,7 +95,7 @@ impl Fixture {
         ] {
             sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", kv]);
         }
-        let dp = Datapath::load(&pins).expect("load");
+        let dp = Datapath::load(&pins.join("tc"), &pins).expect("load");
         Fixture { netns, pins, dp }
     }
 
@@ -485,4 +485,263 @@ fn what_the_stack_must_handle_is_left_untouched() {
     let (v, _) = fx.run(TcProgram::FromPod, &f, in0);
     assert_eq!(v, TC_ACT_SHOT, "malformed: verdict");
     assert_eq!(fx.metric("DROP_INVALID_PACKET"), 1);
+}
+
+// ---- North-south load balancing: NodePort DNAT, SNAT for remote backends, reverse NAT ----
+
+use weir_bpf::types::{lb4_backend, lb4_key, lb_service};
+
+/// The checksum of an IPv4 TCP/UDP segment over its pseudo-header: 0 when valid.
+fn l4_csum(frame: &[u8]) -> u16 {
+    let ip = &frame[14..34];
+    let l4 = &frame[34..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.push(0);
+    pseudo.push(ip[9]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    csum16(&pseudo)
+}
+
+/// An IPv4 TCP frame with the given ports and flags, all checksums valid.
+fn tcp4(src: (&str, u16), dst: (&str, u16), flags: u8) -> Vec<u8> {
+    let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
+    f[34..36].copy_from_slice(&src.1.to_be_bytes());
+    f[36..38].copy_from_slice(&dst.1.to_be_bytes());
+    f[34 + 13] = flags;
+    f[34 + 16] = 0;
+    f[34 + 17] = 0;
+    let c = l4_csum(&f);
+    f[34 + 16..34 + 18].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(l4_csum(&f), 0);
+    f
+}
+
+/// An IPv4 UDP frame (8-byte payload), all checksums valid.
+fn udp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
+    let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
+    f.truncate(34);
+    f[14 + 9] = 17;
+    f[14 + 2..14 + 4].copy_from_slice(&36u16.to_be_bytes());
+    f[14 + 10] = 0;
+    f[14 + 11] = 0;
+    let c = csum16(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    f.extend_from_slice(&16u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(b"ping\n\0\0\0");
+    let c = l4_csum(&f);
+    f[40..42].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn ip4_at(f: &[u8], off: usize) -> String {
+    Ipv4Addr::new(f[off], f[off + 1], f[off + 2], f[off + 3]).to_string()
+}
+
+/// (source, destination) of an IPv4 TCP/UDP frame as `a.b.c.d:port`.
+fn endpoints_of(f: &[u8]) -> (String, String) {
+    (
+        format!("{}:{}", ip4_at(f, 26), u16::from_be_bytes([f[34], f[35]])),
+        format!("{}:{}", ip4_at(f, 30), u16::from_be_bytes([f[36], f[37]])),
+    )
+}
+
+impl Fixture {
+    /// A NodePort frontend (address 0, external scope) with one backend.
+    fn node_port(&self, port: u16, proto: u8, svc_id: u32, backend: Option<(u32, &str, u16)>) {
+        let lb = weir_bpf::SockLb::load(&self.pins).expect("socket maps");
+        let mut key = lb4_key {
+            address: 0,
+            dport: port.to_be(),
+            proto,
+            scope: 1,
+            ..Default::default()
+        };
+        let master = lb_service {
+            svc_id,
+            count: backend.is_some() as u16,
+            ..Default::default()
+        };
+        if let Some((id, ip, bport)) = backend {
+            let a: Ipv4Addr = ip.parse().expect("ip");
+            lb.put(
+                "weir_lb4_backends",
+                &id,
+                &lb4_backend {
+                    address: u32::from_ne_bytes(a.octets()),
+                    port: bport.to_be(),
+                    proto,
+                    ..Default::default()
+                },
+            )
+            .expect("backend");
+            key.slot = 1;
+            lb.put(
+                "weir_lb4_svc",
+                &key,
+                &lb_service {
+                    backend_id: id,
+                    svc_id,
+                    ..Default::default()
+                },
+            )
+            .expect("slot");
+            key.slot = 0;
+        }
+        lb.put("weir_lb4_svc", &key, &master).expect("master");
+    }
+
+    fn node_setup(&self) {
+        let k = |ip: &str| {
+            let mut k = endpoint_key::default();
+            let a: Ipv4Addr = ip.parse().expect("ip");
+            k.addr[0] = u32::from_ne_bytes(a.octets());
+            k.family = AF_INET;
+            k
+        };
+        self.dp
+            .set_node_addrs(&[k("10.1.0.1"), k("10.2.0.1")])
+            .expect("node addrs");
+        let a: Ipv4Addr = "10.2.0.1".parse().expect("ip");
+        self.dp
+            .set_config(&weir_bpf::datapath::node_config {
+                snat4: u32::from_ne_bytes(a.octets()),
+                snat_port_min: 61000,
+                snat_port_max: 61010,
+                ..Default::default()
+            })
+            .expect("config");
+    }
+}
+
+#[test]
+fn node_port_to_a_local_backend_keeps_the_client_address_and_replies_are_reversed() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    let veth = fx.ifindex("out0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
+    fx.node_port(30080, 6, 7, Some((3, "10.244.1.7", 8080)));
+
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30080), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.5:40000".into(), "10.244.1.7:8080".into())
+    );
+    assert_eq!(&out[0..6], &POD_MAC, "delivered to the pod");
+    assert_eq!(out[22], 63, "ttl");
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+
+    // The backend's SYN-ACK, leaving through the pod's veth: the NodePort is the source again.
+    let synack = tcp4(("10.244.1.7", 8080), ("10.1.0.5", 40000), 0x12);
+    let (v, out) = fx.run(TcProgram::FromPod, &synack, veth);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.1:30080".into(), "10.1.0.5:40000".into())
+    );
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+
+    // The client's ACK follows the same entry; the flow is established, on both entries.
+    let ack = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30080), 0x10);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &ack, in0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(endpoints_of(&out).1, "10.244.1.7:8080");
+    let ct = fx.dp.ct_entries().expect("ct");
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    for (_, e) in &ct {
+        assert_ne!(e.flags & weir_bpf::datapath::CT_F_ESTABLISHED, 0, "{e:?}");
+        let left = e.expires as i64 - weir_bpf::datapath::boot_seconds() as i64;
+        assert!(
+            (21590..=21600).contains(&left),
+            "established lifetime: {left}"
+        );
+    }
+    // A FIN moves the flow to the closing lifetime (10 s).
+    let fin = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30080), 0x11);
+    fx.run(TcProgram::FromNetdev, &fin, in0);
+    for (_, e) in fx.dp.ct_entries().expect("ct") {
+        let left = e.expires as i64 - weir_bpf::datapath::boot_seconds() as i64;
+        assert!((0..=10).contains(&left), "closing lifetime: {left}");
+    }
+    // The collector removes entries once they expire.
+    let removed = fx
+        .dp
+        .ct_gc(weir_bpf::datapath::boot_seconds() + 11, |_, _| false)
+        .expect("gc");
+    assert_eq!(removed, 2);
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_snated_and_replies_go_back_to_the_client() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    let out_mac = fx.mac("out0");
+    fx.node_port(30081, 6, 8, Some((4, "10.50.0.9", 8080)));
+    fx.node_port(30053, 17, 9, Some((5, "10.50.0.9", 5353)));
+
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30081), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    let (src, dst) = endpoints_of(&out);
+    assert_eq!(dst, "10.50.0.9:8080");
+    let snat_port: u16 = src
+        .strip_prefix("10.2.0.1:")
+        .expect(&src)
+        .parse()
+        .expect("port");
+    assert!((61000..=61010).contains(&snat_port), "{src}");
+    assert_eq!(&out[0..6], &NEXTHOP_MAC);
+    assert_eq!(&out[6..12], &out_mac);
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+
+    // The backend's reply arrives at the node's device, to the SNAT address and port.
+    let synack = tcp4(("10.50.0.9", 8080), ("10.2.0.1", snat_port), 0x12);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &synack, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.1:30081".into(), "10.1.0.5:40000".into())
+    );
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+    // Another client port gets another SNAT port.
+    let syn2 = tcp4(("10.1.0.5", 40001), ("10.1.0.1", 30081), 0x02);
+    let (_, out2) = fx.run(TcProgram::FromNetdev, &syn2, in0);
+    assert_ne!(endpoints_of(&out2).0, src);
+
+    // UDP, checksums kept valid.
+    let dgram = udp4(("10.1.0.5", 5000), ("10.1.0.1", 30053));
+    let (v, out) = fx.run(TcProgram::FromNetdev, &dgram, in0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(endpoints_of(&out).1, "10.50.0.9:5353");
+    assert_eq!(l4_csum(&out), 0, "udp checksum");
+}
+
+#[test]
+fn node_port_without_backends_is_dropped_with_a_reason_and_other_ports_pass() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    fx.node_port(30090, 6, 10, None);
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30090), 0x02);
+    let (v, _) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(fx.metric("DROP_NO_SERVICE_BACKEND"), 1);
+    // Not a NodePort: the node's own traffic goes to its stack untouched.
+    let ssh = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 22), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &ssh, in0);
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame("not a node port", &out, &ssh);
+    assert!(fx.dp.ct_entries().expect("ct").is_empty());
 }

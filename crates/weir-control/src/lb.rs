@@ -3,6 +3,13 @@
 //! resolved per slice; ready endpoints, or serving+terminating ones when none is ready
 //! (KEP-1669); internalTrafficPolicy; session affinity; headless and ExternalName Services
 //! get no frontend.
+//!
+//! Traffic from outside the cluster gets frontends of its own ([`Scope::External`]), read only
+//! by the per-packet datapath: NodePorts (address 0.0.0.0 or ::, meaning any address of this
+//! node), externalIPs and LoadBalancer ingress IPs, with externalTrafficPolicy deciding whether
+//! their backends are all endpoints or this node's only. Pods reaching an externalIP or
+//! LoadBalancer IP use the cluster-wide backends ([`Scope::Cluster`]), as kube-proxy
+//! short-circuits them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -55,22 +62,68 @@ impl fmt::Display for Proto {
     }
 }
 
-/// A service address: VIP, port and protocol.
+/// Which traffic a frontend serves.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub enum Scope {
+    /// Traffic from inside the cluster (the socket layer; ClusterIPs, and externalIPs and
+    /// LoadBalancer IPs reached from pods).
+    #[default]
+    Cluster,
+    /// Traffic from outside arriving at this node (the per-packet datapath): NodePorts,
+    /// externalIPs, LoadBalancer IPs.
+    External,
+}
+
+impl Scope {
+    /// The value of `lb4_key.scope` / `lb6_key.scope`.
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::Cluster => 0,
+            Scope::External => 1,
+        }
+    }
+    /// From the key's value.
+    pub fn from_number(n: u8) -> Scope {
+        if n == 1 {
+            Scope::External
+        } else {
+            Scope::Cluster
+        }
+    }
+}
+
+/// A service address: VIP, port, protocol and scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FrontendKey {
-    /// The ClusterIP.
+    /// The ClusterIP, externalIP or LoadBalancer IP; for a NodePort 0.0.0.0 or ::.
     pub vip: IpAddr,
-    /// The Service port.
+    /// The Service port (the node port for a NodePort).
     pub port: u16,
     /// The protocol.
     pub proto: Proto,
+    /// Which traffic it serves.
+    #[serde(default)]
+    pub scope: Scope,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ext = if self.scope == Scope::External {
+            " (external)"
+        } else {
+            ""
+        };
         match self.vip {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+            IpAddr::V4(a) if a.is_unspecified() => {
+                write!(f, "*:{}/{} (NodePort)", self.port, self.proto)
+            }
+            IpAddr::V6(a) if a.is_unspecified() => {
+                write!(f, "[*]:{}/{} (NodePort)", self.port, self.proto)
+            }
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}{ext}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}{ext}", self.port, self.proto),
         }
     }
 }
@@ -240,6 +293,27 @@ where
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
         });
         let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        // externalIPs, and the LoadBalancer's ingress IPs from its status.
+        let mut external_ips: Vec<IpAddr> = spec
+            .external_ips
+            .iter()
+            .flatten()
+            .filter_map(|i| i.parse().ok())
+            .collect();
+        if spec.type_.as_deref() == Some("LoadBalancer") {
+            external_ips.extend(
+                svc.status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.ip.as_deref())
+                    .filter_map(|i| i.parse::<IpAddr>().ok()),
+            );
+        }
         let svc_slices = by_service
             .get(&(ns.clone(), name.clone()))
             .cloned()
@@ -260,68 +334,124 @@ where
                 }
             };
             let port_name = sp.name.clone().unwrap_or_default();
-            for ip in &ips {
-                let endpoints = endpoints_for(&svc_slices, ip, &port_name, proto);
-                let eligible: Vec<&EndpointView> = endpoints
-                    .iter()
-                    .filter(|e| !local_only || e.node.as_deref() == Some(opts.node_name.as_str()))
-                    .collect();
-                let ready: BTreeSet<Backend> = eligible
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| Backend {
-                        ip: e.ip,
-                        port: e.port,
-                    })
-                    .collect();
-                let (backends, fallback) = if !ready.is_empty() {
-                    (ready, false)
+            let service = format!(
+                "{id}:{}",
+                if port_name.is_empty() {
+                    sp.port.to_string()
                 } else {
-                    let terminating: BTreeSet<Backend> = eligible
-                        .iter()
-                        .filter(|e| e.serving && e.terminating)
-                        .map(|e| Backend {
-                            ip: e.ip,
-                            port: e.port,
-                        })
-                        .collect();
-                    let fb = !terminating.is_empty();
-                    (terminating, fb)
-                };
-                let key = FrontendKey {
-                    vip: *ip,
-                    port: sp.port as u16,
-                    proto,
-                };
+                    port_name.clone()
+                }
+            );
+            let mut add = |key: FrontendKey, local: bool| {
+                let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
+                let (backends, fallback) = select(&endpoints, local.then_some(&opts.node_name));
                 state.frontends.insert(
                     key,
                     Frontend {
-                        service: format!(
-                            "{id}:{}",
-                            if port_name.is_empty() {
-                                sp.port.to_string()
-                            } else {
-                                port_name.clone()
-                            }
-                        ),
-                        backends: backends.into_iter().collect(),
+                        service: service.clone(),
+                        backends,
                         terminating_fallback: fallback,
                         affinity_timeout,
                         algorithm,
                     },
                 );
+            };
+            for ip in &ips {
+                add(
+                    FrontendKey {
+                        vip: *ip,
+                        port: sp.port as u16,
+                        proto,
+                        scope: Scope::Cluster,
+                    },
+                    local_only,
+                );
+            }
+            for ip in external_ips
+                .iter()
+                .filter(|e| ips.iter().any(|c| c.is_ipv4() == e.is_ipv4()))
+            {
+                // From pods: cluster-wide (internalTrafficPolicy); from outside:
+                // externalTrafficPolicy.
+                for (scope, local) in [
+                    (Scope::Cluster, local_only),
+                    (Scope::External, external_local),
+                ] {
+                    add(
+                        FrontendKey {
+                            vip: *ip,
+                            port: sp.port as u16,
+                            proto,
+                            scope,
+                        },
+                        local,
+                    );
+                }
+            }
+            if let Some(np) = sp.node_port.filter(|_| node_ports) {
+                for ip in &ips {
+                    let any = match ip {
+                        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+                        IpAddr::V6(_) => IpAddr::from([0u8; 16]),
+                    };
+                    add(
+                        FrontendKey {
+                            vip: any,
+                            port: np as u16,
+                            proto,
+                            scope: Scope::External,
+                        },
+                        external_local,
+                    );
+                }
             }
         }
     }
     (state, warnings)
 }
 
+/// The backends new connections may use: ready endpoints (of this node only when `node` is
+/// given), else serving and terminating ones (KEP-1669). Returns them sorted, and whether they
+/// are the terminating fallback.
+fn select(endpoints: &[EndpointView], node: Option<&String>) -> (Vec<Backend>, bool) {
+    let eligible: Vec<&EndpointView> = endpoints
+        .iter()
+        .filter(|e| node.is_none() || e.node.as_ref() == node)
+        .collect();
+    let pick = |f: &dyn Fn(&EndpointView) -> bool| -> Vec<Backend> {
+        eligible
+            .iter()
+            .filter(|e| f(e))
+            .map(|e| Backend {
+                ip: e.ip,
+                port: e.port,
+            })
+            .collect::<BTreeSet<Backend>>()
+            .into_iter()
+            .collect()
+    };
+    let ready = pick(&|e| e.ready);
+    if !ready.is_empty() {
+        return (ready, false);
+    }
+    let terminating = pick(&|e| e.serving && e.terminating);
+    let fallback = !terminating.is_empty();
+    (terminating, fallback)
+}
+
+/// Endpoints of the family of `vip` (for a NodePort, 0.0.0.0 or ::; an externalIP may be of
+/// either family: its backends are those of the Service's ClusterIP of the same family, if
+/// any).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     vip: &IpAddr,
+    cluster_ips: &[IpAddr],
     port_name: &str,
     proto: Proto,
 ) -> Vec<EndpointView> {
+    if !cluster_ips.iter().any(|c| c.is_ipv4() == vip.is_ipv4()) {
+        return Vec::new();
+    }
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
     for s in slices.iter().filter(|s| s.address_type == family) {
@@ -422,6 +552,7 @@ mod tests {
             vip: "10.96.0.10".parse().unwrap(),
             port: 80,
             proto: Proto::Tcp,
+            scope: Scope::Cluster,
         };
         assert_eq!(st.frontends[&key].service, "x/web:http");
         assert_eq!(backends(&st), vec!["10.244.1.2:8080", "10.244.2.2:9090"]);
@@ -516,6 +647,7 @@ mod tests {
             vip: "10.96.0.10".parse().unwrap(),
             port: 53,
             proto: Proto::Udp,
+            scope: Scope::Cluster,
         };
         assert_eq!(
             st.frontends[&udp].backends[0].to_string(),
@@ -523,5 +655,79 @@ mod tests {
         );
         assert_eq!(st.frontends.len(), 2);
         assert_eq!(w.len(), 1);
+    }
+
+    fn node_slices() -> Vec<EndpointSlice> {
+        vec![serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "x", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.2"], "nodeName": "node-1"}, {"addresses": ["10.244.2.2"], "nodeName": "node-2"}]}))
+        .unwrap()]
+    }
+
+    fn ext_backends(st: &LbState, vip: &str, port: u16, scope: Scope) -> Option<Vec<String>> {
+        st.frontends
+            .get(&FrontendKey {
+                vip: vip.parse().unwrap(),
+                port,
+                proto: Proto::Tcp,
+                scope,
+            })
+            .map(|f| f.backends.iter().map(|b| b.to_string()).collect())
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ips_with_both_traffic_policies() {
+        let all = Some(vec![
+            "10.244.1.2:8080".to_string(),
+            "10.244.2.2:8080".to_string(),
+        ]);
+        let local = Some(vec!["10.244.1.2:8080".to_string()]);
+        let lb = |etp: &str| {
+            svc(
+                json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": etp,
+                "externalIPs": ["192.0.2.10", "2001:db8::10"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}}),
+            )
+        };
+        for (etp, want) in [("Cluster", &all), ("Local", &local)] {
+            let (st, w) = build(&[lb(etp)], &node_slices(), &opts());
+            assert!(w.is_empty(), "{w:?}");
+            // From outside: NodePort on any node address, externalIPs, LoadBalancer IPs.
+            for vip in ["0.0.0.0", "192.0.2.10", "198.51.100.7"] {
+                let port = if vip == "0.0.0.0" { 30080 } else { 80 };
+                assert_eq!(
+                    &ext_backends(&st, vip, port, Scope::External),
+                    want,
+                    "{etp} {vip}"
+                );
+            }
+            // From pods: externalIPs and LoadBalancer IPs are short-circuited cluster-wide;
+            // the ClusterIP is unaffected by externalTrafficPolicy.
+            for vip in ["192.0.2.10", "198.51.100.7", "10.96.0.10"] {
+                assert_eq!(
+                    ext_backends(&st, vip, 80, Scope::Cluster),
+                    all,
+                    "{etp} {vip}"
+                );
+            }
+            // No frontend for an externalIP of a family the Service has no ClusterIP of, and
+            // a NodePort is not a pod-side frontend.
+            assert_eq!(ext_backends(&st, "2001:db8::10", 80, Scope::External), None);
+            assert_eq!(ext_backends(&st, "0.0.0.0", 30080, Scope::Cluster), None);
+        }
+        // ClusterIP Services get no external frontends even with a nodePort field.
+        let cip =
+            svc(json!({"spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}));
+        let (st, _) = build(&[cip], &node_slices(), &opts());
+        assert!(st.frontends.keys().all(|k| k.scope == Scope::Cluster));
+        // externalTrafficPolicy: Local without a local endpoint: a frontend that refuses.
+        let mut o = opts();
+        o.node_name = "node-3".into();
+        let (st, _) = build(&[lb("Local")], &node_slices(), &o);
+        assert_eq!(
+            ext_backends(&st, "0.0.0.0", 30080, Scope::External),
+            Some(vec![])
+        );
     }
 }

@@ -15,7 +15,7 @@ use weir_bpf::types::{
     lb_service,
 };
 use weir_bpf::SockLb;
-use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto};
+use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_control::maglev;
 
 use crate::{AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, FrontendDump, MapUsage};
@@ -40,12 +40,13 @@ enum SlotKey {
 }
 
 fn slot_key(key: &FrontendKey, slot: u16) -> SlotKey {
-    let (dport, proto) = (key.port.to_be(), key.proto.number());
+    let (dport, proto, scope) = (key.port.to_be(), key.proto.number(), key.scope.number());
     match key.vip {
         IpAddr::V4(a) => SlotKey::V4(lb4_key {
             address: v4(a),
             dport,
             proto,
+            scope,
             slot,
             ..Default::default()
         }),
@@ -53,6 +54,7 @@ fn slot_key(key: &FrontendKey, slot: u16) -> SlotKey {
             address: v6(a),
             dport,
             proto,
+            scope,
             slot,
             ..Default::default()
         }),
@@ -158,6 +160,7 @@ impl EbpfDataplane {
                 vip: IpAddr::V4(Ipv4Addr::from(k.address.to_ne_bytes())),
                 port: u16::from_be(k.dport),
                 proto,
+                scope: Scope::from_number(k.scope),
             };
             slots.entry(key).or_default().insert(k.slot, v);
         }
@@ -169,6 +172,7 @@ impl EbpfDataplane {
                 vip: IpAddr::V6(from_v6(k.address)),
                 port: u16::from_be(k.dport),
                 proto,
+                scope: Scope::from_number(k.scope),
             };
             slots.entry(key).or_default().insert(k.slot, v);
         }

@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Serialize;
-use weir_bpf::datapath::{endpoint_info, endpoint_key, Datapath, TcProgram, AF_INET, AF_INET6};
+use weir_bpf::datapath::{
+    ct4_entry, ct4_key, endpoint_info, endpoint_key, node_config, Datapath, TcProgram, AF_INET,
+    AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+};
 use weir_model::endpoint::EndpointRecord;
 
 use crate::{DataplaneError, MapUsage, ProgramDump};
@@ -56,9 +59,89 @@ pub struct MetricDump {
     pub bytes: u64,
 }
 
+/// One conntrack entry, as read back.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CtDump {
+    /// Protocol (`TCP`, `UDP`, or the number).
+    pub proto: String,
+    /// Source address and port of the packets this entry matches.
+    pub src: String,
+    /// Destination address and port.
+    pub dst: String,
+    /// `original` (client to frontend) or `reply` (backend to client or SNAT address).
+    pub direction: String,
+    /// States and properties: `snat`, `seen-reply`, `established`, `closing`.
+    pub flags: Vec<String>,
+    /// Original direction: the backend the flow goes to; reply: the frontend restored as source.
+    pub nat: String,
+    /// Original direction: the node's address and port the flow is SNATed to; reply: the client
+    /// restored as destination. Empty without SNAT.
+    pub snat: String,
+    /// Seconds until the entry expires (negative: expired, waiting for the collector).
+    pub expires_in: i64,
+    /// Packets and bytes in this direction.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// The frontend's id.
+    pub svc_id: u32,
+    /// The backend's id.
+    pub backend_id: u32,
+}
+
+fn addr_port(a: u32, p: u16) -> String {
+    format!(
+        "{}:{}",
+        std::net::Ipv4Addr::from(a.to_ne_bytes()),
+        u16::from_be(p)
+    )
+}
+
+fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
+    let mut flags = Vec::new();
+    for (bit, name) in [
+        (CT_F_SNAT, "snat"),
+        (CT_F_SEEN_REPLY, "seen-reply"),
+        (CT_F_ESTABLISHED, "established"),
+        (CT_F_CLOSING, "closing"),
+    ] {
+        if v.flags & bit != 0 {
+            flags.push(name.to_string());
+        }
+    }
+    CtDump {
+        proto: match k.proto {
+            6 => "TCP".into(),
+            17 => "UDP".into(),
+            n => n.to_string(),
+        },
+        src: addr_port(k.saddr, k.sport),
+        dst: addr_port(k.daddr, k.dport),
+        direction: if v.flags & CT_F_REPLY != 0 {
+            "reply".into()
+        } else {
+            "original".into()
+        },
+        flags,
+        nat: addr_port(v.nat_addr, v.nat_port),
+        snat: if v.flags & CT_F_SNAT != 0 {
+            addr_port(v.snat_addr, v.snat_port)
+        } else {
+            String::new()
+        },
+        expires_in: v.expires as i64 - now as i64,
+        packets: v.packets,
+        bytes: v.bytes,
+        svc_id: v.svc_id,
+        backend_id: v.backend_id,
+    }
+}
+
 /// The pod datapath as read back.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct PodDump {
+    /// Conntrack entries (load-balanced flows).
+    pub conntrack: Vec<CtDump>,
     /// Endpoint map entries.
     pub endpoints: Vec<EndpointDump>,
     /// Devices with weir programs, by ifindex.
@@ -124,10 +207,11 @@ pub struct PodDataplane {
 }
 
 impl PodDataplane {
-    /// Loads the programs with their maps pinned in `pin_dir` (kept across restarts).
-    pub fn new(pin_dir: &Path) -> Result<Self, DataplaneError> {
+    /// Loads the programs with their maps pinned in `pin_dir` (kept across restarts); the
+    /// load-balancing maps are the socket layer's, in `lb_pin_dir`.
+    pub fn new(pin_dir: &Path, lb_pin_dir: &Path) -> Result<Self, DataplaneError> {
         Ok(PodDataplane {
-            dp: Datapath::load(pin_dir)?,
+            dp: Datapath::load(pin_dir, lb_pin_dir)?,
             netdevs: BTreeSet::new(),
             attached: BTreeSet::new(),
         })
@@ -145,6 +229,32 @@ impl PodDataplane {
         self.netdevs.insert(ifindex);
         self.attached.insert(ifindex);
         Ok(())
+    }
+
+    /// Sets the node's own addresses (a NodePort answers on each) and the SNAT address and
+    /// source port range for flows sent to backends on other nodes.
+    pub fn configure_node(
+        &mut self,
+        addrs: &[IpAddr],
+        snat4: Option<std::net::Ipv4Addr>,
+        snat_ports: (u16, u16),
+    ) -> Result<(), DataplaneError> {
+        let keys: Vec<endpoint_key> = addrs.iter().map(|a| endpoint_key_of(*a)).collect();
+        self.dp.set_node_addrs(&keys)?;
+        self.dp.set_config(&node_config {
+            snat4: snat4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+            snat_port_min: snat_ports.0,
+            snat_port_max: snat_ports.1,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    /// Removes expired conntrack entries. Returns how many.
+    pub fn ct_gc(&self) -> Result<usize, DataplaneError> {
+        Ok(self
+            .dp
+            .ct_gc(weir_bpf::datapath::boot_seconds(), |_, _| false)?)
     }
 
     /// Makes the endpoint map and the pod devices' programs match `records`. Programs are
@@ -230,7 +340,16 @@ impl PodDataplane {
             })
             .collect();
         endpoints.sort_by_key(|e| e.ip);
+        let now = weir_bpf::datapath::boot_seconds();
+        let mut conntrack: Vec<CtDump> = self
+            .dp
+            .ct_entries()?
+            .iter()
+            .map(|(k, v)| ct_dump(k, v, now))
+            .collect();
+        conntrack.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
         Ok(PodDump {
+            conntrack,
             endpoints,
             devices: self.dp.attached(),
             metrics: self

@@ -561,15 +561,17 @@ pub async fn run_agent(
     let dp = weir_dataplane::ebpf::EbpfDataplane::new(&p.node_bpf_dir(node), &cgroup)
         .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
     let pins = p.node_bpf_dir(node).join("tc");
-    let pods = weir_dataplane::pods::PodDataplane::new(&pins).map_err(|e| {
-        LabError::Command(format!("loading the pod datapath of {node}"), e.to_string())
-    })?;
+    let pods =
+        weir_dataplane::pods::PodDataplane::new(&pins, &p.node_bpf_dir(node)).map_err(|e| {
+            LabError::Command(format!("loading the pod datapath of {node}"), e.to_string())
+        })?;
     // The agent stays in the host namespace (the API server listens on its loopback); the
     // pod datapath thread enters the node's namespace, where the devices are.
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: p.endpoint_dir(node),
         devices: vec!["eth0".into()],
         netns: Some(paths::netns_path(&layout.node(node)?.netns)),
+        snat_ports: weir_agent::pods::DEFAULT_SNAT_PORTS,
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

@@ -103,6 +103,10 @@ struct AgentArgs {
     /// to them (repeatable).
     #[arg(long = "device")]
     devices: Vec<String>,
+    /// Source ports for NodePort flows SNATed to the node (sent to a backend on another
+    /// node); keep them outside net.ipv4.ip_local_port_range.
+    #[arg(long, default_value = "61000-65535")]
+    snat_ports: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +146,12 @@ enum BpfCommand {
     /// Packets and bytes of the per-packet datapath by direction and reason (drops from 130).
     #[command(subcommand)]
     Metrics(ListOnly),
+    /// Conntrack entries of load-balanced flows (both directions).
+    #[command(subcommand)]
+    Ct(ListOnly),
+    /// Source NAT of NodePort flows sent to backends on other nodes.
+    #[command(subcommand)]
+    Nat(ListOnly),
 }
 
 #[derive(Subcommand, Debug)]
@@ -522,6 +532,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &agent_socket(&cli, target)?,
                 *output == Format::Json,
             )),
+        Command::Bpf(BpfCommand::Ct(ListOnly::List { target, output })) => {
+            runtime()?.block_on(crate::introspect::ct_list(
+                &agent_socket(&cli, target)?,
+                *output == Format::Json,
+                false,
+            ))
+        }
+        Command::Bpf(BpfCommand::Nat(ListOnly::List { target, output })) => runtime()?.block_on(
+            crate::introspect::ct_list(&agent_socket(&cli, target)?, *output == Format::Json, true),
+        ),
     }
 }
 
@@ -545,16 +565,20 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
     let dp = weir_dataplane::ebpf::EbpfDataplane::new(&pins, &a.cgroup)
         .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
-    let pods = weir_dataplane::pods::PodDataplane::new(&pins.join("tc")).with_context(|| {
-        format!(
-            "loading the pod datapath (pins in {})",
-            pins.join("tc").display()
-        )
-    })?;
+    let snat_ports = weir_agent::pods::parse_port_range(&a.snat_ports)
+        .map_err(|e| anyhow!("--snat-ports {e}"))?;
+    let pods =
+        weir_dataplane::pods::PodDataplane::new(&pins.join("tc"), &pins).with_context(|| {
+            format!(
+                "loading the pod datapath (pins in {})",
+                pins.join("tc").display()
+            )
+        })?;
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: a.endpoint_dir.clone(),
         devices: a.devices.clone(),
         netns: None,
+        snat_ports,
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,

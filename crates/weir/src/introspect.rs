@@ -1,5 +1,5 @@
-//! `weir status`, `weir bpf lb list`, `weir bpf endpoint list` and `weir bpf metrics list`:
-//! the agent's view, through its unix socket.
+//! `weir status`, `weir bpf lb list`, `weir bpf endpoint list`, `weir bpf metrics list`,
+//! `weir bpf ct list` and `weir bpf nat list`: the agent's view, through its unix socket.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -236,12 +236,25 @@ pub async fn metrics_list(socket: &Path, json: bool) -> Result<ExitCode> {
 
 fn key_string(k: &Value) -> String {
     let vip = s(&k["vip"]);
-    let vip = if vip.contains(':') {
-        format!("[{vip}]")
-    } else {
-        vip
+    let nodeport = vip == "0.0.0.0" || vip == "::";
+    let vip = match vip.as_str() {
+        "0.0.0.0" => "*".to_string(),
+        "::" => "[*]".to_string(),
+        v if v.contains(':') => format!("[{v}]"),
+        _ => vip,
     };
-    format!("{vip}:{}/{}", s(&k["port"]), s(&k["proto"]).to_uppercase())
+    let what = if nodeport {
+        " (NodePort)"
+    } else if k["scope"] == "External" {
+        " (external)"
+    } else {
+        ""
+    };
+    format!(
+        "{vip}:{}/{}{what}",
+        s(&k["port"]),
+        s(&k["proto"]).to_uppercase()
+    )
 }
 
 fn backend_string(b: &Value) -> String {
@@ -320,5 +333,75 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
             )
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `weir bpf ct list` (every conntrack entry) and `weir bpf nat list` (the SNATed flows: the
+/// node's address and port each client flow was given).
+pub async fn ct_list(socket: &Path, json: bool, nat_only: bool) -> Result<ExitCode> {
+    let dp = datapath(socket).await?;
+    let entries: Vec<Value> = dp["dump"]["conntrack"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| !nat_only || (e["direction"] == "original" && !s(&e["snat"]).is_empty()))
+        .cloned()
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dash = |v: String| if v.is_empty() { "-".to_string() } else { v };
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let flags: Vec<String> = e["flags"].as_array().into_iter().flatten().map(s).collect();
+            if nat_only {
+                vec![
+                    s(&e["proto"]),
+                    s(&e["src"]),
+                    s(&e["snat"]),
+                    s(&e["nat"]),
+                    s(&e["dst"]),
+                    s(&e["expires_in"]),
+                ]
+            } else {
+                vec![
+                    s(&e["proto"]),
+                    s(&e["src"]),
+                    s(&e["dst"]),
+                    s(&e["direction"]),
+                    s(&e["nat"]),
+                    dash(s(&e["snat"])),
+                    dash(flags.join(",")),
+                    s(&e["expires_in"]),
+                    s(&e["packets"]),
+                ]
+            }
+        })
+        .collect();
+    let header: &[&str] = if nat_only {
+        &[
+            "PROTO",
+            "CLIENT",
+            "SNAT",
+            "BACKEND",
+            "FRONTEND",
+            "EXPIRES IN",
+        ]
+    } else {
+        &[
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "DIRECTION",
+            "NAT",
+            "SNAT",
+            "STATE",
+            "EXPIRES IN",
+            "PACKETS",
+        ]
+    };
+    print!("{}", render_table(header, &rows));
     Ok(ExitCode::SUCCESS)
 }

@@ -260,3 +260,135 @@ fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+fn np_pod(name: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: np, pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: echo\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+fn np_service(name: &str, selector: &str, etp: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {etp}\n  selector: {{{selector}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+fn node_port(lab: &Lab, svc: &str, name: &str) -> u64 {
+    lab.get_json(&["svc", svc, "-n", "x"])["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap()["nodePort"]
+        .as_u64()
+        .unwrap()
+}
+
+fn responders(r: &Value) -> Vec<String> {
+    r["responders"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// The client address the backend saw, asked over HTTP from the external host.
+fn client_ip_seen(lab: &Lab, to: &str) -> String {
+    let (host, port) = to.split_once(':').unwrap();
+    let script = format!(
+        "exec 3<>/dev/tcp/{host}/{port}; printf 'GET /clientip HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = ok(&mut lab.weir(&["lab", "exec", "external", "--", "bash", "-c", &script]));
+    let body = out.rsplit("\r\n\r\n").next().unwrap().trim();
+    body.rsplit_once(':').unwrap().0.to_string()
+}
+
+#[test]
+fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        np_service("np", "app: np", "Cluster"),
+        np_service("only-a", "pod: a", "Cluster"),
+        np_service("local", "app: np", "Local"),
+    );
+    let lab = Lab::up("np", 2, &m);
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let ip = |n: &str| -> String {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (n1, n2) = (ip("node-1"), ip("node-2"));
+    let external = "172.30.0.2";
+
+    // Cluster policy: any node forwards to any backend, TCP and UDP.
+    let (tcp, udp) = (node_port(&lab, "np", "http"), node_port(&lab, "np", "dns"));
+    for node in [&n1, &n2] {
+        let r = lab.connect("external", &format!("{node}:{tcp}"), "tcp", 24);
+        assert_eq!(r["ok"], 24, "tcp via {node}: {r}");
+        assert_eq!(responders(&r), vec!["x/a", "x/c"], "tcp via {node}: {r}");
+        assert_eq!(r["peers"][format!("{node}:{tcp}")], 24, "{r}");
+        let r = lab.connect("external", &format!("{node}:{udp}"), "udp", 24);
+        assert_eq!(r["ok"], 24, "udp via {node}: {r}");
+        assert_eq!(responders(&r), vec!["x/a", "x/c"], "udp via {node}: {r}");
+    }
+
+    // The client's address reaches a backend on the node it came to; a backend on another
+    // node sees that node's address (SNAT), and the NAT table says so.
+    let only_a = node_port(&lab, "only-a", "http");
+    assert_eq!(client_ip_seen(&lab, &format!("{n1}:{only_a}")), external);
+    assert_eq!(client_ip_seen(&lab, &format!("{n2}:{only_a}")), n2);
+    let nat: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["bpf", "nat", "list", "--node", "node-2", "-o", "json"])
+    ))
+    .unwrap();
+    assert!(
+        nat.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["dst"] == format!("{n2}:{only_a}")
+                && e["snat"].as_str().unwrap().starts_with(&format!("{n2}:"))),
+        "{nat}"
+    );
+    let table = ok(&mut lab.weir(&["bpf", "ct", "list", "--node", "node-1"]));
+    assert!(table.contains(&format!("{n1}:{only_a}")), "{table}");
+
+    // Local policy: each node only uses its own endpoints, and keeps the client's address.
+    let local = node_port(&lab, "local", "http");
+    for (node, pod) in [(&n1, "x/a"), (&n2, "x/c")] {
+        let r = lab.connect("external", &format!("{node}:{local}"), "tcp", 10);
+        assert_eq!(r["ok"], 10, "{r}");
+        assert_eq!(responders(&r), vec![pod], "via {node}: {r}");
+        assert_eq!(client_ip_seen(&lab, &format!("{node}:{local}")), external);
+    }
+    // Without a local endpoint the node drops, with a reason.
+    ok(&mut lab.kubectl(&[
+        "delete",
+        "pod",
+        "c",
+        "-n",
+        "x",
+        "--grace-period=0",
+        "--force",
+    ]));
+    lab.eventually(
+        "node-2 drops Local traffic",
+        Duration::from_secs(20),
+        || {
+            let r = lab.connect("external", &format!("{n2}:{local}"), "tcp", 1);
+            r["ok"] == 0 && metric(&lab, "node-2", "DROP_NO_SERVICE_BACKEND") > 0
+        },
+    );
+    let r = lab.connect("external", &format!("{n1}:{local}"), "tcp", 3);
+    assert_eq!(r["ok"], 3, "{r}");
+}

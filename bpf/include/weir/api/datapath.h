@@ -54,7 +54,11 @@ enum weir_reason {
 	REASON_TO_POD = 6,	  /* delivered to a pod through the host stack */
 	DROP_INVALID_PACKET = 130, /* truncated or malformed headers */
 	DROP_HEADER_WRITE = 131,   /* a header or checksum could not be rewritten */
-	REASON_MAX = 132,
+	DROP_NO_SERVICE_BACKEND = 132, /* a NodePort/external frontend without usable backend */
+	DROP_BACKEND_MISSING = 133,    /* a frontend slot named a backend not in the map */
+	DROP_CT_CREATE_FAILED = 134,   /* the conntrack map refused a new entry */
+	DROP_NAT_NO_PORT = 135,	       /* no free SNAT source port after several tries */
+	REASON_MAX = 136,
 };
 
 /* Directions of weir_metrics. */
@@ -70,5 +74,64 @@ struct metrics_value {
 	__u64 bytes;
 };
 _Static_assert(sizeof(struct metrics_value) == 16, "metrics_value size");
+
+/*
+ * Key of weir_ct4: a flow as the node sees a packet of it (source, destination, ports,
+ * protocol). A load-balanced flow has two entries: the original direction (client to
+ * frontend) and the reply direction (backend to client, or to the SNAT address and port).
+ */
+struct ct4_key {
+	__be32 saddr;  /* network order */
+	__be32 daddr;  /* network order */
+	__be16 sport;  /* network order */
+	__be16 dport;  /* network order */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
+
+/* ct4_entry.flags */
+#define CT_F_REPLY	 (1 << 0) /* keyed by the reply direction */
+#define CT_F_SNAT	 (1 << 1) /* the flow is source-NATed to the node */
+#define CT_F_SEEN_REPLY	 (1 << 2) /* a reply was seen */
+#define CT_F_ESTABLISHED (1 << 3) /* TCP: the client acknowledged the reply */
+#define CT_F_CLOSING	 (1 << 4) /* TCP: FIN or RST seen */
+
+/*
+ * Value of weir_ct4. Original direction: nat_addr/nat_port are the backend (new
+ * destination), snat_addr/snat_port the node's address and port (new source) or 0. Reply
+ * direction: nat_addr/nat_port are the frontend (new source), snat_addr/snat_port the client
+ * (new destination) when the flow is SNATed, else 0.
+ */
+struct ct4_entry {
+	__u64 expires;	  /* boot clock, seconds */
+	__u64 packets;	  /* in this entry's direction */
+	__u64 bytes;
+	__be32 nat_addr;  /* network order */
+	__be32 snat_addr; /* network order */
+	__be16 nat_port;  /* network order */
+	__be16 snat_port; /* network order */
+	__u32 svc_id;	  /* the frontend */
+	__u32 backend_id;
+	__u16 flags;	  /* CT_F_* */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct ct4_entry) == 48, "ct4_entry size");
+
+/* Conntrack lifetimes in seconds (Cilium's defaults). */
+#define CT_LIFETIME_TCP_SYN	    60
+#define CT_LIFETIME_TCP_ESTABLISHED 21600
+#define CT_LIFETIME_TCP_CLOSING	    10
+#define CT_LIFETIME_OTHER	    60
+
+/* Value of weir_config[0]: node-wide settings written by the agent. */
+struct node_config {
+	__be32 snat4;	     /* the node's IPv4 address for SNAT (network order); 0: none */
+	__u16 snat_port_min; /* host order, inclusive */
+	__u16 snat_port_max; /* host order, inclusive */
+	__u32 flags;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct node_config) == 16, "node_config size");
 
 #endif /* WEIR_API_DATAPATH_H */

@@ -19,12 +19,16 @@
 /* lb_service.algorithm-independent limits */
 #define WEIR_LB_MAX_BACKENDS 65535
 
-/* Key of weir_lb4_svc: a frontend (VIP, port, protocol) and a slot. */
+/* lb4_key.scope / lb6_key.scope: which traffic a frontend serves. */
+#define WEIR_SCOPE_CLUSTER  0 /* from pods, at the socket layer */
+#define WEIR_SCOPE_EXTERNAL 1 /* from outside, at tc/XDP (NodePort: address 0) */
+
+/* Key of weir_lb4_svc: a frontend (VIP, port, protocol, scope) and a slot. */
 struct lb4_key {
-	__be32 address;	/* network order */
+	__be32 address;	/* network order; 0 for a NodePort (any address of the node) */
 	__be16 dport;	/* network order */
 	__u8 proto;	/* IPPROTO_TCP / IPPROTO_UDP */
-	__u8 pad0;
+	__u8 scope;	/* WEIR_SCOPE_* */
 	__u16 slot;	/* host order; 0 = master */
 	__u16 pad1;
 };
@@ -35,7 +39,7 @@ struct lb6_key {
 	__be32 address[4]; /* network order */
 	__be16 dport;	   /* network order */
 	__u8 proto;
-	__u8 pad0;
+	__u8 scope;	   /* WEIR_SCOPE_* */
 	__u16 slot;	   /* host order */
 	__u16 pad1;
 };

@@ -1,0 +1,288 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * North-south load balancing at tc (IPv4): packets for a NodePort (any address of this node),
+ * an externalIP or a LoadBalancer IP are DNATed to a backend chosen once per flow and kept in
+ * conntrack. A local backend gets the packet with the client's address (no SNAT); a remote one
+ * gets it from the node's address and a port of the SNAT range, so that its reply comes back
+ * through this node. Replies are matched by their conntrack entry and translated back.
+ */
+#ifndef WEIR_LIB_NODEPORT_H
+#define WEIR_LIB_NODEPORT_H
+
+#include "endpoint.h"
+#include "ct.h"
+#include "lb.h"
+
+#define L4_OFF	      (sizeof(struct ethhdr) + sizeof(struct iphdr)) /* IHL 5 only */
+#define IP4_SADDR_OFF (sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, saddr))
+#define IP4_DADDR_OFF (sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, daddr))
+#define TCP_CSUM_OFF  (L4_OFF + 16)
+#define UDP_CSUM_OFF  (L4_OFF + 6)
+
+#define SNAT_TRIES 8
+
+/* Node-wide settings (one entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_config);
+} weir_config SEC(".maps");
+
+/* This node's own addresses: a NodePort answers on any of them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct endpoint_key);
+	__type(value, __u32);
+} weir_node_addrs SEC(".maps");
+
+static __always_inline bool node_addr4(__be32 addr)
+{
+	struct endpoint_key k = { .addr = { addr }, .family = WEIR_AF_INET };
+
+	return bpf_map_lookup_elem(&weir_node_addrs, &k) != NULL;
+}
+
+/*
+ * Rewrites the source (`src`) or destination address and port of an IPv4 TCP/UDP packet,
+ * fixing the IP and L4 checksums incrementally (a zero UDP checksum stays zero).
+ * Returns 0, or <0 on failure.
+ */
+static __always_inline int nat4_rewrite(struct __sk_buff *skb, __u8 proto, bool src,
+					__be32 old_addr, __be32 new_addr, __be16 old_port,
+					__be16 new_port)
+{
+	__u32 csum_off = proto == IPPROTO_TCP_ ? TCP_CSUM_OFF : UDP_CSUM_OFF;
+	__u64 mangled = proto == IPPROTO_UDP_ ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 addr_off = src ? IP4_SADDR_OFF : IP4_DADDR_OFF;
+	__u32 port_off = src ? L4_OFF : L4_OFF + 2;
+
+	if (old_addr != new_addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+					mangled | BPF_F_PSEUDO_HDR | 4) < 0)
+			return -1;
+		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old_addr, new_addr, 4) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* The reply-direction key of a flow whose original entry is `fe` and tuple `t`. */
+static __always_inline void ct4_reply_key(struct ct4_key *rk, const struct ct4_key *t,
+					  const struct ct4_entry *fe)
+{
+	rk->saddr = fe->nat_addr;
+	rk->sport = fe->nat_port;
+	rk->proto = t->proto;
+	if (fe->flags & CT_F_SNAT) {
+		rk->daddr = fe->snat_addr;
+		rk->dport = fe->snat_port;
+	} else {
+		rk->daddr = t->saddr;
+		rk->dport = t->sport;
+	}
+}
+
+/* Applies an original-direction entry to the packet and to `t`. Returns 1, or -reason. */
+static __always_inline int nat4_apply_fwd(struct __sk_buff *skb, struct ct4_key *t,
+					  const struct ct4_entry *fe)
+{
+	if (nat4_rewrite(skb, t->proto, false, t->daddr, fe->nat_addr, t->dport, fe->nat_port) < 0)
+		return -DROP_HEADER_WRITE;
+	t->daddr = fe->nat_addr;
+	t->dport = fe->nat_port;
+	if (fe->flags & CT_F_SNAT) {
+		if (nat4_rewrite(skb, t->proto, true, t->saddr, fe->snat_addr, t->sport,
+				 fe->snat_port) < 0)
+			return -DROP_HEADER_WRITE;
+		t->saddr = fe->snat_addr;
+		t->sport = fe->snat_port;
+	}
+	return 1;
+}
+
+/* A reply: the frontend becomes the source again, and the client the destination. */
+static __always_inline int nat4_reply(struct __sk_buff *skb, struct ct4_key *t,
+				      struct ct4_entry *re, __u8 tcp_flags, __u32 len)
+{
+	struct ct4_key fk = { .daddr = re->nat_addr, .dport = re->nat_port, .proto = t->proto };
+	struct ct4_entry *fe;
+
+	if (re->flags & CT_F_SNAT) {
+		fk.saddr = re->snat_addr;
+		fk.sport = re->snat_port;
+	} else {
+		fk.saddr = t->daddr;
+		fk.sport = t->dport;
+	}
+	fe = bpf_map_lookup_elem(&weir_ct4, &fk);
+	ct_touch(re, fe, t->proto, tcp_flags, true, len);
+	if (nat4_rewrite(skb, t->proto, true, t->saddr, re->nat_addr, t->sport, re->nat_port) < 0)
+		return -DROP_HEADER_WRITE;
+	t->saddr = re->nat_addr;
+	t->sport = re->nat_port;
+	if (re->flags & CT_F_SNAT) {
+		if (nat4_rewrite(skb, t->proto, false, t->daddr, re->snat_addr, t->dport,
+				 re->snat_port) < 0)
+			return -DROP_HEADER_WRITE;
+		t->daddr = re->snat_addr;
+		t->dport = re->snat_port;
+	}
+	return 1;
+}
+
+/* The flow hash Maglev uses north-south: the same on every node for the same packet. */
+static __always_inline __u64 ct4_hash(const struct ct4_key *t)
+{
+	return hash64(((__u64)t->saddr << 32 | t->daddr) ^
+		      ((__u64)t->sport << 48 | (__u64)t->dport << 32 | t->proto));
+}
+
+/*
+ * A new flow to an external frontend: choose a backend, create both conntrack entries (with
+ * an SNAT port when the backend is on another node) and translate the packet.
+ * Returns 1 when translated, 0 when the packet is not for an external frontend, or -reason.
+ */
+static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
+				    __u32 len)
+{
+	struct lb4_key key = {
+		.address = t->daddr,
+		.dport = t->dport,
+		.proto = t->proto,
+		.scope = WEIR_SCOPE_EXTERNAL,
+	};
+	struct ct4_entry fe = {}, re = {};
+	struct ct4_key rk = {};
+	const struct lb_service *svc, *slot;
+	const struct lb4_backend *be;
+	const struct node_config *cfg;
+	__u32 zero = 0, id = 0, i;
+	__u64 client = 0;
+	__u16 state;
+	bool ok = false;
+
+	if (node_addr4(t->daddr))
+		key.address = 0; /* NodePort: any address of this node */
+	svc = bpf_map_lookup_elem(&weir_lb4_svc, &key);
+	if (!svc)
+		return 0;
+	if (svc->count == 0)
+		return -DROP_NO_SERVICE_BACKEND;
+	if (svc->flags & WEIR_SVC_AFFINITY)
+		client = (1ULL << 63) | t->saddr; /* never a network namespace cookie */
+	id = lb_affinity_backend(svc, client);
+	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
+		id = lb_maglev_backend(svc, ct4_hash(t));
+	if (!id) {
+		key.slot = lb_random_slot(svc);
+		slot = bpf_map_lookup_elem(&weir_lb4_svc, &key);
+		if (!slot)
+			return -DROP_BACKEND_MISSING;
+		id = slot->backend_id;
+	}
+	be = bpf_map_lookup_elem(&weir_lb4_backends, &id);
+	if (!be)
+		return -DROP_BACKEND_MISSING;
+	lb_affinity_remember(svc, client, id);
+
+	state = ct_next_flags(0, t->proto, tcp_flags, false);
+	fe.expires = ct_now() + ct_lifetime(state, t->proto);
+	fe.flags = state;
+	fe.packets = 1;
+	fe.bytes = len;
+	fe.nat_addr = be->address;
+	fe.nat_port = be->port;
+	fe.svc_id = svc->svc_id;
+	fe.backend_id = id;
+	re.expires = fe.expires;
+	re.flags = CT_F_REPLY | state;
+	re.nat_addr = t->daddr;
+	re.nat_port = t->dport;
+	re.svc_id = svc->svc_id;
+	re.backend_id = id;
+	rk.saddr = be->address;
+	rk.sport = be->port;
+	rk.proto = t->proto;
+	if (endpoint4(be->address)) {
+		/* A backend on this node sees the client's own address. */
+		rk.daddr = t->saddr;
+		rk.dport = t->sport;
+		if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_ANY) < 0)
+			return -DROP_CT_CREATE_FAILED;
+	} else {
+		cfg = bpf_map_lookup_elem(&weir_config, &zero);
+		if (!cfg || !cfg->snat4 || cfg->snat_port_max < cfg->snat_port_min)
+			return -DROP_NAT_NO_PORT;
+		fe.flags |= CT_F_SNAT;
+		fe.snat_addr = cfg->snat4;
+		re.flags |= CT_F_SNAT;
+		re.snat_addr = t->saddr;
+		re.snat_port = t->sport;
+		rk.daddr = cfg->snat4;
+		for (i = 0; i < SNAT_TRIES; i++) {
+			__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+			__u16 port = cfg->snat_port_min + (bpf_get_prandom_u32() % range);
+
+			rk.dport = bpf_htons(port);
+			/* A port in use by another flow to the same backend is a collision. */
+			if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_NOEXIST) == 0) {
+				ok = true;
+				break;
+			}
+		}
+		if (!ok)
+			return -DROP_NAT_NO_PORT;
+		fe.snat_port = rk.dport;
+	}
+	if (bpf_map_update_elem(&weir_ct4, t, &fe, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&weir_ct4, &rk);
+		return -DROP_CT_CREATE_FAILED;
+	}
+	return nat4_apply_fwd(skb, t, &fe);
+}
+
+/*
+ * Load-balancing NAT for one IPv4 TCP/UDP packet with tuple `t` (updated to the translated
+ * tuple). Replies of tracked flows are translated back; packets of tracked flows follow their
+ * entry; new flows to external frontends get a backend (`new_flows`: only packets arriving
+ * from outside, or from pods to this node's own addresses).
+ * Returns 1 when translated, 0 when not load-balanced traffic, or -reason to drop.
+ */
+static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
+				   __u32 len, bool new_flows)
+{
+	struct ct4_entry *e = bpf_map_lookup_elem(&weir_ct4, t);
+	struct ct4_key rk = {};
+
+	if (e && !ct_expired(e)) {
+		if (e->flags & CT_F_REPLY)
+			return nat4_reply(skb, t, e, tcp_flags, len);
+		/* A new SYN on a closing flow starts over (port reuse); a flow whose backend was
+		 * removed gets a new one. */
+		bool restart = (e->flags & CT_F_CLOSING) && (tcp_flags & TCP_FLAG_SYN) &&
+			       !(tcp_flags & TCP_FLAG_ACK);
+		__u32 bid = e->backend_id;
+
+		if (!restart && bpf_map_lookup_elem(&weir_lb4_backends, &bid)) {
+			ct4_reply_key(&rk, t, e);
+			ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t->proto, tcp_flags, false,
+				 len);
+			return nat4_apply_fwd(skb, t, e);
+		}
+	}
+	if (!new_flows)
+		return 0;
+	return nat4_new(skb, t, tcp_flags, len);
+}
+
+#endif /* WEIR_LIB_NODEPORT_H */
