@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod healthcheck;
 pub mod pods;
 
 use std::collections::{HashMap, HashSet};
@@ -61,6 +62,8 @@ pub struct SyncStatus {
     pub warnings: Vec<Warning>,
     /// Whether the API server watches are healthy.
     pub api_connected: bool,
+    /// Health-check node ports served: port, `namespace/name`, local ready endpoints.
+    pub health_checks: Vec<(u16, String, usize)>,
 }
 
 /// Shared between the reconcile loop and the introspection API.
@@ -262,6 +265,8 @@ pub async fn run(
     pod_datapath: Option<(weir_dataplane::pods::PodDataplane, pods::PodConfig)>,
     cfg: AgentConfig,
 ) -> Result<(), std::io::Error> {
+    let mut health =
+        healthcheck::HealthServer::new(pod_datapath.as_ref().and_then(|(_, c)| c.netns.clone()));
     let pods = match pod_datapath {
         Some((dp, pcfg)) => {
             let p = Arc::new(pods::Pods {
@@ -324,7 +329,18 @@ pub async fn run(
             }
         }
         let state = &desired.state;
-        let warnings = desired.all_warnings();
+        let mut warnings = desired.all_warnings();
+        let checks = lb::health_checks(&services.state(), &sls, &cfg.node_name);
+        let served: Vec<(u16, String, usize)> = checks
+            .iter()
+            .map(|(p, c)| (*p, format!("{}/{}", c.namespace, c.name), c.local_endpoints))
+            .collect();
+        for e in health.update(checks) {
+            warnings.push(Warning {
+                service: String::new(),
+                message: e,
+            });
+        }
         let build_micros = build_started.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();
         let result = {
@@ -339,6 +355,7 @@ pub async fn run(
             st.last_build_micros = build_micros;
             st.frontends = state.frontends.len();
             st.warnings = warnings;
+            st.health_checks = served;
             match result {
                 Ok(stats) => {
                     if stats != ApplyStats::default() {

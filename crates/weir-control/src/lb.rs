@@ -410,6 +410,74 @@ where
     (state, warnings)
 }
 
+/// A Service's health-check node port (type LoadBalancer with externalTrafficPolicy: Local):
+/// load balancers outside the cluster ask it whether this node has endpoints to send to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// Ready endpoints of the Service on this node (distinct addresses).
+    pub local_endpoints: usize,
+}
+
+/// The health-check node ports this node must serve, by port, as kube-proxy serves them.
+pub fn health_checks<S, E>(
+    services: &[S],
+    slices: &[E],
+    node_name: &str,
+) -> BTreeMap<u16, HealthCheck>
+where
+    S: std::borrow::Borrow<Service>,
+    E: std::borrow::Borrow<EndpointSlice>,
+{
+    let mut out = BTreeMap::new();
+    for svc in services.iter().map(|s| s.borrow()) {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p < 65536) else {
+            continue;
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer")
+            || spec.external_traffic_policy.as_deref() != Some("Local")
+        {
+            continue;
+        }
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let mut local = BTreeSet::new();
+        for sl in slices.iter().map(|s| s.borrow()) {
+            let owner = sl
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if sl.metadata.namespace.as_deref() != Some(ns.as_str()) || owner != Some(&name) {
+                continue;
+            }
+            for e in sl.endpoints.iter().flatten() {
+                let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if ready && e.node_name.as_deref() == Some(node_name) {
+                    if let Some(a) = e.addresses.first() {
+                        local.insert(a.clone());
+                    }
+                }
+            }
+        }
+        out.insert(
+            port as u16,
+            HealthCheck {
+                namespace: ns,
+                name,
+                local_endpoints: local.len(),
+            },
+        );
+    }
+    out
+}
+
 /// The backends new connections may use: ready endpoints (of this node only when `node` is
 /// given), else serving and terminating ones (KEP-1669). Returns them sorted, and whether they
 /// are the terminating fallback.
@@ -729,5 +797,32 @@ mod tests {
             ext_backends(&st, "0.0.0.0", 30080, Scope::External),
             Some(vec![])
         );
+    }
+
+    #[test]
+    fn health_check_ports_count_this_nodes_ready_endpoints() {
+        let lb = svc(
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32000, "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
+        );
+        let hc = health_checks(&[lb.clone()], &node_slices(), "node-1");
+        assert_eq!(
+            hc[&32000],
+            HealthCheck {
+                namespace: "x".into(),
+                name: "web".into(),
+                local_endpoints: 1
+            }
+        );
+        assert_eq!(
+            health_checks(&[lb], &node_slices(), "node-3")[&32000].local_endpoints,
+            0
+        );
+        // Only LoadBalancer Services with the Local policy have one.
+        let cluster = svc(
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+            "healthCheckNodePort": 32000, "ports": [{"name": "http", "port": 80}]}}),
+        );
+        assert!(health_checks(&[cluster], &node_slices(), "node-1").is_empty());
     }
 }

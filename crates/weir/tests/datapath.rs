@@ -392,3 +392,88 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
     let r = lab.connect("external", &format!("{n1}:{local}"), "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
 }
+
+/// An HTTP GET from the external host: (status code, body).
+fn http_from_external(lab: &Lab, to: &str, path: &str) -> (u16, String) {
+    let (host, port) = to.split_once(':').unwrap();
+    let script = format!(
+        "exec 3<>/dev/tcp/{host}/{port}; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = ok(&mut lab.weir(&["lab", "exec", "external", "--", "bash", "-c", &script]));
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out.rsplit("\r\n\r\n").next().unwrap().to_string())
+}
+
+#[test]
+fn load_balancer_ips_and_health_check_node_ports() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: x}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {{pod: a}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+    );
+    let lab = Lab::up("lbhc", 2, &m);
+    let svc = lab.get_json(&["svc", "lb", "-n", "x"]);
+    let hc = svc["spec"]["healthCheckNodePort"].as_u64().unwrap();
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let ip = |i: usize| nodes[i]["ip"].as_str().unwrap().to_string();
+    let (n1, n2) = (ip(0), ip(1));
+
+    // node-1 has the Service's only endpoint: 200; node-2 has none: 503.
+    lab.eventually("health checks served", Duration::from_secs(20), || {
+        http_from_external(&lab, &format!("{n1}:{hc}"), "/healthz").0 == 200
+    });
+    let (code, body) = http_from_external(&lab, &format!("{n1}:{hc}"), "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"service": {"namespace": "x", "name": "lb"}, "localEndpoints": 1})
+    );
+    let (code, body) = http_from_external(&lab, &format!("{n2}:{hc}"), "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["localEndpoints"],
+        0
+    );
+    let status = ok(&mut lab.weir(&["status", "--node", "node-1", "-o", "json"]));
+    assert!(status.contains(&format!("{hc}")), "{status}");
+
+    // A LoadBalancer ingress IP, set in the Service's status by hand (as a cloud controller
+    // would) and routed to node-1 by the external host, reaches the backend.
+    ok(&mut lab.kubectl(&[
+        "patch",
+        "svc",
+        "lb",
+        "-n",
+        "x",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"198.51.100.7"}]}}}"#,
+    ]));
+    ok(&mut lab.weir(&[
+        "lab",
+        "exec",
+        "external",
+        "--",
+        "ip",
+        "route",
+        "replace",
+        "198.51.100.7/32",
+        "via",
+        &n1,
+    ]));
+    lab.eventually(
+        "the LoadBalancer IP answers",
+        Duration::from_secs(20),
+        || lab.connect("external", "198.51.100.7:80", "tcp", 1)["ok"] == 1,
+    );
+    let r = lab.connect("external", "198.51.100.7:80", "tcp", 5);
+    assert_eq!(r["responders"]["x/a"], 5, "{r}");
+    assert_eq!(r["peers"]["198.51.100.7:80"], 5, "{r}");
+}
