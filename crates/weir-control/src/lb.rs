@@ -805,7 +805,7 @@ mod tests {
             json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
             "healthCheckNodePort": 32000, "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
         );
-        let hc = health_checks(&[lb.clone()], &node_slices(), "node-1");
+        let hc = health_checks(std::slice::from_ref(&lb), &node_slices(), "node-1");
         assert_eq!(
             hc[&32000],
             HealthCheck {
