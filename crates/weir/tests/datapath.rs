@@ -477,3 +477,67 @@ fn load_balancer_ips_and_health_check_node_ports() {
     assert_eq!(r["responders"]["x/a"], 5, "{r}");
     assert_eq!(r["peers"]["198.51.100.7:80"], 5, "{r}");
 }
+
+#[test]
+fn node_port_connections_survive_an_agent_restart() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        np_service("np", "app: np", "Cluster"),
+    );
+    let lab = Lab::up("npr", 2, &m);
+    let tcp = node_port(&lab, "np", "http");
+    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
+        .unwrap()[0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Held TCP connections from outside (one of them SNATed to node-2's pod, most likely)
+    // while node-1's agent is killed and restarted.
+    let holders: Vec<_> = (0..4)
+        .map(|_| {
+            let (name, to) = (lab.name.clone(), format!("{n1}:{tcp}"));
+            std::thread::spawn(move || {
+                ok(weir().args([
+                    "--cluster",
+                    &name,
+                    "lab",
+                    "connect",
+                    "--from",
+                    "external",
+                    "--to",
+                    &to,
+                    "--hold",
+                    "3s",
+                    "-o",
+                    "json",
+                ]))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::File::create(format!(
+        "/run/weir/labs/{}/logs/agent-restart.log",
+        lab.name
+    ))
+    .unwrap();
+    let mut agent = weir()
+        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    for h in holders {
+        let r: Value = serde_json::from_str(&h.join().unwrap()).unwrap();
+        assert_eq!(r["failed"], 0, "no message lost: {r}");
+        assert_eq!(r["reconnects"], 0, "never reset: {r}");
+    }
+    // New flows work with the restarted agent.
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 6);
+    assert_eq!(r["ok"], 6, "{r}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
