@@ -230,6 +230,7 @@ fn lb_state(svcs: &[Svc]) -> LbState {
                 terminating_fallback: false,
                 affinity_timeout: None,
                 algorithm: Algorithm::Random,
+                source_ranges: Vec::new(),
             },
         );
     }

@@ -16,6 +16,7 @@
 #define LB_REVNAT_MAP_SIZE 262144
 #define LB_AFFINITY_MAP_SIZE 65536
 #define LB_MAGLEV_OUTER_SIZE 65536
+#define LB_SRC_RANGE_MAP_SIZE 65536
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -92,6 +93,25 @@ struct {
 	__type(value, __u8);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } weir_lb_affinity_match SEC(".maps");
+
+/* Allowed client prefixes of frontends with WEIR_SVC_SOURCE_RANGES. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, LB_SRC_RANGE_MAP_SIZE);
+	__type(key, struct lb4_src_range_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} weir_lb4_src_range SEC(".maps");
+
+/* Whether `saddr` may use frontend `svc` (loadBalancerSourceRanges). */
+static __always_inline bool lb4_src_allowed(const struct lb_service *svc, __be32 saddr)
+{
+	struct lb4_src_range_key k = { .prefixlen = 64, .svc_id = svc->svc_id, .addr = saddr };
+
+	if (!(svc->flags & WEIR_SVC_SOURCE_RANGES))
+		return true;
+	return bpf_map_lookup_elem(&weir_lb4_src_range, &k) != NULL;
+}
 
 /* Inner template of the Maglev tables: each service gets an array of its own size. */
 struct maglev_inner {

@@ -176,6 +176,8 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	svc = bpf_map_lookup_elem(&weir_lb4_svc, &key);
 	if (!svc)
 		return 0;
+	if (!lb4_src_allowed(svc, t->saddr))
+		return -DROP_SOURCE_RANGE;
 	if (svc->count == 0)
 		return -DROP_NO_SERVICE_BACKEND;
 	if (svc->flags & WEIR_SVC_AFFINITY)

@@ -168,6 +168,7 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::DROP_BACKEND_MISSING, "DROP_BACKEND_MISSING"),
     (weir_reason::DROP_CT_CREATE_FAILED, "DROP_CT_CREATE_FAILED"),
     (weir_reason::DROP_NAT_NO_PORT, "DROP_NAT_NO_PORT"),
+    (weir_reason::DROP_SOURCE_RANGE, "DROP_SOURCE_RANGE"),
 ];
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).

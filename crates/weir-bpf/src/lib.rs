@@ -126,6 +126,7 @@ pub const SOCK_MAPS: &[&str] = &[
     "weir_lb_affinity_match",
     "weir_lb_maglev",
     "weir_lb_stats",
+    "weir_lb4_src_range",
 ];
 
 /// Names of the per-CPU counters in `weir_lb_stats`, by index.
@@ -176,6 +177,7 @@ impl SockLb {
                 ("weir_lb_affinity_match", &mut m.weir_lb_affinity_match),
                 ("weir_lb_maglev", &mut m.weir_lb_maglev),
                 ("weir_lb_stats", &mut m.weir_lb_stats),
+                ("weir_lb4_src_range", &mut m.weir_lb4_src_range),
             ] {
                 map.set_pin_path(pin_dir.join(name))
                     .map_err(lb(format!("pin path of map {name}")))?;
@@ -256,6 +258,7 @@ impl SockLb {
             "weir_lb_affinity_match" => &m.weir_lb_affinity_match,
             "weir_lb_maglev" => &m.weir_lb_maglev,
             "weir_lb_stats" => &m.weir_lb_stats,
+            "weir_lb4_src_range" => &m.weir_lb4_src_range,
             other => panic!("no map named {other}"),
         }
     }

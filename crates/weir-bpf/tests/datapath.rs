@@ -745,3 +745,76 @@ fn node_port_without_backends_is_dropped_with_a_reason_and_other_ports_pass() {
     assert_frame("not a node port", &out, &ssh);
     assert!(fx.dp.ct_entries().expect("ct").is_empty());
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
+    // A LoadBalancer IP frontend (external scope) allowing 10.1.0.0/28 only.
+    let lb = weir_bpf::SockLb::load(&fx.pins).expect("socket maps");
+    let vip: Ipv4Addr = "198.51.100.7".parse().expect("ip");
+    let be: Ipv4Addr = "10.244.1.7".parse().expect("ip");
+    lb.put(
+        "weir_lb4_backends",
+        &9u32,
+        &lb4_backend {
+            address: u32::from_ne_bytes(be.octets()),
+            port: 8080u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        },
+    )
+    .expect("backend");
+    let mut key = lb4_key {
+        address: u32::from_ne_bytes(vip.octets()),
+        dport: 80u16.to_be(),
+        proto: 6,
+        scope: 1,
+        slot: 1,
+        ..Default::default()
+    };
+    lb.put(
+        "weir_lb4_svc",
+        &key,
+        &lb_service {
+            backend_id: 9,
+            svc_id: 11,
+            ..Default::default()
+        },
+    )
+    .expect("slot");
+    let net: Ipv4Addr = "10.1.0.0".parse().expect("ip");
+    lb.put(
+        "weir_lb4_src_range",
+        &weir_bpf::types::lb4_src_range_key {
+            prefixlen: 32 + 28,
+            svc_id: 11,
+            addr: u32::from_ne_bytes(net.octets()),
+        },
+        &1u8,
+    )
+    .expect("range");
+    key.slot = 0;
+    lb.put(
+        "weir_lb4_svc",
+        &key,
+        &lb_service {
+            svc_id: 11,
+            count: 1,
+            flags: 4,
+            ..Default::default()
+        },
+    )
+    .expect("master");
+
+    let inside = tcp4(("10.1.0.5", 40000), ("198.51.100.7", 80), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &inside, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "a client in the range");
+    assert_eq!(endpoints_of(&out).1, "10.244.1.7:8080");
+    let outside = tcp4(("10.1.0.20", 40000), ("198.51.100.7", 80), 0x02);
+    let (v, _) = fx.run(TcProgram::FromNetdev, &outside, in0);
+    assert_eq!(v, TC_ACT_SHOT, "a client outside the range");
+    assert_eq!(fx.metric("DROP_SOURCE_RANGE"), 1);
+}

@@ -181,6 +181,9 @@ pub struct Frontend {
     pub affinity_timeout: Option<u32>,
     /// Backend selection.
     pub algorithm: Algorithm,
+    /// Client addresses allowed (loadBalancerSourceRanges, on the external frontends of
+    /// LoadBalancer IPs); empty: any.
+    pub source_ranges: Vec<ipnet::IpNet>,
 }
 
 /// The desired load-balancing state of a node.
@@ -302,8 +305,10 @@ where
             .flatten()
             .filter_map(|i| i.parse().ok())
             .collect();
+        let mut lb_ips: Vec<IpAddr> = Vec::new();
+        let mut source_ranges: Vec<ipnet::IpNet> = Vec::new();
         if spec.type_.as_deref() == Some("LoadBalancer") {
-            external_ips.extend(
+            lb_ips.extend(
                 svc.status
                     .as_ref()
                     .and_then(|st| st.load_balancer.as_ref())
@@ -313,6 +318,18 @@ where
                     .filter_map(|i| i.ip.as_deref())
                     .filter_map(|i| i.parse::<IpAddr>().ok()),
             );
+            external_ips.extend(lb_ips.iter().copied());
+            for r in spec.load_balancer_source_ranges.iter().flatten() {
+                match r.trim().parse::<ipnet::IpNet>() {
+                    Ok(n) => source_ranges.push(n.trunc()),
+                    Err(_) => warnings.push(Warning {
+                        service: id.clone(),
+                        message: format!(
+                            "spec.loadBalancerSourceRanges: {r:?} is not a CIDR; ignored"
+                        ),
+                    }),
+                }
+            }
         }
         let svc_slices = by_service
             .get(&(ns.clone(), name.clone()))
@@ -342,7 +359,7 @@ where
                     port_name.clone()
                 }
             );
-            let mut add = |key: FrontendKey, local: bool| {
+            let mut add = |key: FrontendKey, local: bool, source_ranges: &[ipnet::IpNet]| {
                 let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
                 let (backends, fallback) = select(&endpoints, local.then_some(&opts.node_name));
                 state.frontends.insert(
@@ -353,6 +370,11 @@ where
                         terminating_fallback: fallback,
                         affinity_timeout,
                         algorithm,
+                        source_ranges: source_ranges
+                            .iter()
+                            .filter(|r| r.addr().is_ipv4() == key.vip.is_ipv4())
+                            .copied()
+                            .collect(),
                     },
                 );
             };
@@ -365,6 +387,7 @@ where
                         scope: Scope::Cluster,
                     },
                     local_only,
+                    &[],
                 );
             }
             for ip in external_ips
@@ -372,10 +395,15 @@ where
                 .filter(|e| ips.iter().any(|c| c.is_ipv4() == e.is_ipv4()))
             {
                 // From pods: cluster-wide (internalTrafficPolicy); from outside:
-                // externalTrafficPolicy.
-                for (scope, local) in [
-                    (Scope::Cluster, local_only),
-                    (Scope::External, external_local),
+                // externalTrafficPolicy, and loadBalancerSourceRanges for LoadBalancer IPs.
+                let ranges: &[ipnet::IpNet] = if lb_ips.contains(ip) {
+                    &source_ranges
+                } else {
+                    &[]
+                };
+                for (scope, local, ranges) in [
+                    (Scope::Cluster, local_only, &[][..]),
+                    (Scope::External, external_local, ranges),
                 ] {
                     add(
                         FrontendKey {
@@ -385,6 +413,7 @@ where
                             scope,
                         },
                         local,
+                        ranges,
                     );
                 }
             }
@@ -402,6 +431,7 @@ where
                             scope: Scope::External,
                         },
                         external_local,
+                        &[],
                     );
                 }
             }
@@ -824,5 +854,38 @@ mod tests {
             "healthCheckNodePort": 32000, "ports": [{"name": "http", "port": 80}]}}),
         );
         assert!(health_checks(&[cluster], &node_slices(), "node-1").is_empty());
+    }
+
+    #[test]
+    fn source_ranges_guard_only_the_external_load_balancer_frontends() {
+        let lb = svc(
+            json!({"spec": {"type": "LoadBalancer", "externalIPs": ["192.0.2.10"],
+            "loadBalancerSourceRanges": ["172.30.0.0/24", "10.1.2.3/8", "2001:db8::/32", "bad"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}}),
+        );
+        let (st, w) = build(&[lb], &node_slices(), &opts());
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].message.contains("\"bad\" is not a CIDR"), "{w:?}");
+        let ranges = |vip: &str, port: u16, scope: Scope| -> Vec<String> {
+            st.frontends[&FrontendKey {
+                vip: vip.parse().unwrap(),
+                port,
+                proto: Proto::Tcp,
+                scope,
+            }]
+                .source_ranges
+                .iter()
+                .map(|r| r.to_string())
+                .collect()
+        };
+        // IPv4 ranges of the IPv4 frontend, normalised; only on the LoadBalancer IP from outside.
+        assert_eq!(
+            ranges("198.51.100.7", 80, Scope::External),
+            vec!["172.30.0.0/24", "10.0.0.0/8"]
+        );
+        assert!(ranges("198.51.100.7", 80, Scope::Cluster).is_empty());
+        assert!(ranges("192.0.2.10", 80, Scope::External).is_empty());
+        assert!(ranges("0.0.0.0", 30080, Scope::External).is_empty());
     }
 }

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use weir_bpf::types::{
-    lb4_backend, lb4_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key, lb_affinity_match,
-    lb_service,
+    lb4_backend, lb4_key, lb4_src_range_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key,
+    lb_affinity_match, lb_service,
 };
 use weir_bpf::SockLb;
 use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
@@ -22,6 +22,7 @@ use crate::{AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, FrontendD
 
 const SVC_AFFINITY: u16 = 1;
 const SVC_MAGLEV: u16 = 2;
+const SVC_SOURCE_RANGES: u16 = 4;
 
 /// A frontend as programmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,17 @@ struct Programmed {
     flags: u16,
     timeout: u32,
     maglev_size: u32,
+    /// Allowed client prefixes (IPv4 address in network order as stored, prefix length).
+    ranges: BTreeSet<(u32, u8)>,
+}
+
+/// The source-range map key of a frontend's prefix.
+fn range_key(svc_id: u32, (addr, len): (u32, u8)) -> lb4_src_range_key {
+    lb4_src_range_key {
+        prefixlen: 32 + len as u32,
+        svc_id,
+        addr,
+    }
 }
 
 /// The services-map key of one slot of a frontend, in its family's layout.
@@ -195,8 +207,30 @@ impl EbpfDataplane {
                     flags: master.flags,
                     timeout: master.affinity_timeout,
                     maglev_size: master.backend_id,
+                    ranges: BTreeSet::new(),
                 },
             );
+        }
+        let mut ranges: BTreeMap<u32, BTreeSet<(u32, u8)>> = BTreeMap::new();
+        for (k, _) in self
+            .lb
+            .entries::<lb4_src_range_key, u8>("weir_lb4_src_range")?
+        {
+            ranges
+                .entry(k.svc_id)
+                .or_default()
+                .insert((k.addr, k.prefixlen.saturating_sub(32) as u8));
+        }
+        for f in self.frontends.values_mut() {
+            if let Some(r) = ranges.remove(&f.id) {
+                f.ranges = r;
+            }
+        }
+        // Prefixes of frontends that no longer exist: leftovers of an interrupted removal.
+        for (id, rs) in ranges {
+            for r in rs {
+                self.lb.remove("weir_lb4_src_range", &range_key(id, r))?;
+            }
         }
         self.backend_ids = self.backends.values().copied().collect();
         self.frontend_ids = self.frontends.values().map(|f| f.id).collect();
@@ -305,6 +339,21 @@ impl EbpfDataplane {
         } else {
             0
         };
+        // loadBalancerSourceRanges are enforced north-south, which is IPv4 today.
+        let ranges: BTreeSet<(u32, u8)> = if key.vip.is_ipv4() {
+            f.source_ranges
+                .iter()
+                .filter_map(|r| match r {
+                    ipnet::IpNet::V4(n) => Some((v4(n.network()), n.prefix_len())),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        if !ranges.is_empty() {
+            flags |= SVC_SOURCE_RANGES;
+        }
         let old = self.frontends.get(key).cloned();
         let id = match &old {
             Some(o) => o.id,
@@ -316,9 +365,15 @@ impl EbpfDataplane {
             flags,
             timeout: f.affinity_timeout.unwrap_or(0),
             maglev_size,
+            ranges: ranges.clone(),
         };
         if old.as_ref() == Some(&want) {
             return Ok(());
+        }
+        // The prefixes go in before a master that asks for them.
+        for r in &ranges {
+            self.lb
+                .put("weir_lb4_src_range", &range_key(id, *r), &1u8)?;
         }
         if maglev_size > 0 {
             let names: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
@@ -375,6 +430,9 @@ impl EbpfDataplane {
             if o.maglev_size > 0 && maglev_size == 0 {
                 self.lb.remove("weir_lb_maglev", &id)?;
             }
+            for r in o.ranges.difference(&ranges) {
+                self.lb.remove("weir_lb4_src_range", &range_key(id, *r))?;
+            }
         }
         for b in &want.backends {
             *self.refs.entry(*b).or_default() += 1;
@@ -415,6 +473,9 @@ impl EbpfDataplane {
         }
         if o.maglev_size > 0 {
             self.lb.remove("weir_lb_maglev", &o.id)?;
+        }
+        for r in &o.ranges {
+            self.lb.remove("weir_lb4_src_range", &range_key(o.id, *r))?;
         }
         self.frontend_ids.remove(&o.id);
         Ok(())
@@ -493,6 +554,11 @@ impl Dataplane for EbpfDataplane {
                     .collect(),
                 affinity_timeout: (p.flags & SVC_AFFINITY != 0).then_some(p.timeout),
                 maglev_size: (p.maglev_size > 0).then_some(p.maglev_size),
+                source_ranges: p
+                    .ranges
+                    .iter()
+                    .map(|(a, l)| format!("{}/{l}", Ipv4Addr::from(a.to_ne_bytes())))
+                    .collect(),
             })
             .collect();
         let boot_now = boot_seconds();

@@ -49,6 +49,8 @@ pub struct FrontendDump {
     pub affinity_timeout: Option<u32>,
     /// Maglev table size, if Maglev is used.
     pub maglev_size: Option<u32>,
+    /// Allowed client prefixes (loadBalancerSourceRanges); empty: any.
+    pub source_ranges: Vec<String>,
 }
 
 /// One session affinity entry.

@@ -281,6 +281,15 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
         if let Some(t) = f["affinity_timeout"].as_u64() {
             mode.push(format!("affinity {t}s"));
         }
+        let ranges: Vec<String> = f["source_ranges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if !ranges.is_empty() {
+            mode.push(format!("from {}", ranges.join(" ")));
+        }
         if let Some(m) = f["maglev_size"].as_u64() {
             mode.push(format!("maglev M={m}"));
         }

@@ -476,6 +476,42 @@ fn load_balancer_ips_and_health_check_node_ports() {
     let r = lab.connect("external", "198.51.100.7:80", "tcp", 5);
     assert_eq!(r["responders"]["x/a"], 5, "{r}");
     assert_eq!(r["peers"]["198.51.100.7:80"], 5, "{r}");
+
+    // loadBalancerSourceRanges: a range without the external host drops its new flows (with
+    // the reason counted); one with it admits them again. The NodePort is not affected.
+    let np = svc["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
+    let ranges = |r: &str| {
+        ok(&mut lab.kubectl(&[
+            "patch",
+            "svc",
+            "lb",
+            "-n",
+            "x",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"loadBalancerSourceRanges":["{r}"]}}}}"#),
+        ]));
+    };
+    ranges("10.0.0.0/8");
+    lab.eventually("the external host refused", Duration::from_secs(20), || {
+        lab.connect("external", "198.51.100.7:80", "tcp", 1)["ok"] == 0
+            && metric(&lab, "node-1", "DROP_SOURCE_RANGE") > 0
+    });
+    let lb_list = ok(&mut lab.weir(&["bpf", "lb", "list", "--node", "node-1"]));
+    assert!(lb_list.contains("from 10.0.0.0/8"), "{lb_list}");
+    let r = lab.connect("external", &format!("{n1}:{np}"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "the NodePort ignores the ranges: {r}");
+    ranges("172.30.0.0/24");
+    lab.eventually(
+        "the external host admitted",
+        Duration::from_secs(20),
+        || lab.connect("external", "198.51.100.7:80", "tcp", 1)["ok"] == 1,
+    );
+    let lb_list = ok(&mut lab.weir(&["bpf", "lb", "list", "--node", "node-1"]));
+    assert!(
+        lb_list.contains("from 172.30.0.0/24") && !lb_list.contains("10.0.0.0/8"),
+        "the old range is gone: {lb_list}"
+    );
 }
 
 #[test]

@@ -58,7 +58,8 @@ enum weir_reason {
 	DROP_BACKEND_MISSING = 133,    /* a frontend slot named a backend not in the map */
 	DROP_CT_CREATE_FAILED = 134,   /* the conntrack map refused a new entry */
 	DROP_NAT_NO_PORT = 135,	       /* no free SNAT source port after several tries */
-	REASON_MAX = 136,
+	DROP_SOURCE_RANGE = 136,       /* client outside the loadBalancerSourceRanges */
+	REASON_MAX = 137,
 };
 
 /* Directions of weir_metrics. */

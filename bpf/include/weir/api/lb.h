@@ -15,6 +15,7 @@
 /* lb_service.flags */
 #define WEIR_SVC_AFFINITY (1 << 0) /* sessionAffinity: ClientIP */
 #define WEIR_SVC_MAGLEV   (1 << 1) /* backend chosen from the service's Maglev table */
+#define WEIR_SVC_SOURCE_RANGES (1 << 2) /* clients must match weir_lb4_src_range */
 
 /* lb_service.algorithm-independent limits */
 #define WEIR_LB_MAX_BACKENDS 65535
@@ -157,6 +158,17 @@ struct lb_affinity_match {
 	__u32 backend_id;
 };
 _Static_assert(sizeof(struct lb_affinity_match) == 8, "lb_affinity_match size");
+
+/*
+ * Key of weir_lb4_src_range (LPM trie): a frontend and a client prefix
+ * (loadBalancerSourceRanges). prefixlen counts svc_id's 32 bits plus the prefix's.
+ */
+struct lb4_src_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__be32 addr; /* network order */
+};
+_Static_assert(sizeof(struct lb4_src_range_key) == 12, "lb4_src_range_key size");
 
 /* Indexes of weir_lb_stats (per-CPU counters). */
 enum lb_stat {
