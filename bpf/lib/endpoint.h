@@ -32,10 +32,22 @@ struct {
 const volatile enum weir_reason weir_reason_btf = REASON_MAX;
 
 /* Counts the packet under `reason` and returns `verdict`, so a program ends in one line. */
+/* A `weir explain` packet: observe, change nothing. */
+static __always_inline bool explaining(const struct __sk_buff *skb)
+{
+	return skb->mark == WEIR_MARK_EXPLAIN;
+}
+
 static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason, int verdict)
 {
 	__u32 idx = dir * WEIR_METRICS_STRIDE + reason;
-	struct metrics_value *m = bpf_map_lookup_elem(&weir_metrics, &idx);
+	struct metrics_value *m;
+
+	if (explaining(skb)) {
+		skb->cb[0] = reason + 1;
+		return verdict;
+	}
+	m = bpf_map_lookup_elem(&weir_metrics, &idx);
 
 	if (m) {
 		m->packets += 1;

@@ -125,7 +125,8 @@ static __always_inline int nat4_reply(struct __sk_buff *skb, struct ct4_key *t,
 		fk.sport = t->dport;
 	}
 	fe = bpf_map_lookup_elem(&weir_ct4, &fk);
-	ct_touch(re, fe, t->proto, tcp_flags, true, len);
+	if (!explaining(skb))
+		ct_touch(re, fe, t->proto, tcp_flags, true, len);
 	if (nat4_rewrite(skb, t->proto, true, t->saddr, re->nat_addr, t->sport, re->nat_port) < 0)
 		return -DROP_HEADER_WRITE;
 	t->saddr = re->nat_addr;
@@ -167,9 +168,9 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	const struct lb4_backend *be;
 	const struct node_config *cfg;
 	__u32 zero = 0, id = 0, i;
+	bool dry = explaining(skb), ok = false;
 	__u64 client = 0;
 	__u16 state;
-	bool ok = false;
 
 	if (node_addr4(t->daddr))
 		key.address = 0; /* NodePort: any address of this node */
@@ -195,6 +196,8 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	be = bpf_map_lookup_elem(&weir_lb4_backends, &id);
 	if (!be)
 		return -DROP_BACKEND_MISSING;
+	if (dry)
+		goto translate;
 	lb_affinity_remember(svc, client, id);
 
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
@@ -251,6 +254,19 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 		return -DROP_CT_CREATE_FAILED;
 	}
 	return nat4_apply_fwd(skb, t, &fe);
+translate:
+	/* `weir explain`: the translation a new flow would get, with the first SNAT port tried. */
+	fe.nat_addr = be->address;
+	fe.nat_port = be->port;
+	if (!endpoint4(be->address)) {
+		cfg = bpf_map_lookup_elem(&weir_config, &zero);
+		if (!cfg || !cfg->snat4)
+			return -DROP_NAT_NO_PORT;
+		fe.flags = CT_F_SNAT;
+		fe.snat_addr = cfg->snat4;
+		fe.snat_port = bpf_htons(cfg->snat_port_min);
+	}
+	return nat4_apply_fwd(skb, t, &fe);
 }
 
 /*
@@ -277,8 +293,9 @@ static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u
 
 		if (!restart && bpf_map_lookup_elem(&weir_lb4_backends, &bid)) {
 			ct4_reply_key(&rk, t, e);
-			ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t->proto, tcp_flags, false,
-				 len);
+			if (!explaining(skb))
+				ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t->proto, tcp_flags,
+					 false, len);
 			return nat4_apply_fwd(skb, t, e);
 		}
 	}

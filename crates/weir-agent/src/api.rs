@@ -1,7 +1,8 @@
 //! The node-local introspection API: HTTP over a unix socket (mode 0600), JSON answers.
 //! `GET /status` (sync state), `GET /lb` (frontends, backends, affinity, counters,
 //! programs, maps), `GET /datapath` (the per-packet datapath: endpoints, devices, counters by
-//! reason, programs, maps).
+//! reason, programs, maps), `GET /explain?from=IP:PORT&to=IP:PORT&protocol=tcp` (a synthetic
+//! packet through the tc programs, changing nothing).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,53 @@ async fn handle(
                 }
             }
         },
+        "/explain" => {
+            let q: std::collections::HashMap<String, String> = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%3a", ":")))
+                .collect();
+            let parse = |k: &str| -> Result<std::net::SocketAddrV4, String> {
+                let v = q.get(k).ok_or(format!("{k}: missing"))?;
+                v.parse()
+                    .map_err(|_| format!("{k}: {v:?} is not an IPv4 ADDRESS:PORT"))
+            };
+            let tcp = match q.get("protocol").map(|p| p.to_ascii_lowercase()).as_deref() {
+                None | Some("tcp") => Ok(true),
+                Some("udp") => Ok(false),
+                Some(other) => Err(format!("protocol: {other:?} is not tcp or udp")),
+            };
+            match (&shared.pods, parse("from"), parse("to"), tcp) {
+                (None, ..) => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "this agent runs no per-packet datapath"}),
+                ),
+                (Some(p), Ok(from), Ok(to), Ok(tcp)) => {
+                    let p = p.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        crate::pods::explain(&p, from, to, tcp)
+                    })
+                    .await
+                    {
+                        Ok(Ok(e)) => json(StatusCode::OK, &e),
+                        Ok(Err(e)) => json(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &serde_json::json!({"error": e}),
+                        ),
+                        Err(e) => json(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &serde_json::json!({"error": e.to_string()}),
+                        ),
+                    }
+                }
+                (_, Err(e), ..) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+                    json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e}))
+                }
+            }
+        }
         other => json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("no such path {other}")}),

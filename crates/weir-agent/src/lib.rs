@@ -272,6 +272,7 @@ pub async fn run(
             let p = Arc::new(pods::Pods {
                 dataplane: Mutex::new(dp),
                 status: Mutex::new(Default::default()),
+                config: pcfg.clone(),
             });
             pods::spawn(p.clone(), pcfg).map_err(std::io::Error::other)?;
             Some(p)

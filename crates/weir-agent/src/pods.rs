@@ -76,6 +76,40 @@ pub struct Pods {
     pub dataplane: Mutex<PodDataplane>,
     /// Status.
     pub status: Mutex<PodStatus>,
+    /// Settings.
+    pub config: PodConfig,
+}
+
+/// Runs `weir explain`'s synthetic packet (see [`PodDataplane::explain`]) in the node's
+/// network namespace, on a thread of its own.
+pub fn explain(
+    pods: &Arc<Pods>,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    tcp: bool,
+) -> Result<weir_dataplane::pods::Explanation, String> {
+    let pods = pods.clone();
+    std::thread::spawn(move || {
+        if let Some(ns) = &pods.config.netns {
+            let f = std::fs::File::open(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering {}: {e}", ns.display()))?;
+        }
+        let dev = pods
+            .config
+            .devices
+            .first()
+            .ok_or("the agent has no node device (--device)")?;
+        let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
+            .map_err(|e| format!("device {dev:?}: {e}"))?;
+        pods.dataplane
+            .lock()
+            .expect("pods")
+            .explain(from, to, tcp, ifindex)
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "the explain thread panicked".to_string())?
 }
 
 fn dir_mtime(cfg: &PodConfig) -> Option<SystemTime> {

@@ -222,7 +222,12 @@ pub struct TestRun {
     pub verdict: u32,
     /// The packet after the program.
     pub packet: Vec<u8>,
+    /// In explain mode: the reason the packet was counted under.
+    pub reason: Option<u8>,
 }
+
+/// `skb->mark` of explain packets (`WEIR_MARK_EXPLAIN`): the programs change no state.
+pub const MARK_EXPLAIN: u32 = 0x7765_6972;
 
 const METRICS_STRIDE: u32 = 256;
 
@@ -531,21 +536,50 @@ impl Datapath {
         packet: &[u8],
         ingress_ifindex: u32,
     ) -> Result<TestRun, BpfError> {
-        let mut ctx = pod_skel::types::__sk_buff {
-            ingress_ifindex,
-            ifindex: ingress_ifindex,
-            ..Default::default()
-        };
+        self.run_packet(prog, packet, ingress_ifindex, false)
+    }
+
+    /// Like [`Datapath::test_run`], for `weir explain`: the packet carries
+    /// [`MARK_EXPLAIN`], so the programs write no conntrack or affinity entry and move no
+    /// counter, and the reason they would count it under comes back.
+    pub fn explain(
+        &self,
+        prog: TcProgram,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRun, BpfError> {
+        self.run_packet(prog, packet, ingress_ifindex, true)
+    }
+
+    fn run_packet(
+        &self,
+        prog: TcProgram,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        explain: bool,
+    ) -> Result<TestRun, BpfError> {
+        type Ctx = pod_skel::types::__sk_buff;
+        // The kernel refuses a context with any byte set outside the fields it accepts, so
+        // padding must be zero too: start from zeroed memory, not `Default`.
+        // SAFETY: __sk_buff is plain data (integers and a raw pointer): all-zero is valid.
+        let mut ctx: Ctx = unsafe { std::mem::zeroed() };
+        ctx.ingress_ifindex = ingress_ifindex;
+        ctx.ifindex = ingress_ifindex;
+        ctx.mark = if explain { MARK_EXPLAIN } else { 0 };
+        // SAFETY: as above.
+        let mut ctx_out: Ctx = unsafe { std::mem::zeroed() };
         let mut out = vec![0u8; packet.len() + 256];
         let mut input = libbpf_rs::ProgramInput::default();
+        let size = std::mem::size_of::<Ctx>();
         // SAFETY: __sk_buff is a plain C struct; the kernel reads and writes its bytes.
-        let ctx_bytes = unsafe {
-            std::slice::from_raw_parts_mut(
-                (&mut ctx as *mut pod_skel::types::__sk_buff).cast::<u8>(),
-                std::mem::size_of::<pod_skel::types::__sk_buff>(),
+        let (ctx_in_bytes, ctx_out_bytes) = unsafe {
+            (
+                std::slice::from_raw_parts_mut((&mut ctx as *mut Ctx).cast::<u8>(), size),
+                std::slice::from_raw_parts_mut((&mut ctx_out as *mut Ctx).cast::<u8>(), size),
             )
         };
-        input.context_in = Some(ctx_bytes);
+        input.context_in = Some(ctx_in_bytes);
+        input.context_out = Some(ctx_out_bytes);
         input.data_in = Some(packet);
         input.data_out = Some(&mut out);
         let output = self
@@ -555,9 +589,11 @@ impl Datapath {
         let verdict = output.return_value;
         let n = output.data.as_ref().map(|d| d.len()).unwrap_or(0);
         out.truncate(n);
+        let reason = (explain && ctx_out.cb[0] > 0).then(|| (ctx_out.cb[0] - 1) as u8);
         Ok(TestRun {
             verdict,
             packet: out,
+            reason,
         })
     }
 

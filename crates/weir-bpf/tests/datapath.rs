@@ -151,6 +151,20 @@ impl Fixture {
         })
     }
 
+    /// Like `run`, in explain mode.
+    fn explain(&self, prog: TcProgram, frame: &[u8], ingress: u32) -> weir_bpf::datapath::TestRun {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(&path).expect("netns");
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                self.dp.explain(prog, frame, ingress).expect("explain")
+            })
+            .join()
+            .expect("thread")
+        })
+    }
+
     fn metric(&self, name: &str) -> u64 {
         self.dp
             .metrics()
@@ -817,4 +831,32 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     let (v, _) = fx.run(TcProgram::FromNetdev, &outside, in0);
     assert_eq!(v, TC_ACT_SHOT, "a client outside the range");
     assert_eq!(fx.metric("DROP_SOURCE_RANGE"), 1);
+}
+
+#[test]
+fn explain_mode_translates_but_writes_and_counts_nothing() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    fx.node_port(30081, 6, 8, Some((4, "10.50.0.9", 8080)));
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30081), 0x02);
+    let r = fx.explain(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        r.reason.map(weir_bpf::datapath::reason_name).as_deref(),
+        Some("REASON_FORWARD_FIB")
+    );
+    assert_eq!(
+        endpoints_of(&r.packet),
+        ("10.2.0.1:61000".into(), "10.50.0.9:8080".into()),
+        "the first SNAT port of the range, shown not taken"
+    );
+    assert!(
+        fx.dp.ct_entries().expect("ct").is_empty(),
+        "no conntrack entry"
+    );
+    assert!(
+        fx.dp.metrics().expect("metrics").is_empty(),
+        "no counter moved"
+    );
 }

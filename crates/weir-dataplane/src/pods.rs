@@ -389,3 +389,160 @@ impl PodDataplane {
         })
     }
 }
+
+/// What `weir explain` reports: a synthetic packet run through the loaded programs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// The program that ran (`from_pod` when the source is a local pod, else `from_netdev`).
+    pub program: String,
+    /// The interface index the packet was taken to arrive on.
+    pub ingress_ifindex: u32,
+    /// The packet in: `PROTO src -> dst`.
+    pub packet: String,
+    /// `redirect`, `pass` (to the host stack) or `drop`.
+    pub verdict: String,
+    /// The reason the packet would be counted under.
+    pub reason: String,
+    /// Its code (0-127 verdicts, 130+ drops).
+    pub reason_code: u8,
+    /// The packet out, when the program let it go on: `PROTO src -> dst, ttl N`.
+    pub output: Option<String>,
+    /// The backend chosen, when the destination was translated.
+    pub backend: Option<String>,
+    /// The source the packet was given (SNAT), when translated.
+    pub snat: Option<String>,
+}
+
+fn csum16(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv4 + TCP SYN (or UDP) frame with valid checksums.
+pub fn synthetic_frame(
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    tcp: bool,
+) -> Vec<u8> {
+    let l4_len: u16 = if tcp { 20 } else { 16 };
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![
+        0x45,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        if tcp { 6 } else { 17 },
+        0,
+        0,
+    ];
+    ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    let c = csum16(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&from.port().to_be_bytes());
+    l4.extend_from_slice(&to.port().to_be_bytes());
+    if tcp {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&l4_len.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(b"explain\n");
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, ip[9]]);
+    pseudo.extend_from_slice(&l4_len.to_be_bytes());
+    pseudo.extend_from_slice(&l4);
+    let c = csum16(&pseudo);
+    let off = if tcp { 16 } else { 6 };
+    l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// `(src, dst, ttl)` of an IPv4 TCP/UDP frame.
+fn addrs_of(f: &[u8]) -> Option<(std::net::SocketAddrV4, std::net::SocketAddrV4, u8)> {
+    if f.len() < 38 || f[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = |o: usize| std::net::Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    Some((
+        std::net::SocketAddrV4::new(ip(26), port(34)),
+        std::net::SocketAddrV4::new(ip(30), port(36)),
+        f[22],
+    ))
+}
+
+impl PodDataplane {
+    /// Runs a synthetic first packet of a flow from `from` to `to` through the program that
+    /// would see it (`from_pod` on the source pod's veth, else `from_netdev` on
+    /// `netdev_ifindex`) in explain mode: nothing is written, nothing counted. Must run in the
+    /// node's network namespace (the FIB is consulted).
+    pub fn explain(
+        &self,
+        from: std::net::SocketAddrV4,
+        to: std::net::SocketAddrV4,
+        tcp: bool,
+        netdev_ifindex: u32,
+    ) -> Result<Explanation, DataplaneError> {
+        let frame = synthetic_frame(from, to, tcp);
+        let src_key = endpoint_key_of(IpAddr::V4(*from.ip()));
+        let src_ep = self
+            .dp
+            .endpoints()?
+            .into_iter()
+            .find(|(k, _)| weir_bpf::as_bytes(k) == weir_bpf::as_bytes(&src_key));
+        let (prog, ingress) = match src_ep {
+            Some((_, ep)) => (TcProgram::FromPod, ep.ifindex),
+            None => (TcProgram::FromNetdev, netdev_ifindex),
+        };
+        let r = self.dp.explain(prog, &frame, ingress)?;
+        let proto = if tcp { "TCP" } else { "UDP" };
+        let verdict = match r.verdict {
+            0 => "pass",
+            2 => "drop",
+            7 => "redirect",
+            _ => "other",
+        };
+        let code = r.reason.unwrap_or(0);
+        let (mut output, mut backend, mut snat) = (None, None, None);
+        if r.verdict != 2 {
+            if let Some((s, d, ttl)) = addrs_of(&r.packet) {
+                output = Some(format!("{proto} {s} -> {d}, ttl {ttl}"));
+                if d != to {
+                    backend = Some(d.to_string());
+                }
+                if s != from {
+                    snat = Some(s.to_string());
+                }
+            }
+        }
+        Ok(Explanation {
+            program: prog.name().into(),
+            ingress_ifindex: ingress,
+            packet: format!("{proto} {from} -> {to}"),
+            verdict: verdict.into(),
+            reason: weir_bpf::datapath::reason_name(code),
+            reason_code: code,
+            output,
+            backend,
+            snat,
+        })
+    }
+}

@@ -68,6 +68,25 @@ enum Command {
     /// Inspect the eBPF datapath through the agent.
     #[command(subcommand)]
     Bpf(BpfCommand),
+    /// Run a synthetic first packet of a flow through a node's tc programs
+    /// (BPF_PROG_TEST_RUN) and print what they would do: verdict, chosen backend, NAT and
+    /// reason. Nothing is written to conntrack and no counter moves.
+    Explain {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Source IPv4 ADDRESS:PORT (a local pod's address runs the pod program).
+        #[arg(long)]
+        from: String,
+        /// Destination IPv4 ADDRESS:PORT.
+        #[arg(long)]
+        to: String,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -532,6 +551,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &agent_socket(&cli, target)?,
                 *output == Format::Json,
             )),
+        Command::Explain {
+            target,
+            from,
+            to,
+            protocol,
+            output,
+        } => runtime()?.block_on(crate::introspect::explain(
+            &agent_socket(&cli, target)?,
+            from,
+            to,
+            protocol,
+            *output == Format::Json,
+        )),
         Command::Bpf(BpfCommand::Ct(ListOnly::List { target, output })) => {
             runtime()?.block_on(crate::introspect::ct_list(
                 &agent_socket(&cli, target)?,

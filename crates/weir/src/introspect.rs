@@ -414,3 +414,59 @@ pub async fn ct_list(socket: &Path, json: bool, nat_only: bool) -> Result<ExitCo
     print!("{}", render_table(header, &rows));
     Ok(ExitCode::SUCCESS)
 }
+
+/// `weir explain`: a synthetic packet through the node's tc programs, changing nothing.
+pub async fn explain(
+    socket: &Path,
+    from: &str,
+    to: &str,
+    protocol: &str,
+    json: bool,
+) -> Result<ExitCode> {
+    for (flag, v) in [("--from", from), ("--to", to)] {
+        if v.parse::<std::net::SocketAddrV4>().is_err() {
+            return Err(anyhow!(
+                "{flag} {v:?}: expected an IPv4 ADDRESS:PORT, e.g. 172.30.0.2:40000"
+            ));
+        }
+    }
+    if !matches!(protocol.to_ascii_lowercase().as_str(), "tcp" | "udp") {
+        return Err(anyhow!("--protocol {protocol:?}: expected tcp or udp"));
+    }
+    let e = ask(
+        socket,
+        &format!("/explain?from={from}&to={to}&protocol={protocol}"),
+    )
+    .await?;
+    if let Some(err) = e.get("error") {
+        return Err(anyhow!("{}: {}", socket.display(), s(err)));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Program:   {} (ingress of ifindex {})",
+        s(&e["program"]),
+        s(&e["ingress_ifindex"])
+    );
+    println!("Packet:    {} (first packet of a flow)", s(&e["packet"]));
+    let verdict = match e["verdict"].as_str().unwrap_or("") {
+        "redirect" => "REDIRECT (forwarded by the program, bypassing the host stack)",
+        "pass" => "PASS (handed to the host stack)",
+        "drop" => "DROP",
+        other => other,
+    };
+    println!("Verdict:   {verdict}");
+    println!("Reason:    {} ({})", s(&e["reason"]), s(&e["reason_code"]));
+    if let Some(b) = e["backend"].as_str() {
+        println!("Backend:   {b}");
+    }
+    if let Some(n) = e["snat"].as_str() {
+        println!("SNAT:      {n}");
+    }
+    if let Some(o) = e["output"].as_str() {
+        println!("Output:    {o}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -343,6 +343,58 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
         assert_eq!(responders(&r), vec!["x/a", "x/c"], "udp via {node}: {r}");
     }
 
+    // `weir explain` runs a synthetic first packet through node-1's programs: the verdict,
+    // the backend and the NAT it would get, with nothing written to conntrack.
+    let ct_count = || -> usize {
+        serde_json::from_str::<Value>(&ok(
+            &mut lab.weir(&["bpf", "ct", "list", "--node", "node-1", "-o", "json"])
+        ))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+    };
+    let before = ct_count();
+    let e: Value = serde_json::from_str(&ok(&mut lab.weir(&[
+        "explain",
+        "--node",
+        "node-1",
+        "--from",
+        &format!("{external}:40000"),
+        "--to",
+        &format!("{n1}:{tcp}"),
+        "--protocol",
+        "tcp",
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(e["program"], "from_netdev", "{e}");
+    assert_eq!(e["verdict"], "redirect", "{e}");
+    let backend = e["backend"].as_str().unwrap();
+    assert!(backend.ends_with(":8080"), "{e}");
+    if e["reason"] != "REASON_FORWARD_PEER" {
+        // A backend on node-2: SNATed to node-1's address.
+        assert!(
+            e["snat"].as_str().unwrap().starts_with(&format!("{n1}:")),
+            "{e}"
+        );
+    }
+    assert_eq!(ct_count(), before, "explain wrote nothing");
+    let text = ok(&mut lab.weir(&[
+        "explain",
+        "--node",
+        "node-1",
+        "--from",
+        &format!("{external}:40000"),
+        "--to",
+        &format!("{n1}:22"),
+    ]));
+    assert!(
+        text.contains("PASS") && text.contains("REASON_PASS_STACK"),
+        "{text}"
+    );
+
     // The client's address reaches a backend on the node it came to; a backend on another
     // node sees that node's address (SNAT), and the NAT table says so.
     let only_a = node_port(&lab, "only-a", "http");

@@ -62,6 +62,13 @@ enum weir_reason {
 	REASON_MAX = 137,
 };
 
+/*
+ * skb->mark of the synthetic packets `weir explain` runs through the programs with
+ * BPF_PROG_TEST_RUN: nothing is written to conntrack or affinity, no counter moves, and the
+ * reason the packet would be counted under is left in skb->cb[0] (plus one).
+ */
+#define WEIR_MARK_EXPLAIN 0x77656972 /* "weir" */
+
 /* Directions of weir_metrics. */
 #define WEIR_DIR_INGRESS 0
 #define WEIR_DIR_EGRESS	 1
