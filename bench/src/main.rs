@@ -231,6 +231,7 @@ fn lb_state(svcs: &[Svc]) -> LbState {
                 affinity_timeout: None,
                 algorithm: Algorithm::Random,
                 source_ranges: Vec::new(),
+                mode: weir_control::lb::LbMode::Snat,
             },
         );
     }

@@ -64,8 +64,8 @@ static __always_inline __u16 ct_next_flags(__u16 flags, __u8 proto, __u8 tcp_fla
 static __always_inline void ct_touch(struct ct4_entry *e, struct ct4_entry *other, __u8 proto,
 				     __u8 tcp_flags, bool reply, __u32 len)
 {
-	__u16 keep = e->flags & (CT_F_REPLY | CT_F_SNAT);
-	__u16 state = ct_next_flags(e->flags, proto, tcp_flags, reply) & ~(CT_F_REPLY | CT_F_SNAT);
+	__u16 keep = e->flags & CT_F_KIND;
+	__u16 state = ct_next_flags(e->flags, proto, tcp_flags, reply) & ~CT_F_KIND;
 	__u64 expires = ct_now() + ct_lifetime(state, proto);
 
 	e->flags = keep | state;
@@ -73,7 +73,7 @@ static __always_inline void ct_touch(struct ct4_entry *e, struct ct4_entry *othe
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	if (other) {
-		other->flags = (other->flags & (CT_F_REPLY | CT_F_SNAT)) | state;
+		other->flags = (other->flags & CT_F_KIND) | state;
 		other->expires = expires;
 	}
 }

@@ -93,7 +93,7 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	struct bpf_fib_lookup p = {};
 	const struct endpoint_info *ep;
 	struct iphdr *ip4 = pkt_ip4(skb);
-	struct ct4_key t = {};
+	struct ct4_key t = {}, frontend = {};
 	__u8 tcp_flags = 0, tos, proto;
 	__u16 tot_len;
 	long rc = 0;
@@ -110,12 +110,29 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	tot_len = bpf_ntohs(ip4->tot_len);
 	if (ip4_is_local_scope(ip4->daddr))
 		return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);
+	if (!from_pod && proto == IPPROTO_IPIP_ && ip4->ihl == 5 && node_addr4(ip4->daddr)) {
+		/* DSR from another node: the frontend is in the outer header. */
+		nat = dsr4_decap(skb, ip4->saddr, ip4->id);
+		if (nat < 0)
+			return count(skb, dir, -nat, TC_ACT_SHOT);
+		if (nat > 0) {
+			ip4 = pkt_ip4(skb);
+			if (!ip4)
+				return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
+			ttl = ip4->ttl;
+			tos = ip4->tos;
+			proto = ip4->protocol;
+			tot_len = bpf_ntohs(ip4->tot_len);
+			nat = NAT_NONE;
+		}
+	}
 	if (ttl <= 1)
 		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
 	if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) == 0) {
 		/* From a pod, only traffic to this node's addresses can start a NodePort flow. */
 		bool new_flows = !from_pod || node_addr4(t.daddr);
 
+		frontend = t;
 		nat = lb4_nat(skb, &t, tcp_flags, skb->len, new_flows);
 		if (nat < 0)
 			return count(skb, dir, -nat, TC_ACT_SHOT);
@@ -132,19 +149,28 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 		p.family = AF_INET_;
 		p.tos = tos;
 		p.l4_protocol = proto;
-		p.tot_len = tot_len;
+		/* A DSR packet grows by the outer header: the MTU check must count it. */
+		p.tot_len = tot_len + (nat == NAT_DSR ? sizeof(struct iphdr) : 0);
 		p.ipv4_src = t.saddr;
 		p.ipv4_dst = t.daddr;
 		p.ifindex = skb->ingress_ifindex;
 		/* Ask first, rewrite after: a packet left to the stack keeps its TTL. */
 		rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
-		if (!fib_forwardable(rc))
+		if (!fib_forwardable(rc)) {
+			/* A translated packet must not reach the stack half-done (no reverse NAT
+			 * would meet its reply): fail closed. */
+			if (nat)
+				return count(skb, dir, DROP_NO_ROUTE, TC_ACT_SHOT);
 			return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
+		}
 	}
 	if (pkt_ip4_dec_ttl(skb, ttl) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (ep)
 		return fwd_to_endpoint(skb, dir, ep);
+	/* DSR: to the backend's node (the FIB's next hop), the frontend in the outer header. */
+	if (nat == NAT_DSR && dsr4_encap(skb, frontend.daddr, frontend.dport, p.ipv4_dst) < 0)
+		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	return fwd_fib(skb, dir, &p, rc);
 }
 

@@ -20,6 +20,17 @@
 #define UDP_CSUM_OFF  (L4_OFF + 6)
 
 #define SNAT_TRIES 8
+#define IPPROTO_IPIP_ 4
+#define IP_DF	      0x4000
+
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7) /* kernel 6.3 */
+#endif
+
+/* lb4_nat's results. */
+#define NAT_NONE 0 /* not load-balanced traffic */
+#define NAT_DONE 1 /* translated */
+#define NAT_DSR	 2 /* translated; to be tunnelled to the backend's node (DSR) */
 
 /* Node-wide settings (one entry). */
 struct {
@@ -107,7 +118,7 @@ static __always_inline int nat4_apply_fwd(struct __sk_buff *skb, struct ct4_key 
 		t->saddr = fe->snat_addr;
 		t->sport = fe->snat_port;
 	}
-	return 1;
+	return (fe->flags & CT_F_DSR) ? NAT_DSR : NAT_DONE;
 }
 
 /* A reply: the frontend becomes the source again, and the client the destination. */
@@ -196,11 +207,29 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	be = bpf_map_lookup_elem(&weir_lb4_backends, &id);
 	if (!be)
 		return -DROP_BACKEND_MISSING;
+	state = ct_next_flags(0, t->proto, tcp_flags, false);
+	if ((svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address)) {
+		/* DSR: only the original entry lives here; the backend's node keeps the reply
+		 * entry, made from the tunnel header, and answers the client itself. */
+		fe.expires = ct_now() + ct_lifetime(state, t->proto);
+		fe.flags = state | CT_F_DSR;
+		fe.packets = 1;
+		fe.bytes = len;
+		fe.nat_addr = be->address;
+		fe.nat_port = be->port;
+		fe.svc_id = svc->svc_id;
+		fe.backend_id = id;
+		if (!dry) {
+			lb_affinity_remember(svc, client, id);
+			if (bpf_map_update_elem(&weir_ct4, t, &fe, BPF_ANY) < 0)
+				return -DROP_CT_CREATE_FAILED;
+		}
+		return nat4_apply_fwd(skb, t, &fe);
+	}
 	if (dry)
 		goto translate;
 	lb_affinity_remember(svc, client, id);
 
-	state = ct_next_flags(0, t->proto, tcp_flags, false);
 	fe.expires = ct_now() + ct_lifetime(state, t->proto);
 	fe.flags = state;
 	fe.packets = 1;
@@ -269,12 +298,102 @@ translate:
 	return nat4_apply_fwd(skb, t, &fe);
 }
 
+static __always_inline __u16 csum_fold32(__u64 csum)
+{
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__u16)~csum;
+}
+
+/*
+ * DSR: wraps the (translated) packet in an outer IPv4 header to the backend's node. The
+ * frontend travels in the outer header: its address as the source, its port as the
+ * identification (so the outer packet must not be fragmented: DF). Returns 0, or <0.
+ */
+static __always_inline int dsr4_encap(struct __sk_buff *skb, __be32 frontend, __be16 fport,
+				      __be32 node)
+{
+	struct iphdr outer = {
+		.version = 4,
+		.ihl = 5,
+		.ttl = 64,
+		.protocol = IPPROTO_IPIP_,
+		.id = fport,
+		.frag_off = bpf_htons(IP_DF),
+		.saddr = frontend,
+		.daddr = node,
+	};
+
+	outer.tot_len = bpf_htons(skb->len - sizeof(struct ethhdr) + sizeof(struct iphdr));
+	outer.check = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&outer, sizeof(outer), 0));
+	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0);
+}
+
+/*
+ * DSR on the backend's node: an IPIP packet to this node whose inner packet is for a local
+ * pod. Records (or refreshes) the flow's reply entry from the outer header, so that the pod's
+ * reply leaves with the frontend as its source, and strips the outer header.
+ * Returns 1 when decapsulated, 0 when the packet is not a weir DSR packet, or -reason.
+ */
+static __always_inline int dsr4_decap(struct __sk_buff *skb, __be32 frontend, __be16 fport)
+{
+	const __u32 inner_off = sizeof(struct ethhdr) + sizeof(struct iphdr);
+	struct ct4_key rk = {};
+	struct ct4_entry *re;
+	struct iphdr inner;
+	__be16 ports[2];
+	__u8 tcp_flags = 0;
+
+	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0)
+		return 0;
+	if (inner.ihl != 5 || (inner.protocol != IPPROTO_TCP_ && inner.protocol != IPPROTO_UDP_))
+		return 0;
+	if (!endpoint4(inner.daddr))
+		return 0;
+	if (bpf_skb_load_bytes(skb, inner_off + sizeof(inner), ports, sizeof(ports)) < 0)
+		return 0;
+	if (inner.protocol == IPPROTO_TCP_ &&
+	    bpf_skb_load_bytes(skb, inner_off + sizeof(inner) + 13, &tcp_flags, 1) < 0)
+		return 0;
+	rk.saddr = inner.daddr;
+	rk.daddr = inner.saddr;
+	rk.sport = ports[1];
+	rk.dport = ports[0];
+	rk.proto = inner.protocol;
+	if (!explaining(skb)) {
+		re = bpf_map_lookup_elem(&weir_ct4, &rk);
+		if (re && (re->flags & CT_F_DSR) && re->nat_addr == frontend &&
+		    re->nat_port == fport) {
+			ct_touch(re, NULL, inner.protocol, tcp_flags, false, skb->len);
+		} else {
+			struct ct4_entry ne = {
+				.flags = CT_F_REPLY | CT_F_DSR |
+					 ct_next_flags(0, inner.protocol, tcp_flags, false),
+				.nat_addr = frontend,
+				.nat_port = fport,
+			};
+
+			ne.expires = ct_now() + ct_lifetime(ne.flags & ~CT_F_KIND, inner.protocol);
+			if (bpf_map_update_elem(&weir_ct4, &rk, &ne, BPF_ANY) < 0)
+				return -DROP_CT_CREATE_FAILED;
+		}
+	}
+	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_DECAP_L3_IPV4) < 0)
+		return -DROP_HEADER_WRITE;
+	return 1;
+}
+
 /*
  * Load-balancing NAT for one IPv4 TCP/UDP packet with tuple `t` (updated to the translated
  * tuple). Replies of tracked flows are translated back; packets of tracked flows follow their
  * entry; new flows to external frontends get a backend (`new_flows`: only packets arriving
  * from outside, or from pods to this node's own addresses).
- * Returns 1 when translated, 0 when not load-balanced traffic, or -reason to drop.
+ * Returns NAT_DONE or NAT_DSR when translated, NAT_NONE when not load-balanced traffic, or
+ * -reason to drop.
  */
 static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
 				   __u32 len, bool new_flows)

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// Backend selection for Services without the algorithm annotation.
     pub default_algorithm: Algorithm,
+    /// How external traffic reaches remote backends for Services without the mode annotation.
+    pub default_mode: lb::LbMode,
 }
 
 /// What the agent reports about its synchronisation.
@@ -311,6 +313,7 @@ pub async fn run(
     let opts = Options {
         node_name: cfg.node_name.clone(),
         default_algorithm: cfg.default_algorithm,
+        default_mode: cfg.default_mode,
     };
     let mut desired = Incremental::default();
     loop {
@@ -417,6 +420,7 @@ mod tests {
         Options {
             node_name: "n".into(),
             default_algorithm: lb::Algorithm::Random,
+            default_mode: lb::LbMode::Snat,
         }
     }
 

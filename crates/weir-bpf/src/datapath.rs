@@ -67,6 +67,8 @@ pub const CT_F_SEEN_REPLY: u16 = 4;
 pub const CT_F_ESTABLISHED: u16 = 8;
 /// `ct4_entry.flags`: TCP FIN or RST seen.
 pub const CT_F_CLOSING: u16 = 16;
+/// `ct4_entry.flags`: direct server return.
+pub const CT_F_DSR: u16 = 32;
 
 /// Pins every map of an object being opened: load-balancing maps in `lb_pin_dir` (shared with
 /// the socket programs), the others in `pin_dir`.
@@ -169,6 +171,7 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::DROP_CT_CREATE_FAILED, "DROP_CT_CREATE_FAILED"),
     (weir_reason::DROP_NAT_NO_PORT, "DROP_NAT_NO_PORT"),
     (weir_reason::DROP_SOURCE_RANGE, "DROP_SOURCE_RANGE"),
+    (weir_reason::DROP_NO_ROUTE, "DROP_NO_ROUTE"),
 ];
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).

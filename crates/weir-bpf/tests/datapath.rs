@@ -567,6 +567,18 @@ fn endpoints_of(f: &[u8]) -> (String, String) {
 impl Fixture {
     /// A NodePort frontend (address 0, external scope) with one backend.
     fn node_port(&self, port: u16, proto: u8, svc_id: u32, backend: Option<(u32, &str, u16)>) {
+        self.node_port_with(port, proto, svc_id, backend, 0)
+    }
+
+    /// Same, with master flags (WEIR_SVC_*).
+    fn node_port_with(
+        &self,
+        port: u16,
+        proto: u8,
+        svc_id: u32,
+        backend: Option<(u32, &str, u16)>,
+        flags: u16,
+    ) {
         let lb = weir_bpf::SockLb::load(&self.pins).expect("socket maps");
         let mut key = lb4_key {
             address: 0,
@@ -578,6 +590,7 @@ impl Fixture {
         let master = lb_service {
             svc_id,
             count: backend.is_some() as u16,
+            flags,
             ..Default::default()
         };
         if let Some((id, ip, bport)) = backend {
@@ -859,4 +872,93 @@ fn explain_mode_translates_but_writes_and_counts_nothing() {
         fx.dp.metrics().expect("metrics").is_empty(),
         "no counter moved"
     );
+}
+
+/// An outer IPv4 header (IPIP) around `inner` (an Ethernet frame), as DSR sends it.
+fn ipip(inner: &[u8], src: &str, dst: &str, id: u16) -> Vec<u8> {
+    let mut f = inner[..14].to_vec();
+    let len = (inner.len() - 14 + 20) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 4, 0, 0];
+    ip[2..4].copy_from_slice(&len.to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip.extend_from_slice(&src.parse::<Ipv4Addr>().expect("ip").octets());
+    ip.extend_from_slice(&dst.parse::<Ipv4Addr>().expect("ip").octets());
+    let c = csum16(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&inner[14..]);
+    f
+}
+
+#[test]
+fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    let veth = fx.ifindex("out0");
+    // The receiving node: a DSR NodePort whose backend is behind 10.2.0.2.
+    fx.node_port_with(30082, 6, 12, Some((6, "10.50.0.9", 8080)), 8);
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30082), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    // Outer header: from the frontend address to the backend's node, the frontend port as
+    // the identification, DF, valid checksum; inner: DNATed, client address kept.
+    let outer = &out[14..34];
+    assert_eq!(outer[9], 4, "IPIP");
+    assert_eq!(ip4_at(&out, 26), "10.1.0.1");
+    assert_eq!(ip4_at(&out, 30), "10.2.0.2");
+    assert_eq!(u16::from_be_bytes([outer[4], outer[5]]), 30082);
+    assert_eq!(outer[6] & 0x40, 0x40, "DF");
+    assert_eq!(csum16(outer), 0, "outer checksum");
+    assert_eq!(
+        u16::from_be_bytes([outer[2], outer[3]]) as usize,
+        out.len() - 14
+    );
+    let inner: Vec<u8> = [&out[..14], &out[34..]].concat();
+    assert_eq!(
+        endpoints_of(&inner),
+        ("10.1.0.5:40000".into(), "10.50.0.9:8080".into())
+    );
+    assert_eq!(csum16(&inner[14..34]), 0, "inner ip checksum");
+    assert_eq!(l4_csum(&inner), 0, "inner tcp checksum");
+    let ct = fx.dp.ct_entries().expect("ct");
+    assert_eq!(
+        ct.len(),
+        1,
+        "only the original entry on the receiving node: {ct:?}"
+    );
+    assert_ne!(ct[0].1.flags & weir_bpf::datapath::CT_F_DSR, 0);
+
+    // The backend's node (here the same namespace, 10.2.0.1): the tunnelled packet for a
+    // local pod is decapsulated and delivered, and the reply entry is made from the header.
+    fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
+    let to_pod = tcp4(("10.1.0.5", 40001), ("10.244.1.7", 8080), 0x02);
+    let tunnelled = ipip(&to_pod, "10.1.0.1", "10.2.0.1", 30082);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &tunnelled, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "delivered");
+    assert_eq!(out.len(), to_pod.len(), "outer header gone");
+    assert_eq!(&out[0..6], &POD_MAC);
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.5:40001".into(), "10.244.1.7:8080".into())
+    );
+    // The pod's reply leaves with the frontend as its source, straight to the client.
+    let synack = tcp4(("10.244.1.7", 8080), ("10.1.0.5", 40001), 0x12);
+    let (v, out) = fx.run(TcProgram::FromPod, &synack, veth);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.1:30082".into(), "10.1.0.5:40001".into())
+    );
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+    // IPIP for something that is not a local pod is left to the stack untouched.
+    let other = ipip(
+        &tcp4(("10.1.0.5", 1), ("10.9.9.9", 2), 0x02),
+        "10.1.0.1",
+        "10.2.0.1",
+        1,
+    );
+    let (v, out) = fx.run(TcProgram::FromNetdev, &other, in0);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(out, other);
 }

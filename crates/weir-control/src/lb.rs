@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 /// Annotation choosing a Service's backend selection: `random` or `maglev`.
 pub const ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
+/// Annotation choosing how NodePort/external traffic reaches a backend on another node:
+/// `snat` (the default) or `dsr`.
+pub const LB_MODE_ANNOTATION: &str = "weir.dev/lb-mode";
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Default session affinity timeout (Kubernetes' default, 3 hours).
@@ -168,6 +171,30 @@ impl std::str::FromStr for Algorithm {
     }
 }
 
+/// How traffic from outside reaches a backend on another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LbMode {
+    /// Source NAT to the receiving node: replies come back through it.
+    #[default]
+    Snat,
+    /// Direct server return: the packet is tunnelled (IPIP) to the backend's node with the
+    /// client's address kept, and the reply leaves the backend's node straight to the client.
+    Dsr,
+}
+
+impl std::str::FromStr for LbMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "snat" => Ok(LbMode::Snat),
+            "dsr" => Ok(LbMode::Dsr),
+            other => Err(format!(
+                "unknown load-balancing mode {other:?} (use snat or dsr)"
+            )),
+        }
+    }
+}
+
 /// Everything the datapath needs to know about one frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Frontend {
@@ -184,6 +211,8 @@ pub struct Frontend {
     /// Client addresses allowed (loadBalancerSourceRanges, on the external frontends of
     /// LoadBalancer IPs); empty: any.
     pub source_ranges: Vec<ipnet::IpNet>,
+    /// External frontends: how a backend on another node is reached.
+    pub mode: LbMode,
 }
 
 /// The desired load-balancing state of a node.
@@ -200,6 +229,8 @@ pub struct Options {
     pub node_name: String,
     /// Selection when a Service has no annotation.
     pub default_algorithm: Algorithm,
+    /// Mode of external frontends when a Service has no `weir.dev/lb-mode` annotation.
+    pub default_mode: LbMode,
 }
 
 /// Something in the input that weir does not act on, said rather than silently ignored.
@@ -286,6 +317,21 @@ where
                     opts.default_algorithm
                 }
             },
+        };
+        let mode = match svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LB_MODE_ANNOTATION))
+        {
+            None => opts.default_mode,
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                warnings.push(Warning {
+                    service: id.clone(),
+                    message: format!("annotation {LB_MODE_ANNOTATION}: {e}; using the default"),
+                });
+                opts.default_mode
+            }),
         };
         let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
             spec.session_affinity_config
@@ -375,6 +421,11 @@ where
                             .filter(|r| r.addr().is_ipv4() == key.vip.is_ipv4())
                             .copied()
                             .collect(),
+                        mode: if key.scope == Scope::External {
+                            mode
+                        } else {
+                            LbMode::Snat
+                        },
                     },
                 );
             };
@@ -622,6 +673,7 @@ mod tests {
         Options {
             node_name: "node-1".into(),
             default_algorithm: Algorithm::Random,
+            default_mode: LbMode::Snat,
         }
     }
 
@@ -887,5 +939,43 @@ mod tests {
         assert!(ranges("198.51.100.7", 80, Scope::Cluster).is_empty());
         assert!(ranges("192.0.2.10", 80, Scope::External).is_empty());
         assert!(ranges("0.0.0.0", 30080, Scope::External).is_empty());
+    }
+
+    #[test]
+    fn dsr_by_annotation_or_default_on_external_frontends_only() {
+        let np = |ann: serde_json::Value| {
+            svc(
+                json!({"metadata": {"annotations": ann}, "spec": {"type": "NodePort",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}),
+            )
+        };
+        let mode = |st: &LbState, vip: &str, port: u16, scope: Scope| {
+            st.frontends[&FrontendKey {
+                vip: vip.parse().unwrap(),
+                port,
+                proto: Proto::Tcp,
+                scope,
+            }]
+                .mode
+        };
+        let (st, w) = build(
+            &[np(json!({LB_MODE_ANNOTATION: "dsr"}))],
+            &node_slices(),
+            &opts(),
+        );
+        assert!(w.is_empty());
+        assert_eq!(mode(&st, "0.0.0.0", 30080, Scope::External), LbMode::Dsr);
+        assert_eq!(mode(&st, "10.96.0.10", 80, Scope::Cluster), LbMode::Snat);
+        let mut o = opts();
+        o.default_mode = LbMode::Dsr;
+        let (st, _) = build(&[np(json!({}))], &node_slices(), &o);
+        assert_eq!(mode(&st, "0.0.0.0", 30080, Scope::External), LbMode::Dsr);
+        let (st, w) = build(
+            &[np(json!({LB_MODE_ANNOTATION: "tunnel"}))],
+            &node_slices(),
+            &opts(),
+        );
+        assert_eq!(mode(&st, "0.0.0.0", 30080, Scope::External), LbMode::Snat);
+        assert!(w[0].message.contains("use snat or dsr"), "{w:?}");
     }
 }

@@ -23,6 +23,7 @@ use crate::{AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, FrontendD
 const SVC_AFFINITY: u16 = 1;
 const SVC_MAGLEV: u16 = 2;
 const SVC_SOURCE_RANGES: u16 = 4;
+const SVC_DSR: u16 = 8;
 
 /// A frontend as programmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -354,6 +355,9 @@ impl EbpfDataplane {
         if !ranges.is_empty() {
             flags |= SVC_SOURCE_RANGES;
         }
+        if f.mode == weir_control::lb::LbMode::Dsr && key.vip.is_ipv4() {
+            flags |= SVC_DSR;
+        }
         let old = self.frontends.get(key).cloned();
         let id = match &old {
             Some(o) => o.id,
@@ -554,6 +558,7 @@ impl Dataplane for EbpfDataplane {
                     .collect(),
                 affinity_timeout: (p.flags & SVC_AFFINITY != 0).then_some(p.timeout),
                 maglev_size: (p.maglev_size > 0).then_some(p.maglev_size),
+                dsr: p.flags & SVC_DSR != 0,
                 source_ranges: p
                     .ranges
                     .iter()

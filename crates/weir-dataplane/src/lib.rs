@@ -51,6 +51,8 @@ pub struct FrontendDump {
     pub maglev_size: Option<u32>,
     /// Allowed client prefixes (loadBalancerSourceRanges); empty: any.
     pub source_ranges: Vec<String>,
+    /// Remote backends are reached with direct server return.
+    pub dsr: bool,
 }
 
 /// One session affinity entry.

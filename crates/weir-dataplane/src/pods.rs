@@ -104,6 +104,7 @@ fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
         (CT_F_SEEN_REPLY, "seen-reply"),
         (CT_F_ESTABLISHED, "established"),
         (CT_F_CLOSING, "closing"),
+        (weir_bpf::datapath::CT_F_DSR, "dsr"),
     ] {
         if v.flags & bit != 0 {
             flags.push(name.to_string());

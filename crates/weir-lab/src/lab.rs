@@ -387,6 +387,7 @@ fn expected_view(
     let opts = weir_control::lb::Options {
         node_name: node.into(),
         default_algorithm: weir_control::lb::Algorithm::Random,
+        default_mode: weir_control::lb::LbMode::Snat,
     };
     let (state, _) = weir_control::lb::build(services, slices, &opts);
     state
@@ -578,6 +579,7 @@ pub async fn run_agent(
         node_name: node.into(),
         socket: p.agent_socket(node),
         default_algorithm: algorithm,
+        default_mode: weir_control::lb::LbMode::Snat,
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
         .await

@@ -53,6 +53,7 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
         &layout.external_ip.to_string(),
         &layout.external_ip6.to_string(),
         false,
+        1500,
     )?;
     for n in &layout.nodes {
         create_node(layout, n)?;
@@ -80,6 +81,10 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The MTU of the nodes' fabric links: room for DSR's outer IPv4 header (20 bytes) around a
+/// full-size 1,500-byte packet from outside, as an underlay carrying tunnels has.
+pub const NODE_FABRIC_MTU: u32 = 1600;
+
 fn attach_host(
     layout: &Layout,
     ns: &str,
@@ -87,13 +92,14 @@ fn attach_host(
     ip4: &str,
     ip6: &str,
     forwarding: bool,
+    mtu: u32,
 ) -> Result<(), LabError> {
     ip(&["netns", "add", ns])?;
     base_sysctls(ns, forwarding)?;
     ip_batch(
         Some(&layout.fabric_netns),
         &[
-            format!("link add {fabric_if} type veth peer name eth0 netns {ns}"),
+            format!("link add {fabric_if} mtu {mtu} type veth peer name eth0 netns {ns}"),
             format!("link set {fabric_if} master br0"),
             format!("link set {fabric_if} up"),
         ],
@@ -102,6 +108,7 @@ fn attach_host(
         Some(ns),
         &[
             "link set lo up".into(),
+            format!("link set eth0 mtu {mtu}"),
             "link set eth0 up".into(),
             format!("addr add {ip4}/24 dev eth0"),
             format!("addr add {ip6}/64 dev eth0 nodad"),
@@ -117,6 +124,7 @@ fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
         &n.ip.to_string(),
         &n.ip6.to_string(),
         true,
+        NODE_FABRIC_MTU,
     )
 }
 

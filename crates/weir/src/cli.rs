@@ -126,6 +126,26 @@ struct AgentArgs {
     /// node); keep them outside net.ipv4.ip_local_port_range.
     #[arg(long, default_value = "61000-65535")]
     snat_ports: String,
+    /// How NodePort/external traffic reaches a backend on another node, for Services without
+    /// the weir.dev/lb-mode annotation: snat, or dsr (IPIP to the backend's node, which
+    /// answers the client directly).
+    #[arg(long, value_enum, default_value_t = LbModeArg::Snat)]
+    lb_mode: LbModeArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LbModeArg {
+    Snat,
+    Dsr,
+}
+
+impl From<LbModeArg> for weir_control::lb::LbMode {
+    fn from(a: LbModeArg) -> Self {
+        match a {
+            LbModeArg::Snat => weir_control::lb::LbMode::Snat,
+            LbModeArg::Dsr => weir_control::lb::LbMode::Dsr,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -622,6 +642,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         node_name: a.node_name.clone(),
         socket: a.socket.clone(),
         default_algorithm: a.lb_algorithm.into(),
+        default_mode: a.lb_mode.into(),
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,

@@ -290,6 +290,9 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
         if !ranges.is_empty() {
             mode.push(format!("from {}", ranges.join(" ")));
         }
+        if f["dsr"] == true {
+            mode.push("dsr".into());
+        }
         if let Some(m) = f["maglev_size"].as_u64() {
             mode.push(format!("maglev M={m}"));
         }

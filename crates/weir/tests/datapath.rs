@@ -629,3 +629,62 @@ fn node_port_connections_survive_an_agent_restart() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[test]
+fn dsr_node_port_the_backends_node_answers_the_client_directly() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dsr, namespace: x, annotations: {{weir.dev/lb-mode: dsr}}}}\nspec:\n  type: NodePort\n  selector: {{pod: c}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
+        np_pod("c", "node-2"),
+    );
+    let lab = Lab::up("dsr", 2, &m);
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let n1 = nodes[0]["ip"].as_str().unwrap().to_string();
+    let (tcp, udp) = (
+        node_port(&lab, "dsr", "http"),
+        node_port(&lab, "dsr", "dns"),
+    );
+    let lb = ok(&mut lab.weir(&["bpf", "lb", "list", "--node", "node-1"]));
+    assert!(lb.contains("dsr"), "{lb}");
+
+    // Through node-1 to the pod on node-2: it answers, and it sees the client's own address.
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 5);
+    assert_eq!(r["ok"], 5, "{r}");
+    assert_eq!(r["peers"][format!("{n1}:{tcp}")], 5, "{r}");
+    let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 5);
+    assert_eq!(r["ok"], 5, "{r}");
+    assert_eq!(
+        client_ip_seen(&lab, &format!("{n1}:{tcp}")),
+        "172.30.0.2",
+        "no SNAT with DSR"
+    );
+    // node-1 keeps only the original direction; node-2 holds the reply entries it made from
+    // the tunnel header, and its replies went straight to the client.
+    let ct = |node: &str| -> Vec<Value> {
+        serde_json::from_str::<Value>(&ok(
+            &mut lab.weir(&["bpf", "ct", "list", "--node", node, "-o", "json"])
+        ))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+    };
+    let c1 = ct("node-1");
+    assert!(!c1.is_empty());
+    assert!(
+        c1.iter().all(|e| e["direction"] == "original"
+            && e["flags"].as_array().unwrap().iter().any(|f| f == "dsr")),
+        "{c1:?}"
+    );
+    let c2 = ct("node-2");
+    assert!(
+        c2.iter().any(|e| e["direction"] == "reply"
+            && e["nat"] == format!("{n1}:{tcp}")
+            && e["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "seen-reply")),
+        "{c2:?}"
+    );
+}

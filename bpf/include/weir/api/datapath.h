@@ -59,7 +59,8 @@ enum weir_reason {
 	DROP_CT_CREATE_FAILED = 134,   /* the conntrack map refused a new entry */
 	DROP_NAT_NO_PORT = 135,	       /* no free SNAT source port after several tries */
 	DROP_SOURCE_RANGE = 136,       /* client outside the loadBalancerSourceRanges */
-	REASON_MAX = 137,
+	DROP_NO_ROUTE = 137,	       /* a translated packet the FIB will not forward (route, MTU) */
+	REASON_MAX = 138,
 };
 
 /*
@@ -104,12 +105,16 @@ _Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
 #define CT_F_SEEN_REPLY	 (1 << 2) /* a reply was seen */
 #define CT_F_ESTABLISHED (1 << 3) /* TCP: the client acknowledged the reply */
 #define CT_F_CLOSING	 (1 << 4) /* TCP: FIN or RST seen */
+#define CT_F_DSR	 (1 << 5) /* direct server return: tunnelled to the backend's node */
+/* The flags that say what an entry is (the others are the flow's state). */
+#define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR)
 
 /*
  * Value of weir_ct4. Original direction: nat_addr/nat_port are the backend (new
  * destination), snat_addr/snat_port the node's address and port (new source) or 0. Reply
  * direction: nat_addr/nat_port are the frontend (new source), snat_addr/snat_port the client
- * (new destination) when the flow is SNATed, else 0.
+ * (new destination) when the flow is SNATed, else 0. With DSR the receiving node holds the
+ * original entry and the backend's node the reply entry.
  */
 struct ct4_entry {
 	__u64 expires;	  /* boot clock, seconds */

@@ -16,6 +16,7 @@
 #define WEIR_SVC_AFFINITY (1 << 0) /* sessionAffinity: ClientIP */
 #define WEIR_SVC_MAGLEV   (1 << 1) /* backend chosen from the service's Maglev table */
 #define WEIR_SVC_SOURCE_RANGES (1 << 2) /* clients must match weir_lb4_src_range */
+#define WEIR_SVC_DSR	       (1 << 3) /* remote backends: direct server return (IPIP) */
 
 /* lb_service.algorithm-independent limits */
 #define WEIR_LB_MAX_BACKENDS 65535
