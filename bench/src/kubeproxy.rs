@@ -15,6 +15,8 @@ pub struct Svc {
     pub vip: String,
     /// Endpoints `ip:port`.
     pub endpoints: Vec<(String, u16)>,
+    /// The NodePort, for a NodePort Service (externalTrafficPolicy: Cluster).
+    pub node_port: Option<u16>,
 }
 
 fn base32(data: &[u8]) -> String {
@@ -55,6 +57,14 @@ pub fn iptables(svcs: &[Svc], cluster_cidr: &str) -> String {
         let _ = writeln!(chains, ":{svc_chain} - [0:0]");
         let _ = writeln!(rules, "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {} --dport 80 -j {svc_chain}", s.name, s.vip);
         let _ = writeln!(rules, "-A {svc_chain} -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {} --dport 80 ! -s {cluster_cidr} -j KUBE-MARK-MASQ", s.name, s.vip);
+        if let Some(np) = s.node_port {
+            // externalTrafficPolicy: Cluster: masquerade, then the service chain.
+            let ext_chain = format!("KUBE-EXT-{}", hash16(&format!("{}tcp", s.name)));
+            let _ = writeln!(chains, ":{ext_chain} - [0:0]");
+            let _ = writeln!(rules, "-A KUBE-NODEPORTS -m comment --comment {} -m tcp -p tcp --dport {np} -j {ext_chain}", s.name);
+            let _ = writeln!(rules, "-A {ext_chain} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ", s.name);
+            let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
+        }
         let n = s.endpoints.len();
         for (i, (ip, port)) in s.endpoints.iter().enumerate() {
             let sep = format!("KUBE-SEP-{}", hash16(&format!("{}tcp{ip}:{port}", s.name)));
@@ -259,5 +269,24 @@ mod tests {
             "RM4OYAWE7K43RTNI"
         );
         assert_eq!(hash8("bench/svc-0/tcp/http"), "O6UKKYV4");
+    }
+
+    #[test]
+    fn node_port_rules_are_kube_proxys() {
+        let svc = Svc {
+            name: "bench/svc-0:http".into(),
+            vip: "10.96.0.10".into(),
+            endpoints: vec![("10.244.1.2".into(), 8080)],
+            node_port: Some(30080),
+        };
+        let out = iptables(&[svc], "10.244.0.0/16");
+        for line in [
+            ":KUBE-EXT-DARI5RCMN2KZWPPO - [0:0]",
+            "-A KUBE-NODEPORTS -m comment --comment bench/svc-0:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-DARI5RCMN2KZWPPO",
+            "-A KUBE-EXT-DARI5RCMN2KZWPPO -m comment --comment \"masquerade traffic for bench/svc-0:http external destinations\" -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-DARI5RCMN2KZWPPO -j KUBE-SVC-DARI5RCMN2KZWPPO",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line}");
+        }
     }
 }

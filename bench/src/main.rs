@@ -7,12 +7,20 @@
 //! iptables layout (legacy backend) and its nftables layout. Runs are interleaved, conntrack is
 //! flushed between them, clients close with SO_LINGER 0 (no TIME_WAIT pile-up).
 //!
+//! `weir-bench nodeport`: the same from an external client to a NodePort, weir's tc datapath
+//! against kube-proxy's iptables layout and the pod IPs routed with no rules.
+//!
+//! `weir-bench podpod`: pod-to-pod request/response rate and throughput on one node, routed by
+//! the host stack vs weir's tc shortcut, in the same namespaces.
+//!
 //! `weir-bench program`: time to program N services x 3 endpoints into weir's maps (full
 //! apply and one-service change) against iptables-restore (legacy and nf_tables backends) and
 //! nft -f, in scratch network namespaces.
 #![forbid(unsafe_code)]
 
 mod kubeproxy;
+mod nodeport;
+mod podpod;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -202,6 +210,7 @@ fn services(n: usize, second_octet: u8, target_endpoints: bool) -> Vec<Svc> {
                 name: format!("bench/svc-{i}:http"),
                 vip: format!("10.{second_octet}.{}.{}", i / 250, i % 250 + 2),
                 endpoints,
+                node_port: None,
             }
         })
         .collect()
@@ -709,6 +718,9 @@ fn main() -> Result<()> {
             enter(&args[1], &args[2])?;
             match args[3].as_str() {
                 "__serve" => serve(args[4].parse()?),
+                "__podpod_serve" => podpod::serve(),
+                "__podpod_rr" => podpod::rr(args[4].parse()?, args[5].parse()?, args[6].parse()?),
+                "__podpod_stream" => podpod::stream(args[4].parse()?, args[5].parse()?),
                 "__client" => client(
                     args[6..]
                         .iter()
@@ -734,6 +746,21 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| MODES.to_vec());
             connect_bench(&counts, rounds, secs, 4, &modes)
         }
+        Some("nodeport") => {
+            let counts: Vec<usize> = args
+                .get(1)
+                .map(|s| s.split(',').map(|x| x.parse()).collect::<Result<_, _>>())
+                .transpose()?
+                .unwrap_or_else(|| vec![1, 1000]);
+            let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            nodeport::bench(&counts, rounds, secs, 4)
+        }
+        Some("podpod") => {
+            let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            podpod::bench(rounds, secs, 4)
+        }
         Some("program") => {
             program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
         }
@@ -745,7 +772,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }

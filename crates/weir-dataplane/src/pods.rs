@@ -258,6 +258,11 @@ impl PodDataplane {
             .ct_gc(weir_bpf::datapath::boot_seconds(), |_, _| false)?)
     }
 
+    /// Removes every conntrack entry (benchmarks; a live node would lose its flows' NAT).
+    pub fn ct_flush(&self) -> Result<usize, DataplaneError> {
+        Ok(self.dp.ct_gc(0, |_, _| true)?)
+    }
+
     /// Makes the endpoint map and the pod devices' programs match `records`. Programs are
     /// attached before a pod's address enters the map, and the address leaves the map
     /// before the programs go.
