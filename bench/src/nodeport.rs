@@ -22,6 +22,9 @@ use crate::kubeproxy::{self, Svc};
 use crate::{in_ns, in_ns_stdin, ip, median, sh, spawn_in, ENDPOINTS};
 
 const MODES: &[&str] = &["direct", "iptables", "weir-tc"];
+
+/// Per mode: conn/s, p50 and p99 of each run, and the errors.
+type Runs = (Vec<f64>, Vec<f64>, Vec<f64>, u64);
 const NODE_IP: &str = "172.31.0.1";
 
 struct Ns {
@@ -266,9 +269,7 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
         for j in kubeproxy::iptables_jumps() {
             let _ = in_ns(&ipt.n, "iptables-legacy", &j);
         }
-        // mode -> (rates, p50s, p99s, errors)
-        let mut res: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, u64)> =
-            MODES.iter().map(|_| (vec![], vec![], vec![], 0)).collect();
+        let mut res: Vec<Runs> = MODES.iter().map(|_| (vec![], vec![], vec![], 0)).collect();
         for round in 0..=rounds {
             for k in 0..MODES.len() {
                 let mi = (k + round) % MODES.len();
