@@ -129,11 +129,8 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	if (ttl <= 1)
 		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
 	if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) == 0) {
-		/* From a pod, only traffic to this node's addresses can start a NodePort flow. */
-		bool new_flows = !from_pod || node_addr4(t.daddr);
-
 		frontend = t;
-		nat = lb4_nat(skb, &t, tcp_flags, skb->len, new_flows);
+		nat = lb4_nat(skb, &t, tcp_flags, skb->len, from_pod);
 		if (nat < 0)
 			return count(skb, dir, -nat, TC_ACT_SHOT);
 	} else {

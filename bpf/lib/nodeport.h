@@ -160,18 +160,23 @@ static __always_inline __u64 ct4_hash(const struct ct4_key *t)
 }
 
 /*
- * A new flow to an external frontend: choose a backend, create both conntrack entries (with
- * an SNAT port when the backend is on another node) and translate the packet.
- * Returns 1 when translated, 0 when the packet is not for an external frontend, or -reason.
+ * A new flow to a frontend: choose a backend, create the conntrack entries (with an SNAT port
+ * when an external flow's backend is on another node) and translate the packet. `from_pod`:
+ * a pod's packet, matched against ClusterIPs (and externalIPs/LoadBalancer IPs, cluster-wide)
+ * when the socket layer did not translate it; pods' flows are never SNATed (pod addresses are
+ * routable, the reply comes back to the client's node). A NodePort is matched on any of this
+ * node's addresses, from pods and from outside.
+ * Returns NAT_DONE or NAT_DSR when translated, NAT_NONE when the packet is for no frontend, or
+ * -reason.
  */
 static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
-				    __u32 len)
+				    __u32 len, bool from_pod)
 {
 	struct lb4_key key = {
 		.address = t->daddr,
 		.dport = t->dport,
 		.proto = t->proto,
-		.scope = WEIR_SCOPE_EXTERNAL,
+		.scope = from_pod ? WEIR_SCOPE_CLUSTER : WEIR_SCOPE_EXTERNAL,
 	};
 	struct ct4_entry fe = {}, re = {};
 	struct ct4_key rk = {};
@@ -179,12 +184,15 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	const struct lb4_backend *be;
 	const struct node_config *cfg;
 	__u32 zero = 0, id = 0, i;
-	bool dry = explaining(skb), ok = false;
+	bool dry = explaining(skb), ok = false, cluster;
 	__u64 client = 0;
 	__u16 state;
 
-	if (node_addr4(t->daddr))
+	if (node_addr4(t->daddr)) {
 		key.address = 0; /* NodePort: any address of this node */
+		key.scope = WEIR_SCOPE_EXTERNAL;
+	}
+	cluster = key.scope == WEIR_SCOPE_CLUSTER;
 	svc = bpf_map_lookup_elem(&weir_lb4_svc, &key);
 	if (!svc)
 		return 0;
@@ -208,7 +216,7 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	if (!be)
 		return -DROP_BACKEND_MISSING;
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
-	if ((svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address)) {
+	if (!cluster && (svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address)) {
 		/* DSR: only the original entry lives here; the backend's node keeps the reply
 		 * entry, made from the tunnel header, and answers the client itself. */
 		fe.expires = ct_now() + ct_lifetime(state, t->proto);
@@ -247,8 +255,9 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	rk.saddr = be->address;
 	rk.sport = be->port;
 	rk.proto = t->proto;
-	if (endpoint4(be->address)) {
-		/* A backend on this node sees the client's own address. */
+	if (cluster || endpoint4(be->address)) {
+		/* A backend on this node, or any backend of a pod's flow, sees the client's own
+		 * address. */
 		rk.daddr = t->saddr;
 		rk.dport = t->sport;
 		if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_ANY) < 0)
@@ -267,9 +276,18 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 			__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
 			__u16 port = cfg->snat_port_min + (bpf_get_prandom_u32() % range);
 
+			struct ct4_entry *old;
+
 			rk.dport = bpf_htons(port);
-			/* A port in use by another flow to the same backend is a collision. */
+			/* A port in use by another flow to the same backend is a collision; one whose
+			 * entry expired (the collector has not come by yet) is free. */
 			if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_NOEXIST) == 0) {
+				ok = true;
+				break;
+			}
+			old = bpf_map_lookup_elem(&weir_ct4, &rk);
+			if (old && ct_expired(old) &&
+			    bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_EXIST) == 0) {
 				ok = true;
 				break;
 			}
@@ -287,7 +305,7 @@ translate:
 	/* `weir explain`: the translation a new flow would get, with the first SNAT port tried. */
 	fe.nat_addr = be->address;
 	fe.nat_port = be->port;
-	if (!endpoint4(be->address)) {
+	if (!cluster && !endpoint4(be->address)) {
 		cfg = bpf_map_lookup_elem(&weir_config, &zero);
 		if (!cfg || !cfg->snat4)
 			return -DROP_NAT_NO_PORT;
@@ -390,13 +408,12 @@ static __always_inline int dsr4_decap(struct __sk_buff *skb, __be32 frontend, __
 /*
  * Load-balancing NAT for one IPv4 TCP/UDP packet with tuple `t` (updated to the translated
  * tuple). Replies of tracked flows are translated back; packets of tracked flows follow their
- * entry; new flows to external frontends get a backend (`new_flows`: only packets arriving
- * from outside, or from pods to this node's own addresses).
+ * entry; new flows to frontends get a backend (see nat4_new).
  * Returns NAT_DONE or NAT_DSR when translated, NAT_NONE when not load-balanced traffic, or
  * -reason to drop.
  */
 static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
-				   __u32 len, bool new_flows)
+				   __u32 len, bool from_pod)
 {
 	struct ct4_entry *e = bpf_map_lookup_elem(&weir_ct4, t);
 	struct ct4_key rk = {};
@@ -418,9 +435,7 @@ static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u
 			return nat4_apply_fwd(skb, t, e);
 		}
 	}
-	if (!new_flows)
-		return 0;
-	return nat4_new(skb, t, tcp_flags, len);
+	return nat4_new(skb, t, tcp_flags, len, from_pod);
 }
 
 #endif /* WEIR_LIB_NODEPORT_H */

@@ -231,6 +231,24 @@ impl SockLb {
         Ok(())
     }
 
+    /// Detaches the socket programs (removes their pinned links) and keeps the maps: the
+    /// socket layer stops translating, the per-packet datapath still reads the maps.
+    pub fn detach(&self) -> Result<(), BpfError> {
+        let dir = self.link_dir();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if let Ok(l) = Link::open(e.path()) {
+                    let _ = l.detach();
+                }
+                std::fs::remove_file(e.path()).map_err(|source| BpfError::Io {
+                    path: e.path(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Detaches the programs (unpins the links) and removes the pinned maps under `pin_dir`.
     pub fn remove_pins(pin_dir: &Path) -> Result<(), BpfError> {
         if pin_dir.exists() {

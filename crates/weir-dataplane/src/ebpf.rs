@@ -111,9 +111,24 @@ impl EbpfDataplane {
     /// Loads the socket programs with maps pinned in `pin_dir`, attaches them to the cgroup v2
     /// directory `cgroup`, and reads back what earlier runs programmed.
     pub fn new(pin_dir: &Path, cgroup: &Path) -> Result<Self, DataplaneError> {
+        Self::new_with(pin_dir, cgroup, true)
+    }
+
+    /// Like [`EbpfDataplane::new`]; with `socket_lb` false the socket programs are not
+    /// attached (and links an earlier agent pinned are removed): Services are then translated
+    /// per packet, at tc, for the pods under `cgroup`.
+    pub fn new_with(
+        pin_dir: &Path,
+        cgroup: &Path,
+        socket_lb: bool,
+    ) -> Result<Self, DataplaneError> {
         weir_bpf::ensure_bpffs()?;
         let mut lb = SockLb::load(pin_dir)?;
-        lb.attach(cgroup)?;
+        if socket_lb {
+            lb.attach(cgroup)?;
+        } else {
+            lb.detach()?;
+        }
         let mut dp = EbpfDataplane {
             lb,
             cgroup: cgroup.to_path_buf(),

@@ -31,6 +31,8 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Default backend selection of the agents (Services can override it by annotation).
     pub lb_algorithm: weir_control::lb::Algorithm,
+    /// Load-balance pods' Service traffic at the socket layer (else per packet, at tc).
+    pub socket_lb: bool,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -250,6 +252,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         weir_control::lb::Algorithm::Random => "random".into(),
         weir_control::lb::Algorithm::Maglev => "maglev".into(),
     };
+    layout.socket_lb = opts.socket_lb;
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -559,8 +562,12 @@ pub async fn run_agent(
     };
     let cgroup = p.cgroup_dir().join(node);
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
-    let dp = weir_dataplane::ebpf::EbpfDataplane::new(&p.node_bpf_dir(node), &cgroup)
-        .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
+    let dp = weir_dataplane::ebpf::EbpfDataplane::new_with(
+        &p.node_bpf_dir(node),
+        &cgroup,
+        layout.socket_lb,
+    )
+    .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
     let pins = p.node_bpf_dir(node).join("tc");
     let pods =
         weir_dataplane::pods::PodDataplane::new(&pins, &p.node_bpf_dir(node)).map_err(|e| {

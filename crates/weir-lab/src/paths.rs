@@ -158,6 +158,14 @@ pub struct Layout {
     /// Default backend selection of the lab's agents (`random` or `maglev`).
     #[serde(default = "default_algorithm")]
     pub lb_algorithm: String,
+    /// Whether the agents load-balance pods' Service traffic at the socket layer (else per
+    /// packet at tc).
+    #[serde(default = "default_true")]
+    pub socket_lb: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_algorithm() -> String {
@@ -188,6 +196,7 @@ impl Layout {
             fabric_netns: paths.netns("fabric"),
             created: weir_model::now_rfc3339(),
             lb_algorithm: default_algorithm(),
+            socket_lb: true,
         }
     }
 

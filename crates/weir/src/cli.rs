@@ -131,6 +131,10 @@ struct AgentArgs {
     /// answers the client directly).
     #[arg(long, value_enum, default_value_t = LbModeArg::Snat)]
     lb_mode: LbModeArg,
+    /// Do not load-balance at the socket layer for the pods under --cgroup: their Service
+    /// traffic is translated per packet at tc instead (as Cilium's hostNamespaceOnly).
+    #[arg(long)]
+    no_socket_lb: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +271,10 @@ enum LabCommand {
         /// annotation.
         #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
         lb_algorithm: AlgorithmArg,
+        /// Translate pods' Service traffic per packet at tc instead of at the socket layer
+        /// (as Cilium's socketLB.hostNamespaceOnly).
+        #[arg(long)]
+        no_socket_lb: bool,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -615,7 +623,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         .bpf_pin_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
-    let dp = weir_dataplane::ebpf::EbpfDataplane::new(&pins, &a.cgroup)
+    let dp = weir_dataplane::ebpf::EbpfDataplane::new_with(&pins, &a.cgroup, !a.no_socket_lb)
         .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
     let snat_ports = weir_agent::pods::parse_port_range(&a.snat_ports)
         .map_err(|e| anyhow!("--snat-ports {e}"))?;
@@ -745,6 +753,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             files,
             timeout,
             lb_algorithm,
+            no_socket_lb,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -753,6 +762,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 manifests: files.clone(),
                 timeout: *timeout,
                 lb_algorithm: (*lb_algorithm).into(),
+                socket_lb: !no_socket_lb,
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());

@@ -688,3 +688,61 @@ fn dsr_node_port_the_backends_node_answers_the_client_directly() {
         "{c2:?}"
     );
 }
+
+#[test]
+fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: x}}\nspec:\n  selector: {{app: np}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
+        np_pod("a", "node-1"),
+        np_pod("b", "node-1"),
+        np_pod("c", "node-2"),
+        pod("client", "node-1"),
+    );
+    let lab = Lab::up_with("nosock", 2, &m, &["--no-socket-lb"]);
+    let vip = lab.get_json(&["svc", "np", "-n", "x"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // TCP and UDP to the ClusterIP reach all three backends, on both nodes; the client's
+    // socket sees the ClusterIP as its peer (replies are translated back at tc).
+    let r = lab.connect("x/client", &format!("{vip}:80"), "tcp", 30);
+    assert_eq!(r["ok"], 30, "{r}");
+    assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{r}");
+    assert_eq!(r["peers"][format!("{vip}:80")], 30, "{r}");
+    let r = lab.connect("x/client", &format!("{vip}:53"), "udp", 30);
+    assert_eq!(r["ok"], 30, "{r}");
+    assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{r}");
+    // The socket layer did none of it.
+    let st: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["status", "--node", "node-1", "-o", "json"])
+    ))
+    .unwrap();
+    let connects = st["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == "xlate_connect")
+        .map(|c| c[1].as_u64().unwrap())
+        .unwrap_or(0);
+    assert_eq!(connects, 0, "{st}");
+    // Conntrack on the client's node holds the flows to the ClusterIP.
+    let ct = ok(&mut lab.weir(&["bpf", "ct", "list", "--node", "node-1"]));
+    assert!(ct.contains(&format!("{vip}:80")), "{ct}");
+    // explain from the client pod runs its veth's program.
+    let client_ip = ip_of(&lab, "client", 0);
+    let e: Value = serde_json::from_str(&ok(&mut lab.weir(&[
+        "explain",
+        "--node",
+        "node-1",
+        "--from",
+        &format!("{client_ip}:40000"),
+        "--to",
+        &format!("{vip}:80"),
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(e["program"], "from_pod", "{e}");
+    assert!(e["backend"].as_str().unwrap().ends_with(":8080"), "{e}");
+    assert!(e["snat"].is_null(), "pods' flows are never SNATed: {e}");
+}
