@@ -239,7 +239,12 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
     let (ext0, _) = link_of(&weir_ns.n, "ext0")?;
     in_netns(&weir_ns.n, || {
         pods.attach_netdev(ext0)?;
-        pods.configure_node(&[NODE_IP.parse()?], Some(NODE_IP.parse()?), (61000, 65535))?;
+        pods.configure_node(
+            &[NODE_IP.parse()?],
+            Some(NODE_IP.parse()?),
+            (61000, 65535),
+            None,
+        )?;
         pods.sync(&records)?;
         Ok(())
     })?;

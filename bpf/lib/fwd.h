@@ -11,6 +11,7 @@
 
 #include "endpoint.h"
 #include "nodeport.h"
+#include "tunnel.h"
 
 /*
  * Hands the packet to a local pod: the L2 header its host-side veth would have written, then
@@ -94,6 +95,8 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	const struct endpoint_info *ep;
 	struct iphdr *ip4 = pkt_ip4(skb);
 	struct ct4_key t = {}, frontend = {};
+	const struct node_config *cfg;
+	const struct tunnel_info *tun;
 	__u8 tcp_flags = 0, tos, proto;
 	__u16 tot_len;
 	long rc = 0;
@@ -142,6 +145,12 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
+	if (!ep && nat != NAT_DSR && (cfg = tunnel_mode()) && (tun = tunnel4(t.daddr))) {
+		/* Another node's pod, in VXLAN mode. */
+		if (pkt_ip4_dec_ttl(skb, ttl) < 0)
+			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
+		return fwd_tunnel(skb, dir, cfg, tun->node);
+	}
 	if (!ep) {
 		p.family = AF_INET_;
 		p.tos = tos;
@@ -178,6 +187,8 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_p
 	const struct endpoint_info *ep;
 	struct ipv6hdr *ip6 = pkt_ip6(skb);
 	struct in6_addr saddr, daddr;
+	const struct node_config *cfg;
+	const struct tunnel_info *tun;
 	long rc = 0;
 	__u8 hlim;
 
@@ -195,6 +206,11 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_p
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (hlim <= 1)
 		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
+	if (!ep && (cfg = tunnel_mode()) && (tun = tunnel6(&daddr))) {
+		if (pkt_ip6_dec_hlim(skb, hlim) < 0)
+			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
+		return fwd_tunnel(skb, dir, cfg, tun->node);
+	}
 	if (!ep) {
 		p.family = AF_INET6_;
 		p.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);

@@ -216,7 +216,10 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	if (!be)
 		return -DROP_BACKEND_MISSING;
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
-	if (!cluster && (svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address)) {
+	cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	/* DSR needs the underlay to route to the backend's node: with VXLAN, SNAT instead. */
+	if (!cluster && (svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address) &&
+	    !(cfg && (cfg->flags & WEIR_CFG_VXLAN))) {
 		/* DSR: only the original entry lives here; the backend's node keeps the reply
 		 * entry, made from the tunnel header, and answers the client itself. */
 		fe.expires = ct_now() + ct_lifetime(state, t->proto);

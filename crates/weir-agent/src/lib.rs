@@ -281,6 +281,29 @@ pub async fn run(
         }
         None => None,
     };
+    // VXLAN mode: the other nodes' pod CIDRs, from the Node objects, into the tunnel maps.
+    if let Some(p) = pods.as_ref().filter(|p| p.config.tunnel.is_some()) {
+        let nodes_changed = Arc::new(Notify::new());
+        let n2 = nodes_changed.clone();
+        let nodes = spawn_reflector(
+            Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |_| n2.notify_one(),
+        );
+        let p = p.clone();
+        let me = cfg.node_name.clone();
+        tokio::spawn(async move {
+            loop {
+                nodes_changed.notified().await;
+                let routes = weir_control::tunnel::routes(&nodes.state(), &me);
+                let r = p.dataplane.lock().expect("pods").set_tunnel_routes(&routes);
+                match r {
+                    Ok(()) => p.status.lock().expect("pod status").tunnel_routes = routes.len(),
+                    Err(e) => tracing::error!(error = %e, "programming the tunnel routes"),
+                }
+            }
+        });
+    }
     let shared = Arc::new(Shared {
         dataplane: Mutex::new(dataplane),
         status: Mutex::new(SyncStatus {

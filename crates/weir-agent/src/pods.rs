@@ -25,6 +25,9 @@ pub struct PodConfig {
     /// Source ports for flows SNATed to the node (inclusive). Keep it outside the node's
     /// ephemeral port range (net.ipv4.ip_local_port_range, 32768-60999 by default).
     pub snat_ports: (u16, u16),
+    /// VXLAN mode: the collect-metadata VXLAN device through which other nodes' pods are
+    /// reached (None: native routing).
+    pub tunnel: Option<String>,
 }
 
 /// The default SNAT source port range: above Linux's default ephemeral range.
@@ -64,6 +67,10 @@ pub struct PodStatus {
     pub node_addresses: Vec<String>,
     /// Conntrack entries removed by the collector so far.
     pub ct_collected: u64,
+    /// VXLAN mode: the tunnel device, and the other nodes' pod CIDRs routed through it.
+    pub tunnel: Option<String>,
+    /// Tunnel routes programmed.
+    pub tunnel_routes: usize,
     /// What the last sync changed.
     pub last_sync: PodSyncStats,
     /// The last error, if the last sync failed.
@@ -175,6 +182,20 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
             .map_err(|e| format!("attaching to device {dev:?}: {e}"))?;
         names.push(dev.clone());
     }
+    // VXLAN mode: decapsulated packets arrive on the tunnel device, for the node program.
+    let tunnel_ifindex = match &cfg.tunnel {
+        Some(dev) => {
+            let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
+                .map_err(|e| format!("tunnel device {dev:?}: {e}"))?;
+            pods.dataplane
+                .lock()
+                .expect("pods")
+                .attach_netdev(ifindex)
+                .map_err(|e| format!("attaching to tunnel device {dev:?}: {e}"))?;
+            Some(ifindex)
+        }
+        None => None,
+    };
     let addrs = device_addresses(&cfg.devices);
     let snat4 = addrs.iter().find_map(|a| match a {
         std::net::IpAddr::V4(v4) => Some(*v4),
@@ -183,9 +204,10 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     pods.dataplane
         .lock()
         .expect("pods")
-        .configure_node(&addrs, snat4, cfg.snat_ports)
+        .configure_node(&addrs, snat4, cfg.snat_ports, tunnel_ifindex)
         .map_err(|e| format!("writing the node's addresses: {e}"))?;
     let mut st = pods.status.lock().expect("pod status");
+    st.tunnel = cfg.tunnel.clone();
     st.devices = names;
     st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
     Ok(())

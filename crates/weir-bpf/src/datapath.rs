@@ -34,7 +34,8 @@ mod node_skel {
 }
 
 pub use pod_skel::types::{
-    ct4_entry, ct4_key, endpoint_info, endpoint_key, metrics_value, node_config, weir_reason,
+    ct4_entry, ct4_key, endpoint_info, endpoint_key, metrics_value, node_config, tunnel_info,
+    tunnel_key4, tunnel_key6, weir_reason,
 };
 
 use node_skel::{NodeSkel, NodeSkelBuilder};
@@ -55,7 +56,12 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_ct4",
     "weir_config",
     "weir_node_addrs",
+    "weir_tunnel4",
+    "weir_tunnel6",
 ];
+
+/// `node_config.flags`: VXLAN mode.
+pub const CFG_VXLAN: u32 = 1;
 
 /// `ct4_entry.flags`: keyed by the reply direction.
 pub const CT_F_REPLY: u16 = 1;
@@ -161,6 +167,7 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::REASON_PASS_NOT_IP, "REASON_PASS_NOT_IP"),
     (weir_reason::REASON_PASS_TTL, "REASON_PASS_TTL"),
     (weir_reason::REASON_TO_POD, "REASON_TO_POD"),
+    (weir_reason::REASON_FORWARD_TUNNEL, "REASON_FORWARD_TUNNEL"),
     (weir_reason::DROP_INVALID_PACKET, "DROP_INVALID_PACKET"),
     (weir_reason::DROP_HEADER_WRITE, "DROP_HEADER_WRITE"),
     (
@@ -296,6 +303,8 @@ impl Datapath {
             "weir_ct4" => &self.pod.maps.weir_ct4,
             "weir_config" => &self.pod.maps.weir_config,
             "weir_node_addrs" => &self.pod.maps.weir_node_addrs,
+            "weir_tunnel4" => &self.pod.maps.weir_tunnel4,
+            "weir_tunnel6" => &self.pod.maps.weir_tunnel6,
             other => panic!("no datapath map named {other}"),
         }
     }
@@ -457,6 +466,56 @@ impl Datapath {
         let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
         for k in stale {
             let _ = map.delete(&k);
+        }
+        Ok(())
+    }
+
+    /// Makes the tunnel maps hold exactly `routes`: other nodes' pod CIDRs and the underlay
+    /// IPv4 address of the node that has each.
+    pub fn set_tunnel_routes(
+        &self,
+        routes: &[(std::net::IpAddr, u8, std::net::Ipv4Addr)],
+    ) -> Result<(), BpfError> {
+        let mut want4: Vec<Vec<u8>> = Vec::new();
+        let mut want6: Vec<Vec<u8>> = Vec::new();
+        for (net, len, node) in routes {
+            let v = tunnel_info {
+                node: u32::from_ne_bytes(node.octets()),
+                ..Default::default()
+            };
+            match net {
+                std::net::IpAddr::V4(a) => {
+                    let k = tunnel_key4 {
+                        prefixlen: *len as u32,
+                        addr: u32::from_ne_bytes(a.octets()),
+                    };
+                    self.map("weir_tunnel4")
+                        .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
+                        .map_err(lb("updating map weir_tunnel4"))?;
+                    want4.push(as_bytes(&k).to_vec());
+                }
+                std::net::IpAddr::V6(a) => {
+                    let o = a.octets();
+                    let mut k = tunnel_key6 {
+                        prefixlen: *len as u32,
+                        ..Default::default()
+                    };
+                    for (i, w) in k.addr.iter_mut().enumerate() {
+                        *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+                    }
+                    self.map("weir_tunnel6")
+                        .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
+                        .map_err(lb("updating map weir_tunnel6"))?;
+                    want6.push(as_bytes(&k).to_vec());
+                }
+            }
+        }
+        for (name, want) in [("weir_tunnel4", want4), ("weir_tunnel6", want6)] {
+            let map = self.map(name);
+            let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
+            for k in stale {
+                let _ = map.delete(&k);
+            }
         }
         Ok(())
     }

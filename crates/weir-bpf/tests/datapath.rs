@@ -962,3 +962,54 @@ fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
     assert_eq!(v, TC_ACT_OK);
     assert_eq!(out, other);
 }
+
+#[test]
+fn vxlan_mode_sends_other_nodes_pods_through_the_tunnel_device() {
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    let tun = fx.ifindex("out0");
+    let a: Ipv4Addr = "10.2.0.1".parse().expect("ip");
+    fx.dp
+        .set_config(&weir_bpf::datapath::node_config {
+            snat4: u32::from_ne_bytes(a.octets()),
+            snat_port_min: 61000,
+            snat_port_max: 61010,
+            flags: weir_bpf::datapath::CFG_VXLAN,
+            tunnel_ifindex: tun,
+        })
+        .expect("config");
+    fx.dp
+        .set_tunnel_routes(&[(
+            "10.244.2.0".parse().expect("ip"),
+            24,
+            "10.2.0.2".parse().expect("ip"),
+        )])
+        .expect("routes");
+    let f = frame4(
+        "10.244.1.5".parse().expect("ip"),
+        "10.244.2.9".parse().expect("ip"),
+        64,
+    );
+    let (v, out) = fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(out[22], 63, "ttl");
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(fx.metric("REASON_FORWARD_TUNNEL"), 1);
+    // Outside every pod CIDR of the tunnel map: the FIB as usual.
+    let f = frame4(
+        "10.244.1.5".parse().expect("ip"),
+        "10.50.0.9".parse().expect("ip"),
+        64,
+    );
+    fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(fx.metric("REASON_FORWARD_FIB"), 1);
+    // Routes follow the nodes: removing them stops the tunnel.
+    fx.dp.set_tunnel_routes(&[]).expect("routes");
+    let f = frame4(
+        "10.244.1.5".parse().expect("ip"),
+        "10.244.2.9".parse().expect("ip"),
+        64,
+    );
+    fx.run(TcProgram::FromPod, &f, in0);
+    assert_eq!(fx.metric("REASON_FORWARD_TUNNEL"), 1);
+}

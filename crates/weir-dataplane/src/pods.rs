@@ -239,6 +239,7 @@ impl PodDataplane {
         addrs: &[IpAddr],
         snat4: Option<std::net::Ipv4Addr>,
         snat_ports: (u16, u16),
+        tunnel_ifindex: Option<u32>,
     ) -> Result<(), DataplaneError> {
         let keys: Vec<endpoint_key> = addrs.iter().map(|a| endpoint_key_of(*a)).collect();
         self.dp.set_node_addrs(&keys)?;
@@ -246,9 +247,23 @@ impl PodDataplane {
             snat4: snat4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
             snat_port_min: snat_ports.0,
             snat_port_max: snat_ports.1,
-            ..Default::default()
+            flags: if tunnel_ifindex.is_some() {
+                weir_bpf::datapath::CFG_VXLAN
+            } else {
+                0
+            },
+            tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
         })?;
         Ok(())
+    }
+
+    /// VXLAN mode: the other nodes' pod CIDRs (network, prefix length) and the underlay
+    /// address of the node that has each.
+    pub fn set_tunnel_routes(
+        &self,
+        routes: &[(IpAddr, u8, std::net::Ipv4Addr)],
+    ) -> Result<(), DataplaneError> {
+        Ok(self.dp.set_tunnel_routes(routes)?)
     }
 
     /// Removes expired conntrack entries. Returns how many.

@@ -33,6 +33,8 @@ pub struct UpOptions {
     pub lb_algorithm: weir_control::lb::Algorithm,
     /// Load-balance pods' Service traffic at the socket layer (else per packet, at tc).
     pub socket_lb: bool,
+    /// Cross-node pod traffic: `native` or `vxlan`.
+    pub tunnel: String,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -253,6 +255,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         weir_control::lb::Algorithm::Maglev => "maglev".into(),
     };
     layout.socket_lb = opts.socket_lb;
+    layout.tunnel = opts.tunnel.clone();
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -580,6 +583,7 @@ pub async fn run_agent(
         devices: vec!["eth0".into()],
         netns: Some(paths::netns_path(&layout.node(node)?.netns)),
         snat_ports: weir_agent::pods::DEFAULT_SNAT_PORTS,
+        tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

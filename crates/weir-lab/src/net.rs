@@ -58,6 +58,20 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
     for n in &layout.nodes {
         create_node(layout, n)?;
     }
+    if layout.tunnel == "vxlan" {
+        // VXLAN mode: one collect-metadata device per node; the agents pick the far end per
+        // packet. Pod addresses are not routed on the fabric (nor from the external host).
+        for n in &layout.nodes {
+            ip_batch(
+                Some(&n.netns),
+                &[
+                    format!("link add {TUNNEL_DEVICE} type vxlan external dstport 8472"),
+                    format!("link set {TUNNEL_DEVICE} up"),
+                ],
+            )?;
+        }
+        return Ok(());
+    }
     // Native routing: every node (and the external host) reaches each node's pod CIDRs
     // through that node's fabric address.
     for n in &layout.nodes {
@@ -80,6 +94,9 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
     }
     Ok(())
 }
+
+/// The VXLAN device of each node in VXLAN mode.
+pub const TUNNEL_DEVICE: &str = "vxlan0";
 
 /// The MTU of the nodes' fabric links: room for DSR's outer IPv4 header (20 bytes) around a
 /// full-size 1,500-byte packet from outside, as an underlay carrying tunnels has.

@@ -162,6 +162,14 @@ pub struct Layout {
     /// packet at tc).
     #[serde(default = "default_true")]
     pub socket_lb: bool,
+    /// How pods reach other nodes' pods: `native` (routes through the nodes' fabric
+    /// addresses) or `vxlan` (a collect-metadata VXLAN device driven by the agents).
+    #[serde(default = "default_tunnel")]
+    pub tunnel: String,
+}
+
+fn default_tunnel() -> String {
+    "native".into()
 }
 
 fn default_true() -> bool {
@@ -197,6 +205,7 @@ impl Layout {
             created: weir_model::now_rfc3339(),
             lb_algorithm: default_algorithm(),
             socket_lb: true,
+            tunnel: default_tunnel(),
         }
     }
 

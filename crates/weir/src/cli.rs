@@ -135,6 +135,17 @@ struct AgentArgs {
     /// traffic is translated per packet at tc instead (as Cilium's hostNamespaceOnly).
     #[arg(long)]
     no_socket_lb: bool,
+    /// VXLAN mode: the collect-metadata VXLAN device (`ip link add DEV type vxlan external
+    /// dstport 8472`) through which other nodes' pods are reached, routed from the Nodes'
+    /// podCIDRs. Without it: native routing.
+    #[arg(long)]
+    tunnel_device: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TunnelArg {
+    Native,
+    Vxlan,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +286,10 @@ enum LabCommand {
         /// (as Cilium's socketLB.hostNamespaceOnly).
         #[arg(long)]
         no_socket_lb: bool,
+        /// How pods reach other nodes' pods: native routing on the fabric, or VXLAN
+        /// encapsulation driven by the agents.
+        #[arg(long, value_enum, default_value_t = TunnelArg::Native)]
+        tunnel: TunnelArg,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -639,6 +654,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         devices: a.devices.clone(),
         netns: None,
         snat_ports,
+        tunnel: a.tunnel_device.clone(),
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,
@@ -754,6 +770,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             timeout,
             lb_algorithm,
             no_socket_lb,
+            tunnel,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -763,6 +780,10 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 timeout: *timeout,
                 lb_algorithm: (*lb_algorithm).into(),
                 socket_lb: !no_socket_lb,
+                tunnel: match tunnel {
+                    TunnelArg::Native => "native".into(),
+                    TunnelArg::Vxlan => "vxlan".into(),
+                },
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());

@@ -28,11 +28,16 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
     let st = ask(socket, "/status").await?;
     let lb = ask(socket, "/lb").await?;
     if json {
+        let dp = ask(socket, "/datapath").await.ok();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"status": st, "programs": lb["programs"], "maps": lb["maps"], "counters": lb["counters"]})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "status": st,
+                "programs": lb["programs"],
+                "maps": lb["maps"],
+                "counters": lb["counters"],
+                "datapath": dp.as_ref().map(|d| d["status"].clone()),
+            }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -119,6 +124,12 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
                     .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
                     .unwrap_or_default()
             );
+            if let Some(t) = st["tunnel"].as_str() {
+                println!(
+                    "Tunnel:        VXLAN on {t}, {} routes to other nodes' pods",
+                    s(&st["tunnel_routes"])
+                );
+            }
             if let Some(e) = st["last_error"].as_str() {
                 println!("Last error:    {e}");
             }

@@ -746,3 +746,54 @@ fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
     assert!(e["backend"].as_str().unwrap().ends_with(":8080"), "{e}");
     assert!(e["snat"].is_null(), "pods' flows are never SNATed: {e}");
 }
+
+#[test]
+fn vxlan_mode_carries_pod_traffic_and_node_ports_between_nodes() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        np_service("np", "app: np", "Cluster"),
+    );
+    let lab = Lab::up_with("vx", 2, &m, &["--tunnel", "vxlan"]);
+    // No route to the other node's pods on the fabric: only the tunnel can carry them.
+    let ns1 = node_netns(&lab, "node-1");
+    assert_eq!(
+        in_netns(&ns1, &["ip", "route", "show", "10.244.2.0/24"]).trim(),
+        ""
+    );
+    for (port, proto) in [(8080, "tcp"), (5353, "udp")] {
+        let m = lab.probe(port, proto, "pod-ip");
+        let rows = m["rows"].as_object().unwrap();
+        assert!(
+            rows.values()
+                .all(|r| r.as_object().unwrap().values().all(|v| v == true)),
+            "{proto}/{port}: {m}"
+        );
+    }
+    let c6 = ip_of(&lab, "c", 1);
+    let r = lab.connect("x/a", &format!("[{c6}]:8080"), "tcp", 3);
+    assert_eq!(r["ok"], 3, "IPv6 across the tunnel: {r}");
+    for node in ["node-1", "node-2"] {
+        assert!(metric(&lab, node, "REASON_FORWARD_TUNNEL") > 0, "{node}");
+    }
+    // NodePorts: the SNATed flow to the other node's backend goes through the tunnel too.
+    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
+        .unwrap()[0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tcp = node_port(&lab, "np", "http");
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);
+    assert_eq!(r["ok"], 24, "{r}");
+    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    // node-1 routes node-2's IPv4 and IPv6 pod CIDRs through the tunnel.
+    let st: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["status", "--node", "node-1", "-o", "json"])
+    ))
+    .unwrap();
+    assert_eq!(st["datapath"]["tunnel"], "vxlan0", "{st}");
+    assert_eq!(st["datapath"]["tunnel_routes"], 2, "{st}");
+    let text = ok(&mut lab.weir(&["status", "--node", "node-1"]));
+    assert!(text.contains("VXLAN on vxlan0, 2 routes"), "{text}");
+}

@@ -52,6 +52,7 @@ enum weir_reason {
 	REASON_PASS_NOT_IP = 4,	  /* not IPv4/IPv6 (ARP...) or link-local/multicast */
 	REASON_PASS_TTL = 5,	  /* TTL/hop limit expiring: the stack sends the ICMP error */
 	REASON_TO_POD = 6,	  /* delivered to a pod through the host stack */
+	REASON_FORWARD_TUNNEL = 7, /* sent to another node's pod through the VXLAN device */
 	DROP_INVALID_PACKET = 130, /* truncated or malformed headers */
 	DROP_HEADER_WRITE = 131,   /* a header or checksum could not be rewritten */
 	DROP_NO_SERVICE_BACKEND = 132, /* a NodePort/external frontend without usable backend */
@@ -137,14 +138,40 @@ _Static_assert(sizeof(struct ct4_entry) == 48, "ct4_entry size");
 #define CT_LIFETIME_TCP_CLOSING	    10
 #define CT_LIFETIME_OTHER	    60
 
+/* node_config.flags */
+#define WEIR_CFG_VXLAN (1 << 0) /* other nodes' pods are reached through tunnel_ifindex */
+
+/* The VXLAN network identifier of pod traffic between nodes. */
+#define WEIR_VXLAN_VNI 2
+
 /* Value of weir_config[0]: node-wide settings written by the agent. */
 struct node_config {
 	__be32 snat4;	     /* the node's IPv4 address for SNAT (network order); 0: none */
 	__u16 snat_port_min; /* host order, inclusive */
 	__u16 snat_port_max; /* host order, inclusive */
-	__u32 flags;
+	__u32 flags;	     /* WEIR_CFG_* */
+	__u32 tunnel_ifindex; /* the collect-metadata VXLAN device */
+};
+
+/* Keys of weir_tunnel4 / weir_tunnel6 (LPM tries): another node's pod CIDR. */
+struct tunnel_key4 {
+	__u32 prefixlen;
+	__be32 addr; /* network order */
+};
+_Static_assert(sizeof(struct tunnel_key4) == 8, "tunnel_key4 size");
+
+struct tunnel_key6 {
+	__u32 prefixlen;
+	__be32 addr[4]; /* network order */
+};
+_Static_assert(sizeof(struct tunnel_key6) == 20, "tunnel_key6 size");
+
+/* Value of weir_tunnel4 / weir_tunnel6: the node that has those pods. */
+struct tunnel_info {
+	__be32 node; /* its underlay IPv4 address, network order */
 	__u32 pad;
 };
+_Static_assert(sizeof(struct tunnel_info) == 8, "tunnel_info size");
 _Static_assert(sizeof(struct node_config) == 16, "node_config size");
 
 #endif /* WEIR_API_DATAPATH_H */
