@@ -139,6 +139,12 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	} else {
 		t.saddr = ip4->saddr;
 		t.daddr = ip4->daddr;
+		if (proto == IPPROTO_ICMP_ && ip4->ihl == 5 &&
+		    !(ip4->frag_off & bpf_htons(0x3fff))) {
+			nat = icmp4_error_nat(skb, &t);
+			if (nat < 0)
+				return count(skb, dir, -nat, TC_ACT_SHOT);
+		}
 	}
 	ep = endpoint4(t.daddr);
 	if (!ep && !from_pod && !nat)

@@ -408,6 +408,90 @@ static __always_inline int dsr4_decap(struct __sk_buff *skb, __be32 frontend, __
 	return 1;
 }
 
+#define IPPROTO_ICMP_  1
+#define ICMP_CSUM_OFF  (L4_OFF + 2)
+#define ICMP_INNER_OFF (L4_OFF + 8)		 /* the offending packet's IP header */
+#define ICMP_INNER_L4  (ICMP_INNER_OFF + 20) /* its first 8 bytes of L4 (IHL 5 only) */
+
+/*
+ * An ICMP error (destination unreachable, time exceeded, parameter problem) about a packet of
+ * a tracked flow, on its way back: the quoted packet is the translated one (to the backend,
+ * perhaps from the SNAT address), so it is translated back as the flow's replies are (the
+ * client and the frontend), the ICMP and quoted IP checksums following; the outer destination
+ * becomes the client when the flow is SNATed, and an error sent by the backend itself comes
+ * from the frontend. `t` holds the outer addresses and is updated.
+ * Returns NAT_DONE when translated, NAT_NONE when not an error about a tracked flow, or
+ * -reason.
+ */
+static __always_inline int icmp4_error_nat(struct __sk_buff *skb, struct ct4_key *t)
+{
+	__u8 type, q[28], n[28];
+	struct iphdr *qip = (struct iphdr *)q, *nip = (struct iphdr *)n;
+	struct ct4_key rk = {};
+	struct ct4_entry *re;
+	__be32 new_src = t->saddr, new_dst = t->daddr;
+	__be16 *qports = (__be16 *)(q + 20), *nports = (__be16 *)(n + 20);
+	__s64 diff;
+
+	if (bpf_skb_load_bytes(skb, L4_OFF, &type, 1) < 0)
+		return NAT_NONE;
+	if (type != 3 && type != 11 && type != 12)
+		return NAT_NONE;
+	if (bpf_skb_load_bytes(skb, ICMP_INNER_OFF, q, sizeof(q)) < 0)
+		return NAT_NONE;
+	if (qip->ihl != 5 || (qip->protocol != IPPROTO_TCP_ && qip->protocol != IPPROTO_UDP_))
+		return NAT_NONE;
+	/* The quoted packet went client (or SNAT address) -> backend: its reply entry. */
+	rk.saddr = qip->daddr;
+	rk.daddr = qip->saddr;
+	rk.sport = qports[1];
+	rk.dport = qports[0];
+	rk.proto = qip->protocol;
+	re = bpf_map_lookup_elem(&weir_ct4, &rk);
+	if (!re || !(re->flags & CT_F_REPLY) || (re->flags & CT_F_DSR) || ct_expired(re))
+		return NAT_NONE;
+	__builtin_memcpy(n, q, sizeof(n));
+	nip->daddr = re->nat_addr;
+	nports[1] = re->nat_port;
+	if (re->flags & CT_F_SNAT) {
+		nip->saddr = re->snat_addr;
+		nports[0] = re->snat_port;
+		new_dst = re->snat_addr;
+	}
+	if (t->saddr == qip->daddr)
+		new_src = re->nat_addr;
+	nip->check = 0;
+	nip->check = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)n, 20, 0));
+	if (qip->protocol == IPPROTO_UDP_) {
+		__u16 *qc = (__u16 *)(q + 26), *nc = (__u16 *)(n + 26);
+
+		/* The quoted UDP checksum covers the addresses and ports (a zero one stays). */
+		if (*qc) {
+			__u16 c = csum_fold32(bpf_csum_diff((__be32 *)(q + 12), 12,
+							    (__be32 *)(n + 12), 12,
+							    (__u16)~*qc));
+			*nc = c ? c : 0xffff;
+		}
+	}
+	diff = bpf_csum_diff((__be32 *)q, sizeof(q), (__be32 *)n, sizeof(n), 0);
+	if (bpf_skb_store_bytes(skb, ICMP_INNER_OFF, n, sizeof(n), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, 0, diff, 0) < 0)
+		return -DROP_HEADER_WRITE;
+	if (new_src != t->saddr) {
+		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, t->saddr, new_src, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, IP4_SADDR_OFF, &new_src, 4, 0) < 0)
+			return -DROP_HEADER_WRITE;
+		t->saddr = new_src;
+	}
+	if (new_dst != t->daddr) {
+		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, t->daddr, new_dst, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, IP4_DADDR_OFF, &new_dst, 4, 0) < 0)
+			return -DROP_HEADER_WRITE;
+		t->daddr = new_dst;
+	}
+	return NAT_DONE;
+}
+
 /*
  * Load-balancing NAT for one IPv4 TCP/UDP packet with tuple `t` (updated to the translated
  * tuple). Replies of tracked flows are translated back; packets of tracked flows follow their

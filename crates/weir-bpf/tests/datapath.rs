@@ -1013,3 +1013,61 @@ fn vxlan_mode_sends_other_nodes_pods_through_the_tunnel_device() {
     fx.run(TcProgram::FromPod, &f, in0);
     assert_eq!(fx.metric("REASON_FORWARD_TUNNEL"), 1);
 }
+
+/// An ICMP error of `icmp_type` from `src` to `dst` quoting the first 28 bytes of `quoted`'s IP
+/// packet (an Ethernet frame).
+fn icmp4_error(src: &str, dst: &str, icmp_type: u8, quoted: &[u8]) -> Vec<u8> {
+    let q = &quoted[14..14 + 28];
+    let mut icmp = vec![icmp_type, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(q);
+    let c = csum16(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = frame4(src.parse().expect("ip"), dst.parse().expect("ip"), 64);
+    f.truncate(34);
+    f[14 + 9] = 1;
+    f[14 + 2..14 + 4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    f[14 + 10] = 0;
+    f[14 + 11] = 0;
+    let c = csum16(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    fx.node_port(30053, 17, 9, Some((5, "10.50.0.9", 5353)));
+    let dgram = udp4(("10.1.0.5", 5000), ("10.1.0.1", 30053));
+    let (v, sent) = fx.run(TcProgram::FromNetdev, &dgram, in0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let snat = endpoints_of(&sent).0;
+    // The backend answers "port unreachable" to the SNAT address, quoting what it received.
+    let err = icmp4_error("10.50.0.9", "10.2.0.1", 3, &sent);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &err, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(ip4_at(&out, 26), "10.1.0.1", "from the frontend");
+    assert_eq!(ip4_at(&out, 30), "10.1.0.5", "to the client");
+    assert_eq!(csum16(&out[14..34]), 0, "outer ip checksum");
+    assert_eq!(csum16(&out[34..]), 0, "icmp checksum");
+    // The quoted packet is the client's own, as it sent it.
+    let quoted = &out[42..70];
+    assert_eq!(ip4_at(quoted, 12), "10.1.0.5");
+    assert_eq!(ip4_at(quoted, 16), "10.1.0.1");
+    assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 5000);
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 30053);
+    assert_eq!(csum16(&quoted[..20]), 0, "quoted ip checksum");
+    // An error about no tracked flow is left to the stack.
+    let other = icmp4_error(
+        "10.50.0.9",
+        "10.2.0.1",
+        3,
+        &udp4(("10.2.0.1", 1), ("10.50.0.9", 2)),
+    );
+    let (v, out) = fx.run(TcProgram::FromNetdev, &other, in0);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(out, other);
+    let _ = snat;
+}

@@ -797,3 +797,22 @@ fn vxlan_mode_carries_pod_traffic_and_node_ports_between_nodes() {
     let text = ok(&mut lab.weir(&["status", "--node", "node-1"]));
     assert!(text.contains("VXLAN on vxlan0, 2 routes"), "{text}");
 }
+
+#[test]
+fn icmp_errors_reach_external_clients_through_node_ports() {
+    // UDP to a port the pod does not serve: the pod's node answers port unreachable, which
+    // node-1 translates back (SNAT undone, quoted packet restored) to the external client.
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: closed, namespace: x}}\nspec:\n  type: NodePort\n  selector: {{pod: c}}\n  ports:\n  - {{name: dns, port: 53, targetPort: 5454, protocol: UDP}}\n",
+        np_pod("c", "node-2"),
+    );
+    let lab = Lab::up("icmp", 2, &m);
+    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
+        .unwrap()[0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let udp = node_port(&lab, "closed", "dns");
+    let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 3);
+    assert_eq!(r["errors"]["ECONNREFUSED"], 3, "{r}");
+}
