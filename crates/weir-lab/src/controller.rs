@@ -1,5 +1,9 @@
-//! The lab's controller manager: the EndpointSlice controller and a round-robin scheduler
-//! for Pods with no `spec.nodeName`.
+//! The lab's controller manager: the EndpointSlice controller, a round-robin scheduler for
+//! Pods with no `spec.nodeName`, and a LoadBalancer IP allocator (as a cloud controller or
+//! MetalLB would): LoadBalancer Services get an ingress IP from the lab's pool in their status.
+
+/// The lab's LoadBalancer IP pool; the external host routes it to every node (ECMP).
+pub const LB_POOL: &str = "172.30.100.0/24";
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,6 +47,8 @@ struct Controller {
     deleted: HashSet<(String, String)>,
     bound: HashSet<String>,
     next_node: usize,
+    /// LoadBalancer IPs given out and not yet seen in a Service's status.
+    lb_assigned: HashMap<(String, String), std::net::Ipv4Addr>,
 }
 
 fn notifier<K>(notify: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static {
@@ -257,8 +263,95 @@ impl Controller {
         Ok(())
     }
 
+    /// Gives every LoadBalancer Service without an ingress IP one from [`LB_POOL`] (its
+    /// `spec.loadBalancerIP` if it asks for a free one of the pool), in its status. Services
+    /// with a `loadBalancerClass` belong to another controller.
+    async fn assign_lb_ips(&mut self) -> Result<(), LabError> {
+        let pool: ipnet::Ipv4Net = LB_POOL.parse().expect("pool");
+        let services = self.services.state();
+        let mut used: HashSet<std::net::Ipv4Addr> = self.lb_assigned.values().copied().collect();
+        for s in &services {
+            for i in s
+                .status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(ip) = i.ip.as_deref().and_then(|a| a.parse().ok()) {
+                    used.insert(ip);
+                }
+            }
+        }
+        for s in &services {
+            let Some(spec) = s.spec.as_ref() else {
+                continue;
+            };
+            let k = key(
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default(),
+            );
+            let has_ingress = s
+                .status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .is_some_and(|i| !i.is_empty());
+            if has_ingress {
+                self.lb_assigned.remove(&k);
+                continue;
+            }
+            if spec.type_.as_deref() != Some("LoadBalancer")
+                || spec.load_balancer_class.is_some()
+                || self.lb_assigned.contains_key(&k)
+            {
+                continue;
+            }
+            let wanted = spec
+                .load_balancer_ip
+                .as_deref()
+                .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                .filter(|a| pool.contains(a) && !used.contains(a));
+            let Some(ip) = wanted.or_else(|| {
+                pool.hosts()
+                    .skip(9) // .1-.9 stay free for the lab's own use
+                    .find(|a| !used.contains(a))
+            }) else {
+                tracing::warn!(service = %format!("{}/{}", k.0, k.1), "the LoadBalancer pool is exhausted");
+                continue;
+            };
+            let api: Api<Service> = Api::namespaced(self.client.clone(), &k.0);
+            match api
+                .patch_status(
+                    &k.1,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}}),
+                    ),
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(service = %format!("{}/{}", k.0, k.1), %ip, "LoadBalancer IP assigned");
+                    used.insert(ip);
+                    self.lb_assigned.insert(k, ip);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Err(LabError::Kube(format!(
+                        "assigning a LoadBalancer IP to {}/{}: {e}",
+                        k.0, k.1
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn reconcile_all(&mut self) -> Result<(), LabError> {
         self.schedule().await?;
+        self.assign_lb_ips().await?;
         let pods: Vec<Pod> = self.pods.state().iter().map(|p| (**p).clone()).collect();
         let mut by_ns: HashMap<String, Vec<Pod>> = HashMap::new();
         for p in pods {
@@ -328,6 +421,7 @@ pub async fn run(client: Client) -> Result<(), LabError> {
         deleted: HashSet::new(),
         bound: HashSet::new(),
         next_node: 0,
+        lb_assigned: HashMap::new(),
     };
     loop {
         // Coalesce bursts of events into one pass.

@@ -58,6 +58,26 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
     for n in &layout.nodes {
         create_node(layout, n)?;
     }
+    // The external host reaches LoadBalancer IPs through every node, spreading connections by
+    // their ports (ECMP with the L4 hash), as an upstream router announcing them from each node
+    // would.
+    let hops: Vec<String> = layout
+        .nodes
+        .iter()
+        .map(|n| format!("nexthop via {}", n.ip))
+        .collect();
+    sys::sysctls(
+        &layout.external_netns,
+        &[("net.ipv4.fib_multipath_hash_policy", "1")],
+    )?;
+    ip_batch(
+        Some(&layout.external_netns),
+        &[format!(
+            "route replace {} {}",
+            crate::controller::LB_POOL,
+            hops.join(" ")
+        )],
+    )?;
     if layout.tunnel == "vxlan" {
         // VXLAN mode: one collect-metadata device per node; the agents pick the far end per
         // packet. Pod addresses are not routed on the fabric (nor from the external host).

@@ -816,3 +816,76 @@ fn icmp_errors_reach_external_clients_through_node_ports() {
     let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 3);
     assert_eq!(r["errors"]["ECONNREFUSED"], 3, "{r}");
 }
+
+#[test]
+fn lab_load_balancer_ips_maglev_consistent_across_nodes_and_affinity() {
+    let lb = |name: &str, extra: &str, spec: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x{extra}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: np}}\n{spec}  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n")
+    };
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("b", "node-1"),
+        np_pod("c", "node-2"),
+        np_pod("d", "node-2"),
+        lb("mg", ", annotations: {weir.dev/lb-algorithm: maglev}", ""),
+        lb("sticky", "", "  sessionAffinity: ClientIP\n"),
+    );
+    let lab = Lab::up("lbm", 2, &m);
+    // The lab gives LoadBalancer Services an IP of its pool, in their status.
+    let ingress = |svc: &str| -> Option<String> {
+        lab.get_json(&["svc", svc, "-n", "x"])["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .map(str::to_string)
+    };
+    lab.eventually("LoadBalancer IPs assigned", Duration::from_secs(20), || {
+        ingress("mg").is_some() && ingress("sticky").is_some()
+    });
+    let (mg, sticky) = (ingress("mg").unwrap(), ingress("sticky").unwrap());
+    assert!(
+        mg.starts_with("172.30.100.") && sticky.starts_with("172.30.100."),
+        "{mg} {sticky}"
+    );
+    assert_ne!(mg, sticky);
+    // The external host spreads connections over both nodes (ECMP); all are answered.
+    lab.eventually(
+        "the LoadBalancer IP answers",
+        Duration::from_secs(20),
+        || lab.connect("external", &format!("{mg}:80"), "tcp", 1)["ok"] == 1,
+    );
+    let r = lab.connect("external", &format!("{mg}:80"), "tcp", 40);
+    assert_eq!(r["ok"], 40, "{r}");
+    assert_eq!(responders(&r).len(), 4, "{r}");
+    // Maglev: whichever node a flow reaches, it picks the same backend for it.
+    for port in [40000, 40001, 40002, 40003, 40004, 40005] {
+        let pick = |node: &str| -> String {
+            let e: Value = serde_json::from_str(&ok(&mut lab.weir(&[
+                "explain",
+                "--node",
+                node,
+                "--from",
+                &format!("172.30.0.2:{port}"),
+                "--to",
+                &format!("{mg}:80"),
+                "-o",
+                "json",
+            ])))
+            .unwrap();
+            e["backend"].as_str().unwrap_or_default().to_string()
+        };
+        let (p1, p2) = (pick("node-1"), pick("node-2"));
+        assert!(!p1.is_empty(), "port {port}");
+        assert_eq!(p1, p2, "flow from port {port}");
+    }
+    // Session affinity from outside: one client, one backend (per node, as at the socket
+    // layer; through node-1's NodePort here).
+    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
+        .unwrap()[0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let np = node_port(&lab, "sticky", "http");
+    let r = lab.connect("external", &format!("{n1}:{np}"), "tcp", 12);
+    assert_eq!(r["ok"], 12, "{r}");
+    assert_eq!(responders(&r).len(), 1, "affinity: {r}");
+}
