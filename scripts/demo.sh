@@ -46,13 +46,33 @@ say "5. What the datapath holds: frontends, backend slots, affinity entries (lik
 show "$WEIR" --cluster "$LAB" bpf lb list
 show "$WEIR" --cluster "$LAB" status --node node-2
 
-say "6. Terminating a pod: it keeps serving through its grace period; its endpoint turns serving+terminating and new connections go to the ready pods"
+say "6. Traffic from outside the cluster: NodePorts and LoadBalancer IPs, translated per packet by a tc program on the node's device (BPF conntrack, no netfilter)"
+LB_IP=""
+for _ in $(seq 50); do
+  LB_IP=$($K get service web-public -n shop -o jsonpath='{.status.loadBalancer.ingress[0].ip}')
+  [ -n "$LB_IP" ] && break
+  sleep 0.1
+done
+NODE_PORT=$($K get service web-public -n shop -o jsonpath='{.spec.ports[0].nodePort}')
+show $K get service web-public -n shop
+echo "The lab gave web-public the LoadBalancer IP $LB_IP; the external host routes it to both nodes (ECMP)."
+show "$WEIR" --cluster "$LAB" lab connect --from external --to "$LB_IP:80" --count 200
+echo "The NodePort $NODE_PORT answers on every node; a pod on the other node is reached with the node's address as source (SNAT),"
+echo "a pod on the receiving node sees the client's own address:"
+show "$WEIR" --cluster "$LAB" lab connect --from external --to "172.30.0.11:$NODE_PORT" --count 200
+echo "What node-1 would do with one more connection, without doing it (a synthetic packet through the loaded programs):"
+show "$WEIR" --cluster "$LAB" explain --node node-1 --from 172.30.0.2:40000 --to "172.30.0.11:$NODE_PORT"
+echo "The source NAT node-1 applied (client -> node address:port -> backend), and every packet counted by reason:"
+"$WEIR" --cluster "$LAB" bpf nat list --node node-1 | sed -n 1,6p
+show "$WEIR" --cluster "$LAB" bpf metrics list --node node-1
+
+say "7. Terminating a pod: it keeps serving through its grace period; its endpoint turns serving+terminating and new connections go to the ready pods"
 show "$WEIR" --cluster "$LAB" lab terminate shop/web-3 --grace-period 60
 sleep 0.5
 show $K get endpointslices -n shop -l kubernetes.io/service-name=web -o jsonpath='{range .items[*].endpoints[*]}{.targetRef.name}{"\tready="}{.conditions.ready}{"\tserving="}{.conditions.serving}{"\tterminating="}{.conditions.terminating}{"\n"}{end}'
 show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to web.shop:80 --count 100
 
-say "7. A Service with no endpoints refuses new connections at once (ECONNREFUSED), it does not time out"
+say "8. A Service with no endpoints refuses new connections at once (ECONNREFUSED), it does not time out"
 show $K delete pod cart -n shop --grace-period=0 --force
 sleep 0.5
 show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to cart.shop:80 --count 5
