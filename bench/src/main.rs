@@ -92,6 +92,19 @@ struct Path3 {
     s: String,
 }
 
+/// Kills what runs in the namespaces and deletes them (cleanup; errors ignored).
+fn remove_netns(names: &[&String]) {
+    for ns in names {
+        for pid in sh("ip", &["netns", "pids", ns])
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            let _ = sh("kill", &["-9", pid]);
+        }
+        let _ = sh("ip", &["netns", "del", ns]);
+    }
+}
+
 struct Topology {
     prefix: String,
     paths: Vec<(String, Path3)>,
@@ -102,15 +115,7 @@ struct Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         for (_, p) in &self.paths {
-            for ns in [&p.c, &p.r, &p.s] {
-                for pid in sh("ip", &["netns", "pids", ns])
-                    .unwrap_or_default()
-                    .split_whitespace()
-                {
-                    let _ = sh("kill", &["-9", pid]);
-                }
-                let _ = sh("ip", &["netns", "del", ns]);
-            }
+            remove_netns(&[&p.c, &p.r, &p.s]);
         }
         let _ = std::fs::remove_dir_all(&self.pins);
         let cg = self.cgroup_mount.join(&self.prefix);

@@ -43,15 +43,7 @@ struct Topo {
 impl Drop for Topo {
     fn drop(&mut self) {
         for (_, p) in &self.modes {
-            for ns in [&p.c, &p.n, &p.s] {
-                for pid in sh("ip", &["netns", "pids", ns])
-                    .unwrap_or_default()
-                    .split_whitespace()
-                {
-                    let _ = sh("kill", &["-9", pid]);
-                }
-                let _ = sh("ip", &["netns", "del", ns]);
-            }
+            crate::remove_netns(&[&p.c, &p.n, &p.s]);
         }
         let _ = weir_bpf_remove(&self.pins);
         let _ = std::fs::remove_dir(self.cgroup_mount.join(&self.prefix));
@@ -68,7 +60,8 @@ fn weir_bpf_remove(pins: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn link_of(ns: &str, dev: &str) -> Result<(u32, String)> {
+/// A link's ifindex and MAC address in namespace `ns`.
+pub(crate) fn link_of(ns: &str, dev: &str) -> Result<(u32, String)> {
     let out = sh("ip", &["-j", "-n", ns, "link", "show", "dev", dev])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok((

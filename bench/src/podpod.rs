@@ -14,9 +14,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use weir_model::endpoint::EndpointRecord;
 
+use crate::nodeport::link_of;
 use crate::{in_ns, ip, median, sh, spawn_in};
 
 const CLIENT: &str = "10.244.1.10";
@@ -31,26 +32,9 @@ struct Topo {
 
 impl Drop for Topo {
     fn drop(&mut self) {
-        for ns in [&self.c, &self.n, &self.s] {
-            for pid in sh("ip", &["netns", "pids", ns])
-                .unwrap_or_default()
-                .split_whitespace()
-            {
-                let _ = sh("kill", &["-9", pid]);
-            }
-            let _ = sh("ip", &["netns", "del", ns]);
-        }
+        crate::remove_netns(&[&self.c, &self.n, &self.s]);
         let _ = std::fs::remove_dir_all(&self.pins);
     }
-}
-
-fn link_of(ns: &str, dev: &str) -> Result<(u32, String)> {
-    let out = sh("ip", &["-j", "-n", ns, "link", "show", "dev", dev])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok((
-        v[0]["ifindex"].as_u64().context("ifindex")? as u32,
-        v[0]["address"].as_str().context("address")?.to_string(),
-    ))
 }
 
 fn build() -> Result<Topo> {

@@ -423,17 +423,7 @@ impl Datapath {
 
     /// Every local endpoint in the map.
     pub fn endpoints(&self) -> Result<Vec<(endpoint_key, endpoint_info)>, BpfError> {
-        let map = self.map("weir_endpoints");
-        let mut out = Vec::new();
-        for k in map.keys() {
-            if let Some(v) = map
-                .lookup(&k, MapFlags::ANY)
-                .map_err(lb("reading map weir_endpoints"))?
-            {
-                out.push((from_bytes(&k), from_bytes(&v)));
-            }
-        }
-        Ok(out)
+        crate::map_entries(self.map("weir_endpoints"), "weir_endpoints")
     }
 
     /// (entries, capacity) of map `name` (one of [`DATAPATH_MAPS`]).
@@ -522,17 +512,7 @@ impl Datapath {
 
     /// Every conntrack entry.
     pub fn ct_entries(&self) -> Result<Vec<(ct4_key, ct4_entry)>, BpfError> {
-        let map = self.map("weir_ct4");
-        let mut out = Vec::new();
-        for k in map.keys() {
-            if let Some(v) = map
-                .lookup(&k, MapFlags::ANY)
-                .map_err(lb("reading map weir_ct4"))?
-            {
-                out.push((from_bytes(&k), from_bytes(&v)));
-            }
-        }
-        Ok(out)
+        crate::map_entries(self.map("weir_ct4"), "weir_ct4")
     }
 
     /// Removes the conntrack entries that expired before `now` (boot clock seconds), and

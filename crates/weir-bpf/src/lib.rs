@@ -70,6 +70,23 @@ pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     v
 }
 
+/// Every entry of a hash-like map, as plain C structs (`name` is for the error).
+fn map_entries<K: Copy + Default, V: Copy + Default>(
+    map: &libbpf_rs::Map<'_>,
+    name: &str,
+) -> Result<Vec<(K, V)>, BpfError> {
+    let mut out = Vec::new();
+    for k in map.keys() {
+        if let Some(v) = map
+            .lookup(&k, MapFlags::ANY)
+            .map_err(lb(format!("reading map {name}")))?
+        {
+            out.push((from_bytes(&k), from_bytes(&v)));
+        }
+    }
+    Ok(out)
+}
+
 /// Makes sure a BPF filesystem is mounted at /sys/fs/bpf.
 pub fn ensure_bpffs() -> Result<(), BpfError> {
     let p = Path::new("/sys/fs/bpf");
@@ -302,17 +319,7 @@ impl SockLb {
         &self,
         name: &str,
     ) -> Result<Vec<(K, V)>, BpfError> {
-        let map = self.map(name);
-        let mut out = Vec::new();
-        for k in map.keys() {
-            if let Some(v) = map
-                .lookup(&k, MapFlags::ANY)
-                .map_err(lb(format!("reading map {name}")))?
-            {
-                out.push((from_bytes(&k), from_bytes(&v)));
-            }
-        }
-        Ok(out)
+        map_entries(self.map(name), name)
     }
 
     /// (entries, capacity) of map `name`.

@@ -23,6 +23,40 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Programs with their kernel ids and run statistics, as a table.
+fn programs_table(programs: &Value) -> String {
+    let rows: Vec<Vec<String>> = programs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                s(&p["name"]),
+                s(&p["id"]),
+                s(&p["run_count"]),
+                s(&p["avg_run_ns"]),
+            ]
+        })
+        .collect();
+    render_table(&["PROGRAM", "ID", "RUNS", "AVG NS"], &rows)
+}
+
+/// Maps with their fill level, as a table.
+fn maps_table(maps: &Value) -> String {
+    let rows: Vec<Vec<String>> = maps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                s(&m["name"]),
+                format!("{}/{}", s(&m["entries"]), s(&m["capacity"])),
+            ]
+        })
+        .collect();
+    render_table(&["MAP", "ENTRIES/CAPACITY"], &rows)
+}
+
 /// `weir status`.
 pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
     let st = ask(socket, "/status").await?;
@@ -70,37 +104,10 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
         println!("Warning:       {}: {}", s(&w["service"]), s(&w["message"]));
     }
     println!("\nPrograms:");
-    let rows: Vec<Vec<String>> = lb["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            vec![
-                s(&p["name"]),
-                s(&p["id"]),
-                s(&p["run_count"]),
-                s(&p["avg_run_ns"]),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render_table(&["PROGRAM", "ID", "RUNS", "AVG NS"], &rows)
-    );
+    print!("{}", programs_table(&lb["programs"]));
     println!("(run counts and times are kept while sysctl kernel.bpf_stats_enabled=1)");
     println!("\nMaps:");
-    let rows: Vec<Vec<String>> = lb["maps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            vec![
-                s(&m["name"]),
-                format!("{}/{}", s(&m["entries"]), s(&m["capacity"])),
-            ]
-        })
-        .collect();
-    print!("{}", render_table(&["MAP", "ENTRIES/CAPACITY"], &rows));
+    print!("{}", maps_table(&lb["maps"]));
     println!("\nCounters:");
     let rows: Vec<Vec<String>> = lb["counters"]
         .as_array()
@@ -136,35 +143,8 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
             for b in st["bad_records"].as_array().into_iter().flatten() {
                 println!("Ignored:       {}", s(b));
             }
-            let rows: Vec<Vec<String>> = dp["dump"]["programs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    vec![
-                        s(&p["name"]),
-                        s(&p["id"]),
-                        s(&p["run_count"]),
-                        s(&p["avg_run_ns"]),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                render_table(&["PROGRAM", "ID", "RUNS", "AVG NS"], &rows)
-            );
-            let rows: Vec<Vec<String>> = dp["dump"]["maps"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|m| {
-                    vec![
-                        s(&m["name"]),
-                        format!("{}/{}", s(&m["entries"]), s(&m["capacity"])),
-                    ]
-                })
-                .collect();
-            print!("{}", render_table(&["MAP", "ENTRIES/CAPACITY"], &rows));
+            print!("{}", programs_table(&dp["dump"]["programs"]));
+            print!("{}", maps_table(&dp["dump"]["maps"]));
         }
     }
     Ok(ExitCode::SUCCESS)

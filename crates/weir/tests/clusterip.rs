@@ -376,17 +376,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         .unwrap()
         .to_string();
     ok(&mut lab.kubectl(&["delete", "svc", "maglev", "-n", "lb"]));
-    let log = std::fs::File::create(format!(
-        "/run/weir/labs/{}/logs/agent-restart.log",
-        lab.name
-    ))
-    .unwrap();
-    let mut agent = weir()
-        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _agent = lab.restart_agent("node-1");
     let r: Value = serde_json::from_str(&holder.join().unwrap()).unwrap();
     assert_eq!(
         r["failed"], 0,
@@ -462,8 +452,6 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     lab.eventually("web-4 receives traffic", Duration::from_secs(30), || {
         responders(&lab.connect("lb/client", "web.lb:80", "tcp", 30)).contains("lb/web-4")
     });
-    let _ = agent.kill();
-    let _ = agent.wait();
     let _ = api.kill();
     let _ = api.wait();
 }

@@ -223,17 +223,7 @@ fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
     kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
     let r = lab.connect("x/a", &format!("{b}:8080"), "tcp", 5);
     assert_eq!(r["ok"], 5, "traffic flows while the agent is down: {r}");
-    let log = std::fs::File::create(format!(
-        "/run/weir/labs/{}/logs/agent-restart.log",
-        lab.name
-    ))
-    .unwrap();
-    let mut agent = weir()
-        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _agent = lab.restart_agent("node-1");
     lab.eventually("the agent is back", Duration::from_secs(30), || {
         lab.weir(&["bpf", "endpoint", "list", "--node", "node-1"])
             .output()
@@ -257,8 +247,6 @@ fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
     lab.eventually("b's endpoint removed", Duration::from_secs(20), || {
         count(&lab) == 2
     });
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 fn np_pod(name: &str, node: &str) -> String {
@@ -607,17 +595,7 @@ fn node_port_connections_survive_an_agent_restart() {
     std::thread::sleep(Duration::from_millis(700));
     kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
     std::thread::sleep(Duration::from_millis(300));
-    let log = std::fs::File::create(format!(
-        "/run/weir/labs/{}/logs/agent-restart.log",
-        lab.name
-    ))
-    .unwrap();
-    let mut agent = weir()
-        .args(["lab", "agent", "--cluster", &lab.name, "--node", "node-1"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _agent = lab.restart_agent("node-1");
     for h in holders {
         let r: Value = serde_json::from_str(&h.join().unwrap()).unwrap();
         assert_eq!(r["failed"], 0, "no message lost: {r}");
@@ -626,8 +604,6 @@ fn node_port_connections_survive_an_agent_restart() {
     // New flows work with the restarted agent.
     let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 6);
     assert_eq!(r["ok"], 6, "{r}");
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 #[test]

@@ -184,6 +184,36 @@ impl Lab {
     }
 }
 
+/// A process started by a test, killed when dropped.
+pub struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Lab {
+    /// Starts `weir lab agent` for `node` again (after a test killed it), logging to the lab's
+    /// logs/agent-restart.log.
+    pub fn restart_agent(&self, node: &str) -> Daemon {
+        let log = std::fs::File::create(format!(
+            "/run/weir/labs/{}/logs/agent-restart.log",
+            self.name
+        ))
+        .unwrap();
+        Daemon(
+            weir()
+                .args(["lab", "agent", "--cluster", &self.name, "--node", node])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = weir().args(["lab", "down", "--name", &self.name]).output();
