@@ -516,6 +516,40 @@ pub async fn wait_converged(
         if ok {
             for n in &layout.nodes {
                 let want = expected_view(&services, &slices, &n.name);
+                // The pod datapath knows every running pod of the node (its programs are on
+                // the pod's veth before its address is in the map).
+                let want_eps: std::collections::BTreeSet<String> = pods
+                    .iter()
+                    .filter(|pod| {
+                        pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(n.name.as_str())
+                    })
+                    .flat_map(|pod| {
+                        pod.status
+                            .as_ref()
+                            .and_then(|st| st.pod_ips.clone())
+                            .unwrap_or_default()
+                    })
+                    .map(|ip| ip.ip)
+                    .collect();
+                match weir_agent::api::get(&p.agent_socket(&n.name), "/datapath").await {
+                    Ok(dp) => {
+                        let have: std::collections::BTreeSet<String> = dp["dump"]["endpoints"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|e| e["ip"].as_str().map(String::from))
+                            .collect();
+                        if !want_eps.is_subset(&have) {
+                            ok = false;
+                            last = format!(
+                                "the agent of {} has not attached every pod's datapath yet",
+                                n.name
+                            );
+                        }
+                    }
+                    Err(_) => ok = false,
+                }
                 match weir_agent::api::get(&p.agent_socket(&n.name), "/lb").await {
                     Ok(dump) if agent_view(&dump) == want => {}
                     Ok(_) => {
