@@ -160,8 +160,11 @@ static __always_inline __u64 ct4_hash(const struct ct4_key *t)
 }
 
 /*
- * A new flow to a frontend: choose a backend, create the conntrack entries (with an SNAT port
- * when an external flow's backend is on another node) and translate the packet. `from_pod`:
+ * A new flow to a frontend: choose a backend and create the conntrack entries (with an SNAT
+ * port when an external flow's backend is on another node); `out` gets the original-direction
+ * entry to apply. `dry`: write nothing (`weir explain`). `xdp`: only a flow XDP completes by
+ * itself (SNAT to a backend on another node over the underlay); for anything else nothing is
+ * written and NAT_NONE returned, for tc. `from_pod`:
  * a pod's packet, matched against ClusterIPs (and externalIPs/LoadBalancer IPs, cluster-wide)
  * when the socket layer did not translate it; pods' flows are never SNATed (pod addresses are
  * routable, the reply comes back to the client's node). A NodePort is matched on any of this
@@ -169,8 +172,8 @@ static __always_inline __u64 ct4_hash(const struct ct4_key *t)
  * Returns NAT_DONE or NAT_DSR when translated, NAT_NONE when the packet is for no frontend, or
  * -reason.
  */
-static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
-				    __u32 len, bool from_pod)
+static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags, __u32 len,
+					bool from_pod, bool dry, bool xdp, struct ct4_entry *out)
 {
 	struct lb4_key key = {
 		.address = t->daddr,
@@ -184,7 +187,7 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 	const struct lb4_backend *be;
 	const struct node_config *cfg;
 	__u32 zero = 0, id = 0, i;
-	bool dry = explaining(skb), ok = false, cluster;
+	bool ok = false, cluster;
 	__u64 client = 0;
 	__u16 state;
 
@@ -217,6 +220,10 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 		return -DROP_BACKEND_MISSING;
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	/* XDP completes only SNATed flows to another node over the underlay; the rest is tc's. */
+	if (xdp && (cluster || endpoint4(be->address) || (svc->flags & WEIR_SVC_DSR) ||
+		    (cfg && (cfg->flags & WEIR_CFG_VXLAN))))
+		return NAT_NONE;
 	/* DSR needs the underlay to route to the backend's node: with VXLAN, SNAT instead. */
 	if (!cluster && (svc->flags & WEIR_SVC_DSR) && !endpoint4(be->address) &&
 	    !(cfg && (cfg->flags & WEIR_CFG_VXLAN))) {
@@ -235,7 +242,8 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 			if (bpf_map_update_elem(&weir_ct4, t, &fe, BPF_ANY) < 0)
 				return -DROP_CT_CREATE_FAILED;
 		}
-		return nat4_apply_fwd(skb, t, &fe);
+		*out = fe;
+		return NAT_DSR;
 	}
 	if (dry)
 		goto translate;
@@ -303,7 +311,8 @@ static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __
 		bpf_map_delete_elem(&weir_ct4, &rk);
 		return -DROP_CT_CREATE_FAILED;
 	}
-	return nat4_apply_fwd(skb, t, &fe);
+	*out = fe;
+	return NAT_DONE;
 translate:
 	/* `weir explain`: the translation a new flow would get, with the first SNAT port tried. */
 	fe.nat_addr = be->address;
@@ -316,6 +325,19 @@ translate:
 		fe.snat_addr = cfg->snat4;
 		fe.snat_port = bpf_htons(cfg->snat_port_min);
 	}
+	*out = fe;
+	return NAT_DONE;
+}
+
+/* A new flow at tc: ct4_new_flow, then the translation applied to the packet. */
+static __always_inline int nat4_new(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
+				    __u32 len, bool from_pod)
+{
+	struct ct4_entry fe = {};
+	int r = ct4_new_flow(t, tcp_flags, len, from_pod, explaining(skb), false, &fe);
+
+	if (r <= 0)
+		return r;
 	return nat4_apply_fwd(skb, t, &fe);
 }
 

@@ -33,6 +33,17 @@ mod node_skel {
     include!(concat!(env!("OUT_DIR"), "/node.skel.rs"));
 }
 
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod xdp_skel {
+    include!(concat!(env!("OUT_DIR"), "/xdp.skel.rs"));
+}
+
 pub use pod_skel::types::{
     ct4_entry, ct4_key, endpoint_info, endpoint_key, metrics_value, node_config, tunnel_info,
     tunnel_key4, tunnel_key6, weir_reason,
@@ -40,6 +51,7 @@ pub use pod_skel::types::{
 
 use node_skel::{NodeSkel, NodeSkelBuilder};
 use pod_skel::{PodSkel, PodSkelBuilder};
+use xdp_skel::{XdpSkel, XdpSkelBuilder};
 
 /// `endpoint_key.family` for IPv4.
 pub const AF_INET: u8 = 4;
@@ -168,6 +180,8 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::REASON_PASS_TTL, "REASON_PASS_TTL"),
     (weir_reason::REASON_TO_POD, "REASON_TO_POD"),
     (weir_reason::REASON_FORWARD_TUNNEL, "REASON_FORWARD_TUNNEL"),
+    (weir_reason::REASON_XDP_TX, "REASON_XDP_TX"),
+    (weir_reason::REASON_XDP_REDIRECT, "REASON_XDP_REDIRECT"),
     (weir_reason::DROP_INVALID_PACKET, "DROP_INVALID_PACKET"),
     (weir_reason::DROP_HEADER_WRITE, "DROP_HEADER_WRITE"),
     (
@@ -245,6 +259,7 @@ const METRICS_STRIDE: u32 = 256;
 pub struct Datapath {
     pod: PodSkel<'static>,
     node: NodeSkel<'static>,
+    xdp: XdpSkel<'static>,
     pin_dir: PathBuf,
 }
 
@@ -281,9 +296,20 @@ impl Datapath {
             "loading node.bpf.o (maps in {})",
             pin_dir.display()
         )))?;
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = XdpSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening xdp.bpf.o"))?;
+        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
+        let xdp = open.load().map_err(lb(format!(
+            "loading xdp.bpf.o (maps in {})",
+            pin_dir.display()
+        )))?;
         Ok(Datapath {
             pod,
             node,
+            xdp,
             pin_dir: pin_dir.to_path_buf(),
         })
     }
@@ -380,8 +406,12 @@ impl Datapath {
     /// Detaches whatever weir attached to device `ifindex` (unpins its links); links of a
     /// device that no longer exists are just unpinned.
     pub fn detach(&self, ifindex: u32) {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let path = self.link_path(ifindex, dir);
+        let paths = [
+            self.link_path(ifindex, Direction::Ingress),
+            self.link_path(ifindex, Direction::Egress),
+            self.xdp_link_path(ifindex),
+        ];
+        for path in paths {
             if let Ok(l) = Link::open(&path) {
                 let _ = l.detach();
             }
@@ -389,7 +419,83 @@ impl Datapath {
         }
     }
 
-    /// The devices with pinned links, by ifindex.
+    fn xdp_link_path(&self, ifindex: u32) -> PathBuf {
+        self.pin_dir.join("links").join(format!("xdp-{ifindex}"))
+    }
+
+    /// Attaches the XDP program to device `ifindex` (native mode) with a pinned link, or
+    /// switches an earlier agent's link to this program.
+    pub fn attach_xdp(&self, ifindex: u32) -> Result<(), BpfError> {
+        let path = self.xdp_link_path(ifindex);
+        let prog = &self.xdp.progs.xdp_nodeport;
+        if path.exists() {
+            match Link::open(&path).and_then(|mut l| l.update_prog(prog)) {
+                Ok(()) => return Ok(()),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| BpfError::Io {
+                path: parent.into(),
+                source,
+            })?;
+        }
+        let mut link = prog
+            .attach_xdp(ifindex as i32)
+            .map_err(lb(format!("attaching XDP to ifindex {ifindex}")))?;
+        link.pin(&path)
+            .map_err(lb(format!("pinning link {}", path.display())))?;
+        Ok(())
+    }
+
+    /// Detaches the XDP program from device `ifindex`.
+    pub fn detach_xdp(&self, ifindex: u32) {
+        let path = self.xdp_link_path(ifindex);
+        if let Ok(l) = Link::open(&path) {
+            let _ = l.detach();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Runs the XDP program once on `packet` as if it had arrived on `ingress_ifindex`
+    /// (BPF_PROG_TEST_RUN; the FIB is the caller's namespace's). Returns the XDP verdict and
+    /// the packet after the program.
+    pub fn test_run_xdp(
+        &self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<(u32, Vec<u8>), BpfError> {
+        type Ctx = xdp_skel::types::xdp_md;
+        // SAFETY: xdp_md is plain integers: all-zero is valid (and padding must be zero).
+        let mut ctx: Ctx = unsafe { std::mem::zeroed() };
+        ctx.data_end = packet.len() as u32;
+        ctx.ingress_ifindex = ingress_ifindex;
+        let size = std::mem::size_of::<Ctx>();
+        // SAFETY: a plain C struct viewed as bytes for the kernel to read.
+        let ctx_bytes =
+            unsafe { std::slice::from_raw_parts_mut((&mut ctx as *mut Ctx).cast::<u8>(), size) };
+        let mut out = vec![0u8; packet.len() + 256];
+        let input = libbpf_rs::ProgramInput {
+            context_in: Some(ctx_bytes),
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let output = self
+            .xdp
+            .progs
+            .xdp_nodeport
+            .test_run(input)
+            .map_err(lb("BPF_PROG_TEST_RUN of xdp_nodeport"))?;
+        let verdict = output.return_value;
+        let n = output.data.as_ref().map(|d| d.len()).unwrap_or(0);
+        out.truncate(n);
+        Ok((verdict, out))
+    }
+
+    /// The devices with pinned tc links, by ifindex.
     pub fn attached(&self) -> Vec<u32> {
         let mut out: Vec<u32> = std::fs::read_dir(self.pin_dir.join("links"))
             .into_iter()
@@ -641,10 +747,16 @@ impl Datapath {
 
     /// Programs with their kernel ids and run statistics, for status.
     pub fn programs(&self) -> Vec<crate::ProgramInfo> {
-        [TcProgram::FromPod, TcProgram::ToPod, TcProgram::FromNetdev]
-            .into_iter()
-            .map(|p| crate::prog_info(p.name(), self.prog(p).as_fd().as_raw_fd()))
-            .collect()
+        let mut out: Vec<crate::ProgramInfo> =
+            [TcProgram::FromPod, TcProgram::ToPod, TcProgram::FromNetdev]
+                .into_iter()
+                .map(|p| crate::prog_info(p.name(), self.prog(p).as_fd().as_raw_fd()))
+                .collect();
+        out.push(crate::prog_info(
+            "xdp_nodeport",
+            self.xdp.progs.xdp_nodeport.as_fd().as_raw_fd(),
+        ));
+        out
     }
 
     /// Detaches every pinned link and removes the pinned maps under `pin_dir`.

@@ -223,6 +223,17 @@ impl PodDataplane {
         &self.dp
     }
 
+    /// Attaches the XDP program to device `ifindex`: NodePort flows SNATed to other nodes are
+    /// completed there; everything else goes on to the tc program.
+    pub fn attach_xdp(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        Ok(self.dp.attach_xdp(ifindex)?)
+    }
+
+    /// Detaches the XDP program from device `ifindex` (if weir attached one).
+    pub fn detach_xdp(&mut self, ifindex: u32) {
+        self.dp.detach_xdp(ifindex)
+    }
+
     /// Attaches the node program to device `ifindex` (packets for local pods go straight to
     /// them).
     pub fn attach_netdev(&mut self, ifindex: u32) -> Result<(), DataplaneError> {

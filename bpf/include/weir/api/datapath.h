@@ -53,6 +53,8 @@ enum weir_reason {
 	REASON_PASS_TTL = 5,	  /* TTL/hop limit expiring: the stack sends the ICMP error */
 	REASON_TO_POD = 6,	  /* delivered to a pod through the host stack */
 	REASON_FORWARD_TUNNEL = 7, /* sent to another node's pod through the VXLAN device */
+	REASON_XDP_TX = 8,	  /* translated and sent back out of the receiving device (XDP) */
+	REASON_XDP_REDIRECT = 9,  /* translated and sent out of another device (XDP) */
 	DROP_INVALID_PACKET = 130, /* truncated or malformed headers */
 	DROP_HEADER_WRITE = 131,   /* a header or checksum could not be rewritten */
 	DROP_NO_SERVICE_BACKEND = 132, /* a NodePort/external frontend without usable backend */
