@@ -28,6 +28,8 @@ pub struct PodConfig {
     /// VXLAN mode: the collect-metadata VXLAN device through which other nodes' pods are
     /// reached (None: native routing).
     pub tunnel: Option<String>,
+    /// Also attach the XDP program to `devices` (NodePort acceleration).
+    pub xdp: bool,
 }
 
 /// The default SNAT source port range: above Linux's default ephemeral range.
@@ -69,6 +71,8 @@ pub struct PodStatus {
     pub ct_collected: u64,
     /// VXLAN mode: the tunnel device, and the other nodes' pod CIDRs routed through it.
     pub tunnel: Option<String>,
+    /// Whether the XDP program is on the node devices.
+    pub xdp: bool,
     /// Tunnel routes programmed.
     pub tunnel_routes: usize,
     /// What the last sync changed.
@@ -175,11 +179,16 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     for dev in &cfg.devices {
         let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
             .map_err(|e| format!("device {dev:?}: {e}"))?;
-        pods.dataplane
-            .lock()
-            .expect("pods")
-            .attach_netdev(ifindex)
+        let mut dp = pods.dataplane.lock().expect("pods");
+        dp.attach_netdev(ifindex)
             .map_err(|e| format!("attaching to device {dev:?}: {e}"))?;
+        if cfg.xdp {
+            dp.attach_xdp(ifindex)
+                .map_err(|e| format!("attaching XDP to device {dev:?}: {e}"))?;
+        } else {
+            dp.detach_xdp(ifindex);
+        }
+        drop(dp);
         names.push(dev.clone());
     }
     // VXLAN mode: decapsulated packets arrive on the tunnel device, for the node program.
@@ -208,6 +217,7 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
         .map_err(|e| format!("writing the node's addresses: {e}"))?;
     let mut st = pods.status.lock().expect("pod status");
     st.tunnel = cfg.tunnel.clone();
+    st.xdp = cfg.xdp;
     st.devices = names;
     st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
     Ok(())

@@ -49,6 +49,17 @@ pub use pod_skel::types::{
     tunnel_key4, tunnel_key6, weir_reason,
 };
 
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod xdp_pass_skel {
+    include!(concat!(env!("OUT_DIR"), "/xdp_pass.skel.rs"));
+}
+
 use node_skel::{NodeSkel, NodeSkelBuilder};
 use pod_skel::{PodSkel, PodSkelBuilder};
 use xdp_skel::{XdpSkel, XdpSkelBuilder};
@@ -74,6 +85,29 @@ pub const DATAPATH_MAPS: &[&str] = &[
 
 /// `node_config.flags`: VXLAN mode.
 pub const CFG_VXLAN: u32 = 1;
+
+/// Attaches an XDP program that passes everything to device `ifindex` (in the caller's
+/// network namespace), through netlink so that it stays after this process ends. A veth only
+/// receives what its peer sends with XDP_TX/XDP_REDIRECT when it has an XDP program itself.
+pub fn attach_xdp_pass(ifindex: u32) -> Result<(), BpfError> {
+    let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+        Box::leak(Box::new(MaybeUninit::uninit()));
+    let skel = xdp_pass_skel::XdpPassSkelBuilder::default()
+        .open(storage)
+        .map_err(lb("opening xdp_pass.bpf.o"))?
+        .load()
+        .map_err(lb("loading xdp_pass.bpf.o"))?;
+    let fd = skel.progs.xdp_pass.as_fd().as_raw_fd();
+    // SAFETY: a valid ifindex and program fd; no options.
+    let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, fd, 0, std::ptr::null()) };
+    if rc < 0 {
+        return Err(BpfError::Io {
+            path: PathBuf::from(format!("ifindex {ifindex}")),
+            source: std::io::Error::from_raw_os_error(-rc),
+        });
+    }
+    Ok(())
+}
 
 /// `ct4_entry.flags`: keyed by the reply direction.
 pub const CT_F_REPLY: u16 = 1;

@@ -35,6 +35,8 @@ pub struct UpOptions {
     pub socket_lb: bool,
     /// Cross-node pod traffic: `native` or `vxlan`.
     pub tunnel: String,
+    /// XDP on the nodes' devices.
+    pub xdp: bool,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -256,6 +258,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     };
     layout.socket_lb = opts.socket_lb;
     layout.tunnel = opts.tunnel.clone();
+    layout.xdp = opts.xdp;
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -618,6 +621,7 @@ pub async fn run_agent(
         netns: Some(paths::netns_path(&layout.node(node)?.netns)),
         snat_ports: weir_agent::pods::DEFAULT_SNAT_PORTS,
         tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
+        xdp: layout.xdp,
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

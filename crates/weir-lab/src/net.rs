@@ -78,6 +78,58 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
             hops.join(" ")
         )],
     )?;
+    if layout.xdp {
+        // XDP_TX sends frames as they are: packets must carry complete checksums, so every
+        // link that could hand a node a CHECKSUM_PARTIAL packet computes them in software.
+        let mut ports: Vec<String> = layout
+            .nodes
+            .iter()
+            .map(|n| format!("n{}", n.index))
+            .collect();
+        ports.push("ext".into());
+        for port in &ports {
+            sys::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &layout.fabric_netns,
+                    "ethtool",
+                    "-K",
+                    port,
+                    "tx",
+                    "off",
+                ],
+            )?;
+        }
+        // A veth receives what its peer sends with XDP_TX only when it has an XDP program
+        // itself: a pass-everything one on the fabric side of each link.
+        let fabric = crate::paths::netns_path(&layout.fabric_netns);
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<(), LabError> {
+                sys::enter_netns(&fabric)?;
+                for port in &ports {
+                    let ifindex = nix::net::if_::if_nametoindex(port.as_str()).map_err(|e| {
+                        LabError::Command(format!("fabric port {port}"), e.to_string())
+                    })?;
+                    weir_bpf::datapath::attach_xdp_pass(ifindex).map_err(|e| {
+                        LabError::Command(format!("XDP on fabric port {port}"), e.to_string())
+                    })?;
+                }
+                Ok(())
+            })
+            .join()
+            .map_err(|_| LabError::Command("XDP on the fabric".into(), "thread panicked".into()))?
+        })?;
+        let mut hosts: Vec<&str> = layout.nodes.iter().map(|n| n.netns.as_str()).collect();
+        hosts.push(&layout.external_netns);
+        for ns in hosts {
+            sys::run(
+                "ip",
+                &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"],
+            )?;
+        }
+    }
     if layout.tunnel == "vxlan" {
         // VXLAN mode: one collect-metadata device per node; the agents pick the far end per
         // packet. Pod addresses are not routed on the fabric (nor from the external host).

@@ -166,6 +166,9 @@ pub struct Layout {
     /// addresses) or `vxlan` (a collect-metadata VXLAN device driven by the agents).
     #[serde(default = "default_tunnel")]
     pub tunnel: String,
+    /// Whether the agents attach XDP to the nodes' devices.
+    #[serde(default)]
+    pub xdp: bool,
 }
 
 fn default_tunnel() -> String {
@@ -206,6 +209,7 @@ impl Layout {
             lb_algorithm: default_algorithm(),
             socket_lb: true,
             tunnel: default_tunnel(),
+            xdp: false,
         }
     }
 

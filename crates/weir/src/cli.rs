@@ -140,6 +140,10 @@ struct AgentArgs {
     /// podCIDRs. Without it: native routing.
     #[arg(long)]
     tunnel_device: Option<String>,
+    /// Also attach the XDP program to the --device devices: NodePort flows SNATed to other
+    /// nodes are completed at XDP (XDP_TX/XDP_REDIRECT); the rest goes on to tc.
+    #[arg(long)]
+    xdp: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,6 +294,10 @@ enum LabCommand {
         /// encapsulation driven by the agents.
         #[arg(long, value_enum, default_value_t = TunnelArg::Native)]
         tunnel: TunnelArg,
+        /// Accelerate NodePorts with XDP on the nodes' devices (the lab then turns off
+        /// transmit checksum offload on its fabric links, as XDP_TX needs complete checksums).
+        #[arg(long)]
+        xdp: bool,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -655,6 +663,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         netns: None,
         snat_ports,
         tunnel: a.tunnel_device.clone(),
+        xdp: a.xdp,
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,
@@ -771,6 +780,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             lb_algorithm,
             no_socket_lb,
             tunnel,
+            xdp,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -784,6 +794,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                     TunnelArg::Native => "native".into(),
                     TunnelArg::Vxlan => "vxlan".into(),
                 },
+                xdp: *xdp,
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());

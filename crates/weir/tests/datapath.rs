@@ -865,3 +865,41 @@ fn lab_load_balancer_ips_maglev_consistent_across_nodes_and_affinity() {
     assert_eq!(r["ok"], 12, "{r}");
     assert_eq!(responders(&r).len(), 1, "affinity: {r}");
 }
+
+#[test]
+fn xdp_node_ports_give_the_same_results_as_tc() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        np_service("np", "app: np", "Cluster"),
+        np_service("only-c", "pod: c", "Cluster"),
+    );
+    let lab = Lab::up_with("xdp", 2, &m, &["--xdp"]);
+    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
+        .unwrap()[0]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (tcp, udp) = (node_port(&lab, "np", "http"), node_port(&lab, "np", "dns"));
+    // The same checks as with tc: both backends, TCP and UDP, through node-1.
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);
+    assert_eq!(r["ok"], 24, "{r}");
+    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 24);
+    assert_eq!(r["ok"], 24, "{r}");
+    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    // The SNATed flows (to node-2's pod) were completed at XDP, both directions; the local
+    // pod's went on to tc; the source address seen is the same as with tc.
+    let only_c = node_port(&lab, "only-c", "http");
+    assert_eq!(client_ip_seen(&lab, &format!("{n1}:{only_c}")), n1);
+    assert!(
+        metric(&lab, "node-1", "REASON_XDP_TX") + metric(&lab, "node-1", "REASON_XDP_REDIRECT") > 0
+    );
+    assert!(metric(&lab, "node-1", "REASON_FORWARD_PEER") > 0);
+    let st: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["status", "--node", "node-1", "-o", "json"])
+    ))
+    .unwrap();
+    assert_eq!(st["datapath"]["xdp"], true, "{st}");
+}
