@@ -25,6 +25,7 @@ bench: setup
 	target/release/weir-bench connect 1,1000,10000 7 3
 	target/release/weir-bench api 10000 target/release/weir
 	target/release/weir-bench nodeport 1,1000,10000 5 2
+	target/release/weir-bench nodeport 1,1000 5 2 remote
 	target/release/weir-bench podpod 7 2
 
 fmt:

@@ -759,7 +759,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| vec![1, 1000]);
             let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
             let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
-            nodeport::bench(&counts, rounds, secs, 4)
+            let remote = args.get(4).map(String::as_str) == Some("remote");
+            nodeport::bench(&counts, rounds, secs, 4, remote)
         }
         Some("podpod") => {
             let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
@@ -777,7 +778,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }

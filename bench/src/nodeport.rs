@@ -21,7 +21,18 @@ use weir_model::endpoint::EndpointRecord;
 use crate::kubeproxy::{self, Svc};
 use crate::{in_ns, in_ns_stdin, ip, median, sh, spawn_in, ENDPOINTS};
 
-const MODES: &[&str] = &["direct", "iptables", "weir-tc"];
+/// The modes measured: with the backends behind another node (`remote`), also weir's XDP
+/// program, which completes the SNATed flows before the stack.
+fn modes(remote: bool) -> &'static [&'static str] {
+    if remote {
+        &["direct", "iptables", "weir-tc", "weir-xdp"]
+    } else {
+        &["direct", "iptables", "weir-tc"]
+    }
+}
+
+/// Node A's address toward node B (remote mode), the SNAT address.
+const NODE_B_LINK: &str = "172.31.1.1";
 
 /// Per mode: conn/s, p50 and p99 of each run, and the errors.
 type Runs = (Vec<f64>, Vec<f64>, Vec<f64>, u64);
@@ -31,6 +42,8 @@ struct Ns {
     c: String,
     n: String,
     s: String,
+    /// Remote mode: node B, where the pods are.
+    m: Option<String>,
 }
 
 struct Topo {
@@ -44,6 +57,9 @@ impl Drop for Topo {
     fn drop(&mut self) {
         for (_, p) in &self.modes {
             crate::remove_netns(&[&p.c, &p.n, &p.s]);
+            if let Some(m) = &p.m {
+                crate::remove_netns(&[m]);
+            }
         }
         let _ = weir_bpf_remove(&self.pins);
         let _ = std::fs::remove_dir(self.cgroup_mount.join(&self.prefix));
@@ -70,7 +86,7 @@ pub(crate) fn link_of(ns: &str, dev: &str) -> Result<(u32, String)> {
     ))
 }
 
-fn build() -> Result<Topo> {
+fn build(remote: bool) -> Result<Topo> {
     let prefix = format!("wnp{}", std::process::id());
     let mut t = Topo {
         prefix: prefix.clone(),
@@ -78,13 +94,14 @@ fn build() -> Result<Topo> {
         cgroup_mount: format!("/run/{prefix}-cg").into(),
         pins: format!("/sys/fs/bpf/{prefix}").into(),
     };
-    for mode in MODES {
+    for mode in modes(remote) {
         let p = Ns {
             c: format!("{prefix}-{mode}-c"),
             n: format!("{prefix}-{mode}-n"),
             s: format!("{prefix}-{mode}-s"),
+            m: remote.then(|| format!("{prefix}-{mode}-m")),
         };
-        for ns in [&p.c, &p.n, &p.s] {
+        for ns in [&p.c, &p.n, &p.s].into_iter().chain(p.m.as_ref()) {
             sh("ip", &["netns", "add", ns])?;
             ip(ns, "link set lo up")?;
         }
@@ -94,18 +111,36 @@ fn build() -> Result<Topo> {
             &p.n,
             &format!("link add ext0 type veth peer name eth0 netns {}", p.c),
         )?;
+        ip(&p.n, &format!("addr add {NODE_IP}/24 dev ext0"))?;
+        ip(&p.n, "link set ext0 up")?;
+        in_ns(&p.n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // The pods' node: node A itself, or node B behind node A's second link.
+        let pods_node = match &p.m {
+            None => &p.n,
+            Some(m) => {
+                ip(
+                    &p.n,
+                    &format!("link add fab0 type veth peer name fab0 netns {m}"),
+                )?;
+                ip(&p.n, &format!("addr add {NODE_B_LINK}/24 dev fab0"))?;
+                ip(&p.n, "link set fab0 up")?;
+                ip(&p.n, "route add 10.244.1.0/24 via 172.31.1.2")?;
+                ip(m, "addr add 172.31.1.2/24 dev fab0")?;
+                ip(m, "link set fab0 up")?;
+                ip(m, &format!("route add 172.31.0.0/24 via {NODE_B_LINK}"))?;
+                in_ns(m, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+                m
+            }
+        };
         ip(
-            &p.n,
+            pods_node,
             &format!("link add lxc0 type veth peer name eth0 netns {}", p.s),
         )?;
-        ip(&p.n, &format!("addr add {NODE_IP}/24 dev ext0"))?;
-        ip(&p.n, "addr add 169.254.1.1/32 dev lxc0")?;
-        ip(&p.n, "link set ext0 up")?;
-        ip(&p.n, "link set lxc0 up")?;
+        ip(pods_node, "addr add 169.254.1.1/32 dev lxc0")?;
+        ip(pods_node, "link set lxc0 up")?;
         for e in ENDPOINTS {
-            ip(&p.n, &format!("route add {e}/32 dev lxc0"))?;
+            ip(pods_node, &format!("route add {e}/32 dev lxc0"))?;
         }
-        in_ns(&p.n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         ip(&p.c, "addr add 172.31.0.2/24 dev eth0")?;
         ip(&p.c, "link set eth0 up")?;
         ip(&p.c, &format!("route add default via {NODE_IP}"))?;
@@ -122,6 +157,16 @@ fn build() -> Result<Topo> {
             &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
         )?;
         in_ns(&p.s, "sysctl", &["-qw", "net.core.somaxconn=4096"])?;
+        if let Some(m) = &p.m {
+            // The same link settings for every mode: the far ends of node A's links compute
+            // checksums in software and carry a pass-everything XDP program (a veth receives
+            // XDP_REDIRECTed frames only then).
+            for (ns, dev) in [(&p.c, "eth0"), (m, "fab0")] {
+                in_ns(ns, "ethtool", &["-K", dev, "tx", "off"])?;
+                let (ifindex, _) = link_of(ns, dev)?;
+                in_netns(ns, || Ok(weir_bpf::datapath::attach_xdp_pass(ifindex)?))?;
+            }
+        }
     }
     std::fs::create_dir_all(&t.cgroup_mount)?;
     sh(
@@ -195,9 +240,75 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T
     })
 }
 
-/// `weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS]`.
-pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Result<()> {
-    let topo = build()?;
+/// One weir mode's datapath: the socket layer's maps (programs hooked to an empty cgroup, so
+/// unused) and the tc (and XDP) programs on its node A.
+struct Weir {
+    lb: weir_dataplane::ebpf::EbpfDataplane,
+    pods: weir_dataplane::pods::PodDataplane,
+}
+
+fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
+    let (mode, ns) = &topo.modes[mi];
+    let pins = topo.pins.join(mode);
+    let cg = topo.cgroup_mount.join(&topo.prefix).join(mode);
+    std::fs::create_dir_all(&cg)?;
+    let lb = weir_dataplane::ebpf::EbpfDataplane::new(&pins, &cg)?;
+    let mut pods = weir_dataplane::pods::PodDataplane::new(&pins.join("tc"), &pins)?;
+    let (ext0, _) = link_of(&ns.n, "ext0")?;
+    if remote {
+        let (fab0, _) = link_of(&ns.n, "fab0")?;
+        in_netns(&ns.n, || {
+            for dev in [ext0, fab0] {
+                pods.attach_netdev(dev)?;
+                if mode == "weir-xdp" {
+                    pods.attach_xdp(dev)?;
+                }
+            }
+            pods.configure_node(
+                &[NODE_IP.parse()?, NODE_B_LINK.parse()?],
+                Some(NODE_B_LINK.parse()?),
+                (32768, 65535),
+                None,
+            )?;
+            Ok(())
+        })?;
+    } else {
+        let (lxc, lxc_mac) = link_of(&ns.n, "lxc0")?;
+        let (_, pod_mac) = link_of(&ns.s, "eth0")?;
+        let records = vec![EndpointRecord {
+            pod: "bench/server".into(),
+            uid: "server".into(),
+            ips: ENDPOINTS.iter().map(|e| e.parse().expect("ip")).collect(),
+            host_if: "lxc0".into(),
+            host_ifindex: lxc,
+            host_mac: lxc_mac,
+            mac: pod_mac,
+        }];
+        in_netns(&ns.n, || {
+            pods.attach_netdev(ext0)?;
+            pods.configure_node(
+                &[NODE_IP.parse()?],
+                Some(NODE_IP.parse()?),
+                (61000, 65535),
+                None,
+            )?;
+            pods.sync(&records)?;
+            Ok(())
+        })?;
+    }
+    Ok(Weir { lb, pods })
+}
+
+/// `weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote]`.
+pub fn bench(
+    counts: &[usize],
+    rounds: usize,
+    secs: f64,
+    threads: usize,
+    remote: bool,
+) -> Result<()> {
+    let topo = build(remote)?;
+    let modes = modes(remote);
     let mut servers = Vec::new();
     for (_, p) in &topo.modes {
         servers.push(spawn_in(
@@ -207,42 +318,18 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
         )?);
     }
     std::thread::sleep(Duration::from_millis(300));
-    // weir: the socket layer's maps (its programs hooked to an empty cgroup) and the tc
-    // datapath on the node of its mode.
-    let weir_ns = &topo
-        .modes
-        .iter()
-        .find(|(m, _)| m == "weir-tc")
-        .expect("mode")
-        .1;
-    let cg = topo.cgroup_mount.join(&topo.prefix);
-    let mut lb = weir_dataplane::ebpf::EbpfDataplane::new(&topo.pins, &cg)?;
-    let mut pods = weir_dataplane::pods::PodDataplane::new(&topo.pins.join("tc"), &topo.pins)?;
-    let (lxc, lxc_mac) = link_of(&weir_ns.n, "lxc0")?;
-    let (_, pod_mac) = link_of(&weir_ns.s, "eth0")?;
-    let records = vec![EndpointRecord {
-        pod: "bench/server".into(),
-        uid: "server".into(),
-        ips: ENDPOINTS.iter().map(|e| e.parse().expect("ip")).collect(),
-        host_if: "lxc0".into(),
-        host_ifindex: lxc,
-        host_mac: lxc_mac,
-        mac: pod_mac,
-    }];
-    let (ext0, _) = link_of(&weir_ns.n, "ext0")?;
-    in_netns(&weir_ns.n, || {
-        pods.attach_netdev(ext0)?;
-        pods.configure_node(
-            &[NODE_IP.parse()?],
-            Some(NODE_IP.parse()?),
-            (61000, 65535),
-            None,
-        )?;
-        pods.sync(&records)?;
-        Ok(())
-    })?;
+    let mut weirs = Vec::new();
+    for (mi, (mode, _)) in topo.modes.iter().enumerate() {
+        if mode.starts_with("weir") {
+            weirs.push(weir_for(&topo, mi, remote)?);
+        }
+    }
     println!("# weir-bench nodeport: {threads} client threads, {secs} s per run, {rounds} rounds (order rotating), medians");
-    println!("# client 172.31.0.2 -> node {NODE_IP}:NodePort -> 3 endpoints 10.244.1.{{2,3,4}}:8080 on the node; target Service last of N");
+    if remote {
+        println!("# client 172.31.0.2 -> node A {NODE_IP}:NodePort -> node B -> 3 endpoints 10.244.1.{{2,3,4}}:8080 (SNAT); target Service last of N");
+    } else {
+        println!("# client 172.31.0.2 -> node {NODE_IP}:NodePort -> 3 endpoints 10.244.1.{{2,3,4}}:8080 on the node; target Service last of N");
+    }
     println!(
         "{:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10}",
         "N", "mode", "conn/s", "p50 us", "p99 us", "errors", "vs direct", "vs ipt", "paired"
@@ -250,7 +337,9 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
     for &n in counts {
         let svcs = services(n);
         let target = svcs.last().expect("target").node_port.expect("port");
-        lb.apply(&lb_state(&svcs))?;
+        for w in &mut weirs {
+            w.lb.apply(&lb_state(&svcs))?;
+        }
         let ipt = &topo
             .modes
             .iter()
@@ -267,10 +356,10 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
         for j in kubeproxy::iptables_jumps() {
             let _ = in_ns(&ipt.n, "iptables-legacy", &j);
         }
-        let mut res: Vec<Runs> = MODES.iter().map(|_| (vec![], vec![], vec![], 0)).collect();
+        let mut res: Vec<Runs> = modes.iter().map(|_| (vec![], vec![], vec![], 0)).collect();
         for round in 0..=rounds {
-            for k in 0..MODES.len() {
-                let mi = (k + round) % MODES.len();
+            for k in 0..modes.len() {
+                let mi = (k + round) % modes.len();
                 let (mode, p) = &topo.modes[mi];
                 let targets: Vec<String> = if mode == "direct" {
                     ENDPOINTS.iter().map(|e| format!("{e}:8080")).collect()
@@ -278,6 +367,9 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
                     vec![format!("{NODE_IP}:{target}")]
                 };
                 let _ = in_ns(&p.n, "conntrack", &["-F"]);
+                if let Some(m) = &p.m {
+                    let _ = in_ns(m, "conntrack", &["-F"]);
+                }
                 let mut args = vec![
                     "__client".to_string(),
                     threads.to_string(),
@@ -303,7 +395,9 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
                 r.3 += f[3] as u64;
             }
             // Each run starts with empty conntrack tables, weir's as the kernel's.
-            pods.ct_flush()?;
+            for w in &weirs {
+                w.pods.ct_flush()?;
+            }
         }
         let direct = median(&mut res[0].0.clone());
         let iptables = median(&mut res[1].0.clone());
@@ -313,7 +407,7 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
             let m = median(rates);
             println!(
                 "{n:>6} {:>9} {m:>10.0} {:>8.0} {:>8.0} {errors:>8} {:>9.2} {:>7.2} {:>10.2}",
-                MODES[mi],
+                modes[mi],
                 median(p50),
                 median(p99),
                 m / direct,
@@ -326,7 +420,6 @@ pub fn bench(counts: &[usize], rounds: usize, secs: f64, threads: usize) -> Resu
         let _ = s.kill();
         let _ = s.wait();
     }
-    drop(pods);
-    drop(lb);
+    drop(weirs);
     Ok(())
 }
