@@ -420,6 +420,15 @@ pub fn bench(
         let _ = s.kill();
         let _ = s.wait();
     }
+    // Every packet weir dropped, by reason: errors above have their explanation here.
+    for (w, mode) in weirs
+        .iter()
+        .zip(topo.modes.iter().filter(|(m, _)| m.starts_with("weir")))
+    {
+        for m in w.pods.dump()?.metrics.iter().filter(|m| m.reason >= 130) {
+            println!("# {}: {} {} packets", mode.0, m.name, m.packets);
+        }
+    }
     drop(weirs);
     Ok(())
 }

@@ -19,7 +19,7 @@
 #define TCP_CSUM_OFF  (L4_OFF + 16)
 #define UDP_CSUM_OFF  (L4_OFF + 6)
 
-#define SNAT_TRIES 8
+#define SNAT_TRIES 32
 #define IPPROTO_IPIP_ 4
 #define IP_DF	      0x4000
 
@@ -291,13 +291,17 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 
 			rk.dport = bpf_htons(port);
 			/* A port in use by another flow to the same backend is a collision; one whose
-			 * entry expired (the collector has not come by yet) is free. */
+			 * entry expired (the collector has not come by yet), or whose flow has been
+			 * closing for 2 s (FIN/RST seen; stray late packets are the risk conntrack
+			 * takes too), is free. */
 			if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_NOEXIST) == 0) {
 				ok = true;
 				break;
 			}
 			old = bpf_map_lookup_elem(&weir_ct4, &rk);
-			if (old && ct_expired(old) &&
+			if (old && (ct_expired(old) || ((old->flags & CT_F_CLOSING) &&
+							old->expires <= ct_now() +
+							CT_LIFETIME_TCP_CLOSING - 2)) &&
 			    bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_EXIST) == 0) {
 				ok = true;
 				break;
