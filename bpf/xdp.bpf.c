@@ -69,23 +69,15 @@ int xdp_nodeport(struct xdp_md *ctx)
 			return XDP_PASS;
 		if (e->flags & CT_F_REPLY) {
 			/* The backend's reply: back to the client, from the frontend. */
-			fk.saddr = e->snat_addr;
-			fk.sport = e->snat_port;
-			fk.daddr = e->nat_addr;
-			fk.dport = e->nat_port;
-			fk.proto = t.proto;
+			ct4_original_key(&fk, &t, e);
 			ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &fk), t.proto, tcp_flags, true, len);
 			fe.nat_addr = e->snat_addr; /* new destination */
 			fe.nat_port = e->snat_port;
 			fe.snat_addr = e->nat_addr; /* new source */
 			fe.snat_port = e->nat_port;
 		} else {
-			__u32 bid = e->backend_id;
-
-			/* A new SYN on a closing flow, or a backend gone: tc starts it over. */
-			if (((e->flags & CT_F_CLOSING) && (tcp_flags & TCP_FLAG_SYN) &&
-			     !(tcp_flags & TCP_FLAG_ACK)) ||
-			    !bpf_map_lookup_elem(&weir_lb4_backends, &bid))
+			/* A flow starting over is tc's to do. */
+			if (ct4_restart(e, tcp_flags))
 				return XDP_PASS;
 			ct4_reply_key(&rk, &t, e);
 			ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t.proto, tcp_flags, false, len);

@@ -103,6 +103,35 @@ static __always_inline void ct4_reply_key(struct ct4_key *rk, const struct ct4_k
 	}
 }
 
+/* The original-direction key of a flow whose reply entry is `re` and reply tuple `t`. */
+static __always_inline void ct4_original_key(struct ct4_key *fk, const struct ct4_key *t,
+					     const struct ct4_entry *re)
+{
+	fk->daddr = re->nat_addr;
+	fk->dport = re->nat_port;
+	fk->proto = t->proto;
+	if (re->flags & CT_F_SNAT) {
+		fk->saddr = re->snat_addr;
+		fk->sport = re->snat_port;
+	} else {
+		fk->saddr = t->daddr;
+		fk->sport = t->dport;
+	}
+}
+
+/*
+ * Whether a packet of the flow of original entry `e` starts it over: a new SYN on a closing
+ * flow (the client reuses its port), or a flow whose backend left the map.
+ */
+static __always_inline bool ct4_restart(const struct ct4_entry *e, __u8 tcp_flags)
+{
+	__u32 bid = e->backend_id;
+
+	if ((e->flags & CT_F_CLOSING) && (tcp_flags & TCP_FLAG_SYN) && !(tcp_flags & TCP_FLAG_ACK))
+		return true;
+	return !bpf_map_lookup_elem(&weir_lb4_backends, &bid);
+}
+
 /* Applies an original-direction entry to the packet and to `t`. Returns 1, or -reason. */
 static __always_inline int nat4_apply_fwd(struct __sk_buff *skb, struct ct4_key *t,
 					  const struct ct4_entry *fe)
@@ -125,16 +154,10 @@ static __always_inline int nat4_apply_fwd(struct __sk_buff *skb, struct ct4_key 
 static __always_inline int nat4_reply(struct __sk_buff *skb, struct ct4_key *t,
 				      struct ct4_entry *re, __u8 tcp_flags, __u32 len)
 {
-	struct ct4_key fk = { .daddr = re->nat_addr, .dport = re->nat_port, .proto = t->proto };
+	struct ct4_key fk = {};
 	struct ct4_entry *fe;
 
-	if (re->flags & CT_F_SNAT) {
-		fk.saddr = re->snat_addr;
-		fk.sport = re->snat_port;
-	} else {
-		fk.saddr = t->daddr;
-		fk.sport = t->dport;
-	}
+	ct4_original_key(&fk, t, re);
 	fe = bpf_map_lookup_elem(&weir_ct4, &fk);
 	if (!explaining(skb))
 		ct_touch(re, fe, t->proto, tcp_flags, true, len);
@@ -534,13 +557,7 @@ static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u
 	if (e && !ct_expired(e)) {
 		if (e->flags & CT_F_REPLY)
 			return nat4_reply(skb, t, e, tcp_flags, len);
-		/* A new SYN on a closing flow starts over (port reuse); a flow whose backend was
-		 * removed gets a new one. */
-		bool restart = (e->flags & CT_F_CLOSING) && (tcp_flags & TCP_FLAG_SYN) &&
-			       !(tcp_flags & TCP_FLAG_ACK);
-		__u32 bid = e->backend_id;
-
-		if (!restart && bpf_map_lookup_elem(&weir_lb4_backends, &bid)) {
+		if (!ct4_restart(e, tcp_flags)) {
 			ct4_reply_key(&rk, t, e);
 			if (!explaining(skb))
 				ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t->proto, tcp_flags,
