@@ -122,29 +122,6 @@ pub const CT_F_CLOSING: u16 = 16;
 /// `ct4_entry.flags`: direct server return.
 pub const CT_F_DSR: u16 = 32;
 
-/// Pins every map of an object being opened: load-balancing maps in `lb_pin_dir` (shared with
-/// the socket programs), the others in `pin_dir`.
-fn pin_maps(
-    obj: &mut libbpf_rs::OpenObject,
-    pin_dir: &Path,
-    lb_pin_dir: &Path,
-) -> Result<(), BpfError> {
-    for mut m in obj.maps_mut() {
-        let name = m.name().to_string_lossy().into_owned();
-        if name.contains('.') {
-            continue; // .rodata and friends belong to the object
-        }
-        let dir = if crate::SOCK_MAPS.contains(&name.as_str()) {
-            lb_pin_dir
-        } else {
-            pin_dir
-        };
-        m.set_pin_path(dir.join(&name))
-            .map_err(lb(format!("pin path of map {name}")))?;
-    }
-    Ok(())
-}
-
 /// The boot clock in seconds, as the programs read it (`bpf_ktime_get_boot_ns`).
 pub fn boot_seconds() -> u64 {
     let mut ts = libc::timespec {
@@ -302,44 +279,14 @@ impl Datapath {
     /// upgrades) and pinning the ones that do not exist yet; the load-balancing maps are the
     /// socket layer's, in `lb_pin_dir`.
     pub fn load(pin_dir: &Path, lb_pin_dir: &Path) -> Result<Datapath, BpfError> {
-        std::fs::create_dir_all(lb_pin_dir).map_err(|source| BpfError::Io {
-            path: lb_pin_dir.into(),
-            source,
-        })?;
-        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
-            path: pin_dir.into(),
-            source,
-        })?;
-        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = PodSkelBuilder::default()
-            .open(storage)
-            .map_err(lb("opening pod.bpf.o"))?;
-        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
-        let pod = open.load().map_err(lb(format!(
-            "loading pod.bpf.o (maps in {})",
-            pin_dir.display()
-        )))?;
-        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = NodeSkelBuilder::default()
-            .open(storage)
-            .map_err(lb("opening node.bpf.o"))?;
-        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
-        let node = open.load().map_err(lb(format!(
-            "loading node.bpf.o (maps in {})",
-            pin_dir.display()
-        )))?;
-        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = XdpSkelBuilder::default()
-            .open(storage)
-            .map_err(lb("opening xdp.bpf.o"))?;
-        pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
-        let xdp = open.load().map_err(lb(format!(
-            "loading xdp.bpf.o (maps in {})",
-            pin_dir.display()
-        )))?;
+        let pod = crate::load_pinned(PodSkelBuilder::default(), "pod.bpf.o", pin_dir, lb_pin_dir)?;
+        let node = crate::load_pinned(
+            NodeSkelBuilder::default(),
+            "node.bpf.o",
+            pin_dir,
+            lb_pin_dir,
+        )?;
+        let xdp = crate::load_pinned(XdpSkelBuilder::default(), "xdp.bpf.o", pin_dir, lb_pin_dir)?;
         Ok(Datapath {
             pod,
             node,

@@ -70,6 +70,56 @@ pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     v
 }
 
+/// Pins every map of an object being opened: load-balancing maps ([`SOCK_MAPS`]) in
+/// `lb_pin_dir` (shared by the socket and per-packet programs), the others in `pin_dir`.
+fn pin_maps(
+    obj: &mut libbpf_rs::OpenObject,
+    pin_dir: &Path,
+    lb_pin_dir: &Path,
+) -> Result<(), BpfError> {
+    for mut m in obj.maps_mut() {
+        let name = m.name().to_string_lossy().into_owned();
+        if name.contains('.') {
+            continue; // .rodata and friends belong to the object
+        }
+        let dir = if SOCK_MAPS.contains(&name.as_str()) {
+            lb_pin_dir
+        } else {
+            pin_dir
+        };
+        m.set_pin_path(dir.join(&name))
+            .map_err(lb(format!("pin path of map {name}")))?;
+    }
+    Ok(())
+}
+
+/// Opens and loads one object (`name`, for errors) with its maps pinned as [`pin_maps`] says,
+/// reusing maps already pinned there (so state survives restarts and upgrades). The open
+/// object must outlive the skeleton: one is leaked per loaded program set.
+fn load_pinned<B: SkelBuilder<'static>>(
+    builder: B,
+    name: &str,
+    pin_dir: &Path,
+    lb_pin_dir: &Path,
+) -> Result<<B::Output as OpenSkel<'static>>::Output, BpfError> {
+    for dir in [pin_dir, lb_pin_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| BpfError::Io {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+        Box::leak(Box::new(MaybeUninit::uninit()));
+    let mut open = builder
+        .open(storage)
+        .map_err(lb(format!("opening {name}")))?;
+    pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
+    open.load().map_err(lb(format!(
+        "loading {name} (maps in {})",
+        pin_dir.display()
+    )))
+}
+
 /// Every entry of a hash-like map, as plain C structs (`name` is for the error).
 fn map_entries<K: Copy + Default, V: Copy + Default>(
     map: &libbpf_rs::Map<'_>,
@@ -169,41 +219,7 @@ impl SockLb {
     /// Loads the programs, reusing maps pinned in `pin_dir` (so state survives restarts and
     /// upgrades) and pinning the ones that do not exist yet.
     pub fn load(pin_dir: &Path) -> Result<SockLb, BpfError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
-            path: pin_dir.into(),
-            source,
-        })?;
-        // The open object must outlive the skeleton; one per loaded program set.
-        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = SockSkelBuilder::default()
-            .open(storage)
-            .map_err(lb("opening sock.bpf.o"))?;
-        {
-            let m = &mut open.maps;
-            for (name, map) in [
-                ("weir_lb4_svc", &mut m.weir_lb4_svc),
-                ("weir_lb6_svc", &mut m.weir_lb6_svc),
-                ("weir_lb4_backends", &mut m.weir_lb4_backends),
-                ("weir_lb6_backends", &mut m.weir_lb6_backends),
-                ("weir_lb4_revnat", &mut m.weir_lb4_revnat),
-                ("weir_lb6_revnat", &mut m.weir_lb6_revnat),
-                ("weir_lb4_sock", &mut m.weir_lb4_sock),
-                ("weir_lb6_sock", &mut m.weir_lb6_sock),
-                ("weir_lb_affinity", &mut m.weir_lb_affinity),
-                ("weir_lb_affinity_match", &mut m.weir_lb_affinity_match),
-                ("weir_lb_maglev", &mut m.weir_lb_maglev),
-                ("weir_lb_stats", &mut m.weir_lb_stats),
-                ("weir_lb4_src_range", &mut m.weir_lb4_src_range),
-            ] {
-                map.set_pin_path(pin_dir.join(name))
-                    .map_err(lb(format!("pin path of map {name}")))?;
-            }
-        }
-        let skel = open.load().map_err(lb(format!(
-            "loading sock.bpf.o (maps in {})",
-            pin_dir.display()
-        )))?;
+        let skel = load_pinned(SockSkelBuilder::default(), "sock.bpf.o", pin_dir, pin_dir)?;
         Ok(SockLb {
             skel,
             pin_dir: pin_dir.to_path_buf(),
