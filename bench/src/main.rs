@@ -221,6 +221,27 @@ fn services(n: usize, second_octet: u8, target_endpoints: bool) -> Vec<Svc> {
         .collect()
 }
 
+/// The frontend (random selection, no affinity) of one benchmark service.
+fn frontend(s: &Svc) -> Frontend {
+    Frontend {
+        service: s.name.clone(),
+        backends: s
+            .endpoints
+            .iter()
+            .map(|(ip, port)| Backend {
+                ip: ip.parse().expect("ip"),
+                port: *port,
+            })
+            .collect(),
+        terminating_fallback: false,
+        affinity_timeout: None,
+        algorithm: Algorithm::Random,
+        source_ranges: Vec::new(),
+        mode: weir_control::lb::LbMode::Snat,
+    }
+}
+
+/// The benchmark services as ClusterIP frontends (port 80).
 fn lb_state(svcs: &[Svc]) -> LbState {
     let mut st = LbState::default();
     for s in svcs {
@@ -231,22 +252,7 @@ fn lb_state(svcs: &[Svc]) -> LbState {
                 proto: Proto::Tcp,
                 scope: Scope::Cluster,
             },
-            Frontend {
-                service: s.name.clone(),
-                backends: s
-                    .endpoints
-                    .iter()
-                    .map(|(ip, port)| Backend {
-                        ip: ip.parse().expect("ip"),
-                        port: *port,
-                    })
-                    .collect(),
-                terminating_fallback: false,
-                affinity_timeout: None,
-                algorithm: Algorithm::Random,
-                source_ranges: Vec::new(),
-                mode: weir_control::lb::LbMode::Snat,
-            },
+            frontend(s),
         );
     }
     st

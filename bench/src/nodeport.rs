@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbMode, LbState, Proto, Scope};
+use weir_control::lb::{FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::Dataplane;
 use weir_model::endpoint::EndpointRecord;
 
@@ -205,22 +205,7 @@ fn lb_state(svcs: &[Svc]) -> LbState {
                 proto: Proto::Tcp,
                 scope: Scope::External,
             },
-            Frontend {
-                service: s.name.clone(),
-                backends: s
-                    .endpoints
-                    .iter()
-                    .map(|(ip, port)| Backend {
-                        ip: ip.parse().expect("ip"),
-                        port: *port,
-                    })
-                    .collect(),
-                terminating_fallback: false,
-                affinity_timeout: None,
-                algorithm: Algorithm::Random,
-                source_ranges: Vec::new(),
-                mode: LbMode::Snat,
-            },
+            crate::frontend(s),
         );
     }
     st
