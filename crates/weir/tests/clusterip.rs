@@ -307,32 +307,14 @@ spec:
 fn connected_udp_moves_off_a_removed_backend() {
     let lab = Lab::up("cip4", 1, APP);
     // Hold one connected UDP socket to the VIP while its backend leaves the Service.
-    let name = lab.name.clone();
-    let holder = std::thread::spawn(move || {
-        ok(weir().args([
-            "--cluster",
-            &name,
-            "lab",
-            "connect",
-            "--from",
-            "lb/client",
-            "--to",
-            "web.lb:53",
-            "--protocol",
-            "udp",
-            "--hold",
-            "4s",
-            "-o",
-            "json",
-        ]))
-    });
+    let holder = lab.hold("lb/client", "web.lb:53", "udp", "4s");
     std::thread::sleep(Duration::from_millis(1000));
     for p in ["web-1", "web-2", "web-3"] {
         ok(&mut lab.kubectl(&["label", "pod", p, "-n", "lb", "app=out", "--overwrite"]));
         std::thread::sleep(Duration::from_millis(300));
         ok(&mut lab.kubectl(&["label", "pod", p, "-n", "lb", "app=web", "--overwrite"]));
     }
-    let r: Value = serde_json::from_str(&holder.join().unwrap()).unwrap();
+    let r = holder.join().unwrap();
     assert!(
         r["reconnects"].as_u64().unwrap() >= 1,
         "the socket was closed when its backend left: {r}"
@@ -347,23 +329,7 @@ fn connected_udp_moves_off_a_removed_backend() {
 fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     let lab = Lab::up("cip5", 1, APP);
     // A long-lived TCP connection through the VIP while the agent is killed and restarted.
-    let name = lab.name.clone();
-    let holder = std::thread::spawn(move || {
-        ok(weir().args([
-            "--cluster",
-            &name,
-            "lab",
-            "connect",
-            "--from",
-            "lb/client",
-            "--to",
-            "web.lb:80",
-            "--hold",
-            "3s",
-            "-o",
-            "json",
-        ]))
-    });
+    let holder = lab.hold("lb/client", "web.lb:80", "tcp", "3s");
     std::thread::sleep(Duration::from_millis(700));
     let before = lb_list(&lab, "node-1")["frontends"].clone();
     kill9_matching(&format!("lab agent --cluster {} ", lab.name));
@@ -377,7 +343,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         .to_string();
     ok(&mut lab.kubectl(&["delete", "svc", "maglev", "-n", "lb"]));
     let _agent = lab.restart_agent("node-1");
-    let r: Value = serde_json::from_str(&holder.join().unwrap()).unwrap();
+    let r = holder.join().unwrap();
     assert_eq!(
         r["failed"], 0,
         "no message lost on the held connection: {r}"

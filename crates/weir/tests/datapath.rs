@@ -303,20 +303,7 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
         np_service("local", "app: np", "Local"),
     );
     let lab = Lab::up("np", 2, &m);
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let ip = |n: &str| -> String {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["name"] == n)
-            .unwrap()["ip"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (n1, n2) = (ip("node-1"), ip("node-2"));
+    let (n1, n2) = (lab.node_ip("node-1"), lab.node_ip("node-2"));
     let external = "172.30.0.2";
 
     // Cluster policy: any node forwards to any backend, TCP and UDP.
@@ -458,10 +445,7 @@ fn load_balancer_ips_and_health_check_node_ports() {
     let lab = Lab::up("lbhc", 2, &m);
     let svc = lab.get_json(&["svc", "lb", "-n", "x"]);
     let hc = svc["spec"]["healthCheckNodePort"].as_u64().unwrap();
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let ip = |i: usize| nodes[i]["ip"].as_str().unwrap().to_string();
-    let (n1, n2) = (ip(0), ip(1));
+    let (n1, n2) = (lab.node_ip("node-1"), lab.node_ip("node-2"));
 
     // node-1 has the Service's only endpoint: 200; node-2 has none: 503.
     lab.eventually("health checks served", Duration::from_secs(20), || {
@@ -564,40 +548,18 @@ fn node_port_connections_survive_an_agent_restart() {
     );
     let lab = Lab::up("npr", 2, &m);
     let tcp = node_port(&lab, "np", "http");
-    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
-        .unwrap()[0]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = lab.node_ip("node-1");
     // Held TCP connections from outside (one of them SNATed to node-2's pod, most likely)
     // while node-1's agent is killed and restarted.
     let holders: Vec<_> = (0..4)
-        .map(|_| {
-            let (name, to) = (lab.name.clone(), format!("{n1}:{tcp}"));
-            std::thread::spawn(move || {
-                ok(weir().args([
-                    "--cluster",
-                    &name,
-                    "lab",
-                    "connect",
-                    "--from",
-                    "external",
-                    "--to",
-                    &to,
-                    "--hold",
-                    "3s",
-                    "-o",
-                    "json",
-                ]))
-            })
-        })
+        .map(|_| lab.hold("external", &format!("{n1}:{tcp}"), "tcp", "3s"))
         .collect();
     std::thread::sleep(Duration::from_millis(700));
     kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
     std::thread::sleep(Duration::from_millis(300));
     let _agent = lab.restart_agent("node-1");
     for h in holders {
-        let r: Value = serde_json::from_str(&h.join().unwrap()).unwrap();
+        let r = h.join().unwrap();
         assert_eq!(r["failed"], 0, "no message lost: {r}");
         assert_eq!(r["reconnects"], 0, "never reset: {r}");
     }
@@ -613,9 +575,7 @@ fn dsr_node_port_the_backends_node_answers_the_client_directly() {
         np_pod("c", "node-2"),
     );
     let lab = Lab::up("dsr", 2, &m);
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let n1 = nodes[0]["ip"].as_str().unwrap().to_string();
+    let n1 = lab.node_ip("node-1");
     let (tcp, udp) = (
         node_port(&lab, "dsr", "http"),
         node_port(&lab, "dsr", "dns"),
@@ -754,11 +714,7 @@ fn vxlan_mode_carries_pod_traffic_and_node_ports_between_nodes() {
         assert!(metric(&lab, node, "REASON_FORWARD_TUNNEL") > 0, "{node}");
     }
     // NodePorts: the SNATed flow to the other node's backend goes through the tunnel too.
-    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
-        .unwrap()[0]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = lab.node_ip("node-1");
     let tcp = node_port(&lab, "np", "http");
     let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);
     assert_eq!(r["ok"], 24, "{r}");
@@ -783,11 +739,7 @@ fn icmp_errors_reach_external_clients_through_node_ports() {
         np_pod("c", "node-2"),
     );
     let lab = Lab::up("icmp", 2, &m);
-    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
-        .unwrap()[0]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = lab.node_ip("node-1");
     let udp = node_port(&lab, "closed", "dns");
     let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 3);
     assert_eq!(r["errors"]["ECONNREFUSED"], 3, "{r}");
@@ -855,11 +807,7 @@ fn lab_load_balancer_ips_maglev_consistent_across_nodes_and_affinity() {
     }
     // Session affinity from outside: one client, one backend (per node, as at the socket
     // layer; through node-1's NodePort here).
-    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
-        .unwrap()[0]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = lab.node_ip("node-1");
     let np = node_port(&lab, "sticky", "http");
     let r = lab.connect("external", &format!("{n1}:{np}"), "tcp", 12);
     assert_eq!(r["ok"], 12, "{r}");
@@ -876,11 +824,7 @@ fn xdp_node_ports_give_the_same_results_as_tc() {
         np_service("only-c", "pod: c", "Cluster"),
     );
     let lab = Lab::up_with("xdp", 2, &m, &["--xdp"]);
-    let n1 = serde_json::from_str::<Value>(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"])))
-        .unwrap()[0]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = lab.node_ip("node-1");
     let (tcp, udp) = (node_port(&lab, "np", "http"), node_port(&lab, "np", "dns"));
     // The same checks as with tc: both backends, TCP and UDP, through node-1.
     let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);

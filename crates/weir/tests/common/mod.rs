@@ -171,6 +171,47 @@ impl Lab {
         .unwrap()
     }
 
+    /// `weir lab connect --hold DURATION -o json` in the background (one connection kept,
+    /// exchanging a message every 100 ms); join the handle for its summary.
+    pub fn hold(
+        &self,
+        from: &str,
+        to: &str,
+        proto: &str,
+        duration: &str,
+    ) -> std::thread::JoinHandle<Value> {
+        let mut cmd = self.weir(&[
+            "lab",
+            "connect",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--protocol",
+            proto,
+            "--hold",
+            duration,
+            "-o",
+            "json",
+        ]);
+        std::thread::spawn(move || serde_json::from_str(&ok(&mut cmd)).unwrap())
+    }
+
+    /// A node's fabric IPv4 address, as `weir lab nodes` gives it.
+    pub fn node_ip(&self, node: &str) -> String {
+        let nodes: Value =
+            serde_json::from_str(&ok(&mut self.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .unwrap_or_else(|| panic!("no node {node} in {nodes}"))["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// Waits until `f` holds, failing with `what` after `timeout`.
     pub fn eventually(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
