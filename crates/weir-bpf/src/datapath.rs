@@ -524,6 +524,11 @@ impl Datapath {
         (n, map.max_entries())
     }
 
+    /// The capacity of map `name` (one of [`DATAPATH_MAPS`]).
+    pub fn capacity(&self, name: &str) -> u32 {
+        self.map(name).max_entries()
+    }
+
     /// Writes the node-wide settings.
     pub fn set_config(&self, cfg: &node_config) -> Result<(), BpfError> {
         self.map("weir_config")

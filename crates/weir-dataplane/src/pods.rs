@@ -380,22 +380,44 @@ impl PodDataplane {
             .map(|(k, v)| ct_dump(k, v, now))
             .collect();
         conntrack.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
+        let metrics: Vec<MetricDump> = self
+            .dp
+            .metrics()?
+            .into_iter()
+            .map(|m| MetricDump {
+                direction: m.direction.into(),
+                reason: m.reason,
+                name: m.name,
+                packets: m.packets,
+                bytes: m.bytes,
+            })
+            .collect();
+        // The maps just read are counted from what was read, not walked a second time (the
+        // conntrack table can hold 262,144 entries).
+        let read = [
+            ("weir_endpoints", endpoints.len()),
+            ("weir_ct4", conntrack.len()),
+            ("weir_metrics", metrics.len()),
+        ];
+        let maps = weir_bpf::datapath::DATAPATH_MAPS
+            .iter()
+            .map(|name| {
+                let (entries, capacity) = match read.iter().find(|(n, _)| n == name) {
+                    Some((_, n)) => (*n, self.dp.capacity(name)),
+                    None => self.dp.usage(name),
+                };
+                MapUsage {
+                    name: name.to_string(),
+                    entries,
+                    capacity,
+                }
+            })
+            .collect();
         Ok(PodDump {
             conntrack,
             endpoints,
             devices: self.dp.attached(),
-            metrics: self
-                .dp
-                .metrics()?
-                .into_iter()
-                .map(|m| MetricDump {
-                    direction: m.direction.into(),
-                    reason: m.reason,
-                    name: m.name,
-                    packets: m.packets,
-                    bytes: m.bytes,
-                })
-                .collect(),
+            metrics,
             programs: self
                 .dp
                 .programs()
@@ -407,17 +429,7 @@ impl PodDataplane {
                     avg_run_ns: p.run_time_ns.checked_div(p.run_count).unwrap_or(0),
                 })
                 .collect(),
-            maps: weir_bpf::datapath::DATAPATH_MAPS
-                .iter()
-                .map(|name| {
-                    let (entries, capacity) = self.dp.usage(name);
-                    MapUsage {
-                        name: name.to_string(),
-                        entries,
-                        capacity,
-                    }
-                })
-                .collect(),
+            maps,
         })
     }
 }
