@@ -340,6 +340,22 @@ fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the nat rules of namespace `ns` with kube-proxy's iptables layout for `svcs`
+/// (legacy backend) and its jumps from the built-in chains.
+fn load_kube_proxy_iptables(ns: &str, svcs: &[Svc]) -> Result<()> {
+    let _ = in_ns(ns, "iptables-legacy", &["-t", "nat", "-F"]);
+    in_ns_stdin(
+        ns,
+        "iptables-legacy-restore",
+        &["--noflush"],
+        &kubeproxy::iptables(svcs, "10.244.0.0/16"),
+    )?;
+    for j in kubeproxy::iptables_jumps() {
+        let _ = in_ns(ns, "iptables-legacy", &j);
+    }
+    Ok(())
+}
+
 fn self_exe() -> PathBuf {
     std::env::current_exe().expect("exe")
 }
@@ -430,18 +446,7 @@ fn connect_bench(
                 .find(|(m, _)| m == "iptables")
                 .expect("p")
                 .1;
-            let _ = in_ns(&ipt.r, "iptables-legacy", &["-t", "nat", "-F"]);
-            in_ns_stdin(
-                &ipt.r,
-                "iptables-legacy-restore",
-                &["--noflush"],
-                &kubeproxy::iptables(&kp, "10.244.0.0/16"),
-            )?;
-            for j in kubeproxy::iptables_jumps() {
-                let mut a = vec![];
-                a.extend(j);
-                let _ = in_ns(&ipt.r, "iptables-legacy", &a);
-            }
+            load_kube_proxy_iptables(&ipt.r, &kp)?;
         }
         if modes.contains(&"nftables") {
             let nft = &topo

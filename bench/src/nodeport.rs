@@ -18,8 +18,8 @@ use weir_control::lb::{FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::Dataplane;
 use weir_model::endpoint::EndpointRecord;
 
-use crate::kubeproxy::{self, Svc};
-use crate::{in_ns, in_ns_stdin, ip, median, sh, spawn_in, ENDPOINTS};
+use crate::kubeproxy::Svc;
+use crate::{in_ns, ip, median, sh, spawn_in, ENDPOINTS};
 
 /// The modes measured: with the backends behind another node (`remote`), also weir's XDP
 /// program, which completes the SNATed flows before the stack.
@@ -331,16 +331,7 @@ pub fn bench(
             .find(|(m, _)| m == "iptables")
             .expect("m")
             .1;
-        let _ = in_ns(&ipt.n, "iptables-legacy", &["-t", "nat", "-F"]);
-        in_ns_stdin(
-            &ipt.n,
-            "iptables-legacy-restore",
-            &["--noflush"],
-            &kubeproxy::iptables(&svcs, "10.244.0.0/16"),
-        )?;
-        for j in kubeproxy::iptables_jumps() {
-            let _ = in_ns(&ipt.n, "iptables-legacy", &j);
-        }
+        crate::load_kube_proxy_iptables(&ipt.n, &svcs)?;
         let mut res: Vec<Runs> = modes.iter().map(|_| (vec![], vec![], vec![], 0)).collect();
         for round in 0..=rounds {
             for k in 0..modes.len() {
