@@ -122,6 +122,29 @@ pub const CT_F_CLOSING: u16 = 16;
 /// `ct4_entry.flags`: direct server return.
 pub const CT_F_DSR: u16 = 32;
 
+/// Switches the link an earlier agent pinned at `path` to `prog` atomically, so that an upgrade
+/// never leaves the device without a program. Returns false when there is none to reuse (a
+/// stale pin, whose device is gone, is removed; ifindexes are not reused at once), with the
+/// pin's directory made for a new link.
+fn reuse_pinned_link(path: &Path, prog: &libbpf_rs::Program<'_>) -> Result<bool, BpfError> {
+    if path.exists() {
+        match Link::open(path).and_then(|mut l| l.update_prog(prog)) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "replacing a stale link");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| BpfError::Io {
+            path: parent.into(),
+            source,
+        })?;
+    }
+    Ok(false)
+}
+
 /// The boot clock in seconds, as the programs read it (`bpf_ktime_get_boot_ns`).
 pub fn boot_seconds() -> u64 {
     let mut ts = libc::timespec {
@@ -329,23 +352,8 @@ impl Datapath {
         let dir = prog.direction();
         let path = self.link_path(ifindex, dir);
         let p = self.prog(prog);
-        if path.exists() {
-            let updated = Link::open(&path).and_then(|mut l| l.update_prog(p));
-            match updated {
-                Ok(()) => return Ok(()),
-                // The device the link was on is gone (ifindexes are not reused at once):
-                // drop the stale pin and attach afresh.
-                Err(e) => {
-                    tracing::debug!(path = %path.display(), error = %e, "replacing a stale tc link");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| BpfError::Io {
-                path: parent.into(),
-                source,
-            })?;
+        if reuse_pinned_link(&path, p)? {
+            return Ok(());
         }
         let attach_type = match dir {
             Direction::Ingress => libbpf_sys::BPF_TCX_INGRESS,
@@ -409,19 +417,8 @@ impl Datapath {
     pub fn attach_xdp(&self, ifindex: u32) -> Result<(), BpfError> {
         let path = self.xdp_link_path(ifindex);
         let prog = &self.xdp.progs.xdp_nodeport;
-        if path.exists() {
-            match Link::open(&path).and_then(|mut l| l.update_prog(prog)) {
-                Ok(()) => return Ok(()),
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| BpfError::Io {
-                path: parent.into(),
-                source,
-            })?;
+        if reuse_pinned_link(&path, prog)? {
+            return Ok(());
         }
         let mut link = prog
             .attach_xdp(ifindex as i32)
