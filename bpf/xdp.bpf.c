@@ -64,8 +64,9 @@ int xdp_nodeport(struct xdp_md *ctx)
 
 	e = bpf_map_lookup_elem(&weir_ct4, &t);
 	if (e && !ct_expired(e)) {
-		/* Only SNATed flows are XDP's; DSR and local backends stay with tc. */
-		if (!(e->flags & CT_F_SNAT) || (e->flags & CT_F_DSR))
+		/* Only SNATed load-balanced flows are XDP's; DSR, local backends and masqueraded
+		 * pods' flows stay with tc. */
+		if (!(e->flags & CT_F_SNAT) || (e->flags & (CT_F_DSR | CT_F_MASQ)))
 			return XDP_PASS;
 		if (e->flags & CT_F_REPLY) {
 			/* The backend's reply: back to the client, from the frontend. */

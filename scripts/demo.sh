@@ -65,6 +65,9 @@ show "$WEIR" --cluster "$LAB" explain --node node-1 --from 172.30.0.2:40000 --to
 echo "The source NAT node-1 applied (client -> node address:port -> backend), and every packet counted by reason:"
 "$WEIR" --cluster "$LAB" bpf nat list --node node-1 | sed -n 1,6p
 show "$WEIR" --cluster "$LAB" bpf metrics list --node node-1
+echo "And the other way: a pod reaching the external host's server leaves behind its node's address (masquerading at tc; TCP, UDP, ping):"
+show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to 172.30.0.2:80 --count 20
+show "$WEIR" --cluster "$LAB" lab exec ops/client -- ping -c 2 -i 0.2 172.30.0.2
 
 say "7. Terminating a pod: it keeps serving through its grace period; its endpoint turns serving+terminating and new connections go to the ready pods"
 show "$WEIR" --cluster "$LAB" lab terminate shop/web-3 --grace-period 60

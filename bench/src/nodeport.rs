@@ -254,6 +254,7 @@ fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
                 Some(NODE_B_LINK.parse()?),
                 (32768, 65535),
                 None,
+                false,
             )?;
             Ok(())
         })?;
@@ -276,6 +277,7 @@ fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
                 Some(NODE_IP.parse()?),
                 (61000, 65535),
                 None,
+                false,
             )?;
             pods.sync(&records)?;
             Ok(())

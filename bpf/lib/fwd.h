@@ -10,6 +10,7 @@
 #define WEIR_LIB_FWD_H
 
 #include "endpoint.h"
+#include "masq.h"
 #include "nodeport.h"
 #include "tunnel.h"
 
@@ -57,23 +58,39 @@ static __always_inline bool fib_forwardable(long rc)
 }
 
 /*
- * Reads the ports (and TCP flags) of an IPv4 TCP/UDP packet without IP options or
- * fragmentation into `t`. Returns 0, or -1 when the packet is not one the NAT handles.
+ * Reads the ports (and TCP flags) of an IPv4 TCP/UDP packet, or the identifier of an ICMP
+ * echo request or reply, without IP options or fragmentation into `t`. Returns 0, or -1 when
+ * the packet is not one conntrack tracks (ICMP errors are matched by the packet they quote).
  */
 static __always_inline int pkt_ip4_tuple(struct __sk_buff *skb, const struct iphdr *ip4,
 					 struct ct4_key *t, __u8 *tcp_flags)
 {
 	__be16 ports[2];
+	__u8 icmp[2];
 
-	if (ip4->protocol != IPPROTO_TCP_ && ip4->protocol != IPPROTO_UDP_)
-		return -1;
 	if (ip4->ihl != 5 || (ip4->frag_off & bpf_htons(0x3fff)))
 		return -1;
-	if (bpf_skb_load_bytes(skb, L4_OFF, ports, sizeof(ports)) < 0)
+	if (ip4->protocol == IPPROTO_ICMP_) {
+		/* Type, code, checksum, identifier. */
+		if (bpf_skb_load_bytes(skb, L4_OFF, icmp, sizeof(icmp)) < 0 || icmp[1] != 0 ||
+		    (icmp[0] != ICMP_ECHO_ && icmp[0] != ICMP_ECHOREPLY_))
+			return -1;
+		if (bpf_skb_load_bytes(skb, ICMP_ID_OFF, &ports[0], sizeof(ports[0])) < 0)
+			return -1;
+		ports[1] = 0;
+		if (icmp[0] == ICMP_ECHOREPLY_) {
+			ports[1] = ports[0];
+			ports[0] = 0;
+		}
+	} else if (ip4->protocol == IPPROTO_TCP_ || ip4->protocol == IPPROTO_UDP_) {
+		if (bpf_skb_load_bytes(skb, L4_OFF, ports, sizeof(ports)) < 0)
+			return -1;
+		if (ip4->protocol == IPPROTO_TCP_ &&
+		    bpf_skb_load_bytes(skb, L4_OFF + 13, tcp_flags, 1) < 0)
+			return -1;
+	} else {
 		return -1;
-	if (ip4->protocol == IPPROTO_TCP_ &&
-	    bpf_skb_load_bytes(skb, L4_OFF + 13, tcp_flags, 1) < 0)
-		return -1;
+	}
 	t->saddr = ip4->saddr;
 	t->daddr = ip4->daddr;
 	t->sport = ports[0];
@@ -151,6 +168,13 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
+	if (ep && !from_pod && nat == NAT_NONE && t.proto && masq_mode() &&
+	    masq4_outside(t.saddr)) {
+		/* From outside the cluster, straight to a pod: its answers are not masqueraded. */
+		nat = masq4_inbound(skb, &t, skb->len);
+		if (nat < 0)
+			return count(skb, dir, -nat, TC_ACT_SHOT);
+	}
 	if (!ep && nat != NAT_DSR && (cfg = tunnel_mode()) && (tun = tunnel4(t.daddr))) {
 		/* Another node's pod, in VXLAN mode. */
 		if (pkt_ip4_dec_ttl(skb, ttl) < 0)
@@ -174,6 +198,13 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 			if (nat)
 				return count(skb, dir, DROP_NO_ROUTE, TC_ACT_SHOT);
 			return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
+		}
+		/* A flow a pod opens to a destination outside the cluster: masquerade. */
+		if (from_pod && nat == NAT_NONE && t.proto && (cfg = masq_mode()) &&
+		    masq4_outside(t.daddr) && masq4_opens(&t, tcp_flags)) {
+			nat = masq4_new(skb, cfg, &t, tcp_flags, skb->len);
+			if (nat < 0)
+				return count(skb, dir, -nat, TC_ACT_SHOT);
 		}
 	}
 	if (pkt_ip4_dec_ttl(skb, ttl) < 0)

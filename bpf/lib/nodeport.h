@@ -20,8 +20,14 @@
 #define UDP_CSUM_OFF  (L4_OFF + 6)
 
 #define SNAT_TRIES 32
+#define IPPROTO_ICMP_ 1
 #define IPPROTO_IPIP_ 4
 #define IP_DF	      0x4000
+
+#define ICMP_ECHOREPLY_ 0
+#define ICMP_ECHO_	8
+#define ICMP_CSUM_OFF	(L4_OFF + 2)
+#define ICMP_ID_OFF	(L4_OFF + 4) /* an echo's identifier: its "port" */
 
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7) /* kernel 6.3 */
@@ -57,20 +63,23 @@ static __always_inline bool node_addr4(__be32 addr)
 
 /*
  * Rewrites the source (`src`) or destination address and port of an IPv4 TCP/UDP packet,
- * fixing the IP and L4 checksums incrementally (a zero UDP checksum stays zero).
+ * fixing the IP and L4 checksums incrementally (a zero UDP checksum stays zero). For an ICMP
+ * echo the port is the identifier (the ICMP checksum has no pseudo-header).
  * Returns 0, or <0 on failure.
  */
 static __always_inline int nat4_rewrite(struct __sk_buff *skb, __u8 proto, bool src,
 					__be32 old_addr, __be32 new_addr, __be16 old_port,
 					__be16 new_port)
 {
-	__u32 csum_off = proto == IPPROTO_TCP_ ? TCP_CSUM_OFF : UDP_CSUM_OFF;
+	__u32 csum_off = proto == IPPROTO_TCP_ ? TCP_CSUM_OFF :
+			 proto == IPPROTO_UDP_ ? UDP_CSUM_OFF : ICMP_CSUM_OFF;
 	__u64 mangled = proto == IPPROTO_UDP_ ? BPF_F_MARK_MANGLED_0 : 0;
 	__u32 addr_off = src ? IP4_SADDR_OFF : IP4_DADDR_OFF;
-	__u32 port_off = src ? L4_OFF : L4_OFF + 2;
+	__u32 port_off = proto == IPPROTO_ICMP_ ? ICMP_ID_OFF : src ? L4_OFF : L4_OFF + 2;
 
 	if (old_addr != new_addr) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+		if (proto != IPPROTO_ICMP_ &&
+		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
 					mangled | BPF_F_PSEUDO_HDR | 4) < 0)
 			return -1;
 		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old_addr, new_addr, 4) < 0)
@@ -120,6 +129,36 @@ static __always_inline void ct4_original_key(struct ct4_key *fk, const struct ct
 }
 
 /*
+ * Inserts the reply entry `re` of a flow SNATed to `rk->daddr` (the node's address) under a
+ * free port of the configured range, written to `rk->dport`. A port in use by another flow to
+ * the same peer is a collision; one whose entry expired (the collector has not come by yet),
+ * or whose flow has been closing for 2 s (FIN/RST seen; stray late packets are the risk
+ * conntrack takes too), is free. Returns 0, or -DROP_NAT_NO_PORT after SNAT_TRIES tries.
+ */
+static __always_inline int snat4_claim(struct ct4_key *rk, const struct ct4_entry *re,
+				       const struct node_config *cfg)
+{
+	__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
+	struct ct4_entry *old;
+	__u32 i;
+
+	if (cfg->snat_port_max < cfg->snat_port_min)
+		return -DROP_NAT_NO_PORT;
+	for (i = 0; i < SNAT_TRIES; i++) {
+		rk->dport = bpf_htons(cfg->snat_port_min + (bpf_get_prandom_u32() % range));
+		if (bpf_map_update_elem(&weir_ct4, rk, re, BPF_NOEXIST) == 0)
+			return 0;
+		old = bpf_map_lookup_elem(&weir_ct4, rk);
+		if (old && (ct_expired(old) || ((old->flags & CT_F_CLOSING) &&
+						old->expires <= ct_now() +
+						CT_LIFETIME_TCP_CLOSING - 2)) &&
+		    bpf_map_update_elem(&weir_ct4, rk, re, BPF_EXIST) == 0)
+			return 0;
+	}
+	return -DROP_NAT_NO_PORT;
+}
+
+/*
  * Whether a packet of the flow of original entry `e` starts it over: a new SYN on a closing
  * flow (the client reuses its port), or a flow whose backend left the map.
  */
@@ -129,6 +168,8 @@ static __always_inline bool ct4_restart(const struct ct4_entry *e, __u8 tcp_flag
 
 	if ((e->flags & CT_F_CLOSING) && (tcp_flags & TCP_FLAG_SYN) && !(tcp_flags & TCP_FLAG_ACK))
 		return true;
+	if (e->flags & CT_F_MASQ)
+		return false; /* no backend */
 	return !bpf_map_lookup_elem(&weir_lb4_backends, &bid);
 }
 
@@ -209,8 +250,8 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 	const struct lb_service *svc, *slot;
 	const struct lb4_backend *be;
 	const struct node_config *cfg;
-	__u32 zero = 0, id = 0, i;
-	bool ok = false, cluster;
+	__u32 zero = 0, id = 0;
+	bool cluster;
 	__u64 client = 0;
 	__u16 state;
 
@@ -298,7 +339,7 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 			return -DROP_CT_CREATE_FAILED;
 	} else {
 		cfg = bpf_map_lookup_elem(&weir_config, &zero);
-		if (!cfg || !cfg->snat4 || cfg->snat_port_max < cfg->snat_port_min)
+		if (!cfg || !cfg->snat4)
 			return -DROP_NAT_NO_PORT;
 		fe.flags |= CT_F_SNAT;
 		fe.snat_addr = cfg->snat4;
@@ -306,31 +347,7 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 		re.snat_addr = t->saddr;
 		re.snat_port = t->sport;
 		rk.daddr = cfg->snat4;
-		for (i = 0; i < SNAT_TRIES; i++) {
-			__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
-			__u16 port = cfg->snat_port_min + (bpf_get_prandom_u32() % range);
-
-			struct ct4_entry *old;
-
-			rk.dport = bpf_htons(port);
-			/* A port in use by another flow to the same backend is a collision; one whose
-			 * entry expired (the collector has not come by yet), or whose flow has been
-			 * closing for 2 s (FIN/RST seen; stray late packets are the risk conntrack
-			 * takes too), is free. */
-			if (bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_NOEXIST) == 0) {
-				ok = true;
-				break;
-			}
-			old = bpf_map_lookup_elem(&weir_ct4, &rk);
-			if (old && (ct_expired(old) || ((old->flags & CT_F_CLOSING) &&
-							old->expires <= ct_now() +
-							CT_LIFETIME_TCP_CLOSING - 2)) &&
-			    bpf_map_update_elem(&weir_ct4, &rk, &re, BPF_EXIST) == 0) {
-				ok = true;
-				break;
-			}
-		}
-		if (!ok)
+		if (snat4_claim(&rk, &re, cfg) < 0)
 			return -DROP_NAT_NO_PORT;
 		fe.snat_port = rk.dport;
 	}
@@ -457,8 +474,6 @@ static __always_inline int dsr4_decap(struct __sk_buff *skb, __be32 frontend, __
 	return 1;
 }
 
-#define IPPROTO_ICMP_  1
-#define ICMP_CSUM_OFF  (L4_OFF + 2)
 #define ICMP_INNER_OFF (L4_OFF + 8)		 /* the offending packet's IP header */
 #define ICMP_INNER_L4  (ICMP_INNER_OFF + 20) /* its first 8 bytes of L4 (IHL 5 only) */
 

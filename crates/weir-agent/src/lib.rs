@@ -281,8 +281,13 @@ pub async fn run(
         }
         None => None,
     };
-    // VXLAN mode: the other nodes' pod CIDRs, from the Node objects, into the tunnel maps.
-    if let Some(p) = pods.as_ref().filter(|p| p.config.tunnel.is_some()) {
+    // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
+    // when masquerading, every node's pod CIDR (and the configured networks) into the map of
+    // destinations left untranslated.
+    if let Some(p) = pods
+        .as_ref()
+        .filter(|p| p.config.tunnel.is_some() || p.config.masquerade)
+    {
         let nodes_changed = Arc::new(Notify::new());
         let n2 = nodes_changed.clone();
         let nodes = spawn_reflector(
@@ -295,11 +300,33 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 nodes_changed.notified().await;
-                let routes = weir_control::tunnel::routes(&nodes.state(), &me);
-                let r = p.dataplane.lock().expect("pods").set_tunnel_routes(&routes);
-                match r {
-                    Ok(()) => p.status.lock().expect("pod status").tunnel_routes = routes.len(),
-                    Err(e) => tracing::error!(error = %e, "programming the tunnel routes"),
+                let nodes = nodes.state();
+                if p.config.tunnel.is_some() {
+                    let routes = weir_control::tunnel::routes(&nodes, &me);
+                    let r = p.dataplane.lock().expect("pods").set_tunnel_routes(&routes);
+                    match r {
+                        Ok(()) => p.status.lock().expect("pod status").tunnel_routes = routes.len(),
+                        Err(e) => tracing::error!(error = %e, "programming the tunnel routes"),
+                    }
+                }
+                if p.config.masquerade {
+                    let mut cidrs = weir_control::tunnel::pod_cidrs4(&nodes);
+                    cidrs.extend(
+                        p.config
+                            .non_masquerade
+                            .iter()
+                            .map(|n| (n.network(), n.prefix_len())),
+                    );
+                    let r = p.dataplane.lock().expect("pods").set_nomasq_cidrs(&cidrs);
+                    match r {
+                        Ok(()) => {
+                            p.status.lock().expect("pod status").non_masquerade =
+                                cidrs.iter().map(|(a, l)| format!("{a}/{l}")).collect()
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "programming the masquerade exceptions")
+                        }
+                    }
                 }
             }
         });

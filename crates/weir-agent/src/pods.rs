@@ -30,6 +30,11 @@ pub struct PodConfig {
     pub tunnel: Option<String>,
     /// Also attach the XDP program to `devices` (NodePort acceleration).
     pub xdp: bool,
+    /// Masquerade pods' IPv4 flows to destinations outside every node's pod CIDR (and
+    /// outside `non_masquerade`) behind the node's address, with ports from `snat_ports`.
+    pub masquerade: bool,
+    /// More IPv4 networks pods reach with their own address when masquerading.
+    pub non_masquerade: Vec<ipnet::Ipv4Net>,
 }
 
 /// The default SNAT source port range: above Linux's default ephemeral range.
@@ -75,6 +80,10 @@ pub struct PodStatus {
     pub xdp: bool,
     /// Tunnel routes programmed.
     pub tunnel_routes: usize,
+    /// Whether pods' flows leaving the cluster are masqueraded.
+    pub masquerade: bool,
+    /// Networks left unmasqueraded (every node's pod CIDR, and the configured ones).
+    pub non_masquerade: Vec<String>,
     /// What the last sync changed.
     pub last_sync: PodSyncStats,
     /// The last error, if the last sync failed.
@@ -213,11 +222,18 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     pods.dataplane
         .lock()
         .expect("pods")
-        .configure_node(&addrs, snat4, cfg.snat_ports, tunnel_ifindex)
+        .configure_node(
+            &addrs,
+            snat4,
+            cfg.snat_ports,
+            tunnel_ifindex,
+            cfg.masquerade,
+        )
         .map_err(|e| format!("writing the node's addresses: {e}"))?;
     let mut st = pods.status.lock().expect("pod status");
     st.tunnel = cfg.tunnel.clone();
     st.xdp = cfg.xdp;
+    st.masquerade = cfg.masquerade;
     st.devices = names;
     st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
     Ok(())

@@ -81,10 +81,13 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_node_addrs",
     "weir_tunnel4",
     "weir_tunnel6",
+    "weir_nomasq4",
 ];
 
 /// `node_config.flags`: VXLAN mode.
 pub const CFG_VXLAN: u32 = 1;
+/// `node_config.flags`: masquerade pods' flows leaving the cluster.
+pub const CFG_MASQUERADE: u32 = 2;
 
 /// Attaches an XDP program that passes everything to device `ifindex` (in the caller's
 /// network namespace), through netlink so that it stays after this process ends. A veth only
@@ -121,6 +124,8 @@ pub const CT_F_ESTABLISHED: u16 = 8;
 pub const CT_F_CLOSING: u16 = 16;
 /// `ct4_entry.flags`: direct server return.
 pub const CT_F_DSR: u16 = 32;
+/// `ct4_entry.flags`: a pod's flow out of the cluster (masquerading, no backend).
+pub const CT_F_MASQ: u16 = 64;
 
 /// Switches the link an earlier agent pinned at `path` to `prog` atomically, so that an upgrade
 /// never leaves the device without a program. Returns false when there is none to reuse (a
@@ -335,6 +340,7 @@ impl Datapath {
             "weir_node_addrs" => &self.pod.maps.weir_node_addrs,
             "weir_tunnel4" => &self.pod.maps.weir_tunnel4,
             "weir_tunnel6" => &self.pod.maps.weir_tunnel6,
+            "weir_nomasq4" => &self.pod.maps.weir_nomasq4,
             other => panic!("no datapath map named {other}"),
         }
     }
@@ -542,10 +548,7 @@ impl Datapath {
             map.update(k, &1u32.to_ne_bytes(), MapFlags::ANY)
                 .map_err(lb("updating map weir_node_addrs"))?;
         }
-        let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
-        for k in stale {
-            let _ = map.delete(&k);
-        }
+        self.remove_other_keys("weir_node_addrs", &want);
         Ok(())
     }
 
@@ -590,13 +593,37 @@ impl Datapath {
             }
         }
         for (name, want) in [("weir_tunnel4", want4), ("weir_tunnel6", want6)] {
-            let map = self.map(name);
-            let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
-            for k in stale {
-                let _ = map.delete(&k);
-            }
+            self.remove_other_keys(name, &want);
         }
         Ok(())
+    }
+
+    /// Makes `weir_nomasq4` hold exactly `cidrs`: the IPv4 destinations pods reach with their
+    /// own address (every node's pod CIDR); flows to anything else are masqueraded when the
+    /// node config says so.
+    pub fn set_nomasq_cidrs(&self, cidrs: &[(std::net::Ipv4Addr, u8)]) -> Result<(), BpfError> {
+        let mut want: Vec<Vec<u8>> = Vec::new();
+        for (net, len) in cidrs {
+            let k = tunnel_key4 {
+                prefixlen: *len as u32,
+                addr: u32::from_ne_bytes(net.octets()),
+            };
+            self.map("weir_nomasq4")
+                .update(as_bytes(&k), &1u32.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("updating map weir_nomasq4"))?;
+            want.push(as_bytes(&k).to_vec());
+        }
+        self.remove_other_keys("weir_nomasq4", &want);
+        Ok(())
+    }
+
+    /// Deletes the keys of map `name` that are not in `want`.
+    fn remove_other_keys(&self, name: &str, want: &[Vec<u8>]) {
+        let map = self.map(name);
+        let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
+        for k in stale {
+            let _ = map.delete(&k);
+        }
     }
 
     /// Every conntrack entry.

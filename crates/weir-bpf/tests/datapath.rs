@@ -951,6 +951,36 @@ fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
         ("10.1.0.1:30082".into(), "10.1.0.5:40001".into())
     );
     assert_eq!(l4_csum(&out), 0, "tcp checksum");
+    // With masquerading on, a UDP flow from outside keeps DSR's reply entry: the answer
+    // still comes from the frontend.
+    fx.dp
+        .set_nomasq_cidrs(&[("10.244.0.0".parse().expect("ip"), 16)])
+        .expect("nomasq");
+    fx.dp
+        .set_config(&weir_bpf::datapath::node_config {
+            snat4: u32::from_ne_bytes([10, 2, 0, 1]),
+            snat_port_min: 61000,
+            snat_port_max: 61010,
+            flags: weir_bpf::datapath::CFG_MASQUERADE,
+            ..Default::default()
+        })
+        .expect("config");
+    let q = udp4(("10.1.0.5", 5000), ("10.244.1.7", 5353));
+    let (v, _) = fx.run(
+        TcProgram::FromNetdev,
+        &ipip(&q, "10.1.0.1", "10.2.0.1", 30053),
+        in0,
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "delivered");
+    let (_, out) = fx.run(
+        TcProgram::FromPod,
+        &udp4(("10.244.1.7", 5353), ("10.1.0.5", 5000)),
+        veth,
+    );
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.1:30053".into(), "10.1.0.5:5000".into())
+    );
     // IPIP for something that is not a local pod is left to the stack untouched.
     let other = ipip(
         &tcp4(("10.1.0.5", 1), ("10.9.9.9", 2), 0x02),
@@ -1161,4 +1191,203 @@ fn xdp_completes_snat_flows_and_gives_the_same_answers_as_tc() {
         assert_eq!(out, f);
     }
     assert_eq!(fx.dp.ct_entries().expect("ct").len(), before);
+}
+
+// ---- Masquerading: pods' flows leaving the cluster, ICMP echo in conntrack ----
+
+/// An IPv4 ICMP echo request (`reply` false) or reply with identifier `id`, checksums valid.
+fn echo4(src: &str, dst: &str, reply: bool, id: u16) -> Vec<u8> {
+    let mut icmp = vec![if reply { 0 } else { 8 }, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&1u16.to_be_bytes());
+    icmp.extend_from_slice(b"weir-ping");
+    let c = csum16(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = frame4(src.parse().expect("ip"), dst.parse().expect("ip"), 64);
+    f.truncate(34);
+    f[14 + 9] = 1;
+    f[14 + 2..14 + 4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    f[14 + 10] = 0;
+    f[14 + 11] = 0;
+    let c = csum16(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// (source, destination, identifier) of an ICMP echo frame.
+fn echo_of(f: &[u8]) -> (String, String, u16) {
+    (
+        ip4_at(f, 26),
+        ip4_at(f, 30),
+        u16::from_be_bytes([f[38], f[39]]),
+    )
+}
+
+impl Fixture {
+    /// node_setup with masquerading on; pods are 10.244.0.0/16 and 10.60.0.0/24 is a routed
+    /// network left unmasqueraded. Returns the pod's veth (in0) ifindex.
+    fn masq_setup(&self) -> u32 {
+        self.node_setup();
+        let mut cfg = weir_bpf::datapath::node_config {
+            snat4: u32::from_ne_bytes([10, 2, 0, 1]),
+            snat_port_min: 61000,
+            snat_port_max: 61010,
+            ..Default::default()
+        };
+        cfg.flags = weir_bpf::datapath::CFG_MASQUERADE;
+        self.dp.set_config(&cfg).expect("config");
+        self.dp
+            .set_nomasq_cidrs(&[
+                ("10.244.0.0".parse().expect("ip"), 16),
+                ("10.60.0.0".parse().expect("ip"), 24),
+            ])
+            .expect("nomasq");
+        let veth = self.ifindex("in0");
+        self.endpoint("10.244.1.7".parse().expect("ip"), veth);
+        veth
+    }
+}
+
+#[test]
+fn pods_flows_leaving_the_cluster_are_masqueraded_and_answers_come_back() {
+    let fx = Fixture::new();
+    let veth = fx.masq_setup();
+    let out0 = fx.ifindex("out0");
+    let in_range = |p: u16| (61000..=61010).contains(&p);
+
+    // TCP: the SYN leaves from the node's address and a port of the range.
+    let syn = tcp4(("10.244.1.7", 40000), ("10.50.0.9", 80), 0x02);
+    let (v, out) = fx.run(TcProgram::FromPod, &syn, veth);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    let (src, dst) = endpoints_of(&out);
+    assert_eq!(dst, "10.50.0.9:80");
+    let port: u16 = src.strip_prefix("10.2.0.1:").expect(&src).parse().unwrap();
+    assert!(in_range(port), "{src}");
+    assert_eq!(&out[0..6], &NEXTHOP_MAC);
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+    // The answer comes back to the pod.
+    let synack = tcp4(("10.50.0.9", 80), ("10.2.0.1", port), 0x12);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &synack, out0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.50.0.9:80".into(), "10.244.1.7:40000".into())
+    );
+    assert_eq!(&out[0..6], &POD_MAC, "delivered to the pod");
+    assert_eq!(l4_csum(&out), 0, "tcp checksum");
+
+    // ICMP echo: the identifier is the port; request and reply are tracked.
+    let req = echo4("10.244.1.7", "10.50.0.9", false, 0x1234);
+    let (v, out) = fx.run(TcProgram::FromPod, &req, veth);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    let (s, d, id) = echo_of(&out);
+    assert_eq!((s.as_str(), d.as_str()), ("10.2.0.1", "10.50.0.9"));
+    assert!(in_range(id), "identifier {id}");
+    assert_eq!(csum16(&out[14..34]), 0, "ip checksum");
+    assert_eq!(csum16(&out[34..]), 0, "icmp checksum");
+    let rep = echo4("10.50.0.9", "10.2.0.1", true, id);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &rep, out0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        echo_of(&out),
+        ("10.50.0.9".into(), "10.244.1.7".into(), 0x1234)
+    );
+    assert_eq!(csum16(&out[34..]), 0, "icmp checksum");
+    // A second request of the same ping follows the same entry.
+    let (_, again) = fx.run(TcProgram::FromPod, &req, veth);
+    assert_eq!(echo_of(&again).2, id);
+    let ct = fx.dp.ct_entries().expect("ct");
+    let icmp: Vec<_> = ct.iter().filter(|(k, _)| k.proto == 1).collect();
+    assert_eq!(icmp.len(), 2, "{icmp:?}");
+    for (_, e) in &icmp {
+        assert_ne!(e.flags & weir_bpf::datapath::CT_F_MASQ, 0);
+        assert_ne!(e.flags & weir_bpf::datapath::CT_F_SEEN_REPLY, 0);
+        let left = e.expires as i64 - weir_bpf::datapath::boot_seconds() as i64;
+        assert!((55..=60).contains(&left), "ICMP lifetime {left}");
+    }
+
+    // Not masqueraded: a TCP segment that opens nothing, a pod CIDR, a configured network.
+    for f in [
+        tcp4(("10.244.1.7", 40001), ("10.50.0.9", 80), 0x10),
+        tcp4(("10.244.1.7", 40002), ("10.60.0.4", 80), 0x02),
+    ] {
+        let (_, out) = fx.run(TcProgram::FromPod, &f, veth);
+        assert_eq!(endpoints_of(&out).0, endpoints_of(&f).0, "source kept");
+    }
+    // An ICMP error about a masqueraded UDP flow reaches the pod, quoting its own packet.
+    let (_, sent) = fx.run(
+        TcProgram::FromPod,
+        &udp4(("10.244.1.7", 6000), ("10.50.0.9", 7000)),
+        veth,
+    );
+    let err = icmp4_error("10.50.0.9", "10.2.0.1", 3, &sent);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &err, out0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(ip4_at(&out, 30), "10.244.1.7", "to the pod");
+    assert_eq!(csum16(&out[34..]), 0, "icmp checksum");
+    assert_eq!(ip4_at(&out[42..70], 12), "10.244.1.7", "quoted source");
+    assert_eq!(u16::from_be_bytes([out[62], out[63]]), 6000, "quoted port");
+
+    // Nothing is made when explaining; the translation is shown.
+    let before = fx.dp.ct_entries().expect("ct").len();
+    let e = fx.explain(
+        TcProgram::FromPod,
+        &udp4(("10.244.1.7", 5353), ("10.50.0.9", 53)),
+        veth,
+    );
+    assert_eq!(endpoints_of(&e.packet).0, "10.2.0.1:61000");
+    assert_eq!(fx.dp.ct_entries().expect("ct").len(), before);
+}
+
+#[test]
+fn answers_to_clients_that_reach_a_pod_directly_keep_the_pods_address() {
+    let fx = Fixture::new();
+    let veth = fx.masq_setup();
+    let out0 = fx.ifindex("out0");
+
+    // UDP from outside straight to the pod, and the pod's answer.
+    let q = udp4(("10.50.0.9", 5000), ("10.244.1.7", 53));
+    let (v, out) = fx.run(TcProgram::FromNetdev, &q, out0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(endpoints_of(&out), endpoints_of(&q), "untranslated");
+    let a = udp4(("10.244.1.7", 53), ("10.50.0.9", 5000));
+    let (v, out) = fx.run(TcProgram::FromPod, &a, veth);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        endpoints_of(&out),
+        endpoints_of(&a),
+        "the pod's own address"
+    );
+    // The same for a ping of the pod (and an identifier 0).
+    for id in [7, 0] {
+        let (_, out) = fx.run(
+            TcProgram::FromNetdev,
+            &echo4("10.50.0.9", "10.244.1.7", false, id),
+            out0,
+        );
+        assert_eq!(echo_of(&out).1, "10.244.1.7");
+        let (v, out) = fx.run(
+            TcProgram::FromPod,
+            &echo4("10.244.1.7", "10.50.0.9", true, id),
+            veth,
+        );
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(echo_of(&out), ("10.244.1.7".into(), "10.50.0.9".into(), id));
+    }
+    // TCP: the pod's SYN-ACK opens nothing.
+    let (_, out) = fx.run(
+        TcProgram::FromPod,
+        &tcp4(("10.244.1.7", 80), ("10.50.0.9", 40000), 0x12),
+        veth,
+    );
+    assert_eq!(endpoints_of(&out).0, "10.244.1.7:80");
+    // No SNAT entry was made for any of it.
+    let ct = fx.dp.ct_entries().expect("ct");
+    assert!(
+        ct.iter()
+            .all(|(_, e)| e.flags & weir_bpf::datapath::CT_F_SNAT == 0),
+        "{ct:?}"
+    );
 }

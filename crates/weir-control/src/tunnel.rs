@@ -1,5 +1,6 @@
-//! VXLAN mode: which node has which pod CIDRs, from the Node objects (spec.podCIDRs and the
-//! first IPv4 InternalIP), for every node but this one.
+//! Where pods are: which node has which pod CIDRs, from the Node objects (spec.podCIDRs and
+//! the first IPv4 InternalIP). VXLAN mode routes every other node's pod CIDRs through the
+//! tunnel; masquerading leaves flows to any node's pod CIDR untranslated.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -27,18 +28,41 @@ pub fn routes<N: std::borrow::Borrow<Node>>(nodes: &[N], this_node: &str) -> Vec
         else {
             continue;
         };
-        let spec = n.spec.clone().unwrap_or_default();
-        let cidrs = spec
-            .pod_cidrs
-            .or_else(|| spec.pod_cidr.map(|c| vec![c]))
-            .unwrap_or_default();
-        for c in cidrs {
-            if let Ok(net) = c.parse::<ipnet::IpNet>() {
-                let net = net.trunc();
-                out.push((net.addr(), net.prefix_len(), ip));
-            }
+        for net in pod_cidrs(n) {
+            out.push((net.addr(), net.prefix_len(), ip));
         }
     }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A node's pod CIDRs (spec.podCIDRs, else spec.podCIDR); unparsable ones are skipped.
+fn pod_cidrs(n: &Node) -> Vec<ipnet::IpNet> {
+    let spec = n.spec.as_ref();
+    let cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .filter(|v| !v.is_empty())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default();
+    cidrs
+        .iter()
+        .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+        .map(|n| n.trunc())
+        .collect()
+}
+
+/// Every node's IPv4 pod CIDR (this node's too), sorted: the destinations a masquerading
+/// node leaves untranslated.
+pub fn pod_cidrs4<N: std::borrow::Borrow<Node>>(nodes: &[N]) -> Vec<(Ipv4Addr, u8)> {
+    let mut out: Vec<(Ipv4Addr, u8)> = nodes
+        .iter()
+        .flat_map(|n| pod_cidrs(n.borrow()))
+        .filter_map(|net| match net {
+            ipnet::IpNet::V4(v4) => Some((v4.addr(), v4.prefix_len())),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
     out.sort();
     out.dedup();
     out
@@ -81,6 +105,25 @@ mod tests {
             vec![
                 ("10.244.2.0".parse().unwrap(), 24, ip),
                 ("fd00:10:244:2::".parse().unwrap(), 64, ip),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_nodes_ipv4_pod_cidr_is_left_unmasqueraded() {
+        let mut legacy = node("n3", &[], &[]);
+        legacy.spec.as_mut().unwrap().pod_cidr = Some("10.244.3.7/24".into());
+        let nodes = vec![
+            node("n1", &["10.244.1.0/24", "fd00:10:244:1::/64"], &[]),
+            node("n2", &["10.244.2.0/24", "not a cidr"], &["172.30.0.12"]),
+            legacy,
+        ];
+        assert_eq!(
+            pod_cidrs4(&nodes),
+            vec![
+                ("10.244.1.0".parse().unwrap(), 24),
+                ("10.244.2.0".parse().unwrap(), 24),
+                ("10.244.3.0".parse().unwrap(), 24),
             ]
         );
     }

@@ -62,15 +62,18 @@ pub struct MetricDump {
 /// One conntrack entry, as read back.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CtDump {
-    /// Protocol (`TCP`, `UDP`, or the number).
+    /// Protocol (`TCP`, `UDP`, `ICMP`, or the number).
     pub proto: String,
-    /// Source address and port of the packets this entry matches.
+    /// Source address and port of the packets this entry matches (ICMP echo: the identifier
+    /// is the source port of a request, the destination port of a reply).
     pub src: String,
     /// Destination address and port.
     pub dst: String,
     /// `original` (client to frontend) or `reply` (backend to client or SNAT address).
     pub direction: String,
-    /// States and properties: `snat`, `seen-reply`, `established`, `closing`.
+    /// States and properties: `snat`, `seen-reply`, `established`, `closing`, `dsr`, `masq`
+    /// (a pod's flow leaving the cluster; a `masq` reply entry without `snat` is a flow from
+    /// outside straight to a pod, whose answers keep the pod's address).
     pub flags: Vec<String>,
     /// Original direction: the backend the flow goes to; reply: the frontend restored as source.
     pub nat: String,
@@ -105,6 +108,7 @@ fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
         (CT_F_ESTABLISHED, "established"),
         (CT_F_CLOSING, "closing"),
         (weir_bpf::datapath::CT_F_DSR, "dsr"),
+        (weir_bpf::datapath::CT_F_MASQ, "masq"),
     ] {
         if v.flags & bit != 0 {
             flags.push(name.to_string());
@@ -112,6 +116,7 @@ fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
     }
     CtDump {
         proto: match k.proto {
+            1 => "ICMP".into(),
             6 => "TCP".into(),
             17 => "UDP".into(),
             n => n.to_string(),
@@ -205,6 +210,10 @@ pub struct PodDataplane {
     netdevs: BTreeSet<u32>,
     /// Devices attached since this agent started (links from before are re-pointed once).
     attached: BTreeSet<u32>,
+    /// The node settings last written, and whether masquerading was asked for (it is turned
+    /// on only once the destinations it must leave alone are known).
+    config: node_config,
+    masquerade: bool,
 }
 
 impl PodDataplane {
@@ -215,6 +224,8 @@ impl PodDataplane {
             dp: Datapath::load(pin_dir, lb_pin_dir)?,
             netdevs: BTreeSet::new(),
             attached: BTreeSet::new(),
+            config: node_config::default(),
+            masquerade: false,
         })
     }
 
@@ -244,27 +255,53 @@ impl PodDataplane {
     }
 
     /// Sets the node's own addresses (a NodePort answers on each) and the SNAT address and
-    /// source port range for flows sent to backends on other nodes.
+    /// source port range for flows sent to backends on other nodes (and, with `masquerade`,
+    /// for pods' flows leaving the cluster).
     pub fn configure_node(
         &mut self,
         addrs: &[IpAddr],
         snat4: Option<std::net::Ipv4Addr>,
         snat_ports: (u16, u16),
         tunnel_ifindex: Option<u32>,
+        masquerade: bool,
     ) -> Result<(), DataplaneError> {
+        use weir_bpf::datapath::{CFG_MASQUERADE, CFG_VXLAN};
         let keys: Vec<endpoint_key> = addrs.iter().map(|a| endpoint_key_of(*a)).collect();
         self.dp.set_node_addrs(&keys)?;
-        self.dp.set_config(&node_config {
+        let mut flags = 0;
+        if tunnel_ifindex.is_some() {
+            flags |= CFG_VXLAN;
+        }
+        // Until the pod CIDRs are known (a restarted agent finds them pinned), masquerading
+        // would translate flows between pods too: it waits for set_nomasq_cidrs.
+        self.masquerade = masquerade;
+        if masquerade && self.dp.usage("weir_nomasq4").0 > 0 {
+            flags |= CFG_MASQUERADE;
+        }
+        self.config = node_config {
             snat4: snat4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
             snat_port_min: snat_ports.0,
             snat_port_max: snat_ports.1,
-            flags: if tunnel_ifindex.is_some() {
-                weir_bpf::datapath::CFG_VXLAN
-            } else {
-                0
-            },
+            flags,
             tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
-        })?;
+        };
+        self.dp.set_config(&self.config)?;
+        Ok(())
+    }
+
+    /// Masquerading: the IPv4 destinations pods reach with their own address (every node's
+    /// pod CIDR, and any configured network). Turns masquerading on once they are written, if
+    /// configure_node asked for it.
+    pub fn set_nomasq_cidrs(
+        &mut self,
+        cidrs: &[(std::net::Ipv4Addr, u8)],
+    ) -> Result<(), DataplaneError> {
+        use weir_bpf::datapath::CFG_MASQUERADE;
+        self.dp.set_nomasq_cidrs(cidrs)?;
+        if self.masquerade && !cidrs.is_empty() && self.config.flags & CFG_MASQUERADE == 0 {
+            self.config.flags |= CFG_MASQUERADE;
+            self.dp.set_config(&self.config)?;
+        }
         Ok(())
     }
 

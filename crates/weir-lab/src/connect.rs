@@ -38,6 +38,9 @@ pub struct Outcome {
     /// The peer address the socket reported (getpeername), when connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// The client's address as the responder saw it (`ip:port`), for fresh attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_as: Option<String>,
 }
 
 /// The summary `weir lab connect -o json` prints.
@@ -56,6 +59,9 @@ pub struct ConnectSummary {
     /// Peer addresses the sockets reported (getpeername): the address dialled, when the
     /// socket layer translates transparently.
     pub peers: BTreeMap<String, usize>,
+    /// The client's IP as the responders saw it (after any SNAT or masquerading).
+    #[serde(default)]
+    pub seen_as: BTreeMap<String, usize>,
     /// Hold mode: how many times the connection was re-established after an error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnects: Option<usize>,
@@ -71,6 +77,13 @@ impl ConnectSummary {
         for o in outcomes {
             if let Some(p) = &o.peer {
                 *s.peers.entry(p.clone()).or_default() += 1;
+            }
+            if let Some(a) = o
+                .seen_as
+                .as_ref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                *s.seen_as.entry(a.ip().to_string()).or_default() += 1;
             }
             match (&o.responder, &o.error) {
                 (Some(r), None) => {
@@ -114,7 +127,7 @@ async fn attempt_tcp(to: SocketAddr, peer: &mut Option<String>) -> Result<String
         .await
         .map_err(|e| error_name(&e))?;
     *peer = s.peer_addr().ok().map(canonical);
-    s.write_all(b"weir\n").await.map_err(|e| error_name(&e))?;
+    s.write_all(b"who\n").await.map_err(|e| error_name(&e))?;
     let mut out = String::new();
     s.read_to_string(&mut out)
         .await
@@ -133,7 +146,7 @@ async fn attempt_udp(to: SocketAddr, peer: &mut Option<String>) -> Result<String
         .map_err(|e| error_name(&e))?;
     s.connect(to).await.map_err(|e| error_name(&e))?;
     *peer = s.peer_addr().ok().map(canonical);
-    s.send(b"weir\n").await.map_err(|e| error_name(&e))?;
+    s.send(b"who\n").await.map_err(|e| error_name(&e))?;
     let mut buf = vec![0u8; 2048];
     let n = s.recv(&mut buf).await.map_err(|e| error_name(&e))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
@@ -148,20 +161,30 @@ pub async fn attempt(to: SocketAddr, udp: bool, timeout: Duration) -> Outcome {
         tokio::time::timeout(timeout, attempt_tcp(to, &mut peer)).await
     };
     match r {
-        Ok(Ok(who)) => Outcome {
-            responder: Some(who),
-            error: None,
-            peer,
-        },
+        Ok(Ok(reply)) => {
+            // "identity client-address" (an older echo server answers the identity alone).
+            let (who, seen_as) = match reply.split_once(' ') {
+                Some((w, a)) => (w.to_string(), Some(a.to_string())),
+                None => (reply, None),
+            };
+            Outcome {
+                responder: Some(who),
+                error: None,
+                peer,
+                seen_as,
+            }
+        }
         Ok(Err(e)) => Outcome {
             responder: None,
             error: Some(e),
             peer,
+            seen_as: None,
         },
         Err(_) => Outcome {
             responder: None,
             error: Some("timeout".into()),
             peer,
+            seen_as: None,
         },
     }
 }
@@ -246,11 +269,13 @@ pub async fn hold(
                     responder: None,
                     error: Some(e),
                     peer: None,
+                    seen_as: None,
                 }),
                 Err(_) => outcomes.push(Outcome {
                     responder: None,
                     error: Some("timeout".into()),
                     peer: None,
+                    seen_as: None,
                 }),
             }
         }
@@ -261,12 +286,14 @@ pub async fn hold(
                     responder: Some(who),
                     error: None,
                     peer,
+                    seen_as: None,
                 }),
                 Ok(Err(e)) => {
                     outcomes.push(Outcome {
                         responder: None,
                         error: Some(e),
                         peer,
+                        seen_as: None,
                     });
                     conn = None;
                 }
@@ -275,6 +302,7 @@ pub async fn hold(
                         responder: None,
                         error: Some("timeout".into()),
                         peer,
+                        seen_as: None,
                     });
                     conn = None;
                 }

@@ -75,6 +75,10 @@ pub fn reply(identity: &str, req: &[u8], peer: SocketAddr) -> Vec<u8> {
     if first.trim() == "clientip" {
         return format!("{}\n", canonical(peer)).into_bytes();
     }
+    if first.trim() == "who" {
+        // `weir lab connect`: the identity and the client address as seen here.
+        return format!("{identity} {}\n", canonical(peer)).into_bytes();
+    }
     format!("{identity}\n").into_bytes()
 }
 
@@ -149,6 +153,7 @@ mod tests {
         assert_eq!(reply("x/a", b"weir\n", peer), b"x/a\n");
         assert_eq!(reply("x/a", b"", peer), b"x/a\n");
         assert_eq!(reply("x/a", b"clientip\n", peer), b"10.0.0.1:5555\n");
+        assert_eq!(reply("x/a", b"who\n", peer), b"x/a 10.0.0.1:5555\n");
         let http = String::from_utf8(reply(
             "x/a",
             b"GET /clientip HTTP/1.1\r\nHost: h\r\n\r\n",

@@ -37,6 +37,8 @@ pub struct UpOptions {
     pub tunnel: String,
     /// XDP on the nodes' devices.
     pub xdp: bool,
+    /// Masquerade pods' flows leaving the cluster.
+    pub masquerade: bool,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -167,6 +169,49 @@ pub fn start_agent(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
     )
 }
 
+/// The ports the external host's echo server answers on (a server outside the cluster for
+/// pods to reach).
+pub const EXTERNAL_PORTS: &[&str] = &["tcp:80", "udp:80"];
+
+/// Starts the external host's echo server (identity `external`) and waits until it listens.
+pub fn start_external_server(paths: &LabPaths, layout: &Layout) -> Result<i32, LabError> {
+    let ready = paths.dir.join("external.ready");
+    let _ = std::fs::remove_file(&ready);
+    let mut args: Vec<OsString> = vec![
+        "lab".into(),
+        "sandbox".into(),
+        "--cluster".into(),
+        paths.name.clone().into(),
+        "--netns".into(),
+        paths::netns_path(&layout.external_netns).into(),
+        "--cgroup".into(),
+        paths.cgroup_dir().join("external").into(),
+        "--identity".into(),
+        "external".into(),
+        "--ready-file".into(),
+        ready.clone().into(),
+    ];
+    for port in EXTERNAL_PORTS {
+        args.push("--port".into());
+        args.push((*port).into());
+    }
+    let pid = spawn_daemon(paths, "external", &args)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        if Instant::now() > deadline || !sys::alive(pid) {
+            return Err(LabError::Command(
+                "the external host's echo server".into(),
+                format!(
+                    "not listening (see {})",
+                    paths.log_dir().join("external.log").display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(pid)
+}
+
 /// A client for the lab, failing with a hint when the lab does not exist.
 pub async fn lab_client(name: &str) -> Result<Client, LabError> {
     paths::check_name(name)?;
@@ -259,6 +304,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     layout.socket_lb = opts.socket_lb;
     layout.tunnel = opts.tunnel.clone();
     layout.xdp = opts.xdp;
+    layout.masquerade = opts.masquerade;
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -276,10 +322,12 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
     }
     tokio::task::block_in_place(|| net::create_cluster_network(&layout))?;
+    tokio::task::block_in_place(|| start_external_server(p, &layout))?;
     progress.step(&format!(
-        "network: {} node(s), fabric 172.30.0.0/24, external host {}",
+        "network: {} node(s), fabric 172.30.0.0/24, external host {} (echo server on {})",
         layout.nodes.len(),
-        layout.external_ip
+        layout.external_ip,
+        EXTERNAL_PORTS.join(", ")
     ));
 
     start_controller(p)?;
@@ -622,6 +670,8 @@ pub async fn run_agent(
         snat_ports: weir_agent::pods::DEFAULT_SNAT_PORTS,
         tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
         xdp: layout.xdp,
+        masquerade: layout.masquerade,
+        non_masquerade: Vec::new(),
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

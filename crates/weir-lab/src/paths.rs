@@ -169,6 +169,9 @@ pub struct Layout {
     /// Whether the agents attach XDP to the nodes' devices.
     #[serde(default)]
     pub xdp: bool,
+    /// Whether the agents masquerade pods' flows leaving the cluster.
+    #[serde(default)]
+    pub masquerade: bool,
 }
 
 fn default_tunnel() -> String {
@@ -210,6 +213,7 @@ impl Layout {
             socket_lb: true,
             tunnel: default_tunnel(),
             xdp: false,
+            masquerade: false,
         }
     }
 

@@ -144,6 +144,15 @@ struct AgentArgs {
     /// nodes are completed at XDP (XDP_TX/XDP_REDIRECT); the rest goes on to tc.
     #[arg(long)]
     xdp: bool,
+    /// Masquerade the IPv4 flows pods open to destinations outside every Node's podCIDRs
+    /// (TCP, UDP, ICMP echo): they leave with the node's address and a port of
+    /// --snat-ports, as iptables' MASQUERADE would do.
+    #[arg(long)]
+    masquerade: bool,
+    /// With --masquerade: another IPv4 network pods reach with their own address
+    /// (repeatable), e.g. a routed network that knows the pod CIDRs.
+    #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
+    non_masquerade: Vec<ipnet::Ipv4Net>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,10 +213,11 @@ enum BpfCommand {
     /// Packets and bytes of the per-packet datapath by direction and reason (drops from 130).
     #[command(subcommand)]
     Metrics(ListOnly),
-    /// Conntrack entries of load-balanced flows (both directions).
+    /// Conntrack entries of load-balanced and masqueraded flows (both directions).
     #[command(subcommand)]
     Ct(ListOnly),
-    /// Source NAT of NodePort flows sent to backends on other nodes.
+    /// Source NAT: NodePort flows sent to backends on other nodes, and pods' masqueraded
+    /// flows (whose BACKEND and FRONTEND are their destination).
     #[command(subcommand)]
     Nat(ListOnly),
 }
@@ -298,6 +308,10 @@ enum LabCommand {
         /// transmit checksum offload on its fabric links, as XDP_TX needs complete checksums).
         #[arg(long)]
         xdp: bool,
+        /// Do not masquerade pods' flows to the external host and other non-pod addresses
+        /// (by default they leave with their node's address, as with Cilium's defaults).
+        #[arg(long)]
+        no_masquerade: bool,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -664,6 +678,8 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         snat_ports,
         tunnel: a.tunnel_device.clone(),
         xdp: a.xdp,
+        masquerade: a.masquerade,
+        non_masquerade: a.non_masquerade.iter().map(|n| n.trunc()).collect(),
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,
@@ -781,6 +797,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             no_socket_lb,
             tunnel,
             xdp,
+            no_masquerade,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -795,6 +812,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                     TunnelArg::Vxlan => "vxlan".into(),
                 },
                 xdp: *xdp,
+                masquerade: !no_masquerade,
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());
@@ -927,6 +945,9 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 }
                 for (peer, n) in &s.peers {
                     println!("  the socket saw its peer as {peer} ({n}x)");
+                }
+                for (client, n) in &s.seen_as {
+                    println!("  the responder saw the client as {client} ({n}x)");
                 }
                 if let Some(r) = s.reconnects {
                     println!("  reconnects: {r}");

@@ -137,6 +137,22 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
                     s(&st["tunnel_routes"])
                 );
             }
+            if st["masquerade"] == true {
+                let keep: Vec<String> = st["non_masquerade"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                println!(
+                    "Masquerade:    pods' IPv4 flows leaving the cluster, except to {}",
+                    if keep.is_empty() {
+                        "(pod CIDRs not known yet: off)".to_string()
+                    } else {
+                        keep.join(",")
+                    }
+                );
+            }
             if let Some(e) = st["last_error"].as_str() {
                 println!("Last error:    {e}");
             }

@@ -728,6 +728,58 @@ fn vxlan_mode_carries_pod_traffic_and_node_ports_between_nodes() {
     assert_eq!(st["datapath"]["tunnel_routes"], 2, "{st}");
     let text = ok(&mut lab.weir(&["status", "--node", "node-1"]));
     assert!(text.contains("VXLAN on vxlan0, 2 routes"), "{text}");
+
+    // Outside the cluster (the external host has no route to the pods): masqueraded behind
+    // the pod's node, TCP, UDP and ICMP echo; between pods, never.
+    for (pod, node) in [("x/a", "node-1"), ("x/c", "node-2")] {
+        let nip = lab.node_ip(node);
+        for proto in ["tcp", "udp"] {
+            let r = lab.connect(pod, "172.30.0.2:80", proto, 5);
+            assert_eq!(r["responders"]["external"], 5, "{pod} {proto}: {r}");
+            assert_eq!(r["seen_as"][&nip], 5, "{pod} {proto}: {r}");
+        }
+        let out = ok(&mut lab.weir(&[
+            "lab",
+            "exec",
+            pod,
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "172.30.0.2",
+        ]));
+        assert!(out.contains("2 received"), "{pod}: {out}");
+    }
+    let a4 = ip_of(&lab, "a", 0);
+    let c4 = ip_of(&lab, "c", 0);
+    let r = lab.connect("x/a", &format!("{c4}:8080"), "tcp", 3);
+    assert_eq!(r["seen_as"][&a4], 3, "pod to pod keeps its address: {r}");
+    let ct: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["bpf", "ct", "list", "--node", "node-1", "-o", "json"])
+    ))
+    .unwrap();
+    let echo: Vec<&Value> = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["proto"] == "ICMP")
+        .collect();
+    assert_eq!(echo.len(), 2, "the ping's two entries: {ct}");
+    assert!(
+        echo.iter().all(
+            |e| e["flags"].as_array().unwrap().iter().any(|f| f == "masq")
+                && e["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == "seen-reply")
+        ),
+        "{echo:?}"
+    );
 }
 
 #[test]
@@ -743,6 +795,25 @@ fn icmp_errors_reach_external_clients_through_node_ports() {
     let udp = node_port(&lab, "closed", "dns");
     let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 3);
     assert_eq!(r["errors"]["ECONNREFUSED"], 3, "{r}");
+
+    // Native routing masquerades too (the lab's default): the pod's flows to the external
+    // host leave behind its node, and a port it does not reach answers "unreachable" back
+    // through the masquerade...
+    let n2 = lab.node_ip("node-2");
+    let r = lab.connect("x/c", "172.30.0.2:80", "udp", 3);
+    assert_eq!(r["seen_as"][&n2], 3, "{r}");
+    let r = lab.connect("x/c", "172.30.0.2:81", "udp", 2);
+    assert_eq!(r["errors"]["ECONNREFUSED"], 2, "{r}");
+    // ...while the external host, which routes the pod CIDRs, reaches the pod directly and
+    // gets its answers from the pod's own address (UDP and ping).
+    let c4 = ip_of(&lab, "c", 0);
+    let r = lab.connect("external", &format!("{c4}:5353"), "udp", 3);
+    assert_eq!(r["responders"]["x/c"], 3, "{r}");
+    assert_eq!(r["peers"][format!("{c4}:5353")], 3, "{r}");
+    let out = ok(&mut lab.weir(&[
+        "lab", "exec", "external", "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", &c4,
+    ]));
+    assert!(out.contains("2 received"), "{out}");
 }
 
 #[test]

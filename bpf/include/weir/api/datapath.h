@@ -91,6 +91,8 @@ _Static_assert(sizeof(struct metrics_value) == 16, "metrics_value size");
  * Key of weir_ct4: a flow as the node sees a packet of it (source, destination, ports,
  * protocol). A load-balanced flow has two entries: the original direction (client to
  * frontend) and the reply direction (backend to client, or to the SNAT address and port).
+ * ICMP echo: the identifier is the source port of a request and the destination port of a
+ * reply (the other port is 0), so that a reply's key is its request's reversed.
  */
 struct ct4_key {
 	__be32 saddr;  /* network order */
@@ -109,8 +111,9 @@ _Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
 #define CT_F_ESTABLISHED (1 << 3) /* TCP: the client acknowledged the reply */
 #define CT_F_CLOSING	 (1 << 4) /* TCP: FIN or RST seen */
 #define CT_F_DSR	 (1 << 5) /* direct server return: tunnelled to the backend's node */
+#define CT_F_MASQ	 (1 << 6) /* a pod's flow out of the cluster, masqueraded (no backend) */
 /* The flags that say what an entry is (the others are the flow's state). */
-#define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR)
+#define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR | CT_F_MASQ)
 
 /*
  * Value of weir_ct4. Original direction: nat_addr/nat_port are the backend (new
@@ -141,7 +144,8 @@ _Static_assert(sizeof(struct ct4_entry) == 48, "ct4_entry size");
 #define CT_LIFETIME_OTHER	    60
 
 /* node_config.flags */
-#define WEIR_CFG_VXLAN (1 << 0) /* other nodes' pods are reached through tunnel_ifindex */
+#define WEIR_CFG_VXLAN	    (1 << 0) /* other nodes' pods are reached through tunnel_ifindex */
+#define WEIR_CFG_MASQUERADE (1 << 1) /* pods' flows leaving the cluster are SNATed to snat4 */
 
 /* The VXLAN network identifier of pod traffic between nodes. */
 #define WEIR_VXLAN_VNI 2
@@ -155,7 +159,10 @@ struct node_config {
 	__u32 tunnel_ifindex; /* the collect-metadata VXLAN device */
 };
 
-/* Keys of weir_tunnel4 / weir_tunnel6 (LPM tries): another node's pod CIDR. */
+/*
+ * Keys of weir_tunnel4 / weir_tunnel6 (LPM tries): another node's pod CIDR. weir_nomasq4
+ * (destinations pods reach with their own address: every node's pod CIDR) has the IPv4 one.
+ */
 struct tunnel_key4 {
 	__u32 prefixlen;
 	__be32 addr; /* network order */
