@@ -12,6 +12,7 @@
 #include "endpoint.h"
 #include "masq.h"
 #include "nodeport.h"
+#include "nodeport6.h"
 #include "tunnel.h"
 
 /*
@@ -106,7 +107,7 @@ static __always_inline int pkt_ip4_tuple(struct __sk_buff *skb, const struct iph
  * destination), false on the node's device (only pods and translated flows are forwarded
  * here). Returns a tc verdict; TC_ACT_OK leaves the packet to the host stack.
  */
-static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
+static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	struct bpf_fib_lookup p = {};
 	const struct endpoint_info *ep;
@@ -217,16 +218,20 @@ static __always_inline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_p
 	return fwd_fib(skb, dir, &p, rc);
 }
 
-/* IPv6 counterpart of fwd_ip4. */
-static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
+/* IPv6 counterpart of fwd_ip4 (load-balancing NAT: nodeport6.h). */
+static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
-	struct bpf_fib_lookup p = {};
 	const struct endpoint_info *ep;
 	struct ipv6hdr *ip6 = pkt_ip6(skb);
+	struct bpf_fib_lookup *p;
+	__u32 zero = 0;
 	struct in6_addr saddr, daddr;
 	const struct node_config *cfg;
 	const struct tunnel_info *tun;
+	struct ct6_key t = {};
+	__u8 tcp_flags = 0;
 	long rc = 0;
+	int nat = 0;
 	__u8 hlim;
 
 	if (!ip6 || ip6->version != 6)
@@ -236,8 +241,20 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_p
 	hlim = ip6->hop_limit;
 	if (ip6_is_local_scope(&daddr))
 		return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);
+	if (hlim > 1 && pkt_ip6_tuple(skb, ip6, &t, &tcp_flags) == 0) {
+		nat = lb6_nat(skb, &t, tcp_flags, skb->len, from_pod);
+		if (nat < 0)
+			return count(skb, dir, -nat, TC_ACT_SHOT);
+		if (nat) {
+			__builtin_memcpy(&saddr, t.saddr, sizeof(saddr));
+			__builtin_memcpy(&daddr, t.daddr, sizeof(daddr));
+			ip6 = pkt_ip6(skb); /* the rewrite invalidated packet pointers */
+			if (!ip6)
+				return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
+		}
+	}
 	ep = endpoint6(&daddr);
-	if (!ep && !from_pod)
+	if (!ep && !from_pod && !nat)
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
@@ -248,23 +265,30 @@ static __always_inline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_p
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		return fwd_tunnel(skb, dir, cfg, tun->node);
 	}
+	p = bpf_map_lookup_elem(&weir_fib6_scratch, &zero);
+	if (!p)
+		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (!ep) {
-		p.family = AF_INET6_;
-		p.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
-		p.l4_protocol = ip6->nexthdr;
-		p.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
-		__builtin_memcpy(p.ipv6_src, &saddr, sizeof(p.ipv6_src));
-		__builtin_memcpy(p.ipv6_dst, &daddr, sizeof(p.ipv6_dst));
-		p.ifindex = skb->ingress_ifindex;
-		rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
-		if (!fib_forwardable(rc))
+		__builtin_memset(p, 0, sizeof(*p));
+		p->family = AF_INET6_;
+		p->flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+		p->l4_protocol = ip6->nexthdr;
+		p->tot_len = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
+		__builtin_memcpy(p->ipv6_src, &saddr, sizeof(p->ipv6_src));
+		__builtin_memcpy(p->ipv6_dst, &daddr, sizeof(p->ipv6_dst));
+		p->ifindex = skb->ingress_ifindex;
+		rc = bpf_fib_lookup(skb, p, sizeof(*p), 0);
+		if (!fib_forwardable(rc)) {
+			if (nat) /* fail closed, as for IPv4 */
+				return count(skb, dir, DROP_NO_ROUTE, TC_ACT_SHOT);
 			return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
+		}
 	}
 	if (pkt_ip6_dec_hlim(skb, hlim) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (ep)
 		return fwd_to_endpoint(skb, dir, ep);
-	return fwd_fib(skb, dir, &p, rc);
+	return fwd_fib(skb, dir, p, rc);
 }
 
 /* Forwards an IP packet, or leaves anything else to the stack. */

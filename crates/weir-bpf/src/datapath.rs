@@ -45,8 +45,8 @@ mod xdp_skel {
 }
 
 pub use pod_skel::types::{
-    ct4_entry, ct4_key, endpoint_info, endpoint_key, metrics_value, node_config, tunnel_info,
-    tunnel_key4, tunnel_key6, weir_reason,
+    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, metrics_value, node_addr6,
+    node_config, tunnel_info, tunnel_key4, tunnel_key6, weir_reason,
 };
 
 #[allow(
@@ -77,6 +77,7 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_endpoints",
     "weir_metrics",
     "weir_ct4",
+    "weir_ct6",
     "weir_config",
     "weir_node_addrs",
     "weir_tunnel4",
@@ -336,6 +337,8 @@ impl Datapath {
             "weir_endpoints" => &self.pod.maps.weir_endpoints,
             "weir_metrics" => &self.pod.maps.weir_metrics,
             "weir_ct4" => &self.pod.maps.weir_ct4,
+            "weir_ct6" => &self.pod.maps.weir_ct6,
+            "weir_snat6" => &self.pod.maps.weir_snat6,
             "weir_config" => &self.pod.maps.weir_config,
             "weir_node_addrs" => &self.pod.maps.weir_node_addrs,
             "weir_tunnel4" => &self.pod.maps.weir_tunnel4,
@@ -631,25 +634,53 @@ impl Datapath {
         crate::map_entries(self.map("weir_ct4"), "weir_ct4")
     }
 
-    /// Removes the conntrack entries that expired before `now` (boot clock seconds), and
-    /// those that `also` says to remove. Returns how many were removed.
-    pub fn ct_gc(
-        &self,
-        now: u64,
-        also: impl Fn(&ct4_key, &ct4_entry) -> bool,
-    ) -> Result<usize, BpfError> {
-        let map = self.map("weir_ct4");
+    /// Every IPv6 conntrack entry.
+    pub fn ct6_entries(&self) -> Result<Vec<(ct6_key, ct6_entry)>, BpfError> {
+        crate::map_entries(self.map("weir_ct6"), "weir_ct6")
+    }
+
+    /// Removes the conntrack entries (IPv4 and IPv6) that expired before `now` (boot clock
+    /// seconds), or all of them with `all`. Returns how many were removed.
+    pub fn ct_gc(&self, now: u64, all: bool) -> Result<usize, BpfError> {
+        let mut stale: Vec<Vec<u8>> = self
+            .ct_entries()?
+            .iter()
+            .filter(|(_, v)| all || v.expires < now)
+            .map(|(k, _)| as_bytes(k).to_vec())
+            .collect();
+        let stale6: Vec<Vec<u8>> = self
+            .ct6_entries()?
+            .iter()
+            .filter(|(_, v)| all || v.expires < now)
+            .map(|(k, _)| as_bytes(k).to_vec())
+            .collect();
+        let n4 = stale.len();
+        stale.extend(stale6);
         let mut removed = 0;
-        for (k, v) in self.ct_entries()? {
-            if v.expires < now || also(&k, &v) {
-                match map.delete(as_bytes(&k)) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                    Err(e) => return Err(lb("deleting from map weir_ct4")(e)),
-                }
+        for (i, k) in stale.iter().enumerate() {
+            let name = if i < n4 { "weir_ct4" } else { "weir_ct6" };
+            match self.map(name).delete(k) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                Err(e) => return Err(lb("deleting a conntrack entry")(e)),
             }
         }
         Ok(removed)
+    }
+
+    /// Writes the node's IPv6 address for SNAT (None: IPv6 flows to other nodes' backends
+    /// are dropped, `DROP_NAT_NO_PORT`).
+    pub fn set_snat6(&self, addr: Option<std::net::Ipv6Addr>) -> Result<(), BpfError> {
+        let mut v = node_addr6::default();
+        if let Some(a) = addr {
+            let o = a.octets();
+            for (i, w) in v.addr.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+            }
+        }
+        self.map("weir_snat6")
+            .update(&0u32.to_ne_bytes(), as_bytes(&v), MapFlags::ANY)
+            .map_err(lb("updating map weir_snat6"))
     }
 
     /// Every non-zero counter, summed over CPUs.

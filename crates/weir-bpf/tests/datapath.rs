@@ -702,7 +702,7 @@ fn node_port_to_a_local_backend_keeps_the_client_address_and_replies_are_reverse
     // The collector removes entries once they expire.
     let removed = fx
         .dp
-        .ct_gc(weir_bpf::datapath::boot_seconds() + 11, |_, _| false)
+        .ct_gc(weir_bpf::datapath::boot_seconds() + 11, false)
         .expect("gc");
     assert_eq!(removed, 2);
 }
@@ -1390,4 +1390,175 @@ fn answers_to_clients_that_reach_a_pod_directly_keep_the_pods_address() {
             .all(|(_, e)| e.flags & weir_bpf::datapath::CT_F_SNAT == 0),
         "{ct:?}"
     );
+}
+
+// ---- IPv6 north-south ----
+
+/// The checksum of an IPv6 TCP segment over its pseudo-header: 0 when valid.
+fn l4_csum6(frame: &[u8]) -> u16 {
+    let ip = &frame[14..54];
+    let l4 = &frame[54..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, ip[6]]);
+    pseudo.extend_from_slice(l4);
+    csum16(&pseudo)
+}
+
+/// An IPv6 TCP frame with the given ports and flags, checksum valid.
+fn tcp6(src: (&str, u16), dst: (&str, u16), flags: u8) -> Vec<u8> {
+    let mut f = frame6(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
+    f[54..56].copy_from_slice(&src.1.to_be_bytes());
+    f[56..58].copy_from_slice(&dst.1.to_be_bytes());
+    f[54 + 13] = flags;
+    f[54 + 16] = 0;
+    f[54 + 17] = 0;
+    let c = l4_csum6(&f);
+    f[54 + 16..54 + 18].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(l4_csum6(&f), 0);
+    f
+}
+
+/// (source, destination) of an IPv6 TCP/UDP frame as `[a]:port`.
+fn endpoints6_of(f: &[u8]) -> (String, String) {
+    let a = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&f[o..o + 16]).unwrap());
+    (
+        format!("[{}]:{}", a(22), u16::from_be_bytes([f[54], f[55]])),
+        format!("[{}]:{}", a(38), u16::from_be_bytes([f[56], f[57]])),
+    )
+}
+
+impl Fixture {
+    /// An IPv6 NodePort frontend (address ::, external scope) with one TCP backend.
+    fn node_port6(&self, port: u16, svc_id: u32, backend: (u32, &str, u16)) {
+        use weir_bpf::types::{lb6_backend, lb6_key};
+        let lb = weir_bpf::SockLb::load(&self.pins).expect("socket maps");
+        let a: Ipv6Addr = backend.1.parse().expect("ip");
+        let o = a.octets();
+        let mut addr = [0u32; 4];
+        for (i, w) in addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+        }
+        lb.put(
+            "weir_lb6_backends",
+            &backend.0,
+            &lb6_backend {
+                address: addr,
+                port: backend.2.to_be(),
+                proto: 6,
+                ..Default::default()
+            },
+        )
+        .expect("backend");
+        let mut key = lb6_key {
+            dport: port.to_be(),
+            proto: 6,
+            scope: 1,
+            slot: 1,
+            ..Default::default()
+        };
+        lb.put(
+            "weir_lb6_svc",
+            &key,
+            &lb_service {
+                backend_id: backend.0,
+                svc_id,
+                ..Default::default()
+            },
+        )
+        .expect("slot");
+        key.slot = 0;
+        lb.put(
+            "weir_lb6_svc",
+            &key,
+            &lb_service {
+                svc_id,
+                count: 1,
+                ..Default::default()
+            },
+        )
+        .expect("master");
+    }
+
+    fn node_setup6(&self) {
+        let k = |ip: &str| {
+            let a: Ipv6Addr = ip.parse().expect("ip");
+            let o = a.octets();
+            let mut k = endpoint_key::default();
+            for (i, w) in k.addr.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
+            }
+            k.family = AF_INET6;
+            k
+        };
+        self.node_setup();
+        self.dp
+            .set_node_addrs(&[k("fd01::1"), k("fd02::1")])
+            .expect("node addrs");
+        self.dp
+            .set_snat6(Some("fd02::1".parse().expect("ip")))
+            .expect("snat6");
+    }
+}
+
+#[test]
+fn ipv6_node_ports_reach_local_and_remote_backends_and_replies_go_back() {
+    let fx = Fixture::new();
+    fx.node_setup6();
+    let in0 = fx.ifindex("in0");
+    let veth = fx.ifindex("out0");
+
+    // A backend on another node: DNAT + SNAT to the node's IPv6 address, a port of the range.
+    fx.node_port6(30081, 8, (4, "fd50::9", 8080));
+    let syn = tcp6(("fd01::5", 40000), ("fd01::1", 30081), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    let (src, dst) = endpoints6_of(&out);
+    assert_eq!(dst, "[fd50::9]:8080");
+    let port: u16 = src.strip_prefix("[fd02::1]:").expect(&src).parse().unwrap();
+    assert!((61000..=61010).contains(&port), "{src}");
+    assert_eq!(out[21], 63, "hop limit");
+    assert_eq!(&out[0..6], &NEXTHOP_MAC);
+    assert_eq!(l4_csum6(&out), 0, "tcp checksum");
+    let synack = tcp6(("fd50::9", 8080), ("fd02::1", port), 0x12);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &synack, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(
+        endpoints6_of(&out),
+        ("[fd01::1]:30081".into(), "[fd01::5]:40000".into())
+    );
+    assert_eq!(l4_csum6(&out), 0, "tcp checksum");
+    let ct = fx.dp.ct6_entries().expect("ct6");
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    assert!(ct
+        .iter()
+        .all(|(_, e)| e.flags & weir_bpf::datapath::CT_F_SEEN_REPLY != 0));
+
+    // A local backend: DNAT only, the pod sees the client; its reply is translated back.
+    fx.endpoint("fd00:10:244:1::7".parse().expect("ip"), veth);
+    fx.node_port6(30080, 7, (3, "fd00:10:244:1::7", 8080));
+    let syn = tcp6(("fd01::5", 40001), ("fd01::1", 30080), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert_eq!(v, TC_ACT_REDIRECT, "verdict");
+    assert_eq!(&out[0..6], &POD_MAC, "delivered to the pod");
+    assert_eq!(
+        endpoints6_of(&out),
+        ("[fd01::5]:40001".into(), "[fd00:10:244:1::7]:8080".into())
+    );
+    assert_eq!(l4_csum6(&out), 0, "tcp checksum");
+    let synack = tcp6(("fd00:10:244:1::7", 8080), ("fd01::5", 40001), 0x12);
+    let (_, out) = fx.run(TcProgram::FromPod, &synack, veth);
+    assert_eq!(
+        endpoints6_of(&out),
+        ("[fd01::1]:30080".into(), "[fd01::5]:40001".into())
+    );
+    assert_eq!(l4_csum6(&out), 0, "tcp checksum");
+
+    // The collector sees IPv6 entries too.
+    let removed = fx
+        .dp
+        .ct_gc(weir_bpf::datapath::boot_seconds() + 100, false)
+        .expect("gc");
+    assert_eq!(removed, 4);
 }

@@ -355,7 +355,9 @@ impl EbpfDataplane {
         } else {
             0
         };
-        // loadBalancerSourceRanges are enforced north-south, which is IPv4 today.
+        // loadBalancerSourceRanges: the IPv4 prefixes of an IPv4 frontend go into the LPM
+        // trie; a frontend with ranges but none of its family admits no client (the IPv6
+        // datapath cannot check prefixes yet and refuses every flow): fail closed.
         let ranges: BTreeSet<(u32, u8)> = if key.vip.is_ipv4() {
             f.source_ranges
                 .iter()
@@ -367,7 +369,7 @@ impl EbpfDataplane {
         } else {
             BTreeSet::new()
         };
-        if !ranges.is_empty() {
+        if !f.source_ranges.is_empty() {
             flags |= SVC_SOURCE_RANGES;
         }
         if f.mode == weir_control::lb::LbMode::Dsr && key.vip.is_ipv4() {

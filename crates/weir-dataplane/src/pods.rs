@@ -9,8 +9,9 @@ use std::path::Path;
 
 use serde::Serialize;
 use weir_bpf::datapath::{
-    ct4_entry, ct4_key, endpoint_info, endpoint_key, node_config, Datapath, TcProgram, AF_INET,
-    AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, node_config, Datapath,
+    TcProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_F_SNAT,
 };
 use weir_model::endpoint::EndpointRecord;
 
@@ -100,7 +101,62 @@ fn addr_port(a: u32, p: u16) -> String {
     )
 }
 
-fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
+fn addr6_port(a: &[u32; 4], p: u16) -> String {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    format!("[{}]:{}", std::net::Ipv6Addr::from(o), u16::from_be(p))
+}
+
+/// One conntrack entry of either family, addresses formatted.
+struct CtView {
+    proto: u8,
+    src: String,
+    dst: String,
+    nat: String,
+    snat: String,
+    flags: u16,
+    expires: u64,
+    packets: u64,
+    bytes: u64,
+    svc_id: u32,
+    backend_id: u32,
+}
+
+fn ct4_view(k: &ct4_key, v: &ct4_entry) -> CtView {
+    CtView {
+        proto: k.proto,
+        src: addr_port(k.saddr, k.sport),
+        dst: addr_port(k.daddr, k.dport),
+        nat: addr_port(v.nat_addr, v.nat_port),
+        snat: addr_port(v.snat_addr, v.snat_port),
+        flags: v.flags,
+        expires: v.expires,
+        packets: v.packets,
+        bytes: v.bytes,
+        svc_id: v.svc_id,
+        backend_id: v.backend_id,
+    }
+}
+
+fn ct6_view(k: &ct6_key, v: &ct6_entry) -> CtView {
+    CtView {
+        proto: k.proto,
+        src: addr6_port(&k.saddr, k.sport),
+        dst: addr6_port(&k.daddr, k.dport),
+        nat: addr6_port(&v.nat_addr, v.nat_port),
+        snat: addr6_port(&v.snat_addr, v.snat_port),
+        flags: v.flags,
+        expires: v.expires,
+        packets: v.packets,
+        bytes: v.bytes,
+        svc_id: v.svc_id,
+        backend_id: v.backend_id,
+    }
+}
+
+fn ct_dump(c: CtView, now: u64) -> CtDump {
     let mut flags = Vec::new();
     for (bit, name) in [
         (CT_F_SNAT, "snat"),
@@ -110,36 +166,36 @@ fn ct_dump(k: &ct4_key, v: &ct4_entry, now: u64) -> CtDump {
         (weir_bpf::datapath::CT_F_DSR, "dsr"),
         (weir_bpf::datapath::CT_F_MASQ, "masq"),
     ] {
-        if v.flags & bit != 0 {
+        if c.flags & bit != 0 {
             flags.push(name.to_string());
         }
     }
     CtDump {
-        proto: match k.proto {
+        proto: match c.proto {
             1 => "ICMP".into(),
             6 => "TCP".into(),
             17 => "UDP".into(),
             n => n.to_string(),
         },
-        src: addr_port(k.saddr, k.sport),
-        dst: addr_port(k.daddr, k.dport),
-        direction: if v.flags & CT_F_REPLY != 0 {
+        src: c.src,
+        dst: c.dst,
+        direction: if c.flags & CT_F_REPLY != 0 {
             "reply".into()
         } else {
             "original".into()
         },
         flags,
-        nat: addr_port(v.nat_addr, v.nat_port),
-        snat: if v.flags & CT_F_SNAT != 0 {
-            addr_port(v.snat_addr, v.snat_port)
+        nat: c.nat,
+        snat: if c.flags & CT_F_SNAT != 0 {
+            c.snat
         } else {
             String::new()
         },
-        expires_in: v.expires as i64 - now as i64,
-        packets: v.packets,
-        bytes: v.bytes,
-        svc_id: v.svc_id,
-        backend_id: v.backend_id,
+        expires_in: c.expires as i64 - now as i64,
+        packets: c.packets,
+        bytes: c.bytes,
+        svc_id: c.svc_id,
+        backend_id: c.backend_id,
     }
 }
 
@@ -286,6 +342,13 @@ impl PodDataplane {
             tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
         };
         self.dp.set_config(&self.config)?;
+        // IPv6 flows to other nodes' backends are SNATed to the node's first global IPv6
+        // address.
+        let snat6 = addrs.iter().find_map(|a| match a {
+            IpAddr::V6(v6) if !v6.is_unicast_link_local() && !v6.is_loopback() => Some(*v6),
+            _ => None,
+        });
+        self.dp.set_snat6(snat6)?;
         Ok(())
     }
 
@@ -316,14 +379,12 @@ impl PodDataplane {
 
     /// Removes expired conntrack entries. Returns how many.
     pub fn ct_gc(&self) -> Result<usize, DataplaneError> {
-        Ok(self
-            .dp
-            .ct_gc(weir_bpf::datapath::boot_seconds(), |_, _| false)?)
+        Ok(self.dp.ct_gc(weir_bpf::datapath::boot_seconds(), false)?)
     }
 
     /// Removes every conntrack entry (benchmarks; a live node would lose its flows' NAT).
     pub fn ct_flush(&self) -> Result<usize, DataplaneError> {
-        Ok(self.dp.ct_gc(0, |_, _| true)?)
+        Ok(self.dp.ct_gc(0, true)?)
     }
 
     /// Makes the endpoint map and the pod devices' programs match `records`. Programs are
@@ -414,8 +475,14 @@ impl PodDataplane {
             .dp
             .ct_entries()?
             .iter()
-            .map(|(k, v)| ct_dump(k, v, now))
+            .map(|(k, v)| ct_dump(ct4_view(k, v), now))
             .collect();
+        conntrack.extend(
+            self.dp
+                .ct6_entries()?
+                .iter()
+                .map(|(k, v)| ct_dump(ct6_view(k, v), now)),
+        );
         conntrack.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
         let metrics: Vec<MetricDump> = self
             .dp

@@ -628,7 +628,7 @@ fn dsr_node_port_the_backends_node_answers_the_client_directly() {
 #[test]
 fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
     let m = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: x}}\nspec:\n  selector: {{app: np}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: x}}\nspec:\n  ipFamilyPolicy: PreferDualStack\n  selector: {{app: np}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
         np_pod("a", "node-1"),
         np_pod("b", "node-1"),
         np_pod("c", "node-2"),
@@ -648,6 +648,17 @@ fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
     let r = lab.connect("x/client", &format!("{vip}:53"), "udp", 30);
     assert_eq!(r["ok"], 30, "{r}");
     assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{r}");
+    // The IPv6 ClusterIP too.
+    let vip6 = lab.get_json(&["svc", "np", "-n", "x"])["spec"]["clusterIPs"][1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (port, proto) in [(80, "tcp"), (53, "udp")] {
+        let r = lab.connect("x/client", &format!("[{vip6}]:{port}"), proto, 30);
+        assert_eq!(r["ok"], 30, "{proto}: {r}");
+        assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{proto}: {r}");
+        assert_eq!(r["peers"][format!("[{vip6}]:{port}")], 30, "{r}");
+    }
     // The socket layer did none of it.
     let st: Value = serde_json::from_str(&ok(
         &mut lab.weir(&["status", "--node", "node-1", "-o", "json"])
@@ -917,4 +928,46 @@ fn xdp_node_ports_give_the_same_results_as_tc() {
     ))
     .unwrap();
     assert_eq!(st["datapath"]["xdp"], true, "{st}");
+}
+
+#[test]
+fn ipv6_node_ports_from_outside_reach_both_nodes_backends() {
+    let svc = |name: &str, pod: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  type: NodePort\n  ipFamilyPolicy: PreferDualStack\n  selector: {{pod: {pod}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n")
+    };
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}",
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        svc("to-a", "a"),
+        svc("to-c", "c"),
+    );
+    let lab = Lab::up("np6", 2, &m);
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let ip6 = |name: &str| -> String {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()["ip6"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (n1, ext) = (ip6("node-1"), ip6("external"));
+    // Through node-1's IPv6 address: the local pod sees the client, the other node's pod sees
+    // node-1 (SNAT); TCP and UDP.
+    for (svc, pod, seen) in [("to-a", "x/a", &ext), ("to-c", "x/c", &n1)] {
+        for (port, proto) in [("http", "tcp"), ("dns", "udp")] {
+            let np = node_port(&lab, svc, port);
+            let r = lab.connect("external", &format!("[{n1}]:{np}"), proto, 4);
+            assert_eq!(r["responders"][pod], 4, "{svc} {proto}: {r}");
+            assert_eq!(r["seen_as"][seen.as_str()], 4, "{svc} {proto}: {r}");
+        }
+    }
+    // The flows are in node-1's IPv6 conntrack.
+    let ct = ok(&mut lab.weir(&["bpf", "ct", "list", "--node", "node-1"]));
+    assert!(ct.contains(&format!("[{n1}]:")), "{ct}");
 }

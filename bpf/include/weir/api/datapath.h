@@ -137,6 +137,39 @@ struct ct4_entry {
 };
 _Static_assert(sizeof(struct ct4_entry) == 48, "ct4_entry size");
 
+/* Key of weir_ct6: the IPv6 counterpart of ct4_key. */
+struct ct6_key {
+	__be32 saddr[4]; /* network order */
+	__be32 daddr[4]; /* network order */
+	__be16 sport;	 /* network order */
+	__be16 dport;	 /* network order */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct ct6_key) == 40, "ct6_key size");
+
+/* Value of weir_ct6: the IPv6 counterpart of ct4_entry (same fields, same meaning). */
+struct ct6_entry {
+	__u64 expires;	     /* boot clock, seconds */
+	__u64 packets;
+	__u64 bytes;
+	__be32 nat_addr[4];  /* network order */
+	__be32 snat_addr[4]; /* network order */
+	__be16 nat_port;     /* network order */
+	__be16 snat_port;    /* network order */
+	__u32 svc_id;
+	__u32 backend_id;
+	__u16 flags;	     /* CT_F_* */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct ct6_entry) == 72, "ct6_entry size");
+
+/* Value of weir_snat6[0]: the node's IPv6 address for SNAT (all zero: none). */
+struct node_addr6 {
+	__be32 addr[4]; /* network order */
+};
+_Static_assert(sizeof(struct node_addr6) == 16, "node_addr6 size");
+
 /* Conntrack lifetimes in seconds (Cilium's defaults). */
 #define CT_LIFETIME_TCP_SYN	    60
 #define CT_LIFETIME_TCP_ESTABLISHED 21600
