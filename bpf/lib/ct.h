@@ -59,23 +59,29 @@ static __always_inline __u16 ct_next_flags(__u16 flags, __u8 proto, __u8 tcp_fla
 
 /*
  * Records a packet on `e` and its partner `other` (the entry of the other direction, when
- * found): both carry the same state and lifetime.
+ * found): both carry the same state and lifetime. One body for the IPv4 and IPv6 entry types
+ * (ct_touch, ct6_touch), which share these fields.
  */
+#define CT_TOUCH_BODY(e, other, proto, tcp_flags, reply, len)                                  \
+	do {                                                                                   \
+		__u16 keep_ = (e)->flags & CT_F_KIND;                                          \
+		__u16 state_ = ct_next_flags((e)->flags, proto, tcp_flags, reply) & ~CT_F_KIND; \
+		__u64 expires_ = ct_now() + ct_lifetime(state_, proto);                        \
+                                                                                               \
+		(e)->flags = keep_ | state_;                                                   \
+		(e)->expires = expires_;                                                       \
+		__sync_fetch_and_add(&(e)->packets, 1);                                        \
+		__sync_fetch_and_add(&(e)->bytes, len);                                        \
+		if (other) {                                                                   \
+			(other)->flags = ((other)->flags & CT_F_KIND) | state_;                \
+			(other)->expires = expires_;                                           \
+		}                                                                              \
+	} while (0)
+
 static __always_inline void ct_touch(struct ct4_entry *e, struct ct4_entry *other, __u8 proto,
 				     __u8 tcp_flags, bool reply, __u32 len)
 {
-	__u16 keep = e->flags & CT_F_KIND;
-	__u16 state = ct_next_flags(e->flags, proto, tcp_flags, reply) & ~CT_F_KIND;
-	__u64 expires = ct_now() + ct_lifetime(state, proto);
-
-	e->flags = keep | state;
-	e->expires = expires;
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, len);
-	if (other) {
-		other->flags = (other->flags & CT_F_KIND) | state;
-		other->expires = expires;
-	}
+	CT_TOUCH_BODY(e, other, proto, tcp_flags, reply, len);
 }
 
 static __always_inline bool ct_expired(const struct ct4_entry *e)

@@ -61,18 +61,7 @@ static __always_inline bool node_addr6(const __be32 *addr)
 static __always_inline void ct6_touch(struct ct6_entry *e, struct ct6_entry *other, __u8 proto,
 				      __u8 tcp_flags, bool reply, __u32 len)
 {
-	__u16 keep = e->flags & CT_F_KIND;
-	__u16 state = ct_next_flags(e->flags, proto, tcp_flags, reply) & ~CT_F_KIND;
-	__u64 expires = ct_now() + ct_lifetime(state, proto);
-
-	e->flags = keep | state;
-	e->expires = expires;
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, len);
-	if (other) {
-		other->flags = (other->flags & CT_F_KIND) | state;
-		other->expires = expires;
-	}
+	CT_TOUCH_BODY(e, other, proto, tcp_flags, reply, len);
 }
 
 /*
