@@ -95,7 +95,15 @@ impl Fixture {
         ] {
             sh("ip", &["netns", "exec", &netns, "sysctl", "-qw", kv]);
         }
-        let dp = Datapath::load(&pins.join("tc"), &pins).expect("load");
+        let dp = match Datapath::load(&pins.join("tc"), &pins) {
+            Ok(dp) => dp,
+            Err(e) => {
+                // No Fixture yet to clean up on drop: remove what was made before failing.
+                let _ = Datapath::remove_pins(&pins);
+                let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+                panic!("load: {e:?}");
+            }
+        };
         Fixture { netns, pins, dp }
     }
 
