@@ -129,33 +129,41 @@ static __always_inline void ct4_original_key(struct ct4_key *fk, const struct ct
 }
 
 /*
- * Inserts the reply entry `re` of a flow SNATed to `rk->daddr` (the node's address) under a
- * free port of the configured range, written to `rk->dport`. A port in use by another flow to
- * the same peer is a collision; one whose entry expired (the collector has not come by yet),
- * or whose flow has been closing for 2 s (FIN/RST seen; stray late packets are the risk
- * conntrack takes too), is free. Returns 0, or -DROP_NAT_NO_PORT after SNAT_TRIES tries.
+ * Inserts the reply entry `re` of a flow SNATed to `rk->daddr` (the node's address) into
+ * conntrack map `map` under a free port of the configured range, written to `rk->dport`. A
+ * port in use by another flow to the same peer is a collision; one whose entry expired (the
+ * collector has not come by yet), or whose flow has been closing for 2 s (FIN/RST seen; stray
+ * late packets are the risk conntrack takes too), is free. Returns 0, or -DROP_NAT_NO_PORT
+ * after SNAT_TRIES tries. One body for both families (snat4_claim, snat6_claim).
  */
+#define SNAT_CLAIM_BODY(map, rk, re, cfg)                                                      \
+	do {                                                                                   \
+		__u32 range_ = (__u32)(cfg)->snat_port_max - (cfg)->snat_port_min + 1;         \
+		typeof(*(re)) *old_;                                                           \
+		__u32 i_;                                                                      \
+                                                                                               \
+		if ((cfg)->snat_port_max < (cfg)->snat_port_min)                               \
+			return -DROP_NAT_NO_PORT;                                              \
+		for (i_ = 0; i_ < SNAT_TRIES; i_++) {                                          \
+			(rk)->dport = bpf_htons((cfg)->snat_port_min +                         \
+						(bpf_get_prandom_u32() % range_));             \
+			if (bpf_map_update_elem(map, rk, re, BPF_NOEXIST) == 0)                \
+				return 0;                                                      \
+			old_ = bpf_map_lookup_elem(map, rk);                                   \
+			if (old_ &&                                                            \
+			    (old_->expires < ct_now() ||                                       \
+			     ((old_->flags & CT_F_CLOSING) &&                                  \
+			      old_->expires <= ct_now() + CT_LIFETIME_TCP_CLOSING - 2)) &&     \
+			    bpf_map_update_elem(map, rk, re, BPF_EXIST) == 0)                  \
+				return 0;                                                      \
+		}                                                                              \
+		return -DROP_NAT_NO_PORT;                                                      \
+	} while (0)
+
 static __always_inline int snat4_claim(struct ct4_key *rk, const struct ct4_entry *re,
 				       const struct node_config *cfg)
 {
-	__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
-	struct ct4_entry *old;
-	__u32 i;
-
-	if (cfg->snat_port_max < cfg->snat_port_min)
-		return -DROP_NAT_NO_PORT;
-	for (i = 0; i < SNAT_TRIES; i++) {
-		rk->dport = bpf_htons(cfg->snat_port_min + (bpf_get_prandom_u32() % range));
-		if (bpf_map_update_elem(&weir_ct4, rk, re, BPF_NOEXIST) == 0)
-			return 0;
-		old = bpf_map_lookup_elem(&weir_ct4, rk);
-		if (old && (ct_expired(old) || ((old->flags & CT_F_CLOSING) &&
-						old->expires <= ct_now() +
-						CT_LIFETIME_TCP_CLOSING - 2)) &&
-		    bpf_map_update_elem(&weir_ct4, rk, re, BPF_EXIST) == 0)
-			return 0;
-	}
-	return -DROP_NAT_NO_PORT;
+	SNAT_CLAIM_BODY(&weir_ct4, rk, re, cfg);
 }
 
 /*

@@ -220,24 +220,7 @@ static __always_inline __u64 ct6_hash(const struct ct6_key *t)
 static __always_inline int snat6_claim(struct ct6_key *rk, const struct ct6_entry *re,
 				       const struct node_config *cfg)
 {
-	__u32 range = (__u32)cfg->snat_port_max - cfg->snat_port_min + 1;
-	struct ct6_entry *old;
-	__u32 i;
-
-	if (cfg->snat_port_max < cfg->snat_port_min)
-		return -DROP_NAT_NO_PORT;
-	for (i = 0; i < SNAT_TRIES; i++) {
-		rk->dport = bpf_htons(cfg->snat_port_min + (bpf_get_prandom_u32() % range));
-		if (bpf_map_update_elem(&weir_ct6, rk, re, BPF_NOEXIST) == 0)
-			return 0;
-		old = bpf_map_lookup_elem(&weir_ct6, rk);
-		if (old && (old->expires < ct_now() ||
-			    ((old->flags & CT_F_CLOSING) &&
-			     old->expires <= ct_now() + CT_LIFETIME_TCP_CLOSING - 2)) &&
-		    bpf_map_update_elem(&weir_ct6, rk, re, BPF_EXIST) == 0)
-			return 0;
-	}
-	return -DROP_NAT_NO_PORT;
+	SNAT_CLAIM_BODY(&weir_ct6, rk, re, cfg);
 }
 
 /* ct6_new_flow's `how`: the packet's TCP flags in the low byte, and these. */

@@ -580,14 +580,10 @@ impl Datapath {
                     want4.push(as_bytes(&k).to_vec());
                 }
                 std::net::IpAddr::V6(a) => {
-                    let o = a.octets();
-                    let mut k = tunnel_key6 {
+                    let k = tunnel_key6 {
                         prefixlen: *len as u32,
-                        ..Default::default()
+                        addr: crate::ip6_words(*a),
                     };
-                    for (i, w) in k.addr.iter_mut().enumerate() {
-                        *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
-                    }
                     self.map("weir_tunnel6")
                         .update(as_bytes(&k), as_bytes(&v), MapFlags::ANY)
                         .map_err(lb("updating map weir_tunnel6"))?;
@@ -671,13 +667,9 @@ impl Datapath {
     /// Writes the node's IPv6 address for SNAT (None: IPv6 flows to other nodes' backends
     /// are dropped, `DROP_NAT_NO_PORT`).
     pub fn set_snat6(&self, addr: Option<std::net::Ipv6Addr>) -> Result<(), BpfError> {
-        let mut v = node_addr6::default();
-        if let Some(a) = addr {
-            let o = a.octets();
-            for (i, w) in v.addr.iter_mut().enumerate() {
-                *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
-            }
-        }
+        let v = node_addr6 {
+            addr: addr.map(crate::ip6_words).unwrap_or_default(),
+        };
         self.map("weir_snat6")
             .update(&0u32.to_ne_bytes(), as_bytes(&v), MapFlags::ANY)
             .map_err(lb("updating map weir_snat6"))
@@ -802,19 +794,6 @@ impl Datapath {
 
     /// Detaches every pinned link and removes the pinned maps under `pin_dir`.
     pub fn remove_pins(pin_dir: &Path) -> Result<(), BpfError> {
-        if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
-            for e in rd.flatten() {
-                if let Ok(l) = Link::open(e.path()) {
-                    let _ = l.detach();
-                }
-            }
-        }
-        if pin_dir.exists() {
-            std::fs::remove_dir_all(pin_dir).map_err(|source| BpfError::Io {
-                path: pin_dir.into(),
-                source,
-            })?;
-        }
-        Ok(())
+        crate::remove_pin_dir(pin_dir)
     }
 }

@@ -60,6 +60,40 @@ pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
+/// Detaches every link pinned under `pin_dir/links` (even if another process holds it) and
+/// removes `pin_dir` with the maps pinned there.
+pub(crate) fn remove_pin_dir(pin_dir: &Path) -> Result<(), BpfError> {
+    if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
+        for e in rd.flatten() {
+            if let Ok(l) = libbpf_rs::Link::open(e.path()) {
+                let _ = l.detach();
+            }
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir).map_err(|source| BpfError::Io {
+            path: pin_dir.into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// An IPv6 address as the four network-order words the BPF structs hold (`__be32 addr[4]`).
+pub fn ip6_words(ip: std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+}
+
+/// The IPv6 address held in four network-order words.
+pub fn ip6_from_words(a: [u32; 4]) -> std::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    std::net::Ipv6Addr::from(o)
+}
+
 /// Reads a plain C struct from bytes (as returned by a map lookup).
 pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     let mut v = T::default();
@@ -284,13 +318,7 @@ impl SockLb {
 
     /// Detaches the programs (unpins the links) and removes the pinned maps under `pin_dir`.
     pub fn remove_pins(pin_dir: &Path) -> Result<(), BpfError> {
-        if pin_dir.exists() {
-            std::fs::remove_dir_all(pin_dir).map_err(|source| BpfError::Io {
-                path: pin_dir.into(),
-                source,
-            })?;
-        }
-        Ok(())
+        remove_pin_dir(pin_dir)
     }
 
     /// A map by name (one of [`SOCK_MAPS`]).

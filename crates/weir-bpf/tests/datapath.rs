@@ -128,10 +128,7 @@ impl Fixture {
                 k.family = AF_INET;
             }
             IpAddr::V6(a) => {
-                let o = a.octets();
-                for (i, w) in k.addr.iter_mut().enumerate() {
-                    *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
-                }
+                k.addr = weir_bpf::ip6_words(a);
                 k.family = AF_INET6;
             }
         }
@@ -1442,12 +1439,7 @@ impl Fixture {
     fn node_port6(&self, port: u16, svc_id: u32, backend: (u32, &str, u16)) {
         use weir_bpf::types::{lb6_backend, lb6_key};
         let lb = weir_bpf::SockLb::load(&self.pins).expect("socket maps");
-        let a: Ipv6Addr = backend.1.parse().expect("ip");
-        let o = a.octets();
-        let mut addr = [0u32; 4];
-        for (i, w) in addr.iter_mut().enumerate() {
-            *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
-        }
+        let addr = weir_bpf::ip6_words(backend.1.parse().expect("ip"));
         lb.put(
             "weir_lb6_backends",
             &backend.0,
@@ -1490,15 +1482,10 @@ impl Fixture {
     }
 
     fn node_setup6(&self) {
-        let k = |ip: &str| {
-            let a: Ipv6Addr = ip.parse().expect("ip");
-            let o = a.octets();
-            let mut k = endpoint_key::default();
-            for (i, w) in k.addr.iter_mut().enumerate() {
-                *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4"));
-            }
-            k.family = AF_INET6;
-            k
+        let k = |ip: &str| endpoint_key {
+            addr: weir_bpf::ip6_words(ip.parse().expect("ip")),
+            family: AF_INET6,
+            ..Default::default()
         };
         self.node_setup();
         self.dp

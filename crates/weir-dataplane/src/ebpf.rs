@@ -7,14 +7,14 @@
 //! agent keeps them (and the affinity entries that refer to them).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use weir_bpf::types::{
     lb4_backend, lb4_key, lb4_src_range_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key,
     lb_affinity_match, lb_service,
 };
-use weir_bpf::SockLb;
+use weir_bpf::{ip6_from_words as from_v6, ip6_words as v6, SockLb};
 use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_control::maglev;
 
@@ -92,19 +92,6 @@ pub struct EbpfDataplane {
 
 fn v4(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
-}
-
-fn v6(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
-}
-
-fn from_v6(a: [u32; 4]) -> Ipv6Addr {
-    let mut o = [0u8; 16];
-    for (i, w) in a.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    Ipv6Addr::from(o)
 }
 
 impl EbpfDataplane {

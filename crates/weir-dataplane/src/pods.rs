@@ -102,11 +102,7 @@ fn addr_port(a: u32, p: u16) -> String {
 }
 
 fn addr6_port(a: &[u32; 4], p: u16) -> String {
-    let mut o = [0u8; 16];
-    for (i, w) in a.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    format!("[{}]:{}", std::net::Ipv6Addr::from(o), u16::from_be(p))
+    format!("[{}]:{}", weir_bpf::ip6_from_words(*a), u16::from_be(p))
 }
 
 /// One conntrack entry of either family, addresses formatted.
@@ -225,10 +221,7 @@ pub fn endpoint_key_of(ip: IpAddr) -> endpoint_key {
             k.family = AF_INET;
         }
         IpAddr::V6(a) => {
-            let o = a.octets();
-            for (i, w) in k.addr.iter_mut().enumerate() {
-                *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-            }
+            k.addr = weir_bpf::ip6_words(a);
             k.family = AF_INET6;
         }
     }
@@ -239,11 +232,7 @@ fn ip_of(k: &endpoint_key) -> IpAddr {
     if k.family == AF_INET {
         IpAddr::from(k.addr[0].to_ne_bytes())
     } else {
-        let mut o = [0u8; 16];
-        for (i, w) in k.addr.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::from(o)
+        IpAddr::V6(weir_bpf::ip6_from_words(k.addr))
     }
 }
 
