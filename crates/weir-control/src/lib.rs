@@ -7,4 +7,5 @@
 
 pub mod lb;
 pub mod maglev;
+pub mod policy;
 pub mod tunnel;
