@@ -19,6 +19,10 @@ int from_pod(struct __sk_buff *skb)
 SEC("tcx/egress")
 int to_pod(struct __sk_buff *skb)
 {
+	int r = policy_to_pod(skb);
+
+	if (r < 0)
+		return count(skb, WEIR_DIR_EGRESS, -r, TC_ACT_SHOT);
 	return count(skb, WEIR_DIR_EGRESS, REASON_TO_POD, TC_ACT_OK);
 }
 

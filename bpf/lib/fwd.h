@@ -13,6 +13,7 @@
 #include "masq.h"
 #include "nodeport.h"
 #include "nodeport6.h"
+#include "policy.h"
 #include "tunnel.h"
 
 /*
@@ -109,13 +110,16 @@ static __always_inline int pkt_ip4_tuple(struct __sk_buff *skb, const struct iph
  */
 static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
-	struct bpf_fib_lookup p = {};
+	struct bpf_fib_lookup *p;
+	__u32 zero = 0;
 	const struct endpoint_info *ep;
 	struct iphdr *ip4 = pkt_ip4(skb);
-	struct ct4_key t = {}, frontend = {};
+	struct ct4_key t = {}, frontend = {}, pt;
 	const struct node_config *cfg;
 	const struct tunnel_info *tun;
 	__u8 tcp_flags = 0, tos, proto;
+	bool tracked = false;
+	__u32 pflags;
 	__u16 tot_len;
 	long rc = 0;
 	int nat = 0;
@@ -150,6 +154,7 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	if (ttl <= 1)
 		return count(skb, dir, REASON_PASS_TTL, TC_ACT_OK);
 	if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) == 0) {
+		tracked = true;
 		frontend = t;
 		nat = lb4_nat(skb, &t, tcp_flags, skb->len, from_pod);
 		if (nat < 0)
@@ -165,6 +170,27 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 		}
 	}
 	ep = endpoint4(t.daddr);
+	if (from_pod || ep) {
+		/* NetworkPolicy, on the real addresses: the backend a Service's DNAT chose, the
+		 * client before any SNAT (a reply: before its reverse DNAT, after reverse SNAT). A
+		 * pod delivered through the host stack is judged in to_pod. */
+		pt = t;
+		pflags = tcp_flags;
+		if (!tracked) {
+			ip4 = pkt_ip4(skb);
+			if (!ip4)
+				return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
+			pflags = policy4_other_tuple(skb, ip4, &pt);
+		} else if (nat) {
+			pt.saddr = frontend.saddr;
+			pt.sport = frontend.sport;
+		}
+		rc = policy4(skb, &pt, pflags, from_pod ? skb->ingress_ifindex : 0,
+			     ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0);
+		if (rc < 0)
+			return count(skb, dir, -rc, TC_ACT_SHOT);
+		rc = 0;
+	}
 	if (!ep && !from_pod && !nat)
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
@@ -182,17 +208,21 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		return fwd_tunnel(skb, dir, cfg, tun->node);
 	}
+	p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
+	if (!p)
+		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (!ep) {
-		p.family = AF_INET_;
-		p.tos = tos;
-		p.l4_protocol = proto;
+		__builtin_memset(p, 0, sizeof(*p));
+		p->family = AF_INET_;
+		p->tos = tos;
+		p->l4_protocol = proto;
 		/* A DSR packet grows by the outer header: the MTU check must count it. */
-		p.tot_len = tot_len + (nat == NAT_DSR ? sizeof(struct iphdr) : 0);
-		p.ipv4_src = t.saddr;
-		p.ipv4_dst = t.daddr;
-		p.ifindex = skb->ingress_ifindex;
+		p->tot_len = tot_len + (nat == NAT_DSR ? sizeof(struct iphdr) : 0);
+		p->ipv4_src = t.saddr;
+		p->ipv4_dst = t.daddr;
+		p->ifindex = skb->ingress_ifindex;
 		/* Ask first, rewrite after: a packet left to the stack keeps its TTL. */
-		rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+		rc = bpf_fib_lookup(skb, p, sizeof(*p), 0);
 		if (!fib_forwardable(rc)) {
 			/* A translated packet must not reach the stack half-done (no reverse NAT
 			 * would meet its reply): fail closed. */
@@ -213,9 +243,9 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	if (ep)
 		return fwd_to_endpoint(skb, dir, ep);
 	/* DSR: to the backend's node (the FIB's next hop), the frontend in the outer header. */
-	if (nat == NAT_DSR && dsr4_encap(skb, frontend.daddr, frontend.dport, p.ipv4_dst) < 0)
+	if (nat == NAT_DSR && dsr4_encap(skb, frontend.daddr, frontend.dport, p->ipv4_dst) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
-	return fwd_fib(skb, dir, &p, rc);
+	return fwd_fib(skb, dir, p, rc);
 }
 
 /* IPv6 counterpart of fwd_ip4 (load-balancing NAT: nodeport6.h). */
@@ -229,7 +259,11 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	const struct node_config *cfg;
 	const struct tunnel_info *tun;
 	struct ct6_key t = {};
+	__be32 psaddr[4];
+	__be16 psport = 0;
 	__u8 tcp_flags = 0;
+	bool tracked = false;
+	__u32 pflags;
 	long rc = 0;
 	int nat = 0;
 	__u8 hlim;
@@ -242,6 +276,9 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	if (ip6_is_local_scope(&daddr))
 		return count(skb, dir, REASON_PASS_NOT_IP, TC_ACT_OK);
 	if (hlim > 1 && pkt_ip6_tuple(skb, ip6, &t, &tcp_flags) == 0) {
+		tracked = true;
+		__builtin_memcpy(psaddr, t.saddr, sizeof(psaddr));
+		psport = t.sport;
 		nat = lb6_nat(skb, &t, tcp_flags, skb->len, from_pod);
 		if (nat < 0)
 			return count(skb, dir, -nat, TC_ACT_SHOT);
@@ -254,6 +291,26 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 		}
 	}
 	ep = endpoint6(&daddr);
+	if (from_pod || ep) {
+		/* NetworkPolicy on the real addresses, as for IPv4 (t is not needed after this). */
+		pflags = tcp_flags;
+		if (!tracked) {
+			ip6 = pkt_ip6(skb);
+			if (!ip6)
+				return count(skb, dir, DROP_INVALID_PACKET, TC_ACT_SHOT);
+			pflags = policy6_other_tuple(skb, ip6, &t);
+		} else if (nat) {
+			__builtin_memcpy(t.saddr, psaddr, sizeof(t.saddr));
+			t.sport = psport;
+		}
+		if (pflags != POLICY_PASS) {
+			rc = policy6(skb, &t, pflags, from_pod ? skb->ingress_ifindex : 0,
+				     ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0);
+			if (rc < 0)
+				return count(skb, dir, -rc, TC_ACT_SHOT);
+			rc = 0;
+		}
+	}
 	if (!ep && !from_pod && !nat)
 		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (ep && (ep->flags & WEIR_EP_HOST_STACK))
@@ -265,7 +322,7 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		return fwd_tunnel(skb, dir, cfg, tun->node);
 	}
-	p = bpf_map_lookup_elem(&weir_fib6_scratch, &zero);
+	p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
 	if (!p)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (!ep) {
@@ -289,6 +346,45 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	if (ep)
 		return fwd_to_endpoint(skb, dir, ep);
 	return fwd_fib(skb, dir, p, rc);
+}
+
+/*
+ * NetworkPolicy for what the host stack delivers to the pod on `skb->ifindex` (from the node
+ * itself, from VXLAN, or what from_pod/from_netdev left to the stack). Returns 0, or -DROP_*.
+ */
+static __always_inline int policy_to_pod(struct __sk_buff *skb)
+{
+	__be16 proto = pkt_proto(skb);
+	__u8 tcp_flags = 0;
+	__u32 flags;
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip4 = pkt_ip4(skb);
+		struct ct4_key t = {};
+
+		if (!ip4 || ip4->version != 4 || ip4_is_local_scope(ip4->daddr))
+			return 0;
+		if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) == 0)
+			flags = tcp_flags;
+		else
+			flags = policy4_other_tuple(skb, ip4, &t);
+		return policy4(skb, &t, flags, 0, skb->ifindex);
+	}
+	if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = pkt_ip6(skb);
+		struct ct6_key t = {};
+
+		if (!ip6 || ip6->version != 6 || ip6_is_local_scope(&ip6->daddr))
+			return 0;
+		if (pkt_ip6_tuple(skb, ip6, &t, &tcp_flags) == 0)
+			flags = tcp_flags;
+		else
+			flags = policy6_other_tuple(skb, ip6, &t);
+		if (flags == POLICY_PASS)
+			return 0;
+		return policy6(skb, &t, flags, 0, skb->ifindex);
+	}
+	return 0;
 }
 
 /* Forwards an IP packet, or leaves anything else to the stack. */

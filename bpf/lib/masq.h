@@ -60,7 +60,7 @@ static __always_inline bool masq4_opens(const struct ct4_key *t, __u8 tcp_flags)
  * entries (original: the node's address and port as the new source; reply: the pod as the
  * new destination) and translates the packet and `t`. Returns NAT_DONE, or -reason.
  */
-static __always_inline int masq4_new(struct __sk_buff *skb, const struct node_config *cfg,
+static __noinline int masq4_new(struct __sk_buff *skb, const struct node_config *cfg,
 				     struct ct4_key *t, __u8 tcp_flags, __u32 len)
 {
 	__u16 state = ct_next_flags(0, t->proto, tcp_flags, false);

@@ -571,7 +571,7 @@ static __always_inline int icmp4_error_nat(struct __sk_buff *skb, struct ct4_key
  * Returns NAT_DONE or NAT_DSR when translated, NAT_NONE when not load-balanced traffic, or
  * -reason to drop.
  */
-static __always_inline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
+static __noinline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp_flags,
 				   __u32 len, bool from_pod)
 {
 	struct ct4_entry *e = bpf_map_lookup_elem(&weir_ct4, t);

@@ -249,13 +249,13 @@ static __always_inline struct nat6_scratch *nat6_scratch(void)
 	return bpf_map_lookup_elem(&weir_nat6_scratch, &zero);
 }
 
-/* fwd_ip6's FIB query (the IPv6 call chain's stack is short of room for it). */
+/* fwd_ip4's and fwd_ip6's FIB query (their call chains' stack is short of room for it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct bpf_fib_lookup);
-} weir_fib6_scratch SEC(".maps");
+} weir_fib_scratch SEC(".maps");
 
 /*
  * A new IPv6 flow to a frontend: ct4_new_flow's counterpart (no DSR, no XDP), for a packet of

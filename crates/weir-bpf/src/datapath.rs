@@ -45,8 +45,9 @@ mod xdp_skel {
 }
 
 pub use pod_skel::types::{
-    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, metrics_value, node_addr6,
-    node_config, tunnel_info, tunnel_key4, tunnel_key6, weir_reason,
+    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, ep_policy, flow_event,
+    ipcache_info, ipcache_key, metrics_value, node_addr6, node_config, pct_entry, policy_entry,
+    policy_key, tunnel_info, tunnel_key4, tunnel_key6, weir_reason,
 };
 
 #[allow(
@@ -83,7 +84,63 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_tunnel4",
     "weir_tunnel6",
     "weir_nomasq4",
+    "weir_ipcache",
+    "weir_policy_cidrs",
+    "weir_policy",
+    "weir_policy_eps",
+    "weir_pct4",
+    "weir_pct6",
 ];
+
+/// `ep_policy.flags`: isolated for ingress.
+pub const EP_POLICY_INGRESS: u32 = 1;
+/// `ep_policy.flags`: isolated for egress.
+pub const EP_POLICY_EGRESS: u32 = 2;
+/// `ep_policy.flags`: programming failed, the isolated directions deny everything.
+pub const EP_POLICY_DENY: u32 = 4;
+/// `policy_key.dir` (and `flow_event.dir`): into the pod.
+pub const POLICY_INGRESS: u8 = 0;
+/// `policy_key.dir`: out of the pod.
+pub const POLICY_EGRESS: u8 = 1;
+/// Bits of a `policy_key` covering ep, peer and direction: an entry for every protocol.
+pub const POLICY_PREFIX_ANY: u32 = 72;
+
+/// Which LPM trie of addresses: pods' and nodes' identities, or ipBlock prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrMap {
+    /// `weir_ipcache`.
+    Ipcache,
+    /// `weir_policy_cidrs`.
+    PolicyCidrs,
+}
+
+impl AddrMap {
+    fn name(self) -> &'static str {
+        match self {
+            AddrMap::Ipcache => "weir_ipcache",
+            AddrMap::PolicyCidrs => "weir_policy_cidrs",
+        }
+    }
+}
+
+/// The key of an address prefix in `weir_ipcache` / `weir_policy_cidrs`.
+pub fn ipcache_key_of(addr: std::net::IpAddr, len: u8) -> ipcache_key {
+    let mut k = ipcache_key {
+        prefixlen: 32 + u32::from(len),
+        ..Default::default()
+    };
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            k.family = AF_INET;
+            k.addr[0] = u32::from_ne_bytes(a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            k.family = AF_INET6;
+            k.addr = crate::ip6_words(a);
+        }
+    }
+    k
+}
 
 /// `node_config.flags`: VXLAN mode.
 pub const CFG_VXLAN: u32 = 1;
@@ -233,6 +290,9 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::DROP_NAT_NO_PORT, "DROP_NAT_NO_PORT"),
     (weir_reason::DROP_SOURCE_RANGE, "DROP_SOURCE_RANGE"),
     (weir_reason::DROP_NO_ROUTE, "DROP_NO_ROUTE"),
+    (weir_reason::REASON_POLICY_ALLOWED, "REASON_POLICY_ALLOWED"),
+    (weir_reason::DROP_POLICY_DENIED, "DROP_POLICY_DENIED"),
+    (weir_reason::DROP_POLICY_FAILED, "DROP_POLICY_FAILED"),
 ];
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).
@@ -344,6 +404,14 @@ impl Datapath {
             "weir_tunnel4" => &self.pod.maps.weir_tunnel4,
             "weir_tunnel6" => &self.pod.maps.weir_tunnel6,
             "weir_nomasq4" => &self.pod.maps.weir_nomasq4,
+            "weir_ipcache" => &self.pod.maps.weir_ipcache,
+            "weir_policy_cidrs" => &self.pod.maps.weir_policy_cidrs,
+            "weir_policy" => &self.pod.maps.weir_policy,
+            "weir_policy_eps" => &self.pod.maps.weir_policy_eps,
+            "weir_policy_rev" => &self.pod.maps.weir_policy_rev,
+            "weir_pct4" => &self.pod.maps.weir_pct4,
+            "weir_pct6" => &self.pod.maps.weir_pct6,
+            "weir_events" => &self.pod.maps.weir_events,
             other => panic!("no datapath map named {other}"),
         }
     }
@@ -652,9 +720,28 @@ impl Datapath {
             .collect();
         let n4 = stale.len();
         stale.extend(stale6);
+        let n6 = stale.len();
+        stale.extend(
+            self.pct4_entries()?
+                .iter()
+                .filter(|(_, v)| all || v.expires < now)
+                .map(|(k, _)| as_bytes(k).to_vec()),
+        );
+        let p4 = stale.len();
+        stale.extend(
+            self.pct6_entries()?
+                .iter()
+                .filter(|(_, v)| all || v.expires < now)
+                .map(|(k, _)| as_bytes(k).to_vec()),
+        );
         let mut removed = 0;
         for (i, k) in stale.iter().enumerate() {
-            let name = if i < n4 { "weir_ct4" } else { "weir_ct6" };
+            let name = match i {
+                i if i < n4 => "weir_ct4",
+                i if i < n6 => "weir_ct6",
+                i if i < p4 => "weir_pct4",
+                _ => "weir_pct6",
+            };
             match self.map(name).delete(k) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
@@ -673,6 +760,128 @@ impl Datapath {
         self.map("weir_snat6")
             .update(&0u32.to_ne_bytes(), as_bytes(&v), MapFlags::ANY)
             .map_err(lb("updating map weir_snat6"))
+    }
+
+    /// Makes `map` hold exactly `entries` (prefix, identity, namespace class).
+    pub fn set_addr_map(
+        &self,
+        map: AddrMap,
+        entries: &[(std::net::IpAddr, u8, ipcache_info)],
+    ) -> Result<(), BpfError> {
+        let name = map.name();
+        let mut want: Vec<Vec<u8>> = Vec::with_capacity(entries.len());
+        for (addr, len, info) in entries {
+            let k = ipcache_key_of(*addr, *len);
+            self.map(name)
+                .update(as_bytes(&k), as_bytes(info), MapFlags::ANY)
+                .map_err(lb(format!("updating map {name}")))?;
+            want.push(as_bytes(&k).to_vec());
+        }
+        let want: std::collections::HashSet<Vec<u8>> = want.into_iter().collect();
+        let stale: Vec<Vec<u8>> = self
+            .map(name)
+            .keys()
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.map(name).delete(&k);
+        }
+        Ok(())
+    }
+
+    /// Every entry of `map`.
+    pub fn addr_map(&self, map: AddrMap) -> Result<Vec<(ipcache_key, ipcache_info)>, BpfError> {
+        crate::map_entries(self.map(map.name()), map.name())
+    }
+
+    /// Adds one policy entry.
+    pub fn policy_put(&self, key: &policy_key) -> Result<(), BpfError> {
+        self.map("weir_policy")
+            .update(
+                as_bytes(key),
+                as_bytes(&policy_entry::default()),
+                MapFlags::ANY,
+            )
+            .map_err(lb("updating map weir_policy"))
+    }
+
+    /// Removes one policy entry; a missing one is not an error.
+    pub fn policy_delete(&self, key: &policy_key) -> Result<(), BpfError> {
+        match self.map("weir_policy").delete(as_bytes(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(lb("deleting from map weir_policy")(e)),
+        }
+    }
+
+    /// Every policy entry.
+    pub fn policy_keys(&self) -> Vec<policy_key> {
+        self.map("weir_policy")
+            .keys()
+            .map(|k| crate::from_bytes(&k))
+            .collect()
+    }
+
+    /// Writes (or with `None` removes) the policy state of the pod at `ifindex`.
+    pub fn set_ep_policy(&self, ifindex: u32, v: Option<&ep_policy>) -> Result<(), BpfError> {
+        let map = self.map("weir_policy_eps");
+        match v {
+            Some(v) => map
+                .update(&ifindex.to_ne_bytes(), as_bytes(v), MapFlags::ANY)
+                .map_err(lb("updating map weir_policy_eps")),
+            None => match map.delete(&ifindex.to_ne_bytes()) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(lb("deleting from map weir_policy_eps")(e)),
+            },
+        }
+    }
+
+    /// Every pod's policy state, by host-side ifindex.
+    pub fn ep_policies(&self) -> Result<Vec<(u32, ep_policy)>, BpfError> {
+        crate::map_entries(self.map("weir_policy_eps"), "weir_policy_eps")
+    }
+
+    /// The policy revision flows' verdicts are kept for.
+    pub fn policy_revision(&self) -> Result<u32, BpfError> {
+        let v = self
+            .map("weir_policy_rev")
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading map weir_policy_rev"))?;
+        Ok(v.map(|b| crate::from_bytes::<u32>(&b)).unwrap_or(0))
+    }
+
+    /// Sets the policy revision: every tracked flow's next packet is judged again.
+    pub fn set_policy_revision(&self, rev: u32) -> Result<(), BpfError> {
+        self.map("weir_policy_rev")
+            .update(&0u32.to_ne_bytes(), &rev.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("updating map weir_policy_rev"))
+    }
+
+    /// Every IPv4 policy conntrack entry.
+    pub fn pct4_entries(&self) -> Result<Vec<(ct4_key, pct_entry)>, BpfError> {
+        crate::map_entries(self.map("weir_pct4"), "weir_pct4")
+    }
+
+    /// Every IPv6 policy conntrack entry.
+    pub fn pct6_entries(&self) -> Result<Vec<(ct6_key, pct_entry)>, BpfError> {
+        crate::map_entries(self.map("weir_pct6"), "weir_pct6")
+    }
+
+    /// A reader of the policy verdict events (`weir_events`); `f` gets each event.
+    pub fn events<F: FnMut(&flow_event) + 'static>(
+        &self,
+        mut f: F,
+    ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(self.map("weir_events"), move |data: &[u8]| {
+            if data.len() >= std::mem::size_of::<flow_event>() {
+                f(&crate::from_bytes::<flow_event>(data));
+            }
+            0
+        })
+        .map_err(lb("reading map weir_events"))?;
+        b.build().map_err(lb("reading map weir_events"))
     }
 
     /// Every non-zero counter, summed over CPUs.

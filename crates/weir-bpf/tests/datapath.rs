@@ -1557,3 +1557,285 @@ fn ipv6_node_ports_reach_local_and_remote_backends_and_replies_go_back() {
         .expect("gc");
     assert_eq!(removed, 4);
 }
+
+// NetworkPolicy: identities and classes as weir-control's policy::id.
+const ID_HOST: u32 = 1;
+const ID_CLUSTER: u32 = 4;
+const CIDR_BASE: u32 = 1 << 24;
+const NS_BASE: u32 = 2 << 24;
+
+impl Fixture {
+    fn ipcache(&self, entries: &[(&str, u8, u32, u32)]) {
+        use weir_bpf::datapath::{ipcache_info, AddrMap};
+        let e: Vec<(IpAddr, u8, ipcache_info)> = entries
+            .iter()
+            .map(|(a, l, id, ns)| {
+                (
+                    a.parse().expect("ip"),
+                    *l,
+                    ipcache_info {
+                        identity: *id,
+                        ns_class: *ns,
+                    },
+                )
+            })
+            .collect();
+        let (pods, cidrs): (Vec<_>, Vec<_>) =
+            e.into_iter().partition(|(_, _, i)| i.identity < CIDR_BASE);
+        self.dp
+            .set_addr_map(AddrMap::Ipcache, &pods)
+            .expect("ipcache");
+        self.dp
+            .set_addr_map(AddrMap::PolicyCidrs, &cidrs)
+            .expect("cidrs");
+    }
+
+    /// An allow entry: pod `ep`, direction, peer, protocol (0: all) and port prefix.
+    fn allow(&self, ep: u32, dir: u8, peer: u32, proto: u8, port: u16, bits: u8) {
+        self.dp
+            .policy_put(&policy_key(ep, dir, peer, proto, port, bits))
+            .expect("policy entry");
+    }
+
+    fn isolate(&self, ep: u32, flags: u32, identity: u32) {
+        self.dp
+            .set_ep_policy(ep, Some(&weir_bpf::datapath::ep_policy { flags, identity }))
+            .expect("ep policy");
+    }
+
+    fn events(&self) -> Vec<weir_bpf::datapath::flow_event> {
+        let got = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let g = got.clone();
+        let rb = self
+            .dp
+            .events(move |e| g.borrow_mut().push(*e))
+            .expect("ring buffer");
+        rb.consume().expect("consume");
+        drop(rb);
+        let v = got.borrow().clone();
+        v
+    }
+}
+
+fn policy_key(
+    ep: u32,
+    dir: u8,
+    peer: u32,
+    proto: u8,
+    port: u16,
+    bits: u8,
+) -> weir_bpf::datapath::policy_key {
+    weir_bpf::datapath::policy_key {
+        prefixlen: if proto == 0 { 72 } else { 80 + u32::from(bits) },
+        ep,
+        peer,
+        dir,
+        proto,
+        dport: port.to_be(),
+    }
+}
+
+#[test]
+fn network_policy_is_judged_on_the_first_packet_and_kept_per_flow() {
+    use weir_bpf::datapath::{
+        EP_POLICY_DENY, EP_POLICY_EGRESS, EP_POLICY_INGRESS, POLICY_EGRESS, POLICY_INGRESS,
+    };
+    let fx = Fixture::new();
+    let a_if = fx.ifindex("in0"); // pod a's host-side device: its packets arrive here
+    let b_if = fx.ifindex("out0"); // pod b's
+    fx.endpoint("10.244.1.5".parse().expect("ip"), a_if);
+    fx.endpoint("10.244.1.7".parse().expect("ip"), b_if);
+    fx.endpoint("fd00:10:244:1::7".parse().expect("ip"), b_if);
+    let ns_x = NS_BASE + 1;
+    fx.ipcache(&[
+        ("10.244.1.5", 32, 300, ns_x),
+        ("10.244.1.7", 32, 301, ns_x),
+        ("fd00:10:244:1::5", 128, 300, ns_x),
+        ("10.1.0.1", 32, ID_HOST, 0),
+        ("10.9.0.0", 16, CIDR_BASE + 1, 0),
+        ("10.9.1.0", 24, CIDR_BASE + 2, 0),
+    ]);
+    // b: ingress from identity 300 on TCP 8000-9000 (port prefixes, as weir-control writes
+    // them), from 10.9.0.0/16 except 10.9.1.0/24 on any port.
+    let prefixes = weir_control::policy::port_prefixes(8000, 9000);
+    assert_eq!(prefixes.len(), 7, "{prefixes:?}");
+    for (port, bits) in &prefixes {
+        fx.allow(b_if, POLICY_INGRESS, 300, 6, *port, *bits);
+    }
+    fx.allow(b_if, POLICY_INGRESS, CIDR_BASE + 1, 0, 0, 0);
+    fx.isolate(b_if, EP_POLICY_INGRESS, 301);
+
+    let run = |prog, f: &[u8], dev| fx.run(prog, f, dev).0;
+    // Allowed, port range edges.
+    let syn = tcp4(("10.244.1.5", 40000), ("10.244.1.7", 8080), 0x02);
+    assert_eq!(
+        run(TcProgram::FromPod, &syn, a_if),
+        TC_ACT_REDIRECT,
+        "a -> b:8080"
+    );
+    for (port, ok) in [(7999, false), (8000, true), (9000, true), (9001, false)] {
+        let f = tcp4(("10.244.1.5", 40001), ("10.244.1.7", port), 0x02);
+        let want = if ok { TC_ACT_REDIRECT } else { TC_ACT_SHOT };
+        assert_eq!(run(TcProgram::FromPod, &f, a_if), want, "a -> b:{port}");
+    }
+    assert_eq!(fx.metric("DROP_POLICY_DENIED"), 2);
+    // The reply direction and the established flow pass on the entry, whatever the rules.
+    let synack = tcp4(("10.244.1.7", 8080), ("10.244.1.5", 40000), 0x12);
+    assert_eq!(
+        run(TcProgram::FromPod, &synack, b_if),
+        TC_ACT_REDIRECT,
+        "reply"
+    );
+    let pct = fx.dp.pct4_entries().expect("pct");
+    assert!(
+        pct.iter()
+            .any(|(k, v)| u16::from_be(k.dport) == 8080 && v.flags & 4 != 0),
+        "one entry in the original direction, reply seen: {pct:?}"
+    );
+    assert!(
+        pct.iter().all(|(k, _)| u16::from_be(k.dport) != 7999),
+        "no entry for a denied flow"
+    );
+    // CIDR with except, from the network.
+    for (src, ok) in [("10.9.2.1", true), ("10.9.1.1", false), ("8.8.8.8", false)] {
+        let f = tcp4((src, 5555), ("10.244.1.7", 80), 0x02);
+        let want = if ok { TC_ACT_REDIRECT } else { TC_ACT_SHOT };
+        assert_eq!(run(TcProgram::FromNetdev, &f, a_if), want, "{src} -> b:80");
+    }
+    // The node itself reaches its pods through the stack (to_pod); others do not.
+    let f = tcp4(("10.1.0.1", 5555), ("10.244.1.7", 80), 0x02);
+    assert_eq!(run(TcProgram::ToPod, &f, b_if), TC_ACT_OK, "host -> b");
+    let f = tcp4(("10.50.0.9", 5555), ("10.244.1.7", 80), 0x02);
+    assert_eq!(
+        run(TcProgram::ToPod, &f, b_if),
+        TC_ACT_SHOT,
+        "elsewhere -> b via the stack"
+    );
+
+    // Events: each judged flow, with identities, direction and reason.
+    let evs = fx.events();
+    let denied: Vec<_> = evs.iter().filter(|e| e.reason == 138).collect();
+    assert!(
+        denied.iter().any(|e| u16::from_be(e.dport) == 7999
+            && e.src_identity == 300
+            && e.dst_identity == 301
+            && e.dir == POLICY_INGRESS
+            && e.ifindex == b_if),
+        "{denied:?}"
+    );
+    assert!(
+        denied.iter().any(|e| e.src_identity == 2),
+        "world, from 8.8.8.8"
+    );
+    assert!(evs
+        .iter()
+        .any(|e| e.reason == 10 && u16::from_be(e.dport) == 8080));
+
+    // explain judges without recording anything.
+    let f = tcp4(("10.244.1.5", 40009), ("10.244.1.7", 8500), 0x02);
+    let r = fx.explain(TcProgram::FromPod, &f, a_if);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let f = tcp4(("10.244.1.5", 40009), ("10.244.1.7", 22), 0x02);
+    let r = fx.explain(TcProgram::FromPod, &f, a_if);
+    assert_eq!((r.verdict, r.reason), (TC_ACT_SHOT, Some(138)));
+    assert!(fx
+        .dp
+        .pct4_entries()
+        .expect("pct")
+        .iter()
+        .all(|(k, _)| u16::from_be(k.sport) != 40009));
+
+    // A policy change: the flow's next packet is judged again, and cut.
+    for (port, bits) in &prefixes {
+        fx.dp
+            .policy_delete(&policy_key(b_if, POLICY_INGRESS, 300, 6, *port, *bits))
+            .expect("delete");
+    }
+    fx.allow(b_if, POLICY_INGRESS, 300, 17, 0, 0);
+    fx.dp
+        .set_policy_revision(fx.dp.policy_revision().expect("rev") + 1)
+        .expect("rev");
+    let ack = tcp4(("10.244.1.5", 40000), ("10.244.1.7", 8080), 0x10);
+    assert_eq!(
+        run(TcProgram::FromPod, &ack, a_if),
+        TC_ACT_SHOT,
+        "an established flow is cut"
+    );
+    assert!(fx
+        .dp
+        .pct4_entries()
+        .expect("pct")
+        .iter()
+        .all(|(k, _)| u16::from_be(k.dport) != 8080));
+    // UDP from a is now allowed on any port; replies pass.
+    let u = udp4(("10.244.1.5", 5353), ("10.244.1.7", 53));
+    assert_eq!(run(TcProgram::FromPod, &u, a_if), TC_ACT_REDIRECT, "udp");
+    let u = udp4(("10.244.1.7", 53), ("10.244.1.5", 5353));
+    assert_eq!(
+        run(TcProgram::FromPod, &u, b_if),
+        TC_ACT_REDIRECT,
+        "udp reply"
+    );
+    // An ICMP error about the UDP flow is related to it; one about nothing is judged as ICMP.
+    let q = udp4(("10.244.1.5", 5353), ("10.244.1.7", 53));
+    let err = icmp4_error("10.244.1.7", "10.244.1.5", 3, &q);
+    assert_eq!(
+        run(TcProgram::FromPod, &err, b_if),
+        TC_ACT_REDIRECT,
+        "related icmp error"
+    );
+
+    // Egress: a may reach its own namespace's pods only; the world is denied.
+    fx.allow(a_if, POLICY_EGRESS, ns_x, 0, 0, 0);
+    fx.isolate(a_if, EP_POLICY_EGRESS, 300);
+    let f = udp4(("10.244.1.5", 5354), ("10.244.1.7", 53));
+    assert_eq!(
+        run(TcProgram::FromPod, &f, a_if),
+        TC_ACT_REDIRECT,
+        "egress to a namespace peer"
+    );
+    let f = udp4(("10.244.1.5", 5354), ("10.50.0.9", 53));
+    assert_eq!(
+        run(TcProgram::FromPod, &f, a_if),
+        TC_ACT_SHOT,
+        "egress to the world"
+    );
+    let f = udp4(("10.244.1.5", 5354), ("10.9.2.1", 53));
+    assert_eq!(
+        run(TcProgram::FromPod, &f, a_if),
+        TC_ACT_SHOT,
+        "egress to a cidr"
+    );
+    fx.allow(a_if, POLICY_EGRESS, ID_CLUSTER, 0, 0, 0);
+
+    // IPv6: the same lookups (a's IPv6 address has identity 300).
+    let f = tcp6(("fd00:10:244:1::5", 40000), ("fd00:10:244:1::7", 22), 0x02);
+    assert_eq!(
+        run(TcProgram::FromNetdev, &f, a_if),
+        TC_ACT_SHOT,
+        "ipv6 tcp not allowed"
+    );
+    fx.allow(b_if, POLICY_INGRESS, 300, 6, 22, 16);
+    assert_eq!(
+        run(TcProgram::FromNetdev, &f, a_if),
+        TC_ACT_REDIRECT,
+        "ipv6 tcp/22 allowed"
+    );
+    assert_eq!(fx.dp.pct6_entries().expect("pct6").len(), 1);
+
+    // Fail closed: a pod whose policy could not be programmed gets nothing.
+    fx.isolate(b_if, EP_POLICY_INGRESS | EP_POLICY_DENY, 301);
+    let f = udp4(("10.244.1.5", 7000), ("10.244.1.7", 53));
+    assert_eq!(
+        run(TcProgram::FromPod, &f, a_if),
+        TC_ACT_SHOT,
+        "fail closed"
+    );
+    assert_eq!(fx.metric("DROP_POLICY_FAILED"), 1);
+
+    // GC removes expired entries of the policy conntrack too.
+    let n = fx.dp.pct4_entries().expect("pct").len();
+    assert!(n >= 2);
+    let far = weir_bpf::datapath::boot_seconds() + 100_000;
+    assert_eq!(fx.dp.ct_gc(far, false).expect("gc"), n + 1);
+}

@@ -55,6 +55,7 @@ enum weir_reason {
 	REASON_FORWARD_TUNNEL = 7, /* sent to another node's pod through the VXLAN device */
 	REASON_XDP_TX = 8,	  /* translated and sent back out of the receiving device (XDP) */
 	REASON_XDP_REDIRECT = 9,  /* translated and sent out of another device (XDP) */
+	REASON_POLICY_ALLOWED = 10, /* events only: a new flow a pod's policy allowed */
 	DROP_INVALID_PACKET = 130, /* truncated or malformed headers */
 	DROP_HEADER_WRITE = 131,   /* a header or checksum could not be rewritten */
 	DROP_NO_SERVICE_BACKEND = 132, /* a NodePort/external frontend without usable backend */
@@ -63,7 +64,9 @@ enum weir_reason {
 	DROP_NAT_NO_PORT = 135,	       /* no free SNAT source port after several tries */
 	DROP_SOURCE_RANGE = 136,       /* client outside the loadBalancerSourceRanges */
 	DROP_NO_ROUTE = 137,	       /* a translated packet the FIB will not forward (route, MTU) */
-	REASON_MAX = 138,
+	DROP_POLICY_DENIED = 138,      /* no rule of the pod's NetworkPolicies allows the flow */
+	DROP_POLICY_FAILED = 139,      /* the pod's policy could not be programmed: fail closed */
+	REASON_MAX = 140,
 };
 
 /*
@@ -215,5 +218,107 @@ struct tunnel_info {
 };
 _Static_assert(sizeof(struct tunnel_info) == 8, "tunnel_info size");
 _Static_assert(sizeof(struct node_config) == 16, "node_config size");
+
+/*
+ * NetworkPolicy (bpf/lib/policy.h). Identities and classes as weir-control's policy::id:
+ * pod identities from 256, node-local CIDR identities from 1 << 24, namespace classes from
+ * 2 << 24.
+ */
+#define WEIR_ID_ANY	    0 /* a rule without peers */
+#define WEIR_ID_HOST	    1 /* the node itself */
+#define WEIR_ID_WORLD	    2 /* no entry in the ipcache */
+#define WEIR_ID_REMOTE_NODE 3
+#define WEIR_ID_CLUSTER	    4 /* class: every pod */
+
+/*
+ * Key of weir_ipcache and weir_policy_cidrs (LPM tries, both families): prefixlen counts the
+ * family byte and its padding (32 bits) plus the address prefix.
+ */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u8 family; /* WEIR_AF_INET or WEIR_AF_INET6 */
+	__u8 pad[3];
+	__be32 addr[4]; /* network order; IPv4 in addr[0] */
+};
+_Static_assert(sizeof(struct ipcache_key) == 24, "ipcache_key size");
+
+/* Value of weir_ipcache (and of weir_policy_cidrs, ns_class 0). */
+struct ipcache_info {
+	__u32 identity;
+	__u32 ns_class; /* a pod's namespace class; 0 for anything else */
+};
+_Static_assert(sizeof(struct ipcache_info) == 8, "ipcache_info size");
+
+/*
+ * Key of weir_policy (LPM trie): what a local pod allows in one direction. Entries cover ep,
+ * peer and dir (72 bits), then optionally the protocol (80) and a prefix of the port (up to
+ * 96); lookups give all 96.
+ */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep;    /* the pod's host-side ifindex */
+	__u32 peer;  /* identity or class of the other end */
+	__u8 dir;    /* WEIR_DIR_INGRESS: into the pod, WEIR_DIR_EGRESS: out of it */
+	__u8 proto;  /* IP protocol */
+	__be16 dport; /* network order */
+};
+_Static_assert(sizeof(struct policy_key) == 16, "policy_key size");
+
+/* Value of weir_policy. */
+struct policy_entry {
+	__u32 flags; /* none yet: an entry allows */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct policy_entry) == 8, "policy_entry size");
+
+/* ep_policy.flags */
+#define EP_POLICY_INGRESS (1 << 0) /* isolated for ingress: only weir_policy entries pass */
+#define EP_POLICY_EGRESS  (1 << 1) /* isolated for egress */
+#define EP_POLICY_DENY	  (1 << 2) /* programming failed: the isolated directions deny all */
+
+/*
+ * Value of weir_policy_eps, keyed by the pod's host-side ifindex (__u32): a pod whose flows
+ * are tracked in weir_pct4/weir_pct6 (every pod some policy selects).
+ */
+struct ep_policy {
+	__u32 flags;	/* EP_POLICY_* */
+	__u32 identity; /* the pod's own */
+};
+_Static_assert(sizeof(struct ep_policy) == 8, "ep_policy size");
+
+/*
+ * Value of weir_pct4 / weir_pct6 (LRU, keyed by ct4_key / ct6_key in the flow's original
+ * direction, addresses as the pods see them: after a Service's DNAT, before any SNAT): the
+ * policy verdict of a flow, made on its first packet and kept while `revision` equals
+ * weir_policy_rev[0] (a changed policy makes the next packet decide again).
+ */
+struct pct_entry {
+	__u64 expires; /* boot clock, seconds */
+	__u64 packets;
+	__u64 bytes;
+	__u32 revision;
+	__u16 flags; /* CT_F_SEEN_REPLY, CT_F_ESTABLISHED, CT_F_CLOSING */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct pct_entry) == 32, "pct_entry size");
+
+/* A policy verdict (weir_events ring buffer), for `weir observe`. */
+struct flow_event {
+	__u64 ts;	  /* boot clock, nanoseconds */
+	__be32 saddr[4];  /* network order; IPv4 in [0] */
+	__be32 daddr[4];
+	__be16 sport;	  /* network order */
+	__be16 dport;
+	__u8 family;	  /* WEIR_AF_INET or WEIR_AF_INET6 */
+	__u8 proto;
+	__u8 dir;	  /* of the pod that decided: WEIR_DIR_INGRESS or WEIR_DIR_EGRESS */
+	__u8 pad;
+	__u32 reason;	  /* REASON_POLICY_ALLOWED, DROP_POLICY_* */
+	__u32 ifindex;	  /* the pod that decided (host-side ifindex) */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct flow_event) == 72, "flow_event size");
 
 #endif /* WEIR_API_DATAPATH_H */
