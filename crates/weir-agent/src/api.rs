@@ -44,6 +44,10 @@ async fn handle(
                 ),
             }
         }
+        "/policy" => json(
+            StatusCode::OK,
+            &*shared.policy.lock().expect("policy report"),
+        ),
         "/datapath" => match &shared.pods {
             None => json(
                 StatusCode::NOT_FOUND,

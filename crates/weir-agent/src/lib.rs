@@ -9,6 +9,7 @@
 pub mod api;
 pub mod healthcheck;
 pub mod pods;
+pub mod policy;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -76,6 +77,8 @@ pub struct Shared {
     pub status: Mutex<SyncStatus>,
     /// The per-packet pod datapath, when the agent runs one.
     pub pods: Option<Arc<pods::Pods>>,
+    /// NetworkPolicy (with the pod datapath).
+    pub policy: Arc<Mutex<policy::PolicyReport>>,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -331,6 +334,15 @@ pub async fn run(
             }
         });
     }
+    let policy_report = Arc::new(Mutex::new(policy::PolicyReport::default()));
+    if let Some(p) = &pods {
+        tokio::spawn(policy::run(
+            client.clone(),
+            p.clone(),
+            policy_report.clone(),
+            cfg.node_name.clone(),
+        ));
+    }
     let shared = Arc::new(Shared {
         dataplane: Mutex::new(dataplane),
         status: Mutex::new(SyncStatus {
@@ -338,6 +350,7 @@ pub async fn run(
             ..Default::default()
         }),
         pods,
+        policy: policy_report,
     });
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());

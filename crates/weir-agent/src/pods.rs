@@ -84,6 +84,9 @@ pub struct PodStatus {
     pub masquerade: bool,
     /// Networks left unmasqueraded (every node's pod CIDR, and the configured ones).
     pub non_masquerade: Vec<String>,
+    /// Every address of the node's network namespace (the node itself to NetworkPolicy: its
+    /// traffic to its pods is always allowed).
+    pub host_addresses: Vec<std::net::IpAddr>,
     /// What the last sync changed.
     pub last_sync: PodSyncStats,
     /// The last error, if the last sync failed.
@@ -144,7 +147,9 @@ fn sync_once(pods: &Pods, cfg: &PodConfig) {
         tracing::warn!(error = %b, "ignoring an endpoint record");
     }
     let result = pods.dataplane.lock().expect("pods").sync(&records);
+    let host = host_addresses();
     let mut st = pods.status.lock().expect("pod status");
+    st.host_addresses = host;
     st.endpoints = records.len();
     st.bad_records = bad.iter().map(|b| b.to_string()).collect();
     match result {
@@ -160,6 +165,29 @@ fn sync_once(pods: &Pods, cfg: &PodConfig) {
             st.last_error = Some(e.to_string());
         }
     }
+}
+
+/// Every address of the current network namespace but loopback and IPv6 link-local ones.
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().into_iter().flatten() {
+        let Some(a) = ifa.address else { continue };
+        let ip = if let Some(v4) = a.as_sockaddr_in() {
+            std::net::IpAddr::V4(v4.ip())
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            std::net::IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let skip = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_loopback(),
+            std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local(),
+        };
+        if !skip && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// The addresses of the node's devices (in the current network namespace).

@@ -3,16 +3,17 @@
 //! program to the node's devices. Idempotent: `sync` makes the kernel match the records, so
 //! a restarted agent picks up where the last one stopped (links and maps are pinned).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Serialize;
 use weir_bpf::datapath::{
-    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, node_config, Datapath,
-    TcProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY, CT_F_SEEN_REPLY,
-    CT_F_SNAT,
+    ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, ep_policy, node_config,
+    policy_key, Datapath, TcProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT,
 };
+use weir_control::policy::PolicyState;
 use weir_model::endpoint::EndpointRecord;
 
 use crate::{DataplaneError, MapUsage, ProgramDump};
@@ -28,6 +29,26 @@ pub struct PodSyncStats {
     pub devices_attached: usize,
     /// Devices programs were detached from.
     pub devices_detached: usize,
+}
+
+/// What applying the policy state changed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct PolicyApplyStats {
+    /// Local pods with a policy programmed (isolated in some direction).
+    pub endpoints: usize,
+    /// Policy entries in the map for them.
+    pub entries: usize,
+    /// Entries written and removed by this apply.
+    pub entries_added: usize,
+    /// Entries removed.
+    pub entries_removed: usize,
+    /// Pods whose device is not known yet (no endpoint record): programmed when it appears.
+    pub pending: Vec<String>,
+    /// Pods whose policy could not be written: their isolated directions deny everything.
+    pub failed: Vec<String>,
+    /// The policy revision after this apply (flows judged under an older one are judged
+    /// again on their next packet).
+    pub revision: u32,
 }
 
 /// One endpoint map entry, as read back.
@@ -248,6 +269,14 @@ fn key_bytes(k: &endpoint_key) -> Vec<u8> {
     weir_bpf::as_bytes(k).to_vec()
 }
 
+/// A pod device's policy flags and entries (policy_key bytes).
+type EpPolicyState = (ep_policy, BTreeSet<[u8; 16]>);
+/// The ipcache (prefix -> identity, namespace class) and the CIDR identities.
+type AddrTries = (
+    BTreeMap<ipnet::IpNet, (u32, u32)>,
+    BTreeMap<ipnet::IpNet, u32>,
+);
+
 /// The pod datapath of one node.
 pub struct PodDataplane {
     dp: Datapath,
@@ -259,6 +288,14 @@ pub struct PodDataplane {
     /// on only once the destinations it must leave alone are known).
     config: node_config,
     masquerade: bool,
+    /// The policy state last asked for (re-applied when endpoints change).
+    policy: Option<PolicyState>,
+    /// Pod address -> host-side ifindex, from the last endpoint sync.
+    ip_ifindex: HashMap<IpAddr, u32>,
+    /// What weir_policy and weir_policy_eps hold per pod device (read back once, then kept).
+    policy_shadow: Option<HashMap<u32, EpPolicyState>>,
+    /// The address tries last written: ipcache (identity, namespace class) and CIDRs.
+    ipcache_written: Option<AddrTries>,
 }
 
 impl PodDataplane {
@@ -271,6 +308,10 @@ impl PodDataplane {
             attached: BTreeSet::new(),
             config: node_config::default(),
             masquerade: false,
+            policy: None,
+            ip_ifindex: HashMap::new(),
+            policy_shadow: None,
+            ipcache_written: None,
         })
     }
 
@@ -411,6 +452,20 @@ impl PodDataplane {
             self.attached.insert(ifindex);
             stats.devices_attached += 1;
         }
+        // A new pod's policy is programmed before its address enters the endpoint map (its
+        // packets already pass the attached programs, which judge by device).
+        let ip_ifindex: HashMap<IpAddr, u32> = records
+            .iter()
+            .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r.host_ifindex)))
+            .collect();
+        if ip_ifindex != self.ip_ifindex {
+            self.ip_ifindex = ip_ifindex;
+            if self.policy.is_some() {
+                if let Err(e) = self.apply_policy() {
+                    tracing::error!(error = %e, "re-applying NetworkPolicy after endpoints changed");
+                }
+            }
+        }
         let have: BTreeMap<Vec<u8>, (endpoint_key, endpoint_info)> = self
             .dp
             .endpoints()?
@@ -441,6 +496,175 @@ impl PodDataplane {
                 stats.devices_detached += 1;
             }
         }
+        Ok(stats)
+    }
+
+    /// Programs the NetworkPolicy state (ipcache, CIDR identities, every local pod's entries)
+    /// and keeps it, to program pods whose device appears later. A pod whose entries cannot
+    /// be written is failed closed (its isolated directions deny everything).
+    pub fn set_policy(&mut self, state: PolicyState) -> Result<PolicyApplyStats, DataplaneError> {
+        self.policy = Some(state);
+        self.apply_policy()
+    }
+
+    fn apply_policy(&mut self) -> Result<PolicyApplyStats, DataplaneError> {
+        use weir_bpf::datapath::{
+            ipcache_info, AddrMap, EP_POLICY_DENY, EP_POLICY_EGRESS, EP_POLICY_INGRESS,
+            POLICY_EGRESS, POLICY_INGRESS,
+        };
+        let Some(state) = self.policy.as_ref() else {
+            return Ok(PolicyApplyStats::default());
+        };
+        let mut stats = PolicyApplyStats::default();
+        let mut changed = false;
+
+        // The address tries, rewritten only when they change.
+        let ipc: BTreeMap<ipnet::IpNet, (u32, u32)> = state
+            .ipcache
+            .iter()
+            .map(|(n, e)| (*n, (e.identity, e.ns_class)))
+            .collect();
+        if self.ipcache_written.as_ref() != Some(&(ipc.clone(), state.cidrs.clone())) {
+            let entries = |m: &mut dyn Iterator<Item = (ipnet::IpNet, u32, u32)>| {
+                m.map(|(n, identity, ns_class)| {
+                    (
+                        n.addr(),
+                        n.prefix_len(),
+                        ipcache_info { identity, ns_class },
+                    )
+                })
+                .collect::<Vec<_>>()
+            };
+            self.dp.set_addr_map(
+                AddrMap::Ipcache,
+                &entries(&mut ipc.iter().map(|(n, (i, c))| (*n, *i, *c))),
+            )?;
+            self.dp.set_addr_map(
+                AddrMap::PolicyCidrs,
+                &entries(&mut state.cidrs.iter().map(|(n, i)| (*n, *i, 0))),
+            )?;
+            self.ipcache_written = Some((ipc, state.cidrs.clone()));
+            changed = true;
+        }
+
+        // What each pod device should hold.
+        let mut want: BTreeMap<u32, (String, ep_policy, BTreeSet<[u8; 16]>)> = BTreeMap::new();
+        for (pod, ep) in &state.endpoints {
+            if ep.ingress.is_none() && ep.egress.is_none() {
+                continue;
+            }
+            let Some(ifindex) = ep.ips.iter().find_map(|ip| self.ip_ifindex.get(ip)) else {
+                stats.pending.push(pod.clone());
+                continue;
+            };
+            let mut flags = 0;
+            let mut keys = BTreeSet::new();
+            for (dir, set, flag) in [
+                (POLICY_INGRESS, &ep.ingress, EP_POLICY_INGRESS),
+                (POLICY_EGRESS, &ep.egress, EP_POLICY_EGRESS),
+            ] {
+                let Some(set) = set else { continue };
+                flags |= flag;
+                for e in set {
+                    let k = policy_key {
+                        prefixlen: if e.proto == 0 {
+                            weir_bpf::datapath::POLICY_PREFIX_ANY
+                        } else {
+                            weir_bpf::datapath::POLICY_PREFIX_ANY + 8 + u32::from(e.port_bits)
+                        },
+                        ep: *ifindex,
+                        peer: e.peer,
+                        dir,
+                        proto: e.proto,
+                        dport: e.port.to_be(),
+                    };
+                    let mut b = [0u8; 16];
+                    b.copy_from_slice(weir_bpf::as_bytes(&k));
+                    keys.insert(b);
+                }
+            }
+            let v = ep_policy {
+                flags,
+                identity: ep.identity.unwrap_or(0),
+            };
+            want.insert(*ifindex, (pod.clone(), v, keys));
+        }
+
+        // What they hold (read back once: a restarted agent finds the pinned maps).
+        if self.policy_shadow.is_none() {
+            let mut shadow: HashMap<u32, EpPolicyState> = HashMap::new();
+            for (ifindex, v) in self.dp.ep_policies()? {
+                shadow.entry(ifindex).or_default().0 = v;
+            }
+            for k in self.dp.policy_keys() {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(weir_bpf::as_bytes(&k));
+                shadow.entry(k.ep).or_default().1.insert(b);
+            }
+            self.policy_shadow = Some(shadow);
+        }
+        let shadow = self.policy_shadow.as_mut().expect("shadow");
+        let key_of = |b: &[u8; 16]| weir_bpf::from_bytes::<policy_key>(b);
+        for (ifindex, (pod, v, keys)) in &want {
+            let have = shadow.entry(*ifindex).or_default();
+            // Allow first, then isolate, then take away: no moment denies what both the old
+            // and the new policy allow.
+            let mut v = *v;
+            let mut failed = false;
+            for k in keys.difference(&have.1.clone()) {
+                match self.dp.policy_put(&key_of(k)) {
+                    Ok(()) => {
+                        have.1.insert(*k);
+                        stats.entries_added += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(pod, error = %e, "writing a policy entry; failing closed");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                v.flags |= EP_POLICY_DENY;
+                stats.failed.push(pod.clone());
+            }
+            if weir_bpf::as_bytes(&have.0) != weir_bpf::as_bytes(&v) {
+                self.dp.set_ep_policy(*ifindex, Some(&v))?;
+                have.0 = v;
+                changed = true;
+            }
+            if !failed {
+                for k in have.1.difference(keys).copied().collect::<Vec<_>>() {
+                    self.dp.policy_delete(&key_of(&k))?;
+                    have.1.remove(&k);
+                    stats.entries_removed += 1;
+                }
+            }
+            stats.endpoints += 1;
+            stats.entries += have.1.len();
+        }
+        let gone: Vec<u32> = shadow
+            .keys()
+            .filter(|i| !want.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            // No longer isolated (or no longer here): the flag goes first, then the entries.
+            self.dp.set_ep_policy(ifindex, None)?;
+            let (_, keys) = shadow.remove(&ifindex).expect("present");
+            for k in keys {
+                self.dp.policy_delete(&key_of(&k))?;
+                stats.entries_removed += 1;
+            }
+            changed = true;
+        }
+        changed |= stats.entries_added + stats.entries_removed > 0;
+        let mut rev = self.dp.policy_revision()?;
+        if changed {
+            rev = rev.wrapping_add(1);
+            self.dp.set_policy_revision(rev)?;
+        }
+        stats.revision = rev;
         Ok(stats)
     }
 

@@ -131,6 +131,20 @@ pub const NETWORK_POLICY: ResourceKind = ResourceKind {
     has_status: false,
 };
 
+/// weir.dev/v1alpha1 SecurityIdentity: the numeric security identity (the object's name)
+/// of a set of pod and namespace labels, allocated cluster-wide by the agents (a
+/// CustomResourceDefinition on a real cluster, as Cilium's CiliumIdentity).
+pub const SECURITY_IDENTITY: ResourceKind = ResourceKind {
+    group: "weir.dev",
+    version: "v1alpha1",
+    kind: "SecurityIdentity",
+    plural: "securityidentities",
+    singular: "securityidentity",
+    namespaced: false,
+    short_names: &["wid"],
+    has_status: false,
+};
+
 /// Every kind the API server serves, in the order `get all`-style listings use.
 pub const ALL: &[ResourceKind] = &[
     NAMESPACE,
@@ -139,6 +153,7 @@ pub const ALL: &[ResourceKind] = &[
     SERVICE,
     ENDPOINT_SLICE,
     NETWORK_POLICY,
+    SECURITY_IDENTITY,
 ];
 
 /// The kind served at `group/version/plural`.

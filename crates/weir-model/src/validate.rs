@@ -291,6 +291,7 @@ pub fn validate(
             "Node" => validate_node(obj, &mut e),
             "EndpointSlice" => validate_endpoint_slice(obj, old, &mut e),
             "NetworkPolicy" => validate_network_policy(obj, &mut e),
+            "SecurityIdentity" => validate_security_identity(obj, &mut e),
             _ => {}
         }
     }
@@ -825,6 +826,45 @@ fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, e: &mut Errs) {
     }
 }
 
+/// The identity numbers pods get (weir-control's policy::id::POD_MIN..=POD_MAX).
+const IDENTITY_RANGE: std::ops::RangeInclusive<u64> = 256..=(1 << 24) - 1;
+
+fn validate_security_identity(obj: &Value, e: &mut Errs) {
+    let name = str_at(obj, "/metadata/name").unwrap_or_default();
+    if !name
+        .parse::<u64>()
+        .is_ok_and(|n| IDENTITY_RANGE.contains(&n))
+        || name.starts_with('0')
+    {
+        e.invalid(
+            "metadata.name",
+            Value::String(name.into()),
+            "must be a decimal identity number from 256 to 16777215",
+        );
+    }
+    match str_at(obj, "/spec/namespace") {
+        Some(ns) if !ns.is_empty() => {}
+        _ => e.required("spec.namespace"),
+    }
+    for field in ["namespaceLabels", "podLabels"] {
+        match obj.pointer(&format!("/spec/{field}")) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    if !v.is_string() {
+                        e.invalid(format!("spec.{field}[{k}]"), v.clone(), "must be a string");
+                    }
+                }
+            }
+            Some(other) => e.invalid(
+                format!("spec.{field}"),
+                other.clone(),
+                "must be a map of label keys to values",
+            ),
+        }
+    }
+}
+
 fn validate_network_policy(obj: &Value, e: &mut Errs) {
     if obj.pointer("/spec/podSelector").is_none() {
         e.required("spec.podSelector");
@@ -1023,6 +1063,33 @@ mod tests {
         assert!(err
             .to_string()
             .contains("spec.type: Unsupported value: \"Foo\""));
+    }
+
+    #[test]
+    fn security_identities_are_numbered_and_name_their_labels() {
+        use crate::kinds::SECURITY_IDENTITY;
+        let id = |name: &str, spec: Value| {
+            json!({"apiVersion": "weir.dev/v1alpha1", "kind": "SecurityIdentity",
+                   "metadata": {"name": name}, "spec": spec})
+        };
+        let good =
+            json!({"namespace": "x", "namespaceLabels": {"ns": "x"}, "podLabels": {"pod": "a"}});
+        assert!(validate(&SECURITY_IDENTITY, &id("256", good.clone()), None).is_ok());
+        for bad in ["255", "0256", "16777216", "web"] {
+            let err = validate(&SECURITY_IDENTITY, &id(bad, good.clone()), None).unwrap_err();
+            assert!(err.to_string().contains("metadata.name"), "{bad}: {err}");
+        }
+        let err = validate(
+            &SECURITY_IDENTITY,
+            &id("300", json!({"podLabels": {"a": 1}})),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("spec.namespace") && err.contains("spec.podLabels[a]"),
+            "{err}"
+        );
     }
 
     #[test]

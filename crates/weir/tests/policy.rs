@@ -1,0 +1,220 @@
+//! NetworkPolicy end to end, on the upstream Kubernetes network-policy e2e model: namespaces
+//! x, y, z with pods a, b, c each (serving TCP and UDP on 80 and 81, one Service per pod),
+//! spread over two nodes; every case checks the full 9x9 reachability matrix of
+//! `weir lab probe`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const PODS: [&str; 3] = ["a", "b", "c"];
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+
+fn model_yaml() -> String {
+    let mut s = String::new();
+    for ns in NAMESPACES {
+        s.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
+        ));
+        for p in PODS {
+            s.push_str(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {p}, namespace: {ns}, labels: {{pod: {p}}}}}\nspec:\n  containers:\n  - name: cont-80-81\n    image: agnhost\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80}}\n    - {{name: serve-81-tcp, containerPort: 81}}\n    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}\n    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s-{p}, namespace: {ns}}}\nspec:\n  selector: {{pod: {p}}}\n  ports:\n  - {{name: t80, port: 80}}\n  - {{name: t81, port: 81}}\n  - {{name: u80, port: 80, protocol: UDP}}\n  - {{name: u81, port: 81, protocol: UDP}}\n---\n"
+            ));
+        }
+    }
+    s
+}
+
+fn all_pods() -> Vec<String> {
+    NAMESPACES
+        .iter()
+        .flat_map(|ns| PODS.iter().map(move |p| format!("{ns}/{p}")))
+        .collect()
+}
+
+/// The expected matrix: `allowed(from, to)`, and a pod always reaches itself.
+fn expect(allowed: impl Fn(&str, &str) -> bool) -> BTreeMap<String, BTreeMap<String, bool>> {
+    all_pods()
+        .iter()
+        .map(|f| {
+            (
+                f.clone(),
+                all_pods()
+                    .iter()
+                    .map(|t| (t.clone(), f == t || allowed(f, t)))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn rows(m: &Value) -> BTreeMap<String, BTreeMap<String, bool>> {
+    serde_json::from_value(m["rows"].clone()).expect("matrix rows")
+}
+
+fn diff(
+    got: &BTreeMap<String, BTreeMap<String, bool>>,
+    want: &BTreeMap<String, BTreeMap<String, bool>>,
+) -> String {
+    let mut out = String::new();
+    for (f, row) in want {
+        for (t, w) in row {
+            let g = got.get(f).and_then(|r| r.get(t)).copied();
+            if g != Some(*w) {
+                out.push_str(&format!("  {f} -> {t}: got {g:?}, want {w}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// Probes until the matrix is the expected one (policy takes effect within moments; a probe
+/// that times out takes its timeout), or fails with the differences.
+fn assert_matrix(
+    lab: &Lab,
+    case: &str,
+    port: u16,
+    proto: &str,
+    via: &str,
+    want: &BTreeMap<String, BTreeMap<String, bool>>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = rows(&lab.probe(port, proto, via));
+        if &got == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{case} ({proto}/{port} via {via}): matrix differs\n{}",
+                diff(&got, want)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ns_of(p: &str) -> &str {
+    p.split('/').next().unwrap()
+}
+
+#[test]
+fn upstream_network_policy_model_on_two_nodes() {
+    let lab = Lab::up("pol", 2, &model_yaml());
+    let everything = expect(|_, _| true);
+    assert_matrix(&lab, "no policy", 80, "tcp", "pod-ip", &everything);
+
+    // should support a 'default-deny-ingress' policy
+    let out = lab.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-ingress, namespace: x}\nspec: {podSelector: {}}\n",
+    );
+    assert!(out.status.success());
+    let deny_x = expect(|_, t| ns_of(t) != "x");
+    assert_matrix(&lab, "default-deny-ingress", 80, "tcp", "pod-ip", &deny_x);
+    assert_matrix(&lab, "default-deny-ingress", 81, "udp", "pod-ip", &deny_x);
+    // Policy applies after service translation.
+    assert_matrix(&lab, "default-deny-ingress", 80, "tcp", "service", &deny_x);
+
+    // should enforce policy based on NamespaceSelector with MatchExpressions, on a port:
+    // x/a admits namespaces other than x on TCP 80 only (and nothing on 81).
+    let out = lab.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-a-80, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}}]\n    ports: [{port: serve-80-tcp}]\n",
+    );
+    assert!(out.status.success());
+    let ns_to_xa = expect(|f, t| ns_of(t) != "x" || (t == "x/a" && ns_of(f) != "x"));
+    assert_matrix(
+        &lab,
+        "namespaceSelector + named port",
+        80,
+        "tcp",
+        "pod-ip",
+        &ns_to_xa,
+    );
+    assert_matrix(
+        &lab,
+        "namespaceSelector + named port",
+        81,
+        "tcp",
+        "pod-ip",
+        &deny_x,
+    );
+    assert_matrix(&lab, "named port is TCP's", 80, "udp", "pod-ip", &deny_x);
+
+    // should allow egress access to server in CIDR block / enforce except: y/a may only
+    // reach z/b's address (a /32 inside a /16 with an except for everything else).
+    let zb = lab.get_json(&["pod", "b", "-n", "z"]);
+    let zb_ip = zb["status"]["podIP"].as_str().unwrap().to_string();
+    let out = lab.apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: egress-cidr, namespace: y}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: {zb_ip}/32}}}}]\n"
+    ));
+    assert!(out.status.success());
+    let with_egress = |f: &str, t: &str| {
+        let ingress = ns_of(t) != "x" || (t == "x/a" && ns_of(f) != "x");
+        let egress = f != "y/a" || t == "z/b";
+        ingress && egress
+    };
+    assert_matrix(
+        &lab,
+        "egress ipBlock",
+        80,
+        "tcp",
+        "pod-ip",
+        &expect(with_egress),
+    );
+    assert_matrix(
+        &lab,
+        "egress ipBlock",
+        81,
+        "udp",
+        "pod-ip",
+        &expect(|f, t| ns_of(t) != "x" && (f != "y/a" || t == "z/b")),
+    );
+
+    // should support allow-all policy: an empty ingress rule admits everything again.
+    let out = lab.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-all, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{}]\n",
+    );
+    assert!(out.status.success());
+    assert_matrix(
+        &lab,
+        "allow-all (additive)",
+        81,
+        "tcp",
+        "pod-ip",
+        &expect(|f, t| f != "y/a" || t == "z/b"),
+    );
+
+    // Label changes take effect: y/a loses the label its policy selects it by.
+    let out = run(&mut lab.kubectl(&["label", "pod", "a", "-n", "y", "pod=a2", "--overwrite"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_matrix(&lab, "relabelled pod", 81, "tcp", "pod-ip", &everything);
+
+    // Identities were allocated cluster-wide, one per label set.
+    let ids = lab.get_json(&["securityidentities"]);
+    let n = ids["items"].as_array().map_or(0, |a| a.len());
+    assert!(n >= 9, "at least one identity per pod label set: {ids}");
+
+    // Deleting the policies restores everything.
+    for (ns, name) in [
+        ("x", "deny-ingress"),
+        ("x", "allow-a-80"),
+        ("y", "egress-cidr"),
+        ("x", "allow-all"),
+    ] {
+        let out = run(&mut lab.kubectl(&["delete", "networkpolicy", name, "-n", ns]));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_matrix(&lab, "no policy again", 80, "udp", "pod-ip", &everything);
+}
