@@ -84,6 +84,27 @@ static __always_inline void ct_touch(struct ct4_entry *e, struct ct4_entry *othe
 	CT_TOUCH_BODY(e, other, proto, tcp_flags, reply, len);
 }
 
+/* The key of the other direction of flow `t`: addresses and ports swapped. */
+static __always_inline void ct4_reverse(struct ct4_key *r, const struct ct4_key *t)
+{
+	r->saddr = t->daddr;
+	r->daddr = t->saddr;
+	r->sport = t->dport;
+	r->dport = t->sport;
+	r->proto = t->proto;
+	r->pad[0] = r->pad[1] = r->pad[2] = 0;
+}
+
+static __always_inline void ct6_reverse(struct ct6_key *r, const struct ct6_key *t)
+{
+	__builtin_memcpy(r->saddr, t->daddr, sizeof(r->saddr));
+	__builtin_memcpy(r->daddr, t->saddr, sizeof(r->daddr));
+	r->sport = t->dport;
+	r->dport = t->sport;
+	r->proto = t->proto;
+	r->pad[0] = r->pad[1] = r->pad[2] = 0;
+}
+
 static __always_inline bool ct_expired(const struct ct4_entry *e)
 {
 	return e->expires < ct_now();

@@ -110,7 +110,7 @@ static __always_inline int pkt_ip4_tuple(struct __sk_buff *skb, const struct iph
  */
 static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
-	struct bpf_fib_lookup *p;
+	struct bpf_fib_lookup *p = NULL;
 	__u32 zero = 0;
 	const struct endpoint_info *ep;
 	struct iphdr *ip4 = pkt_ip4(skb);
@@ -186,7 +186,7 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			pt.sport = frontend.sport;
 		}
 		rc = policy4(skb, &pt, pflags, from_pod ? skb->ingress_ifindex : 0,
-			     ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0);
+			     policy_dst_ifindex(ep));
 		if (rc < 0)
 			return count(skb, dir, -rc, TC_ACT_SHOT);
 		rc = 0;
@@ -208,10 +208,11 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		return fwd_tunnel(skb, dir, cfg, tun->node);
 	}
-	p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
-	if (!p)
-		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (!ep) {
+		/* Only forwarding through the FIB needs the query (not a local pod). */
+		p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
+		if (!p)
+			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		__builtin_memset(p, 0, sizeof(*p));
 		p->family = AF_INET_;
 		p->tos = tos;
@@ -253,7 +254,7 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	const struct endpoint_info *ep;
 	struct ipv6hdr *ip6 = pkt_ip6(skb);
-	struct bpf_fib_lookup *p;
+	struct bpf_fib_lookup *p = NULL;
 	__u32 zero = 0;
 	struct in6_addr saddr, daddr;
 	const struct node_config *cfg;
@@ -305,7 +306,7 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 		}
 		if (pflags != POLICY_PASS) {
 			rc = policy6(skb, &t, pflags, from_pod ? skb->ingress_ifindex : 0,
-				     ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0);
+				     policy_dst_ifindex(ep));
 			if (rc < 0)
 				return count(skb, dir, -rc, TC_ACT_SHOT);
 			rc = 0;
@@ -322,10 +323,11 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		return fwd_tunnel(skb, dir, cfg, tun->node);
 	}
-	p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
-	if (!p)
-		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (!ep) {
+		/* Only forwarding through the FIB needs the query (not a local pod). */
+		p = bpf_map_lookup_elem(&weir_fib_scratch, &zero);
+		if (!p)
+			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 		__builtin_memset(p, 0, sizeof(*p));
 		p->family = AF_INET6_;
 		p->flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);

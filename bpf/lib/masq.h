@@ -108,19 +108,14 @@ static __noinline int masq4_new(struct __sk_buff *skb, const struct node_config 
 static __always_inline int masq4_inbound(struct __sk_buff *skb, const struct ct4_key *t,
 					 __u32 len)
 {
-	struct ct4_key rk = {
-		.saddr = t->daddr,
-		.daddr = t->saddr,
-		.sport = t->dport,
-		.dport = t->sport,
-		.proto = t->proto,
-	};
 	struct ct4_entry *e, ne = {};
+	struct ct4_key rk;
 
 	if (explaining(skb) || (t->proto != IPPROTO_UDP_ && t->proto != IPPROTO_ICMP_))
 		return 0;
 	if (t->proto == IPPROTO_ICMP_ && t->dport != 0)
 		return 0; /* an echo reply to a pod: its request was masqueraded */
+	ct4_reverse(&rk, t);
 	e = bpf_map_lookup_elem(&weir_ct4, &rk);
 	if (e && !ct_expired(e)) {
 		/* Ours, or another flow's reply entry (DSR's, made from the tunnel header) that

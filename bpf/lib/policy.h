@@ -155,6 +155,15 @@ static __always_inline __u32 policy_revision(void)
 	return rev ? *rev : 0;
 }
 
+/*
+ * The pod a forwarded packet enters here, for its ingress policy: the endpoint it is handed
+ * to directly, or 0 (none, or delivered through the host stack, where to_pod judges it).
+ */
+static __always_inline __u32 policy_dst_ifindex(const struct endpoint_info *ep)
+{
+	return ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0;
+}
+
 static __always_inline const struct ep_policy *policy_ep(__u32 ifindex)
 {
 	return ifindex ? bpf_map_lookup_elem(&weir_policy_eps, &ifindex) : NULL;
@@ -275,8 +284,6 @@ static __noinline int policy_decide(struct __sk_buff *skb, struct policy_scratch
 	return r;
 }
 
-#define PCT_LIFETIME(e, proto) ct_lifetime((e)->flags, proto)
-
 static __always_inline void pct_touch(struct pct_entry *e, __u8 proto, __u8 tcp_flags, bool reply,
 				      __u32 len)
 {
@@ -305,148 +312,116 @@ static __always_inline int pct_create(void *map, const void *key, struct policy_
 	return 0;
 }
 
+/* The flow being judged, from a tuple of either family. */
+static __always_inline void policy_flow4(struct policy_flow *f, const struct ct4_key *k)
+{
+	__builtin_memset(f, 0, sizeof(*f));
+	f->family = WEIR_AF_INET;
+	f->saddr[0] = k->saddr;
+	f->daddr[0] = k->daddr;
+	f->sport = k->sport;
+	f->dport = k->dport;
+	f->proto = k->proto;
+}
+
+static __always_inline void policy_flow6(struct policy_flow *f, const struct ct6_key *k)
+{
+	__builtin_memset(f, 0, sizeof(*f));
+	f->family = WEIR_AF_INET6;
+	__builtin_memcpy(f->saddr, k->saddr, sizeof(f->saddr));
+	__builtin_memcpy(f->daddr, k->daddr, sizeof(f->daddr));
+	f->sport = k->sport;
+	f->dport = k->dport;
+	f->proto = k->proto;
+}
+
+/*
+ * One body for policy4 and policy6 (weir_pct4 / weir_pct6, their key types): `rk` is room
+ * for the reversed key (it may name the body's scratch, `s_`: evaluated only once that is
+ * looked up, after the cheap "is any pod here policed" test), `reverse` and `flow_from` the
+ * family's helpers.
+ */
+#define POLICY_CT_BODY(skb, map, t, rk, reverse, flow_from, flags, src_if, dst_if)              \
+	do {                                                                                   \
+		struct policy_scratch *s_;                                                     \
+		const typeof(*(t)) *key_ = (t);                                                \
+		__u8 tcp_flags_ = (flags) & 0xff;                                              \
+		struct pct_entry *e_;                                                          \
+		bool reply_ = false;                                                           \
+		__u32 rev_;                                                                    \
+		int r_;                                                                        \
+                                                                                               \
+		if (!policy_ep(src_if) && !policy_ep(dst_if))                                  \
+			return 0;                                                              \
+		s_ = policy_scratch();                                                         \
+		if (!s_)                                                                       \
+			return -DROP_POLICY_FAILED;                                            \
+		flow_from(&s_->f, t);                                                          \
+		if ((flags) & POLICY_NO_CT)                                                    \
+			return policy_decide(skb, s_, src_if, dst_if);                         \
+		rev_ = policy_revision();                                                      \
+		e_ = bpf_map_lookup_elem(map, t);                                              \
+		if (!e_ || pct_expired(e_)) {                                                  \
+			reverse(rk, t);                                                        \
+			e_ = bpf_map_lookup_elem(map, rk);                                     \
+			if (e_ && !pct_expired(e_)) {                                          \
+				reply_ = true;                                                 \
+				key_ = rk;                                                     \
+			} else {                                                               \
+				e_ = NULL;                                                     \
+			}                                                                      \
+		}                                                                              \
+		if (e_ && e_->revision == rev_) {                                              \
+			if (!explaining(skb))                                                  \
+				pct_touch(e_, (t)->proto, tcp_flags_, reply_, (skb)->len);     \
+			return 0;                                                              \
+		}                                                                              \
+		if ((flags) & POLICY_RELATED) {                                                \
+			/* No flow of its own: judged alone, as ICMP. */                       \
+			s_->f.proto = IPPROTO_ICMP_;                                           \
+			s_->f.sport = s_->f.dport = 0;                                         \
+			return policy_decide(skb, s_, src_if, dst_if);                         \
+		}                                                                              \
+		/* A new flow, or a verdict made under an older policy: judge the original    \
+		 * direction. */                                                               \
+		flow_from(&s_->f, key_);                                                       \
+		r_ = reply_ ? policy_decide(skb, s_, dst_if, src_if)                           \
+			    : policy_decide(skb, s_, src_if, dst_if);                          \
+		if (explaining(skb))                                                           \
+			return r_;                                                             \
+		if (r_ < 0) {                                                                  \
+			if (e_)                                                                \
+				bpf_map_delete_elem(map, key_);                                \
+			return r_;                                                             \
+		}                                                                              \
+		if (e_) {                                                                      \
+			e_->revision = rev_;                                                   \
+			pct_touch(e_, (t)->proto, tcp_flags_, reply_, (skb)->len);             \
+			return 0;                                                              \
+		}                                                                              \
+		return pct_create(map, t, s_, rev_, tcp_flags_, (skb)->len);                   \
+	} while (0)
+
 /*
  * The policy verdict of an IPv4 packet with tuple `t` (addresses after a Service's DNAT,
  * before SNAT), leaving pod `src_if` and/or entering pod `dst_if` (0: none). `flags`: the TCP
- * flags, plus POLICY_NO_CT for a packet without ports (judged alone). Returns 0, or
- * -DROP_*.
+ * flags, plus POLICY_NO_CT for a packet without ports (judged alone) or POLICY_RELATED.
+ * Returns 0, or -DROP_*.
  */
 static __noinline int policy4(struct __sk_buff *skb, const struct ct4_key *t, __u32 flags,
 			      __u32 src_if, __u32 dst_if)
 {
-	struct policy_scratch *s;
-	const struct ct4_key *key = t;
-	__u8 tcp_flags = flags & 0xff;
 	struct ct4_key rk = {};
-	struct pct_entry *e;
-	bool reply = false;
-	__u32 rev;
-	int r;
 
-	if (!policy_ep(src_if) && !policy_ep(dst_if))
-		return 0;
-	s = policy_scratch();
-	if (!s)
-		return -DROP_POLICY_FAILED;
-	__builtin_memset(&s->f, 0, sizeof(s->f));
-	s->f.family = WEIR_AF_INET;
-	s->f.saddr[0] = t->saddr;
-	s->f.daddr[0] = t->daddr;
-	s->f.proto = t->proto;
-	if (flags & POLICY_NO_CT)
-		return policy_decide(skb, s, src_if, dst_if);
-	rev = policy_revision();
-	e = bpf_map_lookup_elem(&weir_pct4, t);
-	if (!e || pct_expired(e)) {
-		rk.saddr = t->daddr;
-		rk.daddr = t->saddr;
-		rk.sport = t->dport;
-		rk.dport = t->sport;
-		rk.proto = t->proto;
-		e = bpf_map_lookup_elem(&weir_pct4, &rk);
-		if (e && !pct_expired(e)) {
-			reply = true;
-			key = &rk;
-		} else {
-			e = NULL;
-		}
-	}
-	if (e && e->revision == rev) {
-		if (!explaining(skb))
-			pct_touch(e, t->proto, tcp_flags, reply, skb->len);
-		return 0;
-	}
-	if (flags & POLICY_RELATED) {
-		s->f.proto = IPPROTO_ICMP_;
-		return policy_decide(skb, s, src_if, dst_if);
-	}
-	/* A new flow, or a verdict made under an older policy: judge the original direction. */
-	s->f.saddr[0] = key->saddr;
-	s->f.daddr[0] = key->daddr;
-	s->f.sport = key->sport;
-	s->f.dport = key->dport;
-	r = reply ? policy_decide(skb, s, dst_if, src_if) : policy_decide(skb, s, src_if, dst_if);
-	if (explaining(skb))
-		return r;
-	if (r < 0) {
-		if (e)
-			bpf_map_delete_elem(&weir_pct4, key);
-		return r;
-	}
-	if (e) {
-		e->revision = rev;
-		pct_touch(e, t->proto, tcp_flags, reply, skb->len);
-		return 0;
-	}
-	return pct_create(&weir_pct4, t, s, rev, tcp_flags, skb->len);
+	POLICY_CT_BODY(skb, &weir_pct4, t, &rk, ct4_reverse, policy_flow4, flags, src_if, dst_if);
 }
 
-/* The IPv6 counterpart of policy4 (weir_pct6). */
+/* The IPv6 counterpart of policy4 (weir_pct6; the reversed key lives in the body's scratch). */
 static __noinline int policy6(struct __sk_buff *skb, const struct ct6_key *t, __u32 flags,
 			      __u32 src_if, __u32 dst_if)
 {
-	struct policy_scratch *s;
-	const struct ct6_key *key = t;
-	__u8 tcp_flags = flags & 0xff;
-	struct ct6_key *rk;
-	struct pct_entry *e;
-	bool reply = false;
-	__u32 rev;
-	int r;
-
-	if (!policy_ep(src_if) && !policy_ep(dst_if))
-		return 0;
-	s = policy_scratch();
-	if (!s)
-		return -DROP_POLICY_FAILED;
-	__builtin_memset(&s->f, 0, sizeof(s->f));
-	s->f.family = WEIR_AF_INET6;
-	__builtin_memcpy(s->f.saddr, t->saddr, sizeof(s->f.saddr));
-	__builtin_memcpy(s->f.daddr, t->daddr, sizeof(s->f.daddr));
-	s->f.proto = t->proto;
-	if (flags & POLICY_NO_CT)
-		return policy_decide(skb, s, src_if, dst_if);
-	rev = policy_revision();
-	e = bpf_map_lookup_elem(&weir_pct6, t);
-	if (!e || pct_expired(e)) {
-		rk = &s->rk6;
-		__builtin_memcpy(rk->saddr, t->daddr, sizeof(rk->saddr));
-		__builtin_memcpy(rk->daddr, t->saddr, sizeof(rk->daddr));
-		rk->sport = t->dport;
-		rk->dport = t->sport;
-		rk->proto = t->proto;
-		rk->pad[0] = rk->pad[1] = rk->pad[2] = 0;
-		e = bpf_map_lookup_elem(&weir_pct6, rk);
-		if (e && !pct_expired(e)) {
-			reply = true;
-			key = rk;
-		} else {
-			e = NULL;
-		}
-	}
-	if (e && e->revision == rev) {
-		if (!explaining(skb))
-			pct_touch(e, t->proto, tcp_flags, reply, skb->len);
-		return 0;
-	}
-	__builtin_memcpy(s->f.saddr, key->saddr, sizeof(s->f.saddr));
-	__builtin_memcpy(s->f.daddr, key->daddr, sizeof(s->f.daddr));
-	s->f.sport = key->sport;
-	s->f.dport = key->dport;
-	r = reply ? policy_decide(skb, s, dst_if, src_if) : policy_decide(skb, s, src_if, dst_if);
-	if (explaining(skb))
-		return r;
-	if (r < 0) {
-		if (e)
-			bpf_map_delete_elem(&weir_pct6, key);
-		return r;
-	}
-	if (e) {
-		e->revision = rev;
-		pct_touch(e, t->proto, tcp_flags, reply, skb->len);
-		return 0;
-	}
-	return pct_create(&weir_pct6, t, s, rev, tcp_flags, skb->len);
+	POLICY_CT_BODY(skb, &weir_pct6, t, &s_->rk6, ct6_reverse, policy_flow6, flags, src_if,
+		       dst_if);
 }
 
 /*

@@ -40,9 +40,6 @@ pub struct PolicyReport {
     pub allocated: u64,
     /// The last error.
     pub last_error: Option<String>,
-    /// Pod address -> `namespace/name`, for naming flows.
-    #[serde(skip)]
-    pub pods_by_ip: BTreeMap<IpAddr, String>,
 }
 
 /// The SecurityIdentity resource (weir.dev/v1alpha1).
@@ -243,12 +240,6 @@ pub async fn run(client: Client, pods: Arc<Pods>, report: Arc<Mutex<PolicyReport
                 .copied(),
         );
         let state = policy::compile(&cluster, &view, &|l| ids.get(l).copied(), &mut local);
-        let pods_by_ip: BTreeMap<IpAddr, String> = cluster
-            .pods
-            .iter()
-            .filter(|p| !p.host_network)
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
-            .collect();
         let policies = state.policies.clone();
         let pending = state.pending_identities.clone();
         let result = pods.dataplane.lock().expect("pods").set_policy(state);
@@ -258,7 +249,6 @@ pub async fn run(client: Client, pods: Arc<Pods>, report: Arc<Mutex<PolicyReport
             r.pending_identities = pending;
             r.identities = ids.len();
             r.allocated += allocated;
-            r.pods_by_ip = pods_by_ip;
             match result {
                 Ok(stats) => {
                     if stats.entries_added + stats.entries_removed > 0 || !stats.failed.is_empty() {

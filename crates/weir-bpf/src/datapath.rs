@@ -123,6 +123,31 @@ impl AddrMap {
     }
 }
 
+/// The `weir_policy` entry of pod `ep` allowing `peer` in direction `dir` on IP protocol
+/// `proto` (0: every protocol) and the ports whose first `port_bits` bits are those of `port`
+/// (host order; 0 bits: every port).
+pub fn policy_key_of(
+    ep: u32,
+    dir: u8,
+    peer: u32,
+    proto: u8,
+    port: u16,
+    port_bits: u8,
+) -> policy_key {
+    policy_key {
+        prefixlen: if proto == 0 {
+            POLICY_PREFIX_ANY
+        } else {
+            POLICY_PREFIX_ANY + 8 + u32::from(port_bits)
+        },
+        ep,
+        peer,
+        dir,
+        proto,
+        dport: port.to_be(),
+    }
+}
+
 /// The key of an address prefix in `weir_ipcache` / `weir_policy_cidrs`.
 pub fn ipcache_key_of(addr: std::net::IpAddr, len: u8) -> ipcache_key {
     let mut k = ipcache_key {
@@ -687,7 +712,11 @@ impl Datapath {
     /// Deletes the keys of map `name` that are not in `want`.
     fn remove_other_keys(&self, name: &str, want: &[Vec<u8>]) {
         let map = self.map(name);
-        let stale: Vec<Vec<u8>> = map.keys().filter(|k| !want.contains(k)).collect();
+        let want: std::collections::HashSet<&[u8]> = want.iter().map(Vec::as_slice).collect();
+        let stale: Vec<Vec<u8>> = map
+            .keys()
+            .filter(|k| !want.contains(k.as_slice()))
+            .collect();
         for k in stale {
             let _ = map.delete(&k);
         }
@@ -706,46 +735,39 @@ impl Datapath {
     /// Removes the conntrack entries (IPv4 and IPv6) that expired before `now` (boot clock
     /// seconds), or all of them with `all`. Returns how many were removed.
     pub fn ct_gc(&self, now: u64, all: bool) -> Result<usize, BpfError> {
-        let mut stale: Vec<Vec<u8>> = self
-            .ct_entries()?
-            .iter()
-            .filter(|(_, v)| all || v.expires < now)
-            .map(|(k, _)| as_bytes(k).to_vec())
-            .collect();
-        let stale6: Vec<Vec<u8>> = self
-            .ct6_entries()?
-            .iter()
-            .filter(|(_, v)| all || v.expires < now)
-            .map(|(k, _)| as_bytes(k).to_vec())
-            .collect();
-        let n4 = stale.len();
-        stale.extend(stale6);
-        let n6 = stale.len();
-        stale.extend(
-            self.pct4_entries()?
+        fn stale<K: Copy, V>(entries: Vec<(K, V)>, expired: impl Fn(&V) -> bool) -> Vec<Vec<u8>> {
+            entries
                 .iter()
-                .filter(|(_, v)| all || v.expires < now)
-                .map(|(k, _)| as_bytes(k).to_vec()),
-        );
-        let p4 = stale.len();
-        stale.extend(
-            self.pct6_entries()?
-                .iter()
-                .filter(|(_, v)| all || v.expires < now)
-                .map(|(k, _)| as_bytes(k).to_vec()),
-        );
+                .filter(|(_, v)| expired(v))
+                .map(|(k, _)| as_bytes(k).to_vec())
+                .collect()
+        }
+        let maps = [
+            (
+                "weir_ct4",
+                stale(self.ct_entries()?, |v| all || v.expires < now),
+            ),
+            (
+                "weir_ct6",
+                stale(self.ct6_entries()?, |v| all || v.expires < now),
+            ),
+            (
+                "weir_pct4",
+                stale(self.pct4_entries()?, |v| all || v.expires < now),
+            ),
+            (
+                "weir_pct6",
+                stale(self.pct6_entries()?, |v| all || v.expires < now),
+            ),
+        ];
         let mut removed = 0;
-        for (i, k) in stale.iter().enumerate() {
-            let name = match i {
-                i if i < n4 => "weir_ct4",
-                i if i < n6 => "weir_ct6",
-                i if i < p4 => "weir_pct4",
-                _ => "weir_pct6",
-            };
-            match self.map(name).delete(k) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                Err(e) => return Err(lb("deleting a conntrack entry")(e)),
+        for (name, keys) in maps {
+            for k in keys {
+                match self.map(name).delete(&k) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(e) => return Err(lb("deleting a conntrack entry")(e)),
+                }
             }
         }
         Ok(removed)
@@ -777,15 +799,7 @@ impl Datapath {
                 .map_err(lb(format!("updating map {name}")))?;
             want.push(as_bytes(&k).to_vec());
         }
-        let want: std::collections::HashSet<Vec<u8>> = want.into_iter().collect();
-        let stale: Vec<Vec<u8>> = self
-            .map(name)
-            .keys()
-            .filter(|k| !want.contains(k))
-            .collect();
-        for k in stale {
-            let _ = self.map(name).delete(&k);
-        }
+        self.remove_other_keys(name, &want);
         Ok(())
     }
 

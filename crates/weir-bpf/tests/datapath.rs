@@ -1593,7 +1593,9 @@ impl Fixture {
     /// An allow entry: pod `ep`, direction, peer, protocol (0: all) and port prefix.
     fn allow(&self, ep: u32, dir: u8, peer: u32, proto: u8, port: u16, bits: u8) {
         self.dp
-            .policy_put(&policy_key(ep, dir, peer, proto, port, bits))
+            .policy_put(&weir_bpf::datapath::policy_key_of(
+                ep, dir, peer, proto, port, bits,
+            ))
             .expect("policy entry");
     }
 
@@ -1614,24 +1616,6 @@ impl Fixture {
         drop(rb);
         let v = got.borrow().clone();
         v
-    }
-}
-
-fn policy_key(
-    ep: u32,
-    dir: u8,
-    peer: u32,
-    proto: u8,
-    port: u16,
-    bits: u8,
-) -> weir_bpf::datapath::policy_key {
-    weir_bpf::datapath::policy_key {
-        prefixlen: if proto == 0 { 72 } else { 80 + u32::from(bits) },
-        ep,
-        peer,
-        dir,
-        proto,
-        dport: port.to_be(),
     }
 }
 
@@ -1748,7 +1732,14 @@ fn network_policy_is_judged_on_the_first_packet_and_kept_per_flow() {
     // A policy change: the flow's next packet is judged again, and cut.
     for (port, bits) in &prefixes {
         fx.dp
-            .policy_delete(&policy_key(b_if, POLICY_INGRESS, 300, 6, *port, *bits))
+            .policy_delete(&weir_bpf::datapath::policy_key_of(
+                b_if,
+                POLICY_INGRESS,
+                300,
+                6,
+                *port,
+                *bits,
+            ))
             .expect("delete");
     }
     fx.allow(b_if, POLICY_INGRESS, 300, 17, 0, 0);

@@ -714,15 +714,16 @@ pub fn compile(
     for np in policies {
         state
             .policies
-            .push(compile_one(&ctx, np, node, &mut state.endpoints));
+            .push(compile_one(&ctx, np, &mut state.endpoints));
     }
     state
 }
 
+/// One policy's status, and its entries on the local pods it selects (`endpoints` holds only
+/// this node's pods).
 fn compile_one(
     ctx: &Ctx,
     np: &NetworkPolicy,
-    node: &NodeView,
     endpoints: &mut BTreeMap<String, EndpointPolicy>,
 ) -> PolicyStatus {
     let ns = np.metadata.namespace.clone().unwrap_or_default();
@@ -852,9 +853,6 @@ fn compile_one(
         let Some(ep) = endpoints.get_mut(&pod.key()) else {
             continue;
         };
-        if pod.node.as_deref() != Some(node.name.as_str()) {
-            continue;
-        }
         if st.ingress {
             let set = ep.ingress.get_or_insert_with(BTreeSet::new);
             let before = set.len();

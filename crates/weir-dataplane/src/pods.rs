@@ -524,7 +524,11 @@ impl PodDataplane {
             .iter()
             .map(|(n, e)| (*n, (e.identity, e.ns_class)))
             .collect();
-        if self.ipcache_written.as_ref() != Some(&(ipc.clone(), state.cidrs.clone())) {
+        let written = self
+            .ipcache_written
+            .as_ref()
+            .is_some_and(|(i, c)| *i == ipc && *c == state.cidrs);
+        if !written {
             let entries = |m: &mut dyn Iterator<Item = (ipnet::IpNet, u32, u32)>| {
                 m.map(|(n, identity, ns_class)| {
                     (
@@ -566,18 +570,14 @@ impl PodDataplane {
                 let Some(set) = set else { continue };
                 flags |= flag;
                 for e in set {
-                    let k = policy_key {
-                        prefixlen: if e.proto == 0 {
-                            weir_bpf::datapath::POLICY_PREFIX_ANY
-                        } else {
-                            weir_bpf::datapath::POLICY_PREFIX_ANY + 8 + u32::from(e.port_bits)
-                        },
-                        ep: *ifindex,
-                        peer: e.peer,
+                    let k = weir_bpf::datapath::policy_key_of(
+                        *ifindex,
                         dir,
-                        proto: e.proto,
-                        dport: e.port.to_be(),
-                    };
+                        e.peer,
+                        e.proto,
+                        e.port,
+                        e.port_bits,
+                    );
                     let mut b = [0u8; 16];
                     b.copy_from_slice(weir_bpf::as_bytes(&k));
                     keys.insert(b);
@@ -611,7 +611,8 @@ impl PodDataplane {
             // and the new policy allow.
             let mut v = *v;
             let mut failed = false;
-            for k in keys.difference(&have.1.clone()) {
+            let missing: Vec<[u8; 16]> = keys.difference(&have.1).copied().collect();
+            for k in &missing {
                 match self.dp.policy_put(&key_of(k)) {
                     Ok(()) => {
                         have.1.insert(*k);
