@@ -2,7 +2,8 @@
 //! `GET /status` (sync state), `GET /lb` (frontends, backends, affinity, counters,
 //! programs, maps), `GET /datapath` (the per-packet datapath: endpoints, devices, counters by
 //! reason, programs, maps), `GET /explain?from=IP:PORT&to=IP:PORT&protocol=tcp` (a synthetic
-//! packet through the tc programs, changing nothing).
+//! packet through the tc programs, changing nothing), `GET /policy` (NetworkPolicy status),
+//! `GET /flows?since=SEQ` (policy verdict events after SEQ).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,33 @@ async fn handle(
             StatusCode::OK,
             &*shared.policy.lock().expect("policy report"),
         ),
+        "/flows" => {
+            let since = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("since="))
+                .map(|v| v.parse::<u64>());
+            match (&shared.pods, since) {
+                (None, _) => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "this agent runs no per-packet datapath"}),
+                ),
+                (_, Some(Err(_))) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "since: not a sequence number"}),
+                ),
+                (Some(_), since) => {
+                    let page = shared
+                        .flows
+                        .lock()
+                        .expect("flow log")
+                        .since(since.and_then(Result::ok).unwrap_or(0));
+                    json(StatusCode::OK, &page)
+                }
+            }
+        }
         "/datapath" => match &shared.pods {
             None => json(
                 StatusCode::NOT_FOUND,

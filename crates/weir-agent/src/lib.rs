@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod flows;
 pub mod healthcheck;
 pub mod pods;
 pub mod policy;
@@ -79,6 +80,8 @@ pub struct Shared {
     pub pods: Option<Arc<pods::Pods>>,
     /// NetworkPolicy (with the pod datapath).
     pub policy: Arc<Mutex<policy::PolicyReport>>,
+    /// Policy verdict events (with the pod datapath).
+    pub flows: Arc<Mutex<flows::FlowLog>>,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -335,11 +338,14 @@ pub async fn run(
         });
     }
     let policy_report = Arc::new(Mutex::new(policy::PolicyReport::default()));
+    let flow_log = Arc::new(Mutex::new(flows::FlowLog::new(&cfg.node_name)));
     if let Some(p) = &pods {
+        flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         tokio::spawn(policy::run(
             client.clone(),
             p.clone(),
             policy_report.clone(),
+            flow_log.clone(),
             cfg.node_name.clone(),
         ));
     }
@@ -351,6 +357,7 @@ pub async fn run(
         }),
         pods,
         policy: policy_report,
+        flows: flow_log,
     });
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());

@@ -103,7 +103,13 @@ fn node_addresses(n: &Node) -> Vec<IpAddr> {
 }
 
 /// Runs the NetworkPolicy loop for `node` until the process ends.
-pub async fn run(client: Client, pods: Arc<Pods>, report: Arc<Mutex<PolicyReport>>, node: String) {
+pub async fn run(
+    client: Client,
+    pods: Arc<Pods>,
+    report: Arc<Mutex<PolicyReport>>,
+    flows: Arc<Mutex<crate::flows::FlowLog>>,
+    node: String,
+) {
     let notify = Arc::new(Notify::new());
     let pod_store = crate::spawn_reflector(
         Api::<Pod>::all(client.clone()),
@@ -180,6 +186,16 @@ pub async fn run(client: Client, pods: Arc<Pods>, report: Arc<Mutex<PolicyReport
             .map(|p| policy::PodInfo::from_k8s(p))
             .collect();
         cluster.policies = np_store.state().iter().map(|p| (**p).clone()).collect();
+        flows.lock().expect("flow log").pod_names = cluster
+            .pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .flat_map(|p| {
+                p.ips
+                    .iter()
+                    .map(move |ip| (*ip, format!("{}/{}", p.namespace, p.name)))
+            })
+            .collect();
 
         // Identities: the lowest number for each label set. The ones this agent created
         // count until the watch reports them.

@@ -87,6 +87,10 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Show NetworkPolicy verdicts as the datapath makes them: every flow judged for an
+    /// isolated pod (allowed, or dropped with its reason), with pods, identities, ports and
+    /// the direction whose policy decided. Prints the last verdicts, or follows new ones.
+    Observe(ObserveArgs),
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -436,6 +440,40 @@ enum LabCommand {
     },
 }
 
+#[derive(Args, Debug)]
+struct ObserveArgs {
+    /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Keep printing verdicts as they come (until interrupted).
+    #[arg(short, long)]
+    follow: bool,
+    /// Only flows from or to this pod: NAMESPACE/NAME, or NAME in namespace default.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only flows from or to pods of this namespace.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Only this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictArg>,
+    /// How many past verdicts to print first (default 20, none with --follow).
+    #[arg(long)]
+    last: Option<usize>,
+    /// Output: a line per verdict, or a JSON object per line.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum VerdictArg {
+    Allowed,
+    Dropped,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
     Table,
@@ -598,6 +636,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Lab(l) => run_lab(&cli, l),
+        Command::Observe(o) => {
+            let sockets = observe_sockets(&cli, o)?;
+            let filter = crate::observe::Filter {
+                pod: o.pod.as_deref().map(crate::observe::pod_ref),
+                namespace: o.namespace.clone(),
+                verdict: o.verdict.map(|v| match v {
+                    VerdictArg::Allowed => crate::observe::Verdict::Allowed,
+                    VerdictArg::Dropped => crate::observe::Verdict::Dropped,
+                }),
+            };
+            let last = o.last.unwrap_or(if o.follow { 0 } else { 20 });
+            current_thread()?.block_on(crate::observe::run(
+                &sockets,
+                &filter,
+                last,
+                o.follow,
+                o.output == Format::Json,
+            ))
+        }
         Command::Agent(a) => runtime()?.block_on(run_agent(&cli, a)),
         Command::Status { target, output } => runtime()?.block_on(crate::introspect::status(
             &agent_socket(&cli, target)?,
@@ -640,6 +697,36 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             crate::introspect::ct_list(&agent_socket(&cli, target)?, *output == Format::Json, true),
         ),
     }
+}
+
+/// The agents `weir observe` asks: --socket, the named lab nodes, or every node of the lab.
+fn observe_sockets(cli: &Cli, o: &ObserveArgs) -> Result<Vec<(String, PathBuf)>> {
+    if let Some(s) = &o.socket {
+        return Ok(vec![("agent".into(), s.clone())]);
+    }
+    let Some(c) = &cli.cluster else {
+        return Ok(vec![(
+            "agent".into(),
+            PathBuf::from("/run/weir/agent.sock"),
+        )]);
+    };
+    let paths = weir_lab::paths::LabPaths::new(c);
+    let nodes: Vec<String> = if o.nodes.is_empty() {
+        lab::nodes(c)?
+            .into_iter()
+            .filter(|h| h.role == "node")
+            .map(|h| h.name)
+            .collect()
+    } else {
+        o.nodes.clone()
+    };
+    Ok(nodes
+        .into_iter()
+        .map(|n| {
+            let s = paths.agent_socket(&n);
+            (n, s)
+        })
+        .collect())
 }
 
 fn agent_socket(cli: &Cli, t: &AgentTarget) -> Result<PathBuf> {

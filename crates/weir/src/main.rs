@@ -4,6 +4,7 @@
 mod cli;
 mod get;
 mod introspect;
+mod observe;
 
 use std::process::ExitCode;
 

@@ -102,6 +102,111 @@ fn ns_of(p: &str) -> &str {
     p.split('/').next().unwrap()
 }
 
+/// `weir observe` shows the drops of default-deny-ingress in x: pods, port, direction and
+/// reason, from both nodes; `--follow` prints new ones as they happen.
+fn observe_drops(lab: &Lab) {
+    let out = run(&mut lab.weir(&[
+        "observe",
+        "--verdict",
+        "dropped",
+        "--pod",
+        "x/a",
+        "--last",
+        "5000",
+        "-o",
+        "json",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for r in &recs {
+        assert_eq!(r["verdict"], "dropped", "{r}");
+        assert_eq!(r["reason"], "DROP_POLICY_DENIED", "{r}");
+        assert_eq!(r["direction"], "ingress", "{r}");
+        assert!(
+            r["destination"]["pod"] == "x/a" || r["source"]["pod"] == "x/a",
+            "{r}"
+        );
+        assert!(
+            r["destination"]["pod"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("x/")),
+            "{r}"
+        );
+        assert_eq!(r["source"]["identity_kind"], "pod", "{r}");
+    }
+    let seen = |src: &str, port: u64, proto: &str| {
+        recs.iter().any(|r| {
+            r["source"]["pod"] == src
+                && r["destination"]["pod"] == "x/a"
+                && r["destination"]["port"] == port
+                && r["protocol"] == proto
+        })
+    };
+    assert!(
+        seen("y/b", 80, "tcp"),
+        "no drop of y/b -> x/a tcp/80: {recs:?}"
+    );
+    assert!(
+        seen("z/c", 81, "udp"),
+        "no drop of z/c -> x/a udp/81: {recs:?}"
+    );
+    // Both nodes judged some (the pods are spread over two nodes).
+    let nodes: std::collections::BTreeSet<&str> =
+        recs.iter().filter_map(|r| r["node"].as_str()).collect();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+
+    let out = run(&mut lab.weir(&["observe", "--verdict", "dropped", "-n", "x", "--last", "1"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().count() == 1 && text.contains("DROPPED (DROP_POLICY_DENIED)"),
+        "{text}"
+    );
+
+    // Following: a new drop shows up while the command runs.
+    use std::io::BufRead;
+    let mut child = lab
+        .weir(&[
+            "observe",
+            "-f",
+            "--pod",
+            "x/b",
+            "--verdict",
+            "dropped",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = lab.probe(80, "tcp", "pod-ip");
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let r: Value = serde_json::from_str(&line.expect("a followed drop")).unwrap();
+    assert!(
+        r["destination"]["pod"] == "x/b" || r["source"]["pod"] == "x/b",
+        "{r}"
+    );
+    assert_eq!(r["verdict"], "dropped", "{r}");
+}
+
 #[test]
 fn upstream_network_policy_model_on_two_nodes() {
     let lab = Lab::up("pol", 2, &model_yaml());
@@ -118,6 +223,7 @@ fn upstream_network_policy_model_on_two_nodes() {
     assert_matrix(&lab, "default-deny-ingress", 81, "udp", "pod-ip", &deny_x);
     // Policy applies after service translation.
     assert_matrix(&lab, "default-deny-ingress", 80, "tcp", "service", &deny_x);
+    observe_drops(&lab);
 
     // should enforce policy based on NamespaceSelector with MatchExpressions, on a port:
     // x/a admits namespaces other than x on TCP 80 only (and nothing on 81).
