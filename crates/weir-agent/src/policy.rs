@@ -166,26 +166,11 @@ pub async fn run(
     // Identities this agent created, known before the watch reports them.
     let mut created: BTreeMap<IdentityLabels, u32> = BTreeMap::new();
     loop {
-        let mut cluster = policy::Cluster::default();
-        for ns in ns_store.state() {
-            cluster.namespaces.insert(
-                ns.metadata.name.clone().unwrap_or_default(),
-                policy::namespace_labels(&ns),
-            );
-        }
-        cluster.pods = pod_store
-            .state()
-            .iter()
-            // Finished pods have no traffic (and their address may be reused).
-            .filter(|p| {
-                !p.status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_deref())
-                    .is_some_and(|ph| ph == "Succeeded" || ph == "Failed")
-            })
-            .map(|p| policy::PodInfo::from_k8s(p))
-            .collect();
-        cluster.policies = np_store.state().iter().map(|p| (**p).clone()).collect();
+        let cluster = policy::Cluster::from_objects(
+            ns_store.state().iter().map(|n| &**n),
+            pod_store.state().iter().map(|p| &**p),
+            np_store.state().iter().map(|p| &**p),
+        );
         flows.lock().expect("flow log").pod_names = cluster
             .pods
             .iter()

@@ -87,6 +87,15 @@ impl Protocol {
         }
     }
 
+    /// The name NetworkPolicy and Pod specs use (`TCP`, `UDP`, `SCTP`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
     fn parse(s: Option<&str>) -> Option<Protocol> {
         match s.unwrap_or("TCP") {
             "TCP" => Some(Protocol::Tcp),
@@ -225,6 +234,58 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster of these API objects (pods that finished are left out: they have no
+    /// traffic, and their address may be reused).
+    pub fn from_objects<'a>(
+        namespaces: impl IntoIterator<Item = &'a Namespace>,
+        pods: impl IntoIterator<Item = &'a Pod>,
+        policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    ) -> Cluster {
+        Cluster {
+            namespaces: namespaces
+                .into_iter()
+                .map(|ns| {
+                    (
+                        ns.metadata.name.clone().unwrap_or_default(),
+                        namespace_labels(ns),
+                    )
+                })
+                .collect(),
+            pods: pods
+                .into_iter()
+                .filter(|p| {
+                    !p.status
+                        .as_ref()
+                        .and_then(|s| s.phase.as_deref())
+                        .is_some_and(|ph| ph == "Succeeded" || ph == "Failed")
+                })
+                .map(PodInfo::from_k8s)
+                .collect(),
+            policies: policies.into_iter().cloned().collect(),
+        }
+    }
+
+    /// Every policy's status (selected pods, rules, warnings), as any node would report it;
+    /// `entries` counts what a node running every selected pod would program.
+    pub fn statuses(&self) -> Vec<PolicyStatus> {
+        let ids: BTreeMap<IdentityLabels, u32> = self
+            .identity_labels()
+            .into_iter()
+            .zip(id::POD_MIN..)
+            .collect();
+        let mut all = self.clone();
+        for p in &mut all.pods {
+            p.node = Some(String::new());
+        }
+        compile(
+            &all,
+            &NodeView::default(),
+            &|l| ids.get(l).copied(),
+            &mut LocalIds::default(),
+        )
+        .policies
+    }
+
     /// The labels of namespace `ns` (only its name label when the namespace is unknown).
     pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         self.namespaces.get(ns).cloned().unwrap_or_else(|| {
@@ -835,7 +896,8 @@ fn compile_one(
                 };
                 if !defined {
                     st.warnings.push(format!(
-                        "{field}[{i}].ports: named port {name:?} ({proto:?}) is defined by no {} pod; it matches nothing",
+                        "{field}[{i}].ports: named port {name:?} ({}) is defined by no {} pod; it matches nothing",
+                        proto.name(),
                         if dir == "ingress" { "selected" } else { "peer" }
                     ));
                 }
@@ -974,6 +1036,44 @@ mod tests {
         }
         c.policies = policies;
         c
+    }
+
+    #[test]
+    fn statuses_cover_every_node_and_name_what_is_not_enforced() {
+        let c = model(vec![
+            np(
+                "x",
+                "web",
+                serde_json::json!({"podSelector": {}, "ingress": [{"ports": [{"port": "nope"}]}, {}]}),
+            ),
+            np(
+                "y",
+                "none",
+                serde_json::json!({"podSelector": {"matchLabels": {"pod": "zz"}}}),
+            ),
+        ]);
+        let st = c.statuses();
+        assert_eq!(st.len(), 2);
+        assert_eq!(st[0].name, "web");
+        assert_eq!(
+            st[0].selected,
+            vec!["x/a", "x/b", "x/c"],
+            "pods of both nodes"
+        );
+        assert!(st[0].ingress && !st[0].egress);
+        assert_eq!(st[0].rules, 2);
+        assert!(st[0].entries > 0);
+        assert!(
+            st[0].warnings.iter().any(|w| w.contains("nope")),
+            "{:?}",
+            st[0].warnings
+        );
+        assert!(st[1].selected.is_empty());
+        assert!(
+            st[1].warnings.iter().any(|w| w.contains("selects no pods")),
+            "{:?}",
+            st[1].warnings
+        );
     }
 
     struct Compiled {
@@ -1306,7 +1406,7 @@ mod tests {
         assert!(
             st.warnings
                 .iter()
-                .any(|w| w.contains("\"serve-81-udp\" (Tcp)")),
+                .any(|w| w.contains("\"serve-81-udp\" (TCP)")),
             "{:?}",
             st.warnings
         );

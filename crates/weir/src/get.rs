@@ -1,5 +1,7 @@
 //! `weir get`: objects as tables (the columns kube-apiserver uses), JSON or YAML.
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use kube::api::ListParams;
@@ -24,7 +26,9 @@ pub struct GetArgs {
     /// Label selector, e.g. app=web,tier!=db.
     #[arg(short = 'l', long)]
     selector: Option<String>,
-    /// Output format.
+    /// Output format. `wide` adds columns; for networkpolicies, what weir compiles: the
+    /// directions isolated, the pods selected, rules compiled and anything not enforced as
+    /// written.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -63,6 +67,69 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// Every NetworkPolicy's status as the agents compile it, from the cluster's Pods,
+/// Namespaces and NetworkPolicies, by (namespace, name).
+async fn policy_statuses(
+    c: &kube::Client,
+) -> Result<BTreeMap<(String, String), weir_control::policy::PolicyStatus>> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let lp = ListParams::default();
+    let pods = kube::Api::<Pod>::all(c.clone()).list(&lp).await?.items;
+    let namespaces = kube::Api::<Namespace>::all(c.clone())
+        .list(&lp)
+        .await?
+        .items;
+    let policies = kube::Api::<NetworkPolicy>::all(c.clone())
+        .list(&lp)
+        .await?
+        .items;
+    let cluster = weir_control::policy::Cluster::from_objects(&namespaces, &pods, &policies);
+    Ok(cluster
+        .statuses()
+        .into_iter()
+        .map(|st| ((st.namespace.clone(), st.name.clone()), st))
+        .collect())
+}
+
+/// The wide columns of a NetworkPolicy: policy types, selected pods (three named, as
+/// kubectl shortens endpoint lists), rules compiled, warnings.
+fn policy_cells(st: &weir_control::policy::PolicyStatus) -> Vec<String> {
+    let types: Vec<&str> = [(st.ingress, "Ingress"), (st.egress, "Egress")]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, t)| t)
+        .collect();
+    let mut selected = st
+        .selected
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if st.selected.len() > 3 {
+        selected.push_str(&format!(" + {} more...", st.selected.len() - 3));
+    }
+    vec![
+        if types.is_empty() {
+            "<none>".into()
+        } else {
+            types.join(",")
+        },
+        if selected.is_empty() {
+            "<none>".into()
+        } else {
+            selected
+        },
+        st.rules.to_string(),
+        if st.warnings.is_empty() {
+            "<none>".into()
+        } else {
+            st.warnings.join("; ")
+        },
+    ]
 }
 
 /// Runs `weir get`.
@@ -160,6 +227,27 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
                     r
                 })
                 .collect();
+            let mut rows = rows;
+            if wide && kind.kind == kinds::NETWORK_POLICY.kind {
+                let statuses = policy_statuses(c).await?;
+                headers.extend(["POLICY-TYPES", "SELECTED", "RULES", "WARNINGS"].map(String::from));
+                for (o, r) in objects.iter().zip(rows.iter_mut()) {
+                    let key = (
+                        o.pointer("/metadata/namespace")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                        o.pointer("/metadata/name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
+                    r.extend(match statuses.get(&key) {
+                        Some(st) => policy_cells(st),
+                        None => vec!["<unknown>".into(); 4],
+                    });
+                }
+            }
             let h: Vec<&str> = headers.iter().map(String::as_str).collect();
             print!("{}", render_table(&h, &rows));
         }

@@ -250,6 +250,46 @@ fn upstream_network_policy_model_on_two_nodes() {
     );
     assert_matrix(&lab, "named port is TCP's", 80, "udp", "pod-ip", &deny_x);
 
+    // Every policy has a status: selected pods, rules, and what is not enforced.
+    let out = lab.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: unused, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: nope}}\n  ingress: [{ports: [{port: no-such-port}]}]\n",
+    );
+    assert!(out.status.success());
+    let out = run(&mut lab.weir(&["get", "netpol", "-n", "x", "-o", "wide"]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name}: {text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .ends_with(&["POLICY-TYPES", "SELECTED", "RULES", "WARNINGS"]),
+        "{text}"
+    );
+    assert!(
+        row("deny-ingress").ends_with("Ingress x/a,x/b,x/c 0 <none>"),
+        "{text}"
+    );
+    assert!(
+        row("allow-a-80").ends_with("Ingress x/a 1 <none>"),
+        "{text}"
+    );
+    assert!(row("unused").contains("selects no pods"), "{text}");
+    assert!(
+        row("unused").contains("named port \"no-such-port\" (TCP) is defined by no selected pod"),
+        "{text}"
+    );
+    let out = run(&mut lab.kubectl(&["delete", "networkpolicy", "unused", "-n", "x"]));
+    assert!(out.status.success());
+
     // should allow egress access to server in CIDR block / enforce except: y/a may only
     // reach z/b's address (a /32 inside a /16 with an except for everything else).
     let zb = lab.get_json(&["pod", "b", "-n", "z"]);
