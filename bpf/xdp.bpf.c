@@ -7,8 +7,12 @@
  * allocation are the tc programs' own (shared maps, shared code), so both give the same
  * answers. Everything else (local backends, DSR, VXLAN, pod traffic, the node's own) is passed
  * on to tc. Minimum kernel: 5.18 (bpf_fib_lookup from XDP with these flags).
+ *
+ * Both programs start with the prefilter (lib/prefilter.h): xdp_prefilter alone is what a
+ * node's devices get with the prefilter but without XDP load balancing.
  */
 #include "lib/fwd.h"
+#include "lib/prefilter.h"
 
 /* The reason an XDP verdict is counted under (direction ingress). */
 static __always_inline int xdp_count(struct xdp_md *ctx, __u32 reason, int verdict)
@@ -21,6 +25,14 @@ static __always_inline int xdp_count(struct xdp_md *ctx, __u32 reason, int verdi
 		m->bytes += ctx->data_end - ctx->data;
 	}
 	return verdict;
+}
+
+SEC("xdp")
+int xdp_prefilter(struct xdp_md *ctx)
+{
+	if (prefilter(ctx) == XDP_DROP)
+		return xdp_count(ctx, DROP_PREFILTER, XDP_DROP);
+	return XDP_PASS;
 }
 
 SEC("xdp")
@@ -40,6 +52,8 @@ int xdp_nodeport(struct xdp_md *ctx)
 	__u32 len = end - data;
 	int r;
 
+	if (prefilter(ctx) == XDP_DROP)
+		return xdp_count(ctx, DROP_PREFILTER, XDP_DROP);
 	if ((void *)(ip4 + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	if (ip4->ihl != 5 || (ip4->frag_off & bpf_htons(0x3fff)) || ip4->ttl <= 1)

@@ -246,7 +246,7 @@ fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
             for dev in [ext0, fab0] {
                 pods.attach_netdev(dev)?;
                 if mode == "weir-xdp" {
-                    pods.attach_xdp(dev)?;
+                    pods.attach_xdp(dev, weir_bpf::datapath::XdpProgram::NodePort)?;
                 }
             }
             pods.configure_node(

@@ -3,7 +3,8 @@
 //! programs, maps), `GET /datapath` (the per-packet datapath: endpoints, devices, counters by
 //! reason, programs, maps), `GET /explain?from=IP:PORT&to=IP:PORT&protocol=tcp` (a synthetic
 //! packet through the tc programs, changing nothing), `GET /policy` (NetworkPolicy status),
-//! `GET /flows?since=SEQ` (policy verdict events after SEQ).
+//! `GET /flows?since=SEQ` (policy verdict events after SEQ), `GET|POST|DELETE
+//! /prefilter?cidr=...` (the XDP prefilter's deny list).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,9 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
     Ok(match req.uri().path() {
+        "/prefilter" => prefilter(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/status" => {
             let st = shared.status.lock().expect("status").clone();
             json(StatusCode::OK, &st)
@@ -102,7 +105,7 @@ async fn handle(
                 .unwrap_or("")
                 .split('&')
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%3a", ":")))
+                .map(|(k, v)| (k.to_string(), unescape(v)))
                 .collect();
             let parse = |k: &str| -> Result<std::net::SocketAddrV4, String> {
                 let v = q.get(k).ok_or(format!("{k}: missing"))?;
@@ -149,6 +152,92 @@ async fn handle(
     })
 }
 
+/// Decodes the %XX escapes of a query value.
+fn unescape(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        });
+        match (b[i], hex) {
+            (b'%', Some(c)) => {
+                out.push(c);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /prefilter` (the deny list with counters), `POST /prefilter?cidr=A,B` (add),
+/// `DELETE /prefilter?cidr=A,B` (remove): all of the prefixes or none.
+async fn prefilter(
+    shared: &Arc<Shared>,
+    method: &http::Method,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    let err = |code, e: String| json(code, &serde_json::json!({ "error": e }));
+    let Some(pods) = shared.pods.clone() else {
+        return err(
+            StatusCode::NOT_FOUND,
+            "this agent runs no per-packet datapath".into(),
+        );
+    };
+    if method == http::Method::GET {
+        return match crate::pods::prefilter_list(&pods) {
+            Ok(l) => json(StatusCode::OK, &l),
+            Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+    }
+    let cidrs: Vec<String> = query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("cidr="))
+        .flat_map(|v| {
+            unescape(v)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    let nets = match crate::pods::parse_prefixes(&cidrs) {
+        Ok(n) => n,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("cidr: {e}")),
+    };
+    let result = if method == http::Method::POST {
+        tokio::task::spawn_blocking(move || {
+            crate::pods::prefilter_add(&pods, nets)
+                .map(|added| serde_json::json!({ "added": added }))
+        })
+        .await
+    } else if method == http::Method::DELETE {
+        tokio::task::spawn_blocking(move || {
+            let n = nets.clone();
+            crate::pods::prefilter_delete(&pods, nets).map(|()| serde_json::json!({ "deleted": n }))
+        })
+        .await
+    } else {
+        return err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} /prefilter: use GET, POST or DELETE"),
+        );
+    };
+    match result {
+        Ok(Ok(v)) => json(StatusCode::OK, &v),
+        Ok(Err(e)) if e.contains("is not in the prefilter") => err(StatusCode::NOT_FOUND, e),
+        Ok(Err(e)) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// Serves the API on `path` until the process ends.
 pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -172,10 +261,22 @@ pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> std::io::Result<()> {
 
 /// A client call: GET `path` on the agent socket, returning the JSON body.
 pub async fn get(socket: &Path, path: &str) -> std::io::Result<serde_json::Value> {
+    request(socket, "GET", path).await
+}
+
+/// A client call: `method` `path` on the agent socket, returning the JSON body (errors are
+/// `{"error": ...}` bodies).
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+) -> std::io::Result<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::UnixStream::connect(socket).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: agent\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
@@ -185,4 +286,17 @@ pub async fn get(socket: &Path, path: &str) -> std::io::Result<serde_json::Value
         .unwrap_or_default();
     serde_json::from_str(body)
         .map_err(|e| std::io::Error::other(format!("bad answer from {}: {e}", socket.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_unescaped() {
+        assert_eq!(
+            super::unescape("10.0.0.0%2F8%2C2001%3adb8::%2f32"),
+            "10.0.0.0/8,2001:db8::/32"
+        );
+        assert_eq!(super::unescape("100%"), "100%");
+        assert_eq!(super::unescape("%zz"), "%zz");
+    }
 }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use weir_dataplane::pods::{PodDataplane, PodSyncStats};
+use weir_bpf::datapath::XdpProgram;
+use weir_dataplane::pods::{PodDataplane, PodSyncStats, PrefilterEntry};
 use weir_model::endpoint::EndpointRecord;
 
 /// Settings of the pod datapath.
@@ -76,8 +77,11 @@ pub struct PodStatus {
     pub ct_collected: u64,
     /// VXLAN mode: the tunnel device, and the other nodes' pod CIDRs routed through it.
     pub tunnel: Option<String>,
-    /// Whether the XDP program is on the node devices.
+    /// Whether the XDP NodePort program is on the node devices (--xdp).
     pub xdp: bool,
+    /// The XDP program on the node devices: `NodePort`, `Prefilter` (while the prefilter has
+    /// entries), or none.
+    pub xdp_program: Option<String>,
     /// Tunnel routes programmed.
     pub tunnel_routes: usize,
     /// Whether pods' flows leaving the cluster are masqueraded.
@@ -111,13 +115,7 @@ pub fn explain(
     to: std::net::SocketAddrV4,
     tcp: bool,
 ) -> Result<weir_dataplane::pods::Explanation, String> {
-    let pods = pods.clone();
-    std::thread::spawn(move || {
-        if let Some(ns) = &pods.config.netns {
-            let f = std::fs::File::open(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("entering {}: {e}", ns.display()))?;
-        }
+    in_node_netns(pods, move |pods| {
         let dev = pods
             .config
             .devices
@@ -131,8 +129,57 @@ pub fn explain(
             .explain(from, to, tcp, ifindex)
             .map_err(|e| e.to_string())
     })
+}
+
+/// Runs `f` on a thread of its own in the node's network namespace (where device names and
+/// ifindexes mean the node's devices).
+pub fn in_node_netns<T: Send + 'static>(
+    pods: &Arc<Pods>,
+    f: impl FnOnce(&Pods) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let pods = pods.clone();
+    std::thread::spawn(move || {
+        if let Some(ns) = &pods.config.netns {
+            let file = std::fs::File::open(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering {}: {e}", ns.display()))?;
+        }
+        f(&pods)
+    })
     .join()
-    .map_err(|_| "the explain thread panicked".to_string())?
+    .map_err(|_| "a node namespace thread panicked".to_string())?
+}
+
+/// The XDP program the node's devices need: the NodePort one with --xdp, the prefilter
+/// alone while its deny list has entries, or none.
+pub fn xdp_program(cfg: &PodConfig, prefilter_entries: usize) -> Option<XdpProgram> {
+    if cfg.xdp {
+        Some(XdpProgram::NodePort)
+    } else if prefilter_entries > 0 {
+        Some(XdpProgram::Prefilter)
+    } else {
+        None
+    }
+}
+
+/// Gives every node device `which` XDP program (or takes weir's away), in the current
+/// network namespace.
+pub fn set_device_xdp(
+    dp: &mut PodDataplane,
+    devices: &[String],
+    which: Option<XdpProgram>,
+) -> Result<(), String> {
+    for dev in devices {
+        let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
+            .map_err(|e| format!("device {dev:?}: {e}"))?;
+        match which {
+            Some(w) => dp
+                .attach_xdp(ifindex, w)
+                .map_err(|e| format!("attaching XDP to device {dev:?}: {e}"))?,
+            None => dp.detach_xdp(ifindex),
+        }
+    }
+    Ok(())
 }
 
 fn dir_mtime(cfg: &PodConfig) -> Option<SystemTime> {
@@ -219,15 +266,19 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
         let mut dp = pods.dataplane.lock().expect("pods");
         dp.attach_netdev(ifindex)
             .map_err(|e| format!("attaching to device {dev:?}: {e}"))?;
-        if cfg.xdp {
-            dp.attach_xdp(ifindex)
-                .map_err(|e| format!("attaching XDP to device {dev:?}: {e}"))?;
-        } else {
-            dp.detach_xdp(ifindex);
-        }
         drop(dp);
         names.push(dev.clone());
     }
+    let xdp = {
+        let mut dp = pods.dataplane.lock().expect("pods");
+        let prefilter = dp
+            .prefilter_list()
+            .map_err(|e| format!("reading the prefilter: {e}"))?
+            .len();
+        let xdp = xdp_program(cfg, prefilter);
+        set_device_xdp(&mut dp, &cfg.devices, xdp)?;
+        xdp
+    };
     // VXLAN mode: decapsulated packets arrive on the tunnel device, for the node program.
     let tunnel_ifindex = match &cfg.tunnel {
         Some(dev) => {
@@ -261,6 +312,7 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     let mut st = pods.status.lock().expect("pod status");
     st.tunnel = cfg.tunnel.clone();
     st.xdp = cfg.xdp;
+    st.xdp_program = xdp.map(|w| format!("{w:?}"));
     st.masquerade = cfg.masquerade;
     st.devices = names;
     st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
@@ -327,4 +379,74 @@ pub fn spawn(pods: Arc<Pods>, cfg: PodConfig) -> Result<(), String> {
         .map_err(|e| format!("starting the pod datapath thread: {e}"))?;
     rx.recv()
         .map_err(|_| "the pod datapath thread ended at start".to_string())?
+}
+
+/// Parses prefixes for the prefilter: `ADDRESS/LEN` or a single address; host bits are
+/// cleared. The error names the first bad one.
+pub fn parse_prefixes<S: AsRef<str>>(items: &[S]) -> Result<Vec<ipnet::IpNet>, String> {
+    if items.is_empty() {
+        return Err("no prefix given".into());
+    }
+    items
+        .iter()
+        .map(|s| {
+            let s = s.as_ref().trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    format!("{s:?} is not an IP prefix (e.g. 192.0.2.0/24, 2001:db8::/32 or one address)")
+                })
+        })
+        .collect()
+}
+
+/// Adds `nets` to the prefilter (all or none) and makes sure the node's devices run it.
+/// Returns the prefixes that were new.
+pub fn prefilter_add(
+    pods: &Arc<Pods>,
+    nets: Vec<ipnet::IpNet>,
+) -> Result<Vec<ipnet::IpNet>, String> {
+    in_node_netns(pods, move |pods| {
+        let cfg = &pods.config;
+        if cfg.devices.is_empty() {
+            return Err("the agent has no node device (--device) to filter on".into());
+        }
+        // One lock over the whole change: the program and the entries move together.
+        let mut dp = pods.dataplane.lock().expect("pods");
+        // The program first: entries never wait in a map that nothing reads.
+        set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, 1))?;
+        let added = dp.prefilter_add(&nets).map_err(|e| e.to_string());
+        let n = dp.prefilter_list().map(|l| l.len()).unwrap_or(1);
+        if n == 0 {
+            set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, 0))?;
+        }
+        pods.status.lock().expect("pod status").xdp_program =
+            xdp_program(cfg, n).map(|w| format!("{w:?}"));
+        added
+    })
+}
+
+/// Takes `nets` out of the prefilter (all, or none when one is not there); the prefilter
+/// program leaves the devices with the last entry (unless --xdp keeps XDP there).
+pub fn prefilter_delete(pods: &Arc<Pods>, nets: Vec<ipnet::IpNet>) -> Result<(), String> {
+    in_node_netns(pods, move |pods| {
+        let cfg = &pods.config;
+        let mut dp = pods.dataplane.lock().expect("pods");
+        dp.prefilter_delete(&nets).map_err(|e| e.to_string())?;
+        let n = dp.prefilter_list().map_err(|e| e.to_string())?.len();
+        set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, n))?;
+        pods.status.lock().expect("pod status").xdp_program =
+            xdp_program(cfg, n).map(|w| format!("{w:?}"));
+        Ok(())
+    })
+}
+
+/// The prefilter's deny list with its counters.
+pub fn prefilter_list(pods: &Pods) -> Result<Vec<PrefilterEntry>, String> {
+    pods.dataplane
+        .lock()
+        .expect("pods")
+        .prefilter_list()
+        .map_err(|e| e.to_string())
 }

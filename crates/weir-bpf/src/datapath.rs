@@ -90,7 +90,20 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_policy_eps",
     "weir_pct4",
     "weir_pct6",
+    "weir_prefilter",
 ];
+
+/// Which XDP program a node device gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpProgram {
+    /// The prefilter alone (`xdp_prefilter`).
+    Prefilter,
+    /// The prefilter, then NodePort flows SNATed to other nodes (`xdp_nodeport`).
+    NodePort,
+}
+
+/// The capacity of the prefilter (prefixes, both families together).
+pub const PREFILTER_MAX: u32 = 16384;
 
 /// `ep_policy.flags`: isolated for ingress.
 pub const EP_POLICY_INGRESS: u32 = 1;
@@ -318,6 +331,7 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::REASON_POLICY_ALLOWED, "REASON_POLICY_ALLOWED"),
     (weir_reason::DROP_POLICY_DENIED, "DROP_POLICY_DENIED"),
     (weir_reason::DROP_POLICY_FAILED, "DROP_POLICY_FAILED"),
+    (weir_reason::DROP_PREFILTER, "DROP_PREFILTER"),
 ];
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).
@@ -437,6 +451,8 @@ impl Datapath {
             "weir_pct4" => &self.pod.maps.weir_pct4,
             "weir_pct6" => &self.pod.maps.weir_pct6,
             "weir_events" => &self.pod.maps.weir_events,
+            "weir_prefilter" => &self.xdp.maps.weir_prefilter,
+            "weir_prefilter_stats" => &self.xdp.maps.weir_prefilter_stats,
             other => panic!("no datapath map named {other}"),
         }
     }
@@ -514,11 +530,14 @@ impl Datapath {
         self.pin_dir.join("links").join(format!("xdp-{ifindex}"))
     }
 
-    /// Attaches the XDP program to device `ifindex` (native mode) with a pinned link, or
-    /// switches an earlier agent's link to this program.
-    pub fn attach_xdp(&self, ifindex: u32) -> Result<(), BpfError> {
+    /// Attaches XDP program `which` to device `ifindex` (native mode) with a pinned link, or
+    /// switches an earlier agent's link to it.
+    pub fn attach_xdp(&self, ifindex: u32, which: XdpProgram) -> Result<(), BpfError> {
         let path = self.xdp_link_path(ifindex);
-        let prog = &self.xdp.progs.xdp_nodeport;
+        let prog = match which {
+            XdpProgram::Prefilter => &self.xdp.progs.xdp_prefilter,
+            XdpProgram::NodePort => &self.xdp.progs.xdp_nodeport,
+        };
         if reuse_pinned_link(&path, prog)? {
             return Ok(());
         }
@@ -539,11 +558,12 @@ impl Datapath {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// Runs the XDP program once on `packet` as if it had arrived on `ingress_ifindex`
+    /// Runs XDP program `which` once on `packet` as if it had arrived on `ingress_ifindex`
     /// (BPF_PROG_TEST_RUN; the FIB is the caller's namespace's). Returns the XDP verdict and
     /// the packet after the program.
     pub fn test_run_xdp(
         &self,
+        which: XdpProgram,
         packet: &[u8],
         ingress_ifindex: u32,
     ) -> Result<(u32, Vec<u8>), BpfError> {
@@ -563,12 +583,13 @@ impl Datapath {
             data_out: Some(&mut out),
             ..Default::default()
         };
-        let output = self
-            .xdp
-            .progs
-            .xdp_nodeport
+        let prog = match which {
+            XdpProgram::Prefilter => &self.xdp.progs.xdp_prefilter,
+            XdpProgram::NodePort => &self.xdp.progs.xdp_nodeport,
+        };
+        let output = prog
             .test_run(input)
-            .map_err(lb("BPF_PROG_TEST_RUN of xdp_nodeport"))?;
+            .map_err(lb(format!("BPF_PROG_TEST_RUN of {which:?} XDP program")))?;
         let verdict = output.return_value;
         let n = output.data.as_ref().map(|d| d.len()).unwrap_or(0);
         out.truncate(n);
@@ -808,6 +829,73 @@ impl Datapath {
         crate::map_entries(self.map(map.name()), map.name())
     }
 
+    /// Puts `net` (a canonical prefix) into the prefilter with counter slot `slot`, whose
+    /// counters start at zero.
+    pub fn prefilter_put(&self, net: ipnet::IpNet, slot: u32) -> Result<(), BpfError> {
+        let zero = vec![
+            vec![0u8; std::mem::size_of::<metrics_value>()];
+            libbpf_rs::num_possible_cpus().map_err(lb("counting CPUs"))?
+        ];
+        self.map("weir_prefilter_stats")
+            .update_percpu(&slot.to_ne_bytes(), &zero, MapFlags::ANY)
+            .map_err(lb("updating map weir_prefilter_stats"))?;
+        let k = ipcache_key_of(net.network(), net.prefix_len());
+        self.map("weir_prefilter")
+            .update(as_bytes(&k), &slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("updating map weir_prefilter"))
+    }
+
+    /// Takes `net` out of the prefilter; a missing one is not an error.
+    pub fn prefilter_delete(&self, net: ipnet::IpNet) -> Result<(), BpfError> {
+        let k = ipcache_key_of(net.network(), net.prefix_len());
+        match self.map("weir_prefilter").delete(as_bytes(&k)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(lb("deleting from map weir_prefilter")(e)),
+        }
+    }
+
+    /// Every prefix of the prefilter with its counter slot and the packets and bytes it
+    /// dropped.
+    pub fn prefilter_entries(&self) -> Result<Vec<(ipnet::IpNet, u32, u64, u64)>, BpfError> {
+        let mut out = Vec::new();
+        for k in self.map("weir_prefilter").keys() {
+            let Some(v) = self
+                .map("weir_prefilter")
+                .lookup(&k, MapFlags::ANY)
+                .map_err(lb("reading map weir_prefilter"))?
+            else {
+                continue;
+            };
+            let key: ipcache_key = from_bytes(&k);
+            let slot: u32 = from_bytes(&v);
+            let len = (key.prefixlen - 32) as u8;
+            let addr = if key.family == AF_INET6 {
+                std::net::IpAddr::V6(crate::ip6_from_words(key.addr))
+            } else {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(key.addr[0].to_ne_bytes()))
+            };
+            let Ok(net) = ipnet::IpNet::new(addr, len) else {
+                continue; // not a key this code writes
+            };
+            let (mut packets, mut bytes) = (0, 0);
+            if let Some(per_cpu) = self
+                .map("weir_prefilter_stats")
+                .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading map weir_prefilter_stats"))?
+            {
+                for v in per_cpu {
+                    let m: metrics_value = from_bytes(&v);
+                    packets += m.packets;
+                    bytes += m.bytes;
+                }
+            }
+            out.push((net, slot, packets, bytes));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Adds one policy entry.
     pub fn policy_put(&self, key: &policy_key) -> Result<(), BpfError> {
         self.map("weir_policy")
@@ -1011,6 +1099,10 @@ impl Datapath {
         out.push(crate::prog_info(
             "xdp_nodeport",
             self.xdp.progs.xdp_nodeport.as_fd().as_raw_fd(),
+        ));
+        out.push(crate::prog_info(
+            "xdp_prefilter",
+            self.xdp.progs.xdp_prefilter.as_fd().as_raw_fd(),
         ));
         out
     }

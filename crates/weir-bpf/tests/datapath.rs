@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use weir_bpf::datapath::{endpoint_info, endpoint_key, Datapath, TcProgram, AF_INET, AF_INET6};
+use weir_bpf::datapath::{
+    endpoint_info, endpoint_key, Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6,
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -1112,19 +1114,132 @@ const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 impl Fixture {
-    /// Runs the XDP program on `frame` from inside the fixture's namespace.
+    /// Runs the XDP NodePort program on `frame` from inside the fixture's namespace.
     fn run_xdp(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        self.run_xdp_prog(XdpProgram::NodePort, frame, ingress)
+    }
+
+    fn run_xdp_prog(&self, which: XdpProgram, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
         let path = format!("/run/netns/{}", self.netns);
         std::thread::scope(|s| {
             s.spawn(|| {
                 let f = std::fs::File::open(&path).expect("netns");
                 nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                self.dp.test_run_xdp(frame, ingress).expect("xdp test run")
+                self.dp
+                    .test_run_xdp(which, frame, ingress)
+                    .expect("xdp test run")
             })
             .join()
             .expect("thread")
         })
     }
+}
+
+const XDP_DROP: u32 = 1;
+
+#[test]
+fn the_prefilter_drops_listed_sources_of_both_families_first_and_counts_them() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    let from = |src: &str| tcp4((src, 40000), ("10.1.0.1", 80), 0x02);
+    let from6 = |src: &str| tcp6((src, 40000), ("fd00:1::1", 80), 0x02);
+    let nets = |v: &[&str]| -> Vec<ipnet::IpNet> { v.iter().map(|n| n.parse().unwrap()).collect() };
+    for which in [XdpProgram::Prefilter, XdpProgram::NodePort] {
+        assert_eq!(
+            fx.run_xdp_prog(which, &from("198.51.100.7"), in0).0,
+            XDP_PASS,
+            "empty list"
+        );
+    }
+    for (n, slot) in [
+        ("198.51.100.0/24", 0),
+        ("2001:db8::/32", 1),
+        ("203.0.113.9/32", 2),
+    ] {
+        fx.dp.prefilter_put(n.parse().unwrap(), slot).unwrap();
+    }
+    let frame = from("198.51.100.7");
+    for which in [XdpProgram::Prefilter, XdpProgram::NodePort] {
+        assert_eq!(fx.run_xdp_prog(which, &frame, in0).0, XDP_DROP, "{which:?}");
+        assert_eq!(
+            fx.run_xdp_prog(which, &from("198.51.101.7"), in0).0,
+            XDP_PASS,
+            "{which:?}: outside the /24"
+        );
+        assert_eq!(
+            fx.run_xdp_prog(which, &from("203.0.113.9"), in0).0,
+            XDP_DROP,
+            "{which:?}: /32"
+        );
+        assert_eq!(
+            fx.run_xdp_prog(which, &from("203.0.113.8"), in0).0,
+            XDP_PASS,
+            "{which:?}: next to the /32"
+        );
+        assert_eq!(
+            fx.run_xdp_prog(which, &from6("2001:db8:1::5"), in0).0,
+            XDP_DROP,
+            "{which:?}: IPv6"
+        );
+        assert_eq!(
+            fx.run_xdp_prog(which, &from6("2001:db9::5"), in0).0,
+            XDP_PASS,
+            "{which:?}: other IPv6"
+        );
+        // A destination in the list does not count: the source is what is filtered.
+        assert_eq!(
+            fx.run_xdp_prog(
+                which,
+                &tcp4(("10.1.0.5", 1), ("198.51.100.7", 80), 0x02),
+                in0
+            )
+            .0,
+            XDP_PASS
+        );
+    }
+    let entries = fx.dp.prefilter_entries().unwrap();
+    let get = |n: &str| {
+        let n: ipnet::IpNet = n.parse().unwrap();
+        entries
+            .iter()
+            .find(|e| e.0 == n)
+            .map(|e| (e.2, e.3))
+            .unwrap()
+    };
+    assert_eq!(get("198.51.100.0/24"), (2, 2 * frame.len() as u64));
+    assert_eq!(get("203.0.113.9/32").0, 2);
+    assert_eq!(get("2001:db8::/32").0, 2);
+    // Every drop is also counted under its reason.
+    let m = fx.dp.metrics().unwrap();
+    let dropped = m
+        .iter()
+        .find(|m| m.name == "DROP_PREFILTER")
+        .map(|m| m.packets);
+    assert_eq!(dropped, Some(6));
+    // Taken out: passes again; put back in a slot: counters start at zero.
+    fx.dp
+        .prefilter_delete(nets(&["198.51.100.0/24"])[0])
+        .unwrap();
+    assert_eq!(
+        fx.run_xdp_prog(XdpProgram::Prefilter, &frame, in0).0,
+        XDP_PASS
+    );
+    fx.dp
+        .prefilter_put(nets(&["198.51.100.0/25"])[0], 0)
+        .unwrap();
+    assert_eq!(
+        fx.run_xdp_prog(XdpProgram::Prefilter, &frame, in0).0,
+        XDP_DROP
+    );
+    let entries = fx.dp.prefilter_entries().unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .find(|e| e.1 == 0)
+            .map(|e| (e.0.to_string(), e.2)),
+        Some(("198.51.100.0/25".into(), 1))
+    );
 }
 
 #[test]

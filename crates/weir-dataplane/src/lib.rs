@@ -19,6 +19,9 @@ pub enum DataplaneError {
     /// An id space or map is full.
     #[error("{0}")]
     Full(String),
+    /// The request names something that is not there (the message says what).
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// What an apply changed.

@@ -10,13 +10,24 @@ use std::path::Path;
 use serde::Serialize;
 use weir_bpf::datapath::{
     ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, ep_policy, node_config,
-    policy_key, Datapath, TcProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY,
-    CT_F_SEEN_REPLY, CT_F_SNAT,
+    policy_key, Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, PREFILTER_MAX,
 };
 use weir_control::policy::PolicyState;
 use weir_model::endpoint::EndpointRecord;
 
 use crate::{DataplaneError, MapUsage, ProgramDump};
+
+/// A prefix of the prefilter's deny list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PrefilterEntry {
+    /// The source prefix.
+    pub cidr: ipnet::IpNet,
+    /// Packets dropped.
+    pub packets: u64,
+    /// Bytes dropped.
+    pub bytes: u64,
+}
 
 /// What one sync changed.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -320,10 +331,84 @@ impl PodDataplane {
         &self.dp
     }
 
-    /// Attaches the XDP program to device `ifindex`: NodePort flows SNATed to other nodes are
-    /// completed there; everything else goes on to the tc program.
-    pub fn attach_xdp(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        Ok(self.dp.attach_xdp(ifindex)?)
+    /// Attaches an XDP program to device `ifindex`: the prefilter alone, or the prefilter
+    /// followed by the completion of NodePort flows SNATed to other nodes; everything else
+    /// goes on to the tc program.
+    pub fn attach_xdp(&mut self, ifindex: u32, which: XdpProgram) -> Result<(), DataplaneError> {
+        Ok(self.dp.attach_xdp(ifindex, which)?)
+    }
+
+    /// The prefilter's deny list with what each prefix dropped.
+    pub fn prefilter_list(&self) -> Result<Vec<PrefilterEntry>, DataplaneError> {
+        Ok(self
+            .dp
+            .prefilter_entries()?
+            .into_iter()
+            .map(|(cidr, _, packets, bytes)| PrefilterEntry {
+                cidr,
+                packets,
+                bytes,
+            })
+            .collect())
+    }
+
+    /// Adds `nets` (host bits cleared) to the prefilter's deny list: all of them or, on an
+    /// error, none. Prefixes already there keep their counters. Returns the new ones.
+    pub fn prefilter_add(
+        &mut self,
+        nets: &[ipnet::IpNet],
+    ) -> Result<Vec<ipnet::IpNet>, DataplaneError> {
+        let have = self.dp.prefilter_entries()?;
+        let mut used: BTreeSet<u32> = have.iter().map(|(_, slot, ..)| *slot).collect();
+        let known: BTreeSet<ipnet::IpNet> = have.iter().map(|(n, ..)| *n).collect();
+        let new: Vec<ipnet::IpNet> = nets
+            .iter()
+            .map(|n| n.trunc())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|n| !known.contains(n))
+            .collect();
+        if have.len() + new.len() > PREFILTER_MAX as usize {
+            return Err(DataplaneError::Full(format!(
+                "the prefilter holds {} of {PREFILTER_MAX} prefixes: {} more do not fit",
+                have.len(),
+                new.len()
+            )));
+        }
+        let mut slot = 0;
+        for (i, n) in new.iter().enumerate() {
+            while used.contains(&slot) {
+                slot += 1;
+            }
+            used.insert(slot);
+            if let Err(e) = self.dp.prefilter_put(*n, slot) {
+                for done in &new[..i] {
+                    let _ = self.dp.prefilter_delete(*done);
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(new)
+    }
+
+    /// Takes `nets` (host bits cleared) out of the prefilter's deny list: all of them, or
+    /// none when one is not there.
+    pub fn prefilter_delete(&mut self, nets: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
+        let known: BTreeSet<ipnet::IpNet> = self
+            .dp
+            .prefilter_entries()?
+            .into_iter()
+            .map(|(n, ..)| n)
+            .collect();
+        if let Some(missing) = nets.iter().map(|n| n.trunc()).find(|n| !known.contains(n)) {
+            return Err(DataplaneError::NotFound(format!(
+                "{missing} is not in the prefilter"
+            )));
+        }
+        for n in nets {
+            self.dp.prefilter_delete(n.trunc())?;
+        }
+        Ok(())
     }
 
     /// Detaches the XDP program from device `ifindex` (if weir attached one).

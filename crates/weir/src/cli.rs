@@ -91,6 +91,10 @@ enum Command {
     /// isolated pod (allowed, or dropped with its reason), with pods, identities, ports and
     /// the direction whose policy decided. Prints the last verdicts, or follows new ones.
     Observe(ObserveArgs),
+    /// A node's XDP prefilter: packets from listed source prefixes are dropped on the
+    /// node's devices before anything else runs (deny lists against floods), with counters.
+    #[command(subcommand)]
+    Prefilter(PrefilterCommand),
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -440,6 +444,36 @@ enum LabCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum PrefilterCommand {
+    /// Drop packets from these source prefixes (ADDRESS/LEN or one address; host bits are
+    /// cleared). All are added or, on an error, none.
+    Add {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Source prefixes, e.g. 198.51.100.0/24 2001:db8::/48.
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+    },
+    /// Stop dropping these source prefixes. All are removed or, when one is not in the list,
+    /// none.
+    Delete {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Source prefixes, as added.
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+    },
+    /// The deny list, with the packets and bytes each prefix dropped.
+    List {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+}
+
 #[derive(Args, Debug)]
 struct ObserveArgs {
     /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
@@ -636,6 +670,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Lab(l) => run_lab(&cli, l),
+        Command::Prefilter(p) => {
+            let (target, method, cidrs) = match p {
+                PrefilterCommand::Add { target, cidrs } => (target, "POST", cidrs.as_slice()),
+                PrefilterCommand::Delete { target, cidrs } => (target, "DELETE", cidrs.as_slice()),
+                PrefilterCommand::List { target, output } => {
+                    return runtime()?.block_on(crate::introspect::prefilter_list(
+                        &agent_socket(&cli, target)?,
+                        *output == Format::Json,
+                    ))
+                }
+            };
+            runtime()?.block_on(crate::introspect::prefilter_change(
+                &agent_socket(&cli, target)?,
+                method,
+                cidrs,
+            ))
+        }
         Command::Observe(o) => {
             let sockets = observe_sockets(&cli, o)?;
             let filter = crate::observe::Filter {

@@ -1,5 +1,6 @@
 //! `weir status`, `weir bpf lb list`, `weir bpf endpoint list`, `weir bpf metrics list`,
-//! `weir bpf ct list` and `weir bpf nat list`: the agent's view, through its unix socket.
+//! `weir bpf ct list`, `weir bpf nat list` and `weir prefilter`: the agent's view, through
+//! its unix socket.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -477,6 +478,59 @@ pub async fn explain(
     }
     if let Some(o) = e["output"].as_str() {
         println!("Output:    {o}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `weir prefilter list`.
+pub async fn prefilter_list(socket: &Path, json: bool) -> Result<ExitCode> {
+    let v = ask(socket, "/prefilter").await?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(anyhow!("{e}"));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| vec![s(&e["cidr"]), s(&e["packets"]), s(&e["bytes"])])
+        .collect();
+    if rows.is_empty() {
+        eprintln!("The prefilter is empty.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", render_table(&["CIDR", "PACKETS", "BYTES"], &rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `weir prefilter add` (`POST`) and `weir prefilter delete` (`DELETE`).
+pub async fn prefilter_change(socket: &Path, method: &str, cidrs: &[String]) -> Result<ExitCode> {
+    let nets = weir_agent::pods::parse_prefixes(cidrs).map_err(|e| anyhow!("{e}"))?;
+    let list: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+    let v = weir_agent::api::request(socket, method, &format!("/prefilter?cidr={}", list.join(",")))
+        .await
+        .map_err(|e| {
+            anyhow!("the weir agent does not answer on {}: {e} (hint: is the agent running? for a lab, `weir lab list`; choose a node with --node)", socket.display())
+        })?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(anyhow!("prefilter: {e}; nothing was changed"));
+    }
+    if method == "POST" {
+        let added: Vec<String> = v["added"].as_array().into_iter().flatten().map(s).collect();
+        for n in &list {
+            if added.contains(n) {
+                println!("prefilter: {n} added");
+            } else {
+                println!("prefilter: {n} unchanged (already listed)");
+            }
+        }
+    } else {
+        for n in &list {
+            println!("prefilter: {n} deleted");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

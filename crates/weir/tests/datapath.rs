@@ -418,6 +418,92 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
     );
     let r = lab.connect("external", &format!("{n1}:{local}"), "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
+
+    // The XDP prefilter: node-1 drops the external host's packets before anything else runs
+    // (node-2 still answers it), counts them, and answers again once the prefix is out.
+    let ns1 = node_netns(&lab, "node-1");
+    let xdp_on_eth0 = || in_netns(&ns1, &["ip", "-d", "link", "show", "eth0"]).contains("prog/xdp");
+    assert!(
+        !xdp_on_eth0(),
+        "no XDP program while the prefilter is empty"
+    );
+    let out = ok(&mut lab.weir(&[
+        "prefilter",
+        "add",
+        "--node",
+        "node-1",
+        "172.30.0.1/30",
+        "2001:db8:ffff::/48",
+    ]));
+    assert!(out.contains("172.30.0.0/30 added"), "{out}");
+    assert!(xdp_on_eth0());
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 0, "{r}");
+    let r = lab.connect("external", &format!("{n2}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "{r}");
+    let list: Value = serde_json::from_str(&ok(&mut lab.weir(&[
+        "prefilter",
+        "list",
+        "--node",
+        "node-1",
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    let entry = |cidr: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["cidr"] == cidr)
+            .cloned()
+    };
+    assert!(
+        entry("172.30.0.0/30").unwrap()["packets"].as_u64().unwrap() > 0,
+        "{list}"
+    );
+    assert_eq!(entry("2001:db8:ffff::/48").unwrap()["packets"], 0, "{list}");
+    assert!(metric(&lab, "node-1", "DROP_PREFILTER") > 0);
+    // Bad input names the prefix and changes nothing.
+    let out = run(&mut lab.weir(&[
+        "prefilter",
+        "add",
+        "--node",
+        "node-1",
+        "192.0.2.0/24",
+        "10.0.0/8",
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"10.0.0/8\" is not an IP prefix"));
+    let out = run(&mut lab.weir(&[
+        "prefilter",
+        "delete",
+        "--node",
+        "node-1",
+        "172.30.0.0/30",
+        "192.0.2.0/24",
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("192.0.2.0/24 is not in the prefilter"));
+    let list = ok(&mut lab.weir(&["prefilter", "list", "--node", "node-1"]));
+    assert_eq!(list.lines().count(), 3, "header and two prefixes: {list}");
+    assert!(
+        list.contains("172.30.0.0/30") && !list.contains("192.0.2.0"),
+        "{list}"
+    );
+    ok(&mut lab.weir(&[
+        "prefilter",
+        "delete",
+        "--node",
+        "node-1",
+        "172.30.0.0/30",
+        "2001:db8:ffff::/48",
+    ]));
+    assert!(
+        !xdp_on_eth0(),
+        "the prefilter program left with the last prefix"
+    );
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "{r}");
 }
 
 /// An HTTP GET from the external host: (status code, body).

@@ -66,7 +66,8 @@ enum weir_reason {
 	DROP_NO_ROUTE = 137,	       /* a translated packet the FIB will not forward (route, MTU) */
 	DROP_POLICY_DENIED = 138,      /* no rule of the pod's NetworkPolicies allows the flow */
 	DROP_POLICY_FAILED = 139,      /* the pod's policy could not be programmed: fail closed */
-	REASON_MAX = 140,
+	DROP_PREFILTER = 140,	       /* source in the XDP prefilter's deny list */
+	REASON_MAX = 141,
 };
 
 /*
