@@ -13,4 +13,16 @@ int xdp_pass(struct xdp_md *ctx)
 	return XDP_PASS;
 }
 
+/*
+ * Sends every frame back out of the device it came in on. Run with BPF_PROG_TEST_RUN in
+ * live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES) it is a packet generator: the frame given is
+ * transmitted out of the ctx's ingress device `repeat` times, without an skb (the benchmarks'
+ * traffic source, as xdp-trafficgen).
+ */
+SEC("xdp")
+int xdp_tx(struct xdp_md *ctx)
+{
+	return XDP_TX;
+}
+
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -13,6 +13,9 @@
 //! `weir-bench podpod`: pod-to-pod request/response rate and throughput on one node, routed by
 //! the host stack vs weir's tc shortcut, in the same namespaces.
 //!
+//! `weir-bench prefilter`: packets per second dropped from a denied source prefix, weir's XDP
+//! prefilter against an iptables raw-table DROP rule on the same device.
+//!
 //! `weir-bench program`: time to program N services x 3 endpoints into weir's maps (full
 //! apply and one-service change) against iptables-restore (legacy and nf_tables backends) and
 //! nft -f, in scratch network namespaces.
@@ -21,6 +24,7 @@
 mod kubeproxy;
 mod nodeport;
 mod podpod;
+mod prefilter;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -778,6 +782,11 @@ fn main() -> Result<()> {
             let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
             podpod::bench(rounds, secs, 4)
         }
+        Some("prefilter") => {
+            let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            prefilter::bench(rounds, secs)
+        }
         Some("program") => {
             program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
         }
@@ -789,7 +798,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }

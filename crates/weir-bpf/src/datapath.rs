@@ -208,6 +208,54 @@ pub fn attach_xdp_pass(ifindex: u32) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// A packet generator: `xdp_tx` run by BPF_PROG_TEST_RUN in live-frame mode transmits a frame
+/// out of a device without building an skb, as xdp-trafficgen does (the benchmarks' traffic
+/// source: what it costs is small next to what the receiver does).
+pub struct XdpGenerator {
+    skel: xdp_pass_skel::XdpPassSkel<'static>,
+}
+
+impl XdpGenerator {
+    /// Loads the generator program.
+    pub fn new() -> Result<Self, BpfError> {
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let skel = xdp_pass_skel::XdpPassSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening xdp_pass.bpf.o"))?
+            .load()
+            .map_err(lb("loading xdp_pass.bpf.o"))?;
+        Ok(XdpGenerator { skel })
+    }
+
+    /// Transmits `frame` `count` times out of device `ifindex` (of the caller's network
+    /// namespace).
+    pub fn send(&self, frame: &[u8], ifindex: u32, count: u32) -> Result<(), BpfError> {
+        type Ctx = xdp_pass_skel::types::xdp_md;
+        // SAFETY: xdp_md is plain integers: all-zero is valid (and padding must be zero).
+        let mut ctx: Ctx = unsafe { std::mem::zeroed() };
+        ctx.data_end = frame.len() as u32;
+        ctx.ingress_ifindex = ifindex;
+        let size = std::mem::size_of::<Ctx>();
+        // SAFETY: a plain C struct viewed as bytes for the kernel to read.
+        let ctx_bytes =
+            unsafe { std::slice::from_raw_parts_mut((&mut ctx as *mut Ctx).cast::<u8>(), size) };
+        let input = libbpf_rs::ProgramInput {
+            context_in: Some(ctx_bytes),
+            data_in: Some(frame),
+            flags: libbpf_sys::BPF_F_TEST_XDP_LIVE_FRAMES,
+            repeat: count,
+            ..Default::default()
+        };
+        self.skel
+            .progs
+            .xdp_tx
+            .test_run(input)
+            .map_err(lb("BPF_PROG_TEST_RUN (live frames) of xdp_tx"))?;
+        Ok(())
+    }
+}
+
 /// `ct4_entry.flags`: keyed by the reply direction.
 pub const CT_F_REPLY: u16 = 1;
 /// `ct4_entry.flags`: source-NATed to the node.
