@@ -27,6 +27,7 @@ bench: setup
 	target/release/weir-bench nodeport 1,1000,10000 5 2
 	target/release/weir-bench nodeport 1,1000 5 2 remote
 	target/release/weir-bench podpod 7 2
+	target/release/weir-bench policy 1000 5 2
 	target/release/weir-bench prefilter 5 2
 
 fmt:

@@ -13,6 +13,9 @@
 //! `weir-bench podpod`: pod-to-pod request/response rate and throughput on one node, routed by
 //! the host stack vs weir's tc shortcut, in the same namespaces.
 //!
+//! `weir-bench policy`: pod-to-pod new-connection rate with 1,000 NetworkPolicies against
+//! none, the time to apply them, and the policy entries and memory per endpoint.
+//!
 //! `weir-bench prefilter`: packets per second dropped from a denied source prefix, weir's XDP
 //! prefilter against an iptables raw-table DROP rule on the same device.
 //!
@@ -24,6 +27,7 @@
 mod kubeproxy;
 mod nodeport;
 mod podpod;
+mod policy;
 mod prefilter;
 
 use std::io::{Read, Write};
@@ -782,6 +786,12 @@ fn main() -> Result<()> {
             let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
             podpod::bench(rounds, secs, 4)
         }
+        Some("policy") => {
+            let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+            let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            policy::bench(n, rounds, secs)
+        }
         Some("prefilter") => {
             let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
             let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
@@ -798,7 +808,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
             );
             std::process::exit(2)
         }

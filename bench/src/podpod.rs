@@ -20,14 +20,14 @@ use weir_model::endpoint::EndpointRecord;
 use crate::nodeport::link_of;
 use crate::{in_ns, ip, median, sh, spawn_in};
 
-const CLIENT: &str = "10.244.1.10";
-const SERVER: &str = "10.244.1.2";
+pub(crate) const CLIENT: &str = "10.244.1.10";
+pub(crate) const SERVER: &str = "10.244.1.2";
 
-struct Topo {
-    c: String,
-    n: String,
-    s: String,
-    pins: std::path::PathBuf,
+pub(crate) struct Topo {
+    pub(crate) c: String,
+    pub(crate) n: String,
+    pub(crate) s: String,
+    pub(crate) pins: std::path::PathBuf,
 }
 
 impl Drop for Topo {
@@ -37,8 +37,8 @@ impl Drop for Topo {
     }
 }
 
-fn build() -> Result<Topo> {
-    let prefix = format!("wpp{}", std::process::id());
+pub(crate) fn build(name: &str) -> Result<Topo> {
+    let prefix = format!("{name}{}", std::process::id());
     let t = Topo {
         c: format!("{prefix}-c"),
         n: format!("{prefix}-n"),
@@ -64,6 +64,25 @@ fn build() -> Result<Topo> {
         ip(pod, "route add default via 169.254.1.1 dev eth0")?;
     }
     Ok(t)
+}
+
+/// The endpoint records of the client and server pods (`bench/lxcc`, `bench/lxcs`).
+pub(crate) fn records(t: &Topo) -> Result<Vec<EndpointRecord>> {
+    let mut records = Vec::new();
+    for (pod, host_if, addr) in [(&t.c, "lxcc", CLIENT), (&t.s, "lxcs", SERVER)] {
+        let (ifindex, host_mac) = link_of(&t.n, host_if)?;
+        let (_, mac) = link_of(pod, "eth0")?;
+        records.push(EndpointRecord {
+            pod: format!("bench/{host_if}"),
+            uid: host_if.into(),
+            ips: vec![addr.parse()?],
+            host_if: host_if.into(),
+            host_ifindex: ifindex,
+            host_mac,
+            mac,
+        });
+    }
+    Ok(records)
 }
 
 /// Server side: port 9000 echoes every byte back (request/response), port 9001 discards.
@@ -147,24 +166,11 @@ fn run_client(ns: &str, args: &[String]) -> Result<f64> {
 
 /// `weir-bench podpod [ROUNDS] [SECONDS]`.
 pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
-    let t = build()?;
+    let t = build("wpp")?;
     let mut server = spawn_in(&t.s, None, &["__podpod_serve".into()])?;
     std::thread::sleep(Duration::from_millis(300));
     let mut pods = weir_dataplane::pods::PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
-    let mut records = Vec::new();
-    for (pod, host_if, addr) in [(&t.c, "lxcc", CLIENT), (&t.s, "lxcs", SERVER)] {
-        let (ifindex, host_mac) = link_of(&t.n, host_if)?;
-        let (_, mac) = link_of(pod, "eth0")?;
-        records.push(EndpointRecord {
-            pod: format!("bench/{host_if}"),
-            uid: host_if.into(),
-            ips: vec![addr.parse()?],
-            host_if: host_if.into(),
-            host_ifindex: ifindex,
-            host_mac,
-            mac,
-        });
-    }
+    let records = records(&t)?;
     let netns = format!("/run/netns/{}", t.n);
     // Attaching and detaching happen inside the node's namespace.
     let mut set_weir = |on: bool| -> Result<()> {

@@ -692,6 +692,18 @@ impl Datapath {
         (n, map.max_entries())
     }
 
+    /// The kernel memory map `name` takes (the `memlock` of its fdinfo), in bytes.
+    pub fn map_memory(&self, name: &str) -> Option<u64> {
+        let fd = self.map(name).as_fd().as_raw_fd();
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The capacity of map `name` (one of [`DATAPATH_MAPS`]).
     pub fn capacity(&self, name: &str) -> u32 {
         self.map(name).max_entries()

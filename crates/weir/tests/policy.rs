@@ -364,3 +364,55 @@ fn upstream_network_policy_model_on_two_nodes() {
     }
     assert_matrix(&lab, "no policy again", 80, "udp", "pod-ip", &everything);
 }
+
+/// The same model over VXLAN: identities of pods on the other node are known from the
+/// ipcache, whether the packet came through the tunnel or not.
+#[test]
+fn network_policy_between_nodes_over_vxlan() {
+    let lab = Lab::up_with("polvx", 2, &model_yaml(), &["--tunnel", "vxlan"]);
+    assert_matrix(
+        &lab,
+        "no policy (vxlan)",
+        80,
+        "tcp",
+        "pod-ip",
+        &expect(|_, _| true),
+    );
+    let out = lab.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-to-z, namespace: y}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: z}}}]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = expect(|f, t| {
+        let ingress = ns_of(t) != "x" || ns_of(f) == "y";
+        let egress = f != "y/b" || ns_of(t) == "z";
+        ingress && egress
+    });
+    assert_matrix(
+        &lab,
+        "namespace selectors (vxlan)",
+        80,
+        "tcp",
+        "pod-ip",
+        &want,
+    );
+    assert_matrix(
+        &lab,
+        "namespace selectors (vxlan)",
+        81,
+        "udp",
+        "pod-ip",
+        &want,
+    );
+    assert_matrix(
+        &lab,
+        "namespace selectors (vxlan)",
+        80,
+        "tcp",
+        "service",
+        &want,
+    );
+}

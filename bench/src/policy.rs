@@ -1,0 +1,229 @@
+//! `weir-bench policy`: what NetworkPolicy costs. New-connection rate between two pods of one
+//! node (weir's tc datapath on both veths, client closing with SO_LINGER 0) with no policy
+//! against 1,000 NetworkPolicies over 100 pods that isolate both pods in both directions
+//! (every new connection is judged on egress and ingress; its verdict is kept per flow).
+//! Also: the time to compile and program 1,000 policies, to change one, and the policy map
+//! entries and kernel memory per endpoint.
+//!
+//! The cluster: namespace `bench` with 100 pods (the client and server pods of this node,
+//! 98 on another node), labels `pod=pod-N`, `app=app-(N%10)`; policy `p-I` selects every pod
+//! and admits ingress from `pod=pod-(I%100)` on TCP port 10000+I, and egress to it on the same
+//! port; `allow` admits client -> server on 8080 (egress of the client, ingress of the
+//! server).
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use weir_control::policy::{self, Cluster, IdentityLabels, LocalIds, NodeView, PodInfo};
+
+use crate::podpod::{build, records, CLIENT, SERVER};
+use crate::{median, spawn_in};
+
+const NODE: &str = "bench-node";
+
+fn pod(n: usize, ip: &str, node: &str, app: &str) -> PodInfo {
+    PodInfo {
+        namespace: "bench".into(),
+        name: match n {
+            0 => "lxcs".into(),
+            1 => "lxcc".into(),
+            _ => format!("pod-{n}"),
+        },
+        labels: BTreeMap::from([
+            ("pod".to_string(), format!("pod-{n}")),
+            ("app".to_string(), app.to_string()),
+        ]),
+        ips: vec![ip.parse().expect("ip")],
+        ports: Vec::new(),
+        node: Some(node.into()),
+        host_network: false,
+    }
+}
+
+fn np(name: &str, spec: serde_json::Value) -> NetworkPolicy {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": spec,
+    }))
+    .expect("policy")
+}
+
+/// The cluster with `n` of the p-I policies (and `allow` when n > 0).
+fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster::default();
+    c.namespaces.insert(
+        "bench".into(),
+        BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            "bench".to_string(),
+        )]),
+    );
+    c.pods.push(pod(0, SERVER, NODE, "server"));
+    c.pods.push(pod(1, CLIENT, NODE, "client"));
+    for i in 2..100 {
+        c.pods.push(pod(
+            i,
+            &format!("10.244.2.{i}"),
+            "other",
+            &format!("app-{}", i % 10),
+        ));
+    }
+    for i in 0..n {
+        let peer = serde_json::json!([{"podSelector": {"matchLabels": {"pod": format!("pod-{}", i % 100)}}}]);
+        let ports = serde_json::json!([{"port": 10000 + i, "protocol": "TCP"}]);
+        c.policies.push(np(
+            &format!("p-{i}"),
+            serde_json::json!({
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": peer, "ports": ports}],
+                "egress": [{"to": peer, "ports": ports}],
+            }),
+        ));
+    }
+    if n > 0 {
+        c.policies.push(np(
+            "allow",
+            serde_json::json!({
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 8080}]}],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "server"}}}], "ports": [{"port": 8080}]}],
+            }),
+        ));
+    }
+    c
+}
+
+fn compile(c: &Cluster, local: &mut LocalIds) -> policy::PolicyState {
+    let ids: BTreeMap<IdentityLabels, u32> = c
+        .identity_labels()
+        .into_iter()
+        .zip(policy::id::POD_MIN..)
+        .collect();
+    let view = NodeView {
+        name: NODE.into(),
+        own_addrs: vec!["169.254.1.1".parse().expect("ip")],
+        other_addrs: Vec::new(),
+    };
+    policy::compile(c, &view, &|l| ids.get(l).copied(), local)
+}
+
+fn run_client(ns: &str, threads: usize, secs: f64) -> Result<(f64, u64)> {
+    let out = spawn_in(
+        ns,
+        None,
+        &[
+            "__client".into(),
+            threads.to_string(),
+            secs.to_string(),
+            format!("{SERVER}:8080"),
+        ],
+    )?
+    .wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.split_whitespace().collect();
+    if f.len() < 4 {
+        bail!("client printed {text:?}");
+    }
+    Ok((f[0].parse::<f64>()? / secs, f[3].parse()?))
+}
+
+/// `weir-bench policy [N] [ROUNDS] [SECONDS]`.
+pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
+    let t = build("wpo")?;
+    let mut server = spawn_in(&t.s, None, &["__serve".into(), "2".into()])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pods = weir_dataplane::pods::PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
+    let recs = records(&t)?;
+    let netns = format!("/run/netns/{}", t.n);
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            let f = std::fs::File::open(&netns)?;
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            pods.sync(&recs)?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    })?;
+
+    let mut local = LocalIds::default();
+    let none = cluster(0);
+    let mut full = cluster(n);
+    let started = Instant::now();
+    let state = compile(&full, &mut local);
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let stats = pods.set_policy(state.clone())?;
+    let program_ms = started.elapsed().as_secs_f64() * 1e3;
+    if !stats.failed.is_empty() || stats.endpoints != 2 {
+        bail!("policy not programmed: {stats:?}");
+    }
+    let entries = stats.entries;
+    let dp = pods.datapath();
+    let memory = dp.map_memory("weir_policy").unwrap_or(0);
+    // One more policy (one new port for everybody) on top.
+    full.policies.push(np(
+        "one-more",
+        serde_json::json!({"podSelector": {}, "ingress": [{"ports": [{"port": 9999}]}]}),
+    ));
+    let started = Instant::now();
+    let one = compile(&full, &mut local);
+    let changed = pods.set_policy(one)?;
+    let one_ms = started.elapsed().as_secs_f64() * 1e3;
+    full.policies.pop();
+    let state_none = compile(&none, &mut local);
+
+    println!("# weir-bench policy: pod -> pod new connections (4 client threads, SO_LINGER 0) on one node; {rounds} rounds of {secs} s, alternating, medians");
+    println!("# {n} NetworkPolicies over 100 pods isolating both pods both ways (one allows client -> server:8080) vs none");
+    println!(
+        "apply {n} policies: compile {compile_ms:.1} ms + program {program_ms:.1} ms; one policy more: {one_ms:.1} ms ({} entries added)",
+        changed.entries_added
+    );
+    println!(
+        "policy map: {entries} entries for {} endpoints ({} per endpoint), {} KiB of kernel memory ({} bytes per entry)",
+        stats.endpoints,
+        entries / stats.endpoints.max(1),
+        memory / 1024,
+        memory / entries.max(1) as u64
+    );
+    let modes = ["no policy".to_string(), format!("{n} policies")];
+    let mut rate: [Vec<f64>; 2] = [vec![], vec![]];
+    let mut errors = [0u64; 2];
+    for round in 0..=rounds {
+        for k in 0..2 {
+            let mi = (k + round) % 2;
+            pods.set_policy(if mi == 0 {
+                state_none.clone()
+            } else {
+                state.clone()
+            })?;
+            let (r, e) = run_client(&t.c, 4, secs)?;
+            if round > 0 {
+                rate[mi].push(r);
+                errors[mi] += e;
+            }
+        }
+    }
+    let judged = pods.datapath().pct4_entries()?.len();
+    if judged == 0 {
+        bail!("no flow was judged by policy");
+    }
+    let base = median(&mut rate[0].clone());
+    println!(
+        "{:>14} {:>10} {:>9} {:>8}",
+        "mode", "conn/s", "ratio", "errors"
+    );
+    for (mi, mode) in modes.iter().enumerate() {
+        let r = median(&mut rate[mi]);
+        println!("{mode:>14} {r:>10.0} {:>9.3} {:>8}", r / base, errors[mi]);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(pods);
+    Ok(())
+}
