@@ -194,6 +194,21 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
     let modes = ["no policy".to_string(), format!("{n} policies")];
     let mut rate: [Vec<f64>; 2] = [vec![], vec![]];
     let mut errors = [0u64; 2];
+    // The pod program's run time per packet in each mode (kernel.bpf_stats_enabled).
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    let from_pod = |pods: &weir_dataplane::pods::PodDataplane| {
+        pods.datapath()
+            .programs()
+            .into_iter()
+            .find(|p| p.name == "from_pod")
+            .map(|p| (p.run_count, p.run_time_ns))
+            .unwrap_or_default()
+    };
+    let mut run: [(u64, u64); 2] = [(0, 0); 2];
     for round in 0..=rounds {
         for k in 0..2 {
             let mi = (k + round) % 2;
@@ -202,12 +217,19 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
             } else {
                 state.clone()
             })?;
+            let before = from_pod(&pods);
             let (r, e) = run_client(&t.c, 4, secs)?;
+            let after = from_pod(&pods);
             if round > 0 {
                 rate[mi].push(r);
                 errors[mi] += e;
+                run[mi].0 += after.0 - before.0;
+                run[mi].1 += after.1 - before.1;
             }
         }
+    }
+    if !stats_before.is_empty() {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before);
     }
     let judged = pods.datapath().pct4_entries()?.len();
     if judged == 0 {
@@ -215,13 +237,19 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
     }
     let base = median(&mut rate[0].clone());
     println!(
-        "{:>14} {:>10} {:>9} {:>8}",
-        "mode", "conn/s", "ratio", "errors"
+        "{:>14} {:>10} {:>9} {:>8} {:>22}",
+        "mode", "conn/s", "ratio", "errors", "from_pod ns/packet"
     );
     for (mi, mode) in modes.iter().enumerate() {
         let r = median(&mut rate[mi]);
-        println!("{mode:>14} {r:>10.0} {:>9.3} {:>8}", r / base, errors[mi]);
+        println!(
+            "{mode:>14} {r:>10.0} {:>9.3} {:>8} {:>22.0}",
+            r / base,
+            errors[mi],
+            run[mi].1 as f64 / run[mi].0.max(1) as f64
+        );
     }
+    println!("(from_pod judges a new flow's egress and, for a pod of this node, its ingress; later packets find the verdict kept per flow)");
     let _ = server.kill();
     let _ = server.wait();
     drop(pods);
