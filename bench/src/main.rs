@@ -396,6 +396,21 @@ fn enter(netns: &str, cgroup: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a thread inside network namespace `ns` (device names and ifindexes are that
+/// namespace's).
+fn in_netns_thread<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    })
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("number"));
     if v.is_empty() {

@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -171,19 +170,12 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let mut pods = weir_dataplane::pods::PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
     let records = records(&t)?;
-    let netns = format!("/run/netns/{}", t.n);
     // Attaching and detaching happen inside the node's namespace.
     let mut set_weir = |on: bool| -> Result<()> {
         let recs = if on { records.clone() } else { Vec::new() };
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<()> {
-                let f = std::fs::File::open(&netns)?;
-                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                pods.sync(&recs)?;
-                Ok(())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread panicked"))?
+        crate::in_netns_thread(&t.n, || {
+            pods.sync(&recs)?;
+            Ok(())
         })
     };
     println!("# weir-bench podpod: client pod {CLIENT} -> server pod {SERVER} on one node; {rounds} rounds of {secs} s, order rotating, medians");

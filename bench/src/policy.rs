@@ -12,7 +12,6 @@
 //! server).
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -139,16 +138,9 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let mut pods = weir_dataplane::pods::PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
     let recs = records(&t)?;
-    let netns = format!("/run/netns/{}", t.n);
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<()> {
-            let f = std::fs::File::open(&netns)?;
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            pods.sync(&recs)?;
-            Ok(())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    crate::in_netns_thread(&t.n, || {
+        pods.sync(&recs)?;
+        Ok(())
     })?;
 
     let mut local = LocalIds::default();

@@ -107,20 +107,6 @@ fn frame(dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_thread<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<T> {
-            let file = std::fs::File::open(&path)?;
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
-    })
-}
-
 /// Transmits `frame` from the external host with `threads` generator threads for `secs`.
 fn generate(ext: &str, ifindex: u32, frame: &[u8], threads: usize, secs: f64) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -212,7 +198,7 @@ pub fn bench(rounds: usize, secs: f64) -> Result<()> {
         for k in 0..2 {
             let mi = (k + round) % 2;
             // Set the mode up in the node's namespace.
-            in_thread(&t.node, || -> Result<()> {
+            crate::in_netns_thread(&t.node, || -> Result<()> {
                 pods.detach_xdp(eth0);
                 let _ = sh(
                     "ip",
@@ -253,7 +239,7 @@ pub fn bench(rounds: usize, secs: f64) -> Result<()> {
             }
         }
     }
-    in_thread(&t.node, || {
+    crate::in_netns_thread(&t.node, || {
         pods.detach_xdp(eth0);
         Ok(())
     })?;

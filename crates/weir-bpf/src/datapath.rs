@@ -185,17 +185,22 @@ pub const CFG_VXLAN: u32 = 1;
 /// `node_config.flags`: masquerade pods' flows leaving the cluster.
 pub const CFG_MASQUERADE: u32 = 2;
 
+/// Loads xdp_pass.bpf.o (no maps; its open object is leaked, as for every loaded program set).
+fn load_xdp_pass() -> Result<xdp_pass_skel::XdpPassSkel<'static>, BpfError> {
+    let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+        Box::leak(Box::new(MaybeUninit::uninit()));
+    xdp_pass_skel::XdpPassSkelBuilder::default()
+        .open(storage)
+        .map_err(lb("opening xdp_pass.bpf.o"))?
+        .load()
+        .map_err(lb("loading xdp_pass.bpf.o"))
+}
+
 /// Attaches an XDP program that passes everything to device `ifindex` (in the caller's
 /// network namespace), through netlink so that it stays after this process ends. A veth only
 /// receives what its peer sends with XDP_TX/XDP_REDIRECT when it has an XDP program itself.
 pub fn attach_xdp_pass(ifindex: u32) -> Result<(), BpfError> {
-    let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-        Box::leak(Box::new(MaybeUninit::uninit()));
-    let skel = xdp_pass_skel::XdpPassSkelBuilder::default()
-        .open(storage)
-        .map_err(lb("opening xdp_pass.bpf.o"))?
-        .load()
-        .map_err(lb("loading xdp_pass.bpf.o"))?;
+    let skel = load_xdp_pass()?;
     let fd = skel.progs.xdp_pass.as_fd().as_raw_fd();
     // SAFETY: a valid ifindex and program fd; no options.
     let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex as i32, fd, 0, std::ptr::null()) };
@@ -208,6 +213,15 @@ pub fn attach_xdp_pass(ifindex: u32) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// The `struct xdp_md` BPF_PROG_TEST_RUN gives an XDP program for a frame of `len` bytes that
+/// arrived on `ifindex`: data 0, data_end, data_meta 0, ingress_ifindex, rx queue 0, egress 0.
+fn xdp_test_ctx(len: usize, ifindex: u32) -> [u8; std::mem::size_of::<libbpf_sys::xdp_md>()] {
+    let mut ctx = [0u8; std::mem::size_of::<libbpf_sys::xdp_md>()];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 /// A packet generator: `xdp_tx` run by BPF_PROG_TEST_RUN in live-frame mode transmits a frame
 /// out of a device without building an skb, as xdp-trafficgen does (the benchmarks' traffic
 /// source: what it costs is small next to what the receiver does).
@@ -218,30 +232,17 @@ pub struct XdpGenerator {
 impl XdpGenerator {
     /// Loads the generator program.
     pub fn new() -> Result<Self, BpfError> {
-        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let skel = xdp_pass_skel::XdpPassSkelBuilder::default()
-            .open(storage)
-            .map_err(lb("opening xdp_pass.bpf.o"))?
-            .load()
-            .map_err(lb("loading xdp_pass.bpf.o"))?;
-        Ok(XdpGenerator { skel })
+        Ok(XdpGenerator {
+            skel: load_xdp_pass()?,
+        })
     }
 
     /// Transmits `frame` `count` times out of device `ifindex` (of the caller's network
     /// namespace).
     pub fn send(&self, frame: &[u8], ifindex: u32, count: u32) -> Result<(), BpfError> {
-        type Ctx = xdp_pass_skel::types::xdp_md;
-        // SAFETY: xdp_md is plain integers: all-zero is valid (and padding must be zero).
-        let mut ctx: Ctx = unsafe { std::mem::zeroed() };
-        ctx.data_end = frame.len() as u32;
-        ctx.ingress_ifindex = ifindex;
-        let size = std::mem::size_of::<Ctx>();
-        // SAFETY: a plain C struct viewed as bytes for the kernel to read.
-        let ctx_bytes =
-            unsafe { std::slice::from_raw_parts_mut((&mut ctx as *mut Ctx).cast::<u8>(), size) };
+        let mut ctx = xdp_test_ctx(frame.len(), ifindex);
         let input = libbpf_rs::ProgramInput {
-            context_in: Some(ctx_bytes),
+            context_in: Some(&mut ctx),
             data_in: Some(frame),
             flags: libbpf_sys::BPF_F_TEST_XDP_LIVE_FRAMES,
             repeat: count,
@@ -615,18 +616,10 @@ impl Datapath {
         packet: &[u8],
         ingress_ifindex: u32,
     ) -> Result<(u32, Vec<u8>), BpfError> {
-        type Ctx = xdp_skel::types::xdp_md;
-        // SAFETY: xdp_md is plain integers: all-zero is valid (and padding must be zero).
-        let mut ctx: Ctx = unsafe { std::mem::zeroed() };
-        ctx.data_end = packet.len() as u32;
-        ctx.ingress_ifindex = ingress_ifindex;
-        let size = std::mem::size_of::<Ctx>();
-        // SAFETY: a plain C struct viewed as bytes for the kernel to read.
-        let ctx_bytes =
-            unsafe { std::slice::from_raw_parts_mut((&mut ctx as *mut Ctx).cast::<u8>(), size) };
+        let mut ctx = xdp_test_ctx(packet.len(), ingress_ifindex);
         let mut out = vec![0u8; packet.len() + 256];
         let input = libbpf_rs::ProgramInput {
-            context_in: Some(ctx_bytes),
+            context_in: Some(&mut ctx),
             data_in: Some(packet),
             data_out: Some(&mut out),
             ..Default::default()

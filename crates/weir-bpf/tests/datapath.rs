@@ -1162,31 +1162,16 @@ fn the_prefilter_drops_listed_sources_of_both_families_first_and_counts_them() {
     let frame = from("198.51.100.7");
     for which in [XdpProgram::Prefilter, XdpProgram::NodePort] {
         assert_eq!(fx.run_xdp_prog(which, &frame, in0).0, XDP_DROP, "{which:?}");
-        assert_eq!(
-            fx.run_xdp_prog(which, &from("198.51.101.7"), in0).0,
-            XDP_PASS,
-            "{which:?}: outside the /24"
-        );
-        assert_eq!(
-            fx.run_xdp_prog(which, &from("203.0.113.9"), in0).0,
-            XDP_DROP,
-            "{which:?}: /32"
-        );
-        assert_eq!(
-            fx.run_xdp_prog(which, &from("203.0.113.8"), in0).0,
-            XDP_PASS,
-            "{which:?}: next to the /32"
-        );
-        assert_eq!(
-            fx.run_xdp_prog(which, &from6("2001:db8:1::5"), in0).0,
-            XDP_DROP,
-            "{which:?}: IPv6"
-        );
-        assert_eq!(
-            fx.run_xdp_prog(which, &from6("2001:db9::5"), in0).0,
-            XDP_PASS,
-            "{which:?}: other IPv6"
-        );
+        let cases = [
+            (from("198.51.101.7"), XDP_PASS, "outside the /24"),
+            (from("203.0.113.9"), XDP_DROP, "the /32"),
+            (from("203.0.113.8"), XDP_PASS, "next to the /32"),
+            (from6("2001:db8:1::5"), XDP_DROP, "IPv6"),
+            (from6("2001:db9::5"), XDP_PASS, "other IPv6"),
+        ];
+        for (f, want, case) in &cases {
+            assert_eq!(fx.run_xdp_prog(which, f, in0).0, *want, "{which:?}: {case}");
+        }
         // A destination in the list does not count: the source is what is filtered.
         assert_eq!(
             fx.run_xdp_prog(

@@ -448,22 +448,10 @@ enum LabCommand {
 enum PrefilterCommand {
     /// Drop packets from these source prefixes (ADDRESS/LEN or one address; host bits are
     /// cleared). All are added or, on an error, none.
-    Add {
-        #[command(flatten)]
-        target: AgentTarget,
-        /// Source prefixes, e.g. 198.51.100.0/24 2001:db8::/48.
-        #[arg(required = true, value_name = "CIDR")]
-        cidrs: Vec<String>,
-    },
+    Add(PrefilterCidrs),
     /// Stop dropping these source prefixes. All are removed or, when one is not in the list,
     /// none.
-    Delete {
-        #[command(flatten)]
-        target: AgentTarget,
-        /// Source prefixes, as added.
-        #[arg(required = true, value_name = "CIDR")]
-        cidrs: Vec<String>,
-    },
+    Delete(PrefilterCidrs),
     /// The deny list, with the packets and bytes each prefix dropped.
     List {
         #[command(flatten)]
@@ -472,6 +460,15 @@ enum PrefilterCommand {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+}
+
+#[derive(Args, Debug)]
+struct PrefilterCidrs {
+    #[command(flatten)]
+    target: AgentTarget,
+    /// Source prefixes, e.g. 198.51.100.0/24 2001:db8::/48.
+    #[arg(required = true, value_name = "CIDR")]
+    cidrs: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -672,8 +669,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lab(l) => run_lab(&cli, l),
         Command::Prefilter(p) => {
             let (target, method, cidrs) = match p {
-                PrefilterCommand::Add { target, cidrs } => (target, "POST", cidrs.as_slice()),
-                PrefilterCommand::Delete { target, cidrs } => (target, "DELETE", cidrs.as_slice()),
+                PrefilterCommand::Add(a) => (&a.target, "POST", a.cidrs.as_slice()),
+                PrefilterCommand::Delete(a) => (&a.target, "DELETE", a.cidrs.as_slice()),
                 PrefilterCommand::List { target, output } => {
                     return runtime()?.block_on(crate::introspect::prefilter_list(
                         &agent_socket(&cli, target)?,
