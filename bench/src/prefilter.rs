@@ -65,46 +65,21 @@ fn build() -> Result<Topo> {
     Ok(t)
 }
 
-fn mac_bytes(s: &str) -> Result<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s}"))
-}
-
-fn csum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A 64-byte Ethernet frame: UDP 198.51.100.7:1234 -> NODE_IP:9 (checksummed).
-fn frame(dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(64);
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let payload = 64 - 14 - 20 - 8;
-    let total = (20 + 8 + payload) as u16;
-    let mut ip4 = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip4[2..4].copy_from_slice(&total.to_be_bytes());
-    ip4.extend_from_slice(&[198, 51, 100, 7]);
-    ip4.extend_from_slice(&NODE_IP.parse::<std::net::Ipv4Addr>().expect("ip").octets());
-    let c = csum(&ip4);
-    ip4[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip4);
-    f.extend_from_slice(&1234u16.to_be_bytes());
-    f.extend_from_slice(&9u16.to_be_bytes());
-    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]); // no UDP checksum
-    f.resize(64, 0xab);
-    f
+/// A 64-byte Ethernet frame: UDP 198.51.100.7:1234 -> NODE_IP:9 (checksummed, padded).
+fn frame(dst_mac: &str, src_mac: &str) -> Result<Vec<u8>> {
+    let mac = |m: &str| {
+        weir_model::endpoint::EndpointRecord::parse_mac(m)
+            .ok_or_else(|| anyhow::anyhow!("bad MAC {m}"))
+    };
+    let mut f = weir_dataplane::pods::synthetic_frame(
+        "198.51.100.7:1234".parse()?,
+        format!("{NODE_IP}:9").parse()?,
+        false,
+    );
+    f[0..6].copy_from_slice(&mac(dst_mac)?);
+    f[6..12].copy_from_slice(&mac(src_mac)?);
+    f.resize(64, 0);
+    Ok(f)
 }
 
 /// Transmits `frame` from the external host with `threads` generator threads for `secs`.
@@ -172,7 +147,7 @@ pub fn bench(rounds: usize, secs: f64) -> Result<()> {
     let t = build()?;
     let (eth0, node_mac) = link_of(&t.node, "eth0")?;
     let (ext0, ext_mac) = link_of(&t.ext, "ext0")?;
-    let f = frame(mac_bytes(&node_mac)?, mac_bytes(&ext_mac)?);
+    let f = frame(&node_mac, &ext_mac)?;
     let threads = 1;
     let mut pods = weir_dataplane::pods::PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
     pods.prefilter_add(&[DENIED.parse()?])?;

@@ -53,12 +53,8 @@ async fn handle(
             &*shared.policy.lock().expect("policy report"),
         ),
         "/flows" => {
-            let since = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("since="))
+            let since = query_values(req.uri().query().unwrap_or(""), "since")
+                .next()
                 .map(|v| v.parse::<u64>());
             match (&shared.pods, since) {
                 (None, _) => json(
@@ -99,20 +95,14 @@ async fn handle(
             }
         },
         "/explain" => {
-            let q: std::collections::HashMap<String, String> = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), unescape(v)))
-                .collect();
+            let query = req.uri().query().unwrap_or("");
+            let q = |k: &str| query_values(query, k).last();
             let parse = |k: &str| -> Result<std::net::SocketAddrV4, String> {
-                let v = q.get(k).ok_or(format!("{k}: missing"))?;
+                let v = q(k).ok_or(format!("{k}: missing"))?;
                 v.parse()
                     .map_err(|_| format!("{k}: {v:?} is not an IPv4 ADDRESS:PORT"))
             };
-            let tcp = match q.get("protocol").map(|p| p.to_ascii_lowercase()).as_deref() {
+            let tcp = match q("protocol").map(|p| p.to_ascii_lowercase()).as_deref() {
                 None | Some("tcp") => Ok(true),
                 Some("udp") => Ok(false),
                 Some(other) => Err(format!("protocol: {other:?} is not tcp or udp")),
@@ -150,6 +140,14 @@ async fn handle(
             &serde_json::json!({"error": format!("no such path {other}")}),
         ),
     })
+}
+
+/// The values of `key` in a query string, unescaped, in order.
+fn query_values<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = String> + 'a {
+    query
+        .split('&')
+        .filter_map(move |kv| kv.split_once('=').filter(|(k, _)| *k == key))
+        .map(|(_, v)| unescape(v))
 }
 
 /// Decodes the %XX escapes of a query value.
@@ -197,15 +195,8 @@ async fn prefilter(
             Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
     }
-    let cidrs: Vec<String> = query
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("cidr="))
-        .flat_map(|v| {
-            unescape(v)
-                .split(',')
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+    let cidrs: Vec<String> = query_values(query, "cidr")
+        .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
         .filter(|c| !c.is_empty())
         .collect();
     let nets = match crate::pods::parse_prefixes(&cidrs) {

@@ -4,7 +4,7 @@
 //! `GET /flows?since=SEQ` hands out what came after `SEQ`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,8 +63,6 @@ pub struct FlowLog {
     records: VecDeque<FlowRecord>,
     /// Pod addresses -> `namespace/name` (kept by the policy loop).
     pub pod_names: HashMap<IpAddr, String>,
-    /// Events the poller could not read (ring buffer errors).
-    pub errors: u64,
 }
 
 /// What `GET /flows` answers.
@@ -104,19 +102,6 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-/// An address of the event (network-order words; IPv4 in the first).
-fn addr_of(family: u8, words: &[u32; 4]) -> IpAddr {
-    if family == weir_bpf::datapath::AF_INET6 {
-        let mut b = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(b))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
-    }
-}
-
 /// The wall-clock time of a `CLOCK_BOOTTIME` stamp.
 fn wall_time(boot_ns: u64) -> String {
     let now = jiff::Timestamp::now();
@@ -138,14 +123,13 @@ impl FlowLog {
             next_seq: 1,
             records: VecDeque::new(),
             pod_names: HashMap::new(),
-            errors: 0,
         }
     }
 
     /// Records one event from the datapath.
     pub fn push(&mut self, ev: &flow_event) {
         let end = |words: &[u32; 4], port: u16, identity: u32| {
-            let ip = addr_of(ev.family, words);
+            let ip = weir_bpf::ip_from_words(ev.family, *words);
             FlowEnd {
                 ip,
                 port: u16::from_be(port),
@@ -202,13 +186,12 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
     std::thread::Builder::new()
         .name("weir-flows".into())
         .spawn(move || {
-            let l = log.clone();
             let rb = pods
                 .dataplane
                 .lock()
                 .expect("pods")
                 .datapath()
-                .events(move |ev| l.lock().expect("flow log").push(ev));
+                .events(move |ev| log.lock().expect("flow log").push(ev));
             let rb = match rb {
                 Ok(rb) => {
                     let _ = tx.send(Ok(()));
@@ -222,7 +205,6 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
             loop {
                 if let Err(e) = rb.poll(Duration::from_millis(200)) {
                     tracing::warn!(error = %e, "reading the policy verdict events");
-                    log.lock().expect("flow log").errors += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }

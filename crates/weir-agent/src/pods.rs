@@ -139,20 +139,27 @@ pub fn in_node_netns<T: Send + 'static>(
 ) -> Result<T, String> {
     let pods = pods.clone();
     std::thread::spawn(move || {
-        if let Some(ns) = &pods.config.netns {
-            let file = std::fs::File::open(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("entering {}: {e}", ns.display()))?;
-        }
+        enter_node_netns(&pods.config)?;
         f(&pods)
     })
     .join()
     .map_err(|_| "a node namespace thread panicked".to_string())?
 }
 
+/// Moves the calling thread into the node's network namespace (`cfg.netns`; nothing to do
+/// when the agent runs in it).
+fn enter_node_netns(cfg: &PodConfig) -> Result<(), String> {
+    let Some(ns) = &cfg.netns else {
+        return Ok(());
+    };
+    let file = std::fs::File::open(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("entering {}: {e}", ns.display()))
+}
+
 /// The XDP program the node's devices need: the NodePort one with --xdp, the prefilter
 /// alone while its deny list has entries, or none.
-pub fn xdp_program(cfg: &PodConfig, prefilter_entries: usize) -> Option<XdpProgram> {
+fn xdp_program(cfg: &PodConfig, prefilter_entries: usize) -> Option<XdpProgram> {
     if cfg.xdp {
         Some(XdpProgram::NodePort)
     } else if prefilter_entries > 0 {
@@ -162,14 +169,15 @@ pub fn xdp_program(cfg: &PodConfig, prefilter_entries: usize) -> Option<XdpProgr
     }
 }
 
-/// Gives every node device `which` XDP program (or takes weir's away), in the current
-/// network namespace.
-pub fn set_device_xdp(
+/// Gives every node device the XDP program it needs with `prefilter_entries` prefixes
+/// listed (or takes weir's away), in the current network namespace, and reports it.
+fn program_device_xdp(
+    pods: &Pods,
     dp: &mut PodDataplane,
-    devices: &[String],
-    which: Option<XdpProgram>,
+    prefilter_entries: usize,
 ) -> Result<(), String> {
-    for dev in devices {
+    let which = xdp_program(&pods.config, prefilter_entries);
+    for dev in &pods.config.devices {
         let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
             .map_err(|e| format!("device {dev:?}: {e}"))?;
         match which {
@@ -179,6 +187,7 @@ pub fn set_device_xdp(
             None => dp.detach_xdp(ifindex),
         }
     }
+    pods.status.lock().expect("pod status").xdp_program = which.map(|w| format!("{w:?}"));
     Ok(())
 }
 
@@ -269,16 +278,14 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
         drop(dp);
         names.push(dev.clone());
     }
-    let xdp = {
+    {
         let mut dp = pods.dataplane.lock().expect("pods");
         let prefilter = dp
             .prefilter_list()
             .map_err(|e| format!("reading the prefilter: {e}"))?
             .len();
-        let xdp = xdp_program(cfg, prefilter);
-        set_device_xdp(&mut dp, &cfg.devices, xdp)?;
-        xdp
-    };
+        program_device_xdp(pods, &mut dp, prefilter)?;
+    }
     // VXLAN mode: decapsulated packets arrive on the tunnel device, for the node program.
     let tunnel_ifindex = match &cfg.tunnel {
         Some(dev) => {
@@ -312,7 +319,6 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     let mut st = pods.status.lock().expect("pod status");
     st.tunnel = cfg.tunnel.clone();
     st.xdp = cfg.xdp;
-    st.xdp_program = xdp.map(|w| format!("{w:?}"));
     st.masquerade = cfg.masquerade;
     st.devices = names;
     st.node_addresses = addrs.iter().map(|a| a.to_string()).collect();
@@ -338,17 +344,9 @@ pub fn spawn(pods: Arc<Pods>, cfg: PodConfig) -> Result<(), String> {
     std::thread::Builder::new()
         .name("pod-datapath".into())
         .spawn(move || {
-            if let Some(ns) = &cfg.netns {
-                let entered = std::fs::File::open(ns)
-                    .map_err(|e| format!("{}: {e}", ns.display()))
-                    .and_then(|f| {
-                        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| format!("entering {}: {e}", ns.display()))
-                    });
-                if let Err(e) = entered {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
+            if let Err(e) = enter_node_netns(&cfg) {
+                let _ = tx.send(Err(e));
+                return;
             }
             if let Err(e) = attach_devices(&pods, &cfg) {
                 let _ = tx.send(Err(e));
@@ -414,16 +412,17 @@ pub fn prefilter_add(
         }
         // One lock over the whole change: the program and the entries move together.
         let mut dp = pods.dataplane.lock().expect("pods");
+        let listed = dp.prefilter_list().map_err(|e| e.to_string())?.len();
         // The program first: entries never wait in a map that nothing reads.
-        set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, 1))?;
-        let added = dp.prefilter_add(&nets).map_err(|e| e.to_string());
-        let n = dp.prefilter_list().map(|l| l.len()).unwrap_or(1);
-        if n == 0 {
-            set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, 0))?;
+        program_device_xdp(pods, &mut dp, listed + 1)?;
+        match dp.prefilter_add(&nets) {
+            Ok(added) => Ok(added),
+            Err(e) => {
+                // Nothing was added: the devices go back to what the old list needed.
+                program_device_xdp(pods, &mut dp, listed)?;
+                Err(e.to_string())
+            }
         }
-        pods.status.lock().expect("pod status").xdp_program =
-            xdp_program(cfg, n).map(|w| format!("{w:?}"));
-        added
     })
 }
 
@@ -431,14 +430,10 @@ pub fn prefilter_add(
 /// program leaves the devices with the last entry (unless --xdp keeps XDP there).
 pub fn prefilter_delete(pods: &Arc<Pods>, nets: Vec<ipnet::IpNet>) -> Result<(), String> {
     in_node_netns(pods, move |pods| {
-        let cfg = &pods.config;
         let mut dp = pods.dataplane.lock().expect("pods");
         dp.prefilter_delete(&nets).map_err(|e| e.to_string())?;
         let n = dp.prefilter_list().map_err(|e| e.to_string())?.len();
-        set_device_xdp(&mut dp, &cfg.devices, xdp_program(cfg, n))?;
-        pods.status.lock().expect("pod status").xdp_program =
-            xdp_program(cfg, n).map(|w| format!("{w:?}"));
-        Ok(())
+        program_device_xdp(pods, &mut dp, n)
     })
 }
 

@@ -102,9 +102,6 @@ pub enum XdpProgram {
     NodePort,
 }
 
-/// The capacity of the prefilter (prefixes, both families together).
-pub const PREFILTER_MAX: u32 = 16384;
-
 /// `ep_policy.flags`: isolated for ingress.
 pub const EP_POLICY_INGRESS: u32 = 1;
 /// `ep_policy.flags`: isolated for egress.
@@ -923,11 +920,7 @@ impl Datapath {
             let key: ipcache_key = from_bytes(&k);
             let slot: u32 = from_bytes(&v);
             let len = (key.prefixlen - 32) as u8;
-            let addr = if key.family == AF_INET6 {
-                std::net::IpAddr::V6(crate::ip6_from_words(key.addr))
-            } else {
-                std::net::IpAddr::V4(std::net::Ipv4Addr::from(key.addr[0].to_ne_bytes()))
-            };
+            let addr = crate::ip_from_words(key.family, key.addr);
             let Ok(net) = ipnet::IpNet::new(addr, len) else {
                 continue; // not a key this code writes
             };

@@ -85,6 +85,16 @@ pub fn ip6_words(ip: std::net::Ipv6Addr) -> [u32; 4] {
     [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
 }
 
+/// The address held in a BPF struct's `family` and four network-order words (`AF_INET6`, or
+/// IPv4 in the first word).
+pub fn ip_from_words(family: u8, a: [u32; 4]) -> std::net::IpAddr {
+    if family == datapath::AF_INET6 {
+        std::net::IpAddr::V6(ip6_from_words(a))
+    } else {
+        std::net::IpAddr::from(a[0].to_ne_bytes())
+    }
+}
+
 /// The IPv6 address held in four network-order words.
 pub fn ip6_from_words(a: [u32; 4]) -> std::net::Ipv6Addr {
     let mut o = [0u8; 16];

@@ -11,7 +11,7 @@ use serde::Serialize;
 use weir_bpf::datapath::{
     ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, ep_policy, node_config,
     policy_key, Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED,
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, PREFILTER_MAX,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 use weir_control::policy::PolicyState;
 use weir_model::endpoint::EndpointRecord;
@@ -261,11 +261,7 @@ pub fn endpoint_key_of(ip: IpAddr) -> endpoint_key {
 }
 
 fn ip_of(k: &endpoint_key) -> IpAddr {
-    if k.family == AF_INET {
-        IpAddr::from(k.addr[0].to_ne_bytes())
-    } else {
-        IpAddr::V6(weir_bpf::ip6_from_words(k.addr))
-    }
+    weir_bpf::ip_from_words(k.family, k.addr)
 }
 
 fn mac_string(m: &[u8; 6]) -> String {
@@ -368,9 +364,10 @@ impl PodDataplane {
             .into_iter()
             .filter(|n| !known.contains(n))
             .collect();
-        if have.len() + new.len() > PREFILTER_MAX as usize {
+        let capacity = self.dp.capacity("weir_prefilter");
+        if have.len() + new.len() > capacity as usize {
             return Err(DataplaneError::Full(format!(
-                "the prefilter holds {} of {PREFILTER_MAX} prefixes: {} more do not fit",
+                "the prefilter holds {} of {capacity} prefixes: {} more do not fit",
                 have.len(),
                 new.len()
             )));
