@@ -17,11 +17,21 @@ int xdp_pass(struct xdp_md *ctx)
  * Sends every frame back out of the device it came in on. Run with BPF_PROG_TEST_RUN in
  * live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES) it is a packet generator: the frame given is
  * transmitted out of the ctx's ingress device `repeat` times, without an skb (the benchmarks'
- * traffic source, as xdp-trafficgen).
+ * traffic source, as xdp-trafficgen), paced by `tx_spin`.
  */
+/* Iterations of an empty loop xdp_tx runs before each frame: a generator sets it to pace itself. */
+__u32 tx_spin;
+
+static long spin_step(__u32 index, void *data)
+{
+	return 0;
+}
+
 SEC("xdp")
 int xdp_tx(struct xdp_md *ctx)
 {
+	if (tx_spin)
+		bpf_loop(tx_spin, spin_step, NULL, 0);
 	return XDP_TX;
 }
 

@@ -234,6 +234,14 @@ impl XdpGenerator {
         })
     }
 
+    /// Slows the generator down: `iterations` of an empty loop before each frame (0: as fast
+    /// as it goes). The rate this gives depends on the CPU; callers measure it.
+    pub fn set_pace(&mut self, iterations: u32) {
+        if let Some(bss) = self.skel.maps.bss_data.as_deref_mut() {
+            bss.tx_spin = iterations;
+        }
+    }
+
     /// Transmits `frame` `count` times out of device `ifindex` (of the caller's network
     /// namespace).
     pub fn send(&self, frame: &[u8], ifindex: u32, count: u32) -> Result<(), BpfError> {
