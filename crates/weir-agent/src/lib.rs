@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub default_algorithm: Algorithm,
     /// How external traffic reaches remote backends for Services without the mode annotation.
     pub default_mode: lb::LbMode,
+    /// How long a security identity no pod needs stays before it is deleted.
+    pub identity_gc_grace: std::time::Duration,
 }
 
 /// What the agent reports about its synchronisation.
@@ -347,6 +349,7 @@ pub async fn run(
             policy_report.clone(),
             flow_log.clone(),
             cfg.node_name.clone(),
+            cfg.identity_gc_grace,
         ));
     }
     let shared = Arc::new(Shared {

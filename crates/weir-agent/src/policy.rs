@@ -4,15 +4,22 @@
 //! SecurityIdentity object whose name is the number: a conflict means another agent took it,
 //! and the next is tried; when two agents race for the same labels, everyone uses the lowest
 //! number); weir-control compiles the policies; the pod datapath programs them.
+//!
+//! Identities are collected as Cilium's operator does with CiliumIdentities: one that no pod
+//! needs (no pod has its labels any more, or it lost a race for its labels to a lower number)
+//! for the grace period is deleted, with the object's uid and resourceVersion as
+//! preconditions. Every agent collects; a deletion another agent made first is a 404. The grace
+//! period covers watches that lag: a pod another node just started may already use an
+//! identity this agent's Pod watch has not shown it yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::PostParams;
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
@@ -38,6 +45,10 @@ pub struct PolicyReport {
     pub identities: usize,
     /// Identities this agent allocated.
     pub allocated: u64,
+    /// Identities no pod needs, deleted once unused for the grace period.
+    pub unused_identities: Vec<u32>,
+    /// Identities this agent deleted.
+    pub collected: u64,
     /// The last error.
     pub last_error: Option<String>,
 }
@@ -85,6 +96,82 @@ async fn allocate(
     Err("every identity number tried was taken".into())
 }
 
+/// The identities no pod needs: those whose labels no pod has (`wanted`), and those that lost a
+/// race for their labels to a lower number.
+pub fn unused_identities(
+    known: &[(u32, IdentityLabels)],
+    wanted: &BTreeSet<IdentityLabels>,
+) -> BTreeSet<u32> {
+    let mut lowest: BTreeMap<&IdentityLabels, u32> = BTreeMap::new();
+    for (id, labels) in known {
+        let e = lowest.entry(labels).or_insert(*id);
+        *e = (*e).min(*id);
+    }
+    known
+        .iter()
+        .filter(|(id, labels)| !wanted.contains(labels) || lowest[labels] != *id)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// When each unused identity was first seen unused.
+#[derive(Debug, Default)]
+pub struct IdentityGc {
+    since: BTreeMap<u32, Instant>,
+}
+
+impl IdentityGc {
+    /// Records what is unused `now`; returns the identities unused for `grace` or longer. An
+    /// identity used again starts afresh.
+    pub fn due(&mut self, unused: &BTreeSet<u32>, now: Instant, grace: Duration) -> Vec<u32> {
+        self.since.retain(|id, _| unused.contains(id));
+        for id in unused {
+            self.since.entry(*id).or_insert(now);
+        }
+        self.since
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= grace)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// When the next identity falls due.
+    pub fn next_due(&self, grace: Duration) -> Option<Instant> {
+        self.since.values().min().map(|t| *t + grace)
+    }
+
+    /// The identities waiting for their grace period to end.
+    pub fn pending(&self) -> Vec<u32> {
+        self.since.keys().copied().collect()
+    }
+
+    /// Forgets `id` (deleted).
+    pub fn forget(&mut self, id: u32) {
+        self.since.remove(&id);
+    }
+}
+
+/// Deletes SecurityIdentity `id` if it is still the object `obj` (uid and resourceVersion).
+/// Returns whether it is gone.
+async fn collect(api: &Api<DynamicObject>, obj: &DynamicObject) -> Result<bool, String> {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: obj.metadata.uid.clone(),
+            resource_version: obj.metadata.resource_version.clone(),
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &dp).await {
+        Ok(_) => Ok(true),
+        // Another agent collected it first.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
+        // It changed since this agent saw it: judged again on the next pass.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(format!("deleting SecurityIdentity {name}: {e}")),
+    }
+}
+
 /// A reflector callback that wakes the loop.
 fn wake<K>(n: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static {
     let n = n.clone();
@@ -109,6 +196,7 @@ pub async fn run(
     report: Arc<Mutex<PolicyReport>>,
     flows: Arc<Mutex<crate::flows::FlowLog>>,
     node: String,
+    gc_grace: Duration,
 ) {
     let notify = Arc::new(Notify::new());
     let pod_store = crate::spawn_reflector(
@@ -165,6 +253,7 @@ pub async fn run(
     let mut local = LocalIds::default();
     // Identities this agent created, known before the watch reports them.
     let mut created: BTreeMap<IdentityLabels, u32> = BTreeMap::new();
+    let mut gc = IdentityGc::default();
     loop {
         let cluster = policy::Cluster::from_objects(
             ns_store.state().iter().map(|n| &**n),
@@ -193,28 +282,58 @@ pub async fn run(
         created.retain(|_, id| !known_ids.contains(id));
         let mut ids: BTreeMap<IdentityLabels, u32> = created.clone();
         let mut taken: BTreeSet<u32> = created.values().copied().collect();
-        for (id, labels) in known {
-            taken.insert(id);
-            let e = ids.entry(labels).or_insert(id);
-            *e = (*e).min(id);
+        for (id, labels) in &known {
+            taken.insert(*id);
+            let e = ids.entry(labels.clone()).or_insert(*id);
+            *e = (*e).min(*id);
         }
         let mut error = None;
         let mut allocated = 0;
-        for labels in cluster.identity_labels() {
-            if ids.contains_key(&labels) {
+        let wanted = cluster.identity_labels();
+        for labels in &wanted {
+            if ids.contains_key(labels) {
                 continue;
             }
-            match allocate(&id_api, &ar, &labels, &mut taken).await {
+            match allocate(&id_api, &ar, labels, &mut taken).await {
                 Ok(id) => {
                     tracing::info!(identity = id, namespace = %labels.namespace, "allocated a security identity");
                     created.insert(labels.clone(), id);
-                    ids.insert(labels, id);
+                    ids.insert(labels.clone(), id);
                     allocated += 1;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "allocating a security identity");
                     error = Some(e);
                     break;
+                }
+            }
+        }
+
+        // Garbage collection, once every identity a pod needs has its number.
+        let mut collected = 0;
+        if error.is_none() {
+            let objects = id_store.state();
+            let unused = unused_identities(&known, &wanted);
+            for id in gc.due(&unused, Instant::now(), gc_grace) {
+                let Some(obj) = objects
+                    .iter()
+                    .find(|o| identity_of(o).map(|(i, _)| i) == Some(id))
+                else {
+                    gc.forget(id);
+                    continue;
+                };
+                match collect(&id_api, obj).await {
+                    Ok(true) => {
+                        tracing::info!(identity = id, "deleted an unused security identity");
+                        gc.forget(id);
+                        collected += 1;
+                    }
+                    Ok(false) => gc.forget(id),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "collecting a security identity");
+                        error = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -250,6 +369,8 @@ pub async fn run(
             r.pending_identities = pending;
             r.identities = ids.len();
             r.allocated += allocated;
+            r.collected += collected;
+            r.unused_identities = gc.pending();
             match result {
                 Ok(stats) => {
                     if stats.entries_added + stats.entries_removed > 0 || !stats.failed.is_empty() {
@@ -267,10 +388,79 @@ pub async fn run(
             }
         }
         let retry = report.lock().expect("policy report").last_error.is_some();
+        let mut wait = if retry {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(30)
+        };
+        if let Some(due) = gc.next_due(gc_grace) {
+            wait =
+                wait.min(due.saturating_duration_since(Instant::now()) + Duration::from_millis(10));
+        }
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(if retry { Duration::from_millis(500) } else { Duration::from_secs(30) }) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(ns: &str, pod: &str) -> IdentityLabels {
+        IdentityLabels {
+            namespace: ns.into(),
+            namespace_labels: BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                ns.to_string(),
+            )]),
+            pod_labels: BTreeMap::from([("app".to_string(), pod.to_string())]),
+        }
+    }
+
+    #[test]
+    fn unused_identities_are_the_label_sets_no_pod_has_and_the_losers_of_races() {
+        let known = vec![
+            (256, labels("x", "a")),
+            (257, labels("x", "b")),
+            (258, labels("x", "a")), // lost the race for x/a to 256
+            (259, labels("y", "gone")),
+        ];
+        let wanted = BTreeSet::from([labels("x", "a"), labels("x", "b")]);
+        assert_eq!(
+            unused_identities(&known, &wanted),
+            BTreeSet::from([258, 259])
+        );
+        assert!(unused_identities(&known[..2], &wanted).is_empty());
+    }
+
+    #[test]
+    fn identities_fall_due_after_the_grace_period_unless_used_again() {
+        let grace = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut gc = IdentityGc::default();
+        assert!(gc.due(&BTreeSet::from([300, 301]), t0, grace).is_empty());
+        assert_eq!(gc.next_due(grace), Some(t0 + grace));
+        // 301 is used again before the grace period ends; 302 becomes unused later.
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(gc.due(&BTreeSet::from([300, 302]), t1, grace).is_empty());
+        assert_eq!(gc.pending(), vec![300, 302]);
+        let t2 = t0 + grace;
+        assert_eq!(
+            gc.due(&BTreeSet::from([300, 301, 302]), t2, grace),
+            vec![300]
+        );
+        gc.forget(300);
+        // 301 starts afresh at t2; 302 falls due at t1 + grace.
+        assert_eq!(gc.next_due(grace), Some(t1 + grace));
+        assert_eq!(
+            gc.due(&BTreeSet::from([301, 302]), t2 + grace, grace),
+            vec![301, 302]
+        );
+        assert!(gc.next_due(grace).is_some());
+        assert!(gc.due(&BTreeSet::new(), t2 + grace, grace).is_empty());
+        assert_eq!(gc.next_due(grace), None);
     }
 }

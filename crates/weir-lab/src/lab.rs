@@ -39,6 +39,8 @@ pub struct UpOptions {
     pub xdp: bool,
     /// Masquerade pods' flows leaving the cluster.
     pub masquerade: bool,
+    /// How long the agents keep a security identity no pod needs.
+    pub identity_gc_grace: Duration,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -305,6 +307,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     layout.tunnel = opts.tunnel.clone();
     layout.xdp = opts.xdp;
     layout.masquerade = opts.masquerade;
+    layout.identity_gc_grace_ms = opts.identity_gc_grace.as_millis() as u64;
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -679,6 +682,7 @@ pub async fn run_agent(
         socket: p.agent_socket(node),
         default_algorithm: algorithm,
         default_mode: weir_control::lb::LbMode::Snat,
+        identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
         .await

@@ -172,6 +172,13 @@ pub struct Layout {
     /// Whether the agents masquerade pods' flows leaving the cluster.
     #[serde(default)]
     pub masquerade: bool,
+    /// How long the agents keep a security identity no pod needs, in milliseconds.
+    #[serde(default = "default_identity_gc_grace_ms")]
+    pub identity_gc_grace_ms: u64,
+}
+
+fn default_identity_gc_grace_ms() -> u64 {
+    300_000
 }
 
 fn default_tunnel() -> String {
@@ -214,6 +221,7 @@ impl Layout {
             tunnel: default_tunnel(),
             xdp: false,
             masquerade: false,
+            identity_gc_grace_ms: default_identity_gc_grace_ms(),
         }
     }
 

@@ -161,6 +161,10 @@ struct AgentArgs {
     /// (repeatable), e.g. a routed network that knows the pod CIDRs.
     #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
     non_masquerade: Vec<ipnet::Ipv4Net>,
+    /// How long a SecurityIdentity no pod needs (its labels gone, or a duplicate) stays
+    /// before the agent deletes it.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    identity_gc_grace: Duration,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,6 +324,9 @@ enum LabCommand {
         /// (by default they leave with their node's address, as with Cilium's defaults).
         #[arg(long)]
         no_masquerade: bool,
+        /// How long the agents keep a SecurityIdentity no pod needs before deleting it.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        identity_gc_grace: Duration,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -827,6 +834,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         socket: a.socket.clone(),
         default_algorithm: a.lb_algorithm.into(),
         default_mode: a.lb_mode.into(),
+        identity_gc_grace: a.identity_gc_grace,
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
@@ -933,6 +941,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             tunnel,
             xdp,
             no_masquerade,
+            identity_gc_grace,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -948,6 +957,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 },
                 xdp: *xdp,
                 masquerade: !no_masquerade,
+                identity_gc_grace: *identity_gc_grace,
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());

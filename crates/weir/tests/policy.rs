@@ -209,7 +209,7 @@ fn observe_drops(lab: &Lab) {
 
 #[test]
 fn upstream_network_policy_model_on_two_nodes() {
-    let lab = Lab::up("pol", 2, &model_yaml());
+    let lab = Lab::up_with("pol", 2, &model_yaml(), &["--identity-gc-grace", "2s"]);
     let everything = expect(|_, _| true);
     assert_matrix(&lab, "no policy", 80, "tcp", "pod-ip", &everything);
 
@@ -343,10 +343,41 @@ fn upstream_network_policy_model_on_two_nodes() {
     );
     assert_matrix(&lab, "relabelled pod", 81, "tcp", "pod-ip", &everything);
 
-    // Identities were allocated cluster-wide, one per label set.
-    let ids = lab.get_json(&["securityidentities"]);
-    let n = ids["items"].as_array().map_or(0, |a| a.len());
-    assert!(n >= 9, "at least one identity per pod label set: {ids}");
+    // Identities were allocated cluster-wide, one per label set; y/a's old labels are no pod's
+    // any more, and their identity is collected after the grace period (2 s here).
+    let label_sets = || -> Vec<(String, String)> {
+        let ids = lab.get_json(&["securityidentities"]);
+        let mut sets: Vec<(String, String)> = ids["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| {
+                (
+                    o["spec"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    o["spec"]["podLabels"]["pod"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        sets.sort();
+        sets
+    };
+    let mut want: Vec<(String, String)> = ["x", "y", "z"]
+        .iter()
+        .flat_map(|ns| ["a", "b", "c"].map(|p| (ns.to_string(), p.to_string())))
+        .collect();
+    want[3].1 = "a2".into(); // y/a
+    want.sort();
+    lab.eventually(
+        "one identity per pod label set, the unused one collected",
+        Duration::from_secs(30),
+        || label_sets() == want,
+    );
 
     // Deleting the policies restores everything.
     for (ns, name) in [
