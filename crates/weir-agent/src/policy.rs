@@ -55,10 +55,8 @@ pub struct PolicyReport {
 
 /// The SecurityIdentity resource (weir.dev/v1alpha1).
 pub fn identity_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("weir.dev", "v1alpha1", "SecurityIdentity"),
-        "securityidentities",
-    )
+    let k = weir_model::kinds::SECURITY_IDENTITY;
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(k.group, k.version, k.kind), k.plural)
 }
 
 /// The identity number and labels of a SecurityIdentity object.

@@ -204,6 +204,83 @@ pub fn group_versions() -> Vec<(&'static str, &'static str)> {
 mod tests {
     use super::*;
 
+    /// The CustomResourceDefinition and the agent's ClusterRole for real clusters (deploy/)
+    /// describe the kind the lab's API server serves.
+    #[test]
+    fn the_security_identity_crd_and_the_agent_role_match_the_kind() {
+        let k = SECURITY_IDENTITY;
+        let crd: serde_json::Value =
+            serde_yaml::from_str(include_str!("../../../deploy/securityidentity-crd.yaml"))
+                .expect("CRD YAML");
+        assert_eq!(crd["metadata"]["name"], format!("{}.{}", k.plural, k.group));
+        let spec = &crd["spec"];
+        assert_eq!(spec["group"], k.group);
+        assert_eq!(
+            spec["scope"],
+            if k.namespaced {
+                "Namespaced"
+            } else {
+                "Cluster"
+            }
+        );
+        assert_eq!(spec["names"]["kind"], k.kind);
+        assert_eq!(spec["names"]["plural"], k.plural);
+        assert_eq!(spec["names"]["singular"], k.singular);
+        assert_eq!(
+            spec["names"]["shortNames"],
+            serde_json::json!(k.short_names)
+        );
+        let version = &spec["versions"][0];
+        assert_eq!(version["name"], k.version);
+        let fields = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(fields["required"], serde_json::json!(["namespace"]));
+        for f in ["namespace", "namespaceLabels", "podLabels"] {
+            assert!(fields["properties"][f].is_object(), "{f}");
+        }
+
+        let docs: Vec<serde_json::Value> =
+            serde_yaml::Deserializer::from_str(include_str!("../../../deploy/agent-rbac.yaml"))
+                .map(|d| serde::Deserialize::deserialize(d).expect("RBAC YAML"))
+                .collect();
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("ClusterRole");
+        let grants = |group: &str, plural: &str, verb: &str| {
+            role["rules"].as_array().unwrap().iter().any(|r| {
+                r["apiGroups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g == group)
+                    && r["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p == plural)
+                    && r["verbs"].as_array().unwrap().iter().any(|v| v == verb)
+            })
+        };
+        for kind in [
+            SERVICE,
+            ENDPOINT_SLICE,
+            NODE,
+            POD,
+            NAMESPACE,
+            NETWORK_POLICY,
+            k,
+        ] {
+            for verb in ["get", "list", "watch"] {
+                assert!(
+                    grants(kind.group, kind.plural, verb),
+                    "{} {verb}",
+                    kind.plural
+                );
+            }
+        }
+        assert!(grants(k.group, k.plural, "create") && grants(k.group, k.plural, "delete"));
+    }
+
     #[test]
     fn resolves_cli_names_like_kubectl() {
         assert_eq!(by_cli_name("po").unwrap().kind, "Pod");

@@ -150,6 +150,28 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 priority: 0,
             },
         ],
+        "SecurityIdentity" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Namespace",
+                priority: 0,
+            },
+            Column {
+                name: "Pod-Labels",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+            Column {
+                name: "Namespace-Labels",
+                priority: 1,
+            },
+        ],
         _ => &[
             Column {
                 name: "Name",
@@ -373,6 +395,13 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
                 age,
             ]
         }
+        "SecurityIdentity" => vec![
+            name,
+            s(obj, "/spec/namespace").to_string(),
+            or_none(map_string(obj.pointer("/spec/podLabels"))),
+            age,
+            or_none(map_string(obj.pointer("/spec/namespaceLabels"))),
+        ],
         _ => vec![name, age],
     }
 }
@@ -390,6 +419,25 @@ mod tests {
         assert_eq!(human_duration(3600), "60m");
         assert_eq!(human_duration(4 * 3600 + 60), "4h1m");
         assert_eq!(human_duration(3 * 86400 + 7200), "3d2h");
+    }
+
+    #[test]
+    fn security_identity_row() {
+        let id = json!({"metadata": {"name": "256", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"namespace": "x", "podLabels": {"app": "web", "tier": "front"},
+                "namespaceLabels": {"kubernetes.io/metadata.name": "x"}}});
+        let now: jiff::Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        assert_eq!(
+            row(&SECURITY_IDENTITY, &id, now),
+            [
+                "256",
+                "x",
+                "app=web,tier=front",
+                "60s",
+                "kubernetes.io/metadata.name=x"
+            ]
+        );
+        assert_eq!(columns(&SECURITY_IDENTITY).len(), 5);
     }
 
     #[test]
