@@ -232,8 +232,14 @@ static __always_inline void policy_event(const struct policy_flow *f, __u8 dir, 
 {
 	struct flow_event *ev = bpf_ringbuf_reserve(&weir_events, sizeof(*ev), 0);
 
-	if (!ev)
+	if (!ev) {
+		__u32 idx = dir * WEIR_METRICS_STRIDE + REASON_EVENT_LOST;
+		struct metrics_value *m = bpf_map_lookup_elem(&weir_metrics, &idx);
+
+		if (m)
+			m->packets += 1;
 		return;
+	}
 	ev->ts = bpf_ktime_get_boot_ns();
 	__builtin_memcpy(ev->saddr, f->saddr, sizeof(ev->saddr));
 	__builtin_memcpy(ev->daddr, f->daddr, sizeof(ev->daddr));

@@ -65,13 +65,28 @@ async fn handle(
                     StatusCode::BAD_REQUEST,
                     &serde_json::json!({"error": "since: not a sequence number"}),
                 ),
-                (Some(_), since) => {
-                    let page = shared
+                (Some(p), since) => {
+                    let mut page = shared
                         .flows
                         .lock()
                         .expect("flow log")
                         .since(since.and_then(Result::ok).unwrap_or(0));
-                    json(StatusCode::OK, &page)
+                    match p
+                        .dataplane
+                        .lock()
+                        .expect("pods")
+                        .datapath()
+                        .metric_packets(weir_bpf::datapath::weir_reason::REASON_EVENT_LOST)
+                    {
+                        Ok(n) => {
+                            page.events_lost = n;
+                            json(StatusCode::OK, &page)
+                        }
+                        Err(e) => json(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &serde_json::json!({"error": e.to_string()}),
+                        ),
+                    }
                 }
             }
         }

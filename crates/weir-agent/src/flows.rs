@@ -72,6 +72,10 @@ pub struct FlowPage {
     pub next: u64,
     /// Records that left the log before they were asked for.
     pub lost: u64,
+    /// Verdict events the datapath could not hand over since it was loaded: its ring buffer
+    /// was full (REASON_EVENT_LOST).
+    #[serde(default)]
+    pub events_lost: u64,
     /// The records, oldest first.
     pub flows: Vec<FlowRecord>,
 }
@@ -170,6 +174,7 @@ impl FlowLog {
         FlowPage {
             next: self.next_seq - 1,
             lost: first.saturating_sub(since + 1),
+            events_lost: 0,
             flows: self
                 .records
                 .iter()

@@ -383,6 +383,7 @@ pub const REASONS: &[(weir_reason, &str)] = &[
     (weir_reason::DROP_SOURCE_RANGE, "DROP_SOURCE_RANGE"),
     (weir_reason::DROP_NO_ROUTE, "DROP_NO_ROUTE"),
     (weir_reason::REASON_POLICY_ALLOWED, "REASON_POLICY_ALLOWED"),
+    (weir_reason::REASON_EVENT_LOST, "REASON_EVENT_LOST"),
     (weir_reason::DROP_POLICY_DENIED, "DROP_POLICY_DENIED"),
     (weir_reason::DROP_POLICY_FAILED, "DROP_POLICY_FAILED"),
     (weir_reason::DROP_PREFILTER, "DROP_PREFILTER"),
@@ -1040,20 +1041,31 @@ impl Datapath {
         b.build().map_err(lb("reading map weir_events"))
     }
 
+    /// Packets and bytes of one `weir_metrics` slot, summed over CPUs.
+    fn metric_at(&self, idx: u32) -> Result<(u64, u64), BpfError> {
+        let per_cpu = self
+            .map("weir_metrics")
+            .lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading weir_metrics"))?;
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        for v in per_cpu.into_iter().flatten() {
+            let m: metrics_value = from_bytes(&v);
+            packets += m.packets;
+            bytes += m.bytes;
+        }
+        Ok((packets, bytes))
+    }
+
+    /// The packets (or events) counted under `reason`, both directions.
+    pub fn metric_packets(&self, reason: weir_reason) -> Result<u64, BpfError> {
+        Ok(self.metric_at(reason.0)?.0 + self.metric_at(METRICS_STRIDE + reason.0)?.0)
+    }
+
     /// Every non-zero counter, summed over CPUs.
     pub fn metrics(&self) -> Result<Vec<Metric>, BpfError> {
-        let map = self.map("weir_metrics");
         let mut out = Vec::new();
-        for idx in 0..map.max_entries() {
-            let per_cpu = map
-                .lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
-                .map_err(lb("reading weir_metrics"))?;
-            let (mut packets, mut bytes) = (0u64, 0u64);
-            for v in per_cpu.into_iter().flatten() {
-                let m: metrics_value = from_bytes(&v);
-                packets += m.packets;
-                bytes += m.bytes;
-            }
+        for idx in 0..self.map("weir_metrics").max_entries() {
+            let (packets, bytes) = self.metric_at(idx)?;
             if packets == 0 {
                 continue;
             }

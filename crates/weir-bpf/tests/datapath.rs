@@ -1719,6 +1719,36 @@ impl Fixture {
     }
 }
 
+/// A verdict event the full ring buffer cannot take is counted (REASON_EVENT_LOST), and the
+/// packet's verdict does not change.
+#[test]
+fn verdict_events_lost_to_a_full_ring_buffer_are_counted() {
+    use weir_bpf::datapath::EP_POLICY_INGRESS;
+    let fx = Fixture::new();
+    let a_if = fx.ifindex("in0");
+    let b_if = fx.ifindex("out0");
+    fx.endpoint("10.244.1.5".parse().expect("ip"), a_if);
+    fx.endpoint("10.244.1.7".parse().expect("ip"), b_if);
+    fx.ipcache(&[("10.244.1.5", 32, 300, 0), ("10.244.1.7", 32, 301, 0)]);
+    fx.isolate(b_if, EP_POLICY_INGRESS, 301);
+    // A denied flow leaves no entry: every packet is judged and emits an event. The ring
+    // (1 MiB) holds 13,107 records of 72 + 8 bytes.
+    let f = tcp4(("10.244.1.5", 40000), ("10.244.1.7", 80), 0x02);
+    let sent = 14_000;
+    for _ in 0..sent {
+        assert_eq!(fx.run(TcProgram::FromPod, &f, a_if).0, TC_ACT_SHOT);
+    }
+    let lost = fx.metric("REASON_EVENT_LOST");
+    assert_eq!(fx.metric("DROP_POLICY_DENIED"), sent);
+    let kept = fx.events().len() as u64;
+    assert!(lost > 0, "the ring buffer did not fill: {kept} events kept");
+    assert_eq!(kept + lost, sent);
+    // Drained, it takes events again.
+    assert_eq!(fx.run(TcProgram::FromPod, &f, a_if).0, TC_ACT_SHOT);
+    assert_eq!(fx.events().len(), 1);
+    assert_eq!(fx.metric("REASON_EVENT_LOST"), lost);
+}
+
 #[test]
 fn network_policy_is_judged_on_the_first_packet_and_kept_per_flow() {
     use weir_bpf::datapath::{

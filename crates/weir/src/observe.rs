@@ -131,6 +131,7 @@ pub async fn run(
     json: bool,
 ) -> Result<ExitCode> {
     let mut cursor: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events_lost: BTreeMap<String, u64> = BTreeMap::new();
     let mut past = Vec::new();
     for (node, socket) in sockets {
         let p = page(socket, 0).await.map_err(|e| {
@@ -140,6 +141,10 @@ pub async fn run(
             )
         })?;
         cursor.insert(node.clone(), p.next);
+        if p.events_lost > 0 && !follow {
+            eprintln!("(the datapath of {node} has lost {} verdict events since it was loaded: its ring buffer was full)", p.events_lost);
+        }
+        events_lost.insert(node.clone(), p.events_lost);
         past.extend(p.flows.into_iter().filter(|r| filter.matches(r)));
     }
     past.sort_by(|a, b| a.time.cmp(&b.time));
@@ -167,6 +172,12 @@ pub async fn run(
                     }
                     if p.lost > 0 {
                         eprintln!("({} verdicts of {node} were lost: they came faster than this command read them)", p.lost);
+                    }
+                    let before = events_lost.insert(node.clone(), p.events_lost);
+                    if let Some(n) = before.and_then(|b| p.events_lost.checked_sub(b)) {
+                        if n > 0 {
+                            eprintln!("({n} verdicts of {node} were lost in the datapath: its ring buffer was full)");
+                        }
                     }
                     cursor.insert(node.clone(), p.next);
                     new.extend(p.flows.into_iter().filter(|r| filter.matches(r)));

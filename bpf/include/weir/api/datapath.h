@@ -56,6 +56,7 @@ enum weir_reason {
 	REASON_XDP_TX = 8,	  /* translated and sent back out of the receiving device (XDP) */
 	REASON_XDP_REDIRECT = 9,  /* translated and sent out of another device (XDP) */
 	REASON_POLICY_ALLOWED = 10, /* events only: a new flow a pod's policy allowed */
+	REASON_EVENT_LOST = 11,	    /* not a packet: a verdict event the full weir_events refused */
 	DROP_INVALID_PACKET = 130, /* truncated or malformed headers */
 	DROP_HEADER_WRITE = 131,   /* a header or checksum could not be rewritten */
 	DROP_NO_SERVICE_BACKEND = 132, /* a NodePort/external frontend without usable backend */
