@@ -539,6 +539,25 @@ fn tcp4(src: (&str, u16), dst: (&str, u16), flags: u8) -> Vec<u8> {
     f
 }
 
+/// An IPv4 SCTP frame: the common header (ports, verification tag, a CRC32c no program
+/// checks) and an INIT chunk.
+fn sctp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
+    let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
+    f.truncate(34);
+    f[14 + 9] = 132;
+    f[14 + 2..14 + 4].copy_from_slice(&52u16.to_be_bytes());
+    f[14 + 10] = 0;
+    f[14 + 11] = 0;
+    let c = csum16(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
+    // INIT: type 1, flags 0, length 20, tag, a_rwnd, streams out/in, initial TSN.
+    f.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 7, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    f
+}
+
 /// An IPv4 UDP frame (8-byte payload), all checksums valid.
 fn udp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
     let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
@@ -1717,6 +1736,59 @@ impl Fixture {
         let v = got.borrow().clone();
         v
     }
+}
+
+/// SCTP is judged by its ports like TCP and UDP, and its answers pass on the flow's entry.
+#[test]
+fn network_policy_judges_sctp_by_port() {
+    use weir_bpf::datapath::{EP_POLICY_INGRESS, POLICY_INGRESS};
+    let fx = Fixture::new();
+    let a_if = fx.ifindex("in0");
+    let b_if = fx.ifindex("out0");
+    fx.endpoint("10.244.1.5".parse().expect("ip"), a_if);
+    fx.endpoint("10.244.1.7".parse().expect("ip"), b_if);
+    fx.ipcache(&[("10.244.1.5", 32, 300, 0), ("10.244.1.7", 32, 301, 0)]);
+    // b admits identity 300 on SCTP 5000 only (not on TCP 5000).
+    fx.allow(b_if, POLICY_INGRESS, 300, 132, 5000, 16);
+    fx.isolate(b_if, EP_POLICY_INGRESS, 301);
+    let run = |f: &[u8], dev| fx.run(TcProgram::FromPod, f, dev).0;
+    for (name, f, want) in [
+        (
+            "SCTP 5000",
+            sctp4(("10.244.1.5", 40000), ("10.244.1.7", 5000)),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "SCTP 5001",
+            sctp4(("10.244.1.5", 40000), ("10.244.1.7", 5001)),
+            TC_ACT_SHOT,
+        ),
+        (
+            "TCP 5000",
+            tcp4(("10.244.1.5", 40000), ("10.244.1.7", 5000), 0x02),
+            TC_ACT_SHOT,
+        ),
+        // b's answer (INIT ACK) and a's next packet pass on the flow's entry.
+        (
+            "answer",
+            sctp4(("10.244.1.7", 5000), ("10.244.1.5", 40000)),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "again",
+            sctp4(("10.244.1.5", 40000), ("10.244.1.7", 5000)),
+            TC_ACT_REDIRECT,
+        ),
+    ] {
+        let dev = if name == "answer" { b_if } else { a_if };
+        assert_eq!(run(&f, dev), want, "{name}");
+    }
+    let pct = fx.dp.pct4_entries().expect("pct");
+    assert_eq!(pct.len(), 1, "one entry, for the allowed flow: {pct:?}");
+    let (k, v) = &pct[0];
+    assert_eq!((k.proto, u16::from_be(k.dport)), (132, 5000));
+    assert!(v.flags & 4 != 0, "the answer was seen: {v:?}");
+    assert_eq!(fx.metric("DROP_POLICY_DENIED"), 2);
 }
 
 /// A verdict event the full ring buffer cannot take is counted (REASON_EVENT_LOST), and the
