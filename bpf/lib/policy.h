@@ -478,8 +478,10 @@ static __always_inline __u32 policy4_other_tuple(struct __sk_buff *skb, const st
 
 /*
  * The IPv6 counterpart of policy4_other_tuple: SCTP without extension headers is tracked by
- * its ports; neighbour discovery (ICMPv6 133-137) passes (POLICY_PASS); anything else is
- * judged alone by protocol. Returns the flags for policy6.
+ * its ports; an echo request or reply (ICMPv6 128/129) by its identifier, as conntrack does
+ * for IPv4 (the source port of a request, the destination port of a reply, so that a reply's
+ * tuple is its request's reversed); neighbour discovery (ICMPv6 133-137) passes
+ * (POLICY_PASS); anything else is judged alone by protocol. Returns the flags for policy6.
  */
 static __always_inline __u32 policy6_other_tuple(struct __sk_buff *skb, const struct ipv6hdr *ip6,
 						 struct ct6_key *t)
@@ -493,9 +495,20 @@ static __always_inline __u32 policy6_other_tuple(struct __sk_buff *skb, const st
 	t->dport = 0;
 	t->proto = ip6->nexthdr;
 	if (ip6->nexthdr == IPPROTO_ICMPV6_) {
-		if (bpf_skb_load_bytes(skb, L4_OFF6, &type, 1) == 0 && type >= 133 && type <= 137)
+		__be16 id;
+
+		if (bpf_skb_load_bytes(skb, L4_OFF6, &type, 1) < 0)
+			return POLICY_NO_CT;
+		if (type >= 133 && type <= 137)
 			return POLICY_PASS;
-		return POLICY_NO_CT;
+		if ((type != 128 && type != 129) ||
+		    bpf_skb_load_bytes(skb, L4_OFF6 + 4, &id, sizeof(id)) < 0)
+			return POLICY_NO_CT;
+		if (type == 128)
+			t->sport = id;
+		else
+			t->dport = id;
+		return 0;
 	}
 	if (ip6->nexthdr == IPPROTO_SCTP_ &&
 	    bpf_skb_load_bytes(skb, L4_OFF6, ports, sizeof(ports)) == 0) {

@@ -1544,6 +1544,22 @@ fn tcp6(src: (&str, u16), dst: (&str, u16), flags: u8) -> Vec<u8> {
     f
 }
 
+/// An IPv6 echo request (or reply) with identifier `id`, checksum valid.
+fn echo6(src: &str, dst: &str, reply: bool, id: u16) -> Vec<u8> {
+    let mut f = frame6(src.parse().expect("ip"), dst.parse().expect("ip"), 64);
+    f.truncate(54);
+    f[14 + 4..14 + 6].copy_from_slice(&12u16.to_be_bytes());
+    f[14 + 6] = 58;
+    f.extend_from_slice(&[if reply { 129 } else { 128 }, 0, 0, 0]);
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&[0, 1]);
+    f.extend_from_slice(b"ping");
+    let c = l4_csum6(&f);
+    f[56..58].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(l4_csum6(&f), 0);
+    f
+}
+
 /// (source, destination) of an IPv6 TCP/UDP frame as `[a]:port`.
 fn endpoints6_of(f: &[u8]) -> (String, String) {
     let a = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&f[o..o + 16]).unwrap());
@@ -1736,6 +1752,40 @@ impl Fixture {
         let v = got.borrow().clone();
         v
     }
+}
+
+/// An IPv6 echo is tracked by its identifier: the reply to a request the policy allowed
+/// passes on the request's entry; other replies and requests are judged.
+#[test]
+fn network_policy_tracks_ipv6_echo_by_identifier() {
+    use weir_bpf::datapath::EP_POLICY_INGRESS;
+    let fx = Fixture::new();
+    let a_if = fx.ifindex("in0");
+    let b_if = fx.ifindex("out0");
+    let (a, b) = ("fd00:10:244:1::5", "fd00:10:244:1::7");
+    fx.endpoint(a.parse().expect("ip"), a_if);
+    fx.endpoint(b.parse().expect("ip"), b_if);
+    fx.ipcache(&[(a, 128, 300, 0), (b, 128, 301, 0)]);
+    // a admits nothing; its egress is open.
+    fx.isolate(a_if, EP_POLICY_INGRESS, 300);
+    for (name, f, dev, want) in [
+        ("a pings b", echo6(a, b, false, 7), a_if, TC_ACT_REDIRECT),
+        ("b answers", echo6(b, a, true, 7), b_if, TC_ACT_REDIRECT),
+        ("again", echo6(a, b, false, 7), a_if, TC_ACT_REDIRECT),
+        (
+            "answer to no request",
+            echo6(b, a, true, 8),
+            b_if,
+            TC_ACT_SHOT,
+        ),
+        ("b pings a", echo6(b, a, false, 9), b_if, TC_ACT_SHOT),
+    ] {
+        assert_eq!(fx.run(TcProgram::FromPod, &f, dev).0, want, "{name}");
+    }
+    let pct = fx.dp.pct6_entries().expect("pct");
+    assert_eq!(pct.len(), 1, "one entry, for a's echo: {pct:?}");
+    assert_eq!((pct[0].0.proto, u16::from_be(pct[0].0.sport)), (58, 7));
+    assert_eq!(fx.metric("DROP_POLICY_DENIED"), 2);
 }
 
 /// SCTP is judged by its ports like TCP and UDP, and its answers pass on the flow's entry.
