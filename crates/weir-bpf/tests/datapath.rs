@@ -539,40 +539,37 @@ fn tcp4(src: (&str, u16), dst: (&str, u16), flags: u8) -> Vec<u8> {
     f
 }
 
-/// An IPv4 SCTP frame: the common header (ports, verification tag, a CRC32c no program
-/// checks) and an INIT chunk.
-fn sctp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
+/// Ethernet + IPv4 headers for protocol `proto` carrying `l4` (IP checksum valid), the
+/// ports of `src` and `dst` first.
+fn ip4_with(src: (&str, u16), dst: (&str, u16), proto: u8, l4: &[u8]) -> Vec<u8> {
     let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
     f.truncate(34);
-    f[14 + 9] = 132;
-    f[14 + 2..14 + 4].copy_from_slice(&52u16.to_be_bytes());
+    f[14 + 9] = proto;
+    f[14 + 2..14 + 4].copy_from_slice(&(20 + 4 + l4.len() as u16).to_be_bytes());
     f[14 + 10] = 0;
     f[14 + 11] = 0;
     let c = csum16(&f[14..34]);
     f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&src.1.to_be_bytes());
     f.extend_from_slice(&dst.1.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
-    // INIT: type 1, flags 0, length 20, tag, a_rwnd, streams out/in, initial TSN.
-    f.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 7, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    f.extend_from_slice(l4);
     f
+}
+
+/// An IPv4 SCTP frame: the common header (ports, verification tag, a CRC32c no program
+/// checks) and an INIT chunk (type 1, length 20, tag, a_rwnd, streams out/in, initial TSN).
+fn sctp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
+    let mut l4 = vec![0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef];
+    l4.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 7, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    ip4_with(src, dst, 132, &l4)
 }
 
 /// An IPv4 UDP frame (8-byte payload), all checksums valid.
 fn udp4(src: (&str, u16), dst: (&str, u16)) -> Vec<u8> {
-    let mut f = frame4(src.0.parse().expect("ip"), dst.0.parse().expect("ip"), 64);
-    f.truncate(34);
-    f[14 + 9] = 17;
-    f[14 + 2..14 + 4].copy_from_slice(&36u16.to_be_bytes());
-    f[14 + 10] = 0;
-    f[14 + 11] = 0;
-    let c = csum16(&f[14..34]);
-    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&src.1.to_be_bytes());
-    f.extend_from_slice(&dst.1.to_be_bytes());
-    f.extend_from_slice(&16u16.to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(b"ping\n\0\0\0");
+    let mut l4 = 16u16.to_be_bytes().to_vec();
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(b"ping\n\0\0\0");
+    let mut f = ip4_with(src, dst, 17, &l4);
     let c = l4_csum(&f);
     f[40..42].copy_from_slice(&c.to_be_bytes());
     f
@@ -1754,18 +1751,27 @@ impl Fixture {
     }
 }
 
+/// A fixture with pod a (identity 300) on in0 and pod b (identity 301) on out0, at addresses
+/// `a` and `b` of one family; no policy yet. Returns it with a's and b's ifindexes.
+fn policy_pair(a: &str, b: &str) -> (Fixture, u32, u32) {
+    let fx = Fixture::new();
+    let a_if = fx.ifindex("in0");
+    let b_if = fx.ifindex("out0");
+    let a_ip: IpAddr = a.parse().expect("ip");
+    let bits = if a_ip.is_ipv4() { 32 } else { 128 };
+    fx.endpoint(a_ip, a_if);
+    fx.endpoint(b.parse().expect("ip"), b_if);
+    fx.ipcache(&[(a, bits, 300, 0), (b, bits, 301, 0)]);
+    (fx, a_if, b_if)
+}
+
 /// An IPv6 echo is tracked by its identifier: the reply to a request the policy allowed
 /// passes on the request's entry; other replies and requests are judged.
 #[test]
 fn network_policy_tracks_ipv6_echo_by_identifier() {
     use weir_bpf::datapath::EP_POLICY_INGRESS;
-    let fx = Fixture::new();
-    let a_if = fx.ifindex("in0");
-    let b_if = fx.ifindex("out0");
     let (a, b) = ("fd00:10:244:1::5", "fd00:10:244:1::7");
-    fx.endpoint(a.parse().expect("ip"), a_if);
-    fx.endpoint(b.parse().expect("ip"), b_if);
-    fx.ipcache(&[(a, 128, 300, 0), (b, 128, 301, 0)]);
+    let (fx, a_if, b_if) = policy_pair(a, b);
     // a admits nothing; its egress is open.
     fx.isolate(a_if, EP_POLICY_INGRESS, 300);
     for (name, f, dev, want) in [
@@ -1792,12 +1798,7 @@ fn network_policy_tracks_ipv6_echo_by_identifier() {
 #[test]
 fn network_policy_judges_sctp_by_port() {
     use weir_bpf::datapath::{EP_POLICY_INGRESS, POLICY_INGRESS};
-    let fx = Fixture::new();
-    let a_if = fx.ifindex("in0");
-    let b_if = fx.ifindex("out0");
-    fx.endpoint("10.244.1.5".parse().expect("ip"), a_if);
-    fx.endpoint("10.244.1.7".parse().expect("ip"), b_if);
-    fx.ipcache(&[("10.244.1.5", 32, 300, 0), ("10.244.1.7", 32, 301, 0)]);
+    let (fx, a_if, b_if) = policy_pair("10.244.1.5", "10.244.1.7");
     // b admits identity 300 on SCTP 5000 only (not on TCP 5000).
     fx.allow(b_if, POLICY_INGRESS, 300, 132, 5000, 16);
     fx.isolate(b_if, EP_POLICY_INGRESS, 301);
@@ -1846,12 +1847,7 @@ fn network_policy_judges_sctp_by_port() {
 #[test]
 fn verdict_events_lost_to_a_full_ring_buffer_are_counted() {
     use weir_bpf::datapath::EP_POLICY_INGRESS;
-    let fx = Fixture::new();
-    let a_if = fx.ifindex("in0");
-    let b_if = fx.ifindex("out0");
-    fx.endpoint("10.244.1.5".parse().expect("ip"), a_if);
-    fx.endpoint("10.244.1.7".parse().expect("ip"), b_if);
-    fx.ipcache(&[("10.244.1.5", 32, 300, 0), ("10.244.1.7", 32, 301, 0)]);
+    let (fx, a_if, b_if) = policy_pair("10.244.1.5", "10.244.1.7");
     fx.isolate(b_if, EP_POLICY_INGRESS, 301);
     // A denied flow leaves no entry: every packet is judged and emits an event. The ring
     // (1 MiB) holds 13,107 records of 72 + 8 bytes.
