@@ -170,7 +170,7 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
     full.policies.pop();
     let state_none = compile(&none, &mut local);
 
-    println!("# weir-bench policy: pod -> pod new connections (4 client threads, SO_LINGER 0) on one node; {rounds} rounds of {secs} s, alternating, medians");
+    println!("# weir-bench policy: pod -> pod new connections (4 client threads, SO_LINGER 0) on one node; {rounds} rounds of {secs} s, alternating, medians (and the median of the ratios within rounds)");
     println!("# {n} NetworkPolicies over 100 pods isolating both pods both ways (one allows client -> server:8080) vs none");
     println!(
         "apply {n} policies: compile {compile_ms:.1} ms + program {program_ms:.1} ms; one policy more: {one_ms:.1} ms ({} entries added)",
@@ -241,6 +241,17 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
             run[mi].1 as f64 / run[mi].0.max(1) as f64
         );
     }
+    // Each round measured both modes back to back: the ratio within a round cancels the
+    // machine's drift between rounds.
+    let mut paired: Vec<f64> = rate[1].iter().zip(&rate[0]).map(|(p, n)| p / n).collect();
+    let (lo, hi) = paired
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    println!(
+        "ratio within rounds: median {:.3} (from {lo:.3} to {hi:.3} over {} rounds)",
+        median(&mut paired),
+        paired.len()
+    );
     println!("(from_pod judges a new flow's egress and, for a pod of this node, its ingress; later packets find the verdict kept per flow)");
     let _ = server.kill();
     let _ = server.wait();
