@@ -149,9 +149,18 @@ impl IdentityGc {
     }
 }
 
-/// Deletes SecurityIdentity `id` if it is still the object `obj` (uid and resourceVersion).
-/// Returns whether it is gone.
-async fn collect(api: &Api<DynamicObject>, obj: &DynamicObject) -> Result<bool, String> {
+/// What became of an identity to collect.
+enum Collected {
+    /// This agent deleted it.
+    Deleted,
+    /// Another agent deleted it first.
+    Gone,
+    /// It changed since this agent saw it: judged again on the next pass.
+    Changed,
+}
+
+/// Deletes the SecurityIdentity `obj` if it is unchanged (uid and resourceVersion).
+async fn collect(api: &Api<DynamicObject>, obj: &DynamicObject) -> Result<Collected, String> {
     let name = obj.metadata.name.clone().unwrap_or_default();
     let dp = DeleteParams {
         preconditions: Some(Preconditions {
@@ -161,11 +170,9 @@ async fn collect(api: &Api<DynamicObject>, obj: &DynamicObject) -> Result<bool, 
         ..Default::default()
     };
     match api.delete(&name, &dp).await {
-        Ok(_) => Ok(true),
-        // Another agent collected it first.
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
-        // It changed since this agent saw it: judged again on the next pass.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Ok(_) => Ok(Collected::Deleted),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Collected::Gone),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Collected::Changed),
         Err(e) => Err(format!("deleting SecurityIdentity {name}: {e}")),
     }
 }
@@ -321,12 +328,12 @@ pub async fn run(
                     continue;
                 };
                 match collect(&id_api, obj).await {
-                    Ok(true) => {
+                    Ok(Collected::Deleted) => {
                         tracing::info!(identity = id, "deleted an unused security identity");
                         gc.forget(id);
                         collected += 1;
                     }
-                    Ok(false) => gc.forget(id),
+                    Ok(Collected::Gone | Collected::Changed) => gc.forget(id),
                     Err(e) => {
                         tracing::warn!(error = %e, "collecting a security identity");
                         error = Some(e);
