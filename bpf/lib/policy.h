@@ -169,8 +169,12 @@ static __always_inline const struct ep_policy *policy_ep(__u32 ifindex)
 	return ifindex ? bpf_map_lookup_elem(&weir_policy_eps, &ifindex) : NULL;
 }
 
-/* Fills s->p with the identities of address `addr` (family of s->f). */
-static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *addr)
+/*
+ * Fills s->p with the identities of address `addr` (family of s->f); its CIDR identity only
+ * for a pod whose entries name some (`pol`, may be NULL).
+ */
+static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *addr,
+					const struct ep_policy *pol)
 {
 	struct ipcache_key *k = &s->ik;
 	const struct ipcache_info *i;
@@ -190,8 +194,11 @@ static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *
 	i = bpf_map_lookup_elem(&weir_ipcache, k);
 	s->p.id = i ? i->identity : WEIR_ID_WORLD;
 	s->p.ns_class = i ? i->ns_class : 0;
-	i = bpf_map_lookup_elem(&weir_policy_cidrs, k);
-	s->p.cidr = i ? i->identity : 0;
+	s->p.cidr = 0;
+	if (pol && (pol->flags & EP_POLICY_PEER_CIDR)) {
+		i = bpf_map_lookup_elem(&weir_policy_cidrs, k);
+		s->p.cidr = i ? i->identity : 0;
+	}
 }
 
 /* Whether weir_policy allows `peer` for the pod and direction already in s->pk. */
@@ -218,9 +225,12 @@ static __always_inline int policy_judge(struct policy_scratch *s, __u32 ep,
 	s->pk.dir = dir;
 	s->pk.proto = s->f.proto;
 	s->pk.dport = s->f.dport;
-	if (policy_has(s, WEIR_ID_ANY) || policy_has(s, s->p.id))
+	if ((pol->flags & EP_POLICY_PEER_ANY) && policy_has(s, WEIR_ID_ANY))
 		return 0;
-	if (s->p.ns_class && (policy_has(s, s->p.ns_class) || policy_has(s, WEIR_ID_CLUSTER)))
+	if (policy_has(s, s->p.id))
+		return 0;
+	if ((pol->flags & EP_POLICY_PEER_CLASS) && s->p.ns_class &&
+	    (policy_has(s, s->p.ns_class) || policy_has(s, WEIR_ID_CLUSTER)))
 		return 0;
 	if (s->p.cidr && policy_has(s, s->p.cidr))
 		return 0;
@@ -272,14 +282,14 @@ static __noinline int policy_decide(struct __sk_buff *skb, struct policy_scratch
 	int r = 0;
 
 	if (sp && (sp->flags & EP_POLICY_EGRESS)) {
-		policy_peer(s, s->f.daddr);
+		policy_peer(s, s->f.daddr, sp);
 		dst_id = dp ? dst_id : s->p.id;
 		dir = WEIR_DIR_EGRESS;
 		ifindex = src_if;
 		r = policy_judge(s, src_if, sp, WEIR_DIR_EGRESS);
 	}
 	if (r == 0 && dp && (dp->flags & EP_POLICY_INGRESS)) {
-		policy_peer(s, s->f.saddr);
+		policy_peer(s, s->f.saddr, dp);
 		src_id = sp ? src_id : s->p.id;
 		dir = WEIR_DIR_INGRESS;
 		ifindex = dst_if;
@@ -362,9 +372,10 @@ static __always_inline void policy_flow6(struct policy_flow *f, const struct ct6
 		s_ = policy_scratch();                                                         \
 		if (!s_)                                                                       \
 			return -DROP_POLICY_FAILED;                                            \
-		flow_from(&s_->f, t);                                                          \
-		if ((flags) & POLICY_NO_CT)                                                    \
+		if ((flags) & POLICY_NO_CT) {                                                  \
+			flow_from(&s_->f, t);                                                  \
 			return policy_decide(skb, s_, src_if, dst_if);                         \
+		}                                                                              \
 		rev_ = policy_revision();                                                      \
 		e_ = bpf_map_lookup_elem(map, t);                                              \
 		if (!e_ || pct_expired(e_)) {                                                  \
@@ -384,6 +395,7 @@ static __always_inline void policy_flow6(struct policy_flow *f, const struct ct6
 		}                                                                              \
 		if ((flags) & POLICY_RELATED) {                                                \
 			/* No flow of its own: judged alone, as ICMP. */                       \
+			flow_from(&s_->f, t);                                                  \
 			s_->f.proto = IPPROTO_ICMP_;                                           \
 			s_->f.sport = s_->f.dport = 0;                                         \
 			return policy_decide(skb, s_, src_if, dst_if);                         \

@@ -108,6 +108,12 @@ pub const EP_POLICY_INGRESS: u32 = 1;
 pub const EP_POLICY_EGRESS: u32 = 2;
 /// `ep_policy.flags`: programming failed, the isolated directions deny everything.
 pub const EP_POLICY_DENY: u32 = 4;
+/// `ep_policy.flags`: some entry's peer is "any" (a rule without peers).
+pub const EP_POLICY_PEER_ANY: u32 = 8;
+/// `ep_policy.flags`: some entry's peer is the cluster or a namespace class.
+pub const EP_POLICY_PEER_CLASS: u32 = 16;
+/// `ep_policy.flags`: some entry's peer is a CIDR identity.
+pub const EP_POLICY_PEER_CIDR: u32 = 32;
 /// `policy_key.dir` (and `flow_event.dir`): into the pod.
 pub const POLICY_INGRESS: u8 = 0;
 /// `policy_key.dir`: out of the pod.

@@ -1731,7 +1731,15 @@ impl Fixture {
             .expect("policy entry");
     }
 
+    /// Isolates pod `ep` (`flags`: EP_POLICY_INGRESS/EGRESS/DENY), with every peer-kind hint
+    /// set: all the lookups are tried, whatever its entries.
     fn isolate(&self, ep: u32, flags: u32, identity: u32) {
+        use weir_bpf::datapath::{EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS};
+        let flags = flags | EP_POLICY_PEER_ANY | EP_POLICY_PEER_CLASS | EP_POLICY_PEER_CIDR;
+        self.set_ep_policy(ep, flags, identity);
+    }
+
+    fn set_ep_policy(&self, ep: u32, flags: u32, identity: u32) {
         self.dp
             .set_ep_policy(ep, Some(&weir_bpf::datapath::ep_policy { flags, identity }))
             .expect("ep policy");
@@ -1840,6 +1848,45 @@ fn network_policy_judges_sctp_by_port() {
     assert_eq!((k.proto, u16::from_be(k.dport)), (132, 5000));
     assert!(v.flags & 4 != 0, "the answer was seen: {v:?}");
     assert_eq!(fx.metric("DROP_POLICY_DENIED"), 2);
+}
+
+/// The peer-kind hints of a pod decide which lookups its new flows try: an entry of a kind the
+/// hints do not announce is not consulted (the agent sets them from the entries it writes).
+#[test]
+fn network_policy_tries_only_the_peer_kinds_a_pod_names() {
+    use weir_bpf::datapath::{
+        EP_POLICY_INGRESS, EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS,
+        POLICY_INGRESS,
+    };
+    let (fx, a_if, b_if) = policy_pair("10.244.1.5", "10.244.1.7");
+    fx.ipcache(&[
+        ("10.244.1.5", 32, 300, NS_BASE + 1),
+        ("10.244.1.7", 32, 301, NS_BASE + 1),
+        ("10.244.1.0", 24, CIDR_BASE + 1, 0),
+    ]);
+    // b admits "any" on 81, namespace class 1 on 82, the cluster on 83, the CIDR on 84.
+    fx.allow(b_if, POLICY_INGRESS, 0, 6, 81, 16);
+    fx.allow(b_if, POLICY_INGRESS, NS_BASE + 1, 6, 82, 16);
+    fx.allow(b_if, POLICY_INGRESS, ID_CLUSTER, 6, 83, 16);
+    fx.allow(b_if, POLICY_INGRESS, CIDR_BASE + 1, 6, 84, 16);
+    let mut sport = 40000;
+    let mut verdict = |port: u16| {
+        sport += 1;
+        let f = tcp4(("10.244.1.5", sport), ("10.244.1.7", port), 0x02);
+        fx.run(TcProgram::FromPod, &f, a_if).0
+    };
+    for (hints, allowed) in [
+        (0, [false, false, false, false]),
+        (EP_POLICY_PEER_ANY, [true, false, false, false]),
+        (EP_POLICY_PEER_CLASS, [false, true, true, false]),
+        (EP_POLICY_PEER_CIDR, [false, false, false, true]),
+    ] {
+        fx.set_ep_policy(b_if, EP_POLICY_INGRESS | hints, 301);
+        for (port, ok) in [81, 82, 83, 84].into_iter().zip(allowed) {
+            let want = if ok { TC_ACT_REDIRECT } else { TC_ACT_SHOT };
+            assert_eq!(verdict(port), want, "hints {hints:#x}, port {port}");
+        }
+    }
 }
 
 /// A verdict event the full ring buffer cannot take is counted (REASON_EVENT_LOST), and the

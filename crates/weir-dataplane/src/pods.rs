@@ -305,6 +305,20 @@ pub struct PodDataplane {
     ipcache_written: Option<AddrTries>,
 }
 
+/// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
+/// host, world or remote node, which the datapath always looks up).
+fn peer_hint(peer: u32) -> u32 {
+    use weir_bpf::datapath::{EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS};
+    use weir_control::policy::id;
+    match peer {
+        id::ANY => EP_POLICY_PEER_ANY,
+        id::CLUSTER => EP_POLICY_PEER_CLASS,
+        p if p >= id::NS_BASE => EP_POLICY_PEER_CLASS,
+        p if p >= id::CIDR_BASE => EP_POLICY_PEER_CIDR,
+        _ => 0,
+    }
+}
+
 impl PodDataplane {
     /// Loads the programs with their maps pinned in `pin_dir` (kept across restarts); the
     /// load-balancing maps are the socket layer's, in `lb_pin_dir`.
@@ -652,6 +666,7 @@ impl PodDataplane {
                 let Some(set) = set else { continue };
                 flags |= flag;
                 for e in set {
+                    flags |= peer_hint(e.peer);
                     let k = weir_bpf::datapath::policy_key_of(
                         *ifindex,
                         dir,
@@ -988,5 +1003,29 @@ impl PodDataplane {
             backend,
             snat,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_hints_name_the_lookups_a_pods_entries_need() {
+        use weir_bpf::datapath::{EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS};
+        use weir_control::policy::id;
+        assert_eq!(peer_hint(id::ANY), EP_POLICY_PEER_ANY);
+        assert_eq!(peer_hint(id::CLUSTER), EP_POLICY_PEER_CLASS);
+        assert_eq!(peer_hint(id::NS_BASE + 3), EP_POLICY_PEER_CLASS);
+        assert_eq!(peer_hint(id::CIDR_BASE + 3), EP_POLICY_PEER_CIDR);
+        for peer in [
+            id::HOST,
+            id::WORLD,
+            id::REMOTE_NODE,
+            id::POD_MIN,
+            id::POD_MAX,
+        ] {
+            assert_eq!(peer_hint(peer), 0, "{peer}");
+        }
     }
 }

@@ -277,6 +277,15 @@ _Static_assert(sizeof(struct policy_entry) == 8, "policy_entry size");
 #define EP_POLICY_INGRESS (1 << 0) /* isolated for ingress: only weir_policy entries pass */
 #define EP_POLICY_EGRESS  (1 << 1) /* isolated for egress */
 #define EP_POLICY_DENY	  (1 << 2) /* programming failed: the isolated directions deny all */
+/*
+ * Which kinds of peer the pod's entries name (either direction), so that a new flow's judging
+ * skips the lookups that cannot match: "any" (a rule without peers), the cluster or a
+ * namespace class, a CIDR identity (which also spares the weir_policy_cidrs lookup). Set
+ * after the entries they announce are written, cleared before those are removed.
+ */
+#define EP_POLICY_PEER_ANY   (1 << 3)
+#define EP_POLICY_PEER_CLASS (1 << 4)
+#define EP_POLICY_PEER_CIDR  (1 << 5)
 
 /*
  * Value of weir_policy_eps, keyed by the pod's host-side ifindex (__u32): a pod whose flows
