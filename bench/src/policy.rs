@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use weir_control::policy::{self, Cluster, IdentityLabels, LocalIds, NodeView, PodInfo};
 
@@ -111,6 +111,28 @@ fn compile(c: &Cluster, local: &mut LocalIds) -> policy::PolicyState {
     policy::compile(c, &view, &|l| ids.get(l).copied(), local)
 }
 
+/// CPU time the machine spent busy so far (user, system, interrupts; not idle, not stolen by
+/// the hypervisor), in seconds, from /proc/stat.
+fn busy_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("reading /proc/stat")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Ok(busy as f64 / hz as f64)
+}
+
 fn run_client(ns: &str, threads: usize, secs: f64) -> Result<(f64, u64)> {
     let out = spawn_in(
         ns,
@@ -185,6 +207,9 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
     );
     let modes = ["no policy".to_string(), format!("{n} policies")];
     let mut rate: [Vec<f64>; 2] = [vec![], vec![]];
+    // CPU time per connection, the whole machine (client, server, stack, programs).
+    let mut cpu: [Vec<f64>; 2] = [vec![], vec![]];
+    let mut conns = [0f64; 2];
     let mut errors = [0u64; 2];
     // The pod program's run time per packet in each mode (kernel.bpf_stats_enabled).
     let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
@@ -210,10 +235,14 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
                 state.clone()
             })?;
             let before = from_pod(&pods);
+            let busy = busy_secs()?;
             let (r, e) = run_client(&t.c, 4, secs)?;
+            let busy = busy_secs()? - busy;
             let after = from_pod(&pods);
             if round > 0 {
                 rate[mi].push(r);
+                cpu[mi].push(busy / (r * secs).max(1.0) * 1e6);
+                conns[mi] += r * secs;
                 errors[mi] += e;
                 run[mi].0 += after.0 - before.0;
                 run[mi].1 += after.1 - before.1;
@@ -228,29 +257,47 @@ pub fn bench(n: usize, rounds: usize, secs: f64) -> Result<()> {
         bail!("no flow was judged by policy");
     }
     let base = median(&mut rate[0].clone());
+    let base_cpu = median(&mut cpu[0].clone());
     println!(
-        "{:>14} {:>10} {:>9} {:>8} {:>22}",
-        "mode", "conn/s", "ratio", "errors", "from_pod ns/packet"
+        "{:>14} {:>10} {:>9} {:>8} {:>22} {:>14} {:>10}",
+        "mode", "conn/s", "ratio", "errors", "from_pod ns/packet", "CPU us/conn", "cpu ratio"
     );
     for (mi, mode) in modes.iter().enumerate() {
         let r = median(&mut rate[mi]);
+        let c = median(&mut cpu[mi]);
         println!(
-            "{mode:>14} {r:>10.0} {:>9.3} {:>8} {:>22.0}",
+            "{mode:>14} {r:>10.0} {:>9.3} {:>8} {:>22.0} {c:>14.1} {:>10.3}",
             r / base,
             errors[mi],
-            run[mi].1 as f64 / run[mi].0.max(1) as f64
+            run[mi].1 as f64 / run[mi].0.max(1) as f64,
+            base_cpu / c
         );
     }
     // Each round measured both modes back to back: the ratio within a round cancels the
     // machine's drift between rounds.
     let mut paired: Vec<f64> = rate[1].iter().zip(&rate[0]).map(|(p, n)| p / n).collect();
-    let (lo, hi) = paired
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    if !paired.is_empty() {
+        let (lo, hi) = paired
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        println!(
+            "ratio within rounds: median {:.3} (from {lo:.3} to {hi:.3} over {} rounds)",
+            median(&mut paired),
+            paired.len()
+        );
+    }
+    println!("(cpu ratio: the machine's busy CPU time per connection without policy over with it, from /proc/stat: time stolen by the hypervisor and idle time do not count)");
+    // What policy adds to each connection, from the program's own run time (bpf_stats),
+    // against what a connection costs the machine without policy: the ratio policy would
+    // give if nothing else changed between the modes.
+    let per_conn = |mi: usize| run[mi].1 as f64 / conns[mi].max(1.0) / 1e3;
+    let added = per_conn(1) - per_conn(0);
     println!(
-        "ratio within rounds: median {:.3} (from {lo:.3} to {hi:.3} over {} rounds)",
-        median(&mut paired),
-        paired.len()
+        "from_pod per connection: {:.2} us without policy, {:.2} us with: policy adds {added:.2} us to the {base_cpu:.1} us of CPU a connection takes, {:.1}%, a connection rate ratio of {:.3}",
+        per_conn(0),
+        per_conn(1),
+        added / base_cpu * 100.0,
+        base_cpu / (base_cpu + added)
     );
     println!("(from_pod judges a new flow's egress and, for a pod of this node, its ingress; later packets find the verdict kept per flow)");
     let _ = server.kill();
