@@ -164,6 +164,12 @@ static __always_inline __u32 policy_dst_ifindex(const struct endpoint_info *ep)
 	return ep && !(ep->flags & WEIR_EP_HOST_STACK) ? ep->ifindex : 0;
 }
 
+/* The pod's EP_POLICY_PEER_* hints: all of them when its value carries none. */
+static __always_inline __u32 policy_hints(const struct ep_policy *pol)
+{
+	return (pol->flags & EP_POLICY_HINTS) ? pol->flags : ~0u;
+}
+
 static __always_inline const struct ep_policy *policy_ep(__u32 ifindex)
 {
 	return ifindex ? bpf_map_lookup_elem(&weir_policy_eps, &ifindex) : NULL;
@@ -176,6 +182,7 @@ static __always_inline const struct ep_policy *policy_ep(__u32 ifindex)
 static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *addr,
 					const struct ep_policy *pol)
 {
+	__u32 hints = pol ? policy_hints(pol) : 0;
 	struct ipcache_key *k = &s->ik;
 	const struct ipcache_info *i;
 
@@ -195,7 +202,7 @@ static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *
 	s->p.id = i ? i->identity : WEIR_ID_WORLD;
 	s->p.ns_class = i ? i->ns_class : 0;
 	s->p.cidr = 0;
-	if (pol && (pol->flags & EP_POLICY_PEER_CIDR)) {
+	if (hints & EP_POLICY_PEER_CIDR) {
 		i = bpf_map_lookup_elem(&weir_policy_cidrs, k);
 		s->p.cidr = i ? i->identity : 0;
 	}
@@ -225,11 +232,11 @@ static __always_inline int policy_judge(struct policy_scratch *s, __u32 ep,
 	s->pk.dir = dir;
 	s->pk.proto = s->f.proto;
 	s->pk.dport = s->f.dport;
-	if ((pol->flags & EP_POLICY_PEER_ANY) && policy_has(s, WEIR_ID_ANY))
+	if ((policy_hints(pol) & EP_POLICY_PEER_ANY) && policy_has(s, WEIR_ID_ANY))
 		return 0;
 	if (policy_has(s, s->p.id))
 		return 0;
-	if ((pol->flags & EP_POLICY_PEER_CLASS) && s->p.ns_class &&
+	if ((policy_hints(pol) & EP_POLICY_PEER_CLASS) && s->p.ns_class &&
 	    (policy_has(s, s->p.ns_class) || policy_has(s, WEIR_ID_CLUSTER)))
 		return 0;
 	if (s->p.cidr && policy_has(s, s->p.cidr))

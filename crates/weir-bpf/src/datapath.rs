@@ -114,6 +114,9 @@ pub const EP_POLICY_PEER_ANY: u32 = 8;
 pub const EP_POLICY_PEER_CLASS: u32 = 16;
 /// `ep_policy.flags`: some entry's peer is a CIDR identity.
 pub const EP_POLICY_PEER_CIDR: u32 = 32;
+/// `ep_policy.flags`: the `EP_POLICY_PEER_*` bits are set (else the datapath tries every
+/// lookup, as for a value an older agent wrote).
+pub const EP_POLICY_HINTS: u32 = 64;
 /// `policy_key.dir` (and `flow_event.dir`): into the pod.
 pub const POLICY_INGRESS: u8 = 0;
 /// `policy_key.dir`: out of the pod.

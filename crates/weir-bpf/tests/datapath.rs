@@ -1731,11 +1731,9 @@ impl Fixture {
             .expect("policy entry");
     }
 
-    /// Isolates pod `ep` (`flags`: EP_POLICY_INGRESS/EGRESS/DENY), with every peer-kind hint
-    /// set: all the lookups are tried, whatever its entries.
+    /// Isolates pod `ep` (`flags`: EP_POLICY_INGRESS/EGRESS/DENY) without peer-kind hints:
+    /// all the lookups are tried, whatever its entries.
     fn isolate(&self, ep: u32, flags: u32, identity: u32) {
-        use weir_bpf::datapath::{EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS};
-        let flags = flags | EP_POLICY_PEER_ANY | EP_POLICY_PEER_CLASS | EP_POLICY_PEER_CIDR;
         self.set_ep_policy(ep, flags, identity);
     }
 
@@ -1852,11 +1850,12 @@ fn network_policy_judges_sctp_by_port() {
 
 /// The peer-kind hints of a pod decide which lookups its new flows try: an entry of a kind the
 /// hints do not announce is not consulted (the agent sets them from the entries it writes).
+/// Without EP_POLICY_HINTS (a value an older agent wrote) every lookup is tried.
 #[test]
 fn network_policy_tries_only_the_peer_kinds_a_pod_names() {
     use weir_bpf::datapath::{
-        EP_POLICY_INGRESS, EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR, EP_POLICY_PEER_CLASS,
-        POLICY_INGRESS,
+        EP_POLICY_HINTS, EP_POLICY_INGRESS, EP_POLICY_PEER_ANY, EP_POLICY_PEER_CIDR,
+        EP_POLICY_PEER_CLASS, POLICY_INGRESS,
     };
     let (fx, a_if, b_if) = policy_pair("10.244.1.5", "10.244.1.7");
     fx.ipcache(&[
@@ -1875,11 +1874,13 @@ fn network_policy_tries_only_the_peer_kinds_a_pod_names() {
         let f = tcp4(("10.244.1.5", sport), ("10.244.1.7", port), 0x02);
         fx.run(TcProgram::FromPod, &f, a_if).0
     };
+    let h = EP_POLICY_HINTS;
     for (hints, allowed) in [
-        (0, [false, false, false, false]),
-        (EP_POLICY_PEER_ANY, [true, false, false, false]),
-        (EP_POLICY_PEER_CLASS, [false, true, true, false]),
-        (EP_POLICY_PEER_CIDR, [false, false, false, true]),
+        (h, [false, false, false, false]),
+        (h | EP_POLICY_PEER_ANY, [true, false, false, false]),
+        (h | EP_POLICY_PEER_CLASS, [false, true, true, false]),
+        (h | EP_POLICY_PEER_CIDR, [false, false, false, true]),
+        (0, [true, true, true, true]),
     ] {
         fx.set_ep_policy(b_if, EP_POLICY_INGRESS | hints, 301);
         for (port, ok) in [81, 82, 83, 84].into_iter().zip(allowed) {

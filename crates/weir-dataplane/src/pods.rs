@@ -657,7 +657,7 @@ impl PodDataplane {
                 stats.pending.push(pod.clone());
                 continue;
             };
-            let mut flags = 0;
+            let mut flags = weir_bpf::datapath::EP_POLICY_HINTS;
             let mut keys = BTreeSet::new();
             for (dir, set, flag) in [
                 (POLICY_INGRESS, &ep.ingress, EP_POLICY_INGRESS),

@@ -281,11 +281,14 @@ _Static_assert(sizeof(struct policy_entry) == 8, "policy_entry size");
  * Which kinds of peer the pod's entries name (either direction), so that a new flow's judging
  * skips the lookups that cannot match: "any" (a rule without peers), the cluster or a
  * namespace class, a CIDR identity (which also spares the weir_policy_cidrs lookup). Set
- * after the entries they announce are written, cleared before those are removed.
+ * after the entries they announce are written, cleared before those are removed. They count
+ * only with EP_POLICY_HINTS: a value written by an agent that did not know them (before an
+ * upgrade's first apply) makes every lookup.
  */
 #define EP_POLICY_PEER_ANY   (1 << 3)
 #define EP_POLICY_PEER_CLASS (1 << 4)
 #define EP_POLICY_PEER_CIDR  (1 << 5)
+#define EP_POLICY_HINTS	     (1 << 6)
 
 /*
  * Value of weir_policy_eps, keyed by the pod's host-side ifindex (__u32): a pod whose flows
