@@ -278,11 +278,9 @@ pub async fn run(
 
         // Identities: the lowest number for each label set. The ones this agent created
         // count until the watch reports them.
-        let known: Vec<(u32, IdentityLabels)> = id_store
-            .state()
-            .iter()
-            .filter_map(|o| identity_of(o))
-            .collect();
+        let id_objects = id_store.state();
+        let known: Vec<(u32, IdentityLabels)> =
+            id_objects.iter().filter_map(|o| identity_of(o)).collect();
         let known_ids: BTreeSet<u32> = known.iter().map(|(id, _)| *id).collect();
         created.retain(|_, id| !known_ids.contains(id));
         let mut ids: BTreeMap<IdentityLabels, u32> = created.clone();
@@ -317,13 +315,14 @@ pub async fn run(
         // Garbage collection, once every identity a pod needs has its number.
         let mut collected = 0;
         if error.is_none() {
-            let objects = id_store.state();
+            // The objects `known` was read from: the one deleted is the one judged unused.
+            let by_id: BTreeMap<u32, &DynamicObject> = id_objects
+                .iter()
+                .filter_map(|o| Some((identity_of(o)?.0, &**o)))
+                .collect();
             let unused = unused_identities(&known, &wanted);
             for id in gc.due(&unused, Instant::now(), gc_grace) {
-                let Some(obj) = objects
-                    .iter()
-                    .find(|o| identity_of(o).map(|(i, _)| i) == Some(id))
-                else {
+                let Some(obj) = by_id.get(&id) else {
                     gc.forget(id);
                     continue;
                 };

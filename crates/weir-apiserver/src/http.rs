@@ -484,18 +484,7 @@ impl Api {
             .and_then(|l| l.parse().ok())
             .filter(|l| *l > 0)
             .unwrap_or(usize::MAX);
-        let key = |o: &Value| {
-            (
-                o.pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                o.pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        };
+        let key = weir_model::namespaced_name;
         let mut items: Vec<Arc<Value>> = Vec::new();
         let mut cont = String::new();
         for o in objs

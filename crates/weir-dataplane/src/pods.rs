@@ -49,7 +49,7 @@ pub struct PolicyApplyStats {
     pub endpoints: usize,
     /// Policy entries in the map for them.
     pub entries: usize,
-    /// Entries written and removed by this apply.
+    /// Entries written by this apply.
     pub entries_added: usize,
     /// Entries removed.
     pub entries_removed: usize,

@@ -232,17 +232,7 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
                 let statuses = policy_statuses(c).await?;
                 headers.extend(["POLICY-TYPES", "SELECTED", "RULES", "WARNINGS"].map(String::from));
                 for (o, r) in objects.iter().zip(rows.iter_mut()) {
-                    let key = (
-                        o.pointer("/metadata/namespace")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string(),
-                        o.pointer("/metadata/name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string(),
-                    );
-                    r.extend(match statuses.get(&key) {
+                    r.extend(match statuses.get(&weir_model::namespaced_name(o)) {
                         Some(st) => policy_cells(st),
                         None => vec!["<unknown>".into(); 4],
                     });
