@@ -41,6 +41,28 @@ pub struct AgentConfig {
     pub default_mode: lb::LbMode,
     /// How long a security identity no pod needs stays before it is deleted.
     pub identity_gc_grace: std::time::Duration,
+    /// The `service.kubernetes.io/service-proxy-name` this agent serves: Services labelled
+    /// with another name (or any name, when unset) are left to another proxy.
+    pub service_proxy_name: Option<String>,
+}
+
+/// Services (and their EndpointSlices) with this label have no proxy at all: the
+/// EndpointSlice controller puts it on the slices of Services without a cluster IP, and
+/// kube-proxy and Cilium skip whatever carries it.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Services (and their EndpointSlices) with this label are programmed only by the proxy of
+/// that name (kube-proxy programs none of them; Cilium those of `--k8s-service-proxy-name`).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// The label selector of the Services and EndpointSlices an agent with `proxy_name` programs,
+/// as kube-proxy (pkg/proxy/apis/well_known_labels.go, cmd/kube-proxy/app/server.go) and
+/// Cilium (`--k8s-service-proxy-name`) select them. The API server turns a label change into
+/// an ADDED or DELETED event for the watch, so a relabel takes effect at once.
+pub fn service_label_selector(proxy_name: Option<&str>) -> String {
+    match proxy_name {
+        Some(name) => format!("!{HEADLESS_LABEL},{SERVICE_PROXY_NAME_LABEL}={name}"),
+        None => format!("!{HEADLESS_LABEL},!{SERVICE_PROXY_NAME_LABEL}"),
+    }
 }
 
 /// What the agent reports about its synchronisation.
@@ -368,14 +390,16 @@ pub async fn run(
         full: true,
         ..Default::default()
     }));
+    let selected = watcher::Config::default()
+        .labels(&service_label_selector(cfg.service_proxy_name.as_deref()));
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
+        selected.clone(),
         wake(&notify, &shared, &dirty, mark_service),
     );
     let slices = spawn_reflector(
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default(),
+        selected,
         wake(&notify, &shared, &dirty, mark_slice),
     );
     // Apply only from a complete view: until both initial lists are in, the pinned state

@@ -22,6 +22,9 @@ mod sock_skel {
 }
 
 pub mod datapath;
+pub mod mounts;
+
+pub use mounts::ensure_bpffs;
 
 pub use sock_skel::types;
 use sock_skel::{SockSkel, SockSkelBuilder};
@@ -179,36 +182,6 @@ fn map_entries<K: Copy + Default, V: Copy + Default>(
         }
     }
     Ok(out)
-}
-
-/// Makes sure a BPF filesystem is mounted at /sys/fs/bpf.
-pub fn ensure_bpffs() -> Result<(), BpfError> {
-    let p = Path::new("/sys/fs/bpf");
-    let is_bpffs = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines().any(|l| {
-                l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-                    && l.split_whitespace().nth(2) == Some("bpf")
-            })
-        })
-        .unwrap_or(false);
-    if is_bpffs {
-        return Ok(());
-    }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .map_err(|source| BpfError::Io {
-            path: p.into(),
-            source,
-        })?;
-    if !status.success() {
-        return Err(BpfError::Io {
-            path: p.into(),
-            source: std::io::Error::other("mount -t bpf failed"),
-        });
-    }
-    Ok(())
 }
 
 /// Names of the socket-LB programs, in attach order, with their attach types.

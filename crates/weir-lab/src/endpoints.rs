@@ -16,6 +16,8 @@ use weir_model::LabelSelector;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label naming the controller that manages a slice.
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// Label on the EndpointSlices of a Service without a cluster IP (proxies skip them).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Value of [`MANAGED_BY_LABEL`] for slices this controller owns (the upstream name, so
 /// tools that look for it find it).
 pub const CONTROLLER_NAME: &str = "endpointslice-controller.k8s.io";
@@ -101,8 +103,20 @@ fn family_of(ip: &str) -> &'static str {
     }
 }
 
+/// The labels of a Service's EndpointSlices, as the upstream controller sets them
+/// (staging/src/k8s.io/endpointslice/utils.go, setEndpointSliceLabels): the Service's own
+/// labels but the two the controller owns, `service.kubernetes.io/headless` exactly when the
+/// Service has no cluster IP, the Service's name and the controller's.
 fn slice_labels(svc: &Service) -> BTreeMap<String, String> {
     let mut l = svc.metadata.labels.clone().unwrap_or_default();
+    l.remove(SERVICE_NAME_LABEL);
+    l.remove(MANAGED_BY_LABEL);
+    let cluster_ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+    if matches!(cluster_ip, None | Some("") | Some("None")) {
+        l.insert(HEADLESS_LABEL.into(), String::new());
+    } else {
+        l.remove(HEADLESS_LABEL);
+    }
     l.insert(
         SERVICE_NAME_LABEL.into(),
         svc.metadata.name.clone().unwrap_or_default(),
@@ -493,5 +507,31 @@ mod tests {
         s.spec.as_mut().unwrap().selector = None;
         let p = plan(&s, &[pod("a", true, false, "http", 80)], &[]);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn slice_labels_copy_the_service_and_mark_headless_as_upstream() {
+        let mut s = svc(json!([{"port": 80}]), &["IPv4"]);
+        s.metadata.labels = Some(
+            [
+                ("team", "a"),
+                (SERVICE_NAME_LABEL, "spoofed"),
+                (HEADLESS_LABEL, ""),
+                ("service.kubernetes.io/service-proxy-name", "weir"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        s.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.10".into());
+        let l = slice_labels(&s);
+        assert_eq!(l["team"], "a");
+        assert_eq!(l["service.kubernetes.io/service-proxy-name"], "weir");
+        assert_eq!(l[SERVICE_NAME_LABEL], "web");
+        assert_eq!(l[MANAGED_BY_LABEL], CONTROLLER_NAME);
+        // The headless label follows the cluster IP, not the Service's own labels.
+        assert!(!l.contains_key(HEADLESS_LABEL));
+        s.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        assert_eq!(slice_labels(&s)[HEADLESS_LABEL], "");
     }
 }

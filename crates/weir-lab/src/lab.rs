@@ -41,6 +41,8 @@ pub struct UpOptions {
     pub masquerade: bool,
     /// How long the agents keep a security identity no pod needs.
     pub identity_gc_grace: Duration,
+    /// The agents' `--service-proxy-name`.
+    pub service_proxy_name: Option<String>,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
@@ -308,6 +310,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     layout.xdp = opts.xdp;
     layout.masquerade = opts.masquerade;
     layout.identity_gc_grace_ms = opts.identity_gc_grace.as_millis() as u64;
+    layout.service_proxy_name = opts.service_proxy_name.clone();
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -320,6 +323,10 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     wait_for_apiserver(&client, p, Duration::from_secs(15)).await?;
     progress.step(&format!("API server listening on {server}"));
 
+    // First-run state, made once before any agent starts: the BPF filesystem the agents pin
+    // in, the shared /run/netns mount point, and the lab's cgroup v2 mount.
+    sys::ensure_bpffs()?;
+    sys::ensure_netns_run_dir()?;
     sys::ensure_cgroup2(&p.cgroup_mount())?;
     for dir in [p.cgroup_dir(), p.cgroup_dir().join("external")] {
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
@@ -563,13 +570,28 @@ pub async fn wait_converged(
             .await
             .map_err(kerr)?
             .items;
+        // What the agents program: the Services and slices of their proxy name.
+        let proxied = ListParams::default().labels(&weir_agent::service_label_selector(
+            layout.service_proxy_name.as_deref(),
+        ));
+        let proxied_services = Api::<Service>::all(client.clone())
+            .list(&proxied)
+            .await
+            .map_err(kerr)?
+            .items;
+        let proxied_slices =
+            Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone())
+                .list(&proxied)
+                .await
+                .map_err(kerr)?
+                .items;
         let mut ok = slices_caught_up(&services, &slices, &pods);
         if !ok {
             last = "EndpointSlices do not yet list every Ready pod".into();
         }
         if ok {
             for n in &layout.nodes {
-                let want = expected_view(&services, &slices, &n.name);
+                let want = expected_view(&proxied_services, &proxied_slices, &n.name);
                 // The pod datapath knows every running pod of the node (its programs are on
                 // the pod's veth before its address is in the map).
                 let want_eps: std::collections::BTreeSet<String> = pods
@@ -683,6 +705,7 @@ pub async fn run_agent(
         default_algorithm: algorithm,
         default_mode: weir_control::lb::LbMode::Snat,
         identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
+        service_proxy_name: layout.service_proxy_name.clone(),
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
         .await

@@ -175,6 +175,9 @@ pub struct Layout {
     /// How long the agents keep a security identity no pod needs, in milliseconds.
     #[serde(default = "default_identity_gc_grace_ms")]
     pub identity_gc_grace_ms: u64,
+    /// The agents' service proxy name (which labelled Services they program).
+    #[serde(default)]
+    pub service_proxy_name: Option<String>,
 }
 
 fn default_identity_gc_grace_ms() -> u64 {
@@ -222,6 +225,7 @@ impl Layout {
             xdp: false,
             masquerade: false,
             identity_gc_grace_ms: default_identity_gc_grace_ms(),
+            service_proxy_name: None,
         }
     }
 

@@ -100,36 +100,66 @@ pub fn enter_cgroup(dir: &Path) -> Result<(), LabError> {
     std::fs::write(&procs, std::process::id().to_string()).map_err(|e| LabError::io(procs, e))
 }
 
-fn is_cgroup2(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-        .unwrap_or(false)
+/// Makes sure cgroup v2 is mounted at `path` (mounting it there if not, never twice).
+pub fn ensure_cgroup2(path: &Path) -> Result<(), LabError> {
+    weir_bpf::mounts::ensure_cgroup2(path)
+        .map(|_| ())
+        .map_err(|e| {
+            LabError::Command(
+                format!("mount -t cgroup2 none {}", path.display()),
+                e.to_string(),
+            )
+        })
 }
 
-/// Makes sure cgroup v2 is mounted at `path` (mounting it there if not).
-pub fn ensure_cgroup2(path: &Path) -> Result<(), LabError> {
-    if is_cgroup2(path) {
-        return Ok(());
+/// Makes sure the BPF filesystem is mounted at /sys/fs/bpf before any agent starts, so that
+/// the node agents of a lab find it there and none of them mounts one of its own.
+pub fn ensure_bpffs() -> Result<(), LabError> {
+    weir_bpf::ensure_bpffs()
+        .map(|_| ())
+        .map_err(|e| LabError::Command("mount -t bpf bpf /sys/fs/bpf".into(), e.to_string()))
+}
+
+/// Where `ip netns add` keeps named network namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Makes /run/netns a shared mount point, as `ip netns add` does on its first call
+/// (iproute2 ip/ipnetns.c: make it shared, and if it is not a mount point yet, bind it onto
+/// itself first). Two first calls at once (two labs starting on a fresh machine) would each
+/// bind it, stacking two mounts; done once here under the host-wide mount lock, every later
+/// `ip netns add` finds the mount point in place.
+pub fn ensure_netns_run_dir() -> Result<(), LabError> {
+    use nix::mount::{mount, MsFlags};
+    let dir = Path::new(NETNS_RUN_DIR);
+    let err = |what: &str, e: nix::Error| {
+        LabError::Command(format!("{what} {}", dir.display()), e.to_string())
+    };
+    let _lock = weir_bpf::mounts::mount_lock()
+        .map_err(|e| LabError::Command("mount lock".into(), e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir.to_path_buf(), e))?;
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    match mount(None::<&str>, dir, None::<&str>, shared, None::<&str>) {
+        Ok(()) => Ok(()),
+        // EINVAL: not a mount point yet.
+        Err(nix::Error::EINVAL) => {
+            mount(
+                Some(dir),
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| err("mount --bind", e))?;
+            mount(None::<&str>, dir, None::<&str>, shared, None::<&str>)
+                .map_err(|e| err("mount --make-rshared", e))
+        }
+        Err(e) => Err(err("mount --make-rshared", e)),
     }
-    std::fs::create_dir_all(path).map_err(|e| LabError::io(path.to_path_buf(), e))?;
-    nix::mount::mount(
-        Some("none"),
-        path,
-        Some("cgroup2"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| {
-        LabError::Command(
-            format!("mount -t cgroup2 none {}", path.display()),
-            e.to_string(),
-        )
-    })
 }
 
 /// Unmounts the cgroup v2 mount at `path`, if mounted.
 pub fn unmount_cgroup2(path: &Path) -> Result<(), LabError> {
-    if !is_cgroup2(path) {
+    if !weir_bpf::mounts::is_cgroup2(path) {
         return Ok(());
     }
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)

@@ -165,6 +165,11 @@ struct AgentArgs {
     /// before the agent deletes it.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     identity_gc_grace: Duration,
+    /// Program only the Services labelled service.kubernetes.io/service-proxy-name=NAME
+    /// (unset: only those without that label, as kube-proxy). Services labelled
+    /// service.kubernetes.io/headless are never programmed.
+    #[arg(long, value_name = "NAME")]
+    service_proxy_name: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,6 +332,10 @@ enum LabCommand {
         /// How long the agents keep a SecurityIdentity no pod needs before deleting it.
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         identity_gc_grace: Duration,
+        /// The agents' service proxy name: they program only the Services labelled
+        /// service.kubernetes.io/service-proxy-name=NAME (unset: only unlabelled ones).
+        #[arg(long, value_name = "NAME")]
+        service_proxy_name: Option<String>,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -835,6 +844,7 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         default_algorithm: a.lb_algorithm.into(),
         default_mode: a.lb_mode.into(),
         identity_gc_grace: a.identity_gc_grace,
+        service_proxy_name: a.service_proxy_name.clone(),
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
@@ -942,6 +952,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             xdp,
             no_masquerade,
             identity_gc_grace,
+            service_proxy_name,
         } => {
             eprintln!("Creating lab {name:?} ({nodes} node(s))");
             let k = runtime()?.block_on(lab::up(&UpOptions {
@@ -958,6 +969,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 xdp: *xdp,
                 masquerade: !no_masquerade,
                 identity_gc_grace: *identity_gc_grace,
+                service_proxy_name: service_proxy_name.clone(),
             }))?;
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());

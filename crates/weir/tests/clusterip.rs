@@ -421,3 +421,142 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     let _ = api.kill();
     let _ = api.wait();
 }
+
+const PROXY_NAMES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: pn}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: pn, labels: {app: web}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: pn}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: pn}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mine, namespace: pn, labels: {service.kubernetes.io/service-proxy-name: weir}}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: pn, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: pn, labels: {service.kubernetes.io/headless: ""}}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+/// The Services of namespace pn whose ClusterIP node-1's agent has programmed.
+fn programmed(lab: &Lab) -> BTreeSet<String> {
+    let list = lb_list(lab, "node-1");
+    let vips: BTreeSet<String> = list["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["key"]["vip"].as_str().map(String::from))
+        .collect();
+    ["plain", "mine", "other", "headless"]
+        .into_iter()
+        .filter(|s| {
+            let ip = lab.get_json(&["svc", s, "-n", "pn"])["spec"]["clusterIP"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            vips.contains(&ip)
+        })
+        .map(String::from)
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn wait_programmed(lab: &Lab, want: &[&str]) {
+    let want = set(want);
+    lab.eventually(
+        &format!("node-1 programs exactly {want:?}"),
+        Duration::from_secs(10),
+        || programmed(lab) == want,
+    );
+}
+
+#[test]
+fn services_for_other_proxies_and_headless_ones_are_left_alone() {
+    // Without --service-proxy-name (kube-proxy's behaviour): only unlabelled Services.
+    let lab = Lab::up("cippn", 1, PROXY_NAMES);
+    assert_eq!(programmed(&lab), set(&["plain"]));
+    let r = lab.connect("pn/client", "other.pn:80", "tcp", 3);
+    assert_eq!(
+        r["ok"], 0,
+        "a Service of another proxy is not translated: {r}"
+    );
+    // A label removed or added takes effect at once (the watch sees the object enter or
+    // leave its selection).
+    ok(&mut lab.kubectl(&[
+        "label",
+        "svc",
+        "other",
+        "-n",
+        "pn",
+        "service.kubernetes.io/service-proxy-name-",
+    ]));
+    ok(&mut lab.kubectl(&[
+        "label",
+        "svc",
+        "plain",
+        "-n",
+        "pn",
+        "service.kubernetes.io/headless=",
+    ]));
+    wait_programmed(&lab, &["other"]);
+    let r = lab.connect("pn/client", "other.pn:80", "tcp", 3);
+    assert_eq!(r["ok"], 3, "{r}");
+    ok(&mut lab.kubectl(&[
+        "label",
+        "svc",
+        "plain",
+        "-n",
+        "pn",
+        "service.kubernetes.io/headless-",
+    ]));
+    wait_programmed(&lab, &["other", "plain"]);
+    drop(lab);
+
+    // With --service-proxy-name weir (Cilium's --k8s-service-proxy-name): only Services
+    // labelled with that name, never a headless-labelled one.
+    let lab = Lab::up_with("cippn", 1, PROXY_NAMES, &["--service-proxy-name", "weir"]);
+    assert_eq!(programmed(&lab), set(&["mine"]));
+    let r = lab.connect("pn/client", "mine.pn:80", "tcp", 3);
+    assert_eq!(r["ok"], 3, "{r}");
+    ok(&mut lab.kubectl(&[
+        "label",
+        "svc",
+        "other",
+        "-n",
+        "pn",
+        "--overwrite",
+        "service.kubernetes.io/service-proxy-name=weir",
+    ]));
+    ok(&mut lab.kubectl(&[
+        "label",
+        "svc",
+        "mine",
+        "-n",
+        "pn",
+        "service.kubernetes.io/headless=",
+    ]));
+    wait_programmed(&lab, &["other"]);
+}

@@ -52,12 +52,78 @@ pub fn require_root() {
     );
 }
 
+/// A private mount namespace held open by a sleeping process (killed when dropped), in which
+/// a test runs commands as on a fresh machine: /sys/fs/bpf and /run/netns start unmounted
+/// there, and nothing mounted inside is seen by the host.
+pub struct MountNs {
+    holder: std::process::Child,
+}
+
+impl MountNs {
+    /// A new private mount namespace with /sys/fs/bpf and /run/netns unmounted in it.
+    pub fn fresh() -> MountNs {
+        require_root();
+        let holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sleep", "3600"])
+            .spawn()
+            .expect("unshare");
+        let ns = MountNs { holder };
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(ns.path()).ok().as_ref() == Some(&own) {
+            assert!(
+                Instant::now() < deadline,
+                "unshare did not make a mount namespace"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ok(ns
+            .command("sh")
+            .args(["-c", "for d in /sys/fs/bpf /run/netns; do while grep -q \" $d \" /proc/self/mounts; do umount -l $d || exit 1; done; done"]));
+        ns
+    }
+
+    /// The namespace's /proc path.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.holder.id()))
+    }
+
+    /// `program` run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--mount={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// The filesystem types mounted at `path` inside the namespace, in mount order.
+    pub fn mounts_at(&self, path: &str) -> Vec<String> {
+        ok(self.command("cat").arg("/proc/self/mounts"))
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(1) == Some(&path)).then(|| f[2].to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for MountNs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
 /// A running lab, removed when dropped.
 pub struct Lab {
     /// Its name.
     pub name: String,
     /// Its kubeconfig.
     pub kubeconfig: PathBuf,
+    /// The mount namespace its processes run in, when not the test's own.
+    pub mntns: Option<MountNs>,
     _dir: tempfile::TempDir,
 }
 
@@ -69,12 +135,26 @@ impl Lab {
 
     /// Brings up a lab with extra `weir lab up` arguments.
     pub fn up_with(prefix: &str, nodes: u8, manifest: &str, extra: &[&str]) -> Lab {
+        Lab::up_in(None, prefix, nodes, manifest, extra)
+    }
+
+    /// Brings up a lab whose commands all run in `mntns` (when given).
+    pub fn up_in(
+        mntns: Option<MountNs>,
+        prefix: &str,
+        nodes: u8,
+        manifest: &str,
+        extra: &[&str],
+    ) -> Lab {
         require_root();
         let name = unique_name(prefix);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("manifest.yaml");
         std::fs::write(&f, manifest).unwrap();
-        let mut cmd = weir();
+        let mut cmd = match &mntns {
+            Some(ns) => ns.command(env!("CARGO_BIN_EXE_weir")),
+            None => weir(),
+        };
         cmd.args(["lab", "up", "--name", &name, "--nodes", &nodes.to_string()]);
         if !manifest.trim().is_empty() {
             cmd.arg("-f").arg(&f);
@@ -84,6 +164,7 @@ impl Lab {
         let lab = Lab {
             name: name.clone(),
             kubeconfig: PathBuf::from(format!("/run/weir/labs/{name}/kubeconfig")),
+            mntns,
             _dir: dir,
         };
         assert!(out.status.success(), "lab up failed");
@@ -94,9 +175,17 @@ impl Lab {
         lab
     }
 
+    /// `weir` (in the lab's mount namespace).
+    pub fn weir_bin(&self) -> Command {
+        match &self.mntns {
+            Some(ns) => ns.command(env!("CARGO_BIN_EXE_weir")),
+            None => weir(),
+        }
+    }
+
     /// `weir --cluster NAME ARGS...`
     pub fn weir(&self, args: &[&str]) -> Command {
-        let mut c = weir();
+        let mut c = self.weir_bin();
         c.args(["--cluster", &self.name]).args(args);
         c
     }
@@ -245,7 +334,7 @@ impl Lab {
         ))
         .unwrap();
         Daemon(
-            weir()
+            self.weir_bin()
                 .args(["lab", "agent", "--cluster", &self.name, "--node", node])
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -257,7 +346,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = weir().args(["lab", "down", "--name", &self.name]).output();
+        let _ = self
+            .weir_bin()
+            .args(["lab", "down", "--name", &self.name])
+            .output();
     }
 }
 
