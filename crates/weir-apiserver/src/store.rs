@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use weir_model::kinds::{self, ResourceKind};
-use weir_model::{defaults, validate};
+use weir_model::{defaults, strategy, validate};
 
 use crate::alloc::{AllocConfig, Allocations};
 use crate::error::ApiError;
@@ -462,15 +462,21 @@ impl Store {
         }
     }
 
-    /// Defaults, allocates and validates `obj` as the new state of an object (`old` on update).
+    /// Defaults, prepares (as the kind's registry strategy), validates and allocates `obj` as
+    /// the new state of an object.
     fn prepare(
         &self,
         st: &mut State,
         kind: &ResourceKind,
         obj: &mut Value,
-        old: Option<&Value>,
+        write: strategy::Write<'_>,
     ) -> Result<(), ApiError> {
+        let old = match write {
+            strategy::Write::Create => None,
+            strategy::Write::Update(o) | strategy::Write::Status(o) => Some(o),
+        };
         defaults::apply_defaults(kind, obj);
+        strategy::prepare(kind, obj, write);
         validate::validate(kind, obj, old).map_err(|e| ApiError::invalid(kind.group, &e))?;
         if kind.kind == "Service" {
             st.alloc
@@ -592,7 +598,7 @@ impl Store {
         if !name.is_empty() && st.objects.contains_key(&key) {
             return Err(ApiError::already_exists(kind.plural, &name));
         }
-        self.prepare(&mut st, kind, &mut obj, None)?;
+        self.prepare(&mut st, kind, &mut obj, strategy::Write::Create)?;
         if opts.dry_run {
             return Ok(Arc::new(obj));
         }
@@ -702,7 +708,12 @@ impl Store {
         if kind.kind == "Namespace" && !status_only {
             new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
         }
-        self.prepare(st, kind, &mut new, Some(old))?;
+        let write = if status_only {
+            strategy::Write::Status(old)
+        } else {
+            strategy::Write::Update(old)
+        };
+        self.prepare(st, kind, &mut new, write)?;
         if new.get("spec") != old.get("spec") {
             let g = old
                 .pointer("/metadata/generation")

@@ -10,6 +10,7 @@ pub mod kinds;
 pub mod manifest;
 pub mod print;
 pub mod selector;
+pub mod strategy;
 pub mod validate;
 
 pub use kinds::ResourceKind;

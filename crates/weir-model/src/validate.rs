@@ -678,11 +678,14 @@ fn validate_service(obj: &Value, old: Option<&Value>, e: &mut Errs) {
     }
     let etp = str_at(obj, "/spec/externalTrafficPolicy");
     e.one_of("spec.externalTrafficPolicy", etp, &["Cluster", "Local"]);
-    if etp.is_some() && ty != "NodePort" && ty != "LoadBalancer" {
+    // validateServiceExternalTrafficPolicy: only for externally accessible Services (NodePort,
+    // LoadBalancer, or ClusterIP with external IPs).
+    let accessible = crate::defaults::externally_accessible(&obj["spec"]);
+    if etp.is_some() && !accessible {
         e.invalid(
             "spec.externalTrafficPolicy",
             etp.unwrap_or_default(),
-            "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+            "may only be set for externally-accessible services",
         );
     }
     e.one_of(

@@ -152,58 +152,95 @@ fn kubectl_create_get_watch_label_apply_delete() {
     });
 }
 
+/// weir's API server on its own (TLS, a token), stopped when dropped, and kubectl for it.
+struct Standalone {
+    server: std::process::Child,
+    port: u16,
+    kubeconfig: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Standalone {
+    fn start() -> Standalone {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = weir_apiserver::pki::Pki::ensure(&dir.path().join("pki"), "standalone").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let kubeconfig = dir.path().join("kubeconfig");
+        pki.write_kubeconfig(
+            &kubeconfig,
+            "standalone",
+            &format!("https://127.0.0.1:{port}"),
+        )
+        .unwrap();
+        let server = weir()
+            .args(["apiserver", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-cert"])
+            .arg(&pki.server_cert)
+            .arg("--tls-key")
+            .arg(&pki.server_key)
+            .arg("--token-file")
+            .arg(&pki.token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Standalone {
+            server,
+            port,
+            kubeconfig,
+            dir,
+        };
+        let mut up = false;
+        for _ in 0..100 {
+            if s.kubectl(&["get", "ns"]).output().unwrap().status.success() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(up, "the API server did not come up");
+        s
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("kubectl");
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        c
+    }
+
+    /// `kubectl apply -f` of `manifest` (client-side: the three-way strategic merge patch
+    /// kubectl computes from its last-applied annotation).
+    fn apply(&self, manifest: &str) -> std::process::Output {
+        let f = self.dir.path().join("apply.yaml");
+        std::fs::write(&f, manifest).unwrap();
+        run(&mut self.kubectl(&["apply", "-f", f.to_str().unwrap()]))
+    }
+
+    fn get(&self, what: &[&str]) -> serde_json::Value {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&ok(&mut self.kubectl(&args))).unwrap()
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
 #[test]
 fn standalone_apiserver_with_tls_and_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = weir_apiserver::pki::Pki::ensure(&dir.path().join("pki"), "standalone").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let kubeconfig = dir.path().join("kubeconfig");
-    pki.write_kubeconfig(
-        &kubeconfig,
-        "standalone",
-        &format!("https://127.0.0.1:{port}"),
-    )
-    .unwrap();
-    let server = weir()
-        .args(["apiserver", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-cert"])
-        .arg(&pki.server_cert)
-        .arg("--tls-key")
-        .arg(&pki.server_key)
-        .arg("--token-file")
-        .arg(&pki.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Stopped even when an assertion fails.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let server = Kill(server);
-    let kubectl = |args: &[&str]| {
-        let mut c = std::process::Command::new("kubectl");
-        c.arg("--kubeconfig").arg(&kubeconfig).args(args);
-        c
-    };
-    let mut up = false;
-    for _ in 0..100 {
-        if kubectl(&["get", "ns"]).output().unwrap().status.success() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(up, "the API server did not come up");
+    let s = Standalone::start();
+    let (port, dir) = (s.port, s.dir.path().to_path_buf());
+    let kubectl = |args: &[&str]| s.kubectl(args);
     assert!(ok(&mut kubectl(&["get", "ns", "-o", "name"])).contains("namespace/kube-system"));
     // Without the token: refused.
     let anon = run(std::process::Command::new("kubectl").args([
@@ -220,15 +257,143 @@ fn standalone_apiserver_with_tls_and_token() {
         "{}",
         String::from_utf8_lossy(&anon.stderr)
     );
-    drop(server);
+    drop(s);
     // Only loopback addresses are accepted.
     let out = run(weir()
         .args(["apiserver", "--data-dir"])
-        .arg(dir.path().join("d2"))
+        .arg(dir.join("d2"))
         .args(["--listen", "0.0.0.0:0"]));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("loopback"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn svc(spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: default}}\nspec:\n{spec}"
+    )
+}
+
+/// What kubectl apply sends when a manifest changes, replayed through real kubectl: the API
+/// server's defaulting and update strategy (SetDefaults_Service, dropTypeDependentFields) let
+/// every one of these through, as kube-apiserver does.
+#[test]
+fn kubectl_apply_changes_that_defaulting_lets_through() {
+    let s = Standalone::start();
+    let ports = "  ports: [{port: 80, targetPort: 8080}]\n";
+    // Session affinity ClientIP (its timeout defaulted), then None, then gone from the file.
+    let out = s.apply(&svc(&format!("  sessionAffinity: ClientIP\n{ports}")));
+    assert!(out.status.success());
+    let v = s.get(&["svc", "s"]);
+    assert_eq!(
+        v["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+        10800
+    );
+    let out = s.apply(&svc(&format!("  sessionAffinity: None\n{ports}")));
+    assert!(
+        out.status.success(),
+        "ClientIP -> None: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = s.get(&["svc", "s"]);
+    assert_eq!(v["spec"]["sessionAffinity"], "None");
+    assert!(v["spec"].get("sessionAffinityConfig").is_none(), "{v}");
+    let out = s.apply(&svc(&format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}\n{ports}")));
+    assert!(out.status.success());
+    let out = s.apply(&svc(ports));
+    assert!(
+        out.status.success(),
+        "affinity removed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.get(&["svc", "s"])["spec"]
+        .get("sessionAffinityConfig")
+        .is_none());
+
+    // LoadBalancer with a Local policy (node ports and a health-check port allocated), then
+    // NodePort, then ClusterIP: each step drops what the new type does not use.
+    let out = s.apply(&svc(&format!(
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n{ports}"
+    )));
+    assert!(out.status.success());
+    let v = s.get(&["svc", "s"]);
+    assert!(v["spec"]["healthCheckNodePort"].as_u64().is_some(), "{v}");
+    let node_port = v["spec"]["ports"][0]["nodePort"].clone();
+    let out = s.apply(&svc(&format!("  type: NodePort\n{ports}")));
+    assert!(
+        out.status.success(),
+        "LoadBalancer -> NodePort: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = s.get(&["svc", "s"]);
+    assert!(
+        v["spec"].get("allocateLoadBalancerNodePorts").is_none(),
+        "{v}"
+    );
+    assert_eq!(
+        v["spec"]["ports"][0]["nodePort"], node_port,
+        "the node port is kept"
+    );
+    let out = s.apply(&svc(&format!("  type: ClusterIP\n{ports}")));
+    assert!(
+        out.status.success(),
+        "NodePort -> ClusterIP: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = s.get(&["svc", "s"]);
+    assert!(v["spec"]["ports"][0].get("nodePort").is_none(), "{v}");
+    assert!(v["spec"].get("externalTrafficPolicy").is_none(), "{v}");
+    assert!(v["spec"].get("healthCheckNodePort").is_none(), "{v}");
+    // To ExternalName: the cluster IP is released; back to ClusterIP: a new one.
+    let out = s.apply(&svc("  type: ExternalName\n  externalName: example.org\n"));
+    assert!(
+        out.status.success(),
+        "ClusterIP -> ExternalName: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = s.get(&["svc", "s"]);
+    assert!(v["spec"].get("clusterIP").is_none(), "{v}");
+    let out = s.apply(&svc(ports));
+    assert!(
+        out.status.success(),
+        "ExternalName -> ClusterIP: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.get(&["svc", "s"])["spec"]["clusterIP"].is_string());
+
+    // A ClusterIP Service with external IPs takes a traffic policy.
+    let out = s.apply(&svc(&format!(
+        "  externalIPs: [192.0.2.10]\n  externalTrafficPolicy: Local\n{ports}"
+    )));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // NetworkPolicy: `egress: []` isolates ingress only.
+    let out = s.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: default}\nspec:\n  podSelector: {}\n  egress: []\n");
+    assert!(out.status.success());
+    assert_eq!(
+        s.get(&["networkpolicy", "np"])["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+
+    // A Pod: container defaults and its QoS class; a Namespace starts Active with the
+    // kubernetes finalizer whatever status it was sent with.
+    let out = s.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\nspec:\n  containers:\n  - {name: c, image: nginx, resources: {limits: {cpu: 100m, memory: 64Mi}}}\n");
+    assert!(out.status.success());
+    let p = s.get(&["pod", "p"]);
+    assert_eq!(p["status"]["qosClass"], "Guaranteed", "{p}");
+    assert_eq!(p["spec"]["containers"][0]["imagePullPolicy"], "Always");
+    assert_eq!(p["spec"]["enableServiceLinks"], true);
+    let out = s.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: fresh}\nstatus: {phase: Terminating}\n",
+    );
+    assert!(out.status.success());
+    let n = s.get(&["ns", "fresh"]);
+    assert_eq!(n["status"]["phase"], "Active");
+    assert_eq!(n["spec"]["finalizers"], serde_json::json!(["kubernetes"]));
 }
