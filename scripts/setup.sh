@@ -15,8 +15,9 @@ export DEBIAN_FRONTEND=noninteractive
 # Debian packages: the eBPF toolchain (clang-19, libelf, zlib, pkg-config), make, and the
 # tools the lab and its tests drive (iproute2 for ip, procps for pgrep, util-linux for
 # nsenter, bash; iptables and conntrack to prove that the datapath bypasses netfilter; ethtool
-# for XDP labs; ping for ICMP echo through the masquerade).
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping)
+# for XDP labs; ping for ICMP echo through the masquerade; containernetworking-plugins to
+# chain weir-cni with the reference plugins as a runtime would).
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins)
 # `--bench`: also the baselines the benchmarks compare against.
 if [ "${1:-}" = "--bench" ]; then
   packages+=(nftables)

@@ -269,6 +269,8 @@ fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
             host_ifindex: lxc,
             host_mac: lxc_mac,
             mac: pod_mac,
+            container_id: String::new(),
+            ifname: String::new(),
         }];
         in_netns(&ns.n, || {
             pods.attach_netdev(ext0)?;

@@ -79,6 +79,8 @@ pub(crate) fn records(t: &Topo) -> Result<Vec<EndpointRecord>> {
             host_ifindex: ifindex,
             host_mac,
             mac,
+            container_id: String::new(),
+            ifname: String::new(),
         });
     }
     Ok(records)

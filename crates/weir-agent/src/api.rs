@@ -32,6 +32,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
+    if req.uri().path() == "/endpoints" || req.uri().path() == "/cni" {
+        return Ok(endpoints(&shared, req).await);
+    }
     Ok(match req.uri().path() {
         "/prefilter" => prefilter(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/status" => {
@@ -155,6 +158,51 @@ async fn handle(
             &serde_json::json!({"error": format!("no such path {other}")}),
         ),
     })
+}
+
+/// The CNI plugin's requests (see [`crate::cni`]).
+async fn endpoints(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let err = |code: u16, e: String| {
+        json(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &serde_json::json!({"error": e}),
+        )
+    };
+    if req.uri().path() == "/cni" {
+        return json(
+            StatusCode::OK,
+            &crate::cni::node_net(&shared.own_node, &shared.node_name),
+        );
+    }
+    let Some(pods) = shared.pods.clone() else {
+        return err(404, "this agent runs no per-packet datapath".into());
+    };
+    let method = req.method().clone();
+    let id = query_values(req.uri().query().unwrap_or(""), "id").next();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return err(400, e.to_string()),
+    };
+    let result = match method {
+        http::Method::GET => Ok(crate::cni::list(&pods)),
+        http::Method::PUT | http::Method::POST => {
+            tokio::task::spawn_blocking(move || crate::cni::put(&pods, &body))
+                .await
+                .unwrap_or_else(|e| Err((500, e.to_string())))
+        }
+        http::Method::DELETE => match id {
+            Some(id) => tokio::task::spawn_blocking(move || crate::cni::delete(&pods, &id))
+                .await
+                .unwrap_or_else(|e| Err((500, e.to_string()))),
+            None => Err((400, "id: missing".into())),
+        },
+        m => Err((405, format!("{m} is not allowed on /endpoints"))),
+    };
+    match result {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err((code, e)) => err(code, e),
+    }
 }
 
 /// The values of `key` in a query string, unescaped, in order.

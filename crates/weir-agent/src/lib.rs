@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cni;
 pub mod flows;
 pub mod healthcheck;
 pub mod pods;
@@ -106,6 +107,10 @@ pub struct Shared {
     pub policy: Arc<Mutex<policy::PolicyReport>>,
     /// Policy verdict events (with the pod datapath).
     pub flows: Arc<Mutex<flows::FlowLog>>,
+    /// This node's own Node object (its pod CIDRs and addresses, for the CNI plugin).
+    pub own_node: Store<k8s_openapi::api::core::v1::Node>,
+    /// This node's name.
+    pub node_name: String,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -383,6 +388,12 @@ pub async fn run(
         pods,
         policy: policy_report,
         flows: flow_log,
+        own_node: spawn_reflector(
+            Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name)),
+            |_| {},
+        ),
+        node_name: cfg.node_name.clone(),
     });
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());

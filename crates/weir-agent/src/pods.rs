@@ -197,7 +197,9 @@ fn dir_mtime(cfg: &PodConfig) -> Option<SystemTime> {
         .ok()
 }
 
-fn sync_once(pods: &Pods, cfg: &PodConfig) {
+/// Brings the endpoint map and pod programs in step with the endpoint records (in the node
+/// namespace).
+pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
     let (records, bad) = EndpointRecord::read_dir(&cfg.endpoint_dir);
     for b in &bad {
         tracing::warn!(error = %b, "ignoring an endpoint record");

@@ -75,6 +75,11 @@ enum Msg {
     Expire(String),
 }
 
+/// The attachment ID of a pod's sandbox in the node's allocation store.
+fn sandbox_id(uid: &str) -> String {
+    format!("kubelet-{uid}")
+}
+
 fn uid8(uid: &str) -> String {
     uid.replace('-', "").chars().take(10).collect()
 }
@@ -196,40 +201,21 @@ impl Kubelet {
         }
     }
 
-    /// The lowest free host index of the node's pod CIDRs, as an IPv4 and an IPv6 address
-    /// with the same index (.0 is the network, .1 is left for a node router address).
-    fn allocate_ips(&self) -> Result<Vec<IpAddr>, LabError> {
-        let used: BTreeSet<IpAddr> = self
-            .sandboxes
-            .values()
-            .flat_map(|s| s.ips.iter().copied())
-            .collect();
+    /// The pod's addresses, one from each of the node's pod CIDRs, from the node's CNI
+    /// allocation store (shared with `weir-cni`, so pods wired by either never share one).
+    fn allocate_ips(&self, uid: &str) -> Result<Vec<IpAddr>, LabError> {
         let bad = |cidr: &str| LabError::Corrupt {
             path: self.paths.layout_file(),
             reason: format!("bad pod CIDR {cidr}"),
         };
-        let v4: ipnet::Ipv4Net = self
-            .node
-            .pod_cidr
-            .parse()
-            .map_err(|_| bad(&self.node.pod_cidr))?;
-        let v6: ipnet::Ipv6Net = self
-            .node
-            .pod_cidr6
-            .parse()
-            .map_err(|_| bad(&self.node.pod_cidr6))?;
-        let size = (1u32 << (32 - v4.prefix_len())).saturating_sub(1);
-        for i in 2..size {
-            let a = IpAddr::V4((u32::from(v4.network()) + i).into());
-            let b = IpAddr::V6((u128::from(v6.network()) + i as u128).into());
-            if !used.contains(&a) && !used.contains(&b) {
-                return Ok(vec![a, b]);
-            }
-        }
-        Err(LabError::Exhausted(format!(
-            "pod CIDR {} of node {}",
-            self.node.pod_cidr, self.node.name
-        )))
+        let ranges: Vec<ipnet::IpNet> = [&self.node.pod_cidr, &self.node.pod_cidr6]
+            .into_iter()
+            .map(|c| c.parse().map_err(|_| bad(c)))
+            .collect::<Result<_, _>>()?;
+        let dir = self.paths.cni_ipam_dir(&self.node.name);
+        weir_cni::ipam::Store::lock(&dir)
+            .and_then(|mut s| s.allocate(&ranges, &sandbox_id(uid), "eth0"))
+            .map_err(|e| LabError::Exhausted(format!("node {}: {}", self.node.name, e.msg)))
     }
 
     /// Builds the sandbox of `pod`: namespace, veth, addresses, cgroup and the echo process.
@@ -244,7 +230,7 @@ impl Kubelet {
             name: name.clone(),
             netns: self.paths.netns(&format!("pod-{id}")),
             host_if: format!("lxc{id}"),
-            ips: self.allocate_ips()?,
+            ips: self.allocate_ips(&uid)?,
             pid: 0,
             cgroup: self.cgroup_dir().join(format!("pod-{id}")),
             started: weir_model::now_rfc3339(),
@@ -331,6 +317,8 @@ impl Kubelet {
             host_ifindex,
             host_mac,
             mac,
+            container_id: String::new(),
+            ifname: String::new(),
         }
         .write(&dir)
         .map_err(|e| LabError::io(dir, e))
@@ -359,6 +347,9 @@ impl Kubelet {
         let _ = sys::remove_cgroup_tree(&sb.cgroup);
         let _ = std::fs::remove_file(self.state_dir().join(format!("{}.json", sb.uid)));
         let _ = std::fs::remove_file(self.state_dir().join(format!("{}.ready", sb.uid)));
+        if let Ok(mut s) = weir_cni::ipam::Store::lock(&self.paths.cni_ipam_dir(&self.node.name)) {
+            s.release(&sandbox_id(&sb.uid), "eth0");
+        }
     }
 
     /// The status this kubelet reports for `pod` running in `sb`, and when (if ever) it must

@@ -216,6 +216,55 @@ pub fn start_external_server(paths: &LabPaths, layout: &Layout) -> Result<i32, L
     Ok(pid)
 }
 
+/// The name of each lab node's CNI configuration (the lexicographically first file of the
+/// directory is the one runtimes use, hence the number).
+pub const CNI_CONFLIST: &str = "05-weir.conflist";
+
+/// The CNI configuration of a lab node: weir alone, speaking 1.1.0, with the node's agent
+/// socket, endpoint directory and allocation directory.
+pub fn cni_conflist(p: &LabPaths, node: &str) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "cniVersions": weir_cni::spec::SUPPORTED_VERSIONS,
+        "name": "weir",
+        "plugins": [{
+            "type": "weir-cni",
+            "agentSocket": p.agent_socket(node),
+            "endpointDir": p.endpoint_dir(node),
+            "ipamDataDir": p.cni_ipam_dir(node),
+        }]
+    })
+}
+
+/// Installs the CNI plugin as a DaemonSet's init container would: `weir-cni` (beside this
+/// executable) into the lab's CNI bin directory and each node's conflist.
+fn install_cni(p: &LabPaths, layout: &Layout) -> Result<(), LabError> {
+    let bin = p.cni_bin_dir();
+    std::fs::create_dir_all(&bin).map_err(|e| LabError::io(bin.clone(), e))?;
+    let exe = current_exe()?;
+    let plugin = exe.with_file_name("weir-cni");
+    if !plugin.exists() {
+        return Err(LabError::Command(
+            "installing the CNI plugin".into(),
+            format!(
+                "{} is missing (build it: cargo build -p weir-cni)",
+                plugin.display()
+            ),
+        ));
+    }
+    let dest = bin.join("weir-cni");
+    let _ = std::fs::remove_file(&dest);
+    std::os::unix::fs::symlink(&plugin, &dest).map_err(|e| LabError::io(dest.clone(), e))?;
+    for n in &layout.nodes {
+        let dir = p.cni_conf_dir(&n.name);
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
+        let f = dir.join(CNI_CONFLIST);
+        let text = serde_json::to_string_pretty(&cni_conflist(p, &n.name)).expect("json");
+        std::fs::write(&f, text).map_err(|e| LabError::io(f.clone(), e))?;
+    }
+    Ok(())
+}
+
 /// A client for the lab, failing with a hint when the lab does not exist.
 pub async fn lab_client(name: &str) -> Result<Client, LabError> {
     paths::check_name(name)?;
@@ -340,6 +389,7 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
         EXTERNAL_PORTS.join(", ")
     ));
 
+    install_cni(p, &layout)?;
     start_controller(p)?;
     for n in &layout.nodes {
         start_kubelet(p, &n.name)?;
@@ -872,12 +922,19 @@ pub struct HostInfo {
     pub pod_cidrs: Vec<String>,
     /// Network namespace.
     pub netns: String,
+    /// The node's CNI configuration directory (nodes only; absolute).
+    #[serde(rename = "cniConfDir", skip_serializing_if = "Option::is_none")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The directory holding `weir-cni` (nodes only; absolute).
+    #[serde(rename = "cniBinDir", skip_serializing_if = "Option::is_none")]
+    pub cni_bin_dir: Option<PathBuf>,
 }
 
 /// `weir lab nodes`.
 pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
     paths::check_name(name)?;
-    let layout = Layout::load(&LabPaths::new(name))?;
+    let p = LabPaths::new(name);
+    let layout = Layout::load(&p)?;
     let mut out: Vec<HostInfo> = layout
         .nodes
         .iter()
@@ -888,6 +945,8 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
             ip6: n.ip6.to_string(),
             pod_cidrs: vec![n.pod_cidr.clone(), n.pod_cidr6.clone()],
             netns: n.netns.clone(),
+            cni_conf_dir: Some(p.cni_conf_dir(&n.name)),
+            cni_bin_dir: Some(p.cni_bin_dir()),
         })
         .collect();
     out.push(HostInfo {
@@ -897,6 +956,8 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
         ip6: layout.external_ip6.to_string(),
         pod_cidrs: vec![],
         netns: layout.external_netns.clone(),
+        cni_conf_dir: None,
+        cni_bin_dir: None,
     });
     Ok(out)
 }

@@ -83,6 +83,18 @@ impl LabPaths {
     pub fn endpoint_dir(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("endpoints")
     }
+    /// A node's CNI configuration directory (its conflist, as /etc/cni/net.d on a real node).
+    pub fn cni_conf_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("cni").join("net.d")
+    }
+    /// Where the node's CNI plugin keeps its address allocations.
+    pub fn cni_ipam_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("cni").join("ipam")
+    }
+    /// The lab's CNI plugin directory (as /opt/cni/bin): `weir-cni`.
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni").join("bin")
+    }
     /// The introspection socket of a node's agent.
     pub fn agent_socket(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("agent.sock")

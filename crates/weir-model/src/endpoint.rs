@@ -27,6 +27,12 @@ pub struct EndpointRecord {
     pub host_mac: String,
     /// The MAC address of the pod's own interface.
     pub mac: String,
+    /// The CNI attachment's container ID (records written by the CNI plugin).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// The CNI attachment's interface name in the pod.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ifname: String,
 }
 
 /// Why an endpoint record could not be used.
@@ -62,6 +68,17 @@ impl EndpointRecord {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let r: EndpointRecord = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        r.check().map_err(err)?;
+        Ok(r)
+    }
+
+    /// Checks a record's fields; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let r = self;
+        let err = |s: String| s;
+        if r.uid.is_empty() || r.uid.contains('/') || r.uid.starts_with('.') {
+            return Err(format!("uid: {:?} cannot name a record file", r.uid));
+        }
         if Self::parse_mac(&r.mac).is_none() {
             return Err(err(format!("mac: {:?} is not a MAC address", r.mac)));
         }
@@ -74,7 +91,7 @@ impl EndpointRecord {
         if r.host_ifindex == 0 {
             return Err(err("hostIfindex: must be greater than 0".into()));
         }
-        Ok(r)
+        Ok(())
     }
 
     /// Writes the record as `<dir>/<uid>.json`, atomically (a reader never sees half a file).
@@ -83,6 +100,15 @@ impl EndpointRecord {
         let tmp = dir.join(format!(".{}.json.tmp", self.uid));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("json"))?;
         std::fs::rename(&tmp, dir.join(format!("{}.json", self.uid)))
+    }
+
+    /// Removes the record `<dir>/<uid>.json`; true if it was there.
+    pub fn remove(dir: &Path, uid: &str) -> std::io::Result<bool> {
+        match std::fs::remove_file(dir.join(format!("{uid}.json"))) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Every valid record in `dir`, and the errors of the invalid ones.
@@ -145,6 +171,8 @@ mod tests {
             host_ifindex: 7,
             host_mac: "02:00:00:00:00:01".into(),
             mac: "02:00:00:00:00:02".into(),
+            container_id: String::new(),
+            ifname: String::new(),
         };
         r.write(dir.path()).expect("write");
         let bad = EndpointRecord {
