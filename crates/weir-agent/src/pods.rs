@@ -200,11 +200,15 @@ fn dir_mtime(cfg: &PodConfig) -> Option<SystemTime> {
 /// Brings the endpoint map and pod programs in step with the endpoint records (in the node
 /// namespace).
 pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
+    // The directory is read under the dataplane's lock: two syncs at once (the loop and the
+    // CNI plugin's requests) must not let an older read undo a newer one.
+    let mut dp = pods.dataplane.lock().expect("pods");
     let (records, bad) = EndpointRecord::read_dir(&cfg.endpoint_dir);
     for b in &bad {
         tracing::warn!(error = %b, "ignoring an endpoint record");
     }
-    let result = pods.dataplane.lock().expect("pods").sync(&records);
+    let result = dp.sync(&records);
+    drop(dp);
     let host = host_addresses();
     let mut st = pods.status.lock().expect("pod status");
     st.host_addresses = host;

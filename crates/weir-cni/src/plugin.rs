@@ -134,9 +134,12 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
             "weir-cni creates the pod's interface: it must be the first plugin of the list (a prevResult was given)",
         ));
     }
+    let t0 = std::time::Instant::now();
     let node = node_net(s)?;
     let ips =
         Store::lock(&s.ipam_dir)?.allocate(&node.pod_cidrs, &env.container_id, &env.ifname)?;
+    let t_ipam = t0.elapsed();
+    let mut t_link = Duration::ZERO;
     let host_if = link::host_if_name(&env.container_id, &env.ifname);
     let undo = |s: &Settings| {
         link::delete(&host_if);
@@ -155,6 +158,7 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
         }
         .create()?;
         let (host_ifindex, host_mac) = link::link_info(None, &host_if)?;
+        t_link = t0.elapsed();
         let (_, mac) = link::link_info(Some(&env.netns), &env.ifname)?;
         let pod = match (env.arg("K8S_POD_NAMESPACE"), env.arg("K8S_POD_NAME")) {
             (Some(ns), Some(name)) => format!("{ns}/{name}"),
@@ -184,6 +188,16 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
             return Err(e);
         }
     };
+    // Runtimes keep plugins' stderr in their logs: one line per ADD with where time went.
+    eprintln!(
+        "weir-cni: ADD {}:{} {:?}: agent and addresses {} ms, interface {} ms, endpoint attached at {} ms",
+        env.container_id,
+        env.ifname,
+        ips,
+        t_ipam.as_millis(),
+        t_link.saturating_sub(t_ipam).as_millis(),
+        t0.elapsed().as_millis()
+    );
     Ok(result(env, &ips, mac))
 }
 

@@ -1,7 +1,8 @@
 //! The lab kubelet: one per node. It registers its Node, watches the Pods bound to it, and
-//! makes each Pod a sandbox: a network namespace and cgroup v2 directory of its own, a veth
-//! pair to the node, addresses from the node's pod CIDRs, and a process serving the echo
-//! server on every containerPort. It reports status (IPs, Ready with readiness gates and
+//! makes each Pod a sandbox: a network namespace and cgroup v2 directory of its own, wired by
+//! executing the node's CNI plugins as a container runtime does (weir-cni: a veth pair to the
+//! node, addresses from the node's pod CIDRs, the pod's programs attached by the agent), and
+//! a process serving the echo server on every containerPort. It reports status (IPs, Ready with readiness gates and
 //! initialDelaySeconds), keeps deleted pods serving until their grace period ends, and then
 //! confirms the deletion.
 
@@ -19,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::cni;
 use crate::echo::ServePort;
-use crate::net::{self, PodNet};
+use crate::net;
 use crate::paths::{LabPaths, Layout, NodeLayout};
 use crate::{sys, LabError};
 
@@ -45,16 +47,9 @@ pub struct Sandbox {
     pub cgroup: PathBuf,
     /// When the sandbox started (RFC 3339).
     pub started: String,
-}
-
-impl Sandbox {
-    fn net(&self) -> PodNet {
-        PodNet {
-            netns: self.netns.clone(),
-            host_if: self.host_if.clone(),
-            ips: self.ips.clone(),
-        }
-    }
+    /// The CNI ADD result (DEL gets it as prevResult).
+    #[serde(default)]
+    pub cni_result: Value,
 }
 
 /// Everything the kubelet needs to know about its place in the lab.
@@ -73,11 +68,6 @@ enum Msg {
     Recheck(String),
     /// A deleted pod's grace period ended.
     Expire(String),
-}
-
-/// The attachment ID of a pod's sandbox in the node's allocation store.
-fn sandbox_id(uid: &str) -> String {
-    format!("kubelet-{uid}")
 }
 
 fn uid8(uid: &str) -> String {
@@ -201,21 +191,38 @@ impl Kubelet {
         }
     }
 
-    /// The pod's addresses, one from each of the node's pod CIDRs, from the node's CNI
-    /// allocation store (shared with `weir-cni`, so pods wired by either never share one).
-    fn allocate_ips(&self, uid: &str) -> Result<Vec<IpAddr>, LabError> {
-        let bad = |cidr: &str| LabError::Corrupt {
-            path: self.paths.layout_file(),
-            reason: format!("bad pod CIDR {cidr}"),
-        };
-        let ranges: Vec<ipnet::IpNet> = [&self.node.pod_cidr, &self.node.pod_cidr6]
-            .into_iter()
-            .map(|c| c.parse().map_err(|_| bad(c)))
-            .collect::<Result<_, _>>()?;
-        let dir = self.paths.cni_ipam_dir(&self.node.name);
-        weir_cni::ipam::Store::lock(&dir)
-            .and_then(|mut s| s.allocate(&ranges, &sandbox_id(uid), "eth0"))
-            .map_err(|e| LabError::Exhausted(format!("node {}: {}", self.node.name, e.msg)))
+    /// The node's CNI runtime settings.
+    fn cni(&self) -> cni::Runtime {
+        cni::Runtime {
+            conf_dir: self.paths.cni_conf_dir(&self.node.name),
+            bin_dir: self.paths.cni_bin_dir(),
+            node_netns: crate::paths::netns_path(&self.node.netns),
+        }
+    }
+
+    /// The CNI attachment of a sandbox: the pod's uid is its container ID, `eth0` its
+    /// interface.
+    fn attachment<'a>(sb: &'a Sandbox, netns: &'a Path) -> cni::Attachment<'a> {
+        cni::Attachment {
+            container_id: &sb.uid,
+            netns,
+            ifname: "eth0",
+            pod: (&sb.namespace, &sb.name, &sb.uid),
+        }
+    }
+
+    /// Creates the pod's network namespace and has the CNI plugins wire it.
+    fn wire(&self, sb: &mut Sandbox) -> Result<(), LabError> {
+        let _ = sys::ip(&["netns", "del", &sb.netns]);
+        sys::ip(&["netns", "add", &sb.netns])?;
+        net::pod_sysctls(&sb.netns)?;
+        let netns = crate::paths::netns_path(&sb.netns);
+        let result = self.cni().add(&Self::attachment(sb, &netns))?;
+        let (ips, host_if) = cni::parse_result(&result);
+        sb.ips = ips;
+        sb.host_if = host_if.unwrap_or_default();
+        sb.cni_result = result;
+        Ok(())
     }
 
     /// Builds the sandbox of `pod`: namespace, veth, addresses, cgroup and the echo process.
@@ -224,20 +231,20 @@ impl Kubelet {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let id = uid8(&uid);
-        let sb = Sandbox {
+        let mut sb = Sandbox {
             uid: uid.clone(),
             namespace: ns.clone(),
             name: name.clone(),
             netns: self.paths.netns(&format!("pod-{id}")),
-            host_if: format!("lxc{id}"),
-            ips: self.allocate_ips(&uid)?,
+            host_if: String::new(),
+            ips: Vec::new(),
             pid: 0,
             cgroup: self.cgroup_dir().join(format!("pod-{id}")),
             started: weir_model::now_rfc3339(),
+            cni_result: Value::Null,
         };
-        net::create_pod_network(&self.node, &sb.net())?;
         let spawned = (|| {
-            self.write_endpoint(&sb)?;
+            self.wire(&mut sb)?;
             std::fs::create_dir_all(&sb.cgroup).map_err(|e| LabError::io(sb.cgroup.clone(), e))?;
             let logs = self.paths.node_dir(&self.node.name).join("logs");
             std::fs::create_dir_all(&logs).map_err(|e| LabError::io(logs.clone(), e))?;
@@ -304,26 +311,6 @@ impl Kubelet {
         }
     }
 
-    /// Tells the agent about the pod's interface, as a CNI plugin does on ADD.
-    fn write_endpoint(&self, sb: &Sandbox) -> Result<(), LabError> {
-        let (host_ifindex, host_mac) = net::link_info(&self.node.netns, &sb.host_if)?;
-        let (_, mac) = net::link_info(&sb.netns, "eth0")?;
-        let dir = self.paths.endpoint_dir(&self.node.name);
-        weir_model::endpoint::EndpointRecord {
-            pod: format!("{}/{}", sb.namespace, sb.name),
-            uid: sb.uid.clone(),
-            ips: sb.ips.clone(),
-            host_if: sb.host_if.clone(),
-            host_ifindex,
-            host_mac,
-            mac,
-            container_id: String::new(),
-            ifname: String::new(),
-        }
-        .write(&dir)
-        .map_err(|e| LabError::io(dir, e))
-    }
-
     /// Stops the sandbox process and removes the namespace, cgroup and state.
     fn destroy(&self, sb: &Sandbox) {
         if sb.pid > 0 {
@@ -337,19 +324,17 @@ impl Kubelet {
         if !stragglers.is_empty() {
             sys::kill_all(&stragglers, Duration::from_millis(500));
         }
-        // The agent forgets the endpoint before its interface goes (CNI DEL).
-        let _ = std::fs::remove_file(
-            self.paths
-                .endpoint_dir(&self.node.name)
-                .join(format!("{}.json", sb.uid)),
-        );
-        net::delete_pod_network(&sb.net());
+        // CNI DEL (the agent forgets the endpoint, the addresses are released, the veth goes),
+        // also after a failed or partial ADD, then the namespace.
+        let netns = crate::paths::netns_path(&sb.netns);
+        let result = (!sb.cni_result.is_null()).then_some(&sb.cni_result);
+        if let Err(e) = self.cni().del(&Self::attachment(sb, &netns), result) {
+            tracing::warn!(pod = %format!("{}/{}", sb.namespace, sb.name), error = %e, "CNI DEL");
+        }
+        let _ = sys::ip(&["netns", "del", &sb.netns]);
         let _ = sys::remove_cgroup_tree(&sb.cgroup);
         let _ = std::fs::remove_file(self.state_dir().join(format!("{}.json", sb.uid)));
         let _ = std::fs::remove_file(self.state_dir().join(format!("{}.ready", sb.uid)));
-        if let Ok(mut s) = weir_cni::ipam::Store::lock(&self.paths.cni_ipam_dir(&self.node.name)) {
-            s.release(&sandbox_id(&sb.uid), "eth0");
-        }
     }
 
     /// The status this kubelet reports for `pod` running in `sb`, and when (if ever) it must

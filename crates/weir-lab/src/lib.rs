@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 pub mod client;
+pub mod cni;
 pub mod connect;
 pub mod controller;
 pub mod echo;

@@ -1,21 +1,12 @@
 //! The lab's kernel networking: a fabric namespace with a bridge, one namespace per node and
-//! one for the external host, and per pod a namespace joined to its node by a veth pair.
-//!
-//! Pods get a /32 (and /128) on `eth0` and a default route to a link-local gateway
-//! (169.254.1.1, fe80::1) that the node answers on every pod-facing veth, as Calico does;
-//! the node routes each pod address to its veth, and other nodes' pod CIDRs to their fabric
-//! addresses (native routing).
-
-use std::net::IpAddr;
+//! one for the external host. Pods' namespaces are wired by the CNI plugin (weir-cni: a /32
+//! and /128 on `eth0`, a default route to a link-local gateway the node answers on every
+//! pod-facing veth); the node routes other nodes' pod CIDRs to their fabric addresses (native
+//! routing) or the agents carry them over VXLAN.
 
 use crate::paths::{Layout, NodeLayout};
 use crate::sys::{self, ip, ip_batch};
 use crate::LabError;
-
-/// The link-local IPv4 gateway pods route through.
-pub const POD_GATEWAY4: &str = "169.254.1.1";
-/// The link-local IPv6 gateway pods route through.
-pub const POD_GATEWAY6: &str = "fe80::1";
 
 fn base_sysctls(ns: &str, forwarding: bool) -> Result<(), LabError> {
     let f = if forwarding { "1" } else { "0" };
@@ -217,83 +208,8 @@ fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
     )
 }
 
-/// Network settings of one pod.
-#[derive(Debug, Clone)]
-pub struct PodNet {
-    /// The pod's namespace name.
-    pub netns: String,
-    /// The node-side veth name (in the node's namespace).
-    pub host_if: String,
-    /// The pod's addresses.
-    pub ips: Vec<IpAddr>,
-}
-
-/// Creates the pod's namespace, its veth pair to the node, addresses and routes.
-pub fn create_pod_network(node: &NodeLayout, pod: &PodNet) -> Result<(), LabError> {
-    let _ = ip(&["netns", "del", &pod.netns]);
-    ip(&["netns", "add", &pod.netns])?;
-    let result = (|| {
-        base_sysctls(&pod.netns, false)?;
-        ip_batch(
-            Some(&node.netns),
-            &[
-                format!(
-                    "link add {} type veth peer name eth0 netns {}",
-                    pod.host_if, pod.netns
-                ),
-                format!("link set {} up", pod.host_if),
-                format!("addr add {POD_GATEWAY4}/32 dev {}", pod.host_if),
-                format!("addr add {POD_GATEWAY6}/64 dev {} nodad", pod.host_if),
-            ],
-        )?;
-        let mut node_routes = Vec::new();
-        let mut pod_cmds = vec!["link set lo up".to_string(), "link set eth0 up".to_string()];
-        for a in &pod.ips {
-            match a {
-                IpAddr::V4(_) => {
-                    node_routes.push(format!(
-                        "route replace {a}/32 dev {} src {}",
-                        pod.host_if, node.ip
-                    ));
-                    pod_cmds.push(format!("addr add {a}/32 dev eth0"));
-                }
-                IpAddr::V6(_) => {
-                    node_routes.push(format!(
-                        "route replace {a}/128 dev {} src {}",
-                        pod.host_if, node.ip6
-                    ));
-                    pod_cmds.push(format!("addr add {a}/128 dev eth0 nodad"));
-                }
-            }
-        }
-        pod_cmds.push(format!("route add {POD_GATEWAY4} dev eth0 scope link"));
-        pod_cmds.push(format!("route add default via {POD_GATEWAY4} dev eth0"));
-        pod_cmds.push(format!("route add ::/0 via {POD_GATEWAY6} dev eth0"));
-        ip_batch(Some(&pod.netns), &pod_cmds)?;
-        ip_batch(Some(&node.netns), &node_routes)
-    })();
-    if result.is_err() {
-        delete_pod_network(pod);
-    }
-    result
-}
-
-/// Removes the pod's namespace; its veth pair and routes go with it.
-pub fn delete_pod_network(pod: &PodNet) {
-    let _ = ip(&["netns", "del", &pod.netns]);
-}
-
-/// A link's interface index and MAC address, read with `ip -j link show` in `netns`.
-pub fn link_info(netns: &str, ifname: &str) -> Result<(u32, String), LabError> {
-    let out = sys::run("ip", &["-j", "-n", netns, "link", "show", "dev", ifname])?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| LabError::Command(format!("ip -j link show dev {ifname}"), e.to_string()))?;
-    let l = &v[0];
-    match (l["ifindex"].as_u64(), l["address"].as_str()) {
-        (Some(i), Some(mac)) => Ok((i as u32, mac.to_string())),
-        _ => Err(LabError::Command(
-            format!("ip -j link show dev {ifname}"),
-            format!("no ifindex or address in {out}"),
-        )),
-    }
+/// The sysctls of a new pod namespace (a runtime's sandbox setup, before CNI ADD): no DAD,
+/// no forwarding, loose reverse-path filtering, and unprivileged ICMP echo sockets.
+pub fn pod_sysctls(netns: &str) -> Result<(), LabError> {
+    base_sysctls(netns, false)
 }

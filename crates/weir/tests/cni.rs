@@ -368,7 +368,10 @@ fn weir_cni_as_a_runtime_drives_it() {
     assert!(rt.weir("ADD", "a5", &ns5, &conf).ok);
     let add6 = rt.weir("ADD", "a6", &ns6, &conf);
     let mut gc = conf.clone();
-    gc["cni.dev/valid-attachments"] = json!([{"containerID": "a5", "ifname": "eth0"}]);
+    // The kubelet wires its pods through the same plugin (container ID: the pod's uid), so a
+    // runtime's GC on this node names those attachments too.
+    let server_uid = lab.get_json(&["pod", "server", "-n", "c"])["metadata"]["uid"].clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "a5", "ifname": "eth0"}, {"containerID": server_uid, "ifname": "eth0"}]);
     let g = rt.exec(&rt.bin_dir.join("weir-cni"), &[("CNI_COMMAND", "GC")], &gc);
     assert!(g.ok, "{}", g.out);
     let ip6 = add6.out["ips"][0]["address"]
@@ -378,7 +381,6 @@ fn weir_cni_as_a_runtime_drives_it() {
         .to_string();
     assert!(!endpoint_ips(&lab).contains(&ip6));
     assert!(!ipam_dir.join(&ip6).exists());
-    // GC never touches the kubelet's pods (their records are not the plugin's).
     assert_eq!(ask(&ns5, &format!("{server_ip}:8080")), "c/server");
 }
 
