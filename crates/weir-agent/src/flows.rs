@@ -142,6 +142,22 @@ impl FlowLog {
                 identity_kind: identity_kind(identity).into(),
             }
         };
+        let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
+        let direction = if ev.dir == weir_bpf::datapath::POLICY_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        };
+        crate::metrics::METRICS
+            .policy_verdicts
+            .get_or_create(&vec![
+                (
+                    "verdict",
+                    if allowed { "allowed" } else { "denied" }.to_string(),
+                ),
+                ("direction", direction.to_string()),
+            ])
+            .inc();
         let rec = FlowRecord {
             seq: self.next_seq,
             time: wall_time(ev.ts),

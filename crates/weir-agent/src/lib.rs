@@ -10,8 +10,10 @@ pub mod api;
 pub mod cni;
 pub mod flows;
 pub mod healthcheck;
+pub mod metrics;
 pub mod pods;
 pub mod policy;
+pub mod probes;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -45,6 +47,8 @@ pub struct AgentConfig {
     /// The `service.kubernetes.io/service-proxy-name` this agent serves: Services labelled
     /// with another name (or any name, when unset) are left to another proxy.
     pub service_proxy_name: Option<String>,
+    /// TCP addresses serving /healthz, /readyz and /metrics.
+    pub listen: Vec<std::net::SocketAddr>,
 }
 
 /// Services (and their EndpointSlices) with this label have no proxy at all: the
@@ -159,6 +163,23 @@ struct Dirty {
     /// The Service each EndpointSlice belonged to when last seen, so that a slice moving to
     /// another Service (or deleted) dirties the one it left.
     slice_owner: HashMap<ServiceKey, ServiceKey>,
+    /// When the oldest change not yet applied happened: its EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, else when the agent saw it.
+    since: Option<std::time::SystemTime>,
+}
+
+/// The annotation the EndpointSlice controller puts on the slices it writes: when the change
+/// they carry happened (RFC 3339 with nanoseconds).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(meta: &kube::api::ObjectMeta) -> Option<std::time::SystemTime> {
+    let t: jiff::Timestamp = meta
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?
+        .parse()
+        .ok()?;
+    Some(std::time::SystemTime::from(t))
 }
 
 fn key_of(meta: &kube::api::ObjectMeta) -> ServiceKey {
@@ -191,6 +212,13 @@ where
             s.api_connected = ev.is_some();
         }
         if let Ok(mut d) = dirty.lock() {
+            if matches!(
+                ev,
+                Some(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+            ) {
+                let now = std::time::SystemTime::now();
+                d.since = Some(d.since.map_or(now, |s| s.min(now)));
+            }
             match ev {
                 Some(watcher::Event::Apply(o)) => mark(&mut d, o, false),
                 Some(watcher::Event::Delete(o)) => mark(&mut d, o, true),
@@ -210,6 +238,9 @@ fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
 }
 
 fn mark_slice(d: &mut Dirty, sl: &EndpointSlice, deleted: bool) {
+    if let Some(t) = trigger_time(&sl.metadata) {
+        d.since = Some(d.since.map_or(t, |s| s.min(t)));
+    }
     let me = key_of(&sl.metadata);
     if let Some(old) = d.slice_owner.remove(&me) {
         d.services.insert(old);
@@ -395,6 +426,10 @@ pub async fn run(
         ),
         node_name: cfg.node_name.clone(),
     });
+    for addr in &cfg.listen {
+        let bound = probes::serve(*addr, shared.clone()).await?;
+        tracing::info!(%bound, "serving /healthz, /readyz and /metrics");
+    }
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());
     let dirty = Arc::new(Mutex::new(Dirty {
@@ -428,9 +463,13 @@ pub async fn run(
         // The stores hand out Arcs: no object is copied. After a relist everything is
         // rebuilt; otherwise only the Services that the events touched.
         let build_started = std::time::Instant::now();
-        let (full, changed) = {
+        let (full, changed, since) = {
             let mut d = dirty.lock().expect("dirty lock");
-            (std::mem::take(&mut d.full), std::mem::take(&mut d.services))
+            (
+                std::mem::take(&mut d.full),
+                std::mem::take(&mut d.services),
+                d.since.take(),
+            )
         };
         let sls = slices.state();
         if full {
@@ -459,6 +498,20 @@ pub async fn run(
             let mut dp = shared.dataplane.lock().expect("dataplane lock");
             dp.apply(state)
         };
+        metrics::record_apply("services", started.elapsed().as_secs_f64(), result.is_ok());
+        match (&result, since) {
+            (Ok(stats), Some(t)) if *stats != ApplyStats::default() => {
+                if let Ok(d) = t.elapsed() {
+                    metrics::METRICS.programming.observe(d.as_secs_f64());
+                }
+            }
+            // Not applied: the change is still to be carried.
+            (Err(_), Some(t)) => {
+                let mut d = dirty.lock().expect("dirty lock");
+                d.since = Some(d.since.map_or(t, |s| s.min(t)));
+            }
+            _ => {}
+        }
         {
             let mut st = shared.status.lock().expect("status lock");
             st.applies += 1;

@@ -207,8 +207,10 @@ pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
     for b in &bad {
         tracing::warn!(error = %b, "ignoring an endpoint record");
     }
+    let started = std::time::Instant::now();
     let result = dp.sync(&records);
     drop(dp);
+    crate::metrics::record_apply("endpoints", started.elapsed().as_secs_f64(), result.is_ok());
     let host = host_addresses();
     let mut st = pods.status.lock().expect("pod status");
     st.host_addresses = host;

@@ -366,7 +366,9 @@ pub async fn run(
         let state = policy::compile(&cluster, &view, &|l| ids.get(l).copied(), &mut local);
         let policies = state.policies.clone();
         let pending = state.pending_identities.clone();
+        let started = std::time::Instant::now();
         let result = pods.dataplane.lock().expect("pods").set_policy(state);
+        crate::metrics::record_apply("policy", started.elapsed().as_secs_f64(), result.is_ok());
         {
             let mut r = report.lock().expect("policy report");
             r.policies = policies;

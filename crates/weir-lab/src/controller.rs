@@ -49,6 +49,22 @@ struct Controller {
     next_node: usize,
     /// LoadBalancer IPs given out and not yet seen in a Service's status.
     lb_assigned: HashMap<(String, String), std::net::Ipv4Addr>,
+    /// When the change that started this pass was seen: the slices written get it as
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, from which proxies measure their
+    /// network programming latency.
+    triggered: jiff::Timestamp,
+}
+
+/// The annotation of an EndpointSlice telling when the change it carries happened
+/// (v1.EndpointsLastChangeTriggerTime, RFC 3339 with nanoseconds).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn with_trigger_time(mut s: EndpointSlice, t: jiff::Timestamp) -> EndpointSlice {
+    s.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(TRIGGER_TIME_ANNOTATION.into(), t.to_string());
+    s
 }
 
 fn notifier<K>(notify: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static {
@@ -112,6 +128,7 @@ impl Controller {
             LabError::Kube(format!("{what} EndpointSlice for service {ns}/{name}: {e}"))
         };
         for s in plan.create {
+            let s = with_trigger_time(s, self.triggered);
             let created = api
                 .create(&PostParams::default(), &s)
                 .await
@@ -122,6 +139,7 @@ impl Controller {
             );
         }
         for s in plan.update {
+            let s = with_trigger_time(s, self.triggered);
             let n = s.metadata.name.clone().unwrap_or_default();
             match api.replace(&n, &PostParams::default(), &s).await {
                 Ok(updated) => {
@@ -422,6 +440,7 @@ pub async fn run(client: Client) -> Result<(), LabError> {
         bound: HashSet::new(),
         next_node: 0,
         lb_assigned: HashMap::new(),
+        triggered: jiff::Timestamp::now(),
     };
     loop {
         // Coalesce bursts of events into one pass.
@@ -435,5 +454,6 @@ pub async fn run(client: Client) -> Result<(), LabError> {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
+        c.triggered = jiff::Timestamp::now();
     }
 }

@@ -360,6 +360,9 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     layout.masquerade = opts.masquerade;
     layout.identity_gc_grace_ms = opts.identity_gc_grace.as_millis() as u64;
     layout.service_proxy_name = opts.service_proxy_name.clone();
+    for n in &mut layout.nodes {
+        n.metrics_port = free_port()?;
+    }
     layout.save(p)?;
     let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
@@ -709,6 +712,12 @@ pub async fn wait_converged(
     }
 }
 
+/// Where a node's agent serves /healthz, /readyz and /metrics: on the host's loopback (the
+/// agents run in the host network namespace), so they are reachable from outside the lab.
+fn metrics_addr(n: &crate::paths::NodeLayout) -> Option<std::net::SocketAddr> {
+    (n.metrics_port != 0).then(|| std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port)))
+}
+
 /// Runs a node's agent in this process (the `weir lab agent` component).
 pub async fn run_agent(
     name: &str,
@@ -756,6 +765,7 @@ pub async fn run_agent(
         default_mode: weir_control::lb::LbMode::Snat,
         identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
         service_proxy_name: layout.service_proxy_name.clone(),
+        listen: metrics_addr(layout.node(node)?).into_iter().collect(),
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
         .await
@@ -928,6 +938,10 @@ pub struct HostInfo {
     /// The directory holding `weir-cni` (nodes only; absolute).
     #[serde(rename = "cniBinDir", skip_serializing_if = "Option::is_none")]
     pub cni_bin_dir: Option<PathBuf>,
+    /// The node agent's Prometheus endpoint, reachable from the host (nodes only); /healthz
+    /// and /readyz are served beside it.
+    #[serde(rename = "metricsURL", skip_serializing_if = "Option::is_none")]
+    pub metrics_url: Option<String>,
 }
 
 /// `weir lab nodes`.
@@ -947,6 +961,7 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
             netns: n.netns.clone(),
             cni_conf_dir: Some(p.cni_conf_dir(&n.name)),
             cni_bin_dir: Some(p.cni_bin_dir()),
+            metrics_url: metrics_addr(n).map(|a| format!("http://{a}/metrics")),
         })
         .collect();
     out.push(HostInfo {
@@ -958,6 +973,7 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
         netns: layout.external_netns.clone(),
         cni_conf_dir: None,
         cni_bin_dir: None,
+        metrics_url: None,
     });
     Ok(out)
 }

@@ -146,6 +146,9 @@ pub struct NodeLayout {
     pub pod_cidr: String,
     /// Pod CIDR (IPv6).
     pub pod_cidr6: String,
+    /// The loopback port the node's agent serves /healthz, /readyz and /metrics on (0: none).
+    #[serde(default)]
+    pub metrics_port: u16,
 }
 
 /// The recorded layout of a lab.
@@ -220,6 +223,7 @@ impl Layout {
                 ip6: format!("fd00:172:30::{}", 10 + i).parse().expect("ipv6"),
                 pod_cidr: format!("10.244.{i}.0/24"),
                 pod_cidr6: format!("fd00:10:244:{i}::/64"),
+                metrics_port: 0,
             })
             .collect();
         Layout {

@@ -170,6 +170,14 @@ struct AgentArgs {
     /// service.kubernetes.io/headless are never programmed.
     #[arg(long, value_name = "NAME")]
     service_proxy_name: Option<String>,
+    /// Where /healthz (alive) and /readyz (initial lists synced, datapath applied) are
+    /// served for the kubelet's probes ("" for nowhere). /metrics is served here too.
+    #[arg(long, default_value = "127.0.0.1:9879", value_name = "ADDR:PORT")]
+    health_listen: String,
+    /// Where Prometheus scrapes /metrics ("" for nowhere). /healthz and /readyz are served
+    /// here too.
+    #[arg(long, default_value = "0.0.0.0:9962", value_name = "ADDR:PORT")]
+    metrics_listen: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -845,6 +853,15 @@ async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         default_mode: a.lb_mode.into(),
         identity_gc_grace: a.identity_gc_grace,
         service_proxy_name: a.service_proxy_name.clone(),
+        listen: [&a.health_listen, &a.metrics_listen]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse().map_err(|_| {
+                    anyhow!("--health-listen/--metrics-listen: {s:?} is not ADDRESS:PORT")
+                })
+            })
+            .collect::<Result<_>>()?,
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,

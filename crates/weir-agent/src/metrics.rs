@@ -1,0 +1,360 @@
+//! The agent's Prometheus metrics (the prometheus-client crate; text exposition format), all
+//! named `weir_*` with units in the name, labels of bounded cardinality:
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `weir_datapath_packets_total` | counter | `direction`, `reason` | packets the per-packet programs counted, by verdict or drop reason (`weir bpf metrics list`) |
+//! | `weir_datapath_bytes_total` | counter | `direction`, `reason` | their bytes |
+//! | `weir_drops_total` | counter | `reason` | the same packets where the reason is a drop |
+//! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
+//! | `weir_lb_events_total` | counter | `event` | socket load-balancer events (translations, no backend, ...) |
+//! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map |
+//! | `weir_bpf_map_capacity` | gauge | `map` | each map's capacity |
+//! | `weir_frontends` | gauge | | Service frontends programmed |
+//! | `weir_endpoints` | gauge | | local pod endpoints programmed |
+//! | `weir_identities` | gauge | | security identities known |
+//! | `weir_datapath_apply_duration_seconds` | histogram | `part` | one apply of the desired state (`services`, `endpoints`, `policy`) |
+//! | `weir_datapath_apply_errors_total` | counter | `part` | applies that failed |
+//! | `weir_network_programming_duration_seconds` | histogram | | from a Service or EndpointSlice change (its `endpoints.kubernetes.io/last-change-trigger-time`, else when the agent saw it) to the datapath carrying it, as kube-proxy's |
+//! | `weir_ready` | gauge | | 1 when /readyz answers 200 |
+//! | `weir_build_info` | gauge | `version` | always 1 |
+//! | `process_*` | | | the agent's own CPU seconds, resident and virtual memory, open and maximum file descriptors, start time |
+
+use std::sync::{Arc, LazyLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::Shared;
+
+/// A label set: a list of (name, value).
+pub type Labels = Vec<(&'static str, String)>;
+
+fn buckets() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// The metrics the agent's loops record as they run.
+pub struct Metrics {
+    /// `weir_datapath_apply_duration_seconds`.
+    pub apply_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// `weir_datapath_apply_errors_total`.
+    pub apply_errors: Family<Labels, Counter>,
+    /// `weir_network_programming_duration_seconds`.
+    pub programming: Histogram,
+    /// `weir_policy_verdicts_total`.
+    pub policy_verdicts: Family<Labels, Counter>,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    apply_duration: Family::new_with_constructor(buckets),
+    apply_errors: Family::default(),
+    programming: buckets(),
+    policy_verdicts: Family::default(),
+});
+
+/// Records one apply of `part` that took `seconds` and succeeded or not.
+pub fn record_apply(part: &'static str, seconds: f64, ok: bool) {
+    let l = vec![("part", part.to_string())];
+    METRICS.apply_duration.get_or_create(&l).observe(seconds);
+    if !ok {
+        METRICS.apply_errors.get_or_create(&l).inc();
+    }
+}
+
+/// The registry served on /metrics: the recorded metrics and what is read at scrape time.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "weir_datapath_apply_duration_seconds",
+        "Time one apply of the desired state took, by part (services, endpoints, policy)",
+        METRICS.apply_duration.clone(),
+    );
+    r.register(
+        "weir_datapath_apply_errors",
+        "Applies of the desired state that failed, by part",
+        METRICS.apply_errors.clone(),
+    );
+    r.register(
+        "weir_network_programming_duration_seconds",
+        "Time from a Service or EndpointSlice change to the datapath carrying it",
+        METRICS.programming.clone(),
+    );
+    r.register(
+        "weir_policy_verdicts",
+        "NetworkPolicy verdicts on new flows, by verdict (allowed, denied) and direction",
+        METRICS.policy_verdicts.clone(),
+    );
+    r.register_collector(Box::new(Scraped { shared }));
+    r
+}
+
+/// Metrics read when scraped: datapath counters, map fill levels, sizes, process.
+#[derive(Debug)]
+struct Scraped {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node", &self.node_name)
+            .finish()
+    }
+}
+
+/// One metric family written at scrape time: its name, help, type and samples.
+struct Sampled {
+    name: &'static str,
+    help: &'static str,
+    counter: bool,
+    samples: Vec<(Labels, f64)>,
+}
+
+impl Sampled {
+    fn new(name: &'static str, help: &'static str, counter: bool) -> Self {
+        Sampled {
+            name,
+            help,
+            counter,
+            samples: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, labels: Labels, v: f64) {
+        self.samples.push((labels, v));
+    }
+
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ty = if self.counter {
+            MetricType::Counter
+        } else {
+            MetricType::Gauge
+        };
+        let mut m = encoder.encode_descriptor(self.name, self.help, None, ty)?;
+        for (labels, v) in &self.samples {
+            let fm = m.encode_family(labels)?;
+            if self.counter {
+                ConstCounter::new(*v).encode(fm)?;
+            } else {
+                ConstGauge::new(*v).encode(fm)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for family in scrape(&self.shared) {
+            family.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a reason name is a drop (`DROP_*`).
+fn is_drop(reason: &str) -> bool {
+    reason.starts_with("DROP_")
+}
+
+fn scrape(shared: &Shared) -> Vec<Sampled> {
+    let mut packets = Sampled::new(
+        "weir_datapath_packets",
+        "Packets the per-packet programs counted, by direction and verdict or drop reason",
+        true,
+    );
+    let mut bytes = Sampled::new("weir_datapath_bytes", "Bytes of those packets", true);
+    let mut drops = Sampled::new("weir_drops", "Packets dropped, by reason", true);
+    let mut lb = Sampled::new(
+        "weir_lb_events",
+        "Socket load-balancer events, by event",
+        true,
+    );
+    let mut entries = Sampled::new("weir_bpf_map_entries", "Entries in use in each map", false);
+    let mut capacity = Sampled::new("weir_bpf_map_capacity", "Capacity of each map", false);
+    let mut sizes = Vec::new();
+    let mut gauge = |name, help, v: f64| {
+        let mut s = Sampled::new(name, help, false);
+        s.add(Vec::new(), v);
+        sizes.push(s);
+    };
+    let mut maps: Vec<(String, usize, u32)> = Vec::new();
+    if let Ok(d) = shared.dataplane.lock().expect("dataplane").dump() {
+        for (event, n) in &d.counters {
+            lb.add(vec![("event", event.clone())], *n as f64);
+        }
+        maps.extend(
+            d.maps
+                .iter()
+                .map(|m| (m.name.clone(), m.entries, m.capacity)),
+        );
+    }
+    let frontends = shared.status.lock().expect("status").frontends;
+    gauge(
+        "weir_frontends",
+        "Service frontends programmed",
+        frontends as f64,
+    );
+    if let Some(p) = &shared.pods {
+        let endpoints = p.status.lock().expect("pod status").endpoints;
+        gauge(
+            "weir_endpoints",
+            "Local pod endpoints programmed",
+            endpoints as f64,
+        );
+        if let Ok(d) = p.dataplane.lock().expect("pods").dump() {
+            for m in &d.metrics {
+                let l = vec![
+                    ("direction", m.direction.to_string()),
+                    ("reason", m.name.clone()),
+                ];
+                packets.add(l.clone(), m.packets as f64);
+                bytes.add(l, m.bytes as f64);
+                if is_drop(&m.name) {
+                    drops.add(vec![("reason", m.name.clone())], m.packets as f64);
+                }
+            }
+            maps.extend(
+                d.maps
+                    .iter()
+                    .map(|m| (m.name.clone(), m.entries, m.capacity)),
+            );
+        }
+    }
+    let identities = shared.policy.lock().expect("policy").identities;
+    gauge(
+        "weir_identities",
+        "Security identities known",
+        identities as f64,
+    );
+    gauge(
+        "weir_ready",
+        "1 when the agent is ready (initial lists synced, datapath applied)",
+        if crate::probes::ready(shared).is_ok() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    let mut info = Sampled::new("weir_build_info", "The agent's version (always 1)", false);
+    info.add(
+        vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+        1.0,
+    );
+    maps.sort();
+    maps.dedup_by(|a, b| a.0 == b.0);
+    for (name, n, cap) in maps {
+        entries.add(vec![("map", name.clone())], n as f64);
+        capacity.add(vec![("map", name)], cap as f64);
+    }
+    let mut out = vec![packets, bytes, drops, lb, entries, capacity, info];
+    out.extend(sizes);
+    out.extend(process());
+    out
+}
+
+/// The standard process metrics, from /proc/self.
+fn process() -> Vec<Sampled> {
+    let mut out = Vec::new();
+    let mut one = |name, help, counter, v: f64| {
+        let mut s = Sampled::new(name, help, counter);
+        s.add(Vec::new(), v);
+        out.push(s);
+    };
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as f64;
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let f = |i: usize| {
+            rest.get(i - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        one(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            true,
+            (f(14) + f(15)) / ticks,
+        );
+        one(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            false,
+            f(23),
+        );
+        one(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            false,
+            f(24) * page,
+        );
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| {
+                        l.strip_prefix("btime ")
+                            .map(|v| v.trim().parse::<f64>().ok())
+                    })
+                    .flatten()
+            })
+            .unwrap_or(0.0);
+        one(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            false,
+            boot + f(22) / ticks,
+        );
+    }
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    one(
+        "process_open_fds",
+        "Number of open file descriptors",
+        false,
+        fds as f64,
+    );
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        if let Some(max) = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            one(
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                false,
+                max,
+            );
+        }
+    }
+    out
+}
+
+/// The registry encoded in the text format.
+pub fn encode(shared: Arc<Shared>) -> String {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry(shared));
+    out
+}
