@@ -190,7 +190,7 @@ fn probes_and_prometheus_metrics_from_the_host() {
     assert!(sum(&m, "process_open_fds", "") > 0.0);
     assert!(sum(&m, "process_cpu_seconds_total", "") > 0.0);
     // Bounded labels: reasons are names from a fixed list, never addresses or pods.
-    for ((name, labels), _) in &m {
+    for (name, labels) in m.keys() {
         assert!(
             !labels.contains("10.244.") && !labels.contains("m/"),
             "{name}{{{labels}}} has an unbounded label"
