@@ -36,6 +36,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubernetes-validate (PyPI): make test validates the install manifests offline against a
+# current Kubernetes release's schemas. Debian's python3 refuses system-wide pip installs
+# (PEP 668) unless told; a pyenv or venv python takes them as they are.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "setup: installing kubernetes-validate (pip)"
+  python3 -m pip install -q kubernetes-validate 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages kubernetes-validate
+  hash -r
+  command -v kubernetes-validate >/dev/null 2>&1 || {
+    echo "error: kubernetes-validate was installed but is not on PATH (pip's scripts directory)" >&2
+    exit 1
+  }
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: cargo is in $HOME/.cargo/bin; add it to PATH" >&2

@@ -10,3 +10,31 @@ pub mod ipam;
 pub mod link;
 pub mod plugin;
 pub mod spec;
+
+/// The name of weir's CNI configuration file (runtimes use the lexicographically first file
+/// of their configuration directory, hence the number).
+pub const CONFLIST_NAME: &str = "05-weir.conflist";
+
+/// weir's network configuration list: weir alone, in CNI 1.1.0, naming the agent's socket,
+/// the endpoint directory and (when not the default /var/lib/cni/networks/weir) where
+/// allocations are kept.
+pub fn conflist(
+    agent_socket: &std::path::Path,
+    endpoint_dir: &std::path::Path,
+    ipam_data_dir: Option<&std::path::Path>,
+) -> serde_json::Value {
+    let mut plugin = serde_json::json!({
+        "type": "weir-cni",
+        "agentSocket": agent_socket,
+        "endpointDir": endpoint_dir,
+    });
+    if let Some(d) = ipam_data_dir {
+        plugin["ipamDataDir"] = serde_json::json!(d);
+    }
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "cniVersions": spec::SUPPORTED_VERSIONS,
+        "name": "weir",
+        "plugins": [plugin],
+    })
+}

@@ -216,24 +216,14 @@ pub fn start_external_server(paths: &LabPaths, layout: &Layout) -> Result<i32, L
     Ok(pid)
 }
 
-/// The name of each lab node's CNI configuration (the lexicographically first file of the
-/// directory is the one runtimes use, hence the number).
-pub const CNI_CONFLIST: &str = "05-weir.conflist";
-
 /// The CNI configuration of a lab node: weir alone, speaking 1.1.0, with the node's agent
 /// socket, endpoint directory and allocation directory.
 pub fn cni_conflist(p: &LabPaths, node: &str) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": "1.1.0",
-        "cniVersions": weir_cni::spec::SUPPORTED_VERSIONS,
-        "name": "weir",
-        "plugins": [{
-            "type": "weir-cni",
-            "agentSocket": p.agent_socket(node),
-            "endpointDir": p.endpoint_dir(node),
-            "ipamDataDir": p.cni_ipam_dir(node),
-        }]
-    })
+    weir_cni::conflist(
+        &p.agent_socket(node),
+        &p.endpoint_dir(node),
+        Some(&p.cni_ipam_dir(node)),
+    )
 }
 
 /// Installs the CNI plugin as a DaemonSet's init container would: `weir-cni` (beside this
@@ -258,7 +248,7 @@ fn install_cni(p: &LabPaths, layout: &Layout) -> Result<(), LabError> {
     for n in &layout.nodes {
         let dir = p.cni_conf_dir(&n.name);
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
-        let f = dir.join(CNI_CONFLIST);
+        let f = dir.join(weir_cni::CONFLIST_NAME);
         let text = serde_json::to_string_pretty(&cni_conflist(p, &n.name)).expect("json");
         std::fs::write(&f, text).map_err(|e| LabError::io(f.clone(), e))?;
     }

@@ -26,11 +26,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub(crate) enum Command {
     /// Create or update objects from manifests (server-side apply; every document is
     /// validated with a dry run before any is written).
     Apply {
@@ -56,7 +56,7 @@ enum Command {
     /// Run the Kubernetes-compatible API server.
     Apiserver(ApiserverArgs),
     /// Run the node agent: watch the API and program the eBPF datapath.
-    Agent(AgentArgs),
+    Agent(crate::agent::AgentArgs),
     /// Show the agent's synchronisation, programs and maps.
     Status {
         #[command(flatten)]
@@ -98,86 +98,25 @@ enum Command {
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Mount what the agent needs on this node, each at most once (the DaemonSet's
+    /// mount-bpf-fs init container runs `weir mounts --bpffs`).
+    Mounts {
+        /// The BPF filesystem at /sys/fs/bpf.
+        #[arg(long)]
+        bpffs: bool,
+        /// A cgroup v2 hierarchy at this directory.
+        #[arg(long, value_name = "DIR")]
+        cgroup2: Option<PathBuf>,
+    },
+    /// Install or remove the CNI plugin on this node (the DaemonSet's init container runs
+    /// `weir cni install`).
+    #[command(subcommand)]
+    Cni(crate::cni_install::CniCommand),
     /// Print shell completions.
     Completions {
         /// Shell.
         shell: clap_complete::Shell,
     },
-}
-
-#[derive(Args, Debug)]
-struct AgentArgs {
-    /// This node's name (as in the Node object).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// cgroup v2 directory whose sockets are load-balanced (the pods' subtree).
-    #[arg(long)]
-    cgroup: PathBuf,
-    /// Where maps and links are pinned (default /sys/fs/bpf/weir/default/NODE).
-    #[arg(long)]
-    bpf_pin_dir: Option<PathBuf>,
-    /// Introspection socket.
-    #[arg(long, default_value = "/run/weir/agent.sock")]
-    socket: PathBuf,
-    /// Backend selection for Services without the weir.dev/lb-algorithm annotation.
-    #[arg(long, value_enum, default_value_t = AlgorithmArg::Random)]
-    lb_algorithm: AlgorithmArg,
-    /// Where the network plugin leaves endpoint records (one JSON file per local pod); their
-    /// host-side veths get the pod programs.
-    #[arg(long, default_value = "/run/weir/endpoints")]
-    endpoint_dir: PathBuf,
-    /// A node device that gets the node program, which hands packets for local pods straight
-    /// to them (repeatable).
-    #[arg(long = "device")]
-    devices: Vec<String>,
-    /// Source ports for NodePort flows SNATed to the node (sent to a backend on another
-    /// node); keep them outside net.ipv4.ip_local_port_range.
-    #[arg(long, default_value = "61000-65535")]
-    snat_ports: String,
-    /// How NodePort/external traffic reaches a backend on another node, for Services without
-    /// the weir.dev/lb-mode annotation: snat, or dsr (IPIP to the backend's node, which
-    /// answers the client directly).
-    #[arg(long, value_enum, default_value_t = LbModeArg::Snat)]
-    lb_mode: LbModeArg,
-    /// Do not load-balance at the socket layer for the pods under --cgroup: their Service
-    /// traffic is translated per packet at tc instead (as Cilium's hostNamespaceOnly).
-    #[arg(long)]
-    no_socket_lb: bool,
-    /// VXLAN mode: the collect-metadata VXLAN device (`ip link add DEV type vxlan external
-    /// dstport 8472`) through which other nodes' pods are reached, routed from the Nodes'
-    /// podCIDRs. Without it: native routing.
-    #[arg(long)]
-    tunnel_device: Option<String>,
-    /// Also attach the XDP program to the --device devices: NodePort flows SNATed to other
-    /// nodes are completed at XDP (XDP_TX/XDP_REDIRECT); the rest goes on to tc.
-    #[arg(long)]
-    xdp: bool,
-    /// Masquerade the IPv4 flows pods open to destinations outside every Node's podCIDRs
-    /// (TCP, UDP, ICMP echo): they leave with the node's address and a port of
-    /// --snat-ports, as iptables' MASQUERADE would do.
-    #[arg(long)]
-    masquerade: bool,
-    /// With --masquerade: another IPv4 network pods reach with their own address
-    /// (repeatable), e.g. a routed network that knows the pod CIDRs.
-    #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
-    non_masquerade: Vec<ipnet::Ipv4Net>,
-    /// How long a SecurityIdentity no pod needs (its labels gone, or a duplicate) stays
-    /// before the agent deletes it.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    identity_gc_grace: Duration,
-    /// Program only the Services labelled service.kubernetes.io/service-proxy-name=NAME
-    /// (unset: only those without that label, as kube-proxy). Services labelled
-    /// service.kubernetes.io/headless are never programmed.
-    #[arg(long, value_name = "NAME")]
-    service_proxy_name: Option<String>,
-    /// Where /healthz (alive) and /readyz (initial lists synced, datapath applied) are
-    /// served for the kubelet's probes ("" for nowhere). /metrics is served here too.
-    #[arg(long, default_value = "127.0.0.1:9879", value_name = "ADDR:PORT")]
-    health_listen: String,
-    /// Where Prometheus scrapes /metrics ("" for nowhere). /healthz and /readyz are served
-    /// here too.
-    #[arg(long, default_value = "0.0.0.0:9962", value_name = "ADDR:PORT")]
-    metrics_listen: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,7 +126,7 @@ enum TunnelArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum LbModeArg {
+pub(crate) enum LbModeArg {
     Snat,
     Dsr,
 }
@@ -202,7 +141,7 @@ impl From<LbModeArg> for weir_control::lb::LbMode {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum AlgorithmArg {
+pub(crate) enum AlgorithmArg {
     Random,
     Maglev,
 }
@@ -573,6 +512,7 @@ impl Cli {
         matches!(
             self.command,
             Command::Apiserver(_)
+                | Command::Agent(_)
                 | Command::Lab(
                     LabCommand::Apiserver
                         | LabCommand::Controller
@@ -610,7 +550,7 @@ impl Cli {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -727,7 +667,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 o.output == Format::Json,
             ))
         }
-        Command::Agent(a) => runtime()?.block_on(run_agent(&cli, a)),
+        Command::Agent(a) => runtime()?.block_on(crate::agent::run(&cli, a)),
+        Command::Cni(c) => crate::cni_install::run(c),
+        Command::Mounts { bpffs, cgroup2 } => {
+            if !bpffs && cgroup2.is_none() {
+                bail!("nothing to mount (hint: --bpffs and/or --cgroup2 DIR)");
+            }
+            if *bpffs {
+                let made = weir_bpf::ensure_bpffs().context("mounting /sys/fs/bpf")?;
+                eprintln!(
+                    "/sys/fs/bpf: {}",
+                    if made { "mounted" } else { "already mounted" }
+                );
+            }
+            if let Some(d) = cgroup2 {
+                let made = weir_bpf::mounts::ensure_cgroup2(d)
+                    .with_context(|| format!("mounting cgroup v2 at {}", d.display()))?;
+                eprintln!(
+                    "{}: {}",
+                    d.display(),
+                    if made { "mounted" } else { "already mounted" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { target, output } => runtime()?.block_on(crate::introspect::status(
             &agent_socket(&cli, target)?,
             *output == Format::Json,
@@ -812,62 +775,6 @@ fn agent_socket(cli: &Cli, t: &AgentTarget) -> Result<PathBuf> {
         }
         None => Ok(PathBuf::from("/run/weir/agent.sock")),
     }
-}
-
-async fn run_agent(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
-    let pins = a
-        .bpf_pin_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
-    let dp = weir_dataplane::ebpf::EbpfDataplane::new_with(&pins, &a.cgroup, !a.no_socket_lb)
-        .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
-    let snat_ports = weir_agent::pods::parse_port_range(&a.snat_ports)
-        .map_err(|e| anyhow!("--snat-ports {e}"))?;
-    let pods =
-        weir_dataplane::pods::PodDataplane::new(&pins.join("tc"), &pins).with_context(|| {
-            format!(
-                "loading the pod datapath (pins in {})",
-                pins.join("tc").display()
-            )
-        })?;
-    let pod_cfg = weir_agent::pods::PodConfig {
-        endpoint_dir: a.endpoint_dir.clone(),
-        devices: a.devices.clone(),
-        netns: None,
-        snat_ports,
-        tunnel: a.tunnel_device.clone(),
-        xdp: a.xdp,
-        masquerade: a.masquerade,
-        non_masquerade: a.non_masquerade.iter().map(|n| n.trunc()).collect(),
-    };
-    let client = match cli.kubeconfig_path()? {
-        Some(p) => client::client_from_kubeconfig(&p).await?,
-        None => kube::Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
-    };
-    let cfg = weir_agent::AgentConfig {
-        node_name: a.node_name.clone(),
-        socket: a.socket.clone(),
-        default_algorithm: a.lb_algorithm.into(),
-        default_mode: a.lb_mode.into(),
-        identity_gc_grace: a.identity_gc_grace,
-        service_proxy_name: a.service_proxy_name.clone(),
-        listen: [&a.health_listen, &a.metrics_listen]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse().map_err(|_| {
-                    anyhow!("--health-listen/--metrics-listen: {s:?} is not ADDRESS:PORT")
-                })
-            })
-            .collect::<Result<_>>()?,
-    };
-    tokio::select! {
-        r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
-        _ = lab::wait_for_signal() => {}
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn dry_run_all(c: &kube::Client, docs: &[client::Doc]) -> Result<usize> {

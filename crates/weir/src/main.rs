@@ -1,7 +1,9 @@
 //! The `weir` command: the API server, `kubectl`-style apply/get/delete, and `weir lab`.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod cli;
+mod cni_install;
 mod get;
 mod introspect;
 mod observe;

@@ -1,0 +1,108 @@
+//! The install manifests (deploy/, a kustomize base) as `kubectl kustomize` renders them,
+//! validated offline against a current Kubernetes release's schemas in strict mode
+//! (kubernetes-validate, from PyPI), and custom objects against their CRD's schema.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+#[test]
+fn manifests_render_and_validate_strictly() {
+    let rendered = ok(Command::new("kubectl").arg("kustomize").arg(deploy_dir()));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("weir.yaml");
+    std::fs::write(&f, &rendered).unwrap();
+    let out = run(Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .arg(&f));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| {
+            let v: serde_json::Value = serde::Deserialize::deserialize(d).unwrap();
+            format!(
+                "{}/{}",
+                v["kind"].as_str().unwrap(),
+                v["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "Namespace/weir-system",
+        "CustomResourceDefinition/securityidentities.weir.dev",
+        "ServiceAccount/weir-agent",
+        "ClusterRole/weir-agent",
+        "ClusterRoleBinding/weir-agent",
+        "ConfigMap/weir-agent-config",
+        "DaemonSet/weir-agent",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "{want} missing from {kinds:?}"
+        );
+    }
+    // The image is the one `make image` builds.
+    assert!(
+        rendered.contains("image: localhost/weir:0.1.0"),
+        "{rendered}"
+    );
+}
+
+/// Validates `object` against the CRD's openAPIV3Schema with python's jsonschema (a
+/// dependency of kubernetes-validate); the validator's message on failure.
+fn validate_against_crd(object: &serde_json::Value) -> Result<(), String> {
+    let crd: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy_dir().join("securityidentity-crd.yaml")).unwrap(),
+    )
+    .unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let script = "import json,sys,jsonschema\nd=json.load(sys.stdin)\njsonschema.validate(d['object'], d['schema'])";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            serde_json::json!({"object": object, "schema": schema})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+#[test]
+fn security_identities_as_agents_write_them_fit_the_crd() {
+    let good = serde_json::json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "SecurityIdentity",
+        "metadata": {"name": "256"},
+        "spec": {"namespace": "shop", "namespaceLabels": {"kubernetes.io/metadata.name": "shop"}, "podLabels": {"app": "web"}}
+    });
+    validate_against_crd(&good).unwrap();
+    let mut bad = good.clone();
+    bad["spec"] = serde_json::json!({"podLabels": {"app": "web"}});
+    let e = validate_against_crd(&bad).unwrap_err();
+    assert!(e.contains("'namespace' is a required property"), "{e}");
+}
