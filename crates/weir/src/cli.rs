@@ -120,7 +120,7 @@ pub(crate) enum Command {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum TunnelArg {
+pub(crate) enum TunnelArg {
     Native,
     Vxlan,
 }
@@ -157,7 +157,7 @@ impl From<AlgorithmArg> for weir_control::lb::Algorithm {
 
 /// Which agent to ask: a lab node (with --cluster) or a socket.
 #[derive(Args, Debug)]
-struct AgentTarget {
+pub(crate) struct AgentTarget {
     /// The lab node whose agent to ask (with --cluster).
     #[arg(long, default_value = "node-1")]
     node: String,
@@ -167,7 +167,7 @@ struct AgentTarget {
 }
 
 #[derive(Subcommand, Debug)]
-enum BpfCommand {
+pub(crate) enum BpfCommand {
     /// Load-balancing state.
     #[command(subcommand)]
     Lb(LbCommand),
@@ -187,7 +187,7 @@ enum BpfCommand {
 }
 
 #[derive(Subcommand, Debug)]
-enum ListOnly {
+pub(crate) enum ListOnly {
     /// List the entries.
     List {
         #[command(flatten)]
@@ -199,7 +199,7 @@ enum ListOnly {
 }
 
 #[derive(Subcommand, Debug)]
-enum LbCommand {
+pub(crate) enum LbCommand {
     /// Frontends with their backends, Maglev tables and session affinity entries.
     List {
         #[command(flatten)]
@@ -211,7 +211,7 @@ enum LbCommand {
 }
 
 #[derive(Args, Debug)]
-struct ApiserverArgs {
+pub(crate) struct ApiserverArgs {
     /// Directory of the database.
     #[arg(long)]
     data_dir: PathBuf,
@@ -240,7 +240,7 @@ struct ApiserverArgs {
 }
 
 #[derive(Subcommand, Debug)]
-enum LabCommand {
+pub(crate) enum LabCommand {
     /// Create a lab: API server, controllers, nodes (each with a kubelet and a weir agent);
     /// apply manifests; wait until pods are Ready and every datapath matches the API.
     Up {
@@ -408,7 +408,7 @@ enum LabCommand {
 }
 
 #[derive(Subcommand, Debug)]
-enum PrefilterCommand {
+pub(crate) enum PrefilterCommand {
     /// Drop packets from these source prefixes (ADDRESS/LEN or one address; host bits are
     /// cleared). All are added or, on an error, none.
     Add(PrefilterCidrs),
@@ -426,7 +426,7 @@ enum PrefilterCommand {
 }
 
 #[derive(Args, Debug)]
-struct PrefilterCidrs {
+pub(crate) struct PrefilterCidrs {
     #[command(flatten)]
     target: AgentTarget,
     /// Source prefixes, e.g. 198.51.100.0/24 2001:db8::/48.
@@ -435,7 +435,7 @@ struct PrefilterCidrs {
 }
 
 #[derive(Args, Debug)]
-struct ObserveArgs {
+pub(crate) struct ObserveArgs {
     /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
     #[arg(long = "node")]
     nodes: Vec<String>,
@@ -463,25 +463,25 @@ struct ObserveArgs {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum VerdictArg {
+pub(crate) enum VerdictArg {
     Allowed,
     Dropped,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Table,
     Json,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
+pub(crate) enum Proto {
     Tcp,
     Udp,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum ViaArg {
+pub(crate) enum ViaArg {
     PodIp,
     Service,
 }
