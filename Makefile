@@ -3,7 +3,7 @@
 #   make test   runs every test (unit, API server, kubectl, lab end to end)
 CARGO ?= cargo
 
-.PHONY: demo test build setup fmt lint clean bench
+.PHONY: demo test build setup fmt lint clean bench image image-test
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,15 @@ bench: setup
 	target/release/weir-bench podpod 7 2
 	target/release/weir-bench policy 1000 5 2
 	target/release/weir-bench prefilter 5 2
+
+# The OCI image (podman; a debootstrap base made here, no registry): weir and weir-cni.
+image: setup
+	@scripts/image.sh
+
+# Builds the image and runs `weir --version` and the CNI install step from it (slow: not in
+# make test).
+image-test: setup
+	@scripts/image.sh --test
 
 fmt:
 	$(CARGO) fmt --all
