@@ -52,11 +52,20 @@ podman build -q --build-arg BASE="$base" -t "$image" "$ctx" >/dev/null
 echo "$image"
 
 if [ "${1:-}" = "--test" ]; then
-  out=$(podman run --rm --network none "$image" weir --version)
+  # crun refuses hosts where cgroup v1 and v2 are mixed ("hybrid"); runc runs there. Limits
+  # are set low explicitly: some sandboxes refuse raising them to podman's defaults.
+  run=(podman)
+  if [ "$(stat -fc %T /sys/fs/cgroup)" != "cgroup2fs" ]; then
+    command -v runc >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends runc >/dev/null
+    run+=(--runtime runc)
+  fi
+  run+=(run --rm --network none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+  out=$("${run[@]}" "$image" weir --version)
   echo "image: $out"
   [ "$out" = "weir $version" ] || { echo "error: weir --version said: $out" >&2; exit 1; }
   host=$(mktemp -d)
-  podman run --rm --network none -v "$host/bin:/host/opt/cni/bin" -v "$host/net.d:/host/etc/cni/net.d" \
+  mkdir -p "$host/bin" "$host/net.d"
+  "${run[@]}" -v "$host/bin:/host/opt/cni/bin" -v "$host/net.d:/host/etc/cni/net.d" \
     "$image" weir cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d
   test -x "$host/bin/weir-cni" && test -s "$host/net.d/05-weir.conflist"
   # The installed plugin runs on the host and answers VERSION.
