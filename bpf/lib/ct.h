@@ -34,6 +34,8 @@ static __always_inline __u64 ct_lifetime(__u16 flags, __u8 proto)
 {
 	if (proto != IPPROTO_TCP_)
 		return CT_LIFETIME_OTHER;
+	if ((flags & (CT_F_TIME_WAIT | CT_F_RST)) == CT_F_TIME_WAIT)
+		return CT_LIFETIME_TCP_TIME_WAIT;
 	if (flags & CT_F_CLOSING)
 		return CT_LIFETIME_TCP_CLOSING;
 	if (flags & CT_F_ESTABLISHED)
@@ -47,6 +49,13 @@ static __always_inline __u16 ct_next_flags(__u16 flags, __u8 proto, __u8 tcp_fla
 	if (proto == IPPROTO_TCP_) {
 		if (tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
 			flags |= CT_F_CLOSING;
+		if (tcp_flags & TCP_FLAG_RST)
+			flags |= CT_F_RST;
+		/* The side whose FIN comes first closes actively and keeps TIME_WAIT. */
+		if ((tcp_flags & TCP_FLAG_FIN) && !reply)
+			flags |= CT_F_FIN_CLIENT;
+		if ((tcp_flags & TCP_FLAG_FIN) && reply && !(flags & CT_F_FIN_CLIENT))
+			flags |= CT_F_TIME_WAIT;
 		if (reply)
 			flags |= CT_F_SEEN_REPLY;
 		else if ((flags & CT_F_SEEN_REPLY) && !(tcp_flags & TCP_FLAG_SYN))

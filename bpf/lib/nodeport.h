@@ -133,8 +133,10 @@ static __always_inline void ct4_original_key(struct ct4_key *fk, const struct ct
  * conntrack map `map` under a free port of the configured range, written to `rk->dport`. A
  * port in use by another flow to the same peer is a collision; one whose entry expired (the
  * collector has not come by yet), or whose flow has been closing for 2 s (FIN/RST seen; stray
- * late packets are the risk conntrack takes too), is free. Returns 0, or -DROP_NAT_NO_PORT
- * after SNAT_TRIES tries. One body for both families (snat4_claim, snat6_claim).
+ * late packets are the risk conntrack takes too) without the backend holding its TIME_WAIT, is
+ * free. A flow the backend closed first keeps its port for CT_LIFETIME_TCP_TIME_WAIT. Returns
+ * 0, or -DROP_NAT_NO_PORT after SNAT_TRIES tries. One body for both families (snat4_claim,
+ * snat6_claim).
  */
 #define SNAT_CLAIM_BODY(map, rk, re, cfg)                                                      \
 	do {                                                                                   \
@@ -153,6 +155,7 @@ static __always_inline void ct4_original_key(struct ct4_key *fk, const struct ct
 			if (old_ &&                                                            \
 			    (old_->expires < ct_now() ||                                       \
 			     ((old_->flags & CT_F_CLOSING) &&                                  \
+			      (old_->flags & (CT_F_TIME_WAIT | CT_F_RST)) != CT_F_TIME_WAIT && \
 			      old_->expires <= ct_now() + CT_LIFETIME_TCP_CLOSING - 2)) &&     \
 			    bpf_map_update_elem(map, rk, re, BPF_EXIST) == 0)                  \
 				return 0;                                                      \

@@ -364,8 +364,11 @@ pub async fn run(
         let p = p.clone();
         let me = cfg.node_name.clone();
         tokio::spawn(async move {
+            // Nothing is written before the first complete list of Nodes: an empty view would
+            // remove every other node's pod CIDR from the maps the previous agent left, and
+            // pod-to-pod flows across nodes would be masqueraded (and broken) until it came.
+            let _ = nodes.wait_until_ready().await;
             loop {
-                nodes_changed.notified().await;
                 let nodes = nodes.state();
                 if p.config.tunnel.is_some() {
                     let routes = weir_control::tunnel::routes(&nodes, &me);
@@ -394,6 +397,7 @@ pub async fn run(
                         }
                     }
                 }
+                nodes_changed.notified().await;
             }
         });
     }

@@ -285,6 +285,13 @@ pub const CT_F_CLOSING: u16 = 16;
 pub const CT_F_DSR: u16 = 32;
 /// `ct4_entry.flags`: a pod's flow out of the cluster (masquerading, no backend).
 pub const CT_F_MASQ: u16 = 64;
+/// `CT_F_FIN_CLIENT`: the client sent a FIN.
+pub const CT_F_FIN_CLIENT: u16 = 1 << 7;
+/// `CT_F_TIME_WAIT`: the backend closed first and holds TIME_WAIT (the entry, and a SNAT
+/// port, live `CT_LIFETIME_TCP_TIME_WAIT`).
+pub const CT_F_TIME_WAIT: u16 = 1 << 8;
+/// `CT_F_RST`: a RST was seen.
+pub const CT_F_RST: u16 = 1 << 9;
 
 /// Switches the link an earlier agent pinned at `path` to `prog` atomically, so that an upgrade
 /// never leaves the device without a program. Returns false when there is none to reuse (a

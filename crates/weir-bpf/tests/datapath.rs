@@ -778,6 +778,93 @@ fn node_port_to_a_remote_backend_is_snated_and_replies_go_back_to_the_client() {
     assert_eq!(l4_csum(&out), 0, "udp checksum");
 }
 
+/// Whether a new flow from client port `port` gets a SNAT port (else the NodePort drops it).
+fn snat_flow(fx: &Fixture, in0: u32, port: u16) -> Option<u16> {
+    let syn = tcp4(("10.1.0.5", port), ("10.1.0.1", 30081), 0x02);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    (v == TC_ACT_REDIRECT).then(|| {
+        let (src, _) = endpoints_of(&out);
+        src.rsplit_once(':').unwrap().1.parse().unwrap()
+    })
+}
+
+#[test]
+fn a_snat_port_stays_with_a_flow_the_backend_closed_for_its_time_wait() {
+    let fx = Fixture::new();
+    fx.node_setup();
+    // One SNAT port, so reuse is visible.
+    let a: Ipv4Addr = "10.2.0.1".parse().expect("ip");
+    fx.dp
+        .set_config(&weir_bpf::datapath::node_config {
+            snat4: u32::from_ne_bytes(a.octets()),
+            snat_port_min: 61000,
+            snat_port_max: 61000,
+            ..Default::default()
+        })
+        .expect("config");
+    let in0 = fx.ifindex("in0");
+    fx.node_port(30081, 6, 8, Some((4, "10.50.0.9", 8080)));
+    let lifetimes = |fx: &Fixture| -> Vec<i64> {
+        fx.dp
+            .ct_entries()
+            .expect("ct")
+            .iter()
+            .map(|(_, e)| e.expires as i64 - weir_bpf::datapath::boot_seconds() as i64)
+            .collect()
+    };
+
+    // The backend closes first (its FIN before the client's): it holds TIME_WAIT for the
+    // tuple (node:61000 -> backend), so the port stays taken for 60 s.
+    let p = snat_flow(&fx, in0, 41000).expect("a port");
+    let from_backend = |flags: u8| tcp4(("10.50.0.9", 8080), ("10.2.0.1", p), flags);
+    fx.run(TcProgram::FromNetdev, &from_backend(0x12), in0);
+    fx.run(
+        TcProgram::FromNetdev,
+        &tcp4(("10.1.0.5", 41000), ("10.1.0.1", 30081), 0x10),
+        in0,
+    );
+    fx.run(TcProgram::FromNetdev, &from_backend(0x11), in0);
+    fx.run(
+        TcProgram::FromNetdev,
+        &tcp4(("10.1.0.5", 41000), ("10.1.0.1", 30081), 0x11),
+        in0,
+    );
+    for left in lifetimes(&fx) {
+        assert!((50..=60).contains(&left), "TIME_WAIT lifetime: {left}");
+    }
+    for e in fx.dp.ct_entries().expect("ct").iter().map(|(_, e)| e.flags) {
+        assert_ne!(e & weir_bpf::datapath::CT_F_TIME_WAIT, 0);
+    }
+    assert_eq!(
+        snat_flow(&fx, in0, 41001),
+        None,
+        "the port is still the old flow's"
+    );
+    assert_eq!(fx.metric("DROP_NAT_NO_PORT"), 1);
+
+    // The client closes first (it keeps TIME_WAIT, the backend does not): 10 s, and the
+    // port is free 2 s after the close, as after a RST.
+    fx.dp.ct_gc(0, true).expect("flush");
+    let p = snat_flow(&fx, in0, 41002).expect("a port");
+    let from_backend = |flags: u8| tcp4(("10.50.0.9", 8080), ("10.2.0.1", p), flags);
+    fx.run(TcProgram::FromNetdev, &from_backend(0x12), in0);
+    fx.run(
+        TcProgram::FromNetdev,
+        &tcp4(("10.1.0.5", 41002), ("10.1.0.1", 30081), 0x11),
+        in0,
+    );
+    fx.run(TcProgram::FromNetdev, &from_backend(0x11), in0);
+    for left in lifetimes(&fx) {
+        assert!((0..=10).contains(&left), "closing lifetime: {left}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    assert_eq!(
+        snat_flow(&fx, in0, 41003),
+        Some(61000),
+        "taken over 2 s after the close"
+    );
+}
+
 #[test]
 fn node_port_without_backends_is_dropped_with_a_reason_and_other_ports_pass() {
     let fx = Fixture::new();

@@ -104,7 +104,7 @@ pub struct CtDump {
     pub dst: String,
     /// `original` (client to frontend) or `reply` (backend to client or SNAT address).
     pub direction: String,
-    /// States and properties: `snat`, `seen-reply`, `established`, `closing`, `dsr`, `masq`
+    /// States and properties: `snat`, `seen-reply`, `established`, `closing`, `dsr`, `masq`, `backend-time-wait`, `reset`
     /// (a pod's flow leaving the cluster; a `masq` reply entry without `snat` is a flow from
     /// outside straight to a pod, whose answers keep the pod's address).
     pub flags: Vec<String>,
@@ -193,6 +193,8 @@ fn ct_dump(c: CtView, now: u64) -> CtDump {
         (CT_F_CLOSING, "closing"),
         (weir_bpf::datapath::CT_F_DSR, "dsr"),
         (weir_bpf::datapath::CT_F_MASQ, "masq"),
+        (weir_bpf::datapath::CT_F_TIME_WAIT, "backend-time-wait"),
+        (weir_bpf::datapath::CT_F_RST, "reset"),
     ] {
         if c.flags & bit != 0 {
             flags.push(name.to_string());

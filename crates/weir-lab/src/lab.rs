@@ -741,7 +741,7 @@ pub async fn run_agent(
         endpoint_dir: p.endpoint_dir(node),
         devices: vec!["eth0".into()],
         netns: Some(paths::netns_path(&layout.node(node)?.netns)),
-        snat_ports: weir_agent::pods::DEFAULT_SNAT_PORTS,
+        snat_ports: net::LAB_SNAT_PORTS,
         tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
         xdp: layout.xdp,
         masquerade: layout.masquerade,

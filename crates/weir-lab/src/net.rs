@@ -196,6 +196,12 @@ fn attach_host(
     )
 }
 
+/// The source ports lab agents SNAT NodePort flows to (`--snat-ports`): a wide range, with
+/// the nodes' own ephemeral ports kept below it. A flow its backend closed first keeps its
+/// port for the backend's TIME_WAIT (60 s), so the range bounds the sustained rate of such
+/// flows per backend (20,480 ports: about 340 per second).
+pub const LAB_SNAT_PORTS: (u16, u16) = (45056, 65535);
+
 fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
     attach_host(
         layout,
@@ -205,6 +211,14 @@ fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
         &n.ip6.to_string(),
         true,
         NODE_FABRIC_MTU,
+    )?;
+    // The node's own connections take ports below the SNAT range (kernel ephemeral ports
+    // and SNAT ports must not meet: a reply to the node's own flow would be taken for a
+    // SNATed one's).
+    let range = format!("32768 {}", LAB_SNAT_PORTS.0 - 1);
+    sys::sysctls(
+        &n.netns,
+        &[("net.ipv4.ip_local_port_range", range.as_str())],
     )
 }
 

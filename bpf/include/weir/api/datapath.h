@@ -117,6 +117,9 @@ _Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
 #define CT_F_CLOSING	 (1 << 4) /* TCP: FIN or RST seen */
 #define CT_F_DSR	 (1 << 5) /* direct server return: tunnelled to the backend's node */
 #define CT_F_MASQ	 (1 << 6) /* a pod's flow out of the cluster, masqueraded (no backend) */
+#define CT_F_FIN_CLIENT	 (1 << 7) /* TCP: the client sent a FIN */
+#define CT_F_TIME_WAIT	 (1 << 8) /* TCP: the backend closed first, so it holds TIME_WAIT */
+#define CT_F_RST	 (1 << 9) /* TCP: RST seen (no TIME_WAIT is left on either side) */
 /* The flags that say what an entry is (the others are the flow's state). */
 #define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR | CT_F_MASQ)
 
@@ -179,6 +182,11 @@ _Static_assert(sizeof(struct node_addr6) == 16, "node_addr6 size");
 #define CT_LIFETIME_TCP_SYN	    60
 #define CT_LIFETIME_TCP_ESTABLISHED 21600
 #define CT_LIFETIME_TCP_CLOSING	    10
+/* A flow the backend closed first (CT_F_TIME_WAIT): as long as Linux's TIME_WAIT
+ * (TCP_TIMEWAIT_LEN, 60 s), so that its SNAT port is not given to a new flow to the same
+ * backend while the backend still holds the old one (the new SYN would meet a challenge ACK
+ * instead of a SYN-ACK; netfilter keeps TIME_WAIT entries 120 s for the same reason). */
+#define CT_LIFETIME_TCP_TIME_WAIT   60
 #define CT_LIFETIME_OTHER	    60
 
 /* node_config.flags */

@@ -326,13 +326,16 @@ impl Drop for Daemon {
 
 impl Lab {
     /// Starts `weir lab agent` for `node` again (after a test killed it), logging to the lab's
-    /// logs/agent-restart.log.
+    /// logs/agent-NODE-restart.log.
     pub fn restart_agent(&self, node: &str) -> Daemon {
-        let log = std::fs::File::create(format!(
-            "/run/weir/labs/{}/logs/agent-restart.log",
-            self.name
-        ))
-        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!(
+                "/run/weir/labs/{}/logs/agent-{node}-restart.log",
+                self.name
+            ))
+            .unwrap();
         Daemon(
             self.weir_bin()
                 .args(["lab", "agent", "--cluster", &self.name, "--node", node])
