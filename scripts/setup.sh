@@ -39,7 +39,7 @@ fi
 # kubernetes-validate (PyPI): make test validates the install manifests offline against a
 # current Kubernetes release's schemas. Debian's python3 refuses system-wide pip installs
 # (PEP 668) unless told; a pyenv or venv python takes them as they are.
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   if ! python3 -m pip --version >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
@@ -47,9 +47,8 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
   echo "setup: installing kubernetes-validate (pip)"
   python3 -m pip install -q kubernetes-validate 2>/dev/null ||
     python3 -m pip install -q --break-system-packages kubernetes-validate
-  hash -r
-  command -v kubernetes-validate >/dev/null 2>&1 || {
-    echo "error: kubernetes-validate was installed but is not on PATH (pip's scripts directory)" >&2
+  python3 -c 'import kubernetes_validate' || {
+    echo "error: kubernetes-validate was installed but python3 cannot import it" >&2
     exit 1
   }
 fi

@@ -20,8 +20,9 @@ fn manifests_render_and_validate_strictly() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("weir.yaml");
     std::fs::write(&f, &rendered).unwrap();
-    let out = run(Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet"])
+    // The same python3 the setup script installed it for (scripts directories vary).
+    let out = run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
         .arg(&f));
     assert!(
         out.status.success(),
