@@ -1,6 +1,6 @@
 //! ClusterIP and NodePort allocation, as kube-apiserver's Service REST storage does it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
@@ -109,6 +109,57 @@ fn owner_of(svc: &Value) -> Owner {
     )
 }
 
+/// A Service with `clusterIP: None` and no selector (its endpoints are written by hand).
+fn is_headless_selectorless(spec: &serde_json::Map<String, Value>) -> bool {
+    let first_ip = spec
+        .get("clusterIPs")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str);
+    let none =
+        spec.get("clusterIP").and_then(Value::as_str) == Some("None") || first_ip == Some("None");
+    none && spec
+        .get("selector")
+        .and_then(Value::as_object)
+        .is_none_or(|m| m.is_empty())
+}
+
+/// initIPFamilyFields for a headless Service without a selector: dual-stack unless asked
+/// otherwise (RequireDualStack by default), the cluster's primary family first, and the
+/// other family too even on a single-stack cluster (nothing is allocated for it).
+fn headless_selectorless_families(cfg: &AllocConfig, spec: &mut serde_json::Map<String, Value>) {
+    let policy = spec
+        .get("ipFamilyPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("RequireDualStack")
+        .to_string();
+    let mut families: Vec<String> = spec
+        .get("ipFamilies")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if families.is_empty() {
+        let primary = cfg.service_cidrs.first().map(net_family).unwrap_or("IPv4");
+        families.push(primary.to_string());
+    }
+    if policy != "SingleStack" && families.len() == 1 {
+        let other = if families[0] == "IPv4" {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        families.push(other.to_string());
+    }
+    spec.insert("clusterIP".into(), json!("None"));
+    spec.insert("clusterIPs".into(), json!(["None"]));
+    spec.insert("ipFamilies".into(), json!(families));
+    spec.insert("ipFamilyPolicy".into(), json!(policy));
+}
+
 fn cause(field: &str, value: Value, msg: String) -> FieldError {
     FieldError {
         field: field.to_string(),
@@ -213,6 +264,8 @@ impl Allocations {
             for f in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
                 spec.remove(f);
             }
+        } else if is_headless_selectorless(spec) {
+            headless_selectorless_families(cfg, spec);
         } else {
             let mut ips: Vec<String> = spec
                 .get("clusterIPs")
@@ -341,21 +394,34 @@ impl Allocations {
                     .get("allocateLoadBalancerNodePorts")
                     .and_then(Value::as_bool)
                     != Some(false));
-        let old_ports: Vec<(i64, String, u64)> = old
+        // patchAllocatedValues: an update that leaves a port's nodePort out gets the one the
+        // old port of the same name had, unless another port of the new object uses it.
+        let old_by_name: BTreeMap<String, u64> = old
             .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array))
             .into_iter()
             .flatten()
             .filter_map(|p| {
                 Some((
-                    p.get("port")?.as_i64()?,
-                    p.get("protocol")
+                    p.get("name")
                         .and_then(Value::as_str)
-                        .unwrap_or("TCP")
+                        .unwrap_or("")
                         .to_string(),
                     p.get("nodePort")?.as_u64()?,
                 ))
             })
             .collect();
+        let old_used: BTreeSet<u64> = old_by_name.values().copied().collect();
+        let new_explicit: BTreeSet<u64> = spec
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("nodePort")?.as_u64())
+            .filter(|p| *p != 0)
+            .collect();
+        let used: BTreeSet<u64> = old_used.intersection(&new_explicit).copied().collect();
+        // initNodePorts: ports with the same number (TCP and UDP 53) share one nodePort.
+        let mut by_port: BTreeMap<i64, u64> = BTreeMap::new();
         let mut taken: Vec<u16> = Vec::new();
         let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
         for (i, p) in ports.into_iter().flatten().enumerate() {
@@ -369,16 +435,13 @@ impl Allocations {
                 .and_then(Value::as_u64)
                 .filter(|p| *p != 0);
             let port = m.get("port").and_then(Value::as_i64).unwrap_or(0);
-            let proto = m
-                .get("protocol")
-                .and_then(Value::as_str)
-                .unwrap_or("TCP")
-                .to_string();
-            let reuse = old_ports
-                .iter()
-                .find(|(op, opr, _)| *op == port && *opr == proto)
-                .map(|x| x.2);
-            match explicit.or(reuse) {
+            let name = m.get("name").and_then(Value::as_str).unwrap_or("");
+            let reuse = old_by_name
+                .get(name)
+                .copied()
+                .filter(|np| !used.contains(np) || explicit == Some(*np));
+            let shared = by_port.get(&port).copied();
+            match explicit.or(reuse).or(shared) {
                 Some(np) => {
                     let np16 = np as u16;
                     // One Service may use the same nodePort for TCP and UDP of one port.
@@ -393,12 +456,14 @@ impl Allocations {
                     } else {
                         m.insert("nodePort".into(), json!(np));
                         taken.push(np16);
+                        by_port.entry(port).or_insert(np);
                     }
                 }
                 None if wants_node_ports => match self.next_port(cfg, &owner, &taken) {
                     Some(np) => {
                         m.insert("nodePort".into(), json!(np));
                         taken.push(np);
+                        by_port.insert(port, np as u64);
                     }
                     None => causes.push(cause(
                         &format!("spec.ports[{i}].nodePort"),
@@ -520,7 +585,7 @@ mod tests {
         let mut a = Allocations::default();
         let mut s1 = svc(
             "a",
-            json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}, {"port": 81, "protocol": "TCP"}]}),
+            json!({"type": "NodePort", "ports": [{"name": "a", "port": 80, "protocol": "TCP", "nodePort": 30080}, {"name": "b", "port": 81, "protocol": "TCP"}]}),
         );
         a.allocate(&cfg, &mut s1, None).unwrap();
         assert_eq!(s1["spec"]["ports"][1]["nodePort"], 30000);
@@ -543,13 +608,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("valid range"));
-        // An update that leaves nodePort out keeps the allocated one.
+        // An update that leaves nodePort out keeps the allocated one, found by the port's
+        // name (a changed port number keeps it too).
         let mut s1b = svc(
             "a",
-            json!({"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}, {"port": 81, "protocol": "TCP"}]}),
+            json!({"type": "NodePort", "ports": [{"name": "a", "port": 8080, "protocol": "TCP"}, {"name": "b", "port": 81, "protocol": "TCP"}]}),
         );
         a.allocate(&cfg, &mut s1b, Some(&s1)).unwrap();
         assert_eq!(s1b["spec"]["ports"][0]["nodePort"], 30080);
+        assert_eq!(s1b["spec"]["ports"][1]["nodePort"], 30000);
         assert_eq!(s1b["spec"]["clusterIP"], s1["spec"]["clusterIP"]);
+        // TCP and UDP of one port number share one nodePort.
+        let mut dns = svc(
+            "d",
+            json!({"type": "NodePort", "ports": [{"name": "tcp", "port": 53, "protocol": "TCP"}, {"name": "udp", "port": 53, "protocol": "UDP"}]}),
+        );
+        a.allocate(&cfg, &mut dns, None).unwrap();
+        assert_eq!(
+            dns["spec"]["ports"][0]["nodePort"],
+            dns["spec"]["ports"][1]["nodePort"]
+        );
+    }
+
+    #[test]
+    fn headless_services_without_selectors_take_both_families() {
+        let cfg = AllocConfig {
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            ..AllocConfig::default()
+        };
+        let mut a = Allocations::default();
+        let mut s = svc("h", json!({"clusterIP": "None", "ports": [{"port": 80}]}));
+        a.allocate(&cfg, &mut s, None).unwrap();
+        assert_eq!(s["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(s["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(s["spec"]["clusterIPs"], json!(["None"]));
+        // With a selector: single-stack on a single-stack cluster.
+        let mut s = svc(
+            "h2",
+            json!({"clusterIP": "None", "selector": {"app": "x"}, "ports": [{"port": 80}]}),
+        );
+        a.allocate(&cfg, &mut s, None).unwrap();
+        assert_eq!(s["spec"]["ipFamilyPolicy"], "SingleStack");
+        assert_eq!(s["spec"]["ipFamilies"], json!(["IPv4"]));
     }
 }
