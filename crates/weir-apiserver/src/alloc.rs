@@ -109,6 +109,18 @@ fn owner_of(svc: &Value) -> Owner {
     )
 }
 
+/// The strings of the list at `key` of a Service spec.
+fn str_list(spec: &serde_json::Map<String, Value>, key: &str) -> Vec<String> {
+    spec.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A Service with `clusterIP: None` and no selector (its endpoints are written by hand).
 fn is_headless_selectorless(spec: &serde_json::Map<String, Value>) -> bool {
     let first_ip = spec
@@ -133,15 +145,7 @@ fn headless_selectorless_families(cfg: &AllocConfig, spec: &mut serde_json::Map<
         .and_then(Value::as_str)
         .unwrap_or("RequireDualStack")
         .to_string();
-    let mut families: Vec<String> = spec
-        .get("ipFamilies")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut families = str_list(spec, "ipFamilies");
     if families.is_empty() {
         let primary = cfg.service_cidrs.first().map(net_family).unwrap_or("IPv4");
         families.push(primary.to_string());
@@ -267,30 +271,14 @@ impl Allocations {
         } else if is_headless_selectorless(spec) {
             headless_selectorless_families(cfg, spec);
         } else {
-            let mut ips: Vec<String> = spec
-                .get("clusterIPs")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut ips = str_list(spec, "clusterIPs");
             if let Some(ip) = spec.get("clusterIP").and_then(Value::as_str) {
                 if !ip.is_empty() && ips.is_empty() {
                     ips.push(ip.to_string());
                 }
             }
             let headless = ips.first().is_some_and(|i| i == "None");
-            let mut families: Vec<String> = spec
-                .get("ipFamilies")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut families = str_list(spec, "ipFamilies");
             if families.is_empty() {
                 families = ips
                     .iter()
