@@ -170,15 +170,39 @@ fn discovery_resources(group: &str, version: &str) -> Option<Value> {
 }
 
 fn discovery_groups() -> Value {
-    let groups: Vec<Value> = kinds::group_versions()
+    // One entry per group with every version it serves; the first is the preferred one.
+    let mut groups: Vec<(&str, Vec<Value>)> = Vec::new();
+    for (g, v) in kinds::group_versions() {
+        if g.is_empty() {
+            continue;
+        }
+        let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+        match groups.iter_mut().find(|(name, _)| *name == g) {
+            Some((_, versions)) => versions.push(gv),
+            None => groups.push((g, vec![gv])),
+        }
+    }
+    let groups: Vec<Value> = groups
         .into_iter()
-        .filter(|(g, _)| !g.is_empty())
-        .map(|(g, v)| {
-            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        .map(|(g, versions)| {
+            json!({"name": g, "preferredVersion": versions[0].clone(), "versions": versions})
         })
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `obj` as the version `kind` serves it: a kind served in several versions stores each
+/// object once, and every version shows it under its own `apiVersion` (their schemas are
+/// the same, so nothing else changes, as for a CRD without a conversion webhook).
+fn in_version(kind: &ResourceKind, obj: &Value) -> Value {
+    let want = kind.api_version();
+    let mut o = obj.clone();
+    if o.get("kind").and_then(Value::as_str) == Some(kind.kind)
+        && o.get("apiVersion").and_then(Value::as_str) != Some(want.as_str())
+    {
+        o["apiVersion"] = json!(want);
+    }
+    o
 }
 
 fn wants_table(accept: &str) -> bool {
@@ -385,13 +409,13 @@ impl Api {
                         &table(kind, &[obj], &rv, true),
                     ));
                 }
-                Ok(json_response(StatusCode::OK, &obj))
+                Ok(json_response(StatusCode::OK, &in_version(kind, &obj)))
             }
             (Method::POST, None) => {
                 let v: Value = parse_json(&body)?;
                 let ns = ns.clone();
                 let obj = blocking(move || store.create(kind, ns.as_deref(), v, opts)).await?;
-                Ok(json_response(StatusCode::CREATED, &obj))
+                Ok(json_response(StatusCode::CREATED, &in_version(kind, &obj)))
             }
             (Method::PUT, Some(name)) => {
                 let v: Value = parse_json(&body)?;
@@ -400,7 +424,7 @@ impl Api {
                     store.update(kind, ns.as_deref(), &name, v, status_only, opts)
                 })
                 .await?;
-                Ok(json_response(StatusCode::OK, &obj))
+                Ok(json_response(StatusCode::OK, &in_version(kind, &obj)))
             }
             (Method::PATCH, Some(name)) => {
                 let pt = PatchType::from_content_type(&content_type)?;
@@ -415,14 +439,14 @@ impl Api {
                     } else {
                         StatusCode::OK
                     },
-                    &obj,
+                    &in_version(kind, &obj),
                 ))
             }
             (Method::DELETE, Some(name)) => {
                 let mut d = delete_opts(&body, &q)?;
                 d.dry_run |= dry_run;
                 let obj = blocking(move || store.delete(kind, ns.as_deref(), &name, &d)).await?;
-                Ok(json_response(StatusCode::OK, &obj))
+                Ok(json_response(StatusCode::OK, &in_version(kind, &obj)))
             }
             (Method::DELETE, None) => {
                 let filter = parse_filter(kind, ns.clone(), &q)?;
@@ -442,7 +466,7 @@ impl Api {
                         .map(String::from);
                     let (s, d2) = (store.clone(), d.clone());
                     match blocking(move || s.delete(kind, ons.as_deref(), &name, &d2)).await {
-                        Ok(v) => deleted.push((*v).clone()),
+                        Ok(v) => deleted.push(in_version(kind, &v)),
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
                     }
@@ -510,7 +534,7 @@ impl Api {
         if !cont.is_empty() {
             meta["continue"] = json!(cont);
         }
-        let body = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": meta, "items": items.iter().map(|o| &**o).collect::<Vec<_>>()});
+        let body = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": meta, "items": items.iter().map(|o| in_version(kind, o)).collect::<Vec<_>>()});
         Ok(json_response(StatusCode::OK, &body))
     }
 
@@ -555,6 +579,8 @@ impl Api {
                     let t = table(filter.kind, &[Arc::new(obj.clone())], &rv, first);
                     first = false;
                     t
+                } else if ty != "BOOKMARK" && ty != "ERROR" {
+                    in_version(filter.kind, obj)
                 } else {
                     obj.clone()
                 };

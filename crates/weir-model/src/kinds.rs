@@ -145,7 +145,60 @@ pub const SECURITY_IDENTITY: ResourceKind = ResourceKind {
     has_status: false,
 };
 
-/// Every kind the API server serves, in the order `get all`-style listings use.
+/// multicluster.x-k8s.io ServiceExport (KEP-1645; the mcs-api CRD's storage version). The
+/// same objects are served as v1alpha1 too: the two versions' schemas are identical.
+pub const SERVICE_EXPORT: ResourceKind = ResourceKind {
+    group: "multicluster.x-k8s.io",
+    version: "v1beta1",
+    kind: "ServiceExport",
+    plural: "serviceexports",
+    singular: "serviceexport",
+    namespaced: true,
+    short_names: &["svcex", "svcexport"],
+    has_status: true,
+};
+/// ServiceExport as multicluster.x-k8s.io/v1alpha1.
+pub const SERVICE_EXPORT_V1ALPHA1: ResourceKind = ResourceKind {
+    version: "v1alpha1",
+    ..SERVICE_EXPORT
+};
+/// multicluster.x-k8s.io ServiceImport (KEP-1645): a Service as the clusterset sees it.
+pub const SERVICE_IMPORT: ResourceKind = ResourceKind {
+    group: "multicluster.x-k8s.io",
+    version: "v1beta1",
+    kind: "ServiceImport",
+    plural: "serviceimports",
+    singular: "serviceimport",
+    namespaced: true,
+    short_names: &["svcim", "svcimport"],
+    has_status: true,
+};
+/// ServiceImport as multicluster.x-k8s.io/v1alpha1.
+pub const SERVICE_IMPORT_V1ALPHA1: ResourceKind = ResourceKind {
+    version: "v1alpha1",
+    ..SERVICE_IMPORT
+};
+/// about.k8s.io ClusterProperty (KEP-2149): a property of the cluster, such as its id in a
+/// clusterset (`cluster.clusterset.k8s.io`).
+pub const CLUSTER_PROPERTY: ResourceKind = ResourceKind {
+    group: "about.k8s.io",
+    version: "v1beta1",
+    kind: "ClusterProperty",
+    plural: "clusterproperties",
+    singular: "clusterproperty",
+    namespaced: false,
+    short_names: &[],
+    has_status: true,
+};
+/// ClusterProperty as about.k8s.io/v1alpha1.
+pub const CLUSTER_PROPERTY_V1ALPHA1: ResourceKind = ResourceKind {
+    version: "v1alpha1",
+    ..CLUSTER_PROPERTY
+};
+
+/// Every kind the API server serves, in the order `get all`-style listings use. A kind served
+/// in several versions is listed once per version, the preferred (storage) version first;
+/// objects are stored once per kind, and each version shows them with its own `apiVersion`.
 pub const ALL: &[ResourceKind] = &[
     NAMESPACE,
     NODE,
@@ -154,6 +207,12 @@ pub const ALL: &[ResourceKind] = &[
     ENDPOINT_SLICE,
     NETWORK_POLICY,
     SECURITY_IDENTITY,
+    SERVICE_EXPORT,
+    SERVICE_EXPORT_V1ALPHA1,
+    SERVICE_IMPORT,
+    SERVICE_IMPORT_V1ALPHA1,
+    CLUSTER_PROPERTY,
+    CLUSTER_PROPERTY_V1ALPHA1,
 ];
 
 /// The kind served at `group/version/plural`.
@@ -279,6 +338,81 @@ mod tests {
             }
         }
         assert!(grants(k.group, k.plural, "create") && grants(k.group, k.plural, "delete"));
+    }
+
+    /// The multi-cluster CRDs for real clusters (deploy/) describe the kinds as the API server
+    /// serves them: names, scope, short names, every version (the storage one preferred),
+    /// the status subresource and the printer columns.
+    #[test]
+    fn the_multicluster_crds_match_the_kinds() {
+        for (file, text) in [
+            (
+                "serviceexport",
+                include_str!("../../../deploy/serviceexport-crd.yaml"),
+            ),
+            (
+                "serviceimport",
+                include_str!("../../../deploy/serviceimport-crd.yaml"),
+            ),
+            (
+                "clusterproperty",
+                include_str!("../../../deploy/clusterproperty-crd.yaml"),
+            ),
+        ] {
+            let crd: serde_json::Value = serde_yaml::from_str(text).expect("CRD YAML");
+            let spec = &crd["spec"];
+            let served: Vec<&ResourceKind> = ALL
+                .iter()
+                .filter(|k| k.group == spec["group"] && k.kind == spec["names"]["kind"])
+                .collect();
+            assert!(!served.is_empty(), "{file}: no kind served");
+            let k = served[0];
+            assert_eq!(crd["metadata"]["name"], format!("{}.{}", k.plural, k.group));
+            assert_eq!(spec["names"]["plural"], k.plural);
+            assert_eq!(spec["names"]["singular"], k.singular);
+            assert_eq!(
+                spec["names"]["shortNames"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+                k.short_names
+                    .iter()
+                    .map(|s| serde_json::json!(s))
+                    .collect::<Vec<_>>()
+            );
+            assert_eq!(
+                spec["scope"],
+                if k.namespaced {
+                    "Namespaced"
+                } else {
+                    "Cluster"
+                }
+            );
+            let versions = spec["versions"].as_array().unwrap();
+            assert_eq!(versions.len(), served.len(), "{file}");
+            for v in versions {
+                let name = v["name"].as_str().unwrap();
+                assert!(served.iter().any(|s| s.version == name), "{file} {name}");
+                assert_eq!(v["storage"], name == k.version, "{file} {name}: storage");
+                assert_eq!(v["subresources"].get("status").is_some(), k.has_status);
+                let cols: Vec<String> = v["additionalPrinterColumns"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["name"].as_str().unwrap().to_string())
+                    .collect();
+                let ours: Vec<String> = crate::print::columns(k)
+                    .iter()
+                    .skip(1)
+                    .map(|c| c.name.to_string())
+                    .collect();
+                assert_eq!(cols, ours, "{file} {name}: columns");
+            }
+        }
+        // kubectl's names resolve to the preferred version.
+        assert_eq!(by_cli_name("svcex").unwrap().version, "v1beta1");
+        assert_eq!(by_cli_name("serviceimports").unwrap().version, "v1beta1");
+        assert_eq!(by_cli_name("clusterproperty").unwrap().version, "v1beta1");
     }
 
     #[test]

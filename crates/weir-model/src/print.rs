@@ -172,6 +172,40 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 priority: 1,
             },
         ],
+        // The mcs-api CRD's additionalPrinterColumns.
+        "ServiceImport" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Type",
+                priority: 0,
+            },
+            Column {
+                name: "IP",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
+        // The about-api CRD's additionalPrinterColumns (named in lower case there).
+        "ClusterProperty" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "value",
+                priority: 0,
+            },
+            Column {
+                name: "age",
+                priority: 0,
+            },
+        ],
         _ => &[
             Column {
                 name: "Name",
@@ -402,6 +436,17 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             age,
             or_none(map_string(obj.pointer("/spec/namespaceLabels"))),
         ],
+        "ServiceImport" => vec![
+            name,
+            s(obj, "/spec/type").to_string(),
+            // A JSONPath cell of a list, as kube-apiserver prints a CRD column.
+            obj.pointer("/spec/ips")
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            age,
+        ],
+        "ClusterProperty" => vec![name, s(obj, "/spec/value").to_string(), age],
         _ => vec![name, age],
     }
 }

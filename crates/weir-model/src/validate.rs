@@ -24,6 +24,8 @@ pub enum FieldErrorType {
     NotSupported(Value, Vec<&'static str>),
     /// The change or combination is not allowed.
     Forbidden(String),
+    /// A list has more items than allowed (its length, the most allowed).
+    TooMany(usize, usize),
 }
 
 /// One invalid field, with its path in the object (`spec.ports[0].port`).
@@ -44,6 +46,7 @@ impl FieldError {
             FieldErrorType::Duplicate(_) => "FieldValueDuplicate",
             FieldErrorType::NotSupported(..) => "FieldValueNotSupported",
             FieldErrorType::Forbidden(_) => "FieldValueForbidden",
+            FieldErrorType::TooMany(..) => "FieldValueTooMany",
         }
     }
 
@@ -63,6 +66,9 @@ impl FieldError {
                     .join(", ")
             ),
             FieldErrorType::Forbidden(m) => format!("Forbidden: {m}"),
+            FieldErrorType::TooMany(n, max) => {
+                format!("Too many: {n}: must have at most {max} items")
+            }
         }
     }
 }
@@ -104,6 +110,8 @@ impl fmt::Display for ValidationError {
 }
 
 impl std::error::Error for ValidationError {}
+
+mod mcs;
 
 /// Collects field errors while walking an object.
 #[derive(Default)]
@@ -292,6 +300,9 @@ pub fn validate(
             "EndpointSlice" => validate_endpoint_slice(obj, old, &mut e),
             "NetworkPolicy" => validate_network_policy(obj, &mut e),
             "SecurityIdentity" => validate_security_identity(obj, &mut e),
+            "ServiceExport" => mcs::validate_service_export(obj, &mut e),
+            "ServiceImport" => mcs::validate_service_import(obj, &mut e),
+            "ClusterProperty" => mcs::validate_cluster_property(obj, &mut e),
             _ => {}
         }
     }

@@ -46,6 +46,9 @@ fn manifests_render_and_validate_strictly() {
         "ServiceAccount/weir-agent",
         "ClusterRole/weir-agent",
         "ClusterRoleBinding/weir-agent",
+        "CustomResourceDefinition/serviceexports.multicluster.x-k8s.io",
+        "CustomResourceDefinition/serviceimports.multicluster.x-k8s.io",
+        "CustomResourceDefinition/clusterproperties.about.k8s.io",
         "ConfigMap/weir-agent-config",
         "DaemonSet/weir-agent",
     ] {
@@ -63,12 +66,22 @@ fn manifests_render_and_validate_strictly() {
 
 /// Validates `object` against the CRD's openAPIV3Schema with python's jsonschema (a
 /// dependency of kubernetes-validate); the validator's message on failure.
-fn validate_against_crd(object: &serde_json::Value) -> Result<(), String> {
-    let crd: serde_json::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(deploy_dir().join("securityidentity-crd.yaml")).unwrap(),
-    )
-    .unwrap();
-    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+fn validate_against_crd(crd_file: &str, object: &serde_json::Value) -> Result<(), String> {
+    let crd: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join(crd_file)).unwrap())
+            .unwrap();
+    let version = object["apiVersion"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    let schema = &crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == version)
+        .unwrap_or_else(|| panic!("{crd_file} serves no {version}"))["schema"]["openAPIV3Schema"];
     let script = "import json,sys,jsonschema\nd=json.load(sys.stdin)\njsonschema.validate(d['object'], d['schema'])";
     let mut child = Command::new("python3")
         .args(["-c", script])
@@ -101,9 +114,37 @@ fn security_identities_as_agents_write_them_fit_the_crd() {
         "metadata": {"name": "256"},
         "spec": {"namespace": "shop", "namespaceLabels": {"kubernetes.io/metadata.name": "shop"}, "podLabels": {"app": "web"}}
     });
-    validate_against_crd(&good).unwrap();
+    validate_against_crd("securityidentity-crd.yaml", &good).unwrap();
     let mut bad = good.clone();
     bad["spec"] = serde_json::json!({"podLabels": {"app": "web"}});
-    let e = validate_against_crd(&bad).unwrap_err();
+    let e = validate_against_crd("securityidentity-crd.yaml", &bad).unwrap_err();
     assert!(e.contains("'namespace' is a required property"), "{e}");
+}
+
+#[test]
+fn multicluster_objects_fit_their_crds_in_both_versions() {
+    for version in ["v1alpha1", "v1beta1"] {
+        let mcs = format!("multicluster.x-k8s.io/{version}");
+        let export = serde_json::json!({"apiVersion": mcs, "kind": "ServiceExport",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Exported",
+                "message": "", "lastTransitionTime": "2026-12-05T00:00:00Z"}]}});
+        validate_against_crd("serviceexport-crd.yaml", &export).unwrap();
+        let import = serde_json::json!({"apiVersion": mcs, "kind": "ServiceImport",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "ClusterSetIP", "ips": ["10.99.0.10"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+            "status": {"clusters": [{"cluster": "c1"}, {"cluster": "c2"}]}});
+        validate_against_crd("serviceimport-crd.yaml", &import).unwrap();
+        let mut bad = import.clone();
+        bad["spec"]["type"] = serde_json::json!("Other");
+        let e = validate_against_crd("serviceimport-crd.yaml", &bad).unwrap_err();
+        assert!(e.contains("'Other' is not one of"), "{e}");
+        let about = format!("about.k8s.io/{version}");
+        let prop = serde_json::json!({"apiVersion": about, "kind": "ClusterProperty",
+            "metadata": {"name": "cluster.clusterset.k8s.io"}, "spec": {"value": "c1"}});
+        validate_against_crd("clusterproperty-crd.yaml", &prop).unwrap();
+        let mut empty = prop.clone();
+        empty["spec"]["value"] = serde_json::json!("");
+        assert!(validate_against_crd("clusterproperty-crd.yaml", &empty).is_err());
+    }
 }

@@ -397,3 +397,71 @@ fn kubectl_apply_changes_that_defaulting_lets_through() {
     assert_eq!(n["status"]["phase"], "Active");
     assert_eq!(n["spec"]["finalizers"], serde_json::json!(["kubernetes"]));
 }
+
+/// The multi-cluster kinds through real kubectl: ServiceExport and ServiceImport in both
+/// served versions (one object, two apiVersions), ClusterProperty, printer columns, and
+/// invalid objects refused with the field named.
+#[test]
+fn kubectl_serves_the_multicluster_kinds_in_both_versions() {
+    let s = Standalone::start();
+    let out = s.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: web, namespace: shop}\n---\napiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata: {name: web, namespace: shop}\nspec:\n  type: ClusterSetIP\n  ips: [10.99.0.10]\n  ports: [{name: http, port: 80, protocol: TCP}]\n---\napiVersion: about.k8s.io/v1beta1\nkind: ClusterProperty\nmetadata: {name: cluster.clusterset.k8s.io}\nspec: {value: c1}\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The export written as v1alpha1 reads back in either version.
+    let v1b = s.get(&[
+        "serviceexports.v1beta1.multicluster.x-k8s.io",
+        "web",
+        "-n",
+        "shop",
+    ]);
+    assert_eq!(v1b["apiVersion"], "multicluster.x-k8s.io/v1beta1");
+    let v1a = s.get(&[
+        "serviceexports.v1alpha1.multicluster.x-k8s.io",
+        "web",
+        "-n",
+        "shop",
+    ]);
+    assert_eq!(v1a["apiVersion"], "multicluster.x-k8s.io/v1alpha1");
+    assert_eq!(v1a["metadata"]["uid"], v1b["metadata"]["uid"]);
+    // Tables with the CRDs' columns, short names, several kinds at once.
+    let table = ok(&mut s.kubectl(&["get", "serviceexports,serviceimports", "-A"]));
+    assert!(
+        table.contains("serviceexport.multicluster.x-k8s.io/web"),
+        "{table}"
+    );
+    assert!(
+        table.contains("ClusterSetIP") && table.contains("[\"10.99.0.10\"]"),
+        "{table}"
+    );
+    let props = ok(&mut s.kubectl(&["get", "clusterproperties"]));
+    assert!(
+        props.contains("VALUE") && props.contains("cluster.clusterset.k8s.io   c1"),
+        "{props}"
+    );
+    assert!(
+        ok(&mut s.kubectl(&["get", "svcim", "-n", "shop", "-o", "name"]))
+            .contains("serviceimport.multicluster.x-k8s.io/web")
+    );
+    // Status is its own subresource; the schema's rules are enforced.
+    let out = s.apply("apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata: {name: bad, namespace: shop}\nspec:\n  type: Other\n  ports: [{name: http}]\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("spec.type: Unsupported value: \"Other\"")
+            && err.contains("spec.ports[0].port: Required value"),
+        "{err}"
+    );
+    let out = s.apply("apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: {name: zone.weir.dev}\nspec: {}\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.value: Required value"));
+    let discovery: serde_json::Value = serde_json::from_str(&ok(&mut s.kubectl(&[
+        "get",
+        "--raw",
+        "/apis/multicluster.x-k8s.io",
+    ])))
+    .unwrap();
+    assert_eq!(discovery["preferredVersion"]["version"], "v1beta1");
+    assert_eq!(discovery["versions"].as_array().unwrap().len(), 2);
+}
