@@ -56,7 +56,10 @@ pub fn put(pods: &Arc<Pods>, body: &[u8]) -> Result<Value, (u16, String)> {
         let st = p.status.lock().expect("pod status");
         match (
             &st.last_error,
-            st.bad_records.iter().find(|b| b.contains(&uid)),
+            st.bad_records.iter().find(|b| {
+                b.starts_with(&format!("endpoint record {uid}:"))
+                    || b.contains(&format!("/{uid}.json:"))
+            }),
         ) {
             (Some(e), _) => Err(e.clone()),
             (None, Some(bad)) => Err(bad.clone()),
@@ -79,6 +82,9 @@ pub fn put(pods: &Arc<Pods>, body: &[u8]) -> Result<Value, (u16, String)> {
 
 /// `DELETE /endpoints?id=UID`: removes the record and syncs; succeeds when it was not there.
 pub fn delete(pods: &Arc<Pods>, uid: &str) -> Result<Value, (u16, String)> {
+    if uid.is_empty() || uid.contains('/') || uid.starts_with('.') {
+        return Err((400, format!("id: {uid:?} is not an endpoint record's id")));
+    }
     let dir = pods.config.endpoint_dir.clone();
     let existed =
         EndpointRecord::remove(&dir, uid).map_err(|e| (500, format!("{}: {e}", dir.display())))?;

@@ -8,7 +8,7 @@
 //! | `weir_drops_total` | counter | `reason` | the same packets where the reason is a drop |
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
 //! | `weir_lb_events_total` | counter | `event` | socket load-balancer events (translations, no backend, ...) |
-//! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map |
+//! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map (read at most every 15 s) |
 //! | `weir_bpf_map_capacity` | gauge | `map` | each map's capacity |
 //! | `weir_frontends` | gauge | | Service frontends programmed |
 //! | `weir_endpoints` | gauge | | local pod endpoints programmed |
@@ -161,6 +161,49 @@ impl Collector for Scraped {
     }
 }
 
+/// What is read by walking maps (the socket load balancer's dump, every map's fill level):
+/// at most every [`SLOW_READ_EVERY`], so that frequent scrapes never hold the datapath's
+/// locks long (a full conntrack table is 262,144 entries).
+#[derive(Clone, Default)]
+struct SlowReads {
+    lb_counters: Vec<(String, u64)>,
+    maps: Vec<(String, usize, u32)>,
+}
+
+/// How long a walk of the maps serves scrapes.
+const SLOW_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+static SLOW: std::sync::Mutex<Option<(std::time::Instant, SlowReads)>> =
+    std::sync::Mutex::new(None);
+
+fn slow_reads(shared: &Shared) -> SlowReads {
+    let mut cache = SLOW.lock().expect("metrics cache");
+    if let Some((at, r)) = cache.as_ref() {
+        if at.elapsed() < SLOW_READ_EVERY {
+            return r.clone();
+        }
+    }
+    let mut r = SlowReads::default();
+    if let Ok(d) = shared.dataplane.lock().expect("dataplane").dump() {
+        r.lb_counters = d.counters.clone();
+        r.maps.extend(
+            d.maps
+                .iter()
+                .map(|m| (m.name.clone(), m.entries, m.capacity)),
+        );
+    }
+    if let Some(p) = &shared.pods {
+        let usage = p.dataplane.lock().expect("pods").map_usage();
+        r.maps.extend(
+            usage
+                .iter()
+                .map(|m| (m.name.clone(), m.entries, m.capacity)),
+        );
+    }
+    *cache = Some((std::time::Instant::now(), r.clone()));
+    r
+}
+
 /// Whether a reason name is a drop (`DROP_*`).
 fn is_drop(reason: &str) -> bool {
     reason.starts_with("DROP_")
@@ -187,17 +230,11 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         s.add(Vec::new(), v);
         sizes.push(s);
     };
-    let mut maps: Vec<(String, usize, u32)> = Vec::new();
-    if let Ok(d) = shared.dataplane.lock().expect("dataplane").dump() {
-        for (event, n) in &d.counters {
-            lb.add(vec![("event", event.clone())], *n as f64);
-        }
-        maps.extend(
-            d.maps
-                .iter()
-                .map(|m| (m.name.clone(), m.entries, m.capacity)),
-        );
+    let slow = slow_reads(shared);
+    for (event, n) in &slow.lb_counters {
+        lb.add(vec![("event", event.clone())], *n as f64);
     }
+    let mut maps = slow.maps.clone();
     let frontends = shared.status.lock().expect("status").frontends;
     gauge(
         "weir_frontends",
@@ -211,23 +248,17 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
             "Local pod endpoints programmed",
             endpoints as f64,
         );
-        if let Ok(d) = p.dataplane.lock().expect("pods").dump() {
-            for m in &d.metrics {
-                let l = vec![
-                    ("direction", m.direction.to_string()),
-                    ("reason", m.name.clone()),
-                ];
-                packets.add(l.clone(), m.packets as f64);
-                bytes.add(l, m.bytes as f64);
-                if is_drop(&m.name) {
-                    drops.add(vec![("reason", m.name.clone())], m.packets as f64);
-                }
+        let counters = p.dataplane.lock().expect("pods").metrics();
+        for m in counters.iter().flatten() {
+            let l = vec![
+                ("direction", m.direction.to_string()),
+                ("reason", m.name.clone()),
+            ];
+            packets.add(l.clone(), m.packets as f64);
+            bytes.add(l, m.bytes as f64);
+            if is_drop(&m.name) {
+                drops.add(vec![("reason", m.name.clone())], m.packets as f64);
             }
-            maps.extend(
-                d.maps
-                    .iter()
-                    .map(|m| (m.name.clone(), m.entries, m.capacity)),
-            );
         }
     }
     let identities = shared.policy.lock().expect("policy").identities;

@@ -218,6 +218,10 @@ pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
     st.bad_records = bad.iter().map(|b| b.to_string()).collect();
     match result {
         Ok(stats) => {
+            for (uid, why) in &stats.failed {
+                tracing::warn!(endpoint = %uid, error = %why, "leaving out an endpoint whose device cannot take its programs");
+                st.bad_records.push(format!("endpoint record {uid}: {why}"));
+            }
             if stats != PodSyncStats::default() {
                 tracing::info!(?stats, "pod datapath updated");
             }

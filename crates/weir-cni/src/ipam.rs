@@ -112,19 +112,29 @@ impl Store {
                 }
             }
         }
+        let mut written: Vec<PathBuf> = Vec::new();
         for ip in &picked {
             if held.contains(ip) {
                 continue;
             }
             let path = self.path_of(*ip);
-            let mut f = std::fs::OpenOptions::new()
+            let wrote = std::fs::OpenOptions::new()
                 .create_new(true)
                 .write(true)
                 .open(&path)
-                .map_err(io(&path))?;
-            f.write_all(owner(container_id, ifname).as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(io(&path))?;
+                .and_then(|mut f| {
+                    f.write_all(owner(container_id, ifname).as_bytes())?;
+                    f.sync_all()
+                });
+            if let Err(e) = wrote {
+                // All or nothing: what this call wrote goes again.
+                let _ = std::fs::remove_file(&path);
+                for w in &written {
+                    let _ = std::fs::remove_file(w);
+                }
+                return Err(io(&path)(e));
+            }
+            written.push(path);
         }
         Ok(picked)
     }

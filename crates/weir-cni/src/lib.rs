@@ -15,10 +15,12 @@ pub mod spec;
 /// of their configuration directory, hence the number).
 pub const CONFLIST_NAME: &str = "05-weir.conflist";
 
-/// weir's network configuration list: weir alone, in CNI 1.1.0, naming the agent's socket,
-/// the endpoint directory and (when not the default /var/lib/cni/networks/weir) where
-/// allocations are kept.
+/// weir's network configuration list: weir alone, declaring `cni_version` (and 1.0.0 and
+/// 1.1.0 in `cniVersions`, from which a runtime picks the highest it knows), naming the
+/// agent's socket, the endpoint directory and (when not the default
+/// /var/lib/cni/networks/weir) where allocations are kept.
 pub fn conflist(
+    cni_version: &str,
     agent_socket: &std::path::Path,
     endpoint_dir: &std::path::Path,
     ipam_data_dir: Option<&std::path::Path>,
@@ -32,8 +34,8 @@ pub fn conflist(
         plugin["ipamDataDir"] = serde_json::json!(d);
     }
     serde_json::json!({
-        "cniVersion": "1.1.0",
-        "cniVersions": spec::SUPPORTED_VERSIONS,
+        "cniVersion": cni_version,
+        "cniVersions": ["1.0.0", "1.1.0"],
         "name": "weir",
         "plugins": [plugin],
     })

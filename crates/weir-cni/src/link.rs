@@ -106,22 +106,17 @@ impl PodLink<'_> {
         }
         // A host side left by an earlier ADD of this attachment that failed half-way.
         let _ = ip(&["link", "del", self.host_if]);
-        let mut add = vec![
-            "link",
-            "add",
-            self.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            self.ifname,
-            "netns",
-            self.netns,
-        ];
+        let mut add = vec!["link", "add", self.host_if];
         let mtu = self.mtu.map(|m| m.to_string());
         if let Some(m) = &mtu {
-            add.splice(3..3, ["mtu", m.as_str()]);
+            add.extend(["mtu", m.as_str()]);
         }
+        add.extend(["type", "veth", "peer", "name", self.ifname]);
+        // Both ends get the MTU.
+        if let Some(m) = &mtu {
+            add.extend(["mtu", m.as_str()]);
+        }
+        add.extend(["netns", self.netns]);
         ip(&add).map_err(link_err)?;
         let result = self.configure();
         if result.is_err() {
@@ -133,8 +128,13 @@ impl PodLink<'_> {
     fn configure(&self) -> Result<(), CniError> {
         let h = self.host_if;
         ip(&["link", "set", h, "up"]).map_err(link_err)?;
-        ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", h]).map_err(link_err)?;
-        ip(&["addr", "add", &format!("{GATEWAY6}/64"), "dev", h, "nodad"]).map_err(link_err)?;
+        // The gateway of each family the pod has (a node without IPv6 takes no fe80::1).
+        if self.ips.iter().any(IpAddr::is_ipv4) {
+            ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", h]).map_err(link_err)?;
+        }
+        if self.ips.iter().any(IpAddr::is_ipv6) {
+            ip(&["addr", "add", &format!("{GATEWAY6}/64"), "dev", h, "nodad"]).map_err(link_err)?;
+        }
         let i = self.ifname;
         let mut pod = vec!["link set lo up".to_string(), format!("link set {i} up")];
         for a in self.ips {

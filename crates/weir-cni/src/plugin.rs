@@ -56,7 +56,9 @@ pub fn endpoint_key(container_id: &str, ifname: &str) -> String {
 
 fn agent_error(e: AgentError) -> CniError {
     match e {
-        AgentError::Down(_) => CniError::new(code::TRY_AGAIN_LATER, e.to_string()),
+        AgentError::Down(_) | AgentError::Failed(_) => {
+            CniError::new(code::TRY_AGAIN_LATER, e.to_string())
+        }
         AgentError::Refused(..) => CniError::new(code::AGENT, e.to_string()),
     }
 }
@@ -251,12 +253,19 @@ fn result(env: &Env, ips: &[IpAddr], mac: String) -> CniResult {
     }
 }
 
-/// Removes an endpoint through the agent, or on disk when the agent is down.
+/// Removes an endpoint through the agent. When the agent is down, or refuses (it answers
+/// but cannot sync), the record is removed on disk: the agent reads the directory when it
+/// starts and on every change. A request the agent took but did not finish is an error (the
+/// runtime retries DEL), so that the file is never removed behind a working agent.
 fn remove_endpoint(s: &Settings, key: &str) -> Result<(), CniError> {
     let path = format!("/endpoints?id={}", key.replace(':', "%3A"));
     match agent::request(&s.socket, "DELETE", &path, None, AGENT_TIMEOUT) {
         Ok(_) => Ok(()),
-        Err(AgentError::Down(_)) => {
+        Err(e @ AgentError::Failed(_)) => Err(agent_error(e)),
+        Err(e) => {
+            if let AgentError::Refused(..) = e {
+                eprintln!("weir-cni: {e}; removing the endpoint record on disk");
+            }
             let f = s.endpoint_dir.join(format!("{key}.json"));
             match std::fs::remove_file(&f) {
                 Ok(()) => Ok(()),
@@ -264,7 +273,6 @@ fn remove_endpoint(s: &Settings, key: &str) -> Result<(), CniError> {
                 Err(e) => Err(CniError::new(code::IO, format!("{}: {e}", f.display()))),
             }
         }
-        Err(e) => Err(agent_error(e)),
     }
 }
 
@@ -292,6 +300,15 @@ fn check(env: &Env, conf: &NetConf, s: &Settings) -> Result<(), CniError> {
             format!("the weir agent has no endpoint {key}"),
         ));
     }
+    if !Path::new(&env.netns).exists() {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "CNI_NETNS: the network namespace {} does not exist",
+                env.netns
+            ),
+        ));
+    }
     let have = link::addresses(&env.netns, &env.ifname)?;
     let want: Vec<IpAddr> = conf
         .prev_result
@@ -311,10 +328,19 @@ fn check(env: &Env, conf: &NetConf, s: &Settings) -> Result<(), CniError> {
 }
 
 fn gc(conf: &NetConf, s: &Settings) -> Result<(), CniError> {
-    let valid: Vec<(String, String)> = conf
+    // The list is required: GC without it would remove every pod's network. (The spec's
+    // first text named the key cni.dev/attachments; runtimes written then send that one.)
+    let Some(list) = conf
         .valid_attachments
         .clone()
-        .unwrap_or_default()
+        .or_else(|| conf.attachments.clone())
+    else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments (the attachments still in use)",
+        ));
+    };
+    let valid: Vec<(String, String)> = list
         .into_iter()
         .map(|a| (a.container_id, a.ifname))
         .collect();

@@ -339,6 +339,9 @@ pub struct NetConf {
     /// GC: the attachments still valid.
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// GC: the same, under the key of the specification's first text.
+    #[serde(rename = "cni.dev/attachments", default)]
+    pub attachments: Option<Vec<Attachment>>,
     /// The weir agent's API socket (default /run/weir/agent.sock).
     #[serde(rename = "agentSocket", default)]
     pub agent_socket: Option<String>,

@@ -40,6 +40,9 @@ pub struct PodSyncStats {
     pub devices_attached: usize,
     /// Devices programs were detached from.
     pub devices_detached: usize,
+    /// Records left out because their device could not be given its programs (a veth that
+    /// is gone): (record uid, why). The other records are applied all the same.
+    pub failed: Vec<(String, String)>,
 }
 
 /// What applying the policy state changed.
@@ -521,15 +524,48 @@ impl PodDataplane {
     pub fn sync(&mut self, records: &[EndpointRecord]) -> Result<PodSyncStats, DataplaneError> {
         let mut stats = PodSyncStats::default();
         let mut want: BTreeMap<Vec<u8>, (endpoint_key, endpoint_info)> = BTreeMap::new();
-        let mut devices = BTreeSet::new();
-        for r in records {
+        // Programs first, device by device: one record whose device is gone (a pod's
+        // namespace removed without a DEL) must not keep every other pod from its datapath.
+        let mut broken: BTreeMap<u32, String> = BTreeMap::new();
+        for ifindex in records
+            .iter()
+            .map(|r| r.host_ifindex)
+            .collect::<BTreeSet<_>>()
+        {
+            if self.attached.contains(&ifindex) {
+                continue;
+            }
+            let attached = self
+                .dp
+                .attach(TcProgram::FromPod, ifindex)
+                .and_then(|_| self.dp.attach(TcProgram::ToPod, ifindex));
+            match attached {
+                Ok(()) => {
+                    self.attached.insert(ifindex);
+                    stats.devices_attached += 1;
+                }
+                Err(e) => {
+                    broken.insert(ifindex, e.to_string());
+                }
+            }
+        }
+        let records: Vec<&EndpointRecord> = records
+            .iter()
+            .filter(|r| match broken.get(&r.host_ifindex) {
+                Some(why) => {
+                    stats.failed.push((r.uid.clone(), why.clone()));
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        for r in &records {
             let (Some(mac), Some(node_mac)) = (
                 EndpointRecord::parse_mac(&r.mac),
                 EndpointRecord::parse_mac(&r.host_mac),
             ) else {
                 continue; // EndpointRecord::read refuses these.
             };
-            devices.insert(r.host_ifindex);
             for ip in &r.ips {
                 let k = endpoint_key_of(*ip);
                 let v = endpoint_info {
@@ -540,15 +576,6 @@ impl PodDataplane {
                 };
                 want.insert(key_bytes(&k), (k, v));
             }
-        }
-        for &ifindex in &devices {
-            if self.attached.contains(&ifindex) {
-                continue;
-            }
-            self.dp.attach(TcProgram::FromPod, ifindex)?;
-            self.dp.attach(TcProgram::ToPod, ifindex)?;
-            self.attached.insert(ifindex);
-            stats.devices_attached += 1;
         }
         // A new pod's policy is programmed before its address enters the endpoint map (its
         // packets already pass the attached programs, which judge by device).
@@ -586,6 +613,7 @@ impl PodDataplane {
             }
         }
         // Pinned links of devices that are neither a pod's nor the node's.
+        let devices: BTreeSet<u32> = records.iter().map(|r| r.host_ifindex).collect();
         let pinned: BTreeSet<u32> = self.dp.attached().into_iter().collect();
         for ifindex in pinned.union(&self.attached.clone()) {
             if !devices.contains(ifindex) && !self.netdevs.contains(ifindex) {
@@ -766,6 +794,27 @@ impl PodDataplane {
         }
         stats.revision = rev;
         Ok(stats)
+    }
+
+    /// Every counter of `weir_metrics` (a per-CPU array: cheap to read).
+    pub fn metrics(&self) -> Result<Vec<weir_bpf::datapath::Metric>, DataplaneError> {
+        Ok(self.dp.metrics()?)
+    }
+
+    /// Every map's entries and capacity (walks each map's keys: the conntrack table can hold
+    /// 262,144 entries, so callers do this seldom).
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        weir_bpf::datapath::DATAPATH_MAPS
+            .iter()
+            .map(|name| {
+                let (entries, capacity) = self.dp.usage(name);
+                MapUsage {
+                    name: name.to_string(),
+                    entries,
+                    capacity,
+                }
+            })
+            .collect()
     }
 
     /// Reads back the endpoint map, devices, counters, programs and maps.

@@ -220,6 +220,7 @@ pub fn start_external_server(paths: &LabPaths, layout: &Layout) -> Result<i32, L
 /// socket, endpoint directory and allocation directory.
 pub fn cni_conflist(p: &LabPaths, node: &str) -> serde_json::Value {
     weir_cni::conflist(
+        "1.1.0",
         &p.agent_socket(node),
         &p.endpoint_dir(node),
         Some(&p.cni_ipam_dir(node)),

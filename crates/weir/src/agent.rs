@@ -287,6 +287,10 @@ mod tests {
         let agent_cmd = cmd.find_subcommand("agent").unwrap();
         let data = cm["data"].as_object().unwrap();
         for (k, v) in data {
+            // The in-cluster configuration's own variables (for clusters without kube-proxy).
+            if k == "KUBERNETES_SERVICE_HOST" || k == "KUBERNETES_SERVICE_PORT" {
+                continue;
+            }
             let arg = agent_cmd
                 .get_arguments()
                 .find(|a| a.get_env().is_some_and(|e| e == k.as_str()))

@@ -67,7 +67,9 @@ fn install(d: &CniDirs) -> Result<()> {
     let bin = d.bin_dir.join("weir-cni");
     write_atomically(&bin, &bytes, 0o755)?;
     let conf = d.conf_dir.join(weir_cni::CONFLIST_NAME);
-    let list = weir_cni::conflist(&d.agent_socket, &d.endpoint_dir, None);
+    // 1.0.0 declared, 1.1.0 offered in cniVersions: runtimes built on libcni before 1.2
+    // (containerd 1.6, CRI-O of that time) refuse a 1.1.0 configuration; newer ones pick 1.1.0.
+    let list = weir_cni::conflist("1.0.0", &d.agent_socket, &d.endpoint_dir, None);
     write_atomically(
         &conf,
         serde_json::to_string_pretty(&list)?.as_bytes(),
@@ -120,7 +122,8 @@ mod tests {
             &std::fs::read_to_string(d.conf_dir.join("05-weir.conflist")).unwrap(),
         )
         .unwrap();
-        assert_eq!(list["cniVersion"], "1.1.0");
+        assert_eq!(list["cniVersion"], "1.0.0");
+        assert_eq!(list["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         assert_eq!(list["plugins"][0]["type"], "weir-cni");
         assert_eq!(list["plugins"][0]["agentSocket"], "/run/weir/agent.sock");
         assert_eq!(

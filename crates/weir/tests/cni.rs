@@ -180,6 +180,17 @@ fn weir_cni_as_a_runtime_drives_it() {
         json!(["0.4.0", "1.0.0", "1.1.0"])
     );
 
+    // A record whose device is gone (a pod's namespace removed without a DEL) is left out,
+    // and keeps no other pod from its datapath.
+    let endpoint_dir = PathBuf::from(rt.plugin["endpointDir"].as_str().unwrap());
+    std::fs::write(
+        endpoint_dir.join("stale:eth0.json"),
+        json!({"pod": "c/stale", "uid": "stale:eth0", "ips": ["10.244.1.250"], "hostIf": "lxcgone",
+            "hostIfindex": 999999, "hostMac": "02:00:00:00:00:01", "mac": "02:00:00:00:00:02"})
+        .to_string(),
+    )
+    .unwrap();
+
     // ADD: the result, the agent's endpoint (attached before ADD returned), traffic.
     let conf = rt.conf(&rt.plugin, "1.1.0", None);
     let ns1 = rt.sandbox("a1");
@@ -361,6 +372,15 @@ fn weir_cni_as_a_runtime_drives_it() {
         Duration::from_secs(10),
         || !endpoint_ips(&lab).contains(&ip1),
     );
+
+    // GC without the list of valid attachments is refused (it would remove every pod).
+    let g = rt.exec(
+        &rt.bin_dir.join("weir-cni"),
+        &[("CNI_COMMAND", "GC")],
+        &conf,
+    );
+    assert_eq!(g.out["code"], 7, "{}", g.out);
+    std::fs::remove_file(endpoint_dir.join("stale:eth0.json")).unwrap();
 
     // GC: only the attachments named valid keep their addresses.
     let ns5 = rt.sandbox("a5");
