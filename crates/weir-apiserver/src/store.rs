@@ -524,7 +524,9 @@ impl Store {
     ) -> Result<Arc<Value>, ApiError> {
         Self::check_body(kind, &obj)?;
         obj["kind"] = json!(kind.kind);
-        obj["apiVersion"] = json!(kind.api_version());
+        // Stored in the kind's storage version whatever version wrote it (the HTTP layer
+        // shows each version its own apiVersion).
+        obj["apiVersion"] = json!(kinds::storage_version(kind).api_version());
         if !obj.get("metadata").is_some_and(Value::is_object) {
             obj["metadata"] = json!({});
         }
@@ -684,7 +686,7 @@ impl Store {
             n
         };
         new["kind"] = json!(kind.kind);
-        new["apiVersion"] = json!(kind.api_version());
+        new["apiVersion"] = json!(kinds::storage_version(kind).api_version());
         if !new.get("metadata").is_some_and(Value::is_object) {
             new["metadata"] = json!({});
         }

@@ -215,6 +215,13 @@ pub const ALL: &[ResourceKind] = &[
     CLUSTER_PROPERTY_V1ALPHA1,
 ];
 
+/// The version a kind's objects are stored in: the first (preferred) of its served versions.
+pub fn storage_version(kind: &ResourceKind) -> &'static ResourceKind {
+    ALL.iter()
+        .find(|k| k.group == kind.group && k.kind == kind.kind)
+        .expect("a served kind")
+}
+
 /// The kind served at `group/version/plural`.
 pub fn by_plural(group: &str, version: &str, plural: &str) -> Option<&'static ResourceKind> {
     ALL.iter()

@@ -426,6 +426,27 @@ fn kubectl_serves_the_multicluster_kinds_in_both_versions() {
     ]);
     assert_eq!(v1a["apiVersion"], "multicluster.x-k8s.io/v1alpha1");
     assert_eq!(v1a["metadata"]["uid"], v1b["metadata"]["uid"]);
+    // Stored once, in the storage version: replacing it unchanged through the other version
+    // is no change (same resourceVersion).
+    let f = s.dir.path().join("export.json");
+    std::fs::write(&f, v1b.to_string()).unwrap();
+    ok(&mut s.kubectl(&[
+        "replace",
+        "--raw",
+        "/apis/multicluster.x-k8s.io/v1beta1/namespaces/shop/serviceexports/web",
+        "-f",
+        f.to_str().unwrap(),
+    ]));
+    let again = s.get(&[
+        "serviceexports.v1alpha1.multicluster.x-k8s.io",
+        "web",
+        "-n",
+        "shop",
+    ]);
+    assert_eq!(
+        again["metadata"]["resourceVersion"], v1a["metadata"]["resourceVersion"],
+        "{v1a}\n{again}"
+    );
     // Tables with the CRDs' columns, short names, several kinds at once.
     let table = ok(&mut s.kubectl(&["get", "serviceexports,serviceimports", "-A"]));
     assert!(
