@@ -172,7 +172,7 @@ async fn endpoints(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Ful
     if req.uri().path() == "/cni" {
         return json(
             StatusCode::OK,
-            &crate::cni::node_net(&shared.own_node, &shared.node_name),
+            &crate::cni::node_net(&shared.nodes, &shared.node_name),
         );
     }
     let Some(pods) = shared.pods.clone() else {

@@ -50,31 +50,18 @@ pub fn put(pods: &Arc<Pods>, body: &[u8]) -> Result<Value, (u16, String)> {
     let dir = pods.config.endpoint_dir.clone();
     rec.write(&dir)
         .map_err(|e| (500, format!("{}: {e}", dir.display())))?;
-    let uid = rec.uid.clone();
-    let synced = pods::in_node_netns(pods, move |p| {
-        pods::sync_once(p, &p.config);
-        let st = p.status.lock().expect("pod status");
-        match (
-            &st.last_error,
-            st.bad_records.iter().find(|b| {
-                b.starts_with(&format!("endpoint record {uid}:"))
-                    || b.contains(&format!("/{uid}.json:"))
-            }),
-        ) {
-            (Some(e), _) => Err(e.clone()),
-            (None, Some(bad)) => Err(bad.clone()),
-            (None, None) => Ok(()),
+    // Judged on this record alone: another record left out is not this ADD's failure.
+    let synced = pods::sync_now(pods).and_then(|stats| {
+        match stats.failed.iter().find(|(uid, _)| *uid == rec.uid) {
+            Some((_, why)) => Err(why.clone()),
+            None => Ok(()),
         }
     });
     match synced {
         Ok(()) => Ok(json!({"attached": rec.uid})),
         Err(e) => {
             let _ = EndpointRecord::remove(&dir, &rec.uid);
-            let p = pods.clone();
-            let _ = pods::in_node_netns(pods, move |_| {
-                pods::sync_once(&p, &p.config);
-                Ok(())
-            });
+            let _ = pods::sync_now(pods);
             Err((500, format!("attaching endpoint {}: {e}", rec.uid)))
         }
     }
@@ -88,11 +75,7 @@ pub fn delete(pods: &Arc<Pods>, uid: &str) -> Result<Value, (u16, String)> {
     let dir = pods.config.endpoint_dir.clone();
     let existed =
         EndpointRecord::remove(&dir, uid).map_err(|e| (500, format!("{}: {e}", dir.display())))?;
-    pods::in_node_netns(pods, |p| {
-        pods::sync_once(p, &p.config);
-        Ok(())
-    })
-    .map_err(|e| (500, e))?;
+    pods::sync_now(pods).map_err(|e| (500, e))?;
     Ok(json!({"deleted": existed}))
 }
 

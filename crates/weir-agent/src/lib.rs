@@ -111,8 +111,8 @@ pub struct Shared {
     pub policy: Arc<Mutex<policy::PolicyReport>>,
     /// Policy verdict events (with the pod datapath).
     pub flows: Arc<Mutex<flows::FlowLog>>,
-    /// This node's own Node object (its pod CIDRs and addresses, for the CNI plugin).
-    pub own_node: Store<k8s_openapi::api::core::v1::Node>,
+    /// The Node objects (this node's pod CIDRs and addresses, for the CNI plugin).
+    pub nodes: Store<k8s_openapi::api::core::v1::Node>,
     /// This node's name.
     pub node_name: String,
 }
@@ -168,6 +168,13 @@ struct Dirty {
     since: Option<std::time::SystemTime>,
 }
 
+impl Dirty {
+    /// Notes a change made at `t`: `since` keeps the oldest not yet applied.
+    fn changed_at(&mut self, t: std::time::SystemTime) {
+        self.since = Some(self.since.map_or(t, |s| s.min(t)));
+    }
+}
+
 /// The annotation the EndpointSlice controller puts on the slices it writes: when the change
 /// they carry happened (RFC 3339 with nanoseconds).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -216,8 +223,7 @@ where
                 ev,
                 Some(watcher::Event::Apply(_) | watcher::Event::Delete(_))
             ) {
-                let now = std::time::SystemTime::now();
-                d.since = Some(d.since.map_or(now, |s| s.min(now)));
+                d.changed_at(std::time::SystemTime::now());
             }
             match ev {
                 Some(watcher::Event::Apply(o)) => mark(&mut d, o, false),
@@ -239,7 +245,7 @@ fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
 
 fn mark_slice(d: &mut Dirty, sl: &EndpointSlice, deleted: bool) {
     if let Some(t) = trigger_time(&sl.metadata) {
-        d.since = Some(d.since.map_or(t, |s| s.min(t)));
+        d.changed_at(t);
     }
     let me = key_of(&sl.metadata);
     if let Some(old) = d.slice_owner.remove(&me) {
@@ -347,6 +353,15 @@ pub async fn run(
         }
         None => None,
     };
+    // One watch of the Nodes serves the CNI plugin (this node's pod CIDRs and addresses) and
+    // the loop below.
+    let nodes_changed = Arc::new(Notify::new());
+    let n2 = nodes_changed.clone();
+    let node_store = spawn_reflector(
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+        watcher::Config::default(),
+        move |_| n2.notify_one(),
+    );
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
     // destinations left untranslated.
@@ -354,13 +369,7 @@ pub async fn run(
         .as_ref()
         .filter(|p| p.config.tunnel.is_some() || p.config.masquerade)
     {
-        let nodes_changed = Arc::new(Notify::new());
-        let n2 = nodes_changed.clone();
-        let nodes = spawn_reflector(
-            Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |_| n2.notify_one(),
-        );
+        let nodes = node_store.clone();
         let p = p.clone();
         let me = cfg.node_name.clone();
         tokio::spawn(async move {
@@ -423,11 +432,7 @@ pub async fn run(
         pods,
         policy: policy_report,
         flows: flow_log,
-        own_node: spawn_reflector(
-            Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name)),
-            |_| {},
-        ),
+        nodes: node_store,
         node_name: cfg.node_name.clone(),
     });
     for addr in &cfg.listen {
@@ -510,10 +515,7 @@ pub async fn run(
                 }
             }
             // Not applied: the change is still to be carried.
-            (Err(_), Some(t)) => {
-                let mut d = dirty.lock().expect("dirty lock");
-                d.since = Some(d.since.map_or(t, |s| s.min(t)));
-            }
+            (Err(_), Some(t)) => dirty.lock().expect("dirty lock").changed_at(t),
             _ => {}
         }
         {

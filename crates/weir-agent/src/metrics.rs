@@ -129,6 +129,13 @@ impl Sampled {
         }
     }
 
+    /// A family of one sample without labels.
+    fn single(name: &'static str, help: &'static str, counter: bool, v: f64) -> Self {
+        let mut s = Sampled::new(name, help, counter);
+        s.add(Vec::new(), v);
+        s
+    }
+
     fn add(&mut self, labels: Labels, v: f64) {
         self.samples.push((labels, v));
     }
@@ -167,7 +174,7 @@ impl Collector for Scraped {
 #[derive(Clone, Default)]
 struct SlowReads {
     lb_counters: Vec<(String, u64)>,
-    maps: Vec<(String, usize, u32)>,
+    maps: Vec<weir_dataplane::MapUsage>,
 }
 
 /// How long a walk of the maps serves scrapes.
@@ -185,20 +192,11 @@ fn slow_reads(shared: &Shared) -> SlowReads {
     }
     let mut r = SlowReads::default();
     if let Ok(d) = shared.dataplane.lock().expect("dataplane").dump() {
-        r.lb_counters = d.counters.clone();
-        r.maps.extend(
-            d.maps
-                .iter()
-                .map(|m| (m.name.clone(), m.entries, m.capacity)),
-        );
+        r.lb_counters = d.counters;
+        r.maps = d.maps;
     }
     if let Some(p) = &shared.pods {
-        let usage = p.dataplane.lock().expect("pods").map_usage();
-        r.maps.extend(
-            usage
-                .iter()
-                .map(|m| (m.name.clone(), m.entries, m.capacity)),
-        );
+        r.maps.extend(p.dataplane.lock().expect("pods").map_usage());
     }
     *cache = Some((std::time::Instant::now(), r.clone()));
     r
@@ -225,16 +223,12 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
     let mut entries = Sampled::new("weir_bpf_map_entries", "Entries in use in each map", false);
     let mut capacity = Sampled::new("weir_bpf_map_capacity", "Capacity of each map", false);
     let mut sizes = Vec::new();
-    let mut gauge = |name, help, v: f64| {
-        let mut s = Sampled::new(name, help, false);
-        s.add(Vec::new(), v);
-        sizes.push(s);
-    };
+    let mut gauge = |name, help, v: f64| sizes.push(Sampled::single(name, help, false, v));
     let slow = slow_reads(shared);
     for (event, n) in &slow.lb_counters {
         lb.add(vec![("event", event.clone())], *n as f64);
     }
-    let mut maps = slow.maps.clone();
+    let mut maps = slow.maps;
     let frontends = shared.status.lock().expect("status").frontends;
     gauge(
         "weir_frontends",
@@ -281,11 +275,12 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         vec![("version", env!("CARGO_PKG_VERSION").to_string())],
         1.0,
     );
-    maps.sort();
-    maps.dedup_by(|a, b| a.0 == b.0);
-    for (name, n, cap) in maps {
-        entries.add(vec![("map", name.clone())], n as f64);
-        capacity.add(vec![("map", name)], cap as f64);
+    // The socket and per-packet programs share the load-balancing maps: each once.
+    maps.sort_by(|a, b| a.name.cmp(&b.name));
+    maps.dedup_by(|a, b| a.name == b.name);
+    for m in maps {
+        entries.add(vec![("map", m.name.clone())], m.entries as f64);
+        capacity.add(vec![("map", m.name)], m.capacity as f64);
     }
     let mut out = vec![packets, bytes, drops, lb, entries, capacity, info];
     out.extend(sizes);
@@ -296,11 +291,7 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
 /// The standard process metrics, from /proc/self.
 fn process() -> Vec<Sampled> {
     let mut out = Vec::new();
-    let mut one = |name, help, counter, v: f64| {
-        let mut s = Sampled::new(name, help, counter);
-        s.add(Vec::new(), v);
-        out.push(s);
-    };
+    let mut one = |name, help, counter, v: f64| out.push(Sampled::single(name, help, counter, v));
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()

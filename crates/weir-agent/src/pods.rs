@@ -198,8 +198,8 @@ fn dir_mtime(cfg: &PodConfig) -> Option<SystemTime> {
 }
 
 /// Brings the endpoint map and pod programs in step with the endpoint records (in the node
-/// namespace).
-pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
+/// namespace). Returns what the sync changed and left out, or why it failed.
+pub fn sync_once(pods: &Pods, cfg: &PodConfig) -> Result<PodSyncStats, String> {
     // The directory is read under the dataplane's lock: two syncs at once (the loop and the
     // CNI plugin's requests) must not let an older read undo a newer one.
     let mut dp = pods.dataplane.lock().expect("pods");
@@ -225,14 +225,22 @@ pub fn sync_once(pods: &Pods, cfg: &PodConfig) {
             if stats != PodSyncStats::default() {
                 tracing::info!(?stats, "pod datapath updated");
             }
-            st.last_sync = stats;
+            st.last_sync = stats.clone();
             st.last_error = None;
+            Ok(stats)
         }
         Err(e) => {
             tracing::error!(error = %e, "syncing the pod datapath; retrying");
             st.last_error = Some(e.to_string());
+            Err(e.to_string())
         }
     }
+}
+
+/// [`sync_once`] right away, on a thread in the node's network namespace (for requests that
+/// must see the datapath in step before they answer).
+pub fn sync_now(pods: &Arc<Pods>) -> Result<PodSyncStats, String> {
+    in_node_netns(pods, |p| sync_once(p, &p.config))
 }
 
 /// Every address of the current network namespace but loopback and IPv6 link-local ones.
@@ -364,7 +372,7 @@ pub fn spawn(pods: Arc<Pods>, cfg: PodConfig) -> Result<(), String> {
                 let _ = tx.send(Err(e));
                 return;
             }
-            sync_once(&pods, &cfg);
+            let _ = sync_once(&pods, &cfg);
             let _ = tx.send(Ok(()));
             let mut seen = dir_mtime(&cfg);
             let mut since_full = Duration::ZERO;
@@ -382,7 +390,7 @@ pub fn spawn(pods: Arc<Pods>, cfg: PodConfig) -> Result<(), String> {
                     }
                     seen = now;
                     since_full = Duration::ZERO;
-                    sync_once(&pods, &cfg);
+                    let _ = sync_once(&pods, &cfg);
                 }
             }
         })

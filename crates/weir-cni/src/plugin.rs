@@ -172,7 +172,7 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
             ips: ips.clone(),
             host_if: host_if.clone(),
             host_ifindex,
-            host_mac,
+            host_mac: host_mac.clone(),
             mac: mac.clone(),
             container_id: env.container_id.clone(),
             ifname: env.ifname.clone(),
@@ -180,9 +180,9 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
         let body = serde_json::to_value(&record).expect("json");
         agent::request(&s.socket, "PUT", "/endpoints", Some(&body), AGENT_TIMEOUT)
             .map_err(agent_error)?;
-        Ok::<_, CniError>(mac)
+        Ok::<_, CniError>((host_mac, mac))
     })();
-    let mac = match wired {
+    let (host_mac, mac) = match wired {
         Ok(m) => m,
         Err(e) => {
             let _ = remove_endpoint(s, &endpoint_key(&env.container_id, &env.ifname));
@@ -200,16 +200,15 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
         t_link.saturating_sub(t_ipam).as_millis(),
         t0.elapsed().as_millis()
     );
-    Ok(result(env, &ips, mac))
+    Ok(result(env, &ips, (host_if, host_mac), mac))
 }
 
-fn result(env: &Env, ips: &[IpAddr], mac: String) -> CniResult {
+/// The ADD result: the host side of the pair (`host`: name and MAC), the pod's interface,
+/// its addresses with their gateways, and the default routes.
+fn result(env: &Env, ips: &[IpAddr], host: (String, String), mac: String) -> CniResult {
     let gw4: IpAddr = link::GATEWAY4.parse().expect("gateway");
     let gw6: IpAddr = link::GATEWAY6.parse().expect("gateway");
-    let host_if = link::host_if_name(&env.container_id, &env.ifname);
-    let host_mac = link::link_info(None, &host_if)
-        .map(|(_, m)| m)
-        .unwrap_or_default();
+    let (host_if, host_mac) = host;
     let mut routes = Vec::new();
     if ips.iter().any(IpAddr::is_ipv4) {
         routes.push(Route {

@@ -2,9 +2,9 @@
 //! makes each Pod a sandbox: a network namespace and cgroup v2 directory of its own, wired by
 //! executing the node's CNI plugins as a container runtime does (weir-cni: a veth pair to the
 //! node, addresses from the node's pod CIDRs, the pod's programs attached by the agent), and
-//! a process serving the echo server on every containerPort. It reports status (IPs, Ready with readiness gates and
-//! initialDelaySeconds), keeps deleted pods serving until their grace period ends, and then
-//! confirms the deletion.
+//! a process serving the echo server on every containerPort. It reports status (IPs, Ready
+//! with readiness gates and initialDelaySeconds), keeps deleted pods serving until their
+//! grace period ends, and then confirms the deletion.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;

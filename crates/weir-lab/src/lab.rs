@@ -614,21 +614,23 @@ pub async fn wait_converged(
             .await
             .map_err(kerr)?
             .items;
-        // What the agents program: the Services and slices of their proxy name.
-        let proxied = ListParams::default().labels(&weir_agent::service_label_selector(
+        // What the agents program: the Services and slices their label selector takes.
+        let proxied = weir_model::LabelSelector::parse(&weir_agent::service_label_selector(
             layout.service_proxy_name.as_deref(),
-        ));
-        let proxied_services = Api::<Service>::all(client.clone())
-            .list(&proxied)
-            .await
-            .map_err(kerr)?
-            .items;
-        let proxied_slices =
-            Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone())
-                .list(&proxied)
-                .await
-                .map_err(kerr)?
-                .items;
+        ))
+        .expect("the agents' selector parses");
+        let selected =
+            |m: &kube::api::ObjectMeta| proxied.matches(&m.labels.clone().unwrap_or_default());
+        let proxied_services: Vec<Service> = services
+            .iter()
+            .filter(|s| selected(&s.metadata))
+            .cloned()
+            .collect();
+        let proxied_slices: Vec<_> = slices
+            .iter()
+            .filter(|s| selected(&s.metadata))
+            .cloned()
+            .collect();
         let mut ok = slices_caught_up(&services, &slices, &pods);
         if !ok {
             last = "EndpointSlices do not yet list every Ready pod".into();

@@ -8,13 +8,9 @@ use serde_json::{json, Map, Value};
 
 use crate::kinds::ResourceKind;
 
-pub(crate) fn obj_mut<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
-    let m = v.as_object_mut().expect("object");
-    let e = m.entry(key.to_string()).or_insert_with(|| json!({}));
-    if !e.is_object() {
-        *e = json!({});
-    }
-    e.as_object_mut().expect("object")
+/// The object at `key` of object `v`, made an empty object when absent or not an object.
+fn obj_mut<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
+    obj_mut_in(v.as_object_mut().expect("object"), key)
 }
 
 /// Whether `v` is what Go decodes as a zero value: absent, null, "" or 0.
@@ -190,6 +186,7 @@ fn container(c: &mut Map<String, Value>, host_network: bool) {
     }
 }
 
+/// The object at `key` of `m`, made an empty object when absent or not an object.
 fn obj_mut_in<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
     let e = m.entry(key.to_string()).or_insert_with(|| json!({}));
     if !e.is_object() {

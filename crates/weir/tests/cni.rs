@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -92,21 +91,11 @@ impl Runtime {
             .env(
                 "CNI_PATH",
                 format!("{}:/usr/lib/cni", self.bin_dir.display()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            );
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = output_with_stdin(&mut cmd, conf.to_string().as_bytes());
         let text = String::from_utf8_lossy(&o.stdout);
         Outcome {
             ok: o.status.success(),

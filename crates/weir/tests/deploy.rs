@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -83,23 +82,11 @@ fn validate_against_crd(crd_file: &str, object: &serde_json::Value) -> Result<()
         .find(|v| v["name"] == version)
         .unwrap_or_else(|| panic!("{crd_file} serves no {version}"))["schema"]["openAPIV3Schema"];
     let script = "import json,sys,jsonschema\nd=json.load(sys.stdin)\njsonschema.validate(d['object'], d['schema'])";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            serde_json::json!({"object": object, "schema": schema})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let input = serde_json::json!({"object": object, "schema": schema}).to_string();
+    let out = output_with_stdin(
+        Command::new("python3").args(["-c", script]),
+        input.as_bytes(),
+    );
     if out.status.success() {
         Ok(())
     } else {

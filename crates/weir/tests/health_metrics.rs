@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -41,18 +40,9 @@ metadata: {name: deny, namespace: m}
 spec: {podSelector: {matchLabels: {app: shut}}, policyTypes: [Ingress]}
 "#;
 
-/// GET `url` (http://127.0.0.1:PORT/PATH): status code and body.
+/// GET `url`: status code and body.
 fn get(url: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    http_get(url, Duration::from_secs(10)).unwrap()
 }
 
 /// Every sample of the exposition: (name, labels) -> value; and checks its shape: each

@@ -63,24 +63,10 @@ fn stop_agents(lab: &Lab, signal: &str) {
     });
 }
 
-/// GET http://127.0.0.1:PORT/readyz is 200.
+/// GET /readyz beside `metrics_url` is 200.
 fn ready(metrics_url: &str) -> bool {
-    use std::io::{Read, Write};
-    let host = metrics_url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap();
-    let Ok(mut s) = std::net::TcpStream::connect(host) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(s, "GET /readyz HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
+    let url = metrics_url.replace("/metrics", "/readyz");
+    http_get(&url, Duration::from_secs(2)).is_ok_and(|(code, _)| code == 200)
 }
 
 /// Opens connections in a loop until `stop`; returns (attempts, failures, a failed summary).

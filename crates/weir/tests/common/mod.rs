@@ -36,6 +36,39 @@ pub fn ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).expect("utf8")
 }
 
+/// Runs `cmd` with `input` on its standard input; its output.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// GET `url` (`http://HOST:PORT/PATH`) over HTTP/1.0, waiting at most `timeout` for the
+/// answer: its status code and body.
+pub fn http_get(url: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {head:?}")))?;
+    Ok((code, body.to_string()))
+}
+
 /// A unique lab name for this test process.
 pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -199,21 +232,7 @@ impl Lab {
 
     /// Applies a manifest with `weir apply -f -`.
     pub fn apply(&self, manifest: &str) -> Output {
-        use std::io::Write;
-        let mut child = self
-            .weir(&["apply", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        output_with_stdin(&mut self.weir(&["apply", "-f", "-"]), manifest.as_bytes())
     }
 
     /// `weir get ... -o json` parsed.
