@@ -1,6 +1,7 @@
 //! The REST front end: routing of Kubernetes API paths, discovery, list/get/watch and the
 //! write verbs, over HTTP/1.1 or HTTP/2, with TLS and bearer-token authentication.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -194,15 +195,18 @@ fn discovery_groups() -> Value {
 /// `obj` as the version `kind` serves it: a kind served in several versions stores each
 /// object once, and every version shows it under its own `apiVersion` (their schemas are
 /// the same, so nothing else changes, as for a CRD without a conversion webhook).
-fn in_version(kind: &ResourceKind, obj: &Value) -> Value {
+/// Borrowed as it is when its `apiVersion` is already the one asked for (every kind served
+/// in one version, and the storage version).
+fn in_version<'a>(kind: &ResourceKind, obj: &'a Value) -> Cow<'a, Value> {
     let want = kind.api_version();
-    let mut o = obj.clone();
-    if o.get("kind").and_then(Value::as_str) == Some(kind.kind)
-        && o.get("apiVersion").and_then(Value::as_str) != Some(want.as_str())
+    if obj.get("kind").and_then(Value::as_str) == Some(kind.kind)
+        && obj.get("apiVersion").and_then(Value::as_str) != Some(want.as_str())
     {
+        let mut o = obj.clone();
         o["apiVersion"] = json!(want);
+        return Cow::Owned(o);
     }
-    o
+    Cow::Borrowed(obj)
 }
 
 fn wants_table(accept: &str) -> bool {
@@ -466,7 +470,7 @@ impl Api {
                         .map(String::from);
                     let (s, d2) = (store.clone(), d.clone());
                     match blocking(move || s.delete(kind, ons.as_deref(), &name, &d2)).await {
-                        Ok(v) => deleted.push(in_version(kind, &v)),
+                        Ok(v) => deleted.push(in_version(kind, &v).into_owned()),
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
                     }
@@ -578,11 +582,11 @@ impl Api {
                         .to_string();
                     let t = table(filter.kind, &[Arc::new(obj.clone())], &rv, first);
                     first = false;
-                    t
+                    Cow::Owned(t)
                 } else if ty != "BOOKMARK" && ty != "ERROR" {
                     in_version(filter.kind, obj)
                 } else {
-                    obj.clone()
+                    Cow::Borrowed(obj)
                 };
                 let mut b = serde_json::to_vec(&json!({"type": ty, "object": obj})).expect("json");
                 b.push(b'\n');
