@@ -16,12 +16,10 @@ export DEBIAN_FRONTEND=noninteractive
 # tools the lab and its tests drive (iproute2 for ip, procps for pgrep, util-linux for
 # nsenter, bash; iptables and conntrack to prove that the datapath bypasses netfilter; ethtool
 # for XDP labs; ping for ICMP echo through the masquerade; containernetworking-plugins to
-# chain weir-cni with the reference plugins as a runtime would).
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins)
-# `--bench`: also the baselines the benchmarks compare against.
-if [ "${1:-}" = "--bench" ]; then
-  packages+=(nftables)
-fi
+# chain weir-cni with the reference plugins as a runtime would); protobuf-compiler for the
+# etcd client's gRPC code; etcd-server for clustersets' etcd, and nftables for their
+# partitions (and as a benchmark baseline).
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,12 +23,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use serde::Serialize;
 use tokio::sync::Notify;
 use weir_control::lb::{self, Algorithm, Options, Warning};
+use weir_control::mcs;
 use weir_dataplane::{ApplyStats, Dataplane};
 
 /// Agent settings.
@@ -136,7 +139,27 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
+    spawn_reflector_with(api, reflector::store::Writer::default(), cfg, on_event)
+}
+
+/// [`spawn_reflector`] for kinds whose type is known only at run time (DynamicObject).
+pub fn spawn_reflector_with<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    cfg: watcher::Config,
+    on_event: impl Fn(Option<&watcher::Event<K>>) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -196,12 +219,15 @@ fn key_of(meta: &kube::api::ObjectMeta) -> ServiceKey {
     )
 }
 
+/// The Service (or ServiceImport, as `NAME@clusterset`) an EndpointSlice belongs to.
 fn slice_service(sl: &EndpointSlice) -> Option<ServiceKey> {
-    let name = sl.metadata.labels.as_ref()?.get(lb::SERVICE_NAME_LABEL)?;
-    Some((
-        sl.metadata.namespace.clone().unwrap_or_default(),
-        name.clone(),
-    ))
+    match sl.metadata.labels.as_ref()?.get(lb::SERVICE_NAME_LABEL) {
+        Some(name) => Some((
+            sl.metadata.namespace.clone().unwrap_or_default(),
+            name.clone(),
+        )),
+        None => mcs::import_of_slice(sl),
+    }
 }
 
 fn wake<K>(
@@ -241,6 +267,17 @@ where
 
 fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
     d.services.insert(key_of(&s.metadata));
+}
+
+fn mark_import(d: &mut Dirty, i: &DynamicObject, _deleted: bool) {
+    let (ns, name) = key_of(&i.metadata);
+    d.services.insert((ns, mcs::import_name(&name)));
+}
+
+/// The ServiceImport kind as the agents watch it.
+fn import_resource() -> ApiResource {
+    let k = &weir_model::kinds::SERVICE_IMPORT;
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(k.group, k.version, k.kind), k.plural)
 }
 
 fn mark_slice(d: &mut Dirty, sl: &EndpointSlice, deleted: bool) {
@@ -293,6 +330,7 @@ impl Incremental {
     fn rebuild_all(
         &mut self,
         services: &[Arc<Service>],
+        imports: &[Arc<DynamicObject>],
         slices: &[Arc<EndpointSlice>],
         opts: &Options,
     ) {
@@ -308,21 +346,50 @@ impl Incremental {
             let own = by_service.remove(&key).unwrap_or_default();
             self.set(key, Some(svc), &own, opts);
         }
+        for imp in imports {
+            let (ns, name) = key_of(&imp.metadata);
+            let key = (ns, mcs::import_name(&name));
+            let own = by_service.remove(&key).unwrap_or_default();
+            self.set_import(key, Some(imp), &own, opts);
+        }
+    }
+
+    /// A ServiceImport's frontends: its ClusterSetIPs, with the endpoints of every source
+    /// cluster's slices.
+    fn set_import(
+        &mut self,
+        key: ServiceKey,
+        import: Option<&DynamicObject>,
+        slices: &[&EndpointSlice],
+        opts: &Options,
+    ) {
+        let svc = import.and_then(|i| mcs::import_service(&i.metadata, &i.data));
+        let slices: Vec<EndpointSlice> =
+            slices.iter().filter_map(|s| mcs::import_slice(s)).collect();
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        self.set(key, svc.as_ref(), &refs, opts);
     }
 
     fn rebuild(
         &mut self,
         key: ServiceKey,
         services: &Store<Service>,
+        imports: &Store<DynamicObject>,
         slices: &[Arc<EndpointSlice>],
         opts: &Options,
     ) {
-        let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
         let own: Vec<&EndpointSlice> = slices
             .iter()
             .filter(|sl| slice_service(sl).as_ref() == Some(&key))
             .map(|sl| sl.as_ref())
             .collect();
+        if let Some(name) = key.1.strip_suffix(mcs::IMPORT_MARK) {
+            let r = reflector::ObjectRef::new_with(name, import_resource()).within(&key.0);
+            let imp = imports.get(&r);
+            self.set_import(key, imp.as_deref(), &own, opts);
+            return;
+        }
+        let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
         self.set(key, svc.as_deref(), &own, opts);
     }
 
@@ -457,10 +524,18 @@ pub async fn run(
         selected,
         wake(&notify, &shared, &dirty, mark_slice),
     );
-    // Apply only from a complete view: until both initial lists are in, the pinned state
+    // ServiceImports (their EndpointSlices come with the others): the mesh writes them.
+    let imports = spawn_reflector_with(
+        Api::<DynamicObject>::all_with(client.clone(), &import_resource()),
+        reflector::store::Writer::new(import_resource()),
+        watcher::Config::default(),
+        wake(&notify, &shared, &dirty, mark_import),
+    );
+    // Apply only from a complete view: until the initial lists are in, the pinned state
     // stays as the previous agent left it (stale entries are removed by the first apply).
     let _ = services.wait_until_ready().await;
     let _ = slices.wait_until_ready().await;
+    let _ = imports.wait_until_ready().await;
     tracing::info!(node = %cfg.node_name, "initial lists received; programming the datapath");
     let opts = Options {
         node_name: cfg.node_name.clone(),
@@ -482,10 +557,10 @@ pub async fn run(
         };
         let sls = slices.state();
         if full {
-            desired.rebuild_all(&services.state(), &sls, &opts);
+            desired.rebuild_all(&services.state(), &imports.state(), &sls, &opts);
         } else {
             for key in changed {
-                desired.rebuild(key, &services, &sls, &opts);
+                desired.rebuild(key, &services, &imports, &sls, &opts);
             }
         }
         let state = &desired.state;
@@ -616,7 +691,8 @@ mod tests {
             mark_slice(&mut dirty, sl, false);
             slices.push(Arc::new(sl.clone()));
         }
-        inc.rebuild_all(&svc_reader.state(), &slices, &opts());
+        let imports = reflector::store::Writer::<DynamicObject>::new(import_resource()).as_reader();
+        inc.rebuild_all(&svc_reader.state(), &[], &slices, &opts());
         let check = |inc: &Incremental, slices: &[Arc<EndpointSlice>]| {
             let (full, _) = lb::build(&svc_reader.state(), slices, &opts());
             assert_eq!(inc.state, full);
@@ -633,7 +709,7 @@ mod tests {
                 && dirty.services.contains(&("x".into(), "c".into()))
         );
         for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &slices, &opts());
+            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
         }
         check(&inc, &slices);
 
@@ -642,7 +718,7 @@ mod tests {
         svc_writer.apply_watcher_event(&watcher::Event::Delete(gone.clone()));
         mark_service(&mut dirty, &gone, true);
         for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &slices, &opts());
+            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
         }
         check(&inc, &slices);
         assert_eq!(inc.state.frontends.len(), 2);
@@ -651,7 +727,7 @@ mod tests {
         let c1 = slices.remove(2);
         mark_slice(&mut dirty, &c1, true);
         for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &slices, &opts());
+            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
         }
         check(&inc, &slices);
     }

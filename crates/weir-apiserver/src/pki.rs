@@ -137,3 +137,87 @@ impl Pki {
         write_private(path, &text)
     }
 }
+
+/// Credentials of a clusterset's etcd: a CA, a server certificate for loopback, and one
+/// client certificate per cluster (common name: the cluster's id), as Cilium's clustermesh
+/// gives every remote cluster a client certificate of its own.
+#[derive(Debug, Clone)]
+pub struct EtcdPki {
+    dir: PathBuf,
+}
+
+impl EtcdPki {
+    /// The files under `dir` (whether or not they exist yet).
+    pub fn in_dir(dir: &Path) -> EtcdPki {
+        EtcdPki {
+            dir: dir.to_path_buf(),
+        }
+    }
+    /// The CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    /// The server certificate and key.
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("server.crt"), self.dir.join("server.key"))
+    }
+    /// Cluster `id`'s client certificate and key.
+    pub fn client(&self, id: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("client-{id}.crt")),
+            self.dir.join(format!("client-{id}.key")),
+        )
+    }
+
+    /// Makes the CA, the server certificate and a client certificate for each of `clients`.
+    pub fn create(dir: &Path, set: &str, clients: &[String]) -> Result<EtcdPki, PkiError> {
+        use rcgen::ExtendedKeyUsagePurpose;
+        let pki = EtcdPki::in_dir(dir);
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("weir-etcd-ca-{set}"));
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        write_private(&pki.ca_cert(), &ca_cert.pem())?;
+        let issue = |cn: String,
+                     sans: Vec<String>,
+                     usage: ExtendedKeyUsagePurpose,
+                     (crt, key): (PathBuf, PathBuf)|
+         -> Result<(), PkiError> {
+            let k = KeyPair::generate()?;
+            let mut p = CertificateParams::new(sans)?;
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.extended_key_usages = vec![usage];
+            let c = p.signed_by(&k, &issuer)?;
+            write_private(&crt, &c.pem())?;
+            write_private(&key, &k.serialize_pem())
+        };
+        issue(
+            format!("weir-etcd-{set}"),
+            vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            pki.server(),
+        )?;
+        for id in clients {
+            issue(
+                id.clone(),
+                vec![],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                pki.client(id),
+            )?;
+        }
+        Ok(pki)
+    }
+}

@@ -7,5 +7,6 @@
 
 pub mod lb;
 pub mod maglev;
+pub mod mcs;
 pub mod policy;
 pub mod tunnel;

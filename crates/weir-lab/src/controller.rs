@@ -2,7 +2,8 @@
 //! Pods with no `spec.nodeName`, and a LoadBalancer IP allocator (as a cloud controller or
 //! MetalLB would): LoadBalancer Services get an ingress IP from the lab's pool in their status.
 
-/// The lab's LoadBalancer IP pool; the external host routes it to every node (ECMP).
+/// A lab's LoadBalancer IP pool (a clusterset's clusters have one each, see
+/// [`crate::paths::Layout::lb_pool`]); the external host routes it to every node (ECMP).
 pub const LB_POOL: &str = "172.30.100.0/24";
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -49,6 +50,7 @@ struct Controller {
     next_node: usize,
     /// LoadBalancer IPs given out and not yet seen in a Service's status.
     lb_assigned: HashMap<(String, String), std::net::Ipv4Addr>,
+    lb_pool: ipnet::Ipv4Net,
     /// When the change that started this pass was seen: the slices written get it as
     /// `endpoints.kubernetes.io/last-change-trigger-time`, from which proxies measure their
     /// network programming latency.
@@ -281,11 +283,11 @@ impl Controller {
         Ok(())
     }
 
-    /// Gives every LoadBalancer Service without an ingress IP one from [`LB_POOL`] (its
+    /// Gives every LoadBalancer Service without an ingress IP one from the pool (its
     /// `spec.loadBalancerIP` if it asks for a free one of the pool), in its status. Services
     /// with a `loadBalancerClass` belong to another controller.
     async fn assign_lb_ips(&mut self) -> Result<(), LabError> {
-        let pool: ipnet::Ipv4Net = LB_POOL.parse().expect("pool");
+        let pool = self.lb_pool;
         let services = self.services.state();
         let mut used: HashSet<std::net::Ipv4Addr> = self.lb_assigned.values().copied().collect();
         for s in &services {
@@ -393,8 +395,9 @@ impl Controller {
     }
 }
 
-/// Runs the controllers until the process is stopped.
-pub async fn run(client: Client) -> Result<(), LabError> {
+/// Runs the controllers until the process is stopped, handing out LoadBalancer IPs from
+/// `lb_pool`.
+pub async fn run(client: Client, lb_pool: ipnet::Ipv4Net) -> Result<(), LabError> {
     let notify = Arc::new(Notify::new());
     let services = spawn_reflector(
         Api::<Service>::all(client.clone()),
@@ -440,6 +443,7 @@ pub async fn run(client: Client) -> Result<(), LabError> {
         bound: HashSet::new(),
         next_node: 0,
         lb_assigned: HashMap::new(),
+        lb_pool,
         triggered: jiff::Timestamp::now(),
     };
     loop {

@@ -165,7 +165,7 @@ impl Kubelet {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": n.name, "labels": {
                 "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": std::env::consts::ARCH,
-                "weir.dev/lab": self.layout.name}},
+                "weir.dev/lab": self.layout.name.replace('/', ".")}},
             "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr, n.pod_cidr6]},
             "status": {
                 "addresses": [{"type": "InternalIP", "address": n.ip.to_string()}, {"type": "InternalIP", "address": n.ip6.to_string()}, {"type": "Hostname", "address": n.name}],
@@ -259,7 +259,7 @@ impl Kubelet {
                 .arg(crate::paths::netns_path(&sb.netns))
                 .arg("--cgroup")
                 .arg(&sb.cgroup)
-                .args(["--identity", &format!("{ns}/{name}")])
+                .args(["--identity", &pod_identity(&self.paths, &ns, &name)])
                 .arg("--ready-file")
                 .arg(&ready);
             for p in pod_ports(pod) {
@@ -643,4 +643,13 @@ fn same_status(current: &Value, want: &Value) -> bool {
 pub fn sandbox_enter(netns: &Path, cgroup: &Path) -> Result<(), LabError> {
     sys::enter_cgroup(cgroup)?;
     sys::enter_netns(netns)
+}
+
+/// How a pod's echo server names itself: `namespace/name`, or in a clusterset's cluster
+/// `cK/namespace/name` (the same pod name in two clusters answers as two pods).
+pub fn pod_identity(paths: &crate::paths::LabPaths, ns: &str, name: &str) -> String {
+    match paths.name.split_once('/') {
+        Some((_, cluster)) => format!("{cluster}/{ns}/{name}"),
+        None => format!("{ns}/{name}"),
+    }
 }

@@ -43,22 +43,26 @@ pub struct UpOptions {
     pub identity_gc_grace: Duration,
     /// The agents' `--service-proxy-name`.
     pub service_proxy_name: Option<String>,
+    /// Number of clusters: 0 for a lab, N for a clusterset `name` of clusters c1..cN.
+    pub clusters: u8,
+    /// A clusterset's remote TTL: how long a cluster's mesh data outlives its last renewal.
+    pub remote_ttl: Duration,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.
-struct Progress {
+pub(crate) struct Progress {
     tty: bool,
     start: Instant,
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Progress {
             tty: std::io::stderr().is_terminal(),
             start: Instant::now(),
         }
     }
-    fn step(&self, msg: &str) {
+    pub(crate) fn step(&self, msg: &str) {
         if self.tty {
             eprint!("\r\x1b[2K");
         }
@@ -77,7 +81,11 @@ fn current_exe() -> Result<PathBuf, LabError> {
 }
 
 /// Starts a lab component as a detached process logging to `logs/<component>.log`.
-fn spawn_daemon(paths: &LabPaths, component: &str, args: &[OsString]) -> Result<i32, LabError> {
+pub(crate) fn spawn_daemon(
+    paths: &LabPaths,
+    component: &str,
+    args: &[OsString],
+) -> Result<i32, LabError> {
     use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(paths.log_dir()).map_err(|e| LabError::io(paths.log_dir(), e))?;
     std::fs::create_dir_all(paths.pid_dir()).map_err(|e| LabError::io(paths.pid_dir(), e))?;
@@ -266,7 +274,7 @@ pub async fn lab_client(name: &str) -> Result<Client, LabError> {
     client::client_from_kubeconfig(&p.kubeconfig()).await
 }
 
-async fn wait_for_apiserver(
+pub(crate) async fn wait_for_apiserver(
     client: &Client,
     paths: &LabPaths,
     timeout: Duration,
@@ -323,6 +331,10 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
     }
     // Read manifests before making anything, so a typo costs nothing.
     let docs = client::read_manifests(&opts.manifests, "default")?;
+    if opts.clusters > 0 {
+        let kubeconfigs = crate::clusterset::up(opts, &docs).await?;
+        return Ok(kubeconfigs.into_iter().next().unwrap_or_default());
+    }
     match build(opts, &p, &docs).await {
         Ok(k) => Ok(k),
         Err(e) => {
@@ -339,8 +351,27 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
 
 async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<PathBuf, LabError> {
     let progress = Progress::new();
-    std::fs::create_dir_all(&p.dir).map_err(|e| LabError::io(p.dir.clone(), e))?;
-    let mut layout = Layout::plan(p, opts.nodes, free_port()?);
+    // First-run state, made once before any agent starts: the BPF filesystem the agents pin
+    // in and the shared /run/netns mount point.
+    sys::ensure_bpffs()?;
+    sys::ensure_netns_run_dir()?;
+    let (layout, client) = start_control_plane(opts, p, None, &progress).await?;
+    tokio::task::block_in_place(|| net::create_cluster_network(&layout))?;
+    tokio::task::block_in_place(|| start_external_server(p, &layout))?;
+    progress.step(&format!(
+        "network: {} node(s), fabric 172.30.0.0/24, external host {} (echo server on {})",
+        layout.nodes.len(),
+        layout.external_ip,
+        EXTERNAL_PORTS.join(", ")
+    ));
+    start_nodes(p, &layout, &client, &progress).await?;
+    apply_and_settle(opts, &client, &layout, docs, &progress).await?;
+    Ok(p.kubeconfig())
+}
+
+/// Plans a lab's (or a clusterset cluster's) layout with the options of `lab up`.
+fn plan_layout(opts: &UpOptions, p: &LabPaths, cluster: Option<u8>) -> Result<Layout, LabError> {
+    let mut layout = Layout::plan_in(p, opts.nodes, free_port()?, cluster);
     layout.lb_algorithm = match opts.lb_algorithm {
         weir_control::lb::Algorithm::Random => "random".into(),
         weir_control::lb::Algorithm::Maglev => "maglev".into(),
@@ -354,56 +385,86 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     for n in &mut layout.nodes {
         n.metrics_port = free_port()?;
     }
+    Ok(layout)
+}
+
+/// Makes a cluster's directory, layout, credentials and kubeconfig, starts its API server
+/// and mounts its cgroup v2 tree. `cluster` is the index in a clusterset.
+pub(crate) async fn start_control_plane(
+    opts: &UpOptions,
+    p: &LabPaths,
+    cluster: Option<u8>,
+    progress: &Progress,
+) -> Result<(Layout, Client), LabError> {
+    std::fs::create_dir_all(&p.dir).map_err(|e| LabError::io(p.dir.clone(), e))?;
+    let mut layout = plan_layout(opts, p, cluster)?;
+    if let Some(k) = cluster {
+        crate::clusterset::plan_cluster(&mut layout, k, opts.clusters);
+    }
     layout.save(p)?;
-    let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &opts.name)
+    let pki = weir_apiserver::pki::Pki::ensure(&p.pki_dir(), &p.name)
         .map_err(|e| LabError::Command("pki".into(), e.to_string()))?;
     let server = format!("https://127.0.0.1:{}", layout.apiserver_port);
-    pki.write_kubeconfig(&p.kubeconfig(), &opts.name, &server)
+    pki.write_kubeconfig(&p.kubeconfig(), &p.name, &server)
         .map_err(|e| LabError::Command("kubeconfig".into(), e.to_string()))?;
 
     start_apiserver(p)?;
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     wait_for_apiserver(&client, p, Duration::from_secs(15)).await?;
-    progress.step(&format!("API server listening on {server}"));
-
-    // First-run state, made once before any agent starts: the BPF filesystem the agents pin
-    // in, the shared /run/netns mount point, and the lab's cgroup v2 mount.
-    sys::ensure_bpffs()?;
-    sys::ensure_netns_run_dir()?;
+    progress.step(&format!("{}: API server listening on {server}", p.name));
     sys::ensure_cgroup2(&p.cgroup_mount())?;
     for dir in [p.cgroup_dir(), p.cgroup_dir().join("external")] {
         std::fs::create_dir_all(&dir).map_err(|e| LabError::io(dir.clone(), e))?;
     }
-    tokio::task::block_in_place(|| net::create_cluster_network(&layout))?;
-    tokio::task::block_in_place(|| start_external_server(p, &layout))?;
-    progress.step(&format!(
-        "network: {} node(s), fabric 172.30.0.0/24, external host {} (echo server on {})",
-        layout.nodes.len(),
-        layout.external_ip,
-        EXTERNAL_PORTS.join(", ")
-    ));
+    Ok((layout, client))
+}
 
-    install_cni(p, &layout)?;
+/// Installs the CNI plugin and starts the controllers, kubelets and agents of a cluster
+/// whose nodes are on the fabric; returns when every node is Ready.
+pub(crate) async fn start_nodes(
+    p: &LabPaths,
+    layout: &Layout,
+    client: &Client,
+    progress: &Progress,
+) -> Result<(), LabError> {
+    install_cni(p, layout)?;
     start_controller(p)?;
     for n in &layout.nodes {
         start_kubelet(p, &n.name)?;
         start_agent(p, &n.name)?;
     }
-    wait_for_nodes(&client, &layout, &progress, Duration::from_secs(20)).await?;
+    wait_for_nodes(client, layout, progress, Duration::from_secs(20)).await?;
     progress.step(&format!(
-        "controllers and {} kubelet(s) running; nodes Ready",
+        "{}: controllers and {} kubelet(s) running; nodes Ready",
+        p.name,
         layout.nodes.len()
     ));
+    Ok(())
+}
 
+/// Applies `docs`, waits for their pods and for every node's datapath to match the API.
+pub(crate) async fn apply_and_settle(
+    opts: &UpOptions,
+    client: &Client,
+    layout: &Layout,
+    docs: &[client::Doc],
+    progress: &Progress,
+) -> Result<(), LabError> {
     if !docs.is_empty() {
-        let lines = client::apply(&client, docs).await?;
-        progress.step(&format!("applied {} object(s)", lines.len()));
-        wait_for_pods(&client, &progress, opts.timeout).await?;
+        let lines = client::apply(client, docs).await?;
+        progress.step(&format!(
+            "{}: applied {} object(s)",
+            layout.name,
+            lines.len()
+        ));
+        wait_for_pods(client, progress, opts.timeout).await?;
     }
-    wait_converged(&client, &layout, opts.timeout).await?;
-    progress.step("EndpointSlices and every node's datapath match the API");
-    let k = p.kubeconfig();
-    Ok(k)
+    wait_converged(client, layout, opts.timeout).await?;
+    progress.step(&format!(
+        "{}: EndpointSlices and every node's datapath match the API",
+        layout.name
+    ));
+    Ok(())
 }
 
 async fn wait_for_nodes(
@@ -621,16 +682,35 @@ pub async fn wait_converged(
         .expect("the agents' selector parses");
         let selected =
             |m: &kube::api::ObjectMeta| proxied.matches(&m.labels.clone().unwrap_or_default());
-        let proxied_services: Vec<Service> = services
+        let mut proxied_services: Vec<Service> = services
             .iter()
             .filter(|s| selected(&s.metadata))
             .cloned()
             .collect();
-        let proxied_slices: Vec<_> = slices
+        let mut proxied_slices: Vec<_> = slices
             .iter()
             .filter(|s| selected(&s.metadata))
             .cloned()
             .collect();
+        // ServiceImports are programmed as Services of their own (see weir_control::mcs).
+        let imports = Api::<kube::api::DynamicObject>::all_with(
+            client.clone(),
+            &client::api_resource(&weir_model::kinds::SERVICE_IMPORT),
+        )
+        .list(&lp)
+        .await
+        .map_err(kerr)?
+        .items;
+        proxied_services.extend(
+            imports
+                .iter()
+                .filter_map(|i| weir_control::mcs::import_service(&i.metadata, &i.data)),
+        );
+        for sl in &mut proxied_slices {
+            if let Some(r) = weir_control::mcs::import_slice(sl) {
+                *sl = r;
+            }
+        }
         let mut ok = slices_caught_up(&services, &slices, &pods);
         if !ok {
             last = "EndpointSlices do not yet list every Ready pod".into();
@@ -748,7 +828,11 @@ pub async fn run_agent(
         tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
         xdp: layout.xdp,
         masquerade: layout.masquerade,
-        non_masquerade: Vec::new(),
+        non_masquerade: layout
+            .non_masquerade
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {
@@ -808,13 +892,28 @@ fn lab_netns(p: &LabPaths) -> Vec<String> {
     v
 }
 
-/// `weir lab down`: removes everything a lab made (processes, namespaces and the links in
-/// them, cgroups, BPF pins, files), from whatever state it is in.
+/// `weir lab down`: removes everything a lab (or a whole clusterset) made (processes,
+/// namespaces and the links in them, cgroups, BPF pins, files), from whatever state it is in.
 pub fn down(name: &str) -> Result<DownReport, LabError> {
     paths::check_name(name)?;
     if !sys::is_root() {
         return Err(LabError::NotRoot);
     }
+    if name.contains('/') {
+        return Err(LabError::Usage(format!(
+            "{name:?} is a cluster of a clusterset: remove the whole clusterset with `weir lab down --name {}`",
+            name.split('/').next().unwrap_or(name)
+        )));
+    }
+    if LabPaths::new(name).dir.join("clusterset.json").exists() {
+        return crate::clusterset::down(name);
+    }
+    down_one(name)
+}
+
+/// Removes one lab, one cluster of a clusterset, or what a clusterset shares once its
+/// clusters are gone.
+pub(crate) fn down_one(name: &str) -> Result<DownReport, LabError> {
     let p = LabPaths::new(name);
     let namespaces = lab_netns(&p);
     if !p.dir.exists() && namespaces.is_empty() && !p.bpf_dir().exists() {
@@ -874,6 +973,9 @@ pub struct LabSummary {
     pub kubeconfig: PathBuf,
     /// Creation time.
     pub created: String,
+    /// The clusterset this lab is a cluster of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusterset: Option<String>,
 }
 
 fn pid_alive(paths: &LabPaths, component: &str) -> bool {
@@ -892,18 +994,25 @@ pub fn list() -> Vec<LabSummary> {
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        let p = LabPaths::new(&name);
-        let Ok(layout) = Layout::load(&p) else {
-            continue;
+        let names = match crate::clusterset::ClusterSetLayout::load(&name) {
+            Some(set) => set.clusters.iter().map(|c| format!("{name}/{c}")).collect(),
+            None => vec![name],
         };
-        out.push(LabSummary {
-            nodes: layout.nodes.len(),
-            apiserver_running: pid_alive(&p, "apiserver"),
-            server: format!("https://127.0.0.1:{}", layout.apiserver_port),
-            kubeconfig: p.kubeconfig(),
-            created: layout.created.clone(),
-            name,
-        });
+        for name in names {
+            let p = LabPaths::new(&name);
+            let Ok(layout) = Layout::load(&p) else {
+                continue;
+            };
+            out.push(LabSummary {
+                nodes: layout.nodes.len(),
+                apiserver_running: pid_alive(&p, "apiserver"),
+                server: format!("https://127.0.0.1:{}", layout.apiserver_port),
+                kubeconfig: p.kubeconfig(),
+                created: layout.created.clone(),
+                clusterset: p.clusterset().map(str::to_string),
+                name,
+            });
+        }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -1326,6 +1435,13 @@ pub async fn probe(
         }));
     }
     let mut rows = BTreeMap::new();
+    // A clusterset's pods answer as `cK/namespace/name`.
+    let own = |r: &str| -> String {
+        match lab.split_once('/') {
+            Some((_, c)) => r.strip_prefix(&format!("{c}/")).unwrap_or(r).to_string(),
+            None => r.to_string(),
+        }
+    };
     for (p, t) in pods.iter().zip(tasks) {
         let outcomes = t
             .await
@@ -1334,7 +1450,12 @@ pub async fn probe(
         let row: BTreeMap<String, bool> = columns
             .iter()
             .zip(outcomes)
-            .map(|(c, o)| (c.clone(), o.responder.as_deref() == Some(c.as_str())))
+            .map(|(c, o)| {
+                (
+                    c.clone(),
+                    o.responder.as_deref().map(own) == Some(c.clone()),
+                )
+            })
             .collect();
         rows.insert(id(p), row);
     }
@@ -1455,7 +1576,22 @@ pub async fn run_apiserver(name: &str) -> Result<(), LabError> {
             key: pki.server_key.clone(),
         }),
         token: Some(token),
-        store: Default::default(),
+        store: weir_apiserver::StoreConfig {
+            alloc: weir_apiserver::alloc::AllocConfig {
+                service_cidrs: layout
+                    .service_cidrs
+                    .iter()
+                    .map(|c| {
+                        c.parse().map_err(|_| LabError::Corrupt {
+                            path: p.layout_file(),
+                            reason: format!("serviceCidrs: {c:?} is not a CIDR"),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         bookmark_interval: Duration::from_secs(5),
     };
     let running = weir_apiserver::start(cfg)

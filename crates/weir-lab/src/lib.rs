@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 pub mod client;
+pub mod clusterset;
 pub mod cni;
 pub mod connect;
 pub mod controller;

@@ -26,6 +26,23 @@ fn base_sysctls(ns: &str, forwarding: bool) -> Result<(), LabError> {
 
 /// Creates the fabric, the external host and every node of `layout`.
 pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
+    create_fabric(layout)?;
+    add_cluster_nodes(layout)?;
+    route_pod_cidrs(&[layout])
+}
+
+/// The fabric's port of node `n` (`n1`; in a clusterset's cluster `c2n1`, as the clusters
+/// share one fabric).
+pub fn fabric_port(layout: &Layout, n: &NodeLayout) -> String {
+    match layout.name.split_once('/') {
+        Some((_, cluster)) => format!("{cluster}n{}", n.index),
+        None => format!("n{}", n.index),
+    }
+}
+
+/// Creates the fabric namespace with its bridge, and the external host on it (once per lab,
+/// or per clusterset).
+pub fn create_fabric(layout: &Layout) -> Result<(), LabError> {
     let fabric = &layout.fabric_netns;
     ip(&["netns", "add", fabric])?;
     base_sysctls(fabric, false)?;
@@ -46,6 +63,19 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
         false,
         1500,
     )?;
+    sys::sysctls(
+        &layout.external_netns,
+        &[("net.ipv4.fib_multipath_hash_policy", "1")],
+    )?;
+    if layout.xdp {
+        xdp_ready_ports(layout, &["ext".to_string()], &[&layout.external_netns])?;
+    }
+    Ok(())
+}
+
+/// Adds the nodes of `layout` to the fabric, with the external host's route to the
+/// cluster's LoadBalancer pool and, in VXLAN mode, each node's tunnel device.
+pub fn add_cluster_nodes(layout: &Layout) -> Result<(), LabError> {
     for n in &layout.nodes {
         create_node(layout, n)?;
     }
@@ -57,69 +87,22 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
         .iter()
         .map(|n| format!("nexthop via {}", n.ip))
         .collect();
-    sys::sysctls(
-        &layout.external_netns,
-        &[("net.ipv4.fib_multipath_hash_policy", "1")],
-    )?;
     ip_batch(
         Some(&layout.external_netns),
         &[format!(
             "route replace {} {}",
-            crate::controller::LB_POOL,
+            layout.lb_pool,
             hops.join(" ")
         )],
     )?;
     if layout.xdp {
-        // XDP_TX sends frames as they are: packets must carry complete checksums, so every
-        // link that could hand a node a CHECKSUM_PARTIAL packet computes them in software.
-        let mut ports: Vec<String> = layout
+        let ports: Vec<String> = layout
             .nodes
             .iter()
-            .map(|n| format!("n{}", n.index))
+            .map(|n| fabric_port(layout, n))
             .collect();
-        ports.push("ext".into());
-        for port in &ports {
-            sys::run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &layout.fabric_netns,
-                    "ethtool",
-                    "-K",
-                    port,
-                    "tx",
-                    "off",
-                ],
-            )?;
-        }
-        // A veth receives what its peer sends with XDP_TX only when it has an XDP program
-        // itself: a pass-everything one on the fabric side of each link.
-        let fabric = crate::paths::netns_path(&layout.fabric_netns);
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<(), LabError> {
-                sys::enter_netns(&fabric)?;
-                for port in &ports {
-                    let ifindex = nix::net::if_::if_nametoindex(port.as_str()).map_err(|e| {
-                        LabError::Command(format!("fabric port {port}"), e.to_string())
-                    })?;
-                    weir_bpf::datapath::attach_xdp_pass(ifindex).map_err(|e| {
-                        LabError::Command(format!("XDP on fabric port {port}"), e.to_string())
-                    })?;
-                }
-                Ok(())
-            })
-            .join()
-            .map_err(|_| LabError::Command("XDP on the fabric".into(), "thread panicked".into()))?
-        })?;
-        let mut hosts: Vec<&str> = layout.nodes.iter().map(|n| n.netns.as_str()).collect();
-        hosts.push(&layout.external_netns);
-        for ns in hosts {
-            sys::run(
-                "ip",
-                &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"],
-            )?;
-        }
+        let hosts: Vec<&str> = layout.nodes.iter().map(|n| n.netns.as_str()).collect();
+        xdp_ready_ports(layout, &ports, &hosts)?;
     }
     if layout.tunnel == "vxlan" {
         // VXLAN mode: one collect-metadata device per node; the agents pick the far end per
@@ -133,26 +116,77 @@ pub fn create_cluster_network(layout: &Layout) -> Result<(), LabError> {
                 ],
             )?;
         }
-        return Ok(());
     }
-    // Native routing: every node (and the external host) reaches each node's pod CIDRs
-    // through that node's fabric address.
-    for n in &layout.nodes {
-        let mut hosts: Vec<&str> = layout
-            .nodes
-            .iter()
-            .filter(|o| o.name != n.name)
-            .map(|o| o.netns.as_str())
-            .collect();
-        hosts.push(&layout.external_netns);
-        for h in hosts {
-            ip_batch(
-                Some(h),
-                &[
-                    format!("route replace {} via {}", n.pod_cidr, n.ip),
-                    format!("route replace {} via {}", n.pod_cidr6, n.ip6),
-                ],
-            )?;
+    Ok(())
+}
+
+/// XDP_TX sends frames as they are: packets must carry complete checksums, so every link
+/// that could hand a node a CHECKSUM_PARTIAL packet computes them in software; and a veth
+/// receives what its peer sends with XDP_TX only when it has an XDP program itself: a
+/// pass-everything one on the fabric side of each link.
+fn xdp_ready_ports(layout: &Layout, ports: &[String], hosts: &[&str]) -> Result<(), LabError> {
+    for port in ports {
+        sys::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &layout.fabric_netns,
+                "ethtool",
+                "-K",
+                port,
+                "tx",
+                "off",
+            ],
+        )?;
+    }
+    let fabric = crate::paths::netns_path(&layout.fabric_netns);
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<(), LabError> {
+            sys::enter_netns(&fabric)?;
+            for port in ports {
+                let ifindex = nix::net::if_::if_nametoindex(port.as_str())
+                    .map_err(|e| LabError::Command(format!("fabric port {port}"), e.to_string()))?;
+                weir_bpf::datapath::attach_xdp_pass(ifindex).map_err(|e| {
+                    LabError::Command(format!("XDP on fabric port {port}"), e.to_string())
+                })?;
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| LabError::Command("XDP on the fabric".into(), "thread panicked".into()))?
+    })?;
+    for ns in hosts {
+        sys::run(
+            "ip",
+            &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"],
+        )?;
+    }
+    Ok(())
+}
+
+/// Native routing: every node of `layouts` (and the external host) reaches each node's pod
+/// CIDRs through that node's fabric address, as a routed underlay would. Clusters in VXLAN
+/// mode carry pod traffic in their tunnels instead.
+pub fn route_pod_cidrs(layouts: &[&Layout]) -> Result<(), LabError> {
+    let all: Vec<&NodeLayout> = layouts.iter().flat_map(|l| l.nodes.iter()).collect();
+    for layout in layouts.iter().filter(|l| l.tunnel != "vxlan") {
+        for n in &layout.nodes {
+            let mut hosts: Vec<&str> = all
+                .iter()
+                .filter(|o| o.netns != n.netns)
+                .map(|o| o.netns.as_str())
+                .collect();
+            hosts.push(&layout.external_netns);
+            for h in hosts {
+                ip_batch(
+                    Some(h),
+                    &[
+                        format!("route replace {} via {}", n.pod_cidr, n.ip),
+                        format!("route replace {} via {}", n.pod_cidr6, n.ip6),
+                    ],
+                )?;
+            }
         }
     }
     Ok(())
@@ -190,7 +224,7 @@ fn attach_host(
             "link set lo up".into(),
             format!("link set eth0 mtu {mtu}"),
             "link set eth0 up".into(),
-            format!("addr add {ip4}/24 dev eth0"),
+            format!("addr add {ip4}/{} dev eth0", layout.fabric_prefix),
             format!("addr add {ip6}/64 dev eth0 nodad"),
         ],
     )
@@ -206,7 +240,7 @@ fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
     attach_host(
         layout,
         &n.netns,
-        &format!("n{}", n.index),
+        &fabric_port(layout, n),
         &n.ip.to_string(),
         &n.ip6.to_string(),
         true,

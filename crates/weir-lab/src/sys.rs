@@ -29,41 +29,56 @@ pub fn ip(args: &[&str]) -> Result<String, LabError> {
 }
 
 /// Runs many `ip` commands at once with `ip -batch -` (one per line), in namespace `netns`
-/// when given; `-force` keeps going past errors only when asked.
+/// when given.
 pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), LabError> {
-    use std::io::Write;
     let mut args: Vec<&str> = Vec::new();
     if let Some(ns) = netns {
         args.extend(["-n", ns]);
     }
     args.extend(["-batch", "-"]);
-    let mut child = Command::new("ip")
-        .args(&args)
+    run_with_stdin("ip", &args, &lines.join("\n"))
+        .map(|_| ())
+        .map_err(|e| match e {
+            LabError::Command(_, err) => LabError::Command(
+                format!(
+                    "ip {} -batch: {}",
+                    netns.map(|n| format!("-n {n}")).unwrap_or_default(),
+                    lines.join("; ")
+                ),
+                err,
+            ),
+            e => e,
+        })
+}
+
+/// Runs a command with `input` on its standard input, failing with its stderr when it exits
+/// non-zero.
+pub fn run_with_stdin(cmd: &str, args: &[&str], input: &str) -> Result<String, LabError> {
+    use std::io::Write;
+    let what = || format!("{cmd} {}", args.join(" "));
+    let mut child = Command::new(cmd)
+        .args(args)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+        .map_err(|e| LabError::Command(what(), e.to_string()))?;
     child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(lines.join("\n").as_bytes())
-        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+        .write_all(input.as_bytes())
+        .map_err(|e| LabError::Command(what(), e.to_string()))?;
     let out = child
         .wait_with_output()
-        .map_err(|e| LabError::Command("ip -batch".into(), e.to_string()))?;
+        .map_err(|e| LabError::Command(what(), e.to_string()))?;
     if !out.status.success() {
         return Err(LabError::Command(
-            format!(
-                "ip {} -batch: {}",
-                netns.map(|n| format!("-n {n}")).unwrap_or_default(),
-                lines.join("; ")
-            ),
+            what(),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Writes sysctls inside network namespace `netns` (`key` uses dots, e.g.

@@ -57,6 +57,9 @@ pub(crate) enum Command {
     Apiserver(ApiserverArgs),
     /// Run the node agent: watch the API and program the eBPF datapath.
     Agent(crate::agent::AgentArgs),
+    /// Run a cluster's mesh: publish its exported Services to the clusterset's etcd and write
+    /// the clusterset's ServiceImports and their EndpointSlices into its API.
+    Mesh(crate::mesh::MeshArgs),
     /// Show the agent's synchronisation, programs and maps.
     Status {
         #[command(flatten)]
@@ -283,6 +286,33 @@ pub(crate) enum LabCommand {
         /// service.kubernetes.io/service-proxy-name=NAME (unset: only unlabelled ones).
         #[arg(long, value_name = "NAME")]
         service_proxy_name: Option<String>,
+        /// Make a clusterset NAME of this many clusters (NAME/c1..NAME/cN, each with
+        /// --nodes nodes and ranges of its own) on one fabric, with one etcd and a mesh per
+        /// cluster; -f manifests go to every cluster.
+        #[arg(long, value_name = "N")]
+        clusters: Option<u8>,
+        /// In a clusterset: how long a cluster's exported data outlives its mesh's last
+        /// renewal before the other clusters withdraw it.
+        #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "clusters")]
+        remote_ttl: Duration,
+    },
+    /// Cut a clusterset's cluster (--cluster SET/cK) off the other clusters: its nodes'
+    /// fabric links to theirs and its mesh's connection to etcd.
+    Partition,
+    /// Undo `lab partition` for --cluster SET/cK.
+    Heal,
+    /// Stop a component of a clusterset: mesh, agents or apiserver of --cluster SET/cK, or
+    /// etcd of --cluster SET. Returns once it is stopped.
+    Stop {
+        /// The component.
+        #[arg(long, value_enum)]
+        component: ComponentArg,
+    },
+    /// Start a stopped component again; returns once it serves.
+    Start {
+        /// The component.
+        #[arg(long, value_enum)]
+        component: ComponentArg,
     },
     /// Remove a lab and everything it made, even after a crash.
     Down {
@@ -397,6 +427,15 @@ pub(crate) enum LabCommand {
         #[arg(long = "port")]
         ports: Vec<weir_lab::echo::ServePort>,
     },
+    /// (component) A clusterset's etcd.
+    #[command(hide = true)]
+    Etcd,
+    /// (component) The gate between a clusterset's meshes and its etcd.
+    #[command(hide = true)]
+    EtcdGate,
+    /// (component) A clusterset cluster's mesh.
+    #[command(hide = true)]
+    Mesh,
     /// (helper) Connection attempts from inside a namespace; spec on stdin, JSON out.
     #[command(hide = true)]
     Attempts {
@@ -463,6 +502,26 @@ pub(crate) struct ObserveArgs {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ComponentArg {
+    Mesh,
+    Agents,
+    Apiserver,
+    Etcd,
+}
+
+impl From<ComponentArg> for weir_lab::clusterset::Component {
+    fn from(c: ComponentArg) -> Self {
+        use weir_lab::clusterset::Component;
+        match c {
+            ComponentArg::Mesh => Component::Mesh,
+            ComponentArg::Agents => Component::Agents,
+            ComponentArg::Apiserver => Component::Apiserver,
+            ComponentArg::Etcd => Component::Etcd,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum VerdictArg {
     Allowed,
     Dropped,
@@ -518,7 +577,10 @@ impl Cli {
                         | LabCommand::Controller
                         | LabCommand::Kubelet { .. }
                         | LabCommand::Sandbox { .. }
+                        | LabCommand::EtcdGate
+                        | LabCommand::Mesh
                 )
+                | Command::Mesh(_)
         )
     }
 
@@ -591,6 +653,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Apiserver(a) => runtime()?.block_on(run_apiserver(a)),
+        Command::Mesh(a) => runtime()?.block_on(crate::mesh::run(&cli, a)),
         Command::Apply { files, dry_run } => runtime()?.block_on(async {
             let docs = client::read_manifests(files, "default")?;
             let c = cli.client().await?;
@@ -877,8 +940,15 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             no_masquerade,
             identity_gc_grace,
             service_proxy_name,
+            clusters,
+            remote_ttl,
         } => {
-            eprintln!("Creating lab {name:?} ({nodes} node(s))");
+            match clusters {
+                Some(n) => {
+                    eprintln!("Creating clusterset {name:?} ({n} cluster(s) of {nodes} node(s))")
+                }
+                None => eprintln!("Creating lab {name:?} ({nodes} node(s))"),
+            }
             let k = runtime()?.block_on(lab::up(&UpOptions {
                 name: name.clone(),
                 nodes: *nodes,
@@ -894,7 +964,21 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 masquerade: !no_masquerade,
                 identity_gc_grace: *identity_gc_grace,
                 service_proxy_name: service_proxy_name.clone(),
+                clusters: clusters.unwrap_or(0),
+                remote_ttl: *remote_ttl,
             }))?;
+            if let Some(n) = clusters {
+                eprintln!("Clusterset {name:?} is ready. Use its clusters with:");
+                for k in 1..=*n {
+                    let kc = weir_lab::paths::LabPaths::new(&format!("{name}/c{k}")).kubeconfig();
+                    eprintln!(
+                        "  weir --cluster {name}/c{k} get serviceimports -A    kubectl --kubeconfig {}",
+                        kc.display()
+                    );
+                    println!("{}", kc.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             eprintln!("Lab {name:?} is ready. Use it with:\n  weir --cluster {name} get pods -A\n  kubectl --kubeconfig {} get pods -A", k.display());
             println!("{}", k.display());
             Ok(ExitCode::SUCCESS)
@@ -1081,8 +1165,12 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             let name = cli.lab_name()?;
             runtime()?.block_on(async {
                 let c = lab::lab_client(&name).await?;
+                let layout = weir_lab::paths::Layout::load(&weir_lab::paths::LabPaths::new(&name))?;
+                let pool = layout.lb_pool.parse().map_err(|_| {
+                    LabError::Usage(format!("lab {name:?}: bad lbPool {:?}", layout.lb_pool))
+                })?;
                 tokio::select! {
-                    r = weir_lab::controller::run(c) => r,
+                    r = weir_lab::controller::run(c, pool) => r,
                     _ = lab::wait_for_signal() => Ok(()),
                 }
             })?;
@@ -1122,6 +1210,61 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 Ok::<_, anyhow::Error>(())
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Partition => {
+            let name = cli.lab_name()?;
+            println!(
+                "{}",
+                runtime()?.block_on(weir_lab::clusterset::partition(&name))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal => {
+            let name = cli.lab_name()?;
+            println!(
+                "{}",
+                runtime()?.block_on(weir_lab::clusterset::heal(&name))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Stop { component } => {
+            let name = cli.lab_name()?;
+            println!(
+                "{}",
+                weir_lab::clusterset::stop(&name, (*component).into())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Start { component } => {
+            let name = cli.lab_name()?;
+            println!(
+                "{}",
+                runtime()?.block_on(weir_lab::clusterset::start(&name, (*component).into()))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Etcd => {
+            let name = cli.lab_name()?;
+            let (cgroup, mut cmd) = weir_lab::clusterset::etcd_command(&name)?;
+            std::fs::create_dir_all(&cgroup)?;
+            weir_lab::sys::enter_cgroup(&cgroup)?;
+            use std::os::unix::process::CommandExt;
+            let err = cmd.exec();
+            bail!("starting etcd: {err} (hint: `make setup` installs Debian's etcd-server)")
+        }
+        LabCommand::EtcdGate => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(async {
+                tokio::select! {
+                    r = weir_lab::clusterset::run_gate(&name) => r,
+                    _ = lab::wait_for_signal() => Ok(()),
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Mesh => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(crate::mesh::run_lab_mesh(&name))
         }
         LabCommand::Attempts { netns, cgroup } => {
             let mut input = String::new();

@@ -6,6 +6,7 @@ mod cli;
 mod cni_install;
 mod get;
 mod introspect;
+mod mesh;
 mod observe;
 
 use std::process::ExitCode;

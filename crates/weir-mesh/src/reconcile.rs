@@ -1,0 +1,562 @@
+//! The mesh's loop over its own cluster's API: what to publish (from Services, ServiceExports
+//! and EndpointSlices), and what to write back (ServiceImports, their EndpointSlices, the
+//! ServiceExports' conditions) from the merged view of every cluster.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+
+use crate::export::{self, Invalid};
+use crate::import::{self, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::link::{LinkState, Remote};
+use crate::merge::{self, Merged};
+use crate::record::{self, ExportRecord};
+use crate::{MeshConfig, MeshStatus};
+
+const FIELD_MANAGER: &str = "weir-mesh";
+/// The label the EndpointSlice controller puts on the slices of a Service.
+const SERVICE_LABEL: &str = "kubernetes.io/service-name";
+
+fn api_resource(kind: &weir_model::ResourceKind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(kind.group, kind.version, kind.kind),
+        kind.plural,
+    )
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    cfg: watcher::Config,
+    wake: Arc<Notify>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::warn!(error = %e, "watch failed; retrying");
+            }
+            wake.notify_one();
+        }
+    });
+    reader
+}
+
+struct Stores {
+    services: Store<Service>,
+    exports: Store<DynamicObject>,
+    slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    imports: Store<DynamicObject>,
+    mcs_slices: Store<EndpointSlice>,
+}
+
+fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
+    let ex = api_resource(&weir_model::kinds::SERVICE_EXPORT);
+    let im = api_resource(&weir_model::kinds::SERVICE_IMPORT);
+    let all = watcher::Config::default;
+    Stores {
+        services: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all(),
+            wake.clone(),
+        ),
+        exports: spawn_reflector(
+            Api::all_with(client.clone(), &ex),
+            Writer::new(ex.clone()),
+            all(),
+            wake.clone(),
+        ),
+        slices: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all().labels(SERVICE_LABEL),
+            wake.clone(),
+        ),
+        namespaces: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all(),
+            wake.clone(),
+        ),
+        imports: spawn_reflector(
+            Api::all_with(client.clone(), &im),
+            Writer::new(im.clone()),
+            all(),
+            wake.clone(),
+        ),
+        mcs_slices: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+            wake.clone(),
+        ),
+    }
+}
+
+fn ns_name(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Whether every field `want` sets has that value in `have` (fields the API server adds by
+/// defaulting do not count as a difference).
+fn covers(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| covers(hv, v))),
+        (Value::Array(h), Value::Array(w)) => {
+            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| covers(a, b))
+        }
+        _ => have == want,
+    }
+}
+
+/// Conditions without their transition times, to compare.
+fn bare(conds: &Value) -> Value {
+    let mut c = conds.clone();
+    if let Some(a) = c.as_array_mut() {
+        for x in a {
+            if let Some(o) = x.as_object_mut() {
+                o.remove("lastTransitionTime");
+            }
+        }
+    }
+    c
+}
+
+struct Mesh {
+    cfg: MeshConfig,
+    client: Client,
+    stores: Stores,
+    own_tx: watch::Sender<BTreeMap<String, String>>,
+    remote: Arc<Mutex<Remote>>,
+    link: Arc<Mutex<LinkState>>,
+    last_error: Option<String>,
+    imports_written: usize,
+}
+
+/// This cluster's exports: the records of the valid ones, and each export's validity.
+type OwnExports = (
+    BTreeMap<(String, String), ExportRecord>,
+    Vec<((String, String), Result<(), Invalid>)>,
+);
+
+impl Mesh {
+    fn own_exports(&self) -> OwnExports {
+        let slices = self.stores.slices.state();
+        let mut records = BTreeMap::new();
+        let mut validity = Vec::new();
+        for ex in self.stores.exports.state() {
+            let key = ns_name(&ex.metadata);
+            let created = ex
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            let svc = self
+                .stores
+                .services
+                .get(&reflector::ObjectRef::new(&key.1).within(&key.0));
+            let own: Vec<&EndpointSlice> = slices
+                .iter()
+                .filter(|s| {
+                    s.metadata.namespace.as_deref() == Some(key.0.as_str())
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(SERVICE_LABEL))
+                            .is_some_and(|n| *n == key.1)
+                })
+                .map(|s| s.as_ref())
+                .collect();
+            match export::export_record(&self.cfg.cluster, &created, svc.as_deref(), &own) {
+                Ok(r) => {
+                    records.insert(key.clone(), r);
+                    validity.push((key, Ok(())));
+                }
+                Err(e) => validity.push((key, Err(e))),
+            }
+        }
+        (records, validity)
+    }
+
+    async fn pass(&mut self) -> Result<(), String> {
+        let (own, validity) = self.own_exports();
+        let set = &self.cfg.clusterset;
+        let kv: BTreeMap<String, String> = own
+            .iter()
+            .map(|((ns, name), r)| {
+                (
+                    record::export_key(set, &self.cfg.cluster, ns, name),
+                    serde_json::to_string(r).expect("json"),
+                )
+            })
+            .collect();
+        self.own_tx.send_if_modified(|cur| {
+            if *cur != kv {
+                *cur = kv.clone();
+                true
+            } else {
+                false
+            }
+        });
+        let published = self.link.lock().expect("link").published.clone();
+
+        // The merged view: other clusters' records from etcd, this cluster's from its API
+        // (so that local changes reach local clients even while etcd is out of reach).
+        let (synced, mut all): (bool, BTreeMap<(String, String), Vec<ExportRecord>>) = {
+            let r = self.remote.lock().expect("remote");
+            let mut all: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
+            for ((c, ns, name), rec) in &r.exports {
+                if *c != self.cfg.cluster {
+                    all.entry((ns.clone(), name.clone()))
+                        .or_default()
+                        .push(rec.clone());
+                }
+            }
+            (r.synced, all)
+        };
+        for (k, r) in &own {
+            all.entry(k.clone()).or_default().push(r.clone());
+        }
+        let merged: BTreeMap<(String, String), Merged> = all
+            .iter()
+            .filter_map(|(k, recs)| {
+                let refs: Vec<&ExportRecord> = recs.iter().collect();
+                merge::merge(&refs).map(|m| (k.clone(), m))
+            })
+            .collect();
+
+        let mut first_err = None;
+        for (key, v) in validity {
+            let rk = record::export_key(set, &self.cfg.cluster, &key.0, &key.1);
+            let is_published = v.is_ok()
+                && kv
+                    .get(&rk)
+                    .is_some_and(|val| published.get(&rk) == Some(val));
+            let m = if synced { merged.get(&key) } else { None };
+            let conds = export::export_conditions(v, is_published, m);
+            if let Err(e) = self.write_export_status(&key, conds).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        if synced {
+            if let Err(e) = self.write_imports(&merged, &all).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn write_export_status(
+        &self,
+        key: &(String, String),
+        conds: Vec<Value>,
+    ) -> Result<(), String> {
+        let Some(ex) = self.stores.exports.get(
+            &reflector::ObjectRef::new_with(
+                &key.1,
+                api_resource(&weir_model::kinds::SERVICE_EXPORT),
+            )
+            .within(&key.0),
+        ) else {
+            return Ok(());
+        };
+        let old = ex.data.pointer("/status/conditions");
+        if old.map(bare) == Some(bare(&Value::Array(conds.clone()))) {
+            return Ok(());
+        }
+        let now = weir_model::now_rfc3339();
+        let conds = export::with_transition_times(conds, old, &now);
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &key.0,
+            &api_resource(&weir_model::kinds::SERVICE_EXPORT),
+        );
+        api.patch_status(
+            &key.1,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": conds}})),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("ServiceExport {}/{}: writing its status: {e}", key.0, key.1))
+    }
+
+    async fn write_imports(
+        &mut self,
+        merged: &BTreeMap<(String, String), Merged>,
+        records: &BTreeMap<(String, String), Vec<ExportRecord>>,
+    ) -> Result<(), String> {
+        let ar = api_resource(&weir_model::kinds::SERVICE_IMPORT);
+        let namespaces: HashSet<String> = self
+            .stores
+            .namespaces
+            .state()
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let existing: BTreeMap<(String, String), Arc<DynamicObject>> = self
+            .stores
+            .imports
+            .state()
+            .into_iter()
+            .map(|o| (ns_name(&o.metadata), o))
+            .collect();
+        let mut used: HashSet<IpAddr> = existing
+            .values()
+            .flat_map(|o| {
+                o.data
+                    .pointer("/spec/ips")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()))
+            .collect();
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let mut first_err: Option<String> = None;
+        let mut wanted_imports = HashSet::new();
+        let mut wanted_slices: BTreeMap<(String, String), Value> = BTreeMap::new();
+        for (key, m) in merged {
+            if !namespaces.contains(&key.0) {
+                continue;
+            }
+            wanted_imports.insert(key.clone());
+            let have = existing.get(key);
+            let old_ips: Vec<String> = have
+                .and_then(|o| o.data.pointer("/spec/ips"))
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ips = if m.headless {
+                Vec::new()
+            } else {
+                match import::allocate(&self.cfg.clusterset_cidrs, &m.ip_families, &old_ips, &used)
+                {
+                    Ok(ips) => ips,
+                    Err(e) => {
+                        first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
+                        continue;
+                    }
+                }
+            };
+            used.extend(ips.iter().filter_map(|s| s.parse::<IpAddr>().ok()));
+            let spec = import::import_spec(m, &ips);
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.0, &ar);
+            if !have.is_some_and(|o| {
+                o.data
+                    .get("spec")
+                    .is_some_and(|s| covers(s, &spec) && covers(&spec, s))
+            }) {
+                let obj = json!({
+                    "apiVersion": "multicluster.x-k8s.io/v1beta1",
+                    "kind": "ServiceImport",
+                    "metadata": {"name": key.1, "namespace": key.0},
+                    "spec": spec,
+                });
+                if let Err(e) = api.patch(&key.1, &pp, &Patch::Apply(&obj)).await {
+                    first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
+                    continue;
+                }
+            }
+            let status = import::import_status(m);
+            let status_same = have.and_then(|o| o.data.get("status")).is_some_and(|s| {
+                bare(&s["conditions"]) == bare(&status["conditions"])
+                    && s["clusters"] == status["clusters"]
+            });
+            if !status_same {
+                let mut st = status.clone();
+                let now = weir_model::now_rfc3339();
+                st["conditions"] = Value::Array(export::with_transition_times(
+                    st["conditions"].as_array().cloned().unwrap_or_default(),
+                    have.and_then(|o| o.data.pointer("/status/conditions")),
+                    &now,
+                ));
+                if let Err(e) = api
+                    .patch_status(
+                        &key.1,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": st})),
+                    )
+                    .await
+                {
+                    first_err.get_or_insert(format!(
+                        "ServiceImport {}/{}: writing its status: {e}",
+                        key.0, key.1
+                    ));
+                }
+            }
+            for r in records.get(key).into_iter().flatten() {
+                for (name, v) in import::import_slices(r) {
+                    wanted_slices.insert((key.0.clone(), name), v);
+                }
+            }
+        }
+        self.imports_written = wanted_imports.len();
+        // EndpointSlices: written where they differ, then the ones no export carries removed.
+        let have_slices: BTreeMap<(String, String), Arc<EndpointSlice>> = self
+            .stores
+            .mcs_slices
+            .state()
+            .into_iter()
+            .map(|s| (ns_name(&s.metadata), s))
+            .collect();
+        for ((ns, name), v) in &wanted_slices {
+            let same = have_slices
+                .get(&(ns.clone(), name.clone()))
+                .is_some_and(|h| {
+                    serde_json::to_value(h.as_ref()).is_ok_and(|hv| {
+                        covers(&hv, v)
+                            && hv["endpoints"].as_array().map(Vec::len)
+                                == v["endpoints"].as_array().map(Vec::len)
+                    })
+                });
+            if same {
+                continue;
+            }
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
+            if let Err(e) = api.patch(name, &pp, &Patch::Apply(v)).await {
+                first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: {e}"));
+            }
+        }
+        for (ns, name) in have_slices.keys() {
+            if wanted_slices.contains_key(&(ns.clone(), name.clone())) {
+                continue;
+            }
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: deleting: {e}"));
+                }
+            }
+        }
+        for (ns, name) in existing.keys() {
+            if wanted_imports.contains(&(ns.clone(), name.clone())) {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    first_err.get_or_insert(format!("ServiceImport {ns}/{name}: deleting: {e}"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn status(&self, exports: usize) -> MeshStatus {
+        let link = self.link.lock().expect("link").clone();
+        let r = self.remote.lock().expect("remote");
+        MeshStatus {
+            cluster: self.cfg.cluster.clone(),
+            connected: link.connected,
+            since: link.since,
+            synced: r.synced,
+            clusters: r
+                .clusters
+                .iter()
+                .map(|(c, rec)| (c.clone(), rec.renewed_at.clone()))
+                .collect(),
+            exports,
+            imports: self.imports_written,
+            last_error: self.last_error.clone().or(link.last_error),
+        }
+    }
+}
+
+/// The mesh's loop: a pass after every change (coalesced), and every few seconds.
+pub(crate) async fn run(
+    client: Client,
+    cfg: MeshConfig,
+    own_tx: watch::Sender<BTreeMap<String, String>>,
+    remote: Arc<Mutex<Remote>>,
+    link: Arc<Mutex<LinkState>>,
+    changed: Arc<Notify>,
+) -> Result<(), String> {
+    let stores = start_stores(&client, &changed);
+    // Nothing is published or written before every list of this cluster is complete.
+    for ready in [
+        stores.services.wait_until_ready().await.is_ok(),
+        stores.exports.wait_until_ready().await.is_ok(),
+        stores.slices.wait_until_ready().await.is_ok(),
+        stores.namespaces.wait_until_ready().await.is_ok(),
+        stores.imports.wait_until_ready().await.is_ok(),
+        stores.mcs_slices.wait_until_ready().await.is_ok(),
+    ] {
+        if !ready {
+            return Err("a watch of the cluster's API ended before it started".into());
+        }
+    }
+    tracing::info!(cluster = %cfg.cluster, "cluster listed; meshing");
+    let mut mesh = Mesh {
+        cfg,
+        client,
+        stores,
+        own_tx,
+        remote,
+        link,
+        last_error: None,
+        imports_written: 0,
+    };
+    let mut last_status = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        mesh.last_error = mesh.pass().await.err();
+        if let Some(e) = &mesh.last_error {
+            tracing::warn!(error = %e, "mesh pass");
+        }
+        let exports = mesh.own_tx.borrow().len();
+        let st = mesh.status(exports);
+        if let Some(path) = &mesh.cfg.status_file {
+            if last_status.as_ref() != Some(&st) {
+                let tmp = path.with_extension("tmp");
+                let text = serde_json::to_string_pretty(&st).expect("json");
+                if std::fs::write(&tmp, text)
+                    .and_then(|_| std::fs::rename(&tmp, path))
+                    .is_ok()
+                {
+                    last_status = Some(st);
+                }
+            }
+        }
+        let retry = if mesh.last_error.is_some() { 500 } else { 2000 };
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(retry)) => {}
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `weir mesh`: a cluster's mesh between its API server and the clusterset's etcd (see
+//! weir-mesh); `weir lab mesh` runs one for a lab cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+
+/// Flags of `weir mesh`; every one can come from the environment (`WEIR_MESH_*`), as in the
+/// mesh Deployment in deploy/.
+#[derive(Args, Debug)]
+pub(crate) struct MeshArgs {
+    /// The clusterset's name (the prefix of its keys in etcd).
+    #[arg(long, env = "WEIR_MESH_CLUSTERSET")]
+    clusterset: String,
+    /// This cluster's id in the clusterset (its cluster.clusterset.k8s.io ClusterProperty).
+    #[arg(long, env = "WEIR_MESH_CLUSTER_ID")]
+    cluster_id: String,
+    /// etcd endpoints, comma-separated (https://HOST:PORT).
+    #[arg(
+        long,
+        env = "WEIR_MESH_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    etcd_endpoints: Vec<String>,
+    /// The CA of etcd's server certificate (PEM).
+    #[arg(long, env = "WEIR_MESH_ETCD_CA", requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// This cluster's etcd client certificate (PEM).
+    #[arg(long, env = "WEIR_MESH_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "WEIR_MESH_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// How long this cluster's exports outlive the mesh's last renewal in etcd before the
+    /// other clusters withdraw them.
+    #[arg(long, env = "WEIR_MESH_REMOTE_TTL", default_value = "60s", value_parser = crate::cli::parse_duration)]
+    remote_ttl: Duration,
+    /// The ranges ClusterSetIPs are allocated from, one per family (distinct from the
+    /// cluster's Service CIDRs).
+    #[arg(
+        long,
+        env = "WEIR_MESH_CLUSTERSET_CIDRS",
+        value_delimiter = ',',
+        default_value = "10.90.0.0/16,fd00:10:90::/112"
+    )]
+    clusterset_cidr: Vec<String>,
+    /// Write the mesh's status (JSON) to this file.
+    #[arg(long, env = "WEIR_MESH_STATUS_FILE")]
+    status_file: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    fn config(&self) -> Result<weir_mesh::MeshConfig> {
+        let mut cidrs = Vec::new();
+        for c in &self.clusterset_cidr {
+            cidrs.push(
+                weir_model::validate::parse_cidr(c)
+                    .map_err(|e| anyhow!("--clusterset-cidr {c:?}: {e}"))?,
+            );
+        }
+        Ok(weir_mesh::MeshConfig {
+            clusterset: self.clusterset.clone(),
+            cluster: self.cluster_id.clone(),
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_tls: match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(weir_mesh::EtcdTls {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            remote_ttl: self.remote_ttl,
+            clusterset_cidrs: cidrs,
+            status_file: self.status_file.clone(),
+        })
+    }
+}
+
+/// `weir mesh`.
+pub(crate) async fn run(cli: &crate::cli::Cli, a: &MeshArgs) -> Result<ExitCode> {
+    let cfg = a.config()?;
+    let client = cli.client().await?;
+    serve(client, cfg).await
+}
+
+/// `weir lab mesh --cluster SET/cK`.
+pub(crate) async fn run_lab_mesh(name: &str) -> Result<ExitCode> {
+    let (cfg, kubeconfig) = weir_lab::clusterset::mesh_settings(name)?;
+    let client = weir_lab::client::client_from_kubeconfig(&kubeconfig).await?;
+    serve(client, cfg).await
+}
+
+async fn serve(client: kube::Client, cfg: weir_mesh::MeshConfig) -> Result<ExitCode> {
+    tracing::info!(cluster = %cfg.cluster, clusterset = %cfg.clusterset, "mesh starting");
+    tokio::select! {
+        r = weir_mesh::run(client, cfg) => r.map_err(|e| anyhow!(e)).context("the mesh stopped")?,
+        _ = weir_lab::lab::wait_for_signal() => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
