@@ -392,3 +392,81 @@ pub fn all_reachable(m: &Value) -> bool {
                 .all(|r| r.as_object().is_some_and(|c| c.values().all(|v| v == true)))
     })
 }
+
+/// A running clusterset of labs (`weir lab up --clusters N`), removed when dropped.
+pub struct ClusterSet {
+    /// Its name.
+    pub name: String,
+    /// Its clusters, `NAME/c1`..`NAME/cN` (removed with the clusterset, not one by one).
+    pub clusters: Vec<Lab>,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterSet {
+    /// Brings up a clusterset of `clusters` clusters of `nodes` nodes each, `manifest` applied
+    /// to every cluster, with extra `weir lab up` arguments.
+    pub fn up(prefix: &str, clusters: u8, nodes: u8, manifest: &str, extra: &[&str]) -> ClusterSet {
+        require_root();
+        let name = unique_name(prefix);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("manifest.yaml");
+        std::fs::write(&f, manifest).unwrap();
+        let mut cmd = weir();
+        cmd.args([
+            "lab",
+            "up",
+            "--name",
+            &name,
+            "--clusters",
+            &clusters.to_string(),
+        ])
+        .args(["--nodes", &nodes.to_string()]);
+        if !manifest.trim().is_empty() {
+            cmd.arg("-f").arg(&f);
+        }
+        cmd.args(extra);
+        let out = run(&mut cmd);
+        let set = ClusterSet {
+            clusters: (1..=clusters)
+                .map(|k| Lab {
+                    name: format!("{name}/c{k}"),
+                    kubeconfig: PathBuf::from(format!("/run/weir/labs/{name}/c{k}/kubeconfig")),
+                    mntns: None,
+                    _dir: tempfile::tempdir().unwrap(),
+                })
+                .collect(),
+            name,
+            _dir: dir,
+        };
+        assert!(out.status.success(), "clusterset up failed");
+        let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        let want: Vec<String> = set
+            .clusters
+            .iter()
+            .map(|c| c.kubeconfig.display().to_string())
+            .collect();
+        assert_eq!(printed, want, "lab up prints every cluster's kubeconfig");
+        set
+    }
+
+    /// Cluster `k` (1-based).
+    pub fn c(&self, k: usize) -> &Lab {
+        &self.clusters[k - 1]
+    }
+
+    /// `weir --cluster NAME ARGS...` for the clusterset itself.
+    pub fn weir(&self, args: &[&str]) -> Command {
+        let mut c = weir();
+        c.args(["--cluster", &self.name]).args(args);
+        c
+    }
+}
+
+impl Drop for ClusterSet {
+    fn drop(&mut self) {
+        let _ = weir().args(["lab", "down", "--name", &self.name]).output();
+    }
+}

@@ -1,0 +1,382 @@
+//! Multi-cluster Services end to end: clustersets of labs sharing exports through etcd, the
+//! MCS API's semantics (KEP-1645 and the mcs-api conformance cases), ClusterSetIPs in the
+//! datapath, and the mesh's behaviour under partitions and restarts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ok, ClusterSet, Lab};
+use serde_json::Value;
+
+/// The same namespace, pod and Service in every cluster (namespace sameness).
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mcs}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello-1, namespace: mcs, labels: {app: hello}}
+spec:
+  containers: [{name: c, image: echo, ports: [{containerPort: 8080}, {containerPort: 8080, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: mcs}
+spec:
+  selector: {app: hello}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080}
+  - {name: udp, port: 80, targetPort: 8080, protocol: UDP}
+"#;
+
+fn export(name: &str) -> String {
+    format!(
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: mcs}}\n"
+    )
+}
+
+fn import(c: &Lab, name: &str) -> Option<Value> {
+    let out = c
+        .weir(&["get", "serviceimports", "-n", "mcs", name, "-o", "json"])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn condition(c: &Lab, name: &str, type_: &str) -> Option<(String, String)> {
+    let e = c.get_json(&["serviceexports", "-n", "mcs", name]);
+    e["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|x| x["type"] == type_)
+        .map(|x| {
+            (
+                x["status"].as_str().unwrap_or_default().to_string(),
+                x["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+fn clusterset_ip(c: &Lab, name: &str) -> String {
+    import(c, name).unwrap()["spec"]["ips"][0]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn responders(v: &Value) -> Vec<String> {
+    let mut r: Vec<String> = v["responders"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    r.sort();
+    r
+}
+
+fn mcs_slices(c: &Lab, name: &str) -> Vec<Value> {
+    let sel = format!("multicluster.kubernetes.io/service-name={name}");
+    c.get_json(&["endpointslices", "-n", "mcs", "-l", &sel])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Export, import, conflicts, headless and ExternalName, and unexport, in a two-cluster
+/// clusterset: the mcs-api conformance suite's Required cases and its EndpointSlice and
+/// connectivity cases.
+#[test]
+fn mcs_lifecycle_conflicts_and_connectivity() {
+    let set = ClusterSet::up("mcs", 2, 1, APP, &[]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    // Each cluster carries its clusterset membership in the About API.
+    let prop = c2.get_json(&["clusterproperties", "cluster.clusterset.k8s.io"]);
+    assert_eq!(prop["spec"]["value"], "c2");
+    let prop = c1.get_json(&["clusterproperties", "clusterset.k8s.io"]);
+    assert_eq!(prop["spec"]["value"], set.name.as_str());
+    // Not exported: nothing imported anywhere.
+    assert!(import(c1, "hello").is_none() && import(c2, "hello").is_none());
+
+    // Exported from c1 only: imported in both clusters (the exporter too), and only c1's pod
+    // answers on the ClusterSetIP, from either cluster, although c2 has the Service too.
+    assert!(c1.apply(&export("hello")).status.success());
+    for c in [c1, c2] {
+        c.eventually("the import", Duration::from_secs(20), || {
+            import(c, "hello")
+                .is_some_and(|i| i["status"]["clusters"].as_array().map(Vec::len) == Some(1))
+        });
+        let i = import(c, "hello").unwrap();
+        assert_eq!(i["spec"]["type"], "ClusterSetIP");
+        assert_eq!(i["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
+        assert_eq!(i["spec"]["ports"].as_array().unwrap().len(), 2);
+        assert_eq!(i["status"]["clusters"][0]["cluster"], "c1");
+        let ip: std::net::Ipv4Addr = clusterset_ip(c, "hello").parse().unwrap();
+        assert!(ipnet::Ipv4Net::new([10, 90, 0, 0].into(), 16)
+            .unwrap()
+            .contains(&ip));
+        let slices = mcs_slices(c, "hello");
+        assert_eq!(slices.len(), 1, "{slices:?}");
+        let labels = &slices[0]["metadata"]["labels"];
+        assert_eq!(labels["multicluster.kubernetes.io/source-cluster"], "c1");
+        assert_ne!(
+            labels["endpointslice.kubernetes.io/managed-by"],
+            "endpointslice-controller.k8s.io"
+        );
+        assert!(labels.get("kubernetes.io/service-name").is_none());
+    }
+    c1.eventually("the export's conditions", Duration::from_secs(20), || {
+        condition(c1, "hello", "Ready") == Some(("True".into(), "Exported".into()))
+    });
+    assert_eq!(
+        condition(c1, "hello", "Valid"),
+        Some(("True".into(), "Valid".into()))
+    );
+    assert_eq!(
+        condition(c1, "hello", "Conflict"),
+        Some(("False".into(), "NoConflicts".into()))
+    );
+    for (c, ip) in [
+        (c1, clusterset_ip(c1, "hello")),
+        (c2, clusterset_ip(c2, "hello")),
+    ] {
+        for proto in ["tcp", "udp"] {
+            let r = c.connect("mcs/hello-1", &format!("{ip}:80"), proto, 20);
+            assert_eq!(r["ok"], 20, "{} {proto}: {r}", c.name);
+            assert_eq!(
+                responders(&r),
+                ["c1/mcs/hello-1"],
+                "{} {proto}: {r}",
+                c.name
+            );
+        }
+    }
+    // A pod in c2 reaches c1's pod by its own address (not masqueraded across clusters).
+    let r = c2.connect(
+        "mcs/hello-1",
+        &format!("{}:80", clusterset_ip(c2, "hello")),
+        "tcp",
+        3,
+    );
+    assert_eq!(
+        r["seen_as"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["10.245.1.2"]
+    );
+
+    // Exported from c2 too, with one port more and one less: the import has the union, both
+    // exports a port conflict, and each port reaches only the clusters that expose it.
+    ok(&mut c2.kubectl(&["patch", "service", "-n", "mcs", "hello", "--type", "json", "-p",
+        r#"[{"op": "replace", "path": "/spec/ports/1", "value": {"name": "alt", "port": 81, "targetPort": 8080, "protocol": "TCP"}}]"#]));
+    assert!(c2.apply(&export("hello")).status.success());
+    for c in [c1, c2] {
+        c.eventually(
+            "both clusters in the import",
+            Duration::from_secs(20),
+            || {
+                import(c, "hello")
+                    .is_some_and(|i| i["status"]["clusters"].as_array().map(Vec::len) == Some(2))
+            },
+        );
+        c.eventually(
+            "the conflict on the export",
+            Duration::from_secs(20),
+            || condition(c, "hello", "Conflict") == Some(("True".into(), "PortConflict".into())),
+        );
+        let ports: Vec<String> = import(c, "hello").unwrap()["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}/{}",
+                    p["name"].as_str().unwrap(),
+                    p["protocol"].as_str().unwrap(),
+                    p["port"]
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            ["tcp/TCP/80", "udp/UDP/80", "alt/TCP/81"],
+            "the oldest export's first"
+        );
+    }
+    let ip2 = clusterset_ip(c2, "hello");
+    c2.eventually("both clusters answering", Duration::from_secs(20), || {
+        responders(&c2.connect("mcs/hello-1", &format!("{ip2}:80"), "tcp", 30)).len() == 2
+    });
+    let r = c2.connect("mcs/hello-1", &format!("{ip2}:80"), "udp", 20);
+    assert_eq!(
+        (r["ok"].as_u64(), responders(&r)),
+        (Some(20), vec!["c1/mcs/hello-1".to_string()]),
+        "{r}"
+    );
+    let r = c2.connect("mcs/hello-1", &format!("{ip2}:81"), "tcp", 20);
+    assert_eq!(
+        (r["ok"].as_u64(), responders(&r)),
+        (Some(20), vec!["c2/mcs/hello-1".to_string()]),
+        "{r}"
+    );
+
+    // ExternalName: not valid, never imported. Headless: imported without IPs.
+    let extra = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: mcs}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hs, namespace: mcs}
+spec:
+  clusterIP: None
+  selector: {app: hello}
+  ports: [{name: tcp, port: 80, targetPort: 8080}]
+"#;
+    assert!(c1.apply(extra).status.success());
+    assert!(c1
+        .apply(&format!("{}---\n{}", export("ext"), export("hs")))
+        .status
+        .success());
+    c1.eventually("ExternalName refused", Duration::from_secs(20), || {
+        condition(c1, "ext", "Valid") == Some(("False".into(), "InvalidServiceType".into()))
+    });
+    c2.eventually("the headless import", Duration::from_secs(20), || {
+        import(c2, "hs").is_some()
+    });
+    let hs = import(c2, "hs").unwrap();
+    assert_eq!(hs["spec"]["type"], "Headless");
+    assert!(hs["spec"]
+        .get("ips")
+        .is_none_or(|v| v.as_array().is_some_and(Vec::is_empty)));
+    assert_eq!(hs["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
+    assert!(import(c1, "ext").is_none() && import(c2, "ext").is_none());
+
+    // `weir get -o wide` shows the clusters of each import.
+    let wide = ok(&mut c2.weir(&["get", "serviceimports", "-n", "mcs"]));
+    assert!(
+        wide.contains("hello") && wide.contains("ClusterSetIP"),
+        "{wide}"
+    );
+
+    // Unexported everywhere: the import and its slices go from every cluster.
+    for c in [c1, c2] {
+        ok(&mut c.kubectl(&[
+            "delete",
+            "serviceexport",
+            "-n",
+            "mcs",
+            "hello",
+            "--ignore-not-found",
+        ]));
+    }
+    for c in [c1, c2] {
+        c.eventually("the import deleted", Duration::from_secs(20), || {
+            import(c, "hello").is_none()
+        });
+        c.eventually("its slices deleted", Duration::from_secs(20), || {
+            mcs_slices(c, "hello").is_empty()
+        });
+    }
+}
+
+/// A partitioned cluster is withdrawn once the remote TTL has passed (no failed connection to
+/// a ClusterSetIP with reachable endpoints elsewhere after that, none at all to local ones),
+/// keeps its last state itself, and converges after healing without a restart, changes made
+/// meanwhile included. Mesh, etcd and agent restarts never interrupt ClusterSetIP traffic.
+#[test]
+fn partitions_and_restarts_under_load() {
+    let set = ClusterSet::up("mcp", 2, 1, APP, &["--remote-ttl", "4s"]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    assert!(c1.apply(&export("hello")).status.success());
+    assert!(c2.apply(&export("hello")).status.success());
+    c2.eventually("both clusters imported", Duration::from_secs(20), || {
+        import(c2, "hello")
+            .is_some_and(|i| i["status"]["clusters"].as_array().map(Vec::len) == Some(2))
+    });
+    let ip2 = clusterset_ip(c2, "hello");
+    let target = format!("{ip2}:80");
+    c2.eventually("both clusters answering", Duration::from_secs(20), || {
+        responders(&c2.connect("mcs/hello-1", &target, "tcp", 30)).len() == 2
+    });
+
+    // Cut c1 off. Its local Service keeps working throughout; once the TTL has passed, c2
+    // sends nothing to c1 any more and no connection to the ClusterSetIP fails.
+    let local = c2.get_json(&["services", "-n", "mcs", "hello"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let load = c2.hold("mcs/hello-1", &format!("{local}:80"), "tcp", "8s");
+    let cut = Instant::now();
+    ok(&mut c1.weir(&["lab", "partition"]));
+    c2.eventually("c1 withdrawn", Duration::from_secs(15), || {
+        import(c2, "hello")
+            .is_some_and(|i| i["status"]["clusters"].as_array().map(Vec::len) == Some(1))
+    });
+    let withdrawn = cut.elapsed();
+    assert!(
+        withdrawn >= Duration::from_secs(3),
+        "withdrawn before the TTL: {withdrawn:?}"
+    );
+    let r = c2.connect("mcs/hello-1", &target, "tcp", 40);
+    assert_eq!(
+        (r["ok"].as_u64(), responders(&r)),
+        (Some(40), vec!["c2/mcs/hello-1".to_string()]),
+        "{r}"
+    );
+    let held = load.join().unwrap();
+    assert_eq!(
+        held["failed"], 0,
+        "local traffic during the partition: {held}"
+    );
+    // The cut-off mesh keeps what it had.
+    let st = ok(&mut c1.weir(&["get", "serviceimports", "-n", "mcs", "hello", "-o", "json"]));
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["status"]["clusters"].as_array().map(Vec::len), Some(2));
+
+    // Meanwhile c1 gains a pod; after healing c2 sees it without any restart.
+    assert!(c1
+        .apply("apiVersion: v1\nkind: Pod\nmetadata: {name: hello-2, namespace: mcs, labels: {app: hello}}\nspec:\n  containers: [{name: c, image: echo, ports: [{containerPort: 8080}]}]\n")
+        .status
+        .success());
+    ok(&mut c1.weir(&["lab", "heal"]));
+    c2.eventually(
+        "c1's new pod reachable through the ClusterSetIP",
+        Duration::from_secs(30),
+        || responders(&c2.connect("mcs/hello-1", &target, "tcp", 40)).len() == 3,
+    );
+
+    // Restarts under load: the mesh, etcd and the agents of c2.
+    for (who, comp) in [(c2, "mesh"), (c2, "agents")] {
+        let load = c2.hold("mcs/hello-1", &target, "tcp", "4s");
+        ok(&mut who.weir(&["lab", "stop", "--component", comp]));
+        std::thread::sleep(Duration::from_secs(1));
+        ok(&mut who.weir(&["lab", "start", "--component", comp]));
+        let held = load.join().unwrap();
+        assert_eq!(held["failed"], 0, "{comp} restart: {held}");
+    }
+    let load = c2.hold("mcs/hello-1", &target, "tcp", "4s");
+    ok(&mut set.weir(&["lab", "stop", "--component", "etcd"]));
+    std::thread::sleep(Duration::from_secs(1));
+    let r = c2.connect("mcs/hello-1", &target, "tcp", 30);
+    assert_eq!(
+        responders(&r).len(),
+        3,
+        "etcd down: the last state stays: {r}"
+    );
+    ok(&mut set.weir(&["lab", "start", "--component", "etcd"]));
+    let held = load.join().unwrap();
+    assert_eq!(held["failed"], 0, "etcd restart: {held}");
+    c2.eventually("the mesh reconnected", Duration::from_secs(20), || {
+        let s: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("/run/weir/labs/{}/mesh-status.json", c2.name))
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        s["connected"] == true
+    });
+    let r = c2.connect("mcs/hello-1", &target, "tcp", 40);
+    assert_eq!(responders(&r).len(), 3, "{r}");
+}
