@@ -18,8 +18,8 @@ export DEBIAN_FRONTEND=noninteractive
 # for XDP labs; ping for ICMP echo through the masquerade; containernetworking-plugins to
 # chain weir-cni with the reference plugins as a runtime would); protobuf-compiler for the
 # etcd client's gRPC code; etcd-server for clustersets' etcd, and nftables for their
-# partitions (and as a benchmark baseline).
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables)
+# partitions (and as a benchmark baseline); bind9-dnsutils (dig) to query the lab DNS as a pod.
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

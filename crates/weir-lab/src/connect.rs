@@ -25,6 +25,13 @@ pub struct AttemptSpec {
     /// exchange a message every 100 ms for this many milliseconds, reconnecting after errors.
     #[serde(default)]
     pub hold_ms: u64,
+    /// A name to resolve (through `resolv_conf`) before each attempt: the targets' addresses
+    /// are then replaced by its first address (their ports kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve: Option<String>,
+    /// The resolver configuration (resolv.conf text) for `resolve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 /// The outcome of one attempt: who answered, or the error's name (`ECONNREFUSED`,
@@ -351,10 +358,51 @@ pub async fn run(spec: &AttemptSpec) -> Vec<Outcome> {
     use futures::stream::StreamExt;
     let timeout = Duration::from_millis(spec.timeout_ms);
     futures::stream::iter(spec.targets.iter().copied())
-        .map(|t| attempt(t, spec.udp, timeout))
+        .map(|t| async move {
+            let t = match &spec.resolve {
+                None => t,
+                Some(name) => match lookup(
+                    name,
+                    spec.resolv_conf.as_deref().unwrap_or_default(),
+                    timeout,
+                )
+                .await
+                {
+                    Some(ip) => SocketAddr::new(ip, t.port()),
+                    None => {
+                        return Outcome {
+                            responder: None,
+                            error: Some("ENOTFOUND".into()),
+                            peer: None,
+                            seen_as: None,
+                        }
+                    }
+                },
+            };
+            attempt(t, spec.udp, timeout).await
+        })
         .buffered(spec.parallel.max(1))
         .collect()
         .await
+}
+
+/// Resolves `name` as a resolver configured by `resolv_conf` would (search path, ndots), with
+/// no cache: its first address.
+pub async fn lookup(name: &str, resolv_conf: &str, timeout: Duration) -> Option<std::net::IpAddr> {
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let (config, mut opts) = hickory_resolver::system_conf::parse_resolv_conf(resolv_conf).ok()?;
+    opts.cache_size = 0;
+    opts.timeout = timeout;
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts)
+            .build()
+            .ok()?;
+    let found = tokio::time::timeout(timeout, resolver.lookup_ip(name))
+        .await
+        .ok()?
+        .ok()?;
+    found.iter().next()
 }
 
 #[cfg(test)]
@@ -384,6 +432,8 @@ mod tests {
             udp: false,
             timeout_ms: 1000,
             parallel: 2,
+            resolve: None,
+            resolv_conf: None,
         })
         .await;
         let s = ConnectSummary::from_outcomes(&outs);

@@ -214,6 +214,7 @@ fn desired(svc: &Service, pods: &[Pod]) -> Groups {
                     terminating: Some(terminating),
                 }),
                 node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                hostname: endpoint_hostname(pod, svc),
                 target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
                     kind: Some("Pod".into()),
                     namespace: pod.metadata.namespace.clone(),
@@ -374,6 +375,17 @@ pub fn services_selecting<'a>(
         })
         .filter_map(|s| s.metadata.name.clone())
         .collect()
+}
+
+/// An endpoint's hostname, as the upstream EndpointSlice controller sets it: the pod's
+/// `spec.hostname` when its `spec.subdomain` names the Service (in the pod's namespace).
+fn endpoint_hostname(pod: &Pod, svc: &Service) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let subdomain = spec.subdomain.as_deref()?;
+    (Some(subdomain) == svc.metadata.name.as_deref()
+        && pod.metadata.namespace == svc.metadata.namespace)
+        .then(|| spec.hostname.clone())
+        .flatten()
 }
 
 #[cfg(test)]

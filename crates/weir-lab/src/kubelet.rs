@@ -122,6 +122,14 @@ impl Kubelet {
         self.paths.node_dir(&self.node.name).join("pods")
     }
 
+    /// The pod's resolv.conf, as the kubelet writes it for dnsPolicy ClusterFirst: the
+    /// node-local DNS server, the namespace's search path and ndots:5.
+    fn write_resolv_conf(&self, uid: &str, ns: &str) -> Result<(), LabError> {
+        let f = resolv_conf_path(&self.paths, &self.node.name, uid);
+        std::fs::create_dir_all(self.state_dir()).map_err(|e| LabError::io(self.state_dir(), e))?;
+        std::fs::write(&f, resolv_conf(ns)).map_err(|e| LabError::io(f.clone(), e))
+    }
+
     fn cgroup_dir(&self) -> PathBuf {
         self.paths.cgroup_dir().join(&self.node.name)
     }
@@ -244,6 +252,7 @@ impl Kubelet {
             cni_result: Value::Null,
         };
         let spawned = (|| {
+            self.write_resolv_conf(&uid, &ns)?;
             self.wire(&mut sb)?;
             std::fs::create_dir_all(&sb.cgroup).map_err(|e| LabError::io(sb.cgroup.clone(), e))?;
             let logs = self.paths.node_dir(&self.node.name).join("logs");
@@ -652,4 +661,21 @@ pub fn pod_identity(paths: &crate::paths::LabPaths, ns: &str, name: &str) -> Str
         Some((_, cluster)) => format!("{cluster}/{ns}/{name}"),
         None => format!("{ns}/{name}"),
     }
+}
+
+/// Where the kubelet of `node` keeps pod `uid`'s resolv.conf.
+pub fn resolv_conf_path(paths: &crate::paths::LabPaths, node: &str, uid: &str) -> PathBuf {
+    paths
+        .node_dir(node)
+        .join("pods")
+        .join(format!("{uid}.resolv.conf"))
+}
+
+/// A resolv.conf for a pod (or node) of namespace `ns` (kubelet's ClusterFirst policy).
+pub fn resolv_conf(ns: &str) -> String {
+    format!(
+        "nameserver {}\nsearch {ns}.svc.{zone} svc.{zone} {zone}\noptions ndots:5\n",
+        crate::dns::NODE_LOCAL_DNS,
+        zone = crate::dns::CLUSTER_ZONE
+    )
 }

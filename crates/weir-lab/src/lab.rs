@@ -149,6 +149,20 @@ pub fn start_controller(paths: &LabPaths) -> Result<i32, LabError> {
     )
 }
 
+/// Starts the cluster's DNS server (answering in every node).
+pub fn start_dns(paths: &LabPaths) -> Result<i32, LabError> {
+    spawn_daemon(
+        paths,
+        "dns",
+        &[
+            "lab".into(),
+            "dns".into(),
+            "--cluster".into(),
+            paths.name.clone().into(),
+        ],
+    )
+}
+
 /// Starts a node's kubelet.
 pub fn start_kubelet(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
     spawn_daemon(
@@ -429,6 +443,7 @@ pub(crate) async fn start_nodes(
 ) -> Result<(), LabError> {
     install_cni(p, layout)?;
     start_controller(p)?;
+    start_dns(p)?;
     for n in &layout.nodes {
         start_kubelet(p, &n.name)?;
         start_agent(p, &n.name)?;
@@ -1119,6 +1134,8 @@ pub struct Source {
     pub cgroup: PathBuf,
     /// Namespace of the pod, for resolving Service names.
     pub namespace: String,
+    /// The pod's resolv.conf (pods only).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// Resolves `external`, a node name, or `namespace/pod` of lab `lab`.
@@ -1131,6 +1148,7 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
             netns: paths::netns_path(&layout.external_netns),
             cgroup: p.cgroup_dir().join("external"),
             namespace: "default".into(),
+            resolv_conf: None,
         });
     }
     let node_name = what.strip_prefix("node/").unwrap_or(what);
@@ -1140,6 +1158,7 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
             netns: paths::netns_path(&n.netns),
             cgroup: p.cgroup_dir().join(&n.name),
             namespace: "default".into(),
+            resolv_conf: None,
         });
     }
     let (ns, name) = split_pod(what)?;
@@ -1160,6 +1179,7 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
                     netns: paths::netns_path(&sb.netns),
                     cgroup: sb.cgroup.clone(),
                     namespace: ns,
+                    resolv_conf: Some(crate::kubelet::resolv_conf_path(&p, &n.name, &sb.uid)),
                 });
             }
         }
@@ -1192,6 +1212,7 @@ pub async fn resolve_source(lab: &str, what: &str, client: &Client) -> Result<So
         netns,
         cgroup: p.cgroup_dir().join(&node).join(format!("pod-{id}")),
         namespace: ns,
+        resolv_conf: Some(crate::kubelet::resolv_conf_path(&p, &node, &uid)),
     })
 }
 
@@ -1231,6 +1252,18 @@ pub async fn run_attempts(
     }
     serde_json::from_slice(&out.stdout)
         .map_err(|e| LabError::Command(format!("attempts from {}", src.label), e.to_string()))
+}
+
+/// The resolv.conf a source resolves names with: a pod's own; a node's is the node-local
+/// DNS server with the default namespace's search path.
+fn source_resolv_conf(src: &Source) -> Result<String, LabError> {
+    match &src.resolv_conf {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| LabError::io(f.clone(), e)),
+        None if src.label == "external" => Err(LabError::Usage(
+            "the external host has no cluster DNS: give it an address".into(),
+        )),
+        None => Ok(crate::kubelet::resolv_conf("default")),
+    }
 }
 
 /// Resolves `HOST:PORT` where HOST is an IP or a Service as `name[.namespace]` (its first
@@ -1288,13 +1321,33 @@ pub async fn connect(
 ) -> Result<ConnectSummary, LabError> {
     let client = lab_client(lab).await?;
     let src = resolve_source(lab, from, &client).await?;
-    let target = resolve_target(&client, to, &src.namespace).await?;
+    // A name of two dots or more goes through the source's resolver, once per attempt.
+    let dns_name = to
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .filter(|h| h.matches('.').count() >= 2 && h.parse::<IpAddr>().is_err());
+    let (target, resolve) = match dns_name {
+        Some(host) => {
+            let port: u16 = to
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .ok_or_else(|| LabError::Usage(format!("--to {to:?}: bad port")))?;
+            let conf = source_resolv_conf(&src)?;
+            (
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                Some((host.to_string(), conf)),
+            )
+        }
+        None => (resolve_target(&client, to, &src.namespace).await?, None),
+    };
     let spec = AttemptSpec {
         targets: vec![target; count],
         udp,
         timeout_ms: timeout.as_millis() as u64,
         parallel: 16,
         hold_ms: hold.map_or(0, |h| h.as_millis() as u64),
+        resolve: resolve.as_ref().map(|(h, _)| h.clone()),
+        resolv_conf: resolve.map(|(_, c)| c),
     };
     let report = run_attempts(lab, &src, &spec).await?;
     let mut summary = ConnectSummary::from_outcomes(&report.outcomes);
@@ -1428,6 +1481,8 @@ pub async fn probe(
             timeout_ms: timeout.as_millis() as u64,
             parallel: targets.len().max(1),
             hold_ms: 0,
+            resolve: None,
+            resolv_conf: None,
         };
         let lab = lab.to_string();
         tasks.push(tokio::spawn(async move {
@@ -1527,7 +1582,9 @@ impl ProbeMatrix {
 }
 
 /// `weir lab exec`: runs `cmd` inside the source's cgroup and network namespace, replacing
-/// this process. Returns only on failure.
+/// this process; a pod's command also sees the pod's resolv.conf as /etc/resolv.conf (in a
+/// mount namespace of its own, through util-linux's unshare), so resolvers answer as in the
+/// pod. Returns only on failure.
 pub fn exec_in(src: &Source, cmd: &[String]) -> LabError {
     use std::os::unix::process::CommandExt;
     if cmd.is_empty() {
@@ -1536,7 +1593,15 @@ pub fn exec_in(src: &Source, cmd: &[String]) -> LabError {
     if let Err(e) = sys::enter_cgroup(&src.cgroup).and_then(|_| sys::enter_netns(&src.netns)) {
         return e;
     }
-    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    let err = match src.resolv_conf.as_ref().filter(|r| r.exists()) {
+        Some(rc) => std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+            .arg(rc)
+            .args(cmd)
+            .exec(),
+        None => std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec(),
+    };
     LabError::Command(cmd.join(" "), err.to_string())
 }
 

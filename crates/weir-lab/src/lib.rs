@@ -15,6 +15,8 @@ pub mod clusterset;
 pub mod cni;
 pub mod connect;
 pub mod controller;
+pub mod dns;
+pub mod dns_server;
 pub mod echo;
 pub mod endpoints;
 pub mod kubelet;

@@ -78,6 +78,11 @@ pub fn create_fabric(layout: &Layout) -> Result<(), LabError> {
 pub fn add_cluster_nodes(layout: &Layout) -> Result<(), LabError> {
     for n in &layout.nodes {
         create_node(layout, n)?;
+        // The node-local DNS address pods' resolv.conf names (see dns_server).
+        ip_batch(
+            Some(&n.netns),
+            &[format!("addr add {}/32 dev lo", crate::dns::NODE_LOCAL_DNS)],
+        )?;
     }
     // The external host reaches LoadBalancer IPs through every node, spreading connections by
     // their ports (ECMP with the L4 hash), as an upstream router announcing them from each node

@@ -354,7 +354,9 @@ pub(crate) enum LabCommand {
         /// namespace/pod, a node name, or `external`.
         #[arg(long)]
         from: String,
-        /// HOST:PORT; HOST is an IP or a Service as name[.namespace].
+        /// HOST:PORT; HOST is an IP, a Service as name[.namespace], or a name of two dots or
+        /// more (e.g. hello.mcs.svc.clusterset.local) resolved through the source pod's
+        /// resolv.conf once per attempt (a name that does not resolve counts as ENOTFOUND).
         #[arg(long)]
         to: String,
         /// Protocol.
@@ -427,6 +429,9 @@ pub(crate) enum LabCommand {
         #[arg(long = "port")]
         ports: Vec<weir_lab::echo::ServePort>,
     },
+    /// (component) A cluster's DNS server.
+    #[command(hide = true)]
+    Dns,
     /// (component) A clusterset's etcd.
     #[command(hide = true)]
     Etcd,
@@ -578,6 +583,7 @@ impl Cli {
                         | LabCommand::Kubelet { .. }
                         | LabCommand::Sandbox { .. }
                         | LabCommand::EtcdGate
+                        | LabCommand::Dns
                         | LabCommand::Mesh
                 )
                 | Command::Mesh(_)
@@ -1251,6 +1257,16 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             use std::os::unix::process::CommandExt;
             let err = cmd.exec();
             bail!("starting etcd: {err} (hint: `make setup` installs Debian's etcd-server)")
+        }
+        LabCommand::Dns => {
+            let name = cli.lab_name()?;
+            runtime()?.block_on(async {
+                tokio::select! {
+                    r = weir_lab::dns_server::run(&name) => r,
+                    _ = lab::wait_for_signal() => Ok(()),
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::EtcdGate => {
             let name = cli.lab_name()?;

@@ -380,3 +380,140 @@ fn partitions_and_restarts_under_load() {
     let r = c2.connect("mcs/hello-1", &target, "tcp", 40);
     assert_eq!(responders(&r).len(), 3, "{r}");
 }
+
+/// `dig` (or any resolver) run in a pod with `weir lab exec`: its short answer lines, sorted.
+fn dig(c: &Lab, args: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "lab",
+        "exec",
+        "mcs/client",
+        "--",
+        "dig",
+        "+short",
+        "+tries=1",
+        "+time=2",
+    ];
+    a.extend_from_slice(args);
+    let mut v: Vec<String> = ok(&mut c.weir(&a)).lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// The lab's DNS for `cluster.local` and `clusterset.local`, as CoreDNS's kubernetes and
+/// multicluster plugins answer: ClusterIP and ClusterSetIP A records, SRV for named ports and
+/// bare names, headless per-endpoint names (by hostname+subdomain, else the dashed address,
+/// and `<hostname>.<clusterid>.` across clusters), dns-version, and names through
+/// `lab connect`.
+#[test]
+fn dns_for_the_cluster_and_the_clusterset() {
+    let manifest = format!(
+        "{APP}---\n{}",
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mcs}
+spec:
+  containers: [{name: c, image: echo}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: mcs, labels: {app: db}}
+spec:
+  hostname: db-0
+  subdomain: db
+  containers: [{name: c, image: echo, ports: [{containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-x, namespace: mcs, labels: {app: db}}
+spec:
+  containers: [{name: c, image: echo, ports: [{containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: mcs}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: pg, port: 5432}]
+"#
+    );
+    let set = ClusterSet::up("mcd", 2, 1, &manifest, &[]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    assert!(c1
+        .apply(&format!("{}---\n{}", export("hello"), export("db")))
+        .status
+        .success());
+    assert!(c2.apply(&export("db")).status.success());
+    c2.eventually("imports", Duration::from_secs(20), || {
+        import(c2, "hello").is_some()
+            && import(c2, "db")
+                .is_some_and(|i| i["status"]["clusters"].as_array().map(Vec::len) == Some(2))
+    });
+    let csip = clusterset_ip(c2, "hello");
+    let pod_ip = |c: &Lab, pod: &str| {
+        c.get_json(&["pods", "-n", "mcs", pod])["status"]["podIP"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (db1, db2) = (pod_ip(c1, "db-0"), pod_ip(c2, "db-0"));
+    let dbx2 = pod_ip(c2, "db-x");
+    let local = c2.get_json(&["services", "-n", "mcs", "hello"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c2.eventually(
+        "DNS answering for the clusterset",
+        Duration::from_secs(20),
+        || dig(c2, &["db.mcs.svc.clusterset.local"]).len() == 4,
+    );
+    // ClusterSetIP and ClusterIP.
+    assert_eq!(dig(c2, &["hello.mcs.svc.clusterset.local"]), [csip]);
+    assert_eq!(dig(c2, &["hello.mcs.svc.cluster.local"]), [local]);
+    assert!(dig(c2, &["AAAA", "hello.mcs.svc.clusterset.local"]).is_empty());
+    assert_eq!(
+        dig(c2, &["SRV", "_tcp._tcp.hello.mcs.svc.clusterset.local"]),
+        ["0 100 80 hello.mcs.svc.clusterset.local."]
+    );
+    // The bare name: every port (tcp/80 and udp/80 are one record).
+    assert_eq!(
+        dig(c2, &["SRV", "hello.mcs.svc.clusterset.local"]),
+        ["0 50 80 hello.mcs.svc.clusterset.local."]
+    );
+    assert_eq!(
+        dig(c2, &["TXT", "dns-version.clusterset.local"]),
+        ["\"1.0.0\""]
+    );
+    // Headless across the clusterset: every ready endpoint, and one name per endpoint.
+    let mut all = vec![db1.clone(), db2.clone(), pod_ip(c1, "db-x"), dbx2.clone()];
+    all.sort();
+    assert_eq!(dig(c2, &["db.mcs.svc.clusterset.local"]), all);
+    assert_eq!(dig(c2, &["db-0.c1.db.mcs.svc.clusterset.local"]), [db1]);
+    assert_eq!(
+        dig(c2, &["db-0.c2.db.mcs.svc.clusterset.local"]),
+        std::slice::from_ref(&db2)
+    );
+    assert!(
+        dig(c2, &["c1.db.mcs.svc.clusterset.local"]).is_empty(),
+        "reserved"
+    );
+    let srv = dig(c2, &["SRV", "_pg._tcp.db.mcs.svc.clusterset.local"]);
+    assert_eq!(srv.len(), 4, "{srv:?}");
+    assert!(
+        srv.iter()
+            .any(|r| r.ends_with(" 5432 db-0.c1.db.mcs.svc.clusterset.local.")),
+        "{srv:?}"
+    );
+    // In the cluster's own zone: by hostname, else by dashed address.
+    assert_eq!(dig(c2, &["db-0.db.mcs.svc.cluster.local"]), [db2]);
+    let dashed = format!("{}.db.mcs.svc.cluster.local", dbx2.replace('.', "-"));
+    assert_eq!(dig(c2, &[dashed.as_str()]), [dbx2]);
+    // The search path: a short name resolves as in a pod.
+    assert_eq!(dig(c2, &["+search", "hello"]).len(), 1);
+    // lab connect resolves names of two dots or more through the pod's resolver.
+    let r = c2.connect("mcs/client", "hello.mcs.svc.clusterset.local:80", "tcp", 5);
+    assert_eq!(r["ok"], 5, "{r}");
+    assert_eq!(responders(&r), ["c1/mcs/hello-1"]);
+    let r = c2.connect("mcs/client", "nope.mcs.svc.clusterset.local:80", "tcp", 2);
+    assert_eq!(r["errors"]["ENOTFOUND"], 2, "{r}");
+}
