@@ -103,3 +103,71 @@ async fn serve(client: kube::Client, cfg: weir_mesh::MeshConfig) -> Result<ExitC
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+    use serde_json::Value;
+
+    fn yaml(text: &str) -> Value {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    /// The mesh Deployment (deploy/mesh/) runs `weir mesh` with settings it accepts: every
+    /// ConfigMap key and container variable is a flag's environment variable and parses, and
+    /// the credential files it names are mounted from the Secret.
+    #[test]
+    fn the_deployment_agrees_with_the_meshs_flags() {
+        let d = yaml(include_str!("../../../deploy/mesh/mesh-deployment.yaml"));
+        let cm = yaml(include_str!("../../../deploy/mesh/mesh-config.yaml"));
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        let mut argv: Vec<String> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(c["args"].as_array().unwrap())
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(argv, ["weir", "mesh"]);
+        let cmd = crate::cli::Cli::command();
+        let mesh = cmd.find_subcommand("mesh").unwrap();
+        let mut vars: Vec<(String, String)> = cm["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        for e in c["env"].as_array().unwrap() {
+            vars.push((
+                e["name"].as_str().unwrap().into(),
+                e["value"].as_str().unwrap().into(),
+            ));
+        }
+        for (k, v) in &vars {
+            let arg = mesh
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == k.as_str()))
+                .unwrap_or_else(|| panic!("{k} is no flag's environment variable"));
+            argv.push(format!("--{}={v}", arg.get_long().unwrap()));
+        }
+        let cli = crate::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let crate::cli::Command::Mesh(a) = &cli.command else {
+            panic!("not weir mesh")
+        };
+        let cfg = a.config().unwrap();
+        let tls = cfg.etcd_tls.expect("TLS settings");
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        for f in [&tls.ca, &tls.cert, &tls.key] {
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| f.starts_with(m["mountPath"].as_str().unwrap())),
+                "{} is not mounted",
+                f.display()
+            );
+        }
+        assert!(cfg.status_file.unwrap().starts_with("/run/weir-mesh"));
+        assert_eq!(cfg.clusterset_cidrs.len(), 2);
+    }
+}

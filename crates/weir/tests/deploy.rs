@@ -13,9 +13,9 @@ fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
-#[test]
-fn manifests_render_and_validate_strictly() {
-    let rendered = ok(Command::new("kubectl").arg("kustomize").arg(deploy_dir()));
+/// `kubectl kustomize DIR`, validated strictly; the rendered text.
+fn render_and_validate(dir: &std::path::Path) -> String {
+    let rendered = ok(Command::new("kubectl").arg("kustomize").arg(dir));
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("weir.yaml");
     std::fs::write(&f, &rendered).unwrap();
@@ -29,7 +29,11 @@ fn manifests_render_and_validate_strictly() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&rendered)
+    rendered
+}
+
+fn kinds_of(rendered: &str) -> Vec<String> {
+    serde_yaml::Deserializer::from_str(rendered)
         .map(|d| {
             let v: serde_json::Value = serde::Deserialize::deserialize(d).unwrap();
             format!(
@@ -38,7 +42,13 @@ fn manifests_render_and_validate_strictly() {
                 v["metadata"]["name"].as_str().unwrap()
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn manifests_render_and_validate_strictly() {
+    let rendered = render_and_validate(&deploy_dir());
+    let kinds = kinds_of(&rendered);
     for want in [
         "Namespace/weir-system",
         "CustomResourceDefinition/securityidentities.weir.dev",
@@ -61,6 +71,23 @@ fn manifests_render_and_validate_strictly() {
         rendered.contains("image: localhost/weir:0.1.0"),
         "{rendered}"
     );
+}
+
+/// The mesh (deploy/mesh/, applied after the base in each cluster of a clusterset).
+#[test]
+fn mesh_manifests_render_and_validate_strictly() {
+    let rendered = render_and_validate(&deploy_dir().join("mesh"));
+    let kinds = kinds_of(&rendered);
+    for want in [
+        "ServiceAccount/weir-mesh",
+        "ClusterRole/weir-mesh",
+        "ClusterRoleBinding/weir-mesh",
+        "ConfigMap/weir-mesh-config",
+        "Deployment/weir-mesh",
+    ] {
+        assert!(kinds.iter().any(|k| k == want), "{want} missing from {kinds:?}");
+    }
+    assert!(rendered.contains("image: localhost/weir:0.1.0"), "{rendered}");
 }
 
 /// Validates `object` against the CRD's openAPIV3Schema with python's jsonschema (a
