@@ -117,6 +117,7 @@ pub fn mesh_settings(name: &str) -> Result<(weir_mesh::MeshConfig, PathBuf), Lab
             ca: pki.ca_cert(),
             cert,
             key,
+            server_name: Some("localhost".into()),
         }),
         remote_ttl: Duration::from_millis(set.remote_ttl_ms),
         clusterset_cidrs: layout
@@ -346,7 +347,12 @@ pub fn etcd_command(name: &str) -> Result<(PathBuf, std::process::Command), LabE
         .arg("--trusted-ca-file")
         .arg(pki.ca_cert())
         .arg("--log-level")
-        .arg("warn");
+        .arg("warn")
+        // The meshes rewrite their records and presence: keep an hour of history at most.
+        .arg("--auto-compaction-mode")
+        .arg("periodic")
+        .arg("--auto-compaction-retention")
+        .arg("1h");
     Ok((set.cgroup_dir().join("etcd"), cmd))
 }
 
@@ -419,19 +425,29 @@ pub fn down(name: &str) -> Result<lab::DownReport, LabError> {
         .filter(|e| e.path().join("lab.json").exists() || e.path().join("pids").exists())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    for c in clusters {
-        let r = lab::down_one(&format!("{name}/{c}"))?;
-        report.processes += r.processes;
-        report.namespaces += r.namespaces;
-        report.cgroups |= r.cgroups;
-        report.pins |= r.pins;
+    // Every part is removed even when another fails; the first failure is reported.
+    let mut first_err = None;
+    let names = clusters
+        .iter()
+        .map(|c| format!("{name}/{c}"))
+        .chain([name.to_string()]);
+    for n in names {
+        match lab::down_one(&n) {
+            Ok(r) => {
+                report.processes += r.processes;
+                report.namespaces += r.namespaces;
+                report.cgroups |= r.cgroups;
+                report.pins |= r.pins;
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
     }
-    let r = lab::down_one(name)?;
-    report.processes += r.processes;
-    report.namespaces += r.namespaces;
-    report.cgroups |= r.cgroups;
-    report.pins |= r.pins;
-    Ok(report)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 /// Which lab component `lab stop|start` acts on.
@@ -736,21 +752,30 @@ async fn gate_cluster(p: LabPaths, listener: tokio::net::TcpListener, etcd: std:
         }
     });
     loop {
-        let Ok((mut down, _)) = listener.accept().await else {
-            continue;
+        let (mut down, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a mesh connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let mut open = open_rx.clone();
-        if !*open.borrow() {
-            continue; // dropped: the partitioned mesh cannot connect
-        }
         tokio::spawn(async move {
-            let Ok(mut up) = tokio::net::TcpStream::connect(etcd).await else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                _ = open.wait_for(|o| !*o) => {}
+            // A partition is a black hole, not a reset: the mesh's connection stays open and
+            // nothing crosses it (its calls time out, its keepalives go unanswered) until the
+            // partition heals; then it is closed and the mesh connects again.
+            if *open.borrow() {
+                let Ok(mut up) = tokio::net::TcpStream::connect(etcd).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => return,
+                    _ = open.wait_for(|o| !*o) => {}
+                }
             }
+            let _ = open.wait_for(|o| *o).await;
+            drop(down);
         });
     }
 }

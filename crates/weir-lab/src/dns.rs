@@ -592,8 +592,15 @@ pub fn respond(view: &View, req: &Message) -> Message {
     if ans.nxdomain || ans.answers.is_empty() {
         resp.authorities.push(soa(zone, view.serial));
     }
+    if !ans.answers.is_empty() {
+        let mut seen = BTreeSet::new();
+        resp.additionals = ans
+            .additionals
+            .into_iter()
+            .filter(|r| seen.insert((r.name.to_ascii(), r.data.to_string())))
+            .collect();
+    }
     resp.answers = ans.answers;
-    resp.additionals = ans.additionals;
     resp
 }
 

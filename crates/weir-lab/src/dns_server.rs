@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -41,19 +42,32 @@ fn bind_in(
     .map_err(|_| LabError::Command("binding the DNS server".into(), "thread panicked".into()))?
 }
 
-fn reply(view: &RwLock<View>, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+/// The answer to `query`, within `limit` bytes: the additional records go first, then the
+/// answers with TC set (the client retries over TCP), as CoreDNS truncates.
+fn reply(view: &RwLock<View>, query: &[u8], limit: Option<usize>) -> Option<Vec<u8>> {
     let req = Message::from_vec(query).ok()?;
-    let resp = dns::respond(&view.read().expect("view"), &req);
-    let bytes = resp.to_vec().ok()?;
-    let limit = req
-        .edns
-        .as_ref()
-        .map(|e| e.max_payload().max(512) as usize)
-        .unwrap_or(512);
-    if udp && bytes.len() > limit {
-        return resp.truncate().to_vec().ok();
+    let mut resp = dns::respond(&view.read().expect("view"), &req);
+    if let Some(e) = &req.edns {
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.set_max_payload(e.max_payload().max(512));
+        resp.edns = Some(edns);
     }
-    Some(bytes)
+    let limit = limit.map(|l| {
+        req.edns
+            .as_ref()
+            .map_or(512, |e| e.max_payload().max(512) as usize)
+            .min(l)
+    });
+    let bytes = resp.to_vec().ok()?;
+    let Some(limit) = limit.filter(|l| bytes.len() > *l) else {
+        return Some(bytes);
+    };
+    resp.additionals.clear();
+    let bytes = resp.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    resp.truncate().to_vec().ok()
 }
 
 async fn serve_udp(sock: tokio::net::UdpSocket, view: Arc<RwLock<View>>) {
@@ -62,7 +76,7 @@ async fn serve_udp(sock: tokio::net::UdpSocket, view: Arc<RwLock<View>>) {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             continue;
         };
-        if let Some(out) = reply(&view, &buf[..n], true) {
+        if let Some(out) = reply(&view, &buf[..n], Some(4096)) {
             let _ = sock.send_to(&out, from).await;
         }
     }
@@ -81,7 +95,7 @@ async fn serve_tcp(l: tokio::net::TcpListener, view: Arc<RwLock<View>>) {
                 if s.read_exact(&mut q).await.is_err() {
                     return;
                 }
-                let Some(out) = reply(&view, &q, false) else {
+                let Some(out) = reply(&view, &q, Some(u16::MAX as usize)) else {
                     return;
                 };
                 if s.write_u16(out.len() as u16).await.is_err() || s.write_all(&out).await.is_err()
@@ -93,6 +107,28 @@ async fn serve_tcp(l: tokio::net::TcpListener, view: Arc<RwLock<View>>) {
     }
 }
 
+/// The view of the stores as they are now.
+fn build_view(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    namespaces: &Store<Namespace>,
+    imports: &Store<DynamicObject>,
+) -> View {
+    let (s, sl, ns, im) = (
+        services.state(),
+        slices.state(),
+        namespaces.state(),
+        imports.state(),
+    );
+    let svc_refs: Vec<&Service> = s.iter().map(|a| a.as_ref()).collect();
+    let slice_refs: Vec<&EndpointSlice> = sl.iter().map(|a| a.as_ref()).collect();
+    let imp_refs: Vec<(&kube::api::ObjectMeta, &serde_json::Value)> =
+        im.iter().map(|o| (&o.metadata, &o.data)).collect();
+    let names = ns.iter().filter_map(|n| n.metadata.name.clone());
+    let serial = jiff::Timestamp::now().as_second() as u32;
+    View::build(names, &svc_refs, &imp_refs, &slice_refs, serial)
+}
+
 fn waker<K>(n: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'static {
     let n = n.clone();
     move |_| n.notify_one()
@@ -102,16 +138,6 @@ fn waker<K>(n: &Arc<Notify>) -> impl Fn(Option<&watcher::Event<K>>) + Send + 'st
 pub async fn run(name: &str) -> Result<(), LabError> {
     let p = LabPaths::new(name);
     let layout = Layout::load(&p)?;
-    let view = Arc::new(RwLock::new(View::default()));
-    for n in &layout.nodes {
-        let (udp, tcp) = bind_in(&paths::netns_path(&n.netns))?;
-        let udp =
-            tokio::net::UdpSocket::from_std(udp).map_err(|e| LabError::io(p.dir.clone(), e))?;
-        let tcp =
-            tokio::net::TcpListener::from_std(tcp).map_err(|e| LabError::io(p.dir.clone(), e))?;
-        tokio::spawn(serve_udp(udp, view.clone()));
-        tokio::spawn(serve_tcp(tcp, view.clone()));
-    }
     let c = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let changed = Arc::new(Notify::new());
     let all = watcher::Config::default;
@@ -128,27 +154,41 @@ pub async fn run(name: &str) -> Result<(), LabError> {
         all(),
         waker(&changed),
     );
+    // Nothing is answered before every list is in: an empty view would deny names that exist
+    // (CoreDNS answers SERVFAIL until it has synced; here the port is not open yet).
+    for ready in [
+        services.wait_until_ready().await.is_ok(),
+        slices.wait_until_ready().await.is_ok(),
+        namespaces.wait_until_ready().await.is_ok(),
+        imports.wait_until_ready().await.is_ok(),
+    ] {
+        if !ready {
+            return Err(LabError::Kube("a watch ended before it started".into()));
+        }
+    }
+    let view = Arc::new(RwLock::new(build_view(
+        &services,
+        &slices,
+        &namespaces,
+        &imports,
+    )));
+    for n in &layout.nodes {
+        let (udp, tcp) = bind_in(&paths::netns_path(&n.netns))?;
+        let udp =
+            tokio::net::UdpSocket::from_std(udp).map_err(|e| LabError::io(p.dir.clone(), e))?;
+        let tcp =
+            tokio::net::TcpListener::from_std(tcp).map_err(|e| LabError::io(p.dir.clone(), e))?;
+        tokio::spawn(serve_udp(udp, view.clone()));
+        tokio::spawn(serve_tcp(tcp, view.clone()));
+    }
     tracing::info!(
         nodes = layout.nodes.len(),
         "DNS answering on {}:53 in every node",
         dns::NODE_LOCAL_DNS
     );
     loop {
-        let (s, sl, ns, im) = (
-            services.state(),
-            slices.state(),
-            namespaces.state(),
-            imports.state(),
-        );
-        let svc_refs: Vec<&Service> = s.iter().map(|a| a.as_ref()).collect();
-        let slice_refs: Vec<&EndpointSlice> = sl.iter().map(|a| a.as_ref()).collect();
-        let imp_refs: Vec<(&kube::api::ObjectMeta, &serde_json::Value)> =
-            im.iter().map(|o| (&o.metadata, &o.data)).collect();
-        let names = ns.iter().filter_map(|n| n.metadata.name.clone());
-        let serial = jiff::Timestamp::now().as_second() as u32;
-        let v = View::build(names, &svc_refs, &imp_refs, &slice_refs, serial);
-        *view.write().expect("view") = v;
         changed.notified().await;
+        *view.write().expect("view") = build_view(&services, &slices, &namespaces, &imports);
         // Coalesce bursts.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -64,22 +64,57 @@ pub fn import_status(m: &Merged) -> Value {
     })
 }
 
-/// The name of the EndpointSlice carrying slice `i` of `cluster`'s export of `name` (a
+/// The annotation holding a hash of what the mesh wrote, so that it rewrites an object only
+/// when what it wants changed (whatever the API server's normalisation did to it).
+pub const HASH_ANNOTATION: &str = "mesh.weir.dev/hash";
+/// The label the mesh puts on the ServiceImports it writes (it removes only those).
+pub const IMPORT_MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// A stable hash of `v` (FNV-1a of its JSON text), as hex.
+pub fn hash(v: &Value) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in v.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The name of the EndpointSlice carrying slice `i` of `cluster`'s export of `name`:
+/// readable, with a hash of the three so that names with dashes cannot collide (and a
 /// generated slice name never holds a `-` in its 5-character suffix, so these cannot clash
 /// with the EndpointSlice controller's).
 pub fn slice_name(name: &str, cluster: &str, i: usize) -> String {
-    format!("{name}-{cluster}-{i}")
+    let h = hash(&json!([name, cluster, i]));
+    format!("{name}-{cluster}-{i}-{}", &h[..6])
 }
 
-/// The EndpointSlices of `record` (one source cluster) as the importing cluster holds them.
-pub fn import_slices(record: &ExportRecord) -> Vec<(String, Value)> {
+/// The EndpointSlices of `record` (one source cluster) as cluster `local` holds them. Remote
+/// endpoints lose their node name, target and hints: those name another cluster's objects (its
+/// nodes are not this cluster's, even when named alike).
+pub fn import_slices(record: &ExportRecord, local: &str) -> Vec<(String, Value)> {
     record
         .slices
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let name = slice_name(&record.name, &record.cluster, i);
-            let v = json!({
+            let endpoints: Vec<Value> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    if record.cluster != local {
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("nodeName");
+                            o.remove("targetRef");
+                            o.remove("hints");
+                        }
+                    }
+                    v
+                })
+                .collect();
+            let mut v = json!({
                 "apiVersion": "discovery.k8s.io/v1",
                 "kind": "EndpointSlice",
                 "metadata": {
@@ -93,8 +128,10 @@ pub fn import_slices(record: &ExportRecord) -> Vec<(String, Value)> {
                 },
                 "addressType": s.address_type,
                 "ports": s.ports,
-                "endpoints": s.endpoints,
+                "endpoints": endpoints,
             });
+            let h = hash(&v);
+            v["metadata"]["annotations"] = json!({HASH_ANNOTATION: h});
             (name, v)
         })
         .collect()
@@ -137,6 +174,24 @@ pub fn allocate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_endpoints_lose_their_node() {
+        let rec: ExportRecord = serde_json::from_value(json!({
+            "cluster": "c2", "namespace": "mcs", "name": "web-c1", "created": "", "headless": false,
+            "ports": [], "slices": [{"addressType": "IPv4", "endpoints": [
+                {"addresses": ["10.245.1.2"], "nodeName": "node-1", "zone": "z1"}]}]}))
+        .unwrap();
+        let (name, v) = &import_slices(&rec, "c1")[0];
+        assert!(v["endpoints"][0].get("nodeName").is_none());
+        assert_eq!(v["endpoints"][0]["zone"], "z1");
+        assert!(v["metadata"]["annotations"][HASH_ANNOTATION].is_string());
+        let (_, own) = &import_slices(&rec, "c2")[0];
+        assert_eq!(own["endpoints"][0]["nodeName"], "node-1");
+        // `web-c1` from `c2` and `web` from `c1-c2` do not share a slice name.
+        assert_ne!(name, &slice_name("web", "c1-c2", 0));
+        assert!(name.starts_with("web-c1-c2-0-"));
+    }
 
     #[test]
     fn allocation_is_stable_and_per_family() {

@@ -38,6 +38,8 @@ pub struct EtcdTls {
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
+    /// The name etcd's certificate is checked against (None: each endpoint's host).
+    pub server_name: Option<String>,
 }
 
 /// How a mesh runs.

@@ -64,12 +64,13 @@ async fn connect(cfg: &MeshConfig) -> Result<Client, String> {
         .with_timeout(CALL_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
     if let Some(tls) = &cfg.etcd_tls {
-        opts = opts.with_tls(
-            TlsOptions::new()
-                .domain_name("localhost")
-                .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-                .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?)),
-        );
+        let mut t = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(name) = &tls.server_name {
+            t = t.domain_name(name.clone());
+        }
+        opts = opts.with_tls(t);
     }
     timed(
         "connecting to etcd",
@@ -99,8 +100,9 @@ pub async fn run(
     state: Arc<Mutex<LinkState>>,
     changed: Arc<Notify>,
 ) {
+    let mut lease = None;
     loop {
-        let err = session(&cfg, own.clone(), &remote, &state, &changed)
+        let err = session(&cfg, own.clone(), &remote, &state, &changed, &mut lease)
             .await
             .err();
         if let Some(e) = &err {
@@ -143,6 +145,76 @@ fn remove_from(remote: &mut Remote, set: &str, key: &str) {
     }
 }
 
+/// Whether an etcd error means the connection (or etcd) is gone, rather than that one
+/// request was refused (too large, invalid).
+fn connection_lost(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+        ),
+        _ => true,
+    }
+}
+
+/// A lease of `ttl` seconds: `previous` when etcd still has it (a reconnect within the TTL
+/// keeps this cluster's records on the lease they are on), else a new one.
+async fn lease(client: &mut Client, previous: Option<i64>, ttl: i64) -> Result<i64, String> {
+    if let Some(id) = previous {
+        let r = timed("checking the lease", client.lease_time_to_live(id, None)).await?;
+        if r.ttl() > 0 {
+            return Ok(id);
+        }
+    }
+    Ok(timed("granting a lease", client.lease_grant(ttl, None))
+        .await?
+        .id())
+}
+
+/// Renews `lease` every `every` (and the presence record with it) until it fails; the
+/// lease has then lapsed or etcd is out of reach.
+async fn renew(mut client: Client, cfg: MeshConfig, lease: i64, every: Duration) -> String {
+    let (mut keeper, mut stream) =
+        match timed("keeping the lease alive", client.lease_keep_alive(lease)).await {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+    let key = record::cluster_key(&cfg.clusterset, &cfg.cluster);
+    let opts = PutOptions::new().with_lease(lease);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if let Err(e) = timed("renewing the lease", keeper.keep_alive()).await {
+            return e;
+        }
+        match timed("renewing the lease", stream.message()).await {
+            Ok(Some(r)) if r.ttl() > 0 => {}
+            Ok(_) => {
+                return "the lease expired (the cluster was cut off longer than the remote TTL)"
+                    .into()
+            }
+            Err(e) => return e,
+        }
+        let rec = ClusterRecord {
+            cluster: cfg.cluster.clone(),
+            renewed_at: jiff::Timestamp::now().to_string(),
+        };
+        let v = serde_json::to_string(&rec).expect("json");
+        if let Err(e) = timed(
+            "renewing the presence",
+            client.put(key.as_str(), v, Some(opts.clone())),
+        )
+        .await
+        {
+            return e;
+        }
+    }
+}
+
 /// One connection's life: list, watch, publish and renew until something fails.
 async fn session(
     cfg: &MeshConfig,
@@ -150,14 +222,12 @@ async fn session(
     remote: &Mutex<Remote>,
     state: &Mutex<LinkState>,
     changed: &Notify,
+    last_lease: &mut Option<i64>,
 ) -> Result<(), String> {
     let mut client = connect(cfg).await?;
     let ttl = cfg.remote_ttl.as_secs().max(2) as i64;
-    let lease = timed("granting a lease", client.lease_grant(ttl, None))
-        .await?
-        .id();
-    let (mut keeper, mut keep_stream) =
-        timed("keeping the lease alive", client.lease_keep_alive(lease)).await?;
+    let lease = lease(&mut client, *last_lease, ttl).await?;
+    *last_lease = Some(lease);
     let prefix = record::prefix(&cfg.clusterset);
     let listed = timed(
         "listing the clusterset",
@@ -177,17 +247,20 @@ async fn session(
         ),
     )
     .await?;
+    // What etcd holds of this cluster's exports: what a previous session (or mesh) left,
+    // to be replaced by what is wanted now.
+    let own_prefix = format!("{prefix}exports/{}/", cfg.cluster);
+    let mut published: BTreeMap<String, String> = BTreeMap::new();
     {
         let mut r = remote.lock().expect("remote");
         r.exports.clear();
         r.clusters.clear();
         for kv in listed.kvs() {
-            parse_into(
-                &mut r,
-                &cfg.clusterset,
-                kv.key_str().unwrap_or_default(),
-                kv.value(),
-            );
+            let key = kv.key_str().unwrap_or_default();
+            if key.starts_with(&own_prefix) {
+                published.insert(key.to_string(), String::new());
+            }
+            parse_into(&mut r, &cfg.clusterset, key, kv.value());
         }
         r.synced = true;
     }
@@ -195,66 +268,103 @@ async fn session(
     tracing::info!(revision, lease, "connected to etcd; clusterset listed");
     changed.notify_one();
 
-    let put_opts = PutOptions::new().with_lease(lease);
-    let presence_key = record::cluster_key(&cfg.clusterset, &cfg.cluster);
     let renew_every =
         (cfg.remote_ttl / 4).clamp(Duration::from_millis(500), Duration::from_secs(5));
-    let mut renew = tokio::time::interval(renew_every);
-    // This session's lease is new: everything is written again under it.
-    let mut published: BTreeMap<String, String> = BTreeMap::new();
+    let mut renewal = tokio::spawn(renew(client.clone(), cfg.clone(), lease, renew_every));
+    let put_opts = PutOptions::new().with_lease(lease);
     own.mark_changed();
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = renew.tick() => {
-                timed("renewing the lease", keeper.keep_alive()).await?;
-                match timed("renewing the lease", keep_stream.message()).await? {
-                    Some(r) if r.ttl() > 0 => {}
-                    _ => return Err("the lease expired (the cluster was cut off longer than the remote TTL)".into()),
-                }
-                let rec = ClusterRecord {
-                    cluster: cfg.cluster.clone(),
-                    renewed_at: jiff::Timestamp::now().to_string(),
-                };
-                let v = serde_json::to_string(&rec).expect("json");
-                timed("renewing the presence", client.put(presence_key.as_str(), v, Some(put_opts.clone()))).await?;
-            }
+            e = &mut renewal => break Err(e.unwrap_or_else(|e| e.to_string())),
             r = own.changed() => {
                 if r.is_err() {
-                    return Ok(()); // the mesh is stopping
+                    break Ok(()); // the mesh is stopping
                 }
                 let want = own.borrow_and_update().clone();
-                for (k, v) in &want {
-                    if published.get(k) != Some(v) {
-                        timed("publishing an export", client.put(k.as_str(), v.as_str(), Some(put_opts.clone()))).await?;
-                        published.insert(k.clone(), v.clone());
-                    }
+                if let Err(e) = publish(&mut client, &want, &mut published, &put_opts, state).await {
+                    break Err(e);
                 }
-                let gone: Vec<String> = published.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
-                for k in gone {
-                    timed("withdrawing an export", client.delete(k.as_str(), None)).await?;
-                    published.remove(&k);
-                }
-                state.lock().expect("link state").published = published.clone();
                 changed.notify_one();
             }
             m = stream.message() => {
-                let resp = m.map_err(|e| format!("watching the clusterset: {e}"))?
-                    .ok_or("the etcd watch ended")?;
+                let resp = match m {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break Err("the etcd watch ended".into()),
+                    Err(e) => break Err(format!("watching the clusterset: {e}")),
+                };
                 if resp.canceled() {
-                    return Err(format!("the etcd watch was canceled: {}", resp.cancel_reason()));
+                    break Err(format!("the etcd watch was canceled: {}", resp.cancel_reason()));
                 }
-                let mut r = remote.lock().expect("remote");
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = kv.key_str().unwrap_or_default();
-                    match ev.event_type() {
-                        EventType::Put => parse_into(&mut r, &cfg.clusterset, key, kv.value()),
-                        EventType::Delete => remove_from(&mut r, &cfg.clusterset, key),
-                    }
+                if apply_events(&mut remote.lock().expect("remote"), &cfg.clusterset, resp.events()) {
+                    changed.notify_one();
                 }
-                drop(r);
-                changed.notify_one();
             }
         }
+    };
+    renewal.abort();
+    result
+}
+
+/// Writes what changed of this cluster's records (under the session's lease) and deletes
+/// what is no longer wanted. A record etcd refuses (too large, say) is left out and
+/// reported; a lost connection ends the session.
+async fn publish(
+    client: &mut Client,
+    want: &BTreeMap<String, String>,
+    published: &mut BTreeMap<String, String>,
+    opts: &PutOptions,
+    state: &Mutex<LinkState>,
+) -> Result<(), String> {
+    let mut refused = None;
+    for (k, v) in want {
+        if published.get(k) == Some(v) {
+            continue;
+        }
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.put(k.as_str(), v.as_str(), Some(opts.clone())),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                published.insert(k.clone(), v.clone());
+            }
+            Ok(Err(e)) if !connection_lost(&e) => {
+                tracing::warn!(key = %k, error = %e, "etcd refused a record");
+                refused = Some(format!("publishing {k}: {e}"));
+            }
+            Ok(Err(e)) => return Err(format!("publishing {k}: {e}")),
+            Err(_) => return Err(format!("publishing {k}: no answer within {CALL_TIMEOUT:?}")),
+        }
     }
+    let gone: Vec<String> = published
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        timed("withdrawing an export", client.delete(k.as_str(), None)).await?;
+        published.remove(&k);
+    }
+    let mut s = state.lock().expect("link state");
+    s.published = published.clone();
+    s.last_error = refused;
+    Ok(())
+}
+
+/// Applies watch events to `remote`; whether anything the mesh acts on changed (a cluster's
+/// presence renewal alone does not).
+fn apply_events(remote: &mut Remote, set: &str, events: &[etcd_client::Event]) -> bool {
+    let mut acted = false;
+    for ev in events {
+        let Some(kv) = ev.kv() else { continue };
+        let key = kv.key_str().unwrap_or_default();
+        let renewal = matches!(record::parse_key(set, key), Some(Key::Cluster(ref c)) if remote.clusters.contains_key(c));
+        match ev.event_type() {
+            EventType::Put => parse_into(remote, set, key, kv.value()),
+            EventType::Delete => remove_from(remote, set, key),
+        }
+        acted |= !(renewal && ev.event_type() == EventType::Put);
+    }
+    acted
 }

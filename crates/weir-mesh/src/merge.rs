@@ -48,10 +48,16 @@ fn sorted_ports(p: &[PortRecord]) -> Vec<PortRecord> {
 /// ordered by creationTimestamp, then cluster id, so every mesh reaches the same result.
 pub fn merge(exports: &[&ExportRecord]) -> Option<Merged> {
     let mut ordered: Vec<&ExportRecord> = exports.to_vec();
+    // An export without a readable creation time sorts last: it cannot claim to be oldest.
+    let when = |e: &ExportRecord| {
+        e.created
+            .parse::<jiff::Timestamp>()
+            .unwrap_or(jiff::Timestamp::MAX)
+    };
     ordered.sort_by(|a, b| {
-        let ta = a.created.parse::<jiff::Timestamp>().ok();
-        let tb = b.created.parse::<jiff::Timestamp>().ok();
-        ta.cmp(&tb).then_with(|| a.cluster.cmp(&b.cluster))
+        when(a)
+            .cmp(&when(b))
+            .then_with(|| a.cluster.cmp(&b.cluster))
     });
     let first = *ordered.first()?;
     let mut ports = first.ports.clone();
@@ -220,6 +226,13 @@ mod tests {
             ["PortConflict", "SessionAffinityConflict", "TypeConflict"]
         );
         assert!(m.message.contains("cluster c2"), "{}", m.message);
+    }
+
+    #[test]
+    fn an_unreadable_creation_time_never_wins() {
+        let bad = export("c1", "", vec![port("tcp", "TCP", 1)]);
+        let good = export("c2", "2026-01-01T00:00:00Z", vec![port("tcp", "TCP", 2)]);
+        assert_eq!(merge(&[&bad, &good]).unwrap().winner, "c2");
     }
 
     #[test]

@@ -120,18 +120,23 @@ fn ns_name(meta: &kube::api::ObjectMeta) -> (String, String) {
     )
 }
 
-/// Whether every field `want` sets has that value in `have` (fields the API server adds by
-/// defaulting do not count as a difference).
-fn covers(have: &Value, want: &Value) -> bool {
-    match (have, want) {
-        (Value::Object(h), Value::Object(w)) => w
-            .iter()
-            .all(|(k, v)| v.is_null() || h.get(k).is_some_and(|hv| covers(hv, v))),
-        (Value::Array(h), Value::Array(w)) => {
-            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| covers(a, b))
-        }
-        _ => have == want,
-    }
+/// The mesh's hash annotation of an object.
+fn annotation(meta: &kube::api::ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(import::HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// The strings of a JSON list (none when it is not one).
+fn str_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Conditions without their transition times, to compare.
@@ -156,6 +161,8 @@ struct Mesh {
     link: Arc<Mutex<LinkState>>,
     last_error: Option<String>,
     imports_written: usize,
+    /// The ClusterSetIPs of each import as this mesh last wrote them.
+    allocated: BTreeMap<(String, String), Vec<String>>,
 }
 
 /// This cluster's exports: the records of the valid ones, and each export's validity.
@@ -166,7 +173,22 @@ type OwnExports = (
 
 impl Mesh {
     fn own_exports(&self) -> OwnExports {
+        // The cluster's own slices, by their Service, once per pass.
         let slices = self.stores.slices.state();
+        let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in &slices {
+            if let Some(n) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_LABEL))
+            {
+                by_service
+                    .entry((s.metadata.namespace.clone().unwrap_or_default(), n.clone()))
+                    .or_default()
+                    .push(s.as_ref());
+            }
+        }
         let mut records = BTreeMap::new();
         let mut validity = Vec::new();
         for ex in self.stores.exports.state() {
@@ -181,19 +203,8 @@ impl Mesh {
                 .stores
                 .services
                 .get(&reflector::ObjectRef::new(&key.1).within(&key.0));
-            let own: Vec<&EndpointSlice> = slices
-                .iter()
-                .filter(|s| {
-                    s.metadata.namespace.as_deref() == Some(key.0.as_str())
-                        && s.metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(SERVICE_LABEL))
-                            .is_some_and(|n| *n == key.1)
-                })
-                .map(|s| s.as_ref())
-                .collect();
-            match export::export_record(&self.cfg.cluster, &created, svc.as_deref(), &own) {
+            let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+            match export::export_record(&self.cfg.cluster, &created, svc.as_deref(), own) {
                 Ok(r) => {
                     records.insert(key.clone(), r);
                     validity.push((key, Ok(())));
@@ -202,6 +213,18 @@ impl Mesh {
             }
         }
         (records, validity)
+    }
+
+    /// Whether what the link published still stands in etcd: while connected, or
+    /// disconnected for less than the TTL (after that the lease has lapsed).
+    fn publication_stands(&self, link: &LinkState) -> bool {
+        link.connected
+            || link
+                .since
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
+                .is_some_and(|d: Duration| d < self.cfg.remote_ttl)
     }
 
     async fn pass(&mut self) -> Result<(), String> {
@@ -224,7 +247,8 @@ impl Mesh {
                 false
             }
         });
-        let published = self.link.lock().expect("link").published.clone();
+        let link = self.link.lock().expect("link").clone();
+        let stands = self.publication_stands(&link);
 
         // The merged view: other clusters' records from etcd, this cluster's from its API
         // (so that local changes reach local clients even while etcd is out of reach).
@@ -254,10 +278,8 @@ impl Mesh {
         let mut first_err = None;
         for (key, v) in validity {
             let rk = record::export_key(set, &self.cfg.cluster, &key.0, &key.1);
-            let is_published = v.is_ok()
-                && kv
-                    .get(&rk)
-                    .is_some_and(|val| published.get(&rk) == Some(val));
+            // Exported once a version of the record is in etcd (a newer one follows it).
+            let is_published = v.is_ok() && stands && link.published.contains_key(&rk);
             let m = if synced { merged.get(&key) } else { None };
             let conds = export::export_conditions(v, is_published, m);
             if let Err(e) = self.write_export_status(&key, conds).await {
@@ -328,16 +350,18 @@ impl Mesh {
             .into_iter()
             .map(|o| (ns_name(&o.metadata), o))
             .collect();
-        let mut used: HashSet<IpAddr> = existing
+        // ClusterSetIPs in use: what the store shows and what this mesh wrote since (the
+        // store may not have caught up with the last pass's writes yet).
+        for (k, o) in &existing {
+            self.allocated
+                .entry(k.clone())
+                .or_insert_with(|| str_list(o.data.pointer("/spec/ips")));
+        }
+        let mut used: HashSet<IpAddr> = self
+            .allocated
             .values()
-            .flat_map(|o| {
-                o.data
-                    .pointer("/spec/ips")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()))
+            .flatten()
+            .filter_map(|s| s.parse().ok())
             .collect();
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut first_err: Option<String> = None;
@@ -347,22 +371,20 @@ impl Mesh {
             if !namespaces.contains(&key.0) {
                 continue;
             }
+            // Wanted whatever happens to the writes below: a failed write must not remove
+            // what is there.
             wanted_imports.insert(key.clone());
+            for r in records.get(key).into_iter().flatten() {
+                for (name, v) in import::import_slices(r, &self.cfg.cluster) {
+                    wanted_slices.insert((key.0.clone(), name), v);
+                }
+            }
             let have = existing.get(key);
-            let old_ips: Vec<String> = have
-                .and_then(|o| o.data.pointer("/spec/ips"))
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
             let ips = if m.headless {
                 Vec::new()
             } else {
-                match import::allocate(&self.cfg.clusterset_cidrs, &m.ip_families, &old_ips, &used)
-                {
+                let old = self.allocated.get(key).cloned().unwrap_or_default();
+                match import::allocate(&self.cfg.clusterset_cidrs, &m.ip_families, &old, &used) {
                     Ok(ips) => ips,
                     Err(e) => {
                         first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
@@ -372,21 +394,26 @@ impl Mesh {
             };
             used.extend(ips.iter().filter_map(|s| s.parse::<IpAddr>().ok()));
             let spec = import::import_spec(m, &ips);
+            let h = import::hash(&spec);
             let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.0, &ar);
-            if !have.is_some_and(|o| {
-                o.data
-                    .get("spec")
-                    .is_some_and(|s| covers(s, &spec) && covers(&spec, s))
-            }) {
+            let current = have.is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()));
+            if !current {
                 let obj = json!({
                     "apiVersion": "multicluster.x-k8s.io/v1beta1",
                     "kind": "ServiceImport",
-                    "metadata": {"name": key.1, "namespace": key.0},
+                    "metadata": {"name": key.1, "namespace": key.0,
+                                 "labels": {import::IMPORT_MANAGED_LABEL: MANAGED_BY},
+                                 "annotations": {import::HASH_ANNOTATION: h}},
                     "spec": spec,
                 });
-                if let Err(e) = api.patch(&key.1, &pp, &Patch::Apply(&obj)).await {
-                    first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
-                    continue;
+                match api.patch(&key.1, &pp, &Patch::Apply(&obj)).await {
+                    Ok(_) => {
+                        self.allocated.insert(key.clone(), ips.clone());
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
+                        continue;
+                    }
                 }
             }
             let status = import::import_status(m);
@@ -416,41 +443,66 @@ impl Mesh {
                     ));
                 }
             }
-            for r in records.get(key).into_iter().flatten() {
-                for (name, v) in import::import_slices(r) {
-                    wanted_slices.insert((key.0.clone(), name), v);
+        }
+        self.imports_written = wanted_imports.len();
+        self.write_slices(&wanted_slices, &pp, &mut first_err).await;
+        // Imports nothing carries any more (only those the mesh wrote).
+        for ((ns, name), o) in &existing {
+            let ours = o
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(import::IMPORT_MANAGED_LABEL))
+                .is_some_and(|v| v == MANAGED_BY);
+            if !ours || wanted_imports.contains(&(ns.clone(), name.clone())) {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    self.allocated.remove(&(ns.clone(), name.clone()));
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    self.allocated.remove(&(ns.clone(), name.clone()));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(format!("ServiceImport {ns}/{name}: deleting: {e}"));
                 }
             }
         }
-        self.imports_written = wanted_imports.len();
-        // EndpointSlices: written where they differ, then the ones no export carries removed.
-        let have_slices: BTreeMap<(String, String), Arc<EndpointSlice>> = self
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Writes the wanted EndpointSlices where their hash differs, and deletes the mesh's
+    /// slices nothing wants.
+    async fn write_slices(
+        &self,
+        wanted: &BTreeMap<(String, String), Value>,
+        pp: &PatchParams,
+        first_err: &mut Option<String>,
+    ) {
+        let have: BTreeMap<(String, String), Arc<EndpointSlice>> = self
             .stores
             .mcs_slices
             .state()
             .into_iter()
             .map(|s| (ns_name(&s.metadata), s))
             .collect();
-        for ((ns, name), v) in &wanted_slices {
-            let same = have_slices
+        for ((ns, name), v) in wanted {
+            let want = v["metadata"]["annotations"][import::HASH_ANNOTATION].as_str();
+            let same = have
                 .get(&(ns.clone(), name.clone()))
-                .is_some_and(|h| {
-                    serde_json::to_value(h.as_ref()).is_ok_and(|hv| {
-                        covers(&hv, v)
-                            && hv["endpoints"].as_array().map(Vec::len)
-                                == v["endpoints"].as_array().map(Vec::len)
-                    })
-                });
+                .is_some_and(|h| annotation(&h.metadata) == want);
             if same {
                 continue;
             }
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
-            if let Err(e) = api.patch(name, &pp, &Patch::Apply(v)).await {
+            if let Err(e) = api.patch(name, pp, &Patch::Apply(v)).await {
                 first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: {e}"));
             }
         }
-        for (ns, name) in have_slices.keys() {
-            if wanted_slices.contains_key(&(ns.clone(), name.clone())) {
+        for (ns, name) in have.keys() {
+            if wanted.contains_key(&(ns.clone(), name.clone())) {
                 continue;
             }
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
@@ -462,20 +514,6 @@ impl Mesh {
                 }
             }
         }
-        for (ns, name) in existing.keys() {
-            if wanted_imports.contains(&(ns.clone(), name.clone())) {
-                continue;
-            }
-            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    first_err.get_or_insert(format!("ServiceImport {ns}/{name}: deleting: {e}"));
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
     }
 
     fn status(&self, exports: usize) -> MeshStatus {
@@ -531,6 +569,7 @@ pub(crate) async fn run(
         link,
         last_error: None,
         imports_written: 0,
+        allocated: BTreeMap::new(),
     };
     let mut last_status = None;
     loop {

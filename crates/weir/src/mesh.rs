@@ -35,6 +35,9 @@ pub(crate) struct MeshArgs {
     /// Its key (PEM).
     #[arg(long, env = "WEIR_MESH_ETCD_KEY")]
     etcd_key: Option<PathBuf>,
+    /// The name etcd's certificate must carry (default: each endpoint's host).
+    #[arg(long, env = "WEIR_MESH_ETCD_SERVER_NAME")]
+    etcd_server_name: Option<String>,
     /// How long this cluster's exports outlive the mesh's last renewal in etcd before the
     /// other clusters withdraw them.
     #[arg(long, env = "WEIR_MESH_REMOTE_TTL", default_value = "60s", value_parser = crate::cli::parse_duration)]
@@ -55,6 +58,20 @@ pub(crate) struct MeshArgs {
 
 impl MeshArgs {
     fn config(&self) -> Result<weir_mesh::MeshConfig> {
+        // The id names etcd keys and DNS labels (`<host>.<clusterid>.<svc>...`).
+        let id = &self.cluster_id;
+        let label = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !id.starts_with('-')
+            && !id.ends_with('-');
+        if !label {
+            anyhow::bail!(
+                "--cluster-id {id:?}: a cluster id must be a DNS label (lowercase letters, digits and '-', at most 63)"
+            );
+        }
         let mut cidrs = Vec::new();
         for c in &self.clusterset_cidr {
             cidrs.push(
@@ -71,6 +88,7 @@ impl MeshArgs {
                     ca: ca.clone(),
                     cert: cert.clone(),
                     key: key.clone(),
+                    server_name: self.etcd_server_name.clone(),
                 }),
                 _ => None,
             },
@@ -106,7 +124,6 @@ async fn serve(client: kube::Client, cfg: weir_mesh::MeshConfig) -> Result<ExitC
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use clap::{CommandFactory, Parser};
     use serde_json::Value;
 
@@ -151,7 +168,8 @@ mod tests {
                 .unwrap_or_else(|| panic!("{k} is no flag's environment variable"));
             argv.push(format!("--{}={v}", arg.get_long().unwrap()));
         }
-        let cli = crate::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let cli =
+            crate::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         let crate::cli::Command::Mesh(a) = &cli.command else {
             panic!("not weir mesh")
         };

@@ -85,9 +85,15 @@ fn mesh_manifests_render_and_validate_strictly() {
         "ConfigMap/weir-mesh-config",
         "Deployment/weir-mesh",
     ] {
-        assert!(kinds.iter().any(|k| k == want), "{want} missing from {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "{want} missing from {kinds:?}"
+        );
     }
-    assert!(rendered.contains("image: localhost/weir:0.1.0"), "{rendered}");
+    assert!(
+        rendered.contains("image: localhost/weir:0.1.0"),
+        "{rendered}"
+    );
 }
 
 /// Validates `object` against the CRD's openAPIV3Schema with python's jsonschema (a
