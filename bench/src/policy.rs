@@ -39,6 +39,8 @@ fn pod(n: usize, ip: &str, node: &str, app: &str) -> PodInfo {
         ports: Vec::new(),
         node: Some(node.into()),
         host_network: false,
+        cluster: None,
+        namespace_labels: None,
     }
 }
 

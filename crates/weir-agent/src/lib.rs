@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub service_proxy_name: Option<String>,
     /// TCP addresses serving /healthz, /readyz and /metrics.
     pub listen: Vec<std::net::SocketAddr>,
+    /// This cluster's id in its clusterset: every identity carries it as `weir.dev/cluster`
+    /// (None: not in a clusterset).
+    pub cluster_id: Option<String>,
 }
 
 /// Services (and their EndpointSlices) with this label have no proxy at all: the
@@ -488,6 +491,7 @@ pub async fn run(
             flow_log.clone(),
             cfg.node_name.clone(),
             cfg.identity_gc_grace,
+            cfg.cluster_id.clone(),
         ));
     }
     let shared = Arc::new(Shared {

@@ -194,6 +194,51 @@ fn node_addresses(n: &Node) -> Vec<IpAddr> {
         .collect()
 }
 
+/// In a clusterset: every local pod's identity carries `weir.dev/cluster=<this cluster>`
+/// (whatever label the pod set itself), and the other clusters' pods join as peers with
+/// theirs.
+fn add_clusterset(cluster: &mut policy::Cluster, id: Option<&str>, remote: &[Arc<DynamicObject>]) {
+    let Some(id) = id else { return };
+    for p in &mut cluster.pods {
+        p.labels.insert(policy::CLUSTER_LABEL.into(), id.into());
+    }
+    for r in remote {
+        let spec = r.data.get("spec").cloned().unwrap_or_default();
+        let text = |k: &str| {
+            spec.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let map = |k: &str| -> BTreeMap<String, String> {
+            serde_json::from_value(spec.get(k).cloned().unwrap_or_default()).unwrap_or_default()
+        };
+        let c = text("cluster");
+        if c.is_empty() || c == id {
+            continue;
+        }
+        let mut labels = map("labels");
+        labels.insert(policy::CLUSTER_LABEL.into(), c.clone());
+        cluster.pods.push(policy::PodInfo {
+            namespace: text("namespace"),
+            name: text("pod"),
+            labels,
+            ips: spec
+                .get("ips")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect(),
+            ports: Vec::new(),
+            node: None,
+            host_network: false,
+            cluster: Some(c),
+            namespace_labels: Some(map("namespaceLabels")),
+        });
+    }
+}
+
 /// Runs the NetworkPolicy loop for `node` until the process ends.
 pub async fn run(
     client: Client,
@@ -202,8 +247,23 @@ pub async fn run(
     flows: Arc<Mutex<crate::flows::FlowLog>>,
     node: String,
     gc_grace: Duration,
+    cluster_id: Option<String>,
 ) {
     let notify = Arc::new(Notify::new());
+    // Other clusters' pods (the mesh writes them): NetworkPolicy peers.
+    let rar = {
+        let k = weir_model::kinds::REMOTE_ENDPOINT;
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(k.group, k.version, k.kind),
+            k.plural,
+        )
+    };
+    let remote_store = crate::spawn_reflector_with(
+        Api::<DynamicObject>::all_with(client.clone(), &rar),
+        reflector::store::Writer::new(rar.clone()),
+        watcher::Config::default(),
+        wake(&notify),
+    );
     let pod_store = crate::spawn_reflector(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
@@ -249,6 +309,7 @@ pub async fn run(
         np_store.wait_until_ready().await,
         node_store.wait_until_ready().await,
         id_store.wait_until_ready().await,
+        remote_store.wait_until_ready().await,
     ] {
         if ready.is_err() {
             tracing::error!("a NetworkPolicy watch ended before its first list");
@@ -260,20 +321,17 @@ pub async fn run(
     let mut created: BTreeMap<IdentityLabels, u32> = BTreeMap::new();
     let mut gc = IdentityGc::default();
     loop {
-        let cluster = policy::Cluster::from_objects(
+        let mut cluster = policy::Cluster::from_objects(
             ns_store.state().iter().map(|n| &**n),
             pod_store.state().iter().map(|p| &**p),
             np_store.state().iter().map(|p| &**p),
         );
+        add_clusterset(&mut cluster, cluster_id.as_deref(), &remote_store.state());
         flows.lock().expect("flow log").pod_names = cluster
             .pods
             .iter()
             .filter(|p| !p.host_network)
-            .flat_map(|p| {
-                p.ips
-                    .iter()
-                    .map(move |ip| (*ip, format!("{}/{}", p.namespace, p.name)))
-            })
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
             .collect();
 
         // Identities: the lowest number for each label set. The ones this agent created
@@ -364,6 +422,12 @@ pub async fn run(
                 .copied(),
         );
         let state = policy::compile(&cluster, &view, &|l| ids.get(l).copied(), &mut local);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (ep, p) in &state.endpoints {
+                tracing::debug!(endpoint = %ep, ingress = ?p.ingress, egress = ?p.egress, "policy entries");
+            }
+            tracing::debug!(ipcache = ?state.ipcache, "ipcache");
+        }
         let policies = state.policies.clone();
         let pending = state.pending_identities.clone();
         let started = std::time::Instant::now();
@@ -468,5 +532,85 @@ mod tests {
         assert!(gc.next_due(grace).is_some());
         assert!(gc.due(&BTreeSet::new(), t2 + grace, grace).is_empty());
         assert_eq!(gc.next_due(grace), None);
+    }
+
+    #[test]
+    fn other_clusters_pods_join_as_peers() {
+        use serde_json::json;
+        let ns = |n: &str, labels: serde_json::Value| -> Namespace {
+            serde_json::from_value(json!({"metadata": {"name": n, "labels": labels}})).unwrap()
+        };
+        let pod = |n: &str, name: &str, ip: &str, labels: serde_json::Value| -> Pod {
+            serde_json::from_value(
+                json!({"metadata": {"namespace": n, "name": name, "labels": labels},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}),
+            )
+            .unwrap()
+        };
+        let nss = [ns("mcs", json!({})), ns("team", json!({}))];
+        let pods = [
+            pod("mcs", "hello-1", "10.244.1.3", json!({"app": "hello"})),
+            pod("team", "client", "10.244.1.4", json!({})),
+        ];
+        let np: NetworkPolicy = serde_json::from_value(json!({"metadata": {"namespace": "mcs", "name": "p"},
+            "spec": {"podSelector": {"matchLabels": {"app": "hello"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}}))
+        .unwrap();
+        let mut c = policy::Cluster::from_objects(nss.iter(), pods.iter(), [&np]);
+        let rep = |name: &str, n: &str, ip: &str, nsl: serde_json::Value| {
+            let ar = crate::policy::identity_resource();
+            let mut o = DynamicObject::new(name, &ar);
+            o.data = json!({"spec": {"cluster": "c2", "namespace": n, "pod": "client", "ips": [ip],
+                                     "labels": {}, "namespaceLabels": nsl}});
+            Arc::new(o)
+        };
+        add_clusterset(
+            &mut c,
+            Some("c1"),
+            &[
+                rep(
+                    "c2.team.client",
+                    "team",
+                    "10.245.1.4",
+                    json!({"kubernetes.io/metadata.name": "team", "team": "a"}),
+                ),
+                rep(
+                    "c2.mcs.client",
+                    "mcs",
+                    "10.245.1.2",
+                    json!({"kubernetes.io/metadata.name": "mcs"}),
+                ),
+            ],
+        );
+        let ids: BTreeMap<IdentityLabels, u32> =
+            c.identity_labels().into_iter().zip(256..).collect();
+        let view = NodeView {
+            name: "node-1".into(),
+            ..Default::default()
+        };
+        let st = policy::compile(
+            &c,
+            &view,
+            &|l| ids.get(l).copied(),
+            &mut LocalIds::default(),
+        );
+        let ep = &st.endpoints["mcs/hello-1"];
+        let peers: Vec<u32> = ep
+            .ingress
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.peer)
+            .collect();
+        let class =
+            |ip: &str| st.ipcache[&ipnet::IpNet::from(ip.parse::<IpAddr>().unwrap())].ns_class;
+        assert!(
+            peers.contains(&class("10.245.1.4")),
+            "{peers:?} {:?}",
+            st.ipcache
+        );
+        assert!(!peers.contains(&class("10.245.1.2")), "{peers:?}");
+        assert!(!peers.contains(&class("10.244.1.4")), "{peers:?}");
     }
 }

@@ -106,6 +106,10 @@ impl Protocol {
     }
 }
 
+/// The label every identity of a clusterset carries: the cluster the pod runs in (set by
+/// weir from where the pod lives; a pod's own label of that name is overridden).
+pub const CLUSTER_LABEL: &str = "weir.dev/cluster";
+
 /// The labels an identity stands for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +150,12 @@ pub struct PodInfo {
     pub node: Option<String>,
     /// `spec.hostNetwork`: the pod has its node's addresses and no identity of its own.
     pub host_network: bool,
+    /// The cluster of a pod another cluster of the clusterset runs (None: this cluster's).
+    /// Such a pod is a peer only: no policy here selects it.
+    pub cluster: Option<String>,
+    /// A remote pod's namespace labels, as its own cluster has them (namespace sameness
+    /// shares the name, not the labels).
+    pub namespace_labels: Option<BTreeMap<String, String>>,
 }
 
 impl PodInfo {
@@ -187,12 +197,26 @@ impl PodInfo {
             ports,
             node: spec.and_then(|s| s.node_name.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            cluster: None,
+            namespace_labels: None,
         }
     }
 
-    /// `namespace/name`.
+    /// `namespace/name` (`cluster/namespace/name` for another cluster's pod).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        match &self.cluster {
+            Some(c) => format!("{c}/{}/{}", self.namespace, self.name),
+            None => format!("{}/{}", self.namespace, self.name),
+        }
+    }
+
+    /// The key of the pod's namespace: its name, or `cluster/name` for another cluster's
+    /// (whose labels may differ).
+    pub fn ns_key(&self) -> String {
+        match &self.cluster {
+            Some(c) => format!("{c}/{}", self.namespace),
+            None => self.namespace.clone(),
+        }
     }
 
     /// The identity labels of this pod in a namespace with `namespace_labels`.
@@ -293,12 +317,19 @@ impl Cluster {
         })
     }
 
+    /// The labels of pod `p`'s namespace: its own cluster's for another cluster's pod.
+    pub fn pod_namespace_labels(&self, p: &PodInfo) -> BTreeMap<String, String> {
+        p.namespace_labels
+            .clone()
+            .unwrap_or_else(|| self.namespace_labels(&p.namespace))
+    }
+
     /// The identity labels of every pod that has an identity (not host-network).
     pub fn identity_labels(&self) -> BTreeSet<IdentityLabels> {
         self.pods
             .iter()
             .filter(|p| !p.host_network)
-            .map(|p| p.identity_labels(&self.namespace_labels(&p.namespace)))
+            .map(|p| p.identity_labels(&self.pod_namespace_labels(p)))
             .collect()
     }
 }
@@ -335,10 +366,11 @@ impl LocalIds {
             if map.contains_key(k) {
                 continue;
             }
-            while used.contains(&next) {
+            // `used` holds numbers with their base.
+            while used.contains(&(base + next)) {
                 next += 1;
             }
-            used.insert(next);
+            used.insert(base + next);
             map.insert(k.clone(), base + next);
         }
     }
@@ -551,8 +583,10 @@ struct Ctx<'a> {
     cluster: &'a Cluster,
     /// Pod index -> identity.
     pod_identity: Vec<Option<u32>>,
-    /// Namespace -> class.
+    /// Namespace key (see [`PodInfo::ns_key`]) -> class.
     ns_class: &'a HashMap<String, u32>,
+    /// Namespace key -> (namespace name, labels).
+    ns_info: BTreeMap<String, (String, BTreeMap<String, String>)>,
     cidr_ids: &'a HashMap<IpNet, u32>,
 }
 
@@ -632,19 +666,27 @@ impl Ctx<'_> {
                 ));
                 continue;
             };
-            let ns_matches = |ns: &str| match &peer.namespace_selector {
-                None => ns == policy_ns,
-                Some(_) => ns_sel.matches(&self.cluster.namespace_labels(ns)),
-            };
-            let members =
-                self.pods_where(|p| ns_matches(&p.namespace) && pod_sel.matches(&p.labels));
+            // A namespace by name and labels: with namespace sameness a peer without a
+            // namespaceSelector is the policy's namespace in every cluster, and a selector
+            // judges each cluster's namespace by its own labels.
+            let ns_matches =
+                |ns: &str, labels: &BTreeMap<String, String>| match &peer.namespace_selector {
+                    None => ns == policy_ns,
+                    Some(_) => ns_sel.matches(labels),
+                };
+            let members = self.pods_where(|p| {
+                ns_matches(&p.namespace, &self.cluster.pod_namespace_labels(p))
+                    && pod_sel.matches(&p.labels)
+            });
             if pod_sel.is_empty() {
                 if peer.namespace_selector.is_some() && ns_sel.is_empty() {
                     out.ids.insert(id::CLUSTER);
                 } else {
-                    for (ns, class) in self.ns_class {
-                        if ns_matches(ns) {
-                            out.ids.insert(*class);
+                    for (key, class) in self.ns_class {
+                        if let Some((ns, labels)) = self.ns_info.get(key) {
+                            if ns_matches(ns, labels) {
+                                out.ids.insert(*class);
+                            }
                         }
                     }
                 }
@@ -668,10 +710,15 @@ pub fn compile(
     local: &mut LocalIds,
 ) -> PolicyState {
     let mut state = PolicyState::default();
-    let ns_labels: BTreeMap<&str, BTreeMap<String, String>> = cluster
+    let ns_info: BTreeMap<String, (String, BTreeMap<String, String>)> = cluster
         .pods
         .iter()
-        .map(|p| (p.namespace.as_str(), cluster.namespace_labels(&p.namespace)))
+        .map(|p| {
+            (
+                p.ns_key(),
+                (p.namespace.clone(), cluster.pod_namespace_labels(p)),
+            )
+        })
         .collect();
     let pod_identity: Vec<Option<u32>> = cluster
         .pods
@@ -680,7 +727,7 @@ pub fn compile(
             if p.host_network {
                 return None;
             }
-            let id = identity(&p.identity_labels(&ns_labels[p.namespace.as_str()]));
+            let id = identity(&p.identity_labels(&ns_info[&p.ns_key()].1));
             if id.is_none() {
                 state.pending_identities.push(p.key());
             }
@@ -689,7 +736,7 @@ pub fn compile(
         .collect();
 
     // Node-local numbers: a class per namespace that has pods, an id per ipBlock prefix.
-    let namespaces: BTreeSet<String> = cluster.pods.iter().map(|p| p.namespace.clone()).collect();
+    let namespaces: BTreeSet<String> = ns_info.keys().cloned().collect();
     LocalIds::assign(&mut local.namespaces, &namespaces, id::NS_BASE);
     let mut cidrs = BTreeSet::new();
     for np in &cluster.policies {
@@ -741,7 +788,7 @@ pub fn compile(
         let Some(identity) = pod_identity[i] else {
             continue;
         };
-        let ns_class = local.namespaces[&p.namespace];
+        let ns_class = local.namespaces[&p.ns_key()];
         for ip in &p.ips {
             state
                 .ipcache
@@ -753,6 +800,7 @@ pub fn compile(
         cluster,
         pod_identity,
         ns_class: &local.namespaces,
+        ns_info,
         cidr_ids: &local.cidrs,
     };
     for (i, p) in cluster.pods.iter().enumerate() {
@@ -826,7 +874,12 @@ fn compile_one(
         .pods
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.namespace == ns && !p.host_network && pod_sel.matches(&p.labels))
+        .filter(|(_, p)| {
+            p.namespace == ns
+                && p.cluster.is_none()
+                && !p.host_network
+                && pod_sel.matches(&p.labels)
+        })
         .map(|(i, _)| i)
         .collect();
     st.selected = selected
@@ -1000,6 +1053,8 @@ mod tests {
             ],
             node: Some(node.into()),
             host_network: false,
+            cluster: None,
+            namespace_labels: None,
         }
     }
 
@@ -1151,6 +1206,165 @@ mod tests {
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;
+
+    /// Another cluster's pod in namespace `ns`, whose namespace there has `ns_labels`.
+    fn remote(
+        cluster: &str,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        ns_labels: &[(&str, &str)],
+    ) -> PodInfo {
+        let mut p = pod(ns, name, &[("pod", name), (CLUSTER_LABEL, cluster)], ip, "");
+        p.node = None;
+        p.cluster = Some(cluster.into());
+        p.namespace_labels = Some(
+            ns_labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        p
+    }
+
+    /// Numbers handed out over several compiles never collide (a namespace that appears
+    /// later used to get the number of one numbered before).
+    #[test]
+    fn local_numbers_stay_distinct_across_compiles() {
+        let mut m: HashMap<String, u32> = HashMap::new();
+        LocalIds::assign(&mut m, &BTreeSet::from(["b".to_string()]), id::NS_BASE);
+        LocalIds::assign(
+            &mut m,
+            &BTreeSet::from(["a".to_string(), "b".to_string()]),
+            id::NS_BASE,
+        );
+        assert_ne!(m["a"], m["b"], "{m:?}");
+        assert_eq!(m["b"], id::NS_BASE + 1, "kept");
+    }
+
+    #[test]
+    fn a_remote_namespace_is_judged_by_its_own_labels() {
+        let mut c = Cluster::default();
+        for ns in ["mcs", "team"] {
+            c.namespaces.insert(
+                ns.into(),
+                BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
+            );
+        }
+        c.pods.push(pod(
+            "mcs",
+            "hello-1",
+            &[("app", "hello"), (CLUSTER_LABEL, "c1")],
+            "10.244.1.3",
+            "node-1",
+        ));
+        c.pods.push(pod(
+            "mcs",
+            "client",
+            &[(CLUSTER_LABEL, "c1")],
+            "10.244.1.4",
+            "node-1",
+        ));
+        c.pods.push(pod(
+            "team",
+            "client",
+            &[(CLUSTER_LABEL, "c1")],
+            "10.244.1.5",
+            "node-1",
+        ));
+        c.pods.push(remote(
+            "c2",
+            "mcs",
+            "client",
+            "10.245.1.2",
+            &[("kubernetes.io/metadata.name", "mcs")],
+        ));
+        c.pods.push(remote(
+            "c2",
+            "team",
+            "client",
+            "10.245.1.4",
+            &[("kubernetes.io/metadata.name", "team"), ("team", "a")],
+        ));
+        c.policies = vec![np(
+            "mcs",
+            "from-team-a",
+            json!({"podSelector": {"matchLabels": {"app": "hello"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}),
+        )];
+        let r = compile_for(&c, "node-1");
+        assert!(r.allows("mcs/hello-1", true, "10.245.1.4", TCP, 8080));
+        assert!(!r.allows("mcs/hello-1", true, "10.245.1.2", TCP, 8080));
+        assert!(!r.allows("mcs/hello-1", true, "10.244.1.5", TCP, 8080));
+    }
+
+    /// A remote pod is a peer with its own cluster's namespace labels (namespace sameness by
+    /// name only), never a policy's target, and `weir.dev/cluster` picks a cluster.
+    #[test]
+    fn pods_of_other_clusters_are_peers_judged_by_their_own_namespace_labels() {
+        let mut c = model(vec![
+            np(
+                "x",
+                "from-team-a",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}),
+            ),
+            np(
+                "x",
+                "only-c2",
+                json!({"podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {CLUSTER_LABEL: "c2"}}}]}]}),
+            ),
+        ]);
+        // In c2, namespace y has team=a; here it has not.
+        c.pods.push(remote(
+            "c2",
+            "y",
+            "r1",
+            "10.1.0.1",
+            &[("team", "a"), ("kubernetes.io/metadata.name", "y")],
+        ));
+        c.pods.push(remote(
+            "c3",
+            "y",
+            "r2",
+            "10.1.0.2",
+            &[("team", "b"), ("kubernetes.io/metadata.name", "y")],
+        ));
+        c.pods.push(remote(
+            "c2",
+            "x",
+            "r3",
+            "10.1.0.3",
+            &[("kubernetes.io/metadata.name", "x")],
+        ));
+        let r = compile_for(&c, "node-1");
+        assert!(
+            r.allows("x/a", true, "10.1.0.1", TCP, 80),
+            "c2's team-a namespace"
+        );
+        assert!(
+            !r.allows("x/a", true, "10.1.0.2", TCP, 80),
+            "c3's y is not team a"
+        );
+        assert!(
+            !r.allows("x/a", true, "10.0.1.1", TCP, 80),
+            "local y is not team a"
+        );
+        let r2 = compile_for(&c, "node-2");
+        assert!(r2.allows("x/b", true, "10.1.0.3", TCP, 80), "a c2 pod");
+        assert!(!r2.allows("x/b", true, "10.0.0.3", TCP, 80), "a local pod");
+        assert!(
+            !r.state.endpoints.keys().any(|k| k.starts_with("c2/")),
+            "remote pods are not targets"
+        );
+        let st = c.statuses();
+        assert!(
+            st.iter()
+                .all(|s| s.selected.iter().all(|p| !p.starts_with("c"))),
+            "{st:?}"
+        );
+    }
 
     #[test]
     fn port_prefixes_cover_exactly_the_range() {

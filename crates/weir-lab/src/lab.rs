@@ -858,6 +858,7 @@ pub async fn run_agent(
         identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
         service_proxy_name: layout.service_proxy_name.clone(),
         listen: metrics_addr(layout.node(node)?).into_iter().collect(),
+        cluster_id: name.split_once('/').map(|(_, c)| c.to_string()),
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
         .await

@@ -14,7 +14,7 @@ use etcd_client::{
 };
 use tokio::sync::{watch, Notify};
 
-use crate::record::{self, ClusterRecord, ExportRecord, Key};
+use crate::record::{self, ClusterRecord, ExportRecord, Key, PodRecord};
 use crate::MeshConfig;
 
 /// Every cluster's records as last read from etcd.
@@ -22,6 +22,8 @@ use crate::MeshConfig;
 pub struct Remote {
     /// Exports by (cluster, namespace, name).
     pub exports: BTreeMap<(String, String, String), ExportRecord>,
+    /// Pods by (cluster, namespace, name).
+    pub pods: BTreeMap<(String, String, String), PodRecord>,
     /// Presence records by cluster.
     pub clusters: BTreeMap<String, ClusterRecord>,
     /// True once a complete list has been read: before that, nothing may be concluded from
@@ -123,6 +125,12 @@ fn parse_into(remote: &mut Remote, set: &str, key: &str, value: &[u8]) {
             }
             Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable export record"),
         },
+        Some(Key::Pod(c, ns, name)) => match serde_json::from_slice(value) {
+            Ok(r) => {
+                remote.pods.insert((c, ns, name), r);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable pod record"),
+        },
         Some(Key::Cluster(c)) => match serde_json::from_slice(value) {
             Ok(r) => {
                 remote.clusters.insert(c, r);
@@ -137,6 +145,9 @@ fn remove_from(remote: &mut Remote, set: &str, key: &str) {
     match record::parse_key(set, key) {
         Some(Key::Export(c, ns, name)) => {
             remote.exports.remove(&(c, ns, name));
+        }
+        Some(Key::Pod(c, ns, name)) => {
+            remote.pods.remove(&(c, ns, name));
         }
         Some(Key::Cluster(c)) => {
             remote.clusters.remove(&c);
@@ -247,17 +258,17 @@ async fn session(
         ),
     )
     .await?;
-    // What etcd holds of this cluster's exports: what a previous session (or mesh) left,
+    // What etcd holds of this cluster's records: what a previous session (or mesh) left,
     // to be replaced by what is wanted now.
-    let own_prefix = format!("{prefix}exports/{}/", cfg.cluster);
     let mut published: BTreeMap<String, String> = BTreeMap::new();
     {
         let mut r = remote.lock().expect("remote");
         r.exports.clear();
+        r.pods.clear();
         r.clusters.clear();
         for kv in listed.kvs() {
             let key = kv.key_str().unwrap_or_default();
-            if key.starts_with(&own_prefix) {
+            if record::is_own(&cfg.clusterset, &cfg.cluster, key) {
                 published.insert(key.to_string(), String::new());
             }
             parse_into(&mut r, &cfg.clusterset, key, kv.value());

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -22,7 +22,7 @@ use crate::export::{self, Invalid};
 use crate::import::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::link::{LinkState, Remote};
 use crate::merge::{self, Merged};
-use crate::record::{self, ExportRecord};
+use crate::record::{self, ExportRecord, PodRecord};
 use crate::{MeshConfig, MeshStatus};
 
 const FIELD_MANAGER: &str = "weir-mesh";
@@ -67,11 +67,14 @@ struct Stores {
     namespaces: Store<Namespace>,
     imports: Store<DynamicObject>,
     mcs_slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    remote_endpoints: Store<DynamicObject>,
 }
 
 fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
     let ex = api_resource(&weir_model::kinds::SERVICE_EXPORT);
     let im = api_resource(&weir_model::kinds::SERVICE_IMPORT);
+    let re = api_resource(&weir_model::kinds::REMOTE_ENDPOINT);
     let all = watcher::Config::default;
     Stores {
         services: spawn_reflector(
@@ -108,6 +111,18 @@ fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
             Api::all(client.clone()),
             Writer::default(),
             all().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+            wake.clone(),
+        ),
+        pods: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all(),
+            wake.clone(),
+        ),
+        remote_endpoints: spawn_reflector(
+            Api::all_with(client.clone(), &re),
+            Writer::new(re.clone()),
+            all().labels(&format!("{}={MANAGED_BY}", import::IMPORT_MANAGED_LABEL)),
             wake.clone(),
         ),
     }
@@ -227,10 +242,62 @@ impl Mesh {
                 .is_some_and(|d: Duration| d < self.cfg.remote_ttl)
     }
 
+    /// This cluster's pods as other clusters' NetworkPolicy sees them: those with addresses
+    /// of their own (not host-network) that have not finished.
+    fn own_pods(&self) -> Vec<PodRecord> {
+        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = self
+            .stores
+            .namespaces
+            .state()
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.clone()?;
+                let mut l = n.metadata.labels.clone().unwrap_or_default();
+                l.entry("kubernetes.io/metadata.name".into())
+                    .or_insert_with(|| name.clone());
+                Some((name, l))
+            })
+            .collect();
+        self.stores
+            .pods
+            .state()
+            .iter()
+            .filter(|p| {
+                !p.spec
+                    .as_ref()
+                    .and_then(|s| s.host_network)
+                    .unwrap_or(false)
+            })
+            .filter_map(|p| {
+                let st = p.status.as_ref()?;
+                if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                    return None;
+                }
+                let mut ips: Vec<String> =
+                    st.pod_ips.iter().flatten().map(|i| i.ip.clone()).collect();
+                if ips.is_empty() {
+                    ips.extend(st.pod_ip.clone());
+                }
+                if ips.is_empty() {
+                    return None;
+                }
+                let (ns, name) = ns_name(&p.metadata);
+                Some(PodRecord {
+                    cluster: self.cfg.cluster.clone(),
+                    namespace_labels: ns_labels.get(&ns).cloned().unwrap_or_default(),
+                    namespace: ns,
+                    name,
+                    ips,
+                    labels: p.metadata.labels.clone().unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     async fn pass(&mut self) -> Result<(), String> {
         let (own, validity) = self.own_exports();
         let set = &self.cfg.clusterset;
-        let kv: BTreeMap<String, String> = own
+        let mut kv: BTreeMap<String, String> = own
             .iter()
             .map(|((ns, name), r)| {
                 (
@@ -239,6 +306,12 @@ impl Mesh {
                 )
             })
             .collect();
+        for p in self.own_pods() {
+            kv.insert(
+                record::pod_key(set, &self.cfg.cluster, &p.namespace, &p.name),
+                serde_json::to_string(&p).expect("json"),
+            );
+        }
         self.own_tx.send_if_modified(|cur| {
             if *cur != kv {
                 *cur = kv.clone();
@@ -252,6 +325,14 @@ impl Mesh {
 
         // The merged view: other clusters' records from etcd, this cluster's from its API
         // (so that local changes reach local clients even while etcd is out of reach).
+        let remote_pods: Vec<PodRecord> = {
+            let r = self.remote.lock().expect("remote");
+            r.pods
+                .values()
+                .filter(|p| p.cluster != self.cfg.cluster)
+                .cloned()
+                .collect()
+        };
         let (synced, mut all): (bool, BTreeMap<(String, String), Vec<ExportRecord>>) = {
             let r = self.remote.lock().expect("remote");
             let mut all: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
@@ -289,6 +370,58 @@ impl Mesh {
         if synced {
             if let Err(e) = self.write_imports(&merged, &all).await {
                 first_err.get_or_insert(e);
+            }
+            if let Err(e) = self.write_remote_endpoints(&remote_pods).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Writes a RemoteEndpoint for every other cluster's pod (where its hash differs) and
+    /// deletes the mesh's RemoteEndpoints of pods gone.
+    async fn write_remote_endpoints(&self, pods: &[PodRecord]) -> Result<(), String> {
+        let ar = api_resource(&weir_model::kinds::REMOTE_ENDPOINT);
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let have: BTreeMap<String, Arc<DynamicObject>> = self
+            .stores
+            .remote_endpoints
+            .state()
+            .into_iter()
+            .map(|o| (o.metadata.name.clone().unwrap_or_default(), o))
+            .collect();
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let mut first_err = None;
+        let mut wanted = HashSet::new();
+        for p in pods {
+            let name = format!("{}.{}.{}", p.cluster, p.namespace, p.name);
+            let spec = json!({"cluster": p.cluster, "namespace": p.namespace, "pod": p.name,
+                              "ips": p.ips, "labels": p.labels, "namespaceLabels": p.namespace_labels});
+            let h = import::hash(&spec);
+            wanted.insert(name.clone());
+            if have
+                .get(&name)
+                .is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()))
+            {
+                continue;
+            }
+            let obj = json!({
+                "apiVersion": "weir.dev/v1alpha1", "kind": "RemoteEndpoint",
+                "metadata": {"name": name, "labels": {import::IMPORT_MANAGED_LABEL: MANAGED_BY},
+                             "annotations": {import::HASH_ANNOTATION: h}},
+                "spec": spec,
+            });
+            if let Err(e) = api.patch(&name, &pp, &Patch::Apply(&obj)).await {
+                first_err.get_or_insert(format!("RemoteEndpoint {name}: {e}"));
+            }
+        }
+        for name in have.keys().filter(|n| !wanted.contains(*n)) {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    first_err.get_or_insert(format!("RemoteEndpoint {name}: deleting: {e}"));
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -554,6 +687,8 @@ pub(crate) async fn run(
         stores.namespaces.wait_until_ready().await.is_ok(),
         stores.imports.wait_until_ready().await.is_ok(),
         stores.mcs_slices.wait_until_ready().await.is_ok(),
+        stores.pods.wait_until_ready().await.is_ok(),
+        stores.remote_endpoints.wait_until_ready().await.is_ok(),
     ] {
         if !ready {
             return Err("a watch of the cluster's API ended before it started".into());
@@ -578,7 +713,10 @@ pub(crate) async fn run(
         if let Some(e) = &mesh.last_error {
             tracing::warn!(error = %e, "mesh pass");
         }
-        let exports = mesh.own_tx.borrow().len();
+        let exports = {
+            let kv = mesh.own_tx.borrow();
+            kv.keys().filter(|k| k.contains("/exports/")).count()
+        };
         let st = mesh.status(exports);
         if let Some(path) = &mesh.cfg.status_file {
             if last_status.as_ref() != Some(&st) {

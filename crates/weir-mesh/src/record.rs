@@ -28,6 +28,16 @@ pub fn export_key(set: &str, cluster: &str, namespace: &str, name: &str) -> Stri
     format!("{}exports/{cluster}/{namespace}/{name}", prefix(set))
 }
 
+/// The key of `cluster`'s pod `namespace/name`.
+pub fn pod_key(set: &str, cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{}pods/{cluster}/{namespace}/{name}", prefix(set))
+}
+
+/// Whether `key` is one of `cluster`'s own records (other than its presence).
+pub fn is_own(set: &str, cluster: &str, key: &str) -> bool {
+    matches!(parse_key(set, key), Some(Key::Export(c, ..)) | Some(Key::Pod(c, ..)) if c == cluster)
+}
+
 /// What a key of clusterset `set` names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
@@ -35,6 +45,8 @@ pub enum Key {
     Cluster(String),
     /// A cluster's export: (cluster, namespace, name).
     Export(String, String, String),
+    /// A cluster's pod: (cluster, namespace, name).
+    Pod(String, String, String),
 }
 
 /// Parses a key of clusterset `set` (None: not one of the mesh's keys).
@@ -46,6 +58,7 @@ pub fn parse_key(set: &str, key: &str) -> Option<Key> {
         ["exports", c, ns, name] => {
             Some(Key::Export(c.to_string(), ns.to_string(), name.to_string()))
         }
+        ["pods", c, ns, name] => Some(Key::Pod(c.to_string(), ns.to_string(), name.to_string())),
         _ => None,
     }
 }
@@ -58,6 +71,27 @@ pub struct ClusterRecord {
     pub cluster: String,
     /// When its mesh last renewed it (RFC 3339).
     pub renewed_at: String,
+}
+
+/// A pod, as NetworkPolicy in other clusters sees it: its addresses, labels and its
+/// namespace's labels in its own cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    /// The pod's cluster.
+    pub cluster: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its addresses.
+    pub ips: Vec<String>,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its namespace's labels (with `kubernetes.io/metadata.name`).
+    #[serde(default)]
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One port of an exported Service (a ServiceImport port).
@@ -144,6 +178,13 @@ mod tests {
             Some(Key::Cluster("c2".into()))
         );
         assert_eq!(parse_key("other", &k), None);
+        let p = pod_key("s", "c1", "mcs", "web-0");
+        assert_eq!(
+            parse_key("s", &p),
+            Some(Key::Pod("c1".into(), "mcs".into(), "web-0".into()))
+        );
+        assert!(is_own("s", "c1", &p) && is_own("s", "c1", &k));
+        assert!(!is_own("s", "c2", &p) && !is_own("s", "c1", &cluster_key("s", "c1")));
         assert_eq!(parse_key("s", "weir/v1/s/exports/c1"), None);
     }
 }

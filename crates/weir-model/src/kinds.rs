@@ -145,6 +145,21 @@ pub const SECURITY_IDENTITY: ResourceKind = ResourceKind {
     has_status: false,
 };
 
+/// weir.dev/v1alpha1 RemoteEndpoint: a pod of another cluster of the clusterset (its
+/// addresses, labels and namespace labels), written by the cluster's mesh so that the
+/// agents' NetworkPolicy judges remote peers by their identity (as Cilium's clustermesh
+/// shares endpoints and identities). Cluster-scoped, named `<cluster>.<namespace>.<pod>`.
+pub const REMOTE_ENDPOINT: ResourceKind = ResourceKind {
+    group: "weir.dev",
+    version: "v1alpha1",
+    kind: "RemoteEndpoint",
+    plural: "remoteendpoints",
+    singular: "remoteendpoint",
+    namespaced: false,
+    short_names: &["rep"],
+    has_status: false,
+};
+
 /// multicluster.x-k8s.io ServiceExport (KEP-1645; the mcs-api CRD's storage version). The
 /// same objects are served as v1alpha1 too: the two versions' schemas are identical.
 pub const SERVICE_EXPORT: ResourceKind = ResourceKind {
@@ -207,6 +222,7 @@ pub const ALL: &[ResourceKind] = &[
     ENDPOINT_SLICE,
     NETWORK_POLICY,
     SECURITY_IDENTITY,
+    REMOTE_ENDPOINT,
     SERVICE_EXPORT,
     SERVICE_EXPORT_V1ALPHA1,
     SERVICE_IMPORT,

@@ -172,6 +172,36 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 priority: 1,
             },
         ],
+        "RemoteEndpoint" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Cluster",
+                priority: 0,
+            },
+            Column {
+                name: "Namespace",
+                priority: 0,
+            },
+            Column {
+                name: "Pod",
+                priority: 0,
+            },
+            Column {
+                name: "IPs",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+            Column {
+                name: "Labels",
+                priority: 1,
+            },
+        ],
         // The mcs-api CRD's additionalPrinterColumns.
         "ServiceImport" => &[
             Column {
@@ -435,6 +465,25 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             or_none(map_string(obj.pointer("/spec/podLabels"))),
             age,
             or_none(map_string(obj.pointer("/spec/namespaceLabels"))),
+        ],
+        "RemoteEndpoint" => vec![
+            name,
+            s(obj, "/spec/cluster").to_string(),
+            s(obj, "/spec/namespace").to_string(),
+            s(obj, "/spec/pod").to_string(),
+            or_none(
+                obj.pointer("/spec/ips")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+            ),
+            age,
+            or_none(map_string(obj.pointer("/spec/labels"))),
         ],
         "ServiceImport" => vec![
             name,

@@ -300,6 +300,7 @@ pub fn validate(
             "EndpointSlice" => validate_endpoint_slice(obj, old, &mut e),
             "NetworkPolicy" => validate_network_policy(obj, &mut e),
             "SecurityIdentity" => validate_security_identity(obj, &mut e),
+            "RemoteEndpoint" => validate_remote_endpoint(obj, &mut e),
             "ServiceExport" => mcs::validate_service_export(obj, &mut e),
             "ServiceImport" => mcs::validate_service_import(obj, &mut e),
             "ClusterProperty" => mcs::validate_cluster_property(obj, &mut e),
@@ -843,6 +844,43 @@ fn validate_endpoint_slice(obj: &Value, old: Option<&Value>, e: &mut Errs) {
 /// The identity numbers pods get (weir-control's policy::id::POD_MIN..=POD_MAX).
 const IDENTITY_RANGE: std::ops::RangeInclusive<u64> = 256..=(1 << 24) - 1;
 
+/// RemoteEndpoint: `spec.cluster`, `spec.namespace` and `spec.pod` required; `ips` addresses;
+/// label maps of strings.
+fn validate_remote_endpoint(obj: &Value, e: &mut Errs) {
+    for field in ["cluster", "namespace", "pod"] {
+        match str_at(obj, &format!("/spec/{field}")) {
+            Some(v) if !v.is_empty() => {}
+            _ => e.required(format!("spec.{field}")),
+        }
+    }
+    for (i, ip) in arr_at(obj, "/spec/ips").iter().enumerate() {
+        if ip.as_str().is_none_or(|s| s.parse::<std::net::IpAddr>().is_err()) {
+            e.invalid(format!("spec.ips[{i}]"), ip.clone(), "must be a valid IP address");
+        }
+    }
+    check_label_maps(obj, &["labels", "namespaceLabels"], e);
+}
+
+fn check_label_maps(obj: &Value, fields: &[&str], e: &mut Errs) {
+    for field in fields {
+        match obj.pointer(&format!("/spec/{field}")) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    if !v.is_string() {
+                        e.invalid(format!("spec.{field}[{k}]"), v.clone(), "must be a string");
+                    }
+                }
+            }
+            Some(other) => e.invalid(
+                format!("spec.{field}"),
+                other.clone(),
+                "must be a map of label keys to values",
+            ),
+        }
+    }
+}
+
 fn validate_security_identity(obj: &Value, e: &mut Errs) {
     let name = str_at(obj, "/metadata/name").unwrap_or_default();
     if !name
@@ -860,23 +898,7 @@ fn validate_security_identity(obj: &Value, e: &mut Errs) {
         Some(ns) if !ns.is_empty() => {}
         _ => e.required("spec.namespace"),
     }
-    for field in ["namespaceLabels", "podLabels"] {
-        match obj.pointer(&format!("/spec/{field}")) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                for (k, v) in m {
-                    if !v.is_string() {
-                        e.invalid(format!("spec.{field}[{k}]"), v.clone(), "must be a string");
-                    }
-                }
-            }
-            Some(other) => e.invalid(
-                format!("spec.{field}"),
-                other.clone(),
-                "must be a map of label keys to values",
-            ),
-        }
-    }
+    check_label_maps(obj, &["namespaceLabels", "podLabels"], e);
 }
 
 fn validate_network_policy(obj: &Value, e: &mut Errs) {

@@ -89,6 +89,11 @@ pub(crate) struct AgentArgs {
     /// service.kubernetes.io/headless are never programmed.
     #[arg(long, env = "WEIR_SERVICE_PROXY_NAME", value_name = "NAME")]
     pub service_proxy_name: Option<String>,
+    /// This cluster's id in a clusterset (its cluster.clusterset.k8s.io ClusterProperty):
+    /// every security identity carries it as the label weir.dev/cluster, and NetworkPolicy
+    /// peers of other clusters (the mesh's RemoteEndpoints) carry theirs.
+    #[arg(long, env = "WEIR_CLUSTER_ID", value_name = "ID")]
+    pub cluster_id: Option<String>,
     /// Where /healthz (alive) and /readyz (initial lists synced, datapath applied) are
     /// served for the kubelet's probes ("" for nowhere). /metrics is served here too.
     #[arg(
@@ -227,6 +232,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         identity_gc_grace: a.identity_gc_grace,
         service_proxy_name: a.service_proxy_name.clone(),
         listen,
+        cluster_id: a.cluster_id.clone(),
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,

@@ -52,6 +52,7 @@ fn manifests_render_and_validate_strictly() {
     for want in [
         "Namespace/weir-system",
         "CustomResourceDefinition/securityidentities.weir.dev",
+        "CustomResourceDefinition/remoteendpoints.weir.dev",
         "ServiceAccount/weir-agent",
         "ClusterRole/weir-agent",
         "ClusterRoleBinding/weir-agent",

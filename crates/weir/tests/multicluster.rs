@@ -517,3 +517,103 @@ spec:
     let r = c2.connect("mcs/client", "nope.mcs.svc.clusterset.local:80", "tcp", 2);
     assert_eq!(r["errors"]["ENOTFOUND"], 2, "{r}");
 }
+
+/// NetworkPolicy across the clusterset: selectors match pods of every cluster, a remote
+/// pod's namespace is judged by its own cluster's labels, and `weir.dev/cluster` (set from
+/// where the pod lives, whatever the pod says) limits a peer to one cluster.
+#[test]
+fn network_policy_across_clusters() {
+    let manifest = format!(
+        "{APP}---\n{}",
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: team}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: team}
+spec:
+  containers: [{name: c, image: echo}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mcs}
+spec:
+  containers: [{name: c, image: echo}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: liar, namespace: mcs, labels: {weir.dev/cluster: c2}}
+spec:
+  containers: [{name: c, image: echo}]
+"#
+    );
+    let set = ClusterSet::up("mcn", 2, 1, &manifest, &[]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    // Only c2's namespace `team` is team a.
+    ok(&mut c2.kubectl(&["label", "namespace", "team", "team=a"]));
+    let hello = c1.get_json(&["pods", "-n", "mcs", "hello-1"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = format!("{hello}:8080");
+    let reach = |c: &Lab, from: &str| c.connect(from, &target, "tcp", 2)["ok"] == 2;
+    // No policy: everyone reaches c1's pod by its address, across clusters too.
+    c2.eventually("c2 reaches c1's pod", Duration::from_secs(20), || {
+        reach(c2, "team/client")
+    });
+
+    let from_team_a = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-team-a, namespace: mcs}
+spec:
+  podSelector: {matchLabels: {app: hello}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: a}}}]}]
+"#;
+    assert!(c1.apply(from_team_a).status.success());
+    c1.eventually(
+        "c1's own team namespace denied",
+        Duration::from_secs(20),
+        || !reach(c1, "team/client"),
+    );
+    c2.eventually(
+        "c2's team namespace (labelled there) allowed",
+        Duration::from_secs(20),
+        || reach(c2, "team/client"),
+    );
+    assert!(!reach(c2, "mcs/client"), "c2's mcs namespace is not team a");
+    // The remote peers are known by identity, with their cluster.
+    let reps = c1.get_json(&["remoteendpoints"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert!(reps
+        .iter()
+        .any(|r| r["spec"]["cluster"] == "c2" && r["spec"]["pod"] == "client"));
+    assert!(
+        !reps.iter().any(|r| r["spec"]["cluster"] == "c1"),
+        "own pods are not remote"
+    );
+
+    ok(&mut c1.kubectl(&["delete", "networkpolicy", "-n", "mcs", "from-team-a"]));
+    let only_c2 = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-c2, namespace: mcs}
+spec:
+  podSelector: {matchLabels: {app: hello}}
+  ingress: [{from: [{podSelector: {matchLabels: {weir.dev/cluster: c2}}}]}]
+"#;
+    assert!(c1.apply(only_c2).status.success());
+    c1.eventually("c1's pods denied", Duration::from_secs(20), || {
+        !reach(c1, "mcs/client")
+    });
+    c2.eventually(
+        "c2's pods of the namespace allowed",
+        Duration::from_secs(20),
+        || reach(c2, "mcs/client"),
+    );
+    assert!(!reach(c1, "mcs/liar"), "a pod cannot claim another cluster");
+    assert!(!reach(c2, "team/client"), "another namespace of c2");
+}
