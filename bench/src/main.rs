@@ -19,12 +19,17 @@
 //! `weir-bench prefilter`: packets per second dropped from a denied source prefix, weir's XDP
 //! prefilter against an iptables raw-table DROP rule on the same device.
 //!
+//! `weir-bench mesh`: export to programmed across clusters (p50/p99, against a cluster's own
+//! propagation) and the connection rate to a ClusterSetIP against the remote pod IPs;
+//! `weir-bench mesh-scale`: clusters x exported Services to converge, etcd and mesh memory.
+//!
 //! `weir-bench program`: time to program N services x 3 endpoints into weir's maps (full
 //! apply and one-service change) against iptables-restore (legacy and nf_tables backends) and
 //! nft -f, in scratch network namespaces.
 #![forbid(unsafe_code)]
 
 mod kubeproxy;
+mod mesh;
 mod nodeport;
 mod podpod;
 mod policy;
@@ -815,6 +820,20 @@ fn main() -> Result<()> {
         Some("program") => {
             program_bench(args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000))
         }
+        Some("mesh") => mesh::bench(
+            args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(200),
+            args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20),
+            args.get(3)
+                .map(String::as_str)
+                .unwrap_or("target/release/weir"),
+        ),
+        Some("mesh-scale") => mesh::scale(
+            args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10),
+            args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000),
+            args.get(3)
+                .map(String::as_str)
+                .unwrap_or("target/release/weir"),
+        ),
         Some("api") => api_bench(
             args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000),
             args.get(2)
@@ -823,7 +842,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR]"
             );
             std::process::exit(2)
         }

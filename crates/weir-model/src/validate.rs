@@ -854,8 +854,15 @@ fn validate_remote_endpoint(obj: &Value, e: &mut Errs) {
         }
     }
     for (i, ip) in arr_at(obj, "/spec/ips").iter().enumerate() {
-        if ip.as_str().is_none_or(|s| s.parse::<std::net::IpAddr>().is_err()) {
-            e.invalid(format!("spec.ips[{i}]"), ip.clone(), "must be a valid IP address");
+        if ip
+            .as_str()
+            .is_none_or(|s| s.parse::<std::net::IpAddr>().is_err())
+        {
+            e.invalid(
+                format!("spec.ips[{i}]"),
+                ip.clone(),
+                "must be a valid IP address",
+            );
         }
     }
     check_label_maps(obj, &["labels", "namespaceLabels"], e);
