@@ -67,6 +67,9 @@ pub fn import_status(m: &Merged) -> Value {
 /// The annotation holding a hash of what the mesh wrote, so that it rewrites an object only
 /// when what it wants changed (whatever the API server's normalisation did to it).
 pub const HASH_ANNOTATION: &str = "mesh.weir.dev/hash";
+/// The annotation of a ServiceImport naming the conflicts among its exports and which export
+/// won (absent when they agree).
+pub const CONFLICTS_ANNOTATION: &str = "mesh.weir.dev/conflicts";
 /// The label the mesh puts on the ServiceImports it writes (it removes only those).
 pub const IMPORT_MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
 

@@ -527,11 +527,13 @@ impl Mesh {
             };
             used.extend(ips.iter().filter_map(|s| s.parse::<IpAddr>().ok()));
             let spec = import::import_spec(m, &ips);
-            let h = import::hash(&spec);
+            let conflicts = (!m.conflicts.is_empty())
+                .then(|| format!("{} (oldest export: {})", m.conflicts.join(","), m.winner));
+            let h = import::hash(&json!([spec, conflicts]));
             let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.0, &ar);
             let current = have.is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()));
             if !current {
-                let obj = json!({
+                let mut obj = json!({
                     "apiVersion": "multicluster.x-k8s.io/v1beta1",
                     "kind": "ServiceImport",
                     "metadata": {"name": key.1, "namespace": key.0,
@@ -539,6 +541,10 @@ impl Mesh {
                                  "annotations": {import::HASH_ANNOTATION: h}},
                     "spec": spec,
                 });
+                // Server-side apply drops the annotation when it is left out.
+                if let Some(c) = &conflicts {
+                    obj["metadata"]["annotations"][import::CONFLICTS_ANNOTATION] = json!(c);
+                }
                 match api.patch(&key.1, &pp, &Patch::Apply(&obj)).await {
                     Ok(_) => {
                         self.allocated.insert(key.clone(), ips.clone());

@@ -694,7 +694,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }),
         Command::Get(g) => runtime()?.block_on(async {
             let c = cli.client().await?;
-            crate::get::run(&c, g)
+            let mesh = crate::imports::lab_mesh_status(cli.cluster.as_deref());
+            crate::get::run(&c, g, mesh.as_ref())
                 .await
                 .map_err(|e| explain_kube(e, &cli))?;
             Ok(ExitCode::SUCCESS)
@@ -760,10 +761,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { target, output } => runtime()?.block_on(crate::introspect::status(
-            &agent_socket(&cli, target)?,
-            *output == Format::Json,
-        )),
+        Command::Status { target, output } => runtime()?.block_on(async {
+            // A clusterset's cluster: the mesh's state and the imports come with the agent's.
+            let mesh = match crate::imports::lab_mesh_status(cli.cluster.as_deref()) {
+                Some(m) => {
+                    let c = cli.client().await?;
+                    Some((m, crate::imports::list(&c, None).await?))
+                }
+                None => None,
+            };
+            crate::introspect::status(&agent_socket(&cli, target)?, *output == Format::Json, mesh)
+                .await
+        }),
         Command::Bpf(BpfCommand::Lb(LbCommand::List { target, output })) => runtime()?.block_on(
             crate::introspect::lb_list(&agent_socket(&cli, target)?, *output == Format::Json),
         ),

@@ -132,8 +132,13 @@ fn policy_cells(st: &weir_control::policy::PolicyStatus) -> Vec<String> {
     ]
 }
 
-/// Runs `weir get`.
-pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
+/// Runs `weir get`; `mesh` is the cluster's mesh status when it can be read (a lab cluster of
+/// a clusterset), for the wide columns of ServiceImports.
+pub async fn run(
+    c: &kube::Client,
+    a: &GetArgs,
+    mesh: Option<&weir_mesh::MeshStatus>,
+) -> Result<()> {
     let kind = kinds::by_cli_name(&a.kind).ok_or_else(|| {
         anyhow!("the server doesn't have a resource type {:?} (kinds: services, endpointslices, pods, namespaces, nodes, networkpolicies)", a.kind)
     })?;
@@ -236,6 +241,21 @@ pub async fn run(c: &kube::Client, a: &GetArgs) -> Result<()> {
                         Some(st) => policy_cells(st),
                         None => vec!["<unknown>".into(); 4],
                     });
+                }
+            }
+            if wide && kind.kind == kinds::SERVICE_IMPORT.kind {
+                let infos = crate::imports::list(c, ns.filter(|_| !a.all_namespaces)).await?;
+                headers
+                    .extend(["CLUSTERS", "ENDPOINTS", "CONFLICTS", "DATA-AGE"].map(String::from));
+                for (o, r) in objects.iter().zip(rows.iter_mut()) {
+                    let key = weir_model::namespaced_name(o);
+                    match infos
+                        .iter()
+                        .find(|i| (i.namespace.clone(), i.name.clone()) == key)
+                    {
+                        Some(i) => r.extend(crate::imports::wide_cells(i, mesh, now)),
+                        None => r.extend(vec!["<unknown>".to_string(); 4]),
+                    }
                 }
             }
             let h: Vec<&str> = headers.iter().map(String::as_str).collect();

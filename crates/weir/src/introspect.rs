@@ -58,8 +58,12 @@ fn maps_table(maps: &Value) -> String {
     render_table(&["MAP", "ENTRIES/CAPACITY"], &rows)
 }
 
-/// `weir status`.
-pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
+/// `weir status`; `mesh` adds a clusterset cluster's mesh state and imports.
+pub async fn status(
+    socket: &Path,
+    json: bool,
+    mesh: Option<(weir_mesh::MeshStatus, Vec<crate::imports::ImportInfo>)>,
+) -> Result<ExitCode> {
     let st = ask(socket, "/status").await?;
     let lb = ask(socket, "/lb").await?;
     if json {
@@ -72,6 +76,8 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
                 "maps": lb["maps"],
                 "counters": lb["counters"],
                 "datapath": dp.as_ref().map(|d| d["status"].clone()),
+                "mesh": mesh.as_ref().map(|(m, _)| m),
+                "imports": mesh.as_ref().map(|(_, i)| i),
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -163,6 +169,9 @@ pub async fn status(socket: &Path, json: bool) -> Result<ExitCode> {
             print!("{}", programs_table(&dp["dump"]["programs"]));
             print!("{}", maps_table(&dp["dump"]["maps"]));
         }
+    }
+    if let Some((m, imports)) = &mesh {
+        print!("{}", crate::imports::render(m, imports));
     }
     Ok(ExitCode::SUCCESS)
 }

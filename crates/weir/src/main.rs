@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod cni_install;
 mod get;
+mod imports;
 mod introspect;
 mod mesh;
 mod observe;

@@ -254,11 +254,27 @@ spec:
     assert_eq!(hs["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
     assert!(import(c1, "ext").is_none() && import(c2, "ext").is_none());
 
-    // `weir get -o wide` shows the clusters of each import.
-    let wide = ok(&mut c2.weir(&["get", "serviceimports", "-n", "mcs"]));
+    // `weir get -o wide` and `weir status` show each import's clusters, endpoints per
+    // cluster, conflicts and the age of each cluster's data.
+    let wide = ok(&mut c2.weir(&["get", "serviceimports", "-n", "mcs", "-o", "wide"]));
+    let line = wide
+        .lines()
+        .find(|l| l.starts_with("hello "))
+        .unwrap_or_default();
+    for want in [
+        "ClusterSetIP",
+        "c1,c2",
+        "c1=1,c2=1",
+        "PortConflict (oldest export: c1)",
+        "c1=",
+    ] {
+        assert!(line.contains(want), "{want} missing from {wide}");
+    }
+    let st = ok(&mut c2.weir(&["status"]));
+    assert!(st.contains("connected to etcd"), "{st}");
     assert!(
-        wide.contains("hello") && wide.contains("ClusterSetIP"),
-        "{wide}"
+        st.contains("mcs/hello") && st.contains("PortConflict"),
+        "{st}"
     );
 
     // Unexported everywhere: the import and its slices go from every cluster.
