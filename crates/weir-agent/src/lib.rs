@@ -432,6 +432,21 @@ pub async fn run(
         watcher::Config::default(),
         move |_| n2.notify_one(),
     );
+    // Other clusters' nodes (the mesh writes them): routed and left unmasqueraded as ours.
+    let n3 = nodes_changed.clone();
+    let remote_nodes = {
+        let k = &weir_model::kinds::REMOTE_NODE;
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(k.group, k.version, k.kind),
+            k.plural,
+        );
+        spawn_reflector_with(
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            reflector::store::Writer::new(ar.clone()),
+            watcher::Config::default(),
+            move |_| n3.notify_one(),
+        )
+    };
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
     // destinations left untranslated.
@@ -447,8 +462,16 @@ pub async fn run(
             // remove every other node's pod CIDR from the maps the previous agent left, and
             // pod-to-pod flows across nodes would be masqueraded (and broken) until it came.
             let _ = nodes.wait_until_ready().await;
+            let _ = remote_nodes.wait_until_ready().await;
             loop {
-                let nodes = nodes.state();
+                let mut nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>> = nodes.state();
+                nodes.extend(
+                    remote_nodes
+                        .state()
+                        .iter()
+                        .filter_map(|r| weir_control::tunnel::remote_node(r.data.get("spec")?))
+                        .map(Arc::new),
+                );
                 if p.config.tunnel.is_some() {
                     let routes = weir_control::tunnel::routes(&nodes, &me);
                     let r = p.dataplane.lock().expect("pods").set_tunnel_routes(&routes);

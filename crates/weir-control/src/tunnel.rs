@@ -37,6 +37,30 @@ pub fn routes<N: std::borrow::Borrow<Node>>(nodes: &[N], this_node: &str) -> Vec
     out
 }
 
+/// Another cluster's node (a RemoteNode's `spec`: `cluster`, `node`, `addresses`,
+/// `podCIDRs`) as a Node named `<cluster>.<node>`, so that it is routed (or tunnelled) to and
+/// left unmasqueraded like this cluster's nodes.
+pub fn remote_node(spec: &serde_json::Value) -> Option<Node> {
+    let name = format!(
+        "{}.{}",
+        spec.get("cluster")?.as_str()?,
+        spec.get("node")?.as_str()?
+    );
+    let addresses: Vec<serde_json::Value> = spec
+        .get("addresses")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"podCIDRs": spec.get("podCIDRs").cloned().unwrap_or_default()},
+        "status": {"addresses": addresses},
+    }))
+    .ok()
+}
+
 /// A node's pod CIDRs (spec.podCIDRs, else spec.podCIDR); unparsable ones are skipped.
 fn pod_cidrs(n: &Node) -> Vec<ipnet::IpNet> {
     let spec = n.spec.as_ref();
@@ -72,6 +96,18 @@ pub fn pod_cidrs4<N: std::borrow::Borrow<Node>>(nodes: &[N]) -> Vec<(Ipv4Addr, u
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn remote_nodes_route_like_local_ones() {
+        let r = remote_node(&json!({"cluster": "c2", "node": "node-1",
+            "addresses": ["172.30.2.11"], "podCIDRs": ["10.245.1.0/24", "fd00:10:245:1::/64"]}))
+        .unwrap();
+        assert_eq!(r.metadata.name.as_deref(), Some("c2.node-1"));
+        let routes = routes(&[r.clone()], "node-1");
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        assert_eq!(routes[0].2, "172.30.2.11".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(pod_cidrs4(&[r]), [("10.245.1.0".parse().unwrap(), 24)]);
+    }
 
     fn node(name: &str, cidrs: &[&str], ips: &[&str]) -> Node {
         let addrs: Vec<_> = ips

@@ -130,14 +130,10 @@ pub fn mesh_settings(name: &str) -> Result<(weir_mesh::MeshConfig, PathBuf), Lab
     Ok((cfg, p.kubeconfig()))
 }
 
-/// Completes cluster `k`'s layout (of `n`): the other clusters' pod ranges are not
-/// masqueraded (pods reach each other across clusters by pod IP), and the mesh allocates
-/// ClusterSetIPs from the clusterset ranges.
-pub(crate) fn plan_cluster(layout: &mut Layout, k: u8, n: u8) {
-    layout.non_masquerade = (1..=n)
-        .filter(|o| *o != k)
-        .map(|o| Layout::cluster_pod_ranges(o)[0].clone())
-        .collect();
+/// Completes cluster `k`'s layout: its mesh allocates ClusterSetIPs from the clusterset
+/// ranges. (The other clusters' pod ranges reach the agents through the mesh, as RemoteNodes:
+/// routed, tunnelled and left unmasqueraded like the cluster's own.)
+pub(crate) fn plan_cluster(layout: &mut Layout, _k: u8, _n: u8) {
     layout.clusterset_cidrs = CLUSTERSET_CIDRS.iter().map(|c| c.to_string()).collect();
 }
 
@@ -785,10 +781,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clusters_plan_their_neighbours_ranges() {
+    fn clusters_allocate_from_the_clusterset_ranges() {
         let mut l = Layout::plan_in(&LabPaths::new("s/c2"), 1, 1, Some(2));
         plan_cluster(&mut l, 2, 3);
-        assert_eq!(l.non_masquerade, ["10.244.0.0/16", "10.246.0.0/16"]);
+        assert!(l.non_masquerade.is_empty());
         assert_eq!(l.clusterset_cidrs, CLUSTERSET_CIDRS);
         assert!(mesh_settings("s").is_err());
     }

@@ -14,7 +14,7 @@ use etcd_client::{
 };
 use tokio::sync::{watch, Notify};
 
-use crate::record::{self, ClusterRecord, ExportRecord, Key, PodRecord};
+use crate::record::{self, ClusterRecord, ExportRecord, Key, NodeRecord, PodRecord};
 use crate::MeshConfig;
 
 /// Every cluster's records as last read from etcd.
@@ -24,6 +24,8 @@ pub struct Remote {
     pub exports: BTreeMap<(String, String, String), ExportRecord>,
     /// Pods by (cluster, namespace, name).
     pub pods: BTreeMap<(String, String, String), PodRecord>,
+    /// Nodes by (cluster, name).
+    pub nodes: BTreeMap<(String, String), NodeRecord>,
     /// Presence records by cluster.
     pub clusters: BTreeMap<String, ClusterRecord>,
     /// True once a complete list has been read: before that, nothing may be concluded from
@@ -131,6 +133,12 @@ fn parse_into(remote: &mut Remote, set: &str, key: &str, value: &[u8]) {
             }
             Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable pod record"),
         },
+        Some(Key::Node(c, name)) => match serde_json::from_slice(value) {
+            Ok(r) => {
+                remote.nodes.insert((c, name), r);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable node record"),
+        },
         Some(Key::Cluster(c)) => match serde_json::from_slice(value) {
             Ok(r) => {
                 remote.clusters.insert(c, r);
@@ -148,6 +156,9 @@ fn remove_from(remote: &mut Remote, set: &str, key: &str) {
         }
         Some(Key::Pod(c, ns, name)) => {
             remote.pods.remove(&(c, ns, name));
+        }
+        Some(Key::Node(c, name)) => {
+            remote.nodes.remove(&(c, name));
         }
         Some(Key::Cluster(c)) => {
             remote.clusters.remove(&c);
@@ -265,6 +276,7 @@ async fn session(
         let mut r = remote.lock().expect("remote");
         r.exports.clear();
         r.pods.clear();
+        r.nodes.clear();
         r.clusters.clear();
         for kv in listed.kvs() {
             let key = kv.key_str().unwrap_or_default();

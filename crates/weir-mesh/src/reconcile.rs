@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -22,7 +22,7 @@ use crate::export::{self, Invalid};
 use crate::import::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::link::{LinkState, Remote};
 use crate::merge::{self, Merged};
-use crate::record::{self, ExportRecord, PodRecord};
+use crate::record::{self, ExportRecord, NodeRecord, PodRecord};
 use crate::{MeshConfig, MeshStatus};
 
 const FIELD_MANAGER: &str = "weir-mesh";
@@ -69,12 +69,15 @@ struct Stores {
     mcs_slices: Store<EndpointSlice>,
     pods: Store<Pod>,
     remote_endpoints: Store<DynamicObject>,
+    nodes: Store<Node>,
+    remote_nodes: Store<DynamicObject>,
 }
 
 fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
     let ex = api_resource(&weir_model::kinds::SERVICE_EXPORT);
     let im = api_resource(&weir_model::kinds::SERVICE_IMPORT);
     let re = api_resource(&weir_model::kinds::REMOTE_ENDPOINT);
+    let rn = api_resource(&weir_model::kinds::REMOTE_NODE);
     let all = watcher::Config::default;
     Stores {
         services: spawn_reflector(
@@ -122,6 +125,18 @@ fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
         remote_endpoints: spawn_reflector(
             Api::all_with(client.clone(), &re),
             Writer::new(re.clone()),
+            all().labels(&format!("{}={MANAGED_BY}", import::IMPORT_MANAGED_LABEL)),
+            wake.clone(),
+        ),
+        nodes: spawn_reflector(
+            Api::all(client.clone()),
+            Writer::default(),
+            all(),
+            wake.clone(),
+        ),
+        remote_nodes: spawn_reflector(
+            Api::all_with(client.clone(), &rn),
+            Writer::new(rn.clone()),
             all().labels(&format!("{}={MANAGED_BY}", import::IMPORT_MANAGED_LABEL)),
             wake.clone(),
         ),
@@ -312,6 +327,12 @@ impl Mesh {
                 serde_json::to_string(&p).expect("json"),
             );
         }
+        for n in self.own_nodes() {
+            kv.insert(
+                record::node_key(set, &self.cfg.cluster, &n.name),
+                serde_json::to_string(&n).expect("json"),
+            );
+        }
         self.own_tx.send_if_modified(|cur| {
             if *cur != kv {
                 *cur = kv.clone();
@@ -325,13 +346,20 @@ impl Mesh {
 
         // The merged view: other clusters' records from etcd, this cluster's from its API
         // (so that local changes reach local clients even while etcd is out of reach).
-        let remote_pods: Vec<PodRecord> = {
+        let (remote_pods, remote_nodes): (Vec<PodRecord>, Vec<NodeRecord>) = {
             let r = self.remote.lock().expect("remote");
-            r.pods
-                .values()
-                .filter(|p| p.cluster != self.cfg.cluster)
-                .cloned()
-                .collect()
+            (
+                r.pods
+                    .values()
+                    .filter(|p| p.cluster != self.cfg.cluster)
+                    .cloned()
+                    .collect(),
+                r.nodes
+                    .values()
+                    .filter(|n| n.cluster != self.cfg.cluster)
+                    .cloned()
+                    .collect(),
+            )
         };
         let (synced, mut all): (bool, BTreeMap<(String, String), Vec<ExportRecord>>) = {
             let r = self.remote.lock().expect("remote");
@@ -374,6 +402,23 @@ impl Mesh {
             if let Err(e) = self.write_remote_endpoints(&remote_pods).await {
                 first_err.get_or_insert(e);
             }
+            let nodes: Vec<(String, Value)> = remote_nodes
+                .iter()
+                .map(|n| {
+                    (
+                        format!("{}.{}", n.cluster, n.name),
+                        json!({"cluster": n.cluster, "node": n.name, "addresses": n.addresses,
+                               "podCIDRs": n.pod_cidrs}),
+                    )
+                })
+                .collect();
+            let kind = &weir_model::kinds::REMOTE_NODE;
+            if let Err(e) = self
+                .write_mirrors(kind, &self.stores.remote_nodes, &nodes)
+                .await
+            {
+                first_err.get_or_insert(e);
+            }
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -381,11 +426,32 @@ impl Mesh {
     /// Writes a RemoteEndpoint for every other cluster's pod (where its hash differs) and
     /// deletes the mesh's RemoteEndpoints of pods gone.
     async fn write_remote_endpoints(&self, pods: &[PodRecord]) -> Result<(), String> {
-        let ar = api_resource(&weir_model::kinds::REMOTE_ENDPOINT);
+        let objects: Vec<(String, Value)> = pods
+            .iter()
+            .map(|p| {
+                (
+                    format!("{}.{}.{}", p.cluster, p.namespace, p.name),
+                    json!({"cluster": p.cluster, "namespace": p.namespace, "pod": p.name,
+                           "ips": p.ips, "labels": p.labels, "namespaceLabels": p.namespace_labels}),
+                )
+            })
+            .collect();
+        let kind = &weir_model::kinds::REMOTE_ENDPOINT;
+        self.write_mirrors(kind, &self.stores.remote_endpoints, &objects)
+            .await
+    }
+
+    /// Makes the mesh's cluster-scoped objects of `kind` (weir.dev/v1alpha1) exactly
+    /// `objects` (name, spec): written where their hash differs, the others deleted.
+    async fn write_mirrors(
+        &self,
+        kind: &weir_model::ResourceKind,
+        store: &Store<DynamicObject>,
+        objects: &[(String, Value)],
+    ) -> Result<(), String> {
+        let ar = api_resource(kind);
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-        let have: BTreeMap<String, Arc<DynamicObject>> = self
-            .stores
-            .remote_endpoints
+        let have: BTreeMap<String, Arc<DynamicObject>> = store
             .state()
             .into_iter()
             .map(|o| (o.metadata.name.clone().unwrap_or_default(), o))
@@ -393,26 +459,23 @@ impl Mesh {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut first_err = None;
         let mut wanted = HashSet::new();
-        for p in pods {
-            let name = format!("{}.{}.{}", p.cluster, p.namespace, p.name);
-            let spec = json!({"cluster": p.cluster, "namespace": p.namespace, "pod": p.name,
-                              "ips": p.ips, "labels": p.labels, "namespaceLabels": p.namespace_labels});
-            let h = import::hash(&spec);
+        for (name, spec) in objects {
+            let h = import::hash(spec);
             wanted.insert(name.clone());
             if have
-                .get(&name)
+                .get(name)
                 .is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()))
             {
                 continue;
             }
             let obj = json!({
-                "apiVersion": "weir.dev/v1alpha1", "kind": "RemoteEndpoint",
+                "apiVersion": format!("{}/{}", kind.group, kind.version), "kind": kind.kind,
                 "metadata": {"name": name, "labels": {import::IMPORT_MANAGED_LABEL: MANAGED_BY},
                              "annotations": {import::HASH_ANNOTATION: h}},
                 "spec": spec,
             });
-            if let Err(e) = api.patch(&name, &pp, &Patch::Apply(&obj)).await {
-                first_err.get_or_insert(format!("RemoteEndpoint {name}: {e}"));
+            if let Err(e) = api.patch(name, &pp, &Patch::Apply(&obj)).await {
+                first_err.get_or_insert(format!("{} {name}: {e}", kind.kind));
             }
         }
         for name in have.keys().filter(|n| !wanted.contains(*n)) {
@@ -420,11 +483,41 @@ impl Mesh {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
-                    first_err.get_or_insert(format!("RemoteEndpoint {name}: deleting: {e}"));
+                    first_err.get_or_insert(format!("{} {name}: deleting: {e}", kind.kind));
                 }
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// This cluster's nodes as other clusters route to them.
+    fn own_nodes(&self) -> Vec<NodeRecord> {
+        self.stores
+            .nodes
+            .state()
+            .iter()
+            .map(|n| {
+                let spec = n.spec.clone().unwrap_or_default();
+                let mut cidrs = spec.pod_cidrs.clone().unwrap_or_default();
+                if cidrs.is_empty() {
+                    cidrs.extend(spec.pod_cidr.clone());
+                }
+                NodeRecord {
+                    cluster: self.cfg.cluster.clone(),
+                    name: n.metadata.name.clone().unwrap_or_default(),
+                    addresses: n
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.addresses.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a.type_ == "InternalIP")
+                        .map(|a| a.address.clone())
+                        .collect(),
+                    pod_cidrs: cidrs,
+                }
+            })
+            .collect()
     }
 
     async fn write_export_status(
@@ -695,6 +788,8 @@ pub(crate) async fn run(
         stores.mcs_slices.wait_until_ready().await.is_ok(),
         stores.pods.wait_until_ready().await.is_ok(),
         stores.remote_endpoints.wait_until_ready().await.is_ok(),
+        stores.nodes.wait_until_ready().await.is_ok(),
+        stores.remote_nodes.wait_until_ready().await.is_ok(),
     ] {
         if !ready {
             return Err("a watch of the cluster's API ended before it started".into());

@@ -33,9 +33,15 @@ pub fn pod_key(set: &str, cluster: &str, namespace: &str, name: &str) -> String 
     format!("{}pods/{cluster}/{namespace}/{name}", prefix(set))
 }
 
+/// The key of `cluster`'s node `name`.
+pub fn node_key(set: &str, cluster: &str, name: &str) -> String {
+    format!("{}nodes/{cluster}/{name}", prefix(set))
+}
+
 /// Whether `key` is one of `cluster`'s own records (other than its presence).
 pub fn is_own(set: &str, cluster: &str, key: &str) -> bool {
-    matches!(parse_key(set, key), Some(Key::Export(c, ..)) | Some(Key::Pod(c, ..)) if c == cluster)
+    matches!(parse_key(set, key),
+        Some(Key::Export(c, ..)) | Some(Key::Pod(c, ..)) | Some(Key::Node(c, _)) if c == cluster)
 }
 
 /// What a key of clusterset `set` names.
@@ -47,6 +53,8 @@ pub enum Key {
     Export(String, String, String),
     /// A cluster's pod: (cluster, namespace, name).
     Pod(String, String, String),
+    /// A cluster's node: (cluster, name).
+    Node(String, String),
 }
 
 /// Parses a key of clusterset `set` (None: not one of the mesh's keys).
@@ -59,6 +67,7 @@ pub fn parse_key(set: &str, key: &str) -> Option<Key> {
             Some(Key::Export(c.to_string(), ns.to_string(), name.to_string()))
         }
         ["pods", c, ns, name] => Some(Key::Pod(c.to_string(), ns.to_string(), name.to_string())),
+        ["nodes", c, name] => Some(Key::Node(c.to_string(), name.to_string())),
         _ => None,
     }
 }
@@ -92,6 +101,21 @@ pub struct PodRecord {
     /// Its namespace's labels (with `kubernetes.io/metadata.name`).
     #[serde(default)]
     pub namespace_labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A node, as other clusters route to its pods: its addresses and pod CIDRs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// The node's cluster.
+    pub cluster: String,
+    /// Its name.
+    pub name: String,
+    /// Its InternalIP addresses.
+    pub addresses: Vec<String>,
+    /// Its pod CIDRs.
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
 }
 
 /// One port of an exported Service (a ServiceImport port).
@@ -184,6 +208,12 @@ mod tests {
             Some(Key::Pod("c1".into(), "mcs".into(), "web-0".into()))
         );
         assert!(is_own("s", "c1", &p) && is_own("s", "c1", &k));
+        let n = node_key("s", "c1", "node-1");
+        assert_eq!(
+            parse_key("s", &n),
+            Some(Key::Node("c1".into(), "node-1".into()))
+        );
+        assert!(is_own("s", "c1", &n));
         assert!(!is_own("s", "c2", &p) && !is_own("s", "c1", &cluster_key("s", "c1")));
         assert_eq!(parse_key("s", "weir/v1/s/exports/c1"), None);
     }

@@ -160,6 +160,20 @@ pub const REMOTE_ENDPOINT: ResourceKind = ResourceKind {
     has_status: false,
 };
 
+/// weir.dev/v1alpha1 RemoteNode: a node of another cluster of the clusterset (its addresses
+/// and pod CIDRs), written by the cluster's mesh so that the agents route (or tunnel) to its
+/// pods and leave flows to them unmasqueraded. Cluster-scoped, named `<cluster>.<node>`.
+pub const REMOTE_NODE: ResourceKind = ResourceKind {
+    group: "weir.dev",
+    version: "v1alpha1",
+    kind: "RemoteNode",
+    plural: "remotenodes",
+    singular: "remotenode",
+    namespaced: false,
+    short_names: &["rnode"],
+    has_status: false,
+};
+
 /// multicluster.x-k8s.io ServiceExport (KEP-1645; the mcs-api CRD's storage version). The
 /// same objects are served as v1alpha1 too: the two versions' schemas are identical.
 pub const SERVICE_EXPORT: ResourceKind = ResourceKind {
@@ -223,6 +237,7 @@ pub const ALL: &[ResourceKind] = &[
     NETWORK_POLICY,
     SECURITY_IDENTITY,
     REMOTE_ENDPOINT,
+    REMOTE_NODE,
     SERVICE_EXPORT,
     SERVICE_EXPORT_V1ALPHA1,
     SERVICE_IMPORT,

@@ -202,6 +202,32 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 priority: 1,
             },
         ],
+        "RemoteNode" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "Cluster",
+                priority: 0,
+            },
+            Column {
+                name: "Node",
+                priority: 0,
+            },
+            Column {
+                name: "Addresses",
+                priority: 0,
+            },
+            Column {
+                name: "Pod-CIDRs",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
         // The mcs-api CRD's additionalPrinterColumns.
         "ServiceImport" => &[
             Column {
@@ -317,6 +343,18 @@ pub fn pod_status(pod: &Value) -> String {
         return "Terminating".into();
     }
     s(pod, "/status/phase").to_string()
+}
+
+/// A list of strings as `a,b`.
+fn list_string(v: Option<&Value>) -> String {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }
 
 /// The cells of one row for `obj`, one per column of [`columns`].
@@ -471,19 +509,17 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             s(obj, "/spec/cluster").to_string(),
             s(obj, "/spec/namespace").to_string(),
             s(obj, "/spec/pod").to_string(),
-            or_none(
-                obj.pointer("/spec/ips")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_default(),
-            ),
+            or_none(list_string(obj.pointer("/spec/ips"))),
             age,
             or_none(map_string(obj.pointer("/spec/labels"))),
+        ],
+        "RemoteNode" => vec![
+            name,
+            s(obj, "/spec/cluster").to_string(),
+            s(obj, "/spec/node").to_string(),
+            or_none(list_string(obj.pointer("/spec/addresses"))),
+            or_none(list_string(obj.pointer("/spec/podCIDRs"))),
+            age,
         ],
         "ServiceImport" => vec![
             name,

@@ -301,6 +301,7 @@ pub fn validate(
             "NetworkPolicy" => validate_network_policy(obj, &mut e),
             "SecurityIdentity" => validate_security_identity(obj, &mut e),
             "RemoteEndpoint" => validate_remote_endpoint(obj, &mut e),
+            "RemoteNode" => validate_remote_node(obj, &mut e),
             "ServiceExport" => mcs::validate_service_export(obj, &mut e),
             "ServiceImport" => mcs::validate_service_import(obj, &mut e),
             "ClusterProperty" => mcs::validate_cluster_property(obj, &mut e),
@@ -866,6 +867,37 @@ fn validate_remote_endpoint(obj: &Value, e: &mut Errs) {
         }
     }
     check_label_maps(obj, &["labels", "namespaceLabels"], e);
+}
+
+/// RemoteNode: `spec.cluster` and `spec.node` required; addresses and pod CIDRs well formed.
+fn validate_remote_node(obj: &Value, e: &mut Errs) {
+    for field in ["cluster", "node"] {
+        match str_at(obj, &format!("/spec/{field}")) {
+            Some(v) if !v.is_empty() => {}
+            _ => e.required(format!("spec.{field}")),
+        }
+    }
+    for (i, ip) in arr_at(obj, "/spec/addresses").iter().enumerate() {
+        if ip
+            .as_str()
+            .is_none_or(|s| s.parse::<std::net::IpAddr>().is_err())
+        {
+            e.invalid(
+                format!("spec.addresses[{i}]"),
+                ip.clone(),
+                "must be a valid IP address",
+            );
+        }
+    }
+    for (i, c) in arr_at(obj, "/spec/podCIDRs").iter().enumerate() {
+        if c.as_str().is_none_or(|s| parse_cidr(s).is_err()) {
+            e.invalid(
+                format!("spec.podCIDRs[{i}]"),
+                c.clone(),
+                "must be a valid CIDR",
+            );
+        }
+    }
 }
 
 fn check_label_maps(obj: &Value, fields: &[&str], e: &mut Errs) {

@@ -53,6 +53,7 @@ fn manifests_render_and_validate_strictly() {
         "Namespace/weir-system",
         "CustomResourceDefinition/securityidentities.weir.dev",
         "CustomResourceDefinition/remoteendpoints.weir.dev",
+        "CustomResourceDefinition/remotenodes.weir.dev",
         "ServiceAccount/weir-agent",
         "ClusterRole/weir-agent",
         "ClusterRoleBinding/weir-agent",

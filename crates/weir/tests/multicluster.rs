@@ -633,3 +633,39 @@ spec:
     assert!(!reach(c1, "mcs/liar"), "a pod cannot claim another cluster");
     assert!(!reach(c2, "team/client"), "another namespace of c2");
 }
+
+/// In VXLAN mode pod addresses are not routed on the fabric: the agents tunnel to the other
+/// clusters' pods through the nodes the mesh shares (RemoteNodes), and leave those flows
+/// unmasqueraded.
+#[test]
+fn vxlan_across_clusters_through_shared_nodes() {
+    let set = ClusterSet::up("mcv", 2, 2, APP, &["--tunnel", "vxlan"]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    let nodes = c2.get_json(&["remotenodes"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert_eq!(nodes.len(), 2, "c1's two nodes: {nodes:?}");
+    assert!(nodes.iter().all(|n| n["spec"]["cluster"] == "c1"));
+    assert!(c1.apply(&export("hello")).status.success());
+    c2.eventually("the import", Duration::from_secs(20), || {
+        import(c2, "hello").is_some()
+    });
+    let ip = clusterset_ip(c2, "hello");
+    c2.eventually(
+        "c1's pod through the tunnel",
+        Duration::from_secs(20),
+        || c2.connect("mcs/hello-1", &format!("{ip}:80"), "tcp", 5)["ok"] == 5,
+    );
+    let r = c2.connect("mcs/hello-1", &format!("{ip}:80"), "tcp", 10);
+    assert_eq!(responders(&r), ["c1/mcs/hello-1"], "{r}");
+    let me = c2.get_json(&["pods", "-n", "mcs", "hello-1"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        r["seen_as"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        [&me],
+        "{r}"
+    );
+}
