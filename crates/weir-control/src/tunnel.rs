@@ -103,7 +103,7 @@ mod tests {
             "addresses": ["172.30.2.11"], "podCIDRs": ["10.245.1.0/24", "fd00:10:245:1::/64"]}))
         .unwrap();
         assert_eq!(r.metadata.name.as_deref(), Some("c2.node-1"));
-        let routes = routes(&[r.clone()], "node-1");
+        let routes = routes(std::slice::from_ref(&r), "node-1");
         assert_eq!(routes.len(), 2, "{routes:?}");
         assert_eq!(routes[0].2, "172.30.2.11".parse::<Ipv4Addr>().unwrap());
         assert_eq!(pod_cidrs4(&[r]), [("10.245.1.0".parse().unwrap(), 24)]);
