@@ -52,6 +52,23 @@ fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
     f.write_all(data.as_bytes()).map_err(io)
 }
 
+/// A new self-signed CA named `cn`: its certificate and the issuer that signs with it.
+fn new_ca(cn: &str) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>), PkiError> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, cn.to_string());
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    Ok((ca_cert, Issuer::new(ca_params, ca_key)))
+}
+
 impl Pki {
     /// The credential files under `dir` (whether or not they exist yet).
     pub fn in_dir(dir: &Path) -> Pki {
@@ -77,19 +94,7 @@ impl Pki {
             path: dir.to_path_buf(),
             source,
         })?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, format!("weir-ca-{cluster}"));
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let (ca_cert, issuer) = new_ca(&format!("weir-ca-{cluster}"))?;
 
         let server_key = KeyPair::generate()?;
         let mut sp = CertificateParams::new(vec![
@@ -177,19 +182,7 @@ impl EtcdPki {
             path: dir.to_path_buf(),
             source,
         })?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, format!("weir-etcd-ca-{set}"));
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let (ca_cert, issuer) = new_ca(&format!("weir-etcd-ca-{set}"))?;
         write_private(&pki.ca_cert(), &ca_cert.pem())?;
         let issue = |cn: String,
                      sans: Vec<String>,

@@ -137,14 +137,6 @@ pub(crate) fn plan_cluster(layout: &mut Layout, _k: u8, _n: u8) {
     layout.clusterset_cidrs = CLUSTERSET_CIDRS.iter().map(|c| c.to_string()).collect();
 }
 
-fn free_port() -> Result<u16, LabError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| LabError::io("127.0.0.1:0".into(), e))?;
-    Ok(l.local_addr()
-        .map_err(|e| LabError::io("127.0.0.1:0".into(), e))?
-        .port())
-}
-
 /// `weir lab up --clusters N`: builds the clusterset and waits until every cluster is ready
 /// and every mesh is connected. Returns the clusters' kubeconfigs. On failure everything
 /// made so far is removed.
@@ -180,13 +172,13 @@ async fn build(
     let clusters: Vec<String> = (1..=opts.clusters).map(|k| format!("c{k}")).collect();
     let mut gate_ports = BTreeMap::new();
     for c in &clusters {
-        gate_ports.insert(c.clone(), free_port()?);
+        gate_ports.insert(c.clone(), lab::free_port()?);
     }
     let shape = ClusterSetLayout {
         name: opts.name.clone(),
         clusters: clusters.clone(),
-        etcd_port: free_port()?,
-        etcd_peer_port: free_port()?,
+        etcd_port: lab::free_port()?,
+        etcd_peer_port: lab::free_port()?,
         gate_ports,
         remote_ttl_ms: opts.remote_ttl.as_millis() as u64,
         created: weir_model::now_rfc3339(),

@@ -309,7 +309,8 @@ pub(crate) async fn wait_for_apiserver(
     }
 }
 
-fn free_port() -> Result<u16, LabError> {
+/// A free TCP port on the loopback.
+pub(crate) fn free_port() -> Result<u16, LabError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| LabError::io("127.0.0.1:0".into(), e))?;
     Ok(l.local_addr()
