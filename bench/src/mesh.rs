@@ -342,27 +342,27 @@ pub fn scale(clusters: u8, services: usize, weir: &str) -> Result<()> {
         let created = started.elapsed();
         println!("created {} exported Services x 3 endpoints ({services} per cluster) in {:.1} s", services * clusters as usize, created.as_secs_f64());
         let total = services * clusters as usize;
+        // Each agent: the Services of its own cluster and every import.
+        let want = services + total;
         loop {
-            let mut done = true;
+            let (mut imports, mut frontends) = (usize::MAX, usize::MAX);
             for n in &names {
                 let p = weir_lab::paths::LabPaths::new(n);
                 let st = weir_mesh::read_status(&weir_lab::clusterset::mesh_status_file(&p)).unwrap_or_default();
                 let agent = weir_agent::api::get(&p.agent_socket("node-1"), "/status").await.unwrap_or_default();
-                // Each agent: the Services of its own cluster and every import.
-                let want = services + total;
-                if st.imports < total || (agent["frontends"].as_u64().unwrap_or(0) as usize) < want {
-                    done = false;
-                }
+                imports = imports.min(st.imports);
+                frontends = frontends.min(agent["frontends"].as_u64().unwrap_or(0) as usize);
             }
-            if done {
+            if imports >= total && frontends >= want {
+                println!("every cluster imports all {total} Services and every agent has them programmed: {:.1} s after the first write", started.elapsed().as_secs_f64());
                 break;
             }
             if started.elapsed() > Duration::from_secs(900) {
-                bail!("not converged within 15 minutes");
+                println!("NOT converged 15 minutes after the first write: the slowest mesh had written {imports} of {total} imports, the slowest agent had {frontends} of {want} frontends");
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        println!("every cluster imports all {total} Services and every agent has them programmed: {:.1} s after the first write", started.elapsed().as_secs_f64());
         Ok::<_, anyhow::Error>(())
     })?;
     let p = weir_lab::paths::LabPaths::new(&set);
@@ -383,18 +383,29 @@ pub fn scale(clusters: u8, services: usize, weir: &str) -> Result<()> {
             "get",
             "--prefix",
             "weir/",
-            "--count-only",
-            "--write-out",
-            "fields",
+            "--keys-only",
         ],
     )?;
-    let count = keys
-        .lines()
-        .find(|l| l.contains("\"Count\""))
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    println!("etcd keys: {count}");
+    let count = keys.lines().filter(|l| !l.trim().is_empty()).count();
+    let du = sh(
+        "du",
+        &[
+            "-sb",
+            &weir_lab::clusterset::etcd_dir(&p)
+                .join("data")
+                .display()
+                .to_string(),
+        ],
+    )?;
+    let bytes: u64 = du
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "etcd keys: {count}; etcd data directory: {} MiB",
+        bytes >> 20
+    );
     let etcd_pid = std::fs::read_to_string(p.pid_dir().join("etcd.pid")).unwrap_or_default();
     println!("etcd RSS: {} MiB", rss_of(etcd_pid.trim()) / 1024);
     for n in &names {

@@ -54,6 +54,10 @@ pub(crate) struct MeshArgs {
     /// Write the mesh's status (JSON) to this file.
     #[arg(long, env = "WEIR_MESH_STATUS_FILE")]
     status_file: Option<PathBuf>,
+    /// Serve /healthz (the process runs) and /readyz (connected to etcd and synced, from the
+    /// status file) on this address for the kubelet's probes (unset: nowhere).
+    #[arg(long, env = "WEIR_MESH_HEALTH_LISTEN", requires = "status_file")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 impl MeshArgs {
@@ -103,7 +107,57 @@ impl MeshArgs {
 pub(crate) async fn run(cli: &crate::cli::Cli, a: &MeshArgs) -> Result<ExitCode> {
     let cfg = a.config()?;
     let client = cli.client().await?;
+    if let (Some(addr), Some(file)) = (a.health_listen, cfg.status_file.clone()) {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-listen {addr}"))?;
+        tokio::spawn(probes(l, file));
+    }
     serve(client, cfg).await
+}
+
+/// Answers the kubelet's probes: /healthz while the process runs, /readyz while the mesh's
+/// status says it is connected to etcd and synced.
+async fn probes(l: tokio::net::TcpListener, status: PathBuf) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (code, body) = match path {
+                "/healthz" => (200, "ok".to_string()),
+                "/readyz" => match weir_mesh::read_status(&status) {
+                    Some(st) if st.connected && st.synced => (200, "ok".to_string()),
+                    Some(st) => (
+                        503,
+                        format!("not ready: connected={} synced={}", st.connected, st.synced),
+                    ),
+                    None => (503, "no status yet".to_string()),
+                },
+                _ => (404, "not found".to_string()),
+            };
+            let reason = match code {
+                200 => "OK",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
 }
 
 /// `weir lab mesh --cluster SET/cK`.
@@ -186,6 +240,11 @@ mod tests {
             );
         }
         assert!(cfg.status_file.unwrap().starts_with("/run/weir-mesh"));
+        // The probes ask the port the mesh serves them on.
+        let port = a.health_listen.expect("--health-listen").port();
+        assert_eq!(c["ports"][0]["containerPort"], port);
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(cfg.clusterset_cidrs.len(), 2);
     }
 }

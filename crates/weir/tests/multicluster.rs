@@ -668,4 +668,31 @@ fn vxlan_across_clusters_through_shared_nodes() {
         [&me],
         "{r}"
     );
+    // Session affinity holds through the ClusterSetIP: exported from both clusters with
+    // ClientIP affinity, a client keeps reaching one backend.
+    for c in [c1, c2] {
+        ok(&mut c.kubectl(&[
+            "patch",
+            "service",
+            "-n",
+            "mcs",
+            "hello",
+            "-p",
+            r#"{"spec": {"sessionAffinity": "ClientIP"}}"#,
+        ]));
+    }
+    assert!(c2.apply(&export("hello")).status.success());
+    c2.eventually("affinity in the import", Duration::from_secs(20), || {
+        import(c2, "hello").is_some_and(|i| {
+            i["spec"]["sessionAffinity"] == "ClientIP"
+                && i["status"]["clusters"].as_array().map(Vec::len) == Some(2)
+        })
+    });
+    c2.eventually("both clusters' endpoints", Duration::from_secs(20), || {
+        mcs_slices(c2, "hello").len() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let r = c2.connect("mcs/hello-1", &format!("{ip}:80"), "tcp", 30);
+    assert_eq!(r["ok"], 30, "{r}");
+    assert_eq!(responders(&r).len(), 1, "one backend for one client: {r}");
 }
