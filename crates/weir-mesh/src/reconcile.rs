@@ -808,9 +808,14 @@ pub(crate) async fn run(
         allocated: BTreeMap::new(),
     };
     let mut last_status = None;
+    let mut last_pass = Duration::ZERO;
     loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Coalesce a burst of changes: wait at least as long as the last pass took, so that
+        // under a stream of changes passes take at most half the mesh's time.
+        tokio::time::sleep(last_pass.max(Duration::from_millis(10))).await;
+        let started = std::time::Instant::now();
         mesh.last_error = mesh.pass().await.err();
+        last_pass = started.elapsed().min(Duration::from_secs(2));
         if let Some(e) = &mesh.last_error {
             tracing::warn!(error = %e, "mesh pass");
         }
