@@ -230,7 +230,21 @@ fn add_clusterset(cluster: &mut policy::Cluster, id: Option<&str>, remote: &[Arc
                 .flatten()
                 .filter_map(|v| v.as_str()?.parse().ok())
                 .collect(),
-            ports: Vec::new(),
+            ports: spec
+                .get("ports")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some(policy::NamedPort {
+                        name: p.get("name")?.as_str()?.to_string(),
+                        protocol: policy::Protocol::parse(
+                            p.get("protocol").and_then(|v| v.as_str()),
+                        )?,
+                        port: u16::try_from(p.get("port")?.as_i64()?).ok()?,
+                    })
+                })
+                .collect(),
             node: None,
             host_network: false,
             cluster: Some(c),
@@ -562,7 +576,8 @@ mod tests {
             let ar = crate::policy::identity_resource();
             let mut o = DynamicObject::new(name, &ar);
             o.data = json!({"spec": {"cluster": "c2", "namespace": n, "pod": "client", "ips": [ip],
-                                     "labels": {}, "namespaceLabels": nsl}});
+                                     "labels": {}, "namespaceLabels": nsl,
+                                     "ports": [{"name": "web", "protocol": "TCP", "port": 8080}]}});
             Arc::new(o)
         };
         add_clusterset(
@@ -612,5 +627,8 @@ mod tests {
         );
         assert!(!peers.contains(&class("10.245.1.2")), "{peers:?}");
         assert!(!peers.contains(&class("10.244.1.4")), "{peers:?}");
+        // A remote pod's named ports are known (egress rules resolve them on the peer).
+        let remote = c.pods.iter().find(|p| p.cluster.is_some()).unwrap();
+        assert_eq!(remote.ports[0].port, 8080);
     }
 }

@@ -96,7 +96,8 @@ impl Protocol {
         }
     }
 
-    fn parse(s: Option<&str>) -> Option<Protocol> {
+    /// A protocol as the API writes it (none: TCP); None for an unknown one.
+    pub fn parse(s: Option<&str>) -> Option<Protocol> {
         match s.unwrap_or("TCP") {
             "TCP" => Some(Protocol::Tcp),
             "UDP" => Some(Protocol::Udp),

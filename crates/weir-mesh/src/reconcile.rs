@@ -297,7 +297,22 @@ impl Mesh {
                     return None;
                 }
                 let (ns, name) = ns_name(&p.metadata);
+                let ports = p
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter())
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|cp| {
+                        Some(record::PortRecord {
+                            name: cp.name.clone()?,
+                            protocol: cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                            port: cp.container_port,
+                            app_protocol: None,
+                        })
+                    })
+                    .collect();
                 Some(PodRecord {
+                    ports,
                     cluster: self.cfg.cluster.clone(),
                     namespace_labels: ns_labels.get(&ns).cloned().unwrap_or_default(),
                     namespace: ns,
@@ -432,7 +447,8 @@ impl Mesh {
                 (
                     format!("{}.{}.{}", p.cluster, p.namespace, p.name),
                     json!({"cluster": p.cluster, "namespace": p.namespace, "pod": p.name,
-                           "ips": p.ips, "labels": p.labels, "namespaceLabels": p.namespace_labels}),
+                           "ips": p.ips, "labels": p.labels, "namespaceLabels": p.namespace_labels,
+                           "ports": p.ports.iter().map(|x| json!({"name": x.name, "protocol": x.protocol, "port": x.port})).collect::<Vec<_>>()}),
                 )
             })
             .collect();

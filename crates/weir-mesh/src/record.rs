@@ -101,6 +101,9 @@ pub struct PodRecord {
     /// Its namespace's labels (with `kubernetes.io/metadata.name`).
     #[serde(default)]
     pub namespace_labels: std::collections::BTreeMap<String, String>,
+    /// Its named container ports (NetworkPolicy rules name them).
+    #[serde(default)]
+    pub ports: Vec<PortRecord>,
 }
 
 /// A node, as other clusters route to its pods: its addresses and pod CIDRs.

@@ -170,3 +170,22 @@ fn multicluster_objects_fit_their_crds_in_both_versions() {
         assert!(validate_against_crd("clusterproperty-crd.yaml", &empty).is_err());
     }
 }
+
+/// RemoteEndpoints and RemoteNodes as the mesh writes them fit their CRDs.
+#[test]
+fn mesh_mirrors_fit_their_crds() {
+    let rep = serde_json::json!({"apiVersion": "weir.dev/v1alpha1", "kind": "RemoteEndpoint",
+        "metadata": {"name": "c2.mcs.client"},
+        "spec": {"cluster": "c2", "namespace": "mcs", "pod": "client", "ips": ["10.245.1.2", "fd00:10:245:1::2"],
+                 "labels": {"app": "x"}, "namespaceLabels": {"kubernetes.io/metadata.name": "mcs"},
+                 "ports": [{"name": "web", "protocol": "TCP", "port": 8080}]}});
+    validate_against_crd("remoteendpoint-crd.yaml", &rep).unwrap();
+    let mut bad = rep.clone();
+    bad["spec"].as_object_mut().unwrap().remove("pod");
+    assert!(validate_against_crd("remoteendpoint-crd.yaml", &bad).is_err());
+    let node = serde_json::json!({"apiVersion": "weir.dev/v1alpha1", "kind": "RemoteNode",
+        "metadata": {"name": "c2.node-1"},
+        "spec": {"cluster": "c2", "node": "node-1", "addresses": ["172.30.2.11"],
+                 "podCIDRs": ["10.245.1.0/24", "fd00:10:245:1::/64"]}});
+    validate_against_crd("remotenode-crd.yaml", &node).unwrap();
+}
