@@ -365,7 +365,7 @@ fn partitions_and_restarts_under_load() {
     );
 
     // Restarts under load: the mesh, etcd and the agents of c2.
-    for (who, comp) in [(c2, "mesh"), (c2, "agents")] {
+    for (who, comp) in [(c2, "mesh"), (c2, "agents"), (c2, "apiserver")] {
         let load = c2.hold("mcs/hello-1", &target, "tcp", "4s");
         ok(&mut who.weir(&["lab", "stop", "--component", comp]));
         std::thread::sleep(Duration::from_secs(1));
