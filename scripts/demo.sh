@@ -12,7 +12,16 @@ if "$WEIR" lab list -o json | grep -q "\"name\": \"$LAB\""; then
   echo "A lab named $LAB exists already; removing it first."
   "$WEIR" lab down --name "$LAB"
 fi
-trap 'say "Tearing down: weir lab down removes namespaces, links, cgroups, processes and files"; "$WEIR" lab down --name "$LAB"' EXIT
+SET="${LAB}-mc"
+if "$WEIR" lab list -o json | grep -q "\"clusterset\": \"$SET\""; then
+  "$WEIR" lab down --name "$SET"
+fi
+teardown() {
+  say "Tearing down: weir lab down removes namespaces, links, cgroups, processes and files"
+  "$WEIR" lab down --name "$LAB"
+  if [ -d "/run/weir/labs/$SET" ]; then "$WEIR" lab down --name "$SET"; fi
+}
+trap teardown EXIT
 
 say "1. Build a lab: weir's API server, an EndpointSlice controller, a kubelet per node, and the manifests of examples/demo.yaml"
 KUBECONFIG_FILE=$("$WEIR" lab up --name "$LAB" --nodes 2 -f "$here/examples/demo.yaml")
@@ -79,3 +88,14 @@ say "8. A Service with no endpoints refuses new connections at once (ECONNREFUSE
 show $K delete pod cart -n shop --grace-period=0 --force
 sleep 0.5
 show "$WEIR" --cluster "$LAB" lab connect --from ops/client --to cart.shop:80 --count 5
+
+say "9. Two clusters, one clusterset: each a whole lab cluster, with one etcd and a mesh per cluster (examples/mcs.yaml in both)"
+"$WEIR" lab up --name "$SET" --clusters 2 -f "$here/examples/mcs.yaml" > /dev/null
+echo "mcs/hello exists in both clusters; exporting it from c1 only:"
+show "$WEIR" --cluster "$SET/c1" apply -f "$here/examples/mcs-export.yaml"
+sleep 1.5
+show "$WEIR" --cluster "$SET/c2" get serviceimports -A -o wide
+echo "Pods resolve clusterset names through the lab's DNS (CoreDNS's multicluster semantics):"
+show "$WEIR" --cluster "$SET/c2" lab exec mcs/client -- dig +short hello.mcs.svc.clusterset.local
+echo "c2's client reaches c1's pod through the ClusterSetIP; c2's own hello is not exported, so it never answers:"
+show "$WEIR" --cluster "$SET/c2" lab connect --from mcs/client --to hello.mcs.svc.clusterset.local:80 --count 50
