@@ -547,8 +547,13 @@ fn component_target(name: &str, what: Component) -> Result<(LabPaths, Option<Lay
             name.split('/').next().unwrap_or(name)
         ))),
         (_, false) => Err(LabError::Usage(format!(
-            "--component {} needs a cluster of a clusterset: --cluster {name}/cK",
-            component_name(what)
+            "--component {} acts on a cluster of a clusterset: --cluster {name}/cK",
+            match what {
+                Component::Mesh => "mesh",
+                Component::Agents => "agents",
+                Component::Apiserver => "apiserver",
+                Component::Etcd => "etcd",
+            }
         ))),
         (_, true) => {
             let p = LabPaths::new(name);
