@@ -45,56 +45,53 @@ fn kinds_of(rendered: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn manifests_render_and_validate_strictly() {
-    let rendered = render_and_validate(&deploy_dir());
+/// Renders `dir`, validates it strictly, and checks it holds every `kind/name` of `want` and
+/// the image `make image` builds.
+fn assert_renders(dir: &std::path::Path, want: &[&str]) {
+    let rendered = render_and_validate(dir);
     let kinds = kinds_of(&rendered);
-    for want in [
-        "Namespace/weir-system",
-        "CustomResourceDefinition/securityidentities.weir.dev",
-        "CustomResourceDefinition/remoteendpoints.weir.dev",
-        "CustomResourceDefinition/remotenodes.weir.dev",
-        "ServiceAccount/weir-agent",
-        "ClusterRole/weir-agent",
-        "ClusterRoleBinding/weir-agent",
-        "CustomResourceDefinition/serviceexports.multicluster.x-k8s.io",
-        "CustomResourceDefinition/serviceimports.multicluster.x-k8s.io",
-        "CustomResourceDefinition/clusterproperties.about.k8s.io",
-        "ConfigMap/weir-agent-config",
-        "DaemonSet/weir-agent",
-    ] {
-        assert!(
-            kinds.iter().any(|k| k == want),
-            "{want} missing from {kinds:?}"
-        );
+    for w in want {
+        assert!(kinds.iter().any(|k| k == w), "{w} missing from {kinds:?}");
     }
-    // The image is the one `make image` builds.
     assert!(
         rendered.contains("image: localhost/weir:0.1.0"),
         "{rendered}"
     );
 }
 
+#[test]
+fn manifests_render_and_validate_strictly() {
+    assert_renders(
+        &deploy_dir(),
+        &[
+            "Namespace/weir-system",
+            "CustomResourceDefinition/securityidentities.weir.dev",
+            "CustomResourceDefinition/remoteendpoints.weir.dev",
+            "CustomResourceDefinition/remotenodes.weir.dev",
+            "ServiceAccount/weir-agent",
+            "ClusterRole/weir-agent",
+            "ClusterRoleBinding/weir-agent",
+            "CustomResourceDefinition/serviceexports.multicluster.x-k8s.io",
+            "CustomResourceDefinition/serviceimports.multicluster.x-k8s.io",
+            "CustomResourceDefinition/clusterproperties.about.k8s.io",
+            "ConfigMap/weir-agent-config",
+            "DaemonSet/weir-agent",
+        ],
+    );
+}
+
 /// The mesh (deploy/mesh/, applied after the base in each cluster of a clusterset).
 #[test]
 fn mesh_manifests_render_and_validate_strictly() {
-    let rendered = render_and_validate(&deploy_dir().join("mesh"));
-    let kinds = kinds_of(&rendered);
-    for want in [
-        "ServiceAccount/weir-mesh",
-        "ClusterRole/weir-mesh",
-        "ClusterRoleBinding/weir-mesh",
-        "ConfigMap/weir-mesh-config",
-        "Deployment/weir-mesh",
-    ] {
-        assert!(
-            kinds.iter().any(|k| k == want),
-            "{want} missing from {kinds:?}"
-        );
-    }
-    assert!(
-        rendered.contains("image: localhost/weir:0.1.0"),
-        "{rendered}"
+    assert_renders(
+        &deploy_dir().join("mesh"),
+        &[
+            "ServiceAccount/weir-mesh",
+            "ClusterRole/weir-mesh",
+            "ClusterRoleBinding/weir-mesh",
+            "ConfigMap/weir-mesh-config",
+            "Deployment/weir-mesh",
+        ],
     );
 }
 
