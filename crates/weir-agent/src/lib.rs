@@ -55,6 +55,8 @@ pub struct AgentConfig {
     /// This cluster's id in its clusterset: every identity carries it as `weir.dev/cluster`
     /// (None: not in a clusterset).
     pub cluster_id: Option<String>,
+    /// Where to write the address the first of `listen` was bound to (useful with port 0).
+    pub listen_file: Option<PathBuf>,
 }
 
 /// Services (and their EndpointSlices) with this label have no proxy at all: the
@@ -529,9 +531,13 @@ pub async fn run(
         nodes: node_store,
         node_name: cfg.node_name.clone(),
     });
-    for addr in &cfg.listen {
+    for (i, addr) in cfg.listen.iter().enumerate() {
         let bound = probes::serve(*addr, shared.clone()).await?;
         tracing::info!(%bound, "serving /healthz, /readyz and /metrics");
+        if let (0, Some(f)) = (i, &cfg.listen_file) {
+            let tmp = f.with_extension("tmp");
+            std::fs::write(&tmp, bound.to_string()).and_then(|_| std::fs::rename(&tmp, f))?;
+        }
     }
     let api_task = tokio::spawn(api::serve(cfg.socket.clone(), shared.clone()));
     let notify = Arc::new(Notify::new());

@@ -153,8 +153,8 @@ pub async fn up(opts: &UpOptions, docs: &[client::Doc]) -> Result<Vec<PathBuf>, 
         Err(e) => {
             eprintln!("  ✗ {e}");
             eprintln!(
-                "  removing what was made (logs were in {} and its clusters' directories)",
-                set.log_dir().display()
+                "  removing what was made (its logs, and its clusters', are kept in {})",
+                lab::keep_logs(&set).display()
             );
             let _ = down(&opts.name);
             Err(e)

@@ -80,6 +80,29 @@ fn current_exe() -> Result<PathBuf, LabError> {
     std::env::current_exe().map_err(|e| LabError::io("/proc/self/exe".into(), e))
 }
 
+/// Copies the log directories of a lab (and of a clusterset's clusters) that `lab up` is
+/// about to remove after a failure to /tmp/weir-lab-<name>-logs (replacing an older copy), so
+/// that the cause can be read; returns where.
+pub(crate) fn keep_logs(p: &LabPaths) -> PathBuf {
+    let dest = std::env::temp_dir().join(format!("weir-lab-{}-logs", p.name.replace('/', ".")));
+    let _ = std::fs::remove_dir_all(&dest);
+    let mut dirs = vec![(p.log_dir(), dest.clone())];
+    for e in std::fs::read_dir(&p.dir).into_iter().flatten().flatten() {
+        if e.path().join("logs").is_dir() {
+            dirs.push((e.path().join("logs"), dest.join(e.file_name())));
+        }
+    }
+    for (from, to) in dirs {
+        let _ = std::fs::create_dir_all(&to);
+        for f in std::fs::read_dir(&from).into_iter().flatten().flatten() {
+            if f.path().is_file() {
+                let _ = std::fs::copy(f.path(), to.join(f.file_name()));
+            }
+        }
+    }
+    dest
+}
+
 /// Starts a lab component as a detached process logging to `logs/<component>.log`.
 pub(crate) fn spawn_daemon(
     paths: &LabPaths,
@@ -355,8 +378,8 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
         Err(e) => {
             eprintln!("  ✗ {e}");
             eprintln!(
-                "  removing what was made (logs were in {})",
-                p.log_dir().display()
+                "  removing what was made (its logs are kept in {})",
+                keep_logs(&p).display()
             );
             let _ = down(&opts.name);
             Err(e)
@@ -397,9 +420,6 @@ fn plan_layout(opts: &UpOptions, p: &LabPaths, cluster: Option<u8>) -> Result<La
     layout.masquerade = opts.masquerade;
     layout.identity_gc_grace_ms = opts.identity_gc_grace.as_millis() as u64;
     layout.service_proxy_name = opts.service_proxy_name.clone();
-    for n in &mut layout.nodes {
-        n.metrics_port = free_port()?;
-    }
     Ok(layout)
 }
 
@@ -803,8 +823,25 @@ pub async fn wait_converged(
 
 /// Where a node's agent serves /healthz, /readyz and /metrics: on the host's loopback (the
 /// agents run in the host network namespace), so they are reachable from outside the lab.
-fn metrics_addr(n: &crate::paths::NodeLayout) -> Option<std::net::SocketAddr> {
-    (n.metrics_port != 0).then(|| std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port)))
+/// A fixed port (labs made before ports were chosen by the agents), else port 0: the agent
+/// binds a free one and writes it to [`metrics_file`]. (A port chosen at `lab up` and bound
+/// seconds later by the agent could be taken meanwhile, by another lab or any connection.)
+fn metrics_addr(n: &crate::paths::NodeLayout) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port))
+}
+
+/// Where a lab node's agent writes the address it serves /metrics on.
+fn metrics_file(p: &LabPaths, node: &str) -> PathBuf {
+    p.node_dir(node).join("metrics.addr")
+}
+
+/// The address a lab node's agent serves /metrics on, when it runs.
+fn metrics_bound(p: &LabPaths, n: &crate::paths::NodeLayout) -> Option<std::net::SocketAddr> {
+    std::fs::read_to_string(metrics_file(p, &n.name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs a node's agent in this process (the `weir lab agent` component).
@@ -858,7 +895,8 @@ pub async fn run_agent(
         default_mode: weir_control::lb::LbMode::Snat,
         identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
         service_proxy_name: layout.service_proxy_name.clone(),
-        listen: metrics_addr(layout.node(node)?).into_iter().collect(),
+        listen: vec![metrics_addr(layout.node(node)?)],
+        listen_file: Some(metrics_file(&p, node)),
         cluster_id: name.split_once('/').map(|(_, c)| c.to_string()),
     };
     weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
@@ -1080,7 +1118,7 @@ pub fn nodes(name: &str) -> Result<Vec<HostInfo>, LabError> {
             netns: n.netns.clone(),
             cni_conf_dir: Some(p.cni_conf_dir(&n.name)),
             cni_bin_dir: Some(p.cni_bin_dir()),
-            metrics_url: metrics_addr(n).map(|a| format!("http://{a}/metrics")),
+            metrics_url: metrics_bound(&p, n).map(|a| format!("http://{a}/metrics")),
         })
         .collect();
     out.push(HostInfo {

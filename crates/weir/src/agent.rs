@@ -233,6 +233,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         service_proxy_name: a.service_proxy_name.clone(),
         listen,
         cluster_id: a.cluster_id.clone(),
+        listen_file: None,
     };
     tokio::select! {
         r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
