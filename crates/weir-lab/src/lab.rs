@@ -830,6 +830,14 @@ fn metrics_addr(n: &crate::paths::NodeLayout) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port))
 }
 
+/// What a (re)started agent listens on: the port its node's agent had before when it is
+/// still free (a restart keeps the node's metrics URL), else the layout's.
+fn metrics_listen(p: &LabPaths, n: &crate::paths::NodeLayout) -> std::net::SocketAddr {
+    metrics_bound(p, n)
+        .filter(|a| std::net::TcpListener::bind(a).is_ok())
+        .unwrap_or_else(|| metrics_addr(n))
+}
+
 /// Where a lab node's agent writes the address it serves /metrics on.
 fn metrics_file(p: &LabPaths, node: &str) -> PathBuf {
     p.node_dir(node).join("metrics.addr")
@@ -895,7 +903,7 @@ pub async fn run_agent(
         default_mode: weir_control::lb::LbMode::Snat,
         identity_gc_grace: Duration::from_millis(layout.identity_gc_grace_ms),
         service_proxy_name: layout.service_proxy_name.clone(),
-        listen: vec![metrics_addr(layout.node(node)?)],
+        listen: vec![metrics_listen(&p, layout.node(node)?)],
         listen_file: Some(metrics_file(&p, node)),
         cluster_id: name.split_once('/').map(|(_, c)| c.to_string()),
     };
