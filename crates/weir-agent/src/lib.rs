@@ -279,10 +279,34 @@ fn mark_import(d: &mut Dirty, i: &DynamicObject, _deleted: bool) {
     d.services.insert((ns, mcs::import_name(&name)));
 }
 
+/// The kube-rs description of a kind weir serves (watched as DynamicObjects).
+pub fn api_resource(kind: &weir_model::ResourceKind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(kind.group, kind.version, kind.kind),
+        kind.plural,
+    )
+}
+
+/// [`spawn_reflector`] for a kind known by its [`weir_model::ResourceKind`] (every object of
+/// it, as DynamicObjects).
+pub fn spawn_kind_reflector(
+    client: &Client,
+    kind: &weir_model::ResourceKind,
+    cfg: watcher::Config,
+    on_event: impl Fn(Option<&watcher::Event<DynamicObject>>) + Send + 'static,
+) -> Store<DynamicObject> {
+    let ar = api_resource(kind);
+    spawn_reflector_with(
+        Api::all_with(client.clone(), &ar),
+        reflector::store::Writer::new(ar),
+        cfg,
+        on_event,
+    )
+}
+
 /// The ServiceImport kind as the agents watch it.
 fn import_resource() -> ApiResource {
-    let k = &weir_model::kinds::SERVICE_IMPORT;
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(k.group, k.version, k.kind), k.plural)
+    api_resource(&weir_model::kinds::SERVICE_IMPORT)
 }
 
 fn mark_slice(d: &mut Dirty, sl: &EndpointSlice, deleted: bool) {
@@ -436,19 +460,12 @@ pub async fn run(
     );
     // Other clusters' nodes (the mesh writes them): routed and left unmasqueraded as ours.
     let n3 = nodes_changed.clone();
-    let remote_nodes = {
-        let k = &weir_model::kinds::REMOTE_NODE;
-        let ar = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(k.group, k.version, k.kind),
-            k.plural,
-        );
-        spawn_reflector_with(
-            Api::<DynamicObject>::all_with(client.clone(), &ar),
-            reflector::store::Writer::new(ar.clone()),
-            watcher::Config::default(),
-            move |_| n3.notify_one(),
-        )
-    };
+    let remote_nodes = spawn_kind_reflector(
+        &client,
+        &weir_model::kinds::REMOTE_NODE,
+        watcher::Config::default(),
+        move |_| n3.notify_one(),
+    );
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
     // destinations left untranslated.
@@ -558,9 +575,9 @@ pub async fn run(
         wake(&notify, &shared, &dirty, mark_slice),
     );
     // ServiceImports (their EndpointSlices come with the others): the mesh writes them.
-    let imports = spawn_reflector_with(
-        Api::<DynamicObject>::all_with(client.clone(), &import_resource()),
-        reflector::store::Writer::new(import_resource()),
+    let imports = spawn_kind_reflector(
+        &client,
+        &weir_model::kinds::SERVICE_IMPORT,
         watcher::Config::default(),
         wake(&notify, &shared, &dirty, mark_import),
     );

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, PostParams, Preconditions};
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use serde::Serialize;
@@ -55,8 +55,7 @@ pub struct PolicyReport {
 
 /// The SecurityIdentity resource (weir.dev/v1alpha1).
 pub fn identity_resource() -> ApiResource {
-    let k = weir_model::kinds::SECURITY_IDENTITY;
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(k.group, k.version, k.kind), k.plural)
+    crate::api_resource(&weir_model::kinds::SECURITY_IDENTITY)
 }
 
 /// The identity number and labels of a SecurityIdentity object.
@@ -265,16 +264,9 @@ pub async fn run(
 ) {
     let notify = Arc::new(Notify::new());
     // Other clusters' pods (the mesh writes them): NetworkPolicy peers.
-    let rar = {
-        let k = weir_model::kinds::REMOTE_ENDPOINT;
-        ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(k.group, k.version, k.kind),
-            k.plural,
-        )
-    };
-    let remote_store = crate::spawn_reflector_with(
-        Api::<DynamicObject>::all_with(client.clone(), &rar),
-        reflector::store::Writer::new(rar.clone()),
+    let remote_store = crate::spawn_kind_reflector(
+        &client,
+        &weir_model::kinds::REMOTE_ENDPOINT,
         watcher::Config::default(),
         wake(&notify),
     );

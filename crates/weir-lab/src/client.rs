@@ -5,7 +5,7 @@ use std::path::Path;
 
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::core::ApiResource;
 use kube::Client;
 use serde_json::Value;
 use weir_model::ResourceKind;
@@ -24,10 +24,7 @@ pub async fn client_from_kubeconfig(kubeconfig: &Path) -> Result<Client, LabErro
 
 /// The kube-rs dynamic resource description of a weir kind.
 pub fn api_resource(kind: &ResourceKind) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(kind.group, kind.version, kind.kind),
-        kind.plural,
-    )
+    weir_agent::api_resource(kind)
 }
 
 /// A dynamic API for `kind` in `ns` (ignored for cluster-scoped kinds).

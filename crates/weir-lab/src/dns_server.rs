@@ -11,7 +11,6 @@ use hickory_proto::op::Message;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::reflector::store::Writer;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,10 +146,9 @@ pub async fn run(name: &str) -> Result<(), LabError> {
         weir_agent::spawn_reflector(Api::<EndpointSlice>::all(c.clone()), all(), waker(&changed));
     let namespaces =
         weir_agent::spawn_reflector(Api::<Namespace>::all(c.clone()), all(), waker(&changed));
-    let ar = client::api_resource(&weir_model::kinds::SERVICE_IMPORT);
-    let imports = weir_agent::spawn_reflector_with(
-        Api::<DynamicObject>::all_with(c.clone(), &ar),
-        Writer::new(ar.clone()),
+    let imports = weir_agent::spawn_kind_reflector(
+        &c,
+        &weir_model::kinds::SERVICE_IMPORT,
         all(),
         waker(&changed),
     );
