@@ -6,14 +6,11 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
+use weir_control::mcs::{MCS_SERVICE_NAME_LABEL as SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL};
 
 use crate::merge::Merged;
 use crate::record::ExportRecord;
 
-/// The MCS label naming the Service an EndpointSlice belongs to.
-pub const SERVICE_NAME_LABEL: &str = "multicluster.kubernetes.io/service-name";
-/// The MCS label naming the cluster an EndpointSlice's endpoints live in.
-pub const SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
 /// The EndpointSlice label naming the controller that manages a slice.
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The mesh's name as a slice's manager (not the EndpointSlice controller's, so that it never

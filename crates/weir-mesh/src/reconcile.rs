@@ -260,66 +260,34 @@ impl Mesh {
     /// This cluster's pods as other clusters' NetworkPolicy sees them: those with addresses
     /// of their own (not host-network) that have not finished.
     fn own_pods(&self) -> Vec<PodRecord> {
-        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = self
-            .stores
-            .namespaces
-            .state()
+        // As the agents see pods for NetworkPolicy (finished ones left out), with the same
+        // namespace labels.
+        let (namespaces, pods) = (self.stores.namespaces.state(), self.stores.pods.state());
+        let view = weir_control::policy::Cluster::from_objects(
+            namespaces.iter().map(|n| &**n),
+            pods.iter().map(|p| &**p),
+            std::iter::empty(),
+        );
+        view.pods
             .iter()
-            .filter_map(|n| {
-                let name = n.metadata.name.clone()?;
-                let mut l = n.metadata.labels.clone().unwrap_or_default();
-                l.entry("kubernetes.io/metadata.name".into())
-                    .or_insert_with(|| name.clone());
-                Some((name, l))
-            })
-            .collect();
-        self.stores
-            .pods
-            .state()
-            .iter()
-            .filter(|p| {
-                !p.spec
-                    .as_ref()
-                    .and_then(|s| s.host_network)
-                    .unwrap_or(false)
-            })
-            .filter_map(|p| {
-                let st = p.status.as_ref()?;
-                if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
-                    return None;
-                }
-                let mut ips: Vec<String> =
-                    st.pod_ips.iter().flatten().map(|i| i.ip.clone()).collect();
-                if ips.is_empty() {
-                    ips.extend(st.pod_ip.clone());
-                }
-                if ips.is_empty() {
-                    return None;
-                }
-                let (ns, name) = ns_name(&p.metadata);
-                let ports = p
-                    .spec
+            .filter(|p| !p.host_network && !p.ips.is_empty())
+            .map(|p| PodRecord {
+                cluster: self.cfg.cluster.clone(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
+                labels: p.labels.clone(),
+                namespace_labels: view.namespace_labels(&p.namespace),
+                ports: p
+                    .ports
                     .iter()
-                    .flat_map(|s| s.containers.iter())
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .filter_map(|cp| {
-                        Some(record::PortRecord {
-                            name: cp.name.clone()?,
-                            protocol: cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                            port: cp.container_port,
-                            app_protocol: None,
-                        })
+                    .map(|np| record::PortRecord {
+                        name: np.name.clone(),
+                        protocol: np.protocol.name().into(),
+                        port: i32::from(np.port),
+                        app_protocol: None,
                     })
-                    .collect();
-                Some(PodRecord {
-                    ports,
-                    cluster: self.cfg.cluster.clone(),
-                    namespace_labels: ns_labels.get(&ns).cloned().unwrap_or_default(),
-                    namespace: ns,
-                    name,
-                    ips,
-                    labels: p.metadata.labels.clone().unwrap_or_default(),
-                })
+                    .collect(),
             })
             .collect()
     }
