@@ -232,7 +232,7 @@ async fn build(
         write_cluster_properties(client, &opts.name, c).await?;
         start_mesh(&p)?;
     }
-    wait_for_meshes(&shape, Duration::from_secs(30)).await?;
+    wait_for_meshes(&shape, &shape.clusters, Duration::from_secs(30)).await?;
     progress.step(&format!(
         "mesh connected: {} cluster(s) sharing through etcd",
         clusters.len()
@@ -370,31 +370,35 @@ pub fn mesh_status(p: &LabPaths) -> Option<weir_mesh::MeshStatus> {
     weir_mesh::read_status(&mesh_status_file(p))
 }
 
-async fn wait_for_meshes(shape: &ClusterSetLayout, timeout: Duration) -> Result<(), LabError> {
+/// Waits until the meshes of `clusters` (of `shape`) are connected, synced and hold every
+/// cluster's data.
+async fn wait_for_meshes(
+    shape: &ClusterSetLayout,
+    clusters: &[String],
+    timeout: Duration,
+) -> Result<(), LabError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let mut waiting = Vec::new();
-        for c in &shape.clusters {
-            let st = mesh_status(&shape.cluster_paths(c));
-            let ok = st.as_ref().is_some_and(|s| {
-                s.connected && s.synced && shape.clusters.iter().all(|o| s.clusters.contains_key(o))
-            });
-            if !ok {
-                waiting.push(c.clone());
-            }
-        }
-        if waiting.is_empty() {
+        let waiting: Vec<LabPaths> = clusters
+            .iter()
+            .map(|c| shape.cluster_paths(c))
+            .filter(|p| {
+                !mesh_status(p).is_some_and(|s| {
+                    s.connected
+                        && s.synced
+                        && shape.clusters.iter().all(|o| s.clusters.contains_key(o))
+                })
+            })
+            .collect();
+        let Some(first) = waiting.first() else {
             return Ok(());
-        }
+        };
         if Instant::now() > deadline {
+            let names: Vec<&str> = waiting.iter().map(|p| p.name.as_str()).collect();
             return Err(LabError::Timeout(format!(
                 "the mesh of {} did not connect within {timeout:?} (see {})",
-                waiting.join(", "),
-                shape
-                    .cluster_paths(&waiting[0])
-                    .log_dir()
-                    .join("mesh.log")
-                    .display()
+                names.join(", "),
+                first.log_dir().join("mesh.log").display()
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -451,17 +455,8 @@ pub enum Component {
     Etcd,
 }
 
-fn pid_of(p: &LabPaths, component: &str) -> Option<i32> {
-    std::fs::read_to_string(p.pid_dir().join(format!("{component}.pid")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|pid| sys::alive(*pid))
-}
-
 fn stop_component(p: &LabPaths, component: &str) {
-    if let Some(pid) = pid_of(p, component) {
+    if let Some(pid) = lab::pid_of(p, component) {
         sys::kill_all(&[pid], Duration::from_secs(5));
     }
 }
@@ -487,22 +482,23 @@ pub async fn start(name: &str, what: Component) -> Result<String, LabError> {
     let (p, layout) = component_target(name, what)?;
     match what {
         Component::Mesh => {
-            if pid_of(&p, "mesh").is_none() {
+            if lab::pid_of(&p, "mesh").is_none() {
                 start_mesh(&p)?;
             }
             let set = ClusterSetLayout::load(p.clusterset().unwrap_or_default())
                 .ok_or_else(|| LabError::NoSuchLab(name.into()))?;
-            wait_for_mesh_connected(&p, &set, Duration::from_secs(30)).await?;
+            let id = p.name.rsplit('/').next().unwrap_or_default().to_string();
+            wait_for_meshes(&set, &[id], Duration::from_secs(30)).await?;
         }
         Component::Apiserver => {
-            if pid_of(&p, "apiserver").is_none() {
+            if lab::pid_of(&p, "apiserver").is_none() {
                 lab::start_apiserver(&p)?;
             }
             let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
             lab::wait_for_apiserver(&client, &p, Duration::from_secs(15)).await?;
         }
         Component::Etcd => {
-            if pid_of(&p, "etcd").is_none() {
+            if lab::pid_of(&p, "etcd").is_none() {
                 start_etcd(&p)?;
             }
             let shape =
@@ -512,7 +508,7 @@ pub async fn start(name: &str, what: Component) -> Result<String, LabError> {
         Component::Agents => {
             let layout = layout.expect("cluster layout");
             for n in &layout.nodes {
-                if pid_of(&p, &format!("agent-{}", n.name)).is_none() {
+                if lab::pid_of(&p, &format!("agent-{}", n.name)).is_none() {
                     lab::start_agent(&p, &n.name)?;
                 }
             }
@@ -560,29 +556,6 @@ fn component_target(name: &str, what: Component) -> Result<(LabPaths, Option<Lay
             let layout = Layout::load(&p)?;
             Ok((p, Some(layout)))
         }
-    }
-}
-
-async fn wait_for_mesh_connected(
-    p: &LabPaths,
-    set: &ClusterSetLayout,
-    timeout: Duration,
-) -> Result<(), LabError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if mesh_status(p).is_some_and(|s| {
-            s.connected && s.synced && set.clusters.iter().all(|c| s.clusters.contains_key(c))
-        }) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(LabError::Timeout(format!(
-                "the mesh of {} did not connect within {timeout:?} (see {})",
-                p.name,
-                p.log_dir().join("mesh.log").display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -1041,11 +1041,14 @@ pub struct LabSummary {
     pub clusterset: Option<String>,
 }
 
-fn pid_alive(paths: &LabPaths, component: &str) -> bool {
+/// The pid of a lab component from its pid file, when it is alive.
+pub(crate) fn pid_of(paths: &LabPaths, component: &str) -> Option<i32> {
     std::fs::read_to_string(paths.pid_dir().join(format!("{component}.pid")))
+        .ok()?
+        .trim()
+        .parse()
         .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .is_some_and(sys::alive)
+        .filter(|pid| sys::alive(*pid))
 }
 
 /// `weir lab list`.
@@ -1068,7 +1071,7 @@ pub fn list() -> Vec<LabSummary> {
             };
             out.push(LabSummary {
                 nodes: layout.nodes.len(),
-                apiserver_running: pid_alive(&p, "apiserver"),
+                apiserver_running: pid_of(&p, "apiserver").is_some(),
                 server: format!("https://127.0.0.1:{}", layout.apiserver_port),
                 kubeconfig: p.kubeconfig(),
                 created: layout.created.clone(),

@@ -150,6 +150,18 @@ fn ns_name(meta: &kube::api::ObjectMeta) -> (String, String) {
     )
 }
 
+/// Deletes `name`; one already gone is no error.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The mesh's hash annotation of an object.
 fn annotation(meta: &kube::api::ObjectMeta) -> Option<&str> {
     meta.annotations
@@ -329,32 +341,30 @@ impl Mesh {
 
         // The merged view: other clusters' records from etcd, this cluster's from its API
         // (so that local changes reach local clients even while etcd is out of reach).
-        let (remote_pods, remote_nodes): (Vec<PodRecord>, Vec<NodeRecord>) = {
+        let (synced, remote_pods, remote_nodes, mut all) = {
             let r = self.remote.lock().expect("remote");
-            (
-                r.pods
-                    .values()
-                    .filter(|p| p.cluster != self.cfg.cluster)
-                    .cloned()
-                    .collect(),
-                r.nodes
-                    .values()
-                    .filter(|n| n.cluster != self.cfg.cluster)
-                    .cloned()
-                    .collect(),
-            )
-        };
-        let (synced, mut all): (bool, BTreeMap<(String, String), Vec<ExportRecord>>) = {
-            let r = self.remote.lock().expect("remote");
+            let other = |c: &String| *c != self.cfg.cluster;
             let mut all: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
             for ((c, ns, name), rec) in &r.exports {
-                if *c != self.cfg.cluster {
+                if other(c) {
                     all.entry((ns.clone(), name.clone()))
                         .or_default()
                         .push(rec.clone());
                 }
             }
-            (r.synced, all)
+            let pods: Vec<PodRecord> = r
+                .pods
+                .values()
+                .filter(|p| other(&p.cluster))
+                .cloned()
+                .collect();
+            let nodes: Vec<NodeRecord> = r
+                .nodes
+                .values()
+                .filter(|n| other(&n.cluster))
+                .cloned()
+                .collect();
+            (r.synced, pods, nodes, all)
         };
         for (k, r) in &own {
             all.entry(k.clone()).or_default().push(r.clone());
@@ -463,12 +473,8 @@ impl Mesh {
             }
         }
         for name in have.keys().filter(|n| !wanted.contains(*n)) {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    first_err.get_or_insert(format!("{} {name}: deleting: {e}", kind.kind));
-                }
+            if let Err(e) = delete_if_present(&api, name).await {
+                first_err.get_or_insert(format!("{} {name}: deleting: {e}", kind.kind));
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -674,11 +680,8 @@ impl Mesh {
                 continue;
             }
             let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {
-                    self.allocated.remove(&(ns.clone(), name.clone()));
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {
+            match delete_if_present(&api, name).await {
+                Ok(()) => {
                     self.allocated.remove(&(ns.clone(), name.clone()));
                 }
                 Err(e) => {
@@ -722,12 +725,8 @@ impl Mesh {
                 continue;
             }
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: deleting: {e}"));
-                }
+            if let Err(e) = delete_if_present(&api, name).await {
+                first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: deleting: {e}"));
             }
         }
     }
