@@ -4,7 +4,6 @@
 //! cluster. Also the fault injection of clustersets: partitions and component stops.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -277,30 +276,21 @@ async fn write_cluster_properties(
     Ok(())
 }
 
-fn spawn(set: &LabPaths, component: &str, args: &[&str]) -> Result<i32, LabError> {
-    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-    lab::spawn_daemon(set, component, &args)
-}
-
 /// Starts the clusterset's etcd (through `weir lab etcd`, which places itself in the
 /// clusterset's cgroup and becomes etcd).
 pub fn start_etcd(set: &LabPaths) -> Result<i32, LabError> {
-    spawn(set, "etcd", &["lab", "etcd", "--cluster", &set.name])
+    lab::start_component(set, "etcd", "etcd", &[])
 }
 
 /// Starts the gate the meshes reach etcd through.
 pub fn start_gate(set: &LabPaths) -> Result<i32, LabError> {
-    spawn(
-        set,
-        "etcd-gate",
-        &["lab", "etcd-gate", "--cluster", &set.name],
-    )
+    lab::start_component(set, "etcd-gate", "etcd-gate", &[])
 }
 
 /// Starts cluster `p`'s mesh.
 pub fn start_mesh(p: &LabPaths) -> Result<i32, LabError> {
     let _ = std::fs::remove_file(mesh_status_file(p));
-    spawn(p, "mesh", &["lab", "mesh", "--cluster", &p.name])
+    lab::start_component(p, "mesh", "mesh", &[])
 }
 
 /// The etcd command line of clusterset `name` (the `weir lab etcd` component execs it).

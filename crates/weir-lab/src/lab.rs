@@ -104,11 +104,7 @@ pub(crate) fn keep_logs(p: &LabPaths) -> PathBuf {
 }
 
 /// Starts a lab component as a detached process logging to `logs/<component>.log`.
-pub(crate) fn spawn_daemon(
-    paths: &LabPaths,
-    component: &str,
-    args: &[OsString],
-) -> Result<i32, LabError> {
+fn spawn_daemon(paths: &LabPaths, component: &str, args: &[OsString]) -> Result<i32, LabError> {
     use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(paths.log_dir()).map_err(|e| LabError::io(paths.log_dir(), e))?;
     std::fs::create_dir_all(paths.pid_dir()).map_err(|e| LabError::io(paths.pid_dir(), e))?;
@@ -144,78 +140,52 @@ pub(crate) fn spawn_daemon(
     Ok(pid)
 }
 
+/// Starts `weir lab <command> --cluster <lab> [extra...]` as the lab's component
+/// `component` (its log and pid file are named after it).
+pub(crate) fn start_component(
+    paths: &LabPaths,
+    component: &str,
+    command: &str,
+    extra: &[&str],
+) -> Result<i32, LabError> {
+    let mut args: Vec<OsString> = vec![
+        "lab".into(),
+        command.into(),
+        "--cluster".into(),
+        paths.name.clone().into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    spawn_daemon(paths, component, &args)
+}
+
 /// Starts (or restarts) the lab's API server process.
 pub fn start_apiserver(paths: &LabPaths) -> Result<i32, LabError> {
-    spawn_daemon(
-        paths,
-        "apiserver",
-        &[
-            "lab".into(),
-            "apiserver".into(),
-            "--cluster".into(),
-            paths.name.clone().into(),
-        ],
-    )
+    start_component(paths, "apiserver", "apiserver", &[])
 }
 
 /// Starts the lab's controller manager.
 pub fn start_controller(paths: &LabPaths) -> Result<i32, LabError> {
-    spawn_daemon(
-        paths,
-        "controller",
-        &[
-            "lab".into(),
-            "controller".into(),
-            "--cluster".into(),
-            paths.name.clone().into(),
-        ],
-    )
+    start_component(paths, "controller", "controller", &[])
 }
 
 /// Starts the cluster's DNS server (answering in every node).
 pub fn start_dns(paths: &LabPaths) -> Result<i32, LabError> {
-    spawn_daemon(
-        paths,
-        "dns",
-        &[
-            "lab".into(),
-            "dns".into(),
-            "--cluster".into(),
-            paths.name.clone().into(),
-        ],
-    )
+    start_component(paths, "dns", "dns", &[])
 }
 
 /// Starts a node's kubelet.
 pub fn start_kubelet(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
-    spawn_daemon(
+    start_component(
         paths,
         &format!("kubelet-{node}"),
-        &[
-            "lab".into(),
-            "kubelet".into(),
-            "--cluster".into(),
-            paths.name.clone().into(),
-            "--node".into(),
-            node.into(),
-        ],
+        "kubelet",
+        &["--node", node],
     )
 }
 
 /// Starts a node's weir agent.
 pub fn start_agent(paths: &LabPaths, node: &str) -> Result<i32, LabError> {
-    spawn_daemon(
-        paths,
-        &format!("agent-{node}"),
-        &[
-            "lab".into(),
-            "agent".into(),
-            "--cluster".into(),
-            paths.name.clone().into(),
-            "--node".into(),
-            node.into(),
-        ],
-    )
+    start_component(paths, &format!("agent-{node}"), "agent", &["--node", node])
 }
 
 /// The ports the external host's echo server answers on (a server outside the cluster for
