@@ -165,20 +165,37 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let reader = writer.as_reader();
+    tokio::spawn(run_reflector(api, writer, cfg, on_event));
+    reader
+}
+
+/// Feeds `writer` from a watch of `api` for as long as the process runs.
+async fn run_reflector<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    cfg: watcher::Config,
+    on_event: impl Fn(Option<&watcher::Event<K>>) + Send + 'static,
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match &ev {
-                Ok(e) => on_event(Some(e)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "watch failed; retrying");
-                    on_event(None);
-                }
+    let mut stream = std::pin::pin!(stream);
+    while let Some(ev) = stream.next().await {
+        match &ev {
+            Ok(e) => on_event(Some(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "watch failed; retrying");
+                on_event(None);
             }
         }
-    });
-    reader
+    }
 }
 
 type ServiceKey = (String, String);
@@ -304,6 +321,68 @@ pub fn spawn_kind_reflector(
     )
 }
 
+/// How often a kind the API server does not serve is looked for again.
+const UNSERVED_RECHECK: Duration = Duration::from_secs(10);
+
+/// Whether the API server serves `kind` (its group/version lists it): a CRD not installed is
+/// not served.
+pub async fn kind_served(
+    client: &Client,
+    kind: &weir_model::ResourceKind,
+) -> Result<bool, kube::Error> {
+    match client
+        .list_api_group_resources(&format!("{}/{}", kind.group, kind.version))
+        .await
+    {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == kind.plural)),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`spawn_kind_reflector`] for a kind a cluster may not serve (the multi-cluster kinds on a
+/// cluster without weir's mesh CRDs): while the API server does not serve it the store is
+/// ready and empty, as Cilium treats an absent optional CRD, and the kind is looked for again
+/// every few seconds; once served it is watched like any other (its first list arrives as a
+/// relist). An API server that cannot be reached leaves the store not ready, as any watch.
+pub fn spawn_optional_kind_reflector(
+    client: &Client,
+    kind: &weir_model::ResourceKind,
+    cfg: watcher::Config,
+    on_event: impl Fn(Option<&watcher::Event<DynamicObject>>) + Send + 'static,
+) -> Store<DynamicObject> {
+    let ar = api_resource(kind);
+    let mut writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let (client, kind) = (client.clone(), *kind);
+    tokio::spawn(async move {
+        let mut empty = false;
+        loop {
+            match kind_served(&client, &kind).await {
+                Ok(true) => break,
+                Ok(false) if !empty => {
+                    tracing::info!(
+                        kind = kind.kind,
+                        group = kind.group,
+                        "not served by the API server (its CRD is not installed); empty until it is"
+                    );
+                    writer.apply_watcher_event(&watcher::Event::Init);
+                    writer.apply_watcher_event(&watcher::Event::InitDone);
+                    empty = true;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(kind = kind.kind, error = %e, "discovery failed"),
+            }
+            tokio::time::sleep(UNSERVED_RECHECK).await;
+        }
+        if empty {
+            tracing::info!(kind = kind.kind, "now served; watching it");
+        }
+        run_reflector(Api::all_with(client, &ar), writer, cfg, on_event).await;
+    });
+    reader
+}
+
 /// The ServiceImport kind as the agents watch it.
 fn import_resource() -> ApiResource {
     api_resource(&weir_model::kinds::SERVICE_IMPORT)
@@ -399,27 +478,32 @@ impl Incremental {
         self.set(key, svc.as_ref(), &refs, opts);
     }
 
+    /// Rebuilds the Services (and imports) `keys` from one scan of the slices.
     fn rebuild(
         &mut self,
-        key: ServiceKey,
+        keys: HashSet<ServiceKey>,
         services: &Store<Service>,
         imports: &Store<DynamicObject>,
         slices: &[Arc<EndpointSlice>],
         opts: &Options,
     ) {
-        let own: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|sl| slice_service(sl).as_ref() == Some(&key))
-            .map(|sl| sl.as_ref())
-            .collect();
-        if let Some(name) = key.1.strip_suffix(mcs::IMPORT_MARK) {
-            let r = reflector::ObjectRef::new_with(name, import_resource()).within(&key.0);
-            let imp = imports.get(&r);
-            self.set_import(key, imp.as_deref(), &own, opts);
-            return;
+        let mut own: HashMap<ServiceKey, Vec<&EndpointSlice>> =
+            keys.into_iter().map(|k| (k, Vec::new())).collect();
+        for sl in slices {
+            if let Some(v) = slice_service(sl).and_then(|k| own.get_mut(&k)) {
+                v.push(sl);
+            }
         }
-        let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
-        self.set(key, svc.as_deref(), &own, opts);
+        for (key, own) in own {
+            if let Some(name) = key.1.strip_suffix(mcs::IMPORT_MARK) {
+                let r = reflector::ObjectRef::new_with(name, import_resource()).within(&key.0);
+                let imp = imports.get(&r);
+                self.set_import(key, imp.as_deref(), &own, opts);
+                continue;
+            }
+            let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
+            self.set(key, svc.as_deref(), &own, opts);
+        }
     }
 
     fn all_warnings(&self) -> Vec<Warning> {
@@ -460,7 +544,7 @@ pub async fn run(
     );
     // Other clusters' nodes (the mesh writes them): routed and left unmasqueraded as ours.
     let n3 = nodes_changed.clone();
-    let remote_nodes = spawn_kind_reflector(
+    let remote_nodes = spawn_optional_kind_reflector(
         &client,
         &weir_model::kinds::REMOTE_NODE,
         watcher::Config::default(),
@@ -575,7 +659,7 @@ pub async fn run(
         wake(&notify, &shared, &dirty, mark_slice),
     );
     // ServiceImports (their EndpointSlices come with the others): the mesh writes them.
-    let imports = spawn_kind_reflector(
+    let imports = spawn_optional_kind_reflector(
         &client,
         &weir_model::kinds::SERVICE_IMPORT,
         watcher::Config::default(),
@@ -609,9 +693,7 @@ pub async fn run(
         if full {
             desired.rebuild_all(&services.state(), &imports.state(), &sls, &opts);
         } else {
-            for key in changed {
-                desired.rebuild(key, &services, &imports, &sls, &opts);
-            }
+            desired.rebuild(changed, &services, &imports, &sls, &opts);
         }
         let state = &desired.state;
         let mut warnings = desired.all_warnings();
@@ -677,12 +759,15 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
+        let pass = build_started.elapsed().min(Duration::from_secs(1));
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        // Coalesce a burst of events into one apply.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Coalesce a burst of events into one apply: wait as long as the last pass took (at
+        // least 5 ms), so that under a stream of changes (thousands of Services or imports
+        // arriving) passes take at most half of a core and each carries a larger batch.
+        tokio::time::sleep(pass.max(Duration::from_millis(5))).await;
         if api_task.is_finished() {
             return Err(std::io::Error::other("the introspection API stopped"));
         }
@@ -758,27 +843,24 @@ mod tests {
             dirty.services.contains(&("x".into(), "b".into()))
                 && dirty.services.contains(&("x".into(), "c".into()))
         );
-        for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
-        }
+        let keys = std::mem::take(&mut dirty.services);
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
         check(&inc, &slices);
 
         // Service a is deleted: its frontend goes.
         let gone = services[0].clone();
         svc_writer.apply_watcher_event(&watcher::Event::Delete(gone.clone()));
         mark_service(&mut dirty, &gone, true);
-        for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
-        }
+        let keys = std::mem::take(&mut dirty.services);
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
         check(&inc, &slices);
         assert_eq!(inc.state.frontends.len(), 2);
 
         // c-1 is deleted: only b-1 remains behind Service c.
         let c1 = slices.remove(2);
         mark_slice(&mut dirty, &c1, true);
-        for k in std::mem::take(&mut dirty.services) {
-            inc.rebuild(k, &svc_reader, &imports, &slices, &opts());
-        }
+        let keys = std::mem::take(&mut dirty.services);
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
         check(&inc, &slices);
     }
 }

@@ -264,7 +264,7 @@ pub async fn run(
 ) {
     let notify = Arc::new(Notify::new());
     // Other clusters' pods (the mesh writes them): NetworkPolicy peers.
-    let remote_store = crate::spawn_kind_reflector(
+    let remote_store = crate::spawn_optional_kind_reflector(
         &client,
         &weir_model::kinds::REMOTE_ENDPOINT,
         watcher::Config::default(),

@@ -19,6 +19,7 @@ use weir_model::{print, FieldSelector, LabelSelector};
 
 use crate::error::ApiError;
 use crate::patch::PatchType;
+use crate::runtime_config::RuntimeConfig;
 use crate::store::{DeleteOpts, Event, EventType, Store, WatchStart, WriteOpts};
 
 /// Response body: a whole document or a watch stream.
@@ -32,6 +33,8 @@ pub struct Api {
     pub token: Option<String>,
     /// How often idle watches get a BOOKMARK (when the client allows bookmarks).
     pub bookmark_interval: Duration,
+    /// Which kinds are served (`--runtime-config`).
+    pub runtime_config: RuntimeConfig,
 }
 
 fn full(code: StatusCode, ct: &str, body: Vec<u8>) -> Response<Body> {
@@ -142,11 +145,11 @@ fn route(path: &str) -> Result<Target, ApiError> {
     })
 }
 
-fn discovery_resources(group: &str, version: &str) -> Option<Value> {
+fn discovery_resources(rc: &RuntimeConfig, group: &str, version: &str) -> Option<Value> {
     let mut resources = Vec::new();
     for k in kinds::ALL
         .iter()
-        .filter(|k| k.group == group && k.version == version)
+        .filter(|k| k.group == group && k.version == version && rc.serves(k))
     {
         resources.push(json!({
             "name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
@@ -170,11 +173,14 @@ fn discovery_resources(group: &str, version: &str) -> Option<Value> {
     )
 }
 
-fn discovery_groups() -> Value {
+fn discovery_groups(rc: &RuntimeConfig) -> Value {
     // One entry per group with every version it serves; the first is the preferred one.
     let mut groups: Vec<(&str, Vec<Value>)> = Vec::new();
     for (g, v) in kinds::group_versions() {
-        if g.is_empty() {
+        let served = kinds::ALL
+            .iter()
+            .any(|k| k.group == g && k.version == v && rc.serves(k));
+        if g.is_empty() || !served {
             continue;
         }
         let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
@@ -348,7 +354,10 @@ impl Api {
                 ))
             }
             (Method::GET, "/apis") => {
-                return Ok(json_response(StatusCode::OK, &discovery_groups()))
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &discovery_groups(&self.runtime_config),
+                ))
             }
             (Method::GET, "/openapi/v2") => {
                 return Ok(full(StatusCode::OK, "application/octet-stream", Vec::new()))
@@ -358,9 +367,9 @@ impl Api {
         if method == Method::GET {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let doc = match segs.as_slice() {
-                ["api", v] => discovery_resources("", v),
-                ["apis", g, v] => discovery_resources(g, v),
-                ["apis", g] => discovery_groups()["groups"]
+                ["api", v] => discovery_resources(&self.runtime_config, "", v),
+                ["apis", g, v] => discovery_resources(&self.runtime_config, g, v),
+                ["apis", g] => discovery_groups(&self.runtime_config)["groups"]
                     .as_array()
                     .and_then(|gs| gs.iter().find(|x| x["name"] == *g).cloned())
                     .map(|mut g| {
@@ -375,6 +384,9 @@ impl Api {
             }
         }
         let t = route(&path)?;
+        if !self.runtime_config.serves(t.kind) {
+            return Err(ApiError::no_route(&path));
+        }
         let accept = header(&req, "accept");
         let content_type = header(&req, "content-type");
         if content_type.contains("protobuf") {

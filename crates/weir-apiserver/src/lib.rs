@@ -10,9 +10,11 @@ pub mod error;
 pub mod http;
 pub mod patch;
 pub mod pki;
+pub mod runtime_config;
 pub mod server;
 pub mod store;
 
 pub use error::ApiError;
+pub use runtime_config::RuntimeConfig;
 pub use server::{start, Listen, Running, ServerConfig, TlsFiles};
 pub use store::{Store, StoreConfig};

@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Interval of BOOKMARK events on idle watches.
     pub bookmark_interval: Duration,
+    /// Which kinds are served (`--runtime-config`; everything by default).
+    pub runtime_config: crate::RuntimeConfig,
 }
 
 /// The API server could not start.
@@ -159,6 +161,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, ServeError> {
         store: store.clone(),
         token: cfg.token.clone(),
         bookmark_interval: cfg.bookmark_interval,
+        runtime_config: cfg.runtime_config.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 

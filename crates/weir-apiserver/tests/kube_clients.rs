@@ -28,6 +28,7 @@ async fn start(dir: &Path, port: u16, history: usize) -> Running {
             ..Default::default()
         },
         bookmark_interval: Duration::from_millis(300),
+        runtime_config: Default::default(),
     };
     // A restarted server may find the previous one still closing its database.
     for _ in 0..100 {
@@ -418,6 +419,7 @@ async fn unix_socket_listener() {
         token: None,
         store: StoreConfig::default(),
         bookmark_interval: Duration::from_secs(5),
+        runtime_config: Default::default(),
     };
     let server = weir_apiserver::start(cfg).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -186,8 +186,13 @@ pub async fn run(name: &str) -> Result<(), LabError> {
     );
     loop {
         changed.notified().await;
-        *view.write().expect("view") = build_view(&services, &slices, &namespaces, &imports);
-        // Coalesce bursts.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let started = std::time::Instant::now();
+        let next = build_view(&services, &slices, &namespaces, &imports);
+        *view.write().expect("view") = next;
+        // Coalesce bursts: rest four times as long as the build took, so that a stream of
+        // changes (thousands of imports arriving) costs at most a fifth of a core, and an
+        // answer lags the API by at most a few builds.
+        let rest = (started.elapsed() * 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        tokio::time::sleep(rest).await;
     }
 }

@@ -1643,8 +1643,12 @@ pub fn kubeconfig_of(name: &str) -> Result<PathBuf, LabError> {
     }
 }
 
-/// Runs the lab's API server in this process (the `weir lab apiserver` component).
-pub async fn run_apiserver(name: &str) -> Result<(), LabError> {
+/// Runs the lab's API server in this process (the `weir lab apiserver` component), serving
+/// what `runtime_config` leaves on.
+pub async fn run_apiserver(
+    name: &str,
+    runtime_config: weir_apiserver::RuntimeConfig,
+) -> Result<(), LabError> {
     let p = LabPaths::new(name);
     let layout = Layout::load(&p)?;
     let pki = weir_apiserver::pki::Pki::in_dir(&p.pki_dir());
@@ -1679,6 +1683,7 @@ pub async fn run_apiserver(name: &str) -> Result<(), LabError> {
             ..Default::default()
         },
         bookmark_interval: Duration::from_secs(5),
+        runtime_config,
     };
     let running = weir_apiserver::start(cfg)
         .await

@@ -138,13 +138,17 @@ pub fn import_slices(record: &ExportRecord, local: &str) -> Vec<(String, Value)>
 }
 
 /// The ClusterSetIPs for `families` (in their order): each family's address from `existing`
-/// if it has one (an import's IPs are stable for its life), else the lowest free one of that
-/// family's CIDR. None when a family has no CIDR or its CIDR is full.
+/// if it has one (an import's IPs are stable for its life), else a free one of that family's
+/// CIDR, looked for from an offset given by `seed` (the import's name hashed, see
+/// [`seed_of`]) onwards: spread over the range as kube-apiserver's allocator starts at a
+/// random offset, an allocation takes a few probes however many imports there are. None when
+/// a family has no CIDR or its CIDR is full.
 pub fn allocate(
     cidrs: &[ipnet::IpNet],
     families: &[String],
     existing: &[String],
     used: &HashSet<IpAddr>,
+    seed: u64,
 ) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for fam in families {
@@ -161,14 +165,59 @@ pub fn allocate(
             .iter()
             .find(|c| c.addr().is_ipv4() == v4)
             .ok_or_else(|| format!("no ClusterSetIP range for {fam}"))?;
-        // Not the network address (IPv6's hosts() starts with it: the subnet-router anycast).
-        let ip = net
-            .hosts()
-            .find(|ip| *ip != net.network() && !used.contains(ip))
+        let ip = free_in(net, used, seed)
             .ok_or_else(|| format!("the ClusterSetIP range {net} is full"))?;
         out.push(ip.to_string());
     }
     Ok(out)
+}
+
+/// A stable seed for [`allocate`] from an import's namespace and name.
+pub fn seed_of(namespace: &str, name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (namespace, name).hash(&mut h);
+    h.finish()
+}
+
+/// A host address of `net` not in `used`, from offset `seed` on (wrapping). Neither the
+/// network address (IPv6's subnet-router anycast) nor IPv4's broadcast address.
+fn free_in(net: &ipnet::IpNet, used: &HashSet<IpAddr>, seed: u64) -> Option<IpAddr> {
+    let (base, bits) = match net {
+        ipnet::IpNet::V4(n) => (u128::from(u32::from(n.network())), 32),
+        ipnet::IpNet::V6(n) => (u128::from(n.network()), 128),
+    };
+    let host_bits = bits - u32::from(net.prefix_len());
+    // Offsets first..=last; ranges wider than 2^64 are searched in their first 2^64.
+    let last: u128 = if host_bits >= 64 {
+        u128::from(u64::MAX)
+    } else {
+        (1u128 << host_bits)
+            - if net.addr().is_ipv4() && host_bits >= 2 {
+                2
+            } else {
+                1
+            }
+    };
+    let first = 1u128.min(last);
+    let count = last - first + 1;
+    let start = u128::from(seed) % count;
+    let mut off = start;
+    loop {
+        let addr = base + first + off;
+        let ip = if bits == 32 {
+            IpAddr::from(std::net::Ipv4Addr::from(addr as u32))
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::from(addr))
+        };
+        if !used.contains(&ip) {
+            return Some(ip);
+        }
+        off = (off + 1) % count;
+        if off == start {
+            return None;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,14 +250,42 @@ mod tests {
         ];
         let fams = vec!["IPv6".to_string(), "IPv4".to_string()];
         let mut used = HashSet::new();
-        let a = allocate(&cidrs, &fams, &[], &used).unwrap();
+        let a = allocate(&cidrs, &fams, &[], &used, 0).unwrap();
         assert_eq!(a, ["fd00:10:90::1", "10.90.0.1"]);
         used.extend(a.iter().map(|s| s.parse::<IpAddr>().unwrap()));
-        let b = allocate(&cidrs, &fams[1..], &[], &used).unwrap();
+        // Taken addresses are skipped; the search starts at the seed's offset.
+        let b = allocate(&cidrs, &fams[1..], &[], &used, 0).unwrap();
         assert_eq!(b, ["10.90.0.2"]);
+        let c = allocate(&cidrs, &fams[1..], &[], &used, 65_533).unwrap();
+        assert_eq!(
+            c,
+            ["10.90.255.254"],
+            "the last host; not the broadcast address"
+        );
+        let d = allocate(&cidrs, &fams[1..], &[], &used, 65_534).unwrap();
+        assert_eq!(
+            d,
+            ["10.90.0.2"],
+            "wraps past the end, skipping the taken .1"
+        );
         // An existing import keeps its addresses.
-        let again = allocate(&cidrs, &fams, &a, &used).unwrap();
+        let again = allocate(&cidrs, &fams, &a, &used, 7).unwrap();
         assert_eq!(again, a);
-        assert!(allocate(&cidrs[..1], &fams, &[], &used).is_err());
+        assert!(allocate(&cidrs[..1], &fams, &[], &used, 0).is_err());
+        // A full range is an error, never the network or broadcast address.
+        let tiny: Vec<ipnet::IpNet> = vec!["10.1.0.0/30".parse().unwrap()];
+        let mut used = HashSet::new();
+        for seed in [5, 9] {
+            let ip = allocate(&tiny, &fams[1..], &[], &used, seed).unwrap();
+            used.insert(ip[0].parse::<IpAddr>().unwrap());
+        }
+        let want: HashSet<IpAddr> = ["10.1.0.1", "10.1.0.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(used, want);
+        assert!(allocate(&tiny, &fams[1..], &[], &used, 3)
+            .unwrap_err()
+            .contains("full"));
     }
 }

@@ -162,6 +162,22 @@ where
     }
 }
 
+/// How many writes the mesh has in flight at once: an idle API server answers each in well
+/// under a millisecond, so written one after the other the round trips, not the work, would
+/// bound a pass (ten thousand imports in a large clusterset).
+const WRITES_IN_FLIGHT: usize = 16;
+
+/// Runs `writes`, [`WRITES_IN_FLIGHT`] at a time, to the end; the first error, if any.
+async fn write_all<F>(writes: impl IntoIterator<Item = F>) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    futures::stream::iter(writes)
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .fold(Ok(()), |first, r| async move { first.and(r) })
+        .await
+}
+
 /// The mesh's hash annotation of an object.
 fn annotation(meta: &kube::api::ObjectMeta) -> Option<&str> {
     meta.annotations
@@ -205,6 +221,15 @@ struct Mesh {
     imports_written: usize,
     /// The ClusterSetIPs of each import as this mesh last wrote them.
     allocated: BTreeMap<(String, String), Vec<String>>,
+}
+
+/// One ServiceImport to write: its object (when its hash differs) and its status (when it
+/// differs), with the ClusterSetIPs its object carries.
+struct ImportWrite {
+    key: (String, String),
+    ips: Vec<String>,
+    apply: Option<Value>,
+    status: Option<Value>,
 }
 
 /// This cluster's exports: the records of the valid ones, and each export's validity.
@@ -378,15 +403,17 @@ impl Mesh {
             .collect();
 
         let mut first_err = None;
-        for (key, v) in validity {
+        let this = &*self;
+        let statuses = validity.into_iter().map(|(key, v)| {
             let rk = record::export_key(set, &self.cfg.cluster, &key.0, &key.1);
             // Exported once a version of the record is in etcd (a newer one follows it).
             let is_published = v.is_ok() && stands && link.published.contains_key(&rk);
             let m = if synced { merged.get(&key) } else { None };
             let conds = export::export_conditions(v, is_published, m);
-            if let Err(e) = self.write_export_status(&key, conds).await {
-                first_err.get_or_insert(e);
-            }
+            async move { this.write_export_status(&key, conds).await }
+        });
+        if let Err(e) = write_all(statuses).await {
+            first_err.get_or_insert(e);
         }
         if synced {
             if let Err(e) = self.write_imports(&merged, &all).await {
@@ -451,16 +478,15 @@ impl Mesh {
             .map(|o| (o.metadata.name.clone().unwrap_or_default(), o))
             .collect();
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let mut first_err = None;
-        let mut wanted = HashSet::new();
-        for (name, spec) in objects {
+        let wanted: HashSet<&String> = objects.iter().map(|(n, _)| n).collect();
+        let (api, pp) = (&api, &pp);
+        let writes = objects.iter().filter_map(|(name, spec)| {
             let h = import::hash(spec);
-            wanted.insert(name.clone());
             if have
                 .get(name)
                 .is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()))
             {
-                continue;
+                return None;
             }
             let obj = json!({
                 "apiVersion": format!("{}/{}", kind.group, kind.version), "kind": kind.kind,
@@ -468,16 +494,23 @@ impl Mesh {
                              "annotations": {import::HASH_ANNOTATION: h}},
                 "spec": spec,
             });
-            if let Err(e) = api.patch(name, &pp, &Patch::Apply(&obj)).await {
-                first_err.get_or_insert(format!("{} {name}: {e}", kind.kind));
-            }
-        }
-        for name in have.keys().filter(|n| !wanted.contains(*n)) {
-            if let Err(e) = delete_if_present(&api, name).await {
-                first_err.get_or_insert(format!("{} {name}: deleting: {e}", kind.kind));
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+            Some(async move {
+                api.patch(name, pp, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{} {name}: {e}", kind.kind))
+            })
+        });
+        let written = write_all(writes).await;
+        let deletes = have
+            .keys()
+            .filter(|n| !wanted.contains(n))
+            .map(|name| async move {
+                delete_if_present(api, name)
+                    .await
+                    .map_err(|e| format!("{} {name}: deleting: {e}", kind.kind))
+            });
+        written.and(write_all(deletes).await)
     }
 
     /// This cluster's nodes as other clusters route to them.
@@ -583,6 +616,8 @@ impl Mesh {
         let mut first_err: Option<String> = None;
         let mut wanted_imports = HashSet::new();
         let mut wanted_slices: BTreeMap<(String, String), Value> = BTreeMap::new();
+        let mut writes = Vec::new();
+        let now = weir_model::now_rfc3339();
         for (key, m) in merged {
             if !namespaces.contains(&key.0) {
                 continue;
@@ -600,7 +635,14 @@ impl Mesh {
                 Vec::new()
             } else {
                 let old = self.allocated.get(key).cloned().unwrap_or_default();
-                match import::allocate(&self.cfg.clusterset_cidrs, &m.ip_families, &old, &used) {
+                let seed = import::seed_of(&key.0, &key.1);
+                match import::allocate(
+                    &self.cfg.clusterset_cidrs,
+                    &m.ip_families,
+                    &old,
+                    &used,
+                    seed,
+                ) {
                     Ok(ips) => ips,
                     Err(e) => {
                         first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
@@ -613,9 +655,8 @@ impl Mesh {
             let conflicts = (!m.conflicts.is_empty())
                 .then(|| format!("{} (oldest export: {})", m.conflicts.join(","), m.winner));
             let h = import::hash(&json!([spec, conflicts]));
-            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.0, &ar);
             let current = have.is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()));
-            if !current {
+            let apply = (!current).then(|| {
                 let mut obj = json!({
                     "apiVersion": "multicluster.x-k8s.io/v1beta1",
                     "kind": "ServiceImport",
@@ -628,42 +669,36 @@ impl Mesh {
                 if let Some(c) = &conflicts {
                     obj["metadata"]["annotations"][import::CONFLICTS_ANNOTATION] = json!(c);
                 }
-                match api.patch(&key.1, &pp, &Patch::Apply(&obj)).await {
-                    Ok(_) => {
-                        self.allocated.insert(key.clone(), ips.clone());
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(format!("ServiceImport {}/{}: {e}", key.0, key.1));
-                        continue;
-                    }
-                }
-            }
-            let status = import::import_status(m);
+                obj
+            });
+            let mut status = import::import_status(m);
             let status_same = have.and_then(|o| o.data.get("status")).is_some_and(|s| {
                 bare(&s["conditions"]) == bare(&status["conditions"])
                     && s["clusters"] == status["clusters"]
             });
-            if !status_same {
-                let mut st = status.clone();
-                let now = weir_model::now_rfc3339();
-                st["conditions"] = Value::Array(export::with_transition_times(
-                    st["conditions"].as_array().cloned().unwrap_or_default(),
+            let status = (!status_same).then(|| {
+                status["conditions"] = Value::Array(export::with_transition_times(
+                    status["conditions"].as_array().cloned().unwrap_or_default(),
                     have.and_then(|o| o.data.pointer("/status/conditions")),
                     &now,
                 ));
-                if let Err(e) = api
-                    .patch_status(
-                        &key.1,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"status": st})),
-                    )
-                    .await
-                {
-                    first_err.get_or_insert(format!(
-                        "ServiceImport {}/{}: writing its status: {e}",
-                        key.0, key.1
-                    ));
-                }
+                status
+            });
+            if apply.is_some() || status.is_some() {
+                writes.push(ImportWrite {
+                    key: key.clone(),
+                    ips,
+                    apply,
+                    status,
+                });
+            }
+        }
+        for (key, ips, result) in self.write_import_objects(writes, &pp).await {
+            if let Some(ips) = ips {
+                self.allocated.insert(key, ips);
+            }
+            if let Err(e) = result {
+                first_err.get_or_insert(e);
             }
         }
         self.imports_written = wanted_imports.len();
@@ -692,6 +727,46 @@ impl Mesh {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Writes the imports (each its object, then its status), [`WRITES_IN_FLIGHT`] at a time:
+    /// each import with its ClusterSetIPs once they stand in the API (its object written, or
+    /// current already), and the first error.
+    async fn write_import_objects(
+        &self,
+        writes: Vec<ImportWrite>,
+        pp: &PatchParams,
+    ) -> Vec<((String, String), Option<Vec<String>>, Result<(), String>)> {
+        let ar = api_resource(&weir_model::kinds::SERVICE_IMPORT);
+        let (client, ar) = (&self.client, &ar);
+        futures::stream::iter(writes)
+            .map(|w| async move {
+                let (ns, name) = (&w.key.0, &w.key.1);
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
+                if let Some(obj) = &w.apply {
+                    if let Err(e) = api.patch(name, pp, &Patch::Apply(obj)).await {
+                        let e = format!("ServiceImport {ns}/{name}: {e}");
+                        return (w.key.clone(), None, Err(e));
+                    }
+                }
+                let mut result = Ok(());
+                if let Some(st) = &w.status {
+                    let patch = Patch::Merge(json!({"status": st}));
+                    if let Err(e) = api
+                        .patch_status(name, &PatchParams::default(), &patch)
+                        .await
+                    {
+                        result = Err(format!(
+                            "ServiceImport {ns}/{name}: writing its status: {e}"
+                        ));
+                    }
+                }
+                // The addresses stand once the object is written, whatever its status.
+                (w.key, Some(w.ips), result)
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
     /// Writes the wanted EndpointSlices where their hash differs, and deletes the mesh's
     /// slices nothing wants.
     async fn write_slices(
@@ -707,27 +782,34 @@ impl Mesh {
             .into_iter()
             .map(|s| (ns_name(&s.metadata), s))
             .collect();
-        for ((ns, name), v) in wanted {
+        let client = &self.client;
+        let writes = wanted.iter().filter_map(|((ns, name), v)| {
             let want = v["metadata"]["annotations"][import::HASH_ANNOTATION].as_str();
             let same = have
                 .get(&(ns.clone(), name.clone()))
                 .is_some_and(|h| annotation(&h.metadata) == want);
-            if same {
-                continue;
-            }
-            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
-            if let Err(e) = api.patch(name, pp, &Patch::Apply(v)).await {
-                first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: {e}"));
-            }
+            (!same).then_some(async move {
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+                api.patch(name, pp, &Patch::Apply(v))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("EndpointSlice {ns}/{name}: {e}"))
+            })
+        });
+        if let Err(e) = write_all(writes).await {
+            first_err.get_or_insert(e);
         }
-        for (ns, name) in have.keys() {
-            if wanted.contains_key(&(ns.clone(), name.clone())) {
-                continue;
-            }
-            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
-            if let Err(e) = delete_if_present(&api, name).await {
-                first_err.get_or_insert(format!("EndpointSlice {ns}/{name}: deleting: {e}"));
-            }
+        let deletes =
+            have.keys()
+                .filter(|k| !wanted.contains_key(*k))
+                .map(|(ns, name)| async move {
+                    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+                    delete_if_present(&api, name)
+                        .await
+                        .map_err(|e| format!("EndpointSlice {ns}/{name}: deleting: {e}"))
+                });
+        if let Err(e) = write_all(deletes).await {
+            first_err.get_or_insert(e);
         }
     }
 

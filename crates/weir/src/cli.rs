@@ -240,6 +240,11 @@ pub(crate) struct ApiserverArgs {
     /// NodePort range.
     #[arg(long, default_value = "30000-32767")]
     node_port_range: String,
+    /// APIs turned off, as kube-apiserver's flag: `GROUP/VERSION=false` or
+    /// `GROUP/VERSION/RESOURCE=false` (comma-separated), e.g.
+    /// `multicluster.x-k8s.io/v1beta1=false` to answer as a cluster without the MCS CRDs.
+    #[arg(long, default_value = "")]
+    runtime_config: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,7 +402,11 @@ pub(crate) enum LabCommand {
     },
     /// (component) The lab's API server.
     #[command(hide = true)]
-    Apiserver,
+    Apiserver {
+        /// APIs turned off, as `weir apiserver --runtime-config`.
+        #[arg(long, default_value = "")]
+        runtime_config: String,
+    },
     /// (component) The lab's controller manager.
     #[command(hide = true)]
     Controller,
@@ -578,7 +587,7 @@ impl Cli {
             Command::Apiserver(_)
                 | Command::Agent(_)
                 | Command::Lab(
-                    LabCommand::Apiserver
+                    LabCommand::Apiserver { .. }
                         | LabCommand::Controller
                         | LabCommand::Kubelet { .. }
                         | LabCommand::Sandbox { .. }
@@ -911,6 +920,8 @@ async fn run_apiserver(a: &ApiserverArgs) -> Result<ExitCode> {
     {
         bail!("--service-cidr: give one CIDR, or two of different IP families");
     }
+    let runtime_config =
+        weir_apiserver::RuntimeConfig::parse(&a.runtime_config).map_err(|e| anyhow!(e))?;
     let cfg = weir_apiserver::ServerConfig {
         data_dir: a.data_dir.clone(),
         listen: a.listen.clone(),
@@ -930,6 +941,7 @@ async fn run_apiserver(a: &ApiserverArgs) -> Result<ExitCode> {
             ..Default::default()
         },
         bookmark_interval: Duration::from_secs(5),
+        runtime_config,
     };
     let running = weir_apiserver::start(cfg).await?;
     match running.addr {
@@ -1161,9 +1173,11 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Apiserver => {
+        LabCommand::Apiserver { runtime_config } => {
             let name = cli.lab_name()?;
-            runtime()?.block_on(lab::run_apiserver(&name))?;
+            let rc =
+                weir_apiserver::RuntimeConfig::parse(runtime_config).map_err(|e| anyhow!(e))?;
+            runtime()?.block_on(lab::run_apiserver(&name, rc))?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Agent { node, lb_algorithm } => {

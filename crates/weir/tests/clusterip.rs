@@ -422,6 +422,59 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     let _ = api.wait();
 }
 
+/// The kinds a cluster without weir's multi-cluster CRDs does not serve.
+const NO_MESH_KINDS: &str = "multicluster.x-k8s.io/v1beta1=false,multicluster.x-k8s.io/v1alpha1=false,weir.dev/v1alpha1/remoteendpoints=false,weir.dev/v1alpha1/remotenodes=false";
+
+/// On a cluster without the mesh's CRDs (ServiceImport, RemoteEndpoint and RemoteNode not
+/// served) an agent starts, programs Services and enforces NetworkPolicy as ever: those
+/// watches stand empty instead of holding the agent back.
+#[test]
+fn agent_runs_where_the_multicluster_kinds_are_not_served() {
+    let lab = Lab::up("cip8", 1, APP);
+    kill9_matching(&format!("lab apiserver --cluster {}", lab.name));
+    kill9_matching(&format!("lab agent --cluster {} ", lab.name));
+    let log = std::fs::File::create(format!(
+        "/run/weir/labs/{}/logs/apiserver-restart.log",
+        lab.name
+    ))
+    .unwrap();
+    let mut api = weir()
+        .args(["lab", "apiserver", "--cluster", &lab.name])
+        .args(["--runtime-config", NO_MESH_KINDS])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    lab.eventually("API server back", Duration::from_secs(10), || {
+        run(&mut lab.weir(&["get", "ns"])).status.success()
+    });
+    let out = run(&mut lab.kubectl(&["get", "serviceimports", "-A"]));
+    assert!(!out.status.success(), "ServiceImports are not served");
+    // A Service made while no agent runs: the new agent programs it from its first lists.
+    let out = lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: lb}\nspec: {selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _agent = lab.restart_agent("node-1");
+    lab.eventually("late programmed", Duration::from_secs(20), || {
+        lab.connect("lb/client", "late.lb:80", "tcp", 5)["ok"] == 5
+    });
+    // NetworkPolicy is enforced: no ingress to the web pods.
+    let out = lab.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: lb}\nspec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.eventually("ingress denied", Duration::from_secs(20), || {
+        lab.connect("lb/client", "late.lb:80", "tcp", 5)["ok"] == 0
+    });
+    let _ = api.kill();
+    let _ = api.wait();
+}
+
 const PROXY_NAMES: &str = r#"
 apiVersion: v1
 kind: Namespace
