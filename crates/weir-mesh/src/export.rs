@@ -2,6 +2,8 @@
 //! [`ExportRecord`]; the ServiceExport's conditions say whether it is valid, exported and in
 //! conflict.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
@@ -22,7 +24,7 @@ pub enum Invalid {
 /// the EndpointSlice controller keeps for it), or why it cannot be exported.
 pub fn export_record(
     cluster: &str,
-    created: &str,
+    export: &ExportMeta,
     svc: Option<&Service>,
     slices: &[&EndpointSlice],
 ) -> Result<ExportRecord, Invalid> {
@@ -48,7 +50,7 @@ pub fn export_record(
         cluster: cluster.into(),
         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
         name: svc.metadata.name.clone().unwrap_or_default(),
-        created: created.into(),
+        created: export.created.clone(),
         headless: spec.cluster_ip.as_deref() == Some("None"),
         ports,
         ip_families: spec.ip_families.clone().unwrap_or_default(),
@@ -70,7 +72,43 @@ pub fn export_record(
                 endpoints: s.endpoints.clone().unwrap_or_default(),
             })
             .collect(),
+        exported_labels: export.exported_labels.clone(),
+        exported_annotations: export.exported_annotations.clone(),
     })
+}
+
+/// What a record takes from the ServiceExport itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportMeta {
+    /// Its creationTimestamp (RFC 3339): the oldest export wins conflicts.
+    pub created: String,
+    /// `spec.exportedLabels`.
+    pub exported_labels: BTreeMap<String, String>,
+    /// `spec.exportedAnnotations`.
+    pub exported_annotations: BTreeMap<String, String>,
+}
+
+impl ExportMeta {
+    /// From a ServiceExport object.
+    pub fn of(export: &kube::api::DynamicObject) -> ExportMeta {
+        let map = |field: &str| -> BTreeMap<String, String> {
+            export
+                .data
+                .pointer(&format!("/spec/{field}"))
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default()
+        };
+        ExportMeta {
+            created: export
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            exported_labels: map("exportedLabels"),
+            exported_annotations: map("exportedAnnotations"),
+        }
+    }
 }
 
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
@@ -160,6 +198,13 @@ pub fn with_transition_times(conditions: Vec<Value>, old: Option<&Value>, now: &
 mod tests {
     use super::*;
 
+    fn meta(created: &str) -> ExportMeta {
+        ExportMeta {
+            created: created.into(),
+            ..Default::default()
+        }
+    }
+
     fn svc(v: Value) -> Service {
         serde_json::from_value(v).unwrap()
     }
@@ -169,10 +214,13 @@ mod tests {
         let en = svc(json!({"metadata": {"name": "x", "namespace": "n"},
             "spec": {"type": "ExternalName", "externalName": "example.com"}}));
         assert_eq!(
-            export_record("c1", "t", Some(&en), &[]),
+            export_record("c1", &meta("t"), Some(&en), &[]),
             Err(Invalid::InvalidServiceType)
         );
-        assert_eq!(export_record("c1", "t", None, &[]), Err(Invalid::NoService));
+        assert_eq!(
+            export_record("c1", &meta("t"), None, &[]),
+            Err(Invalid::NoService)
+        );
         let c = export_conditions(Err(Invalid::InvalidServiceType), false, None);
         assert_eq!(c[0]["status"], "False");
         assert_eq!(c[0]["reason"], "InvalidServiceType");
@@ -188,7 +236,7 @@ mod tests {
             "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.5"]}],
             "ports": [{"name": "tcp", "port": 42, "protocol": "TCP"}]}))
         .unwrap();
-        let r = export_record("c1", "2026-01-01T00:00:00Z", Some(&s), &[&sl]).unwrap();
+        let r = export_record("c1", &meta("2026-01-01T00:00:00Z"), Some(&s), &[&sl]).unwrap();
         assert!(r.headless);
         assert_eq!(r.ports[0].port, 42);
         assert_eq!(r.session_affinity, "ClientIP");

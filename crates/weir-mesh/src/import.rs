@@ -2,14 +2,14 @@
 //! ServiceImport and one EndpointSlice per source cluster's slice), and the ClusterSetIPs the
 //! cluster allocates for it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
 use weir_control::mcs::{MCS_SERVICE_NAME_LABEL as SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL};
 
 use crate::merge::Merged;
-use crate::record::ExportRecord;
+use crate::record::{ExportRecord, PortRecord};
 
 /// The EndpointSlice label naming the controller that manages a slice.
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
@@ -80,25 +80,46 @@ pub fn hash(v: &Value) -> String {
     format!("{h:016x}")
 }
 
-/// The name of the EndpointSlice carrying slice `i` of `cluster`'s export of `name`:
-/// readable, with a hash of the three so that names with dashes cannot collide (and a
-/// generated slice name never holds a `-` in its 5-character suffix, so these cannot clash
-/// with the EndpointSlice controller's).
-pub fn slice_name(name: &str, cluster: &str, i: usize) -> String {
-    let h = hash(&json!([name, cluster, i]));
-    format!("{name}-{cluster}-{i}-{}", &h[..6])
+/// The name of the EndpointSlice carrying the `i`th slice of address type `family` (`IPv4`,
+/// `IPv6`) of `cluster`'s export of `name`: readable, with a hash of the four so that names
+/// with dashes cannot collide (and a generated slice name never holds a `-` in its
+/// 5-character suffix, so these cannot clash with the EndpointSlice controller's). The address
+/// type is in the name because a slice's `addressType` cannot change: numbered across
+/// families, the IPv6 slice could take the name of an IPv4 one when that goes.
+pub fn slice_name(name: &str, cluster: &str, family: &str, i: usize) -> String {
+    let h = hash(&json!([name, cluster, family, i]));
+    let family = family.to_ascii_lowercase();
+    format!("{name}-{cluster}-{family}-{i}-{}", &h[..6])
 }
 
 /// The EndpointSlices of `record` (one source cluster) as cluster `local` holds them. Remote
 /// endpoints lose their node name, target and hints: those name another cluster's objects (its
-/// nodes are not this cluster's, even when named alike).
-pub fn import_slices(record: &ExportRecord, local: &str) -> Vec<(String, Value)> {
+/// nodes are not this cluster's, even when named alike). A slice keeps only the ports its
+/// cluster exposes as the import does (same name, protocol and number among `ports`, the
+/// merged ones): a cluster whose `tcp` port is 4242 where the import's `tcp` is 42 (its
+/// definition lost the conflict) gets no traffic for it.
+pub fn import_slices(
+    record: &ExportRecord,
+    local: &str,
+    ports: &[PortRecord],
+) -> Vec<(String, Value)> {
+    let exposed = |name: &Option<String>| {
+        let name = name.clone().unwrap_or_default();
+        record.ports.iter().any(|p| {
+            p.name == name
+                && ports
+                    .iter()
+                    .any(|u| u.name == p.name && u.protocol == p.protocol && u.port == p.port)
+        })
+    };
+    let mut per_family: BTreeMap<&str, usize> = BTreeMap::new();
     record
         .slices
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let name = slice_name(&record.name, &record.cluster, i);
+        .map(|s| {
+            let i = per_family.entry(&s.address_type).or_default();
+            let name = slice_name(&record.name, &record.cluster, &s.address_type, *i);
+            *i += 1;
             let endpoints: Vec<Value> = s
                 .endpoints
                 .iter()
@@ -127,7 +148,7 @@ pub fn import_slices(record: &ExportRecord, local: &str) -> Vec<(String, Value)>
                     },
                 },
                 "addressType": s.address_type,
-                "ports": s.ports,
+                "ports": s.ports.iter().filter(|p| exposed(&p.name)).collect::<Vec<_>>(),
                 "endpoints": endpoints,
             });
             let h = hash(&v);
@@ -225,21 +246,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slices_keep_only_the_ports_their_cluster_exposes_as_the_import() {
+        // c2 exposes `tcp` as 4242 (the import's `tcp` is c1's 42) and `tcp2` as 4243.
+        let rec: ExportRecord = serde_json::from_value(json!({
+            "cluster": "c2", "namespace": "mcs", "name": "hello", "created": "", "headless": false,
+            "ports": [{"name": "tcp", "protocol": "TCP", "port": 4242},
+                      {"name": "tcp2", "protocol": "TCP", "port": 4243}],
+            "slices": [{"addressType": "IPv4",
+                        "ports": [{"name": "tcp", "protocol": "TCP", "port": 42},
+                                  {"name": "tcp2", "protocol": "TCP", "port": 42}],
+                        "endpoints": [{"addresses": ["10.245.1.2"]}]}]}))
+        .unwrap();
+        let merged: Vec<PortRecord> = serde_json::from_value(json!([
+            {"name": "tcp", "protocol": "TCP", "port": 42},
+            {"name": "tcp2", "protocol": "TCP", "port": 4243}]))
+        .unwrap();
+        let (_, v) = &import_slices(&rec, "c1", &merged)[0];
+        let names: Vec<&str> = v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["tcp2"]);
+    }
+
+    #[test]
     fn remote_endpoints_lose_their_node() {
         let rec: ExportRecord = serde_json::from_value(json!({
             "cluster": "c2", "namespace": "mcs", "name": "web-c1", "created": "", "headless": false,
             "ports": [], "slices": [{"addressType": "IPv4", "endpoints": [
                 {"addresses": ["10.245.1.2"], "nodeName": "node-1", "zone": "z1"}]}]}))
         .unwrap();
-        let (name, v) = &import_slices(&rec, "c1")[0];
+        let (name, v) = &import_slices(&rec, "c1", &rec.ports)[0];
         assert!(v["endpoints"][0].get("nodeName").is_none());
         assert_eq!(v["endpoints"][0]["zone"], "z1");
         assert!(v["metadata"]["annotations"][HASH_ANNOTATION].is_string());
-        let (_, own) = &import_slices(&rec, "c2")[0];
+        let (_, own) = &import_slices(&rec, "c2", &rec.ports)[0];
         assert_eq!(own["endpoints"][0]["nodeName"], "node-1");
         // `web-c1` from `c2` and `web` from `c1-c2` do not share a slice name.
-        assert_ne!(name, &slice_name("web", "c1-c2", 0));
-        assert!(name.starts_with("web-c1-c2-0-"));
+        assert_ne!(name, &slice_name("web", "c1-c2", "IPv4", 0));
+        assert!(name.starts_with("web-c1-c2-ipv4-0-"), "{name}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ports are the union (merged by name, then by protocol and port), and every constituent
 //! export learns of a conflict. Pure functions; the mesh writes their results.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::record::{ExportRecord, PortRecord};
 
@@ -28,6 +28,10 @@ pub struct Merged {
     pub internal_traffic_policy: Option<String>,
     /// Its trafficDistribution.
     pub traffic_distribution: Option<String>,
+    /// The oldest export's exportedLabels, for the ServiceImport.
+    pub labels: BTreeMap<String, String>,
+    /// The oldest export's exportedAnnotations, for the ServiceImport.
+    pub annotations: BTreeMap<String, String>,
     /// The exporting clusters, sorted.
     pub clusters: Vec<String>,
     /// The cluster whose export won (the oldest).
@@ -110,6 +114,16 @@ pub fn merge(exports: &[&ExportRecord]) -> Option<Merged> {
             "IPFamilyConflict",
             "ipFamilies",
         );
+        check(
+            e.exported_labels != first.exported_labels,
+            "LabelsConflict",
+            "exportedLabels",
+        );
+        check(
+            e.exported_annotations != first.exported_annotations,
+            "AnnotationsConflict",
+            "exportedAnnotations",
+        );
     }
     let mut clusters: Vec<String> = ordered.iter().map(|e| e.cluster.clone()).collect();
     clusters.sort();
@@ -133,6 +147,8 @@ pub fn merge(exports: &[&ExportRecord]) -> Option<Merged> {
         session_affinity_config: first.session_affinity_config.clone(),
         internal_traffic_policy: first.internal_traffic_policy.clone(),
         traffic_distribution: first.traffic_distribution.clone(),
+        labels: first.exported_labels.clone(),
+        annotations: first.exported_annotations.clone(),
         clusters,
         winner: first.cluster.clone(),
         conflicts: conflicts.into_iter().collect(),
@@ -167,6 +183,8 @@ mod tests {
             internal_traffic_policy: Some("Cluster".into()),
             traffic_distribution: None,
             slices: vec![],
+            exported_labels: Default::default(),
+            exported_annotations: Default::default(),
         }
     }
 
@@ -233,6 +251,28 @@ mod tests {
         let bad = export("c1", "", vec![port("tcp", "TCP", 1)]);
         let good = export("c2", "2026-01-01T00:00:00Z", vec![port("tcp", "TCP", 2)]);
         assert_eq!(merge(&[&bad, &good]).unwrap().winner, "c2");
+    }
+
+    #[test]
+    fn exported_labels_and_annotations_come_from_the_oldest_export() {
+        let mut a = export("c1", "2026-01-01T00:00:00Z", vec![port("tcp", "TCP", 42)]);
+        a.exported_labels
+            .insert("dummy-label".into(), "true".into());
+        a.exported_annotations
+            .insert("dummy-annotation".into(), "true".into());
+        let mut b = a.clone();
+        b.cluster = "c2".into();
+        b.created = "2026-01-01T00:00:01Z".into();
+        let m = merge(&[&b, &a]).unwrap();
+        assert!(m.conflicts.is_empty());
+        assert_eq!(m.labels, a.exported_labels);
+        b.exported_labels = [("dummy-label2".to_string(), "true".to_string())].into();
+        b.exported_annotations = [("dummy-annotation2".to_string(), "true".to_string())].into();
+        let m = merge(&[&b, &a]).unwrap();
+        assert_eq!(m.conflicts, ["AnnotationsConflict", "LabelsConflict"]);
+        assert_eq!(m.labels, a.exported_labels);
+        assert_eq!(m.annotations, a.exported_annotations);
+        assert!(m.message.contains("exportedLabels"), "{}", m.message);
     }
 
     #[test]

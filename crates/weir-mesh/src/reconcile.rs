@@ -260,18 +260,13 @@ impl Mesh {
         let mut validity = Vec::new();
         for ex in self.stores.exports.state() {
             let key = ns_name(&ex.metadata);
-            let created = ex
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
             let svc = self
                 .stores
                 .services
                 .get(&reflector::ObjectRef::new(&key.1).within(&key.0));
             let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-            match export::export_record(&self.cfg.cluster, &created, svc.as_deref(), own) {
+            let meta = export::ExportMeta::of(&ex);
+            match export::export_record(&self.cfg.cluster, &meta, svc.as_deref(), own) {
                 Ok(r) => {
                     records.insert(key.clone(), r);
                     validity.push((key, Ok(())));
@@ -626,7 +621,7 @@ impl Mesh {
             // what is there.
             wanted_imports.insert(key.clone());
             for r in records.get(key).into_iter().flatten() {
-                for (name, v) in import::import_slices(r, &self.cfg.cluster) {
+                for (name, v) in import::import_slices(r, &self.cfg.cluster, &m.ports) {
                     wanted_slices.insert((key.0.clone(), name), v);
                 }
             }
@@ -654,22 +649,26 @@ impl Mesh {
             let spec = import::import_spec(m, &ips);
             let conflicts = (!m.conflicts.is_empty())
                 .then(|| format!("{} (oldest export: {})", m.conflicts.join(","), m.winner));
-            let h = import::hash(&json!([spec, conflicts]));
+            let h = import::hash(&json!([spec, conflicts, m.labels, m.annotations]));
             let current = have.is_some_and(|o| annotation(&o.metadata) == Some(h.as_str()));
             let apply = (!current).then(|| {
-                let mut obj = json!({
+                // The oldest export's exportedLabels and exportedAnnotations, the mesh's own
+                // keys last (they are not the user's to set). Server-side apply drops what is
+                // left out.
+                let mut labels = m.labels.clone();
+                labels.insert(import::IMPORT_MANAGED_LABEL.into(), MANAGED_BY.into());
+                let mut annotations = m.annotations.clone();
+                annotations.insert(import::HASH_ANNOTATION.into(), h.clone());
+                if let Some(c) = &conflicts {
+                    annotations.insert(import::CONFLICTS_ANNOTATION.into(), c.clone());
+                }
+                json!({
                     "apiVersion": "multicluster.x-k8s.io/v1beta1",
                     "kind": "ServiceImport",
                     "metadata": {"name": key.1, "namespace": key.0,
-                                 "labels": {import::IMPORT_MANAGED_LABEL: MANAGED_BY},
-                                 "annotations": {import::HASH_ANNOTATION: h}},
+                                 "labels": labels, "annotations": annotations},
                     "spec": spec,
-                });
-                // Server-side apply drops the annotation when it is left out.
-                if let Some(c) = &conflicts {
-                    obj["metadata"]["annotations"][import::CONFLICTS_ANNOTATION] = json!(c);
-                }
-                obj
+                })
             });
             let mut status = import::import_status(m);
             let status_same = have.and_then(|o| o.data.get("status")).is_some_and(|s| {

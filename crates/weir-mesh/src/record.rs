@@ -10,6 +10,8 @@
 //! stopped or cut off for longer than the remote TTL) etcd deletes them all at once and every
 //! other mesh withdraws the cluster.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
 use serde::{Deserialize, Serialize};
 
@@ -186,6 +188,12 @@ pub struct ExportRecord {
     /// The Service's endpoints, one entry per EndpointSlice.
     #[serde(default)]
     pub slices: Vec<SliceRecord>,
+    /// The ServiceExport's `spec.exportedLabels`: put on the ServiceImport.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exported_labels: BTreeMap<String, String>,
+    /// The ServiceExport's `spec.exportedAnnotations`: put on the ServiceImport.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exported_annotations: BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -37,6 +37,14 @@ fn export(name: &str) -> String {
     )
 }
 
+/// A v1beta1 ServiceExport of `name` exporting label `label` and annotation `annotation`
+/// (both "true").
+fn exported_with(name: &str, label: &str, annotation: &str) -> String {
+    format!(
+        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: mcs}}\nspec: {{exportedLabels: {{{label}: \"true\"}}, exportedAnnotations: {{{annotation}: \"true\"}}}}\n"
+    )
+}
+
 fn import(c: &Lab, name: &str) -> Option<Value> {
     let out = c
         .weir(&["get", "serviceimports", "-n", "mcs", name, "-o", "json"])
@@ -229,15 +237,21 @@ spec: {type: ExternalName, externalName: example.com}
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: hs, namespace: mcs}
+metadata: {name: hs, namespace: mcs, labels: {dummy-svc: dummy}, annotations: {dummy-svc: dummy}}
 spec:
   clusterIP: None
   selector: {app: hello}
   ports: [{name: tcp, port: 80, targetPort: 8080}]
 "#;
     assert!(c1.apply(extra).status.success());
+    // The import carries the export's exportedLabels and exportedAnnotations, not the
+    // Service's own.
     assert!(c1
-        .apply(&format!("{}---\n{}", export("ext"), export("hs")))
+        .apply(&format!(
+            "{}---\n{}",
+            export("ext"),
+            exported_with("hs", "dummy-label", "dummy-annotation")
+        ))
         .status
         .success());
     c1.eventually("ExternalName refused", Duration::from_secs(20), || {
@@ -253,6 +267,32 @@ spec:
         .is_none_or(|v| v.as_array().is_some_and(Vec::is_empty)));
     assert_eq!(hs["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
     assert!(import(c1, "ext").is_none() && import(c2, "ext").is_none());
+    let meta = &hs["metadata"];
+    assert_eq!(meta["labels"]["dummy-label"], "true", "{meta}");
+    assert_eq!(meta["annotations"]["dummy-annotation"], "true", "{meta}");
+    assert!(
+        meta["labels"].get("dummy-svc").is_none() && meta["annotations"].get("dummy-svc").is_none()
+    );
+    // Exported from c2 with other labels and annotations: both exports conflict, the oldest's
+    // stay on the import.
+    assert!(c2.apply(extra).status.success());
+    assert!(c2
+        .apply(&exported_with("hs", "dummy-label2", "dummy-annotation2"))
+        .status
+        .success());
+    let reasons = "AnnotationsConflict,LabelsConflict";
+    for c in [c1, c2] {
+        c.eventually("the labels conflict", Duration::from_secs(20), || {
+            condition(c, "hs", "Conflict") == Some(("True".into(), reasons.into()))
+        });
+    }
+    let meta = import(c1, "hs").unwrap()["metadata"].clone();
+    assert_eq!(meta["labels"]["dummy-label"], "true", "{meta}");
+    assert!(meta["labels"].get("dummy-label2").is_none(), "{meta}");
+    assert!(
+        meta["annotations"].get("dummy-annotation2").is_none(),
+        "{meta}"
+    );
 
     // `weir get -o wide` and `weir status` show each import's clusters, endpoints per
     // cluster, conflicts and the age of each cluster's data.
