@@ -409,10 +409,18 @@ pub fn scale(clusters: u8, services: usize, weir: &str) -> Result<()> {
     let etcd_pid = std::fs::read_to_string(p.pid_dir().join("etcd.pid")).unwrap_or_default();
     println!("etcd RSS: {} MiB", rss_of(etcd_pid.trim()) / 1024);
     for n in &names {
-        let pid =
-            std::fs::read_to_string(weir_lab::paths::LabPaths::new(n).pid_dir().join("mesh.pid"))
-                .unwrap_or_default();
-        println!("mesh RSS of {n}: {} MiB", rss_of(pid.trim()) / 1024);
+        let pid_dir = weir_lab::paths::LabPaths::new(n).pid_dir();
+        let rss = |c: &str| {
+            let pid = std::fs::read_to_string(pid_dir.join(format!("{c}.pid"))).unwrap_or_default();
+            rss_of(pid.trim()) / 1024
+        };
+        println!(
+            "RSS in {n}: mesh {} MiB, agent {} MiB, DNS {} MiB, API server {} MiB",
+            rss("mesh"),
+            rss("agent-node-1"),
+            rss("dns"),
+            rss("apiserver")
+        );
     }
     Ok(())
 }

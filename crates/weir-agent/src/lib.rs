@@ -185,7 +185,8 @@ async fn run_reflector<K>(
         + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
+    let events = watcher::watcher(api, cfg).modify(|o| weir_control::trim_meta(o.meta_mut()));
+    let stream = reflector::reflector(writer, events).default_backoff();
     let mut stream = std::pin::pin!(stream);
     while let Some(ev) = stream.next().await {
         match &ev {

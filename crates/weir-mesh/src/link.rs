@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     WatchOptions,
@@ -21,7 +23,7 @@ use crate::MeshConfig;
 #[derive(Debug, Default)]
 pub struct Remote {
     /// Exports by (cluster, namespace, name).
-    pub exports: BTreeMap<(String, String, String), ExportRecord>,
+    pub exports: BTreeMap<(String, String, String), Arc<ExportRecord>>,
     /// Pods by (cluster, namespace, name).
     pub pods: BTreeMap<(String, String, String), PodRecord>,
     /// Nodes by (cluster, name).
@@ -123,7 +125,7 @@ fn parse_into(remote: &mut Remote, set: &str, key: &str, value: &[u8]) {
     match record::parse_key(set, key) {
         Some(Key::Export(c, ns, name)) => match serde_json::from_slice(value) {
             Ok(r) => {
-                remote.exports.insert((c, ns, name), r);
+                remote.exports.insert((c, ns, name), Arc::new(r));
             }
             Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable export record"),
         },
@@ -296,19 +298,23 @@ async fn session(
     let mut renewal = tokio::spawn(renew(client.clone(), cfg.clone(), lease, renew_every));
     let put_opts = PutOptions::new().with_lease(lease);
     own.mark_changed();
+    // Publishing runs beside the watch (not between its messages): a thousand records to
+    // write must not hold back what the other clusters publish meanwhile.
+    let publisher = async {
+        loop {
+            if own.changed().await.is_err() {
+                return Ok(()); // the mesh is stopping
+            }
+            let want = own.borrow_and_update().clone();
+            publish(&client, &want, &mut published, &put_opts, state).await?;
+            changed.notify_one();
+        }
+    };
+    tokio::pin!(publisher);
     let result = loop {
         tokio::select! {
             e = &mut renewal => break Err(e.unwrap_or_else(|e| e.to_string())),
-            r = own.changed() => {
-                if r.is_err() {
-                    break Ok(()); // the mesh is stopping
-                }
-                let want = own.borrow_and_update().clone();
-                if let Err(e) = publish(&mut client, &want, &mut published, &put_opts, state).await {
-                    break Err(e);
-                }
-                changed.notify_one();
-            }
+            r = &mut publisher => break r,
             m = stream.message() => {
                 let resp = match m {
                     Ok(Some(r)) => r,
@@ -328,29 +334,44 @@ async fn session(
     result
 }
 
+/// How many etcd writes the link has in flight at once: etcd commits concurrent proposals
+/// together (one WAL sync for many), so written one by one a thousand records took seconds.
+const PUTS_IN_FLIGHT: usize = 32;
+
 /// Writes what changed of this cluster's records (under the session's lease) and deletes
-/// what is no longer wanted. A record etcd refuses (too large, say) is left out and
-/// reported; a lost connection ends the session.
+/// what is no longer wanted, [`PUTS_IN_FLIGHT`] at a time. A record etcd refuses (too large,
+/// say) is left out and reported; a lost connection ends the session.
 async fn publish(
-    client: &mut Client,
+    client: &Client,
     want: &BTreeMap<String, String>,
     published: &mut BTreeMap<String, String>,
     opts: &PutOptions,
     state: &Mutex<LinkState>,
 ) -> Result<(), String> {
-    let mut refused = None;
-    for (k, v) in want {
-        if published.get(k) == Some(v) {
-            continue;
+    let todo: Vec<(String, String)> = want
+        .iter()
+        .filter(|(k, v)| published.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (c, o) = (client.clone(), opts.clone());
+    let puts = todo.into_iter().map(move |(k, v)| {
+        let (mut client, opts) = (c.clone(), o.clone());
+        async move {
+            let r =
+                tokio::time::timeout(CALL_TIMEOUT, client.put(k.as_str(), v.as_str(), Some(opts)))
+                    .await;
+            (k, v, r)
         }
-        match tokio::time::timeout(
-            CALL_TIMEOUT,
-            client.put(k.as_str(), v.as_str(), Some(opts.clone())),
-        )
-        .await
-        {
+    });
+    let results: Vec<_> = futures::stream::iter(puts)
+        .buffer_unordered(PUTS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut refused = None;
+    for (k, v, r) in results {
+        match r {
             Ok(Ok(_)) => {
-                published.insert(k.clone(), v.clone());
+                published.insert(k, v);
             }
             Ok(Err(e)) if !connection_lost(&e) => {
                 tracing::warn!(key = %k, error = %e, "etcd refused a record");
@@ -365,8 +386,20 @@ async fn publish(
         .filter(|k| !want.contains_key(*k))
         .cloned()
         .collect();
-    for k in gone {
-        timed("withdrawing an export", client.delete(k.as_str(), None)).await?;
+    let c = client.clone();
+    let deletes = gone.into_iter().map(move |k| {
+        let mut client = c.clone();
+        async move {
+            let r = timed("withdrawing an export", client.delete(k.as_str(), None)).await;
+            (k, r)
+        }
+    });
+    let results: Vec<_> = futures::stream::iter(deletes)
+        .buffer_unordered(PUTS_IN_FLIGHT)
+        .collect()
+        .await;
+    for (k, r) in results {
+        r?;
         published.remove(&k);
     }
     let mut s = state.lock().expect("link state");

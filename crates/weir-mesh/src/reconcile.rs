@@ -2,7 +2,7 @@
 //! and EndpointSlices), and what to write back (ServiceImports, their EndpointSlices, the
 //! ServiceExports' conditions) from the merged view of every cluster.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +22,7 @@ use crate::export::{self, Invalid};
 use crate::import::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::link::{LinkState, Remote};
 use crate::merge::{self, Merged};
-use crate::record::{self, ExportRecord, NodeRecord, PodRecord};
+use crate::record::{self, ExportRecord, NodeRecord, PodRecord, PortRecord};
 use crate::{MeshConfig, MeshStatus};
 
 const FIELD_MANAGER: &str = "weir-mesh";
@@ -47,7 +47,8 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let reader = writer.as_reader();
-    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
+    let events = watcher::watcher(api, cfg).modify(|o| weir_control::trim_meta(o.meta_mut()));
+    let stream = reflector::reflector(writer, events).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
@@ -221,6 +222,29 @@ struct Mesh {
     imports_written: usize,
     /// The ClusterSetIPs of each import as this mesh last wrote them.
     allocated: BTreeMap<(String, String), Vec<String>>,
+    /// The MCS slices of each source record as last built: a pass rebuilds (serializes and
+    /// hashes) only those of records that changed, not ten thousand unchanged ones.
+    slice_cache: HashMap<(String, String, String), CachedSlices>,
+}
+
+/// An MCS EndpointSlice the mesh wants: its hash, and what it is built from.
+struct WantedSlice<'a> {
+    hash: String,
+    record: &'a Arc<ExportRecord>,
+    ports: &'a [PortRecord],
+}
+
+/// The MCS slices of one source record as last built: their names and hashes, with the
+/// record and merged ports they came from.
+struct CachedSlices {
+    record: Arc<ExportRecord>,
+    ports: Vec<PortRecord>,
+    slices: Vec<(String, String)>,
+}
+
+/// A record's (cluster, namespace, name).
+fn record_key(r: &ExportRecord) -> (String, String, String) {
+    (r.cluster.clone(), r.namespace.clone(), r.name.clone())
 }
 
 /// One ServiceImport to write: its object (when its hash differs) and its status (when it
@@ -364,7 +388,7 @@ impl Mesh {
         let (synced, remote_pods, remote_nodes, mut all) = {
             let r = self.remote.lock().expect("remote");
             let other = |c: &String| *c != self.cfg.cluster;
-            let mut all: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
+            let mut all: BTreeMap<(String, String), Vec<Arc<ExportRecord>>> = BTreeMap::new();
             for ((c, ns, name), rec) in &r.exports {
                 if other(c) {
                     all.entry((ns.clone(), name.clone()))
@@ -387,12 +411,12 @@ impl Mesh {
             (r.synced, pods, nodes, all)
         };
         for (k, r) in &own {
-            all.entry(k.clone()).or_default().push(r.clone());
+            all.entry(k.clone()).or_default().push(Arc::new(r.clone()));
         }
         let merged: BTreeMap<(String, String), Merged> = all
             .iter()
             .filter_map(|(k, recs)| {
-                let refs: Vec<&ExportRecord> = recs.iter().collect();
+                let refs: Vec<&ExportRecord> = recs.iter().map(|r| &**r).collect();
                 merge::merge(&refs).map(|m| (k.clone(), m))
             })
             .collect();
@@ -407,11 +431,16 @@ impl Mesh {
             let conds = export::export_conditions(v, is_published, m);
             async move { this.write_export_status(&key, conds).await }
         });
+        let t0 = std::time::Instant::now();
         if let Err(e) = write_all(statuses).await {
             first_err.get_or_insert(e);
         }
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "export statuses");
         if synced {
-            if let Err(e) = self.write_imports(&merged, &all).await {
+            let t0 = std::time::Instant::now();
+            let r = self.write_imports(&merged, &all).await;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "imports and slices");
+            if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
             if let Err(e) = self.write_remote_endpoints(&remote_pods).await {
@@ -576,7 +605,7 @@ impl Mesh {
     async fn write_imports(
         &mut self,
         merged: &BTreeMap<(String, String), Merged>,
-        records: &BTreeMap<(String, String), Vec<ExportRecord>>,
+        records: &BTreeMap<(String, String), Vec<Arc<ExportRecord>>>,
     ) -> Result<(), String> {
         let ar = api_resource(&weir_model::kinds::SERVICE_IMPORT);
         let namespaces: HashSet<String> = self
@@ -610,7 +639,8 @@ impl Mesh {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut first_err: Option<String> = None;
         let mut wanted_imports = HashSet::new();
-        let mut wanted_slices: BTreeMap<(String, String), Value> = BTreeMap::new();
+        let mut wanted_slices: BTreeMap<(String, String), WantedSlice> = BTreeMap::new();
+        let mut seen_records = HashSet::new();
         let mut writes = Vec::new();
         let now = weir_model::now_rfc3339();
         for (key, m) in merged {
@@ -621,8 +651,14 @@ impl Mesh {
             // what is there.
             wanted_imports.insert(key.clone());
             for r in records.get(key).into_iter().flatten() {
-                for (name, v) in import::import_slices(r, &self.cfg.cluster, &m.ports) {
-                    wanted_slices.insert((key.0.clone(), name), v);
+                seen_records.insert(record_key(r));
+                for (name, hash) in self.slice_hashes(r, &m.ports) {
+                    let w = WantedSlice {
+                        hash,
+                        record: r,
+                        ports: &m.ports,
+                    };
+                    wanted_slices.insert((key.0.clone(), name), w);
                 }
             }
             let have = existing.get(key);
@@ -692,7 +728,10 @@ impl Mesh {
                 });
             }
         }
-        for (key, ips, result) in self.write_import_objects(writes, &pp).await {
+        let (t0, n) = (std::time::Instant::now(), writes.len());
+        let written = self.write_import_objects(writes, &pp).await;
+        tracing::debug!(n, ms = t0.elapsed().as_millis() as u64, "imports written");
+        for (key, ips, result) in written {
             if let Some(ips) = ips {
                 self.allocated.insert(key, ips);
             }
@@ -701,7 +740,10 @@ impl Mesh {
             }
         }
         self.imports_written = wanted_imports.len();
+        self.slice_cache.retain(|k, _| seen_records.contains(k));
+        let t0 = std::time::Instant::now();
         self.write_slices(&wanted_slices, &pp, &mut first_err).await;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "slices written");
         // Imports nothing carries any more (only those the mesh wrote).
         for ((ns, name), o) in &existing {
             let ours = o
@@ -724,6 +766,38 @@ impl Mesh {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The (name, hash) of each MCS slice of `r` under the merged `ports`, from the cache
+    /// when neither changed since they were last built.
+    fn slice_hashes(
+        &mut self,
+        r: &Arc<ExportRecord>,
+        ports: &[PortRecord],
+    ) -> Vec<(String, String)> {
+        let k = record_key(r);
+        if let Some(c) = self.slice_cache.get(&k) {
+            if (Arc::ptr_eq(&c.record, r) || c.record == *r) && c.ports == ports {
+                return c.slices.clone();
+            }
+        }
+        let slices: Vec<(String, String)> = import::import_slices(r, &self.cfg.cluster, ports)
+            .into_iter()
+            .map(|(n, v)| {
+                let h = v["metadata"]["annotations"][import::HASH_ANNOTATION]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (n, h)
+            })
+            .collect();
+        let c = CachedSlices {
+            record: r.clone(),
+            ports: ports.to_vec(),
+            slices: slices.clone(),
+        };
+        self.slice_cache.insert(k, c);
+        slices
     }
 
     /// Writes the imports (each its object, then its status), [`WRITES_IN_FLIGHT`] at a time:
@@ -770,7 +844,7 @@ impl Mesh {
     /// slices nothing wants.
     async fn write_slices(
         &self,
-        wanted: &BTreeMap<(String, String), Value>,
+        wanted: &BTreeMap<(String, String), WantedSlice<'_>>,
         pp: &PatchParams,
         first_err: &mut Option<String>,
     ) {
@@ -781,19 +855,30 @@ impl Mesh {
             .into_iter()
             .map(|s| (ns_name(&s.metadata), s))
             .collect();
-        let client = &self.client;
-        let writes = wanted.iter().filter_map(|((ns, name), v)| {
-            let want = v["metadata"]["annotations"][import::HASH_ANNOTATION].as_str();
+        // The slices to write, built (from their records) only now: most are current.
+        let mut built: HashMap<(String, String, String), Vec<(String, Value)>> = HashMap::new();
+        let mut objects = Vec::new();
+        for ((ns, name), w) in wanted {
             let same = have
                 .get(&(ns.clone(), name.clone()))
-                .is_some_and(|h| annotation(&h.metadata) == want);
-            (!same).then_some(async move {
-                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-                api.patch(name, pp, &Patch::Apply(v))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("EndpointSlice {ns}/{name}: {e}"))
-            })
+                .is_some_and(|h| annotation(&h.metadata) == Some(w.hash.as_str()));
+            if same {
+                continue;
+            }
+            let slices = built
+                .entry(record_key(w.record))
+                .or_insert_with(|| import::import_slices(w.record, &self.cfg.cluster, w.ports));
+            if let Some((_, v)) = slices.iter().find(|(n, _)| n == name) {
+                objects.push((ns, name, v.clone()));
+            }
+        }
+        let client = &self.client;
+        let writes = objects.into_iter().map(|(ns, name, v)| async move {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+            api.patch(name, pp, &Patch::Apply(&v))
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("EndpointSlice {ns}/{name}: {e}"))
         });
         if let Err(e) = write_all(writes).await {
             first_err.get_or_insert(e);
@@ -870,6 +955,7 @@ pub(crate) async fn run(
         last_error: None,
         imports_written: 0,
         allocated: BTreeMap::new(),
+        slice_cache: HashMap::new(),
     };
     let mut last_status = None;
     let mut last_pass = Duration::ZERO;
