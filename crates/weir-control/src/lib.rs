@@ -9,6 +9,7 @@ pub mod lb;
 pub mod maglev;
 pub mod mcs;
 pub mod policy;
+pub mod schedule;
 pub mod tunnel;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

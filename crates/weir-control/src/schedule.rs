@@ -1,0 +1,249 @@
+//! Cross-cluster traffic scheduling (GlobalTrafficPolicy): the share of new connections each
+//! priority level gets, by Envoy's priority-load rules (`LoadBalancerBase::
+//! recalculatePerPriorityState`, `recalculatePerPriorityPanic`, `recalculateLoadInTotalPanic`),
+//! in Envoy's integer arithmetic so that shares match its documented numbers exactly; and the
+//! weights of ActiveActive clusters scaled by their availability, as Envoy scales locality
+//! weights. Pure functions; the agent programs their results.
+
+/// One priority level's endpoints: every endpoint its EndpointSlices list (`total`, ready or
+/// not) and the healthy ones (ready and not ejected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Level {
+    /// Endpoints listed.
+    pub total: u32,
+    /// Endpoints ready and not ejected.
+    pub healthy: u32,
+}
+
+/// The shares of the levels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Loads {
+    /// Percent of new connections per level; they add up to 100.
+    pub percent: Vec<u32>,
+    /// Per level: in panic, its share goes to all its endpoints, healthy or not.
+    pub panic: Vec<bool>,
+    /// No level has a healthy endpoint and panic is off: nothing can be served.
+    pub unavailable: bool,
+}
+
+/// Envoy's default overprovisioning factor (1.4), in percent.
+pub const DEFAULT_OVERPROVISIONING: u32 = 140;
+/// Envoy's default panic threshold, in percent.
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
+
+/// A level's health: min(100, factor x healthy / total), factor in percent (140 = 1.4).
+pub fn health(level: Level, factor_percent: u32) -> u32 {
+    if level.total == 0 {
+        return 0;
+    }
+    let h = u64::from(factor_percent) * u64::from(level.healthy) / u64::from(level.total);
+    h.min(100) as u32
+}
+
+/// Whether a level is below the panic threshold (percent of its endpoints healthy; an empty
+/// level is at 0%).
+fn below_threshold(level: Level, threshold: u32) -> bool {
+    let healthy_percent = if level.total == 0 {
+        0.0
+    } else {
+        100.0 * f64::from(level.healthy) / f64::from(level.total)
+    };
+    healthy_percent < f64::from(threshold)
+}
+
+/// The share of each level (ordered, highest priority first), with overprovisioning factor
+/// `factor_percent` (140 = 1.4) and panic threshold `panic_threshold` (percent; 0 disables
+/// panic). As Envoy: levels fill in order by their health scaled to the normalized total
+/// health (at most 100), rounding left-overs go to the first level with health; panic is
+/// never on while the total health is 100; when every level is in panic, shares follow the
+/// levels' endpoint counts; with no healthy endpoint anywhere and panic off, everything is
+/// "P0" and nothing can be served.
+pub fn priority_loads(levels: &[Level], factor_percent: u32, panic_threshold: u32) -> Loads {
+    let n = levels.len();
+    let mut out = Loads {
+        percent: vec![0; n],
+        panic: vec![false; n],
+        unavailable: false,
+    };
+    if n == 0 {
+        return out;
+    }
+    let health: Vec<u32> = levels.iter().map(|l| health(*l, factor_percent)).collect();
+    let normalized = health.iter().sum::<u32>().min(100);
+    if normalized > 0 {
+        let mut remaining = 100u32;
+        let mut first = None;
+        for (i, h) in health.iter().enumerate() {
+            if first.is_none() && *h > 0 {
+                first = Some(i);
+            }
+            out.percent[i] = remaining.min(h * 100 / normalized);
+            remaining -= out.percent[i];
+        }
+        if let Some(f) = first {
+            out.percent[f] += remaining;
+        }
+    }
+    let threshold = panic_threshold.min(100);
+    if threshold == 0 && normalized == 0 {
+        out.percent[0] = 100;
+        out.unavailable = true;
+        return out;
+    }
+    for (i, l) in levels.iter().enumerate() {
+        out.panic[i] = normalized != 100 && below_threshold(*l, threshold);
+    }
+    if out.panic.iter().all(|p| *p) {
+        // Total panic: by endpoint counts, healthy or not.
+        let total: u32 = levels.iter().map(|l| l.total).sum();
+        if total == 0 {
+            out.percent = vec![0; n];
+            out.percent[0] = 100;
+            out.unavailable = true;
+            return out;
+        }
+        let mut remaining = 100u32;
+        let mut first = None;
+        for (i, l) in levels.iter().enumerate() {
+            if first.is_none() && l.total > 0 {
+                first = Some(i);
+            }
+            out.percent[i] = 100 * l.total / total;
+            remaining -= out.percent[i];
+        }
+        if let Some(f) = first {
+            out.percent[f] += remaining;
+        }
+    }
+    out
+}
+
+/// ActiveActive: each cluster's share (percent, adding up to 100 when any is available) from
+/// its weight scaled by its availability, as Envoy's locality weights:
+/// `weight x min(100, factor x healthy / total)`. Clusters of weight 0 or with no healthy
+/// endpoint get nothing; all zero when none can take traffic.
+pub fn weighted_shares(clusters: &[(u32, Level)], factor_percent: u32) -> Vec<u32> {
+    let effective: Vec<u64> = clusters
+        .iter()
+        .map(|(w, l)| u64::from(*w) * u64::from(health(*l, factor_percent)))
+        .collect();
+    let sum: u64 = effective.iter().sum();
+    if sum == 0 {
+        return vec![0; clusters.len()];
+    }
+    let mut out: Vec<u32> = effective.iter().map(|e| (e * 100 / sum) as u32).collect();
+    // Rounding left-overs to the first cluster with traffic, as Envoy's priority loads.
+    let left = 100 - out.iter().sum::<u32>();
+    if let Some(i) = effective.iter().position(|e| *e > 0) {
+        out[i] += left;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(healthy: u32, total: u32) -> Level {
+        Level { total, healthy }
+    }
+
+    fn p0_share(p0_healthy_percent: u32) -> u32 {
+        let l = priority_loads(&[lv(p0_healthy_percent, 100), lv(100, 100)], 140, 50);
+        l.percent[0]
+    }
+
+    #[test]
+    fn envoys_table_for_p0_with_p1_healthy() {
+        // docs: arch_overview/upstream/load_balancing/priority
+        assert_eq!(p0_share(100), 100);
+        assert_eq!(p0_share(72), 100);
+        assert_eq!(p0_share(71), 99);
+        assert_eq!(p0_share(50), 70);
+        assert_eq!(p0_share(25), 35);
+        assert_eq!(p0_share(0), 0);
+        // Ten local endpoints, five unready: 70% stay local.
+        let l = priority_loads(&[lv(5, 10), lv(10, 10)], 140, 50);
+        assert_eq!(l.percent, [70, 30]);
+        assert_eq!(l.panic, [false, false]);
+    }
+
+    #[test]
+    fn degraded_levels_are_normalized() {
+        // Health {20, 30}: loads {40, 60} (no panic when disabled).
+        let levels = [lv(1, 7), lv(3, 14)];
+        assert_eq!(health(levels[0], 140), 20);
+        assert_eq!(health(levels[1], 140), 30);
+        let l = priority_loads(&levels, 140, 0);
+        assert_eq!(l.percent, [40, 60]);
+        assert!(!l.unavailable);
+        // With the default threshold both levels are in panic: shares by endpoint count.
+        let l = priority_loads(&levels, 140, 50);
+        assert_eq!(l.panic, [true, true]);
+        assert_eq!(l.percent, [34, 66]);
+    }
+
+    #[test]
+    fn panic_only_below_full_total_health_and_per_level() {
+        // P0 at 10% healthy but P1 carries everything: total health 100, no panic anywhere.
+        let l = priority_loads(&[lv(1, 10), lv(10, 10)], 140, 50);
+        assert_eq!(l.percent, [14, 86]);
+        assert_eq!(l.panic, [false, false]);
+        // P0 at 10%, P1 at 40%: total 14 + 56 = 70 < 100; P0 in panic (10% < 50%), P1 too.
+        let l = priority_loads(&[lv(1, 10), lv(4, 10)], 140, 50);
+        assert_eq!(l.panic, [true, true]);
+        assert_eq!(l.percent, [50, 50]);
+        // P0 at 10%, P1 at 60%: P1 is not in panic, so the healthy loads stand.
+        let l = priority_loads(&[lv(1, 10), lv(6, 10)], 140, 50);
+        assert_eq!(l.panic, [true, false]);
+        assert_eq!(l.percent, [15, 85]);
+    }
+
+    #[test]
+    fn no_healthy_endpoint_anywhere() {
+        // Panic on: every endpoint of every level, by counts.
+        let l = priority_loads(&[lv(0, 3), lv(0, 1)], 140, 50);
+        assert_eq!(l.percent, [75, 25]);
+        assert!(l.panic.iter().all(|p| *p) && !l.unavailable);
+        // Panic off: nothing to serve.
+        let l = priority_loads(&[lv(0, 3), lv(0, 1)], 140, 0);
+        assert_eq!(l.percent, [100, 0]);
+        assert!(l.unavailable);
+        // No endpoints at all.
+        let l = priority_loads(&[lv(0, 0), lv(0, 0)], 140, 50);
+        assert_eq!(l.percent, [100, 0]);
+        assert!(l.unavailable);
+        // An empty first level: everything to the next.
+        let l = priority_loads(&[lv(0, 0), lv(2, 2)], 140, 50);
+        assert_eq!(l.percent, [0, 100]);
+    }
+
+    #[test]
+    fn gradual_scale_up_follows_the_formula() {
+        // Ten local endpoints listed, turning ready one by one, the remote level healthy.
+        let shares: Vec<u32> = (0..=10)
+            .map(|ready| priority_loads(&[lv(ready, 10), lv(10, 10)], 140, 50).percent[0])
+            .collect();
+        assert_eq!(shares, [0, 14, 28, 42, 56, 70, 84, 98, 100, 100, 100]);
+    }
+
+    #[test]
+    fn active_active_weights_scale_with_availability() {
+        let full = lv(10, 10);
+        assert_eq!(weighted_shares(&[(80, full), (20, full)], 140), [80, 20]);
+        // c2 at half its endpoints: 80 x 70 against 20 x 100.
+        assert_eq!(
+            weighted_shares(&[(80, lv(5, 10)), (20, full)], 140),
+            [74, 26]
+        );
+        assert_eq!(weighted_shares(&[(0, full), (20, full)], 140), [0, 100]);
+        assert_eq!(
+            weighted_shares(&[(80, lv(0, 10)), (20, lv(0, 3))], 140),
+            [0, 0]
+        );
+        assert_eq!(
+            weighted_shares(&[(1, full), (1, full), (1, full)], 140),
+            [34, 33, 33]
+        );
+    }
+}
