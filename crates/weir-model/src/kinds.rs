@@ -174,6 +174,20 @@ pub const REMOTE_NODE: ResourceKind = ResourceKind {
     has_status: false,
 };
 
+/// weir.dev/v1alpha1 GlobalTrafficPolicy: how the clients of the cluster it is created in
+/// spread new connections to the ServiceImport of the same name over the exporting clusters
+/// (Locality, FailOver by priority levels, ActiveActive by weights). Namespaced.
+pub const GLOBAL_TRAFFIC_POLICY: ResourceKind = ResourceKind {
+    group: "weir.dev",
+    version: "v1alpha1",
+    kind: "GlobalTrafficPolicy",
+    plural: "globaltrafficpolicies",
+    singular: "globaltrafficpolicy",
+    namespaced: true,
+    short_names: &["gtp"],
+    has_status: true,
+};
+
 /// multicluster.x-k8s.io ServiceExport (KEP-1645; the mcs-api CRD's storage version). The
 /// same objects are served as v1alpha1 too: the two versions' schemas are identical.
 pub const SERVICE_EXPORT: ResourceKind = ResourceKind {
@@ -238,6 +252,7 @@ pub const ALL: &[ResourceKind] = &[
     SECURITY_IDENTITY,
     REMOTE_ENDPOINT,
     REMOTE_NODE,
+    GLOBAL_TRAFFIC_POLICY,
     SERVICE_EXPORT,
     SERVICE_EXPORT_V1ALPHA1,
     SERVICE_IMPORT,

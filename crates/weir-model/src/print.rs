@@ -202,6 +202,24 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 priority: 1,
             },
         ],
+        "GlobalTrafficPolicy" => &[
+            Column {
+                name: "Name",
+                priority: 0,
+            },
+            Column {
+                name: "LB-Type",
+                priority: 0,
+            },
+            Column {
+                name: "Clusters",
+                priority: 0,
+            },
+            Column {
+                name: "Age",
+                priority: 0,
+            },
+        ],
         "RemoteNode" => &[
             Column {
                 name: "Name",
@@ -355,6 +373,45 @@ fn list_string(v: Option<&Value>) -> String {
                 .join(",")
         })
         .unwrap_or_default()
+}
+
+/// A GlobalTrafficPolicy's clusters as written: `c2=80,c3=20` (targets) or its priority levels
+/// in order, `[c1] [same:region.weir.dev] [*]`.
+fn traffic_clusters(spec: &Value) -> String {
+    if let Some(t) = spec["targets"].as_array().filter(|a| !a.is_empty()) {
+        return t
+            .iter()
+            .map(|x| {
+                format!(
+                    "{}={}",
+                    x["cluster"].as_str().unwrap_or_default(),
+                    x["weight"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    let levels = spec["priorities"].as_array().cloned().unwrap_or_default();
+    levels
+        .iter()
+        .map(|l| {
+            if let Some(c) = l["clusters"].as_array() {
+                let names: Vec<&str> = c.iter().filter_map(Value::as_str).collect();
+                format!("[{}]", names.join(","))
+            } else {
+                let same: Vec<&str> = l["selector"]["sameAsImporter"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if same.is_empty() {
+                    "[*]".to_string()
+                } else {
+                    format!("[same:{}]", same.join(","))
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The cells of one row for `obj`, one per column of [`columns`].
@@ -512,6 +569,12 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             or_none(list_string(obj.pointer("/spec/ips"))),
             age,
             or_none(map_string(obj.pointer("/spec/labels"))),
+        ],
+        "GlobalTrafficPolicy" => vec![
+            name,
+            s(obj, "/spec/lbType").to_string(),
+            or_none(traffic_clusters(&obj["spec"])),
+            age,
         ],
         "RemoteNode" => vec![
             name,

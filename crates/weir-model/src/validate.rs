@@ -112,6 +112,7 @@ impl fmt::Display for ValidationError {
 impl std::error::Error for ValidationError {}
 
 mod mcs;
+mod traffic;
 
 /// Collects field errors while walking an object.
 #[derive(Default)]
@@ -305,6 +306,7 @@ pub fn validate(
             "ServiceExport" => mcs::validate_service_export(obj, &mut e),
             "ServiceImport" => mcs::validate_service_import(obj, &mut e),
             "ClusterProperty" => mcs::validate_cluster_property(obj, &mut e),
+            "GlobalTrafficPolicy" => traffic::validate_global_traffic_policy(obj, &mut e),
             _ => {}
         }
     }

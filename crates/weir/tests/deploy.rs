@@ -170,6 +170,35 @@ fn multicluster_objects_fit_their_crds_in_both_versions() {
 
 /// RemoteEndpoints and RemoteNodes as the mesh writes them fit their CRDs.
 #[test]
+fn global_traffic_policies_fit_their_crd() {
+    let gtp = serde_json::json!({"apiVersion": "weir.dev/v1alpha1", "kind": "GlobalTrafficPolicy",
+        "metadata": {"name": "hello", "namespace": "mcs"},
+        "spec": {"lbType": "FailOver",
+            "priorities": [{"clusters": ["c1"]}, {"selector": {"sameAsImporter": ["region.weir.dev"]}}, {"selector": {}}],
+            "overprovisioningFactor": 1.4, "panicThreshold": 50,
+            "outlierDetection": {"consecutiveFailures": 5, "baseEjectionTime": "30s", "maxEjectionPercent": 100}}});
+    validate_against_crd("globaltrafficpolicy-crd.yaml", &gtp).unwrap();
+    // What weir's own validation refuses, the CRD's schema refuses too.
+    for (field, bad) in [
+        ("lbType", serde_json::json!("Random")),
+        ("panicThreshold", serde_json::json!(101)),
+        ("overprovisioningFactor", serde_json::json!(0.5)),
+    ] {
+        let mut o = gtp.clone();
+        o["spec"][field] = bad;
+        assert!(
+            validate_against_crd("globaltrafficpolicy-crd.yaml", &o).is_err(),
+            "{field}"
+        );
+        let kind = weir_model::kinds::GLOBAL_TRAFFIC_POLICY;
+        assert!(
+            weir_model::validate::validate(&kind, &o, None).is_err(),
+            "{field}"
+        );
+    }
+}
+
+#[test]
 fn mesh_mirrors_fit_their_crds() {
     let rep = serde_json::json!({"apiVersion": "weir.dev/v1alpha1", "kind": "RemoteEndpoint",
         "metadata": {"name": "c2.mcs.client"},

@@ -475,6 +475,26 @@ fn kubectl_serves_the_multicluster_kinds_in_both_versions() {
             && err.contains("spec.ports[0].port: Required value"),
         "{err}"
     );
+    // GlobalTrafficPolicy: accepted as written, refused with the fields named, printed.
+    let out = s.apply("apiVersion: weir.dev/v1alpha1\nkind: GlobalTrafficPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  lbType: FailOver\n  priorities: [{clusters: [c1]}, {selector: {sameAsImporter: [region.weir.dev]}}, {selector: {}}]\n  overprovisioningFactor: 1.4\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = ok(&mut s.kubectl(&["get", "gtp", "-n", "shop"]));
+    assert!(
+        table.contains("FailOver") && table.contains("[c1] [same:region.weir.dev] [*]"),
+        "{table}"
+    );
+    let out = s.apply("apiVersion: weir.dev/v1alpha1\nkind: GlobalTrafficPolicy\nmetadata: {name: bad, namespace: shop}\nspec:\n  lbType: ActiveActive\n  targets: [{cluster: c2, weight: -5}]\n  panicThreshold: 120\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("spec.targets[0].weight: Invalid value: -5")
+            && err.contains("spec.panicThreshold: Invalid value: 120"),
+        "{err}"
+    );
     let out = s.apply("apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: {name: zone.weir.dev}\nspec: {}\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.value: Required value"));
     let discovery: serde_json::Value = serde_json::from_str(&ok(&mut s.kubectl(&[
