@@ -70,19 +70,18 @@ pub fn priority_loads(levels: &[Level], factor_percent: u32, panic_threshold: u3
     }
     let health: Vec<u32> = levels.iter().map(|l| health(*l, factor_percent)).collect();
     let normalized = health.iter().sum::<u32>().min(100);
-    if normalized > 0 {
-        let mut remaining = 100u32;
-        let mut first = None;
-        for (i, h) in health.iter().enumerate() {
-            if first.is_none() && *h > 0 {
-                first = Some(i);
-            }
-            out.percent[i] = remaining.min(h * 100 / normalized);
-            remaining -= out.percent[i];
+    // With no health anywhere every share stays 0 here: panic (below) or unavailability.
+    let mut remaining = 100u32;
+    let mut first = None;
+    for (i, h) in health.iter().enumerate() {
+        if first.is_none() && *h > 0 {
+            first = Some(i);
         }
-        if let Some(f) = first {
-            out.percent[f] += remaining;
-        }
+        out.percent[i] = remaining.min((h * 100).checked_div(normalized).unwrap_or(0));
+        remaining -= out.percent[i];
+    }
+    if let Some(f) = first {
+        out.percent[f] += remaining;
     }
     let threshold = panic_threshold.min(100);
     if threshold == 0 && normalized == 0 {
