@@ -139,6 +139,239 @@ pub fn weighted_shares(clusters: &[(u32, Level)], factor_percent: u32) -> Vec<u3
     out
 }
 
+/// A GlobalTrafficPolicy's `spec`, as far as the shares go.
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    /// `Locality`, `FailOver` or `ActiveActive`.
+    pub lb_type: String,
+    /// ActiveActive's weights.
+    #[serde(default)]
+    pub targets: Vec<Target>,
+    /// FailOver's levels, in order.
+    #[serde(default)]
+    pub priorities: Vec<Priority>,
+    /// The overprovisioning factor (default 1.4).
+    #[serde(default)]
+    pub overprovisioning_factor: Option<f64>,
+    /// The panic threshold in percent (default 50).
+    #[serde(default)]
+    pub panic_threshold: Option<u32>,
+}
+
+/// An ActiveActive target.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct Target {
+    /// Cluster id.
+    pub cluster: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// A FailOver level: named clusters, or clusters chosen by their ClusterProperties.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct Priority {
+    /// The clusters of the level.
+    #[serde(default)]
+    pub clusters: Option<Vec<String>>,
+    /// Or those matching this selector (`{}`: every cluster left).
+    #[serde(default)]
+    pub selector: Option<Selector>,
+}
+
+/// Clusters whose ClusterProperties named here equal the importing cluster's.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Selector {
+    /// ClusterProperty names (such as `region.weir.dev`).
+    #[serde(default)]
+    pub same_as_importer: Vec<String>,
+}
+
+/// One exporting cluster's part in a plan.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterShare {
+    /// Cluster id.
+    pub cluster: String,
+    /// Its endpoints.
+    pub endpoints: Level,
+    /// The level it is in (FailOver and Locality), if any.
+    pub level: Option<usize>,
+    /// Percent of new connections it gets now.
+    pub percent: f64,
+    /// Its level is in panic: all its endpoints are used, healthy or not.
+    pub panic: bool,
+    /// Why it gets that share.
+    pub reason: String,
+}
+
+/// The ClusterProperties of each cluster (`cluster.clusterset.k8s.io` and the users' own).
+pub type Properties =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;
+
+impl PolicySpec {
+    /// The factor in Envoy's integer percent (1.4 -> 140).
+    pub fn factor_percent(&self) -> u32 {
+        let f = self
+            .overprovisioning_factor
+            .unwrap_or(1.4)
+            .clamp(1.0, 100.0);
+        (f * 100.0).round() as u32
+    }
+
+    /// The levels, as lists of clusters among `exporting`: Locality's one (the importer),
+    /// FailOver's two by default (the importer, then every other) or exactly those written,
+    /// each cluster in the first it matches.
+    pub fn levels(
+        &self,
+        importer: &str,
+        props: &Properties,
+        exporting: &[String],
+    ) -> Vec<Vec<String>> {
+        match self.lb_type.as_str() {
+            "Locality" => vec![exporting
+                .iter()
+                .filter(|c| *c == importer)
+                .cloned()
+                .collect()],
+            "FailOver" if self.priorities.is_empty() => vec![
+                exporting
+                    .iter()
+                    .filter(|c| *c == importer)
+                    .cloned()
+                    .collect(),
+                exporting
+                    .iter()
+                    .filter(|c| *c != importer)
+                    .cloned()
+                    .collect(),
+            ],
+            "FailOver" => {
+                let mut placed = std::collections::BTreeSet::new();
+                let mine = props.get(importer);
+                self.priorities
+                    .iter()
+                    .map(|p| {
+                        let level: Vec<String> = exporting
+                            .iter()
+                            .filter(|c| !placed.contains(*c))
+                            .filter(|c| match (&p.clusters, &p.selector) {
+                                (Some(names), _) => names.contains(c),
+                                (None, Some(sel)) => sel.same_as_importer.iter().all(|k| {
+                                    let theirs = props.get(*c).and_then(|m| m.get(k));
+                                    theirs.is_some() && theirs == mine.and_then(|m| m.get(k))
+                                }),
+                                (None, None) => false,
+                            })
+                            .cloned()
+                            .collect();
+                        placed.extend(level.iter().cloned());
+                        level
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The share of every exporting cluster (`clusters`: its id and endpoints) for the
+    /// clients of cluster `importer`.
+    pub fn plan(
+        &self,
+        importer: &str,
+        props: &Properties,
+        clusters: &[(String, Level)],
+    ) -> Vec<ClusterShare> {
+        let factor = self.factor_percent();
+        let endpoints = |c: &str| {
+            clusters
+                .iter()
+                .find(|(n, _)| n == c)
+                .map(|(_, l)| *l)
+                .unwrap_or_default()
+        };
+        let mut out: Vec<ClusterShare> = clusters
+            .iter()
+            .map(|(c, l)| ClusterShare {
+                cluster: c.clone(),
+                endpoints: *l,
+                reason: "in no level of the policy".into(),
+                ..Default::default()
+            })
+            .collect();
+        if self.lb_type == "ActiveActive" {
+            let weights: Vec<(u32, Level)> = clusters
+                .iter()
+                .map(|(c, l)| {
+                    let w = self
+                        .targets
+                        .iter()
+                        .find(|t| t.cluster == *c)
+                        .map_or(0, |t| t.weight);
+                    (w, *l)
+                })
+                .collect();
+            let shares = weighted_shares(&weights, factor);
+            for ((s, p), (w, l)) in out.iter_mut().zip(shares).zip(weights) {
+                s.percent = f64::from(p);
+                s.reason = format!("weight {w} x availability {}%", health(l, factor));
+            }
+            return out;
+        }
+        let names: Vec<String> = clusters.iter().map(|(c, _)| c.clone()).collect();
+        let levels = self.levels(importer, props, &names);
+        let sums: Vec<Level> = levels
+            .iter()
+            .map(|l| {
+                l.iter().fold(Level::default(), |a, c| {
+                    let e = endpoints(c);
+                    Level {
+                        total: a.total + e.total,
+                        healthy: a.healthy + e.healthy,
+                    }
+                })
+            })
+            .collect();
+        let loads = priority_loads(
+            &sums,
+            factor,
+            self.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD),
+        );
+        for (i, level) in levels.iter().enumerate() {
+            for c in level {
+                let Some(s) = out.iter_mut().find(|s| s.cluster == *c) else {
+                    continue;
+                };
+                let (mine, all) = if loads.panic[i] {
+                    (s.endpoints.total, sums[i].total)
+                } else {
+                    (s.endpoints.healthy, sums[i].healthy)
+                };
+                s.level = Some(i);
+                s.panic = loads.panic[i];
+                s.percent = if loads.unavailable || all == 0 {
+                    0.0
+                } else {
+                    f64::from(loads.percent[i]) * f64::from(mine) / f64::from(all)
+                };
+                s.reason = format!(
+                    "level {i} ({}/{} healthy, health {}%) takes {}%{}",
+                    sums[i].healthy,
+                    sums[i].total,
+                    health(sums[i], factor),
+                    loads.percent[i],
+                    if loads.panic[i] {
+                        ", in panic: all its endpoints"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +476,96 @@ mod tests {
         assert_eq!(
             weighted_shares(&[(1, full), (1, full), (1, full)], 140),
             [34, 33, 33]
+        );
+    }
+
+    fn props(v: &[(&str, &str)]) -> Properties {
+        v.iter()
+            .map(|(c, region)| {
+                let mut m = std::collections::BTreeMap::new();
+                m.insert("region.weir.dev".to_string(), region.to_string());
+                (c.to_string(), m)
+            })
+            .collect()
+    }
+
+    fn spec(v: serde_json::Value) -> PolicySpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn percents(plan: &[ClusterShare]) -> Vec<(String, u32)> {
+        plan.iter()
+            .map(|s| (s.cluster.clone(), s.percent.round() as u32))
+            .collect()
+    }
+
+    #[test]
+    fn failover_defaults_to_own_cluster_then_the_rest() {
+        let p = spec(serde_json::json!({"lbType": "FailOver"}));
+        let clusters = [
+            ("c1".to_string(), lv(5, 10)),
+            ("c2".into(), lv(10, 10)),
+            ("c3".into(), lv(10, 10)),
+        ];
+        let plan = p.plan("c1", &Properties::new(), &clusters);
+        assert_eq!(
+            percents(&plan),
+            [("c1".into(), 70), ("c2".into(), 15), ("c3".into(), 15)]
+        );
+        assert_eq!(plan[1].level, Some(1));
+        assert!(
+            plan[0].reason.contains("5/10 healthy"),
+            "{}",
+            plan[0].reason
+        );
+    }
+
+    #[test]
+    fn priorities_by_cluster_and_by_property() {
+        let p = spec(serde_json::json!({"lbType": "FailOver", "priorities": [
+            {"clusters": ["c1"]}, {"selector": {"sameAsImporter": ["region.weir.dev"]}}, {"selector": {}}]}));
+        let pr = props(&[("c1", "eu"), ("c2", "eu"), ("c3", "us")]);
+        let names: Vec<String> = ["c1", "c2", "c3"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            p.levels("c1", &pr, &names),
+            [vec!["c1".to_string()], vec!["c2".into()], vec!["c3".into()]]
+        );
+        // c1 down: c2 (same region) takes everything, c3 nothing.
+        let clusters = [
+            ("c1".to_string(), lv(0, 4)),
+            ("c2".into(), lv(4, 4)),
+            ("c3".into(), lv(4, 4)),
+        ];
+        assert_eq!(
+            percents(&p.plan("c1", &pr, &clusters)),
+            [("c1".into(), 0), ("c2".into(), 100), ("c3".into(), 0)]
+        );
+        // Only the levels written: without the catch-all, c3 is in none.
+        let p =
+            spec(serde_json::json!({"lbType": "FailOver", "priorities": [{"clusters": ["c1"]}]}));
+        let plan = p.plan("c1", &pr, &clusters);
+        assert_eq!(plan[2].level, None);
+        assert!(plan[2].reason.contains("no level"));
+    }
+
+    #[test]
+    fn locality_and_active_active() {
+        let clusters = [("c1".to_string(), lv(2, 2)), ("c2".into(), lv(2, 2))];
+        let p = spec(serde_json::json!({"lbType": "Locality"}));
+        assert_eq!(
+            percents(&p.plan("c1", &Properties::new(), &clusters)),
+            [("c1".into(), 100), ("c2".into(), 0)]
+        );
+        let p = spec(
+            serde_json::json!({"lbType": "ActiveActive", "targets": [{"cluster": "c1", "weight": 80}, {"cluster": "c2", "weight": 20}]}),
+        );
+        let plan = p.plan("c1", &Properties::new(), &clusters);
+        assert_eq!(percents(&plan), [("c1".into(), 80), ("c2".into(), 20)]);
+        assert!(plan[0].reason.contains("weight 80"));
+        assert_eq!(
+            spec(serde_json::json!({"lbType": "FailOver", "overprovisioningFactor": 1.25}))
+                .factor_percent(),
+            125
         );
     }
 }
