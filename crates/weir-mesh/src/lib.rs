@@ -28,6 +28,7 @@ pub mod link;
 pub mod merge;
 mod reconcile;
 pub mod record;
+pub mod traffic;
 
 /// TLS material for etcd.
 #[derive(Debug, Clone)]

@@ -30,6 +30,8 @@ pub struct Remote {
     pub nodes: BTreeMap<(String, String), NodeRecord>,
     /// Presence records by cluster.
     pub clusters: BTreeMap<String, ClusterRecord>,
+    /// ClusterProperties (name -> value) by cluster.
+    pub properties: BTreeMap<String, BTreeMap<String, String>>,
     /// True once a complete list has been read: before that, nothing may be concluded from
     /// what is missing.
     pub synced: bool,
@@ -147,6 +149,12 @@ fn parse_into(remote: &mut Remote, set: &str, key: &str, value: &[u8]) {
             }
             Err(e) => tracing::warn!(%key, error = %e, "ignoring an unreadable cluster record"),
         },
+        Some(Key::Properties(c)) => match serde_json::from_slice(value) {
+            Ok(r) => {
+                remote.properties.insert(c, r);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "ignoring unreadable cluster properties"),
+        },
         None => {}
     }
 }
@@ -164,6 +172,9 @@ fn remove_from(remote: &mut Remote, set: &str, key: &str) {
         }
         Some(Key::Cluster(c)) => {
             remote.clusters.remove(&c);
+        }
+        Some(Key::Properties(c)) => {
+            remote.properties.remove(&c);
         }
         None => {}
     }
@@ -280,6 +291,7 @@ async fn session(
         r.pods.clear();
         r.nodes.clear();
         r.clusters.clear();
+        r.properties.clear();
         for kv in listed.kvs() {
             let key = kv.key_str().unwrap_or_default();
             if record::is_own(&cfg.clusterset, &cfg.cluster, key) {

@@ -23,6 +23,7 @@ use crate::import::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::link::{LinkState, Remote};
 use crate::merge::{self, Merged};
 use crate::record::{self, ExportRecord, NodeRecord, PodRecord, PortRecord};
+use crate::traffic;
 use crate::{MeshConfig, MeshStatus};
 
 const FIELD_MANAGER: &str = "weir-mesh";
@@ -72,6 +73,8 @@ struct Stores {
     remote_endpoints: Store<DynamicObject>,
     nodes: Store<Node>,
     remote_nodes: Store<DynamicObject>,
+    properties: Store<DynamicObject>,
+    policies: Store<DynamicObject>,
 }
 
 fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
@@ -79,6 +82,8 @@ fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
     let im = api_resource(&weir_model::kinds::SERVICE_IMPORT);
     let re = api_resource(&weir_model::kinds::REMOTE_ENDPOINT);
     let rn = api_resource(&weir_model::kinds::REMOTE_NODE);
+    let cp = api_resource(&weir_model::kinds::CLUSTER_PROPERTY);
+    let gtp = api_resource(&weir_model::kinds::GLOBAL_TRAFFIC_POLICY);
     let all = watcher::Config::default;
     Stores {
         services: spawn_reflector(
@@ -139,6 +144,18 @@ fn start_stores(client: &Client, wake: &Arc<Notify>) -> Stores {
             Api::all_with(client.clone(), &rn),
             Writer::new(rn.clone()),
             all().labels(&format!("{}={MANAGED_BY}", import::IMPORT_MANAGED_LABEL)),
+            wake.clone(),
+        ),
+        properties: spawn_reflector(
+            Api::all_with(client.clone(), &cp),
+            Writer::new(cp.clone()),
+            all(),
+            wake.clone(),
+        ),
+        policies: spawn_reflector(
+            Api::all_with(client.clone(), &gtp),
+            Writer::new(gtp.clone()),
+            all(),
             wake.clone(),
         ),
     }
@@ -372,6 +389,10 @@ impl Mesh {
                 serde_json::to_string(&n).expect("json"),
             );
         }
+        kv.insert(
+            record::properties_key(set, &self.cfg.cluster),
+            serde_json::to_string(&self.own_properties()).expect("json"),
+        );
         self.own_tx.send_if_modified(|cur| {
             if *cur != kv {
                 *cur = kv.clone();
@@ -463,6 +484,9 @@ impl Mesh {
             {
                 first_err.get_or_insert(e);
             }
+            if let Err(e) = self.write_policy_statuses(&all).await {
+                first_err.get_or_insert(e);
+            }
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -535,6 +559,71 @@ impl Mesh {
                     .map_err(|e| format!("{} {name}: deleting: {e}", kind.kind))
             });
         written.and(write_all(deletes).await)
+    }
+
+    /// This cluster's ClusterProperties: name -> value.
+    fn own_properties(&self) -> BTreeMap<String, String> {
+        self.stores
+            .properties
+            .state()
+            .iter()
+            .filter_map(|p| {
+                let v = p.data.pointer("/spec/value")?.as_str()?;
+                Some((p.metadata.name.clone()?, v.to_string()))
+            })
+            .collect()
+    }
+
+    /// Writes each GlobalTrafficPolicy's status (shares per cluster and why) where it changed.
+    async fn write_policy_statuses(
+        &self,
+        records: &BTreeMap<(String, String), Vec<Arc<ExportRecord>>>,
+    ) -> Result<(), String> {
+        let (mut props, mut members) = {
+            let r = self.remote.lock().expect("remote");
+            let members: HashSet<String> = r.clusters.keys().cloned().collect();
+            (r.properties.clone(), members)
+        };
+        props.insert(self.cfg.cluster.clone(), self.own_properties());
+        members.insert(self.cfg.cluster.clone());
+        let members = members.into_iter().collect();
+        let ar = api_resource(&weir_model::kinds::GLOBAL_TRAFFIC_POLICY);
+        let now = weir_model::now_rfc3339();
+        let writes = self.stores.policies.state().into_iter().filter_map(|p| {
+            let key = ns_name(&p.metadata);
+            let recs = records.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let mut st =
+                traffic::status(&p.data["spec"], &self.cfg.cluster, &members, &props, recs);
+            let old = p.data.get("status");
+            let same = old.is_some_and(|o| {
+                o["clusters"] == st["clusters"] && bare(&o["conditions"]) == bare(&st["conditions"])
+            });
+            if same {
+                return None;
+            }
+            st["conditions"] = Value::Array(export::with_transition_times(
+                st["conditions"].as_array().cloned().unwrap_or_default(),
+                old.and_then(|o| o.get("conditions")),
+                &now,
+            ));
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.0, &ar);
+            Some(async move {
+                api.patch_status(
+                    &key.1,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": st})),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "GlobalTrafficPolicy {}/{}: writing its status: {e}",
+                        key.0, key.1
+                    )
+                })
+            })
+        });
+        write_all(writes).await
     }
 
     /// This cluster's nodes as other clusters route to them.
@@ -939,6 +1028,8 @@ pub(crate) async fn run(
         stores.remote_endpoints.wait_until_ready().await.is_ok(),
         stores.nodes.wait_until_ready().await.is_ok(),
         stores.remote_nodes.wait_until_ready().await.is_ok(),
+        stores.properties.wait_until_ready().await.is_ok(),
+        stores.policies.wait_until_ready().await.is_ok(),
     ] {
         if !ready {
             return Err("a watch of the cluster's API ended before it started".into());

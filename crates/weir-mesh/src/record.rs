@@ -5,6 +5,8 @@
 //!   ([`ClusterRecord`]).
 //! - `exports/<cluster>/<namespace>/<name>`: one exported Service with its endpoints
 //!   ([`ExportRecord`]).
+//! - `properties/<cluster>`: the cluster's ClusterProperties (name -> value), for
+//!   GlobalTrafficPolicy levels chosen by property (`sameAsImporter`).
 //!
 //! A cluster's records are written only by its own mesh; when its lease lapses (the mesh
 //! stopped or cut off for longer than the remote TTL) etcd deletes them all at once and every
@@ -40,10 +42,16 @@ pub fn node_key(set: &str, cluster: &str, name: &str) -> String {
     format!("{}nodes/{cluster}/{name}", prefix(set))
 }
 
+/// The key of `cluster`'s ClusterProperties.
+pub fn properties_key(set: &str, cluster: &str) -> String {
+    format!("{}properties/{cluster}", prefix(set))
+}
+
 /// Whether `key` is one of `cluster`'s own records (other than its presence).
 pub fn is_own(set: &str, cluster: &str, key: &str) -> bool {
     matches!(parse_key(set, key),
-        Some(Key::Export(c, ..)) | Some(Key::Pod(c, ..)) | Some(Key::Node(c, _)) if c == cluster)
+        Some(Key::Export(c, ..)) | Some(Key::Pod(c, ..)) | Some(Key::Node(c, _))
+        | Some(Key::Properties(c)) if c == cluster)
 }
 
 /// What a key of clusterset `set` names.
@@ -57,6 +65,8 @@ pub enum Key {
     Pod(String, String, String),
     /// A cluster's node: (cluster, name).
     Node(String, String),
+    /// A cluster's ClusterProperties.
+    Properties(String),
 }
 
 /// Parses a key of clusterset `set` (None: not one of the mesh's keys).
@@ -70,6 +80,7 @@ pub fn parse_key(set: &str, key: &str) -> Option<Key> {
         }
         ["pods", c, ns, name] => Some(Key::Pod(c.to_string(), ns.to_string(), name.to_string())),
         ["nodes", c, name] => Some(Key::Node(c.to_string(), name.to_string())),
+        ["properties", c] => Some(Key::Properties(c.to_string())),
         _ => None,
     }
 }

@@ -228,6 +228,23 @@ fn mcs_lifecycle_conflicts_and_connectivity() {
         "{r}"
     );
 
+    // A GlobalTrafficPolicy in c2: its status gives each exporting cluster's share for c2's
+    // clients and why, and names a cluster that is not in the clusterset.
+    let gtp = "apiVersion: weir.dev/v1alpha1\nkind: GlobalTrafficPolicy\nmetadata: {name: hello, namespace: mcs}\nspec:\n  lbType: FailOver\n  priorities: [{clusters: [c2]}, {clusters: [c1, c9]}]\n";
+    assert!(c2.apply(gtp).status.success());
+    c2.eventually("the policy's status", Duration::from_secs(20), || {
+        let st = &c2.get_json(&["globaltrafficpolicies", "-n", "mcs", "hello"])["status"];
+        let share = |c: &str| {
+            st["clusters"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["cluster"] == c).cloned())
+                .map(|x| (x["share"].as_f64(), x["level"].as_u64()))
+        };
+        share("c2") == Some((Some(100.0), Some(0)))
+            && share("c1") == Some((Some(0.0), Some(1)))
+            && st["conditions"][1]["reason"] == "UnknownClusters"
+    });
+
     // ExternalName: not valid, never imported. Headless: imported without IPs.
     let extra = r#"
 apiVersion: v1
