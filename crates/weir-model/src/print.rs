@@ -219,6 +219,10 @@ pub fn columns(kind: &ResourceKind) -> &'static [Column] {
                 name: "Age",
                 priority: 0,
             },
+            Column {
+                name: "Shares",
+                priority: 1,
+            },
         ],
         "RemoteNode" => &[
             Column {
@@ -369,6 +373,27 @@ fn list_string(v: Option<&Value>) -> String {
         .map(|a| {
             a.iter()
                 .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// A GlobalTrafficPolicy's shares as its mesh last wrote them: `c1=70%,c2=30%` (with `!` after
+/// a cluster whose level is in panic).
+fn traffic_shares(status: &Value) -> String {
+    status["clusters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    format!(
+                        "{}={}%{}",
+                        c["cluster"].as_str().unwrap_or_default(),
+                        c["share"],
+                        if c["panic"] == true { "!" } else { "" }
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         })
@@ -575,6 +600,7 @@ pub fn row(kind: &ResourceKind, obj: &Value, now: jiff::Timestamp) -> Vec<String
             s(obj, "/spec/lbType").to_string(),
             or_none(traffic_clusters(&obj["spec"])),
             age,
+            or_none(traffic_shares(&obj["status"])),
         ],
         "RemoteNode" => vec![
             name,

@@ -244,6 +244,11 @@ fn mcs_lifecycle_conflicts_and_connectivity() {
             && share("c1") == Some((Some(0.0), Some(1)))
             && st["conditions"][1]["reason"] == "UnknownClusters"
     });
+    let wide = ok(&mut c2.weir(&["get", "gtp", "-n", "mcs", "-o", "wide"]));
+    assert!(
+        wide.contains("[c2] [c1,c9]") && wide.contains("c1=0.0%,c2=100.0%"),
+        "{wide}"
+    );
 
     // ExternalName: not valid, never imported. Headless: imported without IPs.
     let extra = r#"
