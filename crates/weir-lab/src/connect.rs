@@ -32,6 +32,10 @@ pub struct AttemptSpec {
     /// The resolver configuration (resolv.conf text) for `resolve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolv_conf: Option<String>,
+    /// Paced: attempt `i` starts `i x interval_us` microseconds after the first, whatever
+    /// the others are doing (`parallel` is then no limit); 0: as fast as `parallel` allows.
+    #[serde(default)]
+    pub interval_us: u64,
 }
 
 /// The outcome of one attempt: who answered, or the error's name (`ECONNREFUSED`,
@@ -357,8 +361,19 @@ pub async fn execute(spec: &AttemptSpec) -> AttemptReport {
 pub async fn run(spec: &AttemptSpec) -> Vec<Outcome> {
     use futures::stream::StreamExt;
     let timeout = Duration::from_millis(spec.timeout_ms);
-    futures::stream::iter(spec.targets.iter().copied())
-        .map(|t| async move {
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_micros(spec.interval_us);
+    // Paced attempts may overlap as much as the pace and their timeouts make them.
+    let parallel = if spec.interval_us > 0 {
+        spec.targets.len()
+    } else {
+        spec.parallel
+    };
+    futures::stream::iter(spec.targets.iter().copied().enumerate())
+        .map(|(i, t)| async move {
+            if spec.interval_us > 0 {
+                tokio::time::sleep_until(start + interval * i as u32).await;
+            }
             let t = match &spec.resolve {
                 None => t,
                 Some(name) => match lookup(
@@ -381,7 +396,7 @@ pub async fn run(spec: &AttemptSpec) -> Vec<Outcome> {
             };
             attempt(t, spec.udp, timeout).await
         })
-        .buffered(spec.parallel.max(1))
+        .buffered(parallel.max(1))
         .collect()
         .await
 }
@@ -434,10 +449,26 @@ mod tests {
             parallel: 2,
             resolve: None,
             resolv_conf: None,
+            interval_us: 0,
         })
         .await;
         let s = ConnectSummary::from_outcomes(&outs);
         assert_eq!((s.attempts, s.ok, s.failed), (5, 5, 0));
         assert_eq!(s.responders["x/a"], 5);
+        // Paced: 10 attempts at 100 per second take about 90 ms from first to last start.
+        let started = std::time::Instant::now();
+        let outs = run(&AttemptSpec {
+            hold_ms: 0,
+            targets: vec![SocketAddr::from(([127, 0, 0, 1], port)); 10],
+            udp: false,
+            timeout_ms: 1000,
+            parallel: 1,
+            resolve: None,
+            resolv_conf: None,
+            interval_us: 10_000,
+        })
+        .await;
+        assert_eq!(ConnectSummary::from_outcomes(&outs).ok, 10);
+        assert!(started.elapsed() >= Duration::from_millis(90));
     }
 }

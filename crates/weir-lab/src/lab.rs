@@ -1339,7 +1339,17 @@ pub async fn connect(
     count: usize,
     timeout: Duration,
     hold: Option<Duration>,
+    rate: Option<f64>,
 ) -> Result<ConnectSummary, LabError> {
+    let interval_us = match rate {
+        None => 0,
+        Some(r) if r > 0.0 && r.is_finite() => ((1e6 / r).round() as u64).max(1),
+        Some(r) => {
+            return Err(LabError::Usage(format!(
+                "--rate {r}: give a positive number of attempts per second"
+            )))
+        }
+    };
     let client = lab_client(lab).await?;
     let src = resolve_source(lab, from, &client).await?;
     // A name of two dots or more goes through the source's resolver, once per attempt.
@@ -1369,6 +1379,7 @@ pub async fn connect(
         hold_ms: hold.map_or(0, |h| h.as_millis() as u64),
         resolve: resolve.as_ref().map(|(h, _)| h.clone()),
         resolv_conf: resolve.map(|(_, c)| c),
+        interval_us,
     };
     let report = run_attempts(lab, &src, &spec).await?;
     let mut summary = ConnectSummary::from_outcomes(&report.outcomes);
@@ -1504,6 +1515,7 @@ pub async fn probe(
             hold_ms: 0,
             resolve: None,
             resolv_conf: None,
+            interval_us: 0,
         };
         let lab = lab.to_string();
         tasks.push(tokio::spawn(async move {

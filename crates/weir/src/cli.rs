@@ -378,6 +378,10 @@ pub(crate) enum LabCommand {
         /// socket).
         #[arg(long, value_parser = parse_duration)]
         hold: Option<Duration>,
+        /// N new attempts per second, evenly spaced, until --count have been made (each with
+        /// its own --timeout); without it, attempts run 16 at a time as fast as they complete.
+        #[arg(long, conflicts_with = "hold")]
+        rate: Option<f64>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -1107,6 +1111,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             count,
             timeout,
             hold,
+            rate,
             output,
         } => {
             let name = cli.lab_name()?;
@@ -1118,6 +1123,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 *count,
                 *timeout,
                 *hold,
+                *rate,
             ))?;
             if *output == Format::Json {
                 println!("{}", serde_json::to_string(&s)?);

@@ -69,6 +69,39 @@ fn every_pod_reaches_every_pod_across_nodes() {
         2,
     );
     assert_eq!(r["errors"]["ECONNREFUSED"], 2, "{r}");
+    // --rate paces the attempts; the JSON keeps its fields; a rate that is not positive is
+    // refused, naming the flag.
+    let out = ok(&mut lab.weir(&[
+        "lab",
+        "connect",
+        "--from",
+        "y/a",
+        "--to",
+        &format!("[{v6}]:8080"),
+        "--count",
+        "10",
+        "--rate",
+        "100",
+        "-o",
+        "json",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["ok"].as_u64(), r["attempts"].as_u64()),
+        (Some(10), Some(10)),
+        "{r}"
+    );
+    let out = run(&mut lab.weir(&[
+        "lab",
+        "connect",
+        "--from",
+        "y/a",
+        "--to",
+        "10.0.0.1:80",
+        "--rate",
+        "0",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
     // --via service dials, for each pod, the ClusterIP of the Service selecting exactly it.
     // (ClusterIPs carry traffic once the weir agent runs on the nodes; here the matrix has
     // the right shape.)
