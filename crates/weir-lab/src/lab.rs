@@ -1330,17 +1330,35 @@ pub async fn resolve_target(
     ))
 }
 
+/// How `weir lab connect` makes its attempts.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOpts {
+    /// UDP (a connected socket) instead of TCP.
+    pub udp: bool,
+    /// Number of attempts.
+    pub count: usize,
+    /// Timeout per attempt.
+    pub timeout: Duration,
+    /// Hold one connection this long instead.
+    pub hold: Option<Duration>,
+    /// Attempts per second, evenly spaced.
+    pub rate: Option<f64>,
+}
+
 /// `weir lab connect`.
 pub async fn connect(
     lab: &str,
     from: &str,
     to: &str,
-    udp: bool,
-    count: usize,
-    timeout: Duration,
-    hold: Option<Duration>,
-    rate: Option<f64>,
+    opts: &ConnectOpts,
 ) -> Result<ConnectSummary, LabError> {
+    let ConnectOpts {
+        udp,
+        count,
+        timeout,
+        hold,
+        rate,
+    } = opts.clone();
     let interval_us = match rate {
         None => 0,
         Some(r) if r > 0.0 && r.is_finite() => ((1e6 / r).round() as u64).max(1),

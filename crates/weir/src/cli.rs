@@ -1115,16 +1115,14 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             output,
         } => {
             let name = cli.lab_name()?;
-            let s = runtime()?.block_on(lab::connect(
-                &name,
-                from,
-                to,
-                *protocol == Proto::Udp,
-                *count,
-                *timeout,
-                *hold,
-                *rate,
-            ))?;
+            let opts = lab::ConnectOpts {
+                udp: *protocol == Proto::Udp,
+                count: *count,
+                timeout: *timeout,
+                hold: *hold,
+                rate: *rate,
+            };
+            let s = runtime()?.block_on(lab::connect(&name, from, to, &opts))?;
             if *output == Format::Json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
