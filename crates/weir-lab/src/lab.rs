@@ -1330,6 +1330,51 @@ pub async fn resolve_target(
     ))
 }
 
+/// How `weir lab fault` makes a pod's servers fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Connections reset, datagrams answered port-unreachable (a crashed process).
+    Refuse,
+    /// Nothing answers (a hung process, a dead host).
+    Blackhole,
+    /// Back to normal.
+    None,
+}
+
+/// The nftables table in a pod's network namespace that holds its fault.
+const FAULT_TABLE: &str = "weir_fault";
+
+/// `weir lab fault`: makes pod `pod`'s servers fail as `mode` says, without any API change:
+/// every packet of a connection or flow that a peer opened to the pod (conntrack's original
+/// direction) is rejected (Refuse: TCP reset, ICMP port-unreachable) or dropped (Blackhole);
+/// the pod's own outgoing connections keep working. In place when this returns.
+pub async fn fault(lab: &str, pod: &str, mode: FaultMode) -> Result<(), LabError> {
+    split_pod(pod)?;
+    let client = lab_client(lab).await?;
+    let src = resolve_source(lab, pod, &client).await?;
+    let verdict = match mode {
+        FaultMode::Refuse => Some(
+            "    ct direction original meta l4proto tcp reject with tcp reset\n    ct direction original meta l4proto udp reject with icmpx type port-unreachable",
+        ),
+        FaultMode::Blackhole => {
+            Some("    ct direction original meta l4proto { tcp, udp } drop")
+        }
+        FaultMode::None => None,
+    };
+    let mut script = format!("table inet {FAULT_TABLE}\ndelete table inet {FAULT_TABLE}\n");
+    if let Some(rules) = verdict {
+        script.push_str(&format!(
+            "table inet {FAULT_TABLE} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    iifname \"lo\" accept\n{rules}\n  }}\n}}\n"
+        ));
+    }
+    crate::sys::run_with_stdin(
+        "nsenter",
+        &[&format!("--net={}", src.netns.display()), "nft", "-f", "-"],
+        &script,
+    )?;
+    Ok(())
+}
+
 /// How `weir lab connect` makes its attempts.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOpts {

@@ -213,6 +213,14 @@ pub(crate) enum LbCommand {
     },
 }
 
+/// `weir lab fault --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum FaultArg {
+    Refuse,
+    Blackhole,
+    None,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct ApiserverArgs {
     /// Directory of the database.
@@ -345,6 +353,17 @@ pub(crate) enum LabCommand {
         /// Grace period in seconds.
         #[arg(long, default_value_t = 3600)]
         grace_period: i64,
+    },
+    /// Make a pod's servers fail without any API change: `refuse` (connections reset,
+    /// datagrams answered port-unreachable, as a crashed process), `blackhole` (nothing
+    /// answers, as a hung one) or `none` (back to normal). The pod's own outgoing
+    /// connections keep working.
+    Fault {
+        /// The pod, as namespace/name.
+        pod: String,
+        /// What its servers do.
+        #[arg(long, value_enum)]
+        mode: FaultArg,
     },
     /// Run a command inside a pod's network namespace and cgroup (or a node's, or `external`).
     Exec {
@@ -1084,6 +1103,17 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                     )
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Fault { pod, mode } => {
+            let name = cli.lab_name()?;
+            let m = match mode {
+                FaultArg::Refuse => lab::FaultMode::Refuse,
+                FaultArg::Blackhole => lab::FaultMode::Blackhole,
+                FaultArg::None => lab::FaultMode::None,
+            };
+            runtime()?.block_on(lab::fault(&name, pod, m))?;
+            println!("pod {pod}: fault {}", format!("{mode:?}").to_lowercase());
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Terminate { pod, grace_period } => {

@@ -102,6 +102,40 @@ fn every_pod_reaches_every_pod_across_nodes() {
         "0",
     ]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
+    // lab fault: x/b's servers refuse (reset), then answer nothing, then recover, with no
+    // API change; x/b's own outgoing connections keep working meanwhile.
+    let attempt = |from: &str, to: &str| -> serde_json::Value {
+        let out = ok(&mut lab.weir(&[
+            "lab",
+            "connect",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--count",
+            "2",
+            "--timeout",
+            "300ms",
+            "-o",
+            "json",
+        ]));
+        serde_json::from_str(&out).unwrap()
+    };
+    let b4 = format!("{}:8080", b["status"]["podIP"].as_str().unwrap());
+    let a4 = format!(
+        "{}:8080",
+        lab.get_json(&["pod", "a", "-n", "y"])["status"]["podIP"]
+            .as_str()
+            .unwrap()
+    );
+    for (mode, want) in [("refuse", "ECONNREFUSED"), ("blackhole", "timeout")] {
+        ok(&mut lab.weir(&["lab", "fault", "x/b", "--mode", mode]));
+        let r = attempt("y/a", &b4);
+        assert_eq!(r["errors"][want], 2, "{mode}: {r}");
+        assert_eq!(attempt("x/b", &a4)["ok"], 2, "{mode}: x/b as a client");
+    }
+    ok(&mut lab.weir(&["lab", "fault", "x/b", "--mode", "none"]));
+    assert_eq!(attempt("y/a", &b4)["ok"], 2);
     // --via service dials, for each pod, the ClusterIP of the Service selecting exactly it.
     // (ClusterIPs carry traffic once the weir agent runs on the nodes; here the matrix has
     // the right shape.)
