@@ -94,25 +94,27 @@ pub fn priority_loads(levels: &[Level], factor_percent: u32, panic_threshold: u3
     }
     if out.panic.iter().all(|p| *p) {
         // Total panic: by endpoint counts, healthy or not.
-        let total: u32 = levels.iter().map(|l| l.total).sum();
-        if total == 0 {
-            out.percent = vec![0; n];
+        let counts: Vec<u64> = levels.iter().map(|l| u64::from(l.total)).collect();
+        out.percent = proportional(&counts);
+        if counts.iter().all(|c| *c == 0) {
             out.percent[0] = 100;
             out.unavailable = true;
-            return out;
         }
-        let mut remaining = 100u32;
-        let mut first = None;
-        for (i, l) in levels.iter().enumerate() {
-            if first.is_none() && l.total > 0 {
-                first = Some(i);
-            }
-            out.percent[i] = 100 * l.total / total;
-            remaining -= out.percent[i];
-        }
-        if let Some(f) = first {
-            out.percent[f] += remaining;
-        }
+    }
+    out
+}
+
+/// Percent shares proportional to `parts` (integer division), the rounding left-over to the
+/// first non-zero part, as Envoy's total-panic loads; all zero when every part is.
+fn proportional(parts: &[u64]) -> Vec<u32> {
+    let sum: u64 = parts.iter().sum();
+    if sum == 0 {
+        return vec![0; parts.len()];
+    }
+    let mut out: Vec<u32> = parts.iter().map(|p| (p * 100 / sum) as u32).collect();
+    let left = 100 - out.iter().sum::<u32>();
+    if let Some(i) = parts.iter().position(|p| *p > 0) {
+        out[i] += left;
     }
     out
 }
@@ -126,17 +128,7 @@ pub fn weighted_shares(clusters: &[(u32, Level)], factor_percent: u32) -> Vec<u3
         .iter()
         .map(|(w, l)| u64::from(*w) * u64::from(health(*l, factor_percent)))
         .collect();
-    let sum: u64 = effective.iter().sum();
-    if sum == 0 {
-        return vec![0; clusters.len()];
-    }
-    let mut out: Vec<u32> = effective.iter().map(|e| (e * 100 / sum) as u32).collect();
-    // Rounding left-overs to the first cluster with traffic, as Envoy's priority loads.
-    let left = 100 - out.iter().sum::<u32>();
-    if let Some(i) = effective.iter().position(|e| *e > 0) {
-        out[i] += left;
-    }
-    out
+    proportional(&effective)
 }
 
 /// A GlobalTrafficPolicy's `spec`, as far as the shares go.

@@ -389,9 +389,10 @@ impl Mesh {
                 serde_json::to_string(&n).expect("json"),
             );
         }
+        let own_props = self.own_properties();
         kv.insert(
             record::properties_key(set, &self.cfg.cluster),
-            serde_json::to_string(&self.own_properties()).expect("json"),
+            serde_json::to_string(&own_props).expect("json"),
         );
         self.own_tx.send_if_modified(|cur| {
             if *cur != kv {
@@ -484,7 +485,7 @@ impl Mesh {
             {
                 first_err.get_or_insert(e);
             }
-            if let Err(e) = self.write_policy_statuses(&all).await {
+            if let Err(e) = self.write_policy_statuses(&all, own_props).await {
                 first_err.get_or_insert(e);
             }
         }
@@ -574,19 +575,20 @@ impl Mesh {
             .collect()
     }
 
-    /// Writes each GlobalTrafficPolicy's status (shares per cluster and why) where it changed.
+    /// Writes each GlobalTrafficPolicy's status (shares per cluster and why) where it changed;
+    /// `own_props` are this cluster's ClusterProperties.
     async fn write_policy_statuses(
         &self,
         records: &BTreeMap<(String, String), Vec<Arc<ExportRecord>>>,
+        own_props: BTreeMap<String, String>,
     ) -> Result<(), String> {
         let (mut props, mut members) = {
             let r = self.remote.lock().expect("remote");
-            let members: HashSet<String> = r.clusters.keys().cloned().collect();
+            let members: std::collections::BTreeSet<String> = r.clusters.keys().cloned().collect();
             (r.properties.clone(), members)
         };
-        props.insert(self.cfg.cluster.clone(), self.own_properties());
+        props.insert(self.cfg.cluster.clone(), own_props);
         members.insert(self.cfg.cluster.clone());
-        let members = members.into_iter().collect();
         let ar = api_resource(&weir_model::kinds::GLOBAL_TRAFFIC_POLICY);
         let now = weir_model::now_rfc3339();
         let writes = self.stores.policies.state().into_iter().filter_map(|p| {

@@ -395,20 +395,7 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         ok(&mut lab.weir(&["bpf", "lb", "list"]))
     );
     // The API server comes back; a change made then reaches the datapath (the agent resyncs).
-    let log = std::fs::File::create(format!(
-        "/run/weir/labs/{}/logs/apiserver-restart.log",
-        lab.name
-    ))
-    .unwrap();
-    let mut api = weir()
-        .args(["lab", "apiserver", "--cluster", &lab.name])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    lab.eventually("API server back", Duration::from_secs(10), || {
-        run(&mut lab.weir(&["get", "ns"])).status.success()
-    });
+    let _api = lab.restart_apiserver(&[]);
     let out = lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: web-4, namespace: lb, labels: {app: web}}\nspec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}]}]}\n");
     assert!(
         out.status.success(),
@@ -418,8 +405,6 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
     lab.eventually("web-4 receives traffic", Duration::from_secs(30), || {
         responders(&lab.connect("lb/client", "web.lb:80", "tcp", 30)).contains("lb/web-4")
     });
-    let _ = api.kill();
-    let _ = api.wait();
 }
 
 /// The kinds a cluster without weir's multi-cluster CRDs does not serve.
@@ -433,21 +418,7 @@ fn agent_runs_where_the_multicluster_kinds_are_not_served() {
     let lab = Lab::up("cip8", 1, APP);
     kill9_matching(&format!("lab apiserver --cluster {}", lab.name));
     kill9_matching(&format!("lab agent --cluster {} ", lab.name));
-    let log = std::fs::File::create(format!(
-        "/run/weir/labs/{}/logs/apiserver-restart.log",
-        lab.name
-    ))
-    .unwrap();
-    let mut api = weir()
-        .args(["lab", "apiserver", "--cluster", &lab.name])
-        .args(["--runtime-config", NO_MESH_KINDS])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    lab.eventually("API server back", Duration::from_secs(10), || {
-        run(&mut lab.weir(&["get", "ns"])).status.success()
-    });
+    let _api = lab.restart_apiserver(&["--runtime-config", NO_MESH_KINDS]);
     let out = run(&mut lab.kubectl(&["get", "serviceimports", "-A"]));
     assert!(!out.status.success(), "ServiceImports are not served");
     // A Service made while no agent runs: the new agent programs it from its first lists.
@@ -471,8 +442,6 @@ fn agent_runs_where_the_multicluster_kinds_are_not_served() {
     lab.eventually("ingress denied", Duration::from_secs(20), || {
         lab.connect("lb/client", "late.lb:80", "tcp", 5)["ok"] == 0
     });
-    let _ = api.kill();
-    let _ = api.wait();
 }
 
 const PROXY_NAMES: &str = r#"

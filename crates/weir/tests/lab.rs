@@ -71,21 +71,11 @@ fn every_pod_reaches_every_pod_across_nodes() {
     assert_eq!(r["errors"]["ECONNREFUSED"], 2, "{r}");
     // --rate paces the attempts; the JSON keeps its fields; a rate that is not positive is
     // refused, naming the flag.
-    let out = ok(&mut lab.weir(&[
-        "lab",
-        "connect",
-        "--from",
+    let r = lab.connect_with(
         "y/a",
-        "--to",
         &format!("[{v6}]:8080"),
-        "--count",
-        "10",
-        "--rate",
-        "100",
-        "-o",
-        "json",
-    ]));
-    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        &["--count", "10", "--rate", "100"],
+    );
     assert_eq!(
         (r["ok"].as_u64(), r["attempts"].as_u64()),
         (Some(10), Some(10)),
@@ -104,23 +94,8 @@ fn every_pod_reaches_every_pod_across_nodes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
     // lab fault: x/b's servers refuse (reset), then answer nothing, then recover, with no
     // API change; x/b's own outgoing connections keep working meanwhile.
-    let attempt = |from: &str, to: &str| -> serde_json::Value {
-        let out = ok(&mut lab.weir(&[
-            "lab",
-            "connect",
-            "--from",
-            from,
-            "--to",
-            to,
-            "--count",
-            "2",
-            "--timeout",
-            "300ms",
-            "-o",
-            "json",
-        ]));
-        serde_json::from_str(&out).unwrap()
-    };
+    let attempt =
+        |from: &str, to: &str| lab.connect_with(from, to, &["--count", "2", "--timeout", "300ms"]);
     let b4 = format!("{}:8080", b["status"]["podIP"].as_str().unwrap());
     let a4 = format!(
         "{}:8080",

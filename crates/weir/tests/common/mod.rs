@@ -245,21 +245,16 @@ impl Lab {
 
     /// `weir lab connect ... -o json` parsed.
     pub fn connect(&self, from: &str, to: &str, proto: &str, count: usize) -> Value {
-        serde_json::from_str(&ok(&mut self.weir(&[
-            "lab",
-            "connect",
-            "--from",
-            from,
-            "--to",
-            to,
-            "--protocol",
-            proto,
-            "--count",
-            &count.to_string(),
-            "-o",
-            "json",
-        ])))
-        .unwrap()
+        let count = count.to_string();
+        self.connect_with(from, to, &["--protocol", proto, "--count", &count])
+    }
+
+    /// `weir lab connect --from FROM --to TO EXTRA... -o json` parsed.
+    pub fn connect_with(&self, from: &str, to: &str, extra: &[&str]) -> Value {
+        let mut args = vec!["lab", "connect", "--from", from, "--to", to];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&ok(&mut self.weir(&args))).unwrap()
     }
 
     /// `weir lab probe ... -o json` parsed.
@@ -363,6 +358,29 @@ impl Lab {
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// Starts `weir lab apiserver EXTRA...` again (after a test killed it), logging to the
+    /// lab's logs/apiserver-restart.log, and waits until it answers.
+    pub fn restart_apiserver(&self, extra: &[&str]) -> Daemon {
+        let log = std::fs::File::create(format!(
+            "/run/weir/labs/{}/logs/apiserver-restart.log",
+            self.name
+        ))
+        .unwrap();
+        let api = Daemon(
+            self.weir_bin()
+                .args(["lab", "apiserver", "--cluster", &self.name])
+                .args(extra)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        self.eventually("API server back", Duration::from_secs(10), || {
+            run(&mut self.weir(&["get", "ns"])).status.success()
+        });
+        api
     }
 }
 
