@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * cgroup sock_addr hooks: east-west Service load balancing at the socket layer.
- * Attached to the node's pod cgroup subtree. Minimum kernel: 5.18 (bpf_set_retval from
+ * Attached to the node's pod cgroup subtree, with a sockops program that watches TCP connects
+ * to backends under outlier detection. Minimum kernel: 5.18 (bpf_set_retval from
  * sock_addr programs); getpeername hooks need 5.8.
  */
 #include "lib/sock.h"
@@ -55,6 +56,14 @@ SEC("cgroup/getpeername6")
 int sock6_getpeername(struct bpf_sock_addr *ctx)
 {
 	sock6_xlate_rev(ctx);
+	return 1;
+}
+
+/* Outcomes of watched TCP connects (outlier detection). */
+SEC("sockops")
+int sock_ops(struct bpf_sock_ops *skops)
+{
+	outlier_sockops(skops);
 	return 1;
 }
 

@@ -251,6 +251,8 @@ fn frontend(s: &Svc) -> Frontend {
         algorithm: Algorithm::Random,
         source_ranges: Vec::new(),
         mode: weir_control::lb::LbMode::Snat,
+        weights: Vec::new(),
+        outlier: None,
     }
 }
 

@@ -94,6 +94,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } weir_lb_affinity_match SEC(".maps");
 
+/* Shares of frontends with WEIR_SVC_WEIGHTED, by svc_id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAGLEV_OUTER_SIZE);
+	__type(key, __u32);
+	__type(value, struct lb_groups);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} weir_lb_groups SEC(".maps");
+
 /* Allowed client prefixes of frontends with WEIR_SVC_SOURCE_RANGES. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -216,6 +225,35 @@ static __always_inline __u32 lb_maglev_backend(const struct lb_service *svc, __u
 static __always_inline __u16 lb_random_slot(const struct lb_service *svc)
 {
 	return (bpf_get_prandom_u32() % svc->count) + 1;
+}
+
+/*
+ * The slot of a new connection: by group share for a weighted frontend (a group by share,
+ * then a slot of it uniformly), else uniformly.
+ */
+static __always_inline __u16 lb_pick_slot(const struct lb_service *svc)
+{
+	const struct lb_groups *gs;
+	__u32 sid = svc->svc_id;
+	__u32 r, i;
+
+	if (!(svc->flags & WEIR_SVC_WEIGHTED))
+		return lb_random_slot(svc);
+	gs = bpf_map_lookup_elem(&weir_lb_groups, &sid);
+	if (!gs || gs->total == 0)
+		return lb_random_slot(svc);
+	r = bpf_get_prandom_u32() % gs->total;
+	for (i = 0; i < WEIR_LB_MAX_GROUPS; i++) {
+		const struct lb_group *g = &gs->g[i];
+
+		if (i >= gs->n)
+			break;
+		if (r < g->upto && g->count > 0) {
+			lb_count(LB_STAT_WEIGHTED);
+			return g->first + bpf_get_prandom_u32() % g->count;
+		}
+	}
+	return lb_random_slot(svc);
 }
 
 #endif /* WEIR_LIB_LB_H */

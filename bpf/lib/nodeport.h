@@ -284,7 +284,7 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, ct4_hash(t));
 	if (!id) {
-		key.slot = lb_random_slot(svc);
+		key.slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb4_svc, &key);
 		if (!slot)
 			return -DROP_BACKEND_MISSING;

@@ -308,7 +308,7 @@ static __noinline int ct6_new_flow(const struct ct6_key *t, __u32 how, __u32 len
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, ct6_hash(t));
 	if (!id) {
-		key->slot = lb_random_slot(svc);
+		key->slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb6_svc, key);
 		if (!slot)
 			return -DROP_BACKEND_MISSING;

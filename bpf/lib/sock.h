@@ -8,6 +8,7 @@
 #define WEIR_LIB_SOCK_H
 
 #include "lb.h"
+#include "outlier.h"
 
 /* The flow identity used for Maglev at the socket layer: the socket itself. */
 static __always_inline __u64 sock_flow(struct bpf_sock_addr *ctx)
@@ -53,7 +54,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
 	if (!id) {
-		key.slot = lb_random_slot(svc);
+		key.slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb4_svc, &key);
 		if (!slot)
 			goto missing;
@@ -78,6 +79,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		} else {
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 		}
+		outlier_watch(svc, ctx->sk, key.proto, id);
 	} else {
 		/* Unconnected UDP talks to many peers: remember each (socket, backend). */
 		rk.cookie = bpf_get_socket_cookie(ctx);
@@ -161,7 +163,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
 	if (!id) {
-		key.slot = lb_random_slot(svc);
+		key.slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb6_svc, &key);
 		if (!slot)
 			goto missing;
@@ -188,6 +190,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		} else {
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 		}
+		outlier_watch(svc, ctx->sk, key.proto, id);
 	} else {
 		rk.cookie = bpf_get_socket_cookie(ctx);
 		__builtin_memcpy(rk.address, be->address, sizeof(rk.address));

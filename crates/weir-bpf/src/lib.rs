@@ -194,6 +194,7 @@ pub const SOCK_PROGRAMS: &[&str] = &[
     "sock6_sendmsg",
     "sock6_recvmsg",
     "sock6_getpeername",
+    "sock_ops",
 ];
 
 /// Names of the socket-LB maps.
@@ -211,6 +212,10 @@ pub const SOCK_MAPS: &[&str] = &[
     "weir_lb_maglev",
     "weir_lb_stats",
     "weir_lb4_src_range",
+    "weir_lb_groups",
+    "weir_lb_health",
+    "weir_lb_outlier_sock",
+    "weir_lb_events",
 ];
 
 /// Names of the per-CPU counters in `weir_lb_stats`, by index.
@@ -223,6 +228,10 @@ pub const LB_STATS: &[&str] = &[
     "affinity_hit",
     "maglev",
     "revnat_update_fail",
+    "weighted",
+    "connect_ok",
+    "connect_fail",
+    "ejection",
 ];
 
 /// The socket load balancer: the programs of sock.bpf.c with their maps pinned under a
@@ -321,6 +330,10 @@ impl SockLb {
             "weir_lb_maglev" => &m.weir_lb_maglev,
             "weir_lb_stats" => &m.weir_lb_stats,
             "weir_lb4_src_range" => &m.weir_lb4_src_range,
+            "weir_lb_groups" => &m.weir_lb_groups,
+            "weir_lb_health" => &m.weir_lb_health,
+            "weir_lb_outlier_sock" => &m.weir_lb_outlier_sock,
+            "weir_lb_events" => &m.weir_lb_events,
             other => panic!("no map named {other}"),
         }
     }
@@ -347,6 +360,19 @@ impl SockLb {
         name: &str,
     ) -> Result<Vec<(K, V)>, BpfError> {
         map_entries(self.map(name), name)
+    }
+
+    /// The value at `key` in map `name`, if any.
+    pub fn get<K: Copy, V: Copy + Default>(
+        &self,
+        name: &str,
+        key: &K,
+    ) -> Result<Option<V>, BpfError> {
+        let v = self
+            .map(name)
+            .lookup(as_bytes(key), MapFlags::ANY)
+            .map_err(lb(format!("reading map {name}")))?;
+        Ok(v.map(|v| from_bytes(&v)))
     }
 
     /// (entries, capacity) of map `name`.
@@ -437,7 +463,7 @@ impl SockLb {
     }
 
     /// Every program with its name, in [`SOCK_PROGRAMS`] order.
-    fn progs(&self) -> [(&'static str, &libbpf_rs::ProgramMut<'static>); 8] {
+    fn progs(&self) -> [(&'static str, &libbpf_rs::ProgramMut<'static>); 9] {
         let p = &self.skel.progs;
         [
             ("sock4_connect", &p.sock4_connect),
@@ -448,7 +474,13 @@ impl SockLb {
             ("sock6_sendmsg", &p.sock6_sendmsg),
             ("sock6_recvmsg", &p.sock6_recvmsg),
             ("sock6_getpeername", &p.sock6_getpeername),
+            ("sock_ops", &p.sock_ops),
         ]
+    }
+
+    /// Where map `name` is pinned.
+    pub fn pin_path(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(name)
     }
 
     /// Program names with their kernel program ids, for status.
@@ -458,6 +490,27 @@ impl SockLb {
             .map(|(name, prog)| prog_info(name, prog.as_fd().as_raw_fd()))
             .collect()
     }
+}
+
+/// A reader of the ejection events of the ring buffer pinned at `path` (`weir_lb_events`);
+/// `f` gets each event. The map handle lives as long as the process.
+pub fn watch_ejections<F: FnMut(&types::lb_ejection_event) + 'static>(
+    path: &Path,
+    mut f: F,
+) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+    let what = format!("reading the ring buffer {}", path.display());
+    let map: &'static MapHandle = Box::leak(Box::new(
+        MapHandle::from_pinned_path(path).map_err(lb(&what))?,
+    ));
+    let mut b = libbpf_rs::RingBufferBuilder::new();
+    b.add(map, move |data: &[u8]| {
+        if data.len() >= std::mem::size_of::<types::lb_ejection_event>() {
+            f(&from_bytes::<types::lb_ejection_event>(data));
+        }
+        0
+    })
+    .map_err(lb(&what))?;
+    b.build().map_err(lb(what))
 }
 
 /// A loaded program as the kernel reports it.

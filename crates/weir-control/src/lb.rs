@@ -213,6 +213,20 @@ pub struct Frontend {
     pub source_ranges: Vec<ipnet::IpNet>,
     /// External frontends: how a backend on another node is reached.
     pub mode: LbMode,
+    /// Per backend (in `backends` order), its relative share of new connections; empty: all
+    /// equal. Set for ServiceImports under a GlobalTrafficPolicy.
+    pub weights: Vec<u32>,
+    /// Outlier detection of the backends (every ClusterSetIP), or None.
+    pub outlier: Option<Outlier>,
+}
+
+/// Outlier detection settings the datapath enforces per backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Outlier {
+    /// Consecutive failed connects that eject a backend.
+    pub consecutive_failures: u32,
+    /// Ejection time (times the number of ejections), in milliseconds.
+    pub base_ejection_ms: u32,
 }
 
 /// The desired load-balancing state of a node.
@@ -242,13 +256,56 @@ pub struct Warning {
     pub message: String,
 }
 
-struct EndpointView {
-    ip: IpAddr,
-    port: u16,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    node: Option<String>,
+/// One endpoint of a Service port, as its EndpointSlice lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    /// Its address.
+    pub ip: IpAddr,
+    /// Its port for this Service port.
+    pub port: u16,
+    /// Ready (unset counts as ready).
+    pub ready: bool,
+    /// Serving (unset: as ready).
+    pub serving: bool,
+    /// Terminating.
+    pub terminating: bool,
+    /// Its node, if known.
+    pub node: Option<String>,
+    /// The cluster it is in (the MCS `source-cluster` label of its slice), if any.
+    pub cluster: Option<String>,
+}
+
+impl EndpointView {
+    /// Its backend address.
+    pub fn backend(&self) -> Backend {
+        Backend {
+            ip: self.ip,
+            port: self.port,
+        }
+    }
+}
+
+/// Chooses a frontend's backends from its endpoints instead of the plain ready rule (a
+/// ServiceImport under a GlobalTrafficPolicy).
+pub trait Scheduler {
+    /// The backends, their weights (empty: equal) and outlier settings, and the plan
+    /// behind them.
+    fn select(&self, endpoints: &[EndpointView]) -> Scheduled;
+}
+
+/// What a [`Scheduler`] chose for one frontend.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scheduled {
+    /// Backends new connections may use, sorted.
+    pub backends: Vec<Backend>,
+    /// Their weights, in the same order (empty: equal).
+    pub weights: Vec<u32>,
+    /// Outlier detection of the backends.
+    pub outlier: Option<Outlier>,
+    /// The share of each cluster and why.
+    pub plan: Vec<crate::schedule::ClusterShare>,
+    /// Backends left out because the datapath ejected them.
+    pub ejected: Vec<Backend>,
 }
 
 /// Builds the load-balancing state from all Services and EndpointSlices.
@@ -257,6 +314,23 @@ where
     S: std::borrow::Borrow<Service>,
     E: std::borrow::Borrow<EndpointSlice>,
 {
+    let (st, w, _) = build_with(services, slices, opts, None);
+    (st, w)
+}
+
+/// [`build`], with the backends of every cluster-scope frontend chosen by `sched` when given;
+/// also returns what it chose per frontend.
+pub fn build_with<S, E>(
+    services: &[S],
+    slices: &[E],
+    opts: &Options,
+    sched: Option<&dyn Scheduler>,
+) -> (LbState, Vec<Warning>, BTreeMap<FrontendKey, Scheduled>)
+where
+    S: std::borrow::Borrow<Service>,
+    E: std::borrow::Borrow<EndpointSlice>,
+{
+    let mut scheduled = BTreeMap::new();
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices.iter().map(|s| s.borrow()) {
         let Some(svc) = s
@@ -407,12 +481,30 @@ where
             );
             let mut add = |key: FrontendKey, local: bool, source_ranges: &[ipnet::IpNet]| {
                 let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
-                let (backends, fallback) = select(&endpoints, local.then_some(&opts.node_name));
+                let (backends, fallback, weights, outlier) = match sched {
+                    Some(s) => {
+                        let mut chosen = s.select(&endpoints);
+                        let picked = (
+                            std::mem::take(&mut chosen.backends),
+                            false,
+                            std::mem::take(&mut chosen.weights),
+                            chosen.outlier,
+                        );
+                        scheduled.insert(key, chosen);
+                        picked
+                    }
+                    None => {
+                        let (b, f) = select(&endpoints, local.then_some(&opts.node_name));
+                        (b, f, Vec::new(), None)
+                    }
+                };
                 state.frontends.insert(
                     key,
                     Frontend {
                         service: service.clone(),
                         backends,
+                        weights,
+                        outlier,
                         terminating_fallback: fallback,
                         affinity_timeout,
                         algorithm,
@@ -488,7 +580,7 @@ where
             }
         }
     }
-    (state, warnings)
+    (state, warnings, scheduled)
 }
 
 /// A Service's health-check node port (type LoadBalancer with externalTrafficPolicy: Local):
@@ -604,6 +696,12 @@ fn endpoints_for(
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
     for s in slices.iter().filter(|s| s.address_type == family) {
+        let cluster = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::mcs::SOURCE_CLUSTER_LABEL))
+            .cloned();
         // The slice's port of this name and protocol: its number applies to every endpoint
         // of the slice (slices are split by resolved port set).
         let Some(port) = s
@@ -633,6 +731,7 @@ fn endpoints_for(
                 serving: c.serving.unwrap_or(ready),
                 terminating: c.terminating.unwrap_or(false),
                 node: e.node_name.clone(),
+                cluster: cluster.clone(),
             });
         }
     }

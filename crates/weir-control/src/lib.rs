@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod import_schedule;
 pub mod lb;
 pub mod maglev;
 pub mod mcs;

@@ -45,7 +45,15 @@ fn fnv1a(seed: u64, data: &[u8]) -> u64 {
 /// i is the index into `names` of the backend owning slot i. Names are sorted first, so
 /// the order callers pass them in does not matter.
 pub fn build(names: &[String], size: u32) -> Vec<usize> {
+    build_weighted(names, &[], size)
+}
+
+/// [`build`] with a weight per backend (empty: all equal): in each round of the fill a backend
+/// takes turns in proportion to its weight (the heaviest one turn), so it owns about its
+/// weight's share of the table; a backend of weight 0 owns nothing.
+pub fn build_weighted(names: &[String], weights: &[u32], size: u32) -> Vec<usize> {
     let n = names.len();
+    let weight = |i: usize| u64::from(weights.get(i).copied().unwrap_or(1));
     let m = size as usize;
     if n == 0 || m == 0 {
         return Vec::new();
@@ -60,21 +68,30 @@ pub fn build(names: &[String], size: u32) -> Vec<usize> {
             (offset, skip)
         })
         .collect();
+    let heaviest = (0..n).map(weight).max().unwrap_or(0);
+    if heaviest == 0 {
+        return Vec::new();
+    }
     let mut next = vec![0usize; n];
+    let mut credit = vec![0u64; n];
     let mut table = vec![usize::MAX; m];
     let mut filled = 0;
     'fill: loop {
         for (k, &(offset, skip)) in perm.iter().enumerate() {
-            let mut c = (offset + next[k] * skip) % m;
-            while table[c] != usize::MAX {
+            credit[k] += weight(order[k]);
+            while credit[k] >= heaviest {
+                credit[k] -= heaviest;
+                let mut c = (offset + next[k] * skip) % m;
+                while table[c] != usize::MAX {
+                    next[k] += 1;
+                    c = (offset + next[k] * skip) % m;
+                }
+                table[c] = order[k];
                 next[k] += 1;
-                c = (offset + next[k] * skip) % m;
-            }
-            table[c] = order[k];
-            next[k] += 1;
-            filled += 1;
-            if filled == m {
-                break 'fill;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
             }
         }
     }
@@ -116,6 +133,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn weights_set_each_backends_share_of_the_table() {
+        let n = names(3);
+        let m = table_size(300);
+        let t = build_weighted(&n, &[700_000, 200_000, 100_000], m);
+        let mut counts = [0usize; 3];
+        for i in &t {
+            counts[*i] += 1;
+        }
+        for (c, want) in counts.iter().zip([0.7, 0.2, 0.1]) {
+            assert!((*c as f64 / m as f64 - want).abs() < 0.01, "{counts:?}");
+        }
+        let t = build_weighted(&n, &[1, 0, 1], 251);
+        assert!(t.iter().all(|i| *i != 1), "weight 0 owns nothing");
     }
 
     #[test]

@@ -149,6 +149,49 @@ pub struct PolicySpec {
     /// The panic threshold in percent (default 50).
     #[serde(default)]
     pub panic_threshold: Option<u32>,
+    /// Ejection of failing endpoints by the datapath.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+}
+
+/// `spec.outlierDetection`; every field defaults as Envoy's example in the policy's docs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierSpec {
+    /// Consecutive failed connects that eject an endpoint (default 5).
+    #[serde(default)]
+    pub consecutive_failures: Option<u32>,
+    /// Ejection time per ejection so far, a Go duration (default `30s`).
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// At most this percent of a level's endpoints ejected at once (default 100).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Default `consecutiveFailures`.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default `baseEjectionTime`, in milliseconds.
+pub const DEFAULT_BASE_EJECTION_MS: u32 = 30_000;
+
+impl OutlierSpec {
+    /// The settings with their defaults: (consecutive failures, base ejection ms, max percent).
+    pub fn settings(spec: Option<&OutlierSpec>) -> (u32, u32, u32) {
+        let d = OutlierSpec::default();
+        let o = spec.unwrap_or(&d);
+        (
+            o.consecutive_failures
+                .unwrap_or(DEFAULT_CONSECUTIVE_FAILURES)
+                .max(1),
+            o.base_ejection_time
+                .as_deref()
+                .and_then(weir_model::validate::duration_ms)
+                .map_or(DEFAULT_BASE_EJECTION_MS, |m| {
+                    m.min(u64::from(u32::MAX)) as u32
+                }),
+            o.max_ejection_percent.unwrap_or(100).min(100),
+        )
+    }
 }
 
 /// An ActiveActive target.
@@ -274,6 +317,16 @@ impl PolicySpec {
         props: &Properties,
         clusters: &[(String, Level)],
     ) -> Vec<ClusterShare> {
+        let names: Vec<String> = clusters.iter().map(|(c, _)| c.clone()).collect();
+        self.plan_in(&self.levels(importer, props, &names), clusters)
+    }
+
+    /// [`PolicySpec::plan`] over levels already placed (ignored for ActiveActive).
+    pub fn plan_in(
+        &self,
+        levels: &[Vec<String>],
+        clusters: &[(String, Level)],
+    ) -> Vec<ClusterShare> {
         let factor = self.factor_percent();
         let endpoints = |c: &str| {
             clusters
@@ -310,8 +363,6 @@ impl PolicySpec {
             }
             return out;
         }
-        let names: Vec<String> = clusters.iter().map(|(c, _)| c.clone()).collect();
-        let levels = self.levels(importer, props, &names);
         let sums: Vec<Level> = levels
             .iter()
             .map(|l| {

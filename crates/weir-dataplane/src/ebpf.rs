@@ -12,18 +12,27 @@ use std::path::{Path, PathBuf};
 
 use weir_bpf::types::{
     lb4_backend, lb4_key, lb4_src_range_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key,
-    lb_affinity_match, lb_service,
+    lb_affinity_match, lb_group, lb_groups, lb_health, lb_service,
 };
 use weir_bpf::{ip6_from_words as from_v6, ip6_words as v6, SockLb};
 use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_control::maglev;
 
-use crate::{AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, FrontendDump, MapUsage};
+use crate::{
+    AffinityDump, ApplyStats, Dataplane, DataplaneError, Dump, Ejection, FrontendDump, MapUsage,
+};
 
 const SVC_AFFINITY: u16 = 1;
 const SVC_MAGLEV: u16 = 2;
 const SVC_SOURCE_RANGES: u16 = 4;
 const SVC_DSR: u16 = 8;
+const SVC_WEIGHTED: u16 = 16;
+const SVC_OUTLIER: u16 = 32;
+/// Groups of distinct weights a frontend may have (WEIR_LB_MAX_GROUPS).
+const MAX_GROUPS: usize = 64;
+
+/// One group of a weighted frontend: (cumulative share, first slot, slots).
+type Group = (u32, u16, u16);
 
 /// A frontend as programmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +44,64 @@ struct Programmed {
     maglev_size: u32,
     /// Allowed client prefixes (IPv4 address in network order as stored, prefix length).
     ranges: BTreeSet<(u32, u8)>,
+    /// Weighted frontends: the groups of slots and their shares.
+    groups: Vec<Group>,
+    /// Outlier detection: (consecutive failures, base ejection ms).
+    outlier: Option<(u32, u32)>,
+}
+
+/// Backends in slot order with their weights, and the groups of equal weight (none when all
+/// are equal, or when there are more than the datapath holds: then all are equal, said in
+/// the log).
+fn slot_order(f: &Frontend) -> (Vec<(Backend, u32)>, Vec<Group>) {
+    if f.weights.len() != f.backends.len() {
+        return (f.backends.iter().map(|b| (*b, 1)).collect(), Vec::new());
+    }
+    let mut order: Vec<(Backend, u32)> = f
+        .backends
+        .iter()
+        .copied()
+        .zip(f.weights.iter().copied())
+        .filter(|(_, w)| *w > 0)
+        .collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut groups: Vec<Group> = Vec::new();
+    let mut upto = 0u32;
+    for (i, (_, w)) in order.iter().enumerate() {
+        upto = upto.saturating_add(*w);
+        match groups.last_mut() {
+            Some(g) if order[i - 1].1 == *w => {
+                g.0 = upto;
+                g.2 += 1;
+            }
+            _ => groups.push((upto, (i + 1) as u16, 1)),
+        }
+    }
+    if groups.len() > MAX_GROUPS {
+        tracing::warn!(service = %f.service, groups = groups.len(),
+            "more distinct shares than the datapath holds ({MAX_GROUPS}); spreading equally");
+        groups.clear();
+    }
+    if groups.len() <= 1 {
+        groups.clear();
+    }
+    (order, groups)
+}
+
+fn groups_value(groups: &[Group]) -> lb_groups {
+    let mut v = lb_groups {
+        n: groups.len() as u32,
+        total: groups.last().map_or(0, |g| g.0),
+        ..Default::default()
+    };
+    for (slot, (upto, first, count)) in v.g.iter_mut().zip(groups) {
+        *slot = lb_group {
+            upto: *upto,
+            first: *first,
+            count: *count,
+        };
+    }
+    v
 }
 
 /// The source-range map key of a frontend's prefix.
@@ -88,6 +155,8 @@ pub struct EbpfDataplane {
     applied: BTreeMap<FrontendKey, Frontend>,
     next_backend: u32,
     next_frontend: u32,
+    /// Backends under outlier detection, with (consecutive failures, base ejection ms).
+    watched: BTreeMap<u32, (u32, u32)>,
 }
 
 fn v4(ip: Ipv4Addr) -> u32 {
@@ -127,6 +196,7 @@ impl EbpfDataplane {
             applied: BTreeMap::new(),
             next_backend: 1,
             next_frontend: 1,
+            watched: BTreeMap::new(),
         };
         dp.read_back()?;
         Ok(dp)
@@ -211,9 +281,49 @@ impl EbpfDataplane {
                     timeout: master.affinity_timeout,
                     maglev_size: master.backend_id,
                     ranges: BTreeSet::new(),
+                    groups: Vec::new(),
+                    outlier: None,
                 },
             );
         }
+        let groups: BTreeMap<u32, lb_groups> = self
+            .lb
+            .entries::<u32, lb_groups>("weir_lb_groups")?
+            .into_iter()
+            .collect();
+        let health: BTreeMap<u32, lb_health> = self
+            .lb
+            .entries::<u32, lb_health>("weir_lb_health")?
+            .into_iter()
+            .collect();
+        for f in self.frontends.values_mut() {
+            if let Some(g) = groups.get(&f.id).filter(|_| f.flags & SVC_WEIGHTED != 0) {
+                f.groups = g.g[..(g.n as usize).min(MAX_GROUPS)]
+                    .iter()
+                    .map(|g| (g.upto, g.first, g.count))
+                    .collect();
+            }
+            if f.flags & SVC_OUTLIER != 0 {
+                f.outlier = f
+                    .backends
+                    .first()
+                    .and_then(|b| health.get(b))
+                    .map(|h| (h.threshold, h.base_ms));
+            }
+        }
+        for id in groups.keys() {
+            if !self
+                .frontends
+                .values()
+                .any(|f| f.id == *id && !f.groups.is_empty())
+            {
+                self.lb.remove("weir_lb_groups", id)?;
+            }
+        }
+        self.watched = health
+            .iter()
+            .map(|(id, h)| (*id, (h.threshold, h.base_ms)))
+            .collect();
         let mut ranges: BTreeMap<u32, BTreeSet<(u32, u8)>> = BTreeMap::new();
         for (k, _) in self
             .lb
@@ -328,13 +438,24 @@ impl EbpfDataplane {
                 f.backends.len()
             )));
         }
-        let mut ids = Vec::with_capacity(f.backends.len());
-        for b in &f.backends {
+        let (order, groups) = slot_order(f);
+        let mut ids = Vec::with_capacity(order.len());
+        for (b, _) in &order {
             ids.push(self.backend_id(*b, key.proto, stats)?);
         }
         let mut flags = 0;
         if f.affinity_timeout.is_some() {
             flags |= SVC_AFFINITY;
+        }
+        if !groups.is_empty() {
+            flags |= SVC_WEIGHTED;
+        }
+        let outlier = f
+            .outlier
+            .filter(|_| key.proto == Proto::Tcp)
+            .map(|o| (o.consecutive_failures, o.base_ejection_ms));
+        if outlier.is_some() {
+            flags |= SVC_OUTLIER;
         }
         let maglev_size = if f.algorithm == Algorithm::Maglev && !ids.is_empty() {
             flags |= SVC_MAGLEV;
@@ -374,9 +495,17 @@ impl EbpfDataplane {
             timeout: f.affinity_timeout.unwrap_or(0),
             maglev_size,
             ranges: ranges.clone(),
+            groups: groups.clone(),
+            outlier,
         };
         if old.as_ref() == Some(&want) {
             return Ok(());
+        }
+        // Health entries before a master that asks for outcomes to be counted.
+        if let Some(o) = outlier {
+            for id in &ids {
+                self.watch(*id, o)?;
+            }
         }
         // The prefixes go in before a master that asks for them.
         for r in &ranges {
@@ -384,8 +513,9 @@ impl EbpfDataplane {
                 .put("weir_lb4_src_range", &range_key(id, *r), &1u8)?;
         }
         if maglev_size > 0 {
-            let names: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
-            let table: Vec<u32> = maglev::build(&names, maglev_size)
+            let names: Vec<String> = order.iter().map(|(b, _)| b.to_string()).collect();
+            let weights: Vec<u32> = order.iter().map(|(_, w)| *w).collect();
+            let table: Vec<u32> = maglev::build_weighted(&names, &weights, maglev_size)
                 .into_iter()
                 .map(|i| ids[i])
                 .collect();
@@ -409,6 +539,9 @@ impl EbpfDataplane {
                 },
                 &1u8,
             )?;
+        }
+        if !groups.is_empty() {
+            self.lb.put("weir_lb_groups", &id, &groups_value(&groups))?;
         }
         self.put_slot(
             key,
@@ -438,6 +571,9 @@ impl EbpfDataplane {
             if o.maglev_size > 0 && maglev_size == 0 {
                 self.lb.remove("weir_lb_maglev", &id)?;
             }
+            if !o.groups.is_empty() && groups.is_empty() {
+                self.lb.remove("weir_lb_groups", &id)?;
+            }
             for r in o.ranges.difference(&ranges) {
                 self.lb.remove("weir_lb4_src_range", &range_key(id, *r))?;
             }
@@ -454,6 +590,43 @@ impl EbpfDataplane {
         }
         self.frontends.insert(*key, want);
         stats.frontends_updated += 1;
+        Ok(())
+    }
+
+    /// Puts backend `id` under outlier detection with `(failures, base ms)`, keeping the
+    /// counts the datapath has.
+    fn watch(&mut self, id: u32, o: (u32, u32)) -> Result<(), DataplaneError> {
+        if self.watched.get(&id) == Some(&o) {
+            return Ok(());
+        }
+        let mut h: lb_health = self
+            .lb
+            .get::<u32, lb_health>("weir_lb_health", &id)?
+            .unwrap_or_default();
+        (h.threshold, h.base_ms) = o;
+        self.lb.put("weir_lb_health", &id, &h)?;
+        self.watched.insert(id, o);
+        Ok(())
+    }
+
+    /// Ends outlier detection of the backends no frontend watches any more.
+    fn unwatch_stale(&mut self) -> Result<(), DataplaneError> {
+        let live: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|f| f.outlier.is_some())
+            .flat_map(|f| f.backends.iter().copied())
+            .collect();
+        let stale: Vec<u32> = self
+            .watched
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            self.lb.remove("weir_lb_health", &id)?;
+            self.watched.remove(&id);
+        }
         Ok(())
     }
 
@@ -481,6 +654,9 @@ impl EbpfDataplane {
         }
         if o.maglev_size > 0 {
             self.lb.remove("weir_lb_maglev", &o.id)?;
+        }
+        if !o.groups.is_empty() {
+            self.lb.remove("weir_lb_groups", &o.id)?;
         }
         for r in &o.ranges {
             self.lb.remove("weir_lb4_src_range", &range_key(o.id, *r))?;
@@ -511,6 +687,9 @@ impl Dataplane for EbpfDataplane {
             self.unprogram(&key)?;
             self.applied.remove(&key);
             stats.frontends_removed += 1;
+        }
+        if stats.frontends_updated + stats.frontends_removed > 0 {
+            self.unwatch_stale()?;
         }
         let mut unused: Vec<((Backend, Proto), u32)> = Vec::new();
         if stats.frontends_updated + stats.frontends_removed > 0
@@ -563,6 +742,8 @@ impl Dataplane for EbpfDataplane {
                 affinity_timeout: (p.flags & SVC_AFFINITY != 0).then_some(p.timeout),
                 maglev_size: (p.maglev_size > 0).then_some(p.maglev_size),
                 dsr: p.flags & SVC_DSR != 0,
+                shares: shares_of(&p.groups, p.backends.len()),
+                outlier: p.flags & SVC_OUTLIER != 0,
                 source_ranges: p
                     .ranges
                     .iter()
@@ -614,8 +795,68 @@ impl Dataplane for EbpfDataplane {
                     }
                 })
                 .collect(),
+            health: self.health()?,
         })
     }
+
+    fn health(&self) -> Result<Vec<Ejection>, DataplaneError> {
+        let by_id: BTreeMap<u32, (Backend, Proto)> =
+            self.backends.iter().map(|(k, id)| (*id, *k)).collect();
+        let now = boot_nanos();
+        Ok(self
+            .lb
+            .entries::<u32, lb_health>("weir_lb_health")?
+            .into_iter()
+            .filter_map(|(id, h)| {
+                let (backend, proto) = *by_id.get(&id)?;
+                Some(Ejection {
+                    id,
+                    backend,
+                    proto,
+                    remaining_ms: h.ejected_until.saturating_sub(now) / 1_000_000,
+                    ejections: h.ejections,
+                    failures: h.failures,
+                    failures_total: h.failures_total,
+                    successes_total: h.successes_total,
+                    threshold: h.threshold,
+                    base_ms: h.base_ms,
+                })
+            })
+            .collect())
+    }
+
+    fn ejection_events(&self) -> Option<PathBuf> {
+        Some(self.lb.pin_path("weir_lb_events"))
+    }
+}
+
+/// Each slot's percent of new connections, from the groups of a weighted frontend.
+fn shares_of(groups: &[Group], slots: usize) -> Vec<f64> {
+    let Some(total) = groups.last().map(|g| f64::from(g.0)).filter(|t| *t > 0.0) else {
+        return Vec::new();
+    };
+    let mut out = vec![0.0; slots];
+    let mut before = 0u32;
+    for (upto, first, count) in groups {
+        let each = 100.0 * f64::from(upto - before) / total / f64::from((*count).max(1));
+        for s in out
+            .iter_mut()
+            .skip(*first as usize - 1)
+            .take(*count as usize)
+        {
+            *s = each;
+        }
+        before = *upto;
+    }
+    out
+}
+
+/// Nanoseconds since boot (CLOCK_BOOTTIME), the clock of ejection deadlines.
+fn boot_nanos() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME);
+    t.map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// Seconds since boot, the clock the datapath stamps affinity entries with.

@@ -56,6 +56,36 @@ pub struct FrontendDump {
     pub source_ranges: Vec<String>,
     /// Remote backends are reached with direct server return.
     pub dsr: bool,
+    /// Per backend (in `backends` order), its percent of new connections, when the frontend
+    /// is weighted (a GlobalTrafficPolicy); empty: all equal.
+    pub shares: Vec<f64>,
+    /// TCP connects to the backends are watched for outlier detection.
+    pub outlier: bool,
+}
+
+/// A backend under outlier detection, as the datapath counts it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Ejection {
+    /// Datapath id of the backend.
+    pub id: u32,
+    /// The backend.
+    pub backend: Backend,
+    /// Its protocol.
+    pub proto: Proto,
+    /// Milliseconds of ejection left (0: admitted).
+    pub remaining_ms: u64,
+    /// Times ejected.
+    pub ejections: u32,
+    /// Consecutive failed connects now.
+    pub failures: u32,
+    /// Failed connects counted.
+    pub failures_total: u64,
+    /// Answered connects counted.
+    pub successes_total: u64,
+    /// Consecutive failures that eject it.
+    pub threshold: u32,
+    /// Base ejection time, milliseconds.
+    pub base_ms: u32,
 }
 
 /// One session affinity entry.
@@ -110,6 +140,8 @@ pub struct Dump {
     pub programs: Vec<ProgramDump>,
     /// Maps.
     pub maps: Vec<MapUsage>,
+    /// Backends under outlier detection.
+    pub health: Vec<Ejection>,
 }
 
 /// A datapath that load-balances Services.
@@ -118,4 +150,13 @@ pub trait Dataplane: Send {
     fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError>;
     /// Reads back what is programmed.
     fn dump(&self) -> Result<Dump, DataplaneError>;
+    /// The backends under outlier detection, with their ejection state.
+    fn health(&self) -> Result<Vec<Ejection>, DataplaneError> {
+        Ok(Vec::new())
+    }
+    /// Where the datapath announces ejections (a pinned ring buffer of
+    /// `lb_ejection_event`s), if it has such a place.
+    fn ejection_events(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }

@@ -113,6 +113,7 @@ impl std::error::Error for ValidationError {}
 
 mod mcs;
 mod traffic;
+pub use traffic::duration_ms;
 
 /// Collects field errors while walking an object.
 #[derive(Default)]

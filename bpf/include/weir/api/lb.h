@@ -17,6 +17,8 @@
 #define WEIR_SVC_MAGLEV   (1 << 1) /* backend chosen from the service's Maglev table */
 #define WEIR_SVC_SOURCE_RANGES (1 << 2) /* clients must match weir_lb4_src_range */
 #define WEIR_SVC_DSR	       (1 << 3) /* remote backends: direct server return (IPIP) */
+#define WEIR_SVC_WEIGHTED      (1 << 4) /* slots picked by group share (weir_lb_groups) */
+#define WEIR_SVC_OUTLIER       (1 << 5) /* TCP connect outcomes counted (weir_lb_health) */
 
 /* lb_service.algorithm-independent limits */
 #define WEIR_LB_MAX_BACKENDS 65535
@@ -171,6 +173,64 @@ struct lb4_src_range_key {
 };
 _Static_assert(sizeof(struct lb4_src_range_key) == 12, "lb4_src_range_key size");
 
+/* Groups of a weighted frontend: at most this many distinct shares. */
+#define WEIR_LB_MAX_GROUPS 64
+
+/*
+ * One group of a weighted frontend: slots first..first+count-1, whose backends share equally
+ * the part [previous group's upto, upto) of the frontend's total.
+ */
+struct lb_group {
+	__u32 upto;  /* cumulative share, in the frontend's units */
+	__u16 first; /* first slot (>= 1) */
+	__u16 count; /* number of slots */
+};
+_Static_assert(sizeof(struct lb_group) == 8, "lb_group size");
+
+/*
+ * Value of weir_lb_groups, keyed by svc_id: how new connections of a frontend with
+ * WEIR_SVC_WEIGHTED are spread (GlobalTrafficPolicy shares). A random r in [0, total) picks
+ * the first group with r < upto, then a slot of it uniformly.
+ */
+struct lb_groups {
+	__u32 n;     /* groups used */
+	__u32 total; /* upto of the last group */
+	struct lb_group g[WEIR_LB_MAX_GROUPS];
+};
+_Static_assert(sizeof(struct lb_groups) == 8 + 8 * WEIR_LB_MAX_GROUPS, "lb_groups size");
+
+/*
+ * Value of weir_lb_health, keyed by backend id: outlier detection of a backend of a frontend
+ * with WEIR_SVC_OUTLIER. The agent writes threshold and base_ms; the socket programs count
+ * TCP connect outcomes and eject the backend after `threshold` consecutive failures, until
+ * now + base_ms x ejections.
+ */
+struct lb_health {
+	__u64 ejected_until;   /* bpf_ktime_get_boot_ns(); 0 or past: admitted */
+	__u64 failures_total;  /* connects that failed */
+	__u64 successes_total; /* connects that succeeded */
+	__u32 failures;	       /* consecutive failures since the last success or ejection */
+	__u32 ejections;       /* times ejected */
+	__u32 threshold;       /* consecutiveFailures (0: never eject) */
+	__u32 base_ms;	       /* baseEjectionTime, milliseconds */
+};
+_Static_assert(sizeof(struct lb_health) == 40, "lb_health size");
+
+/* Value of weir_lb_outlier_sock (socket storage): the backend a watched connect went to. */
+struct lb_outlier_sock {
+	__u32 backend_id;
+	__u32 done; /* the outcome was counted */
+};
+_Static_assert(sizeof(struct lb_outlier_sock) == 8, "lb_outlier_sock size");
+
+/* Ring buffer record of weir_lb_events: a backend was ejected. */
+struct lb_ejection_event {
+	__u64 until; /* bpf_ktime_get_boot_ns() */
+	__u32 backend_id;
+	__u32 ejections;
+};
+_Static_assert(sizeof(struct lb_ejection_event) == 16, "lb_ejection_event size");
+
 /* Indexes of weir_lb_stats (per-CPU counters). */
 enum lb_stat {
 	LB_STAT_XLATE_CONNECT = 0,	/* connect() to a service translated */
@@ -181,7 +241,11 @@ enum lb_stat {
 	LB_STAT_AFFINITY_HIT = 5,	/* backend taken from session affinity */
 	LB_STAT_MAGLEV = 6,		/* backend chosen from a Maglev table */
 	LB_STAT_REVNAT_UPDATE_FAIL = 7, /* reverse NAT entry could not be stored */
-	LB_STAT_MAX = 8,
+	LB_STAT_WEIGHTED = 8,		/* slot chosen by group share */
+	LB_STAT_CONNECT_OK = 9,		/* watched TCP connect answered */
+	LB_STAT_CONNECT_FAIL = 10,	/* watched TCP connect refused, unreachable or unanswered */
+	LB_STAT_EJECTION = 11,		/* backend ejected */
+	LB_STAT_MAX = 12,
 };
 
 #endif /* WEIR_API_LB_H */

@@ -7,8 +7,12 @@ use super::{arr_at, str_at, Errs};
 
 /// The policy kinds.
 pub const LB_TYPES: &[&str] = &["Locality", "FailOver", "ActiveActive"];
-/// At most this many priority levels (the datapath's level table).
+/// At most this many priority levels.
 pub const MAX_LEVELS: usize = 16;
+/// At most this many ActiveActive targets (the datapath's group table holds 64).
+pub const MAX_TARGETS: usize = 64;
+/// The largest ActiveActive weight.
+pub const MAX_WEIGHT: i64 = 1_000_000;
 
 /// An integer field at `ptr` within `lo..=hi` when present.
 fn int_in(obj: &Value, ptr: &str, field: &str, lo: i64, hi: i64, e: &mut Errs) {
@@ -25,29 +29,39 @@ fn int_in(obj: &Value, ptr: &str, field: &str, lo: i64, hi: i64, e: &mut Errs) {
     }
 }
 
-/// A Go duration (`30s`, `1m30s`, `500ms`): digits and units ns, us, ms, s, m, h.
-fn duration_ok(s: &str) -> bool {
-    let mut rest = s;
+/// A Go duration (`30s`, `1m30s`, `500ms`: numbers with units ns, us, ms, s, m, h) in
+/// milliseconds; None if it does not parse.
+pub fn duration_ms(s: &str) -> Option<u64> {
+    let mut rest = s.trim();
     if rest.is_empty() {
-        return false;
+        return None;
     }
+    let mut total = 0f64;
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
-        if digits == 0 {
-            return false;
-        }
+        let n: f64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit = ["ns", "us", "µs", "ms", "s", "m", "h"]
-            .into_iter()
-            .find(|u| rest.starts_with(u));
-        match unit {
-            Some(u) => rest = &rest[u.len()..],
-            None => return false,
-        }
+        let (unit, ms) = [
+            ("ns", 1e-6),
+            ("us", 1e-3),
+            ("µs", 1e-3),
+            ("ms", 1.0),
+            ("s", 1e3),
+            ("m", 60e3),
+            ("h", 3600e3),
+        ]
+        .into_iter()
+        .find(|(u, _)| rest.starts_with(u))?;
+        rest = &rest[unit.len()..];
+        total += n * ms;
     }
-    true
+    Some(total.round() as u64)
+}
+
+fn duration_ok(s: &str) -> bool {
+    duration_ms(s).is_some()
 }
 
 fn strings(obj: &Value, ptr: &str, field: &str, e: &mut Errs) {
@@ -68,8 +82,8 @@ fn strings(obj: &Value, ptr: &str, field: &str, e: &mut Errs) {
     }
 }
 
-/// GlobalTrafficPolicy: `spec.lbType` one of Locality, FailOver, ActiveActive; targets with a
-/// cluster and a weight of at least 0; at most 16 priority levels, each `clusters` or
+/// GlobalTrafficPolicy: `spec.lbType` one of Locality, FailOver, ActiveActive; at most 64
+/// targets, each with a cluster and a weight 0-1000000; at most 16 priority levels, each `clusters` or
 /// `selector` (`sameAsImporter` property names; `{}` is every cluster left); the
 /// overprovisioning factor a number of at least 1; the panic threshold 0-100; outlier
 /// detection's failures at least 1, base ejection time a duration, max ejection percent 0-100.
@@ -88,8 +102,16 @@ pub fn validate_global_traffic_policy(obj: &Value, e: &mut Errs) {
         }
         match t.get("weight") {
             None | Some(Value::Null) => e.required(format!("{f}.weight")),
-            Some(_) => int_in(t, "/weight", &format!("{f}.weight"), 0, i64::MAX, e),
+            Some(_) => int_in(t, "/weight", &format!("{f}.weight"), 0, MAX_WEIGHT, e),
         }
+    }
+    let targets = arr_at(obj, "/spec/targets");
+    if targets.len() > MAX_TARGETS {
+        e.invalid(
+            "spec.targets",
+            Value::from(targets.len()),
+            format!("must have at most {MAX_TARGETS} targets"),
+        );
     }
     let levels = arr_at(obj, "/spec/priorities");
     if levels.len() > MAX_LEVELS {
@@ -209,7 +231,7 @@ mod tests {
             ),
             (
                 json!({"lbType": "ActiveActive", "targets": [{"cluster": "c2", "weight": -1}]}),
-                "spec.targets[0].weight: Invalid value: -1: must be at least 0",
+                "spec.targets[0].weight: Invalid value: -1: must be between 0 and 1000000",
             ),
             (
                 json!({"lbType": "ActiveActive", "targets": [{"weight": 1}]}),
