@@ -4,9 +4,9 @@
  * WEIR_SVC_OUTLIER are watched from connect() to their first outcome. An answer (the
  * handshake completes) resets the backend's failure streak; a reset, an ICMP unreachable or a
  * SYN left unanswered until its first retransmission (the initial RTO, 1 s) is a failure.
- * After `threshold` consecutive failures the backend is ejected for base x ejections and the
- * agent is told through a ring buffer; it then counts the backend unhealthy in the shares
- * (which the kernel does not compute) until the ejection ends.
+ * After `threshold` consecutive failures the backend is ejected for base x ejections: new
+ * connections pass over it at once, and the agent, told through a ring buffer, counts it
+ * unhealthy in the shares (which the kernel does not compute) until the ejection ends.
  */
 #ifndef WEIR_LIB_OUTLIER_H
 #define WEIR_LIB_OUTLIER_H
@@ -43,6 +43,20 @@ const volatile struct lb_ejection_event weir_lb_ejection_event_btf = {};
 struct sock___weir {
 	int sk_err;
 } __attribute__((preserve_access_index));
+
+/* Picks of a new connection's slot while they land on ejected backends. */
+#define OUTLIER_PICK_TRIES 4
+
+/* Whether backend `id` of `svc` is ejected now. */
+static __always_inline bool outlier_ejected(const struct lb_service *svc, __u32 id)
+{
+	const struct lb_health *h;
+
+	if (!(svc->flags & WEIR_SVC_OUTLIER))
+		return false;
+	h = bpf_map_lookup_elem(&weir_lb_health, &id);
+	return h && h->ejected_until > bpf_ktime_get_boot_ns();
+}
 
 /* Starts watching a TCP connect to backend `id` of `svc` (from the connect hook). */
 static __always_inline void outlier_watch(const struct lb_service *svc, struct bpf_sock *sk,

@@ -40,7 +40,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	const struct lb_service *svc, *slot;
 	const struct lb4_backend *be;
 	__u64 client;
-	__u32 id;
+	__u32 id, tries;
 
 	if (key.proto != IPPROTO_TCP_ && key.proto != IPPROTO_UDP_)
 		return 1;
@@ -53,12 +53,16 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	id = lb_affinity_backend(svc, client);
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
-	if (!id) {
+	/* A backend the datapath has just ejected is passed over (a few tries) until the
+	 * agent has taken it out of the slots. */
+	for (tries = 0; !id && tries < OUTLIER_PICK_TRIES; tries++) {
 		key.slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb4_svc, &key);
 		if (!slot)
 			goto missing;
 		id = slot->backend_id;
+		if (tries + 1 < OUTLIER_PICK_TRIES && outlier_ejected(svc, id))
+			id = 0;
 	}
 	be = bpf_map_lookup_elem(&weir_lb4_backends, &id);
 	if (!be)
@@ -148,7 +152,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	const struct lb_service *svc, *slot;
 	const struct lb6_backend *be;
 	__u64 client;
-	__u32 id;
+	__u32 id, tries;
 
 	if (key.proto != IPPROTO_TCP_ && key.proto != IPPROTO_UDP_)
 		return 1;
@@ -162,12 +166,16 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 	id = lb_affinity_backend(svc, client);
 	if (!id && (svc->flags & WEIR_SVC_MAGLEV))
 		id = lb_maglev_backend(svc, sock_flow(ctx));
-	if (!id) {
+	/* A backend the datapath has just ejected is passed over (a few tries) until the
+	 * agent has taken it out of the slots. */
+	for (tries = 0; !id && tries < OUTLIER_PICK_TRIES; tries++) {
 		key.slot = lb_pick_slot(svc);
 		slot = bpf_map_lookup_elem(&weir_lb6_svc, &key);
 		if (!slot)
 			goto missing;
 		id = slot->backend_id;
+		if (tries + 1 < OUTLIER_PICK_TRIES && outlier_ejected(svc, id))
+			id = 0;
 	}
 	be = bpf_map_lookup_elem(&weir_lb6_backends, &id);
 	if (!be)

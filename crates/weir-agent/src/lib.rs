@@ -10,15 +10,16 @@ pub mod api;
 pub mod cni;
 pub mod flows;
 pub mod healthcheck;
+pub mod imports;
 pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod probes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -30,6 +31,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use serde::Serialize;
 use tokio::sync::Notify;
+use weir_control::import_schedule::ImportSchedule;
 use weir_control::lb::{self, Algorithm, Options, Warning};
 use weir_control::mcs;
 use weir_dataplane::{ApplyStats, Dataplane};
@@ -105,6 +107,8 @@ pub struct SyncStatus {
     pub api_connected: bool,
     /// Health-check node ports served: port, `namespace/name`, local ready endpoints.
     pub health_checks: Vec<(u16, String, usize)>,
+    /// ServiceImports under a GlobalTrafficPolicy or with ejected backends: their shares.
+    pub schedules: Vec<imports::ImportStatus>,
 }
 
 /// Shared between the reconcile loop and the introspection API.
@@ -212,6 +216,8 @@ struct Dirty {
     /// When the oldest change not yet applied happened: its EndpointSlice's
     /// `endpoints.kubernetes.io/last-change-trigger-time`, else when the agent saw it.
     since: Option<std::time::SystemTime>,
+    /// The datapath ejected a backend: its health is to be read again.
+    ejections: bool,
 }
 
 impl Dirty {
@@ -292,6 +298,7 @@ fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
     d.services.insert(key_of(&s.metadata));
 }
 
+/// A ServiceImport, or the GlobalTrafficPolicy of the same name, changed.
 fn mark_import(d: &mut Dirty, i: &DynamicObject, _deleted: bool) {
     let (ns, name) = key_of(&i.metadata);
     d.services.insert((ns, mcs::import_name(&name)));
@@ -412,6 +419,8 @@ struct Incremental {
     state: lb::LbState,
     contrib: HashMap<ServiceKey, Vec<lb::FrontendKey>>,
     warnings: HashMap<ServiceKey, Vec<Warning>>,
+    /// Imports: what their schedules chose per frontend, and their policy's type.
+    scheduled: HashMap<ServiceKey, (Option<String>, BTreeMap<lb::FrontendKey, lb::Scheduled>)>,
 }
 
 impl Incremental {
@@ -421,19 +430,66 @@ impl Incremental {
         svc: Option<&Service>,
         slices: &[&EndpointSlice],
         opts: &Options,
+        sched: Option<&ImportSchedule>,
     ) {
         for k in self.contrib.remove(&key).unwrap_or_default() {
             self.state.frontends.remove(&k);
         }
         self.warnings.remove(&key);
+        self.scheduled.remove(&key);
         let Some(svc) = svc else { return };
-        let (st, w) = lb::build(std::slice::from_ref(svc), slices, opts);
+        let (st, w, chosen) = lb::build_with(
+            std::slice::from_ref(svc),
+            slices,
+            opts,
+            sched.map(|s| s as &dyn lb::Scheduler),
+        );
         self.contrib
             .insert(key.clone(), st.frontends.keys().copied().collect());
         self.state.frontends.extend(st.frontends);
         if !w.is_empty() {
-            self.warnings.insert(key, w);
+            self.warnings.insert(key.clone(), w);
         }
+        if let Some(s) = sched {
+            let policy = s.policy.as_ref().map(|p| p.lb_type.clone());
+            self.scheduled.insert(key, (policy, chosen));
+        }
+    }
+
+    /// The imports whose frontends use, or left out as ejected, any of `backends`.
+    fn imports_using(&self, backends: &HashSet<lb::Backend>) -> HashSet<ServiceKey> {
+        self.scheduled
+            .iter()
+            .filter(|(key, (_, chosen))| {
+                chosen
+                    .values()
+                    .any(|c| c.ejected.iter().any(|b| backends.contains(b)))
+                    || self.contrib.get(*key).into_iter().flatten().any(|k| {
+                        self.state
+                            .frontends
+                            .get(k)
+                            .is_some_and(|f| f.backends.iter().any(|b| backends.contains(b)))
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The schedules of the imports with a policy or an ejection, for status.
+    fn import_statuses(&self) -> Vec<imports::ImportStatus> {
+        let mut out: Vec<imports::ImportStatus> = self
+            .scheduled
+            .iter()
+            .filter(|(_, (policy, chosen))| {
+                policy.is_some() || chosen.values().any(|c| !c.ejected.is_empty())
+            })
+            .flat_map(|((ns, name), (policy, chosen))| {
+                let import = format!("{ns}/{}", name.trim_end_matches(mcs::IMPORT_MARK));
+                imports::status_of(&import, policy.as_deref(), chosen)
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.import, &a.frontend).cmp(&(&b.import, &b.frontend)));
+        out
     }
 
     fn rebuild_all(
@@ -442,6 +498,7 @@ impl Incremental {
         imports: &[Arc<DynamicObject>],
         slices: &[Arc<EndpointSlice>],
         opts: &Options,
+        sched: &imports::Scheduling,
     ) {
         *self = Incremental::default();
         let mut by_service: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
@@ -453,13 +510,13 @@ impl Incremental {
         for svc in services {
             let key = key_of(&svc.metadata);
             let own = by_service.remove(&key).unwrap_or_default();
-            self.set(key, Some(svc), &own, opts);
+            self.set(key, Some(svc), &own, opts, None);
         }
         for imp in imports {
             let (ns, name) = key_of(&imp.metadata);
             let key = (ns, mcs::import_name(&name));
             let own = by_service.remove(&key).unwrap_or_default();
-            self.set_import(key, Some(imp), &own, opts);
+            self.set_import(key, Some(imp), &own, opts, sched);
         }
     }
 
@@ -471,12 +528,15 @@ impl Incremental {
         import: Option<&DynamicObject>,
         slices: &[&EndpointSlice],
         opts: &Options,
+        sched: &imports::Scheduling,
     ) {
         let svc = import.and_then(|i| mcs::import_service(&i.metadata, &i.data));
         let slices: Vec<EndpointSlice> =
             slices.iter().filter_map(|s| mcs::import_slice(s)).collect();
         let refs: Vec<&EndpointSlice> = slices.iter().collect();
-        self.set(key, svc.as_ref(), &refs, opts);
+        let name = key.1.trim_end_matches(mcs::IMPORT_MARK);
+        let schedule = sched.for_import(&key.0, name);
+        self.set(key.clone(), svc.as_ref(), &refs, opts, Some(&schedule));
     }
 
     /// Rebuilds the Services (and imports) `keys` from one scan of the slices.
@@ -487,6 +547,7 @@ impl Incremental {
         imports: &Store<DynamicObject>,
         slices: &[Arc<EndpointSlice>],
         opts: &Options,
+        sched: &imports::Scheduling,
     ) {
         let mut own: HashMap<ServiceKey, Vec<&EndpointSlice>> =
             keys.into_iter().map(|k| (k, Vec::new())).collect();
@@ -499,11 +560,11 @@ impl Incremental {
             if let Some(name) = key.1.strip_suffix(mcs::IMPORT_MARK) {
                 let r = reflector::ObjectRef::new_with(name, import_resource()).within(&key.0);
                 let imp = imports.get(&r);
-                self.set_import(key, imp.as_deref(), &own, opts);
+                self.set_import(key, imp.as_deref(), &own, opts, sched);
                 continue;
             }
             let svc = services.get(&reflector::ObjectRef::new(&key.1).within(&key.0));
-            self.set(key, svc.as_deref(), &own, opts);
+            self.set(key, svc.as_deref(), &own, opts, None);
         }
     }
 
@@ -666,11 +727,39 @@ pub async fn run(
         watcher::Config::default(),
         wake(&notify, &shared, &dirty, mark_import),
     );
+    // Their GlobalTrafficPolicies (a policy applies to the import of the same name).
+    let policies = spawn_optional_kind_reflector(
+        &client,
+        &weir_model::kinds::GLOBAL_TRAFFIC_POLICY,
+        watcher::Config::default(),
+        wake(&notify, &shared, &dirty, mark_import),
+    );
+    let mut sched = imports::Scheduling {
+        policies: Some(policies.clone()),
+        importer: cfg.cluster_id.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    // The datapath's ejections: each event has the backends' health read again.
+    let events = shared
+        .dataplane
+        .lock()
+        .expect("dataplane")
+        .ejection_events();
+    if let Some(path) = events {
+        let (n, d) = (notify.clone(), dirty.clone());
+        imports::spawn_ejection_watch(path, move || {
+            d.lock().expect("dirty lock").ejections = true;
+            n.notify_one();
+        })
+        .map_err(std::io::Error::other)?;
+    }
     // Apply only from a complete view: until the initial lists are in, the pinned state
     // stays as the previous agent left it (stale entries are removed by the first apply).
     let _ = services.wait_until_ready().await;
     let _ = slices.wait_until_ready().await;
     let _ = imports.wait_until_ready().await;
+    let _ = policies.wait_until_ready().await;
+    refresh_ejections(&shared, &mut sched);
     tracing::info!(node = %cfg.node_name, "initial lists received; programming the datapath");
     let opts = Options {
         node_name: cfg.node_name.clone(),
@@ -682,19 +771,25 @@ pub async fn run(
         // The stores hand out Arcs: no object is copied. After a relist everything is
         // rebuilt; otherwise only the Services that the events touched.
         let build_started = std::time::Instant::now();
-        let (full, changed, since) = {
+        let (full, mut changed, since, ejections) = {
             let mut d = dirty.lock().expect("dirty lock");
             (
                 std::mem::take(&mut d.full),
                 std::mem::take(&mut d.services),
                 d.since.take(),
+                std::mem::take(&mut d.ejections),
             )
         };
+        let readmit = sched.next_readmission.is_some_and(|t| t <= Instant::now());
+        if ejections || readmit {
+            let moved = refresh_ejections(&shared, &mut sched);
+            changed.extend(desired.imports_using(&moved));
+        }
         let sls = slices.state();
         if full {
-            desired.rebuild_all(&services.state(), &imports.state(), &sls, &opts);
+            desired.rebuild_all(&services.state(), &imports.state(), &sls, &opts, &sched);
         } else {
-            desired.rebuild(changed, &services, &imports, &sls, &opts);
+            desired.rebuild(changed, &services, &imports, &sls, &opts, &sched);
         }
         let state = &desired.state;
         let mut warnings = desired.all_warnings();
@@ -735,6 +830,7 @@ pub async fn run(
             st.frontends = state.frontends.len();
             st.warnings = warnings;
             st.health_checks = served;
+            st.schedules = desired.import_statuses();
             match result {
                 Ok(stats) => {
                     if stats != ApplyStats::default() {
@@ -761,9 +857,12 @@ pub async fn run(
             continue;
         }
         let pass = build_started.elapsed().min(Duration::from_secs(1));
+        let readmission = sched.next_readmission.map_or(Duration::from_secs(60), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(readmission.min(Duration::from_secs(60))) => {}
         }
         // Coalesce a burst of events into one apply: wait as long as the last pass took (at
         // least 5 ms), so that under a stream of changes (thousands of Services or imports
@@ -771,6 +870,18 @@ pub async fn run(
         tokio::time::sleep(pass.max(Duration::from_millis(5))).await;
         if api_task.is_finished() {
             return Err(std::io::Error::other("the introspection API stopped"));
+        }
+    }
+}
+
+/// Reads the backends' health from the datapath; returns those whose ejection began or ended.
+fn refresh_ejections(shared: &Shared, sched: &mut imports::Scheduling) -> HashSet<lb::Backend> {
+    let health = shared.dataplane.lock().expect("dataplane lock").health();
+    match health {
+        Ok(h) => sched.refresh(&h),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the backends' health");
+            HashSet::new()
         }
     }
 }
@@ -828,7 +939,8 @@ mod tests {
             slices.push(Arc::new(sl.clone()));
         }
         let imports = reflector::store::Writer::<DynamicObject>::new(import_resource()).as_reader();
-        inc.rebuild_all(&svc_reader.state(), &[], &slices, &opts());
+        let sched = imports::Scheduling::default();
+        inc.rebuild_all(&svc_reader.state(), &[], &slices, &opts(), &sched);
         let check = |inc: &Incremental, slices: &[Arc<EndpointSlice>]| {
             let (full, _) = lb::build(&svc_reader.state(), slices, &opts());
             assert_eq!(inc.state, full);
@@ -845,7 +957,7 @@ mod tests {
                 && dirty.services.contains(&("x".into(), "c".into()))
         );
         let keys = std::mem::take(&mut dirty.services);
-        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts(), &sched);
         check(&inc, &slices);
 
         // Service a is deleted: its frontend goes.
@@ -853,7 +965,7 @@ mod tests {
         svc_writer.apply_watcher_event(&watcher::Event::Delete(gone.clone()));
         mark_service(&mut dirty, &gone, true);
         let keys = std::mem::take(&mut dirty.services);
-        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts(), &sched);
         check(&inc, &slices);
         assert_eq!(inc.state.frontends.len(), 2);
 
@@ -861,7 +973,7 @@ mod tests {
         let c1 = slices.remove(2);
         mark_slice(&mut dirty, &c1, true);
         let keys = std::mem::take(&mut dirty.services);
-        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts());
+        inc.rebuild(keys, &svc_reader, &imports, &slices, &opts(), &sched);
         check(&inc, &slices);
     }
 }

@@ -218,6 +218,9 @@ pub struct Frontend {
     pub weights: Vec<u32>,
     /// Outlier detection of the backends (every ClusterSetIP), or None.
     pub outlier: Option<Outlier>,
+    /// Endpoints the datapath has ejected: given no new connection, but kept under outlier
+    /// detection so that their ejection runs its time.
+    pub ejected: Vec<Backend>,
 }
 
 /// Outlier detection settings the datapath enforces per backend.
@@ -481,7 +484,7 @@ where
             );
             let mut add = |key: FrontendKey, local: bool, source_ranges: &[ipnet::IpNet]| {
                 let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
-                let (backends, fallback, weights, outlier) = match sched {
+                let (backends, fallback, weights, outlier, ejected) = match sched {
                     Some(s) => {
                         let mut chosen = s.select(&endpoints);
                         let picked = (
@@ -489,13 +492,14 @@ where
                             false,
                             std::mem::take(&mut chosen.weights),
                             chosen.outlier,
+                            chosen.ejected.clone(),
                         );
                         scheduled.insert(key, chosen);
                         picked
                     }
                     None => {
                         let (b, f) = select(&endpoints, local.then_some(&opts.node_name));
-                        (b, f, Vec::new(), None)
+                        (b, f, Vec::new(), None, Vec::new())
                     }
                 };
                 state.frontends.insert(
@@ -505,6 +509,7 @@ where
                         backends,
                         weights,
                         outlier,
+                        ejected,
                         terminating_fallback: fallback,
                         affinity_timeout,
                         algorithm,

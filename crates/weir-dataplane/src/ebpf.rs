@@ -48,6 +48,8 @@ struct Programmed {
     groups: Vec<Group>,
     /// Outlier detection: (consecutive failures, base ejection ms).
     outlier: Option<(u32, u32)>,
+    /// Ejected backends: in no slot, still under outlier detection.
+    ejected: Vec<u32>,
 }
 
 /// Backends in slot order with their weights, and the groups of equal weight (none when all
@@ -283,6 +285,7 @@ impl EbpfDataplane {
                     ranges: BTreeSet::new(),
                     groups: Vec::new(),
                     outlier: None,
+                    ejected: Vec::new(),
                 },
             );
         }
@@ -454,8 +457,12 @@ impl EbpfDataplane {
             .outlier
             .filter(|_| key.proto == Proto::Tcp)
             .map(|o| (o.consecutive_failures, o.base_ejection_ms));
+        let mut ejected = Vec::new();
         if outlier.is_some() {
             flags |= SVC_OUTLIER;
+            for b in &f.ejected {
+                ejected.push(self.backend_id(*b, key.proto, stats)?);
+            }
         }
         let maglev_size = if f.algorithm == Algorithm::Maglev && !ids.is_empty() {
             flags |= SVC_MAGLEV;
@@ -497,13 +504,14 @@ impl EbpfDataplane {
             ranges: ranges.clone(),
             groups: groups.clone(),
             outlier,
+            ejected: ejected.clone(),
         };
         if old.as_ref() == Some(&want) {
             return Ok(());
         }
         // Health entries before a master that asks for outcomes to be counted.
         if let Some(o) = outlier {
-            for id in &ids {
+            for id in ids.iter().chain(&ejected) {
                 self.watch(*id, o)?;
             }
         }
@@ -578,11 +586,11 @@ impl EbpfDataplane {
                 self.lb.remove("weir_lb4_src_range", &range_key(id, *r))?;
             }
         }
-        for b in &want.backends {
+        for b in want.backends.iter().chain(&want.ejected) {
             *self.refs.entry(*b).or_default() += 1;
         }
         if let Some(o) = &old {
-            for b in &o.backends {
+            for b in o.backends.iter().chain(&o.ejected) {
                 if let Some(r) = self.refs.get_mut(b) {
                     *r = r.saturating_sub(1);
                 }
@@ -615,7 +623,7 @@ impl EbpfDataplane {
             .frontends
             .values()
             .filter(|f| f.outlier.is_some())
-            .flat_map(|f| f.backends.iter().copied())
+            .flat_map(|f| f.backends.iter().chain(&f.ejected).copied())
             .collect();
         let stale: Vec<u32> = self
             .watched
@@ -634,7 +642,7 @@ impl EbpfDataplane {
         let Some(o) = self.frontends.remove(key) else {
             return Ok(());
         };
-        for b in &o.backends {
+        for b in o.backends.iter().chain(&o.ejected) {
             if let Some(r) = self.refs.get_mut(b) {
                 *r = r.saturating_sub(1);
             }

@@ -113,7 +113,7 @@ impl std::error::Error for ValidationError {}
 
 mod mcs;
 mod traffic;
-pub use traffic::duration_ms;
+pub use traffic::{duration_ms, MAX_LEVELS};
 
 /// Collects field errors while walking an object.
 #[derive(Default)]

@@ -91,7 +91,8 @@ pub(crate) struct AgentArgs {
     pub service_proxy_name: Option<String>,
     /// This cluster's id in a clusterset (its cluster.clusterset.k8s.io ClusterProperty):
     /// every security identity carries it as the label weir.dev/cluster, and NetworkPolicy
-    /// peers of other clusters (the mesh's RemoteEndpoints) carry theirs.
+    /// peers of other clusters (the mesh's RemoteEndpoints) carry theirs; GlobalTrafficPolicies
+    /// schedule ServiceImports for this cluster's clients.
     #[arg(long, env = "WEIR_CLUSTER_ID", value_name = "ID")]
     pub cluster_id: Option<String>,
     /// Where /healthz (alive) and /readyz (initial lists synced, datapath applied) are

@@ -110,6 +110,11 @@ pub async fn status(
     for w in st["warnings"].as_array().into_iter().flatten() {
         println!("Warning:       {}: {}", s(&w["service"]), s(&w["message"]));
     }
+    let schedules = st["schedules"].as_array().cloned().unwrap_or_default();
+    if !schedules.is_empty() {
+        println!("\nScheduled ServiceImports (share of new connections per cluster):");
+        print!("{}", schedules_table(&schedules));
+    }
     println!("\nPrograms:");
     print!("{}", programs_table(&lb["programs"]));
     println!("(run counts and times are kept while sysctl kernel.bpf_stats_enabled=1)");
@@ -284,6 +289,88 @@ fn backend_string(b: &Value) -> String {
     format!("{ip}:{}", s(&b["port"]))
 }
 
+/// The backends under outlier detection: answered and failed connects, the failure streak
+/// and the ejection state.
+fn health_table(health: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = health
+        .iter()
+        .map(|h| {
+            let left = h["remaining_ms"].as_u64().unwrap_or(0);
+            vec![
+                format!("{} ({})", backend_string(&h["backend"]), s(&h["id"])),
+                s(&h["successes_total"]),
+                s(&h["failures_total"]),
+                format!("{}/{}", s(&h["failures"]), s(&h["threshold"])),
+                if left > 0 {
+                    format!(
+                        "ejected for {:.1}s more ({} failed connects in a row; ejection {})",
+                        left as f64 / 1000.0,
+                        s(&h["threshold"]),
+                        s(&h["ejections"])
+                    )
+                } else if h["ejections"].as_u64().unwrap_or(0) > 0 {
+                    format!("admitted (ejected {} times)", s(&h["ejections"]))
+                } else {
+                    "admitted".into()
+                },
+            ]
+        })
+        .collect();
+    render_table(
+        &["BACKEND (ID)", "ANSWERED", "FAILED", "STREAK", "STATE"],
+        &rows,
+    )
+}
+
+/// The shares of the ServiceImports under a GlobalTrafficPolicy (or with ejected backends).
+fn schedules_table(schedules: &[Value]) -> String {
+    let mut rows = Vec::new();
+    for sc in schedules {
+        for (i, c) in sc["clusters"].as_array().into_iter().flatten().enumerate() {
+            rows.push(vec![
+                if i == 0 {
+                    s(&sc["import"])
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    s(&sc["frontend"])
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    sc["policy"].as_str().unwrap_or("(none)").to_string()
+                } else {
+                    String::new()
+                },
+                s(&c["cluster"]),
+                c["level"].as_u64().map_or("-".into(), |l| l.to_string()),
+                format!("{}/{}", s(&c["healthy"]), s(&c["total"])),
+                format!("{}%", s(&c["share"])),
+                s(&c["reason"]),
+            ]);
+        }
+        for e in sc["ejected"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                format!("{} ejected by outlier detection", s(e)),
+            ]);
+        }
+    }
+    render_table(
+        &[
+            "IMPORT", "FRONTEND", "POLICY", "CLUSTER", "LEVEL", "HEALTHY", "SHARE", "WHY",
+        ],
+        &rows,
+    )
+}
+
 /// `weir bpf lb list`, as `cilium bpf lb list` prints it: one row per backend slot.
 pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
     let lb = ask(socket, "/lb").await?;
@@ -313,6 +400,15 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
         if let Some(m) = f["maglev_size"].as_u64() {
             mode.push(format!("maglev M={m}"));
         }
+        if f["outlier"] == true {
+            mode.push("outlier detection".into());
+        }
+        let shares: Vec<f64> = f["shares"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
         let backends = f["backends"].as_array().cloned().unwrap_or_default();
         if backends.is_empty() {
             rows.push(vec![
@@ -324,7 +420,16 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
         for (i, b) in backends.iter().enumerate() {
             rows.push(vec![
                 if i == 0 { fe.clone() } else { String::new() },
-                format!("{} ({}) [{}]", backend_string(&b[1]), s(&b[0]), i + 1),
+                match shares.get(i) {
+                    Some(p) => format!(
+                        "{} ({}) [{}] {:.2}%",
+                        backend_string(&b[1]),
+                        s(&b[0]),
+                        i + 1,
+                        p
+                    ),
+                    None => format!("{} ({}) [{}]", backend_string(&b[1]), s(&b[0]), i + 1),
+                },
                 if i == 0 {
                     mode.join(", ")
                 } else {
@@ -340,6 +445,11 @@ pub async fn lb_list(socket: &Path, json: bool) -> Result<ExitCode> {
             &rows
         )
     );
+    let health = lb["health"].as_array().cloned().unwrap_or_default();
+    if !health.is_empty() {
+        println!("\nOutlier detection (TCP connects to ClusterSetIP backends):");
+        print!("{}", health_table(&health));
+    }
     let aff = lb["affinity"].as_array().cloned().unwrap_or_default();
     if !aff.is_empty() {
         println!("\nSession affinity:");

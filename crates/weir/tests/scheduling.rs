@@ -1,0 +1,261 @@
+//! Cross-cluster traffic scheduling end to end (GlobalTrafficPolicy): shares of new
+//! connections per cluster as Envoy's priority-load rules give them, gradual scale-up,
+//! ClusterProperty priorities, ActiveActive weights, and outlier ejection by the datapath, in a
+//! three-cluster lab whose pods' readiness is turned by readiness gates.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{ok, ClusterSet, Lab};
+use serde_json::Value;
+
+/// `n` pods `hello-K` in namespace mcs whose readiness waits for condition weir.dev/ready,
+/// and their Service.
+fn app(n: usize) -> String {
+    let mut m = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: mcs}\n");
+    for k in 1..=n {
+        m.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: hello-{k}, namespace: mcs, labels: {{app: hello}}}}\nspec:\n  readinessGates: [{{conditionType: weir.dev/ready}}]\n  containers: [{{name: c, image: echo, ports: [{{containerPort: 8080}}]}}]\n"
+        ));
+    }
+    m.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: mcs}\nspec:\n  selector: {app: hello}\n  ports: [{name: tcp, port: 80, targetPort: 8080}]\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: hello, namespace: mcs}\n");
+    m
+}
+
+/// A client pod (always ready).
+const CLIENT: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: mcs}\nspec:\n  containers: [{name: c, image: echo, ports: [{containerPort: 9000}]}]\n";
+
+fn set_ready(c: &Lab, pod: &str, ready: bool) {
+    let patch = format!(
+        r#"{{"status":{{"conditions":[{{"type":"weir.dev/ready","status":"{}"}}]}}}}"#,
+        if ready { "True" } else { "False" }
+    );
+    ok(&mut c.kubectl(&[
+        "patch",
+        "pod",
+        pod,
+        "-n",
+        "mcs",
+        "--subresource=status",
+        "--type=strategic",
+        "-p",
+        &patch,
+    ]));
+}
+
+fn region(c: &Lab, r: &str) {
+    let p = format!("apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: {{name: region.weir.dev}}\nspec: {{value: {r}}}\n");
+    assert!(c.apply(&p).status.success());
+}
+
+fn policy(c: &Lab, spec: &str) {
+    let p = format!("apiVersion: weir.dev/v1alpha1\nkind: GlobalTrafficPolicy\nmetadata: {{name: hello, namespace: mcs}}\nspec: {spec}\n");
+    let out = c.apply(&p);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The agent's programmed share per cluster for the import's frontend (`weir status`).
+fn shares(c: &Lab) -> BTreeMap<String, f64> {
+    let st: Value = serde_json::from_str(&ok(&mut c.weir(&["status", "-o", "json"]))).unwrap();
+    let mut out = BTreeMap::new();
+    for sc in st["status"]["schedules"].as_array().into_iter().flatten() {
+        if sc["import"] != "mcs/hello" {
+            continue;
+        }
+        for row in sc["clusters"].as_array().into_iter().flatten() {
+            out.insert(
+                row["cluster"].as_str().unwrap().to_string(),
+                row["share"].as_f64().unwrap(),
+            );
+        }
+    }
+    out
+}
+
+/// The cluster each answer came from, counted (responders are `cK/mcs/pod`).
+fn by_cluster(r: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (who, n) in r["responders"].as_object().into_iter().flatten() {
+        let c = who.split('/').next().unwrap().to_string();
+        *out.entry(c).or_default() += n.as_u64().unwrap();
+    }
+    out
+}
+
+fn percent(counts: &BTreeMap<String, u64>, c: &str, n: u64) -> f64 {
+    100.0 * counts.get(c).copied().unwrap_or(0) as f64 / n as f64
+}
+
+#[test]
+fn shares_priorities_weights_and_ejection() {
+    let set = ClusterSet::up("sched", 3, 1, "", &[]);
+    let (c1, c2, c3) = (set.c(1), set.c(2), set.c(3));
+    for (c, n, r) in [(c1, 10, "eu"), (c2, 4, "us"), (c3, 4, "eu")] {
+        let out = c.apply(&app(n));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        region(c, r);
+    }
+    assert!(c1.apply(CLIENT).status.success());
+    for (c, n) in [(c2, 4), (c3, 4)] {
+        for k in 1..=n {
+            set_ready(c, &format!("hello-{k}"), true);
+        }
+    }
+    let t = Duration::from_secs(30);
+    c1.eventually("c1 imports all three clusters", t, || {
+        let sel = "multicluster.kubernetes.io/service-name=hello";
+        let slices = c1.get_json(&["endpointslices", "-n", "mcs", "-l", sel]);
+        slices["items"].as_array().map(Vec::len) == Some(3)
+    });
+    let ip = c1.get_json(&["serviceimports", "-n", "mcs", "hello"])["spec"]["ips"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = format!("{ip}:80");
+    c1.eventually("the client pod", t, || {
+        c1.get_json(&["pod", "client", "-n", "mcs"])["status"]["podIP"].is_string()
+    });
+
+    // FailOver: the own cluster, then the others. None of c1's ten endpoints is ready: 0%
+    // local. Then they turn ready one by one, as a Deployment scales up: the local share
+    // follows min(100, 1.4 x ready/10) at each step (Envoy's numbers), never all at once.
+    policy(c1, "{lbType: FailOver}");
+    c1.eventually("nothing local", t, || {
+        shares(c1).get("c1") == Some(&0.0) && shares(c1).get("c2") == Some(&50.0)
+    });
+    let r = c1.connect("mcs/client", &target, "tcp", 200);
+    assert_eq!(percent(&by_cluster(&r), "c1", 200), 0.0, "{r}");
+    for k in 1..=10u32 {
+        set_ready(c1, &format!("hello-{k}"), true);
+        let want = f64::from((14 * k).min(100));
+        c1.eventually(&format!("{k} of 10 local ready: {want}% local"), t, || {
+            shares(c1).get("c1") == Some(&want)
+        });
+        if k == 5 {
+            // 2,000 connections: the binomial sd of 70% is 1.0 point; 4 points is 3.9 sd.
+            let n = 2000;
+            let r = c1.connect("mcs/client", &target, "tcp", n);
+            assert_eq!(r["ok"].as_u64(), Some(n as u64), "{r}");
+            let local = percent(&by_cluster(&r), "c1", n as u64);
+            assert!(
+                (local - 70.0).abs() < 4.0,
+                "5 of 10 ready: {local}% local: {r}"
+            );
+            eprintln!("5 of 10 local ready: {local:.1}% of {n} connections local (formula: 70%)");
+        }
+    }
+    let r = c1.connect("mcs/client", &target, "tcp", 200);
+    assert_eq!(percent(&by_cluster(&r), "c1", 200), 100.0, "{r}");
+
+    // Ordered by ClusterProperty: own cluster, then the same region (c3, eu), then the rest.
+    // With every local endpoint unready, all traffic goes to c3 and none to c2.
+    policy(
+        c1,
+        "{lbType: FailOver, priorities: [{clusters: [c1]}, {selector: {sameAsImporter: [region.weir.dev]}}, {selector: {}}]}",
+    );
+    for k in 1..=10 {
+        set_ready(c1, &format!("hello-{k}"), false);
+    }
+    c1.eventually("all to the same region", t, || {
+        let s = shares(c1);
+        s.get("c3") == Some(&100.0) && s.get("c1") == Some(&0.0)
+    });
+    let r = c1.connect("mcs/client", &target, "tcp", 300);
+    assert_eq!(by_cluster(&r).keys().collect::<Vec<_>>(), ["c3"], "{r}");
+
+    // ActiveActive 80/20 between c2 and c3: within 3 points over 10,000 connections (the
+    // binomial sd is 0.4 point).
+    policy(
+        c1,
+        "{lbType: ActiveActive, targets: [{cluster: c2, weight: 80}, {cluster: c3, weight: 20}]}",
+    );
+    c1.eventually("80/20 programmed", t, || {
+        let s = shares(c1);
+        s.get("c2") == Some(&80.0) && s.get("c3") == Some(&20.0)
+    });
+    let n = 10_000;
+    let r = c1.connect("mcs/client", &target, "tcp", n);
+    assert_eq!(r["ok"].as_u64(), Some(n as u64), "{r}");
+    let c2_share = percent(&by_cluster(&r), "c2", n as u64);
+    assert!(
+        (c2_share - 80.0).abs() < 3.0,
+        "ActiveActive: {c2_share}% to c2: {r}"
+    );
+    eprintln!("ActiveActive 80/20: {c2_share:.2}% of {n} connections to c2");
+
+    // Established connections never move: one held open while c2 takes everything stays on
+    // c2 through share changes and ejections.
+    let outlier = "outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 3s}";
+    policy(
+        c1,
+        &format!("{{lbType: ActiveActive, targets: [{{cluster: c2, weight: 1}}], {outlier}}}"),
+    );
+    c1.eventually("all to c2", t, || shares(c1).get("c2") == Some(&100.0));
+    let held = c1.hold("mcs/client", &target, "tcp", "15s");
+    std::thread::sleep(Duration::from_millis(500));
+    policy(
+        c1,
+        &format!("{{lbType: ActiveActive, targets: [{{cluster: c2, weight: 50}}, {{cluster: c3, weight: 50}}], {outlier}}}"),
+    );
+    c1.eventually("50/50 programmed", t, || {
+        shares(c1).get("c3") == Some(&50.0)
+    });
+
+    // Outlier ejection without any API change: c3's servers start refusing. Connections to
+    // them fail until each of c3's endpoints has failed consecutiveFailures (2) times; the
+    // datapath ejects them and every new connection goes to c2. Healed, they are admitted
+    // again after the ejection time (3 s).
+    for k in 1..=4 {
+        ok(&mut c3.weir(&[
+            "lab",
+            "fault",
+            &format!("mcs/hello-{k}"),
+            "--mode",
+            "refuse",
+        ]));
+    }
+    let r = c1.connect_with("mcs/client", &target, &["--count", "100"]);
+    let failed = 100 - r["ok"].as_u64().unwrap();
+    assert!(
+        (8..=16).contains(&failed),
+        "4 endpoints x 2 failures, then none: {r}"
+    );
+    eprintln!(
+        "refusing c3: {failed} of 100 connections failed before its 4 endpoints were ejected"
+    );
+    c1.eventually("c3 ejected", t, || shares(c1).get("c2") == Some(&100.0));
+    let r = c1.connect("mcs/client", &target, "tcp", 100);
+    assert_eq!(r["ok"].as_u64(), Some(100), "after ejection: {r}");
+    let lb: Value =
+        serde_json::from_str(&ok(&mut c1.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
+    let ejected = lb["health"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["remaining_ms"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(ejected, 4, "{}", lb["health"]);
+    let status = ok(&mut c1.weir(&["status"]));
+    assert!(status.contains("ejected by outlier detection"), "{status}");
+    for k in 1..=4 {
+        ok(&mut c3.weir(&["lab", "fault", &format!("mcs/hello-{k}"), "--mode", "none"]));
+    }
+    c1.eventually("c3 admitted again", t, || {
+        shares(c1).get("c3") == Some(&50.0)
+    });
+    let r = c1.connect("mcs/client", &target, "tcp", 200);
+    assert!(percent(&by_cluster(&r), "c3", 200) > 30.0, "{r}");
+    let h = held.join().unwrap();
+    assert_eq!(h["failed"], 0, "the held connection: {h}");
+    assert_eq!(by_cluster(&h).keys().collect::<Vec<_>>(), ["c2"], "{h}");
+}
