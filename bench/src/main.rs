@@ -34,6 +34,7 @@ mod nodeport;
 mod podpod;
 mod policy;
 mod prefilter;
+mod schedule;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -766,6 +767,7 @@ fn main() -> Result<()> {
             match args[3].as_str() {
                 "__serve" => serve(args[4].parse()?),
                 "__podpod_serve" => podpod::serve(),
+                "__probe" => schedule::probe(&args[4], args[5].parse()?, args[6].parse()?),
                 "__podpod_rr" => podpod::rr(args[4].parse()?, args[5].parse()?, args[6].parse()?),
                 "__podpod_stream" => podpod::stream(args[4].parse()?, args[5].parse()?),
                 "__client" => client(
@@ -837,6 +839,12 @@ fn main() -> Result<()> {
                 .map(String::as_str)
                 .unwrap_or("target/release/weir"),
         ),
+        Some("schedule") => schedule::bench(
+            args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(20),
+            args.get(2)
+                .map(String::as_str)
+                .unwrap_or("target/release/weir"),
+        ),
         Some("api") => api_bench(
             args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10000),
             args.get(2)
@@ -845,7 +853,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR] | weir-bench schedule [TRIALS] [WEIR]"
             );
             std::process::exit(2)
         }

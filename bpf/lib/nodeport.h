@@ -12,6 +12,7 @@
 #include "endpoint.h"
 #include "ct.h"
 #include "lb.h"
+#include "outlier.h"
 
 #define L4_OFF	      (sizeof(struct ethhdr) + sizeof(struct iphdr)) /* IHL 5 only */
 #define IP4_SADDR_OFF (sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, saddr))
@@ -184,6 +185,39 @@ static __always_inline bool ct4_restart(const struct ct4_entry *e, __u8 tcp_flag
 	return !bpf_map_lookup_elem(&weir_lb4_backends, &bid);
 }
 
+/*
+ * Outlier detection of a tc flow (CT_F_WATCH): its first answer counts, a SYN-ACK as an
+ * answered connect and a reset as a failed one. `rflags` are the flags of the entry the
+ * answer matched, `fflags` (if any) the other entry's.
+ */
+static __always_inline void outlier_ct_answer(__u16 *rflags, __u16 *fflags, __u32 backend_id,
+					      __u8 tcp_flags)
+{
+	if ((*rflags & (CT_F_WATCH | CT_F_COUNTED)) != CT_F_WATCH)
+		return;
+	if (tcp_flags & TCP_FLAG_RST)
+		outlier_count(backend_id, false);
+	else if ((tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK))
+		outlier_count(backend_id, true);
+	else
+		return;
+	*rflags |= CT_F_COUNTED;
+	if (fflags)
+		*fflags |= CT_F_COUNTED;
+}
+
+/* A watched flow's SYN sent again before any answer: the first one went unanswered for its
+ * retransmission timeout (1 s), a failure. */
+static __always_inline void outlier_ct_resend(__u16 *flags, __u32 backend_id, __u8 tcp_flags)
+{
+	if ((*flags & (CT_F_WATCH | CT_F_COUNTED | CT_F_SEEN_REPLY)) != CT_F_WATCH)
+		return;
+	if (!(tcp_flags & TCP_FLAG_SYN) || (tcp_flags & TCP_FLAG_ACK))
+		return;
+	outlier_count(backend_id, false);
+	*flags |= CT_F_COUNTED;
+}
+
 /* Applies an original-direction entry to the packet and to `t`. Returns 1, or -reason. */
 static __always_inline int nat4_apply_fwd(struct __sk_buff *skb, struct ct4_key *t,
 					  const struct ct4_entry *fe)
@@ -211,8 +245,10 @@ static __always_inline int nat4_reply(struct __sk_buff *skb, struct ct4_key *t,
 
 	ct4_original_key(&fk, t, re);
 	fe = bpf_map_lookup_elem(&weir_ct4, &fk);
-	if (!explaining(skb))
+	if (!explaining(skb)) {
+		outlier_ct_answer(&re->flags, fe ? &fe->flags : NULL, re->backend_id, tcp_flags);
 		ct_touch(re, fe, t->proto, tcp_flags, true, len);
+	}
 	if (nat4_rewrite(skb, t->proto, true, t->saddr, re->nat_addr, t->sport, re->nat_port) < 0)
 		return -DROP_HEADER_WRITE;
 	t->saddr = re->nat_addr;
@@ -294,6 +330,8 @@ static __always_inline int ct4_new_flow(const struct ct4_key *t, __u8 tcp_flags,
 	if (!be)
 		return -DROP_BACKEND_MISSING;
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
+	if ((svc->flags & WEIR_SVC_OUTLIER) && t->proto == IPPROTO_TCP_)
+		state |= CT_F_WATCH;
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
 	/* XDP completes only SNATed flows to another node over the underlay; the rest is tc's. */
 	if (xdp && (cluster || endpoint4(be->address) || (svc->flags & WEIR_SVC_DSR) ||
@@ -525,6 +563,12 @@ static __always_inline int icmp4_error_nat(struct __sk_buff *skb, struct ct4_key
 	re = bpf_map_lookup_elem(&weir_ct4, &rk);
 	if (!re || !(re->flags & CT_F_REPLY) || (re->flags & CT_F_DSR) || ct_expired(re))
 		return NAT_NONE;
+	if (type == 3 && !explaining(skb) &&
+	    (re->flags & (CT_F_WATCH | CT_F_COUNTED | CT_F_SEEN_REPLY)) == CT_F_WATCH) {
+		/* Destination unreachable before any answer: a failed connect. */
+		outlier_count(re->backend_id, false);
+		re->flags |= CT_F_COUNTED;
+	}
 	__builtin_memcpy(n, q, sizeof(n));
 	nip->daddr = re->nat_addr;
 	nports[1] = re->nat_port;
@@ -585,9 +629,11 @@ static __noinline int lb4_nat(struct __sk_buff *skb, struct ct4_key *t, __u8 tcp
 			return nat4_reply(skb, t, e, tcp_flags, len);
 		if (!ct4_restart(e, tcp_flags)) {
 			ct4_reply_key(&rk, t, e);
-			if (!explaining(skb))
+			if (!explaining(skb)) {
+				outlier_ct_resend(&e->flags, e->backend_id, tcp_flags);
 				ct_touch(e, bpf_map_lookup_elem(&weir_ct4, &rk), t->proto, tcp_flags,
 					 false, len);
+			}
 			return nat4_apply_fwd(skb, t, e);
 		}
 	}

@@ -187,8 +187,12 @@ static __always_inline int nat6_reply(struct __sk_buff *skb, struct ct6_key *t,
 	struct ct6_key fk = {};
 
 	ct6_original_key(&fk, t, re);
-	if (!explaining(skb))
-		ct6_touch(re, bpf_map_lookup_elem(&weir_ct6, &fk), t->proto, tcp_flags, true, len);
+	if (!explaining(skb)) {
+		struct ct6_entry *fe = bpf_map_lookup_elem(&weir_ct6, &fk);
+
+		outlier_ct_answer(&re->flags, fe ? &fe->flags : NULL, re->backend_id, tcp_flags);
+		ct6_touch(re, fe, t->proto, tcp_flags, true, len);
+	}
 	if (nat6_rewrite(skb, t->proto, true, t->saddr, re->nat_addr, t->sport, re->nat_port) < 0)
 		return -DROP_HEADER_WRITE;
 	addr6_copy(t->saddr, re->nat_addr);
@@ -334,6 +338,8 @@ static __noinline int ct6_new_flow(const struct ct6_key *t, __u32 how, __u32 len
 		return NAT_DONE;
 	lb_affinity_remember(svc, client, id);
 	state = ct_next_flags(0, t->proto, tcp_flags, false);
+	if ((svc->flags & WEIR_SVC_OUTLIER) && t->proto == IPPROTO_TCP_)
+		state |= CT_F_WATCH;
 	fe->expires = ct_now() + ct_lifetime(state, t->proto);
 	fe->flags |= state;
 	fe->packets = 1;
@@ -388,9 +394,11 @@ static __always_inline int lb6_nat(struct __sk_buff *skb, struct ct6_key *t, __u
 			return nat6_reply(skb, t, e, tcp_flags, len);
 		if (!ct6_restart(e, tcp_flags)) {
 			ct6_reply_key(&rk, t, e);
-			if (!explaining(skb))
+			if (!explaining(skb)) {
+				outlier_ct_resend(&e->flags, e->backend_id, tcp_flags);
 				ct6_touch(e, bpf_map_lookup_elem(&weir_ct6, &rk), t->proto, tcp_flags,
 					  false, len);
+			}
 			return nat6_apply_fwd(skb, t, e);
 		}
 	}

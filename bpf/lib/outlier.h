@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Outlier detection at the socket layer: the TCP connects to a backend of a frontend with
- * WEIR_SVC_OUTLIER are watched from connect() to their first outcome. An answer (the
+ * Outlier detection: the TCP connects to a backend of a frontend with WEIR_SVC_OUTLIER are
+ * watched to their first outcome, at the socket layer from connect() (sockops), and for
+ * flows translated at tc through their conntrack entries (nodeport.h). An answer (the
  * handshake completes) resets the backend's failure streak; a reset, an ICMP unreachable or a
  * SYN left unanswered until its first retransmission (the initial RTO, 1 s) is a failure.
  * After `threshold` consecutive failures the backend is ejected for base x ejections: new
@@ -73,17 +74,13 @@ static __always_inline void outlier_watch(const struct lb_service *svc, struct b
 	o->done = 0;
 }
 
-/* Counts the outcome of a watched connect, once; ejects after the threshold. */
-static __always_inline void outlier_outcome(struct lb_outlier_sock *o, bool ok)
+/* Counts one connect outcome of backend `id`; ejects it after the threshold. */
+static __always_inline void outlier_count(__u32 id, bool ok)
 {
 	struct lb_ejection_event *ev;
 	struct lb_health *h;
-	__u32 id = o->backend_id;
 	__u64 now;
 
-	if (o->done)
-		return;
-	o->done = 1;
 	h = bpf_map_lookup_elem(&weir_lb_health, &id);
 	if (!h)
 		return;
@@ -114,6 +111,15 @@ static __always_inline void outlier_outcome(struct lb_outlier_sock *o, bool ok)
 	ev->backend_id = id;
 	ev->ejections = h->ejections;
 	bpf_ringbuf_submit(ev, 0);
+}
+
+/* Counts the outcome of a watched connect, once. */
+static __always_inline void outlier_outcome(struct lb_outlier_sock *o, bool ok)
+{
+	if (o->done)
+		return;
+	o->done = 1;
+	outlier_count(o->backend_id, ok);
 }
 
 /* The socket's pending error (ECONNREFUSED after a reset, EHOSTUNREACH, ...), or 0. */

@@ -292,6 +292,10 @@ pub const CT_F_FIN_CLIENT: u16 = 1 << 7;
 pub const CT_F_TIME_WAIT: u16 = 1 << 8;
 /// `CT_F_RST`: a RST was seen.
 pub const CT_F_RST: u16 = 1 << 9;
+/// `CT_F_WATCH`: the flow's backend is under outlier detection.
+pub const CT_F_WATCH: u16 = 1 << 10;
+/// `CT_F_COUNTED`: the outcome of the flow's connect was counted.
+pub const CT_F_COUNTED: u16 = 1 << 11;
 
 /// Switches the link an earlier agent pinned at `path` to `prog` atomically, so that an upgrade
 /// never leaves the device without a program. Returns false when there is none to reuse (a

@@ -198,6 +198,8 @@ fn ct_dump(c: CtView, now: u64) -> CtDump {
         (weir_bpf::datapath::CT_F_MASQ, "masq"),
         (weir_bpf::datapath::CT_F_TIME_WAIT, "backend-time-wait"),
         (weir_bpf::datapath::CT_F_RST, "reset"),
+        (weir_bpf::datapath::CT_F_WATCH, "outlier-watched"),
+        (weir_bpf::datapath::CT_F_COUNTED, "outcome-counted"),
     ] {
         if c.flags & bit != 0 {
             flags.push(name.to_string());

@@ -157,6 +157,36 @@ fn shares_priorities_weights_and_ejection() {
     let r = c1.connect("mcs/client", &target, "tcp", 200);
     assert_eq!(percent(&by_cluster(&r), "c1", 200), 100.0, "{r}");
 
+    // Panic: 2 of c1's 10 ready and none elsewhere. Both levels are below the threshold
+    // (50%), so shares follow the endpoint counts (10 of 18: 56%, Envoy's integer rounding)
+    // and every endpoint carries traffic, ready or not.
+    for k in 3..=10 {
+        set_ready(c1, &format!("hello-{k}"), false);
+    }
+    for c in [c2, c3] {
+        for k in 1..=4 {
+            set_ready(c, &format!("hello-{k}"), false);
+        }
+    }
+    c1.eventually("total panic", t, || {
+        let s = shares(c1);
+        s.get("c1") == Some(&56.0) && s.get("c2") == Some(&22.0)
+    });
+    let r = c1.connect("mcs/client", &target, "tcp", 400);
+    assert_eq!(r["ok"].as_u64(), Some(400), "{r}");
+    assert!(
+        r["responders"]
+            .as_object()
+            .unwrap()
+            .contains_key("c1/mcs/hello-10"),
+        "an unready endpoint answers in panic: {r}"
+    );
+    for c in [c2, c3] {
+        for k in 1..=4 {
+            set_ready(c, &format!("hello-{k}"), true);
+        }
+    }
+
     // Ordered by ClusterProperty: own cluster, then the same region (c3, eu), then the rest.
     // With every local endpoint unready, all traffic goes to c3 and none to c2.
     policy(
@@ -258,4 +288,83 @@ fn shares_priorities_weights_and_ejection() {
     let h = held.join().unwrap();
     assert_eq!(h["failed"], 0, "the held connection: {h}");
     assert_eq!(by_cluster(&h).keys().collect::<Vec<_>>(), ["c2"], "{h}");
+}
+
+/// Pods translated at tc (no socket load balancing): the datapath counts connect outcomes
+/// through the flows' conntrack entries. Refused connects (resets) and SYNs left unanswered
+/// until their retransmission eject the backend.
+#[test]
+fn tc_flows_eject_failing_backends() {
+    let set = ClusterSet::up("schedtc", 2, 1, "", &["--no-socket-lb"]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    let out = c2.apply(&app(2));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in 1..=2 {
+        set_ready(c2, &format!("hello-{k}"), true);
+    }
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mcs}\n---\n";
+    assert!(c1.apply(&format!("{ns}{CLIENT}")).status.success());
+    policy(
+        c1,
+        "{lbType: ActiveActive, targets: [{cluster: c2, weight: 1}], outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 8s}}",
+    );
+    let t = Duration::from_secs(30);
+    c1.eventually("c2's endpoints scheduled", t, || {
+        shares(c1).get("c2") == Some(&100.0)
+            && c1.get_json(&["pod", "client", "-n", "mcs"])["status"]["podIP"].is_string()
+    });
+    let ip = c1.get_json(&["serviceimports", "-n", "mcs", "hello"])["spec"]["ips"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = format!("{ip}:80");
+    let r = c1.connect("mcs/client", &target, "tcp", 20);
+    assert_eq!(r["ok"].as_u64(), Some(20), "{r}");
+    let ejected = |c: &Lab| -> Vec<Value> {
+        let lb: Value =
+            serde_json::from_str(&ok(&mut c.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
+        lb["health"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["remaining_ms"].as_u64().unwrap_or(0) > 0)
+            .cloned()
+            .collect()
+    };
+    // Resets.
+    for k in 1..=2 {
+        ok(&mut c2.weir(&[
+            "lab",
+            "fault",
+            &format!("mcs/hello-{k}"),
+            "--mode",
+            "refuse",
+        ]));
+    }
+    let r = c1.connect_with("mcs/client", &target, &["--count", "12"]);
+    assert_eq!(r["ok"].as_u64(), Some(0), "{r}");
+    let e = ejected(c1);
+    assert_eq!(e.len(), 2, "both ejected after 2 resets each: {e:?}");
+    for k in 1..=2 {
+        ok(&mut c2.weir(&["lab", "fault", &format!("mcs/hello-{k}"), "--mode", "none"]));
+    }
+    c1.eventually("admitted again", t, || ejected(c1).is_empty());
+    // Unanswered SYNs: hello-1 drops everything; attempts give up after 3 s, their SYN having
+    // been retransmitted at 1 s.
+    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "blackhole"]));
+    let r = c1.connect_with("mcs/client", &target, &["--count", "16", "--timeout", "3s"]);
+    assert!(r["ok"].as_u64().unwrap() >= 4, "{r}");
+    let e = ejected(c1);
+    let hello1 = c2.get_json(&["pod", "hello-1", "-n", "mcs"])["status"]["podIP"].clone();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0]["backend"]["ip"], hello1, "{e:?}");
+    assert!(e[0]["failures_total"].as_u64().unwrap() >= 2, "{e:?}");
+    c1.eventually("hello-1 out of the shares", t, || {
+        let r = c1.connect("mcs/client", &target, "tcp", 10);
+        r["ok"].as_u64() == Some(10)
+    });
 }

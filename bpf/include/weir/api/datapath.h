@@ -120,6 +120,8 @@ _Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
 #define CT_F_FIN_CLIENT	 (1 << 7) /* TCP: the client sent a FIN */
 #define CT_F_TIME_WAIT	 (1 << 8) /* TCP: the backend closed first, so it holds TIME_WAIT */
 #define CT_F_RST	 (1 << 9) /* TCP: RST seen (no TIME_WAIT is left on either side) */
+#define CT_F_WATCH	 (1 << 10) /* TCP: the backend is under outlier detection */
+#define CT_F_COUNTED	 (1 << 11) /* TCP: the connect's outcome was counted */
 /* The flags that say what an entry is (the others are the flow's state). */
 #define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR | CT_F_MASQ)
 
