@@ -8,7 +8,9 @@
 //! - Share accuracy: ActiveActive 80/20 over 10,000 connections against the formula.
 //! - Failover time: all of c1's pods start refusing (`weir lab fault`, no API change) while
 //!   the client opens a connection every millisecond; the time from the last fault in place
-//!   until 99% of the connections opened after succeed (in c2), p50/p99 over TRIALS trials.
+//!   (and from the first fault's command) until 99% of the connections opened after succeed
+//!   (in c2), p50/p99 over TRIALS trials. The probe's window (0.7 s after the faults) stays
+//!   shorter than the first ejection (1 s), so re-admissions never fall inside it.
 
 use std::time::{Duration, Instant};
 
@@ -233,7 +235,7 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
         Ok(r["ok"].as_f64().unwrap_or(0.0) / started.elapsed().as_secs_f64())
     };
     let (mut sched, mut plain, mut paired) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..9 {
+    for round in 0..15 {
         let (p, s) = if round % 2 == 0 {
             let p = rate(&format!("{clusterip}:80"))?;
             (p, rate(&format!("{setip}:80"))?)
@@ -246,7 +248,7 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
         paired.push(s / p.max(1.0));
     }
     let (s, p) = (percentile(&mut sched, 0.5), percentile(&mut plain, 0.5));
-    println!("new connections/s from a c1 pod to the same four c1 pods (median of 9 rounds of 3,000, alternating order):");
+    println!("new connections/s from a c1 pod to the same four c1 pods (median of 15 rounds of 3,000, alternating order):");
     println!("  plain ClusterIP (baseline):                          {p:.0}/s");
     println!(
         "  ClusterSetIP, FailOver policy with outlier detection: {s:.0}/s  (ratio {:.3}; median of the rounds' ratios {:.3})",
@@ -290,13 +292,13 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
         let client = weir_lab::lab::lab_client(&c1).await?;
         weir_lab::lab::resolve_source(&c1, "mcs/client", &client).await
     })?;
-    let (mut times, mut apply_ms) = (Vec::new(), Vec::new());
+    let (mut times, mut from_first, mut apply_ms) = (Vec::new(), Vec::new(), Vec::new());
     for trial in 1..=trials {
         let probe = std::process::Command::new(self_exe())
             .arg("__in")
             .arg(&src.netns)
             .arg(&src.cgroup)
-            .args(["__probe", &format!("{setip}:80"), "1500", "1000"])
+            .args(["__probe", &format!("{setip}:80"), "1000", "1000"])
             .stdout(std::process::Stdio::piped())
             .spawn()?;
         std::thread::sleep(Duration::from_millis(300));
@@ -316,6 +318,7 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
             bail!("trial {trial}: never 99% successful");
         };
         times.push(ms);
+        from_first.push(failover_ms(&attempts, t0).unwrap_or(ms));
         apply_ms.push((t1 - t0) as f64 / 1e6);
         fault_all(weir, &c1, "none")?;
         // Ejections last 1 s x their count: wait for the local pods to be admitted again.
@@ -328,9 +331,17 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
         )?;
     }
     println!(
-        "failover, all 4 local pods refusing (no API change) -> 99% of new connections succeed in c2, {trials} trials: p50 {:.1} ms  p99 {:.1} ms  (faults took {:.0} ms to put in place; a TTL-driven path takes the remote TTL)",
+        "failover, all 4 local pods refusing (no API change) -> 99% of new connections succeed in c2, {trials} trials:"
+    );
+    println!(
+        "  from the last fault in place:   p50 {:.1} ms  p99 {:.1} ms",
         percentile(&mut times.clone(), 0.5),
-        percentile(&mut times, 0.99),
+        percentile(&mut times, 0.99)
+    );
+    println!(
+        "  from the first fault's command: p50 {:.1} ms  p99 {:.1} ms  (the four faults take {:.0} ms to put in place; a TTL-driven path takes the remote TTL)",
+        percentile(&mut from_first.clone(), 0.5),
+        percentile(&mut from_first, 0.99),
         percentile(&mut apply_ms, 0.5)
     );
     Ok(())

@@ -139,6 +139,15 @@ static __always_inline void outlier_sockops(struct bpf_sock_ops *skops)
 	struct lb_outlier_sock *o;
 	__u32 watch = BPF_SOCK_OPS_RTO_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG;
 
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_RTO_CB:
+	case BPF_SOCK_OPS_STATE_CB:
+		break;
+	default:
+		return; /* every other callback of every socket: nothing to look up */
+	}
 	if (!sk)
 		return;
 	o = bpf_sk_storage_get(&weir_lb_outlier_sock, sk, 0, 0);
