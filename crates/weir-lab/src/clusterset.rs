@@ -38,6 +38,9 @@ pub struct ClusterSetLayout {
     pub gate_ports: BTreeMap<String, u16>,
     /// How long a cluster's data outlives its mesh's last renewal, in milliseconds.
     pub remote_ttl_ms: u64,
+    /// The meshes' active health checks: interval in milliseconds (0: off).
+    #[serde(default)]
+    pub health_check_ms: u64,
     /// Creation time (RFC 3339).
     pub created: String,
 }
@@ -125,6 +128,16 @@ pub fn mesh_settings(name: &str) -> Result<(weir_mesh::MeshConfig, PathBuf), Lab
             .filter_map(|c| c.parse().ok())
             .collect(),
         status_file: Some(mesh_status_file(&p)),
+        // Checks run from the cluster's first node, which reaches every pod.
+        health_check: (set.health_check_ms > 0).then(|| weir_mesh::health::HealthCheckConfig {
+            interval: Duration::from_millis(set.health_check_ms),
+            timeout: Duration::from_secs(1),
+            threshold: 3,
+            netns: layout
+                .nodes
+                .first()
+                .map(|n| crate::paths::netns_path(&n.netns)),
+        }),
     };
     Ok((cfg, p.kubeconfig()))
 }
@@ -180,6 +193,7 @@ async fn build(
         etcd_peer_port: lab::free_port()?,
         gate_ports,
         remote_ttl_ms: opts.remote_ttl.as_millis() as u64,
+        health_check_ms: opts.mesh_health_check.as_millis() as u64,
         created: weir_model::now_rfc3339(),
     };
     shape.save(set)?;

@@ -47,6 +47,8 @@ pub struct UpOptions {
     pub clusters: u8,
     /// A clusterset's remote TTL: how long a cluster's mesh data outlives its last renewal.
     pub remote_ttl: Duration,
+    /// A clusterset's meshes check their exported endpoints this often (zero: not at all).
+    pub mesh_health_check: Duration,
 }
 
 /// Prints progress to stderr: one line per step, and a live counter while waiting.

@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod export;
+pub mod health;
 pub mod import;
 pub mod link;
 pub mod merge;
@@ -61,6 +62,8 @@ pub struct MeshConfig {
     pub clusterset_cidrs: Vec<ipnet::IpNet>,
     /// Where to write the mesh's status as JSON (None: nowhere).
     pub status_file: Option<PathBuf>,
+    /// Active health checks of the cluster's exported endpoints (None: off).
+    pub health_check: Option<health::HealthCheckConfig>,
 }
 
 /// What a mesh reports about itself.
@@ -104,5 +107,13 @@ pub async fn run(client: kube::Client, cfg: MeshConfig) -> Result<(), String> {
         state.clone(),
         changed.clone(),
     ));
-    reconcile::run(client, cfg, own_tx, remote, state, changed).await
+    let health = match &cfg.health_check {
+        Some(hc) => {
+            let h = Arc::new(health::Health::default());
+            health::spawn(hc.clone(), h.clone(), changed.clone())?;
+            Some(h)
+        }
+        None => None,
+    };
+    reconcile::run(client, cfg, own_tx, remote, state, changed, health).await
 }

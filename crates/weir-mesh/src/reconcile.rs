@@ -242,6 +242,8 @@ struct Mesh {
     /// The MCS slices of each source record as last built: a pass rebuilds (serializes and
     /// hashes) only those of records that changed, not ten thousand unchanged ones.
     slice_cache: HashMap<(String, String, String), CachedSlices>,
+    /// Active health checks, when on.
+    health: Option<Arc<crate::health::Health>>,
 }
 
 /// An MCS EndpointSlice the mesh wants: its hash, and what it is built from.
@@ -308,12 +310,18 @@ impl Mesh {
             let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
             let meta = export::ExportMeta::of(&ex);
             match export::export_record(&self.cfg.cluster, &meta, svc.as_deref(), own) {
-                Ok(r) => {
+                Ok(mut r) => {
+                    if let Some(h) = &self.health {
+                        h.mark(&mut r);
+                    }
                     records.insert(key.clone(), r);
                     validity.push((key, Ok(())));
                 }
                 Err(e) => validity.push((key, Err(e))),
             }
+        }
+        if let Some(h) = &self.health {
+            h.set_targets(records.values());
         }
         (records, validity)
     }
@@ -1016,6 +1024,7 @@ pub(crate) async fn run(
     remote: Arc<Mutex<Remote>>,
     link: Arc<Mutex<LinkState>>,
     changed: Arc<Notify>,
+    health: Option<Arc<crate::health::Health>>,
 ) -> Result<(), String> {
     let stores = start_stores(&client, &changed);
     // Nothing is published or written before every list of this cluster is complete.
@@ -1049,6 +1058,7 @@ pub(crate) async fn run(
         imports_written: 0,
         allocated: BTreeMap::new(),
         slice_cache: HashMap::new(),
+        health,
     };
     let mut last_status = None;
     let mut last_pass = Duration::ZERO;

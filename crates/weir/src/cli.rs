@@ -308,6 +308,11 @@ pub(crate) enum LabCommand {
         /// renewal before the other clusters withdraw it.
         #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "clusters")]
         remote_ttl: Duration,
+        /// In a clusterset: the meshes check their cluster's exported endpoints (a TCP
+        /// connect from the cluster's first node) this often, publishing those failing 3
+        /// times in a row not ready; 0s (the default): no checks.
+        #[arg(long, default_value = "0s", value_parser = parse_duration, requires = "clusters")]
+        mesh_health_check: Duration,
     },
     /// Cut a clusterset's cluster (--cluster SET/cK) off the other clusters: its nodes'
     /// fabric links to theirs and its mesh's connection to etcd.
@@ -992,6 +997,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             service_proxy_name,
             clusters,
             remote_ttl,
+            mesh_health_check,
         } => {
             match clusters {
                 Some(n) => {
@@ -1016,6 +1022,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 service_proxy_name: service_proxy_name.clone(),
                 clusters: clusters.unwrap_or(0),
                 remote_ttl: *remote_ttl,
+                mesh_health_check: *mesh_health_check,
             }))?;
             if let Some(n) = clusters {
                 eprintln!("Clusterset {name:?} is ready. Use its clusters with:");

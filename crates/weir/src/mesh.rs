@@ -58,6 +58,21 @@ pub(crate) struct MeshArgs {
     /// status file) on this address for the kubelet's probes (unset: nowhere).
     #[arg(long, env = "WEIR_MESH_HEALTH_LISTEN", requires = "status_file")]
     health_listen: Option<std::net::SocketAddr>,
+    /// Active health checks of this cluster's exported endpoints: a TCP connect to each
+    /// (at its slice's first TCP port) this often; 0s (the default) turns them off. An
+    /// endpoint failing --health-check-threshold times in a row is published not ready.
+    #[arg(long, env = "WEIR_MESH_HEALTH_CHECK_INTERVAL", default_value = "0s", value_parser = crate::cli::parse_duration)]
+    health_check_interval: Duration,
+    /// How long each check's connect may take.
+    #[arg(long, env = "WEIR_MESH_HEALTH_CHECK_TIMEOUT", default_value = "1s", value_parser = crate::cli::parse_duration)]
+    health_check_timeout: Duration,
+    /// Consecutive failed checks that make an endpoint not ready (one answer makes it ready).
+    #[arg(long, env = "WEIR_MESH_HEALTH_CHECK_THRESHOLD", default_value_t = 3)]
+    health_check_threshold: u32,
+    /// Check from this network namespace (a path such as /run/netns/NAME) instead of the
+    /// mesh's own.
+    #[arg(long, env = "WEIR_MESH_HEALTH_CHECK_NETNS")]
+    health_check_netns: Option<PathBuf>,
 }
 
 impl MeshArgs {
@@ -99,7 +114,26 @@ impl MeshArgs {
             remote_ttl: self.remote_ttl,
             clusterset_cidrs: cidrs,
             status_file: self.status_file.clone(),
+            health_check: self.health_check()?,
         })
+    }
+
+    fn health_check(&self) -> Result<Option<weir_mesh::health::HealthCheckConfig>> {
+        if self.health_check_interval.is_zero() {
+            return Ok(None);
+        }
+        if self.health_check_threshold == 0 {
+            anyhow::bail!("--health-check-threshold 0: give at least 1");
+        }
+        if self.health_check_timeout.is_zero() {
+            anyhow::bail!("--health-check-timeout 0s: give a positive duration");
+        }
+        Ok(Some(weir_mesh::health::HealthCheckConfig {
+            interval: self.health_check_interval,
+            timeout: self.health_check_timeout,
+            threshold: self.health_check_threshold,
+            netns: self.health_check_netns.clone(),
+        }))
     }
 }
 

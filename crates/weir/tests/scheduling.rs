@@ -368,3 +368,48 @@ fn tc_flows_eject_failing_backends() {
         r["ok"].as_u64() == Some(10)
     });
 }
+
+/// The meshes' active health checks (off unless asked for): an endpoint that stops answering
+/// is published not ready to every cluster, without any API change, and ready again once it
+/// answers.
+#[test]
+fn mesh_health_checks_publish_failing_endpoints_not_ready() {
+    let set = ClusterSet::up("schedhc", 2, 1, "", &["--mesh-health-check", "300ms"]);
+    let (c1, c2) = (set.c(1), set.c(2));
+    assert!(c1
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: mcs}\n")
+        .status
+        .success());
+    let out = c2.apply(&app(2));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in 1..=2 {
+        set_ready(c2, &format!("hello-{k}"), true);
+    }
+    let ready_in_c1 = || -> Vec<bool> {
+        let sel = "multicluster.kubernetes.io/service-name=hello";
+        let slices = c1.get_json(&["endpointslices", "-n", "mcs", "-l", sel]);
+        let mut out = Vec::new();
+        for s in slices["items"].as_array().into_iter().flatten() {
+            for e in s["endpoints"].as_array().into_iter().flatten() {
+                out.push(e["conditions"]["ready"] != false);
+            }
+        }
+        out
+    };
+    let t = Duration::from_secs(30);
+    c1.eventually("both endpoints imported ready", t, || {
+        ready_in_c1() == [true, true]
+    });
+    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "blackhole"]));
+    c1.eventually("hello-1 published not ready", t, || {
+        let mut r = ready_in_c1();
+        r.sort();
+        r == [false, true]
+    });
+    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "none"]));
+    c1.eventually("hello-1 ready again", t, || ready_in_c1() == [true, true]);
+}
