@@ -254,7 +254,7 @@ fn frontend(s: &Svc) -> Frontend {
         mode: weir_control::lb::LbMode::Snat,
         weights: Vec::new(),
         outlier: None,
-        ejected: Vec::new(),
+        standby: Vec::new(),
     }
 }
 

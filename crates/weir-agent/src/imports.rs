@@ -66,6 +66,17 @@ impl Scheduling {
     }
 }
 
+/// This cluster's id from its ClusterProperties (`cluster.clusterset.k8s.io`), or "".
+pub fn cluster_id(properties: &Store<DynamicObject>) -> String {
+    properties
+        .state()
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("cluster.clusterset.k8s.io"))
+        .and_then(|p| p.data.pointer("/spec/value").and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The FailOver levels the mesh placed the exporting clusters in (the policy's
 /// `status.clusters[].level`), if it has written them.
 fn levels_from_status(data: &Value) -> Option<Vec<Vec<String>>> {

@@ -298,6 +298,11 @@ fn mark_service(d: &mut Dirty, s: &Service, _deleted: bool) {
     d.services.insert(key_of(&s.metadata));
 }
 
+/// Something every import depends on changed (this cluster's id): rebuild everything.
+fn mark_everything(d: &mut Dirty, _: &DynamicObject, _deleted: bool) {
+    d.full = true;
+}
+
 /// A ServiceImport, or the GlobalTrafficPolicy of the same name, changed.
 fn mark_import(d: &mut Dirty, i: &DynamicObject, _deleted: bool) {
     let (ns, name) = key_of(&i.metadata);
@@ -734,6 +739,15 @@ pub async fn run(
         watcher::Config::default(),
         wake(&notify, &shared, &dirty, mark_import),
     );
+    // Without --cluster-id, the cluster's id is its cluster.clusterset.k8s.io ClusterProperty.
+    let properties = cfg.cluster_id.is_none().then(|| {
+        spawn_optional_kind_reflector(
+            &client,
+            &weir_model::kinds::CLUSTER_PROPERTY_V1ALPHA1,
+            watcher::Config::default(),
+            wake(&notify, &shared, &dirty, mark_everything),
+        )
+    });
     let mut sched = imports::Scheduling {
         policies: Some(policies.clone()),
         importer: cfg.cluster_id.clone().unwrap_or_default(),
@@ -759,6 +773,9 @@ pub async fn run(
     let _ = slices.wait_until_ready().await;
     let _ = imports.wait_until_ready().await;
     let _ = policies.wait_until_ready().await;
+    if let Some(p) = &properties {
+        let _ = p.wait_until_ready().await;
+    }
     refresh_ejections(&shared, &mut sched);
     tracing::info!(node = %cfg.node_name, "initial lists received; programming the datapath");
     let opts = Options {
@@ -780,6 +797,9 @@ pub async fn run(
                 std::mem::take(&mut d.ejections),
             )
         };
+        if let Some(id) = properties.as_ref().map(imports::cluster_id) {
+            sched.importer = id;
+        }
         let readmit = sched.next_readmission.is_some_and(|t| t <= Instant::now());
         if ejections || readmit {
             let moved = refresh_ejections(&shared, &mut sched);

@@ -131,6 +131,7 @@ impl Scheduler for ImportSchedule {
         };
         let Some(policy) = &self.policy else {
             equal_shares(&by_cluster, &levels, &healthy, &mut out);
+            out.standby = standby(&by_cluster, &out.backends);
             return out;
         };
         let names: Vec<String> = by_cluster.keys().cloned().collect();
@@ -150,8 +151,21 @@ impl Scheduler for ImportSchedule {
         }
         weighted.sort();
         (out.backends, out.weights) = weighted.into_iter().unzip();
+        out.standby = standby(&by_cluster, &out.backends);
         out
     }
+}
+
+/// The listed endpoints not among `chosen` (sorted).
+fn standby(by_cluster: &ClusterEndpoints, chosen: &[Backend]) -> Vec<Backend> {
+    let mut out: Vec<Backend> = by_cluster
+        .values()
+        .flatten()
+        .map(|(b, _)| *b)
+        .filter(|b| chosen.binary_search(b).is_err())
+        .collect();
+    out.sort();
+    out
 }
 
 /// No policy: every healthy endpoint equal (every ready one when all are ejected; serving and
@@ -242,6 +256,7 @@ mod tests {
         };
         let out = s.select(&e);
         assert_eq!(out.backends.len(), 9, "unready endpoints carry nothing");
+        assert_eq!(out.standby.len(), 5, "but stay for their connections");
         let sh = shares(&out);
         assert!((sh[&b'1'] - 70.0).abs() < 0.01, "{sh:?}");
         assert!((sh[&b'2'] - 30.0).abs() < 0.01, "{sh:?}");

@@ -218,9 +218,11 @@ pub struct Frontend {
     pub weights: Vec<u32>,
     /// Outlier detection of the backends (every ClusterSetIP), or None.
     pub outlier: Option<Outlier>,
-    /// Endpoints the datapath has ejected: given no new connection, but kept under outlier
-    /// detection so that their ejection runs its time.
-    pub ejected: Vec<Backend>,
+    /// Endpoints listed but given no new connection (share 0, unready, ejected): kept in
+    /// the datapath for the connections they have (tc flows keep their conntrack entries,
+    /// connected UDP sockets stay open) and under outlier detection, so that an ejection runs
+    /// its time.
+    pub standby: Vec<Backend>,
 }
 
 /// Outlier detection settings the datapath enforces per backend.
@@ -309,6 +311,8 @@ pub struct Scheduled {
     pub plan: Vec<crate::schedule::ClusterShare>,
     /// Backends left out because the datapath ejected them.
     pub ejected: Vec<Backend>,
+    /// Every listed endpoint not in `backends`.
+    pub standby: Vec<Backend>,
 }
 
 /// Builds the load-balancing state from all Services and EndpointSlices.
@@ -484,7 +488,7 @@ where
             );
             let mut add = |key: FrontendKey, local: bool, source_ranges: &[ipnet::IpNet]| {
                 let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
-                let (backends, fallback, weights, outlier, ejected) = match sched {
+                let (backends, fallback, weights, outlier, standby) = match sched {
                     Some(s) => {
                         let mut chosen = s.select(&endpoints);
                         let picked = (
@@ -492,7 +496,7 @@ where
                             false,
                             std::mem::take(&mut chosen.weights),
                             chosen.outlier,
-                            chosen.ejected.clone(),
+                            std::mem::take(&mut chosen.standby),
                         );
                         scheduled.insert(key, chosen);
                         picked
@@ -509,7 +513,7 @@ where
                         backends,
                         weights,
                         outlier,
-                        ejected,
+                        standby,
                         terminating_fallback: fallback,
                         affinity_timeout,
                         algorithm,

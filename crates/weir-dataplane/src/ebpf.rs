@@ -48,8 +48,8 @@ struct Programmed {
     groups: Vec<Group>,
     /// Outlier detection: (consecutive failures, base ejection ms).
     outlier: Option<(u32, u32)>,
-    /// Ejected backends: in no slot, still under outlier detection.
-    ejected: Vec<u32>,
+    /// Standby backends: in no slot, kept for their connections (and watched).
+    standby: Vec<u32>,
 }
 
 /// Backends in slot order with their weights, and the groups of equal weight (none when all
@@ -285,7 +285,7 @@ impl EbpfDataplane {
                     ranges: BTreeSet::new(),
                     groups: Vec::new(),
                     outlier: None,
-                    ejected: Vec::new(),
+                    standby: Vec::new(),
                 },
             );
         }
@@ -457,12 +457,12 @@ impl EbpfDataplane {
             .outlier
             .filter(|_| key.proto == Proto::Tcp)
             .map(|o| (o.consecutive_failures, o.base_ejection_ms));
-        let mut ejected = Vec::new();
         if outlier.is_some() {
             flags |= SVC_OUTLIER;
-            for b in &f.ejected {
-                ejected.push(self.backend_id(*b, key.proto, stats)?);
-            }
+        }
+        let mut standby = Vec::with_capacity(f.standby.len());
+        for b in &f.standby {
+            standby.push(self.backend_id(*b, key.proto, stats)?);
         }
         let maglev_size = if f.algorithm == Algorithm::Maglev && !ids.is_empty() {
             flags |= SVC_MAGLEV;
@@ -504,14 +504,14 @@ impl EbpfDataplane {
             ranges: ranges.clone(),
             groups: groups.clone(),
             outlier,
-            ejected: ejected.clone(),
+            standby: standby.clone(),
         };
         if old.as_ref() == Some(&want) {
             return Ok(());
         }
         // Health entries before a master that asks for outcomes to be counted.
         if let Some(o) = outlier {
-            for id in ids.iter().chain(&ejected) {
+            for id in ids.iter().chain(&standby) {
                 self.watch(*id, o)?;
             }
         }
@@ -586,11 +586,11 @@ impl EbpfDataplane {
                 self.lb.remove("weir_lb4_src_range", &range_key(id, *r))?;
             }
         }
-        for b in want.backends.iter().chain(&want.ejected) {
+        for b in want.backends.iter().chain(&want.standby) {
             *self.refs.entry(*b).or_default() += 1;
         }
         if let Some(o) = &old {
-            for b in o.backends.iter().chain(&o.ejected) {
+            for b in o.backends.iter().chain(&o.standby) {
                 if let Some(r) = self.refs.get_mut(b) {
                     *r = r.saturating_sub(1);
                 }
@@ -623,7 +623,7 @@ impl EbpfDataplane {
             .frontends
             .values()
             .filter(|f| f.outlier.is_some())
-            .flat_map(|f| f.backends.iter().chain(&f.ejected).copied())
+            .flat_map(|f| f.backends.iter().chain(&f.standby).copied())
             .collect();
         let stale: Vec<u32> = self
             .watched
@@ -642,7 +642,7 @@ impl EbpfDataplane {
         let Some(o) = self.frontends.remove(key) else {
             return Ok(());
         };
-        for b in o.backends.iter().chain(&o.ejected) {
+        for b in o.backends.iter().chain(&o.standby) {
             if let Some(r) = self.refs.get_mut(b) {
                 *r = r.saturating_sub(1);
             }

@@ -79,7 +79,7 @@ fn frontend(backends: Vec<Backend>, weights: Vec<u32>, outlier: Option<Outlier>)
         mode: LbMode::Snat,
         weights,
         outlier,
-        ejected: Vec::new(),
+        standby: Vec::new(),
     }
 }
 

@@ -92,7 +92,8 @@ pub(crate) struct AgentArgs {
     /// This cluster's id in a clusterset (its cluster.clusterset.k8s.io ClusterProperty):
     /// every security identity carries it as the label weir.dev/cluster, and NetworkPolicy
     /// peers of other clusters (the mesh's RemoteEndpoints) carry theirs; GlobalTrafficPolicies
-    /// schedule ServiceImports for this cluster's clients.
+    /// schedule ServiceImports for this cluster's clients (unset: they take the id from the
+    /// ClusterProperty).
     #[arg(long, env = "WEIR_CLUSTER_ID", value_name = "ID")]
     pub cluster_id: Option<String>,
     /// Where /healthz (alive) and /readyz (initial lists synced, datapath applied) are

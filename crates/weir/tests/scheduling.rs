@@ -324,6 +324,26 @@ fn tc_flows_eject_failing_backends() {
     let target = format!("{ip}:80");
     let r = c1.connect("mcs/client", &target, "tcp", 20);
     assert_eq!(r["ok"].as_u64(), Some(20), "{r}");
+    // A flow established before its endpoint turns unready (share 0) keeps going: its
+    // backend stays programmed for it while it is listed; new connections are refused.
+    let held = c1.hold("mcs/client", &target, "tcp", "3s");
+    std::thread::sleep(Duration::from_millis(500));
+    for k in 1..=2 {
+        set_ready(c2, &format!("hello-{k}"), false);
+    }
+    c1.eventually("nothing to schedule", t, || {
+        shares(c1).get("c2") == Some(&0.0)
+    });
+    let r = c1.connect("mcs/client", &target, "tcp", 4);
+    assert_eq!(r["ok"].as_u64(), Some(0), "{r}");
+    let h = held.join().unwrap();
+    assert_eq!(h["failed"], 0, "the held flow: {h}");
+    for k in 1..=2 {
+        set_ready(c2, &format!("hello-{k}"), true);
+    }
+    c1.eventually("scheduled again", t, || {
+        shares(c1).get("c2") == Some(&100.0)
+    });
     let ejected = |c: &Lab| -> Vec<Value> {
         let lb: Value =
             serde_json::from_str(&ok(&mut c.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
