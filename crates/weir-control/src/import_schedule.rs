@@ -329,6 +329,69 @@ mod tests {
     }
 
     #[test]
+    fn build_with_weights_an_imports_frontend_by_source_cluster() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "hello@clusterset", "namespace": "mcs"},
+            "spec": {"clusterIP": "10.90.0.1", "clusterIPs": ["10.90.0.1"],
+                     "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"}]}}))
+        .unwrap();
+        let slice = |cluster: &str,
+                     eps: serde_json::Value|
+         -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("hello-{cluster}"), "namespace": "mcs",
+                    "labels": {"kubernetes.io/service-name": "hello@clusterset",
+                               "multicluster.kubernetes.io/source-cluster": cluster}},
+                "addressType": "IPv4", "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}],
+                "endpoints": eps}))
+            .unwrap()
+        };
+        let slices = [
+            slice(
+                "c1",
+                serde_json::json!([{"addresses": ["10.244.1.2"]},
+                {"addresses": ["10.244.1.3"], "conditions": {"ready": false}}]),
+            ),
+            slice("c2", serde_json::json!([{"addresses": ["10.245.1.2"]}])),
+        ];
+        let opts = crate::lb::Options {
+            node_name: "node-1".into(),
+            default_algorithm: crate::lb::Algorithm::Random,
+            default_mode: crate::lb::LbMode::Snat,
+        };
+        let s = ImportSchedule {
+            policy: policy(serde_json::json!({"lbType": "ActiveActive",
+                "targets": [{"cluster": "c1", "weight": 3}, {"cluster": "c2", "weight": 1}]})),
+            importer: "c1".into(),
+            ..Default::default()
+        };
+        let (st, _, chosen) = crate::lb::build_with(&[svc], &slices, &opts, Some(&s));
+        let f = st.frontends.values().next().unwrap();
+        let got: Vec<(String, u32)> = f
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .zip(f.weights.iter().copied())
+            .collect();
+        // c1 at 1 of 2 healthy: availability min(100, 70) = 70; 3 x 70 : 1 x 100 -> 67 : 32
+        // in Envoy's integer percents, the left-over point to the first: 68 : 32.
+        assert_eq!(
+            got,
+            [
+                ("10.244.1.2:8080".to_string(), 680_000),
+                ("10.245.1.2:8080".into(), 320_000)
+            ]
+        );
+        assert_eq!(
+            f.standby.len(),
+            1,
+            "the unready endpoint stays for its connections"
+        );
+        assert!(f.outlier.is_some());
+        assert_eq!(chosen.values().next().unwrap().plan.len(), 2);
+    }
+
+    #[test]
     fn levels_from_the_mesh_place_clusters_by_property() {
         let mut e = eps("c1", 1, 1);
         e.extend(eps("c2", 2, 0));

@@ -490,6 +490,11 @@ where
                 let endpoints = endpoints_for(&svc_slices, &key.vip, &ips, &port_name, proto);
                 let (backends, fallback, weights, outlier, standby) = match sched {
                     Some(s) => {
+                        // internalTrafficPolicy: Local keeps to this node's endpoints here too.
+                        let endpoints: Vec<EndpointView> = endpoints
+                            .into_iter()
+                            .filter(|e| !local || e.node.as_ref() == Some(&opts.node_name))
+                            .collect();
                         let mut chosen = s.select(&endpoints);
                         let picked = (
                             std::mem::take(&mut chosen.backends),
