@@ -27,13 +27,41 @@ impl Drop for Down {
     }
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile (0..1) of `v` (sorted in place), nearest rank.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return 0.0;
     }
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i]
+}
+
+/// Rounds of two measurements `a` and `b`, alternating which goes first so that drift on the
+/// machine favours neither: the median of each and the median of the rounds' ratios b/a.
+pub(crate) fn interleaved(
+    rounds: usize,
+    mut a: impl FnMut(usize) -> Result<f64>,
+    mut b: impl FnMut(usize) -> Result<f64>,
+) -> Result<(f64, f64, f64)> {
+    let (mut va, mut vb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = a(round)?;
+            (x, b(round)?)
+        } else {
+            let y = b(round)?;
+            (a(round)?, y)
+        };
+        va.push(x);
+        vb.push(y);
+        ratios.push(y / x.max(1.0));
+    }
+    Ok((
+        percentile(&mut va, 0.5),
+        percentile(&mut vb, 0.5),
+        percentile(&mut ratios, 0.5),
+    ))
 }
 
 async fn lb_backends(socket: &std::path::Path) -> Vec<(String, Vec<String>)> {
@@ -271,23 +299,11 @@ pub fn bench(changes: usize, exports: usize, weir: &str) -> Result<()> {
         }
         Ok(ok / started.elapsed().as_secs_f64())
     };
-    // Rounds alternate which path goes first, so that drift on the machine favours neither.
-    let (mut via, mut direct, mut paired) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..9 {
-        let d = &pod_ips[round % pod_ips.len()];
-        let (dv, vv) = if round % 2 == 0 {
-            let dv = rate(&format!("{d}:8080"))?;
-            (dv, rate(&format!("{import}:80"))?)
-        } else {
-            let vv = rate(&format!("{import}:80"))?;
-            (rate(&format!("{d}:8080"))?, vv)
-        };
-        direct.push(dv);
-        via.push(vv);
-        paired.push(vv / dv.max(1.0));
-    }
-    let (v, d) = (percentile(&mut via, 0.5), percentile(&mut direct, 0.5));
-    let p = percentile(&mut paired, 0.5);
+    let (d, v, p) = interleaved(
+        9,
+        |round| rate(&format!("{}:8080", pod_ips[round % pod_ips.len()])),
+        |_| rate(&format!("{import}:80")),
+    )?;
     println!("new connections/s from a c2 pod, endpoints all in c1 (median of 9 rounds of 3,000, alternating order):");
     println!("  to the remote pod IPs directly (baseline): {d:.0}/s");
     println!(

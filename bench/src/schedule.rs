@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
+use crate::mesh::{interleaved, percentile};
 use crate::{self_exe, sh};
 
 struct Down(String, String);
@@ -82,14 +83,6 @@ fn failover_ms(attempts: &[(u64, bool)], from: u64) -> Option<f64> {
         }
     }
     best.map(|t| (t - from) as f64 / 1e6)
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn app(weir: &str, set: &str, c: &str, client: bool) -> Result<()> {
@@ -234,26 +227,17 @@ pub fn bench(trials: usize, weir: &str) -> Result<()> {
         }
         Ok(r["ok"].as_f64().unwrap_or(0.0) / started.elapsed().as_secs_f64())
     };
-    let (mut sched, mut plain, mut paired) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..15 {
-        let (p, s) = if round % 2 == 0 {
-            let p = rate(&format!("{clusterip}:80"))?;
-            (p, rate(&format!("{setip}:80"))?)
-        } else {
-            let s = rate(&format!("{setip}:80"))?;
-            (rate(&format!("{clusterip}:80"))?, s)
-        };
-        plain.push(p);
-        sched.push(s);
-        paired.push(s / p.max(1.0));
-    }
-    let (s, p) = (percentile(&mut sched, 0.5), percentile(&mut plain, 0.5));
+    let (p, s, paired) = interleaved(
+        15,
+        |_| rate(&format!("{clusterip}:80")),
+        |_| rate(&format!("{setip}:80")),
+    )?;
     println!("new connections/s from a c1 pod to the same four c1 pods (median of 15 rounds of 3,000, alternating order):");
     println!("  plain ClusterIP (baseline):                          {p:.0}/s");
     println!(
         "  ClusterSetIP, FailOver policy with outlier detection: {s:.0}/s  (ratio {:.3}; median of the rounds' ratios {:.3})",
         s / p.max(1.0),
-        percentile(&mut paired, 0.5)
+        paired
     );
 
     // Share accuracy.

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use weir_bpf::datapath::{flow_event, reason_name, weir_reason};
@@ -203,35 +202,18 @@ impl FlowLog {
 
 /// Starts the thread that drains the ring buffer into `log`.
 pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("weir-flows".into())
-        .spawn(move || {
-            let rb = pods
-                .dataplane
+    crate::ring::spawn(
+        "weir-flows",
+        "the policy verdict events",
+        move || {
+            pods.dataplane
                 .lock()
                 .expect("pods")
                 .datapath()
-                .events(move |ev| log.lock().expect("flow log").push(ev));
-            let rb = match rb {
-                Ok(rb) => {
-                    let _ = tx.send(Ok(()));
-                    rb
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            loop {
-                if let Err(e) = rb.poll(Duration::from_millis(200)) {
-                    tracing::warn!(error = %e, "reading the policy verdict events");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        })
-        .map_err(|e| e.to_string())?;
-    rx.recv().map_err(|e| e.to_string())?
+                .events(move |ev| log.lock().expect("flow log").push(ev))
+        },
+        |rb, wait| rb.poll(wait),
+    )
 }
 
 #[cfg(test)]

@@ -104,29 +104,12 @@ fn levels_from_status(data: &Value) -> Option<Vec<Vec<String>>> {
 /// Reads the datapath's ejection events at `path` on a thread of its own, calling `wake` for
 /// each.
 pub fn spawn_ejection_watch(path: PathBuf, wake: impl Fn() + Send + 'static) -> Result<(), String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("weir-ejections".into())
-        .spawn(move || {
-            let rb = match weir_bpf::watch_ejections(&path, move |_| wake()) {
-                Ok(rb) => {
-                    let _ = tx.send(Ok(()));
-                    rb
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            loop {
-                if let Err(e) = rb.poll(Duration::from_millis(500)) {
-                    tracing::warn!(error = %e, "reading the ejection events");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            }
-        })
-        .map_err(|e| e.to_string())?;
-    rx.recv().map_err(|e| e.to_string())?
+    crate::ring::spawn(
+        "weir-ejections",
+        "the ejection events",
+        move || weir_bpf::watch_ejections(&path, move |_| wake()),
+        |rb, wait| rb.poll(wait),
+    )
 }
 
 /// One cluster's part in an import frontend's schedule.

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod probes;
+pub mod ring;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;

@@ -45,6 +45,13 @@ fn set_ready(c: &Lab, pod: &str, ready: bool) {
     ]));
 }
 
+/// [`set_ready`] for pods mcs/hello-K of cluster `c`.
+fn set_ready_all(c: &Lab, pods: std::ops::RangeInclusive<usize>, ready: bool) {
+    for k in pods {
+        set_ready(c, &format!("hello-{k}"), ready);
+    }
+}
+
 fn region(c: &Lab, r: &str) {
     let p = format!("apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: {{name: region.weir.dev}}\nspec: {{value: {r}}}\n");
     assert!(c.apply(&p).status.success());
@@ -92,6 +99,34 @@ fn percent(counts: &BTreeMap<String, u64>, c: &str, n: u64) -> f64 {
     100.0 * counts.get(c).copied().unwrap_or(0) as f64 / n as f64
 }
 
+/// `n` connections from mcs/client to `target`, all answered: the percent answered by
+/// cluster `c`.
+fn measured_share(from: &Lab, target: &str, c: &str, n: usize) -> f64 {
+    let r = from.connect("mcs/client", target, "tcp", n);
+    assert_eq!(r["ok"].as_u64(), Some(n as u64), "{r}");
+    percent(&by_cluster(&r), c, n as u64)
+}
+
+/// `weir lab fault` on pods mcs/hello-K of cluster `c`.
+fn fault(c: &Lab, pods: std::ops::RangeInclusive<usize>, mode: &str) {
+    for k in pods {
+        ok(&mut c.weir(&["lab", "fault", &format!("mcs/hello-{k}"), "--mode", mode]));
+    }
+}
+
+/// The backends the datapath of `c`'s node has ejected now (`weir bpf lb list`).
+fn ejected(c: &Lab) -> Vec<Value> {
+    let lb: Value =
+        serde_json::from_str(&ok(&mut c.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
+    lb["health"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["remaining_ms"].as_u64().unwrap_or(0) > 0)
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn shares_priorities_weights_and_ejection() {
     let set = ClusterSet::up("sched", 3, 1, "", &[]);
@@ -107,9 +142,7 @@ fn shares_priorities_weights_and_ejection() {
     }
     assert!(c1.apply(CLIENT).status.success());
     for (c, n) in [(c2, 4), (c3, 4)] {
-        for k in 1..=n {
-            set_ready(c, &format!("hello-{k}"), true);
-        }
+        set_ready_all(c, 1..=n, true);
     }
     let t = Duration::from_secs(30);
     c1.eventually("c1 imports all three clusters", t, || {
@@ -144,13 +177,8 @@ fn shares_priorities_weights_and_ejection() {
         if k == 5 {
             // 2,000 connections: the binomial sd of 70% is 1.0 point; 4 points is 3.9 sd.
             let n = 2000;
-            let r = c1.connect("mcs/client", &target, "tcp", n);
-            assert_eq!(r["ok"].as_u64(), Some(n as u64), "{r}");
-            let local = percent(&by_cluster(&r), "c1", n as u64);
-            assert!(
-                (local - 70.0).abs() < 4.0,
-                "5 of 10 ready: {local}% local: {r}"
-            );
+            let local = measured_share(c1, &target, "c1", n);
+            assert!((local - 70.0).abs() < 4.0, "5 of 10 ready: {local}% local");
             eprintln!("5 of 10 local ready: {local:.1}% of {n} connections local (formula: 70%)");
         }
     }
@@ -160,13 +188,9 @@ fn shares_priorities_weights_and_ejection() {
     // Panic: 2 of c1's 10 ready and none elsewhere. Both levels are below the threshold
     // (50%), so shares follow the endpoint counts (10 of 18: 56%, Envoy's integer rounding)
     // and every endpoint carries traffic, ready or not.
-    for k in 3..=10 {
-        set_ready(c1, &format!("hello-{k}"), false);
-    }
+    set_ready_all(c1, 3..=10, false);
     for c in [c2, c3] {
-        for k in 1..=4 {
-            set_ready(c, &format!("hello-{k}"), false);
-        }
+        set_ready_all(c, 1..=4, false);
     }
     c1.eventually("total panic", t, || {
         let s = shares(c1);
@@ -182,9 +206,7 @@ fn shares_priorities_weights_and_ejection() {
         "an unready endpoint answers in panic: {r}"
     );
     for c in [c2, c3] {
-        for k in 1..=4 {
-            set_ready(c, &format!("hello-{k}"), true);
-        }
+        set_ready_all(c, 1..=4, true);
     }
 
     // Ordered by ClusterProperty: own cluster, then the same region (c3, eu), then the rest.
@@ -193,9 +215,7 @@ fn shares_priorities_weights_and_ejection() {
         c1,
         "{lbType: FailOver, priorities: [{clusters: [c1]}, {selector: {sameAsImporter: [region.weir.dev]}}, {selector: {}}]}",
     );
-    for k in 1..=10 {
-        set_ready(c1, &format!("hello-{k}"), false);
-    }
+    set_ready_all(c1, 1..=10, false);
     c1.eventually("all to the same region", t, || {
         let s = shares(c1);
         s.get("c3") == Some(&100.0) && s.get("c1") == Some(&0.0)
@@ -214,12 +234,10 @@ fn shares_priorities_weights_and_ejection() {
         s.get("c2") == Some(&80.0) && s.get("c3") == Some(&20.0)
     });
     let n = 10_000;
-    let r = c1.connect("mcs/client", &target, "tcp", n);
-    assert_eq!(r["ok"].as_u64(), Some(n as u64), "{r}");
-    let c2_share = percent(&by_cluster(&r), "c2", n as u64);
+    let c2_share = measured_share(c1, &target, "c2", n);
     assert!(
         (c2_share - 80.0).abs() < 3.0,
-        "ActiveActive: {c2_share}% to c2: {r}"
+        "ActiveActive: {c2_share}% to c2"
     );
     eprintln!("ActiveActive 80/20: {c2_share:.2}% of {n} connections to c2");
 
@@ -245,15 +263,7 @@ fn shares_priorities_weights_and_ejection() {
     // them fail until each of c3's endpoints has failed consecutiveFailures (2) times; the
     // datapath ejects them and every new connection goes to c2. Healed, they are admitted
     // again after the ejection time (3 s).
-    for k in 1..=4 {
-        ok(&mut c3.weir(&[
-            "lab",
-            "fault",
-            &format!("mcs/hello-{k}"),
-            "--mode",
-            "refuse",
-        ]));
-    }
+    fault(c3, 1..=4, "refuse");
     let r = c1.connect_with("mcs/client", &target, &["--count", "100"]);
     let failed = 100 - r["ok"].as_u64().unwrap();
     assert!(
@@ -266,20 +276,11 @@ fn shares_priorities_weights_and_ejection() {
     c1.eventually("c3 ejected", t, || shares(c1).get("c2") == Some(&100.0));
     let r = c1.connect("mcs/client", &target, "tcp", 100);
     assert_eq!(r["ok"].as_u64(), Some(100), "after ejection: {r}");
-    let lb: Value =
-        serde_json::from_str(&ok(&mut c1.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
-    let ejected = lb["health"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["remaining_ms"].as_u64().unwrap_or(0) > 0)
-        .count();
-    assert_eq!(ejected, 4, "{}", lb["health"]);
+    let e = ejected(c1);
+    assert_eq!(e.len(), 4, "{e:?}");
     let status = ok(&mut c1.weir(&["status"]));
     assert!(status.contains("ejected by outlier detection"), "{status}");
-    for k in 1..=4 {
-        ok(&mut c3.weir(&["lab", "fault", &format!("mcs/hello-{k}"), "--mode", "none"]));
-    }
+    fault(c3, 1..=4, "none");
     c1.eventually("c3 admitted again", t, || {
         shares(c1).get("c3") == Some(&50.0)
     });
@@ -290,24 +291,29 @@ fn shares_priorities_weights_and_ejection() {
     assert_eq!(by_cluster(&h).keys().collect::<Vec<_>>(), ["c2"], "{h}");
 }
 
-/// Pods translated at tc (no socket load balancing): the datapath counts connect outcomes
-/// through the flows' conntrack entries. Refused connects (resets) and SYNs left unanswered
-/// until their retransmission eject the backend.
-#[test]
-fn tc_flows_eject_failing_backends() {
-    let set = ClusterSet::up("schedtc", 2, 1, "", &["--no-socket-lb"]);
-    let (c1, c2) = (set.c(1), set.c(2));
-    let out = c2.apply(&app(2));
+/// Two clusters (`weir lab up` with `extra`): c2 exports mcs/hello of two ready pods, c1 has
+/// the namespace and the client pod.
+fn exporter_and_client(prefix: &str, extra: &[&str]) -> ClusterSet {
+    let set = ClusterSet::up(prefix, 2, 1, "", extra);
+    let out = set.c(2).apply(&app(2));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for k in 1..=2 {
-        set_ready(c2, &format!("hello-{k}"), true);
-    }
+    set_ready_all(set.c(2), 1..=2, true);
     let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: mcs}\n---\n";
-    assert!(c1.apply(&format!("{ns}{CLIENT}")).status.success());
+    assert!(set.c(1).apply(&format!("{ns}{CLIENT}")).status.success());
+    set
+}
+
+/// Pods translated at tc (no socket load balancing): the datapath counts connect outcomes
+/// through the flows' conntrack entries. Refused connects (resets) and SYNs left unanswered
+/// until their retransmission eject the backend.
+#[test]
+fn tc_flows_eject_failing_backends() {
+    let set = exporter_and_client("schedtc", &["--no-socket-lb"]);
+    let (c1, c2) = (set.c(1), set.c(2));
     policy(
         c1,
         "{lbType: ActiveActive, targets: [{cluster: c2, weight: 1}], outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 8s}}",
@@ -328,9 +334,7 @@ fn tc_flows_eject_failing_backends() {
     // backend stays programmed for it while it is listed; new connections are refused.
     let held = c1.hold("mcs/client", &target, "tcp", "3s");
     std::thread::sleep(Duration::from_millis(500));
-    for k in 1..=2 {
-        set_ready(c2, &format!("hello-{k}"), false);
-    }
+    set_ready_all(c2, 1..=2, false);
     c1.eventually("nothing to schedule", t, || {
         shares(c1).get("c2") == Some(&0.0)
     });
@@ -338,44 +342,21 @@ fn tc_flows_eject_failing_backends() {
     assert_eq!(r["ok"].as_u64(), Some(0), "{r}");
     let h = held.join().unwrap();
     assert_eq!(h["failed"], 0, "the held flow: {h}");
-    for k in 1..=2 {
-        set_ready(c2, &format!("hello-{k}"), true);
-    }
+    set_ready_all(c2, 1..=2, true);
     c1.eventually("scheduled again", t, || {
         shares(c1).get("c2") == Some(&100.0)
     });
-    let ejected = |c: &Lab| -> Vec<Value> {
-        let lb: Value =
-            serde_json::from_str(&ok(&mut c.weir(&["bpf", "lb", "list", "-o", "json"]))).unwrap();
-        lb["health"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["remaining_ms"].as_u64().unwrap_or(0) > 0)
-            .cloned()
-            .collect()
-    };
     // Resets.
-    for k in 1..=2 {
-        ok(&mut c2.weir(&[
-            "lab",
-            "fault",
-            &format!("mcs/hello-{k}"),
-            "--mode",
-            "refuse",
-        ]));
-    }
+    fault(c2, 1..=2, "refuse");
     let r = c1.connect_with("mcs/client", &target, &["--count", "12"]);
     assert_eq!(r["ok"].as_u64(), Some(0), "{r}");
     let e = ejected(c1);
     assert_eq!(e.len(), 2, "both ejected after 2 resets each: {e:?}");
-    for k in 1..=2 {
-        ok(&mut c2.weir(&["lab", "fault", &format!("mcs/hello-{k}"), "--mode", "none"]));
-    }
+    fault(c2, 1..=2, "none");
     c1.eventually("admitted again", t, || ejected(c1).is_empty());
     // Unanswered SYNs: hello-1 drops everything; attempts give up after 3 s, their SYN having
     // been retransmitted at 1 s.
-    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "blackhole"]));
+    fault(c2, 1..=1, "blackhole");
     let r = c1.connect_with("mcs/client", &target, &["--count", "16", "--timeout", "3s"]);
     assert!(r["ok"].as_u64().unwrap() >= 4, "{r}");
     let e = ejected(c1);
@@ -394,21 +375,8 @@ fn tc_flows_eject_failing_backends() {
 /// answers.
 #[test]
 fn mesh_health_checks_publish_failing_endpoints_not_ready() {
-    let set = ClusterSet::up("schedhc", 2, 1, "", &["--mesh-health-check", "300ms"]);
+    let set = exporter_and_client("schedhc", &["--mesh-health-check", "300ms"]);
     let (c1, c2) = (set.c(1), set.c(2));
-    assert!(c1
-        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: mcs}\n")
-        .status
-        .success());
-    let out = c2.apply(&app(2));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for k in 1..=2 {
-        set_ready(c2, &format!("hello-{k}"), true);
-    }
     let ready_in_c1 = || -> Vec<bool> {
         let sel = "multicluster.kubernetes.io/service-name=hello";
         let slices = c1.get_json(&["endpointslices", "-n", "mcs", "-l", sel]);
@@ -424,12 +392,12 @@ fn mesh_health_checks_publish_failing_endpoints_not_ready() {
     c1.eventually("both endpoints imported ready", t, || {
         ready_in_c1() == [true, true]
     });
-    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "blackhole"]));
+    fault(c2, 1..=1, "blackhole");
     c1.eventually("hello-1 published not ready", t, || {
         let mut r = ready_in_c1();
         r.sort();
         r == [false, true]
     });
-    ok(&mut c2.weir(&["lab", "fault", "mcs/hello-1", "--mode", "none"]));
+    fault(c2, 1..=1, "none");
     c1.eventually("hello-1 ready again", t, || ready_in_c1() == [true, true]);
 }
