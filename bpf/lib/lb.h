@@ -140,14 +140,14 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LB_STAT_MAX);
+	__uint(max_entries, LB_STAT_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
-} weir_lb_stats SEC(".maps");
+} weir_lb_counters SEC(".maps");
 
 static __always_inline void lb_count(__u32 stat)
 {
-	__u64 *v = bpf_map_lookup_elem(&weir_lb_stats, &stat);
+	__u64 *v = bpf_map_lookup_elem(&weir_lb_counters, &stat);
 
 	if (v)
 		*v += 1;

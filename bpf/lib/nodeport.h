@@ -565,9 +565,20 @@ static __always_inline int icmp4_error_nat(struct __sk_buff *skb, struct ct4_key
 		return NAT_NONE;
 	if (type == 3 && !explaining(skb) &&
 	    (re->flags & (CT_F_WATCH | CT_F_COUNTED | CT_F_SEEN_REPLY)) == CT_F_WATCH) {
-		/* Destination unreachable before any answer: a failed connect. */
+		/* Destination unreachable before any answer: a failed connect, counted once (on
+		 * both entries: a packet of either direction copies its entry's state over).
+		 * `rk` becomes the original entry's key in place (the stack is full here). */
+		struct ct4_entry *fe;
+
+		rk.saddr = (re->flags & CT_F_SNAT) ? re->snat_addr : rk.daddr;
+		rk.sport = (re->flags & CT_F_SNAT) ? re->snat_port : rk.dport;
+		rk.daddr = re->nat_addr;
+		rk.dport = re->nat_port;
 		outlier_count(re->backend_id, false);
 		re->flags |= CT_F_COUNTED;
+		fe = bpf_map_lookup_elem(&weir_ct4, &rk);
+		if (fe)
+			fe->flags |= CT_F_COUNTED;
 	}
 	__builtin_memcpy(n, q, sizeof(n));
 	nip->daddr = re->nat_addr;

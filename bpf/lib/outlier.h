@@ -5,9 +5,12 @@
  * flows translated at tc through their conntrack entries (nodeport.h). An answer (the
  * handshake completes) resets the backend's failure streak; a reset, an ICMP unreachable or a
  * SYN left unanswered until its first retransmission (the initial RTO, 1 s) is a failure.
- * After `threshold` consecutive failures the backend is ejected for base x ejections: new
- * connections pass over it at once, and the agent, told through a ring buffer, counts it
- * unhealthy in the shares (which the kernel does not compute) until the ejection ends.
+ * After `threshold` consecutive failures the backend is ejected for base x ejections (at most
+ * 300 s, or the base): new connections at the socket layer pass over it at once, and the
+ * agent, told through a ring buffer, counts it unhealthy in the shares (which the kernel does
+ * not compute) until the ejection ends. The agent owns weir_lb_outlier (settings) and makes
+ * each weir_lb_health entry once, zeroed; the datapath alone updates the counts, so neither
+ * undoes the other's writes.
  */
 #ifndef WEIR_LIB_OUTLIER_H
 #define WEIR_LIB_OUTLIER_H
@@ -27,9 +30,20 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, LB_BACKEND_MAP_SIZE);
 	__type(key, __u32);
+	__type(value, struct lb_outlier);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} weir_lb_outlier SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_BACKEND_MAP_SIZE);
+	__type(key, __u32);
 	__type(value, struct lb_health);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } weir_lb_health SEC(".maps");
+
+/* The longest ejection (Envoy's max_ejection_time default), unless the base is longer. */
+#define OUTLIER_MAX_EJECTION_NS (300ULL * NSEC_PER_SEC)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -48,15 +62,23 @@ struct sock___weir {
 /* Picks of a new connection's slot while they land on ejected backends. */
 #define OUTLIER_PICK_TRIES 4
 
-/* Whether backend `id` of `svc` is ejected now. */
+/*
+ * Whether backend `id` of `svc` was just ejected: ejected now, and the agent has not yet
+ * scheduled around it (once it has, a backend still in the slots is one it keeps on purpose,
+ * under maxEjectionPercent).
+ */
 static __always_inline bool outlier_ejected(const struct lb_service *svc, __u32 id)
 {
+	const struct lb_outlier *cfg;
 	const struct lb_health *h;
 
 	if (!(svc->flags & WEIR_SVC_OUTLIER))
 		return false;
 	h = bpf_map_lookup_elem(&weir_lb_health, &id);
-	return h && h->ejected_until > bpf_ktime_get_boot_ns();
+	if (!h || h->ejected_until <= bpf_ktime_get_boot_ns())
+		return false;
+	cfg = bpf_map_lookup_elem(&weir_lb_outlier, &id);
+	return cfg && h->ejections > cfg->acked;
 }
 
 /* Starts watching a TCP connect to backend `id` of `svc` (from the connect hook). */
@@ -74,39 +96,54 @@ static __always_inline void outlier_watch(const struct lb_service *svc, struct b
 	o->done = 0;
 }
 
-/* Counts one connect outcome of backend `id`; ejects it after the threshold. */
-static __always_inline void outlier_count(__u32 id, bool ok)
+/* Counts one connect outcome of backend `id`; ejects it after the threshold. A function of
+ * its own (not inlined), so that its locals do not weigh on its callers' stack frames. */
+static __noinline void outlier_count(__u32 id, bool ok)
 {
+	const struct lb_outlier *cfg = bpf_map_lookup_elem(&weir_lb_outlier, &id);
 	struct lb_ejection_event *ev;
 	struct lb_health *h;
-	__u64 now;
+	__u64 now, base, dur;
 
+	if (!cfg)
+		return; /* not (or no longer) under outlier detection */
+	/* The agent makes the entry (zeroed, never overwritten) with the settings. */
 	h = bpf_map_lookup_elem(&weir_lb_health, &id);
 	if (!h)
 		return;
+	now = bpf_ktime_get_boot_ns();
+	base = (__u64)cfg->base_ms * 1000000ULL;
 	if (ok) {
 		lb_count(LB_STAT_CONNECT_OK);
 		__sync_fetch_and_add(&h->successes_total, 1);
 		h->failures = 0;
+		/* Healthy a base time after an ejection ended: one ejection off the multiplier
+		 * (the mark moves on, so the next one takes another base time). */
+		if (h->ejections > 0 && now >= h->ejected_until + base) {
+			h->ejections -= 1;
+			h->ejected_until += base;
+		}
 		return;
 	}
 	lb_count(LB_STAT_CONNECT_FAIL);
 	__sync_fetch_and_add(&h->failures_total, 1);
-	now = bpf_ktime_get_boot_ns();
 	/* Connects begun before an ejection do not extend it. */
 	if (h->ejected_until > now)
 		return;
 	/* Not atomic: two CPUs failing at once may count one failure less. */
 	h->failures += 1;
-	if (h->threshold == 0 || h->failures < h->threshold)
+	if (cfg->threshold == 0 || h->failures < cfg->threshold)
 		return;
 	h->failures = 0;
 	h->ejections += 1;
-	h->ejected_until = now + (__u64)h->base_ms * 1000000ULL * h->ejections;
+	dur = base * h->ejections;
+	if (dur > OUTLIER_MAX_EJECTION_NS && dur > base)
+		dur = base > OUTLIER_MAX_EJECTION_NS ? base : OUTLIER_MAX_EJECTION_NS;
+	h->ejected_until = now + dur;
 	lb_count(LB_STAT_EJECTION);
 	ev = bpf_ringbuf_reserve(&weir_lb_events, sizeof(*ev), 0);
 	if (!ev)
-		return; /* the agent also finds ejections when it reads the map */
+		return; /* the agent also re-reads the map every minute */
 	ev->until = h->ejected_until;
 	ev->backend_id = id;
 	ev->ejections = h->ejections;

@@ -11,7 +11,7 @@ use kube::runtime::reflector::{self, Store};
 use serde::Serialize;
 use serde_json::Value;
 use weir_control::import_schedule::ImportSchedule;
-use weir_control::lb::{Backend, FrontendKey, Scheduled};
+use weir_control::lb::{Backend, FrontendKey, Proto, Scheduled};
 use weir_control::schedule::PolicySpec;
 use weir_dataplane::Ejection;
 
@@ -22,7 +22,7 @@ pub struct Scheduling {
     pub policies: Option<Store<DynamicObject>>,
     /// This cluster's id.
     pub importer: String,
-    /// Backends the datapath has ejected now.
+    /// Backends the datapath has ejected now (TCP: outcomes are counted for TCP only).
     pub ejected: HashSet<Backend>,
     /// When the next ejection ends.
     pub next_readmission: Option<Instant>,
@@ -52,7 +52,7 @@ impl Scheduling {
     pub fn refresh(&mut self, health: &[Ejection]) -> HashSet<Backend> {
         let now: HashSet<Backend> = health
             .iter()
-            .filter(|h| h.remaining_ms > 0)
+            .filter(|h| h.remaining_ms > 0 && h.proto == Proto::Tcp)
             .map(|h| h.backend)
             .collect();
         self.next_readmission = health
@@ -201,7 +201,7 @@ mod tests {
         let e = |port, remaining_ms| Ejection {
             id: u32::from(port),
             backend: b(port),
-            proto: weir_control::lb::Proto::Tcp,
+            proto: Proto::Tcp,
             remaining_ms,
             ejections: 1,
             failures: 0,

@@ -777,7 +777,14 @@ pub async fn run(
     if let Some(p) = &properties {
         let _ = p.wait_until_ready().await;
     }
-    refresh_ejections(&shared, &mut sched);
+    if let Some((_, health)) = refresh_ejections(&shared, &mut sched) {
+        shared
+            .dataplane
+            .lock()
+            .expect("dataplane lock")
+            .acknowledge(&health)
+            .ok();
+    }
     tracing::info!(node = %cfg.node_name, "initial lists received; programming the datapath");
     let opts = Options {
         node_name: cfg.node_name.clone(),
@@ -802,9 +809,12 @@ pub async fn run(
             sched.importer = id;
         }
         let readmit = sched.next_readmission.is_some_and(|t| t <= Instant::now());
+        let mut seen_health = None;
         if ejections || readmit {
-            let moved = refresh_ejections(&shared, &mut sched);
-            changed.extend(desired.imports_using(&moved));
+            if let Some((moved, health)) = refresh_ejections(&shared, &mut sched) {
+                changed.extend(desired.imports_using(&moved));
+                seen_health = Some(health);
+            }
         }
         let sls = slices.state();
         if full {
@@ -829,7 +839,12 @@ pub async fn run(
         let started = std::time::Instant::now();
         let result = {
             let mut dp = shared.dataplane.lock().expect("dataplane lock");
-            dp.apply(state)
+            let r = dp.apply(state);
+            // The ejections read for this pass are scheduled around now.
+            match (&r, &seen_health) {
+                (Ok(_), Some(h)) => dp.acknowledge(h).map(|()| r.expect("ok")),
+                _ => r,
+            }
         };
         metrics::record_apply("services", started.elapsed().as_secs_f64(), result.is_ok());
         match (&result, since) {
@@ -883,7 +898,11 @@ pub async fn run(
         });
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(readmission.min(Duration::from_secs(60))) => {}
+            _ = tokio::time::sleep(readmission.min(Duration::from_secs(60))) => {
+                // Quiet for a while: read the health again too, in case the ring buffer was
+                // full when an ejection was posted.
+                dirty.lock().expect("dirty lock").ejections = true;
+            }
         }
         // Coalesce a burst of events into one apply: wait as long as the last pass took (at
         // least 5 ms), so that under a stream of changes (thousands of Services or imports
@@ -895,14 +914,19 @@ pub async fn run(
     }
 }
 
-/// Reads the backends' health from the datapath; returns those whose ejection began or ended.
-fn refresh_ejections(shared: &Shared, sched: &mut imports::Scheduling) -> HashSet<lb::Backend> {
+/// Reads the backends' health from the datapath: the backends whose ejection began or ended,
+/// and what was read. On an error, tries again in a second.
+fn refresh_ejections(
+    shared: &Shared,
+    sched: &mut imports::Scheduling,
+) -> Option<(HashSet<lb::Backend>, Vec<weir_dataplane::Ejection>)> {
     let health = shared.dataplane.lock().expect("dataplane lock").health();
     match health {
-        Ok(h) => sched.refresh(&h),
+        Ok(h) => Some((sched.refresh(&h), h)),
         Err(e) => {
             tracing::warn!(error = %e, "reading the backends' health");
-            HashSet::new()
+            sched.next_readmission = Some(Instant::now() + Duration::from_secs(1));
+            None
         }
     }
 }

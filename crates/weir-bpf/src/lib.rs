@@ -117,6 +117,11 @@ pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     v
 }
 
+/// Maps earlier versions pinned in the load-balancing directory that no program uses any
+/// more (a map whose layout or size changed gets a new name): unpinned on load. Programs of
+/// the earlier version still attached keep theirs until they are replaced.
+const RETIRED_MAPS: &[&str] = &["weir_lb_stats"];
+
 /// Pins every map of an object being opened: load-balancing maps ([`SOCK_MAPS`]) in
 /// `lb_pin_dir` (shared by the socket and per-packet programs), the others in `pin_dir`.
 fn pin_maps(
@@ -160,6 +165,9 @@ fn load_pinned<B: SkelBuilder<'static>>(
     let mut open = builder
         .open(storage)
         .map_err(lb(format!("opening {name}")))?;
+    for name in RETIRED_MAPS {
+        let _ = std::fs::remove_file(lb_pin_dir.join(name));
+    }
     pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
     open.load().map_err(lb(format!(
         "loading {name} (maps in {})",
@@ -210,15 +218,16 @@ pub const SOCK_MAPS: &[&str] = &[
     "weir_lb_affinity",
     "weir_lb_affinity_match",
     "weir_lb_maglev",
-    "weir_lb_stats",
+    "weir_lb_counters",
     "weir_lb4_src_range",
     "weir_lb_groups",
+    "weir_lb_outlier",
     "weir_lb_health",
     "weir_lb_outlier_sock",
     "weir_lb_events",
 ];
 
-/// Names of the per-CPU counters in `weir_lb_stats`, by index.
+/// Names of the per-CPU counters in `weir_lb_counters`, by index.
 pub const LB_STATS: &[&str] = &[
     "xlate_connect",
     "xlate_sendmsg",
@@ -328,9 +337,10 @@ impl SockLb {
             "weir_lb_affinity" => &m.weir_lb_affinity,
             "weir_lb_affinity_match" => &m.weir_lb_affinity_match,
             "weir_lb_maglev" => &m.weir_lb_maglev,
-            "weir_lb_stats" => &m.weir_lb_stats,
+            "weir_lb_counters" => &m.weir_lb_counters,
             "weir_lb4_src_range" => &m.weir_lb4_src_range,
             "weir_lb_groups" => &m.weir_lb_groups,
+            "weir_lb_outlier" => &m.weir_lb_outlier,
             "weir_lb_health" => &m.weir_lb_health,
             "weir_lb_outlier_sock" => &m.weir_lb_outlier_sock,
             "weir_lb_events" => &m.weir_lb_events,
@@ -362,6 +372,23 @@ impl SockLb {
         map_entries(self.map(name), name)
     }
 
+    /// Puts `value` at `key` in map `name` unless an entry is there already.
+    pub fn put_new<K: Copy, V: Copy>(
+        &self,
+        name: &str,
+        key: &K,
+        value: &V,
+    ) -> Result<(), BpfError> {
+        match self
+            .map(name)
+            .update(as_bytes(key), as_bytes(value), MapFlags::NO_EXIST)
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(lb(format!("updating map {name}"))(e)),
+        }
+    }
+
     /// The value at `key` in map `name`, if any.
     pub fn get<K: Copy, V: Copy + Default>(
         &self,
@@ -378,7 +405,7 @@ impl SockLb {
     /// (entries, capacity) of map `name`.
     pub fn usage(&self, name: &str) -> (usize, u32) {
         let map = self.map(name);
-        let n = if name == "weir_lb_stats" {
+        let n = if name == "weir_lb_counters" {
             LB_STATS.len()
         } else {
             map.keys().count()
@@ -446,12 +473,12 @@ impl SockLb {
 
     /// The per-CPU counters summed, by name.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
-        let map = self.map("weir_lb_stats");
+        let map = self.map("weir_lb_counters");
         let mut out = Vec::new();
         for (i, name) in LB_STATS.iter().enumerate() {
             let per_cpu = map
                 .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
-                .map_err(lb("reading weir_lb_stats"))?;
+                .map_err(lb("reading weir_lb_counters"))?;
             let sum = per_cpu
                 .into_iter()
                 .flatten()

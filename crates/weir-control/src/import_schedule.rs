@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use crate::lb::{Backend, EndpointView, Outlier, Scheduled, Scheduler};
+use crate::lb::{Backend, EndpointView, Outlier, Proto, Scheduled, Scheduler};
 use crate::schedule::{ClusterShare, Level, OutlierSpec, PolicySpec, Properties};
 
 /// A backend's weight when it alone carries all new connections (shares are in percent, so
@@ -92,7 +92,7 @@ impl ImportSchedule {
 }
 
 impl Scheduler for ImportSchedule {
-    fn select(&self, endpoints: &[EndpointView]) -> Scheduled {
+    fn select(&self, proto: Proto, endpoints: &[EndpointView]) -> Scheduled {
         let mut seen = HashSet::new();
         let mut by_cluster: ClusterEndpoints = BTreeMap::new();
         for e in endpoints {
@@ -111,7 +111,13 @@ impl Scheduler for ImportSchedule {
             .as_ref()
             .and_then(|p| p.outlier_detection.as_ref());
         let (failures, base_ms, max_percent) = OutlierSpec::settings(od);
-        let ejected = self.effective_ejections(&by_cluster, max_percent);
+        // Outcomes are counted for TCP connects only: a UDP frontend's backends are not
+        // ejected with the TCP ones of the same address and port.
+        let ejected = if proto == Proto::Tcp {
+            self.effective_ejections(&by_cluster, max_percent)
+        } else {
+            BTreeSet::new()
+        };
         let healthy = |(b, ready): &(Backend, bool)| *ready && !ejected.contains(b);
         let levels: Vec<(String, Level)> = by_cluster
             .iter()
@@ -131,6 +137,10 @@ impl Scheduler for ImportSchedule {
         };
         let Some(policy) = &self.policy else {
             equal_shares(&by_cluster, &levels, &healthy, &mut out);
+            if out.backends.is_empty() {
+                // None ready: serving and terminating ones, as for a Service (KEP-1669).
+                (out.backends, _) = crate::lb::select(endpoints, None);
+            }
             out.standby = standby(&by_cluster, &out.backends);
             return out;
         };
@@ -254,7 +264,7 @@ mod tests {
             importer: "c1".into(),
             ..Default::default()
         };
-        let out = s.select(&e);
+        let out = s.select(Proto::Tcp, &e);
         assert_eq!(out.backends.len(), 9, "unready endpoints carry nothing");
         assert_eq!(out.standby.len(), 5, "but stay for their connections");
         let sh = shares(&out);
@@ -274,7 +284,7 @@ mod tests {
             ejected: local.iter().copied().collect(),
             ..Default::default()
         };
-        let out = s.select(&e);
+        let out = s.select(Proto::Tcp, &e);
         assert_eq!(
             shares(&out).get(&b'1'),
             None,
@@ -283,7 +293,7 @@ mod tests {
         assert_eq!(out.ejected.len(), 4);
         s.policy = policy(serde_json::json!({"lbType": "FailOver",
             "outlierDetection": {"maxEjectionPercent": 50, "baseEjectionTime": "2s"}}));
-        let out = s.select(&e);
+        let out = s.select(Proto::Tcp, &e);
         assert_eq!(out.ejected.len(), 2, "at most half of the level");
         assert_eq!(out.outlier.unwrap().base_ejection_ms, 2000);
         assert!((shares(&out)[&b'1'] - 70.0).abs() < 0.01);
@@ -299,7 +309,7 @@ mod tests {
             importer: "c1".into(),
             ..Default::default()
         };
-        let sh = shares(&s.select(&e));
+        let sh = shares(&s.select(Proto::Tcp, &e));
         assert!((sh[&b'2'] - 80.0).abs() < 0.01 && (sh[&b'3'] - 20.0).abs() < 0.01);
         let s = ImportSchedule {
             policy: policy(serde_json::json!({"lbType": "Locality"})),
@@ -307,7 +317,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            s.select(&e).backends.is_empty(),
+            s.select(Proto::Tcp, &e).backends.is_empty(),
             "no local endpoint: refused"
         );
     }
@@ -317,15 +327,26 @@ mod tests {
         let mut e = eps("c1", 2, 1);
         e.extend(eps("c2", 2, 0));
         let mut s = ImportSchedule::default();
-        let out = s.select(&e);
+        let out = s.select(Proto::Tcp, &e);
         assert_eq!(out.backends.len(), 4);
         assert!(out.weights.is_empty());
         s.ejected = e.iter().map(EndpointView::backend).collect();
         assert_eq!(
-            s.select(&e).backends.len(),
+            s.select(Proto::Tcp, &e).backends.len(),
             4,
             "all ejected: every ready one"
         );
+        // UDP frontends do not take the ejections of TCP connects.
+        s.ejected = [e[0].backend()].into();
+        assert_eq!(s.select(Proto::Udp, &e).backends.len(), 4);
+        assert_eq!(s.select(Proto::Tcp, &e).backends.len(), 3);
+        // None ready: serving and terminating ones, as for a Service.
+        let mut t = eps("c2", 0, 2);
+        for x in &mut t {
+            (x.serving, x.terminating) = (true, true);
+        }
+        let out = ImportSchedule::default().select(Proto::Tcp, &t);
+        assert_eq!((out.backends.len(), out.standby.len()), (2, 0));
     }
 
     #[test]
@@ -410,7 +431,7 @@ mod tests {
             importer: "c1".into(),
             ..Default::default()
         };
-        let sh = shares(&s.select(&e));
+        let sh = shares(&s.select(Proto::Tcp, &e));
         // c1 at 50% healthy -> 70%; the rest to c3 (same region), none to c2.
         assert!((sh[&b'1'] - 70.0).abs() < 0.01, "{sh:?}");
         assert!((sh[&b'3'] - 30.0).abs() < 0.01, "{sh:?}");

@@ -295,7 +295,7 @@ impl EndpointView {
 pub trait Scheduler {
     /// The backends, their weights (empty: equal) and outlier settings, and the plan
     /// behind them.
-    fn select(&self, endpoints: &[EndpointView]) -> Scheduled;
+    fn select(&self, proto: Proto, endpoints: &[EndpointView]) -> Scheduled;
 }
 
 /// What a [`Scheduler`] chose for one frontend.
@@ -495,7 +495,7 @@ where
                             .into_iter()
                             .filter(|e| !local || e.node.as_ref() == Some(&opts.node_name))
                             .collect();
-                        let mut chosen = s.select(&endpoints);
+                        let mut chosen = s.select(proto, &endpoints);
                         let picked = (
                             std::mem::take(&mut chosen.backends),
                             false,
@@ -668,7 +668,7 @@ where
 /// The backends new connections may use: ready endpoints (of this node only when `node` is
 /// given), else serving and terminating ones (KEP-1669). Returns them sorted, and whether they
 /// are the terminating fallback.
-fn select(endpoints: &[EndpointView], node: Option<&String>) -> (Vec<Backend>, bool) {
+pub(crate) fn select(endpoints: &[EndpointView], node: Option<&String>) -> (Vec<Backend>, bool) {
     let eligible: Vec<&EndpointView> = endpoints
         .iter()
         .filter(|e| node.is_none() || e.node.as_ref() == node)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use weir_bpf::types::{
     lb4_backend, lb4_key, lb4_src_range_key, lb6_backend, lb6_key, lb_affinity, lb_affinity_key,
-    lb_affinity_match, lb_group, lb_groups, lb_health, lb_service,
+    lb_affinity_match, lb_group, lb_groups, lb_health, lb_outlier, lb_service,
 };
 use weir_bpf::{ip6_from_words as from_v6, ip6_words as v6, SockLb};
 use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
@@ -157,8 +157,8 @@ pub struct EbpfDataplane {
     applied: BTreeMap<FrontendKey, Frontend>,
     next_backend: u32,
     next_frontend: u32,
-    /// Backends under outlier detection, with (consecutive failures, base ejection ms).
-    watched: BTreeMap<u32, (u32, u32)>,
+    /// Backends under outlier detection, with their settings as written.
+    watched: BTreeMap<u32, lb_outlier>,
 }
 
 fn v4(ip: Ipv4Addr) -> u32 {
@@ -294,9 +294,9 @@ impl EbpfDataplane {
             .entries::<u32, lb_groups>("weir_lb_groups")?
             .into_iter()
             .collect();
-        let health: BTreeMap<u32, lb_health> = self
+        let outlier: BTreeMap<u32, lb_outlier> = self
             .lb
-            .entries::<u32, lb_health>("weir_lb_health")?
+            .entries::<u32, lb_outlier>("weir_lb_outlier")?
             .into_iter()
             .collect();
         for f in self.frontends.values_mut() {
@@ -310,8 +310,8 @@ impl EbpfDataplane {
                 f.outlier = f
                     .backends
                     .first()
-                    .and_then(|b| health.get(b))
-                    .map(|h| (h.threshold, h.base_ms));
+                    .and_then(|b| outlier.get(b))
+                    .map(|o| (o.threshold, o.base_ms));
             }
         }
         for id in groups.keys() {
@@ -323,10 +323,7 @@ impl EbpfDataplane {
                 self.lb.remove("weir_lb_groups", id)?;
             }
         }
-        self.watched = health
-            .iter()
-            .map(|(id, h)| (*id, (h.threshold, h.base_ms)))
-            .collect();
+        self.watched = outlier.into_iter().collect();
         let mut ranges: BTreeMap<u32, BTreeSet<(u32, u8)>> = BTreeMap::new();
         for (k, _) in self
             .lb
@@ -601,19 +598,26 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Puts backend `id` under outlier detection with `(failures, base ms)`, keeping the
-    /// counts the datapath has.
-    fn watch(&mut self, id: u32, o: (u32, u32)) -> Result<(), DataplaneError> {
-        if self.watched.get(&id) == Some(&o) {
+    /// Puts backend `id` under outlier detection with `(failures, base ms)`. The datapath's
+    /// counts live in their own map (weir_lb_health), which only the datapath writes.
+    fn watch(&mut self, id: u32, (threshold, base_ms): (u32, u32)) -> Result<(), DataplaneError> {
+        let old = self.watched.get(&id).copied().unwrap_or_default();
+        let want = lb_outlier {
+            threshold,
+            base_ms,
+            ..old
+        };
+        let same = |a: &lb_outlier, b: &lb_outlier| {
+            (a.threshold, a.base_ms, a.acked) == (b.threshold, b.base_ms, b.acked)
+        };
+        if self.watched.contains_key(&id) && same(&old, &want) {
             return Ok(());
         }
-        let mut h: lb_health = self
-            .lb
-            .get::<u32, lb_health>("weir_lb_health", &id)?
-            .unwrap_or_default();
-        (h.threshold, h.base_ms) = o;
-        self.lb.put("weir_lb_health", &id, &h)?;
-        self.watched.insert(id, o);
+        // The counts' entry, zeroed, unless the datapath has one already.
+        self.lb
+            .put_new("weir_lb_health", &id, &lb_health::default())?;
+        self.lb.put("weir_lb_outlier", &id, &want)?;
+        self.watched.insert(id, want);
         Ok(())
     }
 
@@ -632,6 +636,8 @@ impl EbpfDataplane {
             .copied()
             .collect();
         for id in stale {
+            // Settings first: the datapath counts only backends that have them.
+            self.lb.remove("weir_lb_outlier", &id)?;
             self.lb.remove("weir_lb_health", &id)?;
             self.watched.remove(&id);
         }
@@ -811,14 +817,19 @@ impl Dataplane for EbpfDataplane {
         let by_id: BTreeMap<u32, (Backend, Proto)> =
             self.backends.iter().map(|(k, id)| (*id, *k)).collect();
         let now = boot_nanos();
-        Ok(self
+        let counts: BTreeMap<u32, lb_health> = self
             .lb
             .entries::<u32, lb_health>("weir_lb_health")?
             .into_iter()
-            .filter_map(|(id, h)| {
-                let (backend, proto) = *by_id.get(&id)?;
+            .collect();
+        Ok(self
+            .watched
+            .iter()
+            .filter_map(|(id, o)| {
+                let (backend, proto) = *by_id.get(id)?;
+                let h = counts.get(id).copied().unwrap_or_default();
                 Some(Ejection {
-                    id,
+                    id: *id,
                     backend,
                     proto,
                     remaining_ms: h.ejected_until.saturating_sub(now) / 1_000_000,
@@ -826,11 +837,28 @@ impl Dataplane for EbpfDataplane {
                     failures: h.failures,
                     failures_total: h.failures_total,
                     successes_total: h.successes_total,
-                    threshold: h.threshold,
-                    base_ms: h.base_ms,
+                    threshold: o.threshold,
+                    base_ms: o.base_ms,
                 })
             })
             .collect())
+    }
+
+    fn acknowledge(&mut self, health: &[Ejection]) -> Result<(), DataplaneError> {
+        for h in health {
+            let Some(o) = self.watched.get(&h.id).copied() else {
+                continue;
+            };
+            if o.acked != h.ejections {
+                let want = lb_outlier {
+                    acked: h.ejections,
+                    ..o
+                };
+                self.lb.put("weir_lb_outlier", &h.id, &want)?;
+                self.watched.insert(h.id, want);
+            }
+        }
+        Ok(())
     }
 
     fn ejection_events(&self) -> Option<PathBuf> {

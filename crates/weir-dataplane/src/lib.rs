@@ -154,6 +154,12 @@ pub trait Dataplane: Send {
     fn health(&self) -> Result<Vec<Ejection>, DataplaneError> {
         Ok(Vec::new())
     }
+    /// Tells the datapath that the state in `health` has been scheduled around: a backend
+    /// still selectable after its ejection is one kept on purpose (maxEjectionPercent), which
+    /// new connections no longer pass over.
+    fn acknowledge(&mut self, _health: &[Ejection]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     /// Where the datapath announces ejections (a pinned ring buffer of
     /// `lb_ejection_event`s), if it has such a place.
     fn ejection_events(&self) -> Option<std::path::PathBuf> {

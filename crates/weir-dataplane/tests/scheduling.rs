@@ -175,6 +175,26 @@ fn refused_connects_eject_a_backend_after_the_threshold() {
     assert!(live_h.successes_total > 0);
     rb.poll(std::time::Duration::from_millis(100)).unwrap();
     assert_eq!(events.lock().unwrap().as_slice(), [(dead_h.id, 1)]);
+    // Still in the slots (the agent has not rescheduled): new connects pass over it, but for
+    // the 1 in 16 whose four draws all land on it.
+    let before = connects(&g.cgroup, "10.201.0.2", 80)
+        .get(&'-')
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        before < 20,
+        "passed over while ejected: {before} of 80 refused"
+    );
+    // Acknowledged while still in the slots (kept under maxEjectionPercent): reached again.
+    dp.acknowledge(&health).unwrap();
+    let after = connects(&g.cgroup, "10.201.0.2", 80)
+        .get(&'-')
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        after > 20,
+        "kept on purpose: {after} of 80 refused (about half)"
+    );
     // Backends no frontend watches lose their health entries.
     st.frontends.get_mut(&vip(2)).unwrap().outlier = None;
     dp.apply(&st).unwrap();

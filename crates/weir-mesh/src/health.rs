@@ -1,7 +1,7 @@
 //! Active health checks (optional, off by default): the mesh connects over TCP to every
 //! endpoint of its own cluster's exports, at the first TCP port of its slice, every
 //! `interval`; an endpoint whose connects fail `threshold` times in a row is published not
-//! ready (every cluster then counts it unhealthy in its shares), and one answered connect
+//! ready in that slice (every cluster then counts it unhealthy in its shares), and one answered connect
 //! makes it ready again, as a kubelet's probe with successThreshold 1 does. The checks run
 //! on a thread of their own, inside a given network namespace when the mesh's own cannot
 //! reach pods (the lab's mesh runs on the host).
@@ -36,8 +36,8 @@ pub struct Health {
     targets: Mutex<BTreeSet<SocketAddr>>,
     /// Consecutive failures per endpoint checked.
     failures: Mutex<BTreeMap<SocketAddr, u32>>,
-    /// The addresses failing now.
-    failing: Mutex<BTreeSet<IpAddr>>,
+    /// The endpoints (address, checked port) failing now.
+    failing: Mutex<BTreeSet<SocketAddr>>,
 }
 
 impl Health {
@@ -46,17 +46,12 @@ impl Health {
         let mut t = BTreeSet::new();
         for r in records {
             for s in &r.slices {
-                let Some(port) = s
-                    .ports
-                    .iter()
-                    .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                    .and_then(|p| p.port)
-                else {
+                let Some(port) = checked_port(&s.ports) else {
                     continue;
                 };
                 for e in &s.endpoints {
                     if let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) {
-                        t.insert(SocketAddr::new(ip, port as u16));
+                        t.insert(SocketAddr::new(ip, port));
                     }
                 }
             }
@@ -64,17 +59,21 @@ impl Health {
         *self.targets.lock().expect("targets") = t;
     }
 
-    /// Marks the endpoints failing their checks not ready in `r`; returns how many.
+    /// Marks the endpoints failing their checks (at their slice's checked port) not ready in
+    /// `r`; returns how many.
     pub fn mark(&self, r: &mut ExportRecord) -> usize {
         let failing = self.failing.lock().expect("failing");
         let mut n = 0;
         for s in &mut r.slices {
+            let Some(port) = checked_port(&s.ports) else {
+                continue;
+            };
             for e in &mut s.endpoints {
                 let bad = e
                     .addresses
                     .first()
                     .and_then(|a| a.parse::<IpAddr>().ok())
-                    .is_some_and(|ip| failing.contains(&ip));
+                    .is_some_and(|ip| failing.contains(&SocketAddr::new(ip, port)));
                 if bad {
                     e.conditions.get_or_insert_with(Default::default).ready = Some(false);
                     n += 1;
@@ -94,16 +93,25 @@ impl Health {
             let f = failures.entry(*addr).or_default();
             *f = if *ok { 0 } else { f.saturating_add(1) };
         }
-        let now: BTreeSet<IpAddr> = failures
+        let now: BTreeSet<SocketAddr> = failures
             .iter()
             .filter(|(_, f)| **f >= threshold.max(1))
-            .map(|(a, _)| a.ip())
+            .map(|(a, _)| *a)
             .collect();
         let mut failing = self.failing.lock().expect("failing");
         let changed = *failing != now;
         *failing = now;
         changed
     }
+}
+
+/// The port a slice's endpoints are checked at: its first TCP port.
+fn checked_port(ports: &[k8s_openapi::api::discovery::v1::EndpointPort]) -> Option<u16> {
+    ports
+        .iter()
+        .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .and_then(|p| p.port)
+        .map(|p| p as u16)
 }
 
 /// Starts the checks; `changed` is notified when an endpoint turns failing or healthy.
@@ -185,7 +193,7 @@ mod tests {
         let b: SocketAddr = "10.0.0.2:8080".parse().unwrap();
         assert!(!h.record(&[(a, false), (b, true)], 2));
         assert!(h.record(&[(a, false), (b, true)], 2));
-        assert!(h.failing.lock().unwrap().contains(&a.ip()));
+        assert!(h.failing.lock().unwrap().contains(&a));
         let mut r: ExportRecord = serde_json::from_value(serde_json::json!({
             "cluster": "c1", "namespace": "mcs", "name": "hello", "created": "",
             "headless": false, "ports": [],

@@ -200,21 +200,32 @@ struct lb_groups {
 _Static_assert(sizeof(struct lb_groups) == 8 + 8 * WEIR_LB_MAX_GROUPS, "lb_groups size");
 
 /*
- * Value of weir_lb_health, keyed by backend id: outlier detection of a backend of a frontend
- * with WEIR_SVC_OUTLIER. The agent writes threshold and base_ms; the socket programs count
- * TCP connect outcomes and eject the backend after `threshold` consecutive failures, until
- * now + base_ms x ejections.
+ * Value of weir_lb_outlier, keyed by backend id, written by the agent only: outlier detection
+ * of a backend of a frontend with WEIR_SVC_OUTLIER.
+ */
+struct lb_outlier {
+	__u32 threshold; /* consecutiveFailures (0: never eject) */
+	__u32 base_ms;	 /* baseEjectionTime, milliseconds */
+	__u32 acked;	 /* ejections the agent has scheduled around (see lb_health) */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_outlier) == 16, "lb_outlier size");
+
+/*
+ * Value of weir_lb_health, keyed by backend id, written by the datapath only: TCP connect
+ * outcomes of a backend under outlier detection. After `threshold` consecutive failures the
+ * backend is ejected until now + min(base_ms x ejections, max(300 s, base_ms)); each answered
+ * connect a base time after an ejection ended takes one off `ejections`. While `ejections`
+ * exceeds the agent's `acked`, the connect hook passes over an ejected backend.
  */
 struct lb_health {
 	__u64 ejected_until;   /* bpf_ktime_get_boot_ns(); 0 or past: admitted */
 	__u64 failures_total;  /* connects that failed */
 	__u64 successes_total; /* connects that succeeded */
 	__u32 failures;	       /* consecutive failures since the last success or ejection */
-	__u32 ejections;       /* times ejected */
-	__u32 threshold;       /* consecutiveFailures (0: never eject) */
-	__u32 base_ms;	       /* baseEjectionTime, milliseconds */
+	__u32 ejections;       /* ejection multiplier */
 };
-_Static_assert(sizeof(struct lb_health) == 40, "lb_health size");
+_Static_assert(sizeof(struct lb_health) == 32, "lb_health size");
 
 /* Value of weir_lb_outlier_sock (socket storage): the backend a watched connect went to. */
 struct lb_outlier_sock {
@@ -231,7 +242,7 @@ struct lb_ejection_event {
 };
 _Static_assert(sizeof(struct lb_ejection_event) == 16, "lb_ejection_event size");
 
-/* Indexes of weir_lb_stats (per-CPU counters). */
+/* Indexes of weir_lb_counters (per-CPU counters). */
 enum lb_stat {
 	LB_STAT_XLATE_CONNECT = 0,	/* connect() to a service translated */
 	LB_STAT_XLATE_SENDMSG = 1,	/* UDP sendmsg to a service translated */
@@ -246,6 +257,8 @@ enum lb_stat {
 	LB_STAT_CONNECT_FAIL = 10,	/* watched TCP connect refused, unreachable or unanswered */
 	LB_STAT_EJECTION = 11,		/* backend ejected */
 	LB_STAT_MAX = 12,
+	/* Slots of weir_lb_counters: room for counters to come without a new map. */
+	LB_STAT_SLOTS = 64,
 };
 
 #endif /* WEIR_API_LB_H */
