@@ -353,8 +353,11 @@ fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
         "the held connection was never reset: {r}"
     );
     assert_eq!(responders(&r).len(), 1, "{r}");
-    lab.eventually("restarted agent in sync", Duration::from_secs(10), || {
-        ok(&mut lab.weir(&["status"])).contains("in sync")
+    // The restarted agent answers once it has loaded its programs (seconds on a loaded
+    // machine): until then `status` fails, which is "not yet".
+    lab.eventually("restarted agent in sync", Duration::from_secs(30), || {
+        let out = lab.weir(&["status"]).output().unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("in sync")
     });
     // The restart changed nothing else: same frontend ids, same backend ids in the same slots.
     let after = lb_list(&lab, "node-1")["frontends"].clone();
