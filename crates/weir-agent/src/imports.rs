@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weir_control::import_schedule::ImportSchedule;
 use weir_control::lb::{Backend, FrontendKey, Proto, Scheduled};
-use weir_control::schedule::PolicySpec;
+use weir_control::schedule::{PolicySpec, ShareRow};
 use weir_dataplane::Ejection;
 
 /// The inputs of every import's schedule on this node.
@@ -112,25 +112,6 @@ pub fn spawn_ejection_watch(path: PathBuf, wake: impl Fn() + Send + 'static) -> 
     )
 }
 
-/// One cluster's part in an import frontend's schedule.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ClusterRow {
-    /// Cluster id.
-    pub cluster: String,
-    /// Its level (FailOver, Locality).
-    pub level: Option<usize>,
-    /// Endpoints ready and not ejected.
-    pub healthy: u32,
-    /// Endpoints listed.
-    pub total: u32,
-    /// Percent of new connections it gets.
-    pub share: f64,
-    /// Its level is in panic.
-    pub panic: bool,
-    /// Why.
-    pub reason: String,
-}
-
 /// An import frontend's schedule, for `weir status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ImportStatus {
@@ -141,7 +122,7 @@ pub struct ImportStatus {
     /// Its GlobalTrafficPolicy's type, if it has one.
     pub policy: Option<String>,
     /// Per exporting cluster.
-    pub clusters: Vec<ClusterRow>,
+    pub clusters: Vec<ShareRow>,
     /// Backends left out because the datapath ejected them.
     pub ejected: Vec<String>,
 }
@@ -158,19 +139,7 @@ pub fn status_of(
             import: import.to_string(),
             frontend: k.to_string(),
             policy: policy.map(String::from),
-            clusters: s
-                .plan
-                .iter()
-                .map(|c| ClusterRow {
-                    cluster: c.cluster.clone(),
-                    level: c.level,
-                    healthy: c.endpoints.healthy,
-                    total: c.endpoints.total,
-                    share: (c.percent * 10.0).round() / 10.0,
-                    panic: c.panic,
-                    reason: c.reason.clone(),
-                })
-                .collect(),
+            clusters: s.plan.iter().map(ShareRow::from).collect(),
             ejected: s.ejected.iter().map(|b| b.to_string()).collect(),
         })
         .collect()

@@ -240,6 +240,42 @@ pub struct ClusterShare {
     pub reason: String,
 }
 
+/// A [`ClusterShare`] as the policy's status and `weir status` show it: the share rounded to
+/// a tenth of a point, the level only when the cluster has one, panic only when on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ShareRow {
+    /// Cluster id.
+    pub cluster: String,
+    /// Endpoints ready and not ejected.
+    pub healthy: u32,
+    /// Endpoints listed.
+    pub total: u32,
+    /// Percent of new connections it gets.
+    pub share: f64,
+    /// Why.
+    pub reason: String,
+    /// Its level (FailOver, Locality).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<usize>,
+    /// Its level is in panic.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub panic: bool,
+}
+
+impl From<&ClusterShare> for ShareRow {
+    fn from(s: &ClusterShare) -> Self {
+        ShareRow {
+            cluster: s.cluster.clone(),
+            healthy: s.endpoints.healthy,
+            total: s.endpoints.total,
+            share: (s.percent * 10.0).round() / 10.0,
+            reason: s.reason.clone(),
+            level: s.level,
+            panic: s.panic,
+        }
+    }
+}
+
 /// The ClusterProperties of each cluster (`cluster.clusterset.k8s.io` and the users' own).
 pub type Properties =
     std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;

@@ -621,6 +621,39 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// The backends under outlier detection with their counts; `by_id` names them.
+    fn health_of(
+        &self,
+        by_id: &BTreeMap<u32, (Backend, Proto)>,
+    ) -> Result<Vec<Ejection>, DataplaneError> {
+        let now = boot_nanos();
+        let counts: BTreeMap<u32, lb_health> = self
+            .lb
+            .entries::<u32, lb_health>("weir_lb_health")?
+            .into_iter()
+            .collect();
+        Ok(self
+            .watched
+            .iter()
+            .filter_map(|(id, o)| {
+                let (backend, proto) = *by_id.get(id)?;
+                let h = counts.get(id).copied().unwrap_or_default();
+                Some(Ejection {
+                    id: *id,
+                    backend,
+                    proto,
+                    remaining_ms: h.ejected_until.saturating_sub(now) / 1_000_000,
+                    ejections: h.ejections,
+                    failures: h.failures,
+                    failures_total: h.failures_total,
+                    successes_total: h.successes_total,
+                    threshold: o.threshold,
+                    base_ms: o.base_ms,
+                })
+            })
+            .collect())
+    }
+
     /// Ends outlier detection of the backends no frontend watches any more.
     fn unwatch_stale(&mut self) -> Result<(), DataplaneError> {
         let live: BTreeSet<u32> = self
@@ -779,7 +812,7 @@ impl Dataplane for EbpfDataplane {
             .collect();
         Ok(Dump {
             frontends,
-            backends: by_id.into_iter().map(|(id, (b, p))| (id, b, p)).collect(),
+            backends: by_id.iter().map(|(id, (b, p))| (*id, *b, *p)).collect(),
             affinity,
             counters: self
                 .lb
@@ -809,39 +842,19 @@ impl Dataplane for EbpfDataplane {
                     }
                 })
                 .collect(),
-            health: self.health()?,
+            health: self.health_of(&by_id)?,
         })
     }
 
     fn health(&self) -> Result<Vec<Ejection>, DataplaneError> {
-        let by_id: BTreeMap<u32, (Backend, Proto)> =
-            self.backends.iter().map(|(k, id)| (*id, *k)).collect();
-        let now = boot_nanos();
-        let counts: BTreeMap<u32, lb_health> = self
-            .lb
-            .entries::<u32, lb_health>("weir_lb_health")?
-            .into_iter()
-            .collect();
-        Ok(self
-            .watched
+        // Only the watched backends' addresses, not a map of every backend.
+        let by_id: BTreeMap<u32, (Backend, Proto)> = self
+            .backends
             .iter()
-            .filter_map(|(id, o)| {
-                let (backend, proto) = *by_id.get(id)?;
-                let h = counts.get(id).copied().unwrap_or_default();
-                Some(Ejection {
-                    id: *id,
-                    backend,
-                    proto,
-                    remaining_ms: h.ejected_until.saturating_sub(now) / 1_000_000,
-                    ejections: h.ejections,
-                    failures: h.failures,
-                    failures_total: h.failures_total,
-                    successes_total: h.successes_total,
-                    threshold: o.threshold,
-                    base_ms: o.base_ms,
-                })
-            })
-            .collect())
+            .filter(|(_, id)| self.watched.contains_key(id))
+            .map(|(k, id)| (*id, *k))
+            .collect();
+        self.health_of(&by_id)
     }
 
     fn acknowledge(&mut self, health: &[Ejection]) -> Result<(), DataplaneError> {

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use weir_control::schedule::{Level, PolicySpec, Properties};
+use weir_control::schedule::{Level, PolicySpec, Properties, ShareRow};
 
 use crate::record::ExportRecord;
 
@@ -58,21 +58,7 @@ pub fn status(
         .collect();
     clusters.sort_by(|a, b| a.0.cmp(&b.0));
     let plan = spec.plan(importer, props, &clusters);
-    let rows: Vec<Value> = plan
-        .iter()
-        .map(|s| {
-            let mut v = json!({"cluster": s.cluster, "healthy": s.endpoints.healthy,
-                "total": s.endpoints.total, "share": (s.percent * 10.0).round() / 10.0,
-                "reason": s.reason});
-            if let Some(l) = s.level {
-                v["level"] = json!(l);
-            }
-            if s.panic {
-                v["panic"] = json!(true);
-            }
-            v
-        })
-        .collect();
+    let rows: Vec<ShareRow> = plan.iter().map(ShareRow::from).collect();
     let unknown: Vec<String> = named_clusters(&spec)
         .into_iter()
         .filter(|c| !members.contains(c))
