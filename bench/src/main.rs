@@ -421,12 +421,44 @@ fn in_netns_thread<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> R
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("number"));
+    percentile(v, 0.5)
+}
+
+/// The `p` quantile (0..1) of `v` (sorted in place), nearest rank.
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
+        return 0.0;
     }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// Rounds of two measurements `a` and `b`, alternating which goes first so that drift on the
+/// machine favours neither: the median of each and the median of the rounds' ratios b/a.
+fn interleaved(
+    rounds: usize,
+    mut a: impl FnMut(usize) -> Result<f64>,
+    mut b: impl FnMut(usize) -> Result<f64>,
+) -> Result<(f64, f64, f64)> {
+    let (mut va, mut vb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = a(round)?;
+            (x, b(round)?)
+        } else {
+            let y = b(round)?;
+            (a(round)?, y)
+        };
+        va.push(x);
+        vb.push(y);
+        ratios.push(y / x.max(1.0));
+    }
+    Ok((
+        percentile(&mut va, 0.5),
+        percentile(&mut vb, 0.5),
+        percentile(&mut ratios, 0.5),
+    ))
 }
 
 /// Per mode: name, conn/s per run, p50 per run, p99 per run, errors.

@@ -18,50 +18,13 @@ use futures::StreamExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 
-use crate::{rss_of, sh};
+use crate::{interleaved, percentile, rss_of, sh};
 
 struct Down(String, String);
 impl Drop for Down {
     fn drop(&mut self) {
         let _ = sh(&self.1, &["lab", "down", "--name", &self.0]);
     }
-}
-
-/// The `p` quantile (0..1) of `v` (sorted in place), nearest rank.
-pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-/// Rounds of two measurements `a` and `b`, alternating which goes first so that drift on the
-/// machine favours neither: the median of each and the median of the rounds' ratios b/a.
-pub(crate) fn interleaved(
-    rounds: usize,
-    mut a: impl FnMut(usize) -> Result<f64>,
-    mut b: impl FnMut(usize) -> Result<f64>,
-) -> Result<(f64, f64, f64)> {
-    let (mut va, mut vb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds {
-        let (x, y) = if round % 2 == 0 {
-            let x = a(round)?;
-            (x, b(round)?)
-        } else {
-            let y = b(round)?;
-            (a(round)?, y)
-        };
-        va.push(x);
-        vb.push(y);
-        ratios.push(y / x.max(1.0));
-    }
-    Ok((
-        percentile(&mut va, 0.5),
-        percentile(&mut vb, 0.5),
-        percentile(&mut ratios, 0.5),
-    ))
 }
 
 async fn lb_backends(socket: &std::path::Path) -> Vec<(String, Vec<String>)> {

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::mesh::{interleaved, percentile};
-use crate::{self_exe, sh};
+use crate::{interleaved, percentile, self_exe, sh};
 
 struct Down(String, String);
 impl Drop for Down {
