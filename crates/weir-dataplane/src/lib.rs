@@ -1,9 +1,10 @@
 //! The `Dataplane` trait, which applies the control layer's desired state to a datapath, and
-//! its eBPF implementation. An iptables/nftables dataplane implements the same trait.
+//! its implementations: eBPF (`ebpf`, with the pod datapath in `pods`) and nftables (`nft`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod ebpf;
+pub mod nft;
 pub mod pods;
 pub mod sockets;
 
@@ -22,6 +23,53 @@ pub enum DataplaneError {
     /// The request names something that is not there (the message says what).
     #[error("{0}")]
     NotFound(String),
+    /// nftables or iptables refused a change or could not be run (the message says which).
+    #[error("{0}")]
+    Netfilter(String),
+}
+
+/// Which dataplane renders a node's desired state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneKind {
+    /// BPF programs at the socket layer, tc and XDP.
+    #[default]
+    Ebpf,
+    /// One nftables table per family (`ip weir`, `ip6 weir`).
+    Nftables,
+    /// iptables chains and ipsets, written with iptables-restore.
+    Iptables,
+}
+
+impl DataplaneKind {
+    /// Its name on the command line and in status.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataplaneKind::Ebpf => "ebpf",
+            DataplaneKind::Nftables => "nftables",
+            DataplaneKind::Iptables => "iptables",
+        }
+    }
+}
+
+impl std::fmt::Display for DataplaneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DataplaneKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ebpf" => Ok(DataplaneKind::Ebpf),
+            "nftables" => Ok(DataplaneKind::Nftables),
+            "iptables" => Ok(DataplaneKind::Iptables),
+            other => Err(format!(
+                "unknown dataplane {other:?} (use ebpf, nftables or iptables)"
+            )),
+        }
+    }
 }
 
 /// What an apply changed.
@@ -158,6 +206,21 @@ pub trait Dataplane: Send {
     /// still selectable after its ejection is one kept on purpose (maxEjectionPercent), which
     /// new connections no longer pass over.
     fn acknowledge(&mut self, _health: &[Ejection]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Which dataplane this is.
+    fn kind(&self) -> DataplaneKind {
+        DataplaneKind::Ebpf
+    }
+    /// What this dataplane cannot do for `state` (Maglev, DSR, outlier detection in the
+    /// netfilter dataplanes), said per Service.
+    fn limits(&self, _state: &LbState) -> Vec<weir_control::lb::Warning> {
+        Vec::new()
+    }
+    /// Pods' IPv4 flows to anything but `nets` (every node's pod CIDR and the configured
+    /// networks) leave masqueraded; None: none is. The eBPF dataplane masquerades in the pod
+    /// datapath instead.
+    fn set_masquerade(&mut self, _nets: Option<Vec<ipnet::Ipv4Net>>) -> Result<(), DataplaneError> {
         Ok(())
     }
     /// Where the datapath announces ejections (a pinned ring buffer of
