@@ -110,6 +110,8 @@ pub struct SyncStatus {
     pub health_checks: Vec<(u16, String, usize)>,
     /// ServiceImports under a GlobalTrafficPolicy or with ejected backends: their shares.
     pub schedules: Vec<imports::ImportStatus>,
+    /// The dataplane rendering the node's state: `ebpf`, `nftables` or `iptables`.
+    pub dataplane: String,
 }
 
 /// Shared between the reconcile loop and the introspection API.
@@ -618,15 +620,45 @@ pub async fn run(
         watcher::Config::default(),
         move |_| n3.notify_one(),
     );
+    let policy_report = Arc::new(Mutex::new(policy::PolicyReport::default()));
+    let flow_log = Arc::new(Mutex::new(flows::FlowLog::new(&cfg.node_name)));
+    if let Some(p) = &pods {
+        flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
+        tokio::spawn(policy::run(
+            client.clone(),
+            p.clone(),
+            policy_report.clone(),
+            flow_log.clone(),
+            cfg.node_name.clone(),
+            cfg.identity_gc_grace,
+            cfg.cluster_id.clone(),
+        ));
+    }
+    let kind = dataplane.kind();
+    let shared = Arc::new(Shared {
+        dataplane: Mutex::new(dataplane),
+        status: Mutex::new(SyncStatus {
+            node: cfg.node_name.clone(),
+            dataplane: kind.to_string(),
+            ..Default::default()
+        }),
+        pods,
+        policy: policy_report,
+        flows: flow_log,
+        nodes: node_store,
+        node_name: cfg.node_name.clone(),
+    });
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
     // destinations left untranslated.
-    if let Some(p) = pods
+    if let Some(p) = shared
+        .pods
         .as_ref()
         .filter(|p| p.config.tunnel.is_some() || p.config.masquerade)
     {
-        let nodes = node_store.clone();
+        let nodes = shared.nodes.clone();
         let p = p.clone();
+        let sh = shared.clone();
         let me = cfg.node_name.clone();
         tokio::spawn(async move {
             // Nothing is written before the first complete list of Nodes: an empty view would
@@ -660,6 +692,17 @@ pub async fn run(
                             .map(|n| (n.network(), n.prefix_len())),
                     );
                     let r = p.dataplane.lock().expect("pods").set_nomasq_cidrs(&cidrs);
+                    // The netfilter dataplanes masquerade in their own rules.
+                    let nets: Vec<ipnet::Ipv4Net> = cidrs
+                        .iter()
+                        .filter_map(|(a, l)| ipnet::Ipv4Net::new(*a, *l).ok())
+                        .collect();
+                    let r = r.and_then(|()| {
+                        sh.dataplane
+                            .lock()
+                            .expect("dataplane")
+                            .set_masquerade(Some(nets))
+                    });
                     match r {
                         Ok(()) => {
                             p.status.lock().expect("pod status").non_masquerade =
@@ -674,32 +717,6 @@ pub async fn run(
             }
         });
     }
-    let policy_report = Arc::new(Mutex::new(policy::PolicyReport::default()));
-    let flow_log = Arc::new(Mutex::new(flows::FlowLog::new(&cfg.node_name)));
-    if let Some(p) = &pods {
-        flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
-        tokio::spawn(policy::run(
-            client.clone(),
-            p.clone(),
-            policy_report.clone(),
-            flow_log.clone(),
-            cfg.node_name.clone(),
-            cfg.identity_gc_grace,
-            cfg.cluster_id.clone(),
-        ));
-    }
-    let shared = Arc::new(Shared {
-        dataplane: Mutex::new(dataplane),
-        status: Mutex::new(SyncStatus {
-            node: cfg.node_name.clone(),
-            ..Default::default()
-        }),
-        pods,
-        policy: policy_report,
-        flows: flow_log,
-        nodes: node_store,
-        node_name: cfg.node_name.clone(),
-    });
     for (i, addr) in cfg.listen.iter().enumerate() {
         let bound = probes::serve(*addr, shared.clone()).await?;
         tracing::info!(%bound, "serving /healthz, /readyz and /metrics");
@@ -824,6 +841,7 @@ pub async fn run(
         }
         let state = &desired.state;
         let mut warnings = desired.all_warnings();
+        warnings.extend(shared.dataplane.lock().expect("dataplane").limits(state));
         let checks = lb::health_checks(&services.state(), &sls, &cfg.node_name);
         let served: Vec<(u16, String, usize)> = checks
             .iter()

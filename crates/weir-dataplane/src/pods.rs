@@ -310,6 +310,12 @@ pub struct PodDataplane {
     policy_shadow: Option<HashMap<u32, EpPolicyState>>,
     /// The address tries last written: ipcache (identity, namespace class) and CIDRs.
     ipcache_written: Option<AddrTries>,
+    /// Whether programs go on the devices (false under a netfilter dataplane).
+    programs: bool,
+    /// Without programs: the network namespace of the node, where isolation is written.
+    netns: Option<std::path::PathBuf>,
+    /// Without programs: the isolated devices last written.
+    isolated: Option<Vec<(u32, bool, bool)>>,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -340,7 +346,56 @@ impl PodDataplane {
             ip_ifindex: HashMap::new(),
             policy_shadow: None,
             ipcache_written: None,
+            programs: true,
+            netns: None,
+            isolated: None,
         })
+    }
+
+    /// With `on` false no program goes on any device, and the links an earlier agent pinned
+    /// are removed as devices are synced: a netfilter dataplane renders the node's state and
+    /// the kernel routes the pods' packets. The maps are kept up to date all the same (the
+    /// endpoints for the CNI plugin and introspection, policy for the netfilter rendering).
+    pub fn set_programs(&mut self, on: bool, netns: Option<std::path::PathBuf>) {
+        self.programs = on;
+        self.netns = netns;
+    }
+
+    /// Without programs, NetworkPolicy is not rendered by the netfilter dataplanes yet: the
+    /// pods it isolates refuse every new flow in their isolated directions (fail closed).
+    fn write_isolation(&mut self) -> Result<(), DataplaneError> {
+        if self.programs {
+            return Ok(());
+        }
+        let want = self.isolated_devices();
+        if self.isolated.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        crate::nft::write_isolation(self.netns.as_deref(), &want)?;
+        self.isolated = Some(want);
+        Ok(())
+    }
+
+    /// The pod devices whose traffic NetworkPolicy isolates: host-side ifindex, ingress
+    /// isolated, egress isolated (from the last policy state and endpoint sync).
+    pub fn isolated_devices(&self) -> Vec<(u32, bool, bool)> {
+        let Some(state) = &self.policy else {
+            return Vec::new();
+        };
+        let mut out: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
+        for ep in state.endpoints.values() {
+            for ip in &ep.ips {
+                if let Some(ifindex) = self.ip_ifindex.get(ip) {
+                    let e = out.entry(*ifindex).or_default();
+                    e.0 |= ep.ingress.is_some();
+                    e.1 |= ep.egress.is_some();
+                }
+            }
+        }
+        out.into_iter()
+            .filter(|(_, (i, e))| *i || *e)
+            .map(|(k, (i, e))| (k, i, e))
+            .collect()
     }
 
     /// The loaded programs, for BPF_PROG_TEST_RUN.
@@ -352,6 +407,10 @@ impl PodDataplane {
     /// followed by the completion of NodePort flows SNATed to other nodes; everything else
     /// goes on to the tc program.
     pub fn attach_xdp(&mut self, ifindex: u32, which: XdpProgram) -> Result<(), DataplaneError> {
+        if !self.programs {
+            self.dp.detach_xdp(ifindex);
+            return Ok(());
+        }
         Ok(self.dp.attach_xdp(ifindex, which)?)
     }
 
@@ -437,6 +496,10 @@ impl PodDataplane {
     /// Attaches the node program to device `ifindex` (packets for local pods go straight to
     /// them).
     pub fn attach_netdev(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        if !self.programs {
+            self.dp.detach(ifindex);
+            return Ok(());
+        }
         self.dp.attach(TcProgram::FromNetdev, ifindex)?;
         self.netdevs.insert(ifindex);
         self.attached.insert(ifindex);
@@ -534,7 +597,7 @@ impl PodDataplane {
             .map(|r| r.host_ifindex)
             .collect::<BTreeSet<_>>()
         {
-            if self.attached.contains(&ifindex) {
+            if self.attached.contains(&ifindex) || !self.programs {
                 continue;
             }
             let attached = self
@@ -593,6 +656,8 @@ impl PodDataplane {
                 }
             }
         }
+        // Without programs, a new pod's isolation is written before its address is known.
+        self.write_isolation()?;
         let have: BTreeMap<Vec<u8>, (endpoint_key, endpoint_info)> = self
             .dp
             .endpoints()?
@@ -618,7 +683,7 @@ impl PodDataplane {
         let devices: BTreeSet<u32> = records.iter().map(|r| r.host_ifindex).collect();
         let pinned: BTreeSet<u32> = self.dp.attached().into_iter().collect();
         for ifindex in pinned.union(&self.attached.clone()) {
-            if !devices.contains(ifindex) && !self.netdevs.contains(ifindex) {
+            if !self.programs || (!devices.contains(ifindex) && !self.netdevs.contains(ifindex)) {
                 self.dp.detach(*ifindex);
                 self.attached.remove(ifindex);
                 stats.devices_detached += 1;
@@ -632,7 +697,9 @@ impl PodDataplane {
     /// be written is failed closed (its isolated directions deny everything).
     pub fn set_policy(&mut self, state: PolicyState) -> Result<PolicyApplyStats, DataplaneError> {
         self.policy = Some(state);
-        self.apply_policy()
+        let stats = self.apply_policy()?;
+        self.write_isolation()?;
+        Ok(stats)
     }
 
     fn apply_policy(&mut self) -> Result<PolicyApplyStats, DataplaneError> {

@@ -33,6 +33,8 @@ pub struct UpOptions {
     pub lb_algorithm: weir_control::lb::Algorithm,
     /// Load-balance pods' Service traffic at the socket layer (else per packet, at tc).
     pub socket_lb: bool,
+    /// The dataplane the agents render their node's state with.
+    pub dataplane: weir_dataplane::DataplaneKind,
     /// Cross-node pod traffic: `native` or `vxlan`.
     pub tunnel: String,
     /// XDP on the nodes' devices.
@@ -326,6 +328,7 @@ pub async fn up(opts: &UpOptions) -> Result<PathBuf, LabError> {
             opts.nodes
         )));
     }
+    check_dataplane(opts)?;
     let p = LabPaths::new(&opts.name);
     let leftovers = std::fs::read_dir("/run/netns")
         .into_iter()
@@ -379,6 +382,34 @@ async fn build(opts: &UpOptions, p: &LabPaths, docs: &[client::Doc]) -> Result<P
     Ok(p.kubeconfig())
 }
 
+/// Refuses the combinations of `lab up` options the chosen dataplane cannot run.
+fn check_dataplane(opts: &UpOptions) -> Result<(), LabError> {
+    use weir_dataplane::DataplaneKind;
+    let netfilter = opts.dataplane != DataplaneKind::Ebpf;
+    let clash = [
+        (
+            opts.dataplane == DataplaneKind::Iptables,
+            "the iptables dataplane is not built yet (use ebpf or nftables)",
+        ),
+        (
+            netfilter && opts.tunnel != "native",
+            "--tunnel vxlan needs the eBPF dataplane (its tunnel routes are BPF maps)",
+        ),
+        (netfilter && opts.xdp, "--xdp needs the eBPF dataplane"),
+        (
+            netfilter && !opts.socket_lb,
+            "--no-socket-lb is an eBPF setting (the netfilter dataplanes translate per packet)",
+        ),
+    ];
+    match clash.into_iter().find(|(bad, _)| *bad) {
+        Some((_, why)) => Err(LabError::Usage(format!(
+            "--dataplane {}: {why}",
+            opts.dataplane
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Plans a lab's (or a clusterset cluster's) layout with the options of `lab up`.
 fn plan_layout(opts: &UpOptions, p: &LabPaths, cluster: Option<u8>) -> Result<Layout, LabError> {
     let mut layout = Layout::plan_in(p, opts.nodes, free_port()?, cluster);
@@ -387,6 +418,7 @@ fn plan_layout(opts: &UpOptions, p: &LabPaths, cluster: Option<u8>) -> Result<La
         weir_control::lb::Algorithm::Maglev => "maglev".into(),
     };
     layout.socket_lb = opts.socket_lb;
+    layout.dataplane = opts.dataplane;
     layout.tunnel = opts.tunnel.clone();
     layout.xdp = opts.xdp;
     layout.masquerade = opts.masquerade;
@@ -840,23 +872,43 @@ pub async fn run_agent(
     };
     let cgroup = p.cgroup_dir().join(node);
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
-    let dp = weir_dataplane::ebpf::EbpfDataplane::new_with(
+    let netns = paths::netns_path(&layout.node(node)?.netns);
+    let ebpf = layout.dataplane == weir_dataplane::DataplaneKind::Ebpf;
+    let load = |what: &str, e: weir_dataplane::DataplaneError| {
+        LabError::Command(format!("loading the {what} of {node}"), e.to_string())
+    };
+    // The eBPF Services dataplane is loaded in every mode: under a netfilter dataplane its
+    // socket programs are detached (an earlier agent's links removed).
+    let bpf = weir_dataplane::ebpf::EbpfDataplane::new_with(
         &p.node_bpf_dir(node),
         &cgroup,
-        layout.socket_lb,
+        layout.socket_lb && ebpf,
     )
-    .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
+    .map_err(|e| load("datapath", e))?;
+    let dp: Box<dyn weir_dataplane::Dataplane> = if ebpf {
+        weir_dataplane::nft::NftDataplane::remove(Some(&netns)).map_err(|e| load("datapath", e))?;
+        Box::new(bpf)
+    } else {
+        let node_net = weir_dataplane::nft::NodeNet {
+            devices: vec!["eth0".into()],
+            snat_ports: net::LAB_SNAT_PORTS,
+            masquerade: None,
+        };
+        Box::new(
+            weir_dataplane::nft::NftDataplane::new(Some(netns.clone()), node_net)
+                .map_err(|e| load("nftables datapath", e))?,
+        )
+    };
     let pins = p.node_bpf_dir(node).join("tc");
-    let pods =
-        weir_dataplane::pods::PodDataplane::new(&pins, &p.node_bpf_dir(node)).map_err(|e| {
-            LabError::Command(format!("loading the pod datapath of {node}"), e.to_string())
-        })?;
+    let mut pods = weir_dataplane::pods::PodDataplane::new(&pins, &p.node_bpf_dir(node))
+        .map_err(|e| load("pod datapath", e))?;
+    pods.set_programs(ebpf, Some(netns.clone()));
     // The agent stays in the host namespace (the API server listens on its loopback); the
     // pod datapath thread enters the node's namespace, where the devices are.
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: p.endpoint_dir(node),
         devices: vec!["eth0".into()],
-        netns: Some(paths::netns_path(&layout.node(node)?.netns)),
+        netns: Some(netns),
         snat_ports: net::LAB_SNAT_PORTS,
         tunnel: (layout.tunnel == "vxlan").then(|| net::TUNNEL_DEVICE.to_string()),
         xdp: layout.xdp,
@@ -879,7 +931,7 @@ pub async fn run_agent(
         listen_file: Some(metrics_file(&p, node)),
         cluster_id: name.split_once('/').map(|(_, c)| c.to_string()),
     };
-    weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg)
+    weir_agent::run(client, dp, Some((pods, pod_cfg)), cfg)
         .await
         .map_err(|e| LabError::Command("agent".into(), e.to_string()))
 }

@@ -195,6 +195,9 @@ pub struct Layout {
     /// packet at tc).
     #[serde(default = "default_true")]
     pub socket_lb: bool,
+    /// The dataplane the agents render their node's state with.
+    #[serde(default)]
+    pub dataplane: weir_dataplane::DataplaneKind,
     /// How pods reach other nodes' pods: `native` (routes through the nodes' fabric
     /// addresses) or `vxlan` (a collect-metadata VXLAN device driven by the agents).
     #[serde(default = "default_tunnel")]
@@ -308,6 +311,7 @@ impl Layout {
             created: weir_model::now_rfc3339(),
             lb_algorithm: default_algorithm(),
             socket_lb: true,
+            dataplane: Default::default(),
             tunnel: default_tunnel(),
             xdp: false,
             masquerade: false,

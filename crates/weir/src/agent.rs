@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use weir_lab::{client, lab};
 
-use crate::cli::{parse_duration, AlgorithmArg, Cli, LbModeArg};
+use crate::cli::{parse_duration, AlgorithmArg, Cli, DataplaneArg, LbModeArg};
 
 /// Where the agent mounts cgroup v2 when the host's /sys/fs/cgroup is not cgroup v2.
 pub const CGROUP2_FALLBACK: &str = "/run/weir/cgroupv2";
@@ -57,6 +57,11 @@ pub(crate) struct AgentArgs {
     /// traffic is translated per packet at tc instead (as Cilium's hostNamespaceOnly).
     #[arg(long, env = "WEIR_NO_SOCKET_LB")]
     pub no_socket_lb: bool,
+    /// The dataplane that renders the node's Services and masquerading: ebpf (BPF programs
+    /// at the socket layer, tc and XDP), nftables (tables `ip weir` and `ip6 weir`, as
+    /// kube-proxy's nftables mode), or iptables (not built yet).
+    #[arg(long, env = "WEIR_DATAPLANE", value_enum, default_value_t = DataplaneArg::Ebpf)]
+    pub dataplane: DataplaneArg,
     /// VXLAN mode: the collect-metadata VXLAN device (`ip link add DEV type vxlan external
     /// dstport 8472`) through which other nodes' pods are reached, routed from the Nodes'
     /// podCIDRs. Without it: native routing.
@@ -201,15 +206,44 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         .bpf_pin_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weir/default/{}", a.node_name)));
-    let dp = weir_dataplane::ebpf::EbpfDataplane::new_with(&pins, &cgroup, !a.no_socket_lb)
-        .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
-    let pods =
+    let kind: weir_dataplane::DataplaneKind = a.dataplane.into();
+    let ebpf = kind == weir_dataplane::DataplaneKind::Ebpf;
+    if !ebpf && (a.tunnel_device.is_some() || a.xdp) {
+        bail!("--dataplane {kind}: --tunnel-device and --xdp need the eBPF dataplane");
+    }
+    if kind == weir_dataplane::DataplaneKind::Iptables {
+        bail!(
+            "--dataplane iptables: the iptables dataplane is not built yet (use ebpf or nftables)"
+        );
+    }
+    // Loaded in every mode: under nftables its socket programs are detached.
+    let bpf =
+        weir_dataplane::ebpf::EbpfDataplane::new_with(&pins, &cgroup, !a.no_socket_lb && ebpf)
+            .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
+    let dp: Box<dyn weir_dataplane::Dataplane> = if ebpf {
+        // A table an nftables-mode agent left would translate beside the programs.
+        if let Err(e) = weir_dataplane::nft::NftDataplane::remove(None) {
+            tracing::debug!(error = %e, "no nftables tables of weir removed");
+        }
+        Box::new(bpf)
+    } else {
+        let node = weir_dataplane::nft::NodeNet {
+            devices: devices.clone(),
+            snat_ports,
+            masquerade: None,
+        };
+        Box::new(
+            weir_dataplane::nft::NftDataplane::new(None, node).context("the nftables dataplane")?,
+        )
+    };
+    let mut pods =
         weir_dataplane::pods::PodDataplane::new(&pins.join("tc"), &pins).with_context(|| {
             format!(
                 "loading the pod datapath (pins in {})",
                 pins.join("tc").display()
             )
         })?;
+    pods.set_programs(ebpf, None);
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: a.endpoint_dir.clone(),
         devices,
@@ -238,7 +272,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         listen_file: None,
     };
     tokio::select! {
-        r = weir_agent::run(client, Box::new(dp), Some((pods, pod_cfg)), cfg) => r?,
+        r = weir_agent::run(client, dp, Some((pods, pod_cfg)), cfg) => r?,
         _ = lab::wait_for_signal() => {}
     }
     Ok(ExitCode::SUCCESS)

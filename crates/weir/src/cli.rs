@@ -144,6 +144,26 @@ impl From<LbModeArg> for weir_control::lb::LbMode {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DataplaneArg {
+    /// BPF programs at the socket layer, tc and XDP.
+    Ebpf,
+    /// One nftables table per family (kube-proxy's nftables layout).
+    Nftables,
+    /// iptables chains written with iptables-restore (not built yet).
+    Iptables,
+}
+
+impl From<DataplaneArg> for weir_dataplane::DataplaneKind {
+    fn from(a: DataplaneArg) -> Self {
+        match a {
+            DataplaneArg::Ebpf => weir_dataplane::DataplaneKind::Ebpf,
+            DataplaneArg::Nftables => weir_dataplane::DataplaneKind::Nftables,
+            DataplaneArg::Iptables => weir_dataplane::DataplaneKind::Iptables,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AlgorithmArg {
     Random,
     Maglev,
@@ -280,6 +300,9 @@ pub(crate) enum LabCommand {
         /// (as Cilium's socketLB.hostNamespaceOnly).
         #[arg(long)]
         no_socket_lb: bool,
+        /// The dataplane the agents render their node's Services (and masquerading) with.
+        #[arg(long, value_enum, default_value_t = DataplaneArg::Ebpf)]
+        dataplane: DataplaneArg,
         /// How pods reach other nodes' pods: native routing on the fabric, or VXLAN
         /// encapsulation driven by the agents.
         #[arg(long, value_enum, default_value_t = TunnelArg::Native)]
@@ -990,6 +1013,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
             timeout,
             lb_algorithm,
             no_socket_lb,
+            dataplane,
             tunnel,
             xdp,
             no_masquerade,
@@ -1012,6 +1036,7 @@ fn run_lab(cli: &Cli, cmd: &LabCommand) -> Result<ExitCode> {
                 timeout: *timeout,
                 lb_algorithm: (*lb_algorithm).into(),
                 socket_lb: !no_socket_lb,
+                dataplane: (*dataplane).into(),
                 tunnel: match tunnel {
                     TunnelArg::Native => "native".into(),
                     TunnelArg::Vxlan => "vxlan".into(),

@@ -83,6 +83,7 @@ pub async fn status(
         return Ok(ExitCode::SUCCESS);
     }
     println!("Node:          {}", s(&st["node"]));
+    println!("Dataplane:     {}", s(&st["dataplane"]));
     println!(
         "API server:    {}",
         if st["api_connected"] == true {

@@ -1,5 +1,6 @@
-//! ClusterIP load balancing at the socket layer, end to end in labs: real programs in the
-//! nodes' pod cgroups, real sockets from inside pods.
+//! ClusterIP load balancing end to end in labs: at the socket layer (real programs in the
+//! nodes' pod cgroups) and, for the tests that run on every dataplane, in nftables; real
+//! sockets from inside pods.
 
 mod common;
 
@@ -99,7 +100,18 @@ fn lb_list(lab: &Lab, node: &str) -> Value {
 
 #[test]
 fn clusterip_tcp_udp_ipv4_ipv6_across_nodes() {
-    let lab = Lab::up("cip", 2, APP);
+    clusterip_across_nodes("ebpf");
+}
+
+#[test]
+fn clusterip_tcp_udp_ipv4_ipv6_across_nodes_nftables() {
+    clusterip_across_nodes("nftables");
+}
+
+/// The same Service semantics on every dataplane (the eBPF one translates at the socket
+/// layer, the netfilter ones per packet: getpeername shows the VIP in both).
+fn clusterip_across_nodes(dataplane: &str) {
+    let lab = Lab::up_with("cip", 2, APP, &["--dataplane", dataplane]);
     // TCP through the VIP reaches all three pods on both nodes, with the named targetPort
     // resolved per pod (web-3 serves http on 9090), and getpeername shows the VIP.
     let svc = lab.get_json(&["svc", "web", "-n", "lb"]);
@@ -147,11 +159,20 @@ fn clusterip_tcp_udp_ipv4_ipv6_across_nodes() {
     assert!(table.contains(&format!("{vip4}:80/TCP")), "{table}");
     let status = ok(&mut lab.weir(&["status", "--node", "node-2"]));
     assert!(
-        status.contains("in sync")
-            && status.contains("sock4_connect")
-            && status.contains("weir_lb4_svc"),
+        status.contains("in sync") && status.contains(&format!("Dataplane:     {dataplane}")),
         "{status}"
     );
+    if dataplane == "ebpf" {
+        assert!(
+            status.contains("sock4_connect") && status.contains("weir_lb4_svc"),
+            "{status}"
+        );
+    } else {
+        assert!(
+            status.contains("lb/maglev: Maglev is not available"),
+            "{status}"
+        );
+    }
 }
 
 #[test]
@@ -240,6 +261,15 @@ fn session_affinity_expires_after_its_timeout() {
 
 #[test]
 fn endpoints_follow_scale_termination_and_fallback() {
+    endpoints_follow_scale("ebpf");
+}
+
+#[test]
+fn endpoints_follow_scale_termination_and_fallback_nftables() {
+    endpoints_follow_scale("nftables");
+}
+
+fn endpoints_follow_scale(dataplane: &str) {
     let manifest = r#"
 apiVersion: v1
 kind: Namespace
@@ -262,7 +292,7 @@ spec:
   selector: {app: solo}
   ports: [{port: 80, targetPort: 8080}]
 "#;
-    let lab = Lab::up("cip3", 1, manifest);
+    let lab = Lab::up_with("cip3", 1, manifest, &["--dataplane", dataplane]);
     let t = Duration::from_secs(20);
     let only = |who: &str| {
         let r = lab.connect("t/client", "solo.t:80", "tcp", 10);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 use weir_control::lb::{Backend, FrontendKey, Proto, Scope};
 
-use crate::{Dump, FrontendDump, MapUsage};
+use crate::{Dump, FrontendDump};
 
 /// The maps that dispatch frontends, and the scope of their elements.
 const DISPATCH: [(&str, Scope); 4] = [
@@ -188,11 +188,6 @@ pub fn dump(listing: &[Value]) -> Dump {
             continue;
         };
         let elems = m["elem"].as_array().cloned().unwrap_or_default();
-        dump.maps.push(MapUsage {
-            name: format!("{family} {name}"),
-            entries: elems.len(),
-            capacity: 0,
-        });
         let Some(scope) = DISPATCH.iter().find(|(n, _)| *n == name).map(|(_, s)| *s) else {
             continue;
         };
