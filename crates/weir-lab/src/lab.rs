@@ -886,7 +886,10 @@ pub async fn run_agent(
     )
     .map_err(|e| load("datapath", e))?;
     let dp: Box<dyn weir_dataplane::Dataplane> = if ebpf {
-        weir_dataplane::nft::NftDataplane::remove(Some(&netns)).map_err(|e| load("datapath", e))?;
+        // Tables an nftables-mode agent left would translate (and isolate) beside the programs.
+        if let Err(e) = weir_dataplane::nft::NftDataplane::remove(Some(&netns)) {
+            tracing::warn!(error = %e, "removing the nftables dataplane's tables");
+        }
         Box::new(bpf)
     } else {
         let node_net = weir_dataplane::nft::NodeNet {

@@ -169,13 +169,14 @@ impl NftDataplane {
         Ok(())
     }
 
-    /// Deletes weir's tables from the namespace (a node leaving the nftables dataplane).
-    /// Established flows keep their translation: it lives in the kernel's conntrack.
+    /// Deletes weir's tables (and the isolation table) from the namespace (a node leaving
+    /// the nftables dataplane). Established flows keep their translation: it lives in the
+    /// kernel's conntrack.
     pub fn remove(netns: Option<&Path>) -> Result<(), DataplaneError> {
-        let cmds: Vec<Value> = [Family::Ip, Family::Ip6]
+        let cmds: Vec<Value> = [("ip", TABLE), ("ip6", TABLE), ("inet", ISOLATION_TABLE)]
             .into_iter()
-            .flat_map(|f| {
-                let t = json!({"family": f.name(), "name": TABLE});
+            .flat_map(|(family, name)| {
+                let t = json!({"family": family, "name": name});
                 [
                     expr::cmd("add", "table", t.clone()),
                     expr::cmd("delete", "table", t),
