@@ -16,22 +16,6 @@ fn pod(name: &str, node: &str) -> String {
     )
 }
 
-fn node_netns(lab: &Lab, node: &str) -> String {
-    let layout: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
-    )
-    .unwrap();
-    layout["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == node)
-        .unwrap()["netns"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 fn in_netns(ns: &str, cmd: &[&str]) -> String {
     ok(Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
@@ -249,29 +233,6 @@ fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
     });
 }
 
-fn np_pod(name: &str, node: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: np, pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: echo\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
-    )
-}
-
-fn np_service(name: &str, selector: &str, etp: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {etp}\n  selector: {{{selector}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n"
-    )
-}
-
-fn node_port(lab: &Lab, svc: &str, name: &str) -> u64 {
-    lab.get_json(&["svc", svc, "-n", "x"])["spec"]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap()["nodePort"]
-        .as_u64()
-        .unwrap()
-}
-
 fn responders(r: &Value) -> Vec<String> {
     r["responders"]
         .as_object()
@@ -279,17 +240,6 @@ fn responders(r: &Value) -> Vec<String> {
         .keys()
         .cloned()
         .collect()
-}
-
-/// The client address the backend saw, asked over HTTP from the external host.
-fn client_ip_seen(lab: &Lab, to: &str) -> String {
-    let (host, port) = to.split_once(':').unwrap();
-    let script = format!(
-        "exec 3<>/dev/tcp/{host}/{port}; printf 'GET /clientip HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
-    );
-    let out = ok(&mut lab.weir(&["lab", "exec", "external", "--", "bash", "-c", &script]));
-    let body = out.rsplit("\r\n\r\n").next().unwrap().trim();
-    body.rsplit_once(':').unwrap().0.to_string()
 }
 
 #[test]

@@ -11,29 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn pod(name: &str, node: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: np, pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: echo\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
-    )
-}
-
-fn service(name: &str, selector: &str, etp: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {etp}\n  selector: {{{selector}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n"
-    )
-}
-
-fn node_port(lab: &Lab, svc: &str, name: &str) -> u64 {
-    lab.get_json(&["svc", svc, "-n", "x"])["spec"]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap()["nodePort"]
-        .as_u64()
-        .unwrap()
-}
-
 fn responders(r: &Value) -> Vec<String> {
     r["responders"]
         .as_object()
@@ -43,33 +20,9 @@ fn responders(r: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The client address the backend saw, asked over HTTP from the external host.
-fn client_ip_seen(lab: &Lab, to: &str) -> String {
-    let (host, port) = to.split_once(':').unwrap();
-    let script = format!(
-        "exec 3<>/dev/tcp/{host}/{port}; printf 'GET /clientip HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
-    );
-    let out = ok(&mut lab.weir(&["lab", "exec", "external", "--", "bash", "-c", &script]));
-    let body = out.rsplit("\r\n\r\n").next().unwrap().trim();
-    body.rsplit_once(':').unwrap().0.to_string()
-}
-
-fn node_netns(lab: &Lab, node: &str) -> String {
-    let layout: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
-    )
-    .unwrap();
-    let n = layout["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == node);
-    format!("/run/netns/{}", n.unwrap()["netns"].as_str().unwrap())
-}
-
 fn in_node(lab: &Lab, node: &str, cmd: &[&str]) -> String {
     ok(Command::new("nsenter")
-        .arg(format!("--net={}", node_netns(lab, node)))
+        .arg(format!("--net=/run/netns/{}", node_netns(lab, node)))
         .arg("--")
         .args(cmd))
 }
@@ -80,12 +33,12 @@ const DENY_INGRESS_TO_A: &str = "apiVersion: networking.k8s.io/v1\nkind: Network
 fn node_ports_masquerading_and_policy_isolation() {
     let m = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}{}{}",
-        pod("a", "node-1"),
-        pod("c", "node-2"),
-        pod("client", "node-1"),
-        service("np", "app: np, pod: a", "Cluster").replace("app: np, pod: a", "pod: a"),
-        service("both", "app: np", "Cluster"),
-        service("local", "app: np", "Local"),
+        np_pod("a", "node-1"),
+        np_pod("c", "node-2"),
+        np_pod("client", "node-1"),
+        np_service("np", "pod: a", "Cluster"),
+        np_service("both", "app: np", "Cluster"),
+        np_service("local", "app: np", "Local"),
     );
     // `client` carries app: np too; keep it out of the Services' backends.
     let m = m.replace(

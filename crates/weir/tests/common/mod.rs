@@ -488,3 +488,57 @@ impl Drop for ClusterSet {
         let _ = weir().args(["lab", "down", "--name", &self.name]).output();
     }
 }
+
+/// The network namespace of a lab node (its name under /run/netns).
+pub fn node_netns(lab: &Lab, node: &str) -> String {
+    let layout: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    layout["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["netns"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A pod for NodePort tests: labels app: np and pod: NAME, TCP 8080 and UDP 5353.
+pub fn np_pod(name: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: np, pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: echo\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+/// A NodePort Service (http 80 -> 8080, dns 53 -> 5353/UDP) of namespace x.
+pub fn np_service(name: &str, selector: &str, etp: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {etp}\n  selector: {{{selector}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+/// The node port of Service x/SVC's port NAME.
+pub fn node_port(lab: &Lab, svc: &str, name: &str) -> u64 {
+    lab.get_json(&["svc", svc, "-n", "x"])["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap()["nodePort"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The client address the backend saw, asked over HTTP from the external host.
+pub fn client_ip_seen(lab: &Lab, to: &str) -> String {
+    let (host, port) = to.split_once(':').unwrap();
+    let script = format!(
+        "exec 3<>/dev/tcp/{host}/{port}; printf 'GET /clientip HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = ok(&mut lab.weir(&["lab", "exec", "external", "--", "bash", "-c", &script]));
+    let body = out.rsplit("\r\n\r\n").next().unwrap().trim();
+    body.rsplit_once(':').unwrap().0.to_string()
+}
