@@ -672,10 +672,35 @@ fn program_bench(n: usize) -> Result<()> {
             Err(e) => println!("iptables-nft-restore: failed: {e}"),
         }
     }
+    // weir's own nftables dataplane, the same desired state (as weir's services, not
+    // kube-proxy's), in a namespace of its own.
+    let r4 = &topo.paths[0].1.r;
+    let mut nft_dp = weir_dataplane::nft::NftDataplane::new(
+        Some(PathBuf::from(format!("/run/netns/{r4}"))),
+        weir_dataplane::nft::NodeNet {
+            devices: Vec::new(),
+            snat_ports: (61000, 65535),
+            masquerade: None,
+        },
+    )?;
+    let t = Instant::now();
+    nft_dp.apply(&state)?;
+    let nft_full = t.elapsed();
+    let t = Instant::now();
+    nft_dp.apply(&changed)?;
+    let nft_one = t.elapsed();
+    weir_dataplane::nft::NftDataplane::remove(Some(&PathBuf::from(format!("/run/netns/{r4}"))))?;
     println!(
-        "ratios: iptables-legacy-restore/weir {:.1}x, nft/weir {:.1}x",
+        "weir --dataplane nftables: full apply {:.3} s; one-service change {:.3} ms",
+        nft_full.as_secs_f64(),
+        nft_one.as_secs_f64() * 1000.0
+    );
+    println!(
+        "ratios: iptables-legacy-restore/weir {:.1}x, nft/weir {:.1}x, weir-nftables/weir {:.1}x, kube-proxy-nft/weir-nftables {:.2}x",
         legacy.as_secs_f64() / full.as_secs_f64(),
-        nft.as_secs_f64() / full.as_secs_f64()
+        nft.as_secs_f64() / full.as_secs_f64(),
+        nft_full.as_secs_f64() / full.as_secs_f64(),
+        nft.as_secs_f64() / nft_full.as_secs_f64()
     );
     Ok(())
 }
