@@ -312,10 +312,10 @@ pub struct PodDataplane {
     ipcache_written: Option<AddrTries>,
     /// Whether programs go on the devices (false under a netfilter dataplane).
     programs: bool,
-    /// Without programs: the network namespace of the node, where isolation is written.
+    /// Without programs: the network namespace of the node, where policy is written.
     netns: Option<std::path::PathBuf>,
-    /// Without programs: the isolated devices last written.
-    isolated: Option<Vec<(u32, bool, bool)>>,
+    /// Without programs: the nftables policy table last written.
+    nft_policy: Option<Vec<serde_json::Value>>,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -348,7 +348,7 @@ impl PodDataplane {
             ipcache_written: None,
             programs: true,
             netns: None,
-            isolated: None,
+            nft_policy: None,
         })
     }
 
@@ -361,41 +361,22 @@ impl PodDataplane {
         self.netns = netns;
     }
 
-    /// Without programs, NetworkPolicy is not rendered by the netfilter dataplanes yet: the
-    /// pods it isolates refuse every new flow in their isolated directions (fail closed).
-    fn write_isolation(&mut self) -> Result<(), DataplaneError> {
+    /// Without programs, NetworkPolicy is enforced by nftables (`inet weir-policy`), rendered
+    /// from the same state and rewritten whole when it changes.
+    fn write_nft_policy(&mut self) -> Result<(), DataplaneError> {
         if self.programs {
             return Ok(());
         }
-        let want = self.isolated_devices();
-        if self.isolated.as_ref() == Some(&want) {
+        let empty = PolicyState::default();
+        let want =
+            crate::nft::policy::render(self.policy.as_ref().unwrap_or(&empty), &self.ip_ifindex);
+        if self.nft_policy.as_ref() == Some(&want) {
             return Ok(());
         }
-        crate::nft::write_isolation(self.netns.as_deref(), &want)?;
-        self.isolated = Some(want);
+        self.nft_policy = None;
+        crate::nft::write_policy(self.netns.as_deref(), &want)?;
+        self.nft_policy = Some(want);
         Ok(())
-    }
-
-    /// The pod devices whose traffic NetworkPolicy isolates: host-side ifindex, ingress
-    /// isolated, egress isolated (from the last policy state and endpoint sync).
-    pub fn isolated_devices(&self) -> Vec<(u32, bool, bool)> {
-        let Some(state) = &self.policy else {
-            return Vec::new();
-        };
-        let mut out: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
-        for ep in state.endpoints.values() {
-            for ip in &ep.ips {
-                if let Some(ifindex) = self.ip_ifindex.get(ip) {
-                    let e = out.entry(*ifindex).or_default();
-                    e.0 |= ep.ingress.is_some();
-                    e.1 |= ep.egress.is_some();
-                }
-            }
-        }
-        out.into_iter()
-            .filter(|(_, (i, e))| *i || *e)
-            .map(|(k, (i, e))| (k, i, e))
-            .collect()
     }
 
     /// The loaded programs, for BPF_PROG_TEST_RUN.
@@ -656,8 +637,8 @@ impl PodDataplane {
                 }
             }
         }
-        // Without programs, a new pod's isolation is written before its address is known.
-        self.write_isolation()?;
+        // Without programs, a new pod's policy is written before its address is in the map.
+        self.write_nft_policy()?;
         let have: BTreeMap<Vec<u8>, (endpoint_key, endpoint_info)> = self
             .dp
             .endpoints()?
@@ -698,7 +679,7 @@ impl PodDataplane {
     pub fn set_policy(&mut self, state: PolicyState) -> Result<PolicyApplyStats, DataplaneError> {
         self.policy = Some(state);
         let stats = self.apply_policy()?;
-        self.write_isolation()?;
+        self.write_nft_policy()?;
         Ok(stats)
     }
 

@@ -1,7 +1,8 @@
 //! The nftables dataplane end to end in a two-node lab: NodePorts from the external host
 //! (SNAT to a remote backend, the client's address kept for a local one,
-//! externalTrafficPolicy: Local), pods masqueraded to the external host, pods under
-//! NetworkPolicy isolated (fail closed), and the agent's tables and detached programs.
+//! externalTrafficPolicy: Local), pods masqueraded to the external host, a pod isolated by a
+//! NetworkPolicy, and the agent's tables and detached programs. (The upstream NetworkPolicy
+//! model runs on nftables in policy.rs.)
 
 mod common;
 
@@ -107,14 +108,22 @@ fn node_ports_masquerading_and_policy_isolation() {
         "{status}"
     );
 
-    // A NetworkPolicy isolating a's ingress: the netfilter dataplanes do not render its rules
-    // yet, so every new flow to a is refused (fail closed); c still answers, and a's own
-    // flows go out.
+    // A NetworkPolicy isolating a's ingress without a rule: new flows to a are refused (the
+    // policy table's chain for a's veth); c still answers; deleting the policy admits them.
     assert!(lab.apply(DENY_INGRESS_TO_A).status.success());
     let t = Duration::from_secs(20);
     lab.eventually("a isolated", t, || {
         lab.connect("external", &format!("{n1}:{only_a}"), "tcp", 2)["ok"] == 0
     });
+    let policy = in_node(
+        &lab,
+        "node-1",
+        &["nft", "list", "table", "inet", "weir-policy"],
+    );
+    assert!(
+        policy.contains("map ingress") && policy.contains("drop"),
+        "{policy}"
+    );
     let r = lab.connect("external", &format!("{n2}:{local}"), "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
     ok(&mut lab.kubectl(&["delete", "networkpolicy", "deny-a", "-n", "x"]));

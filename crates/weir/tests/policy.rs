@@ -209,7 +209,23 @@ fn observe_drops(lab: &Lab) {
 
 #[test]
 fn upstream_network_policy_model_on_two_nodes() {
-    let lab = Lab::up_with("pol", 2, &model_yaml(), &["--identity-gc-grace", "2s"]);
+    policy_model("ebpf");
+}
+
+#[test]
+fn upstream_network_policy_model_on_two_nodes_nftables() {
+    policy_model("nftables");
+}
+
+/// The model on a dataplane: the same matrices; verdict events (`weir observe`) come from the
+/// eBPF datapath only.
+fn policy_model(dataplane: &str) {
+    let lab = Lab::up_with(
+        "pol",
+        2,
+        &model_yaml(),
+        &["--identity-gc-grace", "2s", "--dataplane", dataplane],
+    );
     let everything = expect(|_, _| true);
     assert_matrix(&lab, "no policy", 80, "tcp", "pod-ip", &everything);
 
@@ -223,7 +239,9 @@ fn upstream_network_policy_model_on_two_nodes() {
     assert_matrix(&lab, "default-deny-ingress", 81, "udp", "pod-ip", &deny_x);
     // Policy applies after service translation.
     assert_matrix(&lab, "default-deny-ingress", 80, "tcp", "service", &deny_x);
-    observe_drops(&lab);
+    if dataplane == "ebpf" {
+        observe_drops(&lab);
+    }
 
     // should enforce policy based on NamespaceSelector with MatchExpressions, on a port:
     // x/a admits namespaces other than x on TCP 80 only (and nothing on 81).

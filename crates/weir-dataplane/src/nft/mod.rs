@@ -5,6 +5,7 @@
 //! frontends that changed.
 
 pub mod expr;
+pub mod policy;
 mod read;
 pub mod render;
 
@@ -70,63 +71,9 @@ fn transaction(netns: Option<&Path>, cmds: &[Value]) -> Result<(), DataplaneErro
     nft(netns, &["-j", "-f", "-"], Some(&doc)).map(|_| ())
 }
 
-/// The table that isolates pods under NetworkPolicy while the netfilter dataplanes do not
-/// render policy rules yet: every new flow in a pod's isolated directions is refused (fail
-/// closed); flows already established go on.
-pub const ISOLATION_TABLE: &str = "weir-isolation";
-
-/// Writes the isolation table for `devices` (host-side ifindex, ingress isolated, egress
-/// isolated), replacing what it held in one transaction; with no device, removes it.
-pub fn write_isolation(
-    netns: Option<&Path>,
-    devices: &[(u32, bool, bool)],
-) -> Result<(), DataplaneError> {
-    use expr as x;
-    let t = json!({"family": "inet", "name": ISOLATION_TABLE});
-    let mut cmds = vec![
-        x::cmd("add", "table", t.clone()),
-        x::cmd("delete", "table", t),
-    ];
-    if !devices.is_empty() {
-        let named = |n: &str| json!({"family": "inet", "table": ISOLATION_TABLE, "name": n});
-        cmds.push(x::cmd(
-            "add",
-            "table",
-            json!({"family": "inet", "name": ISOLATION_TABLE}),
-        ));
-        for hook in ["forward", "input"] {
-            let mut c = named(hook);
-            c["type"] = json!("filter");
-            c["hook"] = json!(hook);
-            c["prio"] = json!(-5);
-            c["policy"] = json!("accept");
-            cmds.push(x::cmd("add", "chain", c));
-            let rule = |expr: Vec<Value>| {
-                x::cmd(
-                    "add",
-                    "rule",
-                    json!({"family": "inet", "table": ISOLATION_TABLE, "chain": hook, "expr": expr}),
-                )
-            };
-            cmds.push(rule(vec![
-                x::matches(
-                    json!({"ct": {"key": "state"}}),
-                    "in",
-                    json!(["established", "related"]),
-                ),
-                json!({"accept": null}),
-            ]));
-            for (ifindex, ingress, egress) in devices {
-                if *ingress && hook == "forward" {
-                    cmds.push(rule(vec![x::eq(x::meta("oif"), json!(ifindex)), x::drop()]));
-                }
-                if *egress {
-                    cmds.push(rule(vec![x::eq(x::meta("iif"), json!(ifindex)), x::drop()]));
-                }
-            }
-        }
-    }
-    transaction(netns, &cmds)
+/// Replaces the NetworkPolicy table with `cmds` (from [`policy::render`]) in one transaction.
+pub fn write_policy(netns: Option<&Path>, cmds: &[Value]) -> Result<(), DataplaneError> {
+    transaction(netns, cmds)
 }
 
 /// The nftables dataplane of one node.
@@ -169,11 +116,11 @@ impl NftDataplane {
         Ok(())
     }
 
-    /// Deletes weir's tables (and the isolation table) from the namespace (a node leaving
+    /// Deletes weir's tables (the policy table too) from the namespace (a node leaving
     /// the nftables dataplane). Established flows keep their translation: it lives in the
     /// kernel's conntrack.
     pub fn remove(netns: Option<&Path>) -> Result<(), DataplaneError> {
-        let cmds: Vec<Value> = [("ip", TABLE), ("ip6", TABLE), ("inet", ISOLATION_TABLE)]
+        let cmds: Vec<Value> = [("ip", TABLE), ("ip6", TABLE), ("inet", policy::TABLE)]
             .into_iter()
             .flat_map(|(family, name)| {
                 let t = json!({"family": family, "name": name});
