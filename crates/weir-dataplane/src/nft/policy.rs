@@ -34,6 +34,12 @@ use super::expr::{self as x, Family};
 /// The table NetworkPolicy is rendered into.
 pub const TABLE: &str = "weir-policy";
 
+/// A pod device's allowed ingress and egress entries (None: that direction is open).
+type Directions<'a> = (
+    Option<&'a BTreeSet<PolicyEntry>>,
+    Option<&'a BTreeSet<PolicyEntry>>,
+);
+
 /// An inclusive address range of one family, as integers.
 type Span = (u128, u128);
 
@@ -228,13 +234,7 @@ pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Val
         x::cmd("delete", "table", t.clone()),
     ];
     // Per device: its ingress and egress entries (a pod's addresses share one device).
-    let mut devices: BTreeMap<
-        u32,
-        (
-            Option<&BTreeSet<PolicyEntry>>,
-            Option<&BTreeSet<PolicyEntry>>,
-        ),
-    > = BTreeMap::new();
+    let mut devices: BTreeMap<u32, Directions> = BTreeMap::new();
     for ep in state.endpoints.values() {
         for ifindex in ep.ips.iter().filter_map(|ip| ip_ifindex.get(ip)) {
             let d = devices.entry(*ifindex).or_default();
@@ -251,7 +251,7 @@ pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Val
     let mut peers: BTreeSet<u32> = devices
         .values()
         .flat_map(|(i, e)| {
-            i.into_iter()
+            i.iter()
                 .chain(e.iter())
                 .flat_map(|s| s.iter().map(|e| e.peer))
         })
