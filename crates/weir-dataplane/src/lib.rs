@@ -1,9 +1,11 @@
 //! The `Dataplane` trait, which applies the control layer's desired state to a datapath, and
-//! its implementations: eBPF (`ebpf`, with the pod datapath in `pods`) and nftables (`nft`).
+//! its implementations: eBPF (`ebpf`, with the pod datapath in `pods`), nftables (`nft`) and
+//! iptables (`ipt`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod ebpf;
+pub mod ipt;
 pub mod nft;
 pub mod pods;
 pub mod sockets;

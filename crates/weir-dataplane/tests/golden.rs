@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde_json::Value;
 use weir_control::lb::{self, LbState};
+use weir_dataplane::ipt;
 use weir_dataplane::nft::expr::Family;
 use weir_dataplane::nft::{render, NodeNet};
 
@@ -64,18 +65,63 @@ fn golden(name: &str, got: &str) {
     }
 }
 
-/// The nftables rendering of the fixtures: the whole-table transaction of a first apply.
-#[test]
-fn nftables_rendering_matches_the_golden_file() {
-    let state = fixture_state();
-    let node = NodeNet {
+fn node() -> NodeNet {
+    NodeNet {
         devices: vec!["eth0".into()],
         snat_ports: (45056, 65535),
         masquerade: Some(vec![
             "10.244.0.0/16".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
         ]),
-    };
+    }
+}
+
+/// Runs `cmd ARGS` with `input` on stdin; panics with its stderr when it fails.
+fn check(cmd: &str, args: &[&str], input: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The iptables rendering of the fixtures (IPv4 then IPv6, nat then filter), as a first
+/// apply restores it; checked by iptables-restore --test.
+#[test]
+fn iptables_rendering_matches_the_golden_file() {
+    let state = fixture_state();
+    let mut text = String::new();
+    for (f, bin) in [
+        (Family::Ip, "iptables-restore"),
+        (Family::Ip6, "ip6tables-restore"),
+    ] {
+        let (nat, filter) =
+            ipt::render::tables(f, &node(), &ipt::render::frontends(&state, f), &[]);
+        text.push_str(&format!("# {}\n{nat}{filter}", f.name()));
+        check(bin, &["--test", "--noflush"], &format!("{nat}{filter}"));
+    }
+    golden("iptables.txt", &text);
+}
+
+/// The nftables rendering of the fixtures: the whole-table transaction of a first apply.
+#[test]
+fn nftables_rendering_matches_the_golden_file() {
+    let state = fixture_state();
+    let node = node();
     let mut cmds = Vec::new();
     for f in [Family::Ip, Family::Ip6] {
         cmds.extend(render::skeleton(f, &node));
@@ -92,23 +138,5 @@ fn nftables_rendering_matches_the_golden_file() {
     golden("nftables.jsonl", &text);
     // The kernel accepts it (nft's check mode: evaluated, not committed).
     let doc = serde_json::json!({ "nftables": cmds }).to_string();
-    let mut child = std::process::Command::new("nft")
-        .args(["-c", "-j", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(doc.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check("nft", &["-c", "-j", "-f", "-"], &doc);
 }

@@ -92,7 +92,7 @@ pub struct FrontendObjects {
 }
 
 /// 48 bits of FNV-1a of `s`, in hex: stable names for a frontend's objects.
-fn short_hash(s: &str) -> String {
+pub(crate) fn short_hash(s: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= u64::from(b);
@@ -101,7 +101,7 @@ fn short_hash(s: &str) -> String {
     format!("{:012x}", h >> 16)
 }
 
-fn key_id(k: &FrontendKey) -> String {
+pub(crate) fn key_id(k: &FrontendKey) -> String {
     format!("{}|{}|{}|{}", k.vip, k.port, k.proto, k.scope.number())
 }
 

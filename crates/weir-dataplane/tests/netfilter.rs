@@ -1,4 +1,5 @@
-//! The nftables dataplane on the real kernel: a node namespace whose own processes reach
+//! The netfilter dataplanes (nftables, iptables with the host's backend and the legacy one) on
+//! the real kernel, the same cases for each: a node namespace whose own processes reach
 //! ClusterIPs (nat output) and a client namespace behind the node's device reaching NodePorts
 //! and LoadBalancer IPs (nat prerouting); servers listen on the node's addresses.
 
@@ -11,8 +12,16 @@ use std::process::Command;
 use std::time::Duration;
 
 use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbMode, LbState, Proto, Scope};
+use weir_dataplane::ipt::{IptablesBackend, IptablesDataplane};
 use weir_dataplane::nft::{NftDataplane, NodeNet};
 use weir_dataplane::Dataplane;
+
+/// Which dataplane a case runs on.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Nftables,
+    Iptables(IptablesBackend),
+}
 
 /// Two namespaces, `node` and `client`, joined by a veth (`ext0` in the node, 10.1.0.1/24;
 /// the client 10.1.0.2/24, routed to everything through the node). The node has the backend
@@ -70,6 +79,14 @@ fn lab(tag: &str) -> Lab {
     sh(&l.client, "addr add 10.1.0.2/24 dev eth0");
     sh(&l.client, "route add default via 10.1.0.1");
     l
+}
+
+fn tag(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Nftables => "n",
+        Kind::Iptables(IptablesBackend::Legacy) => "l",
+        Kind::Iptables(_) => "i",
+    }
 }
 
 fn netns_path(ns: &str) -> PathBuf {
@@ -182,27 +199,60 @@ fn key(vip: [u8; 4], port: u16, proto: Proto, scope: Scope) -> FrontendKey {
     }
 }
 
-fn dataplane(l: &Lab) -> NftDataplane {
-    NftDataplane::new(
-        Some(netns_path(&l.node)),
-        NodeNet {
-            devices: vec!["ext0".into()],
-            snat_ports: (45056, 65535),
-            masquerade: None,
-        },
-    )
-    .unwrap()
+fn dataplane(l: &Lab, kind: Kind) -> Box<dyn Dataplane> {
+    let node = NodeNet {
+        devices: vec!["ext0".into()],
+        snat_ports: (45056, 65535),
+        masquerade: None,
+    };
+    let ns = Some(netns_path(&l.node));
+    match kind {
+        Kind::Nftables => Box::new(NftDataplane::new(ns, node).unwrap()),
+        Kind::Iptables(b) => Box::new(IptablesDataplane::new(ns, node, b).unwrap()),
+    }
+}
+
+fn remove(l: &Lab, kind: Kind) {
+    let ns = netns_path(&l.node);
+    match kind {
+        Kind::Nftables => NftDataplane::remove(Some(&ns)).unwrap(),
+        Kind::Iptables(b) => IptablesDataplane::remove(Some(&ns), b).unwrap(),
+    }
+}
+
+#[test]
+fn cluster_ips_through_nat_output_nftables() {
+    cluster_ips_through_nat_output(Kind::Nftables);
+}
+
+#[test]
+fn cluster_ips_through_nat_output_iptables() {
+    cluster_ips_through_nat_output(Kind::Iptables(IptablesBackend::Auto));
+}
+
+#[test]
+fn cluster_ips_through_nat_output_iptables_legacy() {
+    cluster_ips_through_nat_output(Kind::Iptables(IptablesBackend::Legacy));
+}
+
+#[test]
+fn nodeports_and_external_ips_through_nat_prerouting_nftables() {
+    nodeports_and_external_ips_through_nat_prerouting(Kind::Nftables);
+}
+
+#[test]
+fn nodeports_and_external_ips_through_nat_prerouting_iptables() {
+    nodeports_and_external_ips_through_nat_prerouting(Kind::Iptables(IptablesBackend::Auto));
 }
 
 /// ClusterIPs from the node's own processes: both backends used, a change touches only its
 /// frontend, no endpoints is refused (TCP and UDP), session affinity sticks, weights hold, and
 /// the dump reads back what is programmed.
-#[test]
-fn cluster_ips_through_nat_output() {
-    let l = lab("cip");
+fn cluster_ips_through_nat_output(kind: Kind) {
+    let l = lab(&format!("cip{}", tag(kind)));
     serve(&l.node, "10.0.0.1", b'A');
     serve(&l.node, "10.0.0.2", b'B');
-    let mut dp = dataplane(&l);
+    let mut dp = dataplane(&l, kind);
     let web = key([10, 96, 0, 1], 80, Proto::Tcp, Scope::Cluster);
     let dns = key([10, 96, 0, 1], 53, Proto::Udp, Scope::Cluster);
     let mut st = LbState::default();
@@ -286,10 +336,10 @@ fn cluster_ips_through_nat_output() {
     assert!(got.get(&'B') >= Some(&19), "{got:?}");
 
     // A new dataplane (an agent restart) replaces the tables whole, with the same result.
-    let mut again = dataplane(&l);
+    let mut again = dataplane(&l, kind);
     again.apply(&st).unwrap();
     assert!(connects(&l.node, "10.96.0.1:80", 5).get(&'B') >= Some(&4));
-    NftDataplane::remove(Some(&netns_path(&l.node))).unwrap();
+    remove(&l, kind);
     assert_eq!(
         connects(&l.node, "10.96.0.1:80", 1),
         BTreeMap::from([('t', 1)])
@@ -299,11 +349,10 @@ fn cluster_ips_through_nat_output() {
 /// External traffic arriving on a node device: NodePorts on the node's addresses, a
 /// LoadBalancer IP whose source ranges leave the client out, and an externalTrafficPolicy:
 /// Local frontend without a local endpoint (dropped).
-#[test]
-fn nodeports_and_external_ips_through_nat_prerouting() {
-    let l = lab("ext");
+fn nodeports_and_external_ips_through_nat_prerouting(kind: Kind) {
+    let l = lab(&format!("ext{}", tag(kind)));
     serve(&l.node, "10.0.0.1", b'A');
-    let mut dp = dataplane(&l);
+    let mut dp = dataplane(&l, kind);
     let np = key([0, 0, 0, 0], 30080, Proto::Tcp, Scope::External);
     let np_udp = key([0, 0, 0, 0], 30053, Proto::Udp, Scope::External);
     let lb = key([10, 1, 0, 100], 80, Proto::Tcp, Scope::External);

@@ -1,0 +1,388 @@
+//! The iptables dataplane: the same desired state rendered as iptables-restore text
+//! ([`render`]) in kube-proxy's layout, written with `iptables-restore --noflush` (and
+//! `ip6tables-restore`): each table is replaced atomically (weir's chains declared, so
+//! emptied, and filled in one restore), chains of removed frontends deleted in the same
+//! restore. The kernel chains get one jump each to weir's chains, added once. The backend is
+//! the host's `iptables-restore` (legacy or nft, whichever the distribution chose) or one
+//! named explicitly.
+
+mod read;
+pub mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use weir_control::lb::{FrontendKey, LbState};
+
+use crate::nft::expr::Family;
+use crate::nft::NodeNet;
+use crate::{ApplyStats, Dataplane, DataplaneError, Dump};
+use render::FrontendRules;
+
+/// Which iptables binaries write the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IptablesBackend {
+    /// The host's `iptables-restore` (Debian's default is the nf_tables one).
+    #[default]
+    Auto,
+    /// `iptables-legacy-restore` (the x_tables kernel interface).
+    Legacy,
+    /// `iptables-nft-restore`.
+    Nft,
+}
+
+impl std::str::FromStr for IptablesBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IptablesBackend::Auto),
+            "legacy" => Ok(IptablesBackend::Legacy),
+            "nft" => Ok(IptablesBackend::Nft),
+            other => Err(format!(
+                "unknown iptables backend {other:?} (use auto, legacy or nft)"
+            )),
+        }
+    }
+}
+
+impl IptablesBackend {
+    /// The binary for `tool` (`iptables`, `iptables-restore`, `iptables-save`) of family `f`.
+    fn binary(self, f: Family, tool: &str) -> String {
+        let base = if f == Family::Ip {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        let rest = tool.trim_start_matches("iptables");
+        match self {
+            IptablesBackend::Auto => format!("{base}{rest}"),
+            IptablesBackend::Legacy => format!("{base}-legacy{rest}"),
+            IptablesBackend::Nft => format!("{base}-nft{rest}"),
+        }
+    }
+}
+
+/// Runs `bin ARGS` (in `netns`, if given) with `input` on stdin; returns stdout.
+fn run(
+    netns: Option<&Path>,
+    bin: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, DataplaneError> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display())).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{bin} {}", args.join(" "));
+    let mut child = cmd.spawn().map_err(|e| {
+        DataplaneError::Netfilter(format!("running {what}: {e} (is iptables installed?)"))
+    })?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| DataplaneError::Netfilter(format!("writing to {what}: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| DataplaneError::Netfilter(format!("running {what}: {e}")))?;
+    if !out.status.success() {
+        return Err(DataplaneError::Netfilter(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What one family's tables hold.
+#[derive(Default)]
+struct Applied {
+    frontends: BTreeMap<FrontendKey, FrontendRules>,
+    text: (String, String),
+}
+
+/// The iptables dataplane of one node.
+pub struct IptablesDataplane {
+    netns: Option<PathBuf>,
+    node: NodeNet,
+    backend: IptablesBackend,
+    /// Per family, what was last written; None: not known (the next apply reads the kernel's
+    /// chains to delete stale ones).
+    applied: BTreeMap<Family, Applied>,
+    hooked: bool,
+}
+
+impl IptablesDataplane {
+    /// A dataplane writing into the network namespace `netns` (None: this process's).
+    pub fn new(
+        netns: Option<PathBuf>,
+        node: NodeNet,
+        backend: IptablesBackend,
+    ) -> Result<Self, DataplaneError> {
+        run(
+            netns.as_deref(),
+            &backend.binary(Family::Ip, "iptables-restore"),
+            &["--version"],
+            None,
+        )?;
+        Ok(IptablesDataplane {
+            netns,
+            node,
+            backend,
+            applied: BTreeMap::new(),
+            hooked: false,
+        })
+    }
+
+    fn save(&self, f: Family, table: &str) -> Result<String, DataplaneError> {
+        run(
+            self.netns.as_deref(),
+            &self.backend.binary(f, "iptables-save"),
+            &["-t", table],
+            None,
+        )
+    }
+
+    /// weir's per-frontend chains in family `f`'s nat table now.
+    fn kernel_frontend_chains(&self, f: Family) -> Result<BTreeSet<String>, DataplaneError> {
+        Ok(self
+            .save(f, "nat")?
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with("WEIR-FE-") || n.starts_with("WEIR-BE-"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Jumps from the kernel chains to weir's (once per process; `-C` first, so a restarted
+    /// agent adds none twice).
+    fn hook(&mut self) -> Result<(), DataplaneError> {
+        if self.hooked {
+            return Ok(());
+        }
+        for f in [Family::Ip, Family::Ip6] {
+            let bin = self.backend.binary(f, "iptables");
+            for (table, kchain, chain) in render::HOOKS {
+                let rule = [
+                    "-t",
+                    table,
+                    "-C",
+                    kchain,
+                    "-j",
+                    chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "weir",
+                ];
+                if run(
+                    self.netns.as_deref(),
+                    &bin,
+                    &[&["-w"][..], &rule].concat(),
+                    None,
+                )
+                .is_err()
+                {
+                    let mut insert = rule;
+                    insert[2] = "-I";
+                    run(
+                        self.netns.as_deref(),
+                        &bin,
+                        &[&["-w"][..], &insert].concat(),
+                        None,
+                    )?;
+                }
+            }
+        }
+        self.hooked = true;
+        Ok(())
+    }
+
+    fn restore(&self, f: Family, text: &str) -> Result<(), DataplaneError> {
+        run(
+            self.netns.as_deref(),
+            &self.backend.binary(f, "iptables-restore"),
+            &["-w", "--noflush"],
+            Some(text),
+        )
+        .map(|_| ())
+    }
+
+    /// Removes weir's jumps and chains from the namespace (a node leaving the iptables
+    /// dataplane), with the binaries of `backend`; what is not there is skipped.
+    pub fn remove(netns: Option<&Path>, backend: IptablesBackend) -> Result<(), DataplaneError> {
+        for f in [Family::Ip, Family::Ip6] {
+            let bin = backend.binary(f, "iptables");
+            for (table, kchain, chain) in render::HOOKS {
+                let rule = [
+                    "-w",
+                    "-t",
+                    table,
+                    "-D",
+                    kchain,
+                    "-j",
+                    chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "weir",
+                ];
+                let _ = run(netns, &bin, &rule, None);
+            }
+            for table in ["nat", "filter"] {
+                let saved = run(
+                    netns,
+                    &backend.binary(f, "iptables-save"),
+                    &["-t", table],
+                    None,
+                )?;
+                let chains: Vec<&str> = saved
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(':'))
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|n| n.starts_with("WEIR-"))
+                    .collect();
+                if chains.is_empty() {
+                    continue;
+                }
+                let mut text = format!("*{table}\n");
+                for c in &chains {
+                    text.push_str(&format!(":{c} - [0:0]\n"));
+                }
+                for c in &chains {
+                    text.push_str(&format!("-X {c}\n"));
+                }
+                text.push_str("COMMIT\n");
+                run(
+                    netns,
+                    &backend.binary(f, "iptables-restore"),
+                    &["-w", "--noflush"],
+                    Some(&text),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_family(
+        &mut self,
+        f: Family,
+        state: &LbState,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DataplaneError> {
+        let want = render::frontends(state, f);
+        let had: BTreeSet<String> = match self.applied.get(&f) {
+            Some(a) => a
+                .frontends
+                .values()
+                .flat_map(|r| r.chains.keys().cloned())
+                .collect(),
+            None => self.kernel_frontend_chains(f)?,
+        };
+        let now: BTreeSet<String> = want
+            .values()
+            .flat_map(|r| r.chains.keys().cloned())
+            .collect();
+        let stale: Vec<String> = had.difference(&now).cloned().collect();
+        let text = render::tables(f, &self.node, &want, &stale);
+        let old = self.applied.get(&f);
+        for (k, r) in &want {
+            if old.and_then(|a| a.frontends.get(k)) != Some(r) {
+                stats.frontends_updated += 1;
+            }
+        }
+        if let Some(a) = old {
+            stats.frontends_removed += a
+                .frontends
+                .keys()
+                .filter(|k| !want.contains_key(*k))
+                .count();
+            if a.text == text {
+                return Ok(());
+            }
+        }
+        stats.backends_added += now
+            .iter()
+            .filter(|c| c.starts_with("WEIR-BE-") && !had.contains(*c))
+            .count();
+        stats.backends_removed += stale.iter().filter(|c| c.starts_with("WEIR-BE-")).count();
+        self.applied.remove(&f);
+        self.restore(f, &format!("{}{}", text.0, text.1))?;
+        self.applied.insert(
+            f,
+            Applied {
+                frontends: want,
+                text,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = ApplyStats::default();
+        for f in [Family::Ip, Family::Ip6] {
+            self.apply_family(f, state, &mut stats)?;
+        }
+        self.hook()?;
+        Ok(stats)
+    }
+
+    fn dump(&self) -> Result<Dump, DataplaneError> {
+        let mut saved = Vec::new();
+        for f in [Family::Ip, Family::Ip6] {
+            saved.push((f, self.save(f, "nat")?, self.save(f, "filter")?));
+        }
+        Ok(read::dump(&saved))
+    }
+
+    fn limits(&self, state: &LbState) -> Vec<weir_control::lb::Warning> {
+        crate::nft::render::limits(state)
+    }
+
+    fn kind(&self) -> crate::DataplaneKind {
+        crate::DataplaneKind::Iptables
+    }
+
+    fn set_masquerade(&mut self, nets: Option<Vec<ipnet::Ipv4Net>>) -> Result<(), DataplaneError> {
+        if self.node.masquerade == nets {
+            return Ok(());
+        }
+        self.node.masquerade = nets;
+        // Rewritten with the next apply's text; force it now when the tables are known.
+        let frontends: Vec<(Family, BTreeMap<FrontendKey, FrontendRules>)> = self
+            .applied
+            .iter()
+            .map(|(f, a)| (*f, a.frontends.clone()))
+            .collect();
+        for (f, fr) in frontends {
+            let text = render::tables(f, &self.node, &fr, &[]);
+            self.applied.remove(&f);
+            self.restore(f, &format!("{}{}", text.0, text.1))?;
+            self.applied.insert(
+                f,
+                Applied {
+                    frontends: fr,
+                    text,
+                },
+            );
+        }
+        Ok(())
+    }
+}
