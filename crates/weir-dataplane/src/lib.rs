@@ -7,6 +7,7 @@
 pub mod ebpf;
 pub mod ipt;
 pub mod nft;
+pub mod open;
 pub mod pods;
 pub mod sockets;
 
@@ -70,6 +71,24 @@ impl std::str::FromStr for DataplaneKind {
             other => Err(format!(
                 "unknown dataplane {other:?} (use ebpf, nftables or iptables)"
             )),
+        }
+    }
+}
+
+/// Removes what the other netfilter dataplanes left in the network namespace `netns` (None:
+/// this process's): an agent starting with `kind` must not find a former agent's rules
+/// translating or judging beside its own. Best effort: what cannot be removed is logged.
+pub fn remove_other_dataplanes(kind: DataplaneKind, netns: Option<&std::path::Path>) {
+    if kind != DataplaneKind::Nftables {
+        if let Err(e) = nft::NftDataplane::remove(netns) {
+            tracing::debug!(error = %e, "removing the nftables dataplane's tables");
+        }
+    }
+    if kind != DataplaneKind::Iptables {
+        for b in [ipt::IptablesBackend::Auto, ipt::IptablesBackend::Legacy] {
+            if let Err(e) = ipt::IptablesDataplane::remove(netns, b) {
+                tracing::debug!(error = %e, backend = ?b, "removing the iptables dataplane's chains");
+            }
         }
     }
 }

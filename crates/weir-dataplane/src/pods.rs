@@ -291,6 +291,15 @@ type AddrTries = (
     BTreeMap<ipnet::IpNet, u32>,
 );
 
+/// Which netfilter dataplane enforces NetworkPolicy when the pod programs are off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetfilterPolicy {
+    /// Table `inet weir-policy`.
+    Nftables,
+    /// `WEIR-POLICY-*` chains in the filter table, with these binaries.
+    Iptables(crate::ipt::IptablesBackend),
+}
+
 /// The pod datapath of one node.
 pub struct PodDataplane {
     dp: Datapath,
@@ -312,10 +321,14 @@ pub struct PodDataplane {
     ipcache_written: Option<AddrTries>,
     /// Whether programs go on the devices (false under a netfilter dataplane).
     programs: bool,
-    /// Without programs: the network namespace of the node, where policy is written.
+    /// Without programs: the network namespace of the node, where policy is written, and
+    /// the netfilter dataplane that renders it.
     netns: Option<std::path::PathBuf>,
-    /// Without programs: the nftables policy table last written.
-    nft_policy: Option<Vec<serde_json::Value>>,
+    netfilter: Option<NetfilterPolicy>,
+    /// Without programs: the policy rendering last written.
+    nf_policy: Option<String>,
+    /// Pod address -> host-side device name, from the last endpoint sync.
+    ip_ifname: HashMap<IpAddr, String>,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -348,34 +361,58 @@ impl PodDataplane {
             ipcache_written: None,
             programs: true,
             netns: None,
-            nft_policy: None,
+            netfilter: None,
+            nf_policy: None,
+            ip_ifname: HashMap::new(),
         })
     }
 
-    /// With `on` false no program goes on any device, and the links an earlier agent pinned
-    /// are removed as devices are synced: a netfilter dataplane renders the node's state and
-    /// the kernel routes the pods' packets. The maps are kept up to date all the same (the
-    /// endpoints for the CNI plugin and introspection, policy for the netfilter rendering).
-    pub fn set_programs(&mut self, on: bool, netns: Option<std::path::PathBuf>) {
-        self.programs = on;
+    /// Under a netfilter dataplane (whose network namespace is `netns`): no program goes on
+    /// any device, and the links an earlier agent pinned are removed as devices are synced;
+    /// the kernel routes the pods' packets and `policy` renders NetworkPolicy. The maps are
+    /// kept up to date all the same (the endpoints for the CNI plugin and introspection).
+    pub fn set_netfilter(&mut self, netns: Option<std::path::PathBuf>, policy: NetfilterPolicy) {
+        self.programs = false;
         self.netns = netns;
+        self.netfilter = Some(policy);
     }
 
-    /// Without programs, NetworkPolicy is enforced by nftables (`inet weir-policy`), rendered
-    /// from the same state and rewritten whole when it changes.
-    fn write_nft_policy(&mut self) -> Result<(), DataplaneError> {
-        if self.programs {
+    /// Without programs, NetworkPolicy is enforced by the netfilter dataplane (nftables:
+    /// `inet weir-policy`; iptables: `WEIR-POLICY-*` chains), rendered from the same state
+    /// and rewritten whole when the rendering changes.
+    fn write_netfilter_policy(&mut self) -> Result<(), DataplaneError> {
+        let Some(nf) = self.netfilter else {
             return Ok(());
-        }
+        };
         let empty = PolicyState::default();
-        let want =
-            crate::nft::policy::render(self.policy.as_ref().unwrap_or(&empty), &self.ip_ifindex);
-        if self.nft_policy.as_ref() == Some(&want) {
+        let state = self.policy.as_ref().unwrap_or(&empty);
+        let netns = self.netns.as_deref();
+        let key = match nf {
+            NetfilterPolicy::Nftables => {
+                serde_json::to_string(&crate::nft::policy::render(state, &self.ip_ifindex))
+                    .unwrap_or_default()
+            }
+            NetfilterPolicy::Iptables(_) => {
+                [crate::nft::expr::Family::Ip, crate::nft::expr::Family::Ip6]
+                    .into_iter()
+                    .map(|f| crate::ipt::policy::render(f, state, &self.ip_ifname, &[]))
+                    .collect()
+            }
+        };
+        if self.nf_policy.as_ref() == Some(&key) {
             return Ok(());
         }
-        self.nft_policy = None;
-        crate::nft::write_policy(self.netns.as_deref(), &want)?;
-        self.nft_policy = Some(want);
+        self.nf_policy = None;
+        match nf {
+            NetfilterPolicy::Nftables => crate::nft::write_policy(
+                netns,
+                &crate::nft::policy::render(state, &self.ip_ifindex),
+            )?,
+            NetfilterPolicy::Iptables(b) => {
+                crate::ipt::write_policy(netns, b, state, &self.ip_ifname)?
+            }
+        }
+        self.nf_policy = Some(key);
         Ok(())
     }
 
@@ -629,6 +666,10 @@ impl PodDataplane {
             .iter()
             .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r.host_ifindex)))
             .collect();
+        self.ip_ifname = records
+            .iter()
+            .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r.host_if.clone())))
+            .collect();
         if ip_ifindex != self.ip_ifindex {
             self.ip_ifindex = ip_ifindex;
             if self.policy.is_some() {
@@ -638,7 +679,7 @@ impl PodDataplane {
             }
         }
         // Without programs, a new pod's policy is written before its address is in the map.
-        self.write_nft_policy()?;
+        self.write_netfilter_policy()?;
         let have: BTreeMap<Vec<u8>, (endpoint_key, endpoint_info)> = self
             .dp
             .endpoints()?
@@ -679,7 +720,7 @@ impl PodDataplane {
     pub fn set_policy(&mut self, state: PolicyState) -> Result<PolicyApplyStats, DataplaneError> {
         self.policy = Some(state);
         let stats = self.apply_policy()?;
-        self.write_nft_policy()?;
+        self.write_netfilter_policy()?;
         Ok(stats)
     }
 

@@ -388,10 +388,6 @@ fn check_dataplane(opts: &UpOptions) -> Result<(), LabError> {
     let netfilter = opts.dataplane != DataplaneKind::Ebpf;
     let clash = [
         (
-            opts.dataplane == DataplaneKind::Iptables,
-            "the iptables dataplane is not built yet (use ebpf or nftables)",
-        ),
-        (
             netfilter && opts.tunnel != "native",
             "--tunnel vxlan needs the eBPF dataplane (its tunnel routes are BPF maps)",
         ),
@@ -873,39 +869,21 @@ pub async fn run_agent(
     let cgroup = p.cgroup_dir().join(node);
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
     let netns = paths::netns_path(&layout.node(node)?.netns);
-    let ebpf = layout.dataplane == weir_dataplane::DataplaneKind::Ebpf;
-    let load = |what: &str, e: weir_dataplane::DataplaneError| {
-        LabError::Command(format!("loading the {what} of {node}"), e.to_string())
-    };
-    // The eBPF Services dataplane is loaded in every mode: under a netfilter dataplane its
-    // socket programs are detached (an earlier agent's links removed).
-    let bpf = weir_dataplane::ebpf::EbpfDataplane::new_with(
-        &p.node_bpf_dir(node),
-        &cgroup,
-        layout.socket_lb && ebpf,
-    )
-    .map_err(|e| load("datapath", e))?;
-    let dp: Box<dyn weir_dataplane::Dataplane> = if ebpf {
-        // Tables an nftables-mode agent left would translate (and isolate) beside the programs.
-        if let Err(e) = weir_dataplane::nft::NftDataplane::remove(Some(&netns)) {
-            tracing::warn!(error = %e, "removing the nftables dataplane's tables");
-        }
-        Box::new(bpf)
-    } else {
-        let node_net = weir_dataplane::nft::NodeNet {
+    let (dp, pods) = weir_dataplane::open::NodeDataplanes {
+        kind: layout.dataplane,
+        pins: p.node_bpf_dir(node),
+        cgroup: cgroup.clone(),
+        socket_lb: layout.socket_lb,
+        netns: Some(netns.clone()),
+        node: weir_dataplane::nft::NodeNet {
             devices: vec!["eth0".into()],
             snat_ports: net::LAB_SNAT_PORTS,
             masquerade: None,
-        };
-        Box::new(
-            weir_dataplane::nft::NftDataplane::new(Some(netns.clone()), node_net)
-                .map_err(|e| load("nftables datapath", e))?,
-        )
-    };
-    let pins = p.node_bpf_dir(node).join("tc");
-    let mut pods = weir_dataplane::pods::PodDataplane::new(&pins, &p.node_bpf_dir(node))
-        .map_err(|e| load("pod datapath", e))?;
-    pods.set_programs(ebpf, Some(netns.clone()));
+        },
+        iptables: weir_dataplane::ipt::IptablesBackend::Auto,
+    }
+    .open()
+    .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
     // The agent stays in the host namespace (the API server listens on its loopback); the
     // pod datapath thread enters the node's namespace, where the devices are.
     let pod_cfg = weir_agent::pods::PodConfig {

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use weir_lab::{client, lab};
 
-use crate::cli::{parse_duration, AlgorithmArg, Cli, DataplaneArg, LbModeArg};
+use crate::cli::{parse_duration, AlgorithmArg, Cli, DataplaneArg, IptablesBackendArg, LbModeArg};
 
 /// Where the agent mounts cgroup v2 when the host's /sys/fs/cgroup is not cgroup v2.
 pub const CGROUP2_FALLBACK: &str = "/run/weir/cgroupv2";
@@ -57,11 +57,16 @@ pub(crate) struct AgentArgs {
     /// traffic is translated per packet at tc instead (as Cilium's hostNamespaceOnly).
     #[arg(long, env = "WEIR_NO_SOCKET_LB")]
     pub no_socket_lb: bool,
-    /// The dataplane that renders the node's Services and masquerading: ebpf (BPF programs
-    /// at the socket layer, tc and XDP), nftables (tables `ip weir` and `ip6 weir`, as
-    /// kube-proxy's nftables mode), or iptables (not built yet).
+    /// The dataplane that renders the node's Services, masquerading and NetworkPolicy: ebpf
+    /// (BPF programs at the socket layer, tc and XDP), nftables (tables `ip weir`, `ip6 weir`
+    /// and `inet weir-policy`, as kube-proxy's nftables mode), or iptables (WEIR-* chains
+    /// written with iptables-restore, as kube-proxy's iptables mode).
     #[arg(long, env = "WEIR_DATAPLANE", value_enum, default_value_t = DataplaneArg::Ebpf)]
     pub dataplane: DataplaneArg,
+    /// With --dataplane iptables: the binaries that write the rules: auto (the host's
+    /// iptables-restore), legacy (iptables-legacy-restore) or nft (iptables-nft-restore).
+    #[arg(long, env = "WEIR_IPTABLES_BACKEND", value_enum, default_value_t = IptablesBackendArg::Auto)]
+    pub iptables_backend: IptablesBackendArg,
     /// VXLAN mode: the collect-metadata VXLAN device (`ip link add DEV type vxlan external
     /// dstport 8472`) through which other nodes' pods are reached, routed from the Nodes'
     /// podCIDRs. Without it: native routing.
@@ -211,39 +216,21 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
     if !ebpf && (a.tunnel_device.is_some() || a.xdp) {
         bail!("--dataplane {kind}: --tunnel-device and --xdp need the eBPF dataplane");
     }
-    if kind == weir_dataplane::DataplaneKind::Iptables {
-        bail!(
-            "--dataplane iptables: the iptables dataplane is not built yet (use ebpf or nftables)"
-        );
-    }
-    // Loaded in every mode: under nftables its socket programs are detached.
-    let bpf =
-        weir_dataplane::ebpf::EbpfDataplane::new_with(&pins, &cgroup, !a.no_socket_lb && ebpf)
-            .with_context(|| format!("loading the datapath (pins in {})", pins.display()))?;
-    let dp: Box<dyn weir_dataplane::Dataplane> = if ebpf {
-        // A table an nftables-mode agent left would translate beside the programs.
-        if let Err(e) = weir_dataplane::nft::NftDataplane::remove(None) {
-            tracing::debug!(error = %e, "no nftables tables of weir removed");
-        }
-        Box::new(bpf)
-    } else {
-        let node = weir_dataplane::nft::NodeNet {
+    let (dp, pods) = weir_dataplane::open::NodeDataplanes {
+        kind,
+        pins: pins.clone(),
+        cgroup,
+        socket_lb: !a.no_socket_lb,
+        netns: None,
+        node: weir_dataplane::nft::NodeNet {
             devices: devices.clone(),
             snat_ports,
             masquerade: None,
-        };
-        Box::new(
-            weir_dataplane::nft::NftDataplane::new(None, node).context("the nftables dataplane")?,
-        )
-    };
-    let mut pods =
-        weir_dataplane::pods::PodDataplane::new(&pins.join("tc"), &pins).with_context(|| {
-            format!(
-                "loading the pod datapath (pins in {})",
-                pins.join("tc").display()
-            )
-        })?;
-    pods.set_programs(ebpf, None);
+        },
+        iptables: a.iptables_backend.into(),
+    }
+    .open()
+    .with_context(|| format!("loading the {kind} dataplane (pins in {})", pins.display()))?;
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: a.endpoint_dir.clone(),
         devices,

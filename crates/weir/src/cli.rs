@@ -149,7 +149,7 @@ pub(crate) enum DataplaneArg {
     Ebpf,
     /// One nftables table per family (kube-proxy's nftables layout).
     Nftables,
-    /// iptables chains written with iptables-restore (not built yet).
+    /// iptables chains written with iptables-restore (kube-proxy's iptables layout).
     Iptables,
 }
 
@@ -159,6 +159,26 @@ impl From<DataplaneArg> for weir_dataplane::DataplaneKind {
             DataplaneArg::Ebpf => weir_dataplane::DataplaneKind::Ebpf,
             DataplaneArg::Nftables => weir_dataplane::DataplaneKind::Nftables,
             DataplaneArg::Iptables => weir_dataplane::DataplaneKind::Iptables,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IptablesBackendArg {
+    /// The host's iptables-restore.
+    Auto,
+    /// iptables-legacy-restore (x_tables).
+    Legacy,
+    /// iptables-nft-restore (nf_tables).
+    Nft,
+}
+
+impl From<IptablesBackendArg> for weir_dataplane::ipt::IptablesBackend {
+    fn from(a: IptablesBackendArg) -> Self {
+        match a {
+            IptablesBackendArg::Auto => weir_dataplane::ipt::IptablesBackend::Auto,
+            IptablesBackendArg::Legacy => weir_dataplane::ipt::IptablesBackend::Legacy,
+            IptablesBackendArg::Nft => weir_dataplane::ipt::IptablesBackend::Nft,
         }
     }
 }
@@ -300,7 +320,8 @@ pub(crate) enum LabCommand {
         /// (as Cilium's socketLB.hostNamespaceOnly).
         #[arg(long)]
         no_socket_lb: bool,
-        /// The dataplane the agents render their node's Services (and masquerading) with.
+        /// The dataplane the agents render their node's Services, masquerading and
+        /// NetworkPolicy with.
         #[arg(long, value_enum, default_value_t = DataplaneArg::Ebpf)]
         dataplane: DataplaneArg,
         /// How pods reach other nodes' pods: native routing on the fabric, or VXLAN

@@ -108,6 +108,11 @@ fn clusterip_tcp_udp_ipv4_ipv6_across_nodes_nftables() {
     clusterip_across_nodes("nftables");
 }
 
+#[test]
+fn clusterip_tcp_udp_ipv4_ipv6_across_nodes_iptables() {
+    clusterip_across_nodes("iptables");
+}
+
 /// The same Service semantics on every dataplane (the eBPF one translates at the socket
 /// layer, the netfilter ones per packet: getpeername shows the VIP in both).
 fn clusterip_across_nodes(dataplane: &str) {
@@ -267,6 +272,11 @@ fn endpoints_follow_scale_termination_and_fallback() {
 #[test]
 fn endpoints_follow_scale_termination_and_fallback_nftables() {
     endpoints_follow_scale("nftables");
+}
+
+#[test]
+fn endpoints_follow_scale_termination_and_fallback_iptables() {
+    endpoints_follow_scale("iptables");
 }
 
 fn endpoints_follow_scale(dataplane: &str) {

@@ -217,6 +217,11 @@ fn upstream_network_policy_model_on_two_nodes_nftables() {
     policy_model("nftables");
 }
 
+#[test]
+fn upstream_network_policy_model_on_two_nodes_iptables() {
+    policy_model("iptables");
+}
+
 /// The model on a dataplane: the same matrices; verdict events (`weir observe`) come from the
 /// eBPF datapath only.
 fn policy_model(dataplane: &str) {

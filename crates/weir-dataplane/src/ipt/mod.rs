@@ -6,6 +6,7 @@
 //! the host's `iptables-restore` (legacy or nft, whichever the distribution chose) or one
 //! named explicitly.
 
+pub mod policy;
 mod read;
 pub mod render;
 
@@ -106,6 +107,61 @@ fn run(
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes NetworkPolicy (see [`policy`]) for both families: each family's filter table in
+/// one restore (the policy's chains replaced, chains of pods no longer isolated deleted), and
+/// the jumps from FORWARD and INPUT added once.
+pub fn write_policy(
+    netns: Option<&Path>,
+    backend: IptablesBackend,
+    state: &weir_control::policy::PolicyState,
+    ip_dev: &std::collections::HashMap<std::net::IpAddr, String>,
+) -> Result<(), DataplaneError> {
+    for f in [Family::Ip, Family::Ip6] {
+        let saved = run(
+            netns,
+            &backend.binary(f, "iptables-save"),
+            &["-t", "filter"],
+            None,
+        )?;
+        let stale: Vec<String> = saved
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| policy::is_policy_chain(n))
+            .map(str::to_string)
+            .collect();
+        let text = policy::render(f, state, ip_dev, &stale);
+        run(
+            netns,
+            &backend.binary(f, "iptables-restore"),
+            &["-w", "--noflush"],
+            Some(&text),
+        )?;
+        let bin = backend.binary(f, "iptables");
+        for (kchain, chain) in policy::HOOKS {
+            let rule = [
+                "-w",
+                "-t",
+                "filter",
+                "-C",
+                kchain,
+                "-j",
+                chain,
+                "-m",
+                "comment",
+                "--comment",
+                "weir",
+            ];
+            if run(netns, &bin, &rule, None).is_err() {
+                let mut insert = rule;
+                insert[3] = "-I";
+                run(netns, &bin, &insert, None)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What one family's tables hold.
@@ -228,7 +284,11 @@ impl IptablesDataplane {
     pub fn remove(netns: Option<&Path>, backend: IptablesBackend) -> Result<(), DataplaneError> {
         for f in [Family::Ip, Family::Ip6] {
             let bin = backend.binary(f, "iptables");
-            for (table, kchain, chain) in render::HOOKS {
+            let hooks = render::HOOKS
+                .iter()
+                .copied()
+                .chain(policy::HOOKS.iter().map(|(k, c)| ("filter", *k, *c)));
+            for (table, kchain, chain) in hooks {
                 let rule = [
                     "-w",
                     "-t",

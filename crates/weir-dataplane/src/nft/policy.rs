@@ -35,13 +35,13 @@ use super::expr::{self as x, Family};
 pub const TABLE: &str = "weir-policy";
 
 /// A pod device's allowed ingress and egress entries (None: that direction is open).
-type Directions<'a> = (
+pub(crate) type Directions<'a> = (
     Option<&'a BTreeSet<PolicyEntry>>,
     Option<&'a BTreeSet<PolicyEntry>>,
 );
 
 /// An inclusive address range of one family, as integers.
-type Span = (u128, u128);
+pub(crate) type Span = (u128, u128);
 
 fn span_of(net: &IpNet) -> Span {
     match net {
@@ -98,7 +98,7 @@ fn merge(mut spans: Vec<Span>) -> Vec<Span> {
 }
 
 /// The addresses (per family) the peer `peer` matches, or None for "any address".
-fn peer_spans(state: &PolicyState, peer: u32) -> Option<BTreeMap<Family, Vec<Span>>> {
+pub(crate) fn peer_spans(state: &PolicyState, peer: u32) -> Option<BTreeMap<Family, Vec<Span>>> {
     let mut out: BTreeMap<Family, Vec<Span>> = BTreeMap::new();
     let mut add = |net: &IpNet| out.entry(family_of(net)).or_default().push(span_of(net));
     match peer {
@@ -224,30 +224,26 @@ fn entry_rules(
         .collect()
 }
 
-/// The commands that replace the policy table with `state`'s, for the local pods whose
-/// host-side devices `ip_ifindex` gives (address -> ifindex). With no isolated pod the table
-/// is removed.
-pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Value> {
-    let t = json!({"family": "inet", "name": TABLE});
-    let mut c = vec![
-        x::cmd("add", "table", t.clone()),
-        x::cmd("delete", "table", t.clone()),
-    ];
-    // Per device: its ingress and egress entries (a pod's addresses share one device).
-    let mut devices: BTreeMap<u32, Directions> = BTreeMap::new();
+/// Per pod device (as `ip_dev` names it), its ingress and egress entries, for the devices
+/// some policy isolates (a pod's addresses share one device).
+pub(crate) fn device_entries<'a, D: Ord + Clone>(
+    state: &'a PolicyState,
+    ip_dev: &HashMap<IpAddr, D>,
+) -> BTreeMap<D, Directions<'a>> {
+    let mut devices: BTreeMap<D, Directions> = BTreeMap::new();
     for ep in state.endpoints.values() {
-        for ifindex in ep.ips.iter().filter_map(|ip| ip_ifindex.get(ip)) {
-            let d = devices.entry(*ifindex).or_default();
+        for dev in ep.ips.iter().filter_map(|ip| ip_dev.get(ip)) {
+            let d = devices.entry(dev.clone()).or_default();
             d.0 = d.0.or(ep.ingress.as_ref());
             d.1 = d.1.or(ep.egress.as_ref());
         }
     }
     devices.retain(|_, (i, e)| i.is_some() || e.is_some());
-    if devices.is_empty() {
-        return c;
-    }
-    c.push(x::cmd("add", "table", t));
-    // The peers' sets (the host's too: it always reaches its pods).
+    devices
+}
+
+/// The peers the entries of `devices` name (not "any"), and the host.
+pub(crate) fn peers_of(devices: &BTreeMap<impl Ord, Directions>) -> BTreeSet<u32> {
     let mut peers: BTreeSet<u32> = devices
         .values()
         .flat_map(|(i, e)| {
@@ -258,6 +254,25 @@ pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Val
         .filter(|p| *p != id::ANY)
         .collect();
     peers.insert(id::HOST);
+    peers
+}
+
+/// The commands that replace the policy table with `state`'s, for the local pods whose
+/// host-side devices `ip_ifindex` gives (address -> ifindex). With no isolated pod the table
+/// is removed.
+pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Value> {
+    let t = json!({"family": "inet", "name": TABLE});
+    let mut c = vec![
+        x::cmd("add", "table", t.clone()),
+        x::cmd("delete", "table", t.clone()),
+    ];
+    let devices = device_entries(state, ip_ifindex);
+    if devices.is_empty() {
+        return c;
+    }
+    c.push(x::cmd("add", "table", t));
+    // The peers' sets (the host's too: it always reaches its pods).
+    let peers = peers_of(&devices);
     let mut sizes: BTreeMap<(Family, u32), usize> = BTreeMap::new();
     for p in &peers {
         let spans = peer_spans(state, *p).unwrap_or_default();

@@ -21,17 +21,46 @@ fn responders(r: &Value) -> Vec<String> {
         .collect()
 }
 
-fn in_node(lab: &Lab, node: &str, cmd: &[&str]) -> String {
-    ok(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", node_netns(lab, node)))
-        .arg("--")
-        .args(cmd))
+/// What `dataplane` shows of its rules in node-1: the Services part and the policy part
+/// (empty when there is none).
+fn rules(lab: &Lab, dataplane: &str) -> (String, String) {
+    let ns = format!("--net=/run/netns/{}", node_netns(lab, "node-1"));
+    let show = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .arg(&ns)
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if dataplane == "nftables" {
+        (
+            show(&["nft", "list", "table", "ip", "weir"]),
+            show(&["nft", "list", "table", "inet", "weir-policy"]),
+        )
+    } else {
+        let filter = show(&["iptables-save", "-t", "filter"]);
+        let policy: Vec<&str> = filter
+            .lines()
+            .filter(|l| l.starts_with("-A WEIR-IN-") || l.starts_with("-A WEIR-OUT-"))
+            .collect();
+        (show(&["iptables-save", "-t", "nat"]), policy.join("\n"))
+    }
 }
 
 const DENY_INGRESS_TO_A: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-a, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n";
 
 #[test]
-fn node_ports_masquerading_and_policy_isolation() {
+fn node_ports_masquerading_and_policy_isolation_nftables() {
+    node_ports_masquerading_and_policy_isolation("nftables");
+}
+
+#[test]
+fn node_ports_masquerading_and_policy_isolation_iptables() {
+    node_ports_masquerading_and_policy_isolation("iptables");
+}
+
+fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
     let m = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}{}{}",
         np_pod("a", "node-1"),
@@ -46,7 +75,7 @@ fn node_ports_masquerading_and_policy_isolation() {
         "name: client, namespace: x, labels: {app: np, pod: client}",
         "name: client, namespace: x, labels: {pod: client}",
     );
-    let lab = Lab::up_with("nft", 2, &m, &["--dataplane", "nftables"]);
+    let lab = Lab::up_with("nf", 2, &m, &["--dataplane", dataplane]);
     let (n1, n2) = (lab.node_ip("node-1"), lab.node_ip("node-2"));
     let external = "172.30.0.2";
 
@@ -79,11 +108,20 @@ fn node_ports_masquerading_and_policy_isolation() {
     assert_eq!(r["ok"], 3, "{r}");
     assert_eq!(r["seen_as"][&n1], 3, "{r}");
 
-    // The agent's tables; no BPF program on the node's devices or the pods' veths.
-    let table = in_node(&lab, "node-1", &["nft", "list", "table", "ip", "weir"]);
+    // The agent's rules; no BPF program on the node's devices or the pods' veths.
+    let (services, policy) = rules(&lab, dataplane);
+    let (nodeports, masq) = if dataplane == "nftables" {
+        ("map nodeports", "masquerade")
+    } else {
+        ("WEIR-NODEPORTS", "MASQUERADE")
+    };
     assert!(
-        table.contains("map nodeports") && table.contains("masquerade"),
-        "{table}"
+        services.contains(nodeports) && services.contains(masq),
+        "{services}"
+    );
+    assert!(
+        policy.is_empty(),
+        "no policy rules without a NetworkPolicy: {policy}"
     );
     let tc_pins = format!("/sys/fs/bpf/weir/{}/node-1/tc", lab.name);
     assert!(
@@ -104,26 +142,19 @@ fn node_ports_masquerading_and_policy_isolation() {
     assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
     let status = ok(&mut lab.weir(&["status", "--node", "node-1"]));
     assert!(
-        status.contains("Dataplane:     nftables") && status.contains("in sync"),
+        status.contains(&format!("Dataplane:     {dataplane}")) && status.contains("in sync"),
         "{status}"
     );
 
     // A NetworkPolicy isolating a's ingress without a rule: new flows to a are refused (the
-    // policy table's chain for a's veth); c still answers; deleting the policy admits them.
+    // chain for a's veth); c still answers; deleting the policy admits them.
     assert!(lab.apply(DENY_INGRESS_TO_A).status.success());
     let t = Duration::from_secs(20);
     lab.eventually("a isolated", t, || {
         lab.connect("external", &format!("{n1}:{only_a}"), "tcp", 2)["ok"] == 0
     });
-    let policy = in_node(
-        &lab,
-        "node-1",
-        &["nft", "list", "table", "inet", "weir-policy"],
-    );
-    assert!(
-        policy.contains("map ingress") && policy.contains("drop"),
-        "{policy}"
-    );
+    let (_, policy) = rules(&lab, dataplane);
+    assert!(!policy.is_empty(), "a's ingress chain is programmed");
     let r = lab.connect("external", &format!("{n2}:{local}"), "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
     ok(&mut lab.kubectl(&["delete", "networkpolicy", "deny-a", "-n", "x"]));
