@@ -695,12 +695,39 @@ fn program_bench(n: usize) -> Result<()> {
         nft_full.as_secs_f64(),
         nft_one.as_secs_f64() * 1000.0
     );
+    // weir's iptables dataplane, in the same namespace (its nft tables removed), with the
+    // legacy binaries (the kube-proxy baseline above is iptables-legacy-restore).
+    let mut ipt_dp = weir_dataplane::ipt::IptablesDataplane::new(
+        Some(PathBuf::from(format!("/run/netns/{r4}"))),
+        weir_dataplane::nft::NodeNet {
+            devices: Vec::new(),
+            snat_ports: (61000, 65535),
+            masquerade: None,
+        },
+        weir_dataplane::ipt::IptablesBackend::Legacy,
+    )?;
+    let t = Instant::now();
+    ipt_dp.apply(&state)?;
+    let ipt_full = t.elapsed();
+    let t = Instant::now();
+    ipt_dp.apply(&changed)?;
+    let ipt_one = t.elapsed();
+    weir_dataplane::ipt::IptablesDataplane::remove(
+        Some(&PathBuf::from(format!("/run/netns/{r4}"))),
+        weir_dataplane::ipt::IptablesBackend::Legacy,
+    )?;
     println!(
-        "ratios: iptables-legacy-restore/weir {:.1}x, nft/weir {:.1}x, weir-nftables/weir {:.1}x, kube-proxy-nft/weir-nftables {:.2}x",
+        "weir --dataplane iptables (legacy): full apply {:.3} s; one-service change {:.3} ms",
+        ipt_full.as_secs_f64(),
+        ipt_one.as_secs_f64() * 1000.0
+    );
+    println!(
+        "ratios: iptables-legacy-restore/weir {:.1}x, nft/weir {:.1}x, weir-nftables/weir {:.1}x, kube-proxy-nft/weir-nftables {:.2}x, kube-proxy-legacy/weir-iptables-legacy {:.2}x",
         legacy.as_secs_f64() / full.as_secs_f64(),
         nft.as_secs_f64() / full.as_secs_f64(),
         nft_full.as_secs_f64() / full.as_secs_f64(),
-        nft.as_secs_f64() / nft_full.as_secs_f64()
+        nft.as_secs_f64() / nft_full.as_secs_f64(),
+        legacy.as_secs_f64() / ipt_full.as_secs_f64()
     );
     Ok(())
 }
