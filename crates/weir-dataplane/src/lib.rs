@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod ipt;
 pub mod nft;
@@ -106,6 +107,13 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     /// Connected UDP sockets closed because their backend went away.
     pub sockets_destroyed: usize,
+    /// UDP conntrack entries deleted because their backend went away (netfilter dataplanes).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub udp_flows_cleared: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One programmed frontend, as read back from the datapath.

@@ -343,10 +343,10 @@ spec:
     });
 }
 
-#[test]
-fn connected_udp_moves_off_a_removed_backend() {
-    let lab = Lab::up("cip4", 1, APP);
-    // Hold one connected UDP socket to the VIP while its backend leaves the Service.
+/// Holds one connected UDP socket to the VIP while each backend in turn leaves the Service
+/// and comes back; returns what the holder saw.
+fn udp_hold_while_backends_leave(dataplane: &str) -> Value {
+    let lab = Lab::up_with("cip4", 1, APP, &["--dataplane", dataplane]);
     let holder = lab.hold("lb/client", "web.lb:53", "udp", "4s");
     std::thread::sleep(Duration::from_millis(1000));
     for p in ["web-1", "web-2", "web-3"] {
@@ -354,7 +354,32 @@ fn connected_udp_moves_off_a_removed_backend() {
         std::thread::sleep(Duration::from_millis(300));
         ok(&mut lab.kubectl(&["label", "pod", p, "-n", "lb", "app=web", "--overwrite"]));
     }
-    let r = holder.join().unwrap();
+    holder.join().unwrap()
+}
+
+/// Under netfilter the socket stays: its conntrack entry is deleted when its backend leaves
+/// (the stale-UDP reconciliation), so its next datagram goes to another backend.
+#[test]
+fn connected_udp_moves_off_a_removed_backend_nftables() {
+    let r = udp_hold_while_backends_leave("nftables");
+    assert!(
+        responders(&r).len() >= 2,
+        "the flow moved to another backend: {r}"
+    );
+}
+
+#[test]
+fn connected_udp_moves_off_a_removed_backend_iptables() {
+    let r = udp_hold_while_backends_leave("iptables");
+    assert!(
+        responders(&r).len() >= 2,
+        "the flow moved to another backend: {r}"
+    );
+}
+
+#[test]
+fn connected_udp_moves_off_a_removed_backend() {
+    let r = udp_hold_while_backends_leave("ebpf");
     assert!(
         r["reconnects"].as_u64().unwrap() >= 1,
         "the socket was closed when its backend left: {r}"

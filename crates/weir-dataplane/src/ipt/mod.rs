@@ -180,6 +180,7 @@ pub struct IptablesDataplane {
     /// chains to delete stale ones).
     applied: BTreeMap<Family, Applied>,
     hooked: bool,
+    udp: crate::conntrack::UdpReconciler,
 }
 
 impl IptablesDataplane {
@@ -201,6 +202,7 @@ impl IptablesDataplane {
             backend,
             applied: BTreeMap::new(),
             hooked: false,
+            udp: Default::default(),
         })
     }
 
@@ -401,6 +403,7 @@ impl Dataplane for IptablesDataplane {
             self.apply_family(f, state, &mut stats)?;
         }
         self.hook()?;
+        stats.udp_flows_cleared = self.udp.after_apply(self.netns.as_deref(), state);
         Ok(stats)
     }
 

@@ -82,6 +82,7 @@ pub struct NftDataplane {
     node: NodeNet,
     /// What the tables hold, per frontend, when known; None: the next apply writes them whole.
     applied: Option<BTreeMap<FrontendKey, FrontendObjects>>,
+    udp: crate::conntrack::UdpReconciler,
 }
 
 impl NftDataplane {
@@ -93,6 +94,7 @@ impl NftDataplane {
             netns,
             node,
             applied: None,
+            udp: Default::default(),
         })
     }
 
@@ -209,6 +211,7 @@ impl Dataplane for NftDataplane {
             return Err(e);
         }
         self.applied = Some(want);
+        stats.udp_flows_cleared = self.udp.after_apply(self.netns.as_deref(), state);
         Ok(stats)
     }
 
