@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod conntrack;
+pub mod ctnetlink;
 pub mod ebpf;
 pub mod ipt;
 pub mod nft;

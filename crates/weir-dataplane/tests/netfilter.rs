@@ -410,3 +410,126 @@ fn nodeports_and_external_ips_through_nat_prerouting(kind: Kind) {
         .collect();
     assert_eq!(nodeports.len(), 3);
 }
+
+/// A TCP server on `ip`:`port` in `ns` echoing what it reads, connection by connection.
+fn echo_server(ns: &str, ip: &'static str, port: u16) {
+    let l = in_ns(ns, move || TcpListener::bind((ip, port)).unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut b = [0u8; 64];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One exchange on `s`: whether the byte came back.
+fn echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"x"
+}
+
+fn run_in(ns: &str, cmd: &[&str]) {
+    let ok = Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(ns).display()))
+        .args(cmd)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{cmd:?} in {ns}");
+}
+
+/// Flows written into the kernel's conntrack with their NAT (ctnetlink) are translated with
+/// no NAT rule (only empty nat chains): UDP with DNAT, UDP with DNAT and SNAT, and a TCP
+/// connection whose entry was lost (flushed with its rule) and written again, which goes on
+/// where one that was not written is reset.
+#[test]
+fn flows_written_with_their_nat_are_translated_without_rules() {
+    use weir_dataplane::ctnetlink::{Conntrack, Flow, FlowProto};
+    let l = lab("ctn");
+    serve(&l.node, "10.0.0.1", b'A');
+    serve(&l.node, "10.0.0.2", b'B');
+    // NAT happens where a dataplane has nat chains, and conntrack runs where a rule uses it
+    // (the kernel registers those hooks for a namespace only then): a table with empty nat
+    // chains and one conntrack rule, as a switch's target installed first has.
+    let nft = |text: &str| {
+        let mut c = Command::new("nsenter")
+            .arg(format!("--net={}", netns_path(&l.node).display()))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success());
+    };
+    nft("table ip t {\n chain pre { type nat hook prerouting priority -100; }\n chain post { type nat hook postrouting priority 100; }\n chain check { type filter hook forward priority 0; ct state invalid counter; }\n}\n");
+    let mut ct = Conntrack::open(Some(&netns_path(&l.node))).unwrap();
+    let udp_flow = |sport: u16, dnat: &str, snat: Option<&str>| Flow {
+        proto: FlowProto::Udp,
+        src: format!("10.1.0.2:{sport}").parse().unwrap(),
+        dst: "10.1.0.1:30053".parse().unwrap(),
+        dnat: Some(dnat.parse().unwrap()),
+        snat: snat.map(|s| s.parse().unwrap()),
+        timeout: 60,
+        mark: 0,
+    };
+    ct.insert(&udp_flow(5000, "10.0.0.1:8080", None)).unwrap();
+    ct.insert(&udp_flow(5002, "10.0.0.2:8080", Some("10.0.0.1:45000")))
+        .unwrap();
+    // Written twice: the second replaces the first.
+    ct.insert(&udp_flow(5000, "10.0.0.1:8080", None)).unwrap();
+    let from = |sport: u16| {
+        in_ns(&l.client, move || {
+            let s = UdpSocket::bind(("10.1.0.2", sport)).unwrap();
+            s.connect("10.1.0.1:30053").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let _ = s.send(b"?");
+            let mut b = [0u8; 4];
+            match s.recv(&mut b) {
+                Ok(_) => b[0] as char,
+                Err(_) => '-',
+            }
+        })
+    };
+    assert_eq!(from(5000), 'A');
+    assert_eq!(from(5002), 'B');
+    assert_eq!(from(5001), '-', "a flow nobody wrote is not translated");
+
+    // TCP: a connection DNATed by a rule; the rule and the conntrack entry go; the entry is
+    // written again and the connection goes on.
+    echo_server(&l.node, "10.0.0.1", 8081);
+    nft("add rule ip t pre tcp dport 30080 dnat to 10.0.0.1:8081");
+    let connect = || {
+        in_ns(&l.client, || {
+            let s = TcpStream::connect_timeout(
+                &"10.1.0.1:30080".parse().unwrap(),
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+    };
+    let (mut kept, mut lost) = (connect(), connect());
+    assert!(echoes(&mut kept) && echoes(&mut lost));
+    nft("flush chain ip t pre");
+    run_in(&l.node, &["conntrack", "-F"]);
+    ct.insert(&Flow {
+        proto: FlowProto::Tcp,
+        src: kept.local_addr().unwrap(),
+        dst: "10.1.0.1:30080".parse().unwrap(),
+        dnat: Some("10.0.0.1:8081".parse().unwrap()),
+        snat: None,
+        timeout: 300,
+        mark: 0,
+    })
+    .unwrap();
+    assert!(echoes(&mut kept), "the written connection goes on");
+    assert!(!echoes(&mut lost), "the other is reset");
+}
