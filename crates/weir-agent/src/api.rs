@@ -37,6 +37,7 @@ async fn handle(
     }
     Ok(match req.uri().path() {
         "/prefilter" => prefilter(&shared, &method, req.uri().query().unwrap_or("")).await,
+        "/dataplane" => dataplane(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/status" => {
             let st = shared.status.lock().expect("status").clone();
             json(StatusCode::OK, &st)
@@ -236,6 +237,60 @@ fn unescape(v: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /dataplane` (the dataplane and the last switch), `POST /dataplane?to=KIND` (switch
+/// this node, answered with the switch's report once it is done or rolled back).
+async fn dataplane(
+    shared: &Arc<Shared>,
+    method: &http::Method,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    let err = |code, e: String| json(code, &serde_json::json!({ "error": e }));
+    if method == http::Method::GET {
+        let st = shared.status.lock().expect("status");
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({"dataplane": st.dataplane, "switch": st.switch}),
+        );
+    }
+    if method != http::Method::POST {
+        return err(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST".into());
+    }
+    let Some(to) = query_values(query, "to").next() else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "POST /dataplane needs ?to=ebpf|nftables|iptables".into(),
+        );
+    };
+    let to: weir_dataplane::DataplaneKind = match to.parse() {
+        Ok(k) => k,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    {
+        let mut pending = shared.switch.lock().expect("switch");
+        if pending.is_some() {
+            return err(
+                StatusCode::CONFLICT,
+                "a switch is already under way on this node".into(),
+            );
+        }
+        *pending = Some(crate::switch::SwitchRequest {
+            to,
+            fail_after: query_values(query, "fail-after").next(),
+            reply: tx,
+        });
+    }
+    shared.switch_wake.notify_one();
+    match tokio::time::timeout(std::time::Duration::from_secs(300), rx).await {
+        Ok(Ok(report)) if report.error.is_none() => json(StatusCode::OK, &report),
+        Ok(Ok(report)) => json(StatusCode::INTERNAL_SERVER_ERROR, &report),
+        _ => err(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the switch did not finish within 300 s".into(),
+        ),
+    }
 }
 
 /// `GET /prefilter` (the deny list with counters), `POST /prefilter?cidr=A,B` (add),

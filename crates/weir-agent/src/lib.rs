@@ -16,6 +16,7 @@ pub mod pods;
 pub mod policy;
 pub mod probes;
 pub mod ring;
+pub mod switch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -112,6 +113,8 @@ pub struct SyncStatus {
     pub schedules: Vec<imports::ImportStatus>,
     /// The dataplane rendering the node's state: `ebpf`, `nftables` or `iptables`.
     pub dataplane: String,
+    /// The last dataplane switch of this node, if any.
+    pub switch: Option<switch::SwitchReport>,
 }
 
 /// Shared between the reconcile loop and the introspection API.
@@ -130,6 +133,10 @@ pub struct Shared {
     pub nodes: Store<k8s_openapi::api::core::v1::Node>,
     /// This node's name.
     pub node_name: String,
+    /// A dataplane switch waiting for the Services loop, and what wakes the loop for it.
+    pub switch: Mutex<Option<switch::SwitchRequest>>,
+    /// Wakes the Services loop for a switch.
+    pub switch_wake: Notify,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -647,6 +654,8 @@ pub async fn run(
         flows: flow_log,
         nodes: node_store,
         node_name: cfg.node_name.clone(),
+        switch: Mutex::new(None),
+        switch_wake: Notify::new(),
     });
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
@@ -854,6 +863,22 @@ pub async fn run(
             });
         }
         let build_micros = build_started.elapsed().as_micros() as u64;
+        // A dataplane switch asked for: done here, between passes, with this pass's state.
+        let request = shared.switch.lock().expect("switch").take();
+        if let Some(req) = request {
+            let report = switch::run(&shared, state, req.to, req.fail_after.as_deref());
+            {
+                let mut st = shared.status.lock().expect("status lock");
+                st.dataplane = shared
+                    .dataplane
+                    .lock()
+                    .expect("dataplane")
+                    .kind()
+                    .to_string();
+                st.switch = Some(report.clone());
+            }
+            let _ = req.reply.send(report);
+        }
         let started = std::time::Instant::now();
         let result = {
             let mut dp = shared.dataplane.lock().expect("dataplane lock");
@@ -916,6 +941,7 @@ pub async fn run(
         });
         tokio::select! {
             _ = notify.notified() => {}
+            _ = shared.switch_wake.notified() => {}
             _ = tokio::time::sleep(readmission.min(Duration::from_secs(60))) => {
                 // Quiet for a while: read the health again too, in case the ring buffer was
                 // full when an ejection was posted.

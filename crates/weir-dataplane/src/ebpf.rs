@@ -714,6 +714,10 @@ impl EbpfDataplane {
 }
 
 impl Dataplane for EbpfDataplane {
+    fn retire(&mut self) -> Result<(), DataplaneError> {
+        Ok(self.lb.detach()?)
+    }
+
     fn apply(&mut self, state: &LbState) -> Result<ApplyStats, DataplaneError> {
         let mut stats = ApplyStats::default();
         for (key, f) in &state.frontends {

@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod ctnetlink;
 pub mod ebpf;
+pub mod handover;
 pub mod ipt;
 pub mod nft;
 pub mod open;
@@ -236,6 +237,12 @@ pub trait Dataplane: Send {
     /// still selectable after its ejection is one kept on purpose (maxEjectionPercent), which
     /// new connections no longer pass over.
     fn acknowledge(&mut self, _health: &[Ejection]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Stops translating new flows, leaving its state for the flows it translated (the old
+    /// side of a switch, after the new one took over): the eBPF dataplane detaches its
+    /// socket programs. (Netfilter dataplanes are removed with their own `remove`.)
+    fn retire(&mut self) -> Result<(), DataplaneError> {
         Ok(())
     }
     /// Which dataplane this is.

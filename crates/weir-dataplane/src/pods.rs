@@ -377,6 +377,50 @@ impl PodDataplane {
         self.netfilter = Some(policy);
     }
 
+    /// A switch to a netfilter dataplane, before the cut-over: NetworkPolicy is written into
+    /// netfilter too (the programs stay, so both judge until they go).
+    pub fn prepare_netfilter(
+        &mut self,
+        netns: Option<std::path::PathBuf>,
+        policy: NetfilterPolicy,
+    ) -> Result<(), DataplaneError> {
+        self.netns = netns;
+        self.netfilter = Some(policy);
+        self.nf_policy = None;
+        self.write_netfilter_policy()
+    }
+
+    /// Takes back [`PodDataplane::prepare_netfilter`] (a switch rolled back): netfilter's
+    /// policy rules are removed.
+    pub fn abandon_netfilter(&mut self) -> Result<(), DataplaneError> {
+        let Some(nf) = self.netfilter.take() else {
+            return Ok(());
+        };
+        self.nf_policy = None;
+        let empty = PolicyState::default();
+        match nf {
+            NetfilterPolicy::Nftables => crate::nft::write_policy(
+                self.netns.as_deref(),
+                &crate::nft::policy::render(&empty, &HashMap::new()),
+            ),
+            NetfilterPolicy::Iptables(b) => {
+                crate::ipt::write_policy(self.netns.as_deref(), b, &empty, &HashMap::new())
+            }
+        }
+    }
+
+    /// The cut-over of a switch to a netfilter dataplane: every tc and XDP program of the
+    /// node is detached now, and none is attached again.
+    pub fn detach_programs(&mut self) {
+        self.programs = false;
+        let pinned: BTreeSet<u32> = self.dp.attached().into_iter().collect();
+        for ifindex in pinned.union(&self.attached.clone()) {
+            self.dp.detach(*ifindex);
+        }
+        self.attached.clear();
+        self.netdevs.clear();
+    }
+
     /// Without programs, NetworkPolicy is enforced by the netfilter dataplane (nftables:
     /// `inet weir-policy`; iptables: `WEIR-POLICY-*` chains), rendered from the same state
     /// and rewritten whole when the rendering changes.

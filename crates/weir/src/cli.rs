@@ -21,7 +21,7 @@ pub struct Cli {
         env = "WEIR_CLUSTER",
         conflicts_with = "kubeconfig"
     )]
-    cluster: Option<String>,
+    pub(crate) cluster: Option<String>,
     /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
@@ -98,6 +98,9 @@ pub(crate) enum Command {
     /// node's devices before anything else runs (deny lists against floods), with counters.
     #[command(subcommand)]
     Prefilter(PrefilterCommand),
+    /// The nodes' dataplane: switch it while established flows go on.
+    #[command(subcommand)]
+    Dataplane(DataplaneCommand),
     /// Build and use lab clusters made of network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -533,6 +536,32 @@ pub(crate) enum LabCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub(crate) enum DataplaneCommand {
+    /// Switch node by node (every node of the lab by default) to another dataplane: the
+    /// target is installed beside the current one, the translated flows are copied into the
+    /// kernel's conntrack, then the old programs are detached. A node that fails is rolled
+    /// back and the switch stops there. Built so far: from ebpf to nftables or iptables.
+    Switch {
+        /// The dataplane to switch to.
+        #[arg(long, value_enum)]
+        to: DataplaneArg,
+        /// A lab node to switch (repeatable; default: every node, in order).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+        /// Test hook: each node fails on purpose after this phase (install or copy) and rolls
+        /// back.
+        #[arg(long, hide = true, value_name = "PHASE")]
+        fail_after: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub(crate) enum PrefilterCommand {
     /// Drop packets from these source prefixes (ADDRESS/LEN or one address; host bits are
     /// cleared). All are added or, on an error, none.
@@ -799,6 +828,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 cidrs,
             ))
         }
+        Command::Dataplane(DataplaneCommand::Switch {
+            to,
+            nodes,
+            socket,
+            output,
+            fail_after,
+        }) => runtime()?.block_on(crate::switch::run(
+            &cli,
+            (*to).into(),
+            &node_sockets(&cli, socket.as_ref(), nodes)?,
+            *output == Format::Json,
+            fail_after.as_deref(),
+        )),
         Command::Observe(o) => {
             let sockets = observe_sockets(&cli, o)?;
             let filter = crate::observe::Filter {
@@ -895,7 +937,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The agents `weir observe` asks: --socket, the named lab nodes, or every node of the lab.
 fn observe_sockets(cli: &Cli, o: &ObserveArgs) -> Result<Vec<(String, PathBuf)>> {
-    if let Some(s) = &o.socket {
+    node_sockets(cli, o.socket.as_ref(), &o.nodes)
+}
+
+/// The agents a command asks: `socket`, the named lab nodes, or every node of the lab
+/// (without --cluster: this node's agent).
+pub(crate) fn node_sockets(
+    cli: &Cli,
+    socket: Option<&PathBuf>,
+    named: &[String],
+) -> Result<Vec<(String, PathBuf)>> {
+    if let Some(s) = socket {
         return Ok(vec![("agent".into(), s.clone())]);
     }
     let Some(c) = &cli.cluster else {
@@ -905,14 +957,14 @@ fn observe_sockets(cli: &Cli, o: &ObserveArgs) -> Result<Vec<(String, PathBuf)>>
         )]);
     };
     let paths = weir_lab::paths::LabPaths::new(c);
-    let nodes: Vec<String> = if o.nodes.is_empty() {
+    let nodes: Vec<String> = if named.is_empty() {
         lab::nodes(c)?
             .into_iter()
             .filter(|h| h.role == "node")
             .map(|h| h.name)
             .collect()
     } else {
-        o.nodes.clone()
+        named.to_vec()
     };
     Ok(nodes
         .into_iter()

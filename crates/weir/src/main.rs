@@ -9,6 +9,7 @@ mod imports;
 mod introspect;
 mod mesh;
 mod observe;
+mod switch;
 
 use std::process::ExitCode;
 
