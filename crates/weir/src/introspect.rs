@@ -84,6 +84,23 @@ pub async fn status(
     }
     println!("Node:          {}", s(&st["node"]));
     println!("Dataplane:     {}", s(&st["dataplane"]));
+    let sw = &st["switch"];
+    if sw.is_object() {
+        println!(
+            "Last switch:   {} -> {} at {}: {} flows copied ({} during the cut-over), {} failed, cut-over at {} ms{}",
+            s(&sw["from"]),
+            s(&sw["to"]),
+            s(&sw["finished"]),
+            s(&sw["flows_copied"]),
+            s(&sw["flows_copied_after_cutover"]),
+            s(&sw["flows_failed"]),
+            s(&sw["cutover_ms"]),
+            sw["error"]
+                .as_str()
+                .map(|e| format!("; FAILED and rolled back: {e}"))
+                .unwrap_or_default()
+        );
+    }
     println!(
         "API server:    {}",
         if st["api_connected"] == true {
