@@ -32,6 +32,7 @@ bench: setup
 	target/release/weir-bench mesh 200 20
 	target/release/weir-bench mesh-scale 10 1000
 	target/release/weir-bench schedule 20
+	target/release/weir-bench switch 10000,100000
 
 # The OCI image (podman; a debootstrap base made here, no registry): weir and weir-cni.
 image: setup

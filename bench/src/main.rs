@@ -35,6 +35,7 @@ mod podpod;
 mod policy;
 mod prefilter;
 mod schedule;
+mod switch;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -923,6 +924,15 @@ fn main() -> Result<()> {
                 .map(String::as_str)
                 .unwrap_or("target/release/weir"),
         ),
+        Some("switch") => switch::bench(
+            &args
+                .get(1)
+                .map(String::as_str)
+                .unwrap_or("10000,100000")
+                .split(',')
+                .map(|s| s.parse())
+                .collect::<Result<Vec<u32>, _>>()?,
+        ),
         Some("schedule") => schedule::bench(
             args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(20),
             args.get(2)
@@ -937,7 +947,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR] | weir-bench schedule [TRIALS] [WEIR]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR] | weir-bench schedule [TRIALS] [WEIR] | weir-bench switch [N1,N2,..]"
             );
             std::process::exit(2)
         }
