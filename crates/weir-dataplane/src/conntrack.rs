@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use weir_control::lb::{Backend, LbState, Proto, Scope};
 
@@ -105,42 +104,12 @@ pub fn stale<'a>(
 }
 
 fn conntrack(netns: Option<&Path>, args: &[&str]) -> Result<String, DataplaneError> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display())).arg("conntrack");
-            c
-        }
-        None => Command::new("conntrack"),
-    };
-    let out = cmd.args(args).stdin(Stdio::null()).output().map_err(|e| {
-        DataplaneError::Netfilter(format!("running conntrack: {e} (is conntrack installed?)"))
-    })?;
-    if !out.status.success() {
-        return Err(DataplaneError::Netfilter(format!(
-            "conntrack {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::exec::run(netns, "conntrack", args, None)
 }
 
 /// The addresses of the namespace `netns` (where NodePorts answer).
 fn local_addresses(netns: Option<&Path>) -> Result<BTreeSet<IpAddr>, DataplaneError> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display())).arg("ip");
-            c
-        }
-        None => Command::new("ip"),
-    };
-    let out = cmd
-        .args(["-o", "addr", "show"])
-        .output()
-        .map_err(|e| DataplaneError::Netfilter(format!("running ip addr: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = crate::exec::run(netns, "ip", &["-o", "addr", "show"], None)?;
     Ok(text
         .lines()
         .filter_map(|l| {

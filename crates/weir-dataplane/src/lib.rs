@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod ctnetlink;
 pub mod ebpf;
+mod exec;
 pub mod handover;
 pub mod ipt;
 pub mod nft;
@@ -221,6 +222,26 @@ pub struct Dump {
     pub maps: Vec<MapUsage>,
     /// Backends under outlier detection.
     pub health: Vec<Ejection>,
+}
+
+impl Dump {
+    /// Sorts the frontends and lists their backends (by protocol) with ids in that order:
+    /// the backend table of a dataplane that has no ids of its own (netfilter).
+    pub fn index_backends(&mut self) {
+        self.frontends.sort_by_key(|f| f.key);
+        let mut backends: Vec<(Backend, Proto)> = self
+            .frontends
+            .iter()
+            .flat_map(|f| f.backends.iter().map(move |(_, b)| (*b, f.key.proto)))
+            .collect();
+        backends.sort();
+        backends.dedup();
+        self.backends = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, (b, p))| (i as u32, b, p))
+            .collect();
+    }
 }
 
 /// A datapath that load-balances Services.

@@ -259,13 +259,7 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
     // Cluster policy: any node forwards to any backend, TCP and UDP.
     let (tcp, udp) = (node_port(&lab, "np", "http"), node_port(&lab, "np", "dns"));
     for node in [&n1, &n2] {
-        let r = lab.connect("external", &format!("{node}:{tcp}"), "tcp", 24);
-        assert_eq!(r["ok"], 24, "tcp via {node}: {r}");
-        assert_eq!(responders(&r), vec!["x/a", "x/c"], "tcp via {node}: {r}");
-        assert_eq!(r["peers"][format!("{node}:{tcp}")], 24, "{r}");
-        let r = lab.connect("external", &format!("{node}:{udp}"), "udp", 24);
-        assert_eq!(r["ok"], 24, "udp via {node}: {r}");
-        assert_eq!(responders(&r), vec!["x/a", "x/c"], "udp via {node}: {r}");
+        assert_node_port_reaches(&lab, node, (tcp, udp), &["x/a", "x/c"]);
     }
 
     // `weir explain` runs a synthetic first packet through node-1's programs: the verdict,
@@ -945,12 +939,7 @@ fn xdp_node_ports_give_the_same_results_as_tc() {
     let n1 = lab.node_ip("node-1");
     let (tcp, udp) = (node_port(&lab, "np", "http"), node_port(&lab, "np", "dns"));
     // The same checks as with tc: both backends, TCP and UDP, through node-1.
-    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);
-    assert_eq!(r["ok"], 24, "{r}");
-    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
-    let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 24);
-    assert_eq!(r["ok"], 24, "{r}");
-    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    assert_node_port_reaches(&lab, &n1, (tcp, udp), &["x/a", "x/c"]);
     // The SNATed flows (to node-2's pod) were completed at XDP, both directions; the local
     // pod's went on to tc; the source address seen is the same as with tc.
     let only_c = node_port(&lab, "only-c", "http");

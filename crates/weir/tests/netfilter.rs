@@ -85,12 +85,7 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
         node_port(&lab, "both", "dns"),
     );
     for node in [&n1, &n2] {
-        let r = lab.connect("external", &format!("{node}:{tcp}"), "tcp", 24);
-        assert_eq!(r["ok"], 24, "tcp via {node}: {r}");
-        assert_eq!(responders(&r), vec!["x/a", "x/c"], "tcp via {node}: {r}");
-        let r = lab.connect("external", &format!("{node}:{udp}"), "udp", 24);
-        assert_eq!(r["ok"], 24, "udp via {node}: {r}");
-        assert_eq!(responders(&r), vec!["x/a", "x/c"], "udp via {node}: {r}");
+        assert_node_port_reaches(&lab, node, (tcp, udp), &["x/a", "x/c"]);
     }
     // A local backend sees the client; a remote one the receiving node (SNAT).
     let only_a = node_port(&lab, "np", "http");

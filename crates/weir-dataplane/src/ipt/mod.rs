@@ -11,9 +11,7 @@ mod read;
 pub mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use weir_control::lb::{FrontendKey, LbState};
 
@@ -65,48 +63,17 @@ impl IptablesBackend {
     }
 }
 
-/// Runs `bin ARGS` (in `netns`, if given) with `input` on stdin; returns stdout.
-fn run(
-    netns: Option<&Path>,
-    bin: &str,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<String, DataplaneError> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display())).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("{bin} {}", args.join(" "));
-    let mut child = cmd.spawn().map_err(|e| {
-        DataplaneError::Netfilter(format!("running {what}: {e} (is iptables installed?)"))
-    })?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|e| DataplaneError::Netfilter(format!("writing to {what}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| DataplaneError::Netfilter(format!("running {what}: {e}")))?;
-    if !out.status.success() {
-        return Err(DataplaneError::Netfilter(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+use crate::exec::run;
+
+/// The chains of an `iptables-save` text whose names `keep` accepts.
+fn chains_in(saved: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| keep(n))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Writes NetworkPolicy (see [`policy`]) for both families: each family's filter table in
@@ -125,13 +92,7 @@ pub fn write_policy(
             &["-t", "filter"],
             None,
         )?;
-        let stale: Vec<String> = saved
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| policy::is_policy_chain(n))
-            .map(str::to_string)
-            .collect();
+        let stale = chains_in(&saved, policy::is_policy_chain);
         let text = policy::render(f, state, ip_dev, &stale);
         run(
             netns,
@@ -217,14 +178,11 @@ impl IptablesDataplane {
 
     /// weir's per-frontend chains in family `f`'s nat table now.
     fn kernel_frontend_chains(&self, f: Family) -> Result<BTreeSet<String>, DataplaneError> {
-        Ok(self
-            .save(f, "nat")?
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with("WEIR-FE-") || n.starts_with("WEIR-BE-"))
-            .map(str::to_string)
-            .collect())
+        Ok(chains_in(&self.save(f, "nat")?, |n| {
+            n.starts_with("WEIR-FE-") || n.starts_with("WEIR-BE-")
+        })
+        .into_iter()
+        .collect())
     }
 
     /// Jumps from the kernel chains to weir's (once per process; `-C` first, so a restarted
@@ -313,12 +271,7 @@ impl IptablesDataplane {
                     &["-t", table],
                     None,
                 )?;
-                let chains: Vec<&str> = saved
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(':'))
-                    .filter_map(|l| l.split_whitespace().next())
-                    .filter(|n| n.starts_with("WEIR-"))
-                    .collect();
+                let chains = chains_in(&saved, |n| n.starts_with("WEIR-"));
                 if chains.is_empty() {
                     continue;
                 }

@@ -151,18 +151,6 @@ pub fn dump(saved: &[(Family, String, String)]) -> Dump {
             }
         }
     }
-    dump.frontends.sort_by_key(|f| f.key);
-    let mut backends: Vec<(Backend, Proto)> = dump
-        .frontends
-        .iter()
-        .flat_map(|f| f.backends.iter().map(move |(_, b)| (*b, f.key.proto)))
-        .collect();
-    backends.sort();
-    backends.dedup();
-    dump.backends = backends
-        .into_iter()
-        .enumerate()
-        .map(|(i, (b, p))| (i as u32, b, p))
-        .collect();
+    dump.index_backends();
     dump
 }

@@ -10,9 +10,7 @@ mod read;
 pub mod render;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use weir_control::lb::{FrontendKey, LbState};
@@ -25,41 +23,7 @@ use expr::Family;
 
 /// Runs `nft ARGS` (in the network namespace `netns`, if given) with `input` on stdin.
 fn nft(netns: Option<&Path>, args: &[&str], input: Option<&str>) -> Result<String, DataplaneError> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display())).arg("nft");
-            c
-        }
-        None => Command::new("nft"),
-    };
-    cmd.args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("nft {}", args.join(" "));
-    let mut child = cmd.spawn().map_err(|e| {
-        DataplaneError::Netfilter(format!("running {what}: {e} (is nftables installed?)"))
-    })?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|e| DataplaneError::Netfilter(format!("writing to {what}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| DataplaneError::Netfilter(format!("running {what}: {e}")))?;
-    if !out.status.success() {
-        return Err(DataplaneError::Netfilter(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::exec::run(netns, "nft", args, input)
 }
 
 /// Runs `cmds` as one nft transaction.

@@ -201,18 +201,6 @@ pub fn dump(listing: &[Value]) -> Dump {
             dump.frontends.push(frontend(&t, family, key, target));
         }
     }
-    dump.frontends.sort_by_key(|f| f.key);
-    let mut backends: Vec<(Backend, Proto)> = dump
-        .frontends
-        .iter()
-        .flat_map(|f| f.backends.iter().map(move |(_, b)| (*b, f.key.proto)))
-        .collect();
-    backends.sort();
-    backends.dedup();
-    dump.backends = backends
-        .into_iter()
-        .enumerate()
-        .map(|(i, (b, p))| (i as u32, b, p))
-        .collect();
+    dump.index_backends();
     dump
 }

@@ -542,3 +542,22 @@ pub fn client_ip_seen(lab: &Lab, to: &str) -> String {
     let body = out.rsplit("\r\n\r\n").next().unwrap().trim();
     body.rsplit_once(':').unwrap().0.to_string()
 }
+
+/// Node port `tcp` and `udp` of `node` (an address) answer 24 fresh TCP connections and 24
+/// UDP exchanges from the external host, from exactly `backends` (`namespace/pod`, sorted).
+pub fn assert_node_port_reaches(lab: &Lab, node: &str, (tcp, udp): (u64, u64), backends: &[&str]) {
+    for (port, proto) in [(tcp, "tcp"), (udp, "udp")] {
+        let r = lab.connect("external", &format!("{node}:{port}"), proto, 24);
+        assert_eq!(r["ok"], 24, "{proto} via {node}: {r}");
+        let who: Vec<&str> = r["responders"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(who, backends, "{proto} via {node}: {r}");
+        if proto == "tcp" {
+            assert_eq!(r["peers"][format!("{node}:{port}")], 24, "{r}");
+        }
+    }
+}
