@@ -143,6 +143,23 @@ pub struct FrontendDump {
     pub outlier: bool,
 }
 
+impl FrontendDump {
+    /// A frontend with no backend and nothing else set (id 0: a dataplane without ids).
+    pub fn new(key: FrontendKey) -> Self {
+        FrontendDump {
+            key,
+            id: 0,
+            backends: Vec::new(),
+            affinity_timeout: None,
+            maglev_size: None,
+            source_ranges: Vec::new(),
+            dsr: false,
+            shares: Vec::new(),
+            outlier: false,
+        }
+    }
+}
+
 /// A backend under outlier detection, as the datapath counts it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Ejection {

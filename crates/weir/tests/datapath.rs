@@ -233,15 +233,6 @@ fn endpoints_follow_pods_and_links_survive_an_agent_restart() {
     });
 }
 
-fn responders(r: &Value) -> Vec<String> {
-    r["responders"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
     let m = format!(
@@ -339,7 +330,7 @@ fn node_ports_from_outside_with_snat_and_both_traffic_policies() {
     for (node, pod) in [(&n1, "x/a"), (&n2, "x/c")] {
         let r = lab.connect("external", &format!("{node}:{local}"), "tcp", 10);
         assert_eq!(r["ok"], 10, "{r}");
-        assert_eq!(responders(&r), vec![pod], "via {node}: {r}");
+        assert_eq!(responder_names(&r), vec![pod], "via {node}: {r}");
         assert_eq!(client_ip_seen(&lab, &format!("{node}:{local}")), external);
     }
     // Without a local endpoint the node drops, with a reason.
@@ -673,11 +664,11 @@ fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
     // socket sees the ClusterIP as its peer (replies are translated back at tc).
     let r = lab.connect("x/client", &format!("{vip}:80"), "tcp", 30);
     assert_eq!(r["ok"], 30, "{r}");
-    assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{r}");
+    assert_eq!(responder_names(&r), vec!["x/a", "x/b", "x/c"], "{r}");
     assert_eq!(r["peers"][format!("{vip}:80")], 30, "{r}");
     let r = lab.connect("x/client", &format!("{vip}:53"), "udp", 30);
     assert_eq!(r["ok"], 30, "{r}");
-    assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{r}");
+    assert_eq!(responder_names(&r), vec!["x/a", "x/b", "x/c"], "{r}");
     // The IPv6 ClusterIP too.
     let vip6 = lab.get_json(&["svc", "np", "-n", "x"])["spec"]["clusterIPs"][1]
         .as_str()
@@ -686,7 +677,11 @@ fn without_socket_lb_pods_reach_cluster_ips_through_tc() {
     for (port, proto) in [(80, "tcp"), (53, "udp")] {
         let r = lab.connect("x/client", &format!("[{vip6}]:{port}"), proto, 30);
         assert_eq!(r["ok"], 30, "{proto}: {r}");
-        assert_eq!(responders(&r), vec!["x/a", "x/b", "x/c"], "{proto}: {r}");
+        assert_eq!(
+            responder_names(&r),
+            vec!["x/a", "x/b", "x/c"],
+            "{proto}: {r}"
+        );
         assert_eq!(r["peers"][format!("[{vip6}]:{port}")], 30, "{r}");
     }
     // The socket layer did none of it.
@@ -759,7 +754,7 @@ fn vxlan_mode_carries_pod_traffic_and_node_ports_between_nodes() {
     let tcp = node_port(&lab, "np", "http");
     let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 24);
     assert_eq!(r["ok"], 24, "{r}");
-    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    assert_eq!(responder_names(&r), vec!["x/a", "x/c"], "{r}");
     // node-1 routes node-2's IPv4 and IPv6 pod CIDRs through the tunnel.
     let st: Value = serde_json::from_str(&ok(
         &mut lab.weir(&["status", "--node", "node-1", "-o", "json"])
@@ -895,7 +890,7 @@ fn lab_load_balancer_ips_maglev_consistent_across_nodes_and_affinity() {
     );
     let r = lab.connect("external", &format!("{mg}:80"), "tcp", 40);
     assert_eq!(r["ok"], 40, "{r}");
-    assert_eq!(responders(&r).len(), 4, "{r}");
+    assert_eq!(responder_names(&r).len(), 4, "{r}");
     // Maglev: whichever node a flow reaches, it picks the same backend for it.
     for port in [40000, 40001, 40002, 40003, 40004, 40005] {
         let pick = |node: &str| -> String {
@@ -923,7 +918,7 @@ fn lab_load_balancer_ips_maglev_consistent_across_nodes_and_affinity() {
     let np = node_port(&lab, "sticky", "http");
     let r = lab.connect("external", &format!("{n1}:{np}"), "tcp", 12);
     assert_eq!(r["ok"], 12, "{r}");
-    assert_eq!(responders(&r).len(), 1, "affinity: {r}");
+    assert_eq!(responder_names(&r).len(), 1, "affinity: {r}");
 }
 
 #[test]

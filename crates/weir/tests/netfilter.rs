@@ -10,16 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-fn responders(r: &Value) -> Vec<String> {
-    r["responders"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect()
-}
 
 /// What `dataplane` shows of its rules in node-1: the Services part and the policy part
 /// (empty when there is none).
@@ -95,7 +85,7 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
     let local = node_port(&lab, "local", "http");
     for (node, backend) in [(&n1, "x/a"), (&n2, "x/c")] {
         let r = lab.connect("external", &format!("{node}:{local}"), "tcp", 10);
-        assert_eq!(responders(&r), vec![backend], "via {node}: {r}");
+        assert_eq!(responder_names(&r), vec![backend], "via {node}: {r}");
         assert_eq!(client_ip_seen(&lab, &format!("{node}:{local}")), external);
     }
     // Pods reach the external host from their node's address (masqueraded).
@@ -134,7 +124,7 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
         "tc/XDP links pinned in {links}: {pinned:?}"
     );
     let r = lab.connect("x/client", "both.x:80", "tcp", 20);
-    assert_eq!(responders(&r), vec!["x/a", "x/c"], "{r}");
+    assert_eq!(responder_names(&r), vec!["x/a", "x/c"], "{r}");
     let status = ok(&mut lab.weir(&["status", "--node", "node-1"]));
     assert!(
         status.contains(&format!("Dataplane:     {dataplane}")) && status.contains("in sync"),

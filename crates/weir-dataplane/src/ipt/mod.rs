@@ -76,6 +76,34 @@ fn chains_in(saved: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
         .collect()
 }
 
+/// The jump `-A KCHAIN -j CHAIN` (commented `weir`) in `table`, added at the top of the
+/// kernel chain unless there (`-C` first, so a restarted agent adds none twice).
+fn ensure_jump(
+    netns: Option<&Path>,
+    bin: &str,
+    (table, kchain, chain): (&str, &str, &str),
+) -> Result<(), DataplaneError> {
+    let rule = [
+        "-w",
+        "-t",
+        table,
+        "-C",
+        kchain,
+        "-j",
+        chain,
+        "-m",
+        "comment",
+        "--comment",
+        "weir",
+    ];
+    if run(netns, bin, &rule, None).is_ok() {
+        return Ok(());
+    }
+    let mut insert = rule;
+    insert[3] = "-I";
+    run(netns, bin, &insert, None).map(|_| ())
+}
+
 /// Writes NetworkPolicy (see [`policy`]) for both families: each family's filter table in
 /// one restore (the policy's chains replaced, chains of pods no longer isolated deleted), and
 /// the jumps from FORWARD and INPUT added once.
@@ -102,24 +130,7 @@ pub fn write_policy(
         )?;
         let bin = backend.binary(f, "iptables");
         for (kchain, chain) in policy::HOOKS {
-            let rule = [
-                "-w",
-                "-t",
-                "filter",
-                "-C",
-                kchain,
-                "-j",
-                chain,
-                "-m",
-                "comment",
-                "--comment",
-                "weir",
-            ];
-            if run(netns, &bin, &rule, None).is_err() {
-                let mut insert = rule;
-                insert[3] = "-I";
-                run(netns, &bin, &insert, None)?;
-            }
+            ensure_jump(netns, &bin, ("filter", kchain, chain))?;
         }
     }
     Ok(())
@@ -193,36 +204,8 @@ impl IptablesDataplane {
         }
         for f in [Family::Ip, Family::Ip6] {
             let bin = self.backend.binary(f, "iptables");
-            for (table, kchain, chain) in render::HOOKS {
-                let rule = [
-                    "-t",
-                    table,
-                    "-C",
-                    kchain,
-                    "-j",
-                    chain,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "weir",
-                ];
-                if run(
-                    self.netns.as_deref(),
-                    &bin,
-                    &[&["-w"][..], &rule].concat(),
-                    None,
-                )
-                .is_err()
-                {
-                    let mut insert = rule;
-                    insert[2] = "-I";
-                    run(
-                        self.netns.as_deref(),
-                        &bin,
-                        &[&["-w"][..], &insert].concat(),
-                        None,
-                    )?;
-                }
+            for hook in render::HOOKS {
+                ensure_jump(self.netns.as_deref(), &bin, hook)?;
             }
         }
         self.hooked = true;

@@ -91,17 +91,7 @@ fn frontend(
     key: FrontendKey,
     chain: &str,
 ) -> FrontendDump {
-    let mut fd = FrontendDump {
-        key,
-        id: 0,
-        backends: Vec::new(),
-        affinity_timeout: None,
-        maglev_size: None,
-        source_ranges: Vec::new(),
-        dsr: false,
-        shares: Vec::new(),
-        outlier: false,
-    };
+    let mut fd = FrontendDump::new(key);
     let empty = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for w in nat.get(chain).unwrap_or(&empty) {

@@ -89,17 +89,7 @@ fn backend_of(t: &Table, family: &str, chain: &str) -> Option<Backend> {
 }
 
 fn frontend(t: &Table, family: &str, key: FrontendKey, target: &str) -> FrontendDump {
-    let mut fd = FrontendDump {
-        key,
-        id: 0,
-        backends: Vec::new(),
-        affinity_timeout: None,
-        maglev_size: None,
-        source_ranges: Vec::new(),
-        dsr: false,
-        shares: Vec::new(),
-        outlier: false,
-    };
+    let mut fd = FrontendDump::new(key);
     let mut chains = Vec::new();
     for r in t.rules(family, target) {
         let exprs = r["expr"].as_array().cloned().unwrap_or_default();

@@ -561,3 +561,13 @@ pub fn assert_node_port_reaches(lab: &Lab, node: &str, (tcp, udp): (u64, u64), b
         }
     }
 }
+
+/// Who answered a `lab connect` (`namespace/pod` names, sorted).
+pub fn responder_names(r: &Value) -> Vec<String> {
+    r["responders"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
