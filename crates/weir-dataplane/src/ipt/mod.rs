@@ -76,18 +76,16 @@ fn chains_in(saved: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
         .collect()
 }
 
-/// The jump `-A KCHAIN -j CHAIN` (commented `weir`) in `table`, added at the top of the
-/// kernel chain unless there (`-C` first, so a restarted agent adds none twice).
-fn ensure_jump(
-    netns: Option<&Path>,
-    bin: &str,
-    (table, kchain, chain): (&str, &str, &str),
-) -> Result<(), DataplaneError> {
-    let rule = [
+/// The arguments of `iptables OP KCHAIN -j CHAIN` (commented `weir`) in `table`.
+fn jump_rule<'a>(
+    op: &'a str,
+    (table, kchain, chain): (&'a str, &'a str, &'a str),
+) -> [&'a str; 11] {
+    [
         "-w",
         "-t",
         table,
-        "-C",
+        op,
         kchain,
         "-j",
         chain,
@@ -95,13 +93,21 @@ fn ensure_jump(
         "comment",
         "--comment",
         "weir",
-    ];
+    ]
+}
+
+/// The jump `-A KCHAIN -j CHAIN` (commented `weir`) in `table`, added at the top of the
+/// kernel chain unless there (`-C` first, so a restarted agent adds none twice).
+fn ensure_jump(
+    netns: Option<&Path>,
+    bin: &str,
+    (table, kchain, chain): (&str, &str, &str),
+) -> Result<(), DataplaneError> {
+    let rule = jump_rule("-C", (table, kchain, chain));
     if run(netns, bin, &rule, None).is_ok() {
         return Ok(());
     }
-    let mut insert = rule;
-    insert[3] = "-I";
-    run(netns, bin, &insert, None).map(|_| ())
+    run(netns, bin, &jump_rule("-I", (table, kchain, chain)), None).map(|_| ())
 }
 
 /// Writes NetworkPolicy (see [`policy`]) for both families: each family's filter table in
@@ -232,19 +238,7 @@ impl IptablesDataplane {
                 .copied()
                 .chain(policy::HOOKS.iter().map(|(k, c)| ("filter", *k, *c)));
             for (table, kchain, chain) in hooks {
-                let rule = [
-                    "-w",
-                    "-t",
-                    table,
-                    "-D",
-                    kchain,
-                    "-j",
-                    chain,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "weir",
-                ];
+                let rule = jump_rule("-D", (table, kchain, chain));
                 let _ = run(netns, &bin, &rule, None);
             }
             for table in ["nat", "filter"] {
