@@ -35,9 +35,9 @@ if ! podman image exists "$base"; then
   trap 'rm -rf "$root"' EXIT
   echo "image: debootstrap of a minimal bookworm into $root"
   # libelf1 and zlib1g for libbpf; iproute2 and util-linux (nsenter) for weir-cni and the
-  # agent; nftables and iptables for the agent's netfilter dataplanes; ca-certificates for
+  # agent; nftables, iptables and conntrack for the netfilter dataplanes; ca-certificates for
   # the API server's TLS.
-  debootstrap --variant=minbase --include=libelf1,zlib1g,iproute2,util-linux,nftables,iptables,ca-certificates \
+  debootstrap --variant=minbase --include=libelf1,zlib1g,iproute2,util-linux,nftables,iptables,conntrack,ca-certificates \
     bookworm "$root" "$(mirror)" >/dev/null
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
   tar -C "$root" -c . | podman import - "$base" >/dev/null
