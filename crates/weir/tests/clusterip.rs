@@ -392,7 +392,24 @@ fn connected_udp_moves_off_a_removed_backend() {
 
 #[test]
 fn agent_restart_keeps_connections_and_api_outage_keeps_serving() {
-    let lab = Lab::up("cip5", 1, APP);
+    agent_restart_keeps_connections("ebpf");
+}
+
+#[test]
+fn agent_restart_keeps_connections_and_api_outage_keeps_serving_nftables() {
+    agent_restart_keeps_connections("nftables");
+}
+
+#[test]
+fn agent_restart_keeps_connections_and_api_outage_keeps_serving_iptables() {
+    agent_restart_keeps_connections("iptables");
+}
+
+/// With no agent the datapath keeps serving (pinned programs and maps; netfilter rules and
+/// conntrack), a restarted agent changes nothing that did not change, and an API server
+/// outage is survived.
+fn agent_restart_keeps_connections(dataplane: &str) {
+    let lab = Lab::up_with("cip5", 1, APP, &["--dataplane", dataplane]);
     // A long-lived TCP connection through the VIP while the agent is killed and restarted.
     let holder = lab.hold("lb/client", "web.lb:80", "tcp", "3s");
     std::thread::sleep(Duration::from_millis(700));
