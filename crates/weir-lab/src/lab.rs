@@ -870,7 +870,7 @@ pub async fn run_agent(
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
     let netns = paths::netns_path(&layout.node(node)?.netns);
     let (dp, pods) = weir_dataplane::open::NodeDataplanes {
-        kind: layout.dataplane,
+        kind: layout.dataplane_of(layout.node(node)?),
         pins: p.node_bpf_dir(node),
         cgroup: cgroup.clone(),
         socket_lb: layout.socket_lb,

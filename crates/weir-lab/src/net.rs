@@ -259,18 +259,16 @@ fn create_node(layout: &Layout, n: &NodeLayout) -> Result<(), LabError> {
         &n.netns,
         &[("net.ipv4.ip_local_port_range", range.as_str())],
     )?;
-    // A netfilter dataplane translates Service addresses after the routing decision (as
-    // kube-proxy, which relies on the node's default route): the service CIDRs need a route.
-    // The eBPF one translates at connect() and at tc, before any route is looked up.
-    if layout.dataplane != weir_dataplane::DataplaneKind::Ebpf {
-        let routes: Vec<String> = layout
-            .service_cidrs
-            .iter()
-            .map(|c| format!("route replace {c} dev eth0"))
-            .collect();
-        ip_batch(Some(&n.netns), &routes)?;
-    }
-    Ok(())
+    // A netfilter dataplane translates the node's own connections to Service addresses after
+    // the routing decision (kube-proxy relies on the node's default route): the service CIDRs
+    // get a route, as a real node's default route would serve them (also for a node switched
+    // to netfilter later). The eBPF one translates at connect() and at tc, before any route.
+    let routes: Vec<String> = layout
+        .service_cidrs
+        .iter()
+        .map(|c| format!("route replace {c} dev eth0"))
+        .collect();
+    ip_batch(Some(&n.netns), &routes)
 }
 
 /// The sysctls of a new pod namespace (a runtime's sandbox setup, before CNI ADD): no DAD,

@@ -167,6 +167,17 @@ pub struct NodeLayout {
     /// The loopback port the node's agent serves /healthz, /readyz and /metrics on (0: none).
     #[serde(default)]
     pub metrics_port: u16,
+    /// The node's dataplane when it differs from the lab's (a `weir dataplane switch` that
+    /// stopped part way): its agent starts in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<weir_dataplane::DataplaneKind>,
+}
+
+impl Layout {
+    /// The dataplane node `n`'s agent runs.
+    pub fn dataplane_of(&self, n: &NodeLayout) -> weir_dataplane::DataplaneKind {
+        n.dataplane.unwrap_or(self.dataplane)
+    }
 }
 
 /// The recorded layout of a lab.
@@ -295,6 +306,7 @@ impl Layout {
                 pod_cidr: format!("10.{pods}.{i}.0/24"),
                 pod_cidr6: format!("fd00:10:{pods}:{i}::/64"),
                 metrics_port: 0,
+                dataplane: None,
             })
             .collect();
         // A clusterset's clusters share its fabric and external host.

@@ -1,7 +1,7 @@
 //! `weir dataplane switch`: switches nodes one at a time through their agents
 //! (`POST /dataplane?to=KIND`), printing each node's report, and stops at the first node that
-//! fails (that node has rolled back). A lab whose nodes all switched keeps the new dataplane
-//! for agents started later.
+//! fails (that node has rolled back). In a lab each switched node's agent starts in its new
+//! mode from then on, and a lab whose nodes all switched is in the new mode.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +65,15 @@ pub(crate) async fn run(
             println!("{}", line(&r));
         }
         reports.push(r);
+        // A lab node's agent starts in the mode it was switched to.
+        if let Some(c) = &cli.cluster {
+            let paths = weir_lab::paths::LabPaths::new(c);
+            let mut layout = weir_lab::paths::Layout::load(&paths)?;
+            if let Some(n) = layout.nodes.iter_mut().find(|n| n.name == *name) {
+                n.dataplane = Some(to);
+                layout.save(&paths)?;
+            }
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -72,16 +81,15 @@ pub(crate) async fn run(
     if failed {
         return Ok(ExitCode::FAILURE);
     }
-    // A lab whose every node switched starts its agents in the new mode from now on.
+    // A lab whose every node switched is in the new mode (agents started later, nodes added).
     if let Some(c) = &cli.cluster {
         let paths = weir_lab::paths::LabPaths::new(c);
-        let all = weir_lab::lab::nodes(c)?
-            .into_iter()
-            .filter(|h| h.role == "node")
-            .all(|h| nodes.iter().any(|(n, _)| *n == h.name));
-        if all {
-            let mut layout = weir_lab::paths::Layout::load(&paths)?;
+        let mut layout = weir_lab::paths::Layout::load(&paths)?;
+        if layout.nodes.iter().all(|n| n.dataplane == Some(to)) {
             layout.dataplane = to;
+            for n in &mut layout.nodes {
+                n.dataplane = None;
+            }
             layout.save(&paths)?;
         }
     }

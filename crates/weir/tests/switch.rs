@@ -112,12 +112,31 @@ fn switch_keeps_established_flows(to: &str) {
     assert!(denied(&lab), "external -> c is still denied");
     let r = lab.connect("external", &format!("{n2}:{to_a}"), "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
-    // The lab keeps the new dataplane for agents started later.
+    // The node's own processes reach ClusterIPs through the new dataplane too.
+    let r = lab.connect("node-2", "both.x:80", "tcp", 3);
+    assert_eq!(r["ok"], 3, "{r}");
+    // The lab keeps the new dataplane for agents started later: a restarted agent comes back
+    // in it, and serves.
     let layout: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
     )
     .unwrap();
     assert_eq!(layout["dataplane"], to);
+    kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
+    let _agent = lab.restart_agent("node-1");
+    lab.eventually(
+        "the restarted agent in sync",
+        Duration::from_secs(30),
+        || {
+            let out = lab.weir(&["status", "--node", "node-1"]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            out.status.success()
+                && text.contains("in sync")
+                && text.contains(&format!("Dataplane:     {to}"))
+        },
+    );
+    let r = lab.connect("x/client", "both.x:80", "tcp", 10);
+    assert_eq!(r["ok"], 10, "{r}");
     // Not built yet: switching back is refused, and the node stays as it is.
     let out = run(&mut lab.weir(&["dataplane", "switch", "--to", "ebpf"]));
     assert!(!out.status.success());
