@@ -39,7 +39,17 @@ async fn handle(
         "/prefilter" => prefilter(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/dataplane" => dataplane(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/status" => {
-            let st = shared.status.lock().expect("status").clone();
+            let mut st = shared.status.lock().expect("status").clone();
+            if let Some(mut sw) = st.switch.take() {
+                let s2 = shared.clone();
+                sw = tokio::task::spawn_blocking(move || {
+                    crate::switch::count_draining(&s2, &mut sw);
+                    sw
+                })
+                .await
+                .expect("draining count");
+                st.switch = Some(sw);
+            }
             json(StatusCode::OK, &st)
         }
         "/lb" => {

@@ -49,6 +49,18 @@ pub struct SwitchReport {
     pub finished: String,
     /// Why it failed (and was rolled back), if it did.
     pub error: Option<String>,
+    /// Handed-over flows still in the kernel's conntrack (counted when the status is read).
+    pub draining: Option<usize>,
+}
+
+/// Fills in how many handed-over flows are still there, for a status read now.
+pub fn count_draining(shared: &Shared, report: &mut SwitchReport) {
+    if report.error.is_some() || report.from == report.to {
+        return;
+    }
+    let netns = shared.pods.as_ref().and_then(|p| p.config.netns.clone());
+    report.draining =
+        weir_dataplane::conntrack::count_marked(netns.as_deref(), handover::HANDOVER_MARK).ok();
 }
 
 /// A switch asked for through the API, waiting for the Services loop.

@@ -157,6 +157,14 @@ pub fn reconcile_udp(netns: Option<&Path>, state: &LbState) -> Result<usize, Dat
     Ok(deleted)
 }
 
+/// How many of the kernel's conntrack entries in `netns` carry `mark` (the flows a switch
+/// handed over that are still there).
+pub fn count_marked(netns: Option<&Path>, mark: u32) -> Result<usize, DataplaneError> {
+    let mark = mark.to_string();
+    let text = conntrack(netns, &["-L", "--mark", &mark])?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
 /// Runs the reconciliation when it can find something: after the first apply (a restarted
 /// agent) and whenever a UDP frontend lost a backend or a frontend went away.
 #[derive(Debug, Default)]

@@ -100,6 +100,11 @@ pub async fn status(
                 .map(|e| format!("; FAILED and rolled back: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(n) = sw["draining"].as_u64() {
+            println!(
+                "               {n} handed-over flows still draining (in the kernel's conntrack)"
+            );
+        }
     }
     println!(
         "API server:    {}",

@@ -112,6 +112,15 @@ fn switch_keeps_established_flows(to: &str) {
     assert!(denied(&lab), "external -> c is still denied");
     let r = lab.connect("external", &format!("{n2}:{to_a}"), "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
+    // Status: the handed-over flows still in the kernel's conntrack.
+    let st: Value = serde_json::from_str(&ok(
+        &mut lab.weir(&["status", "--node", "node-2", "-o", "json"])
+    ))
+    .unwrap();
+    assert!(
+        st["status"]["switch"]["draining"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
     // The node's own processes reach ClusterIPs through the new dataplane too.
     let r = lab.connect("node-2", "both.x:80", "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
