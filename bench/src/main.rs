@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kubeproxy::Svc;
-use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbState, Proto, Scope};
+use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::Dataplane;
 
 const MODES: &[&str] = &["direct", "weir", "iptables", "nftables"];
@@ -238,25 +238,15 @@ fn services(n: usize, second_octet: u8, target_endpoints: bool) -> Vec<Svc> {
 
 /// The frontend (random selection, no affinity) of one benchmark service.
 fn frontend(s: &Svc) -> Frontend {
-    Frontend {
-        service: s.name.clone(),
-        backends: s
-            .endpoints
-            .iter()
-            .map(|(ip, port)| Backend {
-                ip: ip.parse().expect("ip"),
-                port: *port,
-            })
-            .collect(),
-        terminating_fallback: false,
-        affinity_timeout: None,
-        algorithm: Algorithm::Random,
-        source_ranges: Vec::new(),
-        mode: weir_control::lb::LbMode::Snat,
-        weights: Vec::new(),
-        outlier: None,
-        standby: Vec::new(),
-    }
+    let backends = s
+        .endpoints
+        .iter()
+        .map(|(ip, port)| Backend {
+            ip: ip.parse().expect("ip"),
+            port: *port,
+        })
+        .collect();
+    Frontend::new(s.name.clone(), backends)
 }
 
 /// The benchmark services as ClusterIP frontends (port 80).

@@ -41,7 +41,7 @@ pub struct SwitchReport {
     pub flows_failed: usize,
     /// Of the copied, those the programs translated while the first copy ran.
     pub flows_copied_after_cutover: usize,
-    /// Milliseconds from the start to the cut-over, and in all.
+    /// Milliseconds from the start to the cut-over.
     pub cutover_ms: u64,
     /// Milliseconds in all.
     pub total_ms: u64,
@@ -187,7 +187,7 @@ fn switch(
                 .map_err(|e| e.to_string())
         });
     let rollback = |why: String| -> Result<(), String> {
-        let _ = pods.dataplane.lock().expect("pods").abandon_netfilter();
+        pods.dataplane.lock().expect("pods").abandon_netfilter();
         remove_target(to, netns.as_deref());
         Err(why)
     };

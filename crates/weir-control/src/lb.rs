@@ -225,6 +225,25 @@ pub struct Frontend {
     pub standby: Vec<Backend>,
 }
 
+impl Frontend {
+    /// A frontend of `service` with `backends`, chosen at random with equal weights, and
+    /// nothing else set (no affinity, source ranges, outlier detection or standby).
+    pub fn new(service: impl Into<String>, backends: Vec<Backend>) -> Frontend {
+        Frontend {
+            service: service.into(),
+            backends,
+            terminating_fallback: false,
+            affinity_timeout: None,
+            algorithm: Algorithm::Random,
+            source_ranges: Vec::new(),
+            mode: LbMode::Snat,
+            weights: Vec::new(),
+            outlier: None,
+            standby: Vec::new(),
+        }
+    }
+}
+
 /// Outlier detection settings the datapath enforces per backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Outlier {

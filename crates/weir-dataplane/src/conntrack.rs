@@ -208,7 +208,7 @@ impl UdpReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_control::lb::{Algorithm, Frontend, FrontendKey, LbMode};
+    use weir_control::lb::{Frontend, FrontendKey};
 
     const LIST: &str = "\
 udp      17 29 src=10.244.1.2 dst=10.96.0.7 sport=40000 dport=53 src=10.244.1.5 dst=10.244.1.2 sport=5353 dport=40000 mark=0 use=1
@@ -218,24 +218,14 @@ udp      17 20 src=10.244.1.2 dst=10.244.1.3 sport=5001 dport=53 src=10.244.1.3 
 ";
 
     fn fe(backends: &[&str]) -> Frontend {
-        Frontend {
-            service: "t/s:dns".into(),
-            backends: backends
-                .iter()
-                .map(|b| Backend {
-                    ip: b.parse().unwrap(),
-                    port: 5353,
-                })
-                .collect(),
-            terminating_fallback: false,
-            affinity_timeout: None,
-            algorithm: Algorithm::Random,
-            source_ranges: Vec::new(),
-            mode: LbMode::Snat,
-            weights: Vec::new(),
-            outlier: None,
-            standby: Vec::new(),
-        }
+        let backends = backends
+            .iter()
+            .map(|b| Backend {
+                ip: b.parse().unwrap(),
+                port: 5353,
+            })
+            .collect();
+        Frontend::new("t/s:dns", backends)
     }
 
     fn key(vip: &str, port: u16, scope: Scope) -> FrontendKey {

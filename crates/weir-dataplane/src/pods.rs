@@ -390,23 +390,12 @@ impl PodDataplane {
         self.write_netfilter_policy()
     }
 
-    /// Takes back [`PodDataplane::prepare_netfilter`] (a switch rolled back): netfilter's
-    /// policy rules are removed.
-    pub fn abandon_netfilter(&mut self) -> Result<(), DataplaneError> {
-        let Some(nf) = self.netfilter.take() else {
-            return Ok(());
-        };
+    /// Takes back [`PodDataplane::prepare_netfilter`] (a switch rolled back): policy is no
+    /// longer written into netfilter. (The rules already written go with the target's
+    /// tables, which the caller removes.)
+    pub fn abandon_netfilter(&mut self) {
+        self.netfilter = None;
         self.nf_policy = None;
-        let empty = PolicyState::default();
-        match nf {
-            NetfilterPolicy::Nftables => crate::nft::write_policy(
-                self.netns.as_deref(),
-                &crate::nft::policy::render(&empty, &HashMap::new()),
-            ),
-            NetfilterPolicy::Iptables(b) => {
-                crate::ipt::write_policy(self.netns.as_deref(), b, &empty, &HashMap::new())
-            }
-        }
     }
 
     /// The cut-over of a switch to a netfilter dataplane: every tc and XDP program of the
@@ -431,11 +420,12 @@ impl PodDataplane {
         let empty = PolicyState::default();
         let state = self.policy.as_ref().unwrap_or(&empty);
         let netns = self.netns.as_deref();
+        // nftables: the commands themselves; iptables: the chains' text (the restore adds
+        // the deletion of the kernel's stale chains, read when it is written).
+        let nft_cmds = (nf == NetfilterPolicy::Nftables)
+            .then(|| crate::nft::policy::render(state, &self.ip_ifindex));
         let key = match nf {
-            NetfilterPolicy::Nftables => {
-                serde_json::to_string(&crate::nft::policy::render(state, &self.ip_ifindex))
-                    .unwrap_or_default()
-            }
+            NetfilterPolicy::Nftables => serde_json::to_string(&nft_cmds).unwrap_or_default(),
             NetfilterPolicy::Iptables(_) => {
                 [crate::nft::expr::Family::Ip, crate::nft::expr::Family::Ip6]
                     .into_iter()
@@ -448,10 +438,9 @@ impl PodDataplane {
         }
         self.nf_policy = None;
         match nf {
-            NetfilterPolicy::Nftables => crate::nft::write_policy(
-                netns,
-                &crate::nft::policy::render(state, &self.ip_ifindex),
-            )?,
+            NetfilterPolicy::Nftables => {
+                crate::nft::write_policy(netns, nft_cmds.as_deref().unwrap_or_default())?
+            }
             NetfilterPolicy::Iptables(b) => {
                 crate::ipt::write_policy(netns, b, state, &self.ip_ifname)?
             }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use weir_control::lb::{Algorithm, Backend, Frontend, FrontendKey, LbMode, LbState, Proto, Scope};
+use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::ipt::{IptablesBackend, IptablesDataplane};
 use weir_dataplane::nft::{NftDataplane, NodeNet};
 use weir_dataplane::Dataplane;
@@ -176,18 +176,7 @@ fn be(ip: &str) -> Backend {
 }
 
 fn fe(backends: Vec<Backend>) -> Frontend {
-    Frontend {
-        service: "t/web:http".into(),
-        backends,
-        terminating_fallback: false,
-        affinity_timeout: None,
-        algorithm: Algorithm::Random,
-        source_ranges: Vec::new(),
-        mode: LbMode::Snat,
-        weights: Vec::new(),
-        outlier: None,
-        standby: Vec::new(),
-    }
+    Frontend::new("t/web:http", backends)
 }
 
 fn key(vip: [u8; 4], port: u16, proto: Proto, scope: Scope) -> FrontendKey {

@@ -7,9 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use weir_control::lb::{
-    Algorithm, Backend, Frontend, FrontendKey, LbMode, LbState, Outlier, Proto, Scope,
-};
+use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Outlier, Proto, Scope};
 use weir_dataplane::ebpf::EbpfDataplane;
 use weir_dataplane::Dataplane;
 
@@ -70,16 +68,9 @@ fn loopback(port: u16) -> Backend {
 
 fn frontend(backends: Vec<Backend>, weights: Vec<u32>, outlier: Option<Outlier>) -> Frontend {
     Frontend {
-        service: "t/scheduled@clusterset:80".into(),
-        backends,
-        terminating_fallback: false,
-        affinity_timeout: None,
-        algorithm: Algorithm::Random,
-        source_ranges: Vec::new(),
-        mode: LbMode::Snat,
         weights,
         outlier,
-        standby: Vec::new(),
+        ..Frontend::new("t/scheduled@clusterset:80", backends)
     }
 }
 

@@ -232,6 +232,23 @@ impl IptablesDataplane {
     /// dataplane), with the binaries of `backend`; what is not there is skipped.
     pub fn remove(netns: Option<&Path>, backend: IptablesBackend) -> Result<(), DataplaneError> {
         for f in [Family::Ip, Family::Ip6] {
+            let mut found = Vec::new();
+            for table in ["nat", "filter"] {
+                let saved = run(
+                    netns,
+                    &backend.binary(f, "iptables-save"),
+                    &["-t", table],
+                    None,
+                )?;
+                let chains = chains_in(&saved, |n| n.starts_with("WEIR-"));
+                if !chains.is_empty() {
+                    found.push((table, chains));
+                }
+            }
+            // No chain of weir's, no jump to one (a jump needs its target): nothing to do.
+            if found.is_empty() {
+                continue;
+            }
             let bin = backend.binary(f, "iptables");
             let hooks = render::HOOKS
                 .iter()
@@ -241,17 +258,7 @@ impl IptablesDataplane {
                 let rule = jump_rule("-D", (table, kchain, chain));
                 let _ = run(netns, &bin, &rule, None);
             }
-            for table in ["nat", "filter"] {
-                let saved = run(
-                    netns,
-                    &backend.binary(f, "iptables-save"),
-                    &["-t", table],
-                    None,
-                )?;
-                let chains = chains_in(&saved, |n| n.starts_with("WEIR-"));
-                if chains.is_empty() {
-                    continue;
-                }
+            for (table, chains) in found {
                 let mut text = format!("*{table}\n");
                 for c in &chains {
                     text.push_str(&format!(":{c} - [0:0]\n"));
@@ -313,15 +320,20 @@ impl IptablesDataplane {
             .filter(|c| c.starts_with("WEIR-BE-") && !had.contains(*c))
             .count();
         stats.backends_removed += stale.iter().filter(|c| c.starts_with("WEIR-BE-")).count();
+        self.write(f, want, text)
+    }
+
+    /// Restores family `f`'s tables from `text` and records what they hold (nothing, until
+    /// the restore succeeded).
+    fn write(
+        &mut self,
+        f: Family,
+        frontends: BTreeMap<FrontendKey, FrontendRules>,
+        text: (String, String),
+    ) -> Result<(), DataplaneError> {
         self.applied.remove(&f);
         self.restore(f, &format!("{}{}", text.0, text.1))?;
-        self.applied.insert(
-            f,
-            Applied {
-                frontends: want,
-                text,
-            },
-        );
+        self.applied.insert(f, Applied { frontends, text });
         Ok(())
     }
 }
@@ -358,23 +370,10 @@ impl Dataplane for IptablesDataplane {
             return Ok(());
         }
         self.node.masquerade = nets;
-        // Rewritten with the next apply's text; force it now when the tables are known.
-        let frontends: Vec<(Family, BTreeMap<FrontendKey, FrontendRules>)> = self
-            .applied
-            .iter()
-            .map(|(f, a)| (*f, a.frontends.clone()))
-            .collect();
-        for (f, fr) in frontends {
-            let text = render::tables(f, &self.node, &fr, &[]);
-            self.applied.remove(&f);
-            self.restore(f, &format!("{}{}", text.0, text.1))?;
-            self.applied.insert(
-                f,
-                Applied {
-                    frontends: fr,
-                    text,
-                },
-            );
+        // The tables written so far are written again with the new settings.
+        for (f, a) in std::mem::take(&mut self.applied) {
+            let text = render::tables(f, &self.node, &a.frontends, &[]);
+            self.write(f, a.frontends, text)?;
         }
         Ok(())
     }

@@ -60,23 +60,13 @@ fn proto(k: &FrontendKey) -> &'static str {
 }
 
 fn host(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(a) => format!("{a}/32"),
-        std::net::IpAddr::V6(a) => format!("{a}/128"),
-    }
+    ipnet::IpNet::from(ip).to_string()
 }
 
 fn comment(c: &str) -> String {
     // iptables keeps comments of up to 256 bytes; quotes would end the argument.
     let c: String = c.chars().filter(|ch| *ch != '"').take(200).collect();
     format!("-m comment --comment \"{c}\"")
-}
-
-fn backend_addr(b: &Backend) -> String {
-    match b.ip {
-        std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
-    }
 }
 
 /// One frontend's chains (name -> rules) in the nat table, and its dispatch rule.
@@ -210,10 +200,7 @@ fn backend_rules(k: &FrontendKey, fe: &Frontend, b: &Backend) -> Vec<String> {
         rules.push(format!("-m recent --name {} --set", affinity_list(k, b)));
     }
     let p = proto(k);
-    rules.push(format!(
-        "-p {p} -m {p} -j DNAT --to-destination {}",
-        backend_addr(b)
-    ));
+    rules.push(format!("-p {p} -m {p} -j DNAT --to-destination {}", b));
     rules
 }
 
