@@ -1,14 +1,22 @@
 //! `weir-bench switch N,M`: the copy step of a dataplane switch, the part that grows with the
-//! node's flows: N (then M) translated flows (TCP established with DNAT and SNAT, as NodePort
-//! flows to remote backends) written into the kernel's conntrack over weir's ctnetlink socket,
-//! in a namespace of their own; against `conntrack -I` (conntrack-tools, one process per flow,
-//! what a script would do) on a sample in the same run.
+//! node's flows, in both directions.
+//!
+//! - To netfilter: N (then M) translated flows (TCP established with DNAT and SNAT, as
+//!   NodePort flows to remote backends) written into the kernel's conntrack over weir's
+//!   ctnetlink socket, in a namespace of their own; against `conntrack -I` (conntrack-tools,
+//!   one process per flow, what a script would do) on a sample in the same run.
+//! - To eBPF: the same N entries dumped from the kernel's conntrack and written into the BPF
+//!   conntrack as translation pairs (a NodePort frontend with the flows' backends
+//!   programmed); against `conntrack -L` listing the same entries (reading them alone, with
+//!   conntrack-tools) in the same run.
 
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::ctnetlink::{Conntrack, Flow, FlowProto};
+use weir_dataplane::Dataplane;
 
 struct Ns(String);
 
@@ -130,6 +138,76 @@ pub fn bench(counts: &[u32]) -> Result<()> {
             f64::from(n) / took,
             per_cli * f64::from(n) / took
         );
+        takeover(&ns, &mut ct, n)?;
     }
+    Ok(())
+}
+
+/// Pins of a bench's own, removed on drop.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = weir_bpf::datapath::Datapath::remove_pins(&self.0.join("tc"));
+        let _ = weir_bpf::SockLb::remove_pins(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The NodePort frontend the synthetic flows were sent to, with their backends.
+fn nodeport_state() -> LbState {
+    let backends = (0..200)
+        .map(|i| Backend {
+            ip: std::net::Ipv4Addr::new(10, 244, 2, i as u8 + 2).into(),
+            port: 8080,
+        })
+        .collect();
+    let mut st = LbState::default();
+    st.frontends.insert(
+        FrontendKey {
+            vip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port: 30080,
+            proto: Proto::Tcp,
+            scope: Scope::External,
+        },
+        Frontend::new("bench/np", backends),
+    );
+    st
+}
+
+/// The switch to eBPF's copy: the `n` entries in `ns` dumped and written into a BPF
+/// conntrack of the bench's own; `conntrack -L` listing them as the baseline.
+fn takeover(ns: &Ns, ct: &mut Conntrack, n: u32) -> Result<()> {
+    let t = Instant::now();
+    let listed = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.0))
+        .args(["conntrack", "-L"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let cli = t.elapsed().as_secs_f64();
+    let cli_lines = listed
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    let pins = Pins(format!("/sys/fs/bpf/weir-bench-takeover-{}-{n}", std::process::id()).into());
+    let mut lb =
+        weir_dataplane::ebpf::EbpfDataplane::new_with(&pins.0, std::path::Path::new("/"), false)?;
+    lb.apply(&nodeport_state())?;
+    let pods = weir_dataplane::pods::PodDataplane::new(&pins.0.join("tc"), &pins.0)?;
+    let t = Instant::now();
+    let entries = ct.dump()?;
+    let dumped = t.elapsed().as_secs_f64();
+    let w = weir_dataplane::takeover::write(&pods, &lb, &entries)?;
+    let took = t.elapsed().as_secs_f64();
+    let in_map = pods.datapath().ct_entries()?.len();
+    if w.flows != n as usize || w.failed != 0 {
+        bail!("took over {} of {n} flows ({} failed)", w.flows, w.failed);
+    }
+    println!(
+        "weir takeover into BPF, {n} flows: {took:.3} s (dump {dumped:.3} s), {:.0} flows/s, {in_map} BPF entries; conntrack -L listing {cli_lines} entries: {cli:.3} s; ratio conntrack-tools listing / weir whole copy {:.1}x",
+        f64::from(n) / took,
+        cli / took
+    );
     Ok(())
 }

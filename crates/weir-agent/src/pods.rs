@@ -36,6 +36,8 @@ pub struct PodConfig {
     pub masquerade: bool,
     /// More IPv4 networks pods reach with their own address when masquerading.
     pub non_masquerade: Vec<ipnet::Ipv4Net>,
+    /// How the node's dataplanes were opened: a dataplane switch opens its target alike.
+    pub dataplanes: Option<weir_dataplane::open::NodeDataplanes>,
 }
 
 /// The default SNAT source port range: above Linux's default ephemeral range.
@@ -285,6 +287,19 @@ fn device_addresses(devices: &[String]) -> Vec<std::net::IpAddr> {
         }
     }
     out
+}
+
+/// Attaches the programs to the node's devices and to every pod's (a switch to eBPF, after
+/// [`PodDataplane::resume_programs`]), in the node's network namespace.
+pub fn attach_all(pods: &Arc<Pods>) -> Result<(), String> {
+    in_node_netns(pods, |p| {
+        attach_devices(p, &p.config)?;
+        let stats = sync_once(p, &p.config)?;
+        match stats.failed.first() {
+            Some((uid, why)) => Err(format!("attaching to the device of endpoint {uid}: {why}")),
+            None => Ok(()),
+        }
+    })
 }
 
 fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {

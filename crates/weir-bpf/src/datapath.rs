@@ -296,6 +296,9 @@ pub const CT_F_RST: u16 = 1 << 9;
 pub const CT_F_WATCH: u16 = 1 << 10;
 /// `CT_F_COUNTED`: the outcome of the flow's connect was counted.
 pub const CT_F_COUNTED: u16 = 1 << 11;
+/// `CT_F_TAKEN`: the flow was taken over from the kernel's conntrack at a dataplane switch
+/// (written by the agent; the programs keep the bit).
+pub const CT_F_TAKEN: u16 = 1 << 12;
 
 /// Switches the link an earlier agent pinned at `path` to `prog` atomically, so that an upgrade
 /// never leaves the device without a program. Returns false when there is none to reuse (a
@@ -825,6 +828,32 @@ impl Datapath {
     /// Every conntrack entry.
     pub fn ct_entries(&self) -> Result<Vec<(ct4_key, ct4_entry)>, BpfError> {
         crate::map_entries(self.map("weir_ct4"), "weir_ct4")
+    }
+
+    fn put<K: Copy, V: Copy>(&self, name: &str, key: &K, value: &V) -> Result<(), BpfError> {
+        self.map(name)
+            .update(as_bytes(key), as_bytes(value), MapFlags::ANY)
+            .map_err(lb(&format!("updating map {name}")))
+    }
+
+    /// Writes a conntrack entry (the flows a switch takes over from the kernel's conntrack).
+    pub fn ct_put(&self, key: &ct4_key, e: &ct4_entry) -> Result<(), BpfError> {
+        self.put("weir_ct4", key, e)
+    }
+
+    /// Writes an IPv6 conntrack entry.
+    pub fn ct6_put(&self, key: &ct6_key, e: &ct6_entry) -> Result<(), BpfError> {
+        self.put("weir_ct6", key, e)
+    }
+
+    /// Writes a policy conntrack entry.
+    pub fn pct4_put(&self, key: &ct4_key, e: &pct_entry) -> Result<(), BpfError> {
+        self.put("weir_pct4", key, e)
+    }
+
+    /// Writes an IPv6 policy conntrack entry.
+    pub fn pct6_put(&self, key: &ct6_key, e: &pct_entry) -> Result<(), BpfError> {
+        self.put("weir_pct6", key, e)
     }
 
     /// Every IPv6 conntrack entry.

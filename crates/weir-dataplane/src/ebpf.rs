@@ -204,6 +204,44 @@ impl EbpfDataplane {
         Ok(dp)
     }
 
+    /// The ids the datapath knows a flow by: its frontend's (as a ClusterIP, an external
+    /// address, or a NodePort on any address) and its backend's, if both are programmed.
+    pub fn flow_ids(
+        &self,
+        frontend: std::net::SocketAddr,
+        proto: Proto,
+        backend: std::net::SocketAddr,
+    ) -> Option<(u32, u32)> {
+        let any = match frontend.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        let key = |vip, scope| FrontendKey {
+            vip,
+            port: frontend.port(),
+            proto,
+            scope,
+        };
+        let svc = [
+            key(frontend.ip(), Scope::Cluster),
+            key(frontend.ip(), Scope::External),
+            key(any, Scope::External),
+        ]
+        .iter()
+        .find_map(|k| self.frontends.get(k))?;
+        let be = Backend {
+            ip: backend.ip(),
+            port: backend.port(),
+        };
+        let id = *self.backends.get(&(be, proto))?;
+        Some((svc.id, id))
+    }
+
+    /// Attaches the socket programs to the cgroup (a switch to eBPF, at the cut-over).
+    pub fn attach_socket_programs(&mut self) -> Result<(), DataplaneError> {
+        Ok(self.lb.attach(&self.cgroup)?)
+    }
+
     /// The socket programs and maps, for introspection.
     pub fn lb(&self) -> &SockLb {
         &self.lb

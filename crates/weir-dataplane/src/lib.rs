@@ -14,6 +14,7 @@ pub mod nft;
 pub mod open;
 pub mod pods;
 pub mod sockets;
+pub mod takeover;
 
 use serde::Serialize;
 use weir_control::lb::{Backend, FrontendKey, LbState, Proto};

@@ -200,6 +200,7 @@ fn ct_dump(c: CtView, now: u64) -> CtDump {
         (weir_bpf::datapath::CT_F_RST, "reset"),
         (weir_bpf::datapath::CT_F_WATCH, "outlier-watched"),
         (weir_bpf::datapath::CT_F_COUNTED, "outcome-counted"),
+        (weir_bpf::datapath::CT_F_TAKEN, "taken-over"),
     ] {
         if c.flags & bit != 0 {
             flags.push(name.to_string());
@@ -410,6 +411,16 @@ impl PodDataplane {
         self.netdevs.clear();
     }
 
+    /// The cut-over of a switch to the eBPF dataplane: programs go on the devices again as
+    /// they are synced (the caller attaches the node's devices and syncs the pods), and
+    /// NetworkPolicy is no longer written into netfilter (the rules there go with the old
+    /// dataplane's removal).
+    pub fn resume_programs(&mut self) {
+        self.programs = true;
+        self.netfilter = None;
+        self.nf_policy = None;
+    }
+
     /// Without programs, NetworkPolicy is enforced by the netfilter dataplane (nftables:
     /// `inet weir-policy`; iptables: `WEIR-POLICY-*` chains), rendered from the same state
     /// and rewritten whole when the rendering changes.
@@ -447,6 +458,16 @@ impl PodDataplane {
         }
         self.nf_policy = Some(key);
         Ok(())
+    }
+
+    /// The local pods' addresses, from the last endpoint sync.
+    pub fn local_pod_addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip_ifindex.keys().copied()
+    }
+
+    /// The node's IPv4 address for SNAT, as configured.
+    pub fn snat4(&self) -> Option<std::net::Ipv4Addr> {
+        (self.config.snat4 != 0).then(|| std::net::Ipv4Addr::from(self.config.snat4.to_ne_bytes()))
     }
 
     /// The loaded programs, for BPF_PROG_TEST_RUN.

@@ -522,3 +522,69 @@ fn flows_written_with_their_nat_are_translated_without_rules() {
     assert!(echoes(&mut kept), "the written connection goes on");
     assert!(!echoes(&mut lost), "the other is reset");
 }
+
+/// The kernel's conntrack read back (what a switch to eBPF takes over): a dump lists a
+/// DNATed TCP connection with its reply tuple after NAT and its state, and a subscription
+/// made before sees the entries confirmed after it (a connection, and an entry written over
+/// ctnetlink with DNAT and SNAT).
+#[test]
+fn kernel_entries_are_dumped_and_followed() {
+    use weir_dataplane::ctnetlink::{tcp_state, Conntrack, Events, Flow, FlowProto};
+    let l = lab("ctd");
+    echo_server(&l.node, "10.0.0.1", 8081);
+    let nft = |text: &str| {
+        let mut c = Command::new("nsenter")
+            .arg(format!("--net={}", netns_path(&l.node).display()))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success());
+    };
+    nft("table ip t {\n chain pre { type nat hook prerouting priority -100; tcp dport 30080 dnat to 10.0.0.1:8081; }\n}\n");
+    let ns = netns_path(&l.node);
+    let mut events = Events::subscribe(Some(&ns)).unwrap();
+    let mut s = in_ns(&l.client, || {
+        TcpStream::connect_timeout(&"10.1.0.1:30080".parse().unwrap(), Duration::from_secs(1))
+            .unwrap()
+    });
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(echoes(&mut s));
+    let client = s.local_addr().unwrap();
+    let orig = (client, "10.1.0.1:30080".parse().unwrap());
+    let reply = ("10.0.0.1:8081".parse().unwrap(), client);
+    let mut ct = Conntrack::open(Some(&ns)).unwrap();
+    let dumped = ct.dump().unwrap();
+    let e = dumped
+        .iter()
+        .find(|e| e.orig == orig)
+        .unwrap_or_else(|| panic!("{client} in {dumped:?}"));
+    assert_eq!((e.proto, e.reply), (6, reply));
+    assert_eq!(e.tcp_state, Some(tcp_state::ESTABLISHED));
+    assert!(e.timeout > 0);
+    ct.insert(&Flow {
+        proto: FlowProto::Udp,
+        src: "10.1.0.2:5002".parse().unwrap(),
+        dst: "10.1.0.1:30053".parse().unwrap(),
+        dnat: Some("10.0.0.2:8080".parse().unwrap()),
+        snat: Some("10.0.0.1:45000".parse().unwrap()),
+        timeout: 60,
+        mark: 0,
+    })
+    .unwrap();
+    let seen = events.drain().unwrap();
+    assert!(seen.iter().any(|e| e.orig == orig), "{seen:?}");
+    let u = seen
+        .iter()
+        .find(|e| e.proto == 17)
+        .unwrap_or_else(|| panic!("the written UDP entry in {seen:?}"));
+    assert_eq!(
+        u.reply,
+        (
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:45000".parse().unwrap()
+        )
+    );
+    assert!(events.drain().unwrap().is_empty(), "read once");
+}

@@ -869,7 +869,7 @@ pub async fn run_agent(
     let cgroup = p.cgroup_dir().join(node);
     std::fs::create_dir_all(&cgroup).map_err(|e| LabError::io(cgroup.clone(), e))?;
     let netns = paths::netns_path(&layout.node(node)?.netns);
-    let (dp, pods) = weir_dataplane::open::NodeDataplanes {
+    let opener = weir_dataplane::open::NodeDataplanes {
         kind: layout.dataplane_of(layout.node(node)?),
         pins: p.node_bpf_dir(node),
         cgroup: cgroup.clone(),
@@ -881,9 +881,10 @@ pub async fn run_agent(
             masquerade: None,
         },
         iptables: weir_dataplane::ipt::IptablesBackend::Auto,
-    }
-    .open()
-    .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
+    };
+    let (dp, pods) = opener
+        .open()
+        .map_err(|e| LabError::Command(format!("loading the datapath of {node}"), e.to_string()))?;
     // The agent stays in the host namespace (the API server listens on its loopback); the
     // pod datapath thread enters the node's namespace, where the devices are.
     let pod_cfg = weir_agent::pods::PodConfig {
@@ -899,6 +900,7 @@ pub async fn run_agent(
             .iter()
             .filter_map(|c| c.parse().ok())
             .collect(),
+        dataplanes: Some(opener),
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

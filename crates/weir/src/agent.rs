@@ -216,7 +216,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
     if !ebpf && (a.tunnel_device.is_some() || a.xdp) {
         bail!("--dataplane {kind}: --tunnel-device and --xdp need the eBPF dataplane");
     }
-    let (dp, pods) = weir_dataplane::open::NodeDataplanes {
+    let opener = weir_dataplane::open::NodeDataplanes {
         kind,
         pins: pins.clone(),
         cgroup,
@@ -228,9 +228,10 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
             masquerade: None,
         },
         iptables: a.iptables_backend.into(),
-    }
-    .open()
-    .with_context(|| format!("loading the {kind} dataplane (pins in {})", pins.display()))?;
+    };
+    let (dp, pods) = opener
+        .open()
+        .with_context(|| format!("loading the {kind} dataplane (pins in {})", pins.display()))?;
     let pod_cfg = weir_agent::pods::PodConfig {
         endpoint_dir: a.endpoint_dir.clone(),
         devices,
@@ -240,6 +241,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         xdp: a.xdp,
         masquerade: a.masquerade,
         non_masquerade: a.non_masquerade.iter().map(|n| n.trunc()).collect(),
+        dataplanes: Some(opener),
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,

@@ -100,10 +100,19 @@ pub async fn status(
                 .map(|e| format!("; FAILED and rolled back: {e}"))
                 .unwrap_or_default()
         );
-        if let Some(n) = sw["draining"].as_u64() {
+        if sw["verdicts_copied"].as_u64().unwrap_or(0) > 0 {
             println!(
-                "               {n} handed-over flows still draining (in the kernel's conntrack)"
+                "               {} flows' policy verdicts carried (judged again on their next packet)",
+                s(&sw["verdicts_copied"])
             );
+        }
+        if let Some(n) = sw["draining"].as_u64() {
+            let place = if sw["to"] == "ebpf" {
+                "in the BPF conntrack"
+            } else {
+                "in the kernel's conntrack"
+            };
+            println!("               {n} handed-over flows still draining ({place})");
         }
     }
     println!(

@@ -1,8 +1,9 @@
-//! The hitless dataplane switch end to end (`weir dataplane switch`): a two-node lab on eBPF
-//! switched to nftables and to iptables while connections are held through a NodePort with a
-//! remote backend (DNAT and SNAT), a ClusterIP across nodes (a policy-allowed flow), a
-//! masqueraded connection to the external host and a connected UDP socket to a ClusterIP;
-//! new connections are made throughout, and a policy-denied flow stays denied.
+//! The hitless dataplane switch end to end (`weir dataplane switch`): a two-node lab switched
+//! round eBPF -> nftables -> iptables -> eBPF and round the other way, each switch while
+//! connections are held through a NodePort with a remote backend (DNAT and SNAT), a
+//! ClusterIP across nodes (a policy-allowed flow), a masqueraded connection to the external
+//! host and a connected UDP socket to a ClusterIP; new connections are made throughout, and
+//! a policy-denied flow stays denied.
 
 mod common;
 
@@ -37,102 +38,131 @@ fn no_errors(what: &str, r: &Value) {
     assert_eq!(r["reconnects"], 0, "{what}: {r}");
 }
 
-fn switch_keeps_established_flows(to: &str) {
-    let lab = Lab::up("sw", 2, &manifest());
+/// The flows a switch must keep, opened before it: (what, the hold's result).
+fn hold_flows(lab: &Lab, secs: u32) -> Vec<(&'static str, std::thread::JoinHandle<Value>)> {
     let n2 = lab.node_ip("node-2");
-    let external = "172.30.0.2";
-    let (to_a, to_c) = (
-        node_port(&lab, "to-a", "http"),
-        node_port(&lab, "to-c", "http"),
-    );
-    let denied = |lab: &Lab| lab.connect("external", &format!("{n2}:{to_c}"), "tcp", 2)["ok"] == 0;
-    assert!(denied(&lab), "external -> c is denied by policy");
-    let holds = [
+    let to_a = node_port(lab, "to-a", "http");
+    let d = format!("{secs}s");
+    vec![
         (
             "NodePort to a remote backend",
-            lab.hold("external", &format!("{n2}:{to_a}"), "tcp", "7s"),
+            lab.hold("external", &format!("{n2}:{to_a}"), "tcp", &d),
         ),
         (
             "ClusterIP across nodes, policy-allowed",
-            lab.hold("x/client", "to-c.x:80", "tcp", "7s"),
+            lab.hold("x/client", "to-c.x:80", "tcp", &d),
         ),
         (
             "masqueraded to the external host",
-            lab.hold("x/client", &format!("{external}:80"), "tcp", "7s"),
+            lab.hold("x/client", &format!("{EXTERNAL}:80"), "tcp", &d),
         ),
         (
             "connected UDP to a ClusterIP",
-            lab.hold("x/client", "both.x:53", "udp", "7s"),
+            lab.hold("x/client", "both.x:53", "udp", &d),
         ),
-    ];
-    // New connections all along.
-    let fresh = {
-        let mut cmd = lab.weir(&[
-            "lab",
-            "connect",
-            "--from",
-            "x/client",
-            "--to",
-            "both.x:80",
-            "--count",
-            "150",
-            "--rate",
-            "30",
-            "-o",
-            "json",
-        ]);
-        std::thread::spawn(move || {
-            serde_json::from_slice::<Value>(&cmd.output().unwrap().stdout).unwrap()
-        })
-    };
+    ]
+}
+
+const EXTERNAL: &str = "172.30.0.2";
+
+/// `weir lab connect ... --count N --rate R -o json` on a thread of its own.
+fn connects_meanwhile(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    count: u32,
+    rate: u32,
+) -> std::thread::JoinHandle<Value> {
+    let (count, rate) = (count.to_string(), rate.to_string());
+    let mut cmd = lab.weir(&[
+        "lab", "connect", "--from", from, "--to", to, "--count", &count, "--rate", &rate, "-o",
+        "json",
+    ]);
+    std::thread::spawn(move || {
+        serde_json::from_slice::<Value>(&cmd.output().unwrap().stdout).unwrap()
+    })
+}
+
+/// One switch of the whole lab to `to` under load: flows held across it keep exchanging
+/// with zero errors, new connections all succeed, a denied flow stays denied throughout,
+/// and afterwards the new dataplane serves and names itself.
+fn switch_under_load(lab: &Lab, to: &str) {
+    let n2 = lab.node_ip("node-2");
+    let (to_a, to_c) = (
+        node_port(lab, "to-a", "http"),
+        node_port(lab, "to-c", "http"),
+    );
+    let holds = hold_flows(lab, 6);
+    let fresh = connects_meanwhile(lab, "x/client", "both.x:80", 120, 30);
+    let denied = connects_meanwhile(lab, "external", &format!("{n2}:{to_c}"), 8, 2);
     std::thread::sleep(Duration::from_millis(1500));
     let out = ok(&mut lab.weir(&["dataplane", "switch", "--to", to, "-o", "json"]));
     let reports: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(reports.as_array().unwrap().len(), 2, "{reports}");
-    for r in reports.as_array().unwrap() {
+    let reports = reports.as_array().unwrap();
+    eprintln!("switch to {to}: {reports:?}");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in reports {
         assert_eq!(r["to"], to, "{r}");
         assert_eq!(r["flows_failed"], 0, "{r}");
     }
-    // node-2 handed over the NodePort flow (DNAT + SNAT); node-1 the masqueraded one.
+    // node-2 copied the NodePort flow (DNAT + SNAT); node-1 the masqueraded one, and the
+    // ClusterIP flows netfilter or the programs translated. Between nftables and iptables
+    // the kernel's conntrack carries every flow: nothing to copy.
     let copied: u64 = reports
-        .as_array()
-        .unwrap()
         .iter()
         .map(|r| r["flows_copied"].as_u64().unwrap())
         .sum();
-    assert!(copied >= 2, "{reports}");
+    if to == "ebpf" || reports[0]["from"] == "ebpf" {
+        assert!(copied >= 2, "{reports:?}");
+    } else {
+        assert_eq!(copied, 0, "{reports:?}");
+    }
+    if to == "ebpf" {
+        // node-2 carried the verdict of the policy-allowed flow into c.
+        assert!(
+            reports[1]["verdicts_copied"].as_u64().unwrap() >= 1,
+            "{reports:?}"
+        );
+    }
     for (what, h) in holds {
-        no_errors(what, &h.join().unwrap());
+        no_errors(&format!("{what}, to {to}"), &h.join().unwrap());
     }
     let r = fresh.join().unwrap();
-    assert_eq!(r["ok"], 150, "new connections during the switch: {r}");
-    // After: the new dataplane serves, names itself, and policy still holds.
+    assert_eq!(
+        r["ok"], 120,
+        "new connections during the switch to {to}: {r}"
+    );
+    let r = denied.join().unwrap();
+    assert_eq!(
+        r["ok"], 0,
+        "external -> c stays denied during the switch to {to}: {r}"
+    );
+    // After: the new dataplane serves and names itself.
     let status = ok(&mut lab.weir(&["status", "--node", "node-2"]));
     assert!(status.contains(&format!("Dataplane:     {to}")), "{status}");
-    assert!(denied(&lab), "external -> c is still denied");
     let r = lab.connect("external", &format!("{n2}:{to_a}"), "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
-    // Status: the handed-over flows still in the kernel's conntrack.
+    // Status: the copied flows still there.
     let st: Value = serde_json::from_str(&ok(
         &mut lab.weir(&["status", "--node", "node-2", "-o", "json"])
     ))
     .unwrap();
-    assert!(
-        st["status"]["switch"]["draining"].as_u64().unwrap() >= 1,
-        "{st}"
-    );
+    assert!(st["status"]["switch"]["draining"].is_u64(), "{st}");
     // The node's own processes reach ClusterIPs through the new dataplane too.
     let r = lab.connect("node-2", "both.x:80", "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
-    // The lab keeps the new dataplane for agents started later: a restarted agent comes back
-    // in it, and serves.
+}
+
+/// A restarted agent comes back in the dataplane its node was switched to, and serves (the
+/// agent lives as long as what this returns).
+fn restart_keeps_the_dataplane(lab: &Lab, dataplane: &str) -> Daemon {
     let layout: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("/run/weir/labs/{}/lab.json", lab.name)).unwrap(),
     )
     .unwrap();
-    assert_eq!(layout["dataplane"], to);
+    assert_eq!(layout["dataplane"], dataplane);
     kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
-    let _agent = lab.restart_agent("node-1");
+    let agent = lab.restart_agent("node-1");
     lab.eventually(
         "the restarted agent in sync",
         Duration::from_secs(30),
@@ -141,27 +171,75 @@ fn switch_keeps_established_flows(to: &str) {
             let text = String::from_utf8_lossy(&out.stdout);
             out.status.success()
                 && text.contains("in sync")
-                && text.contains(&format!("Dataplane:     {to}"))
+                && text.contains(&format!("Dataplane:     {dataplane}"))
         },
     );
     let r = lab.connect("x/client", "both.x:80", "tcp", 10);
     assert_eq!(r["ok"], 10, "{r}");
-    // Not built yet: switching back is refused, and the node stays as it is.
-    let out = run(&mut lab.weir(&["dataplane", "switch", "--to", "ebpf"]));
+    agent
+}
+
+/// eBPF -> nftables -> iptables -> eBPF, each switch under load; the agents restarted once
+/// on nftables; a switch back to eBPF failing half-way (injected) leaves iptables serving.
+#[test]
+fn switch_round_ebpf_nftables_iptables_ebpf() {
+    let lab = Lab::up("swa", 2, &manifest());
+    let n2 = lab.node_ip("node-2");
+    let to_c = node_port(&lab, "to-c", "http");
+    assert_eq!(
+        lab.connect("external", &format!("{n2}:{to_c}"), "tcp", 2)["ok"],
+        0,
+        "external -> c is denied by policy"
+    );
+    switch_under_load(&lab, "nftables");
+    let _agent = restart_keeps_the_dataplane(&lab, "nftables");
+    switch_under_load(&lab, "iptables");
+    // Back to eBPF, failing on node-1 after the copy: rolled back, traffic intact.
+    let holds = hold_flows(&lab, 4);
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = run(&mut lab.weir(&[
+        "dataplane",
+        "switch",
+        "--to",
+        "ebpf",
+        "--fail-after",
+        "copy",
+        "-o",
+        "json",
+    ]));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports[0]["to"], "iptables", "{reports}");
+    for (what, h) in holds {
+        no_errors(
+            &format!("{what}, a failed switch to ebpf"),
+            &h.join().unwrap(),
+        );
+    }
     let r = lab.connect("x/client", "both.x:80", "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
+    switch_under_load(&lab, "ebpf");
+    // Back on eBPF: no netfilter rule of weir's is left.
+    let ns = format!("--net=/run/netns/{}", node_netns(&lab, "node-1"));
+    let tables = ok(std::process::Command::new("nsenter")
+        .arg(&ns)
+        .args(["nft", "list", "tables"]));
+    assert!(!tables.contains("weir"), "{tables}");
+    let saved = ok(std::process::Command::new("nsenter")
+        .arg(&ns)
+        .args(["iptables-save"]));
+    assert!(!saved.contains("WEIR-"), "{saved}");
 }
 
+/// eBPF -> iptables -> nftables -> eBPF, each switch under load; the agents restarted once
+/// on iptables.
 #[test]
-fn switch_from_ebpf_to_nftables_keeps_established_flows() {
-    switch_keeps_established_flows("nftables");
-}
-
-#[test]
-fn switch_from_ebpf_to_iptables_keeps_established_flows() {
-    switch_keeps_established_flows("iptables");
+fn switch_round_ebpf_iptables_nftables_ebpf() {
+    let lab = Lab::up("swb", 2, &manifest());
+    switch_under_load(&lab, "iptables");
+    let _agent = restart_keeps_the_dataplane(&lab, "iptables");
+    switch_under_load(&lab, "nftables");
+    switch_under_load(&lab, "ebpf");
 }
 
 /// A switch that fails on a node after the flows were copied (a failure injected through the

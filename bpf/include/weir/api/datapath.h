@@ -122,6 +122,7 @@ _Static_assert(sizeof(struct ct4_key) == 16, "ct4_key size");
 #define CT_F_RST	 (1 << 9) /* TCP: RST seen (no TIME_WAIT is left on either side) */
 #define CT_F_WATCH	 (1 << 10) /* TCP: the backend is under outlier detection */
 #define CT_F_COUNTED	 (1 << 11) /* TCP: the connect's outcome was counted */
+#define CT_F_TAKEN	 (1 << 12) /* taken over from the kernel's conntrack at a switch */
 /* The flags that say what an entry is (the others are the flow's state). */
 #define CT_F_KIND	 (CT_F_REPLY | CT_F_SNAT | CT_F_DSR | CT_F_MASQ)
 

@@ -22,6 +22,9 @@ use nix::sys::socket::{
 
 use crate::DataplaneError;
 
+mod dump;
+pub use dump::{parse_entry, tcp_state, Entry, Events, STATUS_DYING, STATUS_SEEN_REPLY};
+
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
@@ -216,38 +219,62 @@ fn nl_err(what: &str, e: nix::Error) -> DataplaneError {
     DataplaneError::Netfilter(format!("ctnetlink: {what}: {e}"))
 }
 
+/// A NETLINK_NETFILTER socket in the network namespace `netns` (None: this thread's),
+/// member of the multicast `groups` (a bit mask), non-blocking with `nonblock`.
+fn netlink_socket(
+    netns: Option<&Path>,
+    groups: u32,
+    nonblock: bool,
+) -> Result<OwnedFd, DataplaneError> {
+    let make = move || -> Result<OwnedFd, DataplaneError> {
+        let mut flags = SockFlag::SOCK_CLOEXEC;
+        if nonblock {
+            flags |= SockFlag::SOCK_NONBLOCK;
+        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            flags,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map_err(|e| nl_err("socket", e))?;
+        if groups != 0 {
+            // Room for a burst of events while the reader is busy (root may exceed rmem_max).
+            let _ = nix::sys::socket::setsockopt(
+                &fd,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(8 << 20),
+            );
+        }
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(|e| nl_err("bind", e))?;
+        Ok(fd)
+    };
+    match netns {
+        None => make(),
+        Some(ns) => {
+            let ns = ns.to_path_buf();
+            // A socket belongs to the namespace it was made in: make it on a thread there.
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(&ns).map_err(|e| {
+                    DataplaneError::Netfilter(format!("opening {}: {e}", ns.display()))
+                })?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| nl_err("setns", e))?;
+                make()
+            })
+            .join()
+            .map_err(|_| DataplaneError::Netfilter("ctnetlink: thread panicked".into()))?
+        }
+    }
+}
+
 impl Conntrack {
     /// Opens a socket in the network namespace `netns` (None: this thread's).
     pub fn open(netns: Option<&Path>) -> Result<Self, DataplaneError> {
-        let make = || -> Result<OwnedFd, DataplaneError> {
-            let fd = socket(
-                AddressFamily::Netlink,
-                SockType::Raw,
-                SockFlag::SOCK_CLOEXEC,
-                SockProtocol::NetlinkNetFilter,
-            )
-            .map_err(|e| nl_err("socket", e))?;
-            bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(|e| nl_err("bind", e))?;
-            Ok(fd)
-        };
-        let fd = match netns {
-            None => make()?,
-            Some(ns) => {
-                let ns = ns.to_path_buf();
-                // A socket belongs to the namespace it was made in: make it on a thread there.
-                std::thread::spawn(move || {
-                    let f = std::fs::File::open(&ns).map_err(|e| {
-                        DataplaneError::Netfilter(format!("opening {}: {e}", ns.display()))
-                    })?;
-                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| nl_err("setns", e))?;
-                    make()
-                })
-                .join()
-                .map_err(|_| DataplaneError::Netfilter("ctnetlink: thread panicked".into()))??
-            }
-        };
-        Ok(Conntrack { fd, seq: 0 })
+        Ok(Conntrack {
+            fd: netlink_socket(netns, 0, false)?,
+            seq: 0,
+        })
     }
 
     /// Sends one request and reads its acknowledgement: Ok, or the kernel's errno.

@@ -1,0 +1,121 @@
+//! From nftables or iptables to eBPF:
+//!
+//! 1. the eBPF dataplane installed alongside: its maps programmed from the desired state, no
+//!    program attached (netfilter still carries the traffic);
+//! 2. the kernel's conntrack taken over: the events of newly confirmed entries subscribed
+//!    first, then every entry dumped and written into the BPF conntrack
+//!    ([`weir_dataplane::takeover`]);
+//! 3. the cut-over: the socket programs attached (new connections to Services are then made
+//!    to their backends, needing no NAT from anyone), then the tc and XDP programs on the
+//!    node's devices and every pod's;
+//! 4. the entries confirmed since the dump (the events) written too;
+//! 5. the netfilter rules removed, and eBPF the node's dataplane.
+//!
+//! A failure before the programs are all attached detaches them again and leaves netfilter
+//! in charge.
+
+use std::collections::HashSet;
+
+use weir_dataplane::ctnetlink::{Conntrack, Entry, Events};
+use weir_dataplane::ebpf::EbpfDataplane;
+use weir_dataplane::{takeover, Dataplane};
+
+use super::{iptables_backend, policy_of, remove_rules, Step, SwitchReport};
+
+fn e(what: &str) -> impl Fn(weir_dataplane::DataplaneError) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+/// Writes `entries` into the BPF conntrack, counting into `report` (`late`: after the cut-over).
+fn take_over(
+    step: &Step,
+    target: &EbpfDataplane,
+    entries: &[Entry],
+    report: &mut SwitchReport,
+    late: bool,
+) -> Result<(), String> {
+    let w = takeover::write(&step.pods.dataplane.lock().expect("pods"), target, entries)
+        .map_err(e("writing the BPF conntrack"))?;
+    report.flows_copied += w.flows;
+    report.verdicts_copied += w.verdicts;
+    report.flows_failed += w.failed;
+    if late {
+        report.flows_copied_after_cutover += w.flows;
+    }
+    Ok(())
+}
+
+/// Attaches every program: the socket ones, then tc and XDP on every device.
+fn attach(step: &Step, target: &mut EbpfDataplane, socket_lb: bool) -> Result<(), String> {
+    if socket_lb {
+        target
+            .attach_socket_programs()
+            .map_err(e("attaching the socket programs"))?;
+    }
+    step.pods.dataplane.lock().expect("pods").resume_programs();
+    crate::pods::attach_all(step.pods)
+}
+
+/// Takes every program away again and gives NetworkPolicy back to netfilter.
+fn detach(step: &Step, target: &mut EbpfDataplane) {
+    let mut pods = step.pods.dataplane.lock().expect("pods");
+    pods.detach_programs();
+    if let Some(p) = policy_of(step.from, iptables_backend(step.pods)) {
+        pods.set_netfilter(step.netns(), p);
+    }
+    if let Err(err) = target.retire() {
+        tracing::error!(error = %err, "detaching the socket programs");
+    }
+}
+
+pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> {
+    let opener = step
+        .pods
+        .config
+        .dataplanes
+        .as_ref()
+        .ok_or("this agent was not told how to open its eBPF dataplane")?;
+    let netns = step.netns();
+    // 1. Installed alongside: maps only.
+    let mut target = EbpfDataplane::new_with(&opener.pins, &opener.cgroup, false)
+        .map_err(e("loading the eBPF dataplane"))?;
+    target
+        .apply(step.state)
+        .map_err(e("programming the eBPF dataplane"))?;
+    if step.injected("install") {
+        return Err("a failure injected after the install (test hook)".into());
+    }
+    // 2. The kernel's flows: subscribed first, then dumped, so that none slips between.
+    let mut events = Events::subscribe(netns.as_deref()).map_err(e("subscribing"))?;
+    let mut ct = Conntrack::open(netns.as_deref()).map_err(e("ctnetlink"))?;
+    let entries = ct.dump().map_err(e("dumping the kernel's conntrack"))?;
+    take_over(step, &target, &entries, report, false)?;
+    if step.injected("copy") {
+        // What was written stays unused (no program reads it) and expires.
+        return Err("a failure injected after the copy (test hook)".into());
+    }
+    // 3. The cut-over.
+    report.cutover_ms = step.started.elapsed().as_millis() as u64;
+    if let Err(err) = attach(step, &mut target, opener.socket_lb) {
+        detach(step, &mut target);
+        return Err(format!("attaching the programs: {err}"));
+    }
+    // 4. What netfilter confirmed since the dump (all of it again if events were lost).
+    let seen: HashSet<_> = entries.iter().map(|e| (e.proto, e.orig)).collect();
+    let late = match events.drain() {
+        Ok(v) => v,
+        Err(err) => {
+            tracing::warn!(error = %err, "conntrack events lost; dumping again");
+            ct.dump().map_err(e("dumping the kernel's conntrack"))?
+        }
+    };
+    let late: Vec<Entry> = late
+        .into_iter()
+        .filter(|e| !seen.contains(&(e.proto, e.orig)))
+        .collect();
+    take_over(step, &target, &late, report, true)?;
+    // 5. Netfilter's rules go; eBPF carries the node.
+    remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
+    *step.shared.dataplane.lock().expect("dataplane") = Box::new(target);
+    Ok(())
+}
