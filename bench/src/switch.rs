@@ -198,7 +198,7 @@ fn takeover(ns: &Ns, ct: &mut Conntrack, n: u32) -> Result<()> {
     let t = Instant::now();
     let entries = ct.dump()?;
     let dumped = t.elapsed().as_secs_f64();
-    let w = weir_dataplane::takeover::write(&pods, &lb, &entries)?;
+    let w = weir_dataplane::takeover::write(&pods, &lb, &entries, ct)?;
     let took = t.elapsed().as_secs_f64();
     let in_map = pods.datapath().ct_entries()?.len();
     if w.flows != n as usize || w.failed != 0 {

@@ -27,7 +27,7 @@ use weir_bpf::datapath::{
 };
 use weir_control::lb::Proto;
 
-use crate::ctnetlink::{tcp_state, Entry, STATUS_DYING, STATUS_SEEN_REPLY};
+use crate::ctnetlink::{tcp_state, Conntrack, Entry, STATUS_DYING, STATUS_SEEN_REPLY};
 use crate::ebpf::EbpfDataplane;
 use crate::pods::PodDataplane;
 use crate::DataplaneError;
@@ -261,11 +261,15 @@ fn put_policy(
 }
 
 /// Writes what the kernel entries `entries` become into the pod datapath's conntrack maps,
-/// with the ids `ebpf` programmed.
+/// with the ids `ebpf` programmed. The kernel's entries of the TCP flows carried are set to
+/// liberal window tracking through `kernel` ([`Conntrack::loosen`]): until the cut-over
+/// ends, one direction of a flow may pass the programs while the other still passes
+/// netfilter.
 pub fn write(
     pods: &PodDataplane,
     ebpf: &EbpfDataplane,
     entries: &[Entry],
+    kernel: &mut Conntrack,
 ) -> Result<Written, DataplaneError> {
     let now = weir_bpf::datapath::boot_seconds();
     // A revision no flow was judged under: the flow is judged again on its next packet.
@@ -294,6 +298,11 @@ pub fn write(
             match put_policy(pods, k, stale, now) {
                 Ok(()) => w.verdicts += 1,
                 Err(_) => w.failed += 1,
+            }
+        }
+        if e.proto == 6 && (p.nat.is_some() || p.policy.is_some()) {
+            if let Err(err) = kernel.loosen(e) {
+                tracing::warn!(error = %err, "an entry's window tracking left strict");
             }
         }
     }

@@ -563,6 +563,9 @@ fn kernel_entries_are_dumped_and_followed() {
     assert_eq!((e.proto, e.reply), (6, reply));
     assert_eq!(e.tcp_state, Some(tcp_state::ESTABLISHED));
     assert!(e.timeout > 0);
+    // Liberal window tracking set on the live entry: accepted, the connection goes on.
+    ct.loosen(e).unwrap();
+    assert!(echoes(&mut s));
     ct.insert(&Flow {
         proto: FlowProto::Udp,
         src: "10.1.0.2:5002".parse().unwrap(),

@@ -1,9 +1,9 @@
 //! The hitless dataplane switch end to end (`weir dataplane switch`): a two-node lab switched
 //! round eBPF -> nftables -> iptables -> eBPF and round the other way, each switch while
 //! connections are held through a NodePort with a remote backend (DNAT and SNAT), a
-//! ClusterIP across nodes (a policy-allowed flow), a masqueraded connection to the external
-//! host and a connected UDP socket to a ClusterIP; new connections are made throughout, and
-//! a policy-denied flow stays denied.
+//! LoadBalancer IP, a ClusterIP across nodes and straight to a pod (policy-allowed flows),
+//! a masqueraded connection to the external host and a connected UDP socket to a ClusterIP;
+//! new connections are made throughout, and a policy-denied flow stays denied.
 
 mod common;
 
@@ -15,6 +15,31 @@ use serde_json::Value;
 /// c admits only the client pod.
 const ONLY_CLIENT_TO_C: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-client, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: client}}}]\n";
 
+/// A LoadBalancer Service of pod a (the lab assigns it an IP the external host reaches
+/// through either node).
+const LB: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: x}\nspec:\n  type: LoadBalancer\n  selector: {pod: a}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n";
+
+/// The LoadBalancer IP the lab gave Service x/lb.
+fn lb_ip(lab: &Lab) -> String {
+    let ingress = || {
+        lab.get_json(&["svc", "lb", "-n", "x"])["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .map(str::to_string)
+    };
+    lab.eventually("a LoadBalancer IP", Duration::from_secs(20), || {
+        ingress().is_some()
+    });
+    ingress().unwrap()
+}
+
+/// Pod x/NAME's IP.
+fn pod_ip(lab: &Lab, name: &str) -> String {
+    lab.get_json(&["pod", name, "-n", "x"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn manifest() -> String {
     let m = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}{}{}{}{}{}{ONLY_CLIENT_TO_C}",
@@ -24,7 +49,7 @@ fn manifest() -> String {
         np_service("to-a", "pod: a", "Cluster"),
         np_service("to-c", "pod: c", "Cluster"),
         np_service("both", "app: np", "Cluster"),
-    );
+    ) + LB;
     // The client is no backend.
     m.replace(
         "name: client, namespace: x, labels: {app: np, pod: client}",
@@ -59,6 +84,14 @@ fn hold_flows(lab: &Lab, secs: u32) -> Vec<(&'static str, std::thread::JoinHandl
         (
             "connected UDP to a ClusterIP",
             lab.hold("x/client", "both.x:53", "udp", &d),
+        ),
+        (
+            "LoadBalancer IP",
+            lab.hold("external", &format!("{}:80", lb_ip(lab)), "tcp", &d),
+        ),
+        (
+            "pod to pod across nodes, policy-allowed",
+            lab.hold("x/client", &format!("{}:8080", pod_ip(lab, "c")), "tcp", &d),
         ),
     ]
 }

@@ -4,7 +4,9 @@
 //!    program attached (netfilter still carries the traffic);
 //! 2. the kernel's conntrack taken over: the events of newly confirmed entries subscribed
 //!    first, then every entry dumped and written into the BPF conntrack
-//!    ([`weir_dataplane::takeover`]);
+//!    ([`weir_dataplane::takeover`]), the kernel's entries of the TCP flows carried set to
+//!    liberal window tracking (while the programs are attached device by device, netfilter
+//!    sees one direction of a flow acknowledge data the other took past it);
 //! 3. the cut-over: the socket programs attached (new connections to Services are then made
 //!    to their backends, needing no NAT from anyone), then the tc and XDP programs on the
 //!    node's devices and every pod's;
@@ -29,13 +31,14 @@ fn e(what: &str) -> impl Fn(weir_dataplane::DataplaneError) -> String + '_ {
 /// Writes `entries` into the BPF conntrack, counting into `report` (`late`: after the cut-over).
 fn take_over(
     step: &Step,
-    target: &EbpfDataplane,
+    (target, kernel): (&EbpfDataplane, &mut Conntrack),
     entries: &[Entry],
     report: &mut SwitchReport,
     late: bool,
 ) -> Result<(), String> {
-    let w = takeover::write(&step.pods.dataplane.lock().expect("pods"), target, entries)
-        .map_err(e("writing the BPF conntrack"))?;
+    let pods = step.pods.dataplane.lock().expect("pods");
+    let w =
+        takeover::write(&pods, target, entries, kernel).map_err(e("writing the BPF conntrack"))?;
     report.flows_copied += w.flows;
     report.verdicts_copied += w.verdicts;
     report.flows_failed += w.failed;
@@ -89,7 +92,7 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     let mut events = Events::subscribe(netns.as_deref()).map_err(e("subscribing"))?;
     let mut ct = Conntrack::open(netns.as_deref()).map_err(e("ctnetlink"))?;
     let entries = ct.dump().map_err(e("dumping the kernel's conntrack"))?;
-    take_over(step, &target, &entries, report, false)?;
+    take_over(step, (&target, &mut ct), &entries, report, false)?;
     if step.injected("copy") {
         // What was written stays unused (no program reads it) and expires.
         return Err("a failure injected after the copy (test hook)".into());
@@ -113,7 +116,7 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
         .into_iter()
         .filter(|e| !seen.contains(&(e.proto, e.orig)))
         .collect();
-    take_over(step, &target, &late, report, true)?;
+    take_over(step, (&target, &mut ct), &late, report, true)?;
     // 5. Netfilter's rules go; eBPF carries the node.
     remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
     *step.shared.dataplane.lock().expect("dataplane") = Box::new(target);

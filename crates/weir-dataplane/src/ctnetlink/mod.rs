@@ -60,8 +60,10 @@ const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 const CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: u16 = 4;
 const CTA_PROTOINFO_TCP_FLAGS_REPLY: u16 = 5;
 const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
+/// IP_CT_TCP_FLAG_BE_LIBERAL (as `nf_ct_tcp_flags`: the flags, then the mask of those set).
+const TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 /// IP_CT_TCP_FLAG_SACK_PERM | IP_CT_TCP_FLAG_BE_LIBERAL.
-const TCP_FLAGS_LIBERAL: u8 = 0x02 | 0x08;
+const TCP_FLAGS_LIBERAL: u8 = 0x02 | TCP_FLAG_BE_LIBERAL;
 /// IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED (the kernel confirms a created entry itself,
 /// and refuses a status that would take the bit away).
 const STATUS_SEEN_ASSURED: u32 = (1 << 1) | (1 << 2) | (1 << 3);
@@ -324,6 +326,27 @@ impl Conntrack {
                     .map_err(|e| nl_err(&format!("creating {f:?}"), e))
             }
             Err(e) => Err(nl_err(&format!("creating {f:?}"), e)),
+        }
+    }
+
+    /// Turns on liberal window tracking for both directions of the TCP entry `e` (its
+    /// state otherwise kept): while a switch moves a flow's two directions onto another
+    /// datapath one after the other, conntrack sees one direction acknowledge data it never
+    /// saw from the other, and would mark such packets invalid and leave them untranslated.
+    pub fn loosen(&mut self, e: &Entry) -> Result<(), DataplaneError> {
+        let mut a = Vec::new();
+        tuple(&mut a, CTA_TUPLE_ORIG, e.proto, e.orig.0, e.orig.1);
+        nested(&mut a, CTA_PROTOINFO, |p| {
+            nested(p, CTA_PROTOINFO_TCP, |t| {
+                let liberal = [TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL];
+                attr(t, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+                attr(t, CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+            });
+        });
+        let fam = if e.orig.0.is_ipv4() { 2 } else { 10 };
+        match self.request(IPCTNL_MSG_CT_NEW, 0, fam, &a) {
+            Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+            Err(err) => Err(nl_err(&format!("loosening {e:?}"), err)),
         }
     }
 
