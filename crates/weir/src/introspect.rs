@@ -85,7 +85,19 @@ pub async fn status(
     println!("Node:          {}", s(&st["node"]));
     println!("Dataplane:     {}", s(&st["dataplane"]));
     let sw = &st["switch"];
-    if sw.is_object() {
+    let under_way = sw["phase"]
+        .as_str()
+        .is_some_and(|p| p != "done" && p != "rolled-back");
+    if under_way {
+        println!(
+            "Switching:     {} -> {}, {} ({} flows copied so far, {} failed)",
+            s(&sw["from"]),
+            s(&sw["to"]),
+            s(&sw["phase"]),
+            s(&sw["flows_copied"]),
+            s(&sw["flows_failed"]),
+        );
+    } else if sw.is_object() {
         println!(
             "Last switch:   {} -> {} at {}: {} flows copied ({} during the cut-over), {} failed, cut-over at {} ms{}",
             s(&sw["from"]),

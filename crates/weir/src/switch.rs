@@ -41,6 +41,9 @@ pub(crate) async fn run(
     let mut reports = Vec::new();
     let mut failed = false;
     for (name, socket) in nodes {
+        if !json {
+            eprintln!("{name}: switching to {to} ...");
+        }
         let r = weir_agent::api::request(socket, "POST", &path)
             .await
             .map_err(|e| {

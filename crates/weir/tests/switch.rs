@@ -136,6 +136,7 @@ fn switch_under_load(lab: &Lab, to: &str) {
     assert_eq!(reports.len(), 2, "{reports:?}");
     for r in reports {
         assert_eq!(r["to"], to, "{r}");
+        assert_eq!(r["phase"], "done", "{r}");
         assert_eq!(r["flows_failed"], 0, "{r}");
     }
     // node-2 copied the NodePort flow (DNAT + SNAT); node-1 the masqueraded one, and the
@@ -243,6 +244,7 @@ fn switch_round_ebpf_nftables_iptables_ebpf() {
     assert!(!out.status.success());
     let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reports[0]["to"], "iptables", "{reports}");
+    assert_eq!(reports[0]["phase"], "rolled-back", "{reports}");
     for (what, h) in holds {
         no_errors(
             &format!("{what}, a failed switch to ebpf"),

@@ -53,6 +53,9 @@ pub struct SwitchReport {
     pub total_ms: u64,
     /// When it finished (RFC 3339).
     pub finished: String,
+    /// Where it is: `installing`, `copying`, `cutting-over`, then `done` or `rolled-back`
+    /// (`weir status` shows a switch under way).
+    pub phase: String,
     /// Why it failed (and was rolled back), if it did.
     pub error: Option<String>,
     /// Copied flows still there (in the kernel's conntrack with weir's mark, or in the BPF
@@ -155,6 +158,12 @@ fn remove_rules(kind: DataplaneKind, netns: Option<&Path>, backend: IptablesBack
     }
 }
 
+/// Records that `report`'s switch entered `phase`, where `weir status` reads it.
+fn publish(shared: &Shared, report: &mut SwitchReport, phase: &str) {
+    report.phase = phase.to_string();
+    shared.status.lock().expect("status lock").switch = Some(report.clone());
+}
+
 /// Switches this node's dataplane to `to`, the desired state being `state` (failing on purpose
 /// after the phase `fail_after`, if given).
 pub fn run(
@@ -174,8 +183,15 @@ pub fn run(
     let result = if from == to {
         Ok(())
     } else {
+        publish(shared, &mut report, "installing");
         switch(shared, state, (from, to), fail_after, &mut report, started)
     };
+    report.phase = if result.is_ok() {
+        "done"
+    } else {
+        "rolled-back"
+    }
+    .into();
     if let Err(e) = result {
         tracing::error!(error = %e, %from, %to, "dataplane switch failed; rolled back");
         report.error = Some(e);

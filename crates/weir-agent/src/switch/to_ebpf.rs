@@ -22,7 +22,7 @@ use weir_dataplane::ctnetlink::{Conntrack, Entry, Events};
 use weir_dataplane::ebpf::EbpfDataplane;
 use weir_dataplane::{takeover, Dataplane};
 
-use super::{iptables_backend, policy_of, remove_rules, Step, SwitchReport};
+use super::{iptables_backend, policy_of, publish, remove_rules, Step, SwitchReport};
 
 fn e(what: &str) -> impl Fn(weir_dataplane::DataplaneError) -> String + '_ {
     move |err| format!("{what}: {err}")
@@ -88,6 +88,7 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     if step.injected("install") {
         return Err("a failure injected after the install (test hook)".into());
     }
+    publish(step.shared, report, "copying");
     // 2. The kernel's flows: subscribed first, then dumped, so that none slips between.
     let mut events = Events::subscribe(netns.as_deref()).map_err(e("subscribing"))?;
     let mut ct = Conntrack::open(netns.as_deref()).map_err(e("ctnetlink"))?;
@@ -99,6 +100,7 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     }
     // 3. The cut-over.
     report.cutover_ms = step.started.elapsed().as_millis() as u64;
+    publish(step.shared, report, "cutting-over");
     if let Err(err) = attach(step, &mut target, opener.socket_lb) {
         detach(step, &mut target);
         return Err(format!("attaching the programs: {err}"));

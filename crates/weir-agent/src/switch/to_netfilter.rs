@@ -6,7 +6,8 @@ use weir_dataplane::ctnetlink::Conntrack;
 use weir_dataplane::{handover, Dataplane};
 
 use super::{
-    iptables_backend, netfilter_target, node_net, policy_of, remove_rules, Step, SwitchReport,
+    iptables_backend, netfilter_target, node_net, policy_of, publish, remove_rules, Step,
+    SwitchReport,
 };
 
 /// The target installed alongside: its Services rules and masquerading from the desired
@@ -66,6 +67,7 @@ pub(super) fn from_ebpf(step: &Step, report: &mut SwitchReport) -> Result<(), St
     let target = install(step)?;
     let netns = step.netns();
     let pods = step.pods;
+    publish(step.shared, report, "copying");
     // The translated flows, copied.
     let mut ct = match Conntrack::open(netns.as_deref()) {
         Ok(c) => c,
@@ -101,6 +103,7 @@ pub(super) fn from_ebpf(step: &Step, report: &mut SwitchReport) -> Result<(), St
     // translate connect(), new connections carry their backend's address and need no NAT
     // from netfilter), then the socket programs.
     report.cutover_ms = step.started.elapsed().as_millis() as u64;
+    publish(step.shared, report, "cutting-over");
     pods.dataplane.lock().expect("pods").detach_programs();
     if let Err(e) = step.shared.dataplane.lock().expect("dataplane").retire() {
         tracing::error!(error = %e, "detaching the socket programs");
@@ -135,6 +138,7 @@ pub(super) fn between(step: &Step, report: &mut SwitchReport) -> Result<(), Stri
         ));
     }
     report.cutover_ms = step.started.elapsed().as_millis() as u64;
+    publish(step.shared, report, "cutting-over");
     let netns = step.netns();
     remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
     *step.shared.dataplane.lock().expect("dataplane") = target;
