@@ -537,10 +537,11 @@ pub(crate) enum LabCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DataplaneCommand {
-    /// Switch node by node (every node of the lab by default) to another dataplane: the
-    /// target is installed beside the current one, the translated flows are copied into the
-    /// kernel's conntrack, then the old programs are detached. A node that fails is rolled
-    /// back and the switch stops there. Built so far: from ebpf to nftables or iptables.
+    /// Switch node by node (every node of the lab by default) to another dataplane, in any
+    /// direction, keeping established connections: the target is installed beside the
+    /// current one, the translated flows are copied (into the kernel's conntrack, or from it
+    /// into the BPF conntrack), then the old dataplane is taken away. A node that fails is
+    /// rolled back and the switch stops there.
     Switch {
         /// The dataplane to switch to.
         #[arg(long, value_enum)]
