@@ -4,8 +4,9 @@
 //! `weir-bench connect`: new-connection rate and connect latency (p50/p99) from a client
 //! namespace to a 3-endpoint service behind a router namespace, for 1, 1,000 and 10,000
 //! services: direct to pod IPs (no rules at all), weir's socket-level ClusterIP, kube-proxy's
-//! iptables layout (legacy backend) and its nftables layout. Runs are interleaved, conntrack is
-//! flushed between them, clients close with SO_LINGER 0 (no TIME_WAIT pile-up).
+//! iptables layout (legacy backend) and its nftables layout, and weir's own nftables and
+//! iptables (legacy) dataplanes. Runs are interleaved, conntrack is flushed between them,
+//! clients close with SO_LINGER 0 (no TIME_WAIT pile-up).
 //!
 //! `weir-bench nodeport`: the same from an external client to a NodePort, weir's tc datapath
 //! against kube-proxy's iptables layout and the pod IPs routed with no rules.
@@ -49,7 +50,11 @@ use kubeproxy::Svc;
 use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Proto, Scope};
 use weir_dataplane::Dataplane;
 
-const MODES: &[&str] = &["direct", "weir", "iptables", "nftables"];
+/// `weir-nft` and `weir-ipt`: weir's nftables and iptables (legacy) dataplanes rendering the
+/// same Services as kube-proxy's layouts (`nftables`, `iptables`), in routers of their own.
+const MODES: &[&str] = &[
+    "direct", "weir", "iptables", "nftables", "weir-nft", "weir-ipt",
+];
 const ENDPOINTS: [&str; 3] = ["10.244.1.2", "10.244.1.3", "10.244.1.4"];
 
 fn sh(cmd: &str, args: &[&str]) -> Result<String> {
@@ -452,6 +457,41 @@ fn interleaved(
     ))
 }
 
+/// weir's netfilter dataplanes for the modes asked for, each in its path's router.
+fn netfilter_dataplanes(
+    topo: &Topology,
+    modes: &[&str],
+) -> Result<Vec<(String, Box<dyn Dataplane>)>> {
+    let mut out: Vec<(String, Box<dyn Dataplane>)> = Vec::new();
+    for (mode, p) in &topo.paths {
+        if !modes.contains(&mode.as_str()) {
+            continue;
+        }
+        let netns = Some(PathBuf::from(format!("/run/netns/{}", p.r)));
+        let node = weir_dataplane::nft::NodeNet {
+            devices: Vec::new(),
+            snat_ports: (61000, 65535),
+            masquerade: None,
+        };
+        match mode.as_str() {
+            "weir-nft" => out.push((
+                mode.clone(),
+                Box::new(weir_dataplane::nft::NftDataplane::new(netns, node)?),
+            )),
+            "weir-ipt" => out.push((
+                mode.clone(),
+                Box::new(weir_dataplane::ipt::IptablesDataplane::new(
+                    netns,
+                    node,
+                    weir_dataplane::ipt::IptablesBackend::Legacy,
+                )?),
+            )),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Per mode: name, conn/s per run, p50 per run, p99 per run, errors.
 type ModeResults = (String, Vec<f64>, Vec<f64>, Vec<f64>, u64);
 
@@ -480,6 +520,7 @@ fn connect_bench(
     }
     std::thread::sleep(Duration::from_millis(300));
     let mut dp = weir_dataplane::ebpf::EbpfDataplane::new(&topo.pins, &cg)?;
+    let mut netfilter = netfilter_dataplanes(&topo, modes)?;
     println!("# weir-bench connect: {threads} client threads, {secs} s per run, {rounds} interleaved rounds, medians");
     println!("# client 10.244.2.2 -> router -> 3 endpoints 10.244.1.{{2,3,4}}:8080; target service last of N");
     println!(
@@ -517,6 +558,15 @@ fn connect_bench(
                 &["-f", "-"],
                 &kubeproxy::nftables(&kp, "10.244.0.0/16", "10.97.0.0/16"),
             )?;
+        }
+        // weir's netfilter dataplanes: the same N services in their routers.
+        for (mode, dp) in netfilter.iter_mut() {
+            let t = Instant::now();
+            dp.apply(&lb_state(&kp))?;
+            println!(
+                "# {mode}: {n} services programmed in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
         }
         let mut results: Vec<ModeResults> = MODES
             .iter()

@@ -650,7 +650,9 @@ impl PodDataplane {
         Ok(self.dp.ct_gc(weir_bpf::datapath::boot_seconds(), false)?)
     }
 
-    /// Removes every conntrack entry (benchmarks; a live node would lose its flows' NAT).
+    /// Removes every conntrack entry, policy ones included (benchmarks, and a switch to eBPF
+    /// before it takes the kernel's flows over; on a node the programs run on, flows would
+    /// lose their NAT).
     pub fn ct_flush(&self) -> Result<usize, DataplaneError> {
         Ok(self.dp.ct_gc(0, true)?)
     }

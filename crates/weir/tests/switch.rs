@@ -182,6 +182,9 @@ fn switch_under_load(lab: &Lab, to: &str) {
     ))
     .unwrap();
     assert!(st["status"]["switch"]["draining"].is_u64(), "{st}");
+    // New connections out of the cluster are masqueraded by the new dataplane.
+    let r = lab.connect("x/client", &format!("{EXTERNAL}:80"), "tcp", 3);
+    assert_eq!(r["seen_as"][&lab.node_ip("node-1")], 3, "{r}");
     // The node's own processes reach ClusterIPs through the new dataplane too.
     let r = lab.connect("node-2", "both.x:80", "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");

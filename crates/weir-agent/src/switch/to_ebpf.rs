@@ -3,7 +3,8 @@
 //! 1. the eBPF dataplane installed alongside: its maps programmed from the desired state, no
 //!    program attached (netfilter still carries the traffic);
 //! 2. the kernel's conntrack taken over: the events of newly confirmed entries subscribed
-//!    first, then every entry dumped and written into the BPF conntrack
+//!    first, the BPF conntrack cleared of what an earlier eBPF spell left, then every entry
+//!    dumped and written into it
 //!    ([`weir_dataplane::takeover`]), the kernel's entries of the TCP flows carried set to
 //!    liberal window tracking (while the programs are attached device by device, netfilter
 //!    sees one direction of a flow acknowledge data the other took past it);
@@ -92,6 +93,14 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     // 2. The kernel's flows: subscribed first, then dumped, so that none slips between.
     let mut events = Events::subscribe(netns.as_deref()).map_err(e("subscribing"))?;
     let mut ct = Conntrack::open(netns.as_deref()).map_err(e("ctnetlink"))?;
+    // What the BPF conntrack still holds from an earlier eBPF spell is stale (those flows
+    // went on, or ended, under netfilter); no program reads it now.
+    step.pods
+        .dataplane
+        .lock()
+        .expect("pods")
+        .ct_flush()
+        .map_err(e("clearing the BPF conntrack"))?;
     let entries = ct.dump().map_err(e("dumping the kernel's conntrack"))?;
     take_over(step, (&target, &mut ct), &entries, report, false)?;
     if step.injected("copy") {
