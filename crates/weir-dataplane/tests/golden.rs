@@ -1,5 +1,6 @@
 //! Golden tests: one fixture set of Services and EndpointSlices (tests/fixtures/services.yaml)
-//! rendered by each dataplane, compared with the rendering checked in under tests/golden/.
+//! rendered by each dataplane (the eBPF dataplane's map contents, the nftables transaction,
+//! the iptables-restore text), compared with the rendering checked in under tests/golden/.
 //! `WEIR_BLESS=1 cargo test -p weir-dataplane --test golden` rewrites them after a deliberate
 //! change (review the diff).
 
@@ -139,4 +140,182 @@ fn nftables_rendering_matches_the_golden_file() {
     // The kernel accepts it (nft's check mode: evaluated, not committed).
     let doc = serde_json::json!({ "nftables": cmds }).to_string();
     check("nft", &["-c", "-j", "-f", "-"], &doc);
+}
+
+/// Pins of the test's own, removed on drop.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = weir_bpf::SockLb::remove_pins(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn v4(a: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(a.to_ne_bytes())
+}
+
+fn v6(a: [u32; 4]) -> std::net::Ipv6Addr {
+    weir_bpf::ip6_from_words(a)
+}
+
+fn proto(n: u8) -> &'static str {
+    match n {
+        6 => "tcp",
+        17 => "udp",
+        _ => "?",
+    }
+}
+
+fn scope(n: u8) -> &'static str {
+    if n == 1 {
+        "external"
+    } else {
+        "cluster"
+    }
+}
+
+fn service(v: &weir_bpf::types::lb_service, slot: u16) -> String {
+    if slot == 0 {
+        format!(
+            "count {} svc {} flags {:#x} affinity {}s maglev {}",
+            v.count, v.svc_id, v.flags, v.affinity_timeout, v.backend_id
+        )
+    } else {
+        format!("backend {}", v.backend_id)
+    }
+}
+
+/// The load-balancing maps' contents, one sorted line per entry, addresses in words.
+fn map_contents(lb: &weir_bpf::SockLb) -> String {
+    use weir_bpf::types::*;
+    let mut sections: Vec<(&str, Vec<String>)> = Vec::new();
+    let e4: Vec<(lb4_key, lb_service)> = lb.entries("weir_lb4_svc").unwrap();
+    sections.push((
+        "weir_lb4_svc",
+        e4.iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}:{}/{} {} slot {} => {}",
+                    v4(k.address),
+                    u16::from_be(k.dport),
+                    proto(k.proto),
+                    scope(k.scope),
+                    k.slot,
+                    service(v, k.slot)
+                )
+            })
+            .collect(),
+    ));
+    let e6: Vec<(lb6_key, lb_service)> = lb.entries("weir_lb6_svc").unwrap();
+    sections.push((
+        "weir_lb6_svc",
+        e6.iter()
+            .map(|(k, v)| {
+                format!(
+                    "[{}]:{}/{} {} slot {} => {}",
+                    v6(k.address),
+                    u16::from_be(k.dport),
+                    proto(k.proto),
+                    scope(k.scope),
+                    k.slot,
+                    service(v, k.slot)
+                )
+            })
+            .collect(),
+    ));
+    let b4: Vec<(u32, lb4_backend)> = lb.entries("weir_lb4_backends").unwrap();
+    sections.push((
+        "weir_lb4_backends",
+        b4.iter()
+            .map(|(id, b)| {
+                let port = u16::from_be(b.port);
+                format!(
+                    "{id} => {}:{port}/{} flags {:#x}",
+                    v4(b.address),
+                    proto(b.proto),
+                    b.flags
+                )
+            })
+            .collect(),
+    ));
+    let b6: Vec<(u32, lb6_backend)> = lb.entries("weir_lb6_backends").unwrap();
+    sections.push((
+        "weir_lb6_backends",
+        b6.iter()
+            .map(|(id, b)| {
+                let port = u16::from_be(b.port);
+                format!(
+                    "{id} => [{}]:{port}/{} flags {:#x}",
+                    v6(b.address),
+                    proto(b.proto),
+                    b.flags
+                )
+            })
+            .collect(),
+    ));
+    let am: Vec<(lb_affinity_match, u8)> = lb.entries("weir_lb_affinity_match").unwrap();
+    sections.push((
+        "weir_lb_affinity_match",
+        am.iter()
+            .map(|(k, _)| format!("svc {} backend {}", k.svc_id, k.backend_id))
+            .collect(),
+    ));
+    let sr: Vec<(lb4_src_range_key, u8)> = lb.entries("weir_lb4_src_range").unwrap();
+    sections.push((
+        "weir_lb4_src_range",
+        sr.iter()
+            .map(|(k, _)| format!("svc {} {}/{}", k.svc_id, v4(k.addr), k.prefixlen - 32))
+            .collect(),
+    ));
+    let gr: Vec<(u32, lb_groups)> = lb.entries("weir_lb_groups").unwrap();
+    sections.push((
+        "weir_lb_groups",
+        gr.iter()
+            .map(|(id, g)| {
+                let groups: Vec<String> = g.g[..g.n as usize]
+                    .iter()
+                    .map(|x| format!("slots {}+{} upto {}", x.first, x.count, x.upto))
+                    .collect();
+                format!("svc {id} => total {}: {}", g.total, groups.join(", "))
+            })
+            .collect(),
+    ));
+    let ol: Vec<(u32, lb_outlier)> = lb.entries("weir_lb_outlier").unwrap();
+    sections.push((
+        "weir_lb_outlier",
+        ol.iter()
+            .map(|(id, o)| format!("backend {id} => {} failures, {} ms", o.threshold, o.base_ms))
+            .collect(),
+    ));
+    let mut out = String::new();
+    for (name, mut lines) in sections {
+        lines.sort();
+        out.push_str(&format!("# {name}\n"));
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The eBPF rendering of the fixtures: the load-balancing maps' contents after a first apply
+/// (into maps of the test's own; no program attached).
+#[test]
+fn ebpf_map_contents_match_the_golden_file() {
+    use weir_dataplane::Dataplane;
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/weir-golden-{}",
+        std::process::id()
+    )));
+    let mut dp = weir_dataplane::ebpf::EbpfDataplane::new_with(
+        &pins.0,
+        std::path::Path::new("/nonexistent"),
+        false,
+    )
+    .unwrap();
+    dp.apply(&fixture_state()).unwrap();
+    golden("ebpf.txt", &map_contents(dp.lb()));
 }
