@@ -317,13 +317,6 @@ async fn prefilter(
             "this agent runs no per-packet datapath".into(),
         );
     };
-    let kind = shared.dataplane.lock().expect("dataplane").kind();
-    if kind != weir_dataplane::DataplaneKind::Ebpf && method != http::Method::GET {
-        return err(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("the prefilter is an XDP program: the {kind} dataplane has none"),
-        );
-    }
     if method == http::Method::GET {
         return match crate::pods::prefilter_list(&pods) {
             Ok(l) => json(StatusCode::OK, &l),

@@ -189,6 +189,7 @@ fn program_device_xdp(
             None => dp.detach_xdp(ifindex),
         }
     }
+    let which = which.filter(|_| dp.runs_programs());
     pods.status.lock().expect("pod status").xdp_program = which.map(|w| format!("{w:?}"));
     Ok(())
 }
@@ -303,6 +304,11 @@ pub fn attach_all(pods: &Arc<Pods>) -> Result<(), String> {
 }
 
 fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
+    pods.dataplane
+        .lock()
+        .expect("pods")
+        .set_devices(&cfg.devices)
+        .map_err(|e| format!("writing the prefilter's rules: {e}"))?;
     let mut names = Vec::new();
     for dev in &cfg.devices {
         let ifindex = nix::net::if_::if_nametoindex(dev.as_str())

@@ -330,6 +330,8 @@ pub struct PodDataplane {
     nf_policy: Option<String>,
     /// Pod address -> host-side device name, from the last endpoint sync.
     ip_ifname: HashMap<IpAddr, String>,
+    /// The node's devices by name (where the prefilter drops, under netfilter).
+    devices: Vec<String>,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -365,6 +367,7 @@ impl PodDataplane {
             netfilter: None,
             nf_policy: None,
             ip_ifname: HashMap::new(),
+            devices: Vec::new(),
         })
     }
 
@@ -388,7 +391,44 @@ impl PodDataplane {
         self.netns = netns;
         self.netfilter = Some(policy);
         self.nf_policy = None;
-        self.write_netfilter_policy()
+        self.write_netfilter_policy()?;
+        self.write_netfilter_prefilter()
+    }
+
+    /// Names the node's devices (the prefilter drops what arrives on them); under netfilter
+    /// the prefilter's rules are written for them.
+    pub fn set_devices(&mut self, names: &[String]) -> Result<(), DataplaneError> {
+        self.devices = names.to_vec();
+        self.write_netfilter_prefilter()
+    }
+
+    /// Whether programs go on the devices (false under a netfilter dataplane).
+    pub fn runs_programs(&self) -> bool {
+        self.programs
+    }
+
+    /// Under netfilter (with the devices known), the prefilter's deny list (the map stays
+    /// the list's record) written as the dataplane's rules.
+    fn write_netfilter_prefilter(&self) -> Result<(), DataplaneError> {
+        let Some(nf) = self.netfilter else {
+            return Ok(());
+        };
+        if self.devices.is_empty() {
+            return Ok(());
+        }
+        let want: BTreeSet<ipnet::IpNet> = self
+            .dp
+            .prefilter_entries()?
+            .into_iter()
+            .map(|(n, ..)| n)
+            .collect();
+        let netns = self.netns.as_deref();
+        match nf {
+            NetfilterPolicy::Nftables => crate::nft::prefilter::write(netns, &want, &self.devices),
+            NetfilterPolicy::Iptables(b) => {
+                crate::ipt::prefilter::write(netns, b, &want, &self.devices)
+            }
+        }
     }
 
     /// Takes back [`PodDataplane::prepare_netfilter`] (a switch rolled back): policy is no
@@ -488,14 +528,29 @@ impl PodDataplane {
 
     /// The prefilter's deny list with what each prefix dropped.
     pub fn prefilter_list(&self) -> Result<Vec<PrefilterEntry>, DataplaneError> {
-        Ok(self
-            .dp
-            .prefilter_entries()?
+        let entries = self.dp.prefilter_entries()?;
+        // Under netfilter the rules count (the XDP program's counters are from before).
+        let counted = match self.netfilter {
+            Some(NetfilterPolicy::Nftables) => {
+                Some(crate::nft::prefilter::counters(self.netns.as_deref())?)
+            }
+            Some(NetfilterPolicy::Iptables(b)) => {
+                Some(crate::ipt::prefilter::counters(self.netns.as_deref(), b)?)
+            }
+            None => None,
+        };
+        Ok(entries
             .into_iter()
-            .map(|(cidr, _, packets, bytes)| PrefilterEntry {
-                cidr,
-                packets,
-                bytes,
+            .map(|(cidr, _, packets, bytes)| {
+                let (packets, bytes) = match &counted {
+                    Some(c) => c.get(&cidr).copied().unwrap_or_default(),
+                    None => (packets, bytes),
+                };
+                PrefilterEntry {
+                    cidr,
+                    packets,
+                    bytes,
+                }
             })
             .collect())
     }
@@ -537,6 +592,13 @@ impl PodDataplane {
                 return Err(e.into());
             }
         }
+        if let Err(e) = self.write_netfilter_prefilter() {
+            for done in &new {
+                let _ = self.dp.prefilter_delete(*done);
+            }
+            let _ = self.write_netfilter_prefilter();
+            return Err(e);
+        }
         Ok(new)
     }
 
@@ -557,7 +619,7 @@ impl PodDataplane {
         for n in nets {
             self.dp.prefilter_delete(n.trunc())?;
         }
-        Ok(())
+        self.write_netfilter_prefilter()
     }
 
     /// Detaches the XDP program from device `ifindex` (if weir attached one).

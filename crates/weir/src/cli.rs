@@ -94,8 +94,9 @@ pub(crate) enum Command {
     /// isolated pod (allowed, or dropped with its reason), with pods, identities, ports and
     /// the direction whose policy decided. Prints the last verdicts, or follows new ones.
     Observe(ObserveArgs),
-    /// A node's XDP prefilter: packets from listed source prefixes are dropped on the
-    /// node's devices before anything else runs (deny lists against floods), with counters.
+    /// A node's prefilter: packets from listed source prefixes are dropped on the node's
+    /// devices before anything else runs (deny lists against floods), with counters: an XDP
+    /// program under eBPF, rules before conntrack under nftables and iptables.
     #[command(subcommand)]
     Prefilter(PrefilterCommand),
     /// The nodes' dataplane: switch it while established flows go on.

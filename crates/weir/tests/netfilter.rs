@@ -146,4 +146,52 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
     lab.eventually("a reachable again", t, || {
         lab.connect("external", &format!("{n1}:{only_a}"), "tcp", 2)["ok"] == 2
     });
+
+    // The prefilter, as netfilter rules before conntrack: node-1 drops the external host's
+    // packets (node-2 still answers it) and counts them per prefix; a prefix added later
+    // leaves the first one's count alone; deleted, the host is answered again.
+    ok(&mut lab.weir(&["prefilter", "add", "--node", "node-1", "172.30.0.1/30"]));
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 0, "{r}");
+    let r = lab.connect("external", &format!("{n2}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "{r}");
+    let dropped = || -> u64 {
+        let list: serde_json::Value = serde_json::from_str(&ok(&mut lab.weir(&[
+            "prefilter",
+            "list",
+            "--node",
+            "node-1",
+            "-o",
+            "json",
+        ])))
+        .unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["cidr"] == "172.30.0.0/30")
+            .and_then(|e| e["packets"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = dropped();
+    assert!(before > 0);
+    ok(&mut lab.weir(&["prefilter", "add", "--node", "node-1", "2001:db8:ffff::/48"]));
+    assert!(dropped() >= before, "the first prefix kept its count");
+    let raw = ok(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node_netns(&lab, "node-1")))
+        .args(if dataplane == "nftables" {
+            vec!["nft", "list", "table", "inet", "weir-prefilter"]
+        } else {
+            vec!["iptables-save", "-t", "raw"]
+        }));
+    assert!(raw.contains("172.30.0.0/30"), "{raw}");
+    ok(&mut lab.weir(&[
+        "prefilter",
+        "delete",
+        "--node",
+        "node-1",
+        "172.30.0.0/30",
+        "2001:db8:ffff::/48",
+    ]));
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "{r}");
 }

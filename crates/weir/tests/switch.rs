@@ -185,6 +185,22 @@ fn switch_under_load(lab: &Lab, to: &str) {
     // New connections out of the cluster are masqueraded by the new dataplane.
     let r = lab.connect("x/client", &format!("{EXTERNAL}:80"), "tcp", 3);
     assert_eq!(r["seen_as"][&lab.node_ip("node-1")], 3, "{r}");
+    // The prefilter's deny list moved with the node, into the new dataplane's own form.
+    assert!(ok(&mut lab.weir(&["prefilter", "list", "--node", "node-1"])).contains("192.0.2.0/24"));
+    let ns = format!("--net=/run/netns/{}", node_netns(lab, "node-1"));
+    let (cmd, want): (&[&str], &str) = match to {
+        "nftables" => (
+            &["nft", "list", "table", "inet", "weir-prefilter"],
+            "192.0.2.0/24",
+        ),
+        "iptables" => (
+            &["iptables-save", "-t", "raw"],
+            "-A WEIR-PREFILTER -s 192.0.2.0/24",
+        ),
+        _ => (&["ip", "-d", "link", "show", "eth0"], "prog/xdp"),
+    };
+    let shown = ok(std::process::Command::new("nsenter").arg(&ns).args(cmd));
+    assert!(shown.contains(want), "{to}: {shown}");
     // The node's own processes reach ClusterIPs through the new dataplane too.
     let r = lab.connect("node-2", "both.x:80", "tcp", 3);
     assert_eq!(r["ok"], 3, "{r}");
@@ -221,6 +237,7 @@ fn restart_keeps_the_dataplane(lab: &Lab, dataplane: &str) -> Daemon {
 #[test]
 fn switch_round_ebpf_nftables_iptables_ebpf() {
     let lab = Lab::up("swa", 2, &manifest());
+    ok(&mut lab.weir(&["prefilter", "add", "--node", "node-1", "192.0.2.0/24"]));
     let n2 = lab.node_ip("node-2");
     let to_c = node_port(&lab, "to-c", "http");
     assert_eq!(
@@ -274,6 +291,7 @@ fn switch_round_ebpf_nftables_iptables_ebpf() {
 #[test]
 fn switch_round_ebpf_iptables_nftables_ebpf() {
     let lab = Lab::up("swb", 2, &manifest());
+    ok(&mut lab.weir(&["prefilter", "add", "--node", "node-1", "192.0.2.0/24"]));
     switch_under_load(&lab, "iptables");
     let _agent = restart_keeps_the_dataplane(&lab, "iptables");
     switch_under_load(&lab, "nftables");

@@ -7,6 +7,7 @@
 //! named explicitly.
 
 pub mod policy;
+pub mod prefilter;
 mod read;
 pub mod render;
 
@@ -233,7 +234,7 @@ impl IptablesDataplane {
     pub fn remove(netns: Option<&Path>, backend: IptablesBackend) -> Result<(), DataplaneError> {
         for f in [Family::Ip, Family::Ip6] {
             let mut found = Vec::new();
-            for table in ["nat", "filter"] {
+            for table in ["nat", "filter", "raw"] {
                 let saved = run(
                     netns,
                     &backend.binary(f, "iptables-save"),
@@ -253,7 +254,8 @@ impl IptablesDataplane {
             let hooks = render::HOOKS
                 .iter()
                 .copied()
-                .chain(policy::HOOKS.iter().map(|(k, c)| ("filter", *k, *c)));
+                .chain(policy::HOOKS.iter().map(|(k, c)| ("filter", *k, *c)))
+                .chain([("raw", "PREROUTING", prefilter::CHAIN)]);
             for (table, kchain, chain) in hooks {
                 let rule = jump_rule("-D", (table, kchain, chain));
                 let _ = run(netns, &bin, &rule, None);

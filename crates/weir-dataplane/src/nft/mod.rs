@@ -6,6 +6,7 @@
 
 pub mod expr;
 pub mod policy;
+pub mod prefilter;
 mod read;
 pub mod render;
 
@@ -86,16 +87,21 @@ impl NftDataplane {
     /// the nftables dataplane). Established flows keep their translation: it lives in the
     /// kernel's conntrack.
     pub fn remove(netns: Option<&Path>) -> Result<(), DataplaneError> {
-        let cmds: Vec<Value> = [("ip", TABLE), ("ip6", TABLE), ("inet", policy::TABLE)]
-            .into_iter()
-            .flat_map(|(family, name)| {
-                let t = json!({"family": family, "name": name});
-                [
-                    expr::cmd("add", "table", t.clone()),
-                    expr::cmd("delete", "table", t),
-                ]
-            })
-            .collect();
+        let cmds: Vec<Value> = [
+            ("ip", TABLE),
+            ("ip6", TABLE),
+            ("inet", policy::TABLE),
+            ("inet", prefilter::TABLE),
+        ]
+        .into_iter()
+        .flat_map(|(family, name)| {
+            let t = json!({"family": family, "name": name});
+            [
+                expr::cmd("add", "table", t.clone()),
+                expr::cmd("delete", "table", t),
+            ]
+        })
+        .collect();
         transaction(netns, &cmds)
     }
 
