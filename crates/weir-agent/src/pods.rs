@@ -133,6 +133,23 @@ pub fn explain(
     })
 }
 
+/// Under a netfilter dataplane, after a policy change: the flows the new policy denies are cut
+/// (see [`PodDataplane::cut_denied_flows`]), in the node's network namespace.
+pub fn cut_denied_flows(pods: &Arc<Pods>) -> Result<usize, String> {
+    in_node_netns(pods, |pods| {
+        let Some(dev) = pods.config.devices.first() else {
+            return Ok(0);
+        };
+        let ifindex = nix::net::if_::if_nametoindex(dev.as_str())
+            .map_err(|e| format!("device {dev:?}: {e}"))?;
+        pods.dataplane
+            .lock()
+            .expect("pods")
+            .cut_denied_flows(ifindex)
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// Runs `f` on a thread of its own in the node's network namespace (where device names and
 /// ifindexes mean the node's devices).
 pub fn in_node_netns<T: Send + 'static>(

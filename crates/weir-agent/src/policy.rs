@@ -439,6 +439,7 @@ pub async fn run(
         let started = std::time::Instant::now();
         let result = pods.dataplane.lock().expect("pods").set_policy(state);
         crate::metrics::record_apply("policy", started.elapsed().as_secs_f64(), result.is_ok());
+        let mut programmed = false;
         {
             let mut r = report.lock().expect("policy report");
             r.policies = policies;
@@ -452,6 +453,7 @@ pub async fn run(
                     if stats.entries_added + stats.entries_removed > 0 || !stats.failed.is_empty() {
                         tracing::info!(?stats, "NetworkPolicy programmed");
                     }
+                    programmed = true;
                     r.last_apply = stats;
                     r.synced = error.is_none();
                     r.last_error = error;
@@ -461,6 +463,15 @@ pub async fn run(
                     r.synced = false;
                     r.last_error = Some(e.to_string());
                 }
+            }
+        }
+        // Under netfilter, established flows a changed policy denies are cut here (the eBPF
+        // datapath judges them again itself).
+        if programmed {
+            match crate::pods::cut_denied_flows(&pods) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(flows = n, "flows the new policy denies cut"),
+                Err(e) => tracing::warn!(error = %e, "cutting denied flows"),
             }
         }
         let retry = report.lock().expect("policy report").last_error.is_some();

@@ -332,6 +332,8 @@ pub struct PodDataplane {
     ip_ifname: HashMap<IpAddr, String>,
     /// The node's devices by name (where the prefilter drops, under netfilter).
     devices: Vec<String>,
+    /// Under netfilter: the policy rules changed since established flows were last judged.
+    judge_flows: bool,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -368,6 +370,7 @@ impl PodDataplane {
             nf_policy: None,
             ip_ifname: HashMap::new(),
             devices: Vec::new(),
+            judge_flows: false,
         })
     }
 
@@ -497,6 +500,7 @@ impl PodDataplane {
             }
         }
         self.nf_policy = Some(key);
+        self.judge_flows = true;
         Ok(())
     }
 
@@ -508,6 +512,51 @@ impl PodDataplane {
     /// The node's IPv4 address for SNAT, as configured.
     pub fn snat4(&self) -> Option<std::net::Ipv4Addr> {
         (self.config.snat4 != 0).then(|| std::net::Ipv4Addr::from(self.config.snat4.to_ne_bytes()))
+    }
+
+    /// Under netfilter, after a policy change: the kernel's conntrack entries of IPv4 TCP and
+    /// UDP flows of a local policed pod that the policy now denies are deleted, as the eBPF
+    /// datapath judges every flow again on a policy change and cuts the ones it denies. Each
+    /// flow is judged in its original direction, after DNAT, by the pod programs run on a
+    /// synthetic first packet (BPF_PROG_TEST_RUN: the same verdict the programs would give,
+    /// read from the same maps, which stay current under netfilter); `netdev_ifindex` is the
+    /// device packets from outside arrive on. A deleted flow's next packet meets the policy
+    /// rules as a new one, and is dropped. Runs when the policy rules changed since the last
+    /// time. Returns how many flows were cut.
+    pub fn cut_denied_flows(&mut self, netdev_ifindex: u32) -> Result<usize, DataplaneError> {
+        if self.netfilter.is_none() || self.policy.is_none() || !self.judge_flows {
+            return Ok(0);
+        }
+        self.judge_flows = false;
+        let policed: BTreeSet<u32> = self
+            .dp
+            .ep_policies()?
+            .into_iter()
+            .map(|(ifindex, _)| ifindex)
+            .collect();
+        let policed_ip = |ip: IpAddr| {
+            self.ip_ifindex
+                .get(&ip)
+                .is_some_and(|i| policed.contains(i))
+        };
+        let mut ct = crate::ctnetlink::Conntrack::open(self.netns.as_deref())?;
+        let mut cut = 0;
+        for e in ct.dump()? {
+            // The flow after DNAT: the client, and where its replies come from.
+            let (src, dst) = (e.orig.0, e.reply.0);
+            if !matches!(e.proto, 6 | 17) || !(policed_ip(src.ip()) || policed_ip(dst.ip())) {
+                continue;
+            }
+            let (std::net::SocketAddr::V4(from), std::net::SocketAddr::V4(to)) = (src, dst) else {
+                continue;
+            };
+            let x = self.explain(from, to, e.proto == 6, netdev_ifindex)?;
+            if x.verdict == "drop" && x.reason.starts_with("DROP_POLICY") {
+                ct.delete_entry(&e)?;
+                cut += 1;
+            }
+        }
+        Ok(cut)
     }
 
     /// The loaded programs, for BPF_PROG_TEST_RUN.

@@ -132,12 +132,21 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
     );
 
     // A NetworkPolicy isolating a's ingress without a rule: new flows to a are refused (the
-    // chain for a's veth); c still answers; deleting the policy admits them.
+    // chain for a's veth), and an established one is cut (its conntrack entry deleted, as
+    // the eBPF datapath cuts a flow the new policy denies); c still answers; deleting the
+    // policy admits them.
+    let held = lab.hold("external", &format!("{n1}:{only_a}"), "tcp", "4s");
+    std::thread::sleep(Duration::from_millis(800));
     assert!(lab.apply(DENY_INGRESS_TO_A).status.success());
     let t = Duration::from_secs(20);
     lab.eventually("a isolated", t, || {
         lab.connect("external", &format!("{n1}:{only_a}"), "tcp", 2)["ok"] == 0
     });
+    let r = held.join().unwrap();
+    assert!(
+        r["failed"].as_u64().unwrap() > 0,
+        "the held flow is cut: {r}"
+    );
     let (_, policy) = rules(&lab, dataplane);
     assert!(!policy.is_empty(), "a's ingress chain is programmed");
     let r = lab.connect("external", &format!("{n2}:{local}"), "tcp", 3);

@@ -350,6 +350,17 @@ impl Conntrack {
         }
     }
 
+    /// Deletes the kernel's entry `e` (gone already is not an error).
+    pub fn delete_entry(&mut self, e: &Entry) -> Result<(), DataplaneError> {
+        let mut a = Vec::new();
+        tuple(&mut a, CTA_TUPLE_ORIG, e.proto, e.orig.0, e.orig.1);
+        let fam = if e.orig.0.is_ipv4() { 2 } else { 10 };
+        match self.request(IPCTNL_MSG_CT_DELETE, 0, fam, &a) {
+            Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+            Err(err) => Err(nl_err(&format!("deleting {e:?}"), err)),
+        }
+    }
+
     /// Deletes the entry of `f`'s original tuple (none there is not an error).
     pub fn delete(&mut self, f: &Flow) -> Result<(), DataplaneError> {
         let mut a = Vec::new();
