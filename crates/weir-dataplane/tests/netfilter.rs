@@ -279,6 +279,11 @@ fn cluster_ips_through_nat_output(kind: Kind) {
         connects(&l.node, "10.96.0.1:80", 10),
         BTreeMap::from([('A', 10)])
     );
+    // The other frontend's chains, left out of that (partial) restore, still serve.
+    assert_eq!(udp(&l.node, dns_addr), 'B');
+    let dump = dp.dump().unwrap();
+    let dns_dump = dump.frontends.iter().find(|f| f.key == dns).unwrap();
+    assert_eq!(dns_dump.backends.len(), 1);
     assert_eq!(
         dp.apply(&st).unwrap(),
         Default::default(),

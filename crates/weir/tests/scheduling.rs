@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{ok, ClusterSet, Lab};
+use common::{ok, responder_names, ClusterSet, Lab};
 use serde_json::Value;
 
 /// `n` pods `hello-K` in namespace mcs whose readiness waits for condition weir.dev/ready,
@@ -345,6 +345,10 @@ fn tc_flows_eject_failing_backends() {
     set_ready_all(c2, 1..=2, true);
     c1.eventually("scheduled again", t, || {
         shares(c1).get("c2") == Some(&100.0)
+    });
+    // Both endpoints programmed again (the share is 100 as soon as one is ready).
+    c1.eventually("both endpoints answer", t, || {
+        responder_names(&c1.connect("mcs/client", &target, "tcp", 12)).len() == 2
     });
     // Resets.
     fault(c2, 1..=2, "refuse");

@@ -144,11 +144,16 @@ pub fn write_policy(
 }
 
 /// What one family's tables hold.
-#[derive(Default)]
 struct Applied {
     frontends: BTreeMap<FrontendKey, FrontendRules>,
     text: (String, String),
+    /// When the tables were last restored whole.
+    full_at: std::time::Instant,
 }
+
+/// How long partial restores go on before the tables are restored whole again (what another
+/// writer changed in a frontend's chains is then undone), as kube-proxy's hourly full sync.
+const FULL_RESTORE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The iptables dataplane of one node.
 pub struct IptablesDataplane {
@@ -322,20 +327,53 @@ impl IptablesDataplane {
             .filter(|c| c.starts_with("WEIR-BE-") && !had.contains(*c))
             .count();
         stats.backends_removed += stale.iter().filter(|c| c.starts_with("WEIR-BE-")).count();
-        self.write(f, want, text)
+        // Partial: only the chains of frontends that changed are written (the dispatch chains
+        // whole), while the kernel's are known to be this agent's last restore.
+        let partial = old
+            .filter(|a| a.full_at.elapsed() < FULL_RESTORE_EVERY)
+            .map(|a| {
+                let only: BTreeSet<String> = want
+                    .iter()
+                    .filter(|(k, r)| a.frontends.get(*k) != Some(*r))
+                    .flat_map(|(_, r)| r.chains.keys().cloned())
+                    .collect();
+                (
+                    render::tables_partial(f, &self.node, &want, &stale, &only),
+                    a.full_at,
+                )
+            });
+        self.write(f, want, text, partial)
     }
 
-    /// Restores family `f`'s tables from `text` and records what they hold (nothing, until
-    /// the restore succeeded).
+    /// Restores family `f`'s tables from `text` (or from `partial`'s text, keeping its time of
+    /// the last whole restore) and records what they hold (nothing, until the restore
+    /// succeeded).
     fn write(
         &mut self,
         f: Family,
         frontends: BTreeMap<FrontendKey, FrontendRules>,
         text: (String, String),
+        partial: Option<((String, String), std::time::Instant)>,
     ) -> Result<(), DataplaneError> {
         self.applied.remove(&f);
-        self.restore(f, &format!("{}{}", text.0, text.1))?;
-        self.applied.insert(f, Applied { frontends, text });
+        let full_at = match partial {
+            Some((p, at)) => {
+                self.restore(f, &format!("{}{}", p.0, p.1))?;
+                at
+            }
+            None => {
+                self.restore(f, &format!("{}{}", text.0, text.1))?;
+                std::time::Instant::now()
+            }
+        };
+        self.applied.insert(
+            f,
+            Applied {
+                frontends,
+                text,
+                full_at,
+            },
+        );
         Ok(())
     }
 }
@@ -372,10 +410,12 @@ impl Dataplane for IptablesDataplane {
             return Ok(());
         }
         self.node.masquerade = nets;
-        // The tables written so far are written again with the new settings.
+        // The base chains written so far are written again with the new settings (the
+        // frontends' chains do not change).
         for (f, a) in std::mem::take(&mut self.applied) {
             let text = render::tables(f, &self.node, &a.frontends, &[]);
-            self.write(f, a.frontends, text)?;
+            let base = render::tables_partial(f, &self.node, &a.frontends, &[], &BTreeSet::new());
+            self.write(f, a.frontends, text, Some((base, a.full_at)))?;
         }
         Ok(())
     }

@@ -18,7 +18,7 @@
 //! Local without a local endpoint) gets a mark the filter table drops, as kube-proxy's
 //! KUBE-MARK-DROP did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 use weir_control::lb::{Backend, Frontend, FrontendKey, LbState, Scope};
@@ -283,6 +283,30 @@ pub fn tables(
     frontends: &BTreeMap<FrontendKey, FrontendRules>,
     stale: &[String],
 ) -> (String, String) {
+    tables_with(f, node, frontends, stale, None)
+}
+
+/// Like [`tables`], for a restore with `--noflush` that leaves the frontend chains not in
+/// `only` as the kernel has them (neither declared, which would flush them, nor written):
+/// kube-proxy's partial sync. The dispatch and base chains are written whole, stale chains
+/// deleted.
+pub fn tables_partial(
+    f: Family,
+    node: &NodeNet,
+    frontends: &BTreeMap<FrontendKey, FrontendRules>,
+    stale: &[String],
+    only: &BTreeSet<String>,
+) -> (String, String) {
+    tables_with(f, node, frontends, stale, Some(only))
+}
+
+fn tables_with(
+    f: Family,
+    node: &NodeNet,
+    frontends: &BTreeMap<FrontendKey, FrontendRules>,
+    stale: &[String],
+    only: Option<&BTreeSet<String>>,
+) -> (String, String) {
     let mut chains: Vec<(String, Vec<String>)> = nat_base(f, node)
         .into_iter()
         .map(|(n, r)| (n.to_string(), r))
@@ -302,7 +326,11 @@ pub fn tables(
                 c.1.push(rule.clone());
             }
         }
-        fe_chains.extend(fr.chains.iter());
+        fe_chains.extend(
+            fr.chains
+                .iter()
+                .filter(|(n, _)| only.is_none_or(|o| o.contains(*n))),
+        );
     }
     let mut nat = String::from("*nat\n");
     for (n, _) in &chains {
