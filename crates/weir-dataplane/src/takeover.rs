@@ -207,34 +207,27 @@ fn put_ct(pods: &PodDataplane, c: &CtEntry, now: u64) -> Result<(), DataplaneErr
         },
         0,
     ));
+    // One body for both families' entry types, which share these fields.
+    macro_rules! entry {
+        ($ty:ident, $sock:ident) => {{
+            let ((nat_addr, nat_port), (snat_addr, snat_port)) = ($sock(c.nat), $sock(snat));
+            $ty {
+                expires,
+                nat_addr,
+                snat_addr,
+                nat_port,
+                snat_port,
+                svc_id: c.ids.0,
+                backend_id: c.ids.1,
+                flags: c.flags,
+                ..Default::default()
+            }
+        }};
+    }
     if c.key.0.is_ipv4() {
-        let ((nat_addr, nat_port), (snat_addr, snat_port)) = (sock4(c.nat), sock4(snat));
-        let v = ct4_entry {
-            expires,
-            nat_addr,
-            snat_addr,
-            nat_port,
-            snat_port,
-            svc_id: c.ids.0,
-            backend_id: c.ids.1,
-            flags: c.flags,
-            ..Default::default()
-        };
-        dp.ct_put(&key4(c.proto, c.key), &v)?;
+        dp.ct_put(&key4(c.proto, c.key), &entry!(ct4_entry, sock4))?;
     } else {
-        let ((nat_addr, nat_port), (snat_addr, snat_port)) = (sock6(c.nat), sock6(snat));
-        let v = ct6_entry {
-            expires,
-            nat_addr,
-            snat_addr,
-            nat_port,
-            snat_port,
-            svc_id: c.ids.0,
-            backend_id: c.ids.1,
-            flags: c.flags,
-            ..Default::default()
-        };
-        dp.ct6_put(&key6(c.proto, c.key), &v)?;
+        dp.ct6_put(&key6(c.proto, c.key), &entry!(ct6_entry, sock6))?;
     }
     Ok(())
 }

@@ -187,6 +187,16 @@ fn service(v: &weir_bpf::types::lb_service, slot: u16) -> String {
     }
 }
 
+/// A services-map entry: the frontend at `at`, its protocol, scope and slot, and the value.
+fn svc_line(at: &str, (p, sc, slot): (u8, u8, u16), v: &weir_bpf::types::lb_service) -> String {
+    format!(
+        "{at}/{} {} slot {slot} => {}",
+        proto(p),
+        scope(sc),
+        service(v, slot)
+    )
+}
+
 /// The load-balancing maps' contents, one sorted line per entry, addresses in words.
 fn map_contents(lb: &weir_bpf::SockLb) -> String {
     use weir_bpf::types::*;
@@ -196,15 +206,8 @@ fn map_contents(lb: &weir_bpf::SockLb) -> String {
         "weir_lb4_svc",
         e4.iter()
             .map(|(k, v)| {
-                format!(
-                    "{}:{}/{} {} slot {} => {}",
-                    v4(k.address),
-                    u16::from_be(k.dport),
-                    proto(k.proto),
-                    scope(k.scope),
-                    k.slot,
-                    service(v, k.slot)
-                )
+                let at = format!("{}:{}", v4(k.address), u16::from_be(k.dport));
+                svc_line(&at, (k.proto, k.scope, k.slot), v)
             })
             .collect(),
     ));
@@ -213,15 +216,8 @@ fn map_contents(lb: &weir_bpf::SockLb) -> String {
         "weir_lb6_svc",
         e6.iter()
             .map(|(k, v)| {
-                format!(
-                    "[{}]:{}/{} {} slot {} => {}",
-                    v6(k.address),
-                    u16::from_be(k.dport),
-                    proto(k.proto),
-                    scope(k.scope),
-                    k.slot,
-                    service(v, k.slot)
-                )
+                let at = format!("[{}]:{}", v6(k.address), u16::from_be(k.dport));
+                svc_line(&at, (k.proto, k.scope, k.slot), v)
             })
             .collect(),
     ));

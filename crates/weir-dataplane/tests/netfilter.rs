@@ -439,6 +439,18 @@ fn run_in(ns: &str, cmd: &[&str]) {
     assert!(ok, "{cmd:?} in {ns}");
 }
 
+/// Runs `nft -f -` with `text` in namespace `ns`.
+fn nft_in(ns: &str, text: &str) {
+    let mut c = Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(ns).display()))
+        .args(["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
 /// Flows written into the kernel's conntrack with their NAT (ctnetlink) are translated with
 /// no NAT rule (only empty nat chains): UDP with DNAT, UDP with DNAT and SNAT, and a TCP
 /// connection whose entry was lost (flushed with its rule) and written again, which goes on
@@ -452,16 +464,7 @@ fn flows_written_with_their_nat_are_translated_without_rules() {
     // NAT happens where a dataplane has nat chains, and conntrack runs where a rule uses it
     // (the kernel registers those hooks for a namespace only then): a table with empty nat
     // chains and one conntrack rule, as a switch's target installed first has.
-    let nft = |text: &str| {
-        let mut c = Command::new("nsenter")
-            .arg(format!("--net={}", netns_path(&l.node).display()))
-            .args(["nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        assert!(c.wait().unwrap().success());
-    };
+    let nft = |text: &str| nft_in(&l.node, text);
     nft("table ip t {\n chain pre { type nat hook prerouting priority -100; }\n chain post { type nat hook postrouting priority 100; }\n chain check { type filter hook forward priority 0; ct state invalid counter; }\n}\n");
     let mut ct = Conntrack::open(Some(&netns_path(&l.node))).unwrap();
     let udp_flow = |sport: u16, dnat: &str, snat: Option<&str>| Flow {
@@ -537,16 +540,7 @@ fn kernel_entries_are_dumped_and_followed() {
     use weir_dataplane::ctnetlink::{tcp_state, Conntrack, Events, Flow, FlowProto};
     let l = lab("ctd");
     echo_server(&l.node, "10.0.0.1", 8081);
-    let nft = |text: &str| {
-        let mut c = Command::new("nsenter")
-            .arg(format!("--net={}", netns_path(&l.node).display()))
-            .args(["nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        assert!(c.wait().unwrap().success());
-    };
+    let nft = |text: &str| nft_in(&l.node, text);
     nft("table ip t {\n chain pre { type nat hook prerouting priority -100; tcp dport 30080 dnat to 10.0.0.1:8081; }\n}\n");
     let ns = netns_path(&l.node);
     let mut events = Events::subscribe(Some(&ns)).unwrap();

@@ -206,6 +206,23 @@ fn switch_under_load(lab: &Lab, to: &str) {
     assert_eq!(r["ok"], 3, "{r}");
 }
 
+/// `weir dataplane switch --to TO` with a failure injected after the copy (test hook): it
+/// fails; its reports.
+fn failing_switch(lab: &Lab, to: &str) -> Value {
+    let out = run(&mut lab.weir(&[
+        "dataplane",
+        "switch",
+        "--to",
+        to,
+        "--fail-after",
+        "copy",
+        "-o",
+        "json",
+    ]));
+    assert!(!out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A restarted agent comes back in the dataplane its node was switched to, and serves (the
 /// agent lives as long as what this returns).
 fn restart_keeps_the_dataplane(lab: &Lab, dataplane: &str) -> Daemon {
@@ -251,18 +268,7 @@ fn switch_round_ebpf_nftables_iptables_ebpf() {
     // Back to eBPF, failing on node-1 after the copy: rolled back, traffic intact.
     let holds = hold_flows(&lab, 4);
     std::thread::sleep(Duration::from_millis(1000));
-    let out = run(&mut lab.weir(&[
-        "dataplane",
-        "switch",
-        "--to",
-        "ebpf",
-        "--fail-after",
-        "copy",
-        "-o",
-        "json",
-    ]));
-    assert!(!out.status.success());
-    let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = failing_switch(&lab, "ebpf");
     assert_eq!(reports[0]["to"], "iptables", "{reports}");
     assert_eq!(reports[0]["phase"], "rolled-back", "{reports}");
     for (what, h) in holds {
@@ -318,18 +324,7 @@ fn a_failed_switch_rolls_back_with_traffic_intact() {
         ),
     ];
     std::thread::sleep(Duration::from_millis(1000));
-    let out = run(&mut lab.weir(&[
-        "dataplane",
-        "switch",
-        "--to",
-        "nftables",
-        "--fail-after",
-        "copy",
-        "-o",
-        "json",
-    ]));
-    assert!(!out.status.success());
-    let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = failing_switch(&lab, "nftables");
     let r = &reports[0];
     assert_eq!(
         (r["node"].as_str(), r["to"].as_str()),

@@ -352,23 +352,29 @@ impl Conntrack {
 
     /// Deletes the kernel's entry `e` (gone already is not an error).
     pub fn delete_entry(&mut self, e: &Entry) -> Result<(), DataplaneError> {
+        self.delete_tuple(e.proto, e.orig)
+            .map_err(|err| nl_err(&format!("deleting {e:?}"), err))
+    }
+
+    /// Deletes the entry of original tuple `(src, dst)` (none there is not an error).
+    fn delete_tuple(
+        &mut self,
+        proto: u8,
+        (src, dst): (SocketAddr, SocketAddr),
+    ) -> Result<(), nix::Error> {
         let mut a = Vec::new();
-        tuple(&mut a, CTA_TUPLE_ORIG, e.proto, e.orig.0, e.orig.1);
-        let fam = if e.orig.0.is_ipv4() { 2 } else { 10 };
+        tuple(&mut a, CTA_TUPLE_ORIG, proto, src, dst);
+        let fam = if src.is_ipv4() { 2 } else { 10 };
         match self.request(IPCTNL_MSG_CT_DELETE, 0, fam, &a) {
             Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
-            Err(err) => Err(nl_err(&format!("deleting {e:?}"), err)),
+            Err(err) => Err(err),
         }
     }
 
     /// Deletes the entry of `f`'s original tuple (none there is not an error).
     pub fn delete(&mut self, f: &Flow) -> Result<(), DataplaneError> {
-        let mut a = Vec::new();
-        tuple(&mut a, CTA_TUPLE_ORIG, proto_number(f.proto), f.src, f.dst);
-        match self.request(IPCTNL_MSG_CT_DELETE, 0, family(f), &a) {
-            Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
-            Err(e) => Err(nl_err(&format!("deleting {f:?}"), e)),
-        }
+        self.delete_tuple(proto_number(f.proto), (f.src, f.dst))
+            .map_err(|e| nl_err(&format!("deleting {f:?}"), e))
     }
 }
 

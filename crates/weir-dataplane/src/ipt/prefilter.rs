@@ -44,6 +44,20 @@ fn saved_rules(saved: &str) -> BTreeMap<(IpNet, String), (u64, u64)> {
     out
 }
 
+/// Family `f`'s raw table as `iptables-save -c` prints it.
+fn saved_raw(
+    netns: Option<&Path>,
+    backend: IptablesBackend,
+    f: Family,
+) -> Result<String, DataplaneError> {
+    run(
+        netns,
+        &backend.binary(f, "iptables-save"),
+        &["-c", "-t", "raw"],
+        None,
+    )
+}
+
 /// The restore text of family `f`: the chain with a rule per prefix of `want` (of that
 /// family) and device, each with its counters from `prev`.
 fn render(
@@ -77,12 +91,7 @@ pub fn write(
     devices: &[String],
 ) -> Result<(), DataplaneError> {
     for f in [Family::Ip, Family::Ip6] {
-        let saved = run(
-            netns,
-            &backend.binary(f, "iptables-save"),
-            &["-c", "-t", "raw"],
-            None,
-        )?;
+        let saved = saved_raw(netns, backend, f)?;
         let text = render(f, want, devices, &saved_rules(&saved));
         run(
             netns,
@@ -106,13 +115,7 @@ pub fn counters(
 ) -> Result<BTreeMap<IpNet, (u64, u64)>, DataplaneError> {
     let mut out: BTreeMap<IpNet, (u64, u64)> = BTreeMap::new();
     for f in [Family::Ip, Family::Ip6] {
-        let saved = run(
-            netns,
-            &backend.binary(f, "iptables-save"),
-            &["-c", "-t", "raw"],
-            None,
-        )?;
-        for ((net, _), (p, b)) in saved_rules(&saved) {
+        for ((net, _), (p, b)) in saved_rules(&saved_raw(netns, backend, f)?) {
             let e = out.entry(net).or_default();
             e.0 += p;
             e.1 += b;
