@@ -9,15 +9,17 @@
 //!    liberal window tracking (while the programs are attached device by device, netfilter
 //!    sees one direction of a flow acknowledge data the other took past it);
 //! 3. the cut-over: the socket programs attached (new connections to Services are then made
-//!    to their backends, needing no NAT from anyone), then the tc and XDP programs on the
-//!    node's devices and every pod's;
-//! 4. the entries confirmed since the dump (the events) written too;
+//!    to their backends, needing no NAT from anyone), the entries netfilter confirmed since
+//!    the dump (the events) taken over, then the tc and XDP programs on the node's devices
+//!    and every pod's;
+//! 4. the entries confirmed while they went on taken over too;
 //! 5. the netfilter rules removed, and eBPF the node's dataplane.
 //!
 //! A failure before the programs are all attached detaches them again and leaves netfilter
 //! in charge.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 
 use weir_dataplane::ctnetlink::{Conntrack, Entry, Events};
 use weir_dataplane::ebpf::EbpfDataplane;
@@ -49,15 +51,30 @@ fn take_over(
     Ok(())
 }
 
-/// Attaches every program: the socket ones, then tc and XDP on every device.
-fn attach(step: &Step, target: &mut EbpfDataplane, socket_lb: bool) -> Result<(), String> {
-    if socket_lb {
-        target
-            .attach_socket_programs()
-            .map_err(e("attaching the socket programs"))?;
+/// Takes over what netfilter confirmed since the last look (the events; all of it again if
+/// they overran), leaving out what `seen` holds and adding it there. Failures cost those
+/// flows, not the switch: they are logged.
+fn take_late(
+    step: &Step,
+    (target, ct, events): (&EbpfDataplane, &mut Conntrack, &mut Events),
+    seen: &mut HashSet<(u8, (SocketAddr, SocketAddr))>,
+    report: &mut SwitchReport,
+) {
+    let late = events.drain().or_else(|err| {
+        tracing::warn!(error = %err, "conntrack events lost; dumping again");
+        ct.dump()
+    });
+    let late = late
+        .map_err(e("reading what netfilter confirmed since the dump"))
+        .map(|l| -> Vec<Entry> {
+            l.into_iter()
+                .filter(|e| seen.insert((e.proto, e.orig)))
+                .collect()
+        })
+        .and_then(|late| take_over(step, (target, ct), &late, report, true));
+    if let Err(err) = late {
+        tracing::error!(error = %err, "flows confirmed during the copy not taken over");
     }
-    step.pods.dataplane.lock().expect("pods").resume_programs();
-    crate::pods::attach_all(step.pods)
 }
 
 /// Takes every program away again and gives NetworkPolicy back to netfilter.
@@ -107,27 +124,26 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
         // What was written stays unused (no program reads it) and expires.
         return Err("a failure injected after the copy (test hook)".into());
     }
-    // 3. The cut-over.
+    // 3. The cut-over. The socket programs first: from then on no connection a pod makes to
+    // a Service is NATed by netfilter. Then what netfilter NATed until then is taken over,
+    // before the node program can meet its replies. Then tc and XDP on every device.
     report.cutover_ms = step.started.elapsed().as_millis() as u64;
     publish(step.shared, report, "cutting-over");
-    if let Err(err) = attach(step, &mut target, opener.socket_lb) {
+    let mut seen: HashSet<_> = entries.iter().map(|e| (e.proto, e.orig)).collect();
+    if opener.socket_lb {
+        if let Err(err) = target.attach_socket_programs() {
+            detach(step, &mut target);
+            return Err(format!("attaching the socket programs: {err}"));
+        }
+    }
+    take_late(step, (&target, &mut ct, &mut events), &mut seen, report);
+    step.pods.dataplane.lock().expect("pods").resume_programs();
+    if let Err(err) = crate::pods::attach_all(step.pods) {
         detach(step, &mut target);
         return Err(format!("attaching the programs: {err}"));
     }
-    // 4. What netfilter confirmed since the dump (all of it again if events were lost).
-    let seen: HashSet<_> = entries.iter().map(|e| (e.proto, e.orig)).collect();
-    let late = match events.drain() {
-        Ok(v) => v,
-        Err(err) => {
-            tracing::warn!(error = %err, "conntrack events lost; dumping again");
-            ct.dump().map_err(e("dumping the kernel's conntrack"))?
-        }
-    };
-    let late: Vec<Entry> = late
-        .into_iter()
-        .filter(|e| !seen.contains(&(e.proto, e.orig)))
-        .collect();
-    take_over(step, (&target, &mut ct), &late, report, true)?;
+    // 4. What netfilter confirmed while the programs went on.
+    take_late(step, (&target, &mut ct, &mut events), &mut seen, report);
     // 5. Netfilter's rules go; eBPF carries the node.
     remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
     *step.shared.dataplane.lock().expect("dataplane") = Box::new(target);
