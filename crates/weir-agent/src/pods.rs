@@ -136,6 +136,10 @@ pub fn explain(
 /// Under a netfilter dataplane, after a policy change: the flows the new policy denies are cut
 /// (see [`PodDataplane::cut_denied_flows`]), in the node's network namespace.
 pub fn cut_denied_flows(pods: &Arc<Pods>) -> Result<usize, String> {
+    // Under eBPF the programs judge flows again themselves: no thread for nothing.
+    if pods.dataplane.lock().expect("pods").runs_programs() {
+        return Ok(0);
+    }
     in_node_netns(pods, |pods| {
         let Some(dev) = pods.config.devices.first() else {
             return Ok(0);

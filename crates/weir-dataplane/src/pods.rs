@@ -550,7 +550,12 @@ impl PodDataplane {
             let (std::net::SocketAddr::V4(from), std::net::SocketAddr::V4(to)) = (src, dst) else {
                 continue;
             };
-            let x = self.explain(from, to, e.proto == 6, netdev_ifindex)?;
+            // The program that would see it: the source pod's, else the node device's.
+            let at = match self.ip_ifindex.get(&src.ip()) {
+                Some(i) => (TcProgram::FromPod, *i),
+                None => (TcProgram::FromNetdev, netdev_ifindex),
+            };
+            let x = self.explain_at(at, from, to, e.proto == 6)?;
             if x.verdict == "drop" && x.reason.starts_with("DROP_POLICY") {
                 ct.delete_entry(&e)?;
                 cut += 1;
@@ -1269,17 +1274,28 @@ impl PodDataplane {
         tcp: bool,
         netdev_ifindex: u32,
     ) -> Result<Explanation, DataplaneError> {
-        let frame = synthetic_frame(from, to, tcp);
         let src_key = endpoint_key_of(IpAddr::V4(*from.ip()));
         let src_ep = self
             .dp
             .endpoints()?
             .into_iter()
             .find(|(k, _)| weir_bpf::as_bytes(k) == weir_bpf::as_bytes(&src_key));
-        let (prog, ingress) = match src_ep {
+        let at = match src_ep {
             Some((_, ep)) => (TcProgram::FromPod, ep.ifindex),
             None => (TcProgram::FromNetdev, netdev_ifindex),
         };
+        self.explain_at(at, from, to, tcp)
+    }
+
+    /// [`PodDataplane::explain`] through program `prog` with ingress device `ingress`.
+    fn explain_at(
+        &self,
+        (prog, ingress): (TcProgram, u32),
+        from: std::net::SocketAddrV4,
+        to: std::net::SocketAddrV4,
+        tcp: bool,
+    ) -> Result<Explanation, DataplaneError> {
+        let frame = synthetic_frame(from, to, tcp);
         let r = self.dp.explain(prog, &frame, ingress)?;
         let proto = if tcp { "TCP" } else { "UDP" };
         let verdict = match r.verdict {
