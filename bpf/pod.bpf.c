@@ -19,8 +19,12 @@ int from_pod(struct __sk_buff *skb)
 SEC("tcx/egress")
 int to_pod(struct __sk_buff *skb)
 {
-	int r = policy_to_pod(skb);
+	int r;
 
+	/* Drain: NetworkPolicy is netfilter's now. */
+	if (drain_mode())
+		return count(skb, WEIR_DIR_EGRESS, REASON_TO_POD, TC_ACT_OK);
+	r = policy_to_pod(skb);
 	if (r < 0)
 		return count(skb, WEIR_DIR_EGRESS, -r, TC_ACT_SHOT);
 	return count(skb, WEIR_DIR_EGRESS, REASON_TO_POD, TC_ACT_OK);

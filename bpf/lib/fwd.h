@@ -390,10 +390,50 @@ static __always_inline int policy_to_pod(struct __sk_buff *skb)
 }
 
 /* Forwards an IP packet, or leaves anything else to the stack. */
+/* Whether the programs stay on only for DSR flows a switch to netfilter left (drain). */
+static __always_inline bool drain_mode(void)
+{
+	__u32 zero = 0;
+	const struct node_config *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+
+	return cfg && (cfg->flags & WEIR_CFG_DRAIN);
+}
+
+/*
+ * Drain (WEIR_CFG_DRAIN): after a switch to a netfilter dataplane, the DSR flows established
+ * before it keep the programs, which netfilter cannot stand in for (it has no state for
+ * them, their packets never passed it, and it cannot tunnel them). True for a packet of such
+ * a flow: tunnelled to this node (the backend's), or with a live DSR entry (the frontend's
+ * original one, the backend's reply one). Every other packet is the host stack's, untouched.
+ * Not inlined: its stack is not added to the forwarding path's.
+ */
+static __noinline int drain_keeps(struct __sk_buff *skb, bool from_pod)
+{
+	struct ct4_key t = {};
+	struct ct4_entry *e;
+	struct iphdr *ip4;
+	__u8 tcp_flags = 0;
+
+	if (pkt_proto(skb) != bpf_htons(ETH_P_IP))
+		return false;
+	ip4 = pkt_ip4(skb);
+	if (!ip4 || ip4->ihl < 5 || ip4->version != 4)
+		return false;
+	if (!from_pod && ip4->protocol == IPPROTO_IPIP_ && ip4->ihl == 5 &&
+	    node_addr4(ip4->daddr))
+		return true;
+	if (pkt_ip4_tuple(skb, ip4, &t, &tcp_flags) < 0)
+		return false;
+	e = bpf_map_lookup_elem(&weir_ct4, &t);
+	return e && (e->flags & CT_F_DSR) && !ct_expired(e);
+}
+
 static __always_inline int fwd(struct __sk_buff *skb, __u32 dir, bool from_pod)
 {
 	__be16 proto = pkt_proto(skb);
 
+	if (drain_mode() && !drain_keeps(skb, from_pod))
+		return count(skb, dir, REASON_PASS_STACK, TC_ACT_OK);
 	if (proto == bpf_htons(ETH_P_IP))
 		return fwd_ip4(skb, dir, from_pod);
 	if (proto == bpf_htons(ETH_P_IPV6))

@@ -39,17 +39,18 @@ async fn handle(
         "/prefilter" => prefilter(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/dataplane" => dataplane(&shared, &method, req.uri().query().unwrap_or("")).await,
         "/status" => {
-            let mut st = shared.status.lock().expect("status").clone();
-            if let Some(mut sw) = st.switch.take() {
-                let s2 = shared.clone();
-                sw = tokio::task::spawn_blocking(move || {
-                    crate::switch::count_draining(&s2, &mut sw);
-                    sw
-                })
-                .await
-                .expect("draining count");
-                st.switch = Some(sw);
-            }
+            let st = shared.status.lock().expect("status").clone();
+            let s2 = shared.clone();
+            let st = tokio::task::spawn_blocking(move || {
+                let mut st = st;
+                if let Some(sw) = st.switch.as_mut() {
+                    crate::switch::count_draining(&s2, sw);
+                }
+                st.dsr_draining = crate::switch::count_dsr_draining(&s2);
+                st
+            })
+            .await
+            .expect("draining count");
             json(StatusCode::OK, &st)
         }
         "/lb" => {

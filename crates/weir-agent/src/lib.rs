@@ -115,6 +115,9 @@ pub struct SyncStatus {
     pub dataplane: String,
     /// The last dataplane switch of this node, if any.
     pub switch: Option<switch::SwitchReport>,
+    /// Under netfilter, after a switch from eBPF: the DSR flows still open, which the tc
+    /// programs carry until they end (netfilter cannot); counted when the status is read.
+    pub dsr_draining: Option<usize>,
 }
 
 /// Shared between the reconcile loop and the introspection API.

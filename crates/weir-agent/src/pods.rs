@@ -388,6 +388,7 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
 }
 
 fn collect_ct(pods: &Pods) {
+    pods.dataplane.lock().expect("pods").drain();
     match pods.dataplane.lock().expect("pods").ct_gc() {
         Ok(n) => {
             if n > 0 {

@@ -190,6 +190,9 @@ pub fn ipcache_key_of(addr: std::net::IpAddr, len: u8) -> ipcache_key {
 pub const CFG_VXLAN: u32 = 1;
 /// `node_config.flags`: masquerade pods' flows leaving the cluster.
 pub const CFG_MASQUERADE: u32 = 2;
+/// `node_config.flags`: drain (under a netfilter dataplane the tc programs stay for the DSR
+/// flows established before the switch, and pass every other packet to the host stack).
+pub const CFG_DRAIN: u32 = 4;
 
 /// Loads xdp_pass.bpf.o (no maps; its open object is leaked, as for every loaded program set).
 fn load_xdp_pass() -> Result<xdp_pass_skel::XdpPassSkel<'static>, BpfError> {
@@ -738,6 +741,16 @@ impl Datapath {
             .map_err(lb("updating map weir_config"))
     }
 
+    /// The node-wide settings last written (an earlier agent's, after a restart).
+    pub fn config(&self) -> Result<node_config, BpfError> {
+        let v = self
+            .map("weir_config")
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading map weir_config"))?;
+        Ok(v.map(|b| crate::from_bytes::<node_config>(&b))
+            .unwrap_or_default())
+    }
+
     /// Makes `weir_node_addrs` hold exactly `addrs` (the node's own addresses, on which a
     /// NodePort answers).
     pub fn set_node_addrs(&self, addrs: &[endpoint_key]) -> Result<(), BpfError> {
@@ -861,9 +874,39 @@ impl Datapath {
         crate::map_entries(self.map("weir_ct6"), "weir_ct6")
     }
 
+    /// The IPv4 DSR flows still open (entries with `CT_F_DSR`, live at `now`, boot clock
+    /// seconds, neither closing nor reset): what a node draining after a switch to netfilter
+    /// waits for.
+    pub fn dsr_flows_open(&self, now: u64) -> Result<usize, BpfError> {
+        Ok(self
+            .ct_entries()?
+            .iter()
+            .filter(|(_, v)| {
+                v.flags & CT_F_DSR != 0 && v.flags & CT_F_CLOSING == 0 && v.expires >= now
+            })
+            .count())
+    }
+
+    /// Removes every conntrack entry but the live IPv4 DSR ones (netfilter has no state for
+    /// those: a switch back to eBPF while they drain keeps them).
+    pub fn ct_flush_but_dsr(&self, now: u64) -> Result<usize, BpfError> {
+        self.ct_remove(|v| v.flags & CT_F_DSR == 0 || v.expires < now, |_| true)
+    }
+
     /// Removes the conntrack entries (IPv4 and IPv6) that expired before `now` (boot clock
     /// seconds), or all of them with `all`. Returns how many were removed.
     pub fn ct_gc(&self, now: u64, all: bool) -> Result<usize, BpfError> {
+        self.ct_remove(|v| all || v.expires < now, |expires| all || expires < now)
+    }
+
+    /// Removes the conntrack entries `ct4` picks (IPv4 service conntrack) and, of the others
+    /// (IPv6 service conntrack, policy conntrack of both families), those whose expiry
+    /// (boot clock seconds) `other` picks. Returns how many were removed.
+    fn ct_remove(
+        &self,
+        ct4: impl Fn(&ct4_entry) -> bool,
+        other: impl Fn(u64) -> bool,
+    ) -> Result<usize, BpfError> {
         fn stale<K: Copy, V>(entries: Vec<(K, V)>, expired: impl Fn(&V) -> bool) -> Vec<Vec<u8>> {
             entries
                 .iter()
@@ -872,21 +915,15 @@ impl Datapath {
                 .collect()
         }
         let maps = [
-            (
-                "weir_ct4",
-                stale(self.ct_entries()?, |v| all || v.expires < now),
-            ),
-            (
-                "weir_ct6",
-                stale(self.ct6_entries()?, |v| all || v.expires < now),
-            ),
+            ("weir_ct4", stale(self.ct_entries()?, &ct4)),
+            ("weir_ct6", stale(self.ct6_entries()?, |v| other(v.expires))),
             (
                 "weir_pct4",
-                stale(self.pct4_entries()?, |v| all || v.expires < now),
+                stale(self.pct4_entries()?, |v| other(v.expires)),
             ),
             (
                 "weir_pct6",
-                stale(self.pct6_entries()?, |v| all || v.expires < now),
+                stale(self.pct6_entries()?, |v| other(v.expires)),
             ),
         ];
         let mut removed = 0;

@@ -1103,6 +1103,95 @@ fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
     assert_eq!(out, other);
 }
 
+/// Drain (`CFG_DRAIN`, under a netfilter dataplane after a switch): the programs still carry
+/// the DSR flows established before, and hand every other packet to the host stack untouched
+/// (a NodePort's new flow, a local pod's traffic, to_pod's policy).
+#[test]
+fn drain_mode_carries_dsr_flows_alone() {
+    use weir_bpf::datapath::{CFG_DRAIN, CT_F_CLOSING, CT_F_DSR};
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    let veth = fx.ifindex("out0");
+    fx.node_port_with(30082, 6, 12, Some((6, "10.50.0.9", 8080)), 8);
+    fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
+    // Flows established before the switch: one through this node as the frontend, one
+    // tunnelled to it as the backend's node.
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30082), 0x02);
+    assert_eq!(fx.run(TcProgram::FromNetdev, &syn, in0).0, TC_ACT_REDIRECT);
+    let to_pod = tcp4(("10.1.0.5", 40001), ("10.244.1.7", 8080), 0x02);
+    let tunnelled = ipip(&to_pod, "10.1.0.1", "10.2.0.1", 30082);
+    assert_eq!(
+        fx.run(TcProgram::FromNetdev, &tunnelled, in0).0,
+        TC_ACT_REDIRECT
+    );
+    let mut cfg = fx.dp.config().expect("config");
+    cfg.flags |= CFG_DRAIN;
+    fx.dp.set_config(&cfg).expect("config");
+    let now = weir_bpf::datapath::boot_seconds();
+    assert_eq!(fx.dp.dsr_flows_open(now).expect("count"), 2);
+
+    // The established flows: tunnelled, decapsulated, answered from the frontend.
+    let ack = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30082), 0x10);
+    let (v, out) = fx.run(TcProgram::FromNetdev, &ack, in0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 9], 4, "IPIP");
+    let ack = ipip(
+        &tcp4(("10.1.0.5", 40001), ("10.244.1.7", 8080), 0x10),
+        "10.1.0.1",
+        "10.2.0.1",
+        30082,
+    );
+    let (v, out) = fx.run(TcProgram::FromNetdev, &ack, in0);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), to_pod.len(), "decapsulated");
+    let reply = tcp4(("10.244.1.7", 8080), ("10.1.0.5", 40001), 0x10);
+    let (v, out) = fx.run(TcProgram::FromPod, &reply, veth);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        endpoints_of(&out),
+        ("10.1.0.1:30082".into(), "10.1.0.5:40001".into())
+    );
+
+    // Everything else is the stack's, untouched: a new flow to the NodePort, a pod's own
+    // traffic, what the stack delivers to a pod; and no new entry.
+    let before = fx.dp.ct_entries().expect("ct").len();
+    for (prog, pkt, dev) in [
+        (
+            TcProgram::FromNetdev,
+            tcp4(("10.1.0.5", 40002), ("10.1.0.1", 30082), 0x02),
+            in0,
+        ),
+        (
+            TcProgram::FromPod,
+            tcp4(("10.244.1.7", 1234), ("10.9.9.9", 80), 0x02),
+            veth,
+        ),
+        (
+            TcProgram::ToPod,
+            tcp4(("10.9.9.9", 80), ("10.244.1.7", 1234), 0x12),
+            veth,
+        ),
+    ] {
+        let (v, out) = fx.run(prog, &pkt, dev);
+        assert_eq!(v, TC_ACT_OK, "{prog:?}");
+        assert_eq!(out, pkt, "{prog:?}");
+    }
+    assert_eq!(fx.dp.ct_entries().expect("ct").len(), before);
+
+    // A switch back to eBPF keeps the DSR entries when it clears the rest; closing flows
+    // are no longer waited for.
+    fx.dp.ct_flush_but_dsr(now).expect("flush");
+    let left = fx.dp.ct_entries().expect("ct");
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|(_, e)| e.flags & CT_F_DSR != 0));
+    let fin = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30082), 0x11);
+    assert_eq!(fx.run(TcProgram::FromNetdev, &fin, in0).0, TC_ACT_REDIRECT);
+    assert_eq!(fx.dp.dsr_flows_open(now).expect("count"), 1);
+    let e = fx.dp.ct_entries().expect("ct");
+    assert!(e.iter().any(|(_, e)| e.flags & CT_F_CLOSING != 0));
+}
+
 #[test]
 fn vxlan_mode_sends_other_nodes_pods_through_the_tunnel_device() {
     let fx = Fixture::new();

@@ -4,7 +4,8 @@
 //! ([`crate::ctnetlink`]) before the programs are detached. Flows the socket layer translated
 //! need nothing: their packets already carry the backend's address, and conntrack picks an
 //! established TCP flow up from the middle (`nf_conntrack_tcp_loose`); so do flows between
-//! pods. DSR flows and ICMP echo flows are not carried.
+//! pods. ICMP echo flows are not carried; DSR flows keep the tc programs until they end
+//! (`PodDataplane::leave_programs`).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};

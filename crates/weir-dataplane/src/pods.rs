@@ -334,6 +334,9 @@ pub struct PodDataplane {
     devices: Vec<String>,
     /// Under netfilter: the policy rules changed since established flows were last judged.
     judge_flows: bool,
+    /// Under netfilter: the tc programs stay on for the DSR flows established before the
+    /// switch, and for nothing else (`CFG_DRAIN`), until those flows end.
+    draining: bool,
 }
 
 /// The `EP_POLICY_PEER_*` hint an entry naming `peer` gives its pod (0 for a pod identity,
@@ -371,6 +374,7 @@ impl PodDataplane {
             ip_ifname: HashMap::new(),
             devices: Vec::new(),
             judge_flows: false,
+            draining: false,
         })
     }
 
@@ -378,10 +382,15 @@ impl PodDataplane {
     /// any device, and the links an earlier agent pinned are removed as devices are synced;
     /// the kernel routes the pods' packets and `policy` renders NetworkPolicy. The maps are
     /// kept up to date all the same (the endpoints for the CNI plugin and introspection).
+    /// An earlier agent's drain (see [`PodDataplane::leave_programs`]) goes on while its DSR
+    /// flows are open.
     pub fn set_netfilter(&mut self, netns: Option<std::path::PathBuf>, policy: NetfilterPolicy) {
+        use weir_bpf::datapath::CFG_DRAIN;
         self.programs = false;
         self.netns = netns;
         self.netfilter = Some(policy);
+        let pinned = self.dp.config().is_ok_and(|c| c.flags & CFG_DRAIN != 0);
+        self.draining = pinned && self.dsr_flows_open() > 0;
     }
 
     /// A switch to a netfilter dataplane, before the cut-over: NetworkPolicy is written into
@@ -443,7 +452,71 @@ impl PodDataplane {
     }
 
     /// The cut-over of a switch to a netfilter dataplane: every tc and XDP program of the
-    /// node is detached now, and none is attached again.
+    /// node is detached now, and none is attached again; unless DSR flows are open. Netfilter
+    /// cannot carry those (their packets never passed it, and it cannot tunnel them to the
+    /// backend's node or give a reply the frontend's address), so the tc programs stay for
+    /// them alone (`CFG_DRAIN`: every other packet goes to the host stack untouched) until
+    /// they end ([`PodDataplane::drain`]); XDP goes now. Returns the DSR flows left draining.
+    pub fn leave_programs(&mut self) -> usize {
+        let open = self.dsr_flows_open();
+        if open == 0 {
+            self.detach_programs();
+            return 0;
+        }
+        self.programs = false;
+        self.draining = true;
+        let links: BTreeSet<u32> = self.dp.attached().into_iter().collect();
+        for ifindex in links.union(&self.netdevs.clone()) {
+            self.dp.detach_xdp(*ifindex);
+        }
+        if let Err(e) = self.write_drain_flag(true) {
+            tracing::error!(error = %e, "keeping the programs for DSR flows; detaching them");
+            self.detach_programs();
+            return 0;
+        }
+        open
+    }
+
+    /// While draining: the DSR flows still open; when none is left, the programs go.
+    pub fn drain(&mut self) -> usize {
+        if !self.draining {
+            return 0;
+        }
+        let open = self.dsr_flows_open();
+        if open == 0 {
+            tracing::info!("the DSR flows left by a switch ended: detaching the programs");
+            self.detach_programs();
+        }
+        open
+    }
+
+    /// The IPv4 DSR flows open (0 when they cannot be read).
+    pub fn dsr_flows_open(&self) -> usize {
+        let now = weir_bpf::datapath::boot_seconds();
+        self.dp.dsr_flows_open(now).unwrap_or(0)
+    }
+
+    /// Sets or clears `CFG_DRAIN` in the node's settings.
+    fn write_drain_flag(&mut self, on: bool) -> Result<(), DataplaneError> {
+        use weir_bpf::datapath::CFG_DRAIN;
+        let mut cfg = self.dp.config()?;
+        if on {
+            cfg.flags |= CFG_DRAIN;
+            self.config.flags |= CFG_DRAIN;
+        } else {
+            cfg.flags &= !CFG_DRAIN;
+            self.config.flags &= !CFG_DRAIN;
+        }
+        Ok(self.dp.set_config(&cfg)?)
+    }
+
+    /// Whether DSR flows left by a switch to netfilter keep the programs on.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Every tc and XDP program of the node detached now, none attached again (the drain
+    /// over, if there was one).
     pub fn detach_programs(&mut self) {
         self.programs = false;
         let pinned: BTreeSet<u32> = self.dp.attached().into_iter().collect();
@@ -452,6 +525,12 @@ impl PodDataplane {
         }
         self.attached.clear();
         self.netdevs.clear();
+        if self.draining {
+            self.draining = false;
+            if let Err(e) = self.write_drain_flag(false) {
+                tracing::warn!(error = %e, "clearing the drain flag");
+            }
+        }
     }
 
     /// The cut-over of a switch to the eBPF dataplane: programs go on the devices again as
@@ -459,6 +538,12 @@ impl PodDataplane {
     /// NetworkPolicy is no longer written into netfilter (the rules there go with the old
     /// dataplane's removal).
     pub fn resume_programs(&mut self) {
+        if self.draining {
+            self.draining = false;
+            if let Err(e) = self.write_drain_flag(false) {
+                tracing::error!(error = %e, "clearing the drain flag");
+            }
+        }
         self.programs = true;
         self.netfilter = None;
         self.nf_policy = None;
@@ -684,6 +769,10 @@ impl PodDataplane {
     /// Attaches the node program to device `ifindex` (packets for local pods go straight to
     /// them).
     pub fn attach_netdev(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        if !self.programs && self.draining && self.dp.attached().contains(&ifindex) {
+            self.netdevs.insert(ifindex);
+            return Ok(());
+        }
         if !self.programs {
             self.dp.detach(ifindex);
             return Ok(());
@@ -717,6 +806,9 @@ impl PodDataplane {
         self.masquerade = masquerade;
         if masquerade && self.dp.usage("weir_nomasq4").0 > 0 {
             flags |= CFG_MASQUERADE;
+        }
+        if self.draining {
+            flags |= weir_bpf::datapath::CFG_DRAIN;
         }
         self.config = node_config {
             snat4: snat4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
@@ -769,7 +861,12 @@ impl PodDataplane {
     /// Removes every conntrack entry, policy ones included (benchmarks, and a switch to eBPF
     /// before it takes the kernel's flows over; on a node the programs run on, flows would
     /// lose their NAT).
+    /// While draining, the DSR flows' entries stay (netfilter has no state for them).
     pub fn ct_flush(&self) -> Result<usize, DataplaneError> {
+        if self.draining {
+            let now = weir_bpf::datapath::boot_seconds();
+            return Ok(self.dp.ct_flush_but_dsr(now)?);
+        }
         Ok(self.dp.ct_gc(0, true)?)
     }
 
@@ -877,7 +974,8 @@ impl PodDataplane {
         let devices: BTreeSet<u32> = records.iter().map(|r| r.host_ifindex).collect();
         let pinned: BTreeSet<u32> = self.dp.attached().into_iter().collect();
         for ifindex in pinned.union(&self.attached.clone()) {
-            if !self.programs || (!devices.contains(ifindex) && !self.netdevs.contains(ifindex)) {
+            let stays = self.programs || self.draining;
+            if !stays || (!devices.contains(ifindex) && !self.netdevs.contains(ifindex)) {
                 self.dp.detach(*ifindex);
                 self.attached.remove(ifindex);
                 stats.devices_detached += 1;

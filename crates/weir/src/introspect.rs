@@ -84,6 +84,9 @@ pub async fn status(
     }
     println!("Node:          {}", s(&st["node"]));
     println!("Dataplane:     {}", s(&st["dataplane"]));
+    if let Some(n) = st["dsr_draining"].as_u64() {
+        println!("               the tc programs still carry {n} DSR flows, until they end");
+    }
     let sw = &st["switch"];
     let under_way = sw["phase"]
         .as_str()

@@ -359,3 +359,120 @@ fn a_failed_switch_rolls_back_with_traffic_intact() {
     let r = lab.connect("external", &format!("{n2}:{to_a}"), "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
 }
+
+/// The tc/XDP links pinned for `node`'s pod datapath.
+fn pinned_links(lab: &Lab, node: &str) -> Vec<String> {
+    let links = format!("/sys/fs/bpf/weir/{}/{node}/tc/links", lab.name);
+    std::fs::read_dir(&links)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// DSR flows (tunnelled by the frontend's node, answered by the backend's node straight to
+/// the client) have no state netfilter could take: across a switch to netfilter the tc
+/// programs stay for them alone until they end, then go; a restarted agent goes on draining;
+/// a switch back to eBPF meanwhile keeps them too. New connections meanwhile are the
+/// netfilter dataplane's (SNAT).
+#[test]
+fn dsr_flows_drain_through_a_switch() {
+    let m = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dsr, namespace: x, annotations: {{weir.dev/lb-mode: dsr}}}}\nspec:\n  type: NodePort\n  selector: {{pod: c}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
+        np_pod("c", "node-2"),
+    );
+    let lab = Lab::up("swdsr", 2, &m);
+    let n1 = lab.node_ip("node-1");
+    let (tcp, udp) = (
+        node_port(&lab, "dsr", "http"),
+        node_port(&lab, "dsr", "dns"),
+    );
+    let dsr_draining = |node: &str| -> u64 {
+        let st: Value =
+            serde_json::from_str(&ok(&mut lab.weir(&["status", "--node", node, "-o", "json"])))
+                .unwrap();
+        st["status"]["dsr_draining"].as_u64().unwrap_or(0)
+    };
+    // Until node-1 tunnels `n` held flows.
+    let dsr_held = |n: usize| {
+        lab.eventually("the DSR flows held", Duration::from_secs(10), || {
+            let ct = ok(&mut lab.weir(&["bpf", "ct", "list", "--node", "node-1"]));
+            ct.lines().filter(|l| l.contains(" dsr ")).count() == n
+        })
+    };
+
+    // To iptables with a TCP DSR flow held: it keeps the programs on both nodes until it
+    // ends; then they go.
+    let held = lab.hold("external", &format!("{n1}:{tcp}"), "tcp", "5s");
+    dsr_held(1);
+    ok(&mut lab.weir(&["dataplane", "switch", "--to", "iptables"]));
+    for node in ["node-1", "node-2"] {
+        assert_eq!(dsr_draining(node), 1, "{node}");
+        let status = ok(&mut lab.weir(&["status", "--node", node]));
+        assert!(status.contains("still carry 1 DSR flows"), "{status}");
+    }
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 5);
+    assert_eq!(r["ok"], 5, "new connections, SNATed by iptables: {r}");
+    assert_eq!(
+        client_ip_seen(&lab, &format!("{n1}:{tcp}")),
+        n1,
+        "SNAT under iptables"
+    );
+    no_errors(
+        "a DSR flow across a switch to iptables",
+        &held.join().unwrap(),
+    );
+    lab.eventually(
+        "the programs gone once the DSR flow ended",
+        Duration::from_secs(40),
+        || {
+            ["node-1", "node-2"]
+                .iter()
+                .all(|n| pinned_links(&lab, n).is_empty() && dsr_draining(n) == 0)
+        },
+    );
+    let r = lab.connect("external", &format!("{n1}:{tcp}"), "tcp", 5);
+    assert_eq!(r["ok"], 5, "{r}");
+
+    // Back to eBPF (DSR again), then to nftables and back to eBPF while TCP and UDP DSR
+    // flows are held.
+    ok(&mut lab.weir(&["dataplane", "switch", "--to", "ebpf"]));
+    let held = [
+        (
+            "TCP",
+            lab.hold("external", &format!("{n1}:{tcp}"), "tcp", "8s"),
+        ),
+        (
+            "UDP",
+            lab.hold("external", &format!("{n1}:{udp}"), "udp", "8s"),
+        ),
+    ];
+    dsr_held(2);
+    ok(&mut lab.weir(&["dataplane", "switch", "--to", "nftables"]));
+    assert_eq!(dsr_draining("node-1"), 2);
+    let r = lab.connect("external", &format!("{n1}:{udp}"), "udp", 5);
+    assert_eq!(r["ok"], 5, "new UDP flows under nftables: {r}");
+    // A restarted agent goes on draining.
+    kill9_matching(&format!("lab agent --cluster {} --node node-1", lab.name));
+    let _agent = lab.restart_agent("node-1");
+    lab.eventually("the restarted agent", Duration::from_secs(20), || {
+        lab.weir(&["status", "--node", "node-1"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert_eq!(dsr_draining("node-1"), 2);
+    assert!(!pinned_links(&lab, "node-1").is_empty());
+    ok(&mut lab.weir(&["dataplane", "switch", "--to", "ebpf"]));
+    for (what, h) in held {
+        no_errors(
+            &format!("a {what} DSR flow across eBPF -> nftables -> eBPF"),
+            &h.join().unwrap(),
+        );
+    }
+    assert_eq!(
+        client_ip_seen(&lab, &format!("{n1}:{tcp}")),
+        EXTERNAL,
+        "DSR again"
+    );
+}

@@ -195,6 +195,7 @@ _Static_assert(sizeof(struct node_addr6) == 16, "node_addr6 size");
 /* node_config.flags */
 #define WEIR_CFG_VXLAN	    (1 << 0) /* other nodes' pods are reached through tunnel_ifindex */
 #define WEIR_CFG_MASQUERADE (1 << 1) /* pods' flows leaving the cluster are SNATed to snat4 */
+#define WEIR_CFG_DRAIN	    (1 << 2) /* under a netfilter dataplane: DSR flows alone (drain) */
 
 /* The VXLAN network identifier of pod traffic between nodes. */
 #define WEIR_VXLAN_VNI 2

@@ -80,6 +80,12 @@ pub fn count_draining(shared: &Shared, report: &mut SwitchReport) {
     };
 }
 
+/// Under netfilter: the DSR flows the tc programs still carry (None when not draining).
+pub fn count_dsr_draining(shared: &Shared) -> Option<usize> {
+    let dp = shared.pods.as_ref()?.dataplane.lock().expect("pods");
+    dp.draining().then(|| dp.dsr_flows_open())
+}
+
 /// A switch asked for through the API, waiting for the Services loop.
 pub struct SwitchRequest {
     /// The dataplane to switch to.

@@ -77,10 +77,11 @@ fn take_late(
     }
 }
 
-/// Takes every program away again and gives NetworkPolicy back to netfilter.
+/// Takes every program away again (but for DSR flows left draining by an earlier switch)
+/// and gives NetworkPolicy back to netfilter.
 fn detach(step: &Step, target: &mut EbpfDataplane) {
     let mut pods = step.pods.dataplane.lock().expect("pods");
-    pods.detach_programs();
+    pods.leave_programs();
     if let Some(p) = policy_of(step.from, iptables_backend(step.pods)) {
         pods.set_netfilter(step.netns(), p);
     }

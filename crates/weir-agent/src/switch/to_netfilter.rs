@@ -62,7 +62,8 @@ fn rollback(step: &Step, why: String) -> String {
 
 /// From eBPF: the target installed beside the programs; the BPF conntrack's translated flows
 /// written into the kernel's conntrack with their NAT; the cut-over (tc and XDP programs
-/// detached, then the socket programs); flows translated during the copy written too.
+/// detached, but for DSR flows, which keep the tc programs until they end; then the socket
+/// programs); flows translated during the copy written too.
 pub(super) fn from_ebpf(step: &Step, report: &mut SwitchReport) -> Result<(), String> {
     let target = install(step)?;
     let netns = step.netns();
@@ -104,7 +105,13 @@ pub(super) fn from_ebpf(step: &Step, report: &mut SwitchReport) -> Result<(), St
     // from netfilter), then the socket programs.
     report.cutover_ms = step.started.elapsed().as_millis() as u64;
     publish(step.shared, report, "cutting-over");
-    pods.dataplane.lock().expect("pods").detach_programs();
+    let dsr = pods.dataplane.lock().expect("pods").leave_programs();
+    if dsr > 0 {
+        tracing::info!(
+            flows = dsr,
+            "the tc programs stay for the open DSR flows until they end"
+        );
+    }
     if let Err(e) = step.shared.dataplane.lock().expect("dataplane").retire() {
         tracing::error!(error = %e, "detaching the socket programs");
     }
