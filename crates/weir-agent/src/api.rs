@@ -127,17 +127,25 @@ async fn handle(
         "/explain" => {
             let query = req.uri().query().unwrap_or("");
             let q = |k: &str| query_values(query, k).last();
-            let parse = |k: &str| -> Result<std::net::SocketAddrV4, String> {
+            let parse = |k: &str| -> Result<std::net::SocketAddr, String> {
                 let v = q(k).ok_or(format!("{k}: missing"))?;
-                v.parse()
-                    .map_err(|_| format!("{k}: {v:?} is not an IPv4 ADDRESS:PORT"))
+                v.parse().map_err(|_| {
+                    format!("{k}: {v:?} is not an ADDRESS:PORT (IPv6: [ADDRESS]:PORT)")
+                })
+            };
+            let (from, to) = match (parse("from"), parse("to")) {
+                (Ok(f), Ok(t)) if f.is_ipv4() != t.is_ipv4() => {
+                    let e = format!("from {f} and to {t}: not of one address family");
+                    (Err(e.clone()), Err(e))
+                }
+                pair => pair,
             };
             let tcp = match q("protocol").map(|p| p.to_ascii_lowercase()).as_deref() {
                 None | Some("tcp") => Ok(true),
                 Some("udp") => Ok(false),
                 Some(other) => Err(format!("protocol: {other:?} is not tcp or udp")),
             };
-            match (&shared.pods, parse("from"), parse("to"), tcp) {
+            match (&shared.pods, from, to, tcp) {
                 (None, ..) => json(
                     StatusCode::NOT_FOUND,
                     &serde_json::json!({"error": "this agent runs no per-packet datapath"}),

@@ -113,8 +113,8 @@ pub struct Pods {
 /// network namespace, on a thread of its own.
 pub fn explain(
     pods: &Arc<Pods>,
-    from: std::net::SocketAddrV4,
-    to: std::net::SocketAddrV4,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
     tcp: bool,
 ) -> Result<weir_dataplane::pods::Explanation, String> {
     in_node_netns(pods, move |pods| {

@@ -4,7 +4,7 @@
 //! a restarted agent picks up where the last one stopped (links and maps are pinned).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use serde::Serialize;
@@ -599,8 +599,8 @@ impl PodDataplane {
         (self.config.snat4 != 0).then(|| std::net::Ipv4Addr::from(self.config.snat4.to_ne_bytes()))
     }
 
-    /// Under netfilter, after a policy change: the kernel's conntrack entries of IPv4 TCP and
-    /// UDP flows of a local policed pod that the policy now denies are deleted, as the eBPF
+    /// Under netfilter, after a policy change: the kernel's conntrack entries of TCP and UDP
+    /// flows (both families) of a local policed pod that the policy now denies are deleted, as the eBPF
     /// datapath judges every flow again on a policy change and cuts the ones it denies. Each
     /// flow is judged in its original direction, after DNAT, by the pod programs run on a
     /// synthetic first packet (BPF_PROG_TEST_RUN: the same verdict the programs would give,
@@ -632,15 +632,12 @@ impl PodDataplane {
             if !matches!(e.proto, 6 | 17) || !(policed_ip(src.ip()) || policed_ip(dst.ip())) {
                 continue;
             }
-            let (std::net::SocketAddr::V4(from), std::net::SocketAddr::V4(to)) = (src, dst) else {
-                continue;
-            };
             // The program that would see it: the source pod's, else the node device's.
             let at = match self.ip_ifindex.get(&src.ip()) {
                 Some(i) => (TcProgram::FromPod, *i),
                 None => (TcProgram::FromNetdev, netdev_ifindex),
             };
-            let x = self.explain_at(at, from, to, e.proto == 6)?;
+            let x = self.explain_at(at, src, dst, e.proto == 6)?;
             if x.verdict == "drop" && x.reason.starts_with("DROP_POLICY") {
                 ct.delete_entry(&e)?;
                 cut += 1;
@@ -1295,69 +1292,88 @@ fn csum16(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An Ethernet + IPv4 + TCP SYN (or UDP) frame with valid checksums.
-pub fn synthetic_frame(
-    from: std::net::SocketAddrV4,
-    to: std::net::SocketAddrV4,
-    tcp: bool,
-) -> Vec<u8> {
-    let l4_len: u16 = if tcp { 20 } else { 16 };
-    let mut f = vec![0u8; 12];
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![
-        0x45,
-        0,
-        0,
-        0,
-        0,
-        1,
-        0x40,
-        0,
-        64,
-        if tcp { 6 } else { 17 },
-        0,
-        0,
-    ];
-    ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
-    ip.extend_from_slice(&from.ip().octets());
-    ip.extend_from_slice(&to.ip().octets());
-    let c = csum16(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+/// An Ethernet + IPv4 or IPv6 + TCP SYN (or UDP) frame with valid checksums (`from` and `to`
+/// of one family; an IPv4 `to` is taken for IPv6 `from` as its mapped form).
+pub fn synthetic_frame(from: SocketAddr, to: SocketAddr, tcp: bool) -> Vec<u8> {
+    let proto = if tcp { 6u8 } else { 17 };
     let mut l4 = Vec::new();
     l4.extend_from_slice(&from.port().to_be_bytes());
     l4.extend_from_slice(&to.port().to_be_bytes());
     if tcp {
         l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
     } else {
-        l4.extend_from_slice(&l4_len.to_be_bytes());
+        l4.extend_from_slice(&16u16.to_be_bytes());
         l4.extend_from_slice(&[0, 0]);
         l4.extend_from_slice(b"explain\n");
     }
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&ip[12..20]);
-    pseudo.extend_from_slice(&[0, ip[9]]);
+    let l4_len = l4.len() as u16;
+    let (ethertype, ip, pseudo_addrs) = match (from.ip(), to.ip()) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => {
+            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
+            ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
+            ip.extend_from_slice(&f.octets());
+            ip.extend_from_slice(&t.octets());
+            let c = csum16(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let addrs = ip[12..20].to_vec();
+            (0x0800u16, ip, addrs)
+        }
+        (f, t) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a,
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+            };
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&l4_len.to_be_bytes());
+            ip.extend_from_slice(&[proto, 64]);
+            ip.extend_from_slice(&v6(f).octets());
+            ip.extend_from_slice(&v6(t).octets());
+            let addrs = ip[8..40].to_vec();
+            (0x86dd, ip, addrs)
+        }
+    };
+    // The L4 checksum over the pseudo-header (its length field is 16 bits for IPv4 and 32
+    // for IPv6; with a zero upper half, both sum alike).
+    let mut pseudo = pseudo_addrs;
+    pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&l4_len.to_be_bytes());
     pseudo.extend_from_slice(&l4);
     let c = csum16(&pseudo);
     let off = if tcp { 16 } else { 6 };
     l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&l4);
     f
 }
 
-/// `(src, dst, ttl)` of an IPv4 TCP/UDP frame.
-fn addrs_of(f: &[u8]) -> Option<(std::net::SocketAddrV4, std::net::SocketAddrV4, u8)> {
-    if f.len() < 38 || f[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = |o: usize| std::net::Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+/// `(src, dst, ttl or hop limit)` of an IPv4 or IPv6 TCP/UDP frame (no IPv6 extension
+/// headers).
+fn addrs_of(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
-    Some((
-        std::net::SocketAddrV4::new(ip(26), port(34)),
-        std::net::SocketAddrV4::new(ip(30), port(36)),
-        f[22],
-    ))
+    match f.get(12..14)? {
+        [0x08, 0x00] if f.len() >= 38 => {
+            let ip = |o: usize| std::net::Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+            Some((
+                SocketAddr::new(ip(26).into(), port(34)),
+                SocketAddr::new(ip(30).into(), port(36)),
+                f[22],
+            ))
+        }
+        [0x86, 0xdd] if f.len() >= 58 => {
+            let ip = |o: usize| {
+                let b: [u8; 16] = f[o..o + 16].try_into().expect("16 bytes");
+                std::net::Ipv6Addr::from(b)
+            };
+            Some((
+                SocketAddr::new(ip(22).into(), port(54)),
+                SocketAddr::new(ip(38).into(), port(56)),
+                f[21],
+            ))
+        }
+        _ => None,
+    }
 }
 
 impl PodDataplane {
@@ -1367,12 +1383,12 @@ impl PodDataplane {
     /// node's network namespace (the FIB is consulted).
     pub fn explain(
         &self,
-        from: std::net::SocketAddrV4,
-        to: std::net::SocketAddrV4,
+        from: SocketAddr,
+        to: SocketAddr,
         tcp: bool,
         netdev_ifindex: u32,
     ) -> Result<Explanation, DataplaneError> {
-        let src_key = endpoint_key_of(IpAddr::V4(*from.ip()));
+        let src_key = endpoint_key_of(from.ip());
         let src_ep = self
             .dp
             .endpoints()?
@@ -1389,8 +1405,8 @@ impl PodDataplane {
     fn explain_at(
         &self,
         (prog, ingress): (TcProgram, u32),
-        from: std::net::SocketAddrV4,
-        to: std::net::SocketAddrV4,
+        from: SocketAddr,
+        to: SocketAddr,
         tcp: bool,
     ) -> Result<Explanation, DataplaneError> {
         let frame = synthetic_frame(from, to, tcp);
@@ -1432,6 +1448,32 @@ impl PodDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn synthetic_frames_of_both_families_parse_back_with_valid_checksums() {
+        for (from, to) in [
+            ("10.1.0.5:40000", "10.1.0.1:30080"),
+            ("[fd00::5]:40000", "[fd00:10:244:1::7]:8080"),
+        ] {
+            let (from, to): (SocketAddr, SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());
+            for tcp in [true, false] {
+                let f = synthetic_frame(from, to, tcp);
+                assert_eq!(addrs_of(&f), Some((from, to, 64)), "{from} {tcp}");
+                // The L4 checksum sums to zero over the pseudo-header and the segment.
+                let (addrs, l4) = if from.is_ipv4() {
+                    assert_eq!(csum16(&f[14..34]), 0, "IPv4 header checksum");
+                    (&f[26..34], &f[34..])
+                } else {
+                    (&f[22..54], &f[54..])
+                };
+                let mut pseudo = addrs.to_vec();
+                pseudo.extend_from_slice(&[0, if tcp { 6 } else { 17 }]);
+                pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                pseudo.extend_from_slice(l4);
+                assert_eq!(csum16(&pseudo), 0, "{from} tcp={tcp}");
+            }
+        }
+    }
 
     #[test]
     fn peer_hints_name_the_lookups_a_pods_entries_need() {

@@ -77,10 +77,11 @@ pub(crate) enum Command {
     Explain {
         #[command(flatten)]
         target: AgentTarget,
-        /// Source IPv4 ADDRESS:PORT (a local pod's address runs the pod program).
+        /// Source ADDRESS:PORT, IPv4 or [IPv6]:PORT (a local pod's address runs the pod
+        /// program).
         #[arg(long)]
         from: String,
-        /// Destination IPv4 ADDRESS:PORT.
+        /// Destination ADDRESS:PORT, of the source's family.
         #[arg(long)]
         to: String,
         /// tcp or udp.

@@ -600,19 +600,33 @@ pub async fn explain(
     protocol: &str,
     json: bool,
 ) -> Result<ExitCode> {
+    let mut family = Vec::new();
     for (flag, v) in [("--from", from), ("--to", to)] {
-        if v.parse::<std::net::SocketAddrV4>().is_err() {
-            return Err(anyhow!(
-                "{flag} {v:?}: expected an IPv4 ADDRESS:PORT, e.g. 172.30.0.2:40000"
-            ));
+        match v.parse::<std::net::SocketAddr>() {
+            Ok(a) => family.push(a.is_ipv4()),
+            Err(_) => {
+                return Err(anyhow!(
+                    "{flag} {v:?}: expected ADDRESS:PORT, e.g. 172.30.0.2:40000 or [fd00::2]:40000"
+                ))
+            }
         }
+    }
+    if family[0] != family[1] {
+        return Err(anyhow!(
+            "--from {from:?} and --to {to:?}: both IPv4 or both IPv6"
+        ));
     }
     if !matches!(protocol.to_ascii_lowercase().as_str(), "tcp" | "udp") {
         return Err(anyhow!("--protocol {protocol:?}: expected tcp or udp"));
     }
+    let esc = |v: &str| v.replace('[', "%5B").replace(']', "%5D");
     let e = ask(
         socket,
-        &format!("/explain?from={from}&to={to}&protocol={protocol}"),
+        &format!(
+            "/explain?from={}&to={}&protocol={protocol}",
+            esc(from),
+            esc(to)
+        ),
     )
     .await?;
     if let Some(err) = e.get("error") {

@@ -1040,20 +1040,7 @@ fn ipv6_node_ports_from_outside_reach_both_nodes_backends_on(dataplane: &str) {
         svc("to-c", "c"),
     );
     let lab = Lab::up_with("np6", 2, &m, &["--dataplane", dataplane]);
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let ip6 = |name: &str| -> String {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == name)
-            .unwrap()["ip6"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (n1, ext) = (ip6("node-1"), ip6("external"));
+    let (n1, ext) = (lab.node_ip6("node-1"), lab.node_ip6("external"));
     // Through node-1's IPv6 address: the local pod sees the client, the other node's pod sees
     // node-1 (SNAT); TCP and UDP.
     for (svc, pod, seen) in [("to-a", "x/a", &ext), ("to-c", "x/c", &n1)] {
@@ -1064,9 +1051,26 @@ fn ipv6_node_ports_from_outside_reach_both_nodes_backends_on(dataplane: &str) {
             assert_eq!(r["seen_as"][seen.as_str()], 4, "{svc} {proto}: {r}");
         }
     }
-    // The flows are in node-1's IPv6 conntrack (the BPF one under eBPF).
+    // The flows are in node-1's IPv6 conntrack (the BPF one under eBPF), and `weir explain`
+    // follows an IPv6 packet to the local backend.
     if dataplane == "ebpf" {
         let ct = ok(&mut lab.weir(&["bpf", "ct", "list", "--node", "node-1"]));
         assert!(ct.contains(&format!("[{n1}]:")), "{ct}");
+        let np = node_port(&lab, "to-a", "http");
+        let e: Value = serde_json::from_str(&ok(&mut lab.weir(&[
+            "explain",
+            "--node",
+            "node-1",
+            "--from",
+            &format!("[{ext}]:40000"),
+            "--to",
+            &format!("[{n1}]:{np}"),
+            "-o",
+            "json",
+        ])))
+        .unwrap();
+        assert_eq!(e["verdict"], "redirect", "{e}");
+        assert!(e["backend"].as_str().unwrap().ends_with("]:8080"), "{e}");
+        assert!(e["output"].as_str().unwrap().contains(&ext), "{e}");
     }
 }

@@ -38,6 +38,9 @@ fn rules(lab: &Lab, dataplane: &str) -> (String, String) {
     }
 }
 
+/// A dual-stack NodePort Service of pod a.
+const NP6_TO_A: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: np6, namespace: x}\nspec:\n  type: NodePort\n  ipFamilyPolicy: PreferDualStack\n  selector: {pod: a}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n";
+
 const DENY_INGRESS_TO_A: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-a, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n";
 
 #[test]
@@ -59,7 +62,7 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
         np_service("np", "pod: a", "Cluster"),
         np_service("both", "app: np", "Cluster"),
         np_service("local", "app: np", "Local"),
-    );
+    ) + NP6_TO_A;
     // `client` carries app: np too; keep it out of the Services' backends.
     let m = m.replace(
         "name: client, namespace: x, labels: {app: np, pod: client}",
@@ -136,17 +139,22 @@ fn node_ports_masquerading_and_policy_isolation(dataplane: &str) {
     // the eBPF datapath cuts a flow the new policy denies); c still answers; deleting the
     // policy admits them.
     let held = lab.hold("external", &format!("{n1}:{only_a}"), "tcp", "4s");
+    let n1_6 = lab.node_ip6("node-1");
+    let np6 = node_port(&lab, "np6", "http");
+    let held6 = lab.hold("external", &format!("[{n1_6}]:{np6}"), "tcp", "4s");
     std::thread::sleep(Duration::from_millis(800));
     assert!(lab.apply(DENY_INGRESS_TO_A).status.success());
     let t = Duration::from_secs(20);
     lab.eventually("a isolated", t, || {
         lab.connect("external", &format!("{n1}:{only_a}"), "tcp", 2)["ok"] == 0
     });
-    let r = held.join().unwrap();
-    assert!(
-        r["failed"].as_u64().unwrap() > 0,
-        "the held flow is cut: {r}"
-    );
+    for (family, held) in [("IPv4", held), ("IPv6", held6)] {
+        let r = held.join().unwrap();
+        assert!(
+            r["failed"].as_u64().unwrap() > 0,
+            "the held {family} flow is cut: {r}"
+        );
+    }
     let (_, policy) = rules(&lab, dataplane);
     assert!(!policy.is_empty(), "a's ingress chain is programmed");
     let r = lab.connect("external", &format!("{n2}:{local}"), "tcp", 3);

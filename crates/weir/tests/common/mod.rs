@@ -302,6 +302,15 @@ impl Lab {
 
     /// A node's fabric IPv4 address, as `weir lab nodes` gives it.
     pub fn node_ip(&self, node: &str) -> String {
+        self.node_field(node, "ip")
+    }
+
+    /// A node's (or the external host's) fabric IPv6 address, as `weir lab nodes` gives it.
+    pub fn node_ip6(&self, node: &str) -> String {
+        self.node_field(node, "ip6")
+    }
+
+    fn node_field(&self, node: &str, field: &str) -> String {
         let nodes: Value =
             serde_json::from_str(&ok(&mut self.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
         nodes
@@ -309,9 +318,9 @@ impl Lab {
             .unwrap()
             .iter()
             .find(|n| n["name"] == node)
-            .unwrap_or_else(|| panic!("no node {node} in {nodes}"))["ip"]
+            .unwrap_or_else(|| panic!("no node {node} in {nodes}"))[field]
             .as_str()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no {field} for {node} in {nodes}"))
             .to_string()
     }
 
