@@ -607,6 +607,7 @@ pub async fn run(
                 dataplane: Mutex::new(dp),
                 status: Mutex::new(Default::default()),
                 config: pcfg.clone(),
+                nat_hold: Mutex::new(None),
             });
             pods::spawn(p.clone(), pcfg).map_err(std::io::Error::other)?;
             Some(p)

@@ -107,6 +107,9 @@ pub struct Pods {
     pub status: Mutex<PodStatus>,
     /// Settings.
     pub config: PodConfig,
+    /// Whether the kernel is kept translating flows the node's processes opened through
+    /// netfilter before a switch to eBPF (`weir_dataplane::nft::hold`); None until checked.
+    pub nat_hold: Mutex<Option<bool>>,
 }
 
 /// Runs `weir explain`'s synthetic packet (see [`PodDataplane::explain`]) in the node's
@@ -387,8 +390,46 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Releases the kernel's NAT hold once the node's processes' flows it kept have ended (checked
+/// on the first pass, then only while held). In the node's network namespace.
+fn release_nat_hold(pods: &Pods) {
+    use weir_dataplane::nft::hold;
+    let mut held = pods.nat_hold.lock().expect("nat hold");
+    if *held == Some(false) {
+        return;
+    }
+    if !hold::held(None).unwrap_or(false) {
+        *held = Some(false);
+        return;
+    }
+    let node: std::collections::HashSet<std::net::IpAddr> = pods
+        .dataplane
+        .lock()
+        .expect("pods")
+        .node_addrs()
+        .iter()
+        .copied()
+        .collect();
+    let left = weir_dataplane::ctnetlink::Conntrack::open(None)
+        .and_then(|mut ct| ct.dump())
+        .map(|entries| weir_dataplane::takeover::node_nat_flows(&entries, &node));
+    match left {
+        Ok(0) => {
+            tracing::info!("the node's flows NATed by netfilter ended: releasing the NAT hold");
+            if let Err(e) = hold::release(None) {
+                tracing::warn!(error = %e, "removing the NAT hold tables");
+                return;
+            }
+            *held = Some(false);
+        }
+        Ok(_) => *held = Some(true),
+        Err(e) => tracing::warn!(error = %e, "reading the kernel's conntrack"),
+    }
+}
+
 fn collect_ct(pods: &Pods) {
     pods.dataplane.lock().expect("pods").drain();
+    release_nat_hold(pods);
     match pods.dataplane.lock().expect("pods").ct_gc() {
         Ok(n) => {
             if n > 0 {

@@ -334,6 +334,8 @@ pub struct PodDataplane {
     devices: Vec<String>,
     /// Under netfilter: the policy rules changed since established flows were last judged.
     judge_flows: bool,
+    /// The node's own addresses, as configured.
+    node_addrs: Vec<IpAddr>,
     /// Under netfilter: the tc programs stay on for the DSR flows established before the
     /// switch, and for nothing else (`CFG_DRAIN`), until those flows end.
     draining: bool,
@@ -374,6 +376,7 @@ impl PodDataplane {
             ip_ifname: HashMap::new(),
             devices: Vec::new(),
             judge_flows: false,
+            node_addrs: Vec::new(),
             draining: false,
         })
     }
@@ -594,6 +597,11 @@ impl PodDataplane {
         self.ip_ifindex.keys().copied()
     }
 
+    /// The node's own addresses, as configured.
+    pub fn node_addrs(&self) -> &[IpAddr] {
+        &self.node_addrs
+    }
+
     /// The node's IPv4 address for SNAT, as configured.
     pub fn snat4(&self) -> Option<std::net::Ipv4Addr> {
         (self.config.snat4 != 0).then(|| std::net::Ipv4Addr::from(self.config.snat4.to_ne_bytes()))
@@ -794,6 +802,7 @@ impl PodDataplane {
         use weir_bpf::datapath::{CFG_MASQUERADE, CFG_VXLAN};
         let keys: Vec<endpoint_key> = addrs.iter().map(|a| endpoint_key_of(*a)).collect();
         self.dp.set_node_addrs(&keys)?;
+        self.node_addrs = addrs.to_vec();
         let mut flags = 0;
         if tunnel_ifindex.is_some() {
             flags |= CFG_VXLAN;

@@ -15,8 +15,10 @@
 //!   arriving first would be judged as a new flow from the server.
 //!
 //! Flows in TIME_WAIT or closed, and anything without ports, are left behind. Flows the node's
-//! own processes opened to a ClusterIP (DNATed in netfilter's output hook) are not carried:
-//! the eBPF datapath translates those at connect(), and no program sees their later packets.
+//! own processes opened to a Service (DNATed in netfilter's output hook) stay the kernel's:
+//! the eBPF datapath translates those at connect(), no program sees a connected socket's
+//! later packets, and the kernel's conntrack keeps translating them as long as a NAT chain
+//! hooks the node's packets ([`crate::nft::hold`], while [`node_nat_flows`] counts some).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -72,6 +74,8 @@ pub struct Context<'a> {
     pub ids: &'a dyn Fn(SocketAddr, Proto, SocketAddr) -> Option<(u32, u32)>,
     /// The node's local pods' addresses.
     pub pods: &'a HashSet<IpAddr>,
+    /// The node's own addresses (flows its processes opened stay the kernel's).
+    pub node: &'a HashSet<IpAddr>,
     /// The node's IPv4 SNAT address (masquerading).
     pub snat4: Option<IpAddr>,
 }
@@ -133,7 +137,7 @@ pub fn plan(e: &Entry, cx: &Context) -> Plan {
             },
         )
     };
-    if backend != frontend {
+    if backend != frontend && !cx.node.contains(&client.ip()) {
         let proto = Proto::from_number(e.proto);
         if let Some(ids) = proto.and_then(|p| (cx.ids)(frontend, p, backend)) {
             out.nat = Some(pair(0, ids));
@@ -145,6 +149,21 @@ pub fn plan(e: &Entry, cx: &Context) -> Plan {
         out.policy = Some((e.proto, client, backend, flags, lifetime));
     }
     out
+}
+
+/// Of the kernel's entries, the live flows the node's own processes (a source in `node`)
+/// opened to an address netfilter translated: what the kernel must go on translating after a
+/// switch to eBPF ([`crate::nft::hold`]).
+pub fn node_nat_flows(entries: &[Entry], node: &HashSet<IpAddr>) -> usize {
+    entries
+        .iter()
+        .filter(|e| {
+            node.contains(&e.orig.0.ip())
+                && e.orig.1 != e.reply.0
+                && e.status & STATUS_DYING == 0
+                && state(e).is_some()
+        })
+        .count()
 }
 
 /// What a takeover wrote.
@@ -268,10 +287,12 @@ pub fn write(
     // A revision no flow was judged under: the flow is judged again on its next packet.
     let stale = pods.datapath().policy_revision()?.wrapping_sub(1);
     let local: HashSet<IpAddr> = pods.local_pod_addrs().collect();
+    let node: HashSet<IpAddr> = pods.node_addrs().iter().copied().collect();
     let ids = |f, p, b| ebpf.flow_ids(f, p, b);
     let cx = Context {
         ids: &ids,
         pods: &local,
+        node: &node,
         snat4: pods.snat4().map(IpAddr::V4),
     };
     let mut w = Written::default();
@@ -338,12 +359,14 @@ mod tests {
 
     fn with<R>(f: impl FnOnce(&Context) -> R) -> R {
         let pods: HashSet<IpAddr> = ["10.244.1.2".parse().unwrap()].into();
+        let node: HashSet<IpAddr> = ["172.30.0.11".parse().unwrap()].into();
         let ids = |fe: SocketAddr, _p, be: SocketAddr| {
             (fe.port() == 30080 || fe.port() == 80).then_some((7, u32::from(be.port() == 8080)))
         };
         f(&Context {
             ids: &ids,
             pods: &pods,
+            node: &node,
             snat4: Some("172.30.0.11".parse().unwrap()),
         })
     }
@@ -416,6 +439,17 @@ mod tests {
             tcp_state::ESTABLISHED,
         );
         assert_eq!(with(|cx| plan(&e, cx)).nat, None);
+        // The node's own process to a ClusterIP: the kernel's.
+        let e = entry(
+            ("172.30.0.11:5000", "10.96.0.10:80"),
+            ("10.244.2.5:8080", "172.30.0.11:5000"),
+            tcp_state::ESTABLISHED,
+        );
+        assert_eq!(with(|cx| plan(&e, cx)), Plan::default());
+        assert_eq!(
+            with(|cx| node_nat_flows(std::slice::from_ref(&e), cx.node)),
+            1
+        );
         // TIME_WAIT: over.
         let e = entry(
             ("10.244.1.2:5000", "10.96.0.10:80"),

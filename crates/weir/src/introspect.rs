@@ -121,6 +121,11 @@ pub async fn status(
                 s(&sw["verdicts_copied"])
             );
         }
+        if let Some(n) = sw["node_flows_held"].as_u64().filter(|n| *n > 0) {
+            println!(
+                "               {n} flows of the node's own processes left to the kernel's NAT (held until they end)"
+            );
+        }
         if let Some(n) = sw["draining"].as_u64() {
             let place = if sw["to"] == "ebpf" {
                 "in the BPF conntrack"

@@ -2,7 +2,7 @@
 //! round eBPF -> nftables -> iptables -> eBPF and round the other way, each switch while
 //! connections are held through a NodePort with a remote backend (DNAT and SNAT), a
 //! LoadBalancer IP, a ClusterIP across nodes and straight to a pod (policy-allowed flows),
-//! a masqueraded connection to the external host and a connected UDP socket to a ClusterIP;
+//! a node's own process to a ClusterIP, a masqueraded connection to the external host and a connected UDP socket to a ClusterIP;
 //! new connections are made throughout, and a policy-denied flow stays denied.
 
 mod common;
@@ -90,6 +90,14 @@ fn hold_flows(lab: &Lab, secs: u32) -> Vec<(&'static str, std::thread::JoinHandl
             lab.hold("external", &format!("{}:80", lb_ip(lab)), "tcp", &d),
         ),
         (
+            "the node's own process to a ClusterIP, a local backend",
+            lab.hold("node-1", "to-a.x:80", "tcp", &d),
+        ),
+        (
+            "the node's own process to a ClusterIP, a remote backend",
+            lab.hold("node-2", "to-a.x:80", "tcp", &d),
+        ),
+        (
             "pod to pod across nodes, policy-allowed",
             lab.hold("x/client", &format!("{}:8080", pod_ip(lab, "c")), "tcp", &d),
         ),
@@ -157,6 +165,10 @@ fn switch_under_load(lab: &Lab, to: &str) {
             reports[1]["verdicts_copied"].as_u64().unwrap() >= 1,
             "{reports:?}"
         );
+        // The node's processes' flows through netfilter's NAT stay the kernel's.
+        for r in reports {
+            assert!(r["node_flows_held"].as_u64().unwrap() >= 1, "{r}");
+        }
     }
     for (what, h) in holds {
         no_errors(&format!("{what}, to {to}"), &h.join().unwrap());
@@ -280,12 +292,17 @@ fn switch_round_ebpf_nftables_iptables_ebpf() {
     let r = lab.connect("x/client", "both.x:80", "tcp", 5);
     assert_eq!(r["ok"], 5, "{r}");
     switch_under_load(&lab, "ebpf");
-    // Back on eBPF: no netfilter rule of weir's is left.
+    // Back on eBPF: no netfilter rule of weir's is left (the NAT hold goes once the node's
+    // process's flow has ended).
     let ns = format!("--net=/run/netns/{}", node_netns(&lab, "node-1"));
-    let tables = ok(std::process::Command::new("nsenter")
-        .arg(&ns)
-        .args(["nft", "list", "tables"]));
-    assert!(!tables.contains("weir"), "{tables}");
+    let tables = || {
+        ok(std::process::Command::new("nsenter")
+            .arg(&ns)
+            .args(["nft", "list", "tables"]))
+    };
+    lab.eventually("no nft table of weir's", Duration::from_secs(30), || {
+        !tables().contains("weir")
+    });
     let saved = ok(std::process::Command::new("nsenter")
         .arg(&ns)
         .args(["iptables-save"]));

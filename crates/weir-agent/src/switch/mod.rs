@@ -43,6 +43,9 @@ pub struct SwitchReport {
     /// To eBPF: flows of local pods whose policy verdict was carried (each judged again on
     /// its next packet).
     pub verdicts_copied: usize,
+    /// To eBPF: flows the node's own processes opened through netfilter's NAT, which the
+    /// kernel goes on translating (tables `weir-nat-hold`) until they end.
+    pub node_flows_held: usize,
     /// Flows that could not be written (their packets meet the new rules as new flows).
     pub flows_failed: usize,
     /// Of the copied, those the programs translated while the first copy ran.

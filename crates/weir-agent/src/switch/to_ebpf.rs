@@ -13,7 +13,9 @@
 //!    the dump (the events) taken over, then the tc and XDP programs on the node's devices
 //!    and every pod's;
 //! 4. the entries confirmed while they went on taken over too;
-//! 5. the netfilter rules removed, and eBPF the node's dataplane.
+//! 5. the kernel's conntrack and NAT hooks held while flows the node's own processes opened
+//!    through netfilter's NAT live ([`weir_dataplane::nft::hold`]; no program sees those
+//!    sockets' packets), the netfilter rules removed, and eBPF the node's dataplane.
 //!
 //! A failure before the programs are all attached detaches them again and leaves netfilter
 //! in charge.
@@ -74,6 +76,30 @@ fn take_late(
         .and_then(|late| take_over(step, (target, ct), &late, report, true));
     if let Err(err) = late {
         tracing::error!(error = %err, "flows confirmed during the copy not taken over");
+    }
+}
+
+/// Keeps the kernel's conntrack and NAT hooks while flows the node's processes opened through
+/// netfilter's NAT live (released by the pod loop when they have ended).
+fn hold_node_flows(step: &Step, entries: &[Entry], report: &mut SwitchReport) {
+    let node: HashSet<std::net::IpAddr> = {
+        let pods = step.pods.dataplane.lock().expect("pods");
+        pods.node_addrs().iter().copied().collect()
+    };
+    let n = takeover::node_nat_flows(entries, &node);
+    if n == 0 {
+        return;
+    }
+    match weir_dataplane::nft::hold::hold(step.netns().as_deref()) {
+        Ok(()) => {
+            tracing::info!(
+                flows = n,
+                "the kernel goes on translating the node's own flows"
+            );
+            report.node_flows_held = n;
+            *step.pods.nat_hold.lock().expect("nat hold") = Some(true);
+        }
+        Err(err) => tracing::error!(error = %err, "holding the kernel's NAT for the node's flows"),
     }
 }
 
@@ -145,7 +171,9 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     }
     // 4. What netfilter confirmed while the programs went on.
     take_late(step, (&target, &mut ct, &mut events), &mut seen, report);
-    // 5. Netfilter's rules go; eBPF carries the node.
+    // 5. Netfilter's rules go; eBPF carries the node. What the node's own processes opened
+    // through netfilter's NAT stays the kernel's to translate: its hooks are held.
+    hold_node_flows(step, &entries, report);
     remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
     *step.shared.dataplane.lock().expect("dataplane") = Box::new(target);
     Ok(())

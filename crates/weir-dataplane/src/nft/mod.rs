@@ -5,6 +5,7 @@
 //! frontends that changed.
 
 pub mod expr;
+pub mod hold;
 pub mod policy;
 pub mod prefilter;
 mod read;
