@@ -1000,14 +1000,21 @@ fn ipip(inner: &[u8], src: &str, dst: &str, id: u16) -> Vec<u8> {
     f
 }
 
-#[test]
-fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
+/// A node with a DSR NodePort (30082) whose backend is behind 10.2.0.2; (fixture, the node
+/// device, a pod's device).
+fn dsr_node() -> (Fixture, u32, u32) {
     let fx = Fixture::new();
     fx.node_setup();
     let in0 = fx.ifindex("in0");
     let veth = fx.ifindex("out0");
-    // The receiving node: a DSR NodePort whose backend is behind 10.2.0.2.
     fx.node_port_with(30082, 6, 12, Some((6, "10.50.0.9", 8080)), 8);
+    (fx, in0, veth)
+}
+
+#[test]
+fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
+    // The receiving node: a DSR NodePort whose backend is behind 10.2.0.2.
+    let (fx, in0, veth) = dsr_node();
     let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30082), 0x02);
     let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
     assert_eq!(v, TC_ACT_REDIRECT, "verdict");
@@ -1109,11 +1116,7 @@ fn dsr_tunnels_to_the_backends_node_which_answers_the_client_directly() {
 #[test]
 fn drain_mode_carries_dsr_flows_alone() {
     use weir_bpf::datapath::{CFG_DRAIN, CT_F_CLOSING, CT_F_DSR};
-    let fx = Fixture::new();
-    fx.node_setup();
-    let in0 = fx.ifindex("in0");
-    let veth = fx.ifindex("out0");
-    fx.node_port_with(30082, 6, 12, Some((6, "10.50.0.9", 8080)), 8);
+    let (fx, in0, veth) = dsr_node();
     fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
     // Flows established before the switch: one through this node as the frontend, one
     // tunnelled to it as the backend's node.

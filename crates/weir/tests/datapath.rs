@@ -619,10 +619,7 @@ fn node_port_connections_survive_an_agent_restart_on(dataplane: &str) {
 
 #[test]
 fn dsr_node_port_the_backends_node_answers_the_client_directly() {
-    let m = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dsr, namespace: x, annotations: {{weir.dev/lb-mode: dsr}}}}\nspec:\n  type: NodePort\n  selector: {{pod: c}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
-        np_pod("c", "node-2"),
-    );
+    let m = dsr_manifest();
     let lab = Lab::up("dsr", 2, &m);
     let n1 = lab.node_ip("node-1");
     let (tcp, udp) = (

@@ -522,6 +522,15 @@ pub fn np_pod(name: &str, node: &str) -> String {
     )
 }
 
+/// Namespace x, pod c on node-2 and a DSR NodePort Service `dsr` of it (http 80 -> 8080, dns
+/// 53 -> 5353/UDP).
+pub fn dsr_manifest() -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x}}\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dsr, namespace: x, annotations: {{weir.dev/lb-mode: dsr}}}}\nspec:\n  type: NodePort\n  selector: {{pod: c}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n",
+        np_pod("c", "node-2"),
+    )
+}
+
 /// A NodePort Service (http 80 -> 8080, dns 53 -> 5353/UDP) of namespace x.
 pub fn np_service(name: &str, selector: &str, etp: &str) -> String {
     format!(
