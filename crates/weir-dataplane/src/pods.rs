@@ -608,12 +608,12 @@ impl PodDataplane {
     }
 
     /// Under netfilter, after a policy change: the kernel's conntrack entries of TCP and UDP
-    /// flows (both families) of a local policed pod that the policy now denies are deleted, as the eBPF
-    /// datapath judges every flow again on a policy change and cuts the ones it denies. Each
-    /// flow is judged in its original direction, after DNAT, by the pod programs run on a
-    /// synthetic first packet (BPF_PROG_TEST_RUN: the same verdict the programs would give,
-    /// read from the same maps, which stay current under netfilter); `netdev_ifindex` is the
-    /// device packets from outside arrive on. A deleted flow's next packet meets the policy
+    /// flows (both families) of a local policed pod that the policy now denies are deleted,
+    /// as the eBPF datapath judges every flow again on a policy change and cuts the ones it
+    /// denies. Each flow is judged in its original direction, after DNAT, by the pod programs
+    /// run on a synthetic first packet (BPF_PROG_TEST_RUN: the same verdict the programs
+    /// would give, read from the same maps, which stay current under netfilter);
+    /// `netdev_ifindex` is the device packets from outside arrive on. A deleted flow's next packet meets the policy
     /// rules as a new one, and is dropped. Runs when the policy rules changed since the last
     /// time. Returns how many flows were cut.
     pub fn cut_denied_flows(&mut self, netdev_ifindex: u32) -> Result<usize, DataplaneError> {
@@ -866,8 +866,8 @@ impl PodDataplane {
 
     /// Removes every conntrack entry, policy ones included (benchmarks, and a switch to eBPF
     /// before it takes the kernel's flows over; on a node the programs run on, flows would
-    /// lose their NAT).
-    /// While draining, the DSR flows' entries stay (netfilter has no state for them).
+    /// lose their NAT). While draining, the DSR flows' entries stay (netfilter has no state
+    /// for them).
     pub fn ct_flush(&self) -> Result<usize, DataplaneError> {
         if self.draining {
             let now = weir_bpf::datapath::boot_seconds();
