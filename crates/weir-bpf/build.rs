@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const PROGRAMS: &[&str] = &["sock", "pod", "node", "xdp", "xdp_pass"];
+const PROGRAMS: &[&str] = &["sock", "pod", "node", "xdp", "xdp_pass", "kdrop"];
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bpf");

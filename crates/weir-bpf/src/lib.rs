@@ -22,6 +22,7 @@ mod sock_skel {
 }
 
 pub mod datapath;
+pub mod kdrop;
 pub mod mounts;
 
 pub use mounts::ensure_bpffs;
@@ -40,6 +41,9 @@ pub enum BpfError {
         /// The cause.
         source: libbpf_rs::Error,
     },
+    /// Something the program needs is not in the running kernel's BTF.
+    #[error("{0}")]
+    Btf(String),
     /// A file operation failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -1,0 +1,341 @@
+//! Kernel drops (`bpf/kdrop.bpf.c`): packets the kernel frees with a drop reason, from the
+//! `skb:kfree_skb` tracepoint, in one network namespace. Everything that changes between
+//! kernels is read from the running kernel's BTF when loading: the tracepoint's arguments
+//! (where the reason is), the offsets of the `sk_buff`, `net_device`, `sock` and `net` fields
+//! the program reads, and the `enum skb_drop_reason` names and values. Nothing of it is
+//! compiled in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use libbpf_rs::btf::types::{Enum, FuncProto, Struct, Union};
+use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags};
+
+use crate::{lb, BpfError};
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod kdrop_skel {
+    include!(concat!(env!("OUT_DIR"), "/kdrop.skel.rs"));
+}
+
+use kdrop_skel::types::kdrop_layout;
+use kdrop_skel::{KdropSkel, KdropSkelBuilder};
+
+/// The prefix of the kernel's reason names, left out of weir's.
+const REASON_PREFIX: &str = "SKB_DROP_REASON_";
+
+/// One packet the kernel dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// When (boot clock, nanoseconds).
+    pub ts: u64,
+    /// The reason's name in the running kernel (`NETFILTER_DROP`, `NO_SOCKET`, ...).
+    pub reason: String,
+    /// The packet's device (0: none).
+    pub ifindex: u32,
+    /// IP protocol (0 when the packet is not IP).
+    pub proto: u8,
+    /// Source and destination (None when the packet is not IP); ports 0 without ports.
+    pub src: Option<(IpAddr, u16)>,
+    /// The destination.
+    pub dst: Option<(IpAddr, u16)>,
+}
+
+/// The program, attached, counting the drops of one network namespace.
+pub struct KernelDrops {
+    skel: KdropSkel<'static>,
+    _link: Link,
+    names: HashMap<u32, String>,
+}
+
+fn btf_err(what: impl Into<String>) -> BpfError {
+    BpfError::Btf(what.into())
+}
+
+/// The offset in bytes of member `path` (nested names, through anonymous structs and unions
+/// on the way) of the struct named `name`.
+fn offset_of(btf: &Btf, name: &str, path: &[&str]) -> Result<u32, BpfError> {
+    let st: Struct = btf
+        .type_by_name(name)
+        .ok_or_else(|| btf_err(format!("no struct {name} in the kernel's BTF")))?;
+    let mut ty: BtfType = *st;
+    let mut off = 0;
+    for field in path {
+        let (bits, next) = find_member(btf, ty, field).ok_or_else(|| {
+            btf_err(format!(
+                "no member {} in struct {name} of the kernel's BTF",
+                path.join(".")
+            ))
+        })?;
+        off += bits;
+        ty = next.skip_mods_and_typedefs();
+    }
+    if off % 8 != 0 {
+        return Err(btf_err(format!("{name}.{} is a bit field", path.join("."))));
+    }
+    Ok(off / 8)
+}
+
+/// Member `field` of struct or union `ty`: its offset in bits and its type, looking into
+/// anonymous members too.
+fn find_member<'b>(btf: &'b Btf, ty: BtfType<'b>, field: &str) -> Option<(u32, BtfType<'b>)> {
+    let members: Vec<(Option<String>, u32, libbpf_rs::btf::TypeId)> = match ty.kind() {
+        BtfKind::Struct => {
+            let st = Struct::try_from(ty).ok()?;
+            st.iter()
+                .map(|m| (name_of(m.name), bit_offset(m.attr), m.ty))
+                .collect()
+        }
+        BtfKind::Union => {
+            let un = Union::try_from(ty).ok()?;
+            un.iter()
+                .map(|m| (name_of(m.name), bit_offset(m.attr), m.ty))
+                .collect()
+        }
+        _ => return None,
+    };
+    for (name, off, id) in &members {
+        let mty: BtfType = btf.type_by_id(*id)?;
+        match name {
+            Some(n) if n == field => return Some((*off, mty)),
+            None => {
+                if let Some((inner, t)) = find_member(btf, mty.skip_mods_and_typedefs(), field) {
+                    return Some((off + inner, t));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn name_of(n: Option<&OsStr>) -> Option<String> {
+    n.map(|n| n.to_string_lossy().into_owned())
+}
+
+fn bit_offset(a: libbpf_rs::btf::types::MemberAttr) -> u32 {
+    match a {
+        libbpf_rs::btf::types::MemberAttr::Normal { offset } => offset,
+        libbpf_rs::btf::types::MemberAttr::BitField { offset, .. } => offset,
+    }
+}
+
+/// `enum skb_drop_reason`: value -> name (without the prefix).
+fn reasons(btf: &Btf) -> Result<HashMap<u32, String>, BpfError> {
+    let e: Enum = btf
+        .type_by_name("skb_drop_reason")
+        .ok_or_else(|| btf_err("no enum skb_drop_reason in the kernel's BTF (kernel < 5.17?)"))?;
+    Ok(e.iter()
+        .filter_map(|m| {
+            let name = m.name?.to_string_lossy();
+            let name = name
+                .strip_prefix(REASON_PREFIX)
+                .unwrap_or(&name)
+                .to_string();
+            Some((m.value as u32, name))
+        })
+        .collect())
+}
+
+/// The position of the reason among the tracepoint's arguments (its raw form's: the
+/// prototype `btf_trace_kfree_skb` has a context pointer first), checking that the skb and
+/// the location come first as the program reads them.
+fn reason_arg(btf: &Btf) -> Result<u32, BpfError> {
+    let td: BtfType = btf
+        .type_by_name("btf_trace_kfree_skb")
+        .ok_or_else(|| btf_err("no tracepoint kfree_skb in the kernel's BTF"))?;
+    let ptr = td.skip_mods_and_typedefs();
+    let proto = libbpf_rs::btf::types::Ptr::try_from(ptr)
+        .map(|p| p.referenced_type())
+        .ok()
+        .and_then(|t| FuncProto::try_from(t).ok())
+        .ok_or_else(|| btf_err("btf_trace_kfree_skb is not a function pointer"))?;
+    let params: Vec<BtfType> = proto
+        .iter()
+        .filter_map(|p| btf.type_by_id(p.ty))
+        .map(|t: BtfType| t.skip_mods_and_typedefs())
+        .collect();
+    let skb_first = params
+        .get(1)
+        .and_then(|t| libbpf_rs::btf::types::Ptr::try_from(*t).ok())
+        .map(|p| p.referenced_type().skip_mods_and_typedefs())
+        .is_some_and(|t| t.name() == Some(OsStr::new("sk_buff")));
+    let location_second = params.get(2).is_some_and(|t| t.kind() == BtfKind::Ptr);
+    if !skb_first || !location_second {
+        return Err(btf_err(
+            "kfree_skb's arguments do not start with the skb and the location",
+        ));
+    }
+    params
+        .iter()
+        .position(|t| t.kind() == BtfKind::Enum && t.name() == Some(OsStr::new("skb_drop_reason")))
+        .map(|i| i as u32 - 1)
+        .ok_or_else(|| btf_err("kfree_skb has no skb_drop_reason argument"))
+}
+
+/// What the program needs from the running kernel, for drops in network namespace `inum`.
+fn layout(btf: &Btf, names: &HashMap<u32, String>, inum: u32) -> Result<kdrop_layout, BpfError> {
+    let not_specified = names
+        .iter()
+        .find(|(_, n)| n.as_str() == "NOT_SPECIFIED")
+        .map(|(v, _)| *v)
+        .ok_or_else(|| btf_err("no SKB_DROP_REASON_NOT_SPECIFIED in the kernel's BTF"))?;
+    Ok(kdrop_layout {
+        arg_reason: reason_arg(btf)?,
+        reason_min: not_specified + 1,
+        netns_inum: inum,
+        skb_dev: offset_of(btf, "sk_buff", &["dev"])?,
+        skb_sk: offset_of(btf, "sk_buff", &["sk"])?,
+        skb_head: offset_of(btf, "sk_buff", &["head"])?,
+        skb_network_header: offset_of(btf, "sk_buff", &["network_header"])?,
+        skb_transport_header: offset_of(btf, "sk_buff", &["transport_header"])?,
+        skb_protocol: offset_of(btf, "sk_buff", &["protocol"])?,
+        dev_net: offset_of(btf, "net_device", &["nd_net", "net"])?,
+        dev_ifindex: offset_of(btf, "net_device", &["ifindex"])?,
+        sk_net: offset_of(btf, "sock", &["__sk_common", "skc_net", "net"])?,
+        net_inum: offset_of(btf, "net", &["ns", "inum"])?,
+    })
+}
+
+/// The inode number of the network namespace at `path` (`/proc/self/ns/net`, or a bind
+/// mount under /run/netns).
+pub fn netns_inum(path: &std::path::Path) -> Result<u32, BpfError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.ino() as u32)
+        .map_err(|source| BpfError::Io {
+            path: path.into(),
+            source,
+        })
+}
+
+impl KernelDrops {
+    /// Loads and attaches the program for the drops of network namespace `inum` (see
+    /// [`netns_inum`]).
+    pub fn load(inum: u32) -> Result<Self, BpfError> {
+        let btf = Btf::from_vmlinux().map_err(lb("reading the kernel's BTF"))?;
+        let names = reasons(&btf)?;
+        let layout = layout(&btf, &names, inum)?;
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = KdropSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening kdrop.bpf.o"))?;
+        open.maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or_else(|| btf_err("kdrop.bpf.o has no read-only data"))?
+            .layout = layout;
+        let skel = open.load().map_err(lb("loading kdrop.bpf.o"))?;
+        let link = skel
+            .progs
+            .kfree_skb
+            .attach_raw_tracepoint("kfree_skb")
+            .map_err(lb("attaching to the kfree_skb tracepoint"))?;
+        Ok(KernelDrops {
+            skel,
+            _link: link,
+            names,
+        })
+    }
+
+    /// The name of reason `value` in the running kernel.
+    pub fn reason_name(&self, value: u32) -> String {
+        self.names
+            .get(&value)
+            .cloned()
+            .unwrap_or_else(|| format!("REASON_{value}"))
+    }
+
+    fn per_reason(
+        &self,
+        map: &libbpf_rs::Map<'_>,
+        what: &str,
+    ) -> Result<BTreeMap<String, u64>, BpfError> {
+        let mut out = BTreeMap::new();
+        for k in map.keys() {
+            let Some(per_cpu) = map
+                .lookup_percpu(&k, MapFlags::ANY)
+                .map_err(lb(format!("reading {what}")))?
+            else {
+                continue;
+            };
+            let n: u64 = per_cpu.iter().map(|v| crate::from_bytes::<u64>(v)).sum();
+            let reason = u32::from_ne_bytes(k[..4].try_into().expect("u32 key"));
+            *out.entry(self.reason_name(reason)).or_default() += n;
+        }
+        Ok(out)
+    }
+
+    /// Drops counted per reason since the program was loaded.
+    pub fn counts(&self) -> Result<BTreeMap<String, u64>, BpfError> {
+        self.per_reason(&self.skel.maps.weir_kdrops, "weir_kdrops")
+    }
+
+    /// Drop events the full ring buffer refused, per reason.
+    pub fn lost(&self) -> Result<BTreeMap<String, u64>, BpfError> {
+        self.per_reason(&self.skel.maps.weir_kdrops_lost, "weir_kdrops_lost")
+    }
+
+    /// A reader of the drop events, calling `f` with each (poll it on the thread that made
+    /// it).
+    pub fn events<F: FnMut(KernelDrop) + 'static>(
+        &self,
+        mut f: F,
+    ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+        let names = self.names.clone();
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&self.skel.maps.weir_kdrop_events, move |data: &[u8]| {
+            if let Some(d) = decode(data, &names) {
+                f(d);
+            }
+            0
+        })
+        .map_err(lb("reading map weir_kdrop_events"))?;
+        b.build().map_err(lb("reading map weir_kdrop_events"))
+    }
+}
+
+/// A `struct kdrop_event` (weir/api/kdrop.h: 64 bytes, host order but for the addresses and
+/// ports).
+fn decode(d: &[u8], names: &HashMap<u32, String>) -> Option<KernelDrop> {
+    if d.len() < 64 {
+        return None;
+    }
+    let u64_at = |o: usize| u64::from_ne_bytes(d[o..o + 8].try_into().expect("8 bytes"));
+    let u32_at = |o: usize| u32::from_ne_bytes(d[o..o + 4].try_into().expect("4 bytes"));
+    let port_at = |o: usize| u16::from_be_bytes([d[o], d[o + 1]]);
+    let reason = u32_at(16);
+    let (family, proto) = (d[60], d[61]);
+    let addr = |o: usize| -> Option<IpAddr> {
+        match family {
+            4 => Some(Ipv4Addr::new(d[o], d[o + 1], d[o + 2], d[o + 3]).into()),
+            6 => {
+                let b: [u8; 16] = d[o..o + 16].try_into().ok()?;
+                Some(Ipv6Addr::from(b).into())
+            }
+            _ => None,
+        }
+    };
+    Some(KernelDrop {
+        ts: u64_at(0),
+        reason: names
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("REASON_{reason}")),
+        ifindex: u32_at(20),
+        proto,
+        src: addr(24).map(|a| (a, port_at(56))),
+        dst: addr(40).map(|a| (a, port_at(58))),
+    })
+}

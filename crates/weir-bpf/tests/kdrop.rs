@@ -1,0 +1,117 @@
+//! Kernel drops against the running kernel: packets netfilter and the UDP stack drop in a
+//! scratch network namespace are counted under the kernel's own reason names (read from its
+//! BTF), exactly, with an event each carrying the addresses; another namespace's drops are
+//! not counted.
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use weir_bpf::kdrop::{netns_inum, KernelDrop, KernelDrops};
+
+/// A network namespace with loopback up, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wbt-kd-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sends `n` datagrams to 127.0.0.1:`port` (from inside whatever namespace runs it).
+fn send(n: usize, port: u16) {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for _ in 0..n {
+        let _ = s.send_to(b"drop me", ("127.0.0.1", port));
+    }
+}
+
+#[test]
+fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    let drops = KernelDrops::load(netns_inum(a.path().as_ref()).expect("inum")).expect("load");
+    let seen: Arc<Mutex<Vec<KernelDrop>>> = Arc::default();
+    let s2 = seen.clone();
+    let events = drops
+        .events(move |d| s2.lock().unwrap().push(d))
+        .expect("events");
+    // netfilter drops what goes to port 9999; nothing listens on 9998.
+    for ns in [&a, &b] {
+        run(
+            "nsenter",
+            &[
+                &format!("--net={}", ns.path()),
+                "nft",
+                "add table inet t; add chain inet t o { type filter hook output priority 0; }; add rule inet t o udp dport 9999 drop",
+            ],
+        );
+    }
+    a.inside(|| {
+        send(5, 9999);
+        send(3, 9998);
+    });
+    b.inside(|| {
+        send(7, 9999);
+        send(2, 9998);
+    });
+    let counts = drops.counts().expect("counts");
+    assert_eq!(counts.get("NETFILTER_DROP"), Some(&5), "{counts:?}");
+    assert_eq!(counts.get("NO_SOCKET"), Some(&3), "{counts:?}");
+    assert_eq!(counts.values().sum::<u64>(), 8, "{counts:?}");
+    assert!(drops.lost().expect("lost").is_empty());
+    events.consume().expect("consume");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    let netfilter: Vec<_> = seen
+        .iter()
+        .filter(|d| d.reason == "NETFILTER_DROP")
+        .collect();
+    assert_eq!(netfilter.len(), 5);
+    for d in &netfilter {
+        assert_eq!(d.proto, 17);
+        assert_eq!(d.dst, Some(("127.0.0.1".parse().unwrap(), 9999)));
+        assert_eq!(d.src.map(|s| s.0), Some("127.0.0.1".parse().unwrap()));
+    }
+    // The received datagram nobody listens for arrived on loopback.
+    let no_socket = seen.iter().find(|d| d.reason == "NO_SOCKET").unwrap();
+    assert_eq!(no_socket.dst.map(|d| d.1), Some(9998));
+    assert_eq!(no_socket.ifindex, 1, "{no_socket:?}");
+}
