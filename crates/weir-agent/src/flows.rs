@@ -1,6 +1,8 @@
-//! Policy verdict events for `weir observe`: a thread drains the datapath's ring buffer
-//! (`weir_events`, one record per judged flow: allowed, or dropped with its reason) into a
-//! bounded log, naming the pods behind the addresses as they are when the event arrives.
+//! Flows for `weir observe`: a thread drains the datapath's ring buffer of policy verdicts
+//! (`weir_events`, one record per judged flow: allowed, or dropped with its reason), another
+//! the kernel's drops in the node's network namespace (`weir_bpf::kdrop`: packets netfilter,
+//! routing, neighbours, sockets or TCP dropped, with the kernel's reason), into a bounded log,
+//! naming the pods behind the addresses as they are when the event arrives.
 //! `GET /flows?since=SEQ` hands out what came after `SEQ`.
 
 use std::collections::{HashMap, VecDeque};
@@ -9,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use weir_bpf::datapath::{flow_event, reason_name, weir_reason};
+use weir_bpf::kdrop::{KernelDrop, KernelDrops};
 
 use crate::pods::Pods;
 
@@ -40,12 +43,18 @@ pub struct FlowRecord {
     pub time: String,
     /// The node whose datapath judged it.
     pub node: String,
+    /// What reported it: `policy-verdict` (weir's programs) or `kernel-drop` (the kernel
+    /// dropped the packet, outside weir's programs).
+    #[serde(default = "policy_verdict")]
+    pub event: String,
     /// `allowed` or `dropped`.
     pub verdict: String,
     /// The datapath's reason (`REASON_POLICY_ALLOWED`, `DROP_POLICY_DENIED`,
-    /// `DROP_POLICY_FAILED`).
+    /// `DROP_POLICY_FAILED`), or the kernel's drop reason (`NETFILTER_DROP`, `NO_SOCKET`, ...).
     pub reason: String,
-    /// Which pod's policy decided: `ingress` (the destination's) or `egress` (the source's).
+    /// Which pod's policy decided: `ingress` (the destination's) or `egress` (the source's);
+    /// for a kernel drop, `ingress` when the destination is a local pod, `egress` when the
+    /// source is, else `node`.
     pub direction: String,
     /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6` or the protocol number.
     pub protocol: String,
@@ -53,6 +62,10 @@ pub struct FlowRecord {
     pub source: FlowEnd,
     /// The real destination (after a Service's DNAT).
     pub destination: FlowEnd,
+}
+
+fn policy_verdict() -> String {
+    "policy-verdict".into()
 }
 
 /// The log and the names it gives to addresses.
@@ -161,6 +174,7 @@ impl FlowLog {
             seq: self.next_seq,
             time: wall_time(ev.ts),
             node: self.node.clone(),
+            event: policy_verdict(),
             verdict: if ev.reason == weir_reason::REASON_POLICY_ALLOWED.0 {
                 "allowed".into()
             } else {
@@ -176,6 +190,46 @@ impl FlowLog {
             source: end(&ev.saddr, ev.sport, ev.src_identity),
             destination: end(&ev.daddr, ev.dport, ev.dst_identity),
         };
+        self.append(rec);
+    }
+
+    /// Records one packet the kernel dropped (IP packets only: the others are counted in
+    /// the metrics alone).
+    pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
+        let (Some(src), Some(dst)) = (d.src, d.dst) else {
+            return;
+        };
+        let end = |(ip, port): (IpAddr, u16)| FlowEnd {
+            ip,
+            port,
+            pod: self.pod_names.get(&ip).cloned(),
+            identity: 0,
+            identity_kind: "unknown".into(),
+        };
+        let (source, destination) = (end(src), end(dst));
+        let direction = if destination.pod.is_some() {
+            "ingress"
+        } else if source.pod.is_some() {
+            "egress"
+        } else {
+            "node"
+        };
+        let rec = FlowRecord {
+            seq: self.next_seq,
+            time: wall_time(d.ts),
+            node: self.node.clone(),
+            event: "kernel-drop".into(),
+            verdict: "dropped".into(),
+            reason: d.reason.clone(),
+            direction: direction.into(),
+            protocol: protocol_name(d.proto),
+            source,
+            destination,
+        };
+        self.append(rec);
+    }
+
+    fn append(&mut self, rec: FlowRecord) {
         self.next_seq += 1;
         if self.records.len() == CAPACITY {
             self.records.pop_front();
@@ -214,6 +268,70 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
         },
         |rb, wait| rb.poll(wait),
     )
+}
+
+/// Starts the thread that drains the kernel's drops in the node's network namespace into
+/// `log`, and keeps `weir_kernel_drops_total` (the kernel's per-reason counts) and
+/// `weir_kernel_drop_events_lost_total` up to date. A kernel without drop reasons or BTF
+/// leaves a warning, not a failure.
+pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
+    let ns = pods
+        .config
+        .netns
+        .clone()
+        .unwrap_or_else(|| "/proc/self/ns/net".into());
+    let opened = crate::ring::spawn(
+        "weir-kdrops",
+        "the kernel's drop events",
+        move || -> Result<KernelDropReader, String> {
+            let inum = weir_bpf::kdrop::netns_inum(&ns).map_err(|e| e.to_string())?;
+            let drops = KernelDrops::load(inum).map_err(|e| e.to_string())?;
+            let rb = drops
+                .events(move |d| log.lock().expect("flow log").push_kernel_drop(&d))
+                .map_err(|e| e.to_string())?;
+            Ok(KernelDropReader {
+                drops,
+                rb,
+                seen: Mutex::default(),
+            })
+        },
+        |r, wait| {
+            r.rb.poll(wait)?;
+            r.count();
+            Ok::<(), weir_bpf::LibbpfError>(())
+        },
+    );
+    if let Err(e) = opened {
+        tracing::warn!(error = %e, "the kernel's drops are not observed");
+    }
+}
+
+/// The kernel drop program, its event reader, and the counts last turned into metrics.
+struct KernelDropReader {
+    drops: KernelDrops,
+    rb: weir_bpf::RingBuffer<'static>,
+    seen: Mutex<HashMap<(bool, String), u64>>,
+}
+
+impl KernelDropReader {
+    /// Adds what the kernel counted since the last time to the metrics.
+    fn count(&self) {
+        let mut seen = self.seen.lock().expect("kernel drop counts");
+        for (lost, counts) in [(false, self.drops.counts()), (true, self.drops.lost())] {
+            let Ok(counts) = counts else { continue };
+            for (reason, n) in counts {
+                let before = seen.insert((lost, reason.clone()), n).unwrap_or(0);
+                let family = if lost {
+                    &crate::metrics::METRICS.kernel_drop_events_lost
+                } else {
+                    &crate::metrics::METRICS.kernel_drops
+                };
+                family
+                    .get_or_create(&vec![("reason", reason)])
+                    .inc_by(n.saturating_sub(before));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +381,57 @@ mod tests {
         let tail = log.since(p.next - 2);
         assert_eq!((tail.lost, tail.flows.len()), (0, 2));
         assert!(log.since(p.next).flows.is_empty());
+    }
+
+    #[test]
+    fn kernel_drops_are_logged_with_the_pod_they_concern() {
+        let mut log = FlowLog::new("n1");
+        log.pod_names
+            .insert("10.244.1.5".parse().unwrap(), "x/a".into());
+        let drop = |src: &str, dst: &str| KernelDrop {
+            ts: 0,
+            reason: "NETFILTER_DROP".into(),
+            ifindex: 3,
+            proto: 6,
+            src: Some((src.parse().unwrap(), 40000)),
+            dst: Some((dst.parse().unwrap(), 8080)),
+        };
+        log.push_kernel_drop(&drop("172.30.0.2", "10.244.1.5"));
+        log.push_kernel_drop(&drop("10.244.1.5", "172.30.0.2"));
+        log.push_kernel_drop(&drop("172.30.0.2", "172.30.0.11"));
+        // Not IP (an ARP frame): counted in the metrics, not logged.
+        log.push_kernel_drop(&KernelDrop {
+            src: None,
+            dst: None,
+            ..drop("0.0.0.0", "0.0.0.0")
+        });
+        let p = log.since(0);
+        let got: Vec<(&str, &str, Option<&str>)> = p
+            .flows
+            .iter()
+            .map(|r| {
+                assert_eq!(
+                    (r.event.as_str(), r.verdict.as_str()),
+                    ("kernel-drop", "dropped")
+                );
+                assert_eq!(
+                    (r.reason.as_str(), r.protocol.as_str()),
+                    ("NETFILTER_DROP", "tcp")
+                );
+                (
+                    r.direction.as_str(),
+                    r.source.ip.to_string().leak() as &str,
+                    r.destination.pod.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ingress", "172.30.0.2", Some("x/a")),
+                ("egress", "10.244.1.5", None),
+                ("node", "172.30.0.2", None),
+            ]
+        );
     }
 }

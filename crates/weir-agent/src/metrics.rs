@@ -7,6 +7,8 @@
 //! | `weir_datapath_bytes_total` | counter | `direction`, `reason` | their bytes |
 //! | `weir_drops_total` | counter | `reason` | the same packets where the reason is a drop |
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
+//! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
+//! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
 //! | `weir_lb_events_total` | counter | `event` | socket load-balancer events (translations, no backend, ...) |
 //! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map (read at most every 15 s) |
 //! | `weir_bpf_map_capacity` | gauge | `map` | each map's capacity |
@@ -51,6 +53,10 @@ pub struct Metrics {
     pub programming: Histogram,
     /// `weir_policy_verdicts_total`.
     pub policy_verdicts: Family<Labels, Counter>,
+    /// `weir_kernel_drops_total`.
+    pub kernel_drops: Family<Labels, Counter>,
+    /// `weir_kernel_drop_events_lost_total`.
+    pub kernel_drop_events_lost: Family<Labels, Counter>,
 }
 
 /// The process's metrics.
@@ -59,6 +65,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     apply_errors: Family::default(),
     programming: buckets(),
     policy_verdicts: Family::default(),
+    kernel_drops: Family::default(),
+    kernel_drop_events_lost: Family::default(),
 });
 
 /// Records one apply of `part` that took `seconds` and succeeded or not.
@@ -92,6 +100,16 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "weir_policy_verdicts",
         "NetworkPolicy verdicts on new flows, by verdict (allowed, denied) and direction",
         METRICS.policy_verdicts.clone(),
+    );
+    r.register(
+        "weir_kernel_drops",
+        "Packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason",
+        METRICS.kernel_drops.clone(),
+    );
+    r.register(
+        "weir_kernel_drop_events_lost",
+        "Kernel drop events the full ring buffer refused, by reason (the drops are still counted)",
+        METRICS.kernel_drop_events_lost.clone(),
     );
     r.register_collector(Box::new(Scraped { shared }));
     r

@@ -25,6 +25,10 @@ pub mod datapath;
 pub mod kdrop;
 pub mod mounts;
 
+/// libbpf's error (what polling a ring buffer fails with).
+pub use libbpf_rs::Error as LibbpfError;
+/// A ring buffer reader (as the programs' event readers return it).
+pub use libbpf_rs::RingBuffer;
 pub use mounts::ensure_bpffs;
 
 pub use sock_skel::types;

@@ -93,7 +93,8 @@ pub(crate) enum Command {
     },
     /// Show NetworkPolicy verdicts as the datapath makes them: every flow judged for an
     /// isolated pod (allowed, or dropped with its reason), with pods, identities, ports and
-    /// the direction whose policy decided. Prints the last verdicts, or follows new ones.
+    /// the direction whose policy decided; and the packets the kernel dropped on the nodes
+    /// outside weir's programs, with the kernel's reason. Prints the last ones, or follows.
     Observe(ObserveArgs),
     /// A node's prefilter: packets from listed source prefixes are dropped on the node's
     /// devices before anything else runs (deny lists against floods), with counters: an XDP
@@ -611,6 +612,10 @@ pub(crate) struct ObserveArgs {
     /// Only this verdict.
     #[arg(long, value_enum)]
     verdict: Option<VerdictArg>,
+    /// Only this reason: weir's (`DROP_POLICY_DENIED`, or `POLICY_DENIED`) or the kernel's
+    /// for packets it dropped outside weir's programs (`NETFILTER_DROP`, `NO_SOCKET`, ...).
+    #[arg(long)]
+    reason: Option<String>,
     /// How many past verdicts to print first (default 20, none with --follow).
     #[arg(long)]
     last: Option<usize>,
@@ -853,6 +858,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     VerdictArg::Allowed => crate::observe::Verdict::Allowed,
                     VerdictArg::Dropped => crate::observe::Verdict::Dropped,
                 }),
+                reason: o.reason.clone(),
             };
             let last = o.last.unwrap_or(if o.follow { 0 } else { 20 });
             current_thread()?.block_on(crate::observe::run(

@@ -1,5 +1,6 @@
 //! `weir observe`: the policy verdicts of one or more agents (allowed and dropped flows, with
-//! the pods, identities and reason), printed once or followed.
+//! the pods, identities and reason) and the packets the kernel dropped on their nodes (with
+//! the kernel's reason), printed once or followed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ pub struct Filter {
     pub namespace: Option<String>,
     /// Only this verdict.
     pub verdict: Option<Verdict>,
+    /// Only this reason (any case; `POLICY_DENIED` matches `DROP_POLICY_DENIED`).
+    pub reason: Option<String>,
 }
 
 impl Filter {
@@ -43,6 +46,12 @@ impl Filter {
                 .iter()
                 .any(|e| e.as_deref().is_some_and(|p| p.starts_with(&prefix)))
             {
+                return false;
+            }
+        }
+        if let Some(want) = &self.reason {
+            let (want, have) = (want.to_ascii_uppercase(), r.reason.to_ascii_uppercase());
+            if have != want && !have.ends_with(&format!("_{want}")) {
                 return false;
             }
         }
@@ -92,8 +101,13 @@ pub fn line(r: &FlowRecord) -> String {
         .parse::<jiff::Timestamp>()
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
         .unwrap_or_else(|_| r.time.clone());
+    let by = if r.event == "kernel-drop" {
+        " by the kernel"
+    } else {
+        ""
+    };
     format!(
-        "{time} {}: {} -> {} {} {} {} ({})",
+        "{time} {}: {} -> {} {} {} {}{by} ({})",
         r.node,
         end(&r.source),
         end(&r.destination),
@@ -212,6 +226,7 @@ mod tests {
             seq: 1,
             time: "2026-11-22T10:00:00.123456Z".into(),
             node: "node-1".into(),
+            event: "policy-verdict".into(),
             verdict: verdict.into(),
             reason: if verdict == "dropped" {
                 "DROP_POLICY_DENIED".into()
@@ -232,6 +247,7 @@ mod tests {
             pod: pod.map(pod_ref),
             namespace: ns.map(str::to_string),
             verdict: v,
+            reason: None,
         };
         assert!(f(None, None, None).matches(&r));
         assert!(f(Some("x/a"), None, Some(Verdict::Dropped)).matches(&r));
@@ -243,6 +259,24 @@ mod tests {
         assert_eq!(
             line(&r),
             "2026-11-22T10:00:00.123Z node-1: x/a:40000 (10.244.1.2, id 256) -> 10.244.2.3:80 (world) TCP ingress DROPPED (DROP_POLICY_DENIED)"
+        );
+        // By reason, whole or without its prefix, any case.
+        let by = |reason: &str| Filter {
+            reason: Some(reason.into()),
+            ..f(None, None, None)
+        };
+        assert!(by("DROP_POLICY_DENIED").matches(&r));
+        assert!(by("policy_denied").matches(&r));
+        assert!(!by("DENIED_X").matches(&r));
+        assert!(!by("NETFILTER_DROP").matches(&r));
+        let mut k = r.clone();
+        k.event = "kernel-drop".into();
+        k.reason = "NETFILTER_DROP".into();
+        assert!(by("netfilter_drop").matches(&k));
+        assert!(
+            line(&k).ends_with("DROPPED by the kernel (NETFILTER_DROP)"),
+            "{}",
+            line(&k)
         );
     }
 }

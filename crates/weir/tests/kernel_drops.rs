@@ -1,0 +1,103 @@
+//! Kernel drops end to end: packets the kernel drops on a node outside weir's programs (here
+//! nftables' NetworkPolicy rules, and a datagram to a port nobody listens on) show up in
+//! `weir observe --reason` with the kernel's reason and the pod they belong to, and in
+//! `weir_kernel_drops_total`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: m}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shut, namespace: m, labels: {app: shut}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: m}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: m}
+spec: {podSelector: {matchLabels: {app: shut}}, policyTypes: [Ingress]}
+"#;
+
+/// The kernel drops `weir observe --reason REASON` lists, as JSON records.
+fn observed(lab: &Lab, reason: &str) -> Vec<Value> {
+    ok(&mut lab.weir(&["observe", "--reason", reason, "--last", "100", "-o", "json"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn kernel_drops_are_observed_with_their_reason_and_pod() {
+    let lab = Lab::up_with("kdrop", 1, APP, &["--dataplane", "nftables"]);
+    let shut = lab.get_json(&["pod", "shut", "-n", "m"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // nftables' policy rules drop the client's SYNs to the isolated pod.
+    lab.eventually("the policy in force", Duration::from_secs(20), || {
+        lab.connect("m/client", &format!("{shut}:8080"), "tcp", 1)["ok"] == 0
+    });
+    let mut drops = Vec::new();
+    lab.eventually("the drops observed", Duration::from_secs(10), || {
+        drops = observed(&lab, "NETFILTER_DROP");
+        !drops.is_empty()
+    });
+    let d = &drops[0];
+    assert_eq!(d["event"], "kernel-drop", "{d}");
+    assert_eq!(d["verdict"], "dropped", "{d}");
+    assert_eq!(d["reason"], "NETFILTER_DROP", "{d}");
+    assert_eq!(d["protocol"], "tcp", "{d}");
+    assert_eq!(d["direction"], "ingress", "{d}");
+    assert_eq!(d["destination"]["pod"], "m/shut", "{d}");
+    assert_eq!(d["destination"]["port"], 8080, "{d}");
+    assert_eq!(d["source"]["pod"], "m/client", "{d}");
+    // A datagram to the node on a port nobody listens on: the UDP stack drops it.
+    let node = lab.node_ip("node-1");
+    lab.connect("m/client", &format!("{node}:9"), "udp", 2);
+    let mut drops = Vec::new();
+    lab.eventually("the socket drops observed", Duration::from_secs(10), || {
+        drops = observed(&lab, "no_socket");
+        drops.iter().any(|d| d["destination"]["port"] == 9)
+    });
+    let d = drops
+        .iter()
+        .find(|d| d["destination"]["port"] == 9)
+        .unwrap();
+    assert_eq!(d["direction"], "egress", "{d}");
+    assert_eq!(d["source"]["pod"], "m/client", "{d}");
+    // The text form says who dropped it.
+    let text = ok(&mut lab.weir(&["observe", "--reason", "NETFILTER_DROP", "--last", "1"]));
+    assert!(
+        text.contains("DROPPED by the kernel (NETFILTER_DROP)"),
+        "{text}"
+    );
+    // The kernel's counts on /metrics.
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let url = nodes[0]["metricsURL"].as_str().unwrap().to_string();
+    let count = |reason: &str| -> f64 {
+        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("weir_kernel_drops_total{{reason=\"{reason}\"}} "))
+                    .map(|v| v.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    };
+    lab.eventually("the metrics", Duration::from_secs(10), || {
+        count("NETFILTER_DROP") >= 1.0 && count("NO_SOCKET") >= 2.0
+    });
+}
