@@ -406,7 +406,7 @@ mod tests {
             ..drop("0.0.0.0", "0.0.0.0")
         });
         let p = log.since(0);
-        let got: Vec<(&str, &str, Option<&str>)> = p
+        let got: Vec<(&str, String, Option<&str>)> = p
             .flows
             .iter()
             .map(|r| {
@@ -420,7 +420,7 @@ mod tests {
                 );
                 (
                     r.direction.as_str(),
-                    r.source.ip.to_string().leak() as &str,
+                    r.source.ip.to_string(),
                     r.destination.pod.as_deref(),
                 )
             })
@@ -428,9 +428,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("ingress", "172.30.0.2", Some("x/a")),
-                ("egress", "10.244.1.5", None),
-                ("node", "172.30.0.2", None),
+                ("ingress", "172.30.0.2".to_string(), Some("x/a")),
+                ("egress", "10.244.1.5".to_string(), None),
+                ("node", "172.30.0.2".to_string(), None),
             ]
         );
     }
