@@ -81,6 +81,7 @@ pub(crate) fn records(t: &Topo) -> Result<Vec<EndpointRecord>> {
             mac,
             container_id: String::new(),
             ifname: String::new(),
+            netns_inode: 0,
         });
     }
     Ok(records)

@@ -5,7 +5,15 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const PROGRAMS: &[&str] = &["sock", "pod", "node", "xdp", "xdp_pass", "kdrop"];
+const PROGRAMS: &[&str] = &[
+    "sock",
+    "pod",
+    "node",
+    "xdp",
+    "xdp_pass",
+    "kdrop",
+    "tcp_health",
+];
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bpf");

@@ -23,7 +23,9 @@ mod sock_skel {
 
 pub mod datapath;
 pub mod kdrop;
+mod kernel_btf;
 pub mod mounts;
+pub mod tcp_health;
 
 /// libbpf's error (what polling a ring buffer fails with).
 pub use libbpf_rs::Error as LibbpfError;

@@ -176,6 +176,10 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
             mac: mac.clone(),
             container_id: env.container_id.clone(),
             ifname: env.ifname.clone(),
+            netns_inode: {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(&env.netns).map(|m| m.ino()).unwrap_or(0)
+            },
         };
         let body = serde_json::to_value(&record).expect("json");
         agent::request(&s.socket, "PUT", "/endpoints", Some(&body), AGENT_TIMEOUT)

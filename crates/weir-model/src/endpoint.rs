@@ -33,6 +33,14 @@ pub struct EndpointRecord {
     /// The CNI attachment's interface name in the pod.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ifname: String,
+    /// The inode number of the pod's network namespace (0: not known), which the TCP
+    /// health counters are kept by.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub netns_inode: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why an endpoint record could not be used.
@@ -173,6 +181,7 @@ mod tests {
             mac: "02:00:00:00:00:02".into(),
             container_id: String::new(),
             ifname: String::new(),
+            netns_inode: 4026532000,
         };
         r.write(dir.path()).expect("write");
         let bad = EndpointRecord {

@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * TCP health (tcp_health.bpf.c): per-pod counters from the TCP and socket tracepoints.
+ * Shared with userspace (crates/weir-bpf/src/tcp_health.rs).
+ */
+#ifndef WEIR_API_TCP_HEALTH_H
+#define WEIR_API_TCP_HEALTH_H
+
+#include <linux/types.h>
+
+/* Slots of weir_tcp_counters: one per watched network namespace (weir_tcp_netns). */
+#define TCP_HEALTH_SLOTS 4096
+
+/* Value of weir_tcp_counters (per CPU): what the sockets of one namespace went through. */
+struct tcp_counters {
+	__u64 retransmits;	/* segments retransmitted (tcp:tcp_retransmit_skb) */
+	__u64 resets_sent;	/* RSTs sent (tcp:tcp_send_reset) */
+	__u64 resets_received;	/* RSTs received (tcp:tcp_receive_reset) */
+	__u64 connects;		/* connects that reached ESTABLISHED (sock:inet_sock_set_state) */
+	__u64 connect_failures; /* connects that went from SYN_SENT to CLOSE */
+	__u64 connect_ns;	/* the connects' time from SYN_SENT to ESTABLISHED, summed */
+	__u64 rtt_us;		/* smoothed RTTs of connections as they left ESTABLISHED, summed */
+	__u64 rtt_samples;	/* how many */
+};
+
+/*
+ * Where the loader found things in the running kernel (its BTF), written into the program's
+ * read-only data before it is loaded.
+ */
+struct tcp_layout {
+	__u32 arg_oldstate;  /* inet_sock_set_state: the old state's argument position */
+	__u32 arg_newstate;  /* the new state's */
+	__u32 sk_net;	     /* struct sock: __sk_common.skc_net.net */
+	__u32 sk_protocol;   /* sk_protocol (u16) */
+	__u32 srtt_us;	     /* struct tcp_sock: srtt_us (u32, in 1/8 us) */
+	__u32 net_inum;	     /* struct net: ns.inum */
+	__u32 skb_dev;	     /* struct sk_buff: dev */
+	__u32 dev_net;	     /* struct net_device: nd_net.net */
+};
+
+#endif /* WEIR_API_TCP_HEALTH_H */

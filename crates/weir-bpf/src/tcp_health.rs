@@ -1,0 +1,174 @@
+//! TCP health (`bpf/tcp_health.bpf.c`): per-namespace counters of retransmits, resets,
+//! connects, failed connects, connect time and smoothed RTT, from the TCP and socket
+//! tracepoints. The namespaces watched (the node's, each local pod's) are given slots by the
+//! caller; the argument positions and structure offsets come from the running kernel's BTF.
+
+use std::mem::MaybeUninit;
+
+use libbpf_rs::btf::types::{FuncProto, Ptr};
+use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags};
+
+use crate::kernel_btf::{btf_err, offset_of};
+use crate::{from_bytes, lb, BpfError};
+
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    dead_code,
+    unused_imports
+)]
+mod tcp_health_skel {
+    include!(concat!(env!("OUT_DIR"), "/tcp_health.skel.rs"));
+}
+
+pub use tcp_health_skel::types::tcp_counters;
+use tcp_health_skel::types::tcp_layout;
+use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
+
+/// How many namespaces can be watched.
+pub const SLOTS: u32 = 4096;
+
+/// The programs, attached.
+pub struct TcpHealth {
+    skel: TcpHealthSkel<'static>,
+    _links: Vec<Link>,
+}
+
+/// The positions of `inet_sock_set_state`'s old and new states among its arguments (after
+/// the socket: two ints).
+fn state_args(btf: &Btf) -> Result<(u32, u32), BpfError> {
+    let td: BtfType = btf
+        .type_by_name("btf_trace_inet_sock_set_state")
+        .ok_or_else(|| btf_err("no tracepoint inet_sock_set_state in the kernel's BTF"))?;
+    let proto = Ptr::try_from(td.skip_mods_and_typedefs())
+        .map(|p| p.referenced_type())
+        .ok()
+        .and_then(|t| FuncProto::try_from(t).ok())
+        .ok_or_else(|| btf_err("btf_trace_inet_sock_set_state is not a function pointer"))?;
+    let kinds: Vec<(BtfKind, Option<String>)> = proto
+        .iter()
+        .filter_map(|p| btf.type_by_id::<BtfType>(p.ty))
+        .map(|t| {
+            let t = t.skip_mods_and_typedefs();
+            let pointee = Ptr::try_from(t)
+                .ok()
+                .map(|p| p.referenced_type().skip_mods_and_typedefs())
+                .and_then(|p| p.name().map(|n| n.to_string_lossy().into_owned()));
+            (t.kind(), pointee)
+        })
+        .collect();
+    // [context, sk, oldstate, newstate, ...]
+    match kinds.as_slice() {
+        [_, (BtfKind::Ptr, Some(sock)), (BtfKind::Int, _), (BtfKind::Int, _), ..]
+            if sock == "sock" =>
+        {
+            Ok((1, 2))
+        }
+        _ => Err(btf_err(
+            "inet_sock_set_state's arguments are not (sock, oldstate, newstate)",
+        )),
+    }
+}
+
+fn layout(btf: &Btf) -> Result<tcp_layout, BpfError> {
+    let (arg_oldstate, arg_newstate) = state_args(btf)?;
+    Ok(tcp_layout {
+        arg_oldstate,
+        arg_newstate,
+        sk_net: offset_of(btf, "sock", &["__sk_common", "skc_net", "net"])?,
+        sk_protocol: offset_of(btf, "sock", &["sk_protocol"])?,
+        srtt_us: offset_of(btf, "tcp_sock", &["srtt_us"])?,
+        net_inum: offset_of(btf, "net", &["ns", "inum"])?,
+        skb_dev: offset_of(btf, "sk_buff", &["dev"])?,
+        dev_net: offset_of(btf, "net_device", &["nd_net", "net"])?,
+    })
+}
+
+impl TcpHealth {
+    /// Loads and attaches the programs (no namespace watched yet).
+    pub fn load() -> Result<Self, BpfError> {
+        let btf = Btf::from_vmlinux().map_err(lb("reading the kernel's BTF"))?;
+        let layout = layout(&btf)?;
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = TcpHealthSkelBuilder::default()
+            .open(storage)
+            .map_err(lb("opening tcp_health.bpf.o"))?;
+        open.maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or_else(|| btf_err("tcp_health.bpf.o has no read-only data"))?
+            .layout = layout;
+        let skel = open.load().map_err(lb("loading tcp_health.bpf.o"))?;
+        let p = &skel.progs;
+        let links = vec![
+            p.tcp_retransmit
+                .attach_raw_tracepoint("tcp_retransmit_skb")
+                .map_err(lb("attaching to tcp_retransmit_skb"))?,
+            p.tcp_send_reset
+                .attach_raw_tracepoint("tcp_send_reset")
+                .map_err(lb("attaching to tcp_send_reset"))?,
+            p.tcp_receive_reset
+                .attach_raw_tracepoint("tcp_receive_reset")
+                .map_err(lb("attaching to tcp_receive_reset"))?,
+            p.sock_set_state
+                .attach_raw_tracepoint("inet_sock_set_state")
+                .map_err(lb("attaching to inet_sock_set_state"))?,
+        ];
+        Ok(TcpHealth {
+            skel,
+            _links: links,
+        })
+    }
+
+    /// Watches network namespace `inum` (see [`crate::kdrop::netns_inum`]) in `slot`
+    /// (< [`SLOTS`]), its counters starting from zero.
+    pub fn watch(&self, inum: u32, slot: u32) -> Result<(), BpfError> {
+        let zero = vec![
+            vec![0u8; std::mem::size_of::<tcp_counters>()];
+            libbpf_rs::num_possible_cpus().map_err(lb("counting CPUs"))?
+        ];
+        self.skel
+            .maps
+            .weir_tcp_counters
+            .update_percpu(&slot.to_ne_bytes(), &zero, MapFlags::ANY)
+            .map_err(lb("clearing weir_tcp_counters"))?;
+        self.skel
+            .maps
+            .weir_tcp_netns
+            .update(&inum.to_ne_bytes(), &slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("updating weir_tcp_netns"))
+    }
+
+    /// Stops watching network namespace `inum`.
+    pub fn unwatch(&self, inum: u32) {
+        let _ = self.skel.maps.weir_tcp_netns.delete(&inum.to_ne_bytes());
+    }
+
+    /// The counters of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<tcp_counters, BpfError> {
+        let per_cpu = self
+            .skel
+            .maps
+            .weir_tcp_counters
+            .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading weir_tcp_counters"))?
+            .unwrap_or_default();
+        let mut sum = tcp_counters::default();
+        for v in per_cpu {
+            let c: tcp_counters = from_bytes(&v);
+            sum.retransmits += c.retransmits;
+            sum.resets_sent += c.resets_sent;
+            sum.resets_received += c.resets_received;
+            sum.connects += c.connects;
+            sum.connect_failures += c.connect_failures;
+            sum.connect_ns += c.connect_ns;
+            sum.rtt_us += c.rtt_us;
+            sum.rtt_samples += c.rtt_samples;
+        }
+        Ok(sum)
+    }
+}

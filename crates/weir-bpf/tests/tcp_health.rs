@@ -1,0 +1,107 @@
+//! TCP health against the running kernel: in a watched scratch network namespace, connects,
+//! a connect refused (a reset each way), a connect whose SYNs netfilter drops (retransmits,
+//! a failure) and the connections' smoothed RTT are counted; an unwatched namespace's are not.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use weir_bpf::kdrop::netns_inum;
+use weir_bpf::tcp_health::TcpHealth;
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wbt-th-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three connects that work, one refused, one whose SYNs are dropped (port 7777).
+fn traffic() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = l.local_addr().unwrap();
+    for _ in 0..3 {
+        let c = TcpStream::connect(addr).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        drop(c);
+        drop(s);
+    }
+    let closed = {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        t.local_addr().unwrap()
+    };
+    assert!(TcpStream::connect(closed).is_err());
+    let dropped = "127.0.0.1:7777".parse().unwrap();
+    assert!(TcpStream::connect_timeout(&dropped, Duration::from_millis(1500)).is_err());
+}
+
+#[test]
+fn a_watched_namespaces_tcp_health_is_counted() {
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    for ns in [&a, &b] {
+        run(
+            "nsenter",
+            &[
+                &format!("--net={}", ns.path()),
+                "nft",
+                "add table inet t; add chain inet t o { type filter hook output priority 0; }; add rule inet t o tcp dport 7777 drop",
+            ],
+        );
+    }
+    let th = TcpHealth::load().expect("load");
+    th.watch(netns_inum(a.path().as_ref()).unwrap(), 5)
+        .expect("watch");
+    a.inside(traffic);
+    b.inside(traffic);
+    let c = th.counters(5).expect("counters");
+    assert_eq!(c.connects, 3, "{c:?}");
+    assert_eq!(c.connect_failures, 2, "{c:?}");
+    assert_eq!((c.resets_sent, c.resets_received), (1, 1), "{c:?}");
+    assert!(c.retransmits >= 1, "{c:?}");
+    assert!(c.connect_ns > 0, "{c:?}");
+    // Both ends of the three connections left ESTABLISHED with an RTT sample.
+    assert!(c.rtt_samples >= 3 && c.rtt_us > 0, "{c:?}");
+    // Nothing else is counted: another slot stays empty; watching again starts from zero.
+    assert_eq!(th.counters(6).unwrap().connects, 0);
+    th.watch(netns_inum(a.path().as_ref()).unwrap(), 5)
+        .expect("watch");
+    assert_eq!(th.counters(5).unwrap().connects, 0);
+}
