@@ -75,6 +75,34 @@ pub struct FlowLog {
     records: VecDeque<FlowRecord>,
     /// Pod addresses -> `namespace/name` (kept by the policy loop).
     pub pod_names: HashMap<IpAddr, String>,
+    /// `namespace/name` -> the pod's workload (kept by the policy loop; see [`workload_of`]).
+    pub workloads: HashMap<String, String>,
+}
+
+/// A pod's workload, as metrics label it: a Deployment's name for a pod of one of its
+/// ReplicaSets (the owner's name less the `pod-template-hash`), else the controlling owner's
+/// name (a StatefulSet, DaemonSet, Job, ...), else the pod's own name.
+pub fn workload_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let owners = p.metadata.owner_references.as_deref().unwrap_or_default();
+    let Some(o) = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or(owners.first())
+    else {
+        return name;
+    };
+    let hash = p
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    if o.kind == "ReplicaSet" {
+        if let Some(d) = hash.and_then(|h| o.name.strip_suffix(&format!("-{h}"))) {
+            return d.to_string();
+        }
+    }
+    o.name.clone()
 }
 
 /// What `GET /flows` answers.
@@ -139,6 +167,7 @@ impl FlowLog {
             next_seq: 1,
             records: VecDeque::new(),
             pod_names: HashMap::new(),
+            workloads: HashMap::new(),
         }
     }
 
@@ -381,6 +410,28 @@ mod tests {
         let tail = log.since(p.next - 2);
         assert_eq!((tail.lost, tail.flows.len()), (0, 2));
         assert!(log.since(p.next).flows.is_empty());
+    }
+
+    #[test]
+    fn workloads_are_deployments_owners_or_the_pod() {
+        let pod = |owner: Option<(&str, &str)>, hash: Option<&str>| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(serde_json::json!({
+                "metadata": {
+                    "name": "web-7d9f8c6b5-x2x7k",
+                    "labels": hash.map(|h| serde_json::json!({"pod-template-hash": h})),
+                    "ownerReferences": owner.map(|(kind, name)| vec![serde_json::json!({
+                        "apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u",
+                        "controller": true,
+                    })]),
+                }
+            }))
+            .unwrap()
+        };
+        let rs = Some(("ReplicaSet", "web-7d9f8c6b5"));
+        assert_eq!(workload_of(&pod(rs, Some("7d9f8c6b5"))), "web");
+        assert_eq!(workload_of(&pod(rs, None)), "web-7d9f8c6b5");
+        assert_eq!(workload_of(&pod(Some(("StatefulSet", "db")), None)), "db");
+        assert_eq!(workload_of(&pod(None, None)), "web-7d9f8c6b5-x2x7k");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod probes;
 pub mod ring;
 pub mod switch;
+pub mod tcp_health;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -636,6 +637,7 @@ pub async fn run(
     if let Some(p) = &pods {
         flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         flows::spawn_kernel_drops(p.clone(), flow_log.clone());
+        tcp_health::spawn(p.clone(), flow_log.clone());
         tokio::spawn(policy::run(
             client.clone(),
             p.clone(),

@@ -9,6 +9,11 @@
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
 //! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
 //! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
+//! | `weir_tcp_retransmits_total` | counter | `namespace`, `workload` | TCP segments the node's pods retransmitted (`tcp:tcp_retransmit_skb`) |
+//! | `weir_tcp_resets_total` | counter | `namespace`, `workload`, `direction` | resets sent and received |
+//! | `weir_tcp_connects_total` | counter | `namespace`, `workload`, `outcome` | connects `established` or `failed` (`sock:inet_sock_set_state`) |
+//! | `weir_tcp_connect_seconds_total` | counter | `namespace`, `workload` | established connects' SYN-to-ESTABLISHED time, summed |
+//! | `weir_tcp_smoothed_rtt_seconds_total`, `weir_tcp_rtt_samples_total` | counter | `namespace`, `workload` | connections' smoothed RTT as they closed, summed, and how many |
 //! | `weir_lb_events_total` | counter | `event` | socket load-balancer events (translations, no backend, ...) |
 //! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map (read at most every 15 s) |
 //! | `weir_bpf_map_capacity` | gauge | `map` | each map's capacity |
@@ -57,6 +62,25 @@ pub struct Metrics {
     pub kernel_drops: Family<Labels, Counter>,
     /// `weir_kernel_drop_events_lost_total`.
     pub kernel_drop_events_lost: Family<Labels, Counter>,
+    /// `weir_tcp_*`.
+    pub tcp: TcpMetrics,
+}
+
+/// TCP health by namespace and workload.
+#[derive(Default)]
+pub struct TcpMetrics {
+    /// `weir_tcp_retransmits_total`.
+    pub retransmits: Family<Labels, Counter>,
+    /// `weir_tcp_resets_total` (`direction`: sent, received).
+    pub resets: Family<Labels, Counter>,
+    /// `weir_tcp_connects_total` (`outcome`: established, failed).
+    pub connects: Family<Labels, Counter>,
+    /// `weir_tcp_connect_seconds_total`.
+    pub connect_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// `weir_tcp_smoothed_rtt_seconds_total`.
+    pub rtt_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// `weir_tcp_rtt_samples_total`.
+    pub rtt_samples: Family<Labels, Counter>,
 }
 
 /// The process's metrics.
@@ -67,6 +91,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     policy_verdicts: Family::default(),
     kernel_drops: Family::default(),
     kernel_drop_events_lost: Family::default(),
+    tcp: TcpMetrics::default(),
 });
 
 /// Records one apply of `part` that took `seconds` and succeeded or not.
@@ -110,6 +135,37 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "weir_kernel_drop_events_lost",
         "Kernel drop events the full ring buffer refused, by reason (the drops are still counted)",
         METRICS.kernel_drop_events_lost.clone(),
+    );
+    let t = &METRICS.tcp;
+    r.register(
+        "weir_tcp_retransmits",
+        "TCP segments the node's pods retransmitted, by namespace and workload",
+        t.retransmits.clone(),
+    );
+    r.register(
+        "weir_tcp_resets",
+        "TCP resets the node's pods sent or received, by namespace, workload and direction",
+        t.resets.clone(),
+    );
+    r.register(
+        "weir_tcp_connects",
+        "TCP connects the node's pods made, by namespace, workload and outcome (established, failed)",
+        t.connects.clone(),
+    );
+    r.register(
+        "weir_tcp_connect_seconds",
+        "Time the node's pods' established TCP connects took from SYN to ESTABLISHED, summed",
+        t.connect_seconds.clone(),
+    );
+    r.register(
+        "weir_tcp_smoothed_rtt_seconds",
+        "Smoothed RTT of the node's pods' TCP connections as they closed, summed (divide by weir_tcp_rtt_samples_total)",
+        t.rtt_seconds.clone(),
+    );
+    r.register(
+        "weir_tcp_rtt_samples",
+        "TCP connections whose smoothed RTT was summed",
+        t.rtt_samples.clone(),
     );
     r.register_collector(Box::new(Scraped { shared }));
     r

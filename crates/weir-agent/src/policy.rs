@@ -333,12 +333,27 @@ pub async fn run(
             np_store.state().iter().map(|p| &**p),
         );
         add_clusterset(&mut cluster, cluster_id.as_deref(), &remote_store.state());
-        flows.lock().expect("flow log").pod_names = cluster
-            .pods
-            .iter()
-            .filter(|p| !p.host_network)
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
-            .collect();
+        {
+            let mut log = flows.lock().expect("flow log");
+            log.pod_names = cluster
+                .pods
+                .iter()
+                .filter(|p| !p.host_network)
+                .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
+                .collect();
+            log.workloads = pod_store
+                .state()
+                .iter()
+                .map(|p| {
+                    let key = format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_deref().unwrap_or("default"),
+                        p.metadata.name.as_deref().unwrap_or_default()
+                    );
+                    (key, crate::flows::workload_of(p))
+                })
+                .collect();
+        }
 
         // Identities: the lowest number for each label set. The ones this agent created
         // count until the watch reports them.

@@ -1,7 +1,8 @@
-//! Kernel drops end to end: packets the kernel drops on a node outside weir's programs (here
-//! nftables' NetworkPolicy rules, and a datagram to a port nobody listens on) show up in
-//! `weir observe --reason` with the kernel's reason and the pod they belong to, and in
-//! `weir_kernel_drops_total`.
+//! Kernel drops and TCP health end to end: packets the kernel drops on a node outside weir's
+//! programs (here nftables' NetworkPolicy rules, and a datagram to a port nobody listens on)
+//! show up in `weir observe --reason` with the kernel's reason and the pod they belong to, and
+//! in `weir_kernel_drops_total`; the pods' connects, failures, retransmits and RTT in the
+//! `weir_tcp_*` metrics by namespace and workload.
 
 mod common;
 
@@ -18,6 +19,11 @@ metadata: {name: m}
 apiVersion: v1
 kind: Pod
 metadata: {name: shut, namespace: m, labels: {app: shut}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: m, labels: {app: web}}
 spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
 ---
 apiVersion: v1
@@ -40,7 +46,7 @@ fn observed(lab: &Lab, reason: &str) -> Vec<Value> {
 }
 
 #[test]
-fn kernel_drops_are_observed_with_their_reason_and_pod() {
+fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
     let lab = Lab::up_with("kdrop", 1, APP, &["--dataplane", "nftables"]);
     let shut = lab.get_json(&["pod", "shut", "-n", "m"])["status"]["podIP"]
         .as_str()
@@ -100,4 +106,53 @@ fn kernel_drops_are_observed_with_their_reason_and_pod() {
     lab.eventually("the metrics", Duration::from_secs(10), || {
         count("NETFILTER_DROP") >= 1.0 && count("NO_SOCKET") >= 2.0
     });
+    // TCP health: the client's connects to web work, its connects to the isolated pod fail
+    // after retransmitted SYNs; by namespace and workload, never by pod address.
+    let web = lab.get_json(&["pod", "web", "-n", "m"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tcp = |series: &str| -> f64 {
+        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
+        body.lines()
+            .filter_map(|l| l.strip_prefix(series))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    let client = "namespace=\"m\",workload=\"client\"";
+    let established = format!("weir_tcp_connects_total{{{client},outcome=\"established\"}}");
+    // (The pods are watched within a few seconds of their start.)
+    lab.eventually("the connects counted", Duration::from_secs(15), || {
+        lab.connect("m/client", &format!("{web}:8080"), "tcp", 1)["ok"] == 1
+            && tcp(&established) >= 1.0
+    });
+    // A connect whose SYNs the policy drops: retransmitted after a second, then given up.
+    let r = run(&mut lab.weir(&[
+        "lab",
+        "connect",
+        "--from",
+        "m/client",
+        "--to",
+        &format!("{shut}:8080"),
+        "--timeout",
+        "2500ms",
+        "-o",
+        "json",
+    ]));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("\"ok\":0"));
+    lab.eventually("the TCP health metrics", Duration::from_secs(15), || {
+        tcp(&established) >= 1.0
+            && tcp(&format!(
+                "weir_tcp_connects_total{{{client},outcome=\"failed\"}}"
+            )) >= 1.0
+            && tcp(&format!("weir_tcp_retransmits_total{{{client}}}")) >= 1.0
+            && tcp(&format!("weir_tcp_rtt_samples_total{{{client}}}")) >= 1.0
+    });
+    let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with("weir_tcp") && l.contains(&web)),
+        "no address in a label"
+    );
 }
