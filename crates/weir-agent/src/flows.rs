@@ -5,7 +5,7 @@
 //! naming the pods behind the addresses as they are when the event arrives.
 //! `GET /flows?since=SEQ` hands out what came after `SEQ`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +27,15 @@ pub struct FlowEnd {
     pub port: u16,
     /// The pod with this address, as `namespace/name`, when it is one.
     pub pod: Option<String>,
+    /// Its namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Its workload (see [`workload_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// Its labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Security identity (0: unknown here).
     pub identity: u32,
     /// What the identity stands for: `host`, `world`, `remote-node`, `pod`, `cidr`,
@@ -62,6 +71,18 @@ pub struct FlowRecord {
     pub source: FlowEnd,
     /// The real destination (after a Service's DNAT).
     pub destination: FlowEnd,
+    /// The Service (`namespace/name`) whose backend the destination is, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// What the log knows of a pod besides its addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodMeta {
+    /// Its workload (see [`workload_of`]).
+    pub workload: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 fn policy_verdict() -> String {
@@ -75,8 +96,11 @@ pub struct FlowLog {
     records: VecDeque<FlowRecord>,
     /// Pod addresses -> `namespace/name` (kept by the policy loop).
     pub pod_names: HashMap<IpAddr, String>,
-    /// `namespace/name` -> the pod's workload (kept by the policy loop; see [`workload_of`]).
-    pub workloads: HashMap<String, String>,
+    /// `namespace/name` -> the pod's workload and labels (kept by the policy loop).
+    pub pods: HashMap<String, PodMeta>,
+    /// (backend address, port, protocol number) -> the Service (`namespace/name`) it is a
+    /// backend of (kept by the Services loop).
+    pub services: HashMap<(IpAddr, u16, u8), String>,
 }
 
 /// A pod's workload, as metrics label it: a Deployment's name for a pod of one of its
@@ -167,21 +191,40 @@ impl FlowLog {
             next_seq: 1,
             records: VecDeque::new(),
             pod_names: HashMap::new(),
-            workloads: HashMap::new(),
+            pods: HashMap::new(),
+            services: HashMap::new(),
         }
+    }
+
+    /// One end of a flow, with what is known of the pod at `ip`.
+    fn end(&self, ip: IpAddr, port: u16, identity: u32) -> FlowEnd {
+        let pod = self.pod_names.get(&ip).cloned();
+        let meta = pod.as_ref().and_then(|p| self.pods.get(p));
+        FlowEnd {
+            ip,
+            port,
+            namespace: pod
+                .as_ref()
+                .and_then(|p| p.split_once('/'))
+                .map(|(ns, _)| ns.to_string()),
+            workload: meta.map(|m| m.workload.clone()),
+            labels: meta.map(|m| m.labels.clone()).unwrap_or_default(),
+            pod,
+            identity,
+            identity_kind: identity_kind(identity).into(),
+        }
+    }
+
+    /// The Service whose backend `dst` is, for protocol `proto`.
+    fn service_of(&self, dst: &FlowEnd, proto: u8) -> Option<String> {
+        self.services.get(&(dst.ip, dst.port, proto)).cloned()
     }
 
     /// Records one event from the datapath.
     pub fn push(&mut self, ev: &flow_event) {
         let end = |words: &[u32; 4], port: u16, identity: u32| {
             let ip = weir_bpf::ip_from_words(ev.family, *words);
-            FlowEnd {
-                ip,
-                port: u16::from_be(port),
-                pod: self.pod_names.get(&ip).cloned(),
-                identity,
-                identity_kind: identity_kind(identity).into(),
-            }
+            self.end(ip, u16::from_be(port), identity)
         };
         let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
         let direction = if ev.dir == weir_bpf::datapath::POLICY_EGRESS {
@@ -218,23 +261,26 @@ impl FlowLog {
             protocol: protocol_name(ev.proto),
             source: end(&ev.saddr, ev.sport, ev.src_identity),
             destination: end(&ev.daddr, ev.dport, ev.dst_identity),
+            service: None,
+        };
+        let rec = FlowRecord {
+            service: self.service_of(&rec.destination, ev.proto),
+            ..rec
         };
         self.append(rec);
     }
 
     /// Records one packet the kernel dropped (IP packets only: the others are counted in
-    /// the metrics alone).
+    /// the metrics alone). Drops by tc and XDP programs are weir's own programs' under eBPF,
+    /// which report them with their reason: counted in the metrics, not logged twice.
     pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
+        if matches!(d.reason.as_str(), "TC_INGRESS" | "TC_EGRESS" | "XDP") {
+            return;
+        }
         let (Some(src), Some(dst)) = (d.src, d.dst) else {
             return;
         };
-        let end = |(ip, port): (IpAddr, u16)| FlowEnd {
-            ip,
-            port,
-            pod: self.pod_names.get(&ip).cloned(),
-            identity: 0,
-            identity_kind: "unknown".into(),
-        };
+        let end = |(ip, port): (IpAddr, u16)| self.end(ip, port, 0);
         let (source, destination) = (end(src), end(dst));
         let direction = if destination.pod.is_some() {
             "ingress"
@@ -252,6 +298,7 @@ impl FlowLog {
             reason: d.reason.clone(),
             direction: direction.into(),
             protocol: protocol_name(d.proto),
+            service: self.service_of(&destination, d.proto),
             source,
             destination,
         };
@@ -450,6 +497,11 @@ mod tests {
         log.push_kernel_drop(&drop("172.30.0.2", "10.244.1.5"));
         log.push_kernel_drop(&drop("10.244.1.5", "172.30.0.2"));
         log.push_kernel_drop(&drop("172.30.0.2", "172.30.0.11"));
+        // A tc program's drop (weir's own, which reports it itself): not logged.
+        log.push_kernel_drop(&KernelDrop {
+            reason: "TC_INGRESS".into(),
+            ..drop("172.30.0.2", "10.244.1.5")
+        });
         // Not IP (an ARP frame): counted in the metrics, not logged.
         log.push_kernel_drop(&KernelDrop {
             src: None,

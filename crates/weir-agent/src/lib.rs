@@ -856,6 +856,7 @@ pub async fn run(
             desired.rebuild(changed, &services, &imports, &sls, &opts, &sched);
         }
         let state = &desired.state;
+        shared.flows.lock().expect("flow log").services = backend_services(state);
         let mut warnings = desired.all_warnings();
         warnings.extend(shared.dataplane.lock().expect("dataplane").limits(state));
         let checks = lb::health_checks(&services.state(), &sls, &cfg.node_name);
@@ -982,6 +983,22 @@ fn refresh_ejections(
     }
 }
 
+/// Every backend of `state` -> its Service (`namespace/name`, without the port), for naming
+/// flows.
+fn backend_services(
+    state: &weir_control::lb::LbState,
+) -> std::collections::HashMap<(std::net::IpAddr, u16, u8), String> {
+    state
+        .frontends
+        .iter()
+        .flat_map(|(k, f)| {
+            f.backends.iter().chain(&f.standby).map(move |b| {
+                let svc = f.service.split_once(':').map_or(&*f.service, |(s, _)| s);
+                ((b.ip, b.port, k.proto.number()), svc.to_string())
+            })
+        })
+        .collect()
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,7 +341,7 @@ pub async fn run(
                 .filter(|p| !p.host_network)
                 .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
                 .collect();
-            log.workloads = pod_store
+            log.pods = pod_store
                 .state()
                 .iter()
                 .map(|p| {
@@ -350,7 +350,11 @@ pub async fn run(
                         p.metadata.namespace.as_deref().unwrap_or("default"),
                         p.metadata.name.as_deref().unwrap_or_default()
                     );
-                    (key, crate::flows::workload_of(p))
+                    let meta = crate::flows::PodMeta {
+                        workload: crate::flows::workload_of(p),
+                        labels: p.metadata.labels.clone().unwrap_or_default(),
+                    };
+                    (key, meta)
                 })
                 .collect();
         }

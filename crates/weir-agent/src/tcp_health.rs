@@ -81,9 +81,9 @@ fn labels_of(pod: &str, log: &Arc<Mutex<FlowLog>>) -> (String, String) {
     let workload = log
         .lock()
         .expect("flow log")
-        .workloads
+        .pods
         .get(pod)
-        .cloned()
+        .map(|m| m.workload.clone())
         .unwrap_or_else(|| name.to_string());
     (ns.to_string(), workload)
 }

@@ -600,28 +600,206 @@ pub(crate) struct ObserveArgs {
     /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Keep printing verdicts as they come (until interrupted).
+    /// Keep printing flows as they come (until interrupted).
     #[arg(short, long)]
     follow: bool,
-    /// Only flows from or to this pod: NAMESPACE/NAME, or NAME in namespace default.
+    /// Only flows from or to this pod: NAMESPACE/NAME, or NAME in namespace default. Filters
+    /// of one flag are alternatives (repeat it); different flags must all hold.
     #[arg(long)]
-    pod: Option<String>,
+    pod: Vec<String>,
+    /// Only flows from this pod.
+    #[arg(long)]
+    from_pod: Vec<String>,
+    /// Only flows to this pod.
+    #[arg(long)]
+    to_pod: Vec<String>,
     /// Only flows from or to pods of this namespace.
     #[arg(short, long)]
-    namespace: Option<String>,
+    namespace: Vec<String>,
+    /// Only flows from pods of this namespace.
+    #[arg(long)]
+    from_namespace: Vec<String>,
+    /// Only flows to pods of this namespace.
+    #[arg(long)]
+    to_namespace: Vec<String>,
+    /// Only flows from or to pods these labels select (`app=web,tier!=db`, `app`, `!canary`).
+    #[arg(short, long)]
+    label: Vec<String>,
+    /// Only flows from pods these labels select.
+    #[arg(long)]
+    from_label: Vec<String>,
+    /// Only flows to pods these labels select.
+    #[arg(long)]
+    to_label: Vec<String>,
+    /// Only flows to a backend of this Service (NAMESPACE/NAME, or NAME in default).
+    #[arg(long)]
+    service: Vec<String>,
+    /// Only this protocol (tcp, udp, icmp, icmpv6, sctp).
+    #[arg(long)]
+    protocol: Vec<String>,
+    /// Only flows with this port at either end.
+    #[arg(long)]
+    port: Vec<u16>,
     /// Only this verdict.
     #[arg(long, value_enum)]
     verdict: Option<VerdictArg>,
     /// Only this reason: weir's (`DROP_POLICY_DENIED`, or `POLICY_DENIED`) or the kernel's
     /// for packets it dropped outside weir's programs (`NETFILTER_DROP`, `NO_SOCKET`, ...).
     #[arg(long)]
-    reason: Option<String>,
-    /// How many past verdicts to print first (default 20, none with --follow).
+    reason: Vec<String>,
+    /// Only flows since this long ago (30s, 5m, 1h30m) or this RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Negate the filter that follows (`--not --namespace kube-system`).
+    #[arg(long = "not")]
+    not: bool,
+    /// (`--not --FLAG VALUE` as the CLI rewrites it: FLAG=VALUE.)
+    #[arg(long = "not-filter", hide = true)]
+    not_filter: Vec<String>,
+    /// How many past flows to print first (default 20, none with --follow).
     #[arg(long)]
     last: Option<usize>,
-    /// Output: a line per verdict, or a JSON object per line.
-    #[arg(short, long, value_enum, default_value_t = Format::Table)]
-    output: Format,
+    /// Output: a line per flow (compact), aligned columns (table), or a JSON object per line.
+    #[arg(short, long, value_enum, default_value_t = ObserveFormat::Compact)]
+    output: ObserveFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ObserveFormat {
+    Compact,
+    Table,
+    Json,
+}
+
+/// `--not --FLAG VALUE` (or `--not --FLAG=VALUE`, `--not -n VALUE`) becomes
+/// `--not-filter FLAG=VALUE`, for `weir observe` to negate that filter. Other arguments are
+/// left as they are.
+pub fn rewrite_not(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if !args.iter().any(|a| a == "observe") {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let next = args.get(i + 1).and_then(|a| a.to_str());
+        let flag = next.and_then(|n| match n {
+            "-n" => Some("namespace".to_string()),
+            "-l" => Some("label".to_string()),
+            n if n.starts_with("--") && n != "--not" => Some(n[2..].to_string()),
+            _ => None,
+        });
+        match (args[i] == "--not", flag) {
+            (true, Some(flag)) => {
+                let (flag, value) = match flag.split_once('=') {
+                    Some((f, v)) => (f.to_string(), Some(v.to_string())),
+                    None => (
+                        flag,
+                        args.get(i + 2).and_then(|a| a.to_str()).map(String::from),
+                    ),
+                };
+                let consumed = if next.is_some_and(|n| n.contains('=')) {
+                    2
+                } else {
+                    3
+                };
+                out.push("--not-filter".into());
+                out.push(format!("{flag}={}", value.unwrap_or_default()).into());
+                i += consumed;
+            }
+            _ => {
+                out.push(args[i].clone());
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The filter `weir observe`'s flags ask for.
+fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
+    use crate::observe::{parse_selector, pod_ref, Cond, End, Verdict};
+    if o.not {
+        bail!("--not must be followed by a filter (e.g. --not --namespace kube-system)");
+    }
+    let cond = |flag: &str, values: Vec<String>| -> Result<Option<Cond>> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        let pods = || values.iter().map(|p| pod_ref(p)).collect::<Vec<_>>();
+        let sels = || -> Result<Vec<_>> { values.iter().map(|s| parse_selector(s)).collect() };
+        Ok(Some(match flag {
+            "pod" => Cond::Pod(End::Either, pods()),
+            "from-pod" => Cond::Pod(End::From, pods()),
+            "to-pod" => Cond::Pod(End::To, pods()),
+            "namespace" => Cond::Namespace(End::Either, values),
+            "from-namespace" => Cond::Namespace(End::From, values),
+            "to-namespace" => Cond::Namespace(End::To, values),
+            "label" => Cond::Label(End::Either, sels()?),
+            "from-label" => Cond::Label(End::From, sels()?),
+            "to-label" => Cond::Label(End::To, sels()?),
+            "service" => Cond::Service(pods()),
+            "protocol" => Cond::Protocol(values),
+            "port" => Cond::Port(
+                values
+                    .iter()
+                    .map(|p| p.parse().map_err(|_| anyhow!("--port {p:?}: not a port")))
+                    .collect::<Result<_>>()?,
+            ),
+            "verdict" => match values.last().map(|v| v.to_ascii_lowercase()).as_deref() {
+                Some("allowed") => Cond::Verdict(Verdict::Allowed),
+                Some("dropped") => Cond::Verdict(Verdict::Dropped),
+                other => bail!("--verdict {other:?}: expected allowed or dropped"),
+            },
+            "reason" => Cond::Reason(values),
+            "since" => Cond::Since(crate::observe::parse_since(values.last().unwrap())?),
+            other => bail!("--not --{other}: not a filter of weir observe"),
+        }))
+    };
+    let verdict = o.verdict.map(|v| match v {
+        VerdictArg::Allowed => "allowed".to_string(),
+        VerdictArg::Dropped => "dropped".to_string(),
+    });
+    let given: Vec<(&str, Vec<String>)> = vec![
+        ("pod", o.pod.clone()),
+        ("from-pod", o.from_pod.clone()),
+        ("to-pod", o.to_pod.clone()),
+        ("namespace", o.namespace.clone()),
+        ("from-namespace", o.from_namespace.clone()),
+        ("to-namespace", o.to_namespace.clone()),
+        ("label", o.label.clone()),
+        ("from-label", o.from_label.clone()),
+        ("to-label", o.to_label.clone()),
+        ("service", o.service.clone()),
+        ("protocol", o.protocol.clone()),
+        ("port", o.port.iter().map(|p| p.to_string()).collect()),
+        ("verdict", verdict.into_iter().collect()),
+        ("reason", o.reason.clone()),
+        ("since", o.since.clone().into_iter().collect()),
+    ];
+    let mut conds = Vec::new();
+    for (flag, values) in given {
+        if let Some(c) = cond(flag, values)? {
+            conds.push((false, c));
+        }
+    }
+    // Negated ones, grouped by flag (values of one flag are alternatives).
+    let mut negated: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for nf in &o.not_filter {
+        let (flag, value) = nf.split_once('=').unwrap_or((nf.as_str(), ""));
+        if value.is_empty() {
+            bail!("--not --{flag}: needs a value");
+        }
+        negated
+            .entry(flag.to_string())
+            .or_default()
+            .push(value.to_string());
+    }
+    for (flag, values) in negated {
+        if let Some(c) = cond(&flag, values)? {
+            conds.push((true, c));
+        }
+    }
+    Ok(crate::observe::Filter { conds })
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -851,22 +1029,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         )),
         Command::Observe(o) => {
             let sockets = observe_sockets(&cli, o)?;
-            let filter = crate::observe::Filter {
-                pod: o.pod.as_deref().map(crate::observe::pod_ref),
-                namespace: o.namespace.clone(),
-                verdict: o.verdict.map(|v| match v {
-                    VerdictArg::Allowed => crate::observe::Verdict::Allowed,
-                    VerdictArg::Dropped => crate::observe::Verdict::Dropped,
-                }),
-                reason: o.reason.clone(),
-            };
+            let filter = observe_filter(o)?;
             let last = o.last.unwrap_or(if o.follow { 0 } else { 20 });
             current_thread()?.block_on(crate::observe::run(
                 &sockets,
                 &filter,
                 last,
                 o.follow,
-                o.output == Format::Json,
+                match o.output {
+                    ObserveFormat::Compact => crate::observe::Output::Compact,
+                    ObserveFormat::Table => crate::observe::Output::Table,
+                    ObserveFormat::Json => crate::observe::Output::Json,
+                },
             ))
         }
         Command::Agent(a) => runtime()?.block_on(crate::agent::run(&cli, a)),
@@ -1481,5 +1655,52 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn observe(args: &[&str]) -> Result<crate::observe::Filter> {
+        let argv: Vec<std::ffi::OsString> = ["weir", "observe"]
+            .iter()
+            .chain(args)
+            .map(|a| a.into())
+            .collect();
+        let cli = Cli::try_parse_from(rewrite_not(argv))?;
+        let Command::Observe(o) = &cli.command else {
+            panic!("not observe");
+        };
+        observe_filter(o)
+    }
+
+    #[test]
+    fn observe_filters_and_not() {
+        use crate::observe::{Cond, End};
+        let f = observe(&["--from-pod", "a", "--pod", "x/b", "--pod", "x/c", "-n", "x"]).unwrap();
+        let got: Vec<String> = f.conds.iter().map(|c| format!("{c:?}")).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(&f.conds[0], (false, Cond::Pod(End::Either, p)) if p == &["x/b", "x/c"]));
+        assert!(matches!(&f.conds[1], (false, Cond::Pod(End::From, p)) if p == &["default/a"]));
+        // --not negates the flag that follows, long or short, with its value apart or not.
+        let f = observe(&[
+            "--not",
+            "--namespace",
+            "kube-system",
+            "--not",
+            "-l",
+            "app=x",
+            "--not",
+            "--verdict=dropped",
+            "--protocol",
+            "tcp",
+        ])
+        .unwrap();
+        let negated: Vec<bool> = f.conds.iter().map(|(n, _)| *n).collect();
+        assert_eq!(negated, vec![false, true, true, true], "{:?}", f.conds);
+        assert!(f.conds.iter().any(
+            |c| matches!(c, (true, Cond::Namespace(End::Either, n)) if n == &["kube-system"])
+        ));
+        assert!(observe(&["--not"]).is_err());
+        assert!(observe(&["--not", "--bogus", "1"]).is_err());
+        assert!(observe(&["--since", "tomorrow"]).is_err());
+        assert!(observe(&["-l", "=x"]).is_err());
+        assert!(observe(&["-o", "table", "--since", "5m", "--port", "80"]).is_ok());
     }
 }

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         }
         default_hook(info)
     }));
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_from(cli::rewrite_not(std::env::args_os().collect()));
     let default_level = if args.is_daemon() {
         "info,kube_client::client::builder=off"
     } else {

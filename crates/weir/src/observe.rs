@@ -15,52 +15,162 @@ use weir_agent::flows::{FlowEnd, FlowPage, FlowRecord};
 pub enum Verdict {
     /// Flows the policy let through.
     Allowed,
-    /// Flows the policy dropped.
+    /// Flows the policy (or the kernel) dropped.
     Dropped,
 }
 
-/// What to show.
+/// Which end of a flow a condition looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The source or the destination.
+    Either,
+    /// The source.
+    From,
+    /// The destination.
+    To,
+}
+
+/// One requirement of a label selector (`k=v`, `k!=v`, `k`, `!k`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelReq {
+    /// The label has this value.
+    Is(String, String),
+    /// The label is absent or has another value.
+    IsNot(String, String),
+    /// The label is there.
+    Exists(String),
+    /// The label is not there.
+    Absent(String),
+}
+
+/// A label selector as kubectl writes one: requirements separated by commas, all to hold.
+pub fn parse_selector(s: &str) -> Result<Vec<LabelReq>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let req = if let Some((k, v)) = r.split_once("!=") {
+                LabelReq::IsNot(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
+                LabelReq::Is(k.trim().into(), v.trim().into())
+            } else if let Some(k) = r.strip_prefix('!') {
+                LabelReq::Absent(k.trim().into())
+            } else {
+                LabelReq::Exists(r.into())
+            };
+            match &req {
+                LabelReq::Is(k, _)
+                | LabelReq::IsNot(k, _)
+                | LabelReq::Exists(k)
+                | LabelReq::Absent(k)
+                    if k.is_empty() || k.contains(char::is_whitespace) =>
+                {
+                    Err(anyhow!("label selector {s:?}: {r:?} names no label"))
+                }
+                _ => Ok(req),
+            }
+        })
+        .collect()
+}
+
+/// One condition on a flow; the values of one condition are alternatives.
 #[derive(Debug, Clone)]
+pub enum Cond {
+    /// A pod (`namespace/name`) at that end.
+    Pod(End, Vec<String>),
+    /// A pod of the namespace at that end.
+    Namespace(End, Vec<String>),
+    /// A pod at that end whose labels match one of the selectors.
+    Label(End, Vec<Vec<LabelReq>>),
+    /// The Service (`namespace/name`) the flow went to.
+    Service(Vec<String>),
+    /// The protocol (`tcp`, `udp`, `icmp`, ...).
+    Protocol(Vec<String>),
+    /// A port at either end.
+    Port(Vec<u16>),
+    /// The verdict.
+    Verdict(Verdict),
+    /// The reason (any case; `POLICY_DENIED` matches `DROP_POLICY_DENIED`).
+    Reason(Vec<String>),
+    /// Not before this time.
+    Since(jiff::Timestamp),
+}
+
+fn ends(r: &FlowRecord, end: End) -> Vec<&FlowEnd> {
+    match end {
+        End::Either => vec![&r.source, &r.destination],
+        End::From => vec![&r.source],
+        End::To => vec![&r.destination],
+    }
+}
+
+fn labels_match(e: &FlowEnd, sel: &[LabelReq]) -> bool {
+    e.pod.is_some()
+        && sel.iter().all(|req| match req {
+            LabelReq::Is(k, v) => e.labels.get(k) == Some(v),
+            LabelReq::IsNot(k, v) => e.labels.get(k) != Some(v),
+            LabelReq::Exists(k) => e.labels.contains_key(k),
+            LabelReq::Absent(k) => !e.labels.contains_key(k),
+        })
+}
+
+fn reason_matches(have: &str, want: &str) -> bool {
+    let (want, have) = (want.to_ascii_uppercase(), have.to_ascii_uppercase());
+    have == want || have.ends_with(&format!("_{want}"))
+}
+
+impl Cond {
+    fn matches(&self, r: &FlowRecord) -> bool {
+        match self {
+            Cond::Pod(end, pods) => ends(r, *end)
+                .iter()
+                .any(|e| e.pod.as_ref().is_some_and(|p| pods.contains(p))),
+            Cond::Namespace(end, nss) => ends(r, *end).iter().any(|e| {
+                e.pod
+                    .as_deref()
+                    .and_then(|p| p.split_once('/'))
+                    .is_some_and(|(ns, _)| nss.iter().any(|n| n == ns))
+            }),
+            Cond::Label(end, sels) => ends(r, *end)
+                .iter()
+                .any(|e| sels.iter().any(|s| labels_match(e, s))),
+            Cond::Service(svcs) => r.service.as_ref().is_some_and(|s| svcs.contains(s)),
+            Cond::Protocol(ps) => ps.iter().any(|p| p.eq_ignore_ascii_case(&r.protocol)),
+            Cond::Port(ports) => ports
+                .iter()
+                .any(|p| *p == r.source.port || *p == r.destination.port),
+            Cond::Verdict(Verdict::Allowed) => r.verdict == "allowed",
+            Cond::Verdict(Verdict::Dropped) => r.verdict == "dropped",
+            Cond::Reason(rs) => rs.iter().any(|w| reason_matches(&r.reason, w)),
+            Cond::Since(t) => r.time.parse::<jiff::Timestamp>().is_ok_and(|rt| rt >= *t),
+        }
+    }
+}
+
+/// What to show: every condition holds (a negated one must not).
+#[derive(Debug, Clone, Default)]
 pub struct Filter {
-    /// `namespace/name`: flows from or to this pod.
-    pub pod: Option<String>,
-    /// Flows from or to pods of this namespace.
-    pub namespace: Option<String>,
-    /// Only this verdict.
-    pub verdict: Option<Verdict>,
-    /// Only this reason (any case; `POLICY_DENIED` matches `DROP_POLICY_DENIED`).
-    pub reason: Option<String>,
+    /// (negated, condition).
+    pub conds: Vec<(bool, Cond)>,
 }
 
 impl Filter {
     fn matches(&self, r: &FlowRecord) -> bool {
-        let ends = [&r.source.pod, &r.destination.pod];
-        if let Some(p) = &self.pod {
-            if !ends.iter().any(|e| e.as_deref() == Some(p.as_str())) {
-                return false;
-            }
-        }
-        if let Some(ns) = &self.namespace {
-            let prefix = format!("{ns}/");
-            if !ends
-                .iter()
-                .any(|e| e.as_deref().is_some_and(|p| p.starts_with(&prefix)))
-            {
-                return false;
-            }
-        }
-        if let Some(want) = &self.reason {
-            let (want, have) = (want.to_ascii_uppercase(), r.reason.to_ascii_uppercase());
-            if have != want && !have.ends_with(&format!("_{want}")) {
-                return false;
-            }
-        }
-        match self.verdict {
-            Some(Verdict::Allowed) => r.verdict == "allowed",
-            Some(Verdict::Dropped) => r.verdict == "dropped",
-            None => true,
-        }
+        self.conds.iter().all(|(not, c)| c.matches(r) != *not)
     }
+}
+
+/// `--since`: a duration back from now (`30s`, `5m`, `1h30m`) or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<jiff::Timestamp> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let d: jiff::SignedDuration = s.parse().map_err(|_| {
+        anyhow!("--since {s:?}: expected a duration (30s, 5m, 1h30m) or an RFC 3339 time")
+    })?;
+    jiff::Timestamp::now()
+        .checked_sub(d)
+        .map_err(|e| anyhow!("--since {s:?}: {e}"))
 }
 
 /// `NAME` is a pod of namespace `default`, as kubectl reads it.
@@ -94,13 +204,60 @@ fn end(e: &FlowEnd) -> String {
     }
 }
 
-/// One verdict as a line.
-pub fn line(r: &FlowRecord) -> String {
-    let time = r
-        .time
+fn time_of(r: &FlowRecord) -> String {
+    r.time
         .parse::<jiff::Timestamp>()
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-        .unwrap_or_else(|_| r.time.clone());
+        .unwrap_or_else(|_| r.time.clone())
+}
+
+/// How `weir observe` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A line per flow.
+    Compact,
+    /// Aligned columns under a header.
+    Table,
+    /// A JSON object per line.
+    Json,
+}
+
+/// The header of the table output.
+pub const TABLE_HEADER: &str = "TIME                      NODE       SOURCE                          DESTINATION                     PROTO  VERDICT                  REASON";
+
+/// One flow as a table row (under [`TABLE_HEADER`]).
+pub fn row(r: &FlowRecord) -> String {
+    let short = |e: &FlowEnd| {
+        let who = e.pod.clone().unwrap_or_else(|| match e.ip {
+            std::net::IpAddr::V6(a) => format!("[{a}]"),
+            a => a.to_string(),
+        });
+        if e.port != 0 {
+            format!("{who}:{}", e.port)
+        } else {
+            who
+        }
+    };
+    let verdict = if r.event == "kernel-drop" {
+        "DROPPED (kernel)".to_string()
+    } else {
+        r.verdict.to_uppercase()
+    };
+    format!(
+        "{:<25} {:<10} {:<31} {:<31} {:<6} {:<24} {}",
+        time_of(r),
+        r.node,
+        short(&r.source),
+        short(&r.destination),
+        r.protocol.to_uppercase(),
+        verdict,
+        r.reason
+    )
+}
+
+/// One verdict as a line.
+pub fn line(r: &FlowRecord) -> String {
+    let time = time_of(r);
     let by = if r.event == "kernel-drop" {
         " by the kernel"
     } else {
@@ -118,11 +275,11 @@ pub fn line(r: &FlowRecord) -> String {
     )
 }
 
-fn print(r: &FlowRecord, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(r)?);
-    } else {
-        println!("{}", line(r));
+fn print(r: &FlowRecord, out: Output) -> Result<()> {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string(r)?),
+        Output::Compact => println!("{}", line(r)),
+        Output::Table => println!("{}", row(r)),
     }
     Ok(())
 }
@@ -142,7 +299,7 @@ pub async fn run(
     filter: &Filter,
     last: usize,
     follow: bool,
-    json: bool,
+    out: Output,
 ) -> Result<ExitCode> {
     let mut cursor: BTreeMap<String, u64> = BTreeMap::new();
     let mut events_lost: BTreeMap<String, u64> = BTreeMap::new();
@@ -162,8 +319,11 @@ pub async fn run(
         past.extend(p.flows.into_iter().filter(|r| filter.matches(r)));
     }
     past.sort_by(|a, b| a.time.cmp(&b.time));
+    if out == Output::Table {
+        println!("{TABLE_HEADER}");
+    }
     for r in &past[past.len().saturating_sub(last)..] {
-        print(r, json)?;
+        print(r, out)?;
     }
     if !follow {
         return Ok(ExitCode::SUCCESS);
@@ -205,7 +365,7 @@ pub async fn run(
         }
         new.sort_by(|a, b| a.time.cmp(&b.time));
         for r in &new {
-            print(r, json)?;
+            print(r, out)?;
         }
     }
 }
@@ -219,6 +379,11 @@ mod tests {
             ip: ip.parse().unwrap(),
             port,
             pod: pod.map(str::to_string),
+            namespace: pod.map(|p| p.split('/').next().unwrap().to_string()),
+            workload: None,
+            labels: pod
+                .map(|_| [("app".to_string(), "web".to_string())].into())
+                .unwrap_or_default(),
             identity,
             identity_kind: kind.into(),
         };
@@ -237,17 +402,29 @@ mod tests {
             protocol: "tcp".into(),
             source: end(src_pod, "10.244.1.2", 40000, 256, "pod"),
             destination: end(dst_pod, "10.244.2.3", 80, 2, "world"),
+            service: Some("x/web".into()),
         }
+    }
+
+    fn filter(conds: Vec<(bool, Cond)>) -> Filter {
+        Filter { conds }
     }
 
     #[test]
     fn filters_by_pod_namespace_and_verdict_and_prints_a_line() {
         let r = rec(Some("x/a"), None, "dropped");
-        let f = |pod: Option<&str>, ns: Option<&str>, v| Filter {
-            pod: pod.map(pod_ref),
-            namespace: ns.map(str::to_string),
-            verdict: v,
-            reason: None,
+        let f = |pod: Option<&str>, ns: Option<&str>, v: Option<Verdict>| {
+            let mut c = Vec::new();
+            if let Some(p) = pod {
+                c.push((false, Cond::Pod(End::Either, vec![pod_ref(p)])));
+            }
+            if let Some(n) = ns {
+                c.push((false, Cond::Namespace(End::Either, vec![n.to_string()])));
+            }
+            if let Some(v) = v {
+                c.push((false, Cond::Verdict(v)));
+            }
+            filter(c)
         };
         assert!(f(None, None, None).matches(&r));
         assert!(f(Some("x/a"), None, Some(Verdict::Dropped)).matches(&r));
@@ -261,10 +438,7 @@ mod tests {
             "2026-11-22T10:00:00.123Z node-1: x/a:40000 (10.244.1.2, id 256) -> 10.244.2.3:80 (world) TCP ingress DROPPED (DROP_POLICY_DENIED)"
         );
         // By reason, whole or without its prefix, any case.
-        let by = |reason: &str| Filter {
-            reason: Some(reason.into()),
-            ..f(None, None, None)
-        };
+        let by = |reason: &str| filter(vec![(false, Cond::Reason(vec![reason.into()]))]);
         assert!(by("DROP_POLICY_DENIED").matches(&r));
         assert!(by("policy_denied").matches(&r));
         assert!(!by("DENIED_X").matches(&r));
@@ -278,5 +452,44 @@ mod tests {
             "{}",
             line(&k)
         );
+        assert!(row(&k).contains("DROPPED (kernel)"), "{}", row(&k));
+    }
+
+    #[test]
+    fn ends_labels_services_ports_protocols_time_and_negation() {
+        let r = rec(Some("x/a"), Some("y/b"), "allowed");
+        let one = |c: Cond| filter(vec![(false, c)]);
+        let not = |c: Cond| filter(vec![(true, c)]);
+        assert!(one(Cond::Pod(End::From, vec!["x/a".into()])).matches(&r));
+        assert!(!one(Cond::Pod(End::To, vec!["x/a".into()])).matches(&r));
+        assert!(one(Cond::Pod(End::To, vec!["z/c".into(), "y/b".into()])).matches(&r));
+        assert!(one(Cond::Namespace(End::To, vec!["y".into()])).matches(&r));
+        assert!(!one(Cond::Namespace(End::From, vec!["y".into()])).matches(&r));
+        let sel = |s: &str| parse_selector(s).unwrap();
+        assert!(one(Cond::Label(End::From, vec![sel("app=web")])).matches(&r));
+        assert!(one(Cond::Label(End::Either, vec![sel("app,!tier")])).matches(&r));
+        assert!(!one(Cond::Label(End::Either, vec![sel("app!=web")])).matches(&r));
+        assert!(one(Cond::Label(End::Either, vec![sel("x=1"), sel("app==web")])).matches(&r));
+        assert!(parse_selector("=v").is_err());
+        assert!(one(Cond::Service(vec!["x/web".into()])).matches(&r));
+        assert!(!one(Cond::Service(vec!["x/other".into()])).matches(&r));
+        assert!(one(Cond::Protocol(vec!["TCP".into()])).matches(&r));
+        assert!(one(Cond::Port(vec![80])).matches(&r));
+        assert!(!one(Cond::Port(vec![81])).matches(&r));
+        let before: jiff::Timestamp = "2026-11-22T09:00:00Z".parse().unwrap();
+        let after: jiff::Timestamp = "2026-11-22T11:00:00Z".parse().unwrap();
+        assert!(one(Cond::Since(before)).matches(&r));
+        assert!(!one(Cond::Since(after)).matches(&r));
+        // --not negates the next filter; conditions AND.
+        assert!(!not(Cond::Pod(End::From, vec!["x/a".into()])).matches(&r));
+        assert!(not(Cond::Protocol(vec!["udp".into()])).matches(&r));
+        let both = filter(vec![
+            (false, Cond::Namespace(End::Either, vec!["x".into()])),
+            (true, Cond::Verdict(Verdict::Dropped)),
+        ]);
+        assert!(both.matches(&r));
+        assert!(parse_since("5m").is_ok() && parse_since("1h30m").is_ok());
+        assert!(parse_since("2026-11-22T09:00:00Z").unwrap() == before);
+        assert!(parse_since("yesterday").is_err());
     }
 }

@@ -31,6 +31,11 @@ kind: Pod
 metadata: {name: client, namespace: m}
 spec: {containers: [{name: c, image: i}]}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: shut, namespace: m}
+spec: {selector: {app: shut}, ports: [{port: 80, targetPort: 8080}]}
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny, namespace: m}
@@ -84,6 +89,54 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
         .unwrap();
     assert_eq!(d["direction"], "egress", "{d}");
     assert_eq!(d["source"]["pod"], "m/client", "{d}");
+    // Through the Service: the drop names it; Hubble's filters find it.
+    lab.connect("m/client", "shut.m:80", "tcp", 1);
+    let find = |args: &[&str]| -> Vec<Value> {
+        let mut a = vec!["observe", "--last", "100", "-o", "json"];
+        a.extend_from_slice(args);
+        ok(&mut lab.weir(&a))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    lab.eventually(
+        "the drop through the Service",
+        Duration::from_secs(10),
+        || !find(&["--service", "m/shut"]).is_empty(),
+    );
+    let via = find(&[
+        "--service",
+        "m/shut",
+        "--to-label",
+        "app=shut",
+        "--from-namespace",
+        "m",
+    ]);
+    assert!(
+        via.iter()
+            .all(|d| d["service"] == "m/shut" && d["destination"]["workload"] == "shut"),
+        "{via:?}"
+    );
+    assert!(
+        via.iter()
+            .all(|d| d["destination"]["labels"]["app"] == "shut"),
+        "{via:?}"
+    );
+    assert!(find(&["--service", "m/shut", "--from-label", "app=shut"]).is_empty());
+    let not_socket = find(&["--from-pod", "m/client", "--not", "--reason", "NO_SOCKET"]);
+    assert!(!not_socket.is_empty() && not_socket.iter().all(|d| d["reason"] != "NO_SOCKET"));
+    assert!(find(&["--protocol", "udp", "--port", "9"])
+        .iter()
+        .all(|d| d["reason"] == "NO_SOCKET"));
+    let table = ok(&mut lab.weir(&[
+        "observe", "--to-pod", "m/shut", "-o", "table", "--last", "2",
+    ]));
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap().starts_with("TIME"), "{table}");
+    assert!(
+        lines.all(|l| l.contains("m/shut:8080") && l.contains("DROPPED (kernel)")),
+        "{table}"
+    );
     // The text form says who dropped it.
     let text = ok(&mut lab.weir(&["observe", "--reason", "NETFILTER_DROP", "--last", "1"]));
     assert!(
