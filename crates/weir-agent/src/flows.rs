@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use weir_bpf::datapath::{flow_event, reason_name, weir_reason};
+use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
 use weir_bpf::kdrop::{KernelDrop, KernelDrops};
 
 use crate::pods::Pods;
@@ -52,8 +52,9 @@ pub struct FlowRecord {
     pub time: String,
     /// The node whose datapath judged it.
     pub node: String,
-    /// What reported it: `policy-verdict` (weir's programs) or `kernel-drop` (the kernel
-    /// dropped the packet, outside weir's programs).
+    /// What reported it: `policy-verdict` (weir's programs judged a flow), `drop` (weir's
+    /// programs dropped a packet for another reason) or `kernel-drop` (the kernel dropped
+    /// it, outside weir's programs).
     #[serde(default = "policy_verdict")]
     pub event: String,
     /// `allowed` or `dropped`.
@@ -62,9 +63,12 @@ pub struct FlowRecord {
     /// `DROP_POLICY_FAILED`), or the kernel's drop reason (`NETFILTER_DROP`, `NO_SOCKET`, ...).
     pub reason: String,
     /// Which pod's policy decided: `ingress` (the destination's) or `egress` (the source's);
-    /// for a kernel drop, `ingress` when the destination is a local pod, `egress` when the
-    /// source is, else `node`.
+    /// for a drop, `ingress` when the destination is a local pod, `egress` when the source
+    /// is, else `node`.
     pub direction: String,
+    /// The reason in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason_text: String,
     /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6` or the protocol number.
     pub protocol: String,
     /// The original source (before any SNAT).
@@ -253,6 +257,7 @@ impl FlowLog {
                 "dropped".into()
             },
             reason: reason_name(ev.reason as u8),
+            reason_text: reason_description(ev.reason as u8),
             direction: if ev.dir == weir_bpf::datapath::POLICY_EGRESS {
                 "egress".into()
             } else {
@@ -281,7 +286,41 @@ impl FlowLog {
             return;
         };
         let end = |(ip, port): (IpAddr, u16)| self.end(ip, port, 0);
-        let (source, destination) = (end(src), end(dst));
+        let (reason, text) = (d.reason.clone(), kernel_reason_text(&d.reason));
+        self.push_drop(
+            "kernel-drop",
+            d.ts,
+            (reason, text),
+            d.proto,
+            end(src),
+            end(dst),
+        );
+    }
+
+    /// Records one packet weir's programs dropped for a reason other than policy.
+    pub fn push_drop_event(&mut self, d: &DropEvent) {
+        let (Some(src), Some(dst)) = (d.src, d.dst) else {
+            return;
+        };
+        let code = d.reason as u8;
+        let (source, destination) = (
+            self.end(src.ip(), src.port(), 0),
+            self.end(dst.ip(), dst.port(), 0),
+        );
+        let reason = (reason_name(code), reason_description(code));
+        self.push_drop("drop", d.ts, reason, d.proto, source, destination);
+    }
+
+    /// A drop's record: its direction from where the pods are.
+    fn push_drop(
+        &mut self,
+        event: &str,
+        ts: u64,
+        (reason, reason_text): (String, String),
+        proto: u8,
+        source: FlowEnd,
+        destination: FlowEnd,
+    ) {
         let direction = if destination.pod.is_some() {
             "ingress"
         } else if source.pod.is_some() {
@@ -291,14 +330,15 @@ impl FlowLog {
         };
         let rec = FlowRecord {
             seq: self.next_seq,
-            time: wall_time(d.ts),
+            time: wall_time(ts),
             node: self.node.clone(),
-            event: "kernel-drop".into(),
+            event: event.into(),
             verdict: "dropped".into(),
-            reason: d.reason.clone(),
+            reason,
+            reason_text,
             direction: direction.into(),
-            protocol: protocol_name(d.proto),
-            service: self.service_of(&destination, d.proto),
+            protocol: protocol_name(proto),
+            service: self.service_of(&destination, proto),
             source,
             destination,
         };
@@ -306,6 +346,15 @@ impl FlowLog {
     }
 
     fn append(&mut self, rec: FlowRecord) {
+        crate::metrics::METRICS
+            .flows
+            .get_or_create(&vec![
+                ("event", rec.event.clone()),
+                ("verdict", rec.verdict.clone()),
+                ("reason", rec.reason.clone()),
+                ("direction", rec.direction.clone()),
+            ])
+            .inc();
         self.next_seq += 1;
         if self.records.len() == CAPACITY {
             self.records.pop_front();
@@ -343,6 +392,68 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
                 .events(move |ev| log.lock().expect("flow log").push(ev))
         },
         |rb, wait| rb.poll(wait),
+    )
+}
+
+/// A kernel drop reason in words: the common ones said, the others spelled out.
+pub fn kernel_reason_text(name: &str) -> String {
+    let said = match name {
+        "NETFILTER_DROP" => "a netfilter rule dropped it",
+        "NO_SOCKET" => "no socket was there to take it (nothing listening, or no connection)",
+        "IP_OUTNOROUTES" => "no route to send it by",
+        "IP_INNOROUTES" | "IP_INADDRERRORS" => "no route for its destination",
+        "NEIGH_FAILED" => "its next hop's link-layer address could not be resolved",
+        "NEIGH_QUEUEFULL" => "too many packets waited for a next hop's link-layer address",
+        "QDISC_DROP" => "the device's queue discipline dropped it (queue full)",
+        "CPU_BACKLOG" => "the CPU's input backlog was full",
+        "SOCKET_RCVBUFF" => "the socket's receive buffer was full",
+        "SOCKET_BACKLOG" => "the socket's backlog was full",
+        "TCP_LISTEN_OVERFLOW" => "the listening socket's accept queue was full",
+        "PKT_TOO_BIG" => "larger than the path's MTU",
+        "IP_RPFILTER" => "reverse path filtering refused its source",
+        "OTHERHOST" => "it was not for this host",
+        _ => "",
+    };
+    if !said.is_empty() {
+        return said.to_string();
+    }
+    format!(
+        "the kernel: {}",
+        name.to_ascii_lowercase().replace('_', " ")
+    )
+}
+
+/// Starts the thread that drains the drops of weir's programs (other than policy's) into
+/// `log`, and counts the events their full ring buffer refused in
+/// `weir_drop_events_lost_total`.
+pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
+    let p2 = pods.clone();
+    let seen: Mutex<HashMap<String, u64>> = Mutex::default();
+    crate::ring::spawn(
+        "weir-drops",
+        "the drop events",
+        move || {
+            p2.dataplane
+                .lock()
+                .expect("pods")
+                .datapath()
+                .drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
+        },
+        move |rb, wait| {
+            rb.poll(wait)?;
+            let lost = pods.dataplane.lock().expect("pods").datapath().drops_lost();
+            if let Ok(lost) = lost {
+                let mut seen = seen.lock().expect("drops lost");
+                for (reason, n) in lost {
+                    let before = seen.insert(reason.clone(), n).unwrap_or(0);
+                    crate::metrics::METRICS
+                        .drop_events_lost
+                        .get_or_create(&vec![("reason", reason)])
+                        .inc_by(n.saturating_sub(before));
+                }
+            }
+            Ok::<(), weir_bpf::LibbpfError>(())
+        },
     )
 }
 
@@ -457,6 +568,34 @@ mod tests {
         let tail = log.since(p.next - 2);
         assert_eq!((tail.lost, tail.flows.len()), (0, 2));
         assert!(log.since(p.next).flows.is_empty());
+    }
+
+    #[test]
+    fn drops_of_weirs_programs_are_logged_with_the_reason_in_words() {
+        let mut log = FlowLog::new("n1");
+        log.pod_names
+            .insert("10.244.1.5".parse().unwrap(), "x/a".into());
+        log.services
+            .insert(("10.244.1.5".parse().unwrap(), 8080, 6), "x/web".into());
+        log.push_drop_event(&DropEvent {
+            ts: 0,
+            reason: weir_reason::DROP_NO_ROUTE.0,
+            dir: 0,
+            ifindex: 2,
+            proto: 6,
+            src: Some("172.30.0.2:40000".parse().unwrap()),
+            dst: Some("10.244.1.5:8080".parse().unwrap()),
+            len: 60,
+        });
+        let r = &log.since(0).flows[0];
+        assert_eq!(
+            (r.event.as_str(), r.reason.as_str()),
+            ("drop", "DROP_NO_ROUTE")
+        );
+        assert!(r.reason_text.contains("FIB will not forward"), "{r:?}");
+        assert_eq!(r.direction, "ingress");
+        assert_eq!(r.service.as_deref(), Some("x/web"));
+        assert_eq!(r.destination.namespace.as_deref(), Some("x"));
     }
 
     #[test]

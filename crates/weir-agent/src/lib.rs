@@ -636,6 +636,7 @@ pub async fn run(
     let flow_log = Arc::new(Mutex::new(flows::FlowLog::new(&cfg.node_name)));
     if let Some(p) = &pods {
         flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
+        flows::spawn_drops(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         flows::spawn_kernel_drops(p.clone(), flow_log.clone());
         tcp_health::spawn(p.clone(), flow_log.clone());
         tokio::spawn(policy::run(

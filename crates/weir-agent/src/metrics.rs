@@ -9,6 +9,8 @@
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
 //! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
 //! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
+//! | `weir_flows_total` | counter | `event`, `verdict`, `reason`, `direction` | flows the agent logged for `weir observe`: policy verdicts, drops of weir's programs, the kernel's drops |
+//! | `weir_drop_events_lost_total` | counter | `reason` | drop events of weir's programs their full ring buffer refused (the drops are counted in `weir_drops_total`) |
 //! | `weir_tcp_retransmits_total` | counter | `namespace`, `workload` | TCP segments the node's pods retransmitted (`tcp:tcp_retransmit_skb`) |
 //! | `weir_tcp_resets_total` | counter | `namespace`, `workload`, `direction` | resets sent and received |
 //! | `weir_tcp_connects_total` | counter | `namespace`, `workload`, `outcome` | connects `established` or `failed` (`sock:inet_sock_set_state`) |
@@ -62,6 +64,10 @@ pub struct Metrics {
     pub kernel_drops: Family<Labels, Counter>,
     /// `weir_kernel_drop_events_lost_total`.
     pub kernel_drop_events_lost: Family<Labels, Counter>,
+    /// `weir_drop_events_lost_total`.
+    pub drop_events_lost: Family<Labels, Counter>,
+    /// `weir_flows_total`.
+    pub flows: Family<Labels, Counter>,
     /// `weir_tcp_*`.
     pub tcp: TcpMetrics,
 }
@@ -91,6 +97,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     policy_verdicts: Family::default(),
     kernel_drops: Family::default(),
     kernel_drop_events_lost: Family::default(),
+    drop_events_lost: Family::default(),
+    flows: Family::default(),
     tcp: TcpMetrics::default(),
 });
 
@@ -135,6 +143,16 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "weir_kernel_drop_events_lost",
         "Kernel drop events the full ring buffer refused, by reason (the drops are still counted)",
         METRICS.kernel_drop_events_lost.clone(),
+    );
+    r.register(
+        "weir_flows",
+        "Flows the agent logged, by event (policy-verdict, drop, kernel-drop), verdict, reason and direction",
+        METRICS.flows.clone(),
+    );
+    r.register(
+        "weir_drop_events_lost",
+        "Drop events of weir's programs their full ring buffer refused, by reason (the drops are still counted in weir_drops_total)",
+        METRICS.drop_events_lost.clone(),
     );
     let t = &METRICS.tcp;
     r.register(

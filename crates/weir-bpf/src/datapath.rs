@@ -72,6 +72,61 @@ pub const AF_INET6: u8 = 6;
 /// `endpoint_info.flags`: deliver through the host stack, no shortcut.
 pub const EP_HOST_STACK: u32 = 1;
 
+/// A packet weir's programs dropped for a reason other than policy (`struct drop_event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropEvent {
+    /// When (boot clock, nanoseconds).
+    pub ts: u64,
+    /// `DROP_*`.
+    pub reason: u32,
+    /// `WEIR_DIR_*` of the hook.
+    pub dir: u8,
+    /// The device the program ran on.
+    pub ifindex: u32,
+    /// IP protocol (0 when not IP).
+    pub proto: u8,
+    /// Source and destination with ports (None when not IP).
+    pub src: Option<std::net::SocketAddr>,
+    /// The destination.
+    pub dst: Option<std::net::SocketAddr>,
+    /// The packet's length.
+    pub len: u32,
+}
+
+impl DropEvent {
+    /// A `struct drop_event` (weir/api/datapath.h: 64 bytes, host order but for the
+    /// addresses and ports).
+    fn decode(d: &[u8]) -> Option<DropEvent> {
+        if d.len() < 64 {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_ne_bytes(d[o..o + 4].try_into().expect("4 bytes"));
+        let port_at = |o: usize| u16::from_be_bytes([d[o], d[o + 1]]);
+        let family = d[44];
+        let addr = |o: usize| -> Option<std::net::IpAddr> {
+            match family {
+                AF_INET => Some(std::net::Ipv4Addr::new(d[o], d[o + 1], d[o + 2], d[o + 3]).into()),
+                AF_INET6 => {
+                    let b: [u8; 16] = d[o..o + 16].try_into().ok()?;
+                    Some(std::net::Ipv6Addr::from(b).into())
+                }
+                _ => None,
+            }
+        };
+        let sock = |o: usize, p: usize| addr(o).map(|a| std::net::SocketAddr::new(a, port_at(p)));
+        Some(DropEvent {
+            ts: u64::from_ne_bytes(d[0..8].try_into().expect("8 bytes")),
+            src: sock(8, 40),
+            dst: sock(24, 42),
+            proto: d[45],
+            dir: d[46],
+            reason: u32_at(48),
+            ifindex: u32_at(52),
+            len: u32_at(56),
+        })
+    }
+}
+
 /// Names of the datapath maps (shared by the pod and node programs; the load-balancing maps
 /// are the socket layer's, pinned in its directory).
 pub const DATAPATH_MAPS: &[&str] = &[
@@ -424,8 +479,40 @@ pub fn reason_name(code: u8) -> String {
         .unwrap_or_else(|| format!("REASON_{code}"))
 }
 
+/// Reason `code` in words: its comment in weir/api/datapath.h (one source for both).
+pub fn reason_description(code: u8) -> String {
+    static TEXT: std::sync::LazyLock<std::collections::HashMap<String, String>> =
+        std::sync::LazyLock::new(|| {
+            let h = include_str!("../../../bpf/include/weir/api/datapath.h");
+            let body = &h[h.find("enum weir_reason {").expect("enum")..];
+            let body = &body[..body.find("};").expect("end")];
+            body.lines()
+                .filter_map(|l| {
+                    let name = l.trim().split([' ', '\t', '=', ',']).next()?;
+                    let c = l.split_once("/*")?.1.split_once("*/")?.0.trim();
+                    (!name.is_empty()).then(|| (name.to_string(), c.to_string()))
+                })
+                .collect()
+        });
+    TEXT.get(&reason_name(code)).cloned().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reasons_in_words_come_from_the_header() {
+        let code = super::REASONS
+            .iter()
+            .find(|(_, n)| *n == "DROP_SOURCE_RANGE")
+            .unwrap()
+            .0
+             .0 as u8;
+        assert_eq!(
+            super::reason_description(code),
+            "client outside the loadBalancerSourceRanges"
+        );
+    }
+
     #[test]
     fn every_c_reason_has_a_name() {
         let h = include_str!("../../../bpf/include/weir/api/datapath.h");
@@ -532,6 +619,8 @@ impl Datapath {
             "weir_pct4" => &self.pod.maps.weir_pct4,
             "weir_pct6" => &self.pod.maps.weir_pct6,
             "weir_events" => &self.pod.maps.weir_events,
+            "weir_drop_events" => &self.pod.maps.weir_drop_events,
+            "weir_drop_lost" => &self.pod.maps.weir_drop_lost,
             "weir_prefilter" => &self.xdp.maps.weir_prefilter,
             "weir_prefilter_stats" => &self.xdp.maps.weir_prefilter_stats,
             other => panic!("no datapath map named {other}"),
@@ -1125,6 +1214,40 @@ impl Datapath {
         })
         .map_err(lb("reading map weir_events"))?;
         b.build().map_err(lb("reading map weir_events"))
+    }
+
+    /// A reader of the drop events (drops for reasons other than policy), calling `f` with
+    /// each (poll it on the thread that made it).
+    pub fn drop_events<F: FnMut(&DropEvent) + 'static>(
+        &self,
+        mut f: F,
+    ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(self.map("weir_drop_events"), move |data: &[u8]| {
+            if let Some(ev) = DropEvent::decode(data) {
+                f(&ev);
+            }
+            0
+        })
+        .map_err(lb("reading map weir_drop_events"))?;
+        b.build().map_err(lb("reading map weir_drop_events"))
+    }
+
+    /// Drop events the full ring buffer refused, per reason (name), summed over CPUs.
+    pub fn drops_lost(&self) -> Result<Vec<(String, u64)>, BpfError> {
+        let map = self.map("weir_drop_lost");
+        let mut out = Vec::new();
+        for reason in weir_reason::DROP_INVALID_PACKET.0..weir_reason::REASON_MAX.0 {
+            let per_cpu = map
+                .lookup_percpu(&reason.to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading weir_drop_lost"))?
+                .unwrap_or_default();
+            let n: u64 = per_cpu.iter().map(|v| from_bytes::<u64>(v)).sum();
+            if n > 0 {
+                out.push((reason_name(reason as u8), n));
+            }
+        }
+        Ok(out)
     }
 
     /// Packets and bytes of one `weir_metrics` slot, summed over CPUs.

@@ -871,10 +871,29 @@ fn node_port_without_backends_is_dropped_with_a_reason_and_other_ports_pass() {
     fx.node_setup();
     let in0 = fx.ifindex("in0");
     fx.node_port(30090, 6, 10, None);
+    let drops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let d2 = drops.clone();
+    let events = fx
+        .dp
+        .drop_events(move |e| d2.lock().unwrap().push(e.clone()))
+        .expect("drop events");
     let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30090), 0x02);
     let (v, _) = fx.run(TcProgram::FromNetdev, &syn, in0);
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(fx.metric("DROP_NO_SERVICE_BACKEND"), 1);
+    // The drop is reported, with the packet's addresses and the device.
+    events.consume().expect("consume");
+    let drops = drops.lock().unwrap();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    let d = &drops[0];
+    assert_eq!(
+        weir_bpf::datapath::reason_name(d.reason as u8),
+        "DROP_NO_SERVICE_BACKEND"
+    );
+    assert_eq!(d.src, Some("10.1.0.5:40000".parse().unwrap()));
+    assert_eq!(d.dst, Some("10.1.0.1:30090".parse().unwrap()));
+    assert_eq!((d.proto, d.ifindex), (6, in0));
+    assert!(fx.dp.drops_lost().expect("lost").is_empty());
     // Not a NodePort: the node's own traffic goes to its stack untouched.
     let ssh = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 22), 0x02);
     let (v, out) = fx.run(TcProgram::FromNetdev, &ssh, in0);

@@ -399,6 +399,7 @@ mod tests {
                 "REASON_POLICY_ALLOWED".into()
             },
             direction: "ingress".into(),
+            reason_text: String::new(),
             protocol: "tcp".into(),
             source: end(src_pod, "10.244.1.2", 40000, 256, "pod"),
             destination: end(dst_pod, "10.244.2.3", 80, 2, "world"),

@@ -209,3 +209,36 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
         "no address in a label"
     );
 }
+
+/// The drops of weir's own programs other than policy's are flows too, with the reason in
+/// words: a NodePort without a backend under eBPF. tc's own drop reason (`TC_INGRESS`) for
+/// the same packet is not logged twice.
+#[test]
+fn drops_of_weirs_programs_are_observed_with_the_reason_in_words() {
+    let m = "apiVersion: v1\nkind: Namespace\nmetadata: {name: m}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: m}\nspec:\n  type: NodePort\n  selector: {app: none}\n  ports:\n  - {port: 80, targetPort: 8080}\n";
+    let lab = Lab::up("wdrop", 1, m);
+    let port = lab.get_json(&["svc", "nobody", "-n", "m"])["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .unwrap();
+    let node = lab.node_ip("node-1");
+    let r = lab.connect("external", &format!("{node}:{port}"), "tcp", 2);
+    assert_eq!(r["ok"], 0, "{r}");
+    let mut drops = Vec::new();
+    lab.eventually("the drops observed", Duration::from_secs(10), || {
+        drops = observed(&lab, "NO_SERVICE_BACKEND");
+        !drops.is_empty()
+    });
+    let d = &drops[0];
+    assert_eq!(d["event"], "drop", "{d}");
+    assert_eq!(d["reason"], "DROP_NO_SERVICE_BACKEND", "{d}");
+    assert!(
+        d["reason_text"]
+            .as_str()
+            .unwrap()
+            .contains("without usable backend"),
+        "{d}"
+    );
+    assert_eq!(d["destination"]["port"], port, "{d}");
+    assert_eq!(d["source"]["ip"], "172.30.0.2", "{d}");
+    assert!(observed(&lab, "TC_INGRESS").is_empty());
+}

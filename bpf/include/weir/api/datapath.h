@@ -347,4 +347,25 @@ struct flow_event {
 };
 _Static_assert(sizeof(struct flow_event) == 72, "flow_event size");
 
+/*
+ * A packet weir's programs dropped for a reason other than policy (weir_drop_events ring
+ * buffer; policy drops are reported as verdicts, struct flow_event), for `weir observe`.
+ * What a full ring buffer refuses is counted per reason in weir_drop_lost.
+ */
+struct drop_event {
+	__u64 ts;	 /* boot clock, nanoseconds */
+	__be32 saddr[4]; /* network order; IPv4 in [0] (as the packet was when dropped) */
+	__be32 daddr[4];
+	__be16 sport;	 /* network order; 0 without ports */
+	__be16 dport;
+	__u8 family;	 /* WEIR_AF_INET, WEIR_AF_INET6, or 0 when not IP */
+	__u8 proto;
+	__u8 dir;	 /* WEIR_DIR_INGRESS or WEIR_DIR_EGRESS (of the device's hook) */
+	__u8 pad;
+	__u32 reason;	 /* DROP_* */
+	__u32 ifindex;	 /* the device the program ran on */
+	__u32 len;	 /* the packet's length */
+};
+_Static_assert(sizeof(struct drop_event) == 64, "drop_event size");
+
 #endif /* WEIR_API_DATAPATH_H */
