@@ -3,7 +3,7 @@
 #   make test   runs every test (unit, API server, kubectl, lab end to end)
 CARGO ?= cargo
 
-.PHONY: demo test build setup fmt lint clean bench image image-test
+.PHONY: demo test build setup fmt lint clean bench image image-test ui
 
 setup:
 	@scripts/setup.sh
@@ -15,7 +15,12 @@ demo: build
 	@WEIR=target/debug/weir scripts/demo.sh
 
 test: build
+	cd ui && npm run --silent check
 	$(CARGO) test --workspace
+
+# The service map's bundle (ui/dist/app.js, embedded in the binary) from ui/src.
+ui: setup
+	cd ui && npm run build
 
 # Benchmarks (not tests): ratios against kube-proxy's layouts measured in the same run.
 bench: setup

@@ -18,8 +18,10 @@ export DEBIAN_FRONTEND=noninteractive
 # for XDP labs; ping for ICMP echo through the masquerade; containernetworking-plugins to
 # chain weir-cni with the reference plugins as a runtime would); protobuf-compiler for the
 # etcd client's gRPC code; etcd-server for clustersets' etcd, and nftables for their
-# partitions (and as a benchmark baseline); bind9-dnsutils (dig) to query the lab DNS as a pod.
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils)
+# partitions (and as a benchmark baseline); bind9-dnsutils (dig) to query the lab DNS as a pod;
+# nodejs and npm for the service map's front-end toolchain (ui/: esbuild, and playwright-core,
+# which drives chromium headless in its browser test).
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils nodejs npm chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -49,6 +51,14 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
     echo "error: kubernetes-validate was installed but python3 cannot import it" >&2
     exit 1
   }
+fi
+
+# The service map's npm packages (ui/package-lock.json), when missing or out of date.
+ui="$(dirname "$0")/../ui"
+if [ ! -d "$ui/node_modules/playwright-core" ] || [ ! -d "$ui/node_modules/esbuild" ] ||
+  [ "$ui/package-lock.json" -nt "$ui/node_modules/.package-lock.json" ]; then
+  echo "setup: installing the service map's npm packages (ui/)"
+  (cd "$ui" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

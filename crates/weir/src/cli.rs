@@ -96,6 +96,20 @@ pub(crate) enum Command {
     /// the direction whose policy decided; and the packets the kernel dropped on the nodes
     /// outside weir's programs, with the kernel's reason. Prints the last ones, or follows.
     Observe(ObserveArgs),
+    /// Serve a live map of the cluster's namespaces, workloads and the traffic between them
+    /// (coloured by verdict, with rates and drops; click an edge or a workload for its flows
+    /// and drop reasons) on localhost, and print its URL. Runs until interrupted.
+    Ui {
+        /// Where to listen (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:9880")]
+        listen: std::net::SocketAddr,
+        /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// A node's prefilter: packets from listed source prefixes are dropped on the node's
     /// devices before anything else runs (deny lists against floods), with counters: an XDP
     /// program under eBPF, rules before conntrack under nftables and iptables.
@@ -1042,6 +1056,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     ObserveFormat::Json => crate::observe::Output::Json,
                 },
             ))
+        }
+        Command::Ui {
+            listen,
+            nodes,
+            socket,
+        } => {
+            let sockets = node_sockets(&cli, socket.as_ref(), nodes)?;
+            runtime()?.block_on(crate::ui::run(cli.cluster.clone(), sockets, *listen))
         }
         Command::Agent(a) => runtime()?.block_on(crate::agent::run(&cli, a)),
         Command::Cni(c) => crate::cni_install::run(c),

@@ -10,6 +10,7 @@ mod introspect;
 mod mesh;
 mod observe;
 mod switch;
+mod ui;
 
 use std::process::ExitCode;
 

@@ -284,7 +284,7 @@ fn print(r: &FlowRecord, out: Output) -> Result<()> {
     Ok(())
 }
 
-async fn page(socket: &std::path::Path, since: u64) -> std::io::Result<FlowPage> {
+pub(crate) async fn page(socket: &std::path::Path, since: u64) -> std::io::Result<FlowPage> {
     let v = weir_agent::api::get(socket, &format!("/flows?since={since}")).await?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         return Err(std::io::Error::other(e.to_string()));

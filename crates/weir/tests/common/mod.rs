@@ -340,6 +340,12 @@ impl Lab {
 /// A process started by a test, killed when dropped.
 pub struct Daemon(std::process::Child);
 
+impl From<std::process::Child> for Daemon {
+    fn from(c: std::process::Child) -> Self {
+        Daemon(c)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();

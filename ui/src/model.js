@@ -1,0 +1,66 @@
+// The map's model: flows (as `weir observe -o json` prints them) folded into workloads
+// grouped by namespace, and edges between them with what was seen on each.
+
+const RECENT = 200; // flows kept per edge for the panel
+const RATE_WINDOW_MS = 10_000;
+
+/** The map node a flow end belongs to: a workload of a namespace, or outside the pods. */
+export function nodeOf(end) {
+  if (end.pod) {
+    const [ns, name] = end.pod.split("/");
+    const workload = end.workload || name;
+    return { id: `${ns}/${workload}`, group: ns, label: workload };
+  }
+  const kind = end.identity_kind && end.identity_kind !== "unknown" ? end.identity_kind : "outside";
+  return { id: `:${kind}`, group: "(outside the pods)", label: kind };
+}
+
+export class Model {
+  constructor() {
+    this.nodes = new Map(); // id -> {id, group, label, flows: []}
+    this.edges = new Map(); // "src->dst" -> {id, src, dst, allowed, dropped, ports, times, flows}
+  }
+
+  add(flow) {
+    const s = nodeOf(flow.source);
+    const d = nodeOf(flow.destination);
+    for (const n of [s, d]) {
+      if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [] });
+    }
+    const id = `${s.id}->${d.id}`;
+    let e = this.edges.get(id);
+    if (!e) {
+      e = { id, src: s.id, dst: d.id, allowed: 0, dropped: 0, ports: new Set(), times: [], flows: [] };
+      this.edges.set(id, e);
+    }
+    if (flow.verdict === "dropped") e.dropped += 1;
+    else e.allowed += 1;
+    if (flow.destination.port) e.ports.add(`${flow.destination.port}/${flow.protocol}`);
+    e.times.push(Date.parse(flow.time) || Date.now());
+    e.flows.push(flow);
+    if (e.flows.length > RECENT) e.flows.shift();
+    for (const n of [s.id, d.id]) {
+      const nf = this.nodes.get(n).flows;
+      nf.push(flow);
+      if (nf.length > RECENT) nf.shift();
+    }
+  }
+
+  /** Flows per second on edge `e` over the last ten seconds (as of `now`). */
+  rate(e, now = Date.now()) {
+    e.times = e.times.filter((t) => now - t <= RATE_WINDOW_MS);
+    return e.times.length / (RATE_WINDOW_MS / 1000);
+  }
+
+  /** The namespaces (groups) with their nodes, sorted for a stable layout. */
+  groups() {
+    const g = new Map();
+    for (const n of this.nodes.values()) {
+      if (!g.has(n.group)) g.set(n.group, []);
+      g.get(n.group).push(n);
+    }
+    return [...g.entries()]
+      .sort(([a], [b]) => (a.startsWith("(") ? 1 : 0) - (b.startsWith("(") ? 1 : 0) || a.localeCompare(b))
+      .map(([name, nodes]) => ({ name, nodes: nodes.sort((a, b) => a.label.localeCompare(b.label)) }));
+  }
+}

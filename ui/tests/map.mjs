@@ -1,0 +1,45 @@
+// Drives `weir ui` in headless Chromium (playwright-core, Debian's /usr/bin/chromium):
+//   node tests/map.mjs URL EXPECT.json [SCREENSHOT.png]
+// EXPECT: {"workloads": ["ns/name", ...], "denied": ["ns/src", "ns/dst"], "reason": "..."}.
+// Checks that the map shows the workloads, that the edge `denied` is marked as dropping,
+// and that clicking it lists its drops with the reason; prints what it saw as JSON and
+// exits non-zero on a failed check.
+import { chromium } from "playwright-core";
+import { readFileSync } from "node:fs";
+
+const [url, expectPath, shot] = process.argv.slice(2);
+const want = JSON.parse(readFileSync(expectPath, "utf8"));
+const browser = await chromium.launch({
+  executablePath: process.env.WEIR_CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-background-networking"],
+});
+const seen = {};
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 800 } });
+  await page.goto(url);
+  for (const w of want.workloads) {
+    await page.locator(`g.node[data-id="${w}"]`).waitFor({ timeout: 20000 });
+  }
+  seen.workloads = await page.locator("g.node").evaluateAll((ns) => ns.map((n) => n.dataset.id));
+  const [src, dst] = want.denied;
+  const edge = page.locator(`g.edge.denied[data-src="${src}"][data-dst="${dst}"]`);
+  await edge.waitFor({ timeout: 20000 });
+  seen.denied_edge = await edge.getAttribute("data-dropped");
+  await edge.locator("text").click();
+  const rows = page.locator("#flows tbody tr.flow.dropped");
+  await rows.first().waitFor({ timeout: 10000 });
+  seen.title = await page.locator("#panel-title").textContent();
+  seen.rows = await rows.evaluateAll((rs) => rs.map((r) => r.textContent));
+  if (!seen.rows.some((r) => r.includes(want.reason))) {
+    throw new Error(`no dropped flow with ${want.reason} in the panel`);
+  }
+  // Live: the map updates without a reload (the status line counts edges).
+  seen.status = await page.locator("#status").textContent();
+  if (shot) await page.screenshot({ path: shot, fullPage: true });
+  console.log(JSON.stringify({ ok: true, ...seen }));
+} catch (e) {
+  console.log(JSON.stringify({ ok: false, error: String(e), ...seen }));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
