@@ -19,13 +19,18 @@ export DEBIAN_FRONTEND=noninteractive
 # chain weir-cni with the reference plugins as a runtime would); protobuf-compiler for the
 # etcd client's gRPC code; etcd-server for clustersets' etcd, and nftables for their
 # partitions (and as a benchmark baseline); bind9-dnsutils (dig) to query the lab DNS as a pod;
-# nodejs and npm for the service map's front-end toolchain (ui/: esbuild, and playwright-core,
-# which drives chromium headless in its browser test).
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils nodejs npm chromium)
+# chromium for the service map's browser test.
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js and npm for the service map's front-end toolchain (ui/: esbuild, and playwright-core
+# for its browser test): the machine's if it has them (a Node.js from elsewhere brings its own
+# npm, which Debian's npm package conflicts with), else Debian's.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
 # kubectl: use the one on the machine if there is one; otherwise Debian's kubernetes-client.
 if ! command -v kubectl >/dev/null 2>&1; then
   missing+=(kubernetes-client)
