@@ -3,57 +3,13 @@
 //! BTF), exactly, with an event each carrying the addresses; another namespace's drops are
 //! not counted.
 
+mod netns;
+
 use std::net::UdpSocket;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use netns::Netns;
 use weir_bpf::kdrop::{netns_inum, KernelDrop, KernelDrops};
-
-/// A network namespace with loopback up, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("wbt-kd-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).expect("netns");
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Sends `n` datagrams to 127.0.0.1:`port` (from inside whatever namespace runs it).
 fn send(n: usize, port: u16) {
@@ -65,8 +21,8 @@ fn send(n: usize, port: u16) {
 
 #[test]
 fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    let a = Netns::new("kd-a");
+    let b = Netns::new("kd-b");
     let drops = KernelDrops::load(netns_inum(a.path().as_ref()).expect("inum")).expect("load");
     let seen: Arc<Mutex<Vec<KernelDrop>>> = Arc::default();
     let s2 = seen.clone();
@@ -75,14 +31,7 @@ fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
         .expect("events");
     // netfilter drops what goes to port 9999; nothing listens on 9998.
     for ns in [&a, &b] {
-        run(
-            "nsenter",
-            &[
-                &format!("--net={}", ns.path()),
-                "nft",
-                "add table inet t; add chain inet t o { type filter hook output priority 0; }; add rule inet t o udp dport 9999 drop",
-            ],
-        );
+        ns.drop_output("udp", 9999);
     }
     a.inside(|| {
         send(5, 9999);

@@ -2,56 +2,14 @@
 //! a connect refused (a reset each way), a connect whose SYNs netfilter drops (retransmits,
 //! a failure) and the connections' smoothed RTT are counted; an unwatched namespace's are not.
 
+mod netns;
+
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
+use netns::Netns;
 use weir_bpf::kdrop::netns_inum;
 use weir_bpf::tcp_health::TcpHealth;
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("wbt-th-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-
-    fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).expect("netns");
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Three connects that work, one refused, one whose SYNs are dropped (port 7777).
 fn traffic() {
@@ -74,17 +32,10 @@ fn traffic() {
 
 #[test]
 fn a_watched_namespaces_tcp_health_is_counted() {
-    let a = Netns::new("a");
-    let b = Netns::new("b");
+    let a = Netns::new("th-a");
+    let b = Netns::new("th-b");
     for ns in [&a, &b] {
-        run(
-            "nsenter",
-            &[
-                &format!("--net={}", ns.path()),
-                "nft",
-                "add table inet t; add chain inet t o { type filter hook output priority 0; }; add rule inet t o tcp dport 7777 drop",
-            ],
-        );
+        ns.drop_output("tcp", 7777);
     }
     let th = TcpHealth::load().expect("load");
     th.watch(netns_inum(a.path().as_ref()).unwrap(), 5)
