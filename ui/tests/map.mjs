@@ -1,8 +1,9 @@
 // Drives `weir ui` in headless Chromium (playwright-core, Debian's /usr/bin/chromium):
 //   node tests/map.mjs URL EXPECT.json [SCREENSHOT.png]
-// EXPECT: {"workloads": ["ns/name", ...], "denied": ["ns/src", "ns/dst"], "reason": "..."}.
+// EXPECT: {"workloads": ["ns/name", ...], "denied": ["ns/src", "ns/dst"], "reason": "...",
+//          "policy": "ns/name"}.
 // Checks that the map shows the workloads, that the edge `denied` is marked as dropping,
-// and that clicking it lists its drops with the reason; prints what it saw as JSON and
+// and that clicking it lists its drops with the reason and the policy; prints what it saw as JSON and
 // exits non-zero on a failed check.
 import { chromium } from "playwright-core";
 import { readFileSync } from "node:fs";
@@ -30,8 +31,8 @@ try {
   await rows.first().waitFor({ timeout: 10000 });
   seen.title = await page.locator("#panel-title").textContent();
   seen.rows = await rows.evaluateAll((rs) => rs.map((r) => r.textContent));
-  if (!seen.rows.some((r) => r.includes(want.reason))) {
-    throw new Error(`no dropped flow with ${want.reason} in the panel`);
+  if (!seen.rows.some((r) => r.includes(want.reason) && r.includes(want.policy))) {
+    throw new Error(`no dropped flow with ${want.reason} by ${want.policy} in the panel`);
   }
   // Live: the map updates without a reload (the status line counts edges).
   seen.status = await page.locator("#status").textContent();

@@ -78,6 +78,10 @@ pub struct FlowRecord {
     /// The Service (`namespace/name`) whose backend the destination is, when it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The NetworkPolicies (`namespace/name`) that decided a denial: every policy isolating
+    /// the pod in the direction judged (none of their rules allowed the flow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// What the log knows of a pod besides its addresses.
@@ -105,6 +109,9 @@ pub struct FlowLog {
     /// (backend address, port, protocol number) -> the Service (`namespace/name`) it is a
     /// backend of (kept by the Services loop).
     pub services: HashMap<(IpAddr, u16, u8), String>,
+    /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
+    /// (kept by the policy loop).
+    pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
 }
 
 /// A pod's workload, as metrics label it: a Deployment's name for a pod of one of its
@@ -197,6 +204,7 @@ impl FlowLog {
             pod_names: HashMap::new(),
             pods: HashMap::new(),
             services: HashMap::new(),
+            isolating: HashMap::new(),
         }
     }
 
@@ -217,6 +225,18 @@ impl FlowLog {
             identity,
             identity_kind: identity_kind(identity).into(),
         }
+    }
+
+    /// The policies that decided a denial judged in `r.direction`.
+    fn deciding(&self, r: &FlowRecord) -> Vec<String> {
+        let (pod, ingress) = match r.direction.as_str() {
+            "egress" => (&r.source.pod, false),
+            _ => (&r.destination.pod, true),
+        };
+        pod.as_ref()
+            .and_then(|p| self.isolating.get(p))
+            .map(|(i, e)| if ingress { i.clone() } else { e.clone() })
+            .unwrap_or_default()
     }
 
     /// The Service whose backend `dst` is, for protocol `proto`.
@@ -267,9 +287,16 @@ impl FlowLog {
             source: end(&ev.saddr, ev.sport, ev.src_identity),
             destination: end(&ev.daddr, ev.dport, ev.dst_identity),
             service: None,
+            policies: Vec::new(),
+        };
+        let policies = if allowed {
+            Vec::new()
+        } else {
+            self.deciding(&rec)
         };
         let rec = FlowRecord {
             service: self.service_of(&rec.destination, ev.proto),
+            policies,
             ..rec
         };
         self.append(rec);
@@ -339,6 +366,7 @@ impl FlowLog {
             direction: direction.into(),
             protocol: protocol_name(proto),
             service: self.service_of(&destination, proto),
+            policies: Vec::new(),
             source,
             destination,
         };
@@ -568,6 +596,30 @@ mod tests {
         let tail = log.since(p.next - 2);
         assert_eq!((tail.lost, tail.flows.len()), (0, 2));
         assert!(log.since(p.next).flows.is_empty());
+    }
+
+    #[test]
+    fn denials_name_the_policies_isolating_the_pod() {
+        let mut log = FlowLog::new("n1");
+        log.pod_names
+            .insert("10.0.0.2".parse().unwrap(), "x/b".into());
+        log.isolating.insert(
+            "x/b".into(),
+            (
+                vec!["x/closed".into(), "x/web".into()],
+                vec!["x/out".into()],
+            ),
+        );
+        let mut e = ev(weir_reason::DROP_POLICY_DENIED.0);
+        log.push(&e);
+        e.dir = weir_bpf::datapath::POLICY_EGRESS;
+        log.push(&e);
+        log.push(&ev(weir_reason::REASON_POLICY_ALLOWED.0));
+        let p = log.since(0);
+        assert_eq!(p.flows[0].policies, vec!["x/closed", "x/web"]);
+        // Egress judged at the source, which no policy isolates here.
+        assert!(p.flows[1].policies.is_empty());
+        assert!(p.flows[2].policies.is_empty());
     }
 
     #[test]

@@ -30,6 +30,26 @@ use weir_dataplane::pods::PolicyApplyStats;
 
 use crate::pods::Pods;
 
+/// Pod (`namespace/name`) -> the policies isolating it for ingress and for egress.
+fn isolating(
+    statuses: &[PolicyStatus],
+) -> std::collections::HashMap<String, (Vec<String>, Vec<String>)> {
+    let mut out: std::collections::HashMap<String, (Vec<String>, Vec<String>)> = Default::default();
+    for s in statuses {
+        let name = format!("{}/{}", s.namespace, s.name);
+        for pod in &s.selected {
+            let e = out.entry(pod.clone()).or_default();
+            if s.ingress {
+                e.0.push(name.clone());
+            }
+            if s.egress {
+                e.1.push(name.clone());
+            }
+        }
+    }
+    out
+}
+
 /// What the agent reports about NetworkPolicy.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PolicyReport {
@@ -454,6 +474,7 @@ pub async fn run(
             tracing::debug!(ipcache = ?state.ipcache, "ipcache");
         }
         let policies = state.policies.clone();
+        flows.lock().expect("flow log").isolating = isolating(&policies);
         let pending = state.pending_identities.clone();
         let started = std::time::Instant::now();
         let result = pods.dataplane.lock().expect("pods").set_policy(state);

@@ -263,8 +263,13 @@ pub fn line(r: &FlowRecord) -> String {
     } else {
         ""
     };
+    let policies = if r.policies.is_empty() {
+        String::new()
+    } else {
+        format!(" by {}", r.policies.join(", "))
+    };
     format!(
-        "{time} {}: {} -> {} {} {} {}{by} ({})",
+        "{time} {}: {} -> {} {} {} {}{by} ({}){policies}",
         r.node,
         end(&r.source),
         end(&r.destination),
@@ -404,6 +409,7 @@ mod tests {
             source: end(src_pod, "10.244.1.2", 40000, 256, "pod"),
             destination: end(dst_pod, "10.244.2.3", 80, 2, "world"),
             service: Some("x/web".into()),
+            policies: Vec::new(),
         }
     }
 

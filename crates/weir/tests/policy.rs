@@ -140,6 +140,15 @@ fn observe_drops(lab: &Lab) {
             "{r}"
         );
         assert_eq!(r["source"]["identity_kind"], "pod", "{r}");
+        // The policies that isolate x's pods decided it.
+        let policies = r["policies"].as_array().unwrap();
+        assert!(
+            !policies.is_empty()
+                && policies
+                    .iter()
+                    .all(|p| p.as_str().unwrap().starts_with("x/")),
+            "{r}"
+        );
     }
     let seen = |src: &str, port: u64, proto: &str| {
         recs.iter().any(|r| {

@@ -1,7 +1,7 @@
 //! `weir ui` in a real browser: Playwright (npm's playwright-core, run by Node.js from ui/)
 //! drives Debian's Chromium headless against a lab with traffic and a denying
 //! NetworkPolicy: the map shows the workloads, the denied edge is marked, and clicking it
-//! lists its drops with the reason.
+//! lists its drops with the reason and the policy's name.
 
 mod common;
 
@@ -90,6 +90,7 @@ fn the_map_shows_workloads_and_marks_the_denied_edge() {
             "workloads": ["shop/web", "shop/vault", "shop/client"],
             "denied": ["shop/client", "shop/vault"],
             "reason": "DROP_POLICY_DENIED",
+            "policy": "shop/vault-closed",
         })
         .to_string(),
     )
