@@ -227,14 +227,9 @@ impl FlowLog {
         }
     }
 
-    /// The policies that decided a denial judged in `r.direction`.
-    fn deciding(&self, r: &FlowRecord) -> Vec<String> {
-        let (pod, ingress) = match r.direction.as_str() {
-            "egress" => (&r.source.pod, false),
-            _ => (&r.destination.pod, true),
-        };
-        pod.as_ref()
-            .and_then(|p| self.isolating.get(p))
+    /// The policies that decided a denial: those isolating `pod` for ingress or egress.
+    fn deciding(&self, pod: Option<&String>, ingress: bool) -> Vec<String> {
+        pod.and_then(|p| self.isolating.get(p))
             .map(|(i, e)| if ingress { i.clone() } else { e.clone() })
             .unwrap_or_default()
     }
@@ -251,11 +246,8 @@ impl FlowLog {
             self.end(ip, u16::from_be(port), identity)
         };
         let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
-        let direction = if ev.dir == weir_bpf::datapath::POLICY_EGRESS {
-            "egress"
-        } else {
-            "ingress"
-        };
+        let ingress = ev.dir != weir_bpf::datapath::POLICY_EGRESS;
+        let direction = if ingress { "ingress" } else { "egress" };
         crate::metrics::METRICS
             .policy_verdicts
             .get_or_create(&vec![
@@ -266,38 +258,28 @@ impl FlowLog {
                 ("direction", direction.to_string()),
             ])
             .inc();
+        let source = end(&ev.saddr, ev.sport, ev.src_identity);
+        let destination = end(&ev.daddr, ev.dport, ev.dst_identity);
+        let policies = if allowed {
+            Vec::new()
+        } else {
+            let judged = if ingress { &destination } else { &source };
+            self.deciding(judged.pod.as_ref(), ingress)
+        };
         let rec = FlowRecord {
             seq: self.next_seq,
             time: wall_time(ev.ts),
             node: self.node.clone(),
             event: policy_verdict(),
-            verdict: if ev.reason == weir_reason::REASON_POLICY_ALLOWED.0 {
-                "allowed".into()
-            } else {
-                "dropped".into()
-            },
+            verdict: if allowed { "allowed" } else { "dropped" }.into(),
             reason: reason_name(ev.reason as u8),
             reason_text: reason_description(ev.reason as u8),
-            direction: if ev.dir == weir_bpf::datapath::POLICY_EGRESS {
-                "egress".into()
-            } else {
-                "ingress".into()
-            },
+            direction: direction.into(),
             protocol: protocol_name(ev.proto),
-            source: end(&ev.saddr, ev.sport, ev.src_identity),
-            destination: end(&ev.daddr, ev.dport, ev.dst_identity),
-            service: None,
-            policies: Vec::new(),
-        };
-        let policies = if allowed {
-            Vec::new()
-        } else {
-            self.deciding(&rec)
-        };
-        let rec = FlowRecord {
-            service: self.service_of(&rec.destination, ev.proto),
+            service: self.service_of(&destination, ev.proto),
             policies,
-            ..rec
+            source,
+            destination,
         };
         self.append(rec);
     }
@@ -312,16 +294,8 @@ impl FlowLog {
         let (Some(src), Some(dst)) = (d.src, d.dst) else {
             return;
         };
-        let end = |(ip, port): (IpAddr, u16)| self.end(ip, port, 0);
-        let (reason, text) = (d.reason.clone(), kernel_reason_text(&d.reason));
-        self.push_drop(
-            "kernel-drop",
-            d.ts,
-            (reason, text),
-            d.proto,
-            end(src),
-            end(dst),
-        );
+        let reason = (d.reason.clone(), kernel_reason_text(&d.reason));
+        self.push_drop("kernel-drop", d.ts, reason, d.proto, (src, dst));
     }
 
     /// Records one packet weir's programs dropped for a reason other than policy.
@@ -330,24 +304,22 @@ impl FlowLog {
             return;
         };
         let code = d.reason as u8;
-        let (source, destination) = (
-            self.end(src.ip(), src.port(), 0),
-            self.end(dst.ip(), dst.port(), 0),
-        );
         let reason = (reason_name(code), reason_description(code));
-        self.push_drop("drop", d.ts, reason, d.proto, source, destination);
+        let ends = ((src.ip(), src.port()), (dst.ip(), dst.port()));
+        self.push_drop("drop", d.ts, reason, d.proto, ends);
     }
 
-    /// A drop's record: its direction from where the pods are.
+    /// A drop's record (between `(address, port)` ends): its direction from where the pods
+    /// are.
     fn push_drop(
         &mut self,
         event: &str,
         ts: u64,
         (reason, reason_text): (String, String),
         proto: u8,
-        source: FlowEnd,
-        destination: FlowEnd,
+        (src, dst): ((IpAddr, u16), (IpAddr, u16)),
     ) {
+        let (source, destination) = (self.end(src.0, src.1, 0), self.end(dst.0, dst.1, 0));
         let direction = if destination.pod.is_some() {
             "ingress"
         } else if source.pod.is_some() {
@@ -452,36 +424,20 @@ pub fn kernel_reason_text(name: &str) -> String {
 }
 
 /// Starts the thread that drains the drops of weir's programs (other than policy's) into
-/// `log`, and counts the events their full ring buffer refused in
-/// `weir_drop_events_lost_total`.
+/// `log` (what their full ring buffer refused is read from the kernel at scrape time:
+/// `weir_drop_events_lost_total`).
 pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    let p2 = pods.clone();
-    let seen: Mutex<HashMap<String, u64>> = Mutex::default();
     crate::ring::spawn(
         "weir-drops",
         "the drop events",
         move || {
-            p2.dataplane
+            pods.dataplane
                 .lock()
                 .expect("pods")
                 .datapath()
                 .drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
         },
-        move |rb, wait| {
-            rb.poll(wait)?;
-            let lost = pods.dataplane.lock().expect("pods").datapath().drops_lost();
-            if let Ok(lost) = lost {
-                let mut seen = seen.lock().expect("drops lost");
-                for (reason, n) in lost {
-                    let before = seen.insert(reason.clone(), n).unwrap_or(0);
-                    crate::metrics::METRICS
-                        .drop_events_lost
-                        .get_or_create(&vec![("reason", reason)])
-                        .inc_by(n.saturating_sub(before));
-                }
-            }
-            Ok::<(), weir_bpf::LibbpfError>(())
-        },
+        |rb, wait| rb.poll(wait),
     )
 }
 

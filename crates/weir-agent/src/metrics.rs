@@ -64,8 +64,6 @@ pub struct Metrics {
     pub kernel_drops: Family<Labels, Counter>,
     /// `weir_kernel_drop_events_lost_total`.
     pub kernel_drop_events_lost: Family<Labels, Counter>,
-    /// `weir_drop_events_lost_total`.
-    pub drop_events_lost: Family<Labels, Counter>,
     /// `weir_flows_total`.
     pub flows: Family<Labels, Counter>,
     /// `weir_tcp_*`.
@@ -97,7 +95,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     policy_verdicts: Family::default(),
     kernel_drops: Family::default(),
     kernel_drop_events_lost: Family::default(),
-    drop_events_lost: Family::default(),
     flows: Family::default(),
     tcp: TcpMetrics::default(),
 });
@@ -148,11 +145,6 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "weir_flows",
         "Flows the agent logged, by event (policy-verdict, drop, kernel-drop), verdict, reason and direction",
         METRICS.flows.clone(),
-    );
-    r.register(
-        "weir_drop_events_lost",
-        "Drop events of weir's programs their full ring buffer refused, by reason (the drops are still counted in weir_drops_total)",
-        METRICS.drop_events_lost.clone(),
     );
     let t = &METRICS.tcp;
     r.register(
@@ -307,6 +299,11 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
     );
     let mut bytes = Sampled::new("weir_datapath_bytes", "Bytes of those packets", true);
     let mut drops = Sampled::new("weir_drops", "Packets dropped, by reason", true);
+    let mut drops_lost = Sampled::new(
+        "weir_drop_events_lost",
+        "Drop events of weir's programs their full ring buffer refused, by reason (the drops are still counted in weir_drops_total)",
+        true,
+    );
     let mut lb = Sampled::new(
         "weir_lb_events",
         "Socket load-balancer events, by event",
@@ -334,7 +331,12 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
             "Local pod endpoints programmed",
             endpoints as f64,
         );
-        let counters = p.dataplane.lock().expect("pods").metrics();
+        let dp = p.dataplane.lock().expect("pods");
+        let (counters, lost) = (dp.metrics(), dp.datapath().drops_lost());
+        drop(dp);
+        for (reason, n) in lost.iter().flatten() {
+            drops_lost.add(vec![("reason", reason.clone())], *n as f64);
+        }
         for m in counters.iter().flatten() {
             let l = vec![
                 ("direction", m.direction.to_string()),
@@ -374,7 +376,9 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         entries.add(vec![("map", m.name.clone())], m.entries as f64);
         capacity.add(vec![("map", m.name)], m.capacity as f64);
     }
-    let mut out = vec![packets, bytes, drops, lb, entries, capacity, info];
+    let mut out = vec![
+        packets, bytes, drops, drops_lost, lb, entries, capacity, info,
+    ];
     out.extend(sizes);
     out.extend(process());
     out
