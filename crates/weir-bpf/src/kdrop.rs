@@ -6,16 +6,15 @@
 //! compiled in.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use libbpf_rs::btf::types::{Enum, FuncProto};
-use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType};
+use libbpf_rs::btf::types::Enum;
+use libbpf_rs::btf::{Btf, BtfKind};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags};
 
-use crate::kernel_btf::{btf_err, offset_of};
+use crate::kernel_btf::{btf_err, offset_of, tracepoint_args};
 use crate::{lb, BpfError};
 
 #[allow(
@@ -80,35 +79,19 @@ fn reasons(btf: &Btf) -> Result<HashMap<u32, String>, BpfError> {
 /// prototype `btf_trace_kfree_skb` has a context pointer first), checking that the skb and
 /// the location come first as the program reads them.
 fn reason_arg(btf: &Btf) -> Result<u32, BpfError> {
-    let td: BtfType = btf
-        .type_by_name("btf_trace_kfree_skb")
-        .ok_or_else(|| btf_err("no tracepoint kfree_skb in the kernel's BTF"))?;
-    let ptr = td.skip_mods_and_typedefs();
-    let proto = libbpf_rs::btf::types::Ptr::try_from(ptr)
-        .map(|p| p.referenced_type())
-        .ok()
-        .and_then(|t| FuncProto::try_from(t).ok())
-        .ok_or_else(|| btf_err("btf_trace_kfree_skb is not a function pointer"))?;
-    let params: Vec<BtfType> = proto
-        .iter()
-        .filter_map(|p| btf.type_by_id(p.ty))
-        .map(|t: BtfType| t.skip_mods_and_typedefs())
-        .collect();
-    let skb_first = params
-        .get(1)
-        .and_then(|t| libbpf_rs::btf::types::Ptr::try_from(*t).ok())
-        .map(|p| p.referenced_type().skip_mods_and_typedefs())
-        .is_some_and(|t| t.name() == Some(OsStr::new("sk_buff")));
-    let location_second = params.get(2).is_some_and(|t| t.kind() == BtfKind::Ptr);
+    let args = tracepoint_args(btf, "kfree_skb")?;
+    let skb_first = args
+        .first()
+        .is_some_and(|a| a.pointee.as_deref() == Some("sk_buff"));
+    let location_second = args.get(1).is_some_and(|a| a.kind == BtfKind::Ptr);
     if !skb_first || !location_second {
         return Err(btf_err(
             "kfree_skb's arguments do not start with the skb and the location",
         ));
     }
-    params
-        .iter()
-        .position(|t| t.kind() == BtfKind::Enum && t.name() == Some(OsStr::new("skb_drop_reason")))
-        .map(|i| i as u32 - 1)
+    args.iter()
+        .position(|a| a.kind == BtfKind::Enum && a.name.as_deref() == Some("skb_drop_reason"))
+        .map(|i| i as u32)
         .ok_or_else(|| btf_err("kfree_skb has no skb_drop_reason argument"))
 }
 

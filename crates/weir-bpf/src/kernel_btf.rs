@@ -1,15 +1,55 @@
-//! Reading the running kernel's BTF: where a structure's members are (the programs that
-//! read kernel structures get their offsets from here, never compiled in).
+//! Reading the running kernel's BTF: where a structure's members are and what a raw
+//! tracepoint's arguments are (the programs that read kernel structures get their offsets
+//! and argument positions from here, never compiled in).
 
 use std::ffi::OsStr;
 
-use libbpf_rs::btf::types::{Struct, Union};
-use libbpf_rs::btf::{Btf, BtfKind, BtfType};
+use libbpf_rs::btf::types::{FuncProto, Ptr, Struct, Union};
+use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType};
 
 use crate::BpfError;
 
 pub(crate) fn btf_err(what: impl Into<String>) -> BpfError {
     BpfError::Btf(what.into())
+}
+
+/// One argument of a raw tracepoint, as the running kernel declares it.
+pub(crate) struct TpArg {
+    /// Its kind (modifiers and typedefs skipped).
+    pub kind: BtfKind,
+    /// Its type's name, if it has one (an enum's, a struct's).
+    pub name: Option<String>,
+    /// For a pointer, the name of what it points to.
+    pub pointee: Option<String>,
+}
+
+/// The arguments of raw tracepoint `tp`, in the order a program reads them
+/// (`ctx->args[i]`): its prototype `btf_trace_TP` less the context pointer it starts with.
+pub(crate) fn tracepoint_args(btf: &Btf, tp: &str) -> Result<Vec<TpArg>, BpfError> {
+    let td: BtfType = btf
+        .type_by_name(&format!("btf_trace_{tp}"))
+        .ok_or_else(|| btf_err(format!("no tracepoint {tp} in the kernel's BTF")))?;
+    let proto = Ptr::try_from(td.skip_mods_and_typedefs())
+        .map(|p| p.referenced_type())
+        .ok()
+        .and_then(|t| FuncProto::try_from(t).ok())
+        .ok_or_else(|| btf_err(format!("btf_trace_{tp} is not a function pointer")))?;
+    let name = |t: BtfType| t.name().map(|n| n.to_string_lossy().into_owned());
+    Ok(proto
+        .iter()
+        .skip(1)
+        .filter_map(|p| btf.type_by_id::<BtfType>(p.ty))
+        .map(|t| {
+            let t = t.skip_mods_and_typedefs();
+            TpArg {
+                kind: t.kind(),
+                name: name(t),
+                pointee: Ptr::try_from(t)
+                    .ok()
+                    .and_then(|p| name(p.referenced_type().skip_mods_and_typedefs())),
+            }
+        })
+        .collect())
 }
 
 /// The offset in bytes of member `path` (nested names, through anonymous structs and unions

@@ -5,12 +5,11 @@
 
 use std::mem::MaybeUninit;
 
-use libbpf_rs::btf::types::{FuncProto, Ptr};
-use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType};
+use libbpf_rs::btf::{Btf, BtfKind};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags};
 
-use crate::kernel_btf::{btf_err, offset_of};
+use crate::kernel_btf::{btf_err, offset_of, tracepoint_args};
 use crate::{from_bytes, lb, BpfError};
 
 #[allow(
@@ -40,33 +39,13 @@ pub struct TcpHealth {
 /// The positions of `inet_sock_set_state`'s old and new states among its arguments (after
 /// the socket: two ints).
 fn state_args(btf: &Btf) -> Result<(u32, u32), BpfError> {
-    let td: BtfType = btf
-        .type_by_name("btf_trace_inet_sock_set_state")
-        .ok_or_else(|| btf_err("no tracepoint inet_sock_set_state in the kernel's BTF"))?;
-    let proto = Ptr::try_from(td.skip_mods_and_typedefs())
-        .map(|p| p.referenced_type())
-        .ok()
-        .and_then(|t| FuncProto::try_from(t).ok())
-        .ok_or_else(|| btf_err("btf_trace_inet_sock_set_state is not a function pointer"))?;
-    let kinds: Vec<(BtfKind, Option<String>)> = proto
+    let args = tracepoint_args(btf, "inet_sock_set_state")?;
+    let kinds: Vec<(BtfKind, Option<&str>)> = args
         .iter()
-        .filter_map(|p| btf.type_by_id::<BtfType>(p.ty))
-        .map(|t| {
-            let t = t.skip_mods_and_typedefs();
-            let pointee = Ptr::try_from(t)
-                .ok()
-                .map(|p| p.referenced_type().skip_mods_and_typedefs())
-                .and_then(|p| p.name().map(|n| n.to_string_lossy().into_owned()));
-            (t.kind(), pointee)
-        })
+        .map(|a| (a.kind, a.pointee.as_deref()))
         .collect();
-    // [context, sk, oldstate, newstate, ...]
     match kinds.as_slice() {
-        [_, (BtfKind::Ptr, Some(sock)), (BtfKind::Int, _), (BtfKind::Int, _), ..]
-            if sock == "sock" =>
-        {
-            Ok((1, 2))
-        }
+        [(BtfKind::Ptr, Some("sock")), (BtfKind::Int, _), (BtfKind::Int, _), ..] => Ok((1, 2)),
         _ => Err(btf_err(
             "inet_sock_set_state's arguments are not (sock, oldstate, newstate)",
         )),
