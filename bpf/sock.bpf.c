@@ -22,14 +22,14 @@ int sock4_sendmsg(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int sock4_recvmsg(struct bpf_sock_addr *ctx)
 {
-	sock4_xlate_rev(ctx);
+	sock4_xlate_rev(ctx, true);
 	return 1;
 }
 
 SEC("cgroup/getpeername4")
 int sock4_getpeername(struct bpf_sock_addr *ctx)
 {
-	sock4_xlate_rev(ctx);
+	sock4_xlate_rev(ctx, false);
 	return 1;
 }
 
@@ -48,14 +48,14 @@ int sock6_sendmsg(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg6")
 int sock6_recvmsg(struct bpf_sock_addr *ctx)
 {
-	sock6_xlate_rev(ctx);
+	sock6_xlate_rev(ctx, true);
 	return 1;
 }
 
 SEC("cgroup/getpeername6")
 int sock6_getpeername(struct bpf_sock_addr *ctx)
 {
-	sock6_xlate_rev(ctx);
+	sock6_xlate_rev(ctx, false);
 	return 1;
 }
 

@@ -24,6 +24,8 @@ static __always_inline int xdp_count(struct xdp_md *ctx, __u32 reason, int verdi
 		m->packets += 1;
 		m->bytes += ctx->data_end - ctx->data;
 	}
+	if (verdict == XDP_TX || verdict == XDP_REDIRECT)
+		trace_xdp(ctx, reason);
 	return verdict;
 }
 

@@ -100,16 +100,20 @@ static __noinline int drop_event(struct __sk_buff *skb, __u32 dir, __u32 reason)
 	return 0;
 }
 
-/*
- * Counts the packet under `reason` and returns `verdict`, so a program ends in one line. A
- * drop for a reason other than policy (whose drops are reported as verdicts) is reported too.
- */
+/* Forwarding summaries (trace.h). */
+static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason);
+
 /* A `weir explain` packet: observe, change nothing. */
 static __always_inline bool explaining(const struct __sk_buff *skb)
 {
 	return skb->mark == WEIR_MARK_EXPLAIN;
 }
 
+/*
+ * Counts the packet under `reason` and returns `verdict`, so a program ends in one line. A
+ * drop for a reason other than policy (whose drops are reported as verdicts) is reported
+ * as an event; what goes on is summarized per flow (trace.h).
+ */
 static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason, int verdict)
 {
 	__u32 idx = dir * WEIR_METRICS_STRIDE + reason;
@@ -128,6 +132,8 @@ static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason,
 	if (verdict == TC_ACT_SHOT && reason >= DROP_INVALID_PACKET &&
 	    reason != DROP_POLICY_DENIED && reason != DROP_POLICY_FAILED)
 		drop_event(skb, dir, reason);
+	else if (verdict != TC_ACT_SHOT && reason < REASON_POLICY_ALLOWED)
+		trace_skb(skb, dir, reason);
 	return verdict;
 }
 

@@ -15,6 +15,7 @@
 #include "nodeport6.h"
 #include "policy.h"
 #include "tunnel.h"
+#include "trace.h"
 
 /*
  * Hands the packet to a local pod: the L2 header its host-side veth would have written, then

@@ -146,6 +146,7 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_pct4",
     "weir_pct6",
     "weir_prefilter",
+    "weir_trace_flows",
 ];
 
 /// Which XDP program a node device gets.
@@ -248,6 +249,8 @@ pub const CFG_MASQUERADE: u32 = 2;
 /// `node_config.flags`: drain (under a netfilter dataplane the tc programs stay for the DSR
 /// flows established before the switch, and pass every other packet to the host stack).
 pub const CFG_DRAIN: u32 = 4;
+/// `node_config.flags`: forwarding summaries (`weir_trace_events`).
+pub const CFG_TRACE: u32 = 8;
 
 /// Loads xdp_pass.bpf.o (no maps; its open object is leaked, as for every loaded program set).
 fn load_xdp_pass() -> Result<xdp_pass_skel::XdpPassSkel<'static>, BpfError> {
@@ -621,6 +624,9 @@ impl Datapath {
             "weir_events" => &self.pod.maps.weir_events,
             "weir_drop_events" => &self.pod.maps.weir_drop_events,
             "weir_drop_lost" => &self.pod.maps.weir_drop_lost,
+            "weir_trace_flows" => &self.pod.maps.weir_trace_flows,
+            "weir_trace_events" => &self.pod.maps.weir_trace_events,
+            "weir_trace_lost" => &self.pod.maps.weir_trace_lost,
             "weir_prefilter" => &self.xdp.maps.weir_prefilter,
             "weir_prefilter_stats" => &self.xdp.maps.weir_prefilter_stats,
             other => panic!("no datapath map named {other}"),
@@ -1235,12 +1241,26 @@ impl Datapath {
 
     /// Drop events the full ring buffer refused, per reason (name), summed over CPUs.
     pub fn drops_lost(&self) -> Result<Vec<(String, u64)>, BpfError> {
-        let map = self.map("weir_drop_lost");
+        self.lost_per_reason(
+            "weir_drop_lost",
+            weir_reason::DROP_INVALID_PACKET.0..weir_reason::REASON_MAX.0,
+        )
+    }
+
+    /// The non-zero counts of a per-CPU array of refused events (`map`), per reason in
+    /// `reasons`.
+    fn lost_per_reason(
+        &self,
+        map: &str,
+        reasons: std::ops::Range<u32>,
+    ) -> Result<Vec<(String, u64)>, BpfError> {
+        let what = format!("reading {map}");
+        let map = self.map(map);
         let mut out = Vec::new();
-        for reason in weir_reason::DROP_INVALID_PACKET.0..weir_reason::REASON_MAX.0 {
+        for reason in reasons {
             let per_cpu = map
                 .lookup_percpu(&reason.to_ne_bytes(), MapFlags::ANY)
-                .map_err(lb("reading weir_drop_lost"))?
+                .map_err(lb(&what))?
                 .unwrap_or_default();
             let n: u64 = per_cpu.iter().map(|v| from_bytes::<u64>(v)).sum();
             if n > 0 {
@@ -1248,6 +1268,29 @@ impl Datapath {
             }
         }
         Ok(out)
+    }
+
+    /// A reader of the forwarding summaries (`weir_trace_events`), calling `f` with each
+    /// (poll it on the thread that made it).
+    pub fn trace_events<F: FnMut(&crate::events::TraceEvent) + 'static>(
+        &self,
+        mut f: F,
+    ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(self.map("weir_trace_events"), move |data: &[u8]| {
+            if let Some(ev) = crate::events::TraceEvent::decode(data) {
+                f(&ev);
+            }
+            0
+        })
+        .map_err(lb("reading map weir_trace_events"))?;
+        b.build().map_err(lb("reading map weir_trace_events"))
+    }
+
+    /// Forwarding summaries the full ring buffer refused, per reason (name), summed over
+    /// CPUs.
+    pub fn traces_lost(&self) -> Result<Vec<(String, u64)>, BpfError> {
+        self.lost_per_reason("weir_trace_lost", 0..weir_reason::REASON_POLICY_ALLOWED.0)
     }
 
     /// Packets and bytes of one `weir_metrics` slot, summed over CPUs.

@@ -22,6 +22,7 @@ mod sock_skel {
 }
 
 pub mod datapath;
+pub mod events;
 pub mod kdrop;
 mod kernel_btf;
 pub mod mounts;
@@ -235,6 +236,9 @@ pub const SOCK_MAPS: &[&str] = &[
     "weir_lb_health",
     "weir_lb_outlier_sock",
     "weir_lb_events",
+    "weir_sock_events",
+    "weir_sock_lost",
+    "weir_sock_config",
 ];
 
 /// Names of the per-CPU counters in `weir_lb_counters`, by index.
@@ -354,6 +358,9 @@ impl SockLb {
             "weir_lb_health" => &m.weir_lb_health,
             "weir_lb_outlier_sock" => &m.weir_lb_outlier_sock,
             "weir_lb_events" => &m.weir_lb_events,
+            "weir_sock_events" => &m.weir_sock_events,
+            "weir_sock_lost" => &m.weir_sock_lost,
+            "weir_sock_config" => &m.weir_sock_config,
             other => panic!("no map named {other}"),
         }
     }
@@ -518,6 +525,36 @@ impl SockLb {
     /// Where map `name` is pinned.
     pub fn pin_path(&self, name: &str) -> PathBuf {
         self.pin_dir.join(name)
+    }
+
+    /// Turns the translation events (`weir_sock_events`) on or off.
+    pub fn set_events(&self, on: bool) -> Result<(), BpfError> {
+        let flags = if on { events::SOCK_CFG_EVENTS } else { 0 };
+        self.put("weir_sock_config", &0u32, &types::sock_config { flags })
+    }
+
+    /// Translation events the full ring buffer refused, per point (`connect`, `sendmsg`,
+    /// `recvmsg`), summed over CPUs.
+    pub fn events_lost(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
+        let map = self.map("weir_sock_lost");
+        let mut out = Vec::new();
+        for point in [
+            events::SOCK_XLATE_CONNECT,
+            events::SOCK_XLATE_SENDMSG,
+            events::SOCK_XLATE_RECVMSG,
+        ] {
+            let n: u64 = map
+                .lookup_percpu(&u32::from(point).to_ne_bytes(), MapFlags::ANY)
+                .map_err(lb("reading weir_sock_lost"))?
+                .into_iter()
+                .flatten()
+                .map(|v| u64::from_ne_bytes(v[..8].try_into().expect("8 bytes")))
+                .sum();
+            if n > 0 {
+                out.push((events::sock_point_name(point), n));
+            }
+        }
+        Ok(out)
     }
 
     /// Program names with their kernel program ids, for status.

@@ -778,6 +778,96 @@ fn node_port_to_a_remote_backend_is_snated_and_replies_go_back_to_the_client() {
     assert_eq!(l4_csum(&out), 0, "udp checksum");
 }
 
+/// Forwarding summaries (`CFG_TRACE`): a flow is reported on its first packet, on new TCP
+/// flags and not in between, with the packets since; a translated flow names its addresses
+/// before translation, in both directions; nothing is reported while the flag is off.
+#[test]
+fn forwarding_is_summarized_per_flow_with_its_translation() {
+    use weir_bpf::events::{TraceEvent, TRACE_F_NEW, TRACE_F_REPLY, TRACE_F_XLATE};
+    let fx = Fixture::new();
+    fx.node_setup();
+    let in0 = fx.ifindex("in0");
+    fx.node_port(30081, 6, 8, Some((4, "10.50.0.9", 8080)));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
+    let s2 = seen.clone();
+    let events = fx
+        .dp
+        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
+        .expect("trace events");
+    let take = || {
+        events.consume().expect("consume");
+        std::mem::take(&mut *seen.lock().unwrap())
+    };
+    // Off: nothing.
+    let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30081), 0x02);
+    fx.run(TcProgram::FromNetdev, &syn, in0);
+    assert!(take().is_empty());
+    let mut cfg = fx.dp.config().expect("config");
+    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
+    fx.dp.set_config(&cfg).expect("config");
+
+    let syn = tcp4(("10.1.0.5", 40002), ("10.1.0.1", 30081), 0x02);
+    let (_, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
+    let snat = endpoints_of(&out).0;
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let t = &got[0];
+    assert_eq!(
+        weir_bpf::datapath::reason_name(t.reason as u8),
+        "REASON_FORWARD_FIB"
+    );
+    assert_eq!(
+        (t.flags, t.packets, t.svc_id),
+        (TRACE_F_NEW | TRACE_F_XLATE, 1, 8)
+    );
+    assert_eq!(
+        (t.src.to_string(), t.dst.to_string()),
+        (snat.clone(), "10.50.0.9:8080".into())
+    );
+    assert_eq!(
+        t.orig,
+        Some((
+            "10.1.0.5:40002".parse().unwrap(),
+            "10.1.0.1:30081".parse().unwrap()
+        ))
+    );
+    assert_eq!((t.ifindex, t.proto, t.tcp_seen), (in0, 6, 0x02));
+
+    // The reply: reverse-translated, reported as such.
+    let port: u16 = snat.rsplit_once(':').unwrap().1.parse().unwrap();
+    let synack = tcp4(("10.50.0.9", 8080), ("10.2.0.1", port), 0x12);
+    fx.run(TcProgram::FromNetdev, &synack, in0);
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(r.flags, TRACE_F_NEW | TRACE_F_XLATE | TRACE_F_REPLY);
+    assert_eq!(r.src.to_string(), "10.1.0.1:30081");
+    assert_eq!(
+        r.orig,
+        Some(("10.50.0.9:8080".parse().unwrap(), snat.parse().unwrap()))
+    );
+
+    // ACK and data: nothing new. FIN: a summary with the three packets since the SYN's.
+    for flags in [0x10, 0x18] {
+        let p = tcp4(("10.1.0.5", 40002), ("10.1.0.1", 30081), flags);
+        fx.run(TcProgram::FromNetdev, &p, in0);
+    }
+    assert!(
+        take().is_empty(),
+        "no summary for packets without new flags"
+    );
+    let fin = tcp4(("10.1.0.5", 40002), ("10.1.0.1", 30081), 0x11);
+    fx.run(TcProgram::FromNetdev, &fin, in0);
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].flags, got[0].packets, got[0].tcp_seen),
+        (TRACE_F_XLATE, 3, 0x03)
+    );
+    assert_eq!(got[0].bytes, 3 * fin.len() as u64);
+    assert!(fx.dp.traces_lost().expect("lost").is_empty());
+}
+
 /// Whether a new flow from client port `port` gets a SNAT port (else the NodePort drops it).
 fn snat_flow(fx: &Fixture, in0: u32, port: u16) -> Option<u16> {
     let syn = tcp4(("10.1.0.5", port), ("10.1.0.1", 30081), 0x02);

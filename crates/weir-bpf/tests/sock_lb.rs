@@ -5,8 +5,29 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 
+use weir_bpf::events::{watch_sock_events, SockEvent, SOCK_XLATE_CONNECT};
 use weir_bpf::types::{lb4_backend, lb4_key, lb_service};
 use weir_bpf::SockLb;
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE).
+fn netns_cookie() -> u64 {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut v = 0u64;
+    let mut len = 8u32;
+    // SAFETY: a valid socket and an 8-byte buffer with its length.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            s.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            71, // SO_NETNS_COOKIE
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    v
+}
 
 struct Guard {
     pins: PathBuf,
@@ -121,6 +142,14 @@ fn connect_to_vip_reaches_backend_and_empty_service_is_refused() {
         },
     )
     .unwrap();
+    // Translations are reported (one event per connect, refusals too).
+    lb.set_events(true).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<SockEvent>::new()));
+    let s2 = seen.clone();
+    let events = watch_sock_events(&lb.pin_path("weir_sock_events"), move |e| {
+        s2.lock().unwrap().push(e.clone())
+    })
+    .unwrap();
     let out = connect_from_cgroup(&g.cgroup, "10.200.0.1", 80);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -146,6 +175,27 @@ fn connect_to_vip_reaches_backend_and_empty_service_is_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    events.consume().unwrap();
+    let got = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].point, SOCK_XLATE_CONNECT);
+    assert_eq!(got[0].vip, "10.200.0.1:80".parse().unwrap());
+    assert_eq!(
+        got[0].backend,
+        Some(format!("127.0.0.1:{port}").parse().unwrap())
+    );
+    assert_eq!((got[0].svc_id, got[0].proto, got[0].reason), (1, 6, 0));
+    assert_eq!(
+        got[0].netns,
+        netns_cookie(),
+        "the client's network namespace"
+    );
+    assert_eq!(
+        (got[1].backend, got[1].reason),
+        (None, 132),
+        "refused: no backend"
+    );
+    assert!(lb.events_lost().unwrap().is_empty());
     let stats: std::collections::BTreeMap<_, _> = lb.stats().unwrap().into_iter().collect();
     assert_eq!(stats["xlate_connect"], 1);
     assert_eq!(stats["no_backend"], 1);

@@ -196,6 +196,7 @@ _Static_assert(sizeof(struct node_addr6) == 16, "node_addr6 size");
 #define WEIR_CFG_VXLAN	    (1 << 0) /* other nodes' pods are reached through tunnel_ifindex */
 #define WEIR_CFG_MASQUERADE (1 << 1) /* pods' flows leaving the cluster are SNATed to snat4 */
 #define WEIR_CFG_DRAIN	    (1 << 2) /* under a netfilter dataplane: DSR flows alone (drain) */
+#define WEIR_CFG_TRACE	    (1 << 3) /* forwarding summaries (bpf/lib/trace.h) */
 
 /* The VXLAN network identifier of pod traffic between nodes. */
 #define WEIR_VXLAN_VNI 2
@@ -367,5 +368,44 @@ struct drop_event {
 	__u32 len;	 /* the packet's length */
 };
 _Static_assert(sizeof(struct drop_event) == 64, "drop_event size");
+
+/* trace_event.flags */
+#define TRACE_F_NEW   (1 << 0) /* the flow's first packet at this observation point */
+#define TRACE_F_XLATE (1 << 1) /* translated: orig_* are its addresses before */
+#define TRACE_F_REPLY (1 << 2) /* a reply of a translated flow (backend to client) */
+
+/*
+ * A forwarding summary (weir_trace_events ring buffer), for `weir observe`: what tc or XDP did
+ * with a flow's packets at one observation point (device and hook), reported on the flow's
+ * first packet there, on TCP flags (SYN, FIN, RST) new for it there, on a change of reason,
+ * and otherwise at most every 5 s, with the packets and bytes since the previous summary.
+ * What the full ring buffer refuses is counted per reason in weir_trace_lost (the packets
+ * ride on the flow's next summary).
+ */
+struct trace_event {
+	__u64 ts;	      /* boot clock, nanoseconds */
+	__be32 saddr[4];      /* network order; IPv4 in [0] (as the packet left the program) */
+	__be32 daddr[4];
+	__be16 sport;	      /* network order; 0 without ports */
+	__be16 dport;
+	__u8 family;	      /* WEIR_AF_INET or WEIR_AF_INET6 */
+	__u8 proto;
+	__u8 dir;	      /* WEIR_DIR_INGRESS or WEIR_DIR_EGRESS (of the device's hook) */
+	__u8 tcp_flags;	      /* this packet's */
+	__u32 reason;	      /* REASON_* (what the program did) */
+	__u32 ifindex;	      /* the device the program ran on */
+	__u64 packets;	      /* since the flow's previous summary here, this one included */
+	__u64 bytes;
+	__be32 orig_saddr[4]; /* TRACE_F_XLATE: the addresses and ports before translation */
+	__be32 orig_daddr[4];
+	__be16 orig_sport;
+	__be16 orig_dport;
+	__u32 svc_id;	      /* TRACE_F_XLATE: the frontend's service id (0: masquerade) */
+	__u8 flags;	      /* TRACE_F_* */
+	__u8 tcp_seen;	      /* the TCP flags (SYN, FIN, RST) seen on the flow here so far */
+	__u16 pad;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct trace_event) == 120, "trace_event size");
 
 #endif /* WEIR_API_DATAPATH_H */

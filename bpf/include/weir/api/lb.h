@@ -93,10 +93,13 @@ struct lb4_revnat_key {
 };
 _Static_assert(sizeof(struct lb4_revnat_key) == 16, "lb4_revnat_key size");
 
+/* lb{4,6}_revnat.flags */
+#define LB_REVNAT_F_REPORTED (1 << 0) /* a reply was reported (sock_event, recvmsg) */
+
 struct lb4_revnat {
 	__be32 address; /* service VIP, network order */
 	__be16 port;	/* service port, network order */
-	__u16 pad;
+	__u16 flags;	/* LB_REVNAT_F_* */
 	__u32 svc_id;
 };
 _Static_assert(sizeof(struct lb4_revnat) == 12, "lb4_revnat size");
@@ -113,7 +116,7 @@ _Static_assert(sizeof(struct lb6_revnat_key) == 32, "lb6_revnat_key size");
 struct lb6_revnat {
 	__be32 address[4];
 	__be16 port;
-	__u16 pad;
+	__u16 flags;	/* LB_REVNAT_F_* */
 	__u32 svc_id;
 };
 _Static_assert(sizeof(struct lb6_revnat) == 24, "lb6_revnat size");
@@ -260,5 +263,41 @@ enum lb_stat {
 	/* Slots of weir_lb_counters: room for counters to come without a new map. */
 	LB_STAT_SLOTS = 64,
 };
+
+/* sock_event.point: where the socket layer translated. */
+#define SOCK_XLATE_CONNECT 1 /* connect(): TCP, connected UDP */
+#define SOCK_XLATE_SENDMSG 2 /* sendmsg() of unconnected UDP: a (socket, backend) pair's first */
+#define SOCK_XLATE_RECVMSG 3 /* recvmsg() of unconnected UDP: a (socket, backend) pair's first reply */
+
+/* sock_config.flags */
+#define SOCK_CFG_EVENTS (1 << 0) /* report translations (weir_sock_events) */
+
+/* Value of weir_sock_config[0]: written by the agent. */
+struct sock_config {
+	__u32 flags; /* SOCK_CFG_* */
+};
+_Static_assert(sizeof(struct sock_config) == 4, "sock_config size");
+
+/*
+ * A socket-layer translation (weir_sock_events ring buffer), for `weir observe`: once per
+ * connect, per (socket, backend) pair of unconnected UDP, and every refusal. What the full
+ * ring refuses is counted per point in weir_sock_lost.
+ */
+struct sock_event {
+	__u64 ts;	   /* boot clock, nanoseconds */
+	__u64 cookie;	   /* the socket's cookie */
+	__u64 netns;	   /* the socket's network namespace cookie */
+	__be32 vip[4];	   /* network order; IPv4 in [0]: the service address asked for */
+	__be32 backend[4]; /* the backend it became (zero when refused) */
+	__be16 vport;	   /* network order */
+	__be16 bport;
+	__u8 family;	   /* WEIR_AF_INET or WEIR_AF_INET6 (4, 6) */
+	__u8 proto;
+	__u8 point;	   /* SOCK_XLATE_* */
+	__u8 pad;
+	__u32 svc_id;
+	__u32 reason;	   /* 0: translated; else the weir_reason of a refusal (DROP_*) */
+};
+_Static_assert(sizeof(struct sock_event) == 72, "sock_event size");
 
 #endif /* WEIR_API_LB_H */

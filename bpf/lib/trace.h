@@ -1,0 +1,345 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Forwarding summaries: what the tc and XDP programs let through is reported per flow and
+ * observation point (device and hook), not per packet, as Cilium's trace aggregation does: on
+ * the flow's first packet there, on TCP flags (SYN, FIN, RST) new for it there, on a change of
+ * reason, and otherwise at most every TRACE_INTERVAL_NS, each summary carrying the packets and
+ * bytes since the previous one. A translated flow's summary names its addresses before the
+ * translation (from the conntrack entry of the other direction). Off unless the agent sets
+ * WEIR_CFG_TRACE; drops are reported one by one elsewhere (endpoint.h). What the full ring
+ * refuses is counted per reason in weir_trace_lost.
+ */
+#ifndef WEIR_LIB_TRACE_H
+#define WEIR_LIB_TRACE_H
+
+#include "ct.h"
+#include "nodeport.h"
+#include "nodeport6.h"
+
+#define TRACE_INTERVAL_NS (5ULL * NSEC_PER_SEC)
+#define TRACE_TCP_FLAGS	  (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
+#define TRACE_FLOWS_SIZE  65536
+
+/* A flow at one observation point. */
+struct trace_key {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex;
+	__u8 family;
+	__u8 proto;
+	__u8 dir;
+	__u8 pad;
+};
+
+/* What was last reported of it, and what came since. */
+struct trace_state {
+	__u64 last; /* boot clock, nanoseconds: the last summary */
+	__u64 packets;
+	__u64 bytes;
+	__u32 reason;
+	__u8 seen; /* TRACE_TCP_FLAGS seen */
+	__u8 pad[3];
+};
+
+/* Room for a summary's work: the programs calling it have little stack left. */
+struct trace_scratch {
+	struct trace_key k;
+	struct trace_state fresh;
+	struct ct6_key r6;
+	union {
+		struct iphdr ip;
+		struct ipv6hdr ip6;
+	} h;
+	__u8 l4[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct trace_scratch);
+} weir_trace_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TRACE_FLOWS_SIZE);
+	__type(key, struct trace_key);
+	__type(value, struct trace_state);
+} weir_trace_flows SEC(".maps");
+
+/* Forwarding summaries (struct trace_event). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} weir_trace_events SEC(".maps");
+
+/* Summaries the full weir_trace_events refused, per reason (per CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_METRICS_STRIDE);
+	__type(key, __u32);
+	__type(value, __u64);
+} weir_trace_lost SEC(".maps");
+
+/* The scratch space, when summaries are on (WEIR_CFG_TRACE). */
+static __always_inline struct trace_scratch *trace_scratch(void)
+{
+	__u32 zero = 0;
+	const struct node_config *cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	struct trace_scratch *s;
+
+	if (!cfg || !(cfg->flags & WEIR_CFG_TRACE))
+		return NULL;
+	s = bpf_map_lookup_elem(&weir_trace_scratch, &zero);
+	if (s)
+		__builtin_memset(&s->k, 0, sizeof(s->k));
+	return s;
+}
+
+/*
+ * The addresses of a translated flow's packet `k` before the translation, from the conntrack
+ * entry of the other direction: a request's partner is the reply entry (its nat_* the
+ * frontend, its snat_* the client when SNATed), a reply's is the original entry (its nat_* the
+ * backend, its snat_* the node's address and port when SNATed).
+ */
+static __always_inline void trace_xlate4(struct trace_event *ev, const struct trace_key *k)
+{
+	struct ct4_key r = {
+		.saddr = k->daddr[0],
+		.daddr = k->saddr[0],
+		.sport = k->dport,
+		.dport = k->sport,
+		.proto = k->proto,
+	};
+	const struct ct4_entry *e = bpf_map_lookup_elem(&weir_ct4, &r);
+	bool reply;
+
+	if (!e || ct_expired(e))
+		return;
+	reply = !(e->flags & CT_F_REPLY);
+	ev->orig_saddr[0] = k->saddr[0];
+	ev->orig_daddr[0] = k->daddr[0];
+	ev->orig_sport = k->sport;
+	ev->orig_dport = k->dport;
+	if (!reply) {
+		ev->orig_daddr[0] = e->nat_addr;
+		ev->orig_dport = e->nat_port;
+		if (e->flags & CT_F_SNAT) {
+			ev->orig_saddr[0] = e->snat_addr;
+			ev->orig_sport = e->snat_port;
+		}
+	} else {
+		ev->orig_saddr[0] = e->nat_addr;
+		ev->orig_sport = e->nat_port;
+		if (e->flags & CT_F_SNAT) {
+			ev->orig_daddr[0] = e->snat_addr;
+			ev->orig_dport = e->snat_port;
+		}
+	}
+	if (ev->orig_saddr[0] == k->saddr[0] && ev->orig_daddr[0] == k->daddr[0] &&
+	    ev->orig_sport == k->sport && ev->orig_dport == k->dport)
+		return;
+	ev->svc_id = e->svc_id;
+	ev->flags |= TRACE_F_XLATE | (reply ? TRACE_F_REPLY : 0);
+}
+
+/* trace_xlate4 for IPv6 flows (weir_ct6). */
+static __always_inline void trace_xlate6(struct trace_event *ev, const struct trace_key *k,
+					 struct ct6_key *r)
+{
+	const struct ct6_entry *e;
+	bool reply;
+
+	__builtin_memset(r, 0, sizeof(*r));
+	r->sport = k->dport;
+	r->dport = k->sport;
+	r->proto = k->proto;
+	__builtin_memcpy(r->saddr, k->daddr, sizeof(r->saddr));
+	__builtin_memcpy(r->daddr, k->saddr, sizeof(r->daddr));
+	e = bpf_map_lookup_elem(&weir_ct6, r);
+	if (!e || e->expires < ct_now())
+		return;
+	reply = !(e->flags & CT_F_REPLY);
+	__builtin_memcpy(ev->orig_saddr, k->saddr, sizeof(ev->orig_saddr));
+	__builtin_memcpy(ev->orig_daddr, k->daddr, sizeof(ev->orig_daddr));
+	ev->orig_sport = k->sport;
+	ev->orig_dport = k->dport;
+	if (!reply) {
+		__builtin_memcpy(ev->orig_daddr, e->nat_addr, sizeof(ev->orig_daddr));
+		ev->orig_dport = e->nat_port;
+		if (e->flags & CT_F_SNAT) {
+			__builtin_memcpy(ev->orig_saddr, e->snat_addr, sizeof(ev->orig_saddr));
+			ev->orig_sport = e->snat_port;
+		}
+	} else {
+		__builtin_memcpy(ev->orig_saddr, e->nat_addr, sizeof(ev->orig_saddr));
+		ev->orig_sport = e->nat_port;
+		if (e->flags & CT_F_SNAT) {
+			__builtin_memcpy(ev->orig_daddr, e->snat_addr, sizeof(ev->orig_daddr));
+			ev->orig_dport = e->snat_port;
+		}
+	}
+	ev->svc_id = e->svc_id;
+	ev->flags |= TRACE_F_XLATE | (reply ? TRACE_F_REPLY : 0);
+}
+
+/*
+ * Records a packet of flow `k` (`tcp` its TCP flags, `len` its length) that the program let
+ * through under `reason`, and reports the flow when it is due (see above).
+ */
+static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
+{
+	const struct trace_key *k = &sc->k;
+	struct trace_state *s = bpf_map_lookup_elem(&weir_trace_flows, k);
+	__u32 lost_key = reason % WEIR_METRICS_STRIDE;
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u8 flags = tcp & TRACE_TCP_FLAGS;
+	struct trace_event *ev;
+	__u64 packets, bytes;
+	bool first = !s;
+
+	if (s) {
+		__sync_fetch_and_add(&s->packets, 1);
+		__sync_fetch_and_add(&s->bytes, len);
+		if (!(flags & ~s->seen) && s->reason == reason && now - s->last < TRACE_INTERVAL_NS)
+			return 0;
+		/* Due: whatever comes of the event, the next one waits for its own cause. */
+		s->last = now;
+		s->seen |= flags;
+		s->reason = reason;
+		packets = s->packets;
+		bytes = s->bytes;
+	} else {
+		/* Its packets so far are this event's. */
+		__builtin_memset(&sc->fresh, 0, sizeof(sc->fresh));
+		sc->fresh.last = now;
+		sc->fresh.seen = flags;
+		sc->fresh.reason = reason;
+		packets = 1;
+		bytes = len;
+		bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
+		s = &sc->fresh;
+	}
+	ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
+	if (!ev) {
+		__u64 *n = bpf_map_lookup_elem(&weir_trace_lost, &lost_key);
+
+		if (n)
+			*n += 1;
+		if (first) {
+			/* Keep the packet for the next summary, which is due at once. */
+			s = bpf_map_lookup_elem(&weir_trace_flows, k);
+			if (s) {
+				__sync_fetch_and_add(&s->packets, 1);
+				__sync_fetch_and_add(&s->bytes, len);
+				s->last = 0;
+			}
+		}
+		return 0;
+	}
+	if (!first) {
+		/* Handed over: the next summary counts from here. */
+		__sync_fetch_and_add(&s->packets, -packets);
+		__sync_fetch_and_add(&s->bytes, -bytes);
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts = now;
+	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
+	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
+	ev->sport = k->sport;
+	ev->dport = k->dport;
+	ev->family = k->family;
+	ev->proto = k->proto;
+	ev->dir = k->dir;
+	ev->ifindex = k->ifindex;
+	ev->tcp_flags = tcp;
+	ev->reason = reason;
+	ev->packets = packets;
+	ev->bytes = bytes;
+	ev->tcp_seen = s->seen;
+	ev->flags = first ? TRACE_F_NEW : 0;
+	if (k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) {
+		if (k->family == WEIR_AF_INET)
+			trace_xlate4(ev, k);
+		else
+			trace_xlate6(ev, k, &sc->r6);
+	}
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
+/* A tc program's packet, as it leaves the program under `reason`. */
+static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason)
+{
+	struct trace_scratch *sc = trace_scratch();
+	__u32 l4 = 0;
+
+	if (!sc)
+		return 0;
+	__builtin_memset(sc->l4, 0, sizeof(sc->l4));
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip, sizeof(sc->h.ip)) < 0 ||
+		    sc->h.ip.version != 4)
+			return 0;
+		sc->k.family = WEIR_AF_INET;
+		sc->k.proto = sc->h.ip.protocol;
+		sc->k.saddr[0] = sc->h.ip.saddr;
+		sc->k.daddr[0] = sc->h.ip.daddr;
+		if (!(sc->h.ip.frag_off & bpf_htons(0x1fff)))
+			l4 = ETH_HLEN + sc->h.ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip6, sizeof(sc->h.ip6)) < 0)
+			return 0;
+		sc->k.family = WEIR_AF_INET6;
+		sc->k.proto = sc->h.ip6.nexthdr;
+		__builtin_memcpy(sc->k.saddr, &sc->h.ip6.saddr, sizeof(sc->k.saddr));
+		__builtin_memcpy(sc->k.daddr, &sc->h.ip6.daddr, sizeof(sc->k.daddr));
+		l4 = ETH_HLEN + sizeof(struct ipv6hdr);
+	} else {
+		return 0;
+	}
+	if (l4 && sc->k.proto == IPPROTO_TCP_) {
+		if (bpf_skb_load_bytes(skb, l4, sc->l4, 14) < 0)
+			return 0;
+	} else if (l4 && sc->k.proto == IPPROTO_UDP_) {
+		if (bpf_skb_load_bytes(skb, l4, sc->l4, 4) < 0)
+			return 0;
+	}
+	__builtin_memcpy(&sc->k.sport, &sc->l4[0], 2);
+	__builtin_memcpy(&sc->k.dport, &sc->l4[2], 2);
+	sc->k.ifindex = skb->ifindex;
+	sc->k.dir = dir;
+	return trace_flow(sc, sc->l4[13], skb->len, reason);
+}
+
+/* An XDP program's IPv4 packet (it translates no other), as it leaves under `reason`. */
+static __always_inline void trace_xdp(struct xdp_md *ctx, __u32 reason)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip4 = data + sizeof(struct ethhdr);
+	struct trace_scratch *sc;
+	__u8 *l4, tcp = 0;
+
+	if ((void *)(ip4 + 1) > end || ip4->ihl != 5 || !(sc = trace_scratch()))
+		return;
+	l4 = (void *)(ip4 + 1);
+	sc->k.family = WEIR_AF_INET;
+	sc->k.proto = ip4->protocol;
+	sc->k.saddr[0] = ip4->saddr;
+	sc->k.daddr[0] = ip4->daddr;
+	if (sc->k.proto == IPPROTO_TCP_ && (void *)(l4 + 14) <= end)
+		tcp = l4[13];
+	if ((sc->k.proto == IPPROTO_TCP_ || sc->k.proto == IPPROTO_UDP_) &&
+	    (void *)(l4 + 4) <= end) {
+		__builtin_memcpy(&sc->k.sport, l4, 2);
+		__builtin_memcpy(&sc->k.dport, l4 + 2, 2);
+	}
+	sc->k.ifindex = ctx->ingress_ifindex;
+	sc->k.dir = WEIR_DIR_INGRESS;
+	trace_flow(sc, tcp, (__u32)(end - data), reason);
+}
+
+#endif /* WEIR_LIB_TRACE_H */
