@@ -272,6 +272,7 @@ fn weir_for(topo: &Topo, mi: usize, remote: bool) -> Result<Weir> {
             container_id: String::new(),
             ifname: String::new(),
             netns_inode: 0,
+            netns_cookie: 0,
         }];
         in_netns(&ns.n, || {
             pods.attach_netdev(ext0)?;

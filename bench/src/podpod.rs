@@ -82,6 +82,7 @@ pub(crate) fn records(t: &Topo) -> Result<Vec<EndpointRecord>> {
             container_id: String::new(),
             ifname: String::new(),
             netns_inode: 0,
+            netns_cookie: 0,
         });
     }
     Ok(records)

@@ -39,8 +39,9 @@ struct trace_state {
 	__u64 packets;
 	__u64 bytes;
 	__u32 reason;
-	__u8 seen; /* TRACE_TCP_FLAGS seen */
-	__u8 pad[3];
+	__u8 seen;  /* TRACE_TCP_FLAGS seen */
+	__u8 reply; /* TCP: its first packet here was a SYN-ACK */
+	__u8 pad[2];
 };
 
 /* Room for a summary's work: the programs calling it have little stack left. */
@@ -217,6 +218,7 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		sc->fresh.last = now;
 		sc->fresh.seen = flags;
 		sc->fresh.reason = reason;
+		sc->fresh.reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
 		packets = 1;
 		bytes = len;
 		bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
@@ -259,7 +261,7 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev->packets = packets;
 	ev->bytes = bytes;
 	ev->tcp_seen = s->seen;
-	ev->flags = first ? TRACE_F_NEW : 0;
+	ev->flags = (first ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
 	if (k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) {
 		if (k->family == WEIR_AF_INET)
 			trace_xlate4(ev, k);

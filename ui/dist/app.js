@@ -18,6 +18,7 @@
       this.edges = /* @__PURE__ */ new Map();
     }
     add(flow) {
+      if (flow.is_reply && flow.verdict !== "dropped") return;
       const s = nodeOf(flow.source);
       const d = nodeOf(flow.destination);
       for (const n of [s, d]) {

@@ -22,6 +22,8 @@ export class Model {
   }
 
   add(flow) {
+    // A reply travels the edge of its request: not an edge of its own.
+    if (flow.is_reply && flow.verdict !== "dropped") return;
     const s = nodeOf(flow.source);
     const d = nodeOf(flow.destination);
     for (const n of [s, d]) {

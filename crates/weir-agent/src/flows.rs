@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
+use weir_bpf::events::{
+    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, TRACE_F_NEW, TRACE_F_REPLY,
+};
 use weir_bpf::kdrop::{KernelDrop, KernelDrops};
 
 use crate::pods::Pods;
@@ -82,6 +85,44 @@ pub struct FlowRecord {
     /// the pod in the direction judged (none of their rules allowed the flow).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// What forwarding summaries and translations add.
+    #[serde(flatten)]
+    pub detail: FlowDetail,
+}
+
+/// What a forwarding summary (`trace`) or a socket translation (`trace-sock`) adds to a flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowDetail {
+    /// The flow's addresses before a translation, and where it was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation: Option<Translation>,
+    /// Packets the summary covers (since the flow's previous summary at that point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    /// Their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// The TCP flags of the packet that made the summary due (`SYN`, `SYN-ACK`, `FIN`,
+    /// `RST`, `ACK`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tcp_flags: String,
+    /// Whether the packets are a translated flow's replies (absent: not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_reply: Option<bool>,
+    /// The device the summary was made on (its ifindex in the node's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<u32>,
+}
+
+/// A translation: where it was made and the addresses before it (`ip:port`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Translation {
+    /// `connect`, `sendmsg`, `recvmsg` (the socket layer) or `packet` (tc, XDP).
+    pub point: String,
+    /// The source before.
+    pub source: String,
+    /// The destination before (a Service's address for a request).
+    pub destination: String,
 }
 
 /// What the log knows of a pod besides its addresses.
@@ -112,6 +153,12 @@ pub struct FlowLog {
     /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
     /// (kept by the policy loop).
     pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
+    /// (frontend address, port, protocol number) -> its Service (`namespace/name`); node
+    /// ports under the unspecified address (kept by the Services loop).
+    pub frontends: HashMap<(IpAddr, u16, u8), String>,
+    /// A pod network namespace's cookie -> the pod (`namespace/name`) and its addresses
+    /// (kept by the socket events' reader).
+    pub netns_pods: HashMap<u64, (String, Vec<IpAddr>)>,
 }
 
 /// A pod's workload, as metrics label it: a Deployment's name for a pod of one of its
@@ -205,6 +252,8 @@ impl FlowLog {
             pods: HashMap::new(),
             services: HashMap::new(),
             isolating: HashMap::new(),
+            frontends: HashMap::new(),
+            netns_pods: HashMap::new(),
         }
     }
 
@@ -280,6 +329,7 @@ impl FlowLog {
             policies,
             source,
             destination,
+            detail: FlowDetail::default(),
         };
         self.append(rec);
     }
@@ -305,6 +355,9 @@ impl FlowLog {
         };
         let code = d.reason as u8;
         let reason = (reason_name(code), reason_description(code));
+        if d.reason == weir_reason::DROP_NO_SERVICE_BACKEND.0 {
+            count_service_connection(self.frontend_service(dst, d.proto).as_deref(), "refused");
+        }
         let ends = ((src.ip(), src.port()), (dst.ip(), dst.port()));
         self.push_drop("drop", d.ts, reason, d.proto, ends);
     }
@@ -320,13 +373,11 @@ impl FlowLog {
         (src, dst): ((IpAddr, u16), (IpAddr, u16)),
     ) {
         let (source, destination) = (self.end(src.0, src.1, 0), self.end(dst.0, dst.1, 0));
-        let direction = if destination.pod.is_some() {
-            "ingress"
-        } else if source.pod.is_some() {
-            "egress"
-        } else {
-            "node"
-        };
+        let direction = Self::direction_of(&source, &destination);
+        let frontend = std::net::SocketAddr::new(dst.0, dst.1);
+        let service = self
+            .service_of(&destination, proto)
+            .or_else(|| self.frontend_service(frontend, proto));
         let rec = FlowRecord {
             seq: self.next_seq,
             time: wall_time(ts),
@@ -337,10 +388,151 @@ impl FlowLog {
             reason_text,
             direction: direction.into(),
             protocol: protocol_name(proto),
-            service: self.service_of(&destination, proto),
+            service,
             policies: Vec::new(),
             source,
             destination,
+            detail: FlowDetail::default(),
+        };
+        self.append(rec);
+    }
+
+    /// The Service of frontend `addr` (a node port's under the unspecified address).
+    fn frontend_service(&self, addr: std::net::SocketAddr, proto: u8) -> Option<String> {
+        let any: IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        self.frontends
+            .get(&(addr.ip(), addr.port(), proto))
+            .or_else(|| self.frontends.get(&(any, addr.port(), proto)))
+            .cloned()
+    }
+
+    /// Where a flow between `source` and `destination` stands: `ingress` into a local pod,
+    /// `egress` out of one, else `node`.
+    fn direction_of(source: &FlowEnd, destination: &FlowEnd) -> &'static str {
+        if destination.pod.is_some() {
+            "ingress"
+        } else if source.pod.is_some() {
+            "egress"
+        } else {
+            "node"
+        }
+    }
+
+    /// Records one forwarding summary of the tc or XDP programs.
+    pub fn push_trace(&mut self, t: &TraceEvent) {
+        let source = self.end(t.src.ip(), t.src.port(), 0);
+        let destination = self.end(t.dst.ip(), t.dst.port(), 0);
+        let reply = t.flags & TRACE_F_REPLY != 0;
+        // The Service: a translated request's original destination, a reply's new source,
+        // else the Service whose backend the destination is.
+        let service = match t.orig {
+            Some((_, d)) if !reply => self.frontend_service(d, t.proto),
+            Some(_) => self.frontend_service(t.src, t.proto),
+            None => self.service_of(&destination, t.proto),
+        };
+        let code = t.reason as u8;
+        let flags = tcp_flag_names(t.tcp_flags);
+        if t.proto == 6 {
+            count_tcp_flags(t.tcp_flags, t.src.is_ipv4());
+        }
+        if t.flags & TRACE_F_NEW != 0 && t.orig.is_some() && !reply {
+            count_service_connection(service.as_deref(), "translated");
+        }
+        let rec = FlowRecord {
+            seq: self.next_seq,
+            time: wall_time(t.ts),
+            node: self.node.clone(),
+            event: "trace".into(),
+            verdict: "forwarded".into(),
+            reason: reason_name(code),
+            reason_text: reason_description(code),
+            direction: Self::direction_of(&source, &destination).into(),
+            protocol: protocol_name(t.proto),
+            service,
+            policies: Vec::new(),
+            source,
+            destination,
+            detail: FlowDetail {
+                translation: t.orig.map(|(s, d)| Translation {
+                    point: "packet".into(),
+                    source: s.to_string(),
+                    destination: d.to_string(),
+                }),
+                packets: Some(t.packets),
+                bytes: Some(t.bytes),
+                tcp_flags: flags,
+                is_reply: (t.orig.is_some() || t.proto == 6).then_some(reply),
+                interface: Some(t.ifindex),
+            },
+        };
+        self.append(rec);
+    }
+
+    /// Records one translation (or refusal) of the socket layer: the client is the pod
+    /// whose network namespace the socket is in.
+    pub fn push_sock(&mut self, e: &SockEvent) {
+        let client = self.netns_pods.get(&e.netns).and_then(|(_, ips)| {
+            ips.iter()
+                .find(|ip| ip.is_ipv4() == e.vip.is_ipv4())
+                .copied()
+        });
+        let unspecified: IpAddr = if e.vip.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let source = self.end(client.unwrap_or(unspecified), 0, 0);
+        let to = e.backend.unwrap_or(e.vip);
+        let destination = self.end(to.ip(), to.port(), 0);
+        let service = self.frontend_service(e.vip, e.proto);
+        let point = sock_point_name(e.point);
+        let (verdict, reason, text) = if e.reason != 0 {
+            count_service_connection(service.as_deref(), "refused");
+            let code = e.reason as u8;
+            ("dropped", reason_name(code), reason_description(code))
+        } else {
+            if e.point != weir_bpf::events::SOCK_XLATE_RECVMSG {
+                count_service_connection(service.as_deref(), "translated");
+            }
+            let text = format!(
+                "{point}() to {} was given backend {to} at the socket layer",
+                service.as_deref().unwrap_or("a Service")
+            );
+            (
+                "translated",
+                format!("XLATE_{}", point.to_ascii_uppercase()),
+                text,
+            )
+        };
+        let rec = FlowRecord {
+            seq: self.next_seq,
+            time: wall_time(e.ts),
+            node: self.node.clone(),
+            event: "trace-sock".into(),
+            verdict: verdict.into(),
+            reason,
+            reason_text: text,
+            direction: "egress".into(),
+            protocol: protocol_name(e.proto),
+            service,
+            policies: Vec::new(),
+            source,
+            destination,
+            detail: FlowDetail {
+                translation: Some(Translation {
+                    point: point.into(),
+                    source: client
+                        .map(|c| format!("{}", std::net::SocketAddr::new(c, 0)))
+                        .unwrap_or_default(),
+                    destination: e.vip.to_string(),
+                }),
+                is_reply: Some(e.point == weir_bpf::events::SOCK_XLATE_RECVMSG),
+                ..Default::default()
+            },
         };
         self.append(rec);
     }
@@ -377,6 +569,41 @@ impl FlowLog {
                 .collect(),
         }
     }
+}
+
+/// Counts a forwarded TCP packet's flags in `weir_tcp_flags_total` as Hubble does (`SYN`,
+/// `SYN-ACK`, `FIN`, `RST`), by address family.
+fn count_tcp_flags(f: u8, v4: bool) {
+    let family = if v4 { "ipv4" } else { "ipv6" };
+    let mut flags = Vec::new();
+    if f & 0x02 != 0 {
+        flags.push(if f & 0x10 != 0 { "SYN-ACK" } else { "SYN" });
+    }
+    if f & 0x01 != 0 {
+        flags.push("FIN");
+    }
+    if f & 0x04 != 0 {
+        flags.push("RST");
+    }
+    for flag in flags {
+        crate::metrics::METRICS
+            .tcp_flags
+            .get_or_create(&vec![("flag", flag.to_string()), ("family", family.into())])
+            .inc();
+    }
+}
+
+/// Counts a connection to a Service (`translated` to a backend, or `refused`) in
+/// `weir_service_connections_total`.
+fn count_service_connection(service: Option<&str>, outcome: &str) {
+    let Some(service) = service else { return };
+    crate::metrics::METRICS
+        .service_connections
+        .get_or_create(&vec![
+            ("service", service.to_string()),
+            ("outcome", outcome.to_string()),
+        ])
+        .inc();
 }
 
 /// Starts the thread that drains the ring buffer into `log`.
@@ -439,6 +666,62 @@ pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), Stri
         },
         |rb, wait| rb.poll(wait),
     )
+}
+
+/// Starts the thread that drains the forwarding summaries of the tc and XDP programs into
+/// `log` (what their full ring buffer refused is read from the kernel at scrape time:
+/// `weir_trace_events_lost_total`).
+pub fn spawn_traces(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
+    crate::ring::spawn(
+        "weir-traces",
+        "the forwarding summaries",
+        move || {
+            pods.dataplane
+                .lock()
+                .expect("pods")
+                .datapath()
+                .trace_events(move |ev| log.lock().expect("flow log").push_trace(ev))
+        },
+        |rb, wait| rb.poll(wait),
+    )
+}
+
+/// Starts the thread that drains the socket layer's translations (the ring buffer pinned at
+/// `path`) into `log`, naming the client pods by their network namespace's cookie (from the
+/// endpoint records in `endpoint_dir`, read again when a cookie is not known).
+pub fn spawn_sock_events(
+    path: std::path::PathBuf,
+    endpoint_dir: std::path::PathBuf,
+    log: Arc<Mutex<FlowLog>>,
+) -> Result<(), String> {
+    crate::ring::spawn(
+        "weir-sock-events",
+        "the socket layer's translations",
+        move || {
+            let mut last_read: Option<std::time::Instant> = None;
+            weir_bpf::events::watch_sock_events(&path, move |ev| {
+                let mut log = log.lock().expect("flow log");
+                let due =
+                    last_read.is_none_or(|t| t.elapsed() > std::time::Duration::from_millis(500));
+                if !log.netns_pods.contains_key(&ev.netns) && due {
+                    log.netns_pods = netns_pods(&endpoint_dir);
+                    last_read = Some(std::time::Instant::now());
+                }
+                log.push_sock(ev)
+            })
+        },
+        |rb, wait| rb.poll(wait),
+    )
+}
+
+/// The pods of the endpoint records in `dir` by their network namespace's cookie.
+fn netns_pods(dir: &std::path::Path) -> HashMap<u64, (String, Vec<IpAddr>)> {
+    let (records, _) = weir_model::endpoint::EndpointRecord::read_dir(dir);
+    records
+        .into_iter()
+        .filter(|r| r.netns_cookie != 0 && !r.pod.is_empty())
+        .map(|r| (r.netns_cookie, (r.pod, r.ips)))
+        .collect()
 }
 
 /// Starts the thread that drains the kernel's drops in the node's network namespace into
@@ -604,6 +887,101 @@ mod tests {
         assert_eq!(r.direction, "ingress");
         assert_eq!(r.service.as_deref(), Some("x/web"));
         assert_eq!(r.destination.namespace.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn summaries_and_translations_name_services_pods_and_replies() {
+        use weir_bpf::events::{SOCK_XLATE_CONNECT, TRACE_F_XLATE};
+        let mut log = FlowLog::new("n1");
+        log.pod_names
+            .insert("10.244.1.5".parse().unwrap(), "x/web".into());
+        log.pod_names
+            .insert("10.244.1.9".parse().unwrap(), "x/client".into());
+        // A NodePort (under the unspecified address) and a ClusterIP.
+        log.frontends
+            .insert(("0.0.0.0".parse().unwrap(), 30080, 6), "x/web".into());
+        log.frontends
+            .insert(("10.96.0.10".parse().unwrap(), 80, 6), "x/web".into());
+        let summary = |src: &str, dst: &str, flags: u8, orig: Option<(&str, &str)>| TraceEvent {
+            ts: 0,
+            reason: weir_reason::REASON_FORWARD_PEER.0,
+            dir: 0,
+            ifindex: 3,
+            proto: 6,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            tcp_flags: 0x02,
+            tcp_seen: 0x02,
+            packets: 1,
+            bytes: 60,
+            flags,
+            orig: orig.map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap())),
+            svc_id: 7,
+        };
+        log.push_trace(&summary(
+            "172.30.0.2:40000",
+            "10.244.1.5:8080",
+            TRACE_F_NEW | TRACE_F_XLATE,
+            Some(("172.30.0.2:40000", "10.1.0.1:30080")),
+        ));
+        log.push_trace(&summary(
+            "10.1.0.1:30080",
+            "172.30.0.2:40000",
+            TRACE_F_NEW | TRACE_F_XLATE | TRACE_F_REPLY,
+            Some(("10.244.1.5:8080", "172.30.0.2:40000")),
+        ));
+        log.netns_pods
+            .insert(99, ("x/client".into(), vec!["10.244.1.9".parse().unwrap()]));
+        log.push_sock(&SockEvent {
+            ts: 0,
+            cookie: 1,
+            netns: 99,
+            point: SOCK_XLATE_CONNECT,
+            proto: 6,
+            vip: "10.96.0.10:80".parse().unwrap(),
+            backend: Some("10.244.1.5:8080".parse().unwrap()),
+            svc_id: 7,
+            reason: 0,
+        });
+        let flows = log.since(0).flows;
+        let (req, rep, sock) = (&flows[0], &flows[1], &flows[2]);
+        assert_eq!(
+            (req.event.as_str(), req.verdict.as_str()),
+            ("trace", "forwarded")
+        );
+        assert_eq!(
+            req.service.as_deref(),
+            Some("x/web"),
+            "the node port's Service"
+        );
+        assert_eq!(
+            (req.direction.as_str(), req.detail.is_reply),
+            ("ingress", Some(false))
+        );
+        assert_eq!(req.detail.tcp_flags, "SYN");
+        let t = req.detail.translation.as_ref().unwrap();
+        assert_eq!(
+            (t.point.as_str(), t.destination.as_str()),
+            ("packet", "10.1.0.1:30080")
+        );
+        assert_eq!(
+            rep.service.as_deref(),
+            Some("x/web"),
+            "a reply's source is the frontend"
+        );
+        assert_eq!(rep.detail.is_reply, Some(true));
+        assert_eq!(
+            (sock.event.as_str(), sock.verdict.as_str()),
+            ("trace-sock", "translated")
+        );
+        assert_eq!(sock.reason, "XLATE_CONNECT");
+        assert_eq!(sock.source.pod.as_deref(), Some("x/client"));
+        assert_eq!(sock.destination.pod.as_deref(), Some("x/web"));
+        assert_eq!(sock.service.as_deref(), Some("x/web"));
+        assert!(
+            sock.reason_text.contains("backend 10.244.1.5:8080"),
+            "{sock:?}"
+        );
     }
 
     #[test]

@@ -637,6 +637,7 @@ pub async fn run(
     if let Some(p) = &pods {
         flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         flows::spawn_drops(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
+        flows::spawn_traces(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         flows::spawn_kernel_drops(p.clone(), flow_log.clone());
         tcp_health::spawn(p.clone(), flow_log.clone());
         tokio::spawn(policy::run(
@@ -802,6 +803,7 @@ pub async fn run(
         })
         .map_err(std::io::Error::other)?;
     }
+    spawn_translation_events(&shared)?;
     // Apply only from a complete view: until the initial lists are in, the pinned state
     // stays as the previous agent left it (stale entries are removed by the first apply).
     let _ = services.wait_until_ready().await;
@@ -857,7 +859,11 @@ pub async fn run(
             desired.rebuild(changed, &services, &imports, &sls, &opts, &sched);
         }
         let state = &desired.state;
-        shared.flows.lock().expect("flow log").services = backend_services(state);
+        {
+            let mut log = shared.flows.lock().expect("flow log");
+            log.services = backend_services(state);
+            log.frontends = frontend_services(state);
+        }
         let mut warnings = desired.all_warnings();
         warnings.extend(shared.dataplane.lock().expect("dataplane").limits(state));
         let checks = lb::health_checks(&services.state(), &sls, &cfg.node_name);
@@ -982,6 +988,38 @@ fn refresh_ejections(
             None
         }
     }
+}
+
+/// With flow summaries on, the socket layer's translations go into the flow log (their
+/// clients named by the node's endpoint records).
+fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
+    let Some(p) = shared.pods.as_ref().filter(|p| p.config.flow_summaries) else {
+        return Ok(());
+    };
+    let mut dp = shared.dataplane.lock().expect("dataplane");
+    let Some(path) = dp.translation_events() else {
+        return Ok(());
+    };
+    dp.set_translation_events(true)
+        .map_err(std::io::Error::other)?;
+    drop(dp);
+    flows::spawn_sock_events(path, p.config.endpoint_dir.clone(), shared.flows.clone())
+        .map_err(std::io::Error::other)
+}
+
+/// Every frontend of `state` -> its Service (`namespace/name`), node ports under the
+/// unspecified address of their family, for naming translated flows.
+fn frontend_services(
+    state: &weir_control::lb::LbState,
+) -> std::collections::HashMap<(std::net::IpAddr, u16, u8), String> {
+    state
+        .frontends
+        .iter()
+        .map(|(k, f)| {
+            let svc = f.service.split_once(':').map_or(&*f.service, |(s, _)| s);
+            ((k.vip, k.port, k.proto.number()), svc.to_string())
+        })
+        .collect()
 }
 
 /// Every backend of `state` -> its Service (`namespace/name`, without the port), for naming

@@ -9,7 +9,10 @@
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
 //! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
 //! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
-//! | `weir_flows_total` | counter | `event`, `verdict`, `reason`, `direction` | flows the agent logged for `weir observe`: policy verdicts, drops of weir's programs, the kernel's drops |
+//! | `weir_flows_total` | counter | `event`, `verdict`, `reason`, `direction` | flows the agent logged for `weir observe`: policy verdicts, forwarding summaries (`trace`), socket translations (`trace-sock`), drops of weir's programs, the kernel's drops |
+//! | `weir_tcp_flags_total` | counter | `flag`, `family` | TCP flags (`SYN`, `SYN-ACK`, `FIN`, `RST`) of forwarded flows, from the forwarding summaries |
+//! | `weir_service_connections_total` | counter | `service`, `outcome` | new connections (and UDP socket/backend pairs) to a Service: `translated` to a backend, or `refused` for want of one |
+//! | `weir_trace_events_lost_total`, `weir_sock_events_lost_total` | counter | `reason` / `point` | forwarding summaries and socket translation events their full ring buffers refused |
 //! | `weir_drop_events_lost_total` | counter | `reason` | drop events of weir's programs their full ring buffer refused (the drops are counted in `weir_drops_total`) |
 //! | `weir_tcp_retransmits_total` | counter | `namespace`, `workload` | TCP segments the node's pods retransmitted (`tcp:tcp_retransmit_skb`) |
 //! | `weir_tcp_resets_total` | counter | `namespace`, `workload`, `direction` | resets sent and received |
@@ -66,6 +69,10 @@ pub struct Metrics {
     pub kernel_drop_events_lost: Family<Labels, Counter>,
     /// `weir_flows_total`.
     pub flows: Family<Labels, Counter>,
+    /// `weir_tcp_flags_total`.
+    pub tcp_flags: Family<Labels, Counter>,
+    /// `weir_service_connections_total`.
+    pub service_connections: Family<Labels, Counter>,
     /// `weir_tcp_*`.
     pub tcp: TcpMetrics,
 }
@@ -96,6 +103,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     kernel_drops: Family::default(),
     kernel_drop_events_lost: Family::default(),
     flows: Family::default(),
+    tcp_flags: Family::default(),
+    service_connections: Family::default(),
     tcp: TcpMetrics::default(),
 });
 
@@ -143,8 +152,18 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
     );
     r.register(
         "weir_flows",
-        "Flows the agent logged, by event (policy-verdict, drop, kernel-drop), verdict, reason and direction",
+        "Flows the agent logged, by event (policy-verdict, trace, trace-sock, drop, kernel-drop), verdict, reason and direction",
         METRICS.flows.clone(),
+    );
+    r.register(
+        "weir_tcp_flags",
+        "TCP flags (SYN, SYN-ACK, FIN, RST) of forwarded flows, from the forwarding summaries, by flag and address family",
+        METRICS.tcp_flags.clone(),
+    );
+    r.register(
+        "weir_service_connections",
+        "New connections (and UDP socket/backend pairs) to a Service, by Service and outcome (translated, refused)",
+        METRICS.service_connections.clone(),
     );
     let t = &METRICS.tcp;
     r.register(
@@ -258,6 +277,7 @@ impl Collector for Scraped {
 #[derive(Clone, Default)]
 struct SlowReads {
     lb_counters: Vec<(String, u64)>,
+    sock_events_lost: Vec<(String, u64)>,
     maps: Vec<weir_dataplane::MapUsage>,
 }
 
@@ -277,6 +297,7 @@ fn slow_reads(shared: &Shared) -> SlowReads {
     let mut r = SlowReads::default();
     if let Ok(d) = shared.dataplane.lock().expect("dataplane").dump() {
         r.lb_counters = d.counters;
+        r.sock_events_lost = d.events_lost;
         r.maps = d.maps;
     }
     if let Some(p) = &shared.pods {
@@ -309,6 +330,16 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         "Socket load-balancer events, by event",
         true,
     );
+    let mut traces_lost = Sampled::new(
+        "weir_trace_events_lost",
+        "Forwarding summaries the full ring buffer refused, by reason (their packets ride on the flow's next summary)",
+        true,
+    );
+    let mut sock_lost = Sampled::new(
+        "weir_sock_events_lost",
+        "Socket-layer translation events the full ring buffer refused, by point (connect, sendmsg, recvmsg)",
+        true,
+    );
     let mut entries = Sampled::new("weir_bpf_map_entries", "Entries in use in each map", false);
     let mut capacity = Sampled::new("weir_bpf_map_capacity", "Capacity of each map", false);
     let mut sizes = Vec::new();
@@ -316,6 +347,9 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
     let slow = slow_reads(shared);
     for (event, n) in &slow.lb_counters {
         lb.add(vec![("event", event.clone())], *n as f64);
+    }
+    for (point, n) in &slow.sock_events_lost {
+        sock_lost.add(vec![("point", point.clone())], *n as f64);
     }
     let mut maps = slow.maps;
     let frontends = shared.status.lock().expect("status").frontends;
@@ -333,9 +367,13 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         );
         let dp = p.dataplane.lock().expect("pods");
         let (counters, lost) = (dp.metrics(), dp.datapath().drops_lost());
+        let traced = dp.datapath().traces_lost();
         drop(dp);
         for (reason, n) in lost.iter().flatten() {
             drops_lost.add(vec![("reason", reason.clone())], *n as f64);
+        }
+        for (reason, n) in traced.iter().flatten() {
+            traces_lost.add(vec![("reason", reason.clone())], *n as f64);
         }
         for m in counters.iter().flatten() {
             let l = vec![
@@ -377,7 +415,16 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
         capacity.add(vec![("map", m.name)], m.capacity as f64);
     }
     let mut out = vec![
-        packets, bytes, drops, drops_lost, lb, entries, capacity, info,
+        packets,
+        bytes,
+        drops,
+        drops_lost,
+        traces_lost,
+        sock_lost,
+        lb,
+        entries,
+        capacity,
+        info,
     ];
     out.extend(sizes);
     out.extend(process());

@@ -38,6 +38,9 @@ pub struct PodConfig {
     pub non_masquerade: Vec<ipnet::Ipv4Net>,
     /// How the node's dataplanes were opened: a dataplane switch opens its target alike.
     pub dataplanes: Option<weir_dataplane::open::NodeDataplanes>,
+    /// Forwarding summaries of the tc and XDP programs, and the socket layer's translation
+    /// events.
+    pub flow_summaries: bool,
 }
 
 /// The default SNAT source port range: above Linux's default ephemeral range.
@@ -370,17 +373,17 @@ fn attach_devices(pods: &Pods, cfg: &PodConfig) -> Result<(), String> {
         std::net::IpAddr::V4(v4) => Some(*v4),
         _ => None,
     });
-    pods.dataplane
-        .lock()
-        .expect("pods")
-        .configure_node(
-            &addrs,
-            snat4,
-            cfg.snat_ports,
-            tunnel_ifindex,
-            cfg.masquerade,
-        )
-        .map_err(|e| format!("writing the node's addresses: {e}"))?;
+    let mut dp = pods.dataplane.lock().expect("pods");
+    dp.set_flow_summaries(cfg.flow_summaries);
+    dp.configure_node(
+        &addrs,
+        snat4,
+        cfg.snat_ports,
+        tunnel_ifindex,
+        cfg.masquerade,
+    )
+    .map_err(|e| format!("writing the node's addresses: {e}"))?;
+    drop(dp);
     let mut st = pods.status.lock().expect("pod status");
     st.tunnel = cfg.tunnel.clone();
     st.xdp = cfg.xdp;

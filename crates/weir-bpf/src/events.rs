@@ -14,7 +14,8 @@ use crate::{lb, BpfError};
 pub const TRACE_F_NEW: u8 = 1;
 /// `trace_event.flags`: translated (`orig_src`/`orig_dst` are its addresses before).
 pub const TRACE_F_XLATE: u8 = 2;
-/// `trace_event.flags`: a reply of a translated flow.
+/// `trace_event.flags`: a reply (of a translated flow, or of a TCP flow whose first packet
+/// there was a SYN-ACK).
 pub const TRACE_F_REPLY: u8 = 4;
 
 /// `sock_event.point`: connect() (TCP, connected UDP).

@@ -212,3 +212,59 @@ pub fn addresses(netns: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
 pub fn delete(host_if: &str) -> bool {
     ip(&["link", "del", host_if]).is_ok()
 }
+
+/// The cookie of the network namespace at `netns` (`SO_NETNS_COOKIE` of a socket made there,
+/// on a thread of its own that enters it), which the socket layer's events carry.
+pub fn netns_cookie(netns: &str) -> Option<u64> {
+    let path = netns.to_string();
+    std::thread::spawn(move || -> Option<u64> {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open(&path).ok()?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        nix::sys::socket::getsockopt(&s, NetnsCookie).ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14).
+const SO_NETNS_COOKIE: nix::libc::c_int = 71;
+
+use nix::libc;
+use nix::{getsockopt_impl, sockopt_impl};
+
+sockopt_impl!(
+    /// The cookie of the socket's network namespace.
+    NetnsCookie,
+    GetOnly,
+    nix::libc::SOL_SOCKET,
+    SO_NETNS_COOKIE,
+    u64,
+    nix::sys::socket::sockopt::GetStruct<u64>
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_namespace_has_one_cookie_of_its_own() {
+        let own = netns_cookie("/proc/self/ns/net").expect("own namespace");
+        assert_ne!(own, 0);
+        assert_eq!(netns_cookie("/proc/self/ns/net"), Some(own));
+        let name = format!("wcni-cookie-{}", std::process::id());
+        let added = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip");
+        assert!(added.success());
+        let other = netns_cookie(&format!("/run/netns/{name}"));
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        assert!(other.is_some_and(|c| c != 0 && c != own), "{other:?}");
+        assert_eq!(netns_cookie("/nonexistent"), None);
+    }
+}

@@ -180,6 +180,7 @@ fn add(env: &Env, conf: &NetConf, s: &Settings) -> Result<CniResult, CniError> {
                 use std::os::unix::fs::MetadataExt;
                 std::fs::metadata(&env.netns).map(|m| m.ino()).unwrap_or(0)
             },
+            netns_cookie: link::netns_cookie(&env.netns).unwrap_or(0),
         };
         let body = serde_json::to_value(&record).expect("json");
         agent::request(&s.socket, "PUT", "/endpoints", Some(&body), AGENT_TIMEOUT)

@@ -862,6 +862,12 @@ impl Dataplane for EbpfDataplane {
                 .into_iter()
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
+            events_lost: self
+                .lb
+                .events_lost()?
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
             programs: self
                 .lb
                 .programs()
@@ -918,6 +924,14 @@ impl Dataplane for EbpfDataplane {
 
     fn ejection_events(&self) -> Option<PathBuf> {
         Some(self.lb.pin_path("weir_lb_events"))
+    }
+
+    fn set_translation_events(&mut self, on: bool) -> Result<(), DataplaneError> {
+        Ok(self.lb.set_events(on)?)
+    }
+
+    fn translation_events(&self) -> Option<PathBuf> {
+        Some(self.lb.pin_path("weir_sock_events"))
     }
 }
 

@@ -234,6 +234,9 @@ pub struct Dump {
     pub affinity: Vec<AffinityDump>,
     /// Counters by name.
     pub counters: Vec<(String, u64)>,
+    /// Translation events the socket layer's full ring buffer refused, per point.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events_lost: Vec<(String, u64)>,
     /// Programs.
     pub programs: Vec<ProgramDump>,
     /// Maps.
@@ -298,6 +301,16 @@ pub trait Dataplane: Send {
     /// datapath instead.
     fn set_masquerade(&mut self, _nets: Option<Vec<ipnet::Ipv4Net>>) -> Result<(), DataplaneError> {
         Ok(())
+    }
+    /// Turns the socket layer's translation events on or off (a dataplane without a
+    /// socket layer has none).
+    fn set_translation_events(&mut self, _on: bool) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Where the socket layer reports its translations (a pinned ring buffer of
+    /// `sock_event`s), if the dataplane has one.
+    fn translation_events(&self) -> Option<std::path::PathBuf> {
+        None
     }
     /// Where the datapath announces ejections (a pinned ring buffer of
     /// `lb_ejection_event`s), if it has such a place.

@@ -312,6 +312,8 @@ pub struct PodDataplane {
     /// on only once the destinations it must leave alone are known).
     config: node_config,
     masquerade: bool,
+    /// Whether the programs summarize forwarding (`CFG_TRACE`).
+    trace: bool,
     /// The policy state last asked for (re-applied when endpoints change).
     policy: Option<PolicyState>,
     /// Pod address -> host-side ifindex, from the last endpoint sync.
@@ -365,6 +367,7 @@ impl PodDataplane {
             attached: BTreeSet::new(),
             config: node_config::default(),
             masquerade: false,
+            trace: false,
             policy: None,
             ip_ifindex: HashMap::new(),
             policy_shadow: None,
@@ -497,6 +500,12 @@ impl PodDataplane {
     pub fn dsr_flows_open(&self) -> usize {
         let now = weir_bpf::datapath::boot_seconds();
         self.dp.dsr_flows_open(now).unwrap_or(0)
+    }
+
+    /// Whether the programs summarize forwarding (`CFG_TRACE`): written with the node's
+    /// settings (configure_node).
+    pub fn set_flow_summaries(&mut self, on: bool) {
+        self.trace = on;
     }
 
     /// Sets or clears `CFG_DRAIN` in the node's settings.
@@ -815,6 +824,9 @@ impl PodDataplane {
         }
         if self.draining {
             flags |= weir_bpf::datapath::CFG_DRAIN;
+        }
+        if self.trace {
+            flags |= weir_bpf::datapath::CFG_TRACE;
         }
         self.config = node_config {
             snat4: snat4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),

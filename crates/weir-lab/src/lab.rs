@@ -901,6 +901,7 @@ pub async fn run_agent(
             .filter_map(|c| c.parse().ok())
             .collect(),
         dataplanes: Some(opener),
+        flow_summaries: true,
     };
     let client = client::client_from_kubeconfig(&p.kubeconfig()).await?;
     let cfg = weir_agent::AgentConfig {

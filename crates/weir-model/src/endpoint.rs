@@ -37,6 +37,10 @@ pub struct EndpointRecord {
     /// health counters are kept by.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub netns_inode: u64,
+    /// The cookie of the pod's network namespace (0: not known), which the socket layer's
+    /// events name the client by.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub netns_cookie: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -182,6 +186,7 @@ mod tests {
             container_id: String::new(),
             ifname: String::new(),
             netns_inode: 4026532000,
+            netns_cookie: 0,
         };
         r.write(dir.path()).expect("write");
         let bad = EndpointRecord {

@@ -90,6 +90,12 @@ pub(crate) struct AgentArgs {
         value_name = "CIDR"
     )]
     pub non_masquerade: Vec<ipnet::Ipv4Net>,
+    /// Forwarding summaries and socket translation events for `weir observe`, `weir ui` and
+    /// the flow metrics: the tc and XDP programs report each flow on its first packet, on
+    /// new TCP flags and at most every 5 s; the socket layer each connect. `false` keeps the
+    /// policy verdicts and drops alone.
+    #[arg(long, env = "WEIR_FLOW_SUMMARIES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub flow_summaries: bool,
     /// How long a SecurityIdentity no pod needs (its labels gone, or a duplicate) stays
     /// before the agent deletes it.
     #[arg(long, env = "WEIR_IDENTITY_GC_GRACE", default_value = "5m", value_parser = parse_duration)]
@@ -242,6 +248,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         masquerade: a.masquerade,
         non_masquerade: a.non_masquerade.iter().map(|n| n.trunc()).collect(),
         dataplanes: Some(opener),
+        flow_summaries: a.flow_summaries,
     };
     let client = match cli.kubeconfig_path()? {
         Some(p) => client::client_from_kubeconfig(&p).await?,

@@ -654,13 +654,20 @@ pub(crate) struct ObserveArgs {
     /// Only flows with this port at either end.
     #[arg(long)]
     port: Vec<u16>,
-    /// Only this verdict.
+    /// Only this verdict: `allowed` or `dropped` (policy verdicts, drops), `forwarded`
+    /// (forwarding summaries), `translated` (the socket layer's Service translations).
     #[arg(long, value_enum)]
     verdict: Option<VerdictArg>,
     /// Only this reason: weir's (`DROP_POLICY_DENIED`, or `POLICY_DENIED`) or the kernel's
     /// for packets it dropped outside weir's programs (`NETFILTER_DROP`, `NO_SOCKET`, ...).
     #[arg(long)]
     reason: Vec<String>,
+    /// Only flows this event reported: `policy-verdict` (NetworkPolicy judged a new flow),
+    /// `trace` (a forwarding summary of the tc/XDP programs), `trace-sock` (the socket layer
+    /// translated a Service address), `drop` (weir's programs dropped a packet), or
+    /// `kernel-drop` (the kernel dropped it outside weir's programs).
+    #[arg(short = 't', long = "type", value_name = "TYPE")]
+    event_type: Vec<String>,
     /// Only flows since this long ago (30s, 5m, 1h30m) or this RFC 3339 time.
     #[arg(long)]
     since: Option<String>,
@@ -699,6 +706,7 @@ pub fn rewrite_not(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
         let flag = next.and_then(|n| match n {
             "-n" => Some("namespace".to_string()),
             "-l" => Some("label".to_string()),
+            "-t" => Some("type".to_string()),
             n if n.starts_with("--") && n != "--not" => Some(n[2..].to_string()),
             _ => None,
         });
@@ -759,11 +767,28 @@ fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
                     .map(|p| p.parse().map_err(|_| anyhow!("--port {p:?}: not a port")))
                     .collect::<Result<_>>()?,
             ),
-            "verdict" => match values.last().map(|v| v.to_ascii_lowercase()).as_deref() {
-                Some("allowed") => Cond::Verdict(Verdict::Allowed),
-                Some("dropped") => Cond::Verdict(Verdict::Dropped),
-                other => bail!("--verdict {other:?}: expected allowed or dropped"),
-            },
+            "verdict" => {
+                let v = values.last().expect("a value");
+                Cond::Verdict(Verdict::parse(v).ok_or_else(|| {
+                    anyhow!("--verdict {v:?}: expected allowed, dropped, forwarded or translated")
+                })?)
+            }
+            "type" => {
+                const TYPES: [&str; 5] = [
+                    "policy-verdict",
+                    "trace",
+                    "trace-sock",
+                    "drop",
+                    "kernel-drop",
+                ];
+                if let Some(bad) = values
+                    .iter()
+                    .find(|t| !TYPES.iter().any(|k| k.eq_ignore_ascii_case(t)))
+                {
+                    bail!("--type {bad:?}: expected one of {}", TYPES.join(", "));
+                }
+                Cond::Type(values)
+            }
             "reason" => Cond::Reason(values),
             "since" => Cond::Since(crate::observe::parse_since(values.last().unwrap())?),
             other => bail!("--not --{other}: not a filter of weir observe"),
@@ -772,6 +797,8 @@ fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
     let verdict = o.verdict.map(|v| match v {
         VerdictArg::Allowed => "allowed".to_string(),
         VerdictArg::Dropped => "dropped".to_string(),
+        VerdictArg::Forwarded => "forwarded".to_string(),
+        VerdictArg::Translated => "translated".to_string(),
     });
     let given: Vec<(&str, Vec<String>)> = vec![
         ("pod", o.pod.clone()),
@@ -787,6 +814,7 @@ fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
         ("protocol", o.protocol.clone()),
         ("port", o.port.iter().map(|p| p.to_string()).collect()),
         ("verdict", verdict.into_iter().collect()),
+        ("type", o.event_type.clone()),
         ("reason", o.reason.clone()),
         ("since", o.since.clone().into_iter().collect()),
     ];
@@ -840,6 +868,8 @@ impl From<ComponentArg> for weir_lab::clusterset::Component {
 pub(crate) enum VerdictArg {
     Allowed,
     Dropped,
+    Forwarded,
+    Translated,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,34 @@ pub enum Verdict {
     Allowed,
     /// Flows the policy (or the kernel) dropped.
     Dropped,
+    /// Flows the tc and XDP programs forwarded (their summaries).
+    Forwarded,
+    /// Service addresses the socket layer translated.
+    Translated,
+}
+
+impl Verdict {
+    /// The verdict's name in flow records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Dropped => "dropped",
+            Verdict::Forwarded => "forwarded",
+            Verdict::Translated => "translated",
+        }
+    }
+
+    /// The verdict named `s` (any case).
+    pub fn parse(s: &str) -> Option<Verdict> {
+        [
+            Verdict::Allowed,
+            Verdict::Dropped,
+            Verdict::Forwarded,
+            Verdict::Translated,
+        ]
+        .into_iter()
+        .find(|v| v.name().eq_ignore_ascii_case(s))
+    }
 }
 
 /// Which end of a flow a condition looks at.
@@ -90,6 +118,9 @@ pub enum Cond {
     Port(Vec<u16>),
     /// The verdict.
     Verdict(Verdict),
+    /// The event that reported it: `policy-verdict`, `trace`, `trace-sock`, `drop`,
+    /// `kernel-drop`.
+    Type(Vec<String>),
     /// The reason (any case; `POLICY_DENIED` matches `DROP_POLICY_DENIED`).
     Reason(Vec<String>),
     /// Not before this time.
@@ -139,8 +170,8 @@ impl Cond {
             Cond::Port(ports) => ports
                 .iter()
                 .any(|p| *p == r.source.port || *p == r.destination.port),
-            Cond::Verdict(Verdict::Allowed) => r.verdict == "allowed",
-            Cond::Verdict(Verdict::Dropped) => r.verdict == "dropped",
+            Cond::Verdict(v) => r.verdict == v.name(),
+            Cond::Type(ts) => ts.iter().any(|t| t.eq_ignore_ascii_case(&r.event)),
             Cond::Reason(rs) => rs.iter().any(|w| reason_matches(&r.reason, w)),
             Cond::Since(t) => r.time.parse::<jiff::Timestamp>().is_ok_and(|rt| rt >= *t),
         }
@@ -269,15 +300,42 @@ pub fn line(r: &FlowRecord) -> String {
         format!(" by {}", r.policies.join(", "))
     };
     format!(
-        "{time} {}: {} -> {} {} {} {}{by} ({}){policies}",
+        "{time} {}: {} -> {} {} {} {}{by} ({}){policies}{}",
         r.node,
         end(&r.source),
         end(&r.destination),
         r.protocol.to_uppercase(),
         r.direction,
         r.verdict.to_uppercase(),
-        r.reason
+        r.reason,
+        detail(r)
     )
+}
+
+/// What a summary or translation adds to a line: flags, packets, the Service and the
+/// addresses before translation.
+fn detail(r: &FlowRecord) -> String {
+    let d = &r.detail;
+    let mut out = String::new();
+    if !d.tcp_flags.is_empty() {
+        out.push_str(&format!(" [{}]", d.tcp_flags));
+    }
+    if let (Some(p), Some(b)) = (d.packets, d.bytes) {
+        out.push_str(&format!(" {p} pkt{} {b} B", if p == 1 { "" } else { "s" }));
+    }
+    if let Some(t) = &d.translation {
+        let svc = r
+            .service
+            .as_ref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        if d.is_reply == Some(true) {
+            out.push_str(&format!(" reply of{svc} {}", t.source));
+        } else {
+            out.push_str(&format!(" via{svc} {} at {}", t.destination, t.point));
+        }
+    }
+    out
 }
 
 fn print(r: &FlowRecord, out: Output) -> Result<()> {
@@ -410,7 +468,46 @@ mod tests {
             destination: end(dst_pod, "10.244.2.3", 80, 2, "world"),
             service: Some("x/web".into()),
             policies: Vec::new(),
+            detail: Default::default(),
         }
+    }
+
+    #[test]
+    fn summaries_print_flags_packets_and_translation_and_filter_by_type() {
+        let mut r = rec(Some("x/a"), None, "forwarded");
+        r.event = "trace".into();
+        r.reason = "REASON_FORWARD_FIB".into();
+        r.detail = weir_agent::flows::FlowDetail {
+            translation: Some(weir_agent::flows::Translation {
+                point: "packet".into(),
+                source: "10.244.1.2:40000".into(),
+                destination: "10.96.0.10:80".into(),
+            }),
+            packets: Some(3),
+            bytes: Some(180),
+            tcp_flags: "SYN".into(),
+            is_reply: Some(false),
+            interface: Some(4),
+        };
+        let l = line(&r);
+        assert!(
+            l.ends_with("FORWARDED (REASON_FORWARD_FIB) [SYN] 3 pkts 180 B via x/web 10.96.0.10:80 at packet"),
+            "{l}"
+        );
+        let only = |t: &str| filter(vec![(false, Cond::Type(vec![t.into()]))]);
+        assert!(only("trace").matches(&r));
+        assert!(!only("policy-verdict").matches(&r));
+        let v = |v| filter(vec![(false, Cond::Verdict(v))]);
+        assert!(v(Verdict::Forwarded).matches(&r));
+        assert!(!v(Verdict::Allowed).matches(&r));
+        assert_eq!(Verdict::parse("TRANSLATED"), Some(Verdict::Translated));
+        // Replies name where they came from.
+        r.detail.is_reply = Some(true);
+        assert!(
+            line(&r).ends_with("reply of x/web 10.244.1.2:40000"),
+            "{}",
+            line(&r)
+        );
     }
 
     fn filter(conds: Vec<(bool, Cond)>) -> Filter {

@@ -210,13 +210,53 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
     );
 }
 
+const EBPF_APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: m}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: m}
+spec:
+  type: NodePort
+  selector: {app: none}
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: m, labels: {app: web}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: m}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: m}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+/// `weir observe -o json` with `args`, as JSON records.
+fn observe_json(lab: &Lab, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["observe", "--last", "200", "-o", "json"];
+    all.extend_from_slice(args);
+    ok(&mut lab.weir(&all))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The drops of weir's own programs other than policy's are flows too, with the reason in
 /// words: a NodePort without a backend under eBPF. tc's own drop reason (`TC_INGRESS`) for
-/// the same packet is not logged twice.
+/// the same packet is not logged twice. The socket layer's translations and refusals and the
+/// tc programs' forwarding summaries are flows as well, and counted per Service.
 #[test]
 fn drops_of_weirs_programs_are_observed_with_the_reason_in_words() {
-    let m = "apiVersion: v1\nkind: Namespace\nmetadata: {name: m}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: m}\nspec:\n  type: NodePort\n  selector: {app: none}\n  ports:\n  - {port: 80, targetPort: 8080}\n";
-    let lab = Lab::up("wdrop", 1, m);
+    let lab = Lab::up("wdrop", 1, EBPF_APP);
     let port = lab.get_json(&["svc", "nobody", "-n", "m"])["spec"]["ports"][0]["nodePort"]
         .as_u64()
         .unwrap();
@@ -241,4 +281,86 @@ fn drops_of_weirs_programs_are_observed_with_the_reason_in_words() {
     assert_eq!(d["destination"]["port"], port, "{d}");
     assert_eq!(d["source"]["ip"], "172.30.0.2", "{d}");
     assert!(observed(&lab, "TC_INGRESS").is_empty());
+    translations_and_summaries_are_observed(&lab);
+}
+
+/// A pod's connect to a Service is a `trace-sock` flow (translated, with the Service, the
+/// client pod and the address it asked for), its packets `trace` summaries (the SYN's first);
+/// a connect to a Service without endpoints is refused at the socket and said so; the
+/// connections are counted per Service, the TCP flags by flag.
+fn translations_and_summaries_are_observed(lab: &Lab) {
+    let vip = lab.get_json(&["svc", "web", "-n", "m"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nobody = lab.get_json(&["svc", "nobody", "-n", "m"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = lab.connect("m/client", &format!("{vip}:80"), "tcp", 2);
+    assert_eq!(r["ok"], 2, "{r}");
+    let r = lab.connect("m/client", &format!("{nobody}:80"), "tcp", 1);
+    assert_eq!(r["ok"], 0, "{r}");
+    let (mut xlate, mut refused, mut traces) = (Vec::new(), Vec::new(), Vec::new());
+    lab.eventually("the translations observed", Duration::from_secs(10), || {
+        xlate = observe_json(lab, &["-t", "trace-sock", "--verdict", "translated"]);
+        refused = observe_json(lab, &["--type", "trace-sock", "--verdict", "dropped"]);
+        traces = observe_json(
+            lab,
+            &["-t", "trace", "--from-pod", "m/client", "--to-pod", "m/web"],
+        );
+        xlate.len() >= 2 && !refused.is_empty() && !traces.is_empty()
+    });
+    let x = &xlate[0];
+    assert_eq!(x["reason"], "XLATE_CONNECT", "{x}");
+    assert_eq!(x["service"], "m/web", "{x}");
+    assert_eq!(x["source"]["pod"], "m/client", "{x}");
+    assert_eq!(x["destination"]["pod"], "m/web", "{x}");
+    assert_eq!(x["destination"]["port"], 8080, "{x}");
+    assert_eq!(x["translation"]["point"], "connect", "{x}");
+    assert_eq!(x["translation"]["destination"], format!("{vip}:80"), "{x}");
+    let f = &refused[0];
+    assert_eq!(f["reason"], "DROP_NO_SERVICE_BACKEND", "{f}");
+    assert_eq!(f["service"], "m/nobody", "{f}");
+    assert_eq!(f["source"]["pod"], "m/client", "{f}");
+    // The SYN's summary opens each connection's: the packets as they left from_pod.
+    let t = &traces[0];
+    assert_eq!(t["verdict"], "forwarded", "{t}");
+    assert_eq!(t["reason"], "REASON_FORWARD_PEER", "{t}");
+    assert_eq!(t["tcp_flags"], "SYN", "{t}");
+    assert_eq!(t["packets"], 1, "{t}");
+    assert_eq!(t["service"], "m/web", "{t}");
+    assert_eq!(t["destination"]["port"], 8080, "{t}");
+    // The text form: flags, packets, and the Service of the socket translation.
+    let text = ok(&mut lab.weir(&[
+        "observe",
+        "-t",
+        "trace-sock",
+        "--verdict",
+        "translated",
+        "--last",
+        "1",
+    ]));
+    assert!(
+        text.contains("TRANSLATED (XLATE_CONNECT) via m/web"),
+        "{text}"
+    );
+    // Per Service, per flag.
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let url = nodes[0]["metricsURL"].as_str().unwrap().to_string();
+    let series = |s: &str| -> f64 {
+        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
+        body.lines()
+            .filter_map(|l| l.strip_prefix(s))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    lab.eventually("the connection metrics", Duration::from_secs(10), || {
+        series("weir_service_connections_total{service=\"m/web\",outcome=\"translated\"}") >= 2.0
+            && series("weir_service_connections_total{service=\"m/nobody\",outcome=\"refused\"}")
+                >= 2.0
+            && series("weir_tcp_flags_total{flag=\"SYN\",family=\"ipv4\"}") >= 2.0
+            && series("weir_tcp_flags_total{flag=\"SYN-ACK\",family=\"ipv4\"}") >= 2.0
+    });
 }

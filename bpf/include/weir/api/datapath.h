@@ -372,7 +372,8 @@ _Static_assert(sizeof(struct drop_event) == 64, "drop_event size");
 /* trace_event.flags */
 #define TRACE_F_NEW   (1 << 0) /* the flow's first packet at this observation point */
 #define TRACE_F_XLATE (1 << 1) /* translated: orig_* are its addresses before */
-#define TRACE_F_REPLY (1 << 2) /* a reply of a translated flow (backend to client) */
+#define TRACE_F_REPLY (1 << 2) /* a reply: of a translated flow (its conntrack entry says), or
+				* of a TCP flow whose first packet here was a SYN-ACK */
 
 /*
  * A forwarding summary (weir_trace_events ring buffer), for `weir observe`: what tc or XDP did
