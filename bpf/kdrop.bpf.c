@@ -134,11 +134,9 @@ int kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 	__u64 arg = 0;
 	void *dev;
 
-	/* The argument at a position known at load time only (a variable offset into the
-	 * context is refused by the verifier): read as kernel memory. */
 	if (i < 1 || i > 3)
 		return 0;
-	bpf_probe_read_kernel(&arg, sizeof(arg), &ctx->args[i]);
+	arg = raw_tp_arg(ctx, i);
 	reason = arg;
 	if (reason < layout.reason_min || !skb || skb_netns(skb) != layout.netns_inum)
 		return 0;

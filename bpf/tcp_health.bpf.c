@@ -33,12 +33,20 @@ struct {
 	__type(value, struct tcp_counters);
 } weir_tcp_counters SEC(".maps");
 
-/* Sockets in SYN_SENT -> when they entered it (boot clock, ns). */
+/* A watched socket in SYN_SENT: when it entered it, and its namespace's slot. */
+struct connecting {
+	__u64 since; /* boot clock, ns */
+	__u32 slot;
+	__u32 pad;
+};
+
+/* Sockets in SYN_SENT (of watched namespaces only). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* no lock shared by every CPU */
 	__type(key, __u64);
-	__type(value, __u64);
+	__type(value, struct connecting);
 } weir_tcp_connecting SEC(".maps");
 
 static __always_inline void *read_ptr(const void *base, __u32 off)
@@ -49,34 +57,28 @@ static __always_inline void *read_ptr(const void *base, __u32 off)
 	return p;
 }
 
-/* The counters of the namespace `net` (a struct net *), or NULL when it is not watched. */
-static __always_inline struct tcp_counters *counters_of_net(const void *net)
+/* The slot of the namespace `net` (a struct net *), or NULL when it is not watched. */
+static __always_inline __u32 *slot_of_net(const void *net)
 {
-	__u32 inum = 0, *slot;
+	__u32 inum = 0;
 
 	if (!net)
 		return NULL;
 	bpf_probe_read_kernel(&inum, sizeof(inum), net + layout.net_inum);
-	slot = bpf_map_lookup_elem(&weir_tcp_netns, &inum);
-	if (!slot)
-		return NULL;
-	return bpf_map_lookup_elem(&weir_tcp_counters, slot);
+	return bpf_map_lookup_elem(&weir_tcp_netns, &inum);
+}
+
+/* The counters of the namespace `net`, or NULL when it is not watched. */
+static __always_inline struct tcp_counters *counters_of_net(const void *net)
+{
+	__u32 *slot = slot_of_net(net);
+
+	return slot ? bpf_map_lookup_elem(&weir_tcp_counters, slot) : NULL;
 }
 
 static __always_inline struct tcp_counters *counters_of_sk(const void *sk)
 {
 	return sk ? counters_of_net(read_ptr(sk, layout.sk_net)) : NULL;
-}
-
-/* A position known at load time into the arguments (a variable context offset is refused). */
-static __always_inline __u64 arg_at(struct bpf_raw_tracepoint_args *ctx, __u32 i)
-{
-	__u64 v = 0;
-
-	if (i > 5)
-		return 0;
-	bpf_probe_read_kernel(&v, sizeof(v), &ctx->args[i]);
-	return v;
 }
 
 SEC("raw_tp/tcp_retransmit_skb")
@@ -123,43 +125,51 @@ SEC("raw_tp/inet_sock_set_state")
 int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	const void *sk = (const void *)ctx->args[0];
-	int oldstate = arg_at(ctx, layout.arg_oldstate), newstate = arg_at(ctx, layout.arg_newstate);
-	__u64 key = (__u64)sk, now, *since;
+	int oldstate = raw_tp_arg(ctx, layout.arg_oldstate);
+	int newstate = raw_tp_arg(ctx, layout.arg_newstate);
+	struct connecting *conn, fresh = {};
+	__u64 key = (__u64)sk;
 	struct tcp_counters *c;
 	__u16 proto = 0;
-	__u32 srtt = 0;
+	__u32 srtt = 0, *slot;
 
-	if (!sk)
+	/* The transitions counted: into SYN_SENT, out of SYN_SENT or ESTABLISHED. */
+	if (!sk || (newstate != TCP_SYN_SENT_ && oldstate != TCP_SYN_SENT_ &&
+		    oldstate != TCP_ESTABLISHED_))
 		return 0;
-	bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
-	if (proto != IPPROTO_TCP_)
-		return 0;
-	c = counters_of_sk(sk);
-	if (!c)
-		return 0;
-	if (newstate == TCP_SYN_SENT_) {
-		now = bpf_ktime_get_boot_ns();
-		bpf_map_update_elem(&weir_tcp_connecting, &key, &now, BPF_ANY);
-		return 0;
-	}
 	if (oldstate == TCP_SYN_SENT_) {
-		since = bpf_map_lookup_elem(&weir_tcp_connecting, &key);
-		if (newstate == TCP_ESTABLISHED_) {
+		/* Only watched sockets were recorded: nothing to read of the others. */
+		conn = bpf_map_lookup_elem(&weir_tcp_connecting, &key);
+		if (!conn)
+			return 0;
+		c = bpf_map_lookup_elem(&weir_tcp_counters, &conn->slot);
+		if (c && newstate == TCP_ESTABLISHED_) {
 			c->connects += 1;
-			if (since)
-				c->connect_ns += bpf_ktime_get_boot_ns() - *since;
-		} else if (newstate == TCP_CLOSE_) {
+			c->connect_ns += bpf_ktime_get_boot_ns() - conn->since;
+		} else if (c && newstate == TCP_CLOSE_) {
 			c->connect_failures += 1;
 		}
 		bpf_map_delete_elem(&weir_tcp_connecting, &key);
 		return 0;
 	}
-	if (oldstate == TCP_ESTABLISHED_) {
-		bpf_probe_read_kernel(&srtt, sizeof(srtt), sk + layout.srtt_us);
-		if (srtt) {
-			c->rtt_us += srtt >> 3;
-			c->rtt_samples += 1;
-		}
+	bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
+	if (proto != IPPROTO_TCP_)
+		return 0;
+	slot = slot_of_net(read_ptr(sk, layout.sk_net));
+	if (!slot)
+		return 0;
+	if (newstate == TCP_SYN_SENT_) {
+		fresh.since = bpf_ktime_get_boot_ns();
+		fresh.slot = *slot;
+		bpf_map_update_elem(&weir_tcp_connecting, &key, &fresh, BPF_ANY);
+		return 0;
+	}
+	/* Leaving ESTABLISHED: the connection's smoothed RTT. */
+	c = bpf_map_lookup_elem(&weir_tcp_counters, slot);
+	bpf_probe_read_kernel(&srtt, sizeof(srtt), sk + layout.srtt_us);
+	if (c && srtt) {
+		c->rtt_us += srtt >> 3;
+		c->rtt_samples += 1;
 	}
 	return 0;
 }

@@ -37,6 +37,7 @@ mod policy;
 mod prefilter;
 mod schedule;
 mod switch;
+mod visibility;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -942,6 +943,11 @@ fn main() -> Result<()> {
             let secs = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
             policy::bench(n, rounds, secs)
         }
+        Some("visibility") => {
+            let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
+            visibility::bench(rounds, secs, 4)
+        }
         Some("prefilter") => {
             let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
             let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
@@ -987,7 +993,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR] | weir-bench schedule [TRIALS] [WEIR] | weir-bench switch [N1,N2,..]"
+                "usage: weir-bench connect [N1,N2,..] [ROUNDS] [SECONDS] [MODES] | weir-bench nodeport [N1,N2,..] [ROUNDS] [SECONDS] [remote] | weir-bench podpod [ROUNDS] [SECONDS] | weir-bench policy [N] [ROUNDS] [SECONDS] | weir-bench prefilter [ROUNDS] [SECONDS] | weir-bench visibility [ROUNDS] [SECONDS] | weir-bench program [N] | weir-bench api [N] [WEIR] | weir-bench mesh [CHANGES] [EXPORTS] [WEIR] | weir-bench mesh-scale [CLUSTERS] [SERVICES] [WEIR] | weir-bench schedule [TRIALS] [WEIR] | weir-bench switch [N1,N2,..]"
             );
             std::process::exit(2)
         }

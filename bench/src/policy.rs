@@ -135,7 +135,7 @@ fn busy_secs() -> Result<f64> {
     Ok(busy as f64 / hz as f64)
 }
 
-fn run_client(ns: &str, threads: usize, secs: f64) -> Result<(f64, u64)> {
+pub(crate) fn run_client(ns: &str, threads: usize, secs: f64) -> Result<(f64, u64)> {
     let out = spawn_in(
         ns,
         None,

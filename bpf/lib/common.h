@@ -33,4 +33,41 @@ static __always_inline __u64 hash64(__u64 k)
 	return k;
 }
 
+/*
+ * The flags to submit a ring buffer record with when the reader drains the ring on a timer:
+ * no wakeup (one per record would cost a context switch each) until `bytes` wait unread.
+ */
+#define RINGBUF_LAZY_WAKEUP(rb, bytes)                                                          \
+	(bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) > (bytes) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP)
+
+/*
+ * Argument `i` (1..5, known at load time only) of a raw tracepoint. The verifier refuses a
+ * context access at a variable offset, and the compiler would fold a switch of constant ones
+ * into one: each position is a load written out with its own constant offset.
+ */
+#define RAW_TP_ARG_LOAD(ctx, off)                                                               \
+	({                                                                                     \
+		__u64 v_;                                                                      \
+		asm volatile("%0 = *(u64 *)(%1 + " #off ")" : "=r"(v_) : "r"(ctx));            \
+		v_;                                                                            \
+	})
+
+static __always_inline __u64 raw_tp_arg(struct bpf_raw_tracepoint_args *ctx, __u32 i)
+{
+	switch (i) {
+	case 1:
+		return RAW_TP_ARG_LOAD(ctx, 8);
+	case 2:
+		return RAW_TP_ARG_LOAD(ctx, 16);
+	case 3:
+		return RAW_TP_ARG_LOAD(ctx, 24);
+	case 4:
+		return RAW_TP_ARG_LOAD(ctx, 32);
+	case 5:
+		return RAW_TP_ARG_LOAD(ctx, 40);
+	default:
+		return 0;
+	}
+}
+
 #endif /* WEIR_LIB_COMMON_H */

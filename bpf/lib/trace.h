@@ -19,6 +19,8 @@
 #define TRACE_INTERVAL_NS (5ULL * NSEC_PER_SEC)
 #define TRACE_TCP_FLAGS	  (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
 #define TRACE_FLOWS_SIZE  65536
+/* The agent drains the summaries on a timer; it is woken only once this much waits. */
+#define TRACE_WAKEUP_BYTES (256 << 10)
 
 /* A flow at one observation point. */
 struct trace_key {
@@ -35,7 +37,7 @@ struct trace_key {
 
 /* What was last reported of it, and what came since. */
 struct trace_state {
-	__u64 last; /* boot clock, nanoseconds: the last summary */
+	__u64 last; /* coarse monotonic clock, nanoseconds: the last summary */
 	__u64 packets;
 	__u64 bytes;
 	__u32 reason;
@@ -66,6 +68,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, TRACE_FLOWS_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* no lock shared by every CPU */
 	__type(key, struct trace_key);
 	__type(value, struct trace_state);
 } weir_trace_flows SEC(".maps");
@@ -195,15 +198,26 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	const struct trace_key *k = &sc->k;
 	struct trace_state *s = bpf_map_lookup_elem(&weir_trace_flows, k);
 	__u32 lost_key = reason % WEIR_METRICS_STRIDE;
-	__u64 now = bpf_ktime_get_boot_ns();
+	/* The coarse clock (no clock source read) is enough to space summaries seconds apart. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 flags = tcp & TRACE_TCP_FLAGS;
 	struct trace_event *ev;
 	__u64 packets, bytes;
-	bool first = !s;
+	bool first = !s, restart = false;
 
+	if (s && (tcp & TCP_FLAG_SYN) && (s->seen & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		/* A new connection on a tuple whose last one ended: its own flow. */
+		s->seen = 0;
+		s->reply = (tcp & TCP_FLAG_ACK) != 0;
+		s->packets = 0;
+		s->bytes = 0;
+		restart = true;
+	}
 	if (s) {
-		__sync_fetch_and_add(&s->packets, 1);
-		__sync_fetch_and_add(&s->bytes, len);
+		/* Plain adds: a flow's packets rarely race on two CPUs, and a summary's counts
+		 * are not the authoritative ones (weir_metrics is). */
+		s->packets += 1;
+		s->bytes += len;
 		if (!(flags & ~s->seen) && s->reason == reason && now - s->last < TRACE_INTERVAL_NS)
 			return 0;
 		/* Due: whatever comes of the event, the next one waits for its own cause. */
@@ -234,8 +248,8 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 			/* Keep the packet for the next summary, which is due at once. */
 			s = bpf_map_lookup_elem(&weir_trace_flows, k);
 			if (s) {
-				__sync_fetch_and_add(&s->packets, 1);
-				__sync_fetch_and_add(&s->bytes, len);
+				s->packets += 1;
+				s->bytes += len;
 				s->last = 0;
 			}
 		}
@@ -243,11 +257,11 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	}
 	if (!first) {
 		/* Handed over: the next summary counts from here. */
-		__sync_fetch_and_add(&s->packets, -packets);
-		__sync_fetch_and_add(&s->bytes, -bytes);
+		s->packets -= packets;
+		s->bytes -= bytes;
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ts = now;
+	ev->ts = bpf_ktime_get_boot_ns();
 	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
 	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
 	ev->sport = k->sport;
@@ -261,59 +275,93 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev->packets = packets;
 	ev->bytes = bytes;
 	ev->tcp_seen = s->seen;
-	ev->flags = (first ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
+	ev->flags = (first || restart ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
 	if (k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) {
 		if (k->family == WEIR_AF_INET)
 			trace_xlate4(ev, k);
 		else
 			trace_xlate6(ev, k, &sc->r6);
 	}
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES));
 	return 0;
+}
+
+/*
+ * The first `n` bytes of the L4 header at `off` into `out`: read in place when the linear
+ * part holds them (the usual case), else copied.
+ */
+static __always_inline int trace_l4(struct __sk_buff *skb, __u32 off, __u8 *out, __u32 n)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *p;
+
+	if (off > 128)
+		return -1;
+	p = data + off;
+	if ((void *)(p + 14) <= end) {
+		__builtin_memcpy(out, p, 14);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, out, n);
 }
 
 /* A tc program's packet, as it leaves the program under `reason`. */
 static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason)
 {
 	struct trace_scratch *sc = trace_scratch();
+	void *data, *end;
 	__u32 l4 = 0;
 
 	if (!sc)
 		return 0;
 	__builtin_memset(sc->l4, 0, sizeof(sc->l4));
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip, sizeof(sc->h.ip)) < 0 ||
-		    sc->h.ip.version != 4)
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > end) {
+			if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip, sizeof(sc->h.ip)) < 0)
+				return 0;
+			ip = &sc->h.ip;
+		}
+		if (ip->version != 4)
 			return 0;
 		sc->k.family = WEIR_AF_INET;
-		sc->k.proto = sc->h.ip.protocol;
-		sc->k.saddr[0] = sc->h.ip.saddr;
-		sc->k.daddr[0] = sc->h.ip.daddr;
-		if (!(sc->h.ip.frag_off & bpf_htons(0x1fff)))
-			l4 = ETH_HLEN + sc->h.ip.ihl * 4;
+		sc->k.proto = ip->protocol;
+		sc->k.saddr[0] = ip->saddr;
+		sc->k.daddr[0] = ip->daddr;
+		if (!(ip->frag_off & bpf_htons(0x1fff)))
+			l4 = ETH_HLEN + ip->ihl * 4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip6, sizeof(sc->h.ip6)) < 0)
-			return 0;
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+		if ((void *)(ip6 + 1) > end) {
+			if (bpf_skb_load_bytes(skb, ETH_HLEN, &sc->h.ip6, sizeof(sc->h.ip6)) < 0)
+				return 0;
+			ip6 = &sc->h.ip6;
+		}
 		sc->k.family = WEIR_AF_INET6;
-		sc->k.proto = sc->h.ip6.nexthdr;
-		__builtin_memcpy(sc->k.saddr, &sc->h.ip6.saddr, sizeof(sc->k.saddr));
-		__builtin_memcpy(sc->k.daddr, &sc->h.ip6.daddr, sizeof(sc->k.daddr));
+		sc->k.proto = ip6->nexthdr;
+		__builtin_memcpy(sc->k.saddr, &ip6->saddr, sizeof(sc->k.saddr));
+		__builtin_memcpy(sc->k.daddr, &ip6->daddr, sizeof(sc->k.daddr));
 		l4 = ETH_HLEN + sizeof(struct ipv6hdr);
 	} else {
 		return 0;
 	}
 	if (l4 && sc->k.proto == IPPROTO_TCP_) {
-		if (bpf_skb_load_bytes(skb, l4, sc->l4, 14) < 0)
+		if (trace_l4(skb, l4, sc->l4, 14) < 0)
 			return 0;
 	} else if (l4 && sc->k.proto == IPPROTO_UDP_) {
-		if (bpf_skb_load_bytes(skb, l4, sc->l4, 4) < 0)
+		if (trace_l4(skb, l4, sc->l4, 4) < 0)
 			return 0;
 	}
 	__builtin_memcpy(&sc->k.sport, &sc->l4[0], 2);
 	__builtin_memcpy(&sc->k.dport, &sc->l4[2], 2);
 	sc->k.ifindex = skb->ifindex;
 	sc->k.dir = dir;
-	return trace_flow(sc, sc->l4[13], skb->len, reason);
+	return trace_flow(sc, sc->k.proto == IPPROTO_TCP_ ? sc->l4[13] : 0, skb->len, reason);
 }
 
 /* An XDP program's IPv4 packet (it translates no other), as it leaves under `reason`. */

@@ -354,14 +354,13 @@ pub async fn run(
         );
         add_clusterset(&mut cluster, cluster_id.as_deref(), &remote_store.state());
         {
-            let mut log = flows.lock().expect("flow log");
-            log.pod_names = cluster
+            let names = cluster
                 .pods
                 .iter()
                 .filter(|p| !p.host_network)
                 .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key())))
                 .collect();
-            log.pods = pod_store
+            let metas = pod_store
                 .state()
                 .iter()
                 .map(|p| {
@@ -377,6 +376,7 @@ pub async fn run(
                     (key, meta)
                 })
                 .collect();
+            flows.lock().expect("flow log").set_pods(names, metas);
         }
 
         // Identities: the lowest number for each label set. The ones this agent created

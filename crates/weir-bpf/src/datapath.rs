@@ -475,11 +475,17 @@ pub const REASONS: &[(weir_reason, &str)] = &[
 
 /// A reason code's name as the C enum spells it (e.g. `DROP_INVALID_PACKET`).
 pub fn reason_name(code: u8) -> String {
+    reason_str(code)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("REASON_{code}"))
+}
+
+/// [`reason_name`] without an allocation, for the codes the enum has.
+pub fn reason_str(code: u8) -> Option<&'static str> {
     REASONS
         .iter()
         .find(|(r, _)| r.0 == code as u32)
-        .map(|(_, n)| n.to_string())
-        .unwrap_or_else(|| format!("REASON_{code}"))
+        .map(|(_, n)| *n)
 }
 
 /// Reason `code` in words: its comment in weir/api/datapath.h (one source for both).
@@ -1346,7 +1352,22 @@ impl Datapath {
         packet: &[u8],
         ingress_ifindex: u32,
     ) -> Result<TestRun, BpfError> {
-        self.run_packet(prog, packet, ingress_ifindex, false)
+        self.run_packet(prog, packet, ingress_ifindex, false, 1)
+            .map(|(r, _)| r)
+    }
+
+    /// Runs `prog` on `packet` `repeat` times in the kernel (for benchmarks: the same skb
+    /// each time, state and counters as for real packets). Returns the last run's verdict and
+    /// the average time of a run.
+    pub fn test_run_repeat(
+        &self,
+        prog: TcProgram,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), BpfError> {
+        self.run_packet(prog, packet, ingress_ifindex, false, repeat)
+            .map(|(r, d)| (r.verdict, d))
     }
 
     /// Like [`Datapath::test_run`], for `weir explain`: the packet carries
@@ -1358,7 +1379,8 @@ impl Datapath {
         packet: &[u8],
         ingress_ifindex: u32,
     ) -> Result<TestRun, BpfError> {
-        self.run_packet(prog, packet, ingress_ifindex, true)
+        self.run_packet(prog, packet, ingress_ifindex, true, 1)
+            .map(|(r, _)| r)
     }
 
     fn run_packet(
@@ -1367,7 +1389,8 @@ impl Datapath {
         packet: &[u8],
         ingress_ifindex: u32,
         explain: bool,
-    ) -> Result<TestRun, BpfError> {
+        repeat: u32,
+    ) -> Result<(TestRun, std::time::Duration), BpfError> {
         type Ctx = pod_skel::types::__sk_buff;
         // The kernel refuses a context with any byte set outside the fields it accepts, so
         // padding must be zero too: start from zeroed memory, not `Default`.
@@ -1392,19 +1415,24 @@ impl Datapath {
         input.context_out = Some(ctx_out_bytes);
         input.data_in = Some(packet);
         input.data_out = Some(&mut out);
+        input.repeat = repeat;
         let output = self
             .prog(prog)
             .test_run(input)
             .map_err(lb(format!("BPF_PROG_TEST_RUN of {}", prog.name())))?;
         let verdict = output.return_value;
+        let duration = output.duration;
         let n = output.data.as_ref().map(|d| d.len()).unwrap_or(0);
         out.truncate(n);
         let reason = (explain && ctx_out.cb[0] > 0).then(|| (ctx_out.cb[0] - 1) as u8);
-        Ok(TestRun {
-            verdict,
-            packet: out,
-            reason,
-        })
+        Ok((
+            TestRun {
+                verdict,
+                packet: out,
+                reason,
+            },
+            duration,
+        ))
     }
 
     /// Programs with their kernel ids and run statistics, for status.

@@ -161,6 +161,15 @@ impl KernelDrops {
         })
     }
 
+    /// The program with its run statistics (counted while `kernel.bpf_stats_enabled` is 1).
+    pub fn programs(&self) -> Vec<crate::ProgramInfo> {
+        use std::os::fd::{AsFd, AsRawFd};
+        vec![crate::prog_info(
+            "kfree_skb",
+            self.skel.progs.kfree_skb.as_fd().as_raw_fd(),
+        )]
+    }
+
     /// The name of reason `value` in the running kernel.
     pub fn reason_name(&self, value: u32) -> String {
         self.names

@@ -601,7 +601,7 @@ pub struct ProgramInfo {
 }
 
 /// The kernel's information about the program behind `fd` (zeros if it cannot be read).
-fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
+pub(crate) fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
     let mut info = libbpf_sys::bpf_prog_info::default();
     let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
     // SAFETY: `info` is a properly sized, writable bpf_prog_info and `len` says its size.

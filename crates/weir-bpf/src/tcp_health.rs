@@ -103,6 +103,22 @@ impl TcpHealth {
         })
     }
 
+    /// The programs with their run statistics (counted while `kernel.bpf_stats_enabled` is
+    /// 1).
+    pub fn programs(&self) -> Vec<crate::ProgramInfo> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let p = &self.skel.progs;
+        [
+            ("tcp_retransmit", p.tcp_retransmit.as_fd().as_raw_fd()),
+            ("tcp_send_reset", p.tcp_send_reset.as_fd().as_raw_fd()),
+            ("tcp_receive_reset", p.tcp_receive_reset.as_fd().as_raw_fd()),
+            ("sock_set_state", p.sock_set_state.as_fd().as_raw_fd()),
+        ]
+        .into_iter()
+        .map(|(n, fd)| crate::prog_info(n, fd))
+        .collect()
+    }
+
     /// Watches network namespace `inum` (see [`crate::kdrop::netns_inum`]) in `slot`
     /// (< [`SLOTS`]), its counters starting from zero.
     pub fn watch(&self, inum: u32, slot: u32) -> Result<(), BpfError> {

@@ -5,18 +5,17 @@
 //! naming the pods behind the addresses as they are when the event arrives.
 //! `GET /flows?since=SEQ` hands out what came after `SEQ`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
-use weir_bpf::events::{
-    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, TRACE_F_NEW, TRACE_F_REPLY,
-};
-use weir_bpf::kdrop::{KernelDrop, KernelDrops};
+use weir_bpf::kdrop::KernelDrops;
 
 use crate::pods::Pods;
+
+mod log;
+pub use log::FlowLog;
 
 /// How many records the log keeps.
 pub const CAPACITY: usize = 8192;
@@ -125,6 +124,10 @@ pub struct Translation {
     pub destination: String,
 }
 
+fn policy_verdict() -> String {
+    "policy-verdict".into()
+}
+
 /// What the log knows of a pod besides its addresses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodMeta {
@@ -132,33 +135,6 @@ pub struct PodMeta {
     pub workload: String,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
-}
-
-fn policy_verdict() -> String {
-    "policy-verdict".into()
-}
-
-/// The log and the names it gives to addresses.
-pub struct FlowLog {
-    node: String,
-    next_seq: u64,
-    records: VecDeque<FlowRecord>,
-    /// Pod addresses -> `namespace/name` (kept by the policy loop).
-    pub pod_names: HashMap<IpAddr, String>,
-    /// `namespace/name` -> the pod's workload and labels (kept by the policy loop).
-    pub pods: HashMap<String, PodMeta>,
-    /// (backend address, port, protocol number) -> the Service (`namespace/name`) it is a
-    /// backend of (kept by the Services loop).
-    pub services: HashMap<(IpAddr, u16, u8), String>,
-    /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
-    /// (kept by the policy loop).
-    pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
-    /// (frontend address, port, protocol number) -> its Service (`namespace/name`); node
-    /// ports under the unspecified address (kept by the Services loop).
-    pub frontends: HashMap<(IpAddr, u16, u8), String>,
-    /// A pod network namespace's cookie -> the pod (`namespace/name`) and its addresses
-    /// (kept by the socket events' reader).
-    pub netns_pods: HashMap<u64, (String, Vec<IpAddr>)>,
 }
 
 /// A pod's workload, as metrics label it: a Deployment's name for a pod of one of its
@@ -200,410 +176,6 @@ pub struct FlowPage {
     pub events_lost: u64,
     /// The records, oldest first.
     pub flows: Vec<FlowRecord>,
-}
-
-fn identity_kind(id: u32) -> &'static str {
-    use weir_control::policy::id;
-    match id {
-        id::ANY => "unknown",
-        id::HOST => "host",
-        id::WORLD => "world",
-        id::REMOTE_NODE => "remote-node",
-        id::CLUSTER => "cluster",
-        id::POD_MIN..=id::POD_MAX => "pod",
-        i if i >= id::NS_BASE => "namespace-class",
-        i if i >= id::CIDR_BASE => "cidr",
-        _ => "reserved",
-    }
-}
-
-fn protocol_name(p: u8) -> String {
-    match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        other => other.to_string(),
-    }
-}
-
-/// The wall-clock time of a `CLOCK_BOOTTIME` stamp.
-fn wall_time(boot_ns: u64) -> String {
-    let now = jiff::Timestamp::now();
-    let Ok(boot_now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) else {
-        return now.to_string();
-    };
-    let boot_now = boot_now.tv_sec() as i128 * 1_000_000_000 + boot_now.tv_nsec() as i128;
-    let ago = (boot_now - boot_ns as i128).max(0) as i64;
-    now.checked_sub(jiff::SignedDuration::from_nanos(ago))
-        .unwrap_or(now)
-        .to_string()
-}
-
-impl FlowLog {
-    /// An empty log for `node`.
-    pub fn new(node: &str) -> Self {
-        FlowLog {
-            node: node.to_string(),
-            next_seq: 1,
-            records: VecDeque::new(),
-            pod_names: HashMap::new(),
-            pods: HashMap::new(),
-            services: HashMap::new(),
-            isolating: HashMap::new(),
-            frontends: HashMap::new(),
-            netns_pods: HashMap::new(),
-        }
-    }
-
-    /// One end of a flow, with what is known of the pod at `ip`.
-    fn end(&self, ip: IpAddr, port: u16, identity: u32) -> FlowEnd {
-        let pod = self.pod_names.get(&ip).cloned();
-        let meta = pod.as_ref().and_then(|p| self.pods.get(p));
-        FlowEnd {
-            ip,
-            port,
-            namespace: pod
-                .as_ref()
-                .and_then(|p| p.split_once('/'))
-                .map(|(ns, _)| ns.to_string()),
-            workload: meta.map(|m| m.workload.clone()),
-            labels: meta.map(|m| m.labels.clone()).unwrap_or_default(),
-            pod,
-            identity,
-            identity_kind: identity_kind(identity).into(),
-        }
-    }
-
-    /// The policies that decided a denial: those isolating `pod` for ingress or egress.
-    fn deciding(&self, pod: Option<&String>, ingress: bool) -> Vec<String> {
-        pod.and_then(|p| self.isolating.get(p))
-            .map(|(i, e)| if ingress { i.clone() } else { e.clone() })
-            .unwrap_or_default()
-    }
-
-    /// The Service whose backend `dst` is, for protocol `proto`.
-    fn service_of(&self, dst: &FlowEnd, proto: u8) -> Option<String> {
-        self.services.get(&(dst.ip, dst.port, proto)).cloned()
-    }
-
-    /// Records one event from the datapath.
-    pub fn push(&mut self, ev: &flow_event) {
-        let end = |words: &[u32; 4], port: u16, identity: u32| {
-            let ip = weir_bpf::ip_from_words(ev.family, *words);
-            self.end(ip, u16::from_be(port), identity)
-        };
-        let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
-        let ingress = ev.dir != weir_bpf::datapath::POLICY_EGRESS;
-        let direction = if ingress { "ingress" } else { "egress" };
-        crate::metrics::METRICS
-            .policy_verdicts
-            .get_or_create(&vec![
-                (
-                    "verdict",
-                    if allowed { "allowed" } else { "denied" }.to_string(),
-                ),
-                ("direction", direction.to_string()),
-            ])
-            .inc();
-        let source = end(&ev.saddr, ev.sport, ev.src_identity);
-        let destination = end(&ev.daddr, ev.dport, ev.dst_identity);
-        let policies = if allowed {
-            Vec::new()
-        } else {
-            let judged = if ingress { &destination } else { &source };
-            self.deciding(judged.pod.as_ref(), ingress)
-        };
-        let rec = FlowRecord {
-            seq: self.next_seq,
-            time: wall_time(ev.ts),
-            node: self.node.clone(),
-            event: policy_verdict(),
-            verdict: if allowed { "allowed" } else { "dropped" }.into(),
-            reason: reason_name(ev.reason as u8),
-            reason_text: reason_description(ev.reason as u8),
-            direction: direction.into(),
-            protocol: protocol_name(ev.proto),
-            service: self.service_of(&destination, ev.proto),
-            policies,
-            source,
-            destination,
-            detail: FlowDetail::default(),
-        };
-        self.append(rec);
-    }
-
-    /// Records one packet the kernel dropped (IP packets only: the others are counted in
-    /// the metrics alone). Drops by tc and XDP programs are weir's own programs' under eBPF,
-    /// which report them with their reason: counted in the metrics, not logged twice.
-    pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
-        if matches!(d.reason.as_str(), "TC_INGRESS" | "TC_EGRESS" | "XDP") {
-            return;
-        }
-        let (Some(src), Some(dst)) = (d.src, d.dst) else {
-            return;
-        };
-        let reason = (d.reason.clone(), kernel_reason_text(&d.reason));
-        self.push_drop("kernel-drop", d.ts, reason, d.proto, (src, dst));
-    }
-
-    /// Records one packet weir's programs dropped for a reason other than policy.
-    pub fn push_drop_event(&mut self, d: &DropEvent) {
-        let (Some(src), Some(dst)) = (d.src, d.dst) else {
-            return;
-        };
-        let code = d.reason as u8;
-        let reason = (reason_name(code), reason_description(code));
-        if d.reason == weir_reason::DROP_NO_SERVICE_BACKEND.0 {
-            count_service_connection(self.frontend_service(dst, d.proto).as_deref(), "refused");
-        }
-        let ends = ((src.ip(), src.port()), (dst.ip(), dst.port()));
-        self.push_drop("drop", d.ts, reason, d.proto, ends);
-    }
-
-    /// A drop's record (between `(address, port)` ends): its direction from where the pods
-    /// are.
-    fn push_drop(
-        &mut self,
-        event: &str,
-        ts: u64,
-        (reason, reason_text): (String, String),
-        proto: u8,
-        (src, dst): ((IpAddr, u16), (IpAddr, u16)),
-    ) {
-        let (source, destination) = (self.end(src.0, src.1, 0), self.end(dst.0, dst.1, 0));
-        let direction = Self::direction_of(&source, &destination);
-        let frontend = std::net::SocketAddr::new(dst.0, dst.1);
-        let service = self
-            .service_of(&destination, proto)
-            .or_else(|| self.frontend_service(frontend, proto));
-        let rec = FlowRecord {
-            seq: self.next_seq,
-            time: wall_time(ts),
-            node: self.node.clone(),
-            event: event.into(),
-            verdict: "dropped".into(),
-            reason,
-            reason_text,
-            direction: direction.into(),
-            protocol: protocol_name(proto),
-            service,
-            policies: Vec::new(),
-            source,
-            destination,
-            detail: FlowDetail::default(),
-        };
-        self.append(rec);
-    }
-
-    /// The Service of frontend `addr` (a node port's under the unspecified address).
-    fn frontend_service(&self, addr: std::net::SocketAddr, proto: u8) -> Option<String> {
-        let any: IpAddr = if addr.is_ipv4() {
-            std::net::Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        self.frontends
-            .get(&(addr.ip(), addr.port(), proto))
-            .or_else(|| self.frontends.get(&(any, addr.port(), proto)))
-            .cloned()
-    }
-
-    /// Where a flow between `source` and `destination` stands: `ingress` into a local pod,
-    /// `egress` out of one, else `node`.
-    fn direction_of(source: &FlowEnd, destination: &FlowEnd) -> &'static str {
-        if destination.pod.is_some() {
-            "ingress"
-        } else if source.pod.is_some() {
-            "egress"
-        } else {
-            "node"
-        }
-    }
-
-    /// Records one forwarding summary of the tc or XDP programs.
-    pub fn push_trace(&mut self, t: &TraceEvent) {
-        let source = self.end(t.src.ip(), t.src.port(), 0);
-        let destination = self.end(t.dst.ip(), t.dst.port(), 0);
-        let reply = t.flags & TRACE_F_REPLY != 0;
-        // The Service: a translated request's original destination, a reply's new source,
-        // else the Service whose backend the destination is.
-        let service = match t.orig {
-            Some((_, d)) if !reply => self.frontend_service(d, t.proto),
-            Some(_) => self.frontend_service(t.src, t.proto),
-            None => self.service_of(&destination, t.proto),
-        };
-        let code = t.reason as u8;
-        let flags = tcp_flag_names(t.tcp_flags);
-        if t.proto == 6 {
-            count_tcp_flags(t.tcp_flags, t.src.is_ipv4());
-        }
-        if t.flags & TRACE_F_NEW != 0 && t.orig.is_some() && !reply {
-            count_service_connection(service.as_deref(), "translated");
-        }
-        let rec = FlowRecord {
-            seq: self.next_seq,
-            time: wall_time(t.ts),
-            node: self.node.clone(),
-            event: "trace".into(),
-            verdict: "forwarded".into(),
-            reason: reason_name(code),
-            reason_text: reason_description(code),
-            direction: Self::direction_of(&source, &destination).into(),
-            protocol: protocol_name(t.proto),
-            service,
-            policies: Vec::new(),
-            source,
-            destination,
-            detail: FlowDetail {
-                translation: t.orig.map(|(s, d)| Translation {
-                    point: "packet".into(),
-                    source: s.to_string(),
-                    destination: d.to_string(),
-                }),
-                packets: Some(t.packets),
-                bytes: Some(t.bytes),
-                tcp_flags: flags,
-                is_reply: (t.orig.is_some() || t.proto == 6).then_some(reply),
-                interface: Some(t.ifindex),
-            },
-        };
-        self.append(rec);
-    }
-
-    /// Records one translation (or refusal) of the socket layer: the client is the pod
-    /// whose network namespace the socket is in.
-    pub fn push_sock(&mut self, e: &SockEvent) {
-        let client = self.netns_pods.get(&e.netns).and_then(|(_, ips)| {
-            ips.iter()
-                .find(|ip| ip.is_ipv4() == e.vip.is_ipv4())
-                .copied()
-        });
-        let unspecified: IpAddr = if e.vip.is_ipv4() {
-            std::net::Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        let source = self.end(client.unwrap_or(unspecified), 0, 0);
-        let to = e.backend.unwrap_or(e.vip);
-        let destination = self.end(to.ip(), to.port(), 0);
-        let service = self.frontend_service(e.vip, e.proto);
-        let point = sock_point_name(e.point);
-        let (verdict, reason, text) = if e.reason != 0 {
-            count_service_connection(service.as_deref(), "refused");
-            let code = e.reason as u8;
-            ("dropped", reason_name(code), reason_description(code))
-        } else {
-            if e.point != weir_bpf::events::SOCK_XLATE_RECVMSG {
-                count_service_connection(service.as_deref(), "translated");
-            }
-            let text = format!(
-                "{point}() to {} was given backend {to} at the socket layer",
-                service.as_deref().unwrap_or("a Service")
-            );
-            (
-                "translated",
-                format!("XLATE_{}", point.to_ascii_uppercase()),
-                text,
-            )
-        };
-        let rec = FlowRecord {
-            seq: self.next_seq,
-            time: wall_time(e.ts),
-            node: self.node.clone(),
-            event: "trace-sock".into(),
-            verdict: verdict.into(),
-            reason,
-            reason_text: text,
-            direction: "egress".into(),
-            protocol: protocol_name(e.proto),
-            service,
-            policies: Vec::new(),
-            source,
-            destination,
-            detail: FlowDetail {
-                translation: Some(Translation {
-                    point: point.into(),
-                    source: client
-                        .map(|c| format!("{}", std::net::SocketAddr::new(c, 0)))
-                        .unwrap_or_default(),
-                    destination: e.vip.to_string(),
-                }),
-                is_reply: Some(e.point == weir_bpf::events::SOCK_XLATE_RECVMSG),
-                ..Default::default()
-            },
-        };
-        self.append(rec);
-    }
-
-    fn append(&mut self, rec: FlowRecord) {
-        crate::metrics::METRICS
-            .flows
-            .get_or_create(&vec![
-                ("event", rec.event.clone()),
-                ("verdict", rec.verdict.clone()),
-                ("reason", rec.reason.clone()),
-                ("direction", rec.direction.clone()),
-            ])
-            .inc();
-        self.next_seq += 1;
-        if self.records.len() == CAPACITY {
-            self.records.pop_front();
-        }
-        self.records.push_back(rec);
-    }
-
-    /// The records after `since`.
-    pub fn since(&self, since: u64) -> FlowPage {
-        let first = self.records.front().map(|r| r.seq).unwrap_or(self.next_seq);
-        FlowPage {
-            next: self.next_seq - 1,
-            lost: first.saturating_sub(since + 1),
-            events_lost: 0,
-            flows: self
-                .records
-                .iter()
-                .filter(|r| r.seq > since)
-                .cloned()
-                .collect(),
-        }
-    }
-}
-
-/// Counts a forwarded TCP packet's flags in `weir_tcp_flags_total` as Hubble does (`SYN`,
-/// `SYN-ACK`, `FIN`, `RST`), by address family.
-fn count_tcp_flags(f: u8, v4: bool) {
-    let family = if v4 { "ipv4" } else { "ipv6" };
-    let mut flags = Vec::new();
-    if f & 0x02 != 0 {
-        flags.push(if f & 0x10 != 0 { "SYN-ACK" } else { "SYN" });
-    }
-    if f & 0x01 != 0 {
-        flags.push("FIN");
-    }
-    if f & 0x04 != 0 {
-        flags.push("RST");
-    }
-    for flag in flags {
-        crate::metrics::METRICS
-            .tcp_flags
-            .get_or_create(&vec![("flag", flag.to_string()), ("family", family.into())])
-            .inc();
-    }
-}
-
-/// Counts a connection to a Service (`translated` to a backend, or `refused`) in
-/// `weir_service_connections_total`.
-fn count_service_connection(service: Option<&str>, outcome: &str) {
-    let Some(service) = service else { return };
-    crate::metrics::METRICS
-        .service_connections
-        .get_or_create(&vec![
-            ("service", service.to_string()),
-            ("outcome", outcome.to_string()),
-        ])
-        .inc();
 }
 
 /// Starts the thread that drains the ring buffer into `log`.
@@ -682,7 +254,11 @@ pub fn spawn_traces(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), Str
                 .datapath()
                 .trace_events(move |ev| log.lock().expect("flow log").push_trace(ev))
         },
-        |rb, wait| rb.poll(wait),
+        // The programs wake the reader only when the ring fills up: drain it on the timer.
+        |rb, wait| {
+            rb.poll(wait)?;
+            rb.consume()
+        },
     )
 }
 
@@ -710,7 +286,11 @@ pub fn spawn_sock_events(
                 log.push_sock(ev)
             })
         },
-        |rb, wait| rb.poll(wait),
+        // Woken only when the ring fills up: drained on the timer.
+        |rb, wait| {
+            rb.poll(wait)?;
+            rb.consume()
+        },
     )
 }
 
@@ -791,6 +371,9 @@ impl KernelDropReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weir_bpf::datapath::{flow_event, weir_reason, DropEvent};
+    use weir_bpf::events::{SockEvent, TraceEvent, TRACE_F_NEW, TRACE_F_REPLY};
+    use weir_bpf::kdrop::KernelDrop;
 
     fn ev(reason: u32) -> flow_event {
         flow_event {

@@ -1,0 +1,652 @@
+//! The flow log: every event as it came (the pods at its addresses resolved on arrival), in a
+//! bounded ring; records are spelled out (names, Services, policies, words) when read, so an
+//! event costs the reader threads little more than its metrics, however fast they come.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+
+/// The maps consulted for every event: a fast hash (their keys are not chosen by others).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
+use weir_bpf::events::{
+    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, SOCK_XLATE_RECVMSG, TRACE_F_NEW,
+    TRACE_F_REPLY,
+};
+use weir_bpf::kdrop::KernelDrop;
+
+use super::{
+    kernel_reason_text, FlowDetail, FlowEnd, FlowPage, FlowRecord, PodMeta, Translation, CAPACITY,
+};
+
+/// What the log knows of a local or remote pod at an address, shared by its events.
+#[derive(Debug, PartialEq, Eq)]
+struct PodEnd {
+    /// `namespace/name`.
+    pod: String,
+    namespace: String,
+    workload: Option<String>,
+    labels: BTreeMap<String, String>,
+}
+
+/// An event as it came.
+enum Raw {
+    Verdict(flow_event),
+    Drop(DropEvent),
+    KernelDrop(Box<KernelDrop>),
+    Trace(TraceEvent),
+    /// With the client's address, when its network namespace is a known pod's.
+    Sock(SockEvent, Option<IpAddr>),
+}
+
+struct Entry {
+    seq: u64,
+    /// Wall clock, nanoseconds since the epoch.
+    wall_ns: i128,
+    src: Option<Arc<PodEnd>>,
+    dst: Option<Arc<PodEnd>>,
+    raw: Raw,
+}
+
+/// The boot clock's offset from the wall clock, read again every second.
+struct Clock {
+    offset_ns: i128,
+    read: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn wall_ns(&mut self, boot_ns: u64) -> i128 {
+        if self
+            .read
+            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1))
+        {
+            let wall = jiff::Timestamp::now().as_nanosecond();
+            let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+                .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+                .unwrap_or(0);
+            self.offset_ns = wall - boot;
+            self.read = Some(std::time::Instant::now());
+        }
+        self.offset_ns + boot_ns as i128
+    }
+}
+
+/// Counters already looked up in their families, by their labels' values.
+#[derive(Default)]
+struct Counters {
+    /// `weir_flows_total` by reason, then (event, verdict, direction).
+    flows: FastMap<String, FastMap<(&'static str, &'static str, &'static str), Counter>>,
+    /// `weir_policy_verdicts_total` by (verdict, direction).
+    verdicts: FastMap<(&'static str, &'static str), Counter>,
+    /// `weir_tcp_flags_total` by (flag, family).
+    tcp_flags: FastMap<(&'static str, &'static str), Counter>,
+    /// `weir_service_connections_total` by Service, then outcome.
+    services: FastMap<String, FastMap<&'static str, Counter>>,
+}
+
+impl Counters {
+    fn flow(
+        &mut self,
+        event: &'static str,
+        verdict: &'static str,
+        reason: &str,
+        dir: &'static str,
+    ) {
+        if !self.flows.contains_key(reason) {
+            self.flows.insert(reason.to_string(), FastMap::default());
+        }
+        let by = self.flows.get_mut(reason).expect("just made");
+        by.entry((event, verdict, dir))
+            .or_insert_with(|| {
+                crate::metrics::METRICS
+                    .flows
+                    .get_or_create(&vec![
+                        ("event", event.to_string()),
+                        ("verdict", verdict.to_string()),
+                        ("reason", reason.to_string()),
+                        ("direction", dir.to_string()),
+                    ])
+                    .clone()
+            })
+            .inc();
+    }
+
+    fn verdict(&mut self, verdict: &'static str, dir: &'static str) {
+        self.verdicts
+            .entry((verdict, dir))
+            .or_insert_with(|| {
+                crate::metrics::METRICS
+                    .policy_verdicts
+                    .get_or_create(&vec![
+                        ("verdict", verdict.to_string()),
+                        ("direction", dir.to_string()),
+                    ])
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// A forwarded TCP packet's flags as Hubble counts them (`SYN`, `SYN-ACK`, `FIN`, `RST`),
+    /// by address family.
+    fn tcp_flags(&mut self, f: u8, v4: bool) {
+        let family = if v4 { "ipv4" } else { "ipv6" };
+        let syn = if f & 0x10 != 0 { "SYN-ACK" } else { "SYN" };
+        for (bit, flag) in [(0x02, syn), (0x01, "FIN"), (0x04, "RST")] {
+            if f & bit == 0 {
+                continue;
+            }
+            self.tcp_flags
+                .entry((flag, family))
+                .or_insert_with(|| {
+                    crate::metrics::METRICS
+                        .tcp_flags
+                        .get_or_create(&vec![("flag", flag.to_string()), ("family", family.into())])
+                        .clone()
+                })
+                .inc();
+        }
+    }
+
+    /// A connection to a Service: `translated` to a backend, or `refused`.
+    fn service(&mut self, service: Option<&str>, outcome: &'static str) {
+        let Some(service) = service else { return };
+        if !self.services.contains_key(service) {
+            self.services
+                .insert(service.to_string(), FastMap::default());
+        }
+        self.services
+            .get_mut(service)
+            .expect("just made")
+            .entry(outcome)
+            .or_insert_with(|| {
+                crate::metrics::METRICS
+                    .service_connections
+                    .get_or_create(&vec![
+                        ("service", service.to_string()),
+                        ("outcome", outcome.to_string()),
+                    ])
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+/// The log and the names it gives to addresses.
+pub struct FlowLog {
+    node: String,
+    next_seq: u64,
+    entries: VecDeque<Entry>,
+    clock: Clock,
+    counters: Counters,
+    /// The pods at addresses, as resolved since the pod maps last changed.
+    ends: FastMap<IpAddr, Option<Arc<PodEnd>>>,
+    /// Pod addresses -> `namespace/name` (kept by the policy loop, with [`FlowLog::set_pods`]).
+    pub pod_names: HashMap<IpAddr, String>,
+    /// `namespace/name` -> the pod's workload and labels (kept by the policy loop).
+    pub pods: HashMap<String, PodMeta>,
+    /// (backend address, port, protocol number) -> the Service (`namespace/name`) it is a
+    /// backend of (kept by the Services loop).
+    pub services: HashMap<(IpAddr, u16, u8), String>,
+    /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
+    /// (kept by the policy loop).
+    pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
+    /// (frontend address, port, protocol number) -> its Service (`namespace/name`); node
+    /// ports under the unspecified address (kept by the Services loop).
+    pub frontends: HashMap<(IpAddr, u16, u8), String>,
+    /// A pod network namespace's cookie -> the pod (`namespace/name`) and its addresses
+    /// (kept by the socket events' reader).
+    pub netns_pods: HashMap<u64, (String, Vec<IpAddr>)>,
+}
+
+fn identity_kind(id: u32) -> &'static str {
+    use weir_control::policy::id;
+    match id {
+        id::ANY => "unknown",
+        id::HOST => "host",
+        id::WORLD => "world",
+        id::REMOTE_NODE => "remote-node",
+        id::CLUSTER => "cluster",
+        id::POD_MIN..=id::POD_MAX => "pod",
+        i if i >= id::NS_BASE => "namespace-class",
+        i if i >= id::CIDR_BASE => "cidr",
+        _ => "reserved",
+    }
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Where a flow stands from the pods at its ends: `ingress` into a pod, `egress` out of one,
+/// else `node`.
+fn direction_of(src: Option<&Arc<PodEnd>>, dst: Option<&Arc<PodEnd>>) -> &'static str {
+    if dst.is_some() {
+        "ingress"
+    } else if src.is_some() {
+        "egress"
+    } else {
+        "node"
+    }
+}
+
+fn unspecified(v4: bool) -> IpAddr {
+    if v4 {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    }
+}
+
+impl FlowLog {
+    /// An empty log for `node`.
+    pub fn new(node: &str) -> Self {
+        FlowLog {
+            node: node.to_string(),
+            next_seq: 1,
+            entries: VecDeque::new(),
+            clock: Clock {
+                offset_ns: 0,
+                read: None,
+            },
+            counters: Counters::default(),
+            ends: FastMap::default(),
+            pod_names: HashMap::new(),
+            pods: HashMap::new(),
+            services: HashMap::new(),
+            isolating: HashMap::new(),
+            frontends: HashMap::new(),
+            netns_pods: HashMap::new(),
+        }
+    }
+
+    /// Replaces the pods the log names addresses after (addresses -> `namespace/name`, and
+    /// their workloads and labels).
+    pub fn set_pods(&mut self, names: HashMap<IpAddr, String>, pods: HashMap<String, PodMeta>) {
+        self.pod_names = names;
+        self.pods = pods;
+        self.ends.clear();
+    }
+
+    /// The pod at `ip`, resolved once per change of the pod maps.
+    fn pod_at(&mut self, ip: IpAddr) -> Option<Arc<PodEnd>> {
+        if let Some(e) = self.ends.get(&ip) {
+            return e.clone();
+        }
+        let end = self.pod_names.get(&ip).map(|pod| {
+            let meta = self.pods.get(pod);
+            Arc::new(PodEnd {
+                namespace: pod
+                    .split_once('/')
+                    .map(|(ns, _)| ns.to_string())
+                    .unwrap_or_default(),
+                workload: meta.map(|m| m.workload.clone()),
+                labels: meta.map(|m| m.labels.clone()).unwrap_or_default(),
+                pod: pod.clone(),
+            })
+        });
+        self.ends.insert(ip, end.clone());
+        end
+    }
+
+    fn add(&mut self, ts: u64, src: Option<IpAddr>, dst: Option<IpAddr>, raw: Raw) {
+        let entry = Entry {
+            seq: self.next_seq,
+            wall_ns: self.clock.wall_ns(ts),
+            src: src.and_then(|ip| self.pod_at(ip)),
+            dst: dst.and_then(|ip| self.pod_at(ip)),
+            raw,
+        };
+        self.next_seq += 1;
+        if self.entries.len() == CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// Records one policy verdict of the datapath.
+    pub fn push(&mut self, ev: &flow_event) {
+        let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
+        let dir = if ev.dir != weir_bpf::datapath::POLICY_EGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        self.counters
+            .verdict(if allowed { "allowed" } else { "denied" }, dir);
+        let reason = reason_name(ev.reason as u8);
+        let verdict = if allowed { "allowed" } else { "dropped" };
+        self.counters.flow("policy-verdict", verdict, &reason, dir);
+        let src = weir_bpf::ip_from_words(ev.family, ev.saddr);
+        let dst = weir_bpf::ip_from_words(ev.family, ev.daddr);
+        self.add(ev.ts, Some(src), Some(dst), Raw::Verdict(*ev));
+    }
+
+    /// Records one packet the kernel dropped (IP packets only: the others are counted in
+    /// the metrics alone). Drops by tc and XDP programs are weir's own programs' under eBPF,
+    /// which report them with their reason: counted in the metrics, not logged twice.
+    pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
+        if matches!(d.reason.as_str(), "TC_INGRESS" | "TC_EGRESS" | "XDP") {
+            return;
+        }
+        let (Some(src), Some(dst)) = (d.src, d.dst) else {
+            return;
+        };
+        let (s, t) = (self.pod_at(src.0), self.pod_at(dst.0));
+        let dir = direction_of(s.as_ref(), t.as_ref());
+        self.counters.flow("kernel-drop", "dropped", &d.reason, dir);
+        let raw = Raw::KernelDrop(Box::new(d.clone()));
+        self.add(d.ts, Some(src.0), Some(dst.0), raw);
+    }
+
+    /// Records one packet weir's programs dropped for a reason other than policy.
+    pub fn push_drop_event(&mut self, d: &DropEvent) {
+        let (Some(src), Some(dst)) = (d.src, d.dst) else {
+            return;
+        };
+        if d.reason == weir_reason::DROP_NO_SERVICE_BACKEND.0 {
+            let svc = self.frontend_service(dst, d.proto);
+            self.counters.service(svc.as_deref(), "refused");
+        }
+        let (s, t) = (self.pod_at(src.ip()), self.pod_at(dst.ip()));
+        let dir = direction_of(s.as_ref(), t.as_ref());
+        self.counters
+            .flow("drop", "dropped", &reason_name(d.reason as u8), dir);
+        self.add(d.ts, Some(src.ip()), Some(dst.ip()), Raw::Drop(d.clone()));
+    }
+
+    /// Records one forwarding summary of the tc or XDP programs.
+    pub fn push_trace(&mut self, t: &TraceEvent) {
+        let (s, d) = (self.pod_at(t.src.ip()), self.pod_at(t.dst.ip()));
+        let dir = direction_of(s.as_ref(), d.as_ref());
+        let code = t.reason as u8;
+        let named;
+        let reason = match weir_bpf::datapath::reason_str(code) {
+            Some(r) => r,
+            None => {
+                named = reason_name(code);
+                &named
+            }
+        };
+        self.counters.flow("trace", "forwarded", reason, dir);
+        if t.proto == 6 {
+            self.counters.tcp_flags(t.tcp_flags, t.src.is_ipv4());
+        }
+        if t.flags & TRACE_F_NEW != 0 && t.flags & TRACE_F_REPLY == 0 {
+            if let Some((_, frontend)) = t.orig {
+                let svc = self.frontend_service(frontend, t.proto);
+                self.counters.service(svc.as_deref(), "translated");
+            }
+        }
+        self.add(
+            t.ts,
+            Some(t.src.ip()),
+            Some(t.dst.ip()),
+            Raw::Trace(t.clone()),
+        );
+    }
+
+    /// Records one translation (or refusal) of the socket layer: the client is the pod
+    /// whose network namespace the socket is in.
+    pub fn push_sock(&mut self, e: &SockEvent) {
+        let client = self.netns_pods.get(&e.netns).and_then(|(_, ips)| {
+            ips.iter()
+                .find(|ip| ip.is_ipv4() == e.vip.is_ipv4())
+                .copied()
+        });
+        let svc = self.frontend_service(e.vip, e.proto);
+        if e.reason != 0 {
+            self.counters.service(svc.as_deref(), "refused");
+            self.counters.flow(
+                "trace-sock",
+                "dropped",
+                &reason_name(e.reason as u8),
+                "egress",
+            );
+        } else {
+            if e.point != SOCK_XLATE_RECVMSG {
+                self.counters.service(svc.as_deref(), "translated");
+            }
+            let reason = sock_reason(e.point);
+            self.counters
+                .flow("trace-sock", "translated", reason, "egress");
+        }
+        let to = e.backend.unwrap_or(e.vip);
+        self.add(e.ts, client, Some(to.ip()), Raw::Sock(e.clone(), client));
+    }
+
+    /// The Service of frontend `addr` (a node port's under the unspecified address).
+    fn frontend_service(&self, addr: SocketAddr, proto: u8) -> Option<String> {
+        self.frontends
+            .get(&(addr.ip(), addr.port(), proto))
+            .or_else(|| {
+                self.frontends
+                    .get(&(unspecified(addr.is_ipv4()), addr.port(), proto))
+            })
+            .cloned()
+    }
+
+    /// The Service whose backend `dst` is, for protocol `proto`.
+    fn service_of(&self, dst: &FlowEnd, proto: u8) -> Option<String> {
+        self.services.get(&(dst.ip, dst.port, proto)).cloned()
+    }
+
+    /// The policies that decided a denial: those isolating `pod` for ingress or egress.
+    fn deciding(&self, pod: Option<&String>, ingress: bool) -> Vec<String> {
+        pod.and_then(|p| self.isolating.get(p))
+            .map(|(i, e)| if ingress { i.clone() } else { e.clone() })
+            .unwrap_or_default()
+    }
+
+    /// The records after `since`.
+    pub fn since(&self, since: u64) -> FlowPage {
+        let first = self.entries.front().map(|r| r.seq).unwrap_or(self.next_seq);
+        let start = self.entries.partition_point(|e| e.seq <= since);
+        FlowPage {
+            next: self.next_seq - 1,
+            lost: first.saturating_sub(since + 1),
+            events_lost: 0,
+            flows: self
+                .entries
+                .range(start..)
+                .map(|e| self.render(e))
+                .collect(),
+        }
+    }
+
+    /// An entry spelled out.
+    fn render(&self, e: &Entry) -> FlowRecord {
+        let time = jiff::Timestamp::from_nanosecond(e.wall_ns)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let end = |ip: IpAddr, port: u16, identity: u32, pod: &Option<Arc<PodEnd>>| FlowEnd {
+            ip,
+            port,
+            pod: pod.as_ref().map(|p| p.pod.clone()),
+            namespace: pod.as_ref().map(|p| p.namespace.clone()),
+            workload: pod.as_ref().and_then(|p| p.workload.clone()),
+            labels: pod.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
+            identity,
+            identity_kind: identity_kind(identity).into(),
+        };
+        let mut rec = FlowRecord {
+            seq: e.seq,
+            time,
+            node: self.node.clone(),
+            event: String::new(),
+            verdict: String::new(),
+            reason: String::new(),
+            direction: direction_of(e.src.as_ref(), e.dst.as_ref()).into(),
+            reason_text: String::new(),
+            protocol: String::new(),
+            source: end(unspecified(true), 0, 0, &None),
+            destination: end(unspecified(true), 0, 0, &None),
+            service: None,
+            policies: Vec::new(),
+            detail: FlowDetail::default(),
+        };
+        match &e.raw {
+            Raw::Verdict(ev) => {
+                let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
+                let ingress = ev.dir != weir_bpf::datapath::POLICY_EGRESS;
+                let ip = |w: &[u32; 4]| weir_bpf::ip_from_words(ev.family, *w);
+                rec.source = end(
+                    ip(&ev.saddr),
+                    u16::from_be(ev.sport),
+                    ev.src_identity,
+                    &e.src,
+                );
+                rec.destination = end(
+                    ip(&ev.daddr),
+                    u16::from_be(ev.dport),
+                    ev.dst_identity,
+                    &e.dst,
+                );
+                rec.event = "policy-verdict".into();
+                rec.verdict = if allowed { "allowed" } else { "dropped" }.into();
+                rec.reason = reason_name(ev.reason as u8);
+                rec.reason_text = reason_description(ev.reason as u8);
+                rec.direction = if ingress { "ingress" } else { "egress" }.into();
+                rec.protocol = protocol_name(ev.proto);
+                rec.service = self.service_of(&rec.destination, ev.proto);
+                if !allowed {
+                    let judged = if ingress {
+                        &rec.destination
+                    } else {
+                        &rec.source
+                    };
+                    rec.policies = self.deciding(judged.pod.as_ref(), ingress);
+                }
+            }
+            Raw::Drop(d) => {
+                let code = d.reason as u8;
+                self.render_drop(&mut rec, e, ("drop", d.src, d.dst, d.proto));
+                rec.reason = reason_name(code);
+                rec.reason_text = reason_description(code);
+            }
+            Raw::KernelDrop(d) => {
+                let sock = |a: Option<(IpAddr, u16)>| a.map(|(ip, port)| SocketAddr::new(ip, port));
+                let ends = (sock(d.src), sock(d.dst));
+                self.render_drop(&mut rec, e, ("kernel-drop", ends.0, ends.1, d.proto));
+                rec.reason = d.reason.clone();
+                rec.reason_text = kernel_reason_text(&d.reason);
+            }
+            Raw::Trace(t) => self.render_trace(&mut rec, e, t),
+            Raw::Sock(s, client) => self.render_sock(&mut rec, e, s, *client),
+        }
+        rec
+    }
+
+    /// A drop's ends, protocol and Service (the backend's, or the frontend's).
+    fn render_drop(
+        &self,
+        rec: &mut FlowRecord,
+        e: &Entry,
+        (event, src, dst, proto): (&str, Option<SocketAddr>, Option<SocketAddr>, u8),
+    ) {
+        let (src, dst) = (src.expect("logged with"), dst.expect("logged with"));
+        rec.source = self.end_of(src, &e.src);
+        rec.destination = self.end_of(dst, &e.dst);
+        rec.event = event.into();
+        rec.verdict = "dropped".into();
+        rec.protocol = protocol_name(proto);
+        rec.service = self
+            .service_of(&rec.destination, proto)
+            .or_else(|| self.frontend_service(dst, proto));
+    }
+
+    fn end_of(&self, a: SocketAddr, pod: &Option<Arc<PodEnd>>) -> FlowEnd {
+        FlowEnd {
+            ip: a.ip(),
+            port: a.port(),
+            pod: pod.as_ref().map(|p| p.pod.clone()),
+            namespace: pod.as_ref().map(|p| p.namespace.clone()),
+            workload: pod.as_ref().and_then(|p| p.workload.clone()),
+            labels: pod.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
+            identity: 0,
+            identity_kind: identity_kind(0).into(),
+        }
+    }
+
+    fn render_trace(&self, rec: &mut FlowRecord, e: &Entry, t: &TraceEvent) {
+        let reply = t.flags & TRACE_F_REPLY != 0;
+        rec.source = self.end_of(t.src, &e.src);
+        rec.destination = self.end_of(t.dst, &e.dst);
+        // The Service: a translated request's original destination, a reply's new source,
+        // else the Service whose backend the destination is.
+        rec.service = match t.orig {
+            Some((_, d)) if !reply => self.frontend_service(d, t.proto),
+            Some(_) => self.frontend_service(t.src, t.proto),
+            None => self.service_of(&rec.destination, t.proto),
+        };
+        let code = t.reason as u8;
+        rec.event = "trace".into();
+        rec.verdict = "forwarded".into();
+        rec.reason = reason_name(code);
+        rec.reason_text = reason_description(code);
+        rec.protocol = protocol_name(t.proto);
+        rec.detail = FlowDetail {
+            translation: t.orig.map(|(s, d)| Translation {
+                point: "packet".into(),
+                source: s.to_string(),
+                destination: d.to_string(),
+            }),
+            packets: Some(t.packets),
+            bytes: Some(t.bytes),
+            tcp_flags: tcp_flag_names(t.tcp_flags),
+            is_reply: (t.orig.is_some() || t.proto == 6).then_some(reply),
+            interface: Some(t.ifindex),
+        };
+    }
+
+    fn render_sock(&self, rec: &mut FlowRecord, e: &Entry, s: &SockEvent, client: Option<IpAddr>) {
+        let from = SocketAddr::new(client.unwrap_or(unspecified(s.vip.is_ipv4())), 0);
+        let to = s.backend.unwrap_or(s.vip);
+        rec.source = self.end_of(from, &e.src);
+        rec.destination = self.end_of(to, &e.dst);
+        rec.service = self.frontend_service(s.vip, s.proto);
+        let point = sock_point_name(s.point);
+        rec.event = "trace-sock".into();
+        rec.direction = "egress".into();
+        rec.protocol = protocol_name(s.proto);
+        if s.reason != 0 {
+            let code = s.reason as u8;
+            rec.verdict = "dropped".into();
+            rec.reason = reason_name(code);
+            rec.reason_text = reason_description(code);
+        } else {
+            rec.verdict = "translated".into();
+            rec.reason = sock_reason(s.point).into();
+            rec.reason_text = format!(
+                "{point}() to {} was given backend {to} at the socket layer",
+                rec.service.as_deref().unwrap_or("a Service")
+            );
+        }
+        rec.detail = FlowDetail {
+            translation: Some(Translation {
+                point: point.into(),
+                source: client.map(|_| from.to_string()).unwrap_or_default(),
+                destination: s.vip.to_string(),
+            }),
+            is_reply: Some(s.point == SOCK_XLATE_RECVMSG),
+            ..Default::default()
+        };
+    }
+}
+
+/// The reason a socket translation is logged under.
+fn sock_reason(point: u8) -> &'static str {
+    match point {
+        weir_bpf::events::SOCK_XLATE_CONNECT => "XLATE_CONNECT",
+        weir_bpf::events::SOCK_XLATE_SENDMSG => "XLATE_SENDMSG",
+        _ => "XLATE_RECVMSG",
+    }
+}
