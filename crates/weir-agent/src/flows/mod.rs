@@ -1,9 +1,10 @@
-//! Flows for `weir observe`: a thread drains the datapath's ring buffer of policy verdicts
-//! (`weir_events`, one record per judged flow: allowed, or dropped with its reason), another
-//! the kernel's drops in the node's network namespace (`weir_bpf::kdrop`: packets netfilter,
-//! routing, neighbours, sockets or TCP dropped, with the kernel's reason), into a bounded log,
-//! naming the pods behind the addresses as they are when the event arrives.
-//! `GET /flows?since=SEQ` hands out what came after `SEQ`.
+//! Flows for `weir observe` and `weir ui`: reader threads drain the datapath's rings (policy
+//! verdicts `weir_events`; drops of weir's programs `weir_drop_events`; forwarding summaries
+//! of the tc and XDP programs `weir_trace_events`; the socket layer's translations
+//! `weir_sock_events`; the kernel's drops in the node's network namespace,
+//! `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
+//! as they are when the event arrives. `GET /flows?since=SEQ` hands out what came after
+//! `SEQ`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -17,8 +18,8 @@ use crate::pods::Pods;
 mod log;
 pub use log::FlowLog;
 
-/// How many records the log keeps.
-pub const CAPACITY: usize = 8192;
+/// How many records the log keeps (about 250 bytes each: events are kept as they came).
+pub const CAPACITY: usize = 32768;
 
 /// One end of a flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +191,11 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
                 .datapath()
                 .events(move |ev| log.lock().expect("flow log").push(ev))
         },
-        |rb, wait| rb.poll(wait),
+        // Woken only when the ring fills up: drained on the timer.
+        |rb, wait| {
+            rb.poll(wait)?;
+            rb.consume()
+        },
     )
 }
 
@@ -236,7 +241,11 @@ pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), Stri
                 .datapath()
                 .drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
         },
-        |rb, wait| rb.poll(wait),
+        // Woken only when the ring fills up: drained on the timer.
+        |rb, wait| {
+            rb.poll(wait)?;
+            rb.consume()
+        },
     )
 }
 
@@ -331,6 +340,7 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
         },
         |r, wait| {
             r.rb.poll(wait)?;
+            r.rb.consume()?;
             r.count();
             Ok::<(), weir_bpf::LibbpfError>(())
         },
