@@ -34,6 +34,7 @@ bench: setup
 	target/release/weir-bench podpod 7 2
 	target/release/weir-bench policy 1000 5 2
 	target/release/weir-bench prefilter 5 2
+	target/release/weir-bench visibility 10 3
 	target/release/weir-bench mesh 200 20
 	target/release/weir-bench mesh-scale 10 1000
 	target/release/weir-bench schedule 20
