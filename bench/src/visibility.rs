@@ -247,7 +247,10 @@ fn flood(t: &Topo, pods: &Arc<Mutex<PodDataplane>>, rate: f64, secs: f64) -> Res
             sent += u64::from(per_ms);
             tick += 1;
             let due = Duration::from_millis(tick);
-            if let Some(wait) = due.checked_sub(start.elapsed()).filter(|_| rate.is_finite()) {
+            if let Some(wait) = due
+                .checked_sub(start.elapsed())
+                .filter(|_| rate.is_finite())
+            {
                 std::thread::sleep(wait);
             }
         }

@@ -859,11 +859,11 @@ pub async fn run(
             desired.rebuild(changed, &services, &imports, &sls, &opts, &sched);
         }
         let state = &desired.state;
-        {
-            let mut log = shared.flows.lock().expect("flow log");
-            log.services = backend_services(state);
-            log.frontends = frontend_services(state);
-        }
+        shared
+            .flows
+            .lock()
+            .expect("flow log")
+            .set_services(backend_services(state), frontend_services(state));
         let mut warnings = desired.all_warnings();
         warnings.extend(shared.dataplane.lock().expect("dataplane").limits(state));
         let checks = lb::health_checks(&services.state(), &sls, &cfg.node_name);
@@ -993,16 +993,21 @@ fn refresh_ejections(
 /// With flow summaries on, the socket layer's translations go into the flow log (their
 /// clients named by the node's endpoint records).
 fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
-    let Some(p) = shared.pods.as_ref().filter(|p| p.config.flow_summaries) else {
-        return Ok(());
-    };
+    let on = shared
+        .pods
+        .as_ref()
+        .is_some_and(|p| p.config.flow_summaries);
     let mut dp = shared.dataplane.lock().expect("dataplane");
     let Some(path) = dp.translation_events() else {
         return Ok(());
     };
-    dp.set_translation_events(true)
+    // Written either way: the setting is pinned, and an earlier agent may have turned it on.
+    dp.set_translation_events(on)
         .map_err(std::io::Error::other)?;
     drop(dp);
+    let Some(p) = shared.pods.as_ref().filter(|_| on) else {
+        return Ok(());
+    };
     flows::spawn_sock_events(path, p.config.endpoint_dir.clone(), shared.flows.clone())
         .map_err(std::io::Error::other)
 }
@@ -1015,11 +1020,16 @@ fn frontend_services(
     state
         .frontends
         .iter()
-        .map(|(k, f)| {
-            let svc = f.service.split_once(':').map_or(&*f.service, |(s, _)| s);
-            ((k.vip, k.port, k.proto.number()), svc.to_string())
-        })
+        .map(|(k, f)| ((k.vip, k.port, k.proto.number()), service_of(f)))
         .collect()
+}
+
+/// A frontend's Service, `namespace/name` (without its port's name).
+fn service_of(f: &weir_control::lb::Frontend) -> String {
+    f.service
+        .split_once(':')
+        .map_or(&*f.service, |(s, _)| s)
+        .to_string()
 }
 
 /// Every backend of `state` -> its Service (`namespace/name`, without the port), for naming
@@ -1031,10 +1041,10 @@ fn backend_services(
         .frontends
         .iter()
         .flat_map(|(k, f)| {
-            f.backends.iter().chain(&f.standby).map(move |b| {
-                let svc = f.service.split_once(':').map_or(&*f.service, |(s, _)| s);
-                ((b.ip, b.port, k.proto.number()), svc.to_string())
-            })
+            f.backends
+                .iter()
+                .chain(&f.standby)
+                .map(move |b| ((b.ip, b.port, k.proto.number()), service_of(f)))
         })
         .collect()
 }

@@ -11,7 +11,7 @@
 //! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
 //! | `weir_flows_total` | counter | `event`, `verdict`, `reason`, `direction` | flows the agent logged for `weir observe`: policy verdicts, forwarding summaries (`trace`), socket translations (`trace-sock`), drops of weir's programs, the kernel's drops |
 //! | `weir_tcp_flags_total` | counter | `flag`, `family` | TCP flags (`SYN`, `SYN-ACK`, `FIN`, `RST`) of forwarded flows, from the forwarding summaries |
-//! | `weir_service_connections_total` | counter | `service`, `outcome` | new connections (and UDP socket/backend pairs) to a Service: `translated` to a backend, or `refused` for want of one |
+//! | `weir_service_connections_total` | counter | `namespace`, `service`, `outcome` | new connections (and UDP socket/backend pairs) to a Service: `translated` to a backend, or `refused` for want of one |
 //! | `weir_trace_events_lost_total`, `weir_sock_events_lost_total` | counter | `reason` / `point` | forwarding summaries and socket translation events their full ring buffers refused |
 //! | `weir_drop_events_lost_total` | counter | `reason` | drop events of weir's programs their full ring buffer refused (the drops are counted in `weir_drops_total`) |
 //! | `weir_tcp_retransmits_total` | counter | `namespace`, `workload` | TCP segments the node's pods retransmitted (`tcp:tcp_retransmit_skb`) |
@@ -162,7 +162,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
     );
     r.register(
         "weir_service_connections",
-        "New connections (and UDP socket/backend pairs) to a Service, by Service and outcome (translated, refused)",
+        "New connections (and UDP socket/backend pairs) to a Service, by its namespace and name and the outcome (translated, refused)",
         METRICS.service_connections.clone(),
     );
     let t = &METRICS.tcp;

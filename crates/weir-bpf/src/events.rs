@@ -5,10 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
-use libbpf_rs::MapHandle;
-
 use crate::datapath::{AF_INET, AF_INET6};
-use crate::{lb, BpfError};
+use crate::BpfError;
 
 /// `trace_event.flags`: the flow's first packet at this observation point.
 pub const TRACE_F_NEW: u8 = 1;
@@ -199,19 +197,11 @@ pub fn watch_sock_events<F: FnMut(&SockEvent) + 'static>(
     path: &Path,
     mut f: F,
 ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-    let what = format!("reading the ring buffer {}", path.display());
-    let map: &'static MapHandle = Box::leak(Box::new(
-        MapHandle::from_pinned_path(path).map_err(lb(&what))?,
-    ));
-    let mut b = libbpf_rs::RingBufferBuilder::new();
-    b.add(map, move |data: &[u8]| {
+    crate::watch_pinned_ring(path, move |data: &[u8]| {
         if let Some(ev) = SockEvent::decode(data) {
             f(&ev);
         }
-        0
     })
-    .map_err(lb(&what))?;
-    b.build().map_err(lb(what))
 }
 
 #[cfg(test)]

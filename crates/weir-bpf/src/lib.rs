@@ -572,15 +572,26 @@ pub fn watch_ejections<F: FnMut(&types::lb_ejection_event) + 'static>(
     path: &Path,
     mut f: F,
 ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+    watch_pinned_ring(path, move |data: &[u8]| {
+        if data.len() >= std::mem::size_of::<types::lb_ejection_event>() {
+            f(&from_bytes::<types::lb_ejection_event>(data));
+        }
+    })
+}
+
+/// A reader of the ring buffer pinned at `path`, calling `f` with each record. The map
+/// handle lives as long as the process.
+pub(crate) fn watch_pinned_ring<F: FnMut(&[u8]) + 'static>(
+    path: &Path,
+    mut f: F,
+) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
     let what = format!("reading the ring buffer {}", path.display());
     let map: &'static MapHandle = Box::leak(Box::new(
         MapHandle::from_pinned_path(path).map_err(lb(&what))?,
     ));
     let mut b = libbpf_rs::RingBufferBuilder::new();
     b.add(map, move |data: &[u8]| {
-        if data.len() >= std::mem::size_of::<types::lb_ejection_event>() {
-            f(&from_bytes::<types::lb_ejection_event>(data));
-        }
+        f(data);
         0
     })
     .map_err(lb(&what))?;

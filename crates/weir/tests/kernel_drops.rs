@@ -11,16 +11,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: m}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: shut, namespace: m, labels: {app: shut}}
-spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
----
+/// Namespace m's pods `web` (app=web, port 8080) and `client`.
+macro_rules! web_and_client {
+    () => {
+        r#"---
 apiVersion: v1
 kind: Pod
 metadata: {name: web, namespace: m, labels: {app: web}}
@@ -30,7 +24,23 @@ apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: m}
 spec: {containers: [{name: c, image: i}]}
+"#
+    };
+}
+
+const APP: &str = concat!(
+    r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: m}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {name: shut, namespace: m, labels: {app: shut}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
+"#,
+    web_and_client!(),
+    r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: shut, namespace: m}
@@ -40,7 +50,8 @@ apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny, namespace: m}
 spec: {podSelector: {matchLabels: {app: shut}}, policyTypes: [Ingress]}
-"#;
+"#
+);
 
 /// The kernel drops `weir observe --reason REASON` lists, as JSON records.
 fn observed(lab: &Lab, reason: &str) -> Vec<Value> {
@@ -210,7 +221,8 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
     );
 }
 
-const EBPF_APP: &str = r#"
+const EBPF_APP: &str = concat!(
+    r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: m}
@@ -223,22 +235,15 @@ spec:
   selector: {app: none}
   ports:
   - {port: 80, targetPort: 8080}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: m, labels: {app: web}}
-spec: {containers: [{name: c, image: i, ports: [{containerPort: 8080}]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: m}
-spec: {containers: [{name: c, image: i}]}
----
+"#,
+    web_and_client!(),
+    r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: m}
 spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
-"#;
+"#
+);
 
 /// `weir observe -o json` with `args`, as JSON records.
 fn observe_json(lab: &Lab, args: &[&str]) -> Vec<Value> {
@@ -357,8 +362,8 @@ fn translations_and_summaries_are_observed(lab: &Lab) {
             .sum()
     };
     lab.eventually("the connection metrics", Duration::from_secs(10), || {
-        series("weir_service_connections_total{service=\"m/web\",outcome=\"translated\"}") >= 2.0
-            && series("weir_service_connections_total{service=\"m/nobody\",outcome=\"refused\"}")
+        series("weir_service_connections_total{namespace=\"m\",service=\"web\",outcome=\"translated\"}") >= 2.0
+            && series("weir_service_connections_total{namespace=\"m\",service=\"nobody\",outcome=\"refused\"}")
                 >= 2.0
             && series("weir_tcp_flags_total{flag=\"SYN\",family=\"ipv4\"}") >= 2.0
             && series("weir_tcp_flags_total{flag=\"SYN-ACK\",family=\"ipv4\"}") >= 2.0

@@ -82,7 +82,7 @@ struct Counters {
     verdicts: FastMap<(&'static str, &'static str), Counter>,
     /// `weir_tcp_flags_total` by (flag, family).
     tcp_flags: FastMap<(&'static str, &'static str), Counter>,
-    /// `weir_service_connections_total` by Service, then outcome.
+    /// `weir_service_connections_total` by Service (`namespace/name`), then outcome.
     services: FastMap<String, FastMap<&'static str, Counter>>,
 }
 
@@ -161,10 +161,12 @@ impl Counters {
             .expect("just made")
             .entry(outcome)
             .or_insert_with(|| {
+                let (ns, name) = service.split_once('/').unwrap_or(("", service));
                 crate::metrics::METRICS
                     .service_connections
                     .get_or_create(&vec![
-                        ("service", service.to_string()),
+                        ("namespace", ns.to_string()),
+                        ("service", name.to_string()),
                         ("outcome", outcome.to_string()),
                     ])
                     .clone()
@@ -274,6 +276,36 @@ impl FlowLog {
         self.pod_names = names;
         self.pods = pods;
         self.ends.clear();
+    }
+
+    /// Replaces the Services the log names flows after: backends (address, port, protocol)
+    /// and frontends -> `namespace/name`. The connection counts of Services gone go too.
+    pub fn set_services(
+        &mut self,
+        backends: HashMap<(IpAddr, u16, u8), String>,
+        frontends: HashMap<(IpAddr, u16, u8), String>,
+    ) {
+        let live: std::collections::HashSet<&String> = frontends.values().collect();
+        let gone: Vec<String> = self
+            .counters
+            .services
+            .keys()
+            .filter(|s| !live.contains(s))
+            .cloned()
+            .collect();
+        for service in gone {
+            let (ns, name) = service.split_once('/').unwrap_or(("", &service));
+            for outcome in self.counters.services[&service].keys() {
+                crate::metrics::METRICS.service_connections.remove(&vec![
+                    ("namespace", ns.to_string()),
+                    ("service", name.to_string()),
+                    ("outcome", outcome.to_string()),
+                ]);
+            }
+            self.counters.services.remove(&service);
+        }
+        self.services = backends;
+        self.frontends = frontends;
     }
 
     /// The pod at `ip`, resolved once per change of the pod maps.
