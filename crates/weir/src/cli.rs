@@ -103,7 +103,8 @@ pub(crate) enum Command {
         /// Where to listen (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:9880")]
         listen: std::net::SocketAddr,
-        /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
+        /// A lab node whose agent to ask (repeatable; with --cluster, default: every node; a
+        /// clusterset's nodes are CLUSTER/NODE).
         #[arg(long = "node")]
         nodes: Vec<String>,
         /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
@@ -608,7 +609,8 @@ pub(crate) struct PrefilterCidrs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ObserveArgs {
-    /// A lab node whose agent to ask (repeatable; with --cluster, default: every node).
+    /// A lab node whose agent to ask (repeatable; with --cluster, default: every node; a
+    /// clusterset's nodes are CLUSTER/NODE).
     #[arg(long = "node")]
     nodes: Vec<String>,
     /// The agent's socket (default: the lab nodes', or /run/weir/agent.sock).
@@ -1092,7 +1094,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             nodes,
             socket,
         } => {
-            let sockets = node_sockets(&cli, socket.as_ref(), nodes)?;
+            let sockets = flow_sockets(&cli, socket.as_ref(), nodes)?;
             runtime()?.block_on(crate::ui::run(cli.cluster.clone(), sockets, *listen))
         }
         Command::Agent(a) => runtime()?.block_on(crate::agent::run(&cli, a)),
@@ -1172,7 +1174,49 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The agents `weir observe` asks: --socket, the named lab nodes, or every node of the lab.
 fn observe_sockets(cli: &Cli, o: &ObserveArgs) -> Result<Vec<(String, PathBuf)>> {
-    node_sockets(cli, o.socket.as_ref(), &o.nodes)
+    flow_sockets(cli, o.socket.as_ref(), &o.nodes)
+}
+
+/// The agents whose flows `weir observe` and `weir ui` read: as [`node_sockets`], and for a
+/// clusterset every node of every cluster, named `CLUSTER/NODE` (so are `--node` values).
+pub(crate) fn flow_sockets(
+    cli: &Cli,
+    socket: Option<&PathBuf>,
+    named: &[String],
+) -> Result<Vec<(String, PathBuf)>> {
+    let set = cli
+        .cluster
+        .as_deref()
+        .filter(|_| socket.is_none())
+        .and_then(weir_lab::clusterset::ClusterSetLayout::load);
+    let (Some(set), Some(name)) = (set, cli.cluster.as_deref()) else {
+        return node_sockets(cli, socket, named);
+    };
+    let mut all = Vec::new();
+    for c in &set.clusters {
+        let cluster = format!("{name}/{c}");
+        let paths = weir_lab::paths::LabPaths::new(&cluster);
+        for h in lab::nodes(&cluster)?
+            .into_iter()
+            .filter(|h| h.role == "node")
+        {
+            all.push((format!("{c}/{}", h.name), paths.agent_socket(&h.name)));
+        }
+    }
+    if let Some(bad) = named.iter().find(|n| !all.iter().any(|(l, _)| l == *n)) {
+        bail!(
+            "--node {bad:?}: no such node in clusterset {name} (its nodes: {})",
+            all.iter()
+                .map(|(l, _)| l.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let out: Vec<_> = all
+        .into_iter()
+        .filter(|(l, _)| named.is_empty() || named.contains(l))
+        .collect();
+    Ok(out)
 }
 
 /// The agents a command asks: `socket`, the named lab nodes, or every node of the lab

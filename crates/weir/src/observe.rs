@@ -355,6 +355,23 @@ pub(crate) async fn page(socket: &std::path::Path, since: u64) -> std::io::Resul
     serde_json::from_value(v).map_err(std::io::Error::other)
 }
 
+/// Orders flows by their time (as instants: RFC 3339 texts with fractions of different
+/// lengths do not sort as strings), keeping each agent's order among equal times.
+pub(crate) fn sort_by_time(flows: &mut [FlowRecord]) {
+    flows.sort_by_cached_key(|r| r.time.parse::<jiff::Timestamp>().ok());
+}
+
+/// The flows of the agent listed as `node`, under that name (a clusterset's nodes are
+/// `CLUSTER/NODE`; each agent knows only its own node's name).
+pub(crate) fn named(node: &str, flows: Vec<FlowRecord>) -> impl Iterator<Item = FlowRecord> + '_ {
+    flows.into_iter().map(move |mut r| {
+        if node.contains('/') {
+            r.node = node.to_string();
+        }
+        r
+    })
+}
+
 /// Prints the last `last` matching verdicts of the agents at `sockets` (node name, socket),
 /// then, with `follow`, every new one until interrupted.
 pub async fn run(
@@ -379,9 +396,9 @@ pub async fn run(
             eprintln!("(the datapath of {node} has lost {} verdict events since it was loaded: its ring buffer was full)", p.events_lost);
         }
         events_lost.insert(node.clone(), p.events_lost);
-        past.extend(p.flows.into_iter().filter(|r| filter.matches(r)));
+        past.extend(named(node, p.flows).filter(|r| filter.matches(r)));
     }
-    past.sort_by(|a, b| a.time.cmp(&b.time));
+    sort_by_time(&mut past);
     if out == Output::Table {
         println!("{TABLE_HEADER}");
     }
@@ -417,7 +434,7 @@ pub async fn run(
                         }
                     }
                     cursor.insert(node.clone(), p.next);
-                    new.extend(p.flows.into_iter().filter(|r| filter.matches(r)));
+                    new.extend(named(node, p.flows).filter(|r| filter.matches(r)));
                 }
                 Err(e) => {
                     if failing.insert(node.clone(), true).is_none() {
@@ -426,7 +443,7 @@ pub async fn run(
                 }
             }
         }
-        new.sort_by(|a, b| a.time.cmp(&b.time));
+        sort_by_time(&mut new);
         for r in &new {
             print(r, out)?;
         }

@@ -68,7 +68,7 @@ async fn collect(sockets: Vec<(String, PathBuf)>, flows: Arc<Mutex<Flows>>) {
                         p
                     };
                     cursor.insert(node.clone(), p.next);
-                    new.extend(p.flows);
+                    new.extend(crate::observe::named(node, p.flows));
                 }
                 Err(_) => {
                     flows
@@ -79,7 +79,7 @@ async fn collect(sockets: Vec<(String, PathBuf)>, flows: Arc<Mutex<Flows>>) {
                 }
             }
         }
-        new.sort_by(|a, b| a.time.cmp(&b.time));
+        crate::observe::sort_by_time(&mut new);
         {
             let mut f = flows.lock().expect("flows");
             for r in new {

@@ -694,6 +694,41 @@ spec:
     );
     assert!(!reach(c1, "mcs/liar"), "a pod cannot claim another cluster");
     assert!(!reach(c2, "team/client"), "another namespace of c2");
+    observed_across_the_clusterset(&set);
+}
+
+/// `weir observe` on a clusterset reads every node of every cluster at once, merged by time,
+/// the nodes named CLUSTER/NODE: c1's denials of c2's clients, c2's forwarding summaries.
+fn observed_across_the_clusterset(set: &ClusterSet) {
+    let flows = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["observe", "--last", "5000", "-o", "json"];
+        all.extend_from_slice(args);
+        ok(&mut set.weir(&all))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut all = Vec::new();
+    set.c(1)
+        .eventually("both clusters' flows", Duration::from_secs(10), || {
+            all = flows(&[]);
+            all.iter()
+                .any(|f| f["node"] == "c1/node-1" && f["verdict"] == "dropped")
+                && all
+                    .iter()
+                    .any(|f| f["node"] == "c2/node-1" && f["event"] == "trace")
+        });
+    let times: Vec<&str> = all.iter().map(|f| f["time"].as_str().unwrap()).collect();
+    let parsed: Vec<jiff::Timestamp> = times.iter().map(|t| t.parse().unwrap()).collect();
+    assert!(parsed.windows(2).all(|w| w[0] <= w[1]), "merged by time");
+    let only = flows(&["--node", "c2/node-1"]);
+    assert!(!only.is_empty() && only.iter().all(|f| f["node"] == "c2/node-1"));
+    let out = set.weir(&["observe", "--node", "node-1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("c1/node-1, c2/node-1"),
+        "{err}"
+    );
 }
 
 /// In VXLAN mode pod addresses are not routed on the fabric: the agents tunnel to the other
