@@ -19,7 +19,7 @@ mod log;
 pub use log::FlowLog;
 
 /// How many records the log keeps (about 250 bytes each: events are kept as they came).
-pub const CAPACITY: usize = 32768;
+pub const CAPACITY: usize = 8192;
 
 /// One end of a flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
