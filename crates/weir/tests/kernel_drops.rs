@@ -53,6 +53,24 @@ spec: {podSelector: {matchLabels: {app: shut}}, policyTypes: [Ingress]}
 "#
 );
 
+/// The first node's `/metrics`.
+fn metrics(lab: &Lab) -> String {
+    let nodes: Value =
+        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
+    let url = nodes[0]["metricsURL"].as_str().unwrap();
+    http_get(url, Duration::from_secs(10)).unwrap().1
+}
+
+/// The sum of the samples of the first node's `/metrics` whose line starts with `series`
+/// (a name with labels, or the start of them).
+fn metric(lab: &Lab, series: &str) -> f64 {
+    metrics(lab)
+        .lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
 /// The kernel drops `weir observe --reason REASON` lists, as JSON records.
 fn observed(lab: &Lab, reason: &str) -> Vec<Value> {
     ok(&mut lab.weir(&["observe", "--reason", reason, "--last", "100", "-o", "json"]))
@@ -155,17 +173,11 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
         "{text}"
     );
     // The kernel's counts on /metrics.
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let url = nodes[0]["metricsURL"].as_str().unwrap().to_string();
-    let count = |reason: &str| -> f64 {
-        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("weir_kernel_drops_total{{reason=\"{reason}\"}} "))
-                    .map(|v| v.parse().unwrap())
-            })
-            .unwrap_or(0.0)
+    let count = |reason: &str| {
+        metric(
+            &lab,
+            &format!("weir_kernel_drops_total{{reason=\"{reason}\"}}"),
+        )
     };
     lab.eventually("the metrics", Duration::from_secs(10), || {
         count("NETFILTER_DROP") >= 1.0 && count("NO_SOCKET") >= 2.0
@@ -176,13 +188,7 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
         .as_str()
         .unwrap()
         .to_string();
-    let tcp = |series: &str| -> f64 {
-        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
-        body.lines()
-            .filter_map(|l| l.strip_prefix(series))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .sum()
-    };
+    let tcp = |series: &str| metric(&lab, series);
     let client = "namespace=\"m\",workload=\"client\"";
     let established = format!("weir_tcp_connects_total{{{client},outcome=\"established\"}}");
     // (The pods are watched within a few seconds of their start.)
@@ -212,7 +218,7 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
             && tcp(&format!("weir_tcp_retransmits_total{{{client}}}")) >= 1.0
             && tcp(&format!("weir_tcp_rtt_samples_total{{{client}}}")) >= 1.0
     });
-    let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
+    let body = metrics(&lab);
     assert!(
         !body
             .lines()
@@ -351,16 +357,7 @@ fn translations_and_summaries_are_observed(lab: &Lab) {
         "{text}"
     );
     // Per Service, per flag.
-    let nodes: Value =
-        serde_json::from_str(&ok(&mut lab.weir(&["lab", "nodes", "-o", "json"]))).unwrap();
-    let url = nodes[0]["metricsURL"].as_str().unwrap().to_string();
-    let series = |s: &str| -> f64 {
-        let (_, body) = http_get(&url, Duration::from_secs(10)).unwrap();
-        body.lines()
-            .filter_map(|l| l.strip_prefix(s))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .sum()
-    };
+    let series = |s: &str| metric(lab, s);
     lab.eventually("the connection metrics", Duration::from_secs(10), || {
         series("weir_service_connections_total{namespace=\"m\",service=\"web\",outcome=\"translated\"}") >= 2.0
             && series("weir_service_connections_total{namespace=\"m\",service=\"nobody\",outcome=\"refused\"}")
