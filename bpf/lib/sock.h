@@ -125,6 +125,29 @@ static __always_inline int sock_refuse(struct bpf_sock_addr *ctx, __u32 point, _
 	return 0;
 }
 
+/*
+ * Whether the (socket, backend) pair `rk` already maps to `rv`: then it is left as it is, its
+ * flags (LB_REVNAT_F_REPORTED) with it.
+ */
+static __always_inline bool sock4_revnat_same(const struct lb4_revnat_key *rk,
+					      const struct lb4_revnat *rv)
+{
+	const struct lb4_revnat *cur = bpf_map_lookup_elem(&weir_lb4_revnat, rk);
+
+	return cur && cur->address == rv->address && cur->port == rv->port &&
+	       cur->svc_id == rv->svc_id;
+}
+
+static __always_inline bool sock6_revnat_same(const struct lb6_revnat_key *rk,
+					      const struct lb6_revnat *rv)
+{
+	const struct lb6_revnat *cur = bpf_map_lookup_elem(&weir_lb6_revnat, rk);
+
+	return cur && cur->address[0] == rv->address[0] && cur->address[1] == rv->address[1] &&
+	       cur->address[2] == rv->address[2] && cur->address[3] == rv->address[3] &&
+	       cur->port == rv->port && cur->svc_id == rv->svc_id;
+}
+
 /* The SOCK_XLATE_* point of a forward translation. */
 static __always_inline __u32 sock_point(bool connected)
 {
@@ -203,7 +226,8 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		rv.svc_id = svc->svc_id;
 		if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_NOEXIST) == 0)
 			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, &be->address, be->port, 1);
-		else if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
+		else if (!sock4_revnat_same(&rk, &rv) &&
+			 bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 	}
 
@@ -359,7 +383,8 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		rv.svc_id = svc->svc_id;
 		if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_NOEXIST) == 0)
 			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, be->address, be->port, 4);
-		else if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
+		else if (!sock6_revnat_same(&rk, &rv) &&
+			 bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 	}
 

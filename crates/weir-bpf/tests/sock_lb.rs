@@ -5,7 +5,9 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 
-use weir_bpf::events::{watch_sock_events, SockEvent, SOCK_XLATE_CONNECT};
+use weir_bpf::events::{
+    watch_sock_events, SockEvent, SOCK_XLATE_CONNECT, SOCK_XLATE_RECVMSG, SOCK_XLATE_SENDMSG,
+};
 use weir_bpf::types::{lb4_backend, lb4_key, lb_service};
 use weir_bpf::SockLb;
 
@@ -196,6 +198,7 @@ fn connect_to_vip_reaches_backend_and_empty_service_is_refused() {
         "refused: no backend"
     );
     assert!(lb.events_lost().unwrap().is_empty());
+    unconnected_udp_reports_a_backends_first_datagram_and_reply(&g, &lb, &seen, &events);
     let stats: std::collections::BTreeMap<_, _> = lb.stats().unwrap().into_iter().collect();
     assert_eq!(stats["xlate_connect"], 1);
     assert_eq!(stats["no_backend"], 1);
@@ -208,9 +211,97 @@ fn connect_to_vip_reaches_backend_and_empty_service_is_refused() {
             .entries::<lb4_key, lb_service>("weir_lb4_svc")
             .unwrap()
             .len(),
-        2
+        4,
+        "the TCP and UDP services, master and slot each"
     );
     // Maglev tables round-trip.
     again.set_maglev(1, &[7, 7, 7, 7, 7]).unwrap();
     assert_eq!(again.maglev(1).unwrap(), Some(vec![7; 5]));
+}
+
+/// Unconnected UDP: two datagrams to a UDP service and their echoes give one `sendmsg` event
+/// (the socket and backend's first datagram) and one `recvmsg` event (its first reply).
+fn unconnected_udp_reports_a_backends_first_datagram_and_reply(
+    g: &Guard,
+    lb: &SockLb,
+    seen: &std::sync::Mutex<Vec<SockEvent>>,
+    events: &weir_bpf::RingBuffer<'static>,
+) {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        for _ in 0..2 {
+            let (n, from) = echo.recv_from(&mut b).unwrap();
+            echo.send_to(&b[..n], from).unwrap();
+        }
+    });
+    let vip = Ipv4Addr::new(10, 200, 0, 2);
+    let key = lb4_key {
+        address: u32::from_ne_bytes(vip.octets()),
+        dport: 53u16.to_be(),
+        proto: 17,
+        ..Default::default()
+    };
+    lb.put(
+        "weir_lb4_backends",
+        &8u32,
+        &lb4_backend {
+            address: u32::from_ne_bytes([127, 0, 0, 1]),
+            port: port.to_be(),
+            proto: 17,
+            flags: 0,
+        },
+    )
+    .unwrap();
+    let slot = lb_service {
+        backend_id: 8,
+        svc_id: 2,
+        ..Default::default()
+    };
+    lb.put("weir_lb4_svc", &lb4_key { slot: 1, ..key }, &slot)
+        .unwrap();
+    let master = lb_service {
+        count: 1,
+        svc_id: 2,
+        ..Default::default()
+    };
+    lb.put("weir_lb4_svc", &key, &master).unwrap();
+    // Python's sendto/recvfrom: an unconnected socket, in the hooked cgroup.
+    let script = format!(
+        "import os, socket\n\
+         open('{}/cgroup.procs', 'w').write(str(os.getpid()))\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(5)\n\
+         for _ in range(2):\n    s.sendto(b'ping', ('10.200.0.2', 53))\n    d, a = s.recvfrom(64)\n\
+         print(a[0], a[1], d.decode())\n",
+        g.cgroup.display()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10.200.0.2 53 ping",
+        "the reply shows the service's address"
+    );
+    t.join().unwrap();
+    events.consume().unwrap();
+    let got = std::mem::take(&mut *seen.lock().unwrap());
+    let points: Vec<u8> = got.iter().map(|e| e.point).collect();
+    assert_eq!(points, [SOCK_XLATE_SENDMSG, SOCK_XLATE_RECVMSG], "{got:?}");
+    for e in &got {
+        assert_eq!(e.vip, "10.200.0.2:53".parse().unwrap());
+        assert_eq!(
+            e.backend,
+            Some(format!("127.0.0.1:{port}").parse().unwrap())
+        );
+        assert_eq!((e.svc_id, e.proto, e.reason), (2, 17, 0));
+    }
 }
