@@ -41,3 +41,14 @@ where
         .map_err(|e| e.to_string())?;
     rx.recv().map_err(|e| e.to_string())?
 }
+
+/// One round of a reader of rings the programs wake only when they fill up (a wakeup per
+/// record would cost a context switch each): waits for a wakeup or `wait`, then drains
+/// whatever is there.
+pub fn drain(
+    rb: &weir_bpf::RingBuffer<'static>,
+    wait: Duration,
+) -> Result<(), weir_bpf::LibbpfError> {
+    rb.poll(wait)?;
+    rb.consume()
+}

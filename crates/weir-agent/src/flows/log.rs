@@ -86,6 +86,24 @@ struct Counters {
     services: FastMap<String, FastMap<&'static str, Counter>>,
 }
 
+/// The value under `key`, made on first use, without an allocation once it is there.
+fn entry<'m, V: Default>(map: &'m mut FastMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("just made")
+}
+
+/// The labels of a Service's `weir_service_connections_total` series.
+fn service_labels(service: &str, outcome: &str) -> crate::metrics::Labels {
+    let (ns, name) = service.split_once('/').unwrap_or(("", service));
+    vec![
+        ("namespace", ns.to_string()),
+        ("service", name.to_string()),
+        ("outcome", outcome.to_string()),
+    ]
+}
+
 impl Counters {
     fn flow(
         &mut self,
@@ -94,11 +112,8 @@ impl Counters {
         reason: &str,
         dir: &'static str,
     ) {
-        if !self.flows.contains_key(reason) {
-            self.flows.insert(reason.to_string(), FastMap::default());
-        }
-        let by = self.flows.get_mut(reason).expect("just made");
-        by.entry((event, verdict, dir))
+        entry(&mut self.flows, reason)
+            .entry((event, verdict, dir))
             .or_insert_with(|| {
                 crate::metrics::METRICS
                     .flows
@@ -152,23 +167,12 @@ impl Counters {
     /// A connection to a Service: `translated` to a backend, or `refused`.
     fn service(&mut self, service: Option<&str>, outcome: &'static str) {
         let Some(service) = service else { return };
-        if !self.services.contains_key(service) {
-            self.services
-                .insert(service.to_string(), FastMap::default());
-        }
-        self.services
-            .get_mut(service)
-            .expect("just made")
+        entry(&mut self.services, service)
             .entry(outcome)
             .or_insert_with(|| {
-                let (ns, name) = service.split_once('/').unwrap_or(("", service));
                 crate::metrics::METRICS
                     .service_connections
-                    .get_or_create(&vec![
-                        ("namespace", ns.to_string()),
-                        ("service", name.to_string()),
-                        ("outcome", outcome.to_string()),
-                    ])
+                    .get_or_create(&service_labels(service, outcome))
                     .clone()
             })
             .inc();
@@ -240,6 +244,13 @@ fn direction_of(src: Option<&Arc<PodEnd>>, dst: Option<&Arc<PodEnd>>) -> &'stati
     }
 }
 
+/// A reason code's name for a metrics label: no allocation for the codes the enum has.
+fn reason_label(code: u8) -> std::borrow::Cow<'static, str> {
+    weir_bpf::datapath::reason_str(code)
+        .map(std::borrow::Cow::Borrowed)
+        .unwrap_or_else(|| reason_name(code).into())
+}
+
 fn unspecified(v4: bool) -> IpAddr {
     if v4 {
         std::net::Ipv4Addr::UNSPECIFIED.into()
@@ -294,13 +305,10 @@ impl FlowLog {
             .cloned()
             .collect();
         for service in gone {
-            let (ns, name) = service.split_once('/').unwrap_or(("", &service));
             for outcome in self.counters.services[&service].keys() {
-                crate::metrics::METRICS.service_connections.remove(&vec![
-                    ("namespace", ns.to_string()),
-                    ("service", name.to_string()),
-                    ("outcome", outcome.to_string()),
-                ]);
+                crate::metrics::METRICS
+                    .service_connections
+                    .remove(&service_labels(&service, outcome));
             }
             self.counters.services.remove(&service);
         }
@@ -354,8 +362,8 @@ impl FlowLog {
         };
         self.counters
             .verdict(if allowed { "allowed" } else { "denied" }, dir);
-        let reason = reason_name(ev.reason as u8);
         let verdict = if allowed { "allowed" } else { "dropped" };
+        let reason = reason_label(ev.reason as u8);
         self.counters.flow("policy-verdict", verdict, &reason, dir);
         let src = weir_bpf::ip_from_words(ev.family, ev.saddr);
         let dst = weir_bpf::ip_from_words(ev.family, ev.daddr);
@@ -391,7 +399,7 @@ impl FlowLog {
         let (s, t) = (self.pod_at(src.ip()), self.pod_at(dst.ip()));
         let dir = direction_of(s.as_ref(), t.as_ref());
         self.counters
-            .flow("drop", "dropped", &reason_name(d.reason as u8), dir);
+            .flow("drop", "dropped", &reason_label(d.reason as u8), dir);
         self.add(d.ts, Some(src.ip()), Some(dst.ip()), Raw::Drop(d.clone()));
     }
 
@@ -399,16 +407,8 @@ impl FlowLog {
     pub fn push_trace(&mut self, t: &TraceEvent) {
         let (s, d) = (self.pod_at(t.src.ip()), self.pod_at(t.dst.ip()));
         let dir = direction_of(s.as_ref(), d.as_ref());
-        let code = t.reason as u8;
-        let named;
-        let reason = match weir_bpf::datapath::reason_str(code) {
-            Some(r) => r,
-            None => {
-                named = reason_name(code);
-                &named
-            }
-        };
-        self.counters.flow("trace", "forwarded", reason, dir);
+        let reason = reason_label(t.reason as u8);
+        self.counters.flow("trace", "forwarded", &reason, dir);
         if t.proto == 6 {
             self.counters.tcp_flags(t.tcp_flags, t.src.is_ipv4());
         }
@@ -440,7 +440,7 @@ impl FlowLog {
             self.counters.flow(
                 "trace-sock",
                 "dropped",
-                &reason_name(e.reason as u8),
+                &reason_label(e.reason as u8),
                 "egress",
             );
         } else {
@@ -499,16 +499,6 @@ impl FlowLog {
         let time = jiff::Timestamp::from_nanosecond(e.wall_ns)
             .map(|t| t.to_string())
             .unwrap_or_default();
-        let end = |ip: IpAddr, port: u16, identity: u32, pod: &Option<Arc<PodEnd>>| FlowEnd {
-            ip,
-            port,
-            pod: pod.as_ref().map(|p| p.pod.clone()),
-            namespace: pod.as_ref().map(|p| p.namespace.clone()),
-            workload: pod.as_ref().and_then(|p| p.workload.clone()),
-            labels: pod.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
-            identity,
-            identity_kind: identity_kind(identity).into(),
-        };
         let mut rec = FlowRecord {
             seq: e.seq,
             time,
@@ -519,8 +509,8 @@ impl FlowLog {
             direction: direction_of(e.src.as_ref(), e.dst.as_ref()).into(),
             reason_text: String::new(),
             protocol: String::new(),
-            source: end(unspecified(true), 0, 0, &None),
-            destination: end(unspecified(true), 0, 0, &None),
+            source: flow_end(SocketAddr::new(unspecified(true), 0), 0, &None),
+            destination: flow_end(SocketAddr::new(unspecified(true), 0), 0, &None),
             service: None,
             policies: Vec::new(),
             detail: FlowDetail::default(),
@@ -529,19 +519,11 @@ impl FlowLog {
             Raw::Verdict(ev) => {
                 let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
                 let ingress = ev.dir != weir_bpf::datapath::POLICY_EGRESS;
-                let ip = |w: &[u32; 4]| weir_bpf::ip_from_words(ev.family, *w);
-                rec.source = end(
-                    ip(&ev.saddr),
-                    u16::from_be(ev.sport),
-                    ev.src_identity,
-                    &e.src,
-                );
-                rec.destination = end(
-                    ip(&ev.daddr),
-                    u16::from_be(ev.dport),
-                    ev.dst_identity,
-                    &e.dst,
-                );
+                let at = |w: &[u32; 4], port: u16| {
+                    SocketAddr::new(weir_bpf::ip_from_words(ev.family, *w), u16::from_be(port))
+                };
+                rec.source = flow_end(at(&ev.saddr, ev.sport), ev.src_identity, &e.src);
+                rec.destination = flow_end(at(&ev.daddr, ev.dport), ev.dst_identity, &e.dst);
                 rec.event = "policy-verdict".into();
                 rec.verdict = if allowed { "allowed" } else { "dropped" }.into();
                 rec.reason = reason_name(ev.reason as u8);
@@ -585,8 +567,8 @@ impl FlowLog {
         (event, src, dst, proto): (&str, Option<SocketAddr>, Option<SocketAddr>, u8),
     ) {
         let (src, dst) = (src.expect("logged with"), dst.expect("logged with"));
-        rec.source = self.end_of(src, &e.src);
-        rec.destination = self.end_of(dst, &e.dst);
+        rec.source = flow_end(src, 0, &e.src);
+        rec.destination = flow_end(dst, 0, &e.dst);
         rec.event = event.into();
         rec.verdict = "dropped".into();
         rec.protocol = protocol_name(proto);
@@ -595,23 +577,10 @@ impl FlowLog {
             .or_else(|| self.frontend_service(dst, proto));
     }
 
-    fn end_of(&self, a: SocketAddr, pod: &Option<Arc<PodEnd>>) -> FlowEnd {
-        FlowEnd {
-            ip: a.ip(),
-            port: a.port(),
-            pod: pod.as_ref().map(|p| p.pod.clone()),
-            namespace: pod.as_ref().map(|p| p.namespace.clone()),
-            workload: pod.as_ref().and_then(|p| p.workload.clone()),
-            labels: pod.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
-            identity: 0,
-            identity_kind: identity_kind(0).into(),
-        }
-    }
-
     fn render_trace(&self, rec: &mut FlowRecord, e: &Entry, t: &TraceEvent) {
         let reply = t.flags & TRACE_F_REPLY != 0;
-        rec.source = self.end_of(t.src, &e.src);
-        rec.destination = self.end_of(t.dst, &e.dst);
+        rec.source = flow_end(t.src, 0, &e.src);
+        rec.destination = flow_end(t.dst, 0, &e.dst);
         // The Service: a translated request's original destination, a reply's new source,
         // else the Service whose backend the destination is.
         rec.service = match t.orig {
@@ -642,8 +611,8 @@ impl FlowLog {
     fn render_sock(&self, rec: &mut FlowRecord, e: &Entry, s: &SockEvent, client: Option<IpAddr>) {
         let from = SocketAddr::new(client.unwrap_or(unspecified(s.vip.is_ipv4())), 0);
         let to = s.backend.unwrap_or(s.vip);
-        rec.source = self.end_of(from, &e.src);
-        rec.destination = self.end_of(to, &e.dst);
+        rec.source = flow_end(from, 0, &e.src);
+        rec.destination = flow_end(to, 0, &e.dst);
         rec.service = self.frontend_service(s.vip, s.proto);
         let point = sock_point_name(s.point);
         rec.event = "trace-sock".into();
@@ -671,6 +640,20 @@ impl FlowLog {
             is_reply: Some(s.point == SOCK_XLATE_RECVMSG),
             ..Default::default()
         };
+    }
+}
+
+/// One end of a flow at `a`, with its identity (0: unknown here) and the pod there.
+fn flow_end(a: SocketAddr, identity: u32, pod: &Option<Arc<PodEnd>>) -> FlowEnd {
+    FlowEnd {
+        ip: a.ip(),
+        port: a.port(),
+        pod: pod.as_ref().map(|p| p.pod.clone()),
+        namespace: pod.as_ref().map(|p| p.namespace.clone()),
+        workload: pod.as_ref().and_then(|p| p.workload.clone()),
+        labels: pod.as_ref().map(|p| p.labels.clone()).unwrap_or_default(),
+        identity,
+        identity_kind: identity_kind(identity).into(),
     }
 }
 

@@ -179,24 +179,34 @@ pub struct FlowPage {
     pub flows: Vec<FlowRecord>,
 }
 
-/// Starts the thread that drains the ring buffer into `log`.
-pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
+/// Starts thread `name`, which drains a ring of the node's datapath that `open` makes (with
+/// its callback into the flow log).
+fn spawn_datapath_ring<O>(
+    name: &str,
+    what: &'static str,
+    pods: Arc<Pods>,
+    open: O,
+) -> Result<(), String>
+where
+    O: FnOnce(
+            &weir_bpf::datapath::Datapath,
+        ) -> Result<weir_bpf::RingBuffer<'static>, weir_bpf::BpfError>
+        + Send
+        + 'static,
+{
     crate::ring::spawn(
-        "weir-flows",
-        "the policy verdict events",
-        move || {
-            pods.dataplane
-                .lock()
-                .expect("pods")
-                .datapath()
-                .events(move |ev| log.lock().expect("flow log").push(ev))
-        },
-        // Woken only when the ring fills up: drained on the timer.
-        |rb, wait| {
-            rb.poll(wait)?;
-            rb.consume()
-        },
+        name,
+        what,
+        move || open(pods.dataplane.lock().expect("pods").datapath()),
+        crate::ring::drain,
     )
+}
+
+/// Starts the thread that drains the policy verdicts into `log`.
+pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
+    spawn_datapath_ring("weir-flows", "the policy verdict events", pods, move |dp| {
+        dp.events(move |ev| log.lock().expect("flow log").push(ev))
+    })
 }
 
 /// A kernel drop reason in words: the common ones said, the others spelled out.
@@ -231,44 +241,18 @@ pub fn kernel_reason_text(name: &str) -> String {
 /// `log` (what their full ring buffer refused is read from the kernel at scrape time:
 /// `weir_drop_events_lost_total`).
 pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    crate::ring::spawn(
-        "weir-drops",
-        "the drop events",
-        move || {
-            pods.dataplane
-                .lock()
-                .expect("pods")
-                .datapath()
-                .drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
-        },
-        // Woken only when the ring fills up: drained on the timer.
-        |rb, wait| {
-            rb.poll(wait)?;
-            rb.consume()
-        },
-    )
+    spawn_datapath_ring("weir-drops", "the drop events", pods, move |dp| {
+        dp.drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
+    })
 }
 
 /// Starts the thread that drains the forwarding summaries of the tc and XDP programs into
 /// `log` (what their full ring buffer refused is read from the kernel at scrape time:
 /// `weir_trace_events_lost_total`).
 pub fn spawn_traces(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    crate::ring::spawn(
-        "weir-traces",
-        "the forwarding summaries",
-        move || {
-            pods.dataplane
-                .lock()
-                .expect("pods")
-                .datapath()
-                .trace_events(move |ev| log.lock().expect("flow log").push_trace(ev))
-        },
-        // The programs wake the reader only when the ring fills up: drain it on the timer.
-        |rb, wait| {
-            rb.poll(wait)?;
-            rb.consume()
-        },
-    )
+    spawn_datapath_ring("weir-traces", "the forwarding summaries", pods, move |dp| {
+        dp.trace_events(move |ev| log.lock().expect("flow log").push_trace(ev))
+    })
 }
 
 /// Starts the thread that drains the socket layer's translations (the ring buffer pinned at
@@ -295,11 +279,7 @@ pub fn spawn_sock_events(
                 log.push_sock(ev)
             })
         },
-        // Woken only when the ring fills up: drained on the timer.
-        |rb, wait| {
-            rb.poll(wait)?;
-            rb.consume()
-        },
+        crate::ring::drain,
     )
 }
 
@@ -339,8 +319,7 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
             })
         },
         |r, wait| {
-            r.rb.poll(wait)?;
-            r.rb.consume()?;
+            crate::ring::drain(&r.rb, wait)?;
             r.count();
             Ok::<(), weir_bpf::LibbpfError>(())
         },
