@@ -11,7 +11,6 @@
 #include "outlier.h"
 #include "weir/api/datapath.h"
 
-
 /* The flow identity used for Maglev at the socket layer: the socket itself. */
 static __always_inline __u64 sock_flow(struct bpf_sock_addr *ctx)
 {
@@ -91,15 +90,24 @@ static __always_inline void sock_event_vip(struct bpf_sock_addr *ctx, struct soc
 	e->vport = (__be16)ctx->user_port;
 }
 
-/* Reports the translation of the socket's service address at `point` to `be` (n words). */
+/*
+ * Reports the translation of the socket's service address at `point` to `be` (n words), or
+ * its refusal (`be` NULL, `reason` the drop's).
+ */
 static __always_inline void sock_report(struct bpf_sock_addr *ctx, __u32 point, __u32 svc_id,
-					const __be32 *be, __be16 bport, int n)
+					const __be32 *be, __be16 bport, int n, __u32 reason)
 {
-	struct sock_event e = { .point = point, .svc_id = svc_id, .bport = bport };
+	struct sock_event e = {
+		.point = point, .svc_id = svc_id, .bport = bport, .reason = reason
+	};
 
 	if (!sock_events_on())
 		return;
 	sock_event_vip(ctx, &e, n);
+	if (!be) {
+		sock_emit(ctx, &e);
+		return;
+	}
 	e.backend[0] = be[0];
 	if (n == 4) {
 		e.backend[1] = be[1];
@@ -116,12 +124,7 @@ static __always_inline int sock_refuse(struct bpf_sock_addr *ctx, __u32 point, _
 	/* connect()/sendmsg() fail at once with ECONNREFUSED instead of timing out. */
 	bpf_set_retval(-ECONNREFUSED_);
 	lb_count(LB_STAT_NO_BACKEND);
-	if (sock_events_on()) {
-		struct sock_event e = { .point = point, .svc_id = svc_id, .reason = reason };
-
-		sock_event_vip(ctx, &e, n);
-		sock_emit(ctx, &e);
-	}
+	sock_report(ctx, point, svc_id, NULL, 0, n, reason);
 	return 0;
 }
 
@@ -214,7 +217,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 		}
 		outlier_watch(svc, ctx->sk, key.proto, id);
-		sock_report(ctx, SOCK_XLATE_CONNECT, svc->svc_id, &be->address, be->port, 1);
+		sock_report(ctx, SOCK_XLATE_CONNECT, svc->svc_id, &be->address, be->port, 1, 0);
 	} else {
 		/* Unconnected UDP talks to many peers: remember each (socket, backend), and
 		 * report the pair's first datagram. */
@@ -225,7 +228,7 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		rv.port = (__be16)ctx->user_port;
 		rv.svc_id = svc->svc_id;
 		if (bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_NOEXIST) == 0)
-			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, &be->address, be->port, 1);
+			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, &be->address, be->port, 1, 0);
 		else if (!sock4_revnat_same(&rk, &rv) &&
 			 bpf_map_update_elem(&weir_lb4_revnat, &rk, &rv, BPF_ANY) < 0)
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
@@ -370,7 +373,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);
 		}
 		outlier_watch(svc, ctx->sk, key.proto, id);
-		sock_report(ctx, SOCK_XLATE_CONNECT, svc->svc_id, be->address, be->port, 4);
+		sock_report(ctx, SOCK_XLATE_CONNECT, svc->svc_id, be->address, be->port, 4, 0);
 	} else {
 		rk.cookie = bpf_get_socket_cookie(ctx);
 		__builtin_memcpy(rk.address, be->address, sizeof(rk.address));
@@ -382,7 +385,7 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 stat
 		rv.port = (__be16)ctx->user_port;
 		rv.svc_id = svc->svc_id;
 		if (bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_NOEXIST) == 0)
-			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, be->address, be->port, 4);
+			sock_report(ctx, SOCK_XLATE_SENDMSG, svc->svc_id, be->address, be->port, 4, 0);
 		else if (!sock6_revnat_same(&rk, &rv) &&
 			 bpf_map_update_elem(&weir_lb6_revnat, &rk, &rv, BPF_ANY) < 0)
 			lb_count(LB_STAT_REVNAT_UPDATE_FAIL);

@@ -1217,15 +1217,12 @@ impl Datapath {
         &self,
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(self.map("weir_events"), move |data: &[u8]| {
+        let map = self.map("weir_events");
+        crate::ring_reader(map, "reading map weir_events", move |data: &[u8]| {
             if data.len() >= std::mem::size_of::<flow_event>() {
                 f(&crate::from_bytes::<flow_event>(data));
             }
-            0
         })
-        .map_err(lb("reading map weir_events"))?;
-        b.build().map_err(lb("reading map weir_events"))
     }
 
     /// A reader of the drop events (drops for reasons other than policy), calling `f` with
@@ -1234,15 +1231,12 @@ impl Datapath {
         &self,
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(self.map("weir_drop_events"), move |data: &[u8]| {
+        let map = self.map("weir_drop_events");
+        crate::ring_reader(map, "reading map weir_drop_events", move |data: &[u8]| {
             if let Some(ev) = DropEvent::decode(data) {
                 f(&ev);
             }
-            0
         })
-        .map_err(lb("reading map weir_drop_events"))?;
-        b.build().map_err(lb("reading map weir_drop_events"))
     }
 
     /// Drop events the full ring buffer refused, per reason (name), summed over CPUs.
@@ -1282,15 +1276,16 @@ impl Datapath {
         &self,
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(self.map("weir_trace_events"), move |data: &[u8]| {
-            if let Some(ev) = crate::events::TraceEvent::decode(data) {
-                f(&ev);
-            }
-            0
-        })
-        .map_err(lb("reading map weir_trace_events"))?;
-        b.build().map_err(lb("reading map weir_trace_events"))
+        let map = self.map("weir_trace_events");
+        crate::ring_reader(
+            map,
+            "reading map weir_trace_events",
+            move |data: &[u8]| {
+                if let Some(ev) = crate::events::TraceEvent::decode(data) {
+                    f(&ev);
+                }
+            },
+        )
     }
 
     /// Forwarding summaries the full ring buffer refused, per reason (name), summed over

@@ -215,15 +215,16 @@ impl KernelDrops {
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
         let names = self.names.clone();
-        let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(&self.skel.maps.weir_kdrop_events, move |data: &[u8]| {
-            if let Some(d) = decode(data, &names) {
-                f(d);
-            }
-            0
-        })
-        .map_err(lb("reading map weir_kdrop_events"))?;
-        b.build().map_err(lb("reading map weir_kdrop_events"))
+        let map = &self.skel.maps.weir_kdrop_events;
+        crate::ring_reader(
+            map,
+            "reading map weir_kdrop_events",
+            move |data: &[u8]| {
+                if let Some(d) = decode(data, &names) {
+                    f(d);
+                }
+            },
+        )
     }
 }
 

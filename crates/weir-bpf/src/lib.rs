@@ -583,18 +583,28 @@ pub fn watch_ejections<F: FnMut(&types::lb_ejection_event) + 'static>(
 /// handle lives as long as the process.
 pub(crate) fn watch_pinned_ring<F: FnMut(&[u8]) + 'static>(
     path: &Path,
-    mut f: F,
+    f: F,
 ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
     let what = format!("reading the ring buffer {}", path.display());
     let map: &'static MapHandle = Box::leak(Box::new(
         MapHandle::from_pinned_path(path).map_err(lb(&what))?,
     ));
+    ring_reader(map, &what, f)
+}
+
+/// A reader of ring buffer `map`, calling `f` with each record (`what`: for errors). Poll it
+/// on the thread that made it.
+pub(crate) fn ring_reader<F: FnMut(&[u8]) + 'static>(
+    map: &dyn libbpf_rs::MapCore,
+    what: &str,
+    mut f: F,
+) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
     let mut b = libbpf_rs::RingBufferBuilder::new();
     b.add(map, move |data: &[u8]| {
         f(data);
         0
     })
-    .map_err(lb(&what))?;
+    .map_err(lb(what))?;
     b.build().map_err(lb(what))
 }
 

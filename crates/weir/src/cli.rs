@@ -796,12 +796,10 @@ fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
             other => bail!("--not --{other}: not a filter of weir observe"),
         }))
     };
-    let verdict = o.verdict.map(|v| match v {
-        VerdictArg::Allowed => "allowed".to_string(),
-        VerdictArg::Dropped => "dropped".to_string(),
-        VerdictArg::Forwarded => "forwarded".to_string(),
-        VerdictArg::Translated => "translated".to_string(),
-    });
+    let verdict = o
+        .verdict
+        .and_then(|v| v.to_possible_value())
+        .map(|v| v.get_name().to_string());
     let given: Vec<(&str, Vec<String>)> = vec![
         ("pod", o.pod.clone()),
         ("from-pod", o.from_pod.clone()),
@@ -1212,11 +1210,10 @@ pub(crate) fn flow_sockets(
                 .join(", ")
         );
     }
-    let out: Vec<_> = all
+    Ok(all
         .into_iter()
         .filter(|(l, _)| named.is_empty() || named.contains(l))
-        .collect();
-    Ok(out)
+        .collect())
 }
 
 /// The agents a command asks: `socket`, the named lab nodes, or every node of the lab
