@@ -39,14 +39,6 @@ struct {
 	__uint(max_entries, 1 << 18);
 } weir_kdrop_events SEC(".maps");
 
-static __always_inline void *read_ptr(const void *base, __u32 off)
-{
-	void *p = NULL;
-
-	bpf_probe_read_kernel(&p, sizeof(p), base + off);
-	return p;
-}
-
 static __always_inline void bump(void *map, __u32 reason)
 {
 	__u64 one = 1, *c = bpf_map_lookup_elem(map, &reason);

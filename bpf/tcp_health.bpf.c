@@ -49,14 +49,6 @@ struct {
 	__type(value, struct connecting);
 } weir_tcp_connecting SEC(".maps");
 
-static __always_inline void *read_ptr(const void *base, __u32 off)
-{
-	void *p = NULL;
-
-	bpf_probe_read_kernel(&p, sizeof(p), base + off);
-	return p;
-}
-
 /* The slot of the namespace `net` (a struct net *), or NULL when it is not watched. */
 static __always_inline __u32 *slot_of_net(const void *net)
 {

@@ -40,6 +40,15 @@ static __always_inline __u64 hash64(__u64 k)
 #define RINGBUF_LAZY_WAKEUP(rb, bytes)                                                          \
 	(bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) > (bytes) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP)
 
+/* The kernel pointer at `base + off` (tracing programs), or NULL. */
+static __always_inline void *read_ptr(const void *base, __u32 off)
+{
+	void *p = NULL;
+
+	bpf_probe_read_kernel(&p, sizeof(p), base + off);
+	return p;
+}
+
 /*
  * Argument `i` (1..5, known at load time only) of a raw tracepoint. The verifier refuses a
  * context access at a variable offset, and the compiler would fold a switch of constant ones
