@@ -17,10 +17,12 @@ export DEBIAN_FRONTEND=noninteractive
 # nsenter, bash; iptables and conntrack to prove that the datapath bypasses netfilter; ethtool
 # for XDP labs; ping for ICMP echo through the masquerade; containernetworking-plugins to
 # chain weir-cni with the reference plugins as a runtime would); protobuf-compiler for the
-# etcd client's gRPC code; etcd-server for clustersets' etcd, and nftables for their
+# etcd client's gRPC code, with libprotobuf-dev for the well-known types it imports
+# (google/protobuf/*.proto: only a recommendation of protobuf-compiler, which
+# --no-install-recommends leaves out); etcd-server for clustersets' etcd, and nftables for their
 # partitions (and as a benchmark baseline); bind9-dnsutils (dig) to query the lab DNS as a pod;
 # chromium for the service map's browser test.
-packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler etcd-server nftables bind9-dnsutils chromium)
+packages=(clang-19 llvm-19 libelf-dev zlib1g-dev pkg-config make iproute2 procps util-linux bash ca-certificates iptables conntrack ethtool iputils-ping containernetworking-plugins protobuf-compiler libprotobuf-dev etcd-server nftables bind9-dnsutils chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
