@@ -113,6 +113,14 @@ struct peer_ids {
 	__u32 cidr;
 };
 
+/* What the judging of a flow found, per direction (WEIR_DIR_*), for its verdict event. */
+struct policy_hit {
+	__u32 origin[2];
+	__u8 match[2];
+	__u8 judged; /* 1 << WEIR_DIR_* */
+	__u8 pad;
+};
+
 /*
  * Per-CPU room for the judging, whose call chain (from_pod -> fwd_ip4 -> policy4 ->
  * policy_decide) must fit the 512-byte BPF stack.
@@ -123,6 +131,7 @@ struct policy_scratch {
 	struct ipcache_key ik;
 	struct policy_key pk;
 	struct peer_ids p;
+	struct policy_hit hit;
 	struct ct6_key rk6;
 };
 
@@ -208,11 +217,22 @@ static __always_inline void policy_peer(struct policy_scratch *s, const __be32 *
 	}
 }
 
-/* Whether weir_policy allows `peer` for the pod and direction already in s->pk. */
+/*
+ * Whether weir_policy allows `peer` for the pod and direction already in s->pk; the entry
+ * found is noted in s->hit.
+ */
 static __always_inline bool policy_has(struct policy_scratch *s, __u32 peer)
 {
+	const struct policy_entry *e;
+	__u8 dir = s->pk.dir & 1;
+
 	s->pk.peer = peer;
-	return bpf_map_lookup_elem(&weir_policy, &s->pk) != NULL;
+	e = bpf_map_lookup_elem(&weir_policy, &s->pk);
+	if (!e)
+		return false;
+	s->hit.origin[dir] = e->origin;
+	s->hit.match[dir] = e->match;
+	return true;
 }
 
 /*
@@ -222,6 +242,7 @@ static __always_inline bool policy_has(struct policy_scratch *s, __u32 peer)
 static __always_inline int policy_judge(struct policy_scratch *s, __u32 ep,
 					const struct ep_policy *pol, __u8 dir)
 {
+	s->hit.judged |= 1 << dir;
 	if (pol->flags & EP_POLICY_DENY)
 		return -DROP_POLICY_FAILED;
 	/* The node's own traffic to its pods (kubelet probes) is always allowed. */
@@ -244,9 +265,10 @@ static __always_inline int policy_judge(struct policy_scratch *s, __u32 ep,
 	return -DROP_POLICY_DENIED;
 }
 
-static __always_inline void policy_event(const struct policy_flow *f, __u8 dir, __u32 reason,
+static __always_inline void policy_event(const struct policy_scratch *s, __u8 dir, __u32 reason,
 					 __u32 ifindex, __u32 src_id, __u32 dst_id)
 {
+	const struct policy_flow *f = &s->f;
 	struct flow_event *ev = bpf_ringbuf_reserve(&weir_events, sizeof(*ev), 0);
 
 	if (!ev) {
@@ -265,12 +287,16 @@ static __always_inline void policy_event(const struct policy_flow *f, __u8 dir, 
 	ev->family = f->family;
 	ev->proto = f->proto;
 	ev->dir = dir;
-	ev->pad = 0;
+	ev->judged = s->hit.judged;
 	ev->reason = reason;
 	ev->ifindex = ifindex;
 	ev->src_identity = src_id;
 	ev->dst_identity = dst_id;
-	ev->pad2 = 0;
+	ev->origin[0] = s->hit.origin[0];
+	ev->origin[1] = s->hit.origin[1];
+	ev->match[0] = s->hit.match[0];
+	ev->match[1] = s->hit.match[1];
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
 	/* The agent drains the ring on a timer: woken only once a quarter of it waits. */
 	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_events, 256 << 10));
 }
@@ -289,6 +315,7 @@ static __noinline int policy_decide(struct __sk_buff *skb, struct policy_scratch
 	__u32 ifindex = dst_if;
 	int r = 0;
 
+	__builtin_memset(&s->hit, 0, sizeof(s->hit));
 	if (sp && (sp->flags & EP_POLICY_EGRESS)) {
 		policy_peer(s, s->f.daddr, sp);
 		dst_id = dp ? dst_id : s->p.id;
@@ -303,8 +330,10 @@ static __noinline int policy_decide(struct __sk_buff *skb, struct policy_scratch
 		ifindex = dst_if;
 		r = policy_judge(s, dst_if, dp, WEIR_DIR_INGRESS);
 	}
-	if (!explaining(skb))
-		policy_event(&s->f, dir, r < 0 ? -r : REASON_POLICY_ALLOWED, ifindex, src_id, dst_id);
+	/* A flow no isolated direction judged (the source isolated for ingress only, say) had
+	 * no verdict to report. */
+	if (!explaining(skb) && s->hit.judged)
+		policy_event(s, dir, r < 0 ? -r : REASON_POLICY_ALLOWED, ifindex, src_id, dst_id);
 	return r;
 }
 

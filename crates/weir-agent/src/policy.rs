@@ -474,7 +474,11 @@ pub async fn run(
             tracing::debug!(ipcache = ?state.ipcache, "ipcache");
         }
         let policies = state.policies.clone();
-        flows.lock().expect("flow log").isolating = isolating(&policies);
+        {
+            let mut log = flows.lock().expect("flow log");
+            log.isolating = isolating(&policies);
+            log.set_origins(&state.origins);
+        }
         let pending = state.pending_identities.clone();
         let started = std::time::Instant::now();
         let result = pods.dataplane.lock().expect("pods").set_policy(state);
@@ -490,7 +494,9 @@ pub async fn run(
             r.unused_identities = gc.pending();
             match result {
                 Ok(stats) => {
-                    if stats.entries_added + stats.entries_removed > 0 || !stats.failed.is_empty() {
+                    if stats.entries_added + stats.entries_removed + stats.entries_updated > 0
+                        || !stats.failed.is_empty()
+                    {
                         tracing::info!(?stats, "NetworkPolicy programmed");
                     }
                     programmed = true;
@@ -658,7 +664,7 @@ mod tests {
             .ingress
             .as_ref()
             .unwrap()
-            .iter()
+            .keys()
             .map(|e| e.peer)
             .collect();
         let class =

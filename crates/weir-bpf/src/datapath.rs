@@ -179,6 +179,16 @@ pub const POLICY_INGRESS: u8 = 0;
 pub const POLICY_EGRESS: u8 = 1;
 /// Bits of a `policy_key` covering ep, peer and direction: an entry for every protocol.
 pub const POLICY_PREFIX_ANY: u32 = 72;
+/// `policy_entry.match` / `flow_event.match`: no entry (a denial, or the node's own traffic).
+pub const POLICY_MATCH_NONE: u8 = 0;
+/// An entry naming a peer, every port.
+pub const POLICY_MATCH_L3_ONLY: u8 = 1;
+/// An entry naming a peer and ports.
+pub const POLICY_MATCH_L3_L4: u8 = 2;
+/// An entry naming ports of any peer.
+pub const POLICY_MATCH_L4_ONLY: u8 = 3;
+/// An entry allowing everything.
+pub const POLICY_MATCH_ALL: u8 = 4;
 
 /// Which LPM trie of addresses: pods' and nodes' identities, or ipBlock prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1138,14 +1148,10 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Adds one policy entry.
-    pub fn policy_put(&self, key: &policy_key) -> Result<(), BpfError> {
+    /// Adds (or rewrites the value of) one policy entry.
+    pub fn policy_put(&self, key: &policy_key, value: &policy_entry) -> Result<(), BpfError> {
         self.map("weir_policy")
-            .update(
-                as_bytes(key),
-                as_bytes(&policy_entry::default()),
-                MapFlags::ANY,
-            )
+            .update(as_bytes(key), as_bytes(value), MapFlags::ANY)
             .map_err(lb("updating map weir_policy"))
     }
 
@@ -1159,11 +1165,8 @@ impl Datapath {
     }
 
     /// Every policy entry.
-    pub fn policy_keys(&self) -> Vec<policy_key> {
-        self.map("weir_policy")
-            .keys()
-            .map(|k| crate::from_bytes(&k))
-            .collect()
+    pub fn policy_entries(&self) -> Result<Vec<(policy_key, policy_entry)>, BpfError> {
+        crate::map_entries(self.map("weir_policy"), "weir_policy")
     }
 
     /// Writes (or with `None` removes) the policy state of the pod at `ifindex`.

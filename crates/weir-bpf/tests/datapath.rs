@@ -2012,10 +2012,33 @@ impl Fixture {
 
     /// An allow entry: pod `ep`, direction, peer, protocol (0: all) and port prefix.
     fn allow(&self, ep: u32, dir: u8, peer: u32, proto: u8, port: u16, bits: u8) {
+        self.allow_from(ep, dir, (peer, proto, port, bits), 0);
+    }
+
+    /// An allow entry with its origin (the policies it comes from) and kind of match.
+    fn allow_from(
+        &self,
+        ep: u32,
+        dir: u8,
+        (peer, proto, port, bits): (u32, u8, u16, u8),
+        origin: u32,
+    ) {
+        let entry = weir_control::policy::PolicyEntry {
+            peer,
+            proto,
+            port,
+            port_bits: bits,
+        };
+        let v = weir_bpf::datapath::policy_entry {
+            r#match: entry.match_kind().number(),
+            origin,
+            ..Default::default()
+        };
         self.dp
-            .policy_put(&weir_bpf::datapath::policy_key_of(
-                ep, dir, peer, proto, port, bits,
-            ))
+            .policy_put(
+                &weir_bpf::datapath::policy_key_of(ep, dir, peer, proto, port, bits),
+                &v,
+            )
             .expect("policy entry");
     }
 
@@ -2057,6 +2080,45 @@ fn policy_pair(a: &str, b: &str) -> (Fixture, u32, u32) {
     fx.endpoint(b.parse().expect("ip"), b_if);
     fx.ipcache(&[(a, bits, 300, 0), (b, bits, 301, 0)]);
     (fx, a_if, b_if)
+}
+
+/// A verdict event names, per direction judged, the origin and kind of the entry that
+/// allowed the flow; a denial names none for the direction that denied.
+#[test]
+fn policy_verdicts_name_the_entries_that_allowed_them() {
+    use weir_bpf::datapath::{
+        EP_POLICY_EGRESS, EP_POLICY_INGRESS, POLICY_EGRESS, POLICY_INGRESS, POLICY_MATCH_L3_ONLY,
+        POLICY_MATCH_L4_ONLY,
+    };
+    let (fx, a_if, b_if) = policy_pair("10.244.1.5", "10.244.1.7");
+    // a may send to anyone on TCP 80 (origin 5); b admits identity 300 on anything (6).
+    fx.allow_from(a_if, POLICY_EGRESS, (0, 6, 80, 16), 5);
+    fx.isolate(a_if, EP_POLICY_EGRESS, 300);
+    fx.allow_from(b_if, POLICY_INGRESS, (300, 0, 0, 0), 6);
+    fx.isolate(b_if, EP_POLICY_INGRESS, 301);
+    let syn = tcp4(("10.244.1.5", 40000), ("10.244.1.7", 80), 0x02);
+    assert_eq!(fx.run(TcProgram::FromPod, &syn, a_if).0, TC_ACT_REDIRECT);
+    let syn = tcp4(("10.244.1.5", 40001), ("10.244.1.7", 81), 0x02);
+    assert_eq!(fx.run(TcProgram::FromPod, &syn, a_if).0, TC_ACT_SHOT);
+    // b -> a: b's egress and a's ingress are open; no verdict to report.
+    let syn = tcp4(("10.244.1.7", 40002), ("10.244.1.5", 22), 0x02);
+    assert_eq!(fx.run(TcProgram::FromPod, &syn, b_if).0, TC_ACT_REDIRECT);
+    let evs = fx.events();
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    let (ok, denied) = (&evs[0], &evs[1]);
+    let both = (1 << POLICY_INGRESS) | (1 << POLICY_EGRESS);
+    assert_eq!((ok.reason, ok.dir, ok.judged), (10, POLICY_INGRESS, both));
+    assert_eq!(ok.origin[usize::from(POLICY_EGRESS)], 5);
+    assert_eq!(ok.origin[usize::from(POLICY_INGRESS)], 6);
+    assert_eq!(ok.r#match[usize::from(POLICY_EGRESS)], POLICY_MATCH_L4_ONLY);
+    assert_eq!(
+        ok.r#match[usize::from(POLICY_INGRESS)],
+        POLICY_MATCH_L3_ONLY
+    );
+    // Port 81: a's egress denies it; b's ingress is not asked.
+    assert_eq!((denied.reason, denied.dir), (138, POLICY_EGRESS));
+    assert_eq!(denied.judged, 1 << POLICY_EGRESS);
+    assert_eq!((denied.origin, denied.r#match), ([0, 0], [0, 0]));
 }
 
 /// An IPv6 echo is tracked by its identifier: the reply to a request the policy allowed

@@ -19,6 +19,9 @@
 //!   grow with the identities they match, as they must.
 //! - Port ranges (`endPort`) become at most 30 port prefixes, so the datapath's lookups stay
 //!   a fixed number of longest-prefix matches.
+//! - Each entry carries its origin: a node-local number for the set of NetworkPolicies it
+//!   comes from (with those of the broader entries of the same peer, which allow whatever it
+//!   allows), so that a verdict made on one entry can name the policies that allowed it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -352,6 +355,10 @@ pub struct NodeView {
 pub struct LocalIds {
     namespaces: HashMap<String, u32>,
     cidrs: HashMap<IpNet, u32>,
+    /// Origins (sorted `namespace/name` sets) -> number; a number is not reused while the
+    /// process lives, so that a verdict event read late never names another set.
+    origins: HashMap<Vec<String>, u32>,
+    last_origin: u32,
 }
 
 impl LocalIds {
@@ -374,6 +381,18 @@ impl LocalIds {
             used.insert(base + next);
             map.insert(k.clone(), base + next);
         }
+    }
+
+    /// The origin numbers of `wanted` (the others are forgotten); new sets get new numbers.
+    fn assign_origins(&mut self, wanted: &BTreeSet<Vec<String>>) -> BTreeMap<u32, Vec<String>> {
+        self.origins.retain(|k, _| wanted.contains(k));
+        for k in wanted {
+            if !self.origins.contains_key(k) {
+                self.last_origin = self.last_origin.checked_add(1).unwrap_or(1);
+                self.origins.insert(k.clone(), self.last_origin);
+            }
+        }
+        self.origins.iter().map(|(k, v)| (*v, k.clone())).collect()
     }
 }
 
@@ -399,6 +418,94 @@ pub struct PolicyEntry {
     pub port_bits: u8,
 }
 
+/// The kind of an entry, as policy verdicts are counted (Cilium's policy match types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MatchKind {
+    /// No entry: a denial, or the node's own traffic to its pods.
+    None,
+    /// A peer, every port.
+    L3Only,
+    /// A peer and ports.
+    L3L4,
+    /// Ports, from or to any peer.
+    L4Only,
+    /// Everything.
+    All,
+}
+
+impl MatchKind {
+    /// The datapath's number (`POLICY_MATCH_*`).
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind of a datapath number; unknown numbers are `None`.
+    pub fn from_number(n: u8) -> MatchKind {
+        match n {
+            1 => MatchKind::L3Only,
+            2 => MatchKind::L3L4,
+            3 => MatchKind::L4Only,
+            4 => MatchKind::All,
+            _ => MatchKind::None,
+        }
+    }
+
+    /// The name in flows and metric labels: `none`, `l3-only`, `l3-l4`, `l4-only`, `all`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatchKind::None => "none",
+            MatchKind::L3Only => "l3-only",
+            MatchKind::L3L4 => "l3-l4",
+            MatchKind::L4Only => "l4-only",
+            MatchKind::All => "all",
+        }
+    }
+}
+
+impl PolicyEntry {
+    /// The entry's kind.
+    pub fn match_kind(&self) -> MatchKind {
+        match (self.peer == id::ANY, self.proto == 0) {
+            (true, true) => MatchKind::All,
+            (true, false) => MatchKind::L4Only,
+            (false, true) => MatchKind::L3Only,
+            (false, false) => MatchKind::L3L4,
+        }
+    }
+
+    /// Whether this entry allows everything `other` does (same peer, a protocol and port
+    /// prefix at least as broad).
+    pub fn covers(&self, other: &PolicyEntry) -> bool {
+        self.peer == other.peer
+            && (self.proto == 0
+                || (self.proto == other.proto
+                    && self.port_bits <= other.port_bits
+                    && prefix_of(other.port, self.port_bits)
+                        == prefix_of(self.port, self.port_bits)))
+    }
+
+    /// Whether this entry allows protocol `proto`, port `port` (of its peer).
+    pub fn allows_port(&self, proto: u8, port: u16) -> bool {
+        self.proto == 0
+            || (self.proto == proto
+                && prefix_of(port, self.port_bits) == prefix_of(self.port, self.port_bits))
+    }
+}
+
+/// The first `bits` bits of `port`.
+fn prefix_of(port: u16, bits: u8) -> u16 {
+    match bits {
+        0 => 0,
+        b if b >= 16 => port,
+        b => port >> (16 - b),
+    }
+}
+
+/// One direction of a local pod: the allowed entries, each with its origin (a key of
+/// [`PolicyState::origins`]).
+pub type PolicyEntries = BTreeMap<PolicyEntry, u32>;
+
 /// The policy of one local pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct EndpointPolicy {
@@ -407,9 +514,28 @@ pub struct EndpointPolicy {
     /// Its identity, when allocated.
     pub identity: Option<u32>,
     /// Allowed ingress when some policy isolates the pod for ingress, else `None` (all allowed).
-    pub ingress: Option<BTreeSet<PolicyEntry>>,
+    #[serde(serialize_with = "entries_as_list")]
+    pub ingress: Option<PolicyEntries>,
     /// Allowed egress when some policy isolates the pod for egress.
-    pub egress: Option<BTreeSet<PolicyEntry>>,
+    #[serde(serialize_with = "entries_as_list")]
+    pub egress: Option<PolicyEntries>,
+}
+
+/// Entries as a JSON list (`PolicyEntry` fields plus `origin`): a map's keys must be strings.
+fn entries_as_list<S: serde::Serializer>(
+    e: &Option<PolicyEntries>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        #[serde(flatten)]
+        entry: &'a PolicyEntry,
+        origin: u32,
+    }
+    match e {
+        None => s.serialize_none(),
+        Some(m) => s.collect_seq(m.iter().map(|(entry, &origin)| Item { entry, origin })),
+    }
 }
 
 /// What became of one NetworkPolicy.
@@ -444,6 +570,8 @@ pub struct PolicyState {
     pub endpoints: BTreeMap<String, EndpointPolicy>,
     /// Per policy, in (namespace, name) order.
     pub policies: Vec<PolicyStatus>,
+    /// Origin number -> the policies (`namespace/name`) its entries come from.
+    pub origins: BTreeMap<u32, Vec<String>>,
     /// Pods whose identity is not allocated yet (they are `world` to policy until it is).
     pub pending_identities: Vec<String>,
 }
@@ -454,8 +582,8 @@ impl PolicyState {
         self.endpoints
             .values()
             .map(|e| {
-                e.ingress.as_ref().map_or(0, BTreeSet::len)
-                    + e.egress.as_ref().map_or(0, BTreeSet::len)
+                e.ingress.as_ref().map_or(0, BTreeMap::len)
+                    + e.egress.as_ref().map_or(0, BTreeMap::len)
             })
             .sum()
     }
@@ -539,35 +667,53 @@ impl RulePort {
     }
 }
 
-fn push_entries(out: &mut BTreeSet<PolicyEntry>, peer: u32, m: PortMatch) {
+/// One direction of a local pod while compiling: each entry with the policies (indexes into
+/// [`PolicyState::policies`]) that allow it.
+type Grants = BTreeMap<PolicyEntry, BTreeSet<usize>>;
+
+/// The entries of `peer` on `m`, granted by policy `policy`.
+fn push_entries(out: &mut Grants, peer: u32, m: PortMatch, policy: usize) {
+    let mut add = |proto: u8, port: u16, port_bits: u8| {
+        let e = PolicyEntry {
+            peer,
+            proto,
+            port,
+            port_bits,
+        };
+        out.entry(e).or_default().insert(policy);
+    };
     match m {
-        PortMatch::All => {
-            out.insert(PolicyEntry {
-                peer,
-                proto: 0,
-                port: 0,
-                port_bits: 0,
-            });
-        }
-        PortMatch::Range(proto, 0, 65535) => {
-            out.insert(PolicyEntry {
-                peer,
-                proto: proto.number(),
-                port: 0,
-                port_bits: 0,
-            });
-        }
+        PortMatch::All => add(0, 0, 0),
+        PortMatch::Range(proto, 0, 65535) => add(proto.number(), 0, 0),
         PortMatch::Range(proto, start, end) => {
             for (port, bits) in port_prefixes(start, end) {
-                out.insert(PolicyEntry {
-                    peer,
-                    proto: proto.number(),
-                    port,
-                    port_bits: bits,
-                });
+                add(proto.number(), port, bits);
             }
         }
     }
+}
+
+/// The policies behind each entry of `g`: its own and those of the broader entries of the
+/// same peer (the datapath's longest-prefix lookup finds only the narrowest one).
+fn widened(g: &Grants) -> Vec<(PolicyEntry, BTreeSet<usize>)> {
+    g.iter()
+        .map(|(e, own)| {
+            let mut all = own.clone();
+            // Entries of one peer are adjacent in the map's order.
+            let same_peer = g.range(
+                PolicyEntry {
+                    peer: e.peer,
+                    proto: 0,
+                    port: 0,
+                    port_bits: 0,
+                }..*e,
+            );
+            for (_, p) in same_peer.filter(|(b, _)| b.covers(e)) {
+                all.extend(p);
+            }
+            (*e, all)
+        })
+        .collect()
 }
 
 /// A peer resolved to identities and classes, plus the pods it stands for (for egress named
@@ -821,12 +967,64 @@ pub fn compile(
 
     let mut policies: Vec<&NetworkPolicy> = cluster.policies.iter().collect();
     policies.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
-    for np in policies {
-        state
-            .policies
-            .push(compile_one(&ctx, np, &mut state.endpoints));
+    let mut grants: BTreeMap<String, [Option<Grants>; 2]> = state
+        .endpoints
+        .keys()
+        .map(|k| (k.clone(), [None, None]))
+        .collect();
+    for (i, np) in policies.into_iter().enumerate() {
+        state.policies.push(compile_one(&ctx, np, i, &mut grants));
     }
+    set_entries(&mut state, grants, local);
     state
+}
+
+/// Each local pod's entries with their origins, from what the policies granted.
+fn set_entries(
+    state: &mut PolicyState,
+    grants: BTreeMap<String, [Option<Grants>; 2]>,
+    local: &mut LocalIds,
+) {
+    type Widened = Vec<(PolicyEntry, BTreeSet<usize>)>;
+    let pods: Vec<(String, [Option<Widened>; 2])> = grants
+        .into_iter()
+        .map(|(pod, dirs)| (pod, dirs.map(|g| g.as_ref().map(widened))))
+        .collect();
+    // Each distinct set of policies once, by its names (sorted: so are the policies).
+    let sets: BTreeSet<&BTreeSet<usize>> = pods
+        .iter()
+        .flat_map(|(_, dirs)| dirs.iter().flatten().flatten())
+        .map(|(_, set)| set)
+        .collect();
+    let policies = &state.policies;
+    let by_names: BTreeMap<Vec<String>, &BTreeSet<usize>> = sets
+        .into_iter()
+        .map(|set| {
+            let names = set
+                .iter()
+                .map(|&i| format!("{}/{}", policies[i].namespace, policies[i].name))
+                .collect();
+            (names, set)
+        })
+        .collect();
+    state.origins = local.assign_origins(&by_names.keys().cloned().collect());
+    let number: HashMap<&BTreeSet<usize>, u32> = state
+        .origins
+        .iter()
+        .map(|(n, names)| (by_names[names], *n))
+        .collect();
+    let entries = |w: &Option<Widened>| {
+        w.as_ref()
+            .map(|w| w.iter().map(|(e, set)| (*e, number[set])).collect())
+    };
+    for (pod, [ingress, egress]) in &pods {
+        let ep = state
+            .endpoints
+            .get_mut(pod)
+            .expect("granted to a local pod");
+        ep.ingress = entries(ingress);
+        ep.egress = entries(egress);
+    }
 }
 
 /// One policy's status, and its entries on the local pods it selects (`endpoints` holds only
@@ -834,7 +1032,8 @@ pub fn compile(
 fn compile_one(
     ctx: &Ctx,
     np: &NetworkPolicy,
-    endpoints: &mut BTreeMap<String, EndpointPolicy>,
+    index: usize,
+    endpoints: &mut BTreeMap<String, [Option<Grants>; 2]>,
 ) -> PolicyStatus {
     let ns = np.metadata.namespace.clone().unwrap_or_default();
     let mut st = PolicyStatus {
@@ -966,11 +1165,11 @@ fn compile_one(
 
     for &k in &selected {
         let pod = &ctx.cluster.pods[k];
-        let Some(ep) = endpoints.get_mut(&pod.key()) else {
+        let Some([ingress, egress]) = endpoints.get_mut(&pod.key()) else {
             continue;
         };
         if st.ingress {
-            let set = ep.ingress.get_or_insert_with(BTreeSet::new);
+            let set = ingress.get_or_insert_with(Grants::new);
             let before = set.len();
             for (peers, ports) in &ing {
                 for port in ports {
@@ -985,14 +1184,14 @@ fn compile_one(
                         },
                     };
                     for &peer in &peers.ids {
-                        push_entries(set, peer, m);
+                        push_entries(set, peer, m, index);
                     }
                 }
             }
             st.entries += set.len() - before;
         }
         if st.egress {
-            let set = ep.egress.get_or_insert_with(BTreeSet::new);
+            let set = egress.get_or_insert_with(Grants::new);
             let before = set.len();
             for (peers, ports) in &eg {
                 for port in ports {
@@ -1006,14 +1205,14 @@ fn compile_one(
                                     .filter_map(|&i| ctx.cluster.pods[i].resolve(name, *p))
                                     .collect();
                                 for n in nums {
-                                    push_entries(set, *peer, PortMatch::Range(*p, n, n));
+                                    push_entries(set, *peer, PortMatch::Range(*p, n, n), index);
                                 }
                             }
                         }
                         other => {
                             if let Some(m) = other.numeric() {
                                 for &peer in &peers.ids {
-                                    push_entries(set, peer, m);
+                                    push_entries(set, peer, m, index);
                                 }
                             }
                         }
@@ -1164,19 +1363,32 @@ mod tests {
         }
 
         /// Whether the datapath would allow `peer` (address) -> `to` on `proto`/`port` for the
-        /// given direction of local pod `ep`: the same lookups the BPF program makes.
+        /// given direction of local pod `ep`.
         fn allows(&self, ep: &str, ingress: bool, peer: &str, proto: u8, port: u16) -> bool {
+            self.allowed_by(ep, ingress, peer, proto, port).is_some()
+        }
+
+        /// The policies the datapath would name for allowing that (the same lookups the BPF
+        /// program makes, in its order: the first peer kind with an entry, its longest
+        /// prefix); `None` when denied, empty when not isolated or the node's own traffic.
+        fn allowed_by(
+            &self,
+            ep: &str,
+            ingress: bool,
+            peer: &str,
+            proto: u8,
+            port: u16,
+        ) -> Option<Vec<String>> {
             let e = &self.state.endpoints[ep];
-            let set = match if ingress { &e.ingress } else { &e.egress } {
-                None => return true,
-                Some(s) => s,
+            let Some(set) = (if ingress { &e.ingress } else { &e.egress }) else {
+                return Some(Vec::new());
             };
             let addr: IpAddr = peer.parse().unwrap();
             let mut ids = vec![id::ANY];
             match self.state.ipcache.get(&IpNet::from(addr)) {
                 Some(e) => {
                     if ingress && e.identity == id::HOST {
-                        return true;
+                        return Some(Vec::new());
                     }
                     ids.push(e.identity);
                     if e.ns_class != 0 {
@@ -1195,12 +1407,11 @@ mod tests {
             {
                 ids.push(*cid);
             }
-            set.iter().any(|e| {
-                ids.contains(&e.peer)
-                    && (e.proto == 0
-                        || (e.proto == proto
-                            && (e.port_bits == 0
-                                || (port >> (16 - e.port_bits)) == (e.port >> (16 - e.port_bits)))))
+            ids.iter().find_map(|peer| {
+                set.iter()
+                    .filter(|(e, _)| e.peer == *peer && e.allows_port(proto, port))
+                    .max_by_key(|(e, _)| (e.proto != 0, e.port_bits))
+                    .map(|(_, origin)| self.state.origins[origin].clone())
             })
         }
     }
@@ -1413,12 +1624,12 @@ mod tests {
         ]);
         let r = compile_for(&c, "node-1");
         let xa = &r.state.endpoints["x/a"];
-        assert_eq!(xa.ingress, Some(BTreeSet::new()), "x/a ingress denied");
+        assert_eq!(xa.ingress, Some(BTreeMap::new()), "x/a ingress denied");
         assert_eq!(xa.egress, None);
         let ya = &r.state.endpoints["y/a"];
         assert_eq!(
             ya.ingress,
-            Some(BTreeSet::new()),
+            Some(BTreeMap::new()),
             "Ingress is always a default type"
         );
         assert_eq!(
@@ -1429,7 +1640,7 @@ mod tests {
         assert!(r.allows("y/a", false, "8.8.8.8", TCP, 53));
         let za = &r.state.endpoints["z/a"];
         assert_eq!(
-            (za.ingress.is_none(), za.egress.as_ref().map(BTreeSet::len)),
+            (za.ingress.is_none(), za.egress.as_ref().map(BTreeMap::len)),
             (true, Some(0))
         );
         // Only node-1's pods are endpoints here.
@@ -1476,9 +1687,9 @@ mod tests {
             "world is no namespace's pod"
         );
         let ing = r.state.endpoints["x/a"].ingress.as_ref().unwrap();
-        assert!(ing.iter().any(|e| e.peer >= id::NS_BASE));
+        assert!(ing.keys().any(|e| e.peer >= id::NS_BASE));
         assert_eq!(
-            ing.iter().map(|e| e.peer).collect::<BTreeSet<_>>(),
+            ing.keys().map(|e| e.peer).collect::<BTreeSet<_>>(),
             BTreeSet::from([
                 r.id_of(&c, "x", "b"),
                 r.id_of(&c, "y", "c"),
@@ -1739,5 +1950,80 @@ mod tests {
         let net: IpNet = "10.0.0.0/8".parse().unwrap();
         assert_eq!(a.cidrs[&net], b.cidrs[&net]);
         assert_eq!(a.ipcache, b.ipcache);
+    }
+
+    /// Each entry names the policies it comes from, with those of the broader entries of its
+    /// peer; the numbers of unchanged origins survive a recompile.
+    #[test]
+    fn entries_name_the_policies_that_allow_them() {
+        let web = np(
+            "x",
+            "web",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                         "ports": [{"port": 8080}]}]}),
+        );
+        let from_b = np(
+            "x",
+            "from-b",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        );
+        let dns = np(
+            "x",
+            "dns",
+            json!({"podSelector": {},
+            "ingress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+        );
+        let c = model(vec![web.clone(), from_b, dns.clone()]);
+        let r = compile_for(&c, "node-1");
+        let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // x/b on 8080: the narrow entry (web) and the broad one of the same peer (from-b).
+        assert_eq!(
+            r.allowed_by("x/a", true, "10.0.0.2", TCP, 8080),
+            names(&["x/from-b", "x/web"])
+        );
+        assert_eq!(
+            r.allowed_by("x/a", true, "10.0.0.2", TCP, 80),
+            names(&["x/from-b"])
+        );
+        // Any peer on UDP 53: the "any" entry is found first.
+        assert_eq!(
+            r.allowed_by("x/a", true, "10.0.0.2", UDP, 53),
+            names(&["x/dns"])
+        );
+        assert_eq!(r.allowed_by("x/a", true, "10.0.2.2", TCP, 8080), None);
+        let kinds: BTreeSet<&str> = r.state.endpoints["x/a"]
+            .ingress
+            .as_ref()
+            .unwrap()
+            .keys()
+            .map(|e| e.match_kind().name())
+            .collect();
+        assert_eq!(kinds, BTreeSet::from(["l3-only", "l3-l4", "l4-only"]));
+
+        // Recompiled without from-b: web's own origin and dns's keep their numbers.
+        let view = NodeView {
+            name: "node-1".into(),
+            ..Default::default()
+        };
+        let mut local = LocalIds::default();
+        let f = |_: &IdentityLabels| Some(300);
+        let before = compile(&c, &view, &f, &mut local);
+        let after = compile(&model(vec![web, dns]), &view, &f, &mut local);
+        let number = |st: &PolicyState, o: &[&str]| {
+            st.origins
+                .iter()
+                .find(|(_, v)| v.iter().map(String::as_str).eq(o.iter().copied()))
+                .map(|(n, _)| *n)
+        };
+        assert_eq!(number(&before, &["x/dns"]), number(&after, &["x/dns"]));
+        assert!(number(&after, &["x/dns"]).is_some());
+        assert_eq!(number(&after, &["x/from-b", "x/web"]), None);
+        assert!(number(&after, &["x/web"]).is_some());
+        assert_eq!(
+            MatchKind::from_number(MatchKind::L4Only.number()),
+            MatchKind::L4Only
+        );
     }
 }

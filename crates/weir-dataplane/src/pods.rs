@@ -10,8 +10,8 @@ use std::path::Path;
 use serde::Serialize;
 use weir_bpf::datapath::{
     ct4_entry, ct4_key, ct6_entry, ct6_key, endpoint_info, endpoint_key, ep_policy, node_config,
-    policy_key, Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED,
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 use weir_control::policy::PolicyState;
 use weir_model::endpoint::EndpointRecord;
@@ -56,6 +56,8 @@ pub struct PolicyApplyStats {
     pub entries_added: usize,
     /// Entries removed.
     pub entries_removed: usize,
+    /// Entries rewritten with new values (the policies they come from changed).
+    pub entries_updated: usize,
     /// Pods whose device is not known yet (no endpoint record): programmed when it appears.
     pub pending: Vec<String>,
     /// Pods whose policy could not be written: their isolated directions deny everything.
@@ -279,13 +281,25 @@ fn mac_string(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// A map key or value as a fixed array of its bytes (`N` its size).
+fn bytes_of<T: Copy, const N: usize>(v: &T) -> [u8; N] {
+    let mut b = [0u8; N];
+    b.copy_from_slice(weir_bpf::as_bytes(v));
+    b
+}
+
+fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    weir_bpf::from_bytes(b)
+}
+
 /// Map keys are compared as bytes; the generated types are not `Ord`.
 fn key_bytes(k: &endpoint_key) -> Vec<u8> {
     weir_bpf::as_bytes(k).to_vec()
 }
 
-/// A pod device's policy flags and entries (policy_key bytes).
-type EpPolicyState = (ep_policy, BTreeSet<[u8; 16]>);
+/// A pod device's policy flags and entries (policy_key bytes -> policy_entry bytes).
+type EpPolicyState = (ep_policy, PolicyEntryBytes);
+type PolicyEntryBytes = BTreeMap<[u8; 16], [u8; 8]>;
 /// The ipcache (prefix -> identity, namespace class) and the CIDR identities.
 type AddrTries = (
     BTreeMap<ipnet::IpNet, (u32, u32)>,
@@ -1013,10 +1027,7 @@ impl PodDataplane {
     }
 
     fn apply_policy(&mut self) -> Result<PolicyApplyStats, DataplaneError> {
-        use weir_bpf::datapath::{
-            ipcache_info, AddrMap, EP_POLICY_DENY, EP_POLICY_EGRESS, EP_POLICY_INGRESS,
-            POLICY_EGRESS, POLICY_INGRESS,
-        };
+        use weir_bpf::datapath::{ipcache_info, AddrMap};
         let Some(state) = self.policy.as_ref() else {
             return Ok(PolicyApplyStats::default());
         };
@@ -1056,45 +1067,7 @@ impl PodDataplane {
             changed = true;
         }
 
-        // What each pod device should hold.
-        let mut want: BTreeMap<u32, (String, ep_policy, BTreeSet<[u8; 16]>)> = BTreeMap::new();
-        for (pod, ep) in &state.endpoints {
-            if ep.ingress.is_none() && ep.egress.is_none() {
-                continue;
-            }
-            let Some(ifindex) = ep.ips.iter().find_map(|ip| self.ip_ifindex.get(ip)) else {
-                stats.pending.push(pod.clone());
-                continue;
-            };
-            let mut flags = weir_bpf::datapath::EP_POLICY_HINTS;
-            let mut keys = BTreeSet::new();
-            for (dir, set, flag) in [
-                (POLICY_INGRESS, &ep.ingress, EP_POLICY_INGRESS),
-                (POLICY_EGRESS, &ep.egress, EP_POLICY_EGRESS),
-            ] {
-                let Some(set) = set else { continue };
-                flags |= flag;
-                for e in set {
-                    flags |= peer_hint(e.peer);
-                    let k = weir_bpf::datapath::policy_key_of(
-                        *ifindex,
-                        dir,
-                        e.peer,
-                        e.proto,
-                        e.port,
-                        e.port_bits,
-                    );
-                    let mut b = [0u8; 16];
-                    b.copy_from_slice(weir_bpf::as_bytes(&k));
-                    keys.insert(b);
-                }
-            }
-            let v = ep_policy {
-                flags,
-                identity: ep.identity.unwrap_or(0),
-            };
-            want.insert(*ifindex, (pod.clone(), v, keys));
-        }
+        let want = self.wanted_ep_policies(state, &mut stats);
 
         // What they hold (read back once: a restarted agent finds the pinned maps).
         if self.policy_shadow.is_none() {
@@ -1102,54 +1075,16 @@ impl PodDataplane {
             for (ifindex, v) in self.dp.ep_policies()? {
                 shadow.entry(ifindex).or_default().0 = v;
             }
-            for k in self.dp.policy_keys() {
-                let mut b = [0u8; 16];
-                b.copy_from_slice(weir_bpf::as_bytes(&k));
-                shadow.entry(k.ep).or_default().1.insert(b);
+            for (k, v) in self.dp.policy_entries()? {
+                let e = shadow.entry(k.ep).or_default();
+                e.1.insert(bytes_of(&k), bytes_of(&v));
             }
             self.policy_shadow = Some(shadow);
         }
-        let shadow = self.policy_shadow.as_mut().expect("shadow");
-        let key_of = |b: &[u8; 16]| weir_bpf::from_bytes::<policy_key>(b);
-        for (ifindex, (pod, v, keys)) in &want {
-            let have = shadow.entry(*ifindex).or_default();
-            // Allow first, then isolate, then take away: no moment denies what both the old
-            // and the new policy allow.
-            let mut v = *v;
-            let mut failed = false;
-            let missing: Vec<[u8; 16]> = keys.difference(&have.1).copied().collect();
-            for k in &missing {
-                match self.dp.policy_put(&key_of(k)) {
-                    Ok(()) => {
-                        have.1.insert(*k);
-                        stats.entries_added += 1;
-                    }
-                    Err(e) => {
-                        tracing::error!(pod, error = %e, "writing a policy entry; failing closed");
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            if failed {
-                v.flags |= EP_POLICY_DENY;
-                stats.failed.push(pod.clone());
-            }
-            if weir_bpf::as_bytes(&have.0) != weir_bpf::as_bytes(&v) {
-                self.dp.set_ep_policy(*ifindex, Some(&v))?;
-                have.0 = v;
-                changed = true;
-            }
-            if !failed {
-                for k in have.1.difference(keys).copied().collect::<Vec<_>>() {
-                    self.dp.policy_delete(&key_of(&k))?;
-                    have.1.remove(&k);
-                    stats.entries_removed += 1;
-                }
-            }
-            stats.endpoints += 1;
-            stats.entries += have.1.len();
+        for (ifindex, (pod, v, entries)) in &want {
+            changed |= self.sync_ep_policy(*ifindex, pod, *v, entries, &mut stats)?;
         }
+        let shadow = self.policy_shadow.as_mut().expect("shadow");
         let gone: Vec<u32> = shadow
             .keys()
             .filter(|i| !want.contains_key(i))
@@ -1158,9 +1093,9 @@ impl PodDataplane {
         for ifindex in gone {
             // No longer isolated (or no longer here): the flag goes first, then the entries.
             self.dp.set_ep_policy(ifindex, None)?;
-            let (_, keys) = shadow.remove(&ifindex).expect("present");
-            for k in keys {
-                self.dp.policy_delete(&key_of(&k))?;
+            let (_, entries) = shadow.remove(&ifindex).expect("present");
+            for k in entries.keys() {
+                self.dp.policy_delete(&from_bytes(k))?;
                 stats.entries_removed += 1;
             }
             changed = true;
@@ -1173,6 +1108,126 @@ impl PodDataplane {
         }
         stats.revision = rev;
         Ok(stats)
+    }
+
+    /// What each isolated local pod's device should hold: its flags and entries, by
+    /// host-side ifindex (pods without a device yet are noted as pending).
+    fn wanted_ep_policies(
+        &self,
+        state: &PolicyState,
+        stats: &mut PolicyApplyStats,
+    ) -> BTreeMap<u32, (String, ep_policy, PolicyEntryBytes)> {
+        use weir_bpf::datapath::{
+            policy_entry, EP_POLICY_EGRESS, EP_POLICY_HINTS, EP_POLICY_INGRESS, POLICY_EGRESS,
+            POLICY_INGRESS,
+        };
+        let mut want = BTreeMap::new();
+        for (pod, ep) in &state.endpoints {
+            if ep.ingress.is_none() && ep.egress.is_none() {
+                continue;
+            }
+            let Some(ifindex) = ep.ips.iter().find_map(|ip| self.ip_ifindex.get(ip)) else {
+                stats.pending.push(pod.clone());
+                continue;
+            };
+            let mut flags = EP_POLICY_HINTS;
+            let mut entries = PolicyEntryBytes::new();
+            for (dir, set, flag) in [
+                (POLICY_INGRESS, &ep.ingress, EP_POLICY_INGRESS),
+                (POLICY_EGRESS, &ep.egress, EP_POLICY_EGRESS),
+            ] {
+                let Some(set) = set else { continue };
+                flags |= flag;
+                for (e, origin) in set {
+                    flags |= peer_hint(e.peer);
+                    let k = weir_bpf::datapath::policy_key_of(
+                        *ifindex,
+                        dir,
+                        e.peer,
+                        e.proto,
+                        e.port,
+                        e.port_bits,
+                    );
+                    let v = policy_entry {
+                        r#match: e.match_kind().number(),
+                        origin: *origin,
+                        ..Default::default()
+                    };
+                    entries.insert(bytes_of(&k), bytes_of(&v));
+                }
+            }
+            let v = ep_policy {
+                flags,
+                identity: ep.identity.unwrap_or(0),
+            };
+            want.insert(*ifindex, (pod.clone(), v, entries));
+        }
+        want
+    }
+
+    /// Brings one pod device's policy to `v` and `entries`. Allow first, then isolate, then
+    /// take away: no moment denies what both the old and the new policy allow; an entry that
+    /// cannot be written fails the pod closed. Returns whether its flags changed.
+    fn sync_ep_policy(
+        &mut self,
+        ifindex: u32,
+        pod: &str,
+        mut v: ep_policy,
+        entries: &PolicyEntryBytes,
+        stats: &mut PolicyApplyStats,
+    ) -> Result<bool, DataplaneError> {
+        let have = self
+            .policy_shadow
+            .as_mut()
+            .expect("shadow")
+            .entry(ifindex)
+            .or_default();
+        let mut failed = false;
+        for (k, val) in entries {
+            if have.1.get(k) == Some(val) {
+                continue;
+            }
+            match self.dp.policy_put(&from_bytes(k), &from_bytes(val)) {
+                Ok(()) => {
+                    if have.1.insert(*k, *val).is_none() {
+                        stats.entries_added += 1;
+                    } else {
+                        stats.entries_updated += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(pod, error = %e, "writing a policy entry; failing closed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            v.flags |= weir_bpf::datapath::EP_POLICY_DENY;
+            stats.failed.push(pod.to_string());
+        }
+        let mut changed = false;
+        if weir_bpf::as_bytes(&have.0) != weir_bpf::as_bytes(&v) {
+            self.dp.set_ep_policy(ifindex, Some(&v))?;
+            have.0 = v;
+            changed = true;
+        }
+        if !failed {
+            let stale: Vec<[u8; 16]> = have
+                .1
+                .keys()
+                .filter(|k| !entries.contains_key(*k))
+                .copied()
+                .collect();
+            for k in stale {
+                self.dp.policy_delete(&from_bytes(&k))?;
+                have.1.remove(&k);
+                stats.entries_removed += 1;
+            }
+        }
+        stats.endpoints += 1;
+        stats.entries += have.1.len();
+        Ok(changed)
     }
 
     /// Every counter of `weir_metrics` (a per-CPU array: cheap to read).

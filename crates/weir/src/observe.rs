@@ -299,6 +299,10 @@ pub fn line(r: &FlowRecord) -> String {
     } else {
         format!(" by {}", r.policies.join(", "))
     };
+    let policies = match r.policy_match.as_deref() {
+        Some(m) if m != "none" => format!("{policies} [{m}]"),
+        _ => policies,
+    };
     format!(
         "{time} {}: {} -> {} {} {} {}{by} ({}){policies}{}",
         r.node,
@@ -485,6 +489,7 @@ mod tests {
             destination: end(dst_pod, "10.244.2.3", 80, 2, "world"),
             service: Some("x/web".into()),
             policies: Vec::new(),
+            policy_match: None,
             detail: Default::default(),
         }
     }

@@ -102,6 +102,41 @@ fn ns_of(p: &str) -> &str {
     p.split('/').next().unwrap()
 }
 
+/// `weir observe` names the policy that allowed a flow into an isolated pod, and the kind
+/// of its entry: allow-a-80 admits other namespaces' pods (a peer) on one port.
+fn observe_allowed(lab: &Lab) {
+    let out = run(&mut lab.weir(&[
+        "observe",
+        "--verdict",
+        "allowed",
+        "--to-pod",
+        "x/a",
+        "--port",
+        "80",
+        "--last",
+        "5000",
+        "-o",
+        "json",
+    ]));
+    let recs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let judged: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["event"] == "policy-verdict" && r["protocol"] == "tcp")
+        .collect();
+    assert!(
+        judged.iter().any(|r| r["source"]["namespace"] == "y"),
+        "no allowed y -> x/a tcp/80: {recs:?}"
+    );
+    for r in judged {
+        assert_eq!(r["policies"], serde_json::json!(["x/allow-a-80"]), "{r}");
+        assert_eq!(r["policy_match"], "l3-l4", "{r}");
+        assert_eq!(r["direction"], "ingress", "{r}");
+    }
+}
+
 /// `weir observe` shows the drops of default-deny-ingress in x: pods, port, direction and
 /// reason, from both nodes; `--follow` prints new ones as they happen.
 fn observe_drops(lab: &Lab) {
@@ -281,6 +316,9 @@ fn policy_model(dataplane: &str) {
         &deny_x,
     );
     assert_matrix(&lab, "named port is TCP's", 80, "udp", "pod-ip", &deny_x);
+    if dataplane == "ebpf" {
+        observe_allowed(&lab);
+    }
 
     // Every policy has a status: selected pods, rules, and what is not enforced.
     let out = lab.apply(

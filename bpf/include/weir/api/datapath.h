@@ -279,10 +279,26 @@ struct policy_key {
 };
 _Static_assert(sizeof(struct policy_key) == 16, "policy_key size");
 
-/* Value of weir_policy. */
+/*
+ * Kinds of entry a policy verdict matched (policy_entry.match, flow_event.match), numbered
+ * as Cilium's policy verdict events number them: none (denied, or the node's own traffic),
+ * a peer without ports, a peer with ports, ports of any peer, anything.
+ */
+#define POLICY_MATCH_NONE    0
+#define POLICY_MATCH_L3_ONLY 1
+#define POLICY_MATCH_L3_L4   2
+#define POLICY_MATCH_L4_ONLY 3
+#define POLICY_MATCH_ALL     4
+
+/*
+ * Value of weir_policy: an entry allows. `origin` names the NetworkPolicies the entry comes
+ * from (a number the agent keeps a table of; 0: unknown), so that a verdict can say which
+ * policies allowed a flow.
+ */
 struct policy_entry {
-	__u32 flags; /* none yet: an entry allows */
-	__u32 pad;
+	__u8 match; /* POLICY_MATCH_* of the entry's key */
+	__u8 pad[3];
+	__u32 origin;
 };
 _Static_assert(sizeof(struct policy_entry) == 8, "policy_entry size");
 
@@ -339,14 +355,16 @@ struct flow_event {
 	__u8 family;	  /* WEIR_AF_INET or WEIR_AF_INET6 */
 	__u8 proto;
 	__u8 dir;	  /* of the pod that decided: WEIR_DIR_INGRESS or WEIR_DIR_EGRESS */
-	__u8 pad;
+	__u8 judged;	  /* 1 << WEIR_DIR_*: the directions judged (egress first) */
 	__u32 reason;	  /* REASON_POLICY_ALLOWED, DROP_POLICY_* */
 	__u32 ifindex;	  /* the pod that decided (host-side ifindex) */
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u32 pad2;
+	__u32 origin[2];  /* per WEIR_DIR_*: policy_entry.origin of the entry that allowed, or 0 */
+	__u8 match[2];	  /* per WEIR_DIR_*: POLICY_MATCH_* of that entry */
+	__u8 pad[6];
 };
-_Static_assert(sizeof(struct flow_event) == 72, "flow_event size");
+_Static_assert(sizeof(struct flow_event) == 80, "flow_event size");
 
 /*
  * A packet weir's programs dropped for a reason other than policy (weir_drop_events ring

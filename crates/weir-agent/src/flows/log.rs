@@ -16,6 +16,7 @@ use weir_bpf::events::{
     TRACE_F_REPLY,
 };
 use weir_bpf::kdrop::KernelDrop;
+use weir_control::policy::MatchKind;
 
 use super::{
     kernel_reason_text, FlowDetail, FlowEnd, FlowPage, FlowRecord, PodMeta, Translation, CAPACITY,
@@ -31,9 +32,13 @@ struct PodEnd {
     labels: BTreeMap<String, String>,
 }
 
+/// The NetworkPolicies (`namespace/name`) of an origin, shared by the verdicts naming it.
+type Origin = Arc<Vec<String>>;
+
 /// An event as it came.
 enum Raw {
-    Verdict(flow_event),
+    /// With the policies that allowed it, per direction (`WEIR_DIR_*`), resolved on arrival.
+    Verdict(flow_event, [Option<Origin>; 2]),
     Drop(DropEvent),
     KernelDrop(Box<KernelDrop>),
     Trace(TraceEvent),
@@ -78,8 +83,8 @@ impl Clock {
 struct Counters {
     /// `weir_flows_total` by reason, then (event, verdict, direction).
     flows: FastMap<String, FastMap<(&'static str, &'static str, &'static str), Counter>>,
-    /// `weir_policy_verdicts_total` by (verdict, direction).
-    verdicts: FastMap<(&'static str, &'static str), Counter>,
+    /// `weir_policy_verdicts_total` by (verdict, direction, match).
+    verdicts: FastMap<(&'static str, &'static str, &'static str), Counter>,
     /// `weir_tcp_flags_total` by (flag, family).
     tcp_flags: FastMap<(&'static str, &'static str), Counter>,
     /// `weir_service_connections_total` by Service (`namespace/name`), then outcome.
@@ -128,15 +133,16 @@ impl Counters {
             .inc();
     }
 
-    fn verdict(&mut self, verdict: &'static str, dir: &'static str) {
+    fn verdict(&mut self, verdict: &'static str, dir: &'static str, kind: &'static str) {
         self.verdicts
-            .entry((verdict, dir))
+            .entry((verdict, dir, kind))
             .or_insert_with(|| {
                 crate::metrics::METRICS
                     .policy_verdicts
                     .get_or_create(&vec![
                         ("verdict", verdict.to_string()),
                         ("direction", dir.to_string()),
+                        ("match", kind.to_string()),
                     ])
                     .clone()
             })
@@ -198,6 +204,9 @@ pub struct FlowLog {
     /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
     /// (kept by the policy loop).
     pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
+    /// The datapath's policy entry origins -> the policies they come from (kept by the
+    /// policy loop, with [`FlowLog::set_origins`]).
+    origins: HashMap<u32, Origin>,
     /// (frontend address, port, protocol number) -> its Service (`namespace/name`); node
     /// ports under the unspecified address (kept by the Services loop).
     pub frontends: HashMap<(IpAddr, u16, u8), String>,
@@ -251,6 +260,33 @@ fn reason_label(code: u8) -> std::borrow::Cow<'static, str> {
         .unwrap_or_else(|| reason_name(code).into())
 }
 
+/// `ingress` or `egress`, for a `WEIR_DIR_*`.
+fn dir_name(dir: u8) -> &'static str {
+    if dir == weir_bpf::datapath::POLICY_EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+/// The policies whose entries allowed a flow: the source's egress ones, then the
+/// destination's ingress ones.
+fn allowing(ev: &flow_event, origins: &[Option<Origin>; 2]) -> Vec<String> {
+    use weir_bpf::datapath::{POLICY_EGRESS, POLICY_INGRESS};
+    let mut out: Vec<String> = Vec::new();
+    for d in [POLICY_EGRESS, POLICY_INGRESS] {
+        if ev.judged & (1 << d) == 0 {
+            continue;
+        }
+        for p in origins[usize::from(d)].iter().flat_map(|o| o.iter()) {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+    }
+    out
+}
+
 fn unspecified(v4: bool) -> IpAddr {
     if v4 {
         std::net::Ipv4Addr::UNSPECIFIED.into()
@@ -276,6 +312,7 @@ impl FlowLog {
             pods: HashMap::new(),
             services: HashMap::new(),
             isolating: HashMap::new(),
+            origins: HashMap::new(),
             frontends: HashMap::new(),
             netns_pods: HashMap::new(),
         }
@@ -287,6 +324,14 @@ impl FlowLog {
         self.pod_names = names;
         self.pods = pods;
         self.ends.clear();
+    }
+
+    /// Replaces the table of policy entry origins (number -> `namespace/name`s).
+    pub fn set_origins(&mut self, origins: &BTreeMap<u32, Vec<String>>) {
+        self.origins = origins
+            .iter()
+            .map(|(n, o)| (*n, Arc::new(o.clone())))
+            .collect();
     }
 
     /// Replaces the Services the log names flows after: backends (address, port, protocol)
@@ -352,22 +397,32 @@ impl FlowLog {
         self.entries.push_back(entry);
     }
 
-    /// Records one policy verdict of the datapath.
+    /// Records one policy verdict of the datapath: counted once per direction judged (the
+    /// source pod's egress, the destination pod's ingress), each with the kind of entry
+    /// that allowed it.
     pub fn push(&mut self, ev: &flow_event) {
+        use weir_bpf::datapath::{POLICY_EGRESS, POLICY_INGRESS};
         let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
-        let dir = if ev.dir != weir_bpf::datapath::POLICY_EGRESS {
-            "ingress"
-        } else {
-            "egress"
-        };
-        self.counters
-            .verdict(if allowed { "allowed" } else { "denied" }, dir);
+        for d in [POLICY_EGRESS, POLICY_INGRESS] {
+            if ev.judged & (1 << d) == 0 {
+                continue;
+            }
+            let denied_here = !allowed && d == ev.dir;
+            let kind = MatchKind::from_number(ev.r#match[usize::from(d)]);
+            self.counters.verdict(
+                if denied_here { "denied" } else { "allowed" },
+                dir_name(d),
+                kind.name(),
+            );
+        }
+        let dir = dir_name(ev.dir);
         let verdict = if allowed { "allowed" } else { "dropped" };
         let reason = reason_label(ev.reason as u8);
         self.counters.flow("policy-verdict", verdict, &reason, dir);
         let src = weir_bpf::ip_from_words(ev.family, ev.saddr);
         let dst = weir_bpf::ip_from_words(ev.family, ev.daddr);
-        self.add(ev.ts, Some(src), Some(dst), Raw::Verdict(*ev));
+        let origins = ev.origin.map(|o| self.origins.get(&o).cloned());
+        self.add(ev.ts, Some(src), Some(dst), Raw::Verdict(*ev, origins));
     }
 
     /// Records one packet the kernel dropped (IP packets only: the others are counted in
@@ -513,10 +568,11 @@ impl FlowLog {
             destination: flow_end(SocketAddr::new(unspecified(true), 0), 0, &None),
             service: None,
             policies: Vec::new(),
+            policy_match: None,
             detail: FlowDetail::default(),
         };
         match &e.raw {
-            Raw::Verdict(ev) => {
+            Raw::Verdict(ev, origins) => {
                 let allowed = ev.reason == weir_reason::REASON_POLICY_ALLOWED.0;
                 let ingress = ev.dir != weir_bpf::datapath::POLICY_EGRESS;
                 let at = |w: &[u32; 4], port: u16| {
@@ -538,6 +594,12 @@ impl FlowLog {
                         &rec.source
                     };
                     rec.policies = self.deciding(judged.pod.as_ref(), ingress);
+                } else {
+                    rec.policies = allowing(ev, origins);
+                }
+                if ev.judged & (1 << ev.dir) != 0 {
+                    let kind = MatchKind::from_number(ev.r#match[usize::from(ev.dir & 1)]);
+                    rec.policy_match = Some(kind.name().into());
                 }
             }
             Raw::Drop(d) => {

@@ -81,10 +81,18 @@ pub struct FlowRecord {
     /// The Service (`namespace/name`) whose backend the destination is, when it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    /// The NetworkPolicies (`namespace/name`) that decided a denial: every policy isolating
-    /// the pod in the direction judged (none of their rules allowed the flow).
+    /// The NetworkPolicies (`namespace/name`) that decided a policy verdict. A denial: every
+    /// policy isolating the pod in the direction judged (none of their rules allowed the
+    /// flow). An allowed flow: the policies of the entries that allowed it, the source pod's
+    /// egress ones first, then the destination pod's ingress ones (none where the pod is
+    /// not isolated, or for the node's own traffic to its pods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// A policy verdict's kind of match in `direction` (as Hubble names them): `l3-only` (a
+    /// peer, every port), `l3-l4` (a peer and ports), `l4-only` (ports of any peer), `all`,
+    /// or `none` (a denial, or the node's own traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_match: Option<String>,
     /// What forwarding summaries and translations add.
     #[serde(flatten)]
     pub detail: FlowDetail,
@@ -431,6 +439,37 @@ mod tests {
         // Egress judged at the source, which no policy isolates here.
         assert!(p.flows[1].policies.is_empty());
         assert!(p.flows[2].policies.is_empty());
+    }
+
+    /// An allowed flow names the policies of the entries that allowed it (egress, then
+    /// ingress), resolved when it came: a later policy change does not rename it.
+    #[test]
+    fn allowed_flows_name_the_policies_of_the_entries_that_allowed_them() {
+        use weir_bpf::datapath::{POLICY_EGRESS, POLICY_INGRESS};
+        let mut log = FlowLog::new("n1");
+        log.set_origins(&BTreeMap::from([
+            (3, vec!["x/out".to_string()]),
+            (4, vec!["x/web".to_string(), "x/out".to_string()]),
+        ]));
+        let mut e = ev(weir_reason::REASON_POLICY_ALLOWED.0);
+        e.dir = POLICY_INGRESS;
+        e.judged = (1 << POLICY_EGRESS) | (1 << POLICY_INGRESS);
+        e.origin[usize::from(POLICY_EGRESS)] = 3;
+        e.origin[usize::from(POLICY_INGRESS)] = 4;
+        e.r#match[usize::from(POLICY_EGRESS)] = 3;
+        e.r#match[usize::from(POLICY_INGRESS)] = 2;
+        log.push(&e);
+        log.set_origins(&BTreeMap::new());
+        let r = &log.since(0).flows[0];
+        assert_eq!(r.policies, vec!["x/out", "x/web"]);
+        assert_eq!(r.policy_match.as_deref(), Some("l3-l4"));
+        // Denied at egress: the match is none, the policies those isolating the source.
+        let mut d = ev(weir_reason::DROP_POLICY_DENIED.0);
+        d.dir = POLICY_EGRESS;
+        d.judged = 1 << POLICY_EGRESS;
+        log.push(&d);
+        let r = &log.since(1).flows[0];
+        assert_eq!(r.policy_match.as_deref(), Some("none"));
     }
 
     #[test]

@@ -159,7 +159,7 @@ pub fn render(
             if dir == "IN" {
                 rules.push(format!("-j WEIR-{peers}-host"));
             }
-            for e in entries.iter() {
+            for e in entries.keys() {
                 let target = if e.peer == id::ANY {
                     allow.clone()
                 } else {

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use weir_control::policy::{id, PolicyEntry, PolicyState};
+use weir_control::policy::{id, PolicyEntries, PolicyEntry, PolicyState};
 
 use super::expr::{self as x, Family};
 
@@ -35,10 +35,7 @@ use super::expr::{self as x, Family};
 pub const TABLE: &str = "weir-policy";
 
 /// A pod device's allowed ingress and egress entries (None: that direction is open).
-pub(crate) type Directions<'a> = (
-    Option<&'a BTreeSet<PolicyEntry>>,
-    Option<&'a BTreeSet<PolicyEntry>>,
-);
+pub(crate) type Directions<'a> = (Option<&'a PolicyEntries>, Option<&'a PolicyEntries>);
 
 /// An inclusive address range of one family, as integers.
 pub(crate) type Span = (u128, u128);
@@ -249,7 +246,7 @@ pub(crate) fn peers_of(devices: &BTreeMap<impl Ord, Directions>) -> BTreeSet<u32
         .flat_map(|(i, e)| {
             i.iter()
                 .chain(e.iter())
-                .flat_map(|s| s.iter().map(|e| e.peer))
+                .flat_map(|s| s.keys().map(|e| e.peer))
         })
         .filter(|p| *p != id::ANY)
         .collect();
@@ -339,7 +336,7 @@ pub fn render(state: &PolicyState, ip_ifindex: &HashMap<IpAddr, u32>) -> Vec<Val
                     }
                 }
             }
-            for e in entries.iter() {
+            for e in entries.keys() {
                 for r in entry_rules(e, field, &sizes) {
                     c.push(rule(&chain, r));
                 }
