@@ -4,7 +4,9 @@
  * (tcp_retransmit_skb), resets sent and received (tcp_send_reset, tcp_receive_reset),
  * connects, failed connects, connect time and smoothed RTT (inet_sock_set_state). Counters
  * are kept per watched network namespace (the node's and each local pod's: weir_tcp_netns,
- * kept by the agent); sockets elsewhere are ignored. The argument positions and structure
+ * kept by the agent); sockets elsewhere are ignored. A watched namespace's client sockets
+ * (those that connected) are counted per peer too (weir_tcp_peers: the address and port they
+ * connected to), from their SYN_SENT until they leave ESTABLISHED. The argument positions and structure
  * offsets come from the running kernel's BTF through `layout`. The TCP state numbers are the
  * kernel's ABI (include/net/tcp_states.h, reported as-is by inet_diag).
  * Minimum kernel: 5.6 (sk_protocol a whole field).
@@ -33,21 +35,27 @@ struct {
 	__type(value, struct tcp_counters);
 } weir_tcp_counters SEC(".maps");
 
-/* A watched socket in SYN_SENT: when it entered it, and its namespace's slot. */
-struct connecting {
+/* A watched client socket: when it entered SYN_SENT (0 once established), and its peer. */
+struct client {
 	__u64 since; /* boot clock, ns */
-	__u32 slot;
-	__u32 pad;
+	struct tcp_peer_key peer;
 };
 
-/* Sockets in SYN_SENT (of watched namespaces only). */
+/* Client sockets of watched namespaces, from SYN_SENT until they leave ESTABLISHED. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* no lock shared by every CPU */
 	__type(key, __u64);
-	__type(value, struct connecting);
-} weir_tcp_connecting SEC(".maps");
+	__type(value, struct client);
+} weir_tcp_clients SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, TCP_HEALTH_PEERS);
+	__type(key, struct tcp_peer_key);
+	__type(value, struct tcp_counters);
+} weir_tcp_peers SEC(".maps");
 
 /* The slot of the namespace `net` (a struct net *), or NULL when it is not watched. */
 static __always_inline __u32 *slot_of_net(const void *net)
@@ -73,13 +81,52 @@ static __always_inline struct tcp_counters *counters_of_sk(const void *sk)
 	return sk ? counters_of_net(read_ptr(sk, layout.sk_net)) : NULL;
 }
 
+/* The counters of a client socket's peer (made on first use), or NULL. */
+static __always_inline struct tcp_counters *counters_of_peer(const struct tcp_peer_key *peer)
+{
+	struct tcp_counters *c = bpf_map_lookup_elem(&weir_tcp_peers, peer), zero = {};
+
+	if (c)
+		return c;
+	bpf_map_update_elem(&weir_tcp_peers, peer, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&weir_tcp_peers, peer);
+}
+
+/* The peer counters of socket `sk` when it is a watched client socket, or NULL. */
+static __always_inline struct tcp_counters *client_counters(const void *sk)
+{
+	__u64 key = (__u64)sk;
+	struct client *cl = sk ? bpf_map_lookup_elem(&weir_tcp_clients, &key) : NULL;
+
+	return cl ? counters_of_peer(&cl->peer) : NULL;
+}
+
+/* Fills `peer` with the address and port socket `sk` connects to. */
+static __always_inline void peer_of(const void *sk, struct tcp_peer_key *peer)
+{
+	__u16 family = 0;
+
+	bpf_probe_read_kernel(&family, sizeof(family), sk + layout.sk_family);
+	bpf_probe_read_kernel(&peer->port, sizeof(peer->port), sk + layout.sk_dport);
+	peer->family = family;
+	if (family == 10 /* AF_INET6 */)
+		bpf_probe_read_kernel(peer->addr, sizeof(peer->addr), sk + layout.sk_v6_daddr);
+	else
+		bpf_probe_read_kernel(peer->addr, sizeof(peer->addr[0]), sk + layout.sk_daddr);
+}
+
 SEC("raw_tp/tcp_retransmit_skb")
 int tcp_retransmit(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct tcp_counters *c = counters_of_sk((const void *)ctx->args[0]);
+	const void *sk = (const void *)ctx->args[0];
+	struct tcp_counters *c = counters_of_sk(sk);
 
-	if (c)
+	if (c) {
 		c->retransmits += 1;
+		c = client_counters(sk);
+		if (c)
+			c->retransmits += 1;
+	}
 	return 0;
 }
 
@@ -93,6 +140,12 @@ int tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
 	 * device the segment came in on. */
 	if (sk) {
 		c = counters_of_sk(sk);
+		if (c) {
+			struct tcp_counters *p = client_counters(sk);
+
+			if (p)
+				p->resets_sent += 1;
+		}
 	} else {
 		const void *dev = skb ? read_ptr(skb, layout.skb_dev) : NULL;
 
@@ -106,10 +159,15 @@ int tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tp/tcp_receive_reset")
 int tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct tcp_counters *c = counters_of_sk((const void *)ctx->args[0]);
+	const void *sk = (const void *)ctx->args[0];
+	struct tcp_counters *c = counters_of_sk(sk);
 
-	if (c)
+	if (c) {
 		c->resets_received += 1;
+		c = client_counters(sk);
+		if (c)
+			c->resets_received += 1;
+	}
 	return 0;
 }
 
@@ -119,9 +177,9 @@ int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 	const void *sk = (const void *)ctx->args[0];
 	int oldstate = raw_tp_arg(ctx, layout.arg_oldstate);
 	int newstate = raw_tp_arg(ctx, layout.arg_newstate);
-	struct connecting *conn, fresh = {};
+	struct tcp_counters *c, *p = NULL;
+	struct client *cl, fresh = {};
 	__u64 key = (__u64)sk;
-	struct tcp_counters *c;
 	__u16 proto = 0;
 	__u32 srtt = 0, *slot;
 
@@ -131,17 +189,32 @@ int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (oldstate == TCP_SYN_SENT_) {
 		/* Only watched sockets were recorded: nothing to read of the others. */
-		conn = bpf_map_lookup_elem(&weir_tcp_connecting, &key);
-		if (!conn)
+		cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
+		if (!cl)
 			return 0;
-		c = bpf_map_lookup_elem(&weir_tcp_counters, &conn->slot);
-		if (c && newstate == TCP_ESTABLISHED_) {
-			c->connects += 1;
-			c->connect_ns += bpf_ktime_get_boot_ns() - conn->since;
-		} else if (c && newstate == TCP_CLOSE_) {
-			c->connect_failures += 1;
+		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
+		p = counters_of_peer(&cl->peer);
+		if (newstate == TCP_ESTABLISHED_) {
+			__u64 took = bpf_ktime_get_boot_ns() - cl->since;
+
+			if (c) {
+				c->connects += 1;
+				c->connect_ns += took;
+			}
+			if (p) {
+				p->connects += 1;
+				p->connect_ns += took;
+			}
+			cl->since = 0; /* watched on until it leaves ESTABLISHED */
+			return 0;
 		}
-		bpf_map_delete_elem(&weir_tcp_connecting, &key);
+		if (newstate == TCP_CLOSE_) {
+			if (c)
+				c->connect_failures += 1;
+			if (p)
+				p->connect_failures += 1;
+		}
+		bpf_map_delete_elem(&weir_tcp_clients, &key);
 		return 0;
 	}
 	bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
@@ -152,17 +225,28 @@ int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (newstate == TCP_SYN_SENT_) {
 		fresh.since = bpf_ktime_get_boot_ns();
-		fresh.slot = *slot;
-		bpf_map_update_elem(&weir_tcp_connecting, &key, &fresh, BPF_ANY);
+		fresh.peer.slot = *slot;
+		peer_of(sk, &fresh.peer);
+		bpf_map_update_elem(&weir_tcp_clients, &key, &fresh, BPF_ANY);
 		return 0;
 	}
-	/* Leaving ESTABLISHED: the connection's smoothed RTT. */
+	/* Leaving ESTABLISHED: the connection's smoothed RTT (for its peer too, when it is a
+	 * client socket, which is watched no longer). */
 	c = bpf_map_lookup_elem(&weir_tcp_counters, slot);
+	cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
+	if (cl)
+		p = counters_of_peer(&cl->peer);
 	bpf_probe_read_kernel(&srtt, sizeof(srtt), sk + layout.srtt_us);
 	if (c && srtt) {
 		c->rtt_us += srtt >> 3;
 		c->rtt_samples += 1;
 	}
+	if (p && srtt) {
+		p->rtt_us += srtt >> 3;
+		p->rtt_samples += 1;
+	}
+	if (cl)
+		bpf_map_delete_elem(&weir_tcp_clients, &key);
 	return 0;
 }
 

@@ -27,13 +27,35 @@
       const id = `${s.id}->${d.id}`;
       let e = this.edges.get(id);
       if (!e) {
-        e = { id, src: s.id, dst: d.id, allowed: 0, dropped: 0, ports: /* @__PURE__ */ new Set(), times: [], flows: [] };
+        e = {
+          id,
+          src: s.id,
+          dst: d.id,
+          allowed: 0,
+          dropped: 0,
+          ports: /* @__PURE__ */ new Set(),
+          times: [],
+          flows: [],
+          tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0 }
+        };
         this.edges.set(id, e);
       }
-      if (flow.verdict === "dropped") e.dropped += 1;
-      else e.allowed += 1;
+      if (flow.tcp) {
+        const t = flow.tcp;
+        e.tcp.connects += t.connects;
+        e.tcp.failures += t.connect_failures;
+        e.tcp.retransmits += t.retransmits;
+        e.tcp.resets += t.resets_sent + t.resets_received;
+        if (t.rtt_us !== void 0) {
+          e.tcp.rttUs += t.rtt_us;
+          e.tcp.rttN += 1;
+        }
+      } else {
+        if (flow.verdict === "dropped") e.dropped += 1;
+        else e.allowed += 1;
+        e.times.push(Date.parse(flow.time) || Date.now());
+      }
       if (flow.destination.port) e.ports.add(`${flow.destination.port}/${flow.protocol}`);
-      e.times.push(Date.parse(flow.time) || Date.now());
       e.flows.push(flow);
       if (e.flows.length > RECENT) e.flows.shift();
       for (const n of [s.id, d.id]) {
@@ -41,6 +63,17 @@
         nf.push(flow);
         if (nf.length > RECENT) nf.shift();
       }
+    }
+    /** Edge `e`'s TCP health in a few words ("" when nothing was seen), and whether it is
+     * troubled (failed connects, resets or retransmits). */
+    health(e) {
+      const t = e.tcp;
+      const parts = [];
+      if (t.failures) parts.push(`${t.failures} failed`);
+      if (t.retransmits) parts.push(`${t.retransmits} rtx`);
+      if (t.resets) parts.push(`${t.resets} rst`);
+      if (t.rttN) parts.push(`rtt ${Math.round(t.rttUs / t.rttN)}\xB5s`);
+      return { text: parts.join(" "), troubled: t.failures + t.retransmits + t.resets > 0 };
     }
     /** Flows per second on edge `e` over the last ten seconds (as of `now`). */
     rate(e, now = Date.now()) {
@@ -107,18 +140,21 @@
       if (x2 <= x1) x2 = b.x + BOX_W;
       const mx = (x1 + x2) / 2 + (x2 === b.x + BOX_W ? 40 + Math.abs(y2 - y1) / 4 : 0);
       const verdict = e.dropped > 0 ? "denied" : "allowed";
+      const health = model2.health(e);
       const g = el("g", {
-        class: `edge ${verdict}${selected2 === e.id ? " selected" : ""}`,
+        class: `edge ${verdict}${health.troubled ? " troubled" : ""}${selected2 === e.id ? " selected" : ""}`,
         "data-src": e.src,
         "data-dst": e.dst,
         "data-allowed": e.allowed,
-        "data-dropped": e.dropped
+        "data-dropped": e.dropped,
+        "data-tcp-connects": e.tcp.connects,
+        "data-tcp-failures": e.tcp.failures
       });
       const d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
       g.append(el("path", { d }));
       g.append(el("path", { d, class: "hit" }));
       const rate = model2.rate(e, now).toFixed(1);
-      const label = `${[...e.ports].slice(0, 2).join(",")} ${rate}/s${e.dropped ? `, ${e.dropped} dropped` : ""}`;
+      const label = `${[...e.ports].slice(0, 2).join(",")} ${rate}/s${e.dropped ? `, ${e.dropped} dropped` : ""}${health.text ? ` \xB7 ${health.text}` : ""}`;
       g.append(el("text", { x: mx - 40, y: (y1 + y2) / 2 - 4 }, label));
       g.addEventListener("click", () => onPick("edge", e.id));
       svg.append(g);

@@ -1,5 +1,7 @@
 // The map's model: flows (as `weir observe -o json` prints them) folded into workloads
-// grouped by namespace, and edges between them with what was seen on each.
+// grouped by namespace, and edges between them with what was seen on each: flows allowed
+// and dropped, and the TCP health of the source's client sockets towards the destination
+// (`tcp-health` records: connects, failures, retransmits, resets, smoothed RTT).
 
 const RECENT = 200; // flows kept per edge for the panel
 const RATE_WINDOW_MS = 10_000;
@@ -18,7 +20,8 @@ export function nodeOf(end) {
 export class Model {
   constructor() {
     this.nodes = new Map(); // id -> {id, group, label, flows: []}
-    this.edges = new Map(); // "src->dst" -> {id, src, dst, allowed, dropped, ports, times, flows}
+    // "src->dst" -> {id, src, dst, allowed, dropped, ports, times, flows, tcp}
+    this.edges = new Map();
   }
 
   add(flow) {
@@ -32,13 +35,29 @@ export class Model {
     const id = `${s.id}->${d.id}`;
     let e = this.edges.get(id);
     if (!e) {
-      e = { id, src: s.id, dst: d.id, allowed: 0, dropped: 0, ports: new Set(), times: [], flows: [] };
+      e = {
+        id, src: s.id, dst: d.id, allowed: 0, dropped: 0, ports: new Set(), times: [], flows: [],
+        tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0 },
+      };
       this.edges.set(id, e);
     }
-    if (flow.verdict === "dropped") e.dropped += 1;
-    else e.allowed += 1;
+    if (flow.tcp) {
+      // TCP health: observed on the edge, neither allowed nor dropped.
+      const t = flow.tcp;
+      e.tcp.connects += t.connects;
+      e.tcp.failures += t.connect_failures;
+      e.tcp.retransmits += t.retransmits;
+      e.tcp.resets += t.resets_sent + t.resets_received;
+      if (t.rtt_us !== undefined) {
+        e.tcp.rttUs += t.rtt_us;
+        e.tcp.rttN += 1;
+      }
+    } else {
+      if (flow.verdict === "dropped") e.dropped += 1;
+      else e.allowed += 1;
+      e.times.push(Date.parse(flow.time) || Date.now());
+    }
     if (flow.destination.port) e.ports.add(`${flow.destination.port}/${flow.protocol}`);
-    e.times.push(Date.parse(flow.time) || Date.now());
     e.flows.push(flow);
     if (e.flows.length > RECENT) e.flows.shift();
     for (const n of [s.id, d.id]) {
@@ -46,6 +65,18 @@ export class Model {
       nf.push(flow);
       if (nf.length > RECENT) nf.shift();
     }
+  }
+
+  /** Edge `e`'s TCP health in a few words ("" when nothing was seen), and whether it is
+   * troubled (failed connects, resets or retransmits). */
+  health(e) {
+    const t = e.tcp;
+    const parts = [];
+    if (t.failures) parts.push(`${t.failures} failed`);
+    if (t.retransmits) parts.push(`${t.retransmits} rtx`);
+    if (t.resets) parts.push(`${t.resets} rst`);
+    if (t.rttN) parts.push(`rtt ${Math.round(t.rttUs / t.rttN)}µs`);
+    return { text: parts.join(" "), troubled: t.failures + t.retransmits + t.resets > 0 };
   }
 
   /** Flows per second on edge `e` over the last ten seconds (as of `now`). */

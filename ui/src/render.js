@@ -1,5 +1,6 @@
 // Draws the model as SVG: a column per namespace, a box per workload, a curve per edge
-// (green: only allowed; red and dashed: something dropped), its rate on the curve.
+// (green: only allowed; red and dashed: something dropped; thick orange: TCP trouble), its
+// rate and TCP health on the curve.
 
 const NS = "http://www.w3.org/2000/svg";
 const COL_W = 240, COL_GAP = 90, BOX_W = 180, BOX_H = 30, ROW_GAP = 22, TOP = 40;
@@ -47,19 +48,22 @@ export function render(svg, model, selected, onPick) {
     if (x2 <= x1) x2 = b.x + BOX_W; // same column or leftwards: back to its right side
     const mx = (x1 + x2) / 2 + (x2 === b.x + BOX_W ? 40 + Math.abs(y2 - y1) / 4 : 0);
     const verdict = e.dropped > 0 ? "denied" : "allowed";
+    const health = model.health(e);
     const g = el("g", {
-      class: `edge ${verdict}${selected === e.id ? " selected" : ""}`,
+      class: `edge ${verdict}${health.troubled ? " troubled" : ""}${selected === e.id ? " selected" : ""}`,
       "data-src": e.src,
       "data-dst": e.dst,
       "data-allowed": e.allowed,
       "data-dropped": e.dropped,
+      "data-tcp-connects": e.tcp.connects,
+      "data-tcp-failures": e.tcp.failures,
     });
     const d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
     g.append(el("path", { d }));
     // A wide invisible stroke along it takes the clicks.
     g.append(el("path", { d, class: "hit" }));
     const rate = model.rate(e, now).toFixed(1);
-    const label = `${[...e.ports].slice(0, 2).join(",")} ${rate}/s${e.dropped ? `, ${e.dropped} dropped` : ""}`;
+    const label = `${[...e.ports].slice(0, 2).join(",")} ${rate}/s${e.dropped ? `, ${e.dropped} dropped` : ""}${health.text ? ` · ${health.text}` : ""}`;
     g.append(el("text", { x: mx - 40, y: (y1 + y2) / 2 - 4 }, label));
     g.addEventListener("click", () => onPick("edge", e.id));
     svg.append(g);

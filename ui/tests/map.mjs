@@ -1,10 +1,11 @@
 // Drives `weir ui` in headless Chromium (playwright-core, Debian's /usr/bin/chromium):
 //   node tests/map.mjs URL EXPECT.json [SCREENSHOT.png]
 // EXPECT: {"workloads": ["ns/name", ...], "denied": ["ns/src", "ns/dst"], "reason": "...",
-//          "policy": "ns/name"}.
+//          "policy": "ns/name", "connected": ["ns/src", "ns/dst"]}.
 // Checks that the map shows the workloads, that the edge `denied` is marked as dropping,
-// and that clicking it lists its drops with the reason and the policy; prints what it saw as JSON and
-// exits non-zero on a failed check.
+// that clicking it lists its drops with the reason and the policy, and that the edges carry
+// TCP health: connects on `connected`, failed connects on `denied`; prints what it saw as
+// JSON and exits non-zero on a failed check.
 import { chromium } from "playwright-core";
 import { readFileSync } from "node:fs";
 
@@ -34,6 +35,18 @@ try {
   if (!seen.rows.some((r) => r.includes(want.reason) && r.includes(want.policy))) {
     throw new Error(`no dropped flow with ${want.reason} by ${want.policy} in the panel`);
   }
+  // TCP health on the edges (the agents report it every few seconds).
+  const connected = `g.edge[data-src="${want.connected[0]}"][data-dst="${want.connected[1]}"]`;
+  await page.waitForFunction(
+    ([ok, denied]) => {
+      const c = document.querySelector(ok), d = document.querySelector(denied);
+      return c && d && Number(c.dataset.tcpConnects) > 0 && Number(d.dataset.tcpFailures) > 0;
+    },
+    [connected, `g.edge[data-src="${src}"][data-dst="${dst}"]`],
+    { timeout: 20000 },
+  );
+  seen.connected_edge = await page.locator(connected).locator("text").textContent();
+  seen.denied_label = await edge.locator("text").textContent();
   // Live: the map updates without a reload (the status line counts edges).
   seen.status = await page.locator("#status").textContent();
   if (shot) await page.screenshot({ path: shot, fullPage: true });

@@ -19,6 +19,7 @@
 //! | `weir_tcp_connects_total` | counter | `namespace`, `workload`, `outcome` | connects `established` or `failed` (`sock:inet_sock_set_state`) |
 //! | `weir_tcp_connect_seconds_total` | counter | `namespace`, `workload` | established connects' SYN-to-ESTABLISHED time, summed |
 //! | `weir_tcp_smoothed_rtt_seconds_total`, `weir_tcp_rtt_samples_total` | counter | `namespace`, `workload` | connections' smoothed RTT as they closed, summed, and how many |
+//! | `weir_service_tcp_*` (the six above) | counter | `namespace`, `service` (+ `direction`, `outcome`) | the same, of the node's pods' client sockets towards a Service's backends (what its clients went through) |
 //! | `weir_lb_events_total` | counter | `event` | socket load-balancer events (translations, no backend, ...) |
 //! | `weir_bpf_map_entries` | gauge | `map` | entries in use in each pinned map (read at most every 15 s) |
 //! | `weir_bpf_map_capacity` | gauge | `map` | each map's capacity |
@@ -75,9 +76,11 @@ pub struct Metrics {
     pub service_connections: Family<Labels, Counter>,
     /// `weir_tcp_*`.
     pub tcp: TcpMetrics,
+    /// `weir_service_tcp_*`, labelled by the Service's namespace and name.
+    pub service_tcp: TcpMetrics,
 }
 
-/// TCP health by namespace and workload.
+/// TCP health by namespace and workload (or by Service).
 #[derive(Default)]
 pub struct TcpMetrics {
     /// `weir_tcp_retransmits_total`.
@@ -106,6 +109,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     tcp_flags: Family::default(),
     service_connections: Family::default(),
     tcp: TcpMetrics::default(),
+    service_tcp: TcpMetrics::default(),
 });
 
 /// Records one apply of `part` that took `seconds` and succeeded or not.
@@ -165,39 +169,51 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
         "New connections (and UDP socket/backend pairs) to a Service, by its namespace and name and the outcome (translated, refused)",
         METRICS.service_connections.clone(),
     );
-    let t = &METRICS.tcp;
-    r.register(
-        "weir_tcp_retransmits",
-        "TCP segments the node's pods retransmitted, by namespace and workload",
-        t.retransmits.clone(),
-    );
-    r.register(
-        "weir_tcp_resets",
-        "TCP resets the node's pods sent or received, by namespace, workload and direction",
-        t.resets.clone(),
-    );
-    r.register(
-        "weir_tcp_connects",
-        "TCP connects the node's pods made, by namespace, workload and outcome (established, failed)",
-        t.connects.clone(),
-    );
-    r.register(
-        "weir_tcp_connect_seconds",
-        "Time the node's pods' established TCP connects took from SYN to ESTABLISHED, summed",
-        t.connect_seconds.clone(),
-    );
-    r.register(
-        "weir_tcp_smoothed_rtt_seconds",
-        "Smoothed RTT of the node's pods' TCP connections as they closed, summed (divide by weir_tcp_rtt_samples_total)",
-        t.rtt_seconds.clone(),
-    );
-    r.register(
-        "weir_tcp_rtt_samples",
-        "TCP connections whose smoothed RTT was summed",
-        t.rtt_samples.clone(),
+    register_tcp(&mut r, "weir_tcp", "the node's pods", &METRICS.tcp);
+    register_tcp(
+        &mut r,
+        "weir_service_tcp",
+        "the node's pods' client sockets towards a Service's backends",
+        &METRICS.service_tcp,
     );
     r.register_collector(Box::new(Scraped { shared }));
     r
+}
+
+/// Registers a set of TCP health metrics named `prefix`_*, of the sockets `whose`.
+fn register_tcp(r: &mut Registry, prefix: &str, whose: &str, t: &TcpMetrics) {
+    r.register(
+        format!("{prefix}_retransmits"),
+        format!("TCP segments {whose} retransmitted"),
+        t.retransmits.clone(),
+    );
+    r.register(
+        format!("{prefix}_resets"),
+        format!("TCP resets {whose} sent or received, by direction"),
+        t.resets.clone(),
+    );
+    r.register(
+        format!("{prefix}_connects"),
+        format!("TCP connects {whose} made, by outcome (established, failed)"),
+        t.connects.clone(),
+    );
+    r.register(
+        format!("{prefix}_connect_seconds"),
+        format!(
+            "Time the established TCP connects of {whose} took from SYN to ESTABLISHED, summed"
+        ),
+        t.connect_seconds.clone(),
+    );
+    r.register(
+        format!("{prefix}_smoothed_rtt_seconds"),
+        format!("Smoothed RTT of the TCP connections of {whose} as they closed, summed (divide by {prefix}_rtt_samples_total)"),
+        t.rtt_seconds.clone(),
+    );
+    r.register(
+        format!("{prefix}_rtt_samples"),
+        "TCP connections whose smoothed RTT was summed",
+        t.rtt_samples.clone(),
+    );
 }
 
 /// Metrics read when scraped: datapath counters, map fill levels, sizes, process.

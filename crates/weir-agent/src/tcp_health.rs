@@ -3,25 +3,33 @@
 //! seconds adds what each pod's sockets went through to the metrics, labelled by namespace
 //! and workload (bounded: never the pod or its address). A workload's series go when its
 //! last pod on the node goes.
+//!
+//! The pods' client sockets are counted per peer too (the address and port they connected
+//! to): what changed for a peer since the last round goes into the flow log as a
+//! `tcp-health` record (client pod -> peer, the Service whose backend the peer is), which
+//! `weir observe` and the map's edges show, and into `weir_service_tcp_*` by Service (its
+//! series go with the Service).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use weir_bpf::tcp_health::{tcp_counters, TcpHealth, SLOTS};
+use weir_bpf::tcp_health::{tcp_counters, TcpHealth, TcpPeer, SLOTS};
 use weir_model::endpoint::EndpointRecord;
 
-use crate::flows::FlowLog;
-use crate::metrics::{Labels, METRICS};
+use crate::flows::{FlowLog, TcpStats};
+use crate::metrics::{Labels, TcpMetrics, METRICS};
 use crate::pods::Pods;
 
 /// How often the counters are read.
 const PERIOD: Duration = Duration::from_secs(3);
 
-/// One watched pod: its slot, namespace inode, labels and the counters last read.
+/// One watched pod: its slot, namespace inode, addresses, labels and the counters last read.
 struct Watched {
     slot: u32,
     inum: u32,
+    ips: Vec<IpAddr>,
     labels: (String, String),
     last: tcp_counters,
 }
@@ -32,6 +40,10 @@ struct Watch {
     pods: HashMap<String, Watched>,
     free: Vec<u32>,
     next: u32,
+    /// The peers' counters last read.
+    peers: HashMap<TcpPeer, tcp_counters>,
+    /// Services (`namespace/name`) with `weir_service_tcp_*` series.
+    services: BTreeSet<String>,
 }
 
 impl Watch {
@@ -106,7 +118,8 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
     for uid in gone {
         if let Some(p) = w.pods.remove(&uid) {
             count(th, &p);
-            th.unwatch(p.inum);
+            th.unwatch(p.inum, p.slot);
+            w.peers.retain(|k, _| k.slot != p.slot);
             w.free.push(p.slot);
         }
     }
@@ -132,6 +145,7 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
             Watched {
                 slot,
                 inum,
+                ips: r.ips.clone(),
                 labels,
                 last: tcp_counters::default(),
             },
@@ -144,59 +158,84 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
     }
     let now: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
     for gone in left.difference(&now) {
-        remove_series(gone);
+        remove_series(&METRICS.tcp, workload_labels(gone));
+    }
+    count_peers(th, w, log);
+}
+
+fn workload_labels((ns, wl): &(String, String)) -> Labels {
+    vec![("namespace", ns.clone()), ("workload", wl.clone())]
+}
+
+fn service_labels(service: &str) -> Labels {
+    let (ns, name) = service.split_once('/').unwrap_or(("", service));
+    vec![("namespace", ns.to_string()), ("service", name.to_string())]
+}
+
+/// What counters went through since `last` (all of `now` when they restarted below it: an
+/// entry the LRU dropped and made again).
+fn delta(now: &tcp_counters, last: &tcp_counters) -> tcp_counters {
+    let d = |a: u64, b: u64| if a >= b { a - b } else { a };
+    tcp_counters {
+        retransmits: d(now.retransmits, last.retransmits),
+        resets_sent: d(now.resets_sent, last.resets_sent),
+        resets_received: d(now.resets_received, last.resets_received),
+        connects: d(now.connects, last.connects),
+        connect_failures: d(now.connect_failures, last.connect_failures),
+        connect_ns: d(now.connect_ns, last.connect_ns),
+        rtt_us: d(now.rtt_us, last.rtt_us),
+        rtt_samples: d(now.rtt_samples, last.rtt_samples),
     }
 }
 
 /// Adds pod `p`'s counters since the last read to the metrics; returns them.
 fn count(th: &TcpHealth, p: &Watched) -> Option<tcp_counters> {
     let now = th.counters(p.slot).ok()?;
-    let (ns, wl) = &p.labels;
-    let l = |extra: Option<(&'static str, &str)>| -> Labels {
-        let mut l = vec![("namespace", ns.clone()), ("workload", wl.clone())];
-        if let Some((k, v)) = extra {
-            l.push((k, v.to_string()));
-        }
-        l
-    };
-    let d = |a: u64, b: u64| a.saturating_sub(b);
-    let m = &METRICS.tcp;
-    m.retransmits
-        .get_or_create(&l(None))
-        .inc_by(d(now.retransmits, p.last.retransmits));
-    m.resets
-        .get_or_create(&l(Some(("direction", "sent"))))
-        .inc_by(d(now.resets_sent, p.last.resets_sent));
-    m.resets
-        .get_or_create(&l(Some(("direction", "received"))))
-        .inc_by(d(now.resets_received, p.last.resets_received));
-    m.connects
-        .get_or_create(&l(Some(("outcome", "established"))))
-        .inc_by(d(now.connects, p.last.connects));
-    m.connects
-        .get_or_create(&l(Some(("outcome", "failed"))))
-        .inc_by(d(now.connect_failures, p.last.connect_failures));
-    m.connect_seconds
-        .get_or_create(&l(None))
-        .inc_by(d(now.connect_ns, p.last.connect_ns) as f64 / 1e9);
-    m.rtt_seconds
-        .get_or_create(&l(None))
-        .inc_by(d(now.rtt_us, p.last.rtt_us) as f64 / 1e6);
-    m.rtt_samples
-        .get_or_create(&l(None))
-        .inc_by(d(now.rtt_samples, p.last.rtt_samples));
+    add(
+        &METRICS.tcp,
+        workload_labels(&p.labels),
+        &delta(&now, &p.last),
+    );
     Some(now)
 }
 
-/// Removes a workload's series (its last pod on the node went).
-fn remove_series((ns, wl): &(String, String)) {
-    let base: Labels = vec![("namespace", ns.clone()), ("workload", wl.clone())];
+/// Adds counts `d` to the series of `m` under `base` labels.
+fn add(m: &TcpMetrics, base: Labels, d: &tcp_counters) {
     let with = |k: &'static str, v: &str| {
         let mut l = base.clone();
         l.push((k, v.to_string()));
         l
     };
-    let m = &METRICS.tcp;
+    m.retransmits.get_or_create(&base).inc_by(d.retransmits);
+    m.resets
+        .get_or_create(&with("direction", "sent"))
+        .inc_by(d.resets_sent);
+    m.resets
+        .get_or_create(&with("direction", "received"))
+        .inc_by(d.resets_received);
+    m.connects
+        .get_or_create(&with("outcome", "established"))
+        .inc_by(d.connects);
+    m.connects
+        .get_or_create(&with("outcome", "failed"))
+        .inc_by(d.connect_failures);
+    m.connect_seconds
+        .get_or_create(&base)
+        .inc_by(d.connect_ns as f64 / 1e9);
+    m.rtt_seconds
+        .get_or_create(&base)
+        .inc_by(d.rtt_us as f64 / 1e6);
+    m.rtt_samples.get_or_create(&base).inc_by(d.rtt_samples);
+}
+
+/// Removes the series of `m` under `base` labels (a workload's last pod on the node went, or
+/// a Service went).
+fn remove_series(m: &TcpMetrics, base: Labels) {
+    let with = |k: &'static str, v: &str| {
+        let mut l = base.clone();
+        l.push((k, v.to_string()));
+        l
+    };
     m.retransmits.remove(&base);
     m.connect_seconds.remove(&base);
     m.rtt_seconds.remove(&base);
@@ -206,5 +245,60 @@ fn remove_series((ns, wl): &(String, String)) {
     }
     for outcome in ["established", "failed"] {
         m.connects.remove(&with("outcome", outcome));
+    }
+}
+
+/// What the pods' client sockets went through per peer since the last round: a
+/// `tcp-health` flow per peer with news, counted for the peer's Service.
+fn count_peers(th: &TcpHealth, w: &mut Watch, log: &Arc<Mutex<FlowLog>>) {
+    let peers = match th.peers() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading TCP health per peer");
+            return;
+        }
+    };
+    let clients: HashMap<u32, &Watched> = w.pods.values().map(|p| (p.slot, p)).collect();
+    let now_ns = crate::flows::boot_ns();
+    let mut log = log.lock().expect("flow log");
+    let mut read = HashMap::with_capacity(peers.len());
+    for (peer, now) in peers {
+        let last = w.peers.get(&peer).copied().unwrap_or_default();
+        read.insert(peer, now);
+        let d = delta(&now, &last);
+        if weir_bpf::as_bytes(&d) == weir_bpf::as_bytes(&tcp_counters::default()) {
+            continue;
+        }
+        let Some(client) = clients.get(&peer.slot).and_then(|p| {
+            p.ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == peer.addr.is_ipv4())
+                .copied()
+        }) else {
+            continue;
+        };
+        if let Some(svc) = log.backend_service(peer.addr).cloned() {
+            add(&METRICS.service_tcp, service_labels(&svc), &d);
+            w.services.insert(svc);
+        }
+        log.push_tcp_health(
+            now_ns,
+            client,
+            peer.addr,
+            TcpStats::of(&d, PERIOD.as_secs()),
+        );
+    }
+    w.peers = read;
+    // Services gone: their series go.
+    let live: HashSet<&String> = log.frontends.values().collect();
+    let gone: Vec<String> = w
+        .services
+        .iter()
+        .filter(|s| !live.contains(s))
+        .cloned()
+        .collect();
+    for svc in gone {
+        remove_series(&METRICS.service_tcp, service_labels(&svc));
+        w.services.remove(&svc);
     }
 }

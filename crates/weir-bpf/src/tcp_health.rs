@@ -2,6 +2,8 @@
 //! connects, failed connects, connect time and smoothed RTT, from the TCP and socket
 //! tracepoints. The namespaces watched (the node's, each local pod's) are given slots by the
 //! caller; the argument positions and structure offsets come from the running kernel's BTF.
+//! A watched namespace's client sockets are counted per peer too (the address and port they
+//! connected to: a Service's backend when the socket layer translated the connect).
 
 use std::mem::MaybeUninit;
 
@@ -24,7 +26,7 @@ mod tcp_health_skel {
 }
 
 pub use tcp_health_skel::types::tcp_counters;
-use tcp_health_skel::types::tcp_layout;
+use tcp_health_skel::types::{tcp_layout, tcp_peer_key};
 use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
 
 /// How many namespaces can be watched.
@@ -63,6 +65,10 @@ fn layout(btf: &Btf) -> Result<tcp_layout, BpfError> {
         net_inum: offset_of(btf, "net", &["ns", "inum"])?,
         skb_dev: offset_of(btf, "sk_buff", &["dev"])?,
         dev_net: offset_of(btf, "net_device", &["nd_net", "net"])?,
+        sk_family: offset_of(btf, "sock", &["__sk_common", "skc_family"])?,
+        sk_daddr: offset_of(btf, "sock", &["__sk_common", "skc_daddr"])?,
+        sk_v6_daddr: offset_of(btf, "sock", &["__sk_common", "skc_v6_daddr"])?,
+        sk_dport: offset_of(btf, "sock", &["__sk_common", "skc_dport"])?,
     })
 }
 
@@ -138,9 +144,46 @@ impl TcpHealth {
             .map_err(lb("updating weir_tcp_netns"))
     }
 
-    /// Stops watching network namespace `inum`.
-    pub fn unwatch(&self, inum: u32) {
+    /// Stops watching network namespace `inum` (in `slot`): its peers' counters go too, so
+    /// that the slot's next namespace starts from nothing.
+    pub fn unwatch(&self, inum: u32, slot: u32) {
         let _ = self.skel.maps.weir_tcp_netns.delete(&inum.to_ne_bytes());
+        let peers = &self.skel.maps.weir_tcp_peers;
+        let keys: Vec<Vec<u8>> = peers
+            .keys()
+            .filter(|k| from_bytes::<tcp_peer_key>(k).slot == slot)
+            .collect();
+        for k in keys {
+            let _ = peers.delete(&k);
+        }
+    }
+
+    /// Every peer of a watched namespace's client sockets, with its counters summed over
+    /// CPUs.
+    pub fn peers(&self) -> Result<Vec<(TcpPeer, tcp_counters)>, BpfError> {
+        let map = &self.skel.maps.weir_tcp_peers;
+        let mut out = Vec::new();
+        for k in map.keys() {
+            let Some(per_cpu) = map
+                .lookup_percpu(&k, MapFlags::ANY)
+                .map_err(lb("reading weir_tcp_peers"))?
+            else {
+                continue; // gone since the walk found it
+            };
+            let key: tcp_peer_key = from_bytes(&k);
+            let ip = if key.family == 10 {
+                crate::ip_from_words(crate::datapath::AF_INET6, key.addr)
+            } else {
+                crate::ip_from_words(crate::datapath::AF_INET, key.addr)
+            };
+            // An IPv6 socket connected to an IPv4 address has it IPv4-mapped.
+            let peer = TcpPeer {
+                slot: key.slot,
+                addr: std::net::SocketAddr::new(ip.to_canonical(), u16::from_be(key.port)),
+            };
+            out.push((peer, sum(per_cpu.iter().map(|v| from_bytes(v)))));
+        }
+        Ok(out)
     }
 
     /// The counters of `slot`, summed over CPUs.
@@ -152,18 +195,31 @@ impl TcpHealth {
             .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
             .map_err(lb("reading weir_tcp_counters"))?
             .unwrap_or_default();
-        let mut sum = tcp_counters::default();
-        for v in per_cpu {
-            let c: tcp_counters = from_bytes(&v);
-            sum.retransmits += c.retransmits;
-            sum.resets_sent += c.resets_sent;
-            sum.resets_received += c.resets_received;
-            sum.connects += c.connects;
-            sum.connect_failures += c.connect_failures;
-            sum.connect_ns += c.connect_ns;
-            sum.rtt_us += c.rtt_us;
-            sum.rtt_samples += c.rtt_samples;
-        }
-        Ok(sum)
+        Ok(sum(per_cpu.iter().map(|v| from_bytes(v))))
     }
+}
+
+/// A peer of a watched namespace's client sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpPeer {
+    /// The namespace's slot.
+    pub slot: u32,
+    /// The address and port its sockets connected to.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Per-CPU counters summed.
+fn sum(per_cpu: impl Iterator<Item = tcp_counters>) -> tcp_counters {
+    let mut sum = tcp_counters::default();
+    for c in per_cpu {
+        sum.retransmits += c.retransmits;
+        sum.resets_sent += c.resets_sent;
+        sum.resets_received += c.resets_received;
+        sum.connects += c.connects;
+        sum.connect_failures += c.connect_failures;
+        sum.connect_ns += c.connect_ns;
+        sum.rtt_us += c.rtt_us;
+        sum.rtt_samples += c.rtt_samples;
+    }
+    sum
 }

@@ -50,8 +50,31 @@ fn a_watched_namespaces_tcp_health_is_counted() {
     assert!(c.connect_ns > 0, "{c:?}");
     // Both ends of the three connections left ESTABLISHED with an RTT sample.
     assert!(c.rtt_samples >= 3 && c.rtt_us > 0, "{c:?}");
-    // Nothing else is counted: another slot stays empty; watching again starts from zero.
+    // Per peer: the listener's three connects, the closed port's failure (a reset
+    // received), the dropped port's failure after retransmits; nothing of namespace b.
+    let peers = th.peers().expect("peers");
+    assert!(peers.iter().all(|(p, _)| p.slot == 5), "{peers:?}");
+    let by_port = |port: u16| peers.iter().find(|(p, _)| p.addr.port() == port);
+    let (_, dropped) = by_port(7777).expect("the dropped port's peer");
+    assert_eq!((dropped.connects, dropped.connect_failures), (0, 1));
+    assert!(dropped.retransmits >= 1, "{dropped:?}");
+    let ok = peers
+        .iter()
+        .find(|(_, c)| c.connects == 3)
+        .expect("the listener's peer");
+    assert_eq!(ok.0.addr.ip().to_string(), "127.0.0.1");
+    assert!(ok.1.rtt_samples >= 1 && ok.1.connect_ns > 0, "{ok:?}");
+    let refused = peers
+        .iter()
+        .find(|(p, c)| c.resets_received == 1 && p.addr.port() != 7777)
+        .expect("the closed port's peer");
+    assert_eq!(refused.1.connect_failures, 1);
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    // Nothing else is counted: another slot stays empty; unwatched, its peers go; watching
+    // again starts from zero.
     assert_eq!(th.counters(6).unwrap().connects, 0);
+    th.unwatch(netns_inum(a.path().as_ref()).unwrap(), 5);
+    assert!(th.peers().unwrap().is_empty());
     th.watch(netns_inum(a.path().as_ref()).unwrap(), 5)
         .expect("watch");
     assert_eq!(th.counters(5).unwrap().connects, 0);

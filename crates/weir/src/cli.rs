@@ -657,7 +657,8 @@ pub(crate) struct ObserveArgs {
     #[arg(long)]
     port: Vec<u16>,
     /// Only this verdict: `allowed` or `dropped` (policy verdicts, drops), `forwarded`
-    /// (forwarding summaries), `translated` (the socket layer's Service translations).
+    /// (forwarding summaries), `translated` (the socket layer's Service translations),
+    /// `traced` (TCP health: observed, not decided).
     #[arg(long, value_enum)]
     verdict: Option<VerdictArg>,
     /// Only this reason: weir's (`DROP_POLICY_DENIED`, or `POLICY_DENIED`) or the kernel's
@@ -666,8 +667,9 @@ pub(crate) struct ObserveArgs {
     reason: Vec<String>,
     /// Only flows this event reported: `policy-verdict` (NetworkPolicy judged a new flow),
     /// `trace` (a forwarding summary of the tc/XDP programs), `trace-sock` (the socket layer
-    /// translated a Service address), `drop` (weir's programs dropped a packet), or
-    /// `kernel-drop` (the kernel dropped it outside weir's programs).
+    /// translated a Service address), `drop` (weir's programs dropped a packet),
+    /// `kernel-drop` (the kernel dropped it outside weir's programs), or `tcp-health` (what
+    /// a pod's client sockets went through with one peer in the last seconds).
     #[arg(short = 't', long = "type", value_name = "TYPE")]
     event_type: Vec<String>,
     /// Only flows since this long ago (30s, 5m, 1h30m) or this RFC 3339 time.
@@ -772,16 +774,19 @@ fn observe_filter(o: &ObserveArgs) -> Result<crate::observe::Filter> {
             "verdict" => {
                 let v = values.last().expect("a value");
                 Cond::Verdict(Verdict::parse(v).ok_or_else(|| {
-                    anyhow!("--verdict {v:?}: expected allowed, dropped, forwarded or translated")
+                    anyhow!(
+                        "--verdict {v:?}: expected allowed, dropped, forwarded, translated or traced"
+                    )
                 })?)
             }
             "type" => {
-                const TYPES: [&str; 5] = [
+                const TYPES: [&str; 6] = [
                     "policy-verdict",
                     "trace",
                     "trace-sock",
                     "drop",
                     "kernel-drop",
+                    "tcp-health",
                 ];
                 if let Some(bad) = values
                     .iter()
@@ -870,6 +875,7 @@ pub(crate) enum VerdictArg {
     Dropped,
     Forwarded,
     Translated,
+    Traced,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

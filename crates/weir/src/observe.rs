@@ -21,6 +21,8 @@ pub enum Verdict {
     Forwarded,
     /// Service addresses the socket layer translated.
     Translated,
+    /// What was observed without a decision (TCP health).
+    Traced,
 }
 
 impl Verdict {
@@ -31,6 +33,7 @@ impl Verdict {
             Verdict::Dropped => "dropped",
             Verdict::Forwarded => "forwarded",
             Verdict::Translated => "translated",
+            Verdict::Traced => "traced",
         }
     }
 
@@ -41,6 +44,7 @@ impl Verdict {
             Verdict::Dropped,
             Verdict::Forwarded,
             Verdict::Translated,
+            Verdict::Traced,
         ]
         .into_iter()
         .find(|v| v.name().eq_ignore_ascii_case(s))
@@ -321,6 +325,14 @@ pub fn line(r: &FlowRecord) -> String {
 fn detail(r: &FlowRecord) -> String {
     let d = &r.detail;
     let mut out = String::new();
+    if let Some(t) = &d.tcp {
+        let svc = r
+            .service
+            .as_ref()
+            .map(|s| format!(" to {s}"))
+            .unwrap_or_default();
+        return format!("{svc}: {}", t.text());
+    }
     if !d.tcp_flags.is_empty() {
         out.push_str(&format!(" [{}]", d.tcp_flags));
     }
@@ -510,6 +522,7 @@ mod tests {
             tcp_flags: "SYN".into(),
             is_reply: Some(false),
             interface: Some(4),
+            tcp: None,
         };
         let l = line(&r);
         assert!(

@@ -365,4 +365,41 @@ fn translations_and_summaries_are_observed(lab: &Lab) {
             && series("weir_tcp_flags_total{flag=\"SYN\",family=\"ipv4\"}") >= 2.0
             && series("weir_tcp_flags_total{flag=\"SYN-ACK\",family=\"ipv4\"}") >= 2.0
     });
+    tcp_health_is_observed_per_peer_and_service(lab);
+}
+
+/// The client's connects to the Service, as its sockets went through them: `tcp-health`
+/// flows from the client pod to the backend (with the Service), and the Service's
+/// `weir_service_tcp_*` series.
+fn tcp_health_is_observed_per_peer_and_service(lab: &Lab) {
+    let vip = lab.get_json(&["svc", "web", "-n", "m"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut health = Vec::new();
+    lab.eventually("the TCP health per peer", Duration::from_secs(20), || {
+        // The agent watches a pod's sockets from its first round after the pod started:
+        // connect again until two connects were seen.
+        lab.connect("m/client", &format!("{vip}:80"), "tcp", 1);
+        health = observe_json(lab, &["-t", "tcp-health", "--from-pod", "m/client"]);
+        health
+            .iter()
+            .filter(|h| h["service"] == "m/web")
+            .map(|h| h["tcp"]["connects"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 2
+    });
+    let h = health.iter().find(|h| h["service"] == "m/web").unwrap();
+    assert_eq!(h["verdict"], "traced", "{h}");
+    assert_eq!(h["destination"]["pod"], "m/web", "{h}");
+    assert_eq!(h["destination"]["port"], 8080, "{h}");
+    assert!(
+        h["reason_text"].as_str().unwrap().contains("connect"),
+        "{h}"
+    );
+    let series = |s: &str| metric(lab, s);
+    lab.eventually("the Service's TCP health", Duration::from_secs(10), || {
+        series("weir_service_tcp_connects_total{namespace=\"m\",service=\"web\",outcome=\"established\"}")
+            >= 2.0
+    });
 }

@@ -83,6 +83,26 @@ fn the_map_shows_workloads_and_marks_the_denied_edge() {
         lab.connect("shop/client", "web.shop:80", "tcp", 3)["ok"] == 3
             && lab.connect("shop/client", &format!("{vault}:8080"), "tcp", 1)["ok"] == 0
     });
+    // TCP health: the agent watches a pod's sockets from its first round after the pod
+    // started; connect until both edges have some.
+    lab.eventually("TCP health on both edges", Duration::from_secs(30), || {
+        lab.connect("shop/client", "web.shop:80", "tcp", 1);
+        lab.connect("shop/client", &format!("{vault}:8080"), "tcp", 1);
+        let out = lab
+            .weir(&["observe", "-t", "tcp-health", "-o", "json", "--last", "500"])
+            .output()
+            .unwrap();
+        let recs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let seen = |pod: &str, field: &str| {
+            recs.iter().any(|r| {
+                r["destination"]["pod"] == pod && r["tcp"][field].as_u64().unwrap_or(0) > 0
+            })
+        };
+        seen("shop/web", "connects") && seen("shop/vault", "connect_failures")
+    });
     let expect = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         expect.path(),
@@ -91,6 +111,7 @@ fn the_map_shows_workloads_and_marks_the_denied_edge() {
             "denied": ["shop/client", "shop/vault"],
             "reason": "DROP_POLICY_DENIED",
             "policy": "shop/vault-closed",
+            "connected": ["shop/client", "shop/web"],
         })
         .to_string(),
     )

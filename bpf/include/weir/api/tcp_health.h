@@ -11,7 +11,10 @@
 /* Slots of weir_tcp_counters: one per watched network namespace (weir_tcp_netns). */
 #define TCP_HEALTH_SLOTS 4096
 
-/* Value of weir_tcp_counters (per CPU): what the sockets of one namespace went through. */
+/* Entries of weir_tcp_peers (an LRU: the least recently counted peers go first). */
+#define TCP_HEALTH_PEERS 16384
+
+/* Value of weir_tcp_counters and weir_tcp_peers (per CPU): what the sockets of one namespace went through. */
 struct tcp_counters {
 	__u64 retransmits;	/* segments retransmitted (tcp:tcp_retransmit_skb) */
 	__u64 resets_sent;	/* RSTs sent (tcp:tcp_send_reset) */
@@ -22,6 +25,20 @@ struct tcp_counters {
 	__u64 rtt_us;		/* smoothed RTTs of connections as they left ESTABLISHED, summed */
 	__u64 rtt_samples;	/* how many */
 };
+
+/*
+ * Key of weir_tcp_peers: what the client sockets of one watched namespace (its slot) went
+ * through with one peer, the address and port they connected to (a Service's backend, when
+ * the socket layer translated the connect).
+ */
+struct tcp_peer_key {
+	__u32 slot;
+	__u8 family; /* AF_INET (2) or AF_INET6 (10), as the socket has it */
+	__u8 pad;
+	__be16 port;	/* network order */
+	__be32 addr[4]; /* network order; IPv4 in [0] */
+};
+_Static_assert(sizeof(struct tcp_peer_key) == 24, "tcp_peer_key size");
 
 /*
  * Where the loader found things in the running kernel (its BTF), written into the program's
@@ -36,6 +53,10 @@ struct tcp_layout {
 	__u32 net_inum;	     /* struct net: ns.inum */
 	__u32 skb_dev;	     /* struct sk_buff: dev */
 	__u32 dev_net;	     /* struct net_device: nd_net.net */
+	__u32 sk_family;     /* struct sock: __sk_common.skc_family (u16) */
+	__u32 sk_daddr;	     /* __sk_common.skc_daddr (__be32) */
+	__u32 sk_v6_daddr;   /* __sk_common.skc_v6_daddr (struct in6_addr) */
+	__u32 sk_dport;	     /* __sk_common.skc_dport (__be16) */
 };
 
 #endif /* WEIR_API_TCP_HEALTH_H */

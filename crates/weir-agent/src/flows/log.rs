@@ -19,7 +19,8 @@ use weir_bpf::kdrop::KernelDrop;
 use weir_control::policy::MatchKind;
 
 use super::{
-    kernel_reason_text, FlowDetail, FlowEnd, FlowPage, FlowRecord, PodMeta, Translation, CAPACITY,
+    kernel_reason_text, FlowDetail, FlowEnd, FlowPage, FlowRecord, PodMeta, TcpStats, Translation,
+    CAPACITY,
 };
 
 /// What the log knows of a local or remote pod at an address, shared by its events.
@@ -44,6 +45,8 @@ enum Raw {
     Trace(TraceEvent),
     /// With the client's address, when its network namespace is a known pod's.
     Sock(SockEvent, Option<IpAddr>),
+    /// A pod's client sockets (at the address) towards one peer over a period.
+    TcpHealth(IpAddr, SocketAddr, Box<TcpStats>),
 }
 
 struct Entry {
@@ -68,9 +71,7 @@ impl Clock {
             .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1))
         {
             let wall = jiff::Timestamp::now().as_nanosecond();
-            let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-                .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
-                .unwrap_or(0);
+            let boot = super::boot_ns() as i128;
             self.offset_ns = wall - boot;
             self.read = Some(std::time::Instant::now());
         }
@@ -510,6 +511,18 @@ impl FlowLog {
         self.add(e.ts, client, Some(to.ip()), Raw::Sock(e.clone(), client));
     }
 
+    /// Records what the client sockets of the pod at `client` went through with `peer`
+    /// (at boot-clock time `ts`).
+    pub fn push_tcp_health(&mut self, ts: u64, client: IpAddr, peer: SocketAddr, s: TcpStats) {
+        let raw = Raw::TcpHealth(client, peer, Box::new(s));
+        self.add(ts, Some(client), Some(peer.ip()), raw);
+    }
+
+    /// The Service whose backend `peer` is, for TCP.
+    pub fn backend_service(&self, peer: SocketAddr) -> Option<&String> {
+        self.services.get(&(peer.ip(), peer.port(), 6))
+    }
+
     /// The Service of frontend `addr` (a node port's under the unspecified address).
     fn frontend_service(&self, addr: SocketAddr, proto: u8) -> Option<String> {
         self.frontends
@@ -617,6 +630,18 @@ impl FlowLog {
             }
             Raw::Trace(t) => self.render_trace(&mut rec, e, t),
             Raw::Sock(s, client) => self.render_sock(&mut rec, e, s, *client),
+            Raw::TcpHealth(client, peer, s) => {
+                rec.source = flow_end(SocketAddr::new(*client, 0), 0, &e.src);
+                rec.destination = flow_end(*peer, 0, &e.dst);
+                rec.service = self.service_of(&rec.destination, 6);
+                rec.event = "tcp-health".into();
+                rec.verdict = "traced".into();
+                rec.reason = "TCP_HEALTH".into();
+                rec.reason_text = s.text();
+                rec.direction = "egress".into();
+                rec.protocol = "tcp".into();
+                rec.detail.tcp = Some((**s).clone());
+            }
         }
         rec
     }
@@ -667,6 +692,7 @@ impl FlowLog {
             tcp_flags: tcp_flag_names(t.tcp_flags),
             is_reply: (t.orig.is_some() || t.proto == 6).then_some(reply),
             interface: Some(t.ifindex),
+            tcp: None,
         };
     }
 

@@ -18,6 +18,13 @@ use crate::pods::Pods;
 mod log;
 pub use log::FlowLog;
 
+/// The boot clock now, nanoseconds (the clock of the datapath's event stamps).
+pub fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// How many records the log keeps (about 250 bytes each: events are kept as they came).
 pub const CAPACITY: usize = 8192;
 
@@ -120,6 +127,87 @@ pub struct FlowDetail {
     /// The device the summary was made on (its ifindex in the node's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<u32>,
+    /// What a pod's client sockets went through with one peer (`tcp-health`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpStats>,
+}
+
+/// TCP health of a pod's client sockets towards one peer over a period (`tcp-health`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpStats {
+    /// The seconds the counts cover.
+    pub period_seconds: u64,
+    /// Connects that reached ESTABLISHED.
+    pub connects: u64,
+    /// Connects that failed (SYN_SENT to CLOSE: refused, timed out).
+    pub connect_failures: u64,
+    /// Segments retransmitted (SYNs included).
+    pub retransmits: u64,
+    /// Resets sent.
+    pub resets_sent: u64,
+    /// Resets received.
+    pub resets_received: u64,
+    /// The established connects' mean SYN-to-ESTABLISHED time, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_us: Option<u64>,
+    /// The mean smoothed RTT of the connections that closed, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
+}
+
+impl TcpStats {
+    /// The stats of counters accumulated over `period_seconds`.
+    pub fn of(c: &weir_bpf::tcp_health::tcp_counters, period_seconds: u64) -> TcpStats {
+        TcpStats {
+            period_seconds,
+            connects: c.connects,
+            connect_failures: c.connect_failures,
+            retransmits: c.retransmits,
+            resets_sent: c.resets_sent,
+            resets_received: c.resets_received,
+            connect_us: (c.connects > 0).then(|| c.connect_ns / c.connects / 1000),
+            rtt_us: (c.rtt_samples > 0).then(|| c.rtt_us / c.rtt_samples),
+        }
+    }
+
+    /// Whether anything went wrong: a failed connect, a reset or a retransmit.
+    pub fn troubled(&self) -> bool {
+        self.connect_failures + self.resets_sent + self.resets_received + self.retransmits > 0
+    }
+
+    /// The counts in words (`2 connects (1 failed), 3 retransmits, mean RTT 120 us`).
+    pub fn text(&self) -> String {
+        let mut parts = vec![format!(
+            "{} connect{}{}",
+            self.connects + self.connect_failures,
+            if self.connects + self.connect_failures == 1 {
+                ""
+            } else {
+                "s"
+            },
+            if self.connect_failures > 0 {
+                format!(" ({} failed)", self.connect_failures)
+            } else {
+                String::new()
+            }
+        )];
+        for (n, one, many) in [
+            (self.retransmits, "retransmit", "retransmits"),
+            (self.resets_sent, "reset sent", "resets sent"),
+            (self.resets_received, "reset received", "resets received"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {}", if n == 1 { one } else { many }));
+            }
+        }
+        if let Some(us) = self.connect_us {
+            parts.push(format!("mean connect time {us} us"));
+        }
+        if let Some(us) = self.rtt_us {
+            parts.push(format!("mean smoothed RTT {us} us"));
+        }
+        format!("{} in {} s", parts.join(", "), self.period_seconds)
+    }
 }
 
 /// A translation: where it was made and the addresses before it (`ip:port`).
@@ -470,6 +558,49 @@ mod tests {
         log.push(&d);
         let r = &log.since(1).flows[0];
         assert_eq!(r.policy_match.as_deref(), Some("none"));
+    }
+
+    /// A pod's client sockets' TCP health towards a backend is a `tcp-health` record naming
+    /// the Service, with the counts in words.
+    #[test]
+    fn tcp_health_records_name_the_peers_service() {
+        let mut log = FlowLog::new("n1");
+        log.pod_names
+            .insert("10.0.0.1".parse().unwrap(), "x/client".into());
+        log.pod_names
+            .insert("10.0.0.2".parse().unwrap(), "x/web-1".into());
+        log.services
+            .insert(("10.0.0.2".parse().unwrap(), 8080, 6), "x/web".into());
+        let c = weir_bpf::tcp_health::tcp_counters {
+            connects: 2,
+            connect_failures: 1,
+            connect_ns: 200_000,
+            retransmits: 3,
+            rtt_us: 90,
+            rtt_samples: 2,
+            ..Default::default()
+        };
+        log.push_tcp_health(
+            0,
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap(),
+            TcpStats::of(&c, 3),
+        );
+        let r = &log.since(0).flows[0];
+        assert_eq!(
+            (r.event.as_str(), r.verdict.as_str()),
+            ("tcp-health", "traced")
+        );
+        assert_eq!(r.service.as_deref(), Some("x/web"));
+        assert_eq!(r.source.pod.as_deref(), Some("x/client"));
+        assert_eq!(r.destination.port, 8080);
+        let t = r.detail.tcp.as_ref().unwrap();
+        assert_eq!((t.connect_us, t.rtt_us), (Some(100), Some(45)));
+        assert!(t.troubled());
+        assert_eq!(
+            r.reason_text,
+            "3 connects (1 failed), 3 retransmits, mean connect time 100 us, mean smoothed RTT 45 us in 3 s"
+        );
     }
 
     #[test]
