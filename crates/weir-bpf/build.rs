@@ -16,7 +16,9 @@ const PROGRAMS: &[&str] = &[
 ];
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bpf");
+    // At run time: a build script built for one checkout may be run for another.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
+    let root = PathBuf::from(manifest).join("../../bpf");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let clang = std::env::var("WEIR_CLANG").unwrap_or_else(|_| "clang-19".into());
     let arch = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
