@@ -92,13 +92,22 @@ static __always_inline struct tcp_counters *counters_of_peer(const struct tcp_pe
 	return bpf_map_lookup_elem(&weir_tcp_peers, peer);
 }
 
-/* The peer counters of socket `sk` when it is a watched client socket, or NULL. */
-static __always_inline struct tcp_counters *client_counters(const void *sk)
+/*
+ * The counters of socket `sk`'s namespace (NULL: not watched), and in `*peer` those of its
+ * peer when it is a watched client socket (whose record names its slot: nothing of the
+ * socket is read then).
+ */
+static __always_inline struct tcp_counters *counters_and_peer(const void *sk,
+							      struct tcp_counters **peer)
 {
 	__u64 key = (__u64)sk;
-	struct client *cl = sk ? bpf_map_lookup_elem(&weir_tcp_clients, &key) : NULL;
+	struct client *cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
 
-	return cl ? counters_of_peer(&cl->peer) : NULL;
+	*peer = NULL;
+	if (!cl)
+		return counters_of_sk(sk);
+	*peer = counters_of_peer(&cl->peer);
+	return bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
 }
 
 /* Fills `peer` with the address and port socket `sk` connects to. */
@@ -119,14 +128,12 @@ SEC("raw_tp/tcp_retransmit_skb")
 int tcp_retransmit(struct bpf_raw_tracepoint_args *ctx)
 {
 	const void *sk = (const void *)ctx->args[0];
-	struct tcp_counters *c = counters_of_sk(sk);
+	struct tcp_counters *p, *c = sk ? counters_and_peer(sk, &p) : NULL;
 
-	if (c) {
+	if (c)
 		c->retransmits += 1;
-		c = client_counters(sk);
-		if (c)
-			c->retransmits += 1;
-	}
+	if (c && p)
+		p->retransmits += 1;
 	return 0;
 }
 
@@ -139,13 +146,11 @@ int tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
 	/* Without a socket (an answer to a segment for no connection): the namespace of the
 	 * device the segment came in on. */
 	if (sk) {
-		c = counters_of_sk(sk);
-		if (c) {
-			struct tcp_counters *p = client_counters(sk);
+		struct tcp_counters *p;
 
-			if (p)
-				p->resets_sent += 1;
-		}
+		c = counters_and_peer(sk, &p);
+		if (c && p)
+			p->resets_sent += 1;
 	} else {
 		const void *dev = skb ? read_ptr(skb, layout.skb_dev) : NULL;
 
@@ -160,14 +165,12 @@ SEC("raw_tp/tcp_receive_reset")
 int tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 {
 	const void *sk = (const void *)ctx->args[0];
-	struct tcp_counters *c = counters_of_sk(sk);
+	struct tcp_counters *p, *c = sk ? counters_and_peer(sk, &p) : NULL;
 
-	if (c) {
+	if (c)
 		c->resets_received += 1;
-		c = client_counters(sk);
-		if (c)
-			c->resets_received += 1;
-	}
+	if (c && p)
+		p->resets_received += 1;
 	return 0;
 }
 
@@ -217,25 +220,29 @@ int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 		bpf_map_delete_elem(&weir_tcp_clients, &key);
 		return 0;
 	}
-	bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
-	if (proto != IPPROTO_TCP_)
-		return 0;
-	slot = slot_of_net(read_ptr(sk, layout.sk_net));
-	if (!slot)
-		return 0;
-	if (newstate == TCP_SYN_SENT_) {
-		fresh.since = bpf_ktime_get_boot_ns();
-		fresh.peer.slot = *slot;
-		peer_of(sk, &fresh.peer);
-		bpf_map_update_elem(&weir_tcp_clients, &key, &fresh, BPF_ANY);
-		return 0;
+	/* Leaving ESTABLISHED, a watched client socket: its record names the slot. */
+	cl = newstate == TCP_SYN_SENT_ ? NULL : bpf_map_lookup_elem(&weir_tcp_clients, &key);
+	if (cl) {
+		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
+		p = counters_of_peer(&cl->peer);
+	} else {
+		bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
+		if (proto != IPPROTO_TCP_)
+			return 0;
+		slot = slot_of_net(read_ptr(sk, layout.sk_net));
+		if (!slot)
+			return 0;
+		if (newstate == TCP_SYN_SENT_) {
+			fresh.since = bpf_ktime_get_boot_ns();
+			fresh.peer.slot = *slot;
+			peer_of(sk, &fresh.peer);
+			bpf_map_update_elem(&weir_tcp_clients, &key, &fresh, BPF_ANY);
+			return 0;
+		}
+		c = bpf_map_lookup_elem(&weir_tcp_counters, slot);
 	}
 	/* Leaving ESTABLISHED: the connection's smoothed RTT (for its peer too, when it is a
 	 * client socket, which is watched no longer). */
-	c = bpf_map_lookup_elem(&weir_tcp_counters, slot);
-	cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
-	if (cl)
-		p = counters_of_peer(&cl->peer);
 	bpf_probe_read_kernel(&srtt, sizeof(srtt), sk + layout.srtt_us);
 	if (c && srtt) {
 		c->rtt_us += srtt >> 3;

@@ -22,8 +22,9 @@
       const s = nodeOf(flow.source);
       const d = nodeOf(flow.destination);
       for (const n of [s, d]) {
-        if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [] });
+        if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [], services: /* @__PURE__ */ new Set() });
       }
+      if (flow.service && flow.destination.pod) this.nodes.get(d.id).services.add(flow.service);
       const id = `${s.id}->${d.id}`;
       let e = this.edges.get(id);
       if (!e) {
@@ -121,12 +122,18 @@
       g.nodes.forEach((n, j) => {
         const bx = x + (COL_W - BOX_W) / 2, by = TOP + 10 + j * (BOX_H + ROW_GAP);
         pos.set(n.id, { x: bx, y: by });
+        const services = [...n.services].sort();
         const node = el("g", {
           class: `node${selected2 === n.id ? " selected" : ""}`,
-          "data-id": n.id
+          "data-id": n.id,
+          "data-services": services.join(",")
         });
         node.append(el("rect", { x: bx, y: by, width: BOX_W, height: BOX_H }));
         node.append(el("text", { x: bx + 8, y: by + 19 }, n.label));
+        if (services.length) {
+          const names = services.map((s) => s.split("/")[1]).join(", ");
+          node.append(el("text", { class: "svc", x: bx + BOX_W - 8, y: by + 19, "text-anchor": "end" }, `svc ${names}`));
+        }
         node.addEventListener("click", () => onPick("node", n.id));
         svg.append(node);
       });
@@ -180,20 +187,23 @@
     if (!item) return;
     $("panel-title").textContent = selected.kind === "edge" ? `${item.src} \u2192 ${item.dst}` : `${item.id}`;
     const want = $("verdict").value;
+    const words = $("filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
     for (const f of [...item.flows].reverse()) {
       if (want && f.verdict !== want) continue;
+      const text = JSON.stringify(f).toLowerCase();
+      if (!words.every((w) => text.includes(w))) continue;
       const tr = document.createElement("tr");
       tr.className = `flow ${f.verdict}`;
       const reason = f.reason_text ? `${f.reason}: ${f.reason_text}` : f.reason;
       const policies = (f.policies || []).join(", ");
-      for (const text of [
+      for (const text2 of [
         f.time.slice(11, 23),
         `${end(f.source)} \u2192 ${end(f.destination)} ${f.protocol}${f.service ? ` (${f.service})` : ""}`,
         f.verdict,
         policies ? `${reason} (${policies})` : reason
       ]) {
         const td = document.createElement("td");
-        td.textContent = text;
+        td.textContent = text2;
         tr.append(td);
       }
       tbody.append(tr);
@@ -224,6 +234,7 @@
     setTimeout(poll, 1e3);
   }
   $("verdict").addEventListener("change", showPanel);
+  $("filter").addEventListener("input", showPanel);
   redraw();
   poll();
 })();

@@ -23,8 +23,12 @@ function showPanel() {
   $("panel-title").textContent =
     selected.kind === "edge" ? `${item.src} → ${item.dst}` : `${item.id}`;
   const want = $("verdict").value;
+  const words = $("filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
   for (const f of [...item.flows].reverse()) {
     if (want && f.verdict !== want) continue;
+    // Every word somewhere in the flow (pods, ports, Service, reason, policies).
+    const text = JSON.stringify(f).toLowerCase();
+    if (!words.every((w) => text.includes(w))) continue;
     const tr = document.createElement("tr");
     tr.className = `flow ${f.verdict}`;
     const reason = f.reason_text ? `${f.reason}: ${f.reason_text}` : f.reason;
@@ -70,5 +74,6 @@ async function poll() {
 }
 
 $("verdict").addEventListener("change", showPanel);
+$("filter").addEventListener("input", showPanel);
 redraw();
 poll();

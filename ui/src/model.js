@@ -30,8 +30,10 @@ export class Model {
     const s = nodeOf(flow.source);
     const d = nodeOf(flow.destination);
     for (const n of [s, d]) {
-      if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [] });
+      if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [], services: new Set() });
     }
+    // The Services a workload backs: those of the flows that reached its pods.
+    if (flow.service && flow.destination.pod) this.nodes.get(d.id).services.add(flow.service);
     const id = `${s.id}->${d.id}`;
     let e = this.edges.get(id);
     if (!e) {

@@ -29,12 +29,19 @@ export function render(svg, model, selected, onPick) {
     g.nodes.forEach((n, j) => {
       const bx = x + (COL_W - BOX_W) / 2, by = TOP + 10 + j * (BOX_H + ROW_GAP);
       pos.set(n.id, { x: bx, y: by });
+      const services = [...n.services].sort();
       const node = el("g", {
         class: `node${selected === n.id ? " selected" : ""}`,
         "data-id": n.id,
+        "data-services": services.join(","),
       });
       node.append(el("rect", { x: bx, y: by, width: BOX_W, height: BOX_H }));
       node.append(el("text", { x: bx + 8, y: by + 19 }, n.label));
+      if (services.length) {
+        // The Services it backs, by name (they live in its namespace).
+        const names = services.map((s) => s.split("/")[1]).join(", ");
+        node.append(el("text", { class: "svc", x: bx + BOX_W - 8, y: by + 19, "text-anchor": "end" }, `svc ${names}`));
+      }
       node.addEventListener("click", () => onPick("node", n.id));
       svg.append(node);
     });

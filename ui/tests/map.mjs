@@ -1,11 +1,13 @@
 // Drives `weir ui` in headless Chromium (playwright-core, Debian's /usr/bin/chromium):
 //   node tests/map.mjs URL EXPECT.json [SCREENSHOT.png]
 // EXPECT: {"workloads": ["ns/name", ...], "denied": ["ns/src", "ns/dst"], "reason": "...",
-//          "policy": "ns/name", "connected": ["ns/src", "ns/dst"]}.
+//          "policy": "ns/name", "connected": ["ns/src", "ns/dst"],
+//          "service": ["ns/workload", "ns/service"]}.
 // Checks that the map shows the workloads, that the edge `denied` is marked as dropping,
 // that clicking it lists its drops with the reason and the policy, and that the edges carry
-// TCP health: connects on `connected`, failed connects on `denied`; prints what it saw as
-// JSON and exits non-zero on a failed check.
+// TCP health: connects on `connected`, failed connects on `denied`, that the panel's filter
+// narrows the flows, and that workload `service[0]` shows it backs `service[1]`; prints what
+// it saw as JSON and exits non-zero on a failed check.
 import { chromium } from "playwright-core";
 import { readFileSync } from "node:fs";
 
@@ -35,6 +37,19 @@ try {
   if (!seen.rows.some((r) => r.includes(want.reason) && r.includes(want.policy))) {
     throw new Error(`no dropped flow with ${want.reason} by ${want.policy} in the panel`);
   }
+  // The panel's filter: every row left names the policy; a word nothing has leaves none.
+  await page.locator("#filter").fill(want.policy);
+  const named = await page.locator("#flows tbody tr").evaluateAll((rs) => rs.map((r) => r.textContent));
+  if (!named.length || !named.every((r) => r.includes(want.policy))) {
+    throw new Error(`filtering by ${want.policy} left ${JSON.stringify(named)}`);
+  }
+  await page.locator("#filter").fill("no-such-thing");
+  if ((await page.locator("#flows tbody tr").count()) !== 0) throw new Error("the filter matched nothing yet left rows");
+  await page.locator("#filter").fill("");
+  // A workload shows the Services it backs.
+  const backs = await page.locator(`g.node[data-id="${want.service[0]}"]`).getAttribute("data-services");
+  if (!backs.split(",").includes(want.service[1])) throw new Error(`${want.service[0]} backs ${backs}, not ${want.service[1]}`);
+  seen.services = backs;
   // TCP health on the edges (the agents report it every few seconds).
   const connected = `g.edge[data-src="${want.connected[0]}"][data-dst="${want.connected[1]}"]`;
   await page.waitForFunction(

@@ -3,7 +3,7 @@
 //! programs, maps), `GET /datapath` (the per-packet datapath: endpoints, devices, counters by
 //! reason, programs, maps), `GET /explain?from=IP:PORT&to=IP:PORT&protocol=tcp` (a synthetic
 //! packet through the tc programs, changing nothing), `GET /policy` (NetworkPolicy status),
-//! `GET /flows?since=SEQ` (policy verdict events after SEQ), `GET|POST|DELETE
+//! `GET /flows?since=SEQ[&last=N]` (the flows after SEQ, or the last N of them), `GET|POST|DELETE
 //! /prefilter?cidr=...` (the XDP prefilter's deny list).
 
 use std::convert::Infallible;
@@ -68,24 +68,31 @@ async fn handle(
             &*shared.policy.lock().expect("policy report"),
         ),
         "/flows" => {
-            let since = query_values(req.uri().query().unwrap_or(""), "since")
+            let query = req.uri().query().unwrap_or("");
+            let since = query_values(query, "since")
                 .next()
                 .map(|v| v.parse::<u64>());
-            match (&shared.pods, since) {
-                (None, _) => json(
+            let last = query_values(query, "last")
+                .next()
+                .map(|v| v.parse::<usize>());
+            match (&shared.pods, since, last) {
+                (None, _, _) => json(
                     StatusCode::NOT_FOUND,
                     &serde_json::json!({"error": "this agent runs no per-packet datapath"}),
                 ),
-                (_, Some(Err(_))) => json(
+                (_, Some(Err(_)), _) => json(
                     StatusCode::BAD_REQUEST,
                     &serde_json::json!({"error": "since: not a sequence number"}),
                 ),
-                (Some(p), since) => {
-                    let mut page = shared
-                        .flows
-                        .lock()
-                        .expect("flow log")
-                        .since(since.and_then(Result::ok).unwrap_or(0));
+                (_, _, Some(Err(_))) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "last: not a number of flows"}),
+                ),
+                (Some(p), since, last) => {
+                    let mut page = shared.flows.lock().expect("flow log").since_last(
+                        since.and_then(Result::ok).unwrap_or(0),
+                        last.and_then(Result::ok),
+                    );
                     match p
                         .dataplane
                         .lock()

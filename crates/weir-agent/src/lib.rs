@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub cluster_id: Option<String>,
     /// Where to write the address the first of `listen` was bound to (useful with port 0).
     pub listen_file: Option<PathBuf>,
+    /// What `weir_flows_total` says of a flow's ends (none by default).
+    pub flow_metrics_context: flows::MetricsContext,
 }
 
 /// Services (and their EndpointSlices) with this label have no proxy at all: the
@@ -141,6 +143,9 @@ pub struct Shared {
     pub switch: Mutex<Option<switch::SwitchRequest>>,
     /// Wakes the Services loop for a switch.
     pub switch_wake: Notify,
+    /// Whether the socket layer's translation events are being read (started under eBPF,
+    /// or at a switch to it).
+    pub sock_events_read: std::sync::atomic::AtomicBool,
 }
 
 /// Starts a kube-rs reflector for `api` in the background and returns its store. After
@@ -634,6 +639,10 @@ pub async fn run(
     );
     let policy_report = Arc::new(Mutex::new(policy::PolicyReport::default()));
     let flow_log = Arc::new(Mutex::new(flows::FlowLog::new(&cfg.node_name)));
+    flow_log
+        .lock()
+        .expect("flow log")
+        .set_metrics_context(cfg.flow_metrics_context);
     if let Some(p) = &pods {
         flows::spawn(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
         flows::spawn_drops(p.clone(), flow_log.clone()).map_err(std::io::Error::other)?;
@@ -665,6 +674,7 @@ pub async fn run(
         node_name: cfg.node_name.clone(),
         switch: Mutex::new(None),
         switch_wake: Notify::new(),
+        sock_events_read: Default::default(),
     });
     // From the Node objects: in VXLAN mode, the other nodes' pod CIDRs into the tunnel maps;
     // when masquerading, every node's pod CIDR (and the configured networks) into the map of
@@ -991,8 +1001,10 @@ fn refresh_ejections(
 }
 
 /// With flow summaries on, the socket layer's translations go into the flow log (their
-/// clients named by the node's endpoint records).
-fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
+/// clients named by the node's endpoint records): called at the start, and again when a
+/// switch made eBPF the dataplane (the reader starts once; its ring stays pinned across
+/// switches).
+pub(crate) fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
     let on = shared
         .pods
         .as_ref()
@@ -1008,6 +1020,12 @@ fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
     let Some(p) = shared.pods.as_ref().filter(|_| on) else {
         return Ok(());
     };
+    if shared
+        .sock_events_read
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return Ok(());
+    }
     flows::spawn_sock_events(path, p.config.endpoint_dir.clone(), shared.flows.clone())
         .map_err(std::io::Error::other)
 }

@@ -914,6 +914,7 @@ pub async fn run_agent(
         listen: vec![metrics_listen(&p, layout.node(node)?)],
         listen_file: Some(metrics_file(&p, node)),
         cluster_id: name.split_once('/').map(|(_, c)| c.to_string()),
+        flow_metrics_context: Default::default(),
     };
     weir_agent::run(client, dp, Some((pods, pod_cfg)), cfg)
         .await

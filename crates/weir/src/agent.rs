@@ -96,6 +96,17 @@ pub(crate) struct AgentArgs {
     /// policy verdicts and drops alone.
     #[arg(long, env = "WEIR_FLOW_SUMMARIES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub flow_summaries: bool,
+    /// What `weir_flows_total` says of a flow's ends, as Hubble's labelsContext: `none`
+    /// (the default: its labels take values from fixed lists), or `source` and
+    /// `destination` labels naming each end's `namespace`, `workload` (namespace/workload)
+    /// or `pod` (namespace/name: a series per pod pair, removed when a pod goes).
+    #[arg(
+        long,
+        env = "WEIR_FLOW_METRICS_CONTEXT",
+        default_value = "none",
+        value_name = "CONTEXT"
+    )]
+    pub flow_metrics_context: weir_agent::flows::MetricsContext,
     /// How long a SecurityIdentity no pod needs (its labels gone, or a duplicate) stays
     /// before the agent deletes it.
     #[arg(long, env = "WEIR_IDENTITY_GC_GRACE", default_value = "5m", value_parser = parse_duration)]
@@ -266,6 +277,7 @@ pub(crate) async fn run(cli: &Cli, a: &AgentArgs) -> Result<ExitCode> {
         listen,
         cluster_id: a.cluster_id.clone(),
         listen_file: None,
+        flow_metrics_context: a.flow_metrics_context,
     };
     tokio::select! {
         r = weir_agent::run(client, dp, Some((pods, pod_cfg)), cfg) => r?,

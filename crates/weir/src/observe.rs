@@ -193,6 +193,11 @@ impl Filter {
     fn matches(&self, r: &FlowRecord) -> bool {
         self.conds.iter().all(|(not, c)| c.matches(r) != *not)
     }
+
+    /// Whether every flow matches.
+    fn is_empty(&self) -> bool {
+        self.conds.is_empty()
+    }
 }
 
 /// `--since`: a duration back from now (`30s`, `5m`, `1h30m`) or an RFC 3339 time.
@@ -364,7 +369,21 @@ fn print(r: &FlowRecord, out: Output) -> Result<()> {
 }
 
 pub(crate) async fn page(socket: &std::path::Path, since: u64) -> std::io::Result<FlowPage> {
-    let v = weir_agent::api::get(socket, &format!("/flows?since={since}")).await?;
+    page_last(socket, since, None).await
+}
+
+/// The flows after `since`, only the last `last` of them when given (the agent spells out
+/// those alone).
+async fn page_last(
+    socket: &std::path::Path,
+    since: u64,
+    last: Option<usize>,
+) -> std::io::Result<FlowPage> {
+    let path = match last {
+        Some(n) => format!("/flows?since={since}&last={n}"),
+        None => format!("/flows?since={since}"),
+    };
+    let v = weir_agent::api::get(socket, &path).await?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         return Err(std::io::Error::other(e.to_string()));
     }
@@ -400,8 +419,10 @@ pub async fn run(
     let mut cursor: BTreeMap<String, u64> = BTreeMap::new();
     let mut events_lost: BTreeMap<String, u64> = BTreeMap::new();
     let mut past = Vec::new();
+    // Without a filter, each agent sends its last `last` flows alone.
+    let wanted = filter.is_empty().then_some(last);
     for (node, socket) in sockets {
-        let p = page(socket, 0).await.map_err(|e| {
+        let p = page_last(socket, 0, wanted).await.map_err(|e| {
             anyhow!(
                 "the weir agent of {node} does not answer on {}: {e} (hint: is the agent running? for a lab, `weir lab list`)",
                 socket.display()

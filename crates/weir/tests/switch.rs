@@ -319,6 +319,27 @@ fn switch_round_ebpf_iptables_nftables_ebpf() {
     let _agent = restart_keeps_the_dataplane(&lab, "iptables");
     switch_under_load(&lab, "nftables");
     switch_under_load(&lab, "ebpf");
+    // node-1's agent started under netfilter: from the switch to eBPF on, it reads the
+    // socket layer's translations (its log began at the restart, when none were made).
+    lab.eventually(
+        "the socket translations after the switch",
+        Duration::from_secs(20),
+        || {
+            lab.connect("x/client", "both.x:80", "tcp", 1);
+            let out = ok(&mut lab.weir(&[
+                "observe",
+                "--node",
+                "node-1",
+                "-t",
+                "trace-sock",
+                "--from-pod",
+                "x/client",
+                "--last",
+                "20",
+            ]));
+            out.contains("TRANSLATED (XLATE_CONNECT)")
+        },
+    );
 }
 
 /// A switch that fails on a node after the flows were copied (a failure injected through the

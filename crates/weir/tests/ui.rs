@@ -112,6 +112,7 @@ fn the_map_shows_workloads_and_marks_the_denied_edge() {
             "reason": "DROP_POLICY_DENIED",
             "policy": "shop/vault-closed",
             "connected": ["shop/client", "shop/web"],
+            "service": ["shop/web", "shop/web"],
         })
         .to_string(),
     )

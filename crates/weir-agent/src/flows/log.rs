@@ -30,7 +30,72 @@ struct PodEnd {
     pod: String,
     namespace: String,
     workload: Option<String>,
+    /// `namespace/workload` (the pod's name without one), for metric labels.
+    workload_key: String,
     labels: BTreeMap<String, String>,
+}
+
+/// The pods at a flow's source and destination, where they are pods.
+type Ends = (Option<Arc<PodEnd>>, Option<Arc<PodEnd>>);
+
+/// What `weir_flows_total` says of a flow's ends, as Hubble's `labelsContext` (asked for
+/// with `weir agent --flow-metrics-context`): nothing (the default: labels of fixed
+/// lists), or `source` and `destination` labels naming each end's namespace, workload
+/// (`namespace/workload`) or pod (`namespace/name`); empty for an end that is no pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsContext {
+    /// No `source` or `destination` label.
+    #[default]
+    None,
+    /// The ends' namespaces.
+    Namespace,
+    /// The ends' workloads.
+    Workload,
+    /// The ends' pods (one series per pod pair: only where that is affordable).
+    Pod,
+}
+
+impl MetricsContext {
+    /// Every context, by name.
+    pub const ALL: [(&'static str, MetricsContext); 4] = [
+        ("none", MetricsContext::None),
+        ("namespace", MetricsContext::Namespace),
+        ("workload", MetricsContext::Workload),
+        ("pod", MetricsContext::Pod),
+    ];
+
+    /// The label value of end `p` (empty for no pod).
+    fn of(self, p: Option<&Arc<PodEnd>>) -> &str {
+        match (self, p) {
+            (_, None) | (MetricsContext::None, _) => "",
+            (MetricsContext::Namespace, Some(p)) => &p.namespace,
+            (MetricsContext::Workload, Some(p)) => &p.workload_key,
+            (MetricsContext::Pod, Some(p)) => &p.pod,
+        }
+    }
+
+    /// The label value of pod `pod` (`namespace/name`) of workload `workload`.
+    fn of_pod(self, pod: &str, workload: Option<&str>) -> String {
+        let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
+        match self {
+            MetricsContext::None => String::new(),
+            MetricsContext::Namespace => ns.to_string(),
+            MetricsContext::Workload => format!("{ns}/{}", workload.unwrap_or(name)),
+            MetricsContext::Pod => pod.to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for MetricsContext {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s))
+            .map(|(_, c)| *c)
+            .ok_or_else(|| format!("{s:?}: expected none, namespace, workload or pod"))
+    }
 }
 
 /// The NetworkPolicies (`namespace/name`) of an origin, shared by the verdicts naming it.
@@ -79,11 +144,19 @@ impl Clock {
     }
 }
 
+/// `weir_flows_total`'s counters by (event, verdict, direction).
+type FlowCounters = FastMap<(&'static str, &'static str, &'static str), Counter>;
+
 /// Counters already looked up in their families, by their labels' values.
 #[derive(Default)]
 struct Counters {
-    /// `weir_flows_total` by reason, then (event, verdict, direction).
-    flows: FastMap<String, FastMap<(&'static str, &'static str, &'static str), Counter>>,
+    /// What `weir_flows_total` says of the ends.
+    context: MetricsContext,
+    /// `weir_flows_total` by reason, then (event, verdict, direction): without a context.
+    flows: FastMap<String, FlowCounters>,
+    /// `weir_flows_total` by reason, source and destination, then (event, verdict,
+    /// direction): with a context.
+    flows_by_ends: FastMap<String, FastMap<String, FastMap<String, FlowCounters>>>,
     /// `weir_policy_verdicts_total` by (verdict, direction, match).
     verdicts: FastMap<(&'static str, &'static str, &'static str), Counter>,
     /// `weir_tcp_flags_total` by (flag, family).
@@ -110,6 +183,26 @@ fn service_labels(service: &str, outcome: &str) -> crate::metrics::Labels {
     ]
 }
 
+/// The labels of a `weir_flows_total` series (`source` and `destination` with a context).
+fn flow_labels(
+    context: MetricsContext,
+    (event, verdict, dir): (&str, &str, &str),
+    reason: &str,
+    (src, dst): (&str, &str),
+) -> crate::metrics::Labels {
+    let mut l = vec![
+        ("event", event.to_string()),
+        ("verdict", verdict.to_string()),
+        ("reason", reason.to_string()),
+        ("direction", dir.to_string()),
+    ];
+    if context != MetricsContext::None {
+        l.push(("source", src.to_string()));
+        l.push(("destination", dst.to_string()));
+    }
+    l
+}
+
 impl Counters {
     fn flow(
         &mut self,
@@ -117,21 +210,47 @@ impl Counters {
         verdict: &'static str,
         reason: &str,
         dir: &'static str,
+        (s, d): (Option<&Arc<PodEnd>>, Option<&Arc<PodEnd>>),
     ) {
-        entry(&mut self.flows, reason)
+        let context = self.context;
+        let (src, dst) = (context.of(s), context.of(d));
+        let counters = if context == MetricsContext::None {
+            entry(&mut self.flows, reason)
+        } else {
+            entry(entry(entry(&mut self.flows_by_ends, reason), src), dst)
+        };
+        counters
             .entry((event, verdict, dir))
             .or_insert_with(|| {
-                crate::metrics::METRICS
-                    .flows
-                    .get_or_create(&vec![
-                        ("event", event.to_string()),
-                        ("verdict", verdict.to_string()),
-                        ("reason", reason.to_string()),
-                        ("direction", dir.to_string()),
-                    ])
-                    .clone()
+                let l = flow_labels(context, (event, verdict, dir), reason, (src, dst));
+                crate::metrics::METRICS.flows.get_or_create(&l).clone()
             })
             .inc();
+    }
+
+    /// Removes the `weir_flows_total` series naming an end not in `live` (pods gone).
+    fn forget_ends(&mut self, live: &std::collections::HashSet<String>) {
+        if self.context == MetricsContext::None {
+            return;
+        }
+        let context = self.context;
+        let gone = |e: &str| !e.is_empty() && !live.contains(e);
+        for (reason, by_src) in self.flows_by_ends.iter_mut() {
+            for (src, by_dst) in by_src.iter_mut() {
+                by_dst.retain(|dst, counters| {
+                    if !gone(src) && !gone(dst) {
+                        return true;
+                    }
+                    for k in counters.keys() {
+                        let l = flow_labels(context, *k, reason, (src, dst));
+                        crate::metrics::METRICS.flows.remove(&l);
+                    }
+                    false
+                });
+            }
+            by_src.retain(|_, by_dst| !by_dst.is_empty());
+        }
+        self.flows_by_ends.retain(|_, by_src| !by_src.is_empty());
     }
 
     fn verdict(&mut self, verdict: &'static str, dir: &'static str, kind: &'static str) {
@@ -321,10 +440,24 @@ impl FlowLog {
 
     /// Replaces the pods the log names addresses after (addresses -> `namespace/name`, and
     /// their workloads and labels).
+    /// With a metrics context, the `weir_flows_total` series of pods gone go.
     pub fn set_pods(&mut self, names: HashMap<IpAddr, String>, pods: HashMap<String, PodMeta>) {
+        let context = self.counters.context;
+        if context != MetricsContext::None {
+            let live = names
+                .values()
+                .map(|p| context.of_pod(p, pods.get(p).map(|m| m.workload.as_str())))
+                .collect();
+            self.counters.forget_ends(&live);
+        }
         self.pod_names = names;
         self.pods = pods;
         self.ends.clear();
+    }
+
+    /// Sets what `weir_flows_total` says of a flow's ends (from the next flow on).
+    pub fn set_metrics_context(&mut self, context: MetricsContext) {
+        self.counters.context = context;
     }
 
     /// Replaces the table of policy entry origins (number -> `namespace/name`s).
@@ -369,12 +502,12 @@ impl FlowLog {
         }
         let end = self.pod_names.get(&ip).map(|pod| {
             let meta = self.pods.get(pod);
+            let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
+            let workload = meta.map(|m| m.workload.clone());
             Arc::new(PodEnd {
-                namespace: pod
-                    .split_once('/')
-                    .map(|(ns, _)| ns.to_string())
-                    .unwrap_or_default(),
-                workload: meta.map(|m| m.workload.clone()),
+                namespace: ns.to_string(),
+                workload_key: format!("{ns}/{}", workload.as_deref().unwrap_or(name)),
+                workload,
                 labels: meta.map(|m| m.labels.clone()).unwrap_or_default(),
                 pod: pod.clone(),
             })
@@ -383,12 +516,20 @@ impl FlowLog {
         end
     }
 
-    fn add(&mut self, ts: u64, src: Option<IpAddr>, dst: Option<IpAddr>, raw: Raw) {
+    /// The pods at addresses `src` and `dst`.
+    fn ends(&mut self, src: Option<IpAddr>, dst: Option<IpAddr>) -> Ends {
+        (
+            src.and_then(|ip| self.pod_at(ip)),
+            dst.and_then(|ip| self.pod_at(ip)),
+        )
+    }
+
+    fn add(&mut self, ts: u64, (src, dst): Ends, raw: Raw) {
         let entry = Entry {
             seq: self.next_seq,
             wall_ns: self.clock.wall_ns(ts),
-            src: src.and_then(|ip| self.pod_at(ip)),
-            dst: dst.and_then(|ip| self.pod_at(ip)),
+            src,
+            dst,
             raw,
         };
         self.next_seq += 1;
@@ -419,11 +560,18 @@ impl FlowLog {
         let dir = dir_name(ev.dir);
         let verdict = if allowed { "allowed" } else { "dropped" };
         let reason = reason_label(ev.reason as u8);
-        self.counters.flow("policy-verdict", verdict, &reason, dir);
         let src = weir_bpf::ip_from_words(ev.family, ev.saddr);
         let dst = weir_bpf::ip_from_words(ev.family, ev.daddr);
+        let ends = self.ends(Some(src), Some(dst));
+        self.counters.flow(
+            "policy-verdict",
+            verdict,
+            &reason,
+            dir,
+            (ends.0.as_ref(), ends.1.as_ref()),
+        );
         let origins = ev.origin.map(|o| self.origins.get(&o).cloned());
-        self.add(ev.ts, Some(src), Some(dst), Raw::Verdict(*ev, origins));
+        self.add(ev.ts, ends, Raw::Verdict(*ev, origins));
     }
 
     /// Records one packet the kernel dropped (IP packets only: the others are counted in
@@ -436,11 +584,13 @@ impl FlowLog {
         let (Some(src), Some(dst)) = (d.src, d.dst) else {
             return;
         };
-        let (s, t) = (self.pod_at(src.0), self.pod_at(dst.0));
-        let dir = direction_of(s.as_ref(), t.as_ref());
-        self.counters.flow("kernel-drop", "dropped", &d.reason, dir);
+        let ends = self.ends(Some(src.0), Some(dst.0));
+        let (s, t) = (ends.0.as_ref(), ends.1.as_ref());
+        let dir = direction_of(s, t);
+        self.counters
+            .flow("kernel-drop", "dropped", &d.reason, dir, (s, t));
         let raw = Raw::KernelDrop(Box::new(d.clone()));
-        self.add(d.ts, Some(src.0), Some(dst.0), raw);
+        self.add(d.ts, ends, raw);
     }
 
     /// Records one packet weir's programs dropped for a reason other than policy.
@@ -452,19 +602,22 @@ impl FlowLog {
             let svc = self.frontend_service(dst, d.proto);
             self.counters.service(svc.as_deref(), "refused");
         }
-        let (s, t) = (self.pod_at(src.ip()), self.pod_at(dst.ip()));
-        let dir = direction_of(s.as_ref(), t.as_ref());
-        self.counters
-            .flow("drop", "dropped", &reason_label(d.reason as u8), dir);
-        self.add(d.ts, Some(src.ip()), Some(dst.ip()), Raw::Drop(d.clone()));
+        let ends = self.ends(Some(src.ip()), Some(dst.ip()));
+        let (s, t) = (ends.0.as_ref(), ends.1.as_ref());
+        let dir = direction_of(s, t);
+        let reason = reason_label(d.reason as u8);
+        self.counters.flow("drop", "dropped", &reason, dir, (s, t));
+        self.add(d.ts, ends, Raw::Drop(d.clone()));
     }
 
     /// Records one forwarding summary of the tc or XDP programs.
     pub fn push_trace(&mut self, t: &TraceEvent) {
-        let (s, d) = (self.pod_at(t.src.ip()), self.pod_at(t.dst.ip()));
-        let dir = direction_of(s.as_ref(), d.as_ref());
+        let ends = self.ends(Some(t.src.ip()), Some(t.dst.ip()));
+        let (s, d) = (ends.0.as_ref(), ends.1.as_ref());
+        let dir = direction_of(s, d);
         let reason = reason_label(t.reason as u8);
-        self.counters.flow("trace", "forwarded", &reason, dir);
+        self.counters
+            .flow("trace", "forwarded", &reason, dir, (s, d));
         if t.proto == 6 {
             self.counters.tcp_flags(t.tcp_flags, t.src.is_ipv4());
         }
@@ -474,12 +627,7 @@ impl FlowLog {
                 self.counters.service(svc.as_deref(), "translated");
             }
         }
-        self.add(
-            t.ts,
-            Some(t.src.ip()),
-            Some(t.dst.ip()),
-            Raw::Trace(t.clone()),
-        );
+        self.add(t.ts, ends, Raw::Trace(t.clone()));
     }
 
     /// Records one translation (or refusal) of the socket layer: the client is the pod
@@ -491,31 +639,31 @@ impl FlowLog {
                 .copied()
         });
         let svc = self.frontend_service(e.vip, e.proto);
+        let to = e.backend.unwrap_or(e.vip);
+        let ends = self.ends(client, Some(to.ip()));
+        let pods = (ends.0.as_ref(), ends.1.as_ref());
         if e.reason != 0 {
             self.counters.service(svc.as_deref(), "refused");
-            self.counters.flow(
-                "trace-sock",
-                "dropped",
-                &reason_label(e.reason as u8),
-                "egress",
-            );
+            let reason = reason_label(e.reason as u8);
+            self.counters
+                .flow("trace-sock", "dropped", &reason, "egress", pods);
         } else {
             if e.point != SOCK_XLATE_RECVMSG {
                 self.counters.service(svc.as_deref(), "translated");
             }
             let reason = sock_reason(e.point);
             self.counters
-                .flow("trace-sock", "translated", reason, "egress");
+                .flow("trace-sock", "translated", reason, "egress", pods);
         }
-        let to = e.backend.unwrap_or(e.vip);
-        self.add(e.ts, client, Some(to.ip()), Raw::Sock(e.clone(), client));
+        self.add(e.ts, ends, Raw::Sock(e.clone(), client));
     }
 
     /// Records what the client sockets of the pod at `client` went through with `peer`
     /// (at boot-clock time `ts`).
     pub fn push_tcp_health(&mut self, ts: u64, client: IpAddr, peer: SocketAddr, s: TcpStats) {
         let raw = Raw::TcpHealth(client, peer, Box::new(s));
-        self.add(ts, Some(client), Some(peer.ip()), raw);
+        let ends = self.ends(Some(client), Some(peer.ip()));
+        self.add(ts, ends, raw);
     }
 
     /// The Service whose backend `peer` is, for TCP.
@@ -548,8 +696,18 @@ impl FlowLog {
 
     /// The records after `since`.
     pub fn since(&self, since: u64) -> FlowPage {
+        self.since_last(since, None)
+    }
+
+    /// The records after `since`, only the last `last` of them when given (the others are
+    /// not spelled out: a reader that wants the last few pays for those alone).
+    pub fn since_last(&self, since: u64, last: Option<usize>) -> FlowPage {
         let first = self.entries.front().map(|r| r.seq).unwrap_or(self.next_seq);
-        let start = self.entries.partition_point(|e| e.seq <= since);
+        let after = self.entries.partition_point(|e| e.seq <= since);
+        let start = match last {
+            Some(n) => after.max(self.entries.len().saturating_sub(n)),
+            None => after,
+        };
         FlowPage {
             next: self.next_seq - 1,
             lost: first.saturating_sub(since + 1),

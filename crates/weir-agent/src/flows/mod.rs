@@ -16,7 +16,7 @@ use weir_bpf::kdrop::KernelDrops;
 use crate::pods::Pods;
 
 mod log;
-pub use log::FlowLog;
+pub use log::{FlowLog, MetricsContext};
 
 /// The boot clock now, nanoseconds (the clock of the datapath's event stamps).
 pub fn boot_ns() -> u64 {
@@ -502,6 +502,11 @@ mod tests {
         assert_eq!(p.flows[0].verdict, "allowed");
         let tail = log.since(p.next - 2);
         assert_eq!((tail.lost, tail.flows.len()), (0, 2));
+        // The last few alone: the newest, in order.
+        let last = log.since_last(0, Some(3));
+        assert_eq!(last.flows.len(), 3);
+        assert_eq!(last.flows[2].seq, p.next);
+        assert_eq!(log.since_last(p.next - 1, Some(3)).flows.len(), 1);
         assert!(log.since(p.next).flows.is_empty());
     }
 
@@ -601,6 +606,61 @@ mod tests {
             r.reason_text,
             "3 connects (1 failed), 3 retransmits, mean connect time 100 us, mean smoothed RTT 45 us in 3 s"
         );
+    }
+
+    /// With a metrics context, `weir_flows_total` names each end's workload, and the series
+    /// of a pod gone go with it.
+    #[test]
+    fn flow_metrics_name_the_ends_when_asked_and_forget_pods_gone() {
+        let mut log = FlowLog::new("n1");
+        log.set_metrics_context("workload".parse().unwrap());
+        let pods = |names: &[(&str, &str)]| {
+            let ips = names
+                .iter()
+                .map(|(ip, pod)| (ip.parse().unwrap(), pod.to_string()))
+                .collect();
+            let meta = names
+                .iter()
+                .map(|(_, pod)| {
+                    let workload = pod.trim_end_matches("-1").rsplit('/').next().unwrap();
+                    (
+                        pod.to_string(),
+                        PodMeta {
+                            workload: workload.to_string(),
+                            labels: Default::default(),
+                        },
+                    )
+                })
+                .collect();
+            (ips, meta)
+        };
+        let (ips, meta) = pods(&[("10.9.0.1", "ctx/front-1"), ("10.9.0.2", "ctx/back-1")]);
+        log.set_pods(ips, meta);
+        log.push_drop_event(&DropEvent {
+            ts: 0,
+            reason: weir_reason::DROP_NO_ROUTE.0,
+            dir: 0,
+            ifindex: 2,
+            proto: 6,
+            src: Some("10.9.0.1:40000".parse().unwrap()),
+            dst: Some("10.9.0.2:8080".parse().unwrap()),
+            len: 60,
+        });
+        let labels = vec![
+            ("event", "drop".to_string()),
+            ("verdict", "dropped".to_string()),
+            ("reason", "DROP_NO_ROUTE".to_string()),
+            ("direction", "ingress".to_string()),
+            ("source", "ctx/front".to_string()),
+            ("destination", "ctx/back".to_string()),
+        ];
+        let family = &crate::metrics::METRICS.flows;
+        assert_eq!(family.get_or_create(&labels).get(), 1);
+        // ctx/back's pod went: its series go.
+        let (ips, meta) = pods(&[("10.9.0.1", "ctx/front-1")]);
+        log.set_pods(ips, meta);
+        assert!(!family.remove(&labels), "the series went with the pod");
+        assert!("node".parse::<MetricsContext>().is_err());
     }
 
     #[test]

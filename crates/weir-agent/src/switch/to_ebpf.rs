@@ -176,5 +176,9 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
     hold_node_flows(step, &entries, report);
     remove_rules(step.from, netns.as_deref(), iptables_backend(step.pods));
     *step.shared.dataplane.lock().expect("dataplane") = Box::new(target);
+    // The socket layer reports its translations from now on.
+    if let Err(e) = crate::spawn_translation_events(step.shared) {
+        tracing::warn!(error = %e, "reading the socket layer's translations");
+    }
     Ok(())
 }
