@@ -199,13 +199,16 @@ fn count(th: &TcpHealth, p: &Watched) -> Option<tcp_counters> {
     Some(now)
 }
 
+/// Labels `base` and one more.
+fn with_label(base: &Labels, k: &'static str, v: &str) -> Labels {
+    let mut l = base.clone();
+    l.push((k, v.to_string()));
+    l
+}
+
 /// Adds counts `d` to the series of `m` under `base` labels.
 fn add(m: &TcpMetrics, base: Labels, d: &tcp_counters) {
-    let with = |k: &'static str, v: &str| {
-        let mut l = base.clone();
-        l.push((k, v.to_string()));
-        l
-    };
+    let with = |k, v| with_label(&base, k, v);
     m.retransmits.get_or_create(&base).inc_by(d.retransmits);
     m.resets
         .get_or_create(&with("direction", "sent"))
@@ -231,11 +234,7 @@ fn add(m: &TcpMetrics, base: Labels, d: &tcp_counters) {
 /// Removes the series of `m` under `base` labels (a workload's last pod on the node went, or
 /// a Service went).
 fn remove_series(m: &TcpMetrics, base: Labels) {
-    let with = |k: &'static str, v: &str| {
-        let mut l = base.clone();
-        l.push((k, v.to_string()));
-        l
-    };
+    let with = |k, v| with_label(&base, k, v);
     m.retransmits.remove(&base);
     m.connect_seconds.remove(&base);
     m.rtt_seconds.remove(&base);
