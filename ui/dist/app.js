@@ -3,6 +3,7 @@
   // src/model.js
   var RECENT = 200;
   var RATE_WINDOW_MS = 1e4;
+  var TROUBLE_WINDOW_MS = 6e4;
   function nodeOf(end2) {
     if (end2.pod) {
       const [ns, name] = end2.pod.split("/");
@@ -37,7 +38,7 @@
           ports: /* @__PURE__ */ new Set(),
           times: [],
           flows: [],
-          tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0 }
+          tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0, troubleAt: 0 }
         };
         this.edges.set(id, e);
       }
@@ -48,8 +49,12 @@
         e.tcp.retransmits += t.retransmits;
         e.tcp.resets += t.resets_sent + t.resets_received;
         if (t.rtt_us !== void 0) {
-          e.tcp.rttUs += t.rtt_us;
-          e.tcp.rttN += 1;
+          const n = t.rtt_samples || 1;
+          e.tcp.rttUs += t.rtt_us * n;
+          e.tcp.rttN += n;
+        }
+        if (t.connect_failures + t.retransmits + t.resets_sent + t.resets_received > 0) {
+          e.tcp.troubleAt = Math.max(e.tcp.troubleAt, Date.parse(flow.time) || Date.now());
         }
       } else {
         if (flow.verdict === "dropped") e.dropped += 1;
@@ -66,15 +71,15 @@
       }
     }
     /** Edge `e`'s TCP health in a few words ("" when nothing was seen), and whether it is
-     * troubled (failed connects, resets or retransmits). */
-    health(e) {
+     * troubled (failed connects, resets or retransmits in the last minute, as of `now`). */
+    health(e, now = Date.now()) {
       const t = e.tcp;
       const parts = [];
       if (t.failures) parts.push(`${t.failures} failed`);
       if (t.retransmits) parts.push(`${t.retransmits} rtx`);
       if (t.resets) parts.push(`${t.resets} rst`);
       if (t.rttN) parts.push(`rtt ${Math.round(t.rttUs / t.rttN)}\xB5s`);
-      return { text: parts.join(" "), troubled: t.failures + t.retransmits + t.resets > 0 };
+      return { text: parts.join(" "), troubled: now - t.troubleAt <= TROUBLE_WINDOW_MS };
     }
     /** Flows per second on edge `e` over the last ten seconds (as of `now`). */
     rate(e, now = Date.now()) {
@@ -147,7 +152,7 @@
       if (x2 <= x1) x2 = b.x + BOX_W;
       const mx = (x1 + x2) / 2 + (x2 === b.x + BOX_W ? 40 + Math.abs(y2 - y1) / 4 : 0);
       const verdict = e.dropped > 0 ? "denied" : "allowed";
-      const health = model2.health(e);
+      const health = model2.health(e, now);
       const g = el("g", {
         class: `edge ${verdict}${health.troubled ? " troubled" : ""}${selected2 === e.id ? " selected" : ""}`,
         "data-src": e.src,

@@ -5,6 +5,7 @@
 
 const RECENT = 200; // flows kept per edge for the panel
 const RATE_WINDOW_MS = 10_000;
+const TROUBLE_WINDOW_MS = 60_000; // an edge stays marked this long after trouble
 
 /** The map node a flow end belongs to: a workload of a namespace, or outside the pods. */
 export function nodeOf(end) {
@@ -39,7 +40,7 @@ export class Model {
     if (!e) {
       e = {
         id, src: s.id, dst: d.id, allowed: 0, dropped: 0, ports: new Set(), times: [], flows: [],
-        tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0 },
+        tcp: { connects: 0, failures: 0, retransmits: 0, resets: 0, rttUs: 0, rttN: 0, troubleAt: 0 },
       };
       this.edges.set(id, e);
     }
@@ -51,8 +52,13 @@ export class Model {
       e.tcp.retransmits += t.retransmits;
       e.tcp.resets += t.resets_sent + t.resets_received;
       if (t.rtt_us !== undefined) {
-        e.tcp.rttUs += t.rtt_us;
-        e.tcp.rttN += 1;
+        // Weighted by the connections each mean is of.
+        const n = t.rtt_samples || 1;
+        e.tcp.rttUs += t.rtt_us * n;
+        e.tcp.rttN += n;
+      }
+      if (t.connect_failures + t.retransmits + t.resets_sent + t.resets_received > 0) {
+        e.tcp.troubleAt = Math.max(e.tcp.troubleAt, Date.parse(flow.time) || Date.now());
       }
     } else {
       if (flow.verdict === "dropped") e.dropped += 1;
@@ -70,15 +76,15 @@ export class Model {
   }
 
   /** Edge `e`'s TCP health in a few words ("" when nothing was seen), and whether it is
-   * troubled (failed connects, resets or retransmits). */
-  health(e) {
+   * troubled (failed connects, resets or retransmits in the last minute, as of `now`). */
+  health(e, now = Date.now()) {
     const t = e.tcp;
     const parts = [];
     if (t.failures) parts.push(`${t.failures} failed`);
     if (t.retransmits) parts.push(`${t.retransmits} rtx`);
     if (t.resets) parts.push(`${t.resets} rst`);
     if (t.rttN) parts.push(`rtt ${Math.round(t.rttUs / t.rttN)}µs`);
-    return { text: parts.join(" "), troubled: t.failures + t.retransmits + t.resets > 0 };
+    return { text: parts.join(" "), troubled: now - t.troubleAt <= TROUBLE_WINDOW_MS };
   }
 
   /** Flows per second on edge `e` over the last ten seconds (as of `now`). */

@@ -55,7 +55,7 @@ export function render(svg, model, selected, onPick) {
     if (x2 <= x1) x2 = b.x + BOX_W; // same column or leftwards: back to its right side
     const mx = (x1 + x2) / 2 + (x2 === b.x + BOX_W ? 40 + Math.abs(y2 - y1) / 4 : 0);
     const verdict = e.dropped > 0 ? "denied" : "allowed";
-    const health = model.health(e);
+    const health = model.health(e, now);
     const g = el("g", {
       class: `edge ${verdict}${health.troubled ? " troubled" : ""}${selected === e.id ? " selected" : ""}`,
       "data-src": e.src,

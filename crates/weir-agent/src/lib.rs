@@ -1026,8 +1026,15 @@ pub(crate) fn spawn_translation_events(shared: &Shared) -> std::io::Result<()> {
     {
         return Ok(());
     }
-    flows::spawn_sock_events(path, p.config.endpoint_dir.clone(), shared.flows.clone())
-        .map_err(std::io::Error::other)
+    flows::spawn_sock_events(path, p.config.endpoint_dir.clone(), shared.flows.clone()).map_err(
+        |e| {
+            // Not reading: the next switch to eBPF tries again.
+            shared
+                .sock_events_read
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            std::io::Error::other(e)
+        },
+    )
 }
 
 /// Every frontend of `state` -> its Service (`namespace/name`), node ports under the

@@ -343,6 +343,7 @@ pub async fn run(
         }
     }
     let mut local = LocalIds::default();
+    local.continue_origins_after(pods.dataplane.lock().expect("pods").largest_policy_origin());
     // Identities this agent created, known before the watch reports them.
     let mut created: BTreeMap<IdentityLabels, u32> = BTreeMap::new();
     let mut gc = IdentityGc::default();

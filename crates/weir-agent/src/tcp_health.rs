@@ -39,6 +39,8 @@ struct Watched {
 struct Watch {
     pods: HashMap<String, Watched>,
     free: Vec<u32>,
+    /// Slots of pods gone this round, free from the next.
+    cooling: Vec<u32>,
     next: u32,
     /// The peers' counters last read.
     peers: HashMap<TcpPeer, tcp_counters>,
@@ -108,7 +110,18 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
         .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())
         .map(|r| (r.uid.as_str(), r))
         .collect();
-    // Pods gone: their slot is freed, and their workload's series go with the last one.
+    // Slots freed a round ago are free now: their sockets' records had a round to go.
+    let cooled = std::mem::take(&mut w.cooling);
+    w.free.extend(cooled);
+    // What every watched pod's sockets did since the last round, those of pods gone too.
+    for p in w.pods.values_mut() {
+        if let Some(now) = count(th, p) {
+            p.last = now;
+        }
+    }
+    count_peers(th, w, log);
+    let before: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
+    // Pods gone: unwatched, their slot cooling for a round.
     let gone: Vec<String> = w
         .pods
         .keys()
@@ -117,13 +130,11 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
         .collect();
     for uid in gone {
         if let Some(p) = w.pods.remove(&uid) {
-            count(th, &p);
             th.unwatch(p.inum, p.slot);
             w.peers.retain(|k, _| k.slot != p.slot);
-            w.free.push(p.slot);
+            w.cooling.push(p.slot);
         }
     }
-    let left: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
     // New pods.
     for (uid, r) in &live {
         if w.pods.contains_key(*uid) {
@@ -151,16 +162,11 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
             },
         );
     }
-    for p in w.pods.values_mut() {
-        if let Some(now) = count(th, p) {
-            p.last = now;
-        }
-    }
-    let now: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
-    for gone in left.difference(&now) {
+    // A workload's series go with its last pod on the node.
+    let after: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
+    for gone in before.difference(&after) {
         remove_series(&METRICS.tcp, workload_labels(gone));
     }
-    count_peers(th, w, log);
 }
 
 fn workload_labels((ns, wl): &(String, String)) -> Labels {

@@ -158,12 +158,15 @@ impl TcpHealth {
         }
     }
 
-    /// Every peer of a watched namespace's client sockets, with its counters summed over
-    /// CPUs.
+    /// Every peer of a watched namespace's client sockets (once each: an IPv4 address an
+    /// IPv6 socket connected to, IPv4-mapped, is the same peer as for an IPv4 socket), with
+    /// its counters summed over CPUs.
     pub fn peers(&self) -> Result<Vec<(TcpPeer, tcp_counters)>, BpfError> {
         let map = &self.skel.maps.weir_tcp_peers;
-        let mut out = Vec::new();
-        for k in map.keys() {
+        // A walk the programs' evictions restart may give a key twice.
+        let keys: std::collections::BTreeSet<Vec<u8>> = map.keys().collect();
+        let mut out: std::collections::BTreeMap<TcpPeer, tcp_counters> = Default::default();
+        for k in keys {
             let Some(per_cpu) = map
                 .lookup_percpu(&k, MapFlags::ANY)
                 .map_err(lb("reading weir_tcp_peers"))?
@@ -181,9 +184,11 @@ impl TcpHealth {
                 slot: key.slot,
                 addr: std::net::SocketAddr::new(ip.to_canonical(), u16::from_be(key.port)),
             };
-            out.push((peer, sum(per_cpu.iter().map(|v| from_bytes(v)))));
+            let now = sum(per_cpu.iter().map(|v| from_bytes(v)));
+            let total = out.entry(peer).or_default();
+            *total = sum([*total, now].into_iter());
         }
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 
     /// The counters of `slot`, summed over CPUs.

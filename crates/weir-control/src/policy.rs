@@ -383,6 +383,12 @@ impl LocalIds {
         }
     }
 
+    /// New origin numbers start above `n` (the largest a previous process left in the
+    /// pinned maps: an entry it wrote keeps naming its own set until rewritten).
+    pub fn continue_origins_after(&mut self, n: u32) {
+        self.last_origin = self.last_origin.max(n);
+    }
+
     /// The origin numbers of `wanted` (the others are forgotten); new sets get new numbers.
     fn assign_origins(&mut self, wanted: &BTreeSet<Vec<String>>) -> BTreeMap<u32, Vec<String>> {
         self.origins.retain(|k, _| wanted.contains(k));
@@ -2025,5 +2031,10 @@ mod tests {
             MatchKind::from_number(MatchKind::L4Only.number()),
             MatchKind::L4Only
         );
+        // A restarted agent numbers above what its predecessor left in the pinned map.
+        let mut restarted = LocalIds::default();
+        restarted.continue_origins_after(1000);
+        let st = compile(&c, &view, &f, &mut restarted);
+        assert!(st.origins.keys().all(|n| *n > 1000), "{:?}", st.origins);
     }
 }

@@ -1110,6 +1110,18 @@ impl PodDataplane {
         Ok(stats)
     }
 
+    /// The largest policy entry origin in the (pinned) policy map: a restarted agent numbers
+    /// its origins above it. 0 when none or unreadable.
+    pub fn largest_policy_origin(&self) -> u32 {
+        match self.dp.policy_entries() {
+            Ok(entries) => entries.iter().map(|(_, v)| v.origin).max().unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the policy entries' origins");
+                0
+            }
+        }
+    }
+
     /// What each isolated local pod's device should hold: its flags and entries, by
     /// host-side ifindex (pods without a device yet are noted as pending).
     fn wanted_ep_policies(

@@ -225,6 +225,22 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
             .any(|l| l.starts_with("weir_tcp") && l.contains(&web)),
         "no address in a label"
     );
+    // The workload's series go with its last pod on the node.
+    let out = run(&mut lab.kubectl(&[
+        "delete",
+        "pod",
+        "client",
+        "-n",
+        "m",
+        "--grace-period=0",
+        "--force",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    lab.eventually("the client's series gone", Duration::from_secs(30), || {
+        !metrics(&lab)
+            .lines()
+            .any(|l| l.starts_with("weir_tcp_") && l.contains(client))
+    });
 }
 
 const EBPF_APP: &str = concat!(

@@ -362,7 +362,9 @@ fn tc_flows_eject_failing_backends() {
     // been retransmitted at 1 s.
     fault(c2, 1..=1, "blackhole");
     let r = c1.connect_with("mcs/client", &target, &["--count", "16", "--timeout", "3s"]);
-    assert!(r["ok"].as_u64().unwrap() >= 4, "{r}");
+    // The 16 attempts start at once, each given either backend (3 of 16 or fewer reach
+    // hello-2 about once in a hundred runs): some do.
+    assert!(r["ok"].as_u64().unwrap() >= 1, "{r}");
     let e = ejected(c1);
     let hello1 = c2.get_json(&["pod", "hello-1", "-n", "mcs"])["status"]["podIP"].clone();
     assert_eq!(e.len(), 1, "{e:?}");

@@ -101,6 +101,9 @@ impl std::str::FromStr for MetricsContext {
 /// The NetworkPolicies (`namespace/name`) of an origin, shared by the verdicts naming it.
 type Origin = Arc<Vec<String>>;
 
+/// How many origins no longer programmed the log still names.
+const RETIRED_ORIGINS: usize = 4096;
+
 /// An event as it came.
 enum Raw {
     /// With the policies that allowed it, per direction (`WEIR_DIR_*`), resolved on arrival.
@@ -325,8 +328,13 @@ pub struct FlowLog {
     /// (kept by the policy loop).
     pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
     /// The datapath's policy entry origins -> the policies they come from (kept by the
-    /// policy loop, with [`FlowLog::set_origins`]).
+    /// policy loop, with [`FlowLog::set_origins`]), retired ones included.
     origins: HashMap<u32, Origin>,
+    /// Origins no longer programmed, oldest first: kept (numbers are not reused) for the
+    /// verdicts still on their way, up to [`RETIRED_ORIGINS`].
+    retired: VecDeque<u32>,
+    /// The numbers of the last table.
+    live_origins: Vec<u32>,
     /// (frontend address, port, protocol number) -> its Service (`namespace/name`); node
     /// ports under the unspecified address (kept by the Services loop).
     pub frontends: HashMap<(IpAddr, u16, u8), String>,
@@ -433,6 +441,8 @@ impl FlowLog {
             services: HashMap::new(),
             isolating: HashMap::new(),
             origins: HashMap::new(),
+            retired: VecDeque::new(),
+            live_origins: Vec::new(),
             frontends: HashMap::new(),
             netns_pods: HashMap::new(),
         }
@@ -460,12 +470,27 @@ impl FlowLog {
         self.counters.context = context;
     }
 
-    /// Replaces the table of policy entry origins (number -> `namespace/name`s).
+    /// Takes the table of policy entry origins (number -> `namespace/name`s). Origins no
+    /// longer in it stay a while: verdicts made on entries not yet rewritten, or still in
+    /// the ring, name them.
     pub fn set_origins(&mut self, origins: &BTreeMap<u32, Vec<String>>) {
-        self.origins = origins
-            .iter()
-            .map(|(n, o)| (*n, Arc::new(o.clone())))
-            .collect();
+        // The last table's numbers not in this one retire (a number is never reused).
+        for n in std::mem::take(&mut self.live_origins) {
+            if !origins.contains_key(&n) {
+                self.retired.push_back(n);
+            }
+        }
+        self.live_origins = origins.keys().copied().collect();
+        while self.retired.len() > RETIRED_ORIGINS {
+            if let Some(n) = self.retired.pop_front() {
+                self.origins.remove(&n);
+            }
+        }
+        for (n, o) in origins {
+            if self.origins.get(n).is_none_or(|have| **have != *o) {
+                self.origins.insert(*n, Arc::new(o.clone()));
+            }
+        }
     }
 
     /// Replaces the Services the log names flows after: backends (address, port, protocol)

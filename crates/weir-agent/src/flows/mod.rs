@@ -97,7 +97,9 @@ pub struct FlowRecord {
     pub policies: Vec<String>,
     /// A policy verdict's kind of match in `direction` (as Hubble names them): `l3-only` (a
     /// peer, every port), `l3-l4` (a peer and ports), `l4-only` (ports of any peer), `all`,
-    /// or `none` (a denial, or the node's own traffic).
+    /// or `none` (a denial, or the node's own traffic). The kind of the first entry found,
+    /// in the datapath's order: any peer, the peer's identity, its namespace class or the
+    /// cluster, its CIDR (so `l4-only` where an `l3-l4` rule allows the flow too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_match: Option<String>,
     /// What forwarding summaries and translations add.
@@ -153,6 +155,9 @@ pub struct TcpStats {
     /// The mean smoothed RTT of the connections that closed, microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_us: Option<u64>,
+    /// How many connections the mean RTT is of.
+    #[serde(default)]
+    pub rtt_samples: u64,
 }
 
 impl TcpStats {
@@ -167,6 +172,7 @@ impl TcpStats {
             resets_received: c.resets_received,
             connect_us: (c.connects > 0).then(|| c.connect_ns / c.connects / 1000),
             rtt_us: (c.rtt_samples > 0).then(|| c.rtt_us / c.rtt_samples),
+            rtt_samples: c.rtt_samples,
         }
     }
 
@@ -555,13 +561,16 @@ mod tests {
         log.set_origins(&BTreeMap::new());
         let r = &log.since(0).flows[0];
         assert_eq!(r.policies, vec!["x/out", "x/web"]);
+        // A verdict made on an entry not rewritten yet still names its retired origin.
+        log.push(&e);
+        assert_eq!(log.since(1).flows[0].policies, vec!["x/out", "x/web"]);
         assert_eq!(r.policy_match.as_deref(), Some("l3-l4"));
         // Denied at egress: the match is none, the policies those isolating the source.
         let mut d = ev(weir_reason::DROP_POLICY_DENIED.0);
         d.dir = POLICY_EGRESS;
         d.judged = 1 << POLICY_EGRESS;
         log.push(&d);
-        let r = &log.since(1).flows[0];
+        let r = &log.since(2).flows[0];
         assert_eq!(r.policy_match.as_deref(), Some("none"));
     }
 
