@@ -1,6 +1,6 @@
 //! TCP health per workload (`weir_bpf::tcp_health`): a thread gives each local pod's network
-//! namespace (from its endpoint record) a slot of the programs' counters, and every few
-//! seconds adds what each pod's sockets went through to the metrics, labelled by namespace
+//! namespace (from its endpoint record, looked for every 500 ms) a slot of the programs'
+//! counters, and every 3 s adds what each pod's sockets went through to the metrics, labelled by namespace
 //! and workload (bounded: never the pod or its address). A workload's series go when its
 //! last pod on the node goes.
 //!
@@ -24,6 +24,8 @@ use crate::pods::Pods;
 
 /// How often the counters are read.
 const PERIOD: Duration = Duration::from_secs(3);
+/// How often new pods are looked for (a pod's first connects come soon after its start).
+const NEW_PODS_PERIOD: Duration = Duration::from_millis(500);
 
 /// One watched pod: its slot, namespace inode, addresses, labels and the counters last read.
 struct Watched {
@@ -76,9 +78,16 @@ pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
                 }
             };
             let mut w = Watch::default();
+            let mut last_pass: Option<std::time::Instant> = None;
             loop {
-                pass(&th, &mut w, &pods, &log);
-                std::thread::sleep(PERIOD);
+                if last_pass.is_none_or(|t| t.elapsed() >= PERIOD) {
+                    pass(&th, &mut w, &pods, &log);
+                    last_pass = Some(std::time::Instant::now());
+                } else {
+                    let (records, _) = EndpointRecord::read_dir(&pods.config.endpoint_dir);
+                    watch_new(&th, &mut w, &live_pods(&records), &log);
+                }
+                std::thread::sleep(NEW_PODS_PERIOD);
             }
         });
     let started = spawned
@@ -105,11 +114,7 @@ fn labels_of(pod: &str, log: &Arc<Mutex<FlowLog>>) -> (String, String) {
 /// One round: pods come and go, and what their sockets did since the last round is counted.
 fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
     let (records, _) = EndpointRecord::read_dir(&pods.config.endpoint_dir);
-    let live: BTreeMap<&str, &EndpointRecord> = records
-        .iter()
-        .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())
-        .map(|r| (r.uid.as_str(), r))
-        .collect();
+    let live = live_pods(&records);
     // Slots freed a round ago are free now: their sockets' records had a round to go.
     let cooled = std::mem::take(&mut w.cooling);
     w.free.extend(cooled);
@@ -135,8 +140,31 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
             w.cooling.push(p.slot);
         }
     }
-    // New pods.
-    for (uid, r) in &live {
+    watch_new(th, w, &live, log);
+    // A workload's series go with its last pod on the node.
+    let after: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
+    for gone in before.difference(&after) {
+        remove_series(&METRICS.tcp, workload_labels(gone));
+    }
+}
+
+/// The pods of endpoint records, by uid (those whose namespace is known).
+fn live_pods(records: &[EndpointRecord]) -> BTreeMap<&str, &EndpointRecord> {
+    records
+        .iter()
+        .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())
+        .map(|r| (r.uid.as_str(), r))
+        .collect()
+}
+
+/// Watches the pods of `live` not watched yet, each in a free slot.
+fn watch_new(
+    th: &TcpHealth,
+    w: &mut Watch,
+    live: &BTreeMap<&str, &EndpointRecord>,
+    log: &Arc<Mutex<FlowLog>>,
+) {
+    for (uid, r) in live {
         if w.pods.contains_key(*uid) {
             continue;
         }
@@ -161,11 +189,6 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
                 last: tcp_counters::default(),
             },
         );
-    }
-    // A workload's series go with its last pod on the node.
-    let after: BTreeSet<(String, String)> = w.pods.values().map(|p| p.labels.clone()).collect();
-    for gone in before.difference(&after) {
-        remove_series(&METRICS.tcp, workload_labels(gone));
     }
 }
 
