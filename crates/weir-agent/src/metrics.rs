@@ -112,6 +112,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     service_tcp: TcpMetrics::default(),
 });
 
+/// The labels naming a Service (`namespace/name`): `namespace` and `service`.
+pub fn service_labels(service: &str) -> Labels {
+    let (ns, name) = service.split_once('/').unwrap_or(("", service));
+    vec![("namespace", ns.to_string()), ("service", name.to_string())]
+}
+
 /// Records one apply of `part` that took `seconds` and succeeded or not.
 pub fn record_apply(part: &'static str, seconds: f64, ok: bool) {
     let l = vec![("part", part.to_string())];

@@ -10,7 +10,7 @@
 //! `weir observe` and the map's edges show, and into `weir_service_tcp_*` by Service (its
 //! series go with the Service).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use weir_bpf::tcp_health::{tcp_counters, TcpHealth, TcpPeer, SLOTS};
 use weir_model::endpoint::EndpointRecord;
 
 use crate::flows::{FlowLog, TcpStats};
-use crate::metrics::{Labels, TcpMetrics, METRICS};
+use crate::metrics::{service_labels, Labels, TcpMetrics, METRICS};
 use crate::pods::Pods;
 
 /// How often the counters are read.
@@ -46,8 +46,6 @@ struct Watch {
     next: u32,
     /// The peers' counters last read.
     peers: HashMap<TcpPeer, tcp_counters>,
-    /// Services (`namespace/name`) with `weir_service_tcp_*` series.
-    services: BTreeSet<String>,
 }
 
 impl Watch {
@@ -196,9 +194,9 @@ fn workload_labels((ns, wl): &(String, String)) -> Labels {
     vec![("namespace", ns.clone()), ("workload", wl.clone())]
 }
 
-fn service_labels(service: &str) -> Labels {
-    let (ns, name) = service.split_once('/').unwrap_or(("", service));
-    vec![("namespace", ns.to_string()), ("service", name.to_string())]
+/// Removes a Service's `weir_service_tcp_*` series (it went).
+pub(crate) fn remove_service_series(service: &str) {
+    remove_series(&METRICS.service_tcp, service_labels(service));
 }
 
 /// What counters went through since `last` (all of `now` when they restarted below it: an
@@ -277,7 +275,8 @@ fn remove_series(m: &TcpMetrics, base: Labels) {
 }
 
 /// What the pods' client sockets went through per peer since the last round: a
-/// `tcp-health` flow per peer with news, counted for the peer's Service.
+/// `tcp-health` flow per peer with news, counted for the peer's Service (whose series
+/// [`FlowLog::set_services`] removes when it goes).
 fn count_peers(th: &TcpHealth, w: &mut Watch, log: &Arc<Mutex<FlowLog>>) {
     let peers = match th.peers() {
         Ok(p) => p,
@@ -307,7 +306,7 @@ fn count_peers(th: &TcpHealth, w: &mut Watch, log: &Arc<Mutex<FlowLog>>) {
         };
         if let Some(svc) = log.backend_service(peer.addr).cloned() {
             add(&METRICS.service_tcp, service_labels(&svc), &d);
-            w.services.insert(svc);
+            log.tcp_services.insert(svc);
         }
         log.push_tcp_health(
             now_ns,
@@ -317,16 +316,4 @@ fn count_peers(th: &TcpHealth, w: &mut Watch, log: &Arc<Mutex<FlowLog>>) {
         );
     }
     w.peers = read;
-    // Services gone: their series go.
-    let live: HashSet<&String> = log.frontends.values().collect();
-    let gone: Vec<String> = w
-        .services
-        .iter()
-        .filter(|s| !live.contains(s))
-        .cloned()
-        .collect();
-    for svc in gone {
-        remove_series(&METRICS.service_tcp, service_labels(&svc));
-        w.services.remove(&svc);
-    }
 }

@@ -178,12 +178,9 @@ fn entry<'m, V: Default>(map: &'m mut FastMap<String, V>, key: &str) -> &'m mut 
 
 /// The labels of a Service's `weir_service_connections_total` series.
 fn service_labels(service: &str, outcome: &str) -> crate::metrics::Labels {
-    let (ns, name) = service.split_once('/').unwrap_or(("", service));
-    vec![
-        ("namespace", ns.to_string()),
-        ("service", name.to_string()),
-        ("outcome", outcome.to_string()),
-    ]
+    let mut l = crate::metrics::service_labels(service);
+    l.push(("outcome", outcome.to_string()));
+    l
 }
 
 /// The labels of a `weir_flows_total` series (`source` and `destination` with a context).
@@ -327,6 +324,9 @@ pub struct FlowLog {
     /// `namespace/name` of a pod -> the policies isolating it for ingress and for egress
     /// (kept by the policy loop).
     pub isolating: HashMap<String, (Vec<String>, Vec<String>)>,
+    /// Services (`namespace/name`) with `weir_service_tcp_*` series (kept by the TCP health
+    /// thread; they go with the Service, in [`FlowLog::set_services`]).
+    pub(crate) tcp_services: std::collections::HashSet<String>,
     /// The datapath's policy entry origins -> the policies they come from (kept by the
     /// policy loop, with [`FlowLog::set_origins`]), retired ones included.
     origins: HashMap<u32, Origin>,
@@ -440,6 +440,7 @@ impl FlowLog {
             pods: HashMap::new(),
             services: HashMap::new(),
             isolating: HashMap::new(),
+            tcp_services: Default::default(),
             origins: HashMap::new(),
             retired: VecDeque::new(),
             live_origins: Vec::new(),
@@ -494,7 +495,8 @@ impl FlowLog {
     }
 
     /// Replaces the Services the log names flows after: backends (address, port, protocol)
-    /// and frontends -> `namespace/name`. The connection counts of Services gone go too.
+    /// and frontends -> `namespace/name`. The connection counts and TCP health series of
+    /// Services gone go too.
     pub fn set_services(
         &mut self,
         backends: HashMap<(IpAddr, u16, u8), String>,
@@ -516,6 +518,13 @@ impl FlowLog {
             }
             self.counters.services.remove(&service);
         }
+        self.tcp_services.retain(|service| {
+            let keep = live.contains(service);
+            if !keep {
+                crate::tcp_health::remove_service_series(service);
+            }
+            keep
+        });
         self.services = backends;
         self.frontends = frontends;
     }

@@ -610,6 +610,14 @@ mod tests {
         assert_eq!(r.destination.port, 8080);
         let t = r.detail.tcp.as_ref().unwrap();
         assert_eq!((t.connect_us, t.rtt_us), (Some(100), Some(45)));
+        // A Service's TCP health series go with it.
+        let labels = crate::metrics::service_labels("x/web-gone");
+        let retransmits = &crate::metrics::METRICS.service_tcp.retransmits;
+        retransmits.get_or_create(&labels).inc();
+        log.tcp_services.insert("x/web-gone".into());
+        log.set_services(HashMap::new(), HashMap::new());
+        assert!(!retransmits.remove(&labels), "the series went with the Service");
+        assert!(log.tcp_services.is_empty());
         assert!(t.troubled());
         assert_eq!(
             r.reason_text,
