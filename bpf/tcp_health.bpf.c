@@ -1,15 +1,20 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * TCP health per pod, from tracepoints (raw, attached by name): retransmits
- * (tcp_retransmit_skb), resets sent and received (tcp_send_reset, tcp_receive_reset),
- * connects, failed connects, connect time and smoothed RTT (inet_sock_set_state). Counters
- * are kept per watched network namespace (the node's and each local pod's: weir_tcp_netns,
- * kept by the agent); sockets elsewhere are ignored. A watched namespace's client sockets
- * (those that connected) are counted per peer too (weir_tcp_peers: the address and port they
- * connected to), from their SYN_SENT until they leave ESTABLISHED. The argument positions and structure
- * offsets come from the running kernel's BTF through `layout`. The TCP state numbers are the
+ * TCP health per pod, from tracepoints (BTF-typed, tp_btf): retransmits (tcp_retransmit_skb),
+ * resets sent and received (tcp_send_reset, tcp_receive_reset), connects, failed connects,
+ * connect time and smoothed RTT (inet_sock_set_state). Counters are kept per watched network
+ * namespace (the node's and each local pod's: weir_tcp_netns, kept by the agent); sockets
+ * elsewhere are ignored. A watched namespace's client sockets (those that connected) are
+ * recorded from SYN_SENT on (weir_tcp_clients: the slot, the peer, the connect's start) and
+ * counted per peer too (weir_tcp_peers: the address and port they connected to) until they
+ * leave ESTABLISHED.
+ *
+ * The tracepoints' arguments are typed by the kernel's BTF, so the programs read the socket's
+ * fields with plain loads, which the verifier checks against the kernel's types; the field
+ * offsets are CO-RE relocations (the local structures below name only the fields read, and
+ * libbpf finds them in the running kernel's BTF at load time). The TCP state numbers are the
  * kernel's ABI (include/net/tcp_states.h, reported as-is by inet_diag).
- * Minimum kernel: 5.6 (sk_protocol a whole field).
+ * Minimum kernel: 5.9 (bpf_skc_to_tcp_sock in tracing programs).
  */
 #include "lib/common.h"
 #include "weir/api/tcp_health.h"
@@ -17,8 +22,52 @@
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_	 2
 #define TCP_CLOSE_	 7
+#define AF_INET6_	 10
 
-const volatile struct tcp_layout layout = {};
+#define __core __attribute__((preserve_access_index))
+
+/* What the programs read of the kernel's structures (CO-RE: matched by name at load). */
+struct ns_common___weir {
+	unsigned int inum;
+} __core;
+
+struct net___weir {
+	struct ns_common___weir ns;
+} __core;
+
+struct possible_net___weir {
+	struct net___weir *net;
+} __core;
+
+struct in6_addr___weir {
+	union {
+		__be32 u6_addr32[4];
+	} in6_u;
+} __core;
+
+struct sock_common___weir {
+	__be32 skc_daddr;
+	__be16 skc_dport;
+	unsigned short skc_family;
+	struct possible_net___weir skc_net;
+	struct in6_addr___weir skc_v6_daddr;
+} __core;
+
+struct sock___weir {
+	struct sock_common___weir __sk_common;
+} __core;
+
+struct tcp_sock___weir {
+	__u32 srtt_us; /* smoothed RTT, in 1/8 us */
+} __core;
+
+struct net_device___weir {
+	struct possible_net___weir nd_net;
+} __core;
+
+struct sk_buff___weir {
+	struct net_device___weir *dev;
+} __core;
 
 /* Network namespace inode -> slot of weir_tcp_counters. */
 struct {
@@ -35,18 +84,28 @@ struct {
 	__type(value, struct tcp_counters);
 } weir_tcp_counters SEC(".maps");
 
-/* A watched client socket: when it entered SYN_SENT (0 once established), and its peer. */
+/*
+ * A watched client socket's record: the socket (its cookie; 0: a free record), when it
+ * entered SYN_SENT (0 once established), and its peer (slot: its namespace's).
+ */
 struct client {
+	__u64 cookie;
 	__u64 since; /* boot clock, ns */
 	struct tcp_peer_key peer;
 };
 
-/* Client sockets of watched namespaces, from SYN_SENT until they leave ESTABLISHED. */
+#define TCP_CLIENTS 65536 /* a power of two */
+
+/*
+ * The records of watched client sockets, from SYN_SENT until they leave ESTABLISHED, at the
+ * index their socket's cookie hashes to: a plain store, no allocation and no lock on the
+ * connect path. A record another socket's takes over (two sockets live at the same index) is
+ * lost: that socket counts on for its namespace, not for its peer.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* no lock shared by every CPU */
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TCP_CLIENTS);
+	__type(key, __u32);
 	__type(value, struct client);
 } weir_tcp_clients SEC(".maps");
 
@@ -57,28 +116,23 @@ struct {
 	__type(value, struct tcp_counters);
 } weir_tcp_peers SEC(".maps");
 
-/* The slot of the namespace `net` (a struct net *), or NULL when it is not watched. */
-static __always_inline __u32 *slot_of_net(const void *net)
+/* The slot of the namespace `net`, or NULL when it is not watched. */
+static __always_inline __u32 *slot_of_net(const struct net___weir *net)
 {
-	__u32 inum = 0;
+	__u32 inum;
 
 	if (!net)
 		return NULL;
-	bpf_probe_read_kernel(&inum, sizeof(inum), net + layout.net_inum);
+	inum = net->ns.inum;
 	return bpf_map_lookup_elem(&weir_tcp_netns, &inum);
 }
 
 /* The counters of the namespace `net`, or NULL when it is not watched. */
-static __always_inline struct tcp_counters *counters_of_net(const void *net)
+static __always_inline struct tcp_counters *counters_of_net(const struct net___weir *net)
 {
 	__u32 *slot = slot_of_net(net);
 
 	return slot ? bpf_map_lookup_elem(&weir_tcp_counters, slot) : NULL;
-}
-
-static __always_inline struct tcp_counters *counters_of_sk(const void *sk)
-{
-	return sk ? counters_of_net(read_ptr(sk, layout.sk_net)) : NULL;
 }
 
 /* The counters of a client socket's peer (made on first use), or NULL. */
@@ -92,42 +146,61 @@ static __always_inline struct tcp_counters *counters_of_peer(const struct tcp_pe
 	return bpf_map_lookup_elem(&weir_tcp_peers, peer);
 }
 
+/* The record at the index of the socket with `cookie` (whoever holds it), or NULL. */
+static __always_inline struct client *record_at(__u64 cookie)
+{
+	__u32 i = hash64(cookie) & (TCP_CLIENTS - 1);
+
+	return bpf_map_lookup_elem(&weir_tcp_clients, &i);
+}
+
+/* The record of `sk` when it is a watched client socket, or NULL. */
+static __always_inline struct client *client_of(struct sock___weir *sk)
+{
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	struct client *cl = record_at(cookie);
+
+	return cl && cl->cookie == cookie ? cl : NULL;
+}
+
 /*
  * The counters of socket `sk`'s namespace (NULL: not watched), and in `*peer` those of its
- * peer when it is a watched client socket (whose record names its slot: nothing of the
- * socket is read then).
+ * peer when it is a watched client socket (whose record names its slot).
  */
-static __always_inline struct tcp_counters *counters_and_peer(const void *sk,
+static __always_inline struct tcp_counters *counters_and_peer(struct sock___weir *sk,
 							      struct tcp_counters **peer)
 {
-	__u64 key = (__u64)sk;
-	struct client *cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
+	struct client *cl = client_of(sk);
 
 	*peer = NULL;
 	if (!cl)
-		return counters_of_sk(sk);
+		return counters_of_net(sk->__sk_common.skc_net.net);
 	*peer = counters_of_peer(&cl->peer);
 	return bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
 }
 
 /* Fills `peer` with the address and port socket `sk` connects to. */
-static __always_inline void peer_of(const void *sk, struct tcp_peer_key *peer)
+static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_peer_key *peer)
 {
-	__u16 family = 0;
+	const struct sock_common___weir *c = &sk->__sk_common;
 
-	bpf_probe_read_kernel(&family, sizeof(family), sk + layout.sk_family);
-	bpf_probe_read_kernel(&peer->port, sizeof(peer->port), sk + layout.sk_dport);
-	peer->family = family;
-	if (family == 10 /* AF_INET6 */)
-		bpf_probe_read_kernel(peer->addr, sizeof(peer->addr), sk + layout.sk_v6_daddr);
-	else
-		bpf_probe_read_kernel(peer->addr, sizeof(peer->addr[0]), sk + layout.sk_daddr);
+	peer->family = c->skc_family;
+	peer->port = c->skc_dport;
+	if (peer->family == AF_INET6_) {
+		peer->addr[0] = c->skc_v6_daddr.in6_u.u6_addr32[0];
+		peer->addr[1] = c->skc_v6_daddr.in6_u.u6_addr32[1];
+		peer->addr[2] = c->skc_v6_daddr.in6_u.u6_addr32[2];
+		peer->addr[3] = c->skc_v6_daddr.in6_u.u6_addr32[3];
+	} else {
+		peer->addr[0] = c->skc_daddr;
+		peer->addr[1] = peer->addr[2] = peer->addr[3] = 0;
+	}
 }
 
-SEC("raw_tp/tcp_retransmit_skb")
-int tcp_retransmit(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/tcp_retransmit_skb")
+int tcp_retransmit(__u64 *ctx)
 {
-	const void *sk = (const void *)ctx->args[0];
+	struct sock___weir *sk = (void *)ctx[0];
 	struct tcp_counters *p, *c = sk ? counters_and_peer(sk, &p) : NULL;
 
 	if (c)
@@ -137,10 +210,11 @@ int tcp_retransmit(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-SEC("raw_tp/tcp_send_reset")
-int tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/tcp_send_reset")
+int tcp_send_reset(__u64 *ctx)
 {
-	const void *sk = (const void *)ctx->args[0], *skb = (const void *)ctx->args[1];
+	struct sock___weir *sk = (void *)ctx[0];
+	struct sk_buff___weir *skb = (void *)ctx[1];
 	struct tcp_counters *c;
 
 	/* Without a socket (an answer to a segment for no connection): the namespace of the
@@ -152,19 +226,19 @@ int tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
 		if (c && p)
 			p->resets_sent += 1;
 	} else {
-		const void *dev = skb ? read_ptr(skb, layout.skb_dev) : NULL;
+		const struct net_device___weir *dev = skb ? skb->dev : NULL;
 
-		c = dev ? counters_of_net(read_ptr(dev, layout.dev_net)) : NULL;
+		c = dev ? counters_of_net(dev->nd_net.net) : NULL;
 	}
 	if (c)
 		c->resets_sent += 1;
 	return 0;
 }
 
-SEC("raw_tp/tcp_receive_reset")
-int tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/tcp_receive_reset")
+int tcp_receive_reset(__u64 *ctx)
 {
-	const void *sk = (const void *)ctx->args[0];
+	struct sock___weir *sk = (void *)ctx[0];
 	struct tcp_counters *p, *c = sk ? counters_and_peer(sk, &p) : NULL;
 
 	if (c)
@@ -174,86 +248,99 @@ int tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-SEC("raw_tp/inet_sock_set_state")
-int sock_set_state(struct bpf_raw_tracepoint_args *ctx)
+/* A watched client socket's connect ended: established after `took` ns, or failed. */
+static __always_inline void connect_ended(struct client *cl, bool established)
 {
-	const void *sk = (const void *)ctx->args[0];
-	int oldstate = raw_tp_arg(ctx, layout.arg_oldstate);
-	int newstate = raw_tp_arg(ctx, layout.arg_newstate);
+	struct tcp_counters *c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
+	struct tcp_counters *p = counters_of_peer(&cl->peer);
+	__u64 took = bpf_ktime_get_boot_ns() - cl->since;
+
+	if (c && established) {
+		c->connects += 1;
+		c->connect_ns += took;
+	} else if (c) {
+		c->connect_failures += 1;
+	}
+	if (p && established) {
+		p->connects += 1;
+		p->connect_ns += took;
+	} else if (p) {
+		p->connect_failures += 1;
+	}
+}
+
+/* A socket of a watched namespace (`cl`: a client's record) left ESTABLISHED: its RTT. */
+static __always_inline void established_ended(struct sock___weir *sk, struct client *cl)
+{
+	struct tcp_sock___weir *tp = (void *)bpf_skc_to_tcp_sock(sk);
 	struct tcp_counters *c, *p = NULL;
-	struct client *cl, fresh = {};
-	__u64 key = (__u64)sk;
-	__u16 proto = 0;
-	__u32 srtt = 0, *slot;
+	__u32 srtt = tp ? tp->srtt_us >> 3 : 0;
+
+	if (cl) {
+		cl->cookie = 0; /* watched no longer */
+		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
+		p = counters_of_peer(&cl->peer);
+	} else {
+		c = tp ? counters_of_net(sk->__sk_common.skc_net.net) : NULL;
+	}
+	if (c && srtt) {
+		c->rtt_us += srtt;
+		c->rtt_samples += 1;
+	}
+	if (p && srtt) {
+		p->rtt_us += srtt;
+		p->rtt_samples += 1;
+	}
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int sock_set_state(__u64 *ctx)
+{
+	struct sock___weir *sk = (void *)ctx[0];
+	int oldstate = (int)ctx[1], newstate = (int)ctx[2];
+	struct client *cl;
+	__u64 cookie;
+	__u32 *slot;
 
 	/* The transitions counted: into SYN_SENT, out of SYN_SENT or ESTABLISHED. */
 	if (!sk || (newstate != TCP_SYN_SENT_ && oldstate != TCP_SYN_SENT_ &&
 		    oldstate != TCP_ESTABLISHED_))
 		return 0;
-	if (oldstate == TCP_SYN_SENT_) {
-		/* Only watched sockets were recorded: nothing to read of the others. */
-		cl = bpf_map_lookup_elem(&weir_tcp_clients, &key);
+	if (newstate == TCP_SYN_SENT_) {
+		/* A TCP socket of a watched namespace starts to connect: record it. */
+		if (!bpf_skc_to_tcp_sock(sk))
+			return 0;
+		slot = slot_of_net(sk->__sk_common.skc_net.net);
+		if (!slot)
+			return 0;
+		cookie = bpf_get_socket_cookie(sk);
+		cl = record_at(cookie);
 		if (!cl)
 			return 0;
-		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
-		p = counters_of_peer(&cl->peer);
+		cl->cookie = cookie;
+		cl->since = bpf_ktime_get_boot_ns();
+		cl->peer.slot = *slot;
+		cl->peer.pad = 0;
+		peer_of(sk, &cl->peer);
+		return 0;
+	}
+	cl = client_of(sk);
+	if (oldstate == TCP_SYN_SENT_) {
+		/* Only watched sockets were recorded: nothing to read of the others. */
+		if (!cl || !cl->since)
+			return 0;
 		if (newstate == TCP_ESTABLISHED_) {
-			__u64 took = bpf_ktime_get_boot_ns() - cl->since;
-
-			if (c) {
-				c->connects += 1;
-				c->connect_ns += took;
-			}
-			if (p) {
-				p->connects += 1;
-				p->connect_ns += took;
-			}
+			connect_ended(cl, true);
 			cl->since = 0; /* watched on until it leaves ESTABLISHED */
 			return 0;
 		}
-		if (newstate == TCP_CLOSE_) {
-			if (c)
-				c->connect_failures += 1;
-			if (p)
-				p->connect_failures += 1;
-		}
-		bpf_map_delete_elem(&weir_tcp_clients, &key);
+		if (newstate == TCP_CLOSE_)
+			connect_ended(cl, false);
+		cl->cookie = 0;
 		return 0;
 	}
-	/* Leaving ESTABLISHED, a watched client socket: its record names the slot. */
-	cl = newstate == TCP_SYN_SENT_ ? NULL : bpf_map_lookup_elem(&weir_tcp_clients, &key);
-	if (cl) {
-		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
-		p = counters_of_peer(&cl->peer);
-	} else {
-		bpf_probe_read_kernel(&proto, sizeof(proto), sk + layout.sk_protocol);
-		if (proto != IPPROTO_TCP_)
-			return 0;
-		slot = slot_of_net(read_ptr(sk, layout.sk_net));
-		if (!slot)
-			return 0;
-		if (newstate == TCP_SYN_SENT_) {
-			fresh.since = bpf_ktime_get_boot_ns();
-			fresh.peer.slot = *slot;
-			peer_of(sk, &fresh.peer);
-			bpf_map_update_elem(&weir_tcp_clients, &key, &fresh, BPF_ANY);
-			return 0;
-		}
-		c = bpf_map_lookup_elem(&weir_tcp_counters, slot);
-	}
-	/* Leaving ESTABLISHED: the connection's smoothed RTT (for its peer too, when it is a
-	 * client socket, which is watched no longer). */
-	bpf_probe_read_kernel(&srtt, sizeof(srtt), sk + layout.srtt_us);
-	if (c && srtt) {
-		c->rtt_us += srtt >> 3;
-		c->rtt_samples += 1;
-	}
-	if (p && srtt) {
-		p->rtt_us += srtt >> 3;
-		p->rtt_samples += 1;
-	}
-	if (cl)
-		bpf_map_delete_elem(&weir_tcp_clients, &key);
+	/* Leaving ESTABLISHED. */
+	established_ended(sk, cl);
 	return 0;
 }
 

@@ -1,7 +1,8 @@
 //! TCP health (`bpf/tcp_health.bpf.c`): per-namespace counters of retransmits, resets,
 //! connects, failed connects, connect time and smoothed RTT, from the TCP and socket
 //! tracepoints. The namespaces watched (the node's, each local pod's) are given slots by the
-//! caller; the argument positions and structure offsets come from the running kernel's BTF.
+//! caller. The programs are BTF-typed tracepoints (tp_btf): libbpf relocates the fields they
+//! read against the running kernel's BTF, and the verifier checks every read.
 //! A watched namespace's client sockets are counted per peer too (the address and port they
 //! connected to: a Service's backend when the socket layer translated the connect).
 
@@ -11,7 +12,7 @@ use libbpf_rs::btf::{Btf, BtfKind};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags};
 
-use crate::kernel_btf::{btf_err, offset_of, tracepoint_args};
+use crate::kernel_btf::{btf_err, tracepoint_args};
 use crate::{from_bytes, lb, BpfError};
 
 #[allow(
@@ -26,7 +27,7 @@ mod tcp_health_skel {
 }
 
 pub use tcp_health_skel::types::tcp_counters;
-use tcp_health_skel::types::{tcp_layout, tcp_peer_key};
+use tcp_health_skel::types::tcp_peer_key;
 use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
 
 /// How many namespaces can be watched.
@@ -38,69 +39,46 @@ pub struct TcpHealth {
     _links: Vec<Link>,
 }
 
-/// The positions of `inet_sock_set_state`'s old and new states among its arguments (after
-/// the socket: two ints).
-fn state_args(btf: &Btf) -> Result<(u32, u32), BpfError> {
+/// Checks that `inet_sock_set_state`'s arguments are what the program reads: the socket,
+/// then the old and new states (two ints).
+fn state_args(btf: &Btf) -> Result<(), BpfError> {
     let args = tracepoint_args(btf, "inet_sock_set_state")?;
     let kinds: Vec<(BtfKind, Option<&str>)> = args
         .iter()
         .map(|a| (a.kind, a.pointee.as_deref()))
         .collect();
     match kinds.as_slice() {
-        [(BtfKind::Ptr, Some("sock")), (BtfKind::Int, _), (BtfKind::Int, _), ..] => Ok((1, 2)),
+        [(BtfKind::Ptr, Some("sock")), (BtfKind::Int, _), (BtfKind::Int, _), ..] => Ok(()),
         _ => Err(btf_err(
             "inet_sock_set_state's arguments are not (sock, oldstate, newstate)",
         )),
     }
 }
 
-fn layout(btf: &Btf) -> Result<tcp_layout, BpfError> {
-    let (arg_oldstate, arg_newstate) = state_args(btf)?;
-    Ok(tcp_layout {
-        arg_oldstate,
-        arg_newstate,
-        sk_net: offset_of(btf, "sock", &["__sk_common", "skc_net", "net"])?,
-        sk_protocol: offset_of(btf, "sock", &["sk_protocol"])?,
-        srtt_us: offset_of(btf, "tcp_sock", &["srtt_us"])?,
-        net_inum: offset_of(btf, "net", &["ns", "inum"])?,
-        skb_dev: offset_of(btf, "sk_buff", &["dev"])?,
-        dev_net: offset_of(btf, "net_device", &["nd_net", "net"])?,
-        sk_family: offset_of(btf, "sock", &["__sk_common", "skc_family"])?,
-        sk_daddr: offset_of(btf, "sock", &["__sk_common", "skc_daddr"])?,
-        sk_v6_daddr: offset_of(btf, "sock", &["__sk_common", "skc_v6_daddr"])?,
-        sk_dport: offset_of(btf, "sock", &["__sk_common", "skc_dport"])?,
-    })
-}
-
 impl TcpHealth {
     /// Loads and attaches the programs (no namespace watched yet).
     pub fn load() -> Result<Self, BpfError> {
         let btf = Btf::from_vmlinux().map_err(lb("reading the kernel's BTF"))?;
-        let layout = layout(&btf)?;
+        state_args(&btf)?;
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = TcpHealthSkelBuilder::default()
+        let open = TcpHealthSkelBuilder::default()
             .open(storage)
             .map_err(lb("opening tcp_health.bpf.o"))?;
-        open.maps
-            .rodata_data
-            .as_deref_mut()
-            .ok_or_else(|| btf_err("tcp_health.bpf.o has no read-only data"))?
-            .layout = layout;
         let skel = open.load().map_err(lb("loading tcp_health.bpf.o"))?;
         let p = &skel.progs;
         let links = vec![
             p.tcp_retransmit
-                .attach_raw_tracepoint("tcp_retransmit_skb")
+                .attach()
                 .map_err(lb("attaching to tcp_retransmit_skb"))?,
             p.tcp_send_reset
-                .attach_raw_tracepoint("tcp_send_reset")
+                .attach()
                 .map_err(lb("attaching to tcp_send_reset"))?,
             p.tcp_receive_reset
-                .attach_raw_tracepoint("tcp_receive_reset")
+                .attach()
                 .map_err(lb("attaching to tcp_receive_reset"))?,
             p.sock_set_state
-                .attach_raw_tracepoint("inet_sock_set_state")
+                .attach()
                 .map_err(lb("attaching to inet_sock_set_state"))?,
         ];
         Ok(TcpHealth {

@@ -40,23 +40,4 @@ struct tcp_peer_key {
 };
 _Static_assert(sizeof(struct tcp_peer_key) == 24, "tcp_peer_key size");
 
-/*
- * Where the loader found things in the running kernel (its BTF), written into the program's
- * read-only data before it is loaded.
- */
-struct tcp_layout {
-	__u32 arg_oldstate;  /* inet_sock_set_state: the old state's argument position */
-	__u32 arg_newstate;  /* the new state's */
-	__u32 sk_net;	     /* struct sock: __sk_common.skc_net.net */
-	__u32 sk_protocol;   /* sk_protocol (u16) */
-	__u32 srtt_us;	     /* struct tcp_sock: srtt_us (u32, in 1/8 us) */
-	__u32 net_inum;	     /* struct net: ns.inum */
-	__u32 skb_dev;	     /* struct sk_buff: dev */
-	__u32 dev_net;	     /* struct net_device: nd_net.net */
-	__u32 sk_family;     /* struct sock: __sk_common.skc_family (u16) */
-	__u32 sk_daddr;	     /* __sk_common.skc_daddr (__be32) */
-	__u32 sk_v6_daddr;   /* __sk_common.skc_v6_daddr (struct in6_addr) */
-	__u32 sk_dport;	     /* __sk_common.skc_dport (__be16) */
-};
-
 #endif /* WEIR_API_TCP_HEALTH_H */

@@ -616,7 +616,10 @@ mod tests {
         retransmits.get_or_create(&labels).inc();
         log.tcp_services.insert("x/web-gone".into());
         log.set_services(HashMap::new(), HashMap::new());
-        assert!(!retransmits.remove(&labels), "the series went with the Service");
+        assert!(
+            !retransmits.remove(&labels),
+            "the series went with the Service"
+        );
         assert!(log.tcp_services.is_empty());
         assert!(t.troubled());
         assert_eq!(
