@@ -51,6 +51,9 @@ struct sock_common___weir {
 	unsigned short skc_family;
 	struct possible_net___weir skc_net;
 	struct in6_addr___weir skc_v6_daddr;
+	struct {
+		__s64 counter;
+	} skc_cookie; /* 0 until a cookie is asked for (bpf_get_socket_cookie, sock_diag) */
 } __core;
 
 struct sock___weir {
@@ -154,11 +157,15 @@ static __always_inline struct client *record_at(__u64 cookie)
 	return bpf_map_lookup_elem(&weir_tcp_clients, &i);
 }
 
-/* The record of `sk` when it is a watched client socket, or NULL. */
-static __always_inline struct client *client_of(struct sock___weir *sk)
+/*
+ * The record of `sk` when it is a watched client socket, or NULL. The cookie is read, not
+ * asked for: a recorded socket has one (given when it was recorded), and asking would give
+ * every other socket one too.
+ */
+static __always_inline struct client *client_of(const struct sock___weir *sk)
 {
-	__u64 cookie = bpf_get_socket_cookie(sk);
-	struct client *cl = record_at(cookie);
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	struct client *cl = cookie ? record_at(cookie) : NULL;
 
 	return cl && cl->cookie == cookie ? cl : NULL;
 }

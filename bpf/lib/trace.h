@@ -43,7 +43,8 @@ struct trace_state {
 	__u32 reason;
 	__u8 seen;  /* TRACE_TCP_FLAGS seen */
 	__u8 reply; /* TCP: its first packet here was a SYN-ACK */
-	__u8 pad[2];
+	__u8 plain; /* its first summary found no translation: the next ones do not look */
+	__u8 pad;
 };
 
 /* Room for a summary's work: the programs calling it have little stack left. */
@@ -235,7 +236,6 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		sc->fresh.reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
 		packets = 1;
 		bytes = len;
-		bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
 		s = &sc->fresh;
 	}
 	ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
@@ -246,12 +246,10 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 			*n += 1;
 		if (first) {
 			/* Keep the packet for the next summary, which is due at once. */
-			s = bpf_map_lookup_elem(&weir_trace_flows, k);
-			if (s) {
-				s->packets += 1;
-				s->bytes += len;
-				s->last = 0;
-			}
+			sc->fresh.packets = 1;
+			sc->fresh.bytes = len;
+			sc->fresh.last = 0;
+			bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
 		}
 		return 0;
 	}
@@ -276,12 +274,18 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev->bytes = bytes;
 	ev->tcp_seen = s->seen;
 	ev->flags = (first || restart ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
-	if (k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) {
+	/* A flow's translation is settled by its first packet (the conntrack entry is made
+	 * before the summary): looked for again only if its first summary found one. */
+	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) &&
+	    (first || restart || !s->plain)) {
 		if (k->family == WEIR_AF_INET)
 			trace_xlate4(ev, k);
 		else
 			trace_xlate6(ev, k, &sc->r6);
+		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
+	if (first)
+		bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
 	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES));
 	return 0;
 }
