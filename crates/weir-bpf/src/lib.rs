@@ -150,10 +150,39 @@ fn pin_maps(
         } else {
             pin_dir
         };
-        m.set_pin_path(dir.join(&name))
+        let path = dir.join(&name);
+        unpin_if_incompatible(&m, &path);
+        m.set_pin_path(&path)
             .map_err(lb(format!("pin path of map {name}")))?;
     }
     Ok(())
+}
+
+/// Removes the map pinned at `path` when it is not what `m` declares (type, key and value
+/// sizes, entries, flags: what libbpf requires to reuse a pinned map), so that loading
+/// creates and pins a new one instead of failing: an upgrade that changed a map's layout.
+/// Its entries are lost (a new agent cannot read them); programs still using the old map
+/// keep it until their links are switched to the new ones.
+fn unpin_if_incompatible(m: &libbpf_rs::OpenMapMut<'_>, path: &Path) {
+    let Ok(old) = libbpf_rs::MapHandle::from_pinned_path(path) else {
+        return; // nothing pinned there (or unreadable: the load says why)
+    };
+    let Ok(info) = libbpf_rs::MapInfo::new(old.as_fd()) else {
+        return;
+    };
+    let i = &info.info;
+    let same = i.type_ == m.map_type() as u32
+        && i.key_size == m.key_size()
+        && i.value_size == m.value_size()
+        && i.max_entries == m.max_entries()
+        && i.map_flags == m.map_flags();
+    if !same {
+        tracing::warn!(
+            path = %path.display(),
+            "a pinned map of another layout (an earlier version's): replacing it, its entries are lost"
+        );
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Opens and loads one object (`name`, for errors) with its maps pinned as [`pin_maps`] says,

@@ -2476,3 +2476,91 @@ fn network_policy_is_judged_on_the_first_packet_and_kept_per_flow() {
     let far = weir_bpf::datapath::boot_seconds() + 100_000;
     assert_eq!(fx.dp.ct_gc(far, false).expect("gc"), n + 1);
 }
+
+/// An upgrade whose maps changed layout: the new agent replaces the maps an older one pinned
+/// with another type, key, value or size (their state is unreadable to it), and keeps the
+/// others with their entries.
+#[test]
+fn maps_an_older_agent_pinned_with_another_layout_are_replaced() {
+    use libbpf_rs::{MapCore, MapHandle, MapType};
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let pins = PathBuf::from(format!("/sys/fs/bpf/wbt-up-{}-{n}", std::process::id()));
+    weir_bpf::ensure_bpffs().expect("bpffs");
+    struct Pins(PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = Datapath::remove_pins(&self.0);
+        }
+    }
+    let _guard = Pins(pins.clone());
+    let tc = pins.join("tc");
+    // A first agent: an endpoint recorded.
+    let dp = Datapath::load(&tc, &pins).expect("first load");
+    let mut k = endpoint_key::default();
+    k.addr[0] = u32::from_ne_bytes([10, 244, 0, 7]);
+    k.family = AF_INET;
+    let info = endpoint_info {
+        ifindex: 42,
+        ..Default::default()
+    };
+    dp.put_endpoint(&k, &info).expect("endpoint");
+    drop(dp);
+    let ids = |dir: &std::path::Path| -> std::collections::BTreeMap<String, u32> {
+        std::fs::read_dir(dir)
+            .expect("pins")
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let m = MapHandle::from_pinned_path(e.path()).ok()?;
+                let info = libbpf_rs::MapInfo::new(m.as_fd()).ok()?;
+                Some((e.file_name().to_string_lossy().into_owned(), info.info.id))
+            })
+            .collect()
+    };
+    let all = || {
+        let mut m = ids(&tc);
+        m.extend(ids(&pins).into_iter().map(|(k, v)| (format!("lb/{k}"), v)));
+        m
+    };
+    let before = all();
+    assert!(
+        before.len() > 10 && before.keys().any(|k| k.starts_with("lb/")),
+        "{before:?}"
+    );
+    // Two of its maps as an older version had them: another value size, another type.
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    for (name, ty, value) in [
+        ("weir_trace_scratch", MapType::PercpuArray, 8),
+        ("weir_trace_flows", MapType::Hash, 40),
+    ] {
+        let path = tc.join(name);
+        std::fs::remove_file(&path).expect("unpin");
+        let key = if name == "weir_trace_flows" { 48 } else { 4 };
+        let mut old = MapHandle::create(ty, Some(name), key, value, 16, &opts).expect("old map");
+        old.pin(&path).expect("pin old map");
+    }
+    let dp = Datapath::load(&tc, &pins).expect("load over maps of another layout");
+    for name in ["weir_trace_scratch", "weir_trace_flows"] {
+        let m = MapHandle::from_pinned_path(tc.join(name)).expect("pinned");
+        assert_ne!(
+            m.value_size(),
+            if name == "weir_trace_flows" { 40 } else { 8 },
+            "{name}"
+        );
+    }
+    // Every other map is the one pinned before (reused, not replaced).
+    let after = all();
+    for (name, id) in &before {
+        let replaced = name == "weir_trace_scratch" || name == "weir_trace_flows";
+        assert_eq!(after.get(name) == Some(id), !replaced, "{name}");
+    }
+    let eps = dp.endpoints().expect("endpoints");
+    assert!(
+        eps.iter()
+            .any(|(ek, ei)| ek.addr == k.addr && ei.ifindex == 42),
+        "the compatible map kept its entries: {eps:?}"
+    );
+    drop(dp);
+}
