@@ -4,9 +4,14 @@
   var RECENT = 200;
   var RATE_WINDOW_MS = 1e4;
   var TROUBLE_WINDOW_MS = 6e4;
-  function nodeOf(end2) {
+  function clusterOf(flow) {
+    const node = flow.node || "";
+    return node.includes("/") ? node.split("/")[0] : "";
+  }
+  function nodeOf(end2, cluster = "") {
     if (end2.pod) {
-      const [ns, name] = end2.pod.split("/");
+      const [podNs, name] = end2.pod.split("/");
+      const ns = cluster ? `${cluster}/${podNs}` : podNs;
       const workload = end2.workload || name;
       return { id: `${ns}/${workload}`, group: ns, label: workload };
     }
@@ -20,8 +25,9 @@
     }
     add(flow) {
       if (flow.is_reply && flow.verdict !== "dropped") return;
-      const s = nodeOf(flow.source);
-      const d = nodeOf(flow.destination);
+      const cluster = clusterOf(flow);
+      const s = nodeOf(flow.source, cluster);
+      const d = nodeOf(flow.destination, cluster);
       for (const n of [s, d]) {
         if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [], services: /* @__PURE__ */ new Set() });
       }

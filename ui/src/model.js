@@ -7,10 +7,21 @@ const RECENT = 200; // flows kept per edge for the panel
 const RATE_WINDOW_MS = 10_000;
 const TROUBLE_WINDOW_MS = 60_000; // an edge stays marked this long after trouble
 
-/** The map node a flow end belongs to: a workload of a namespace, or outside the pods. */
-export function nodeOf(end) {
+/** The cluster of a flow's node ("cluster/node" when the map shows a clusterset), or "". */
+export function clusterOf(flow) {
+  const node = flow.node || "";
+  return node.includes("/") ? node.split("/")[0] : "";
+}
+
+/**
+ * The map node a flow end belongs to: a workload of a namespace, or outside the pods. In a
+ * clusterset, a named pod is of the cluster whose node reported the flow (an agent names
+ * only its own cluster's pods), so that the same namespace in two clusters is two groups.
+ */
+export function nodeOf(end, cluster = "") {
   if (end.pod) {
-    const [ns, name] = end.pod.split("/");
+    const [podNs, name] = end.pod.split("/");
+    const ns = cluster ? `${cluster}/${podNs}` : podNs;
     const workload = end.workload || name;
     return { id: `${ns}/${workload}`, group: ns, label: workload };
   }
@@ -28,8 +39,9 @@ export class Model {
   add(flow) {
     // A reply travels the edge of its request: not an edge of its own.
     if (flow.is_reply && flow.verdict !== "dropped") return;
-    const s = nodeOf(flow.source);
-    const d = nodeOf(flow.destination);
+    const cluster = clusterOf(flow);
+    const s = nodeOf(flow.source, cluster);
+    const d = nodeOf(flow.destination, cluster);
     for (const n of [s, d]) {
       if (!this.nodes.has(n.id)) this.nodes.set(n.id, { ...n, flows: [], services: new Set() });
     }

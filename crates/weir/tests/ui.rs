@@ -141,3 +141,21 @@ fn the_map_shows_workloads_and_marks_the_denied_edge() {
     }
     let _ = std::fs::remove_file(&shot);
 }
+
+/// The map's model without a browser (`ui/tests/model.mjs`): in a clusterset the same
+/// namespace of two clusters is two groups; in one cluster, groups are namespaces.
+#[test]
+fn the_model_keeps_the_namespaces_of_a_clustersets_clusters_apart() {
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ui");
+    let out = Command::new("node")
+        .current_dir(&ui)
+        .arg("tests/model.mjs")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
