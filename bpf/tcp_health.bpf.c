@@ -14,7 +14,10 @@
  * offsets are CO-RE relocations (the local structures below name only the fields read, and
  * libbpf finds them in the running kernel's BTF at load time). The TCP state numbers are the
  * kernel's ABI (include/net/tcp_states.h, reported as-is by inet_diag).
- * Minimum kernel: 5.9 (bpf_skc_to_tcp_sock in tracing programs).
+ * Minimum kernel: 5.12 (bpf_get_socket_cookie in tracing programs). A reset sent without a
+ * socket is counted only where the kernel lists tcp_send_reset's socket among the tracepoint
+ * arguments that may be NULL (raw_tp_null_args, as 6.18 does): elsewhere the verifier takes
+ * it for a valid socket and drops that branch.
  */
 #include "lib/common.h"
 #include "weir/api/tcp_health.h"
@@ -97,13 +100,17 @@ struct client {
 	struct tcp_peer_key peer;
 };
 
-#define TCP_CLIENTS 65536 /* a power of two */
+#define TCP_CLIENTS 131072 /* a power of two: 65,536 pairs */
 
 /*
- * The records of watched client sockets, from SYN_SENT until they leave ESTABLISHED, at the
- * index their socket's cookie hashes to: a plain store, no allocation and no lock on the
- * connect path. A record another socket's takes over (two sockets live at the same index) is
- * lost: that socket counts on for its namespace, not for its peer.
+ * The records of watched client sockets, from SYN_SENT until they leave ESTABLISHED, in one
+ * of the two records of the pair their socket's cookie hashes to: no allocation and no lock
+ * on the connect path. A connect takes a free record of its pair, else one still connecting
+ * (the older), else the first: the socket that had it is no longer watched (it counts on for
+ * its namespace once established, and not at all while connecting). A record is taken with
+ * its cookie cleared and given with it set (atomic exchanges, so that the fields between are
+ * ordered), and read as a copy whose cookie is checked again after (client_of), so that a
+ * record taken over as it is read is not counted for the wrong socket.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -149,43 +156,6 @@ static __always_inline struct tcp_counters *counters_of_peer(const struct tcp_pe
 	return bpf_map_lookup_elem(&weir_tcp_peers, peer);
 }
 
-/* The record at the index of the socket with `cookie` (whoever holds it), or NULL. */
-static __always_inline struct client *record_at(__u64 cookie)
-{
-	__u32 i = hash64(cookie) & (TCP_CLIENTS - 1);
-
-	return bpf_map_lookup_elem(&weir_tcp_clients, &i);
-}
-
-/*
- * The record of `sk` when it is a watched client socket, or NULL. The cookie is read, not
- * asked for: a recorded socket has one (given when it was recorded), and asking would give
- * every other socket one too.
- */
-static __always_inline struct client *client_of(const struct sock___weir *sk)
-{
-	__u64 cookie = sk->__sk_common.skc_cookie.counter;
-	struct client *cl = cookie ? record_at(cookie) : NULL;
-
-	return cl && cl->cookie == cookie ? cl : NULL;
-}
-
-/*
- * The counters of socket `sk`'s namespace (NULL: not watched), and in `*peer` those of its
- * peer when it is a watched client socket (whose record names its slot).
- */
-static __always_inline struct tcp_counters *counters_and_peer(struct sock___weir *sk,
-							      struct tcp_counters **peer)
-{
-	struct client *cl = client_of(sk);
-
-	*peer = NULL;
-	if (!cl)
-		return counters_of_net(sk->__sk_common.skc_net.net);
-	*peer = counters_of_peer(&cl->peer);
-	return bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
-}
-
 /* Fills `peer` with the address and port socket `sk` connects to. */
 static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_peer_key *peer)
 {
@@ -202,6 +172,92 @@ static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_pee
 		peer->addr[0] = c->skc_daddr;
 		peer->addr[1] = peer->addr[2] = peer->addr[3] = 0;
 	}
+}
+
+/* The record `i` of the pair of the socket with `cookie` (whoever holds it), or NULL. */
+static __always_inline struct client *record_at(__u64 cookie, __u32 i)
+{
+	__u32 idx = (hash64(cookie) & (TCP_CLIENTS - 2)) + i;
+
+	return bpf_map_lookup_elem(&weir_tcp_clients, &idx);
+}
+
+/*
+ * The record of `sk` when it is a watched client socket, or NULL, with `*snap` a copy of it
+ * that was the socket's as a whole. The cookie is read, not asked for: a recorded socket has
+ * one (given when it was recorded), and asking would give every other socket one too.
+ */
+static __always_inline struct client *client_of(const struct sock___weir *sk,
+						struct client *snap)
+{
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	struct client *cl;
+
+	if (!cookie)
+		return NULL;
+	cl = record_at(cookie, 0);
+	if (cl && cl->cookie != cookie)
+		cl = record_at(cookie, 1);
+	if (!cl || cl->cookie != cookie)
+		return NULL;
+	*snap = *cl;
+	/* Still the socket's after the copy? (A compare-and-swap that changes nothing: a read
+	 * ordered after the copy's.) */
+	if (__sync_val_compare_and_swap(&cl->cookie, cookie, cookie) != cookie)
+		return NULL;
+	return cl;
+}
+
+/* Records client socket `sk` (`cookie`) of namespace `slot` as it enters SYN_SENT. */
+static __always_inline void record_client(const struct sock___weir *sk, __u64 cookie,
+					  __u32 slot)
+{
+	struct client *a = record_at(cookie, 0), *b = record_at(cookie, 1), *cl;
+	__u64 held;
+
+	if (!a || !b)
+		return;
+	if (!a->cookie || a->cookie == cookie)
+		cl = a;
+	else if (!b->cookie || b->cookie == cookie)
+		cl = b;
+	else if (a->since && (!b->since || a->since <= b->since))
+		cl = a; /* both live: one still connecting, the older */
+	else if (b->since)
+		cl = b;
+	else
+		cl = a;
+	held = cl->cookie;
+	/* Taken (whoever held it reads it no more), filled, then given to the socket. */
+	if (__sync_val_compare_and_swap(&cl->cookie, held, 0) != held)
+		return; /* another connect took it first */
+	cl->since = bpf_ktime_get_boot_ns();
+	cl->peer.slot = slot;
+	cl->peer.pad = 0;
+	peer_of(sk, &cl->peer);
+	__sync_lock_test_and_set(&cl->cookie, cookie);
+}
+
+/* Frees record `cl` if it still holds the socket with `cookie`. */
+static __always_inline void release(struct client *cl, __u64 cookie)
+{
+	__sync_val_compare_and_swap(&cl->cookie, cookie, 0);
+}
+
+/*
+ * The counters of socket `sk`'s namespace (NULL: not watched), and in `*peer` those of its
+ * peer when it is a watched client socket (whose record names its slot).
+ */
+static __always_inline struct tcp_counters *counters_and_peer(struct sock___weir *sk,
+							      struct tcp_counters **peer)
+{
+	struct client snap;
+
+	*peer = NULL;
+	if (!client_of(sk, &snap))
+		return counters_of_net(sk->__sk_common.skc_net.net);
+	*peer = counters_of_peer(&snap.peer);
+	return bpf_map_lookup_elem(&weir_tcp_counters, &snap.peer.slot);
 }
 
 SEC("tp_btf/tcp_retransmit_skb")
@@ -255,12 +311,13 @@ int tcp_receive_reset(__u64 *ctx)
 	return 0;
 }
 
-/* A watched client socket's connect ended: established after `took` ns, or failed. */
+/* A watched client socket's connect (its record: `cl`) ended: established, or failed. */
 static __always_inline void connect_ended(struct client *cl, bool established)
 {
 	struct tcp_counters *c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
 	struct tcp_counters *p = counters_of_peer(&cl->peer);
-	__u64 took = bpf_ktime_get_boot_ns() - cl->since;
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u64 took = now > cl->since ? now - cl->since : 0;
 
 	if (c && established) {
 		c->connects += 1;
@@ -276,17 +333,21 @@ static __always_inline void connect_ended(struct client *cl, bool established)
 	}
 }
 
-/* A socket of a watched namespace (`cl`: a client's record) left ESTABLISHED: its RTT. */
-static __always_inline void established_ended(struct sock___weir *sk, struct client *cl)
+/*
+ * A socket of a watched namespace left ESTABLISHED: its RTT (`cl`: a client's record, `snap`
+ * its copy).
+ */
+static __always_inline void established_ended(struct sock___weir *sk, struct client *cl,
+					      const struct client *snap)
 {
 	struct tcp_sock___weir *tp = (void *)bpf_skc_to_tcp_sock(sk);
 	struct tcp_counters *c, *p = NULL;
 	__u32 srtt = tp ? tp->srtt_us >> 3 : 0;
 
 	if (cl) {
-		cl->cookie = 0; /* watched no longer */
-		c = bpf_map_lookup_elem(&weir_tcp_counters, &cl->peer.slot);
-		p = counters_of_peer(&cl->peer);
+		release(cl, snap->cookie); /* watched no longer */
+		c = bpf_map_lookup_elem(&weir_tcp_counters, &snap->peer.slot);
+		p = counters_of_peer(&snap->peer);
 	} else {
 		c = tp ? counters_of_net(sk->__sk_common.skc_net.net) : NULL;
 	}
@@ -305,8 +366,7 @@ int sock_set_state(__u64 *ctx)
 {
 	struct sock___weir *sk = (void *)ctx[0];
 	int oldstate = (int)ctx[1], newstate = (int)ctx[2];
-	struct client *cl;
-	__u64 cookie;
+	struct client *cl, snap;
 	__u32 *slot;
 
 	/* The transitions counted: into SYN_SENT, out of SYN_SENT or ESTABLISHED. */
@@ -320,34 +380,27 @@ int sock_set_state(__u64 *ctx)
 		slot = slot_of_net(sk->__sk_common.skc_net.net);
 		if (!slot)
 			return 0;
-		cookie = bpf_get_socket_cookie(sk);
-		cl = record_at(cookie);
-		if (!cl)
-			return 0;
-		cl->cookie = cookie;
-		cl->since = bpf_ktime_get_boot_ns();
-		cl->peer.slot = *slot;
-		cl->peer.pad = 0;
-		peer_of(sk, &cl->peer);
+		record_client(sk, bpf_get_socket_cookie(sk), *slot);
 		return 0;
 	}
-	cl = client_of(sk);
+	cl = client_of(sk, &snap);
 	if (oldstate == TCP_SYN_SENT_) {
 		/* Only watched sockets were recorded: nothing to read of the others. */
-		if (!cl || !cl->since)
+		if (!cl || !snap.since)
 			return 0;
 		if (newstate == TCP_ESTABLISHED_) {
-			connect_ended(cl, true);
-			cl->since = 0; /* watched on until it leaves ESTABLISHED */
+			connect_ended(&snap, true);
+			/* Watched on until it leaves ESTABLISHED (unless taken meanwhile). */
+			__sync_val_compare_and_swap(&cl->since, snap.since, 0);
 			return 0;
 		}
 		if (newstate == TCP_CLOSE_)
-			connect_ended(cl, false);
-		cl->cookie = 0;
+			connect_ended(&snap, false);
+		release(cl, snap.cookie);
 		return 0;
 	}
 	/* Leaving ESTABLISHED. */
-	established_ended(sk, cl);
+	established_ended(sk, cl, &snap);
 	return 0;
 }
 

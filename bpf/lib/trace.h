@@ -210,6 +210,7 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		/* A new connection on a tuple whose last one ended: its own flow. */
 		s->seen = 0;
 		s->reply = (tcp & TCP_FLAG_ACK) != 0;
+		s->plain = 0; /* its translation is its own: looked for again */
 		s->packets = 0;
 		s->bytes = 0;
 		restart = true;
@@ -275,9 +276,8 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev->tcp_seen = s->seen;
 	ev->flags = (first || restart ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
 	/* A flow's translation is settled by its first packet (the conntrack entry is made
-	 * before the summary): looked for again only if its first summary found one. */
-	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) &&
-	    (first || restart || !s->plain)) {
+	 * before the summary): looked for again only if the last look found one. */
+	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) && !s->plain) {
 		if (k->family == WEIR_AF_INET)
 			trace_xlate4(ev, k);
 		else

@@ -135,11 +135,15 @@ const RETIRED_MAPS: &[&str] = &["weir_lb_stats"];
 
 /// Pins every map of an object being opened: load-balancing maps ([`SOCK_MAPS`]) in
 /// `lb_pin_dir` (shared by the socket and per-packet programs), the others in `pin_dir`.
+/// Returns the pins of another layout set aside ([`set_aside_if_incompatible`]) as (pin,
+/// where it went): put back if the load fails, removed once it succeeded.
 fn pin_maps(
     obj: &mut libbpf_rs::OpenObject,
     pin_dir: &Path,
     lb_pin_dir: &Path,
-) -> Result<(), BpfError> {
+) -> Result<Vec<(PathBuf, PathBuf)>, BpfError> {
+    let cpus = libbpf_rs::num_possible_cpus().map_err(lb("counting CPUs"))? as u32;
+    let mut aside = Vec::new();
     for mut m in obj.maps_mut() {
         let name = m.name().to_string_lossy().into_owned();
         if name.contains('.') {
@@ -151,38 +155,75 @@ fn pin_maps(
             pin_dir
         };
         let path = dir.join(&name);
-        unpin_if_incompatible(&m, &path);
+        // Ask for the size the kernel will give, so that the pinned map is found the same.
+        let want = kernel_max_entries(m.map_type(), m.map_flags(), m.max_entries(), cpus);
+        if want != m.max_entries() {
+            m.set_max_entries(want)
+                .map_err(lb(format!("entries of map {name}")))?;
+        }
+        if let Some(to) = set_aside_if_incompatible(&m, &path) {
+            aside.push((path.clone(), to));
+        }
         m.set_pin_path(&path)
             .map_err(lb(format!("pin path of map {name}")))?;
     }
-    Ok(())
+    Ok(aside)
 }
 
-/// Removes the map pinned at `path` when it is not what `m` declares (type, key and value
-/// sizes, entries, flags: what libbpf requires to reuse a pinned map), so that loading
-/// creates and pins a new one instead of failing: an upgrade that changed a map's layout.
-/// Its entries are lost (a new agent cannot read them); programs still using the old map
-/// keep it until their links are switched to the new ones.
-fn unpin_if_incompatible(m: &libbpf_rs::OpenMapMut<'_>, path: &Path) {
-    let Ok(old) = libbpf_rs::MapHandle::from_pinned_path(path) else {
-        return; // nothing pinned there (or unreadable: the load says why)
-    };
-    let Ok(info) = libbpf_rs::MapInfo::new(old.as_fd()) else {
-        return;
-    };
-    let i = &info.info;
-    let same = i.type_ == m.map_type() as u32
-        && i.key_size == m.key_size()
-        && i.value_size == m.value_size()
-        && i.max_entries == m.max_entries()
-        && i.map_flags == m.map_flags();
-    if !same {
-        tracing::warn!(
-            path = %path.display(),
-            "a pinned map of another layout (an earlier version's): replacing it, its entries are lost"
-        );
-        let _ = std::fs::remove_file(path);
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash with a list per CPU.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// The entries the kernel gives a map asked for `max` of: an LRU hash with a list per CPU
+/// is rounded up to a multiple of the possible CPUs (down when that overflows), as the
+/// kernel's htab_map_alloc does; others get what they ask for.
+fn kernel_max_entries(ty: MapType, flags: u32, max: u32, cpus: u32) -> u32 {
+    let lru = matches!(ty, MapType::LruHash | MapType::LruPercpuHash);
+    if !lru || flags & BPF_F_NO_COMMON_LRU == 0 || cpus <= 1 {
+        return max;
     }
+    max.div_ceil(cpus)
+        .checked_mul(cpus)
+        .unwrap_or(max / cpus * cpus)
+}
+
+/// Sets aside (renames to `NAME-replaced`) the map pinned at `path` when it is not what `m`
+/// declares (what libbpf compares before it reuses a pinned map: type, key and value sizes,
+/// entries, flags, map_extra), so that loading creates and pins a new one instead of
+/// failing: an upgrade that changed a map's layout. Its entries are lost to the new agent
+/// (it cannot read them); programs still using the old map keep it until their links are
+/// switched. Returns where it went. Not compared (nor by libbpf): the inner map of a
+/// map-in-map, whose layout change needs a new outer name ([`RETIRED_MAPS`]).
+fn set_aside_if_incompatible(m: &libbpf_rs::OpenMapMut<'_>, path: &Path) -> Option<PathBuf> {
+    let old = libbpf_rs::MapHandle::from_pinned_path(path).ok()?; // nothing pinned there
+    let i = libbpf_rs::MapInfo::new(old.as_fd()).ok()?.info;
+    // SAFETY: the pointer is the open map's own, valid while `m` is.
+    let extra = {
+        use libbpf_rs::AsRawLibbpf;
+        unsafe { libbpf_sys::bpf_map__map_extra(m.as_libbpf_object().as_ptr()) }
+    };
+    let differ: Vec<&str> = [
+        ("type", i.type_ != m.map_type() as u32),
+        ("key size", i.key_size != m.key_size()),
+        ("value size", i.value_size != m.value_size()),
+        ("entries", i.max_entries != m.max_entries()),
+        ("flags", i.map_flags != m.map_flags()),
+        ("map_extra", i.map_extra != extra),
+    ]
+    .into_iter()
+    .filter_map(|(what, differs)| differs.then_some(what))
+    .collect();
+    if differ.is_empty() {
+        return None;
+    }
+    let name = path.file_name()?.to_string_lossy().into_owned();
+    let to = path.with_file_name(format!("{name}-replaced"));
+    tracing::warn!(
+        path = %path.display(),
+        differ = %differ.join(", "),
+        "a pinned map of another layout (an earlier version's): replacing it, its entries are lost"
+    );
+    let _ = std::fs::remove_file(&to);
+    std::fs::rename(path, &to).ok().map(|()| to)
 }
 
 /// Opens and loads one object (`name`, for errors) with its maps pinned as [`pin_maps`] says,
@@ -208,11 +249,20 @@ fn load_pinned<B: SkelBuilder<'static>>(
     for name in RETIRED_MAPS {
         let _ = std::fs::remove_file(lb_pin_dir.join(name));
     }
-    pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
-    open.load().map_err(lb(format!(
+    let aside = pin_maps(open.open_object_mut(), pin_dir, lb_pin_dir)?;
+    let loaded = open.load().map_err(lb(format!(
         "loading {name} (maps in {})",
         pin_dir.display()
-    )))
+    )));
+    for (pin, to) in &aside {
+        if loaded.is_ok() {
+            let _ = std::fs::remove_file(to);
+        } else {
+            // Nothing replaced: the old map (and its entries) back where it was.
+            let _ = std::fs::rename(to, pin);
+        }
+    }
+    loaded
 }
 
 /// Every entry of a hash-like map, as plain C structs (`name` is for the error).
@@ -667,5 +717,34 @@ pub(crate) fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
         id: info.id,
         run_count: info.run_cnt,
         run_time_ns: info.run_time_ns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_per_cpu_lru_is_sized_as_the_kernel_sizes_it() {
+        let per_cpu = BPF_F_NO_COMMON_LRU;
+        assert_eq!(
+            kernel_max_entries(MapType::LruHash, per_cpu, 65536, 6),
+            65538
+        );
+        assert_eq!(
+            kernel_max_entries(MapType::LruHash, per_cpu, 65536, 2),
+            65536
+        );
+        assert_eq!(
+            kernel_max_entries(MapType::LruPercpuHash, per_cpu, 100, 48),
+            144
+        );
+        assert_eq!(
+            kernel_max_entries(MapType::LruHash, per_cpu, u32::MAX, 6),
+            4_294_967_292
+        );
+        // A common LRU, or another type: as asked.
+        assert_eq!(kernel_max_entries(MapType::LruHash, 0, 65536, 6), 65536);
+        assert_eq!(kernel_max_entries(MapType::Hash, per_cpu, 65536, 6), 65536);
     }
 }

@@ -2550,6 +2550,13 @@ fn maps_an_older_agent_pinned_with_another_layout_are_replaced() {
             "{name}"
         );
     }
+    // The old maps set aside are gone once the load succeeded.
+    let left: Vec<_> = std::fs::read_dir(&tc)
+        .expect("pins")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with("-replaced"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // Every other map is the one pinned before (reused, not replaced).
     let after = all();
     for (name, id) in &before {

@@ -79,3 +79,39 @@ fn a_watched_namespaces_tcp_health_is_counted() {
         .expect("watch");
     assert_eq!(th.counters(5).unwrap().connects, 0);
 }
+
+/// Many client connections open at once (their records live side by side in the table):
+/// every connect and every RTT sample is counted for the namespace, and the connects for
+/// their peer too.
+#[test]
+fn many_open_client_connections_are_all_counted() {
+    const N: usize = 200;
+    let a = Netns::new("th-many");
+    let th = TcpHealth::load().expect("load");
+    th.watch(netns_inum(a.path().as_ref()).unwrap(), 9)
+        .expect("watch");
+    let port = a.inside(|| {
+        let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = l.local_addr().unwrap().port();
+        let mut open = Vec::new();
+        for _ in 0..N {
+            let c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            open.push((c, s));
+        }
+        drop(open);
+        port
+    });
+    let c = th.counters(9).expect("counters");
+    assert_eq!(c.connects, N as u64, "{c:?}");
+    assert_eq!(c.connect_failures, 0, "{c:?}");
+    // Both ends of each connection left ESTABLISHED with an RTT sample.
+    assert_eq!(c.rtt_samples, 2 * N as u64, "{c:?}");
+    let peers = th.peers().expect("peers");
+    let (_, p) = peers
+        .iter()
+        .find(|(p, _)| p.slot == 9 && p.addr.port() == port)
+        .expect("the listener's peer");
+    assert_eq!(p.connects, N as u64, "{p:?}");
+    assert!(p.rtt_samples > 0 && p.rtt_samples <= N as u64, "{p:?}");
+}
