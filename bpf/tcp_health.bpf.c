@@ -6,8 +6,8 @@
  * namespace (the node's and each local pod's: weir_tcp_netns, kept by the agent); sockets
  * elsewhere are ignored. A watched namespace's client sockets (those that connected) are
  * recorded from SYN_SENT on (weir_tcp_clients: the slot, the peer, the connect's start) and
- * counted per peer too (weir_tcp_peers: the address and port they connected to) until they
- * leave ESTABLISHED.
+ * counted per peer too (weir_tcp_peers: the address and port they connected to, and the
+ * frontend the socket layer translated that from) until they leave ESTABLISHED.
  *
  * The tracepoints' arguments are typed by the kernel's BTF, so the programs read the socket's
  * fields with plain loads, which the verifier checks against the kernel's types; the field
@@ -21,6 +21,7 @@
  */
 #include "lib/common.h"
 #include "weir/api/tcp_health.h"
+#include "weir/api/lb.h"
 
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_	 2
@@ -119,6 +120,24 @@ struct {
 	__type(value, struct client);
 } weir_tcp_clients SEC(".maps");
 
+/*
+ * The socket layer's translations of connected sockets (sock.bpf.c's maps, shared through
+ * their pins when the loader is given them; else empty): the frontend a client asked for.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct lb4_sock);
+} weir_lb4_sock SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct lb6_sock);
+} weir_lb6_sock SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, TCP_HEALTH_PEERS);
@@ -208,9 +227,31 @@ static __always_inline struct client *client_of(const struct sock___weir *sk,
 	return cl;
 }
 
+/* Fills `peer`'s frontend: what the socket layer translated `sk`'s connect from, if it did. */
+static __always_inline void frontend_of(struct sock___weir *sk, struct tcp_peer_key *peer)
+{
+	__builtin_memset(peer->vip, 0, sizeof(peer->vip));
+	peer->vport = 0;
+	peer->pad2 = 0;
+	if (peer->family == AF_INET6_) {
+		struct lb6_sock *st = bpf_sk_storage_get(&weir_lb6_sock, sk, 0, 0);
+
+		if (st) {
+			__builtin_memcpy(peer->vip, st->vip, sizeof(peer->vip));
+			peer->vport = st->vport;
+		}
+	} else {
+		struct lb4_sock *st = bpf_sk_storage_get(&weir_lb4_sock, sk, 0, 0);
+
+		if (st) {
+			peer->vip[0] = st->vip;
+			peer->vport = st->vport;
+		}
+	}
+}
+
 /* Records client socket `sk` (`cookie`) of namespace `slot` as it enters SYN_SENT. */
-static __always_inline void record_client(const struct sock___weir *sk, __u64 cookie,
-					  __u32 slot)
+static __always_inline void record_client(struct sock___weir *sk, __u64 cookie, __u32 slot)
 {
 	struct client *a = record_at(cookie, 0), *b = record_at(cookie, 1), *cl;
 	__u64 held;
@@ -235,6 +276,7 @@ static __always_inline void record_client(const struct sock___weir *sk, __u64 co
 	cl->peer.slot = slot;
 	cl->peer.pad = 0;
 	peer_of(sk, &cl->peer);
+	frontend_of(sk, &cl->peer);
 	__sync_lock_test_and_set(&cl->cookie, cookie);
 }
 

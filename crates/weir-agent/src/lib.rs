@@ -1058,20 +1058,25 @@ fn service_of(f: &weir_control::lb::Frontend) -> String {
 }
 
 /// Every backend of `state` -> its Service (`namespace/name`, without the port), for naming
-/// flows.
+/// flows that do not say which frontend they came through. A backend several Services share
+/// is named by the first of them by name (the same on every node and every round).
 fn backend_services(
     state: &weir_control::lb::LbState,
 ) -> std::collections::HashMap<(std::net::IpAddr, u16, u8), String> {
-    state
-        .frontends
-        .iter()
-        .flat_map(|(k, f)| {
-            f.backends
-                .iter()
-                .chain(&f.standby)
-                .map(move |b| ((b.ip, b.port, k.proto.number()), service_of(f)))
-        })
-        .collect()
+    let mut out = std::collections::HashMap::new();
+    for (k, f) in &state.frontends {
+        for b in f.backends.iter().chain(&f.standby) {
+            let name = service_of(f);
+            out.entry((b.ip, b.port, k.proto.number()))
+                .and_modify(|n: &mut String| {
+                    if name < *n {
+                        *n = name.clone();
+                    }
+                })
+                .or_insert(name);
+        }
+    }
+    out
 }
 #[cfg(test)]
 mod tests {

@@ -61,11 +61,19 @@ impl Watch {
 
 /// Starts the thread (a kernel without the tracepoints or BTF leaves a warning).
 pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
+    // The socket layer's maps: the frontend each client socket asked for.
+    let lb_pins = pods
+        .dataplane
+        .lock()
+        .expect("pods")
+        .datapath()
+        .lb_pin_dir()
+        .to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("weir-tcp-health".into())
         .spawn(move || {
-            let th = match TcpHealth::load() {
+            let th = match TcpHealth::load_sharing(Some(&lb_pins)) {
                 Ok(t) => {
                     let _ = tx.send(Ok(()));
                     t
@@ -304,14 +312,14 @@ fn count_peers(th: &TcpHealth, w: &mut Watch, log: &Arc<Mutex<FlowLog>>) {
         }) else {
             continue;
         };
-        if let Some(svc) = log.backend_service(peer.addr).cloned() {
+        if let Some(svc) = log.tcp_peer_service(peer.addr, peer.frontend) {
             add(&METRICS.service_tcp, service_labels(&svc), &d);
             log.tcp_services.insert(svc);
         }
         log.push_tcp_health(
             now_ns,
             client,
-            peer.addr,
+            (peer.addr, peer.frontend),
             TcpStats::of(&d, PERIOD.as_secs()),
         );
     }

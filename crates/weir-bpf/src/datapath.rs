@@ -587,6 +587,7 @@ pub struct Datapath {
     node: NodeSkel<'static>,
     xdp: XdpSkel<'static>,
     pin_dir: PathBuf,
+    lb_pin_dir: PathBuf,
 }
 
 impl Datapath {
@@ -607,7 +608,13 @@ impl Datapath {
             node,
             xdp,
             pin_dir: pin_dir.to_path_buf(),
+            lb_pin_dir: lb_pin_dir.to_path_buf(),
         })
+    }
+
+    /// The directory of the load-balancing maps (the socket layer's).
+    pub fn lb_pin_dir(&self) -> &Path {
+        &self.lb_pin_dir
     }
 
     fn prog(&self, p: TcProgram) -> &libbpf_rs::ProgramMut<'static> {

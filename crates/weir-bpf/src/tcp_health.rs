@@ -7,6 +7,7 @@
 //! connected to: a Service's backend when the socket layer translated the connect).
 
 use std::mem::MaybeUninit;
+use std::path::Path;
 
 use libbpf_rs::btf::{Btf, BtfKind};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -56,15 +57,32 @@ fn state_args(btf: &Btf) -> Result<(), BpfError> {
 }
 
 impl TcpHealth {
-    /// Loads and attaches the programs (no namespace watched yet).
+    /// Loads and attaches the programs (no namespace watched yet), without the socket
+    /// layer's translations (peers have no frontend).
     pub fn load() -> Result<Self, BpfError> {
+        Self::load_sharing(None)
+    }
+
+    /// Loads and attaches the programs, reading the frontend each client socket asked for
+    /// from the socket layer's maps pinned in `lb_pin_dir` (`weir_lb4_sock`,
+    /// `weir_lb6_sock`), when they are there.
+    pub fn load_sharing(lb_pin_dir: Option<&Path>) -> Result<Self, BpfError> {
         let btf = Btf::from_vmlinux().map_err(lb("reading the kernel's BTF"))?;
         state_args(&btf)?;
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = TcpHealthSkelBuilder::default()
+        let mut open = TcpHealthSkelBuilder::default()
             .open(storage)
             .map_err(lb("opening tcp_health.bpf.o"))?;
+        if let Some(dir) = lb_pin_dir {
+            for m in [&mut open.maps.weir_lb4_sock, &mut open.maps.weir_lb6_sock] {
+                let path = dir.join(m.name());
+                if path.exists() {
+                    m.reuse_pinned_map(&path)
+                        .map_err(lb(format!("sharing {}", path.display())))?;
+                }
+            }
+        }
         let skel = open.load().map_err(lb("loading tcp_health.bpf.o"))?;
         let p = &skel.progs;
         let links = vec![
@@ -152,15 +170,20 @@ impl TcpHealth {
                 continue; // gone since the walk found it
             };
             let key: tcp_peer_key = from_bytes(&k);
-            let ip = if key.family == 10 {
-                crate::ip_from_words(crate::datapath::AF_INET6, key.addr)
+            let family = if key.family == 10 {
+                crate::datapath::AF_INET6
             } else {
-                crate::ip_from_words(crate::datapath::AF_INET, key.addr)
+                crate::datapath::AF_INET
             };
+            let ip = crate::ip_from_words(family, key.addr);
+            let vip = crate::ip_from_words(family, key.vip);
             // An IPv6 socket connected to an IPv4 address has it IPv4-mapped.
             let peer = TcpPeer {
                 slot: key.slot,
                 addr: std::net::SocketAddr::new(ip.to_canonical(), u16::from_be(key.port)),
+                frontend: (key.vport != 0).then(|| {
+                    std::net::SocketAddr::new(vip.to_canonical(), u16::from_be(key.vport))
+                }),
             };
             let now = sum(per_cpu.iter().map(|v| from_bytes(v)));
             let total = out.entry(peer).or_default();
@@ -189,6 +212,9 @@ pub struct TcpPeer {
     pub slot: u32,
     /// The address and port its sockets connected to.
     pub addr: std::net::SocketAddr,
+    /// The frontend the socket layer translated their connects from (a Service's), if it
+    /// did (and the programs were loaded with its maps).
+    pub frontend: Option<std::net::SocketAddr>,
 }
 
 /// Per-CPU counters summed.

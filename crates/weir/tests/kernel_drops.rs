@@ -264,6 +264,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: m}
 spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-alt, namespace: m}
+spec: {selector: {app: web}, ports: [{port: 81, targetPort: 8080}]}
 "#
 );
 
@@ -417,5 +422,28 @@ fn tcp_health_is_observed_per_peer_and_service(lab: &Lab) {
     lab.eventually("the Service's TCP health", Duration::from_secs(10), || {
         series("weir_service_tcp_connects_total{namespace=\"m\",service=\"web\",outcome=\"established\"}")
             >= 2.0
+    });
+    // A second Service of the same backend: its connects are its own (the frontend each
+    // socket asked for), while those through the first stay the first's (one name per
+    // backend would give every connect to one of them).
+    let alt = lab.get_json(&["svc", "web-alt", "-n", "m"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lab.eventually(
+        "the second Service's TCP health",
+        Duration::from_secs(20),
+        || {
+            lab.connect("m/client", &format!("{alt}:81"), "tcp", 1);
+            health = observe_json(lab, &["-t", "tcp-health", "--from-pod", "m/client"]);
+            health.iter().any(|h| h["service"] == "m/web-alt")
+        },
+    );
+    let h = health.iter().find(|h| h["service"] == "m/web-alt").unwrap();
+    assert_eq!(h["destination"]["pod"], "m/web", "{h}");
+    assert!(health.iter().any(|h| h["service"] == "m/web"), "{health:?}");
+    lab.eventually("web-alt's series", Duration::from_secs(10), || {
+        series("weir_service_tcp_connects_total{namespace=\"m\",service=\"web-alt\",outcome=\"established\"}")
+            >= 1.0
     });
 }

@@ -29,7 +29,8 @@ struct tcp_counters {
 /*
  * Key of weir_tcp_peers: what the client sockets of one watched namespace (its slot) went
  * through with one peer, the address and port they connected to (a Service's backend, when
- * the socket layer translated the connect).
+ * the socket layer translated the connect), and the frontend they asked for then (so that a
+ * backend two Services share is counted for each).
  */
 struct tcp_peer_key {
 	__u32 slot;
@@ -37,7 +38,10 @@ struct tcp_peer_key {
 	__u8 pad;
 	__be16 port;	/* network order */
 	__be32 addr[4]; /* network order; IPv4 in [0] */
+	__be32 vip[4];	/* the frontend (weir_lb{4,6}_sock), network order; 0: none */
+	__be16 vport;	/* network order; 0: not translated by the socket layer */
+	__u16 pad2;
 };
-_Static_assert(sizeof(struct tcp_peer_key) == 24, "tcp_peer_key size");
+_Static_assert(sizeof(struct tcp_peer_key) == 44, "tcp_peer_key size");
 
 #endif /* WEIR_API_TCP_HEALTH_H */

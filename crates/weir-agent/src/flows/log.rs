@@ -114,7 +114,8 @@ enum Raw {
     /// With the client's address, when its network namespace is a known pod's.
     Sock(SockEvent, Option<IpAddr>),
     /// A pod's client sockets (at the address) towards one peer over a period.
-    TcpHealth(IpAddr, SocketAddr, Box<TcpStats>),
+    /// Client, peer, and (the counts, the frontend the connects asked for).
+    TcpHealth(IpAddr, SocketAddr, Box<(TcpStats, Option<SocketAddr>)>),
 }
 
 struct Entry {
@@ -694,15 +695,28 @@ impl FlowLog {
 
     /// Records what the client sockets of the pod at `client` went through with `peer`
     /// (at boot-clock time `ts`).
-    pub fn push_tcp_health(&mut self, ts: u64, client: IpAddr, peer: SocketAddr, s: TcpStats) {
-        let raw = Raw::TcpHealth(client, peer, Box::new(s));
+    pub fn push_tcp_health(
+        &mut self,
+        ts: u64,
+        client: IpAddr,
+        (peer, frontend): (SocketAddr, Option<SocketAddr>),
+        s: TcpStats,
+    ) {
+        let raw = Raw::TcpHealth(client, peer, Box::new((s, frontend)));
         let ends = self.ends(Some(client), Some(peer.ip()));
         self.add(ts, ends, raw);
     }
 
-    /// The Service whose backend `peer` is, for TCP.
-    pub fn backend_service(&self, peer: SocketAddr) -> Option<&String> {
-        self.services.get(&(peer.ip(), peer.port(), 6))
+    /// The Service of TCP connects to `peer`: that of the frontend they asked for (the
+    /// socket layer's translation), else the one whose backend `peer` is.
+    pub fn tcp_peer_service(
+        &self,
+        peer: SocketAddr,
+        frontend: Option<SocketAddr>,
+    ) -> Option<String> {
+        frontend
+            .and_then(|f| self.frontend_service(f, 6))
+            .or_else(|| self.services.get(&(peer.ip(), peer.port(), 6)).cloned())
     }
 
     /// The Service of frontend `addr` (a node port's under the unspecified address).
@@ -822,17 +836,18 @@ impl FlowLog {
             }
             Raw::Trace(t) => self.render_trace(&mut rec, e, t),
             Raw::Sock(s, client) => self.render_sock(&mut rec, e, s, *client),
-            Raw::TcpHealth(client, peer, s) => {
+            Raw::TcpHealth(client, peer, h) => {
+                let (s, frontend) = &**h;
                 rec.source = flow_end(SocketAddr::new(*client, 0), 0, &e.src);
                 rec.destination = flow_end(*peer, 0, &e.dst);
-                rec.service = self.service_of(&rec.destination, 6);
+                rec.service = self.tcp_peer_service(*peer, *frontend);
                 rec.event = "tcp-health".into();
                 rec.verdict = "traced".into();
                 rec.reason = "TCP_HEALTH".into();
                 rec.reason_text = s.text();
                 rec.direction = "egress".into();
                 rec.protocol = "tcp".into();
-                rec.detail.tcp = Some((**s).clone());
+                rec.detail.tcp = Some(s.clone());
             }
         }
         rec

@@ -597,7 +597,7 @@ mod tests {
         log.push_tcp_health(
             0,
             "10.0.0.1".parse().unwrap(),
-            "10.0.0.2:8080".parse().unwrap(),
+            ("10.0.0.2:8080".parse().unwrap(), None),
             TcpStats::of(&c, 3),
         );
         let r = &log.since(0).flows[0];
