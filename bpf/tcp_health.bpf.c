@@ -21,7 +21,9 @@
  */
 #include "lib/common.h"
 #include "weir/api/tcp_health.h"
-#include "weir/api/lb.h"
+/* The socket layer's translations (weir_lb{4,6}_sock, shared through their pins when the
+ * loader is given them; else empty): the frontend a client asked for. */
+#include "lib/lb_sock.h"
 
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_	 2
@@ -119,24 +121,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct client);
 } weir_tcp_clients SEC(".maps");
-
-/*
- * The socket layer's translations of connected sockets (sock.bpf.c's maps, shared through
- * their pins when the loader is given them; else empty): the frontend a client asked for.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct lb4_sock);
-} weir_lb4_sock SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct lb6_sock);
-} weir_lb6_sock SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);

@@ -64,20 +64,7 @@ struct {
 	__type(value, struct lb6_revnat);
 } weir_lb6_revnat SEC(".maps");
 
-/* Per-socket translations of connected sockets (no eviction, freed with the socket). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct lb4_sock);
-} weir_lb4_sock SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct lb6_sock);
-} weir_lb6_sock SEC(".maps");
+#include "lb_sock.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
