@@ -43,7 +43,8 @@ struct trace_state {
 	__u32 reason;
 	__u8 seen;  /* TRACE_TCP_FLAGS seen */
 	__u8 reply; /* TCP: its first packet here was a SYN-ACK */
-	__u8 plain; /* its first summary found no translation: the next ones do not look */
+	__u8 plain; /* the last look found no translation: summaries look no more (until a
+		     * new connection on the tuple) */
 	__u8 pad;
 };
 

@@ -1065,15 +1065,15 @@ fn backend_services(
 ) -> std::collections::HashMap<(std::net::IpAddr, u16, u8), String> {
     let mut out = std::collections::HashMap::new();
     for (k, f) in &state.frontends {
+        let name = service_of(f);
         for b in f.backends.iter().chain(&f.standby) {
-            let name = service_of(f);
             out.entry((b.ip, b.port, k.proto.number()))
                 .and_modify(|n: &mut String| {
                     if name < *n {
-                        *n = name.clone();
+                        n.clone_from(&name);
                     }
                 })
-                .or_insert(name);
+                .or_insert_with(|| name.clone());
         }
     }
     out

@@ -656,16 +656,7 @@ mod tests {
         };
         let (ips, meta) = pods(&[("10.9.0.1", "ctx/front-1"), ("10.9.0.2", "ctx/back-1")]);
         log.set_pods(ips, meta);
-        log.push_drop_event(&DropEvent {
-            ts: 0,
-            reason: weir_reason::DROP_NO_ROUTE.0,
-            dir: 0,
-            ifindex: 2,
-            proto: 6,
-            src: Some("10.9.0.1:40000".parse().unwrap()),
-            dst: Some("10.9.0.2:8080".parse().unwrap()),
-            len: 60,
-        });
+        log.push_drop_event(&no_route("10.9.0.1:40000", "10.9.0.2:8080"));
         let labels = vec![
             ("event", "drop".to_string()),
             ("verdict", "dropped".to_string()),
@@ -683,6 +674,20 @@ mod tests {
         assert!("node".parse::<MetricsContext>().is_err());
     }
 
+    /// A TCP packet from `src` to `dst` a program dropped for want of a route (ingress).
+    fn no_route(src: &str, dst: &str) -> DropEvent {
+        DropEvent {
+            ts: 0,
+            reason: weir_reason::DROP_NO_ROUTE.0,
+            dir: 0,
+            ifindex: 2,
+            proto: 6,
+            src: Some(src.parse().unwrap()),
+            dst: Some(dst.parse().unwrap()),
+            len: 60,
+        }
+    }
+
     #[test]
     fn drops_of_weirs_programs_are_logged_with_the_reason_in_words() {
         let mut log = FlowLog::new("n1");
@@ -690,16 +695,7 @@ mod tests {
             .insert("10.244.1.5".parse().unwrap(), "x/a".into());
         log.services
             .insert(("10.244.1.5".parse().unwrap(), 8080, 6), "x/web".into());
-        log.push_drop_event(&DropEvent {
-            ts: 0,
-            reason: weir_reason::DROP_NO_ROUTE.0,
-            dir: 0,
-            ifindex: 2,
-            proto: 6,
-            src: Some("172.30.0.2:40000".parse().unwrap()),
-            dst: Some("10.244.1.5:8080".parse().unwrap()),
-            len: 60,
-        });
+        log.push_drop_event(&no_route("172.30.0.2:40000", "10.244.1.5:8080"));
         let r = &log.since(0).flows[0];
         assert_eq!(
             (r.event.as_str(), r.reason.as_str()),
