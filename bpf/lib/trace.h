@@ -18,7 +18,12 @@
 
 #define TRACE_INTERVAL_NS (5ULL * NSEC_PER_SEC)
 #define TRACE_TCP_FLAGS	  (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
-#define TRACE_FLOWS_SIZE  65536
+/* The flow table: TRACE_SETS sets of TRACE_WAYS records (a power of two). */
+#define TRACE_SETS 8192
+#define TRACE_WAYS 2
+/* The records' clock: the coarse monotonic clock in units of 2^20 ns (about a millisecond). */
+#define TRACE_CLOCK_SHIFT 20
+#define TRACE_INTERVAL	  ((__u32)(TRACE_INTERVAL_NS >> TRACE_CLOCK_SHIFT))
 /* The agent drains the summaries on a timer; it is woken only once this much waits. */
 #define TRACE_WAKEUP_BYTES (256 << 10)
 
@@ -35,23 +40,27 @@ struct trace_key {
 	__u8 pad;
 };
 
-/* What was last reported of it, and what came since. */
-struct trace_state {
-	__u64 last; /* coarse monotonic clock, nanoseconds: the last summary */
-	__u64 packets;
+/* A flow, what was last reported of it and what came since: one cache line. */
+struct trace_rec {
+	struct trace_key k; /* family 0: an empty record */
+	__u32 packets;
 	__u64 bytes;
-	__u32 reason;
+	__u32 last; /* the last summary (TRACE_CLOCK_SHIFT) */
+	__u8 reason;
 	__u8 seen;  /* TRACE_TCP_FLAGS seen */
 	__u8 reply; /* TCP: its first packet here was a SYN-ACK */
 	__u8 plain; /* the last look found no translation: summaries look no more (until a
 		     * new connection on the tuple) */
-	__u8 pad;
 };
+
+struct trace_set {
+	struct trace_rec way[TRACE_WAYS];
+};
+_Static_assert(sizeof(struct trace_rec) == 64, "a flow's record is one cache line");
 
 /* Room for a summary's work: the programs calling it have little stack left. */
 struct trace_scratch {
 	struct trace_key k;
-	struct trace_state fresh;
 	struct ct6_key r6;
 	union {
 		struct iphdr ip;
@@ -67,12 +76,20 @@ struct {
 	__type(value, struct trace_scratch);
 } weir_trace_scratch SEC(".maps");
 
+/*
+ * The flows, set-associative: a flow's set is a hash of its key, a flow missing from its set
+ * takes an empty record, else one whose connection ended (FIN or RST), else the one reported
+ * longest ago. Small enough to stay in cache (an LRU hash of 65,536 records missed the cache
+ * and TLB at every new connection); records are read and written without locks, so two CPUs
+ * racing on one set can count a packet in the wrong summary or report a flow twice, never
+ * more (the authoritative counts are weir_metrics').
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, TRACE_FLOWS_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* no lock shared by every CPU */
-	__type(key, struct trace_key);
-	__type(value, struct trace_state);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TRACE_SETS);
+	__uint(map_flags, BPF_F_MMAPABLE); /* its records page-aligned: a set is two lines */
+	__type(key, __u32);
+	__type(value, struct trace_set);
 } weir_trace_flows SEC(".maps");
 
 /* Forwarding summaries (struct trace_event). */
@@ -191,6 +208,61 @@ static __always_inline void trace_xlate6(struct trace_event *ev, const struct tr
 	ev->flags |= TRACE_F_XLATE | (reply ? TRACE_F_REPLY : 0);
 }
 
+/* The set of flow `k` in weir_trace_flows. */
+static __always_inline __u32 trace_set_of(const struct trace_key *k)
+{
+	__u32 s = k->saddr[0] ^ k->saddr[1] ^ k->saddr[2] ^ k->saddr[3];
+	__u32 d = k->daddr[0] ^ k->daddr[1] ^ k->daddr[2] ^ k->daddr[3];
+	__u64 rest = (__u64)k->sport << 48 | (__u64)k->dport << 32 |
+		     (k->ifindex ^ (__u32)k->proto << 24 ^ (__u32)k->dir << 16);
+
+	return hash64(((__u64)s << 32 | d) ^ hash64(rest)) & (TRACE_SETS - 1);
+}
+
+static __always_inline bool trace_key_eq(const struct trace_key *a, const struct trace_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+		diff |= x[i] ^ y[i];
+	return !diff;
+}
+
+/* The record of flow `k` in `set`, or NULL. */
+static __always_inline struct trace_rec *trace_find(struct trace_set *set,
+						    const struct trace_key *k)
+{
+#pragma unroll
+	for (int i = 0; i < TRACE_WAYS; i++)
+		if (trace_key_eq(&set->way[i].k, k))
+			return &set->way[i];
+	return NULL;
+}
+
+/* The record a flow missing from `set` takes (see weir_trace_flows), at `now`. */
+static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u32 now)
+{
+	struct trace_rec *v = &set->way[0];
+	__u32 best = 0;
+
+#pragma unroll
+	for (int i = 0; i < TRACE_WAYS; i++) {
+		struct trace_rec *r = &set->way[i];
+		/* Empty beats ended beats the longest since its last summary. */
+		__u32 score = !r->k.family ? 0xffffffff :
+			      (r->seen & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 0x80000000 :
+									 (now - r->last) >> 1;
+
+		if (score > best || i == 0) {
+			best = score;
+			v = r;
+		}
+	}
+	return v;
+}
+
 /*
  * Records a packet of flow `k` (`tcp` its TCP flags, `len` its length) that the program let
  * through under `reason`, and reports the flow when it is due (see above).
@@ -198,16 +270,31 @@ static __always_inline void trace_xlate6(struct trace_event *ev, const struct tr
 static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
 {
 	const struct trace_key *k = &sc->k;
-	struct trace_state *s = bpf_map_lookup_elem(&weir_trace_flows, k);
+	__u32 set_idx = trace_set_of(k);
+	struct trace_set *set = bpf_map_lookup_elem(&weir_trace_flows, &set_idx);
 	__u32 lost_key = reason % WEIR_METRICS_STRIDE;
 	/* The coarse clock (no clock source read) is enough to space summaries seconds apart. */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 now = bpf_ktime_get_coarse_ns() >> TRACE_CLOCK_SHIFT;
 	__u8 flags = tcp & TRACE_TCP_FLAGS;
 	struct trace_event *ev;
+	struct trace_rec *s;
 	__u64 packets, bytes;
-	bool first = !s, restart = false;
+	bool first = false, restart = false;
 
-	if (s && (tcp & TCP_FLAG_SYN) && (s->seen & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+	if (!set)
+		return 0;
+	s = trace_find(set, k);
+	if (!s) {
+		/* Its packets so far are this event's. */
+		s = trace_victim(set, now);
+		__builtin_memcpy(&s->k, k, sizeof(s->k));
+		s->packets = 0;
+		s->bytes = 0;
+		s->seen = 0;
+		s->plain = 0;
+		s->reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+		first = true;
+	} else if ((tcp & TCP_FLAG_SYN) && (s->seen & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
 		/* A new connection on a tuple whose last one ended: its own flow. */
 		s->seen = 0;
 		s->reply = (tcp & TCP_FLAG_ACK) != 0;
@@ -216,50 +303,33 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		s->bytes = 0;
 		restart = true;
 	}
-	if (s) {
-		/* Plain adds: a flow's packets rarely race on two CPUs, and a summary's counts
-		 * are not the authoritative ones (weir_metrics is). */
-		s->packets += 1;
-		s->bytes += len;
-		if (!(flags & ~s->seen) && s->reason == reason && now - s->last < TRACE_INTERVAL_NS)
-			return 0;
-		/* Due: whatever comes of the event, the next one waits for its own cause. */
-		s->last = now;
-		s->seen |= flags;
-		s->reason = reason;
-		packets = s->packets;
-		bytes = s->bytes;
-	} else {
-		/* Its packets so far are this event's. */
-		__builtin_memset(&sc->fresh, 0, sizeof(sc->fresh));
-		sc->fresh.last = now;
-		sc->fresh.seen = flags;
-		sc->fresh.reason = reason;
-		sc->fresh.reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
-		packets = 1;
-		bytes = len;
-		s = &sc->fresh;
-	}
+	/* Plain adds: a flow's packets rarely race on two CPUs, and a summary's counts are not
+	 * the authoritative ones (weir_metrics is). */
+	s->packets += 1;
+	s->bytes += len;
+	if (!first && !(flags & ~s->seen) && s->reason == (__u8)reason &&
+	    now - s->last < TRACE_INTERVAL && !(s->packets >> 31))
+		return 0;
+	/* Due: whatever comes of the event, the next one waits for its own cause. */
+	s->last = now;
+	s->seen |= flags;
+	s->reason = reason;
+	packets = s->packets;
+	bytes = s->bytes;
 	ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
 	if (!ev) {
 		__u64 *n = bpf_map_lookup_elem(&weir_trace_lost, &lost_key);
 
 		if (n)
 			*n += 1;
-		if (first) {
-			/* Keep the packet for the next summary, which is due at once. */
-			sc->fresh.packets = 1;
-			sc->fresh.bytes = len;
-			sc->fresh.last = 0;
-			bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
-		}
+		/* A flow's first summary is due again at its next packet. */
+		if (first)
+			s->last = now - TRACE_INTERVAL;
 		return 0;
 	}
-	if (!first) {
-		/* Handed over: the next summary counts from here. */
-		s->packets -= packets;
-		s->bytes -= bytes;
-	}
+	/* Handed over: the next summary counts from here. */
+	s->packets -= packets;
+	s->bytes -= bytes;
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts = bpf_ktime_get_boot_ns();
 	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
@@ -275,7 +345,11 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev->packets = packets;
 	ev->bytes = bytes;
 	ev->tcp_seen = s->seen;
-	ev->flags = (first || restart ? TRACE_F_NEW : 0) | (s->reply ? TRACE_F_REPLY : 0);
+	/* New: a connection's first SYN here, or another protocol's first packet (a TCP flow
+	 * whose record was taken meanwhile is reported again, not counted again). */
+	if (restart || (first && (k->proto != IPPROTO_TCP_ || (tcp & TCP_FLAG_SYN))))
+		ev->flags = TRACE_F_NEW;
+	ev->flags |= s->reply ? TRACE_F_REPLY : 0;
 	/* A flow's translation is settled by its first packet (the conntrack entry is made
 	 * before the summary): looked for again only if the last look found one. */
 	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) && !s->plain) {
@@ -285,8 +359,6 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 			trace_xlate6(ev, k, &sc->r6);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	if (first)
-		bpf_map_update_elem(&weir_trace_flows, k, &sc->fresh, BPF_NOEXIST);
 	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES));
 	return 0;
 }

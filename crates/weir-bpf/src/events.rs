@@ -8,7 +8,8 @@ use std::path::Path;
 use crate::datapath::{AF_INET, AF_INET6};
 use crate::BpfError;
 
-/// `trace_event.flags`: the flow's first packet at this observation point.
+/// `trace_event.flags`: a new flow at this observation point (a TCP connection's first SYN
+/// or SYN-ACK there; another protocol's first packet there).
 pub const TRACE_F_NEW: u8 = 1;
 /// `trace_event.flags`: translated (`orig_src`/`orig_dst` are its addresses before).
 pub const TRACE_F_XLATE: u8 = 2;

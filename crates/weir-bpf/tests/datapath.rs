@@ -868,6 +868,98 @@ fn forwarding_is_summarized_per_flow_with_its_translation() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
+/// The set of `weir_trace_flows` an IPv4 TCP flow's records are in: trace.h's trace_set_of
+/// (murmur3's 64-bit finaliser over the key's words as the program loads them).
+fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u8) -> u64 {
+    fn hash64(mut k: u64) -> u64 {
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51afd7ed558ccd);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xc4ceb9fe1a85ec53);
+        k ^ (k >> 33)
+    }
+    let word = |a: Ipv4Addr| u64::from(u32::from_ne_bytes(a.octets()));
+    let port = |p: u16| u64::from(u16::from_ne_bytes(p.to_be_bytes()));
+    let rest =
+        port(src.1) << 48 | port(dst.1) << 32 | u64::from(ifindex ^ 6 << 24 ^ u32::from(dir) << 16);
+    hash64((word(src.0) << 32 | word(dst.0)) ^ hash64(rest)) & (8192 - 1)
+}
+
+/// The flow table is set-associative (two records a set): a flow whose set is full takes the
+/// record of a connection that ended before that of a live one, else the record reported
+/// longest ago; a TCP flow that lost its record is reported again on its next packet, but not
+/// as new (only a SYN starts a connection).
+#[test]
+fn the_flow_table_keeps_live_flows_over_ended_ones() {
+    use weir_bpf::events::{TraceEvent, TRACE_F_NEW};
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
+    let mut cfg = fx.dp.config().expect("config");
+    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
+    fx.dp.set_config(&cfg).expect("config");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
+    let s2 = seen.clone();
+    let events = fx
+        .dp
+        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
+        .expect("trace events");
+    let take = || {
+        events.consume().expect("consume");
+        std::mem::take(&mut *seen.lock().unwrap())
+    };
+    let (client, server) = ("10.244.1.5", "10.244.1.7");
+    let send = |port: u16, flags: u8| {
+        let (v, _) = fx.run(
+            TcProgram::FromPod,
+            &tcp4((client, port), (server, 8080), flags),
+            in0,
+        );
+        assert_eq!(v, TC_ACT_REDIRECT);
+    };
+    // The long-lived flow.
+    send(40000, 0x02);
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (ifindex, dir) = (got[0].ifindex, got[0].dir);
+    let set = |port| {
+        let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
+        trace_set_of((ip(client), port), (ip(server), 8080), ifindex, dir)
+    };
+    let mates: Vec<u16> = (40001..=u16::MAX)
+        .filter(|&p| set(p) == set(40000))
+        .take(3)
+        .collect();
+    assert_eq!(mates.len(), 3, "flows sharing the set of port 40000");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A short connection in the same set: reported at its SYN and its RST.
+    send(mates[0], 0x02);
+    send(mates[0], 0x14);
+    assert_eq!(take().len(), 2);
+    // The next takes the ended connection's record, not the live flow's.
+    send(mates[1], 0x02);
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].flags & TRACE_F_NEW, TRACE_F_NEW);
+    send(40000, 0x10);
+    assert!(take().is_empty(), "the live flow kept its record");
+    // Two live flows fill the set: a third takes the record reported longest ago (the
+    // long-lived flow's), which is then reported again, not as new, with its one packet.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    send(mates[2], 0x02);
+    assert_eq!(take().len(), 1);
+    send(40000, 0x10);
+    let got = take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].src.port(), 40000);
+    assert_eq!((got[0].flags & TRACE_F_NEW, got[0].packets), (0, 1));
+    // (It took the record of the flow reported longest ago then, mates[1]'s.) The newest
+    // flow kept its record.
+    send(mates[2], 0x10);
+    assert!(take().is_empty());
+    assert!(fx.dp.traces_lost().expect("lost").is_empty());
+}
+
 /// Whether a new flow from client port `port` gets a SNAT port (else the NodePort drops it).
 fn snat_flow(fx: &Fixture, in0: u32, port: u16) -> Option<u16> {
     let syn = tcp4(("10.1.0.5", port), ("10.1.0.1", 30081), 0x02);

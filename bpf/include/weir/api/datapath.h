@@ -388,7 +388,9 @@ struct drop_event {
 _Static_assert(sizeof(struct drop_event) == 64, "drop_event size");
 
 /* trace_event.flags */
-#define TRACE_F_NEW   (1 << 0) /* the flow's first packet at this observation point */
+/* A new flow at this observation point: a TCP connection's first SYN (or SYN-ACK) there, or
+ * another protocol's first packet there (a TCP flow met mid-connection is not new). */
+#define TRACE_F_NEW   (1 << 0)
 #define TRACE_F_XLATE (1 << 1) /* translated: orig_* are its addresses before */
 #define TRACE_F_REPLY (1 << 2) /* a reply: of a translated flow (its conntrack entry says), or
 				* of a TCP flow whose first packet here was a SYN-ACK */
