@@ -55,6 +55,7 @@ struct sock_common___weir {
 	__be32 skc_daddr;
 	__be16 skc_dport;
 	unsigned short skc_family;
+	unsigned char skc_state;
 	struct possible_net___weir skc_net;
 	struct in6_addr___weir skc_v6_daddr;
 	struct {
@@ -102,22 +103,31 @@ struct client {
 	__u64 since; /* boot clock, ns */
 	struct tcp_peer_key peer;
 };
+_Static_assert(sizeof(struct client) == 64, "a record is one cache line, a pair two");
 
-#define TCP_CLIENTS 131072 /* a power of two: 65,536 pairs */
+/* Powers of two: 4,096 pairs where connects start, 65,536 where long-lived sockets go. */
+#define TCP_CLIENTS_NEW	 8192
+#define TCP_CLIENTS_HELD 131072
 
 /*
  * The records of watched client sockets, from SYN_SENT until they leave ESTABLISHED, in one
  * of the two records of the pair their socket's cookie hashes to: no allocation and no lock
- * on the connect path. A connect takes a free record of its pair, else one still connecting
- * (the older), else the first: the socket that had it is no longer watched (it counts on for
- * its namespace once established, and not at all while connecting). A record is taken with
- * its cookie cleared and given with it set (atomic exchanges, so that the fields between are
- * ordered), and read as a copy whose cookie is checked again after (client_of), so that a
- * record taken over as it is read is not counted for the wrong socket.
+ * on the connect path. Two regions: a connect takes a record of its pair among the first
+ * TCP_CLIENTS_NEW (512 KiB, which stays in cache while short connections come and go: the
+ * whole 8 MiB as one region cost the connection rate about 1.5% in misses), a free one, else
+ * one established, which first moves to its pair in the held region (TCP_CLIENTS_HELD
+ * records after them; a socket is looked for in both), else the older of two still
+ * connecting (that connect is counted nowhere). A held record is displaced only when both of
+ * its pair's are taken: the socket that had it is no longer watched (it counts on for its
+ * namespace, not for its peer). A record is taken
+ * with its cookie cleared and given with it set (atomic exchanges, so that the fields between
+ * are ordered), and read as a copy whose cookie is checked again after (client_of), so that
+ * a record taken over as it is read is not counted for the wrong socket.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, TCP_CLIENTS);
+	__uint(max_entries, TCP_CLIENTS_NEW + TCP_CLIENTS_HELD);
+	__uint(map_flags, BPF_F_MMAPABLE); /* page-aligned: a pair is two cache lines */
 	__type(key, __u32);
 	__type(value, struct client);
 } weir_tcp_clients SEC(".maps");
@@ -177,12 +187,27 @@ static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_pee
 	}
 }
 
-/* The record `i` of the pair of the socket with `cookie` (whoever holds it), or NULL. */
-static __always_inline struct client *record_at(__u64 cookie, __u32 i)
+/*
+ * The record `i` of the pair of the socket with `cookie` (whoever holds it) in the new
+ * region, or with `held` in the held one; or NULL.
+ */
+static __always_inline struct client *record_at(__u64 cookie, bool held, __u32 i)
 {
-	__u32 idx = (hash64(cookie) & (TCP_CLIENTS - 2)) + i;
+	__u64 h = hash64(cookie);
+	__u32 idx = held ? TCP_CLIENTS_NEW + (h & (TCP_CLIENTS_HELD - 2)) + i :
+			   (h & (TCP_CLIENTS_NEW - 2)) + i;
 
 	return bpf_map_lookup_elem(&weir_tcp_clients, &idx);
+}
+
+/* The record holding `cookie` in its pair of one region, or NULL. */
+static __always_inline struct client *record_of(__u64 cookie, bool held)
+{
+	struct client *cl = record_at(cookie, held, 0);
+
+	if (cl && cl->cookie != cookie)
+		cl = record_at(cookie, held, 1);
+	return cl && cl->cookie == cookie ? cl : NULL;
 }
 
 /*
@@ -194,14 +219,17 @@ static __always_inline struct client *client_of(const struct sock___weir *sk,
 						struct client *snap)
 {
 	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	__u8 state = sk->__sk_common.skc_state;
 	struct client *cl;
 
-	if (!cookie)
+	/* Records are of sockets connecting or established (released as they leave): a closed
+	 * socket's reset, say, is not looked for (nor in the held region, which is cold). */
+	if (!cookie || (state != TCP_SYN_SENT_ && state != TCP_ESTABLISHED_))
 		return NULL;
-	cl = record_at(cookie, 0);
-	if (cl && cl->cookie != cookie)
-		cl = record_at(cookie, 1);
-	if (!cl || cl->cookie != cookie)
+	cl = record_of(cookie, false);
+	if (!cl)
+		cl = record_of(cookie, true);
+	if (!cl)
 		return NULL;
 	*snap = *cl;
 	/* Still the socket's after the copy? (A compare-and-swap that changes nothing: a read
@@ -234,11 +262,39 @@ static __always_inline void frontend_of(struct sock___weir *sk, struct tcp_peer_
 	}
 }
 
+/*
+ * Moves the established socket's record `from` to its pair in the held region: a free record,
+ * else the first (whose socket is no longer watched). The copy is given before `from` is
+ * taken, so the socket is found all along (in the new region first).
+ */
+static __always_inline void hold(struct client *from)
+{
+	struct client snap = *from, *a, *b, *to;
+	__u64 had;
+
+	if (!snap.cookie || snap.since)
+		return; /* taken meanwhile, or connecting again */
+	a = record_at(snap.cookie, true, 0);
+	b = record_at(snap.cookie, true, 1);
+	if (!a || !b)
+		return;
+	to = (!a->cookie || b->cookie) ? a : b;
+	had = to->cookie;
+	if (__sync_val_compare_and_swap(&to->cookie, had, 0) != had)
+		return;
+	to->since = 0;
+	to->peer = snap.peer;
+	__sync_lock_test_and_set(&to->cookie, snap.cookie);
+	/* Closed as it moved (its record released meanwhile)? Then the copy goes too. */
+	if (__sync_val_compare_and_swap(&from->cookie, snap.cookie, snap.cookie) != snap.cookie)
+		__sync_val_compare_and_swap(&to->cookie, snap.cookie, 0);
+}
+
 /* Records client socket `sk` (`cookie`) of namespace `slot` as it enters SYN_SENT. */
 static __always_inline void record_client(struct sock___weir *sk, __u64 cookie, __u32 slot)
 {
-	struct client *a = record_at(cookie, 0), *b = record_at(cookie, 1), *cl;
-	__u64 held;
+	struct client *a = record_at(cookie, false, 0), *b = record_at(cookie, false, 1), *cl;
+	__u64 had;
 
 	if (!a || !b)
 		return;
@@ -246,15 +302,17 @@ static __always_inline void record_client(struct sock___weir *sk, __u64 cookie, 
 		cl = a;
 	else if (!b->cookie || b->cookie == cookie)
 		cl = b;
-	else if (a->since && (!b->since || a->since <= b->since))
-		cl = a; /* both live: one still connecting, the older */
-	else if (b->since)
+	else if (!a->since)
+		cl = a; /* an established socket's: it moves to the held region */
+	else if (!b->since)
 		cl = b;
 	else
-		cl = a;
-	held = cl->cookie;
+		cl = a->since <= b->since ? a : b; /* both connecting: the older is displaced */
+	if (cl->cookie && cl->cookie != cookie && !cl->since)
+		hold(cl);
+	had = cl->cookie;
 	/* Taken (whoever held it reads it no more), filled, then given to the socket. */
-	if (__sync_val_compare_and_swap(&cl->cookie, held, 0) != held)
+	if (__sync_val_compare_and_swap(&cl->cookie, had, 0) != had)
 		return; /* another connect took it first */
 	cl->since = bpf_ktime_get_boot_ns();
 	cl->peer.slot = slot;

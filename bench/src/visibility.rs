@@ -435,9 +435,12 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         100.0 * median(&mut cpu_share)
     );
     println!(
-        "ratio on/off: {:.3} (median of per-round ratios {:.3}; goal >= 0.95)",
+        "ratio on/off: {:.3} (median of per-round ratios {:.3}, quartiles {:.3}-{:.3} over {} rounds; goal >= 0.95)",
         on / off,
-        median(&mut ratios)
+        median(&mut ratios),
+        crate::percentile(&mut ratios, 0.25),
+        crate::percentile(&mut ratios, 0.75),
+        ratios.len()
     );
     println!(
         "BPF time per connection (bpf_stats): tc programs {tc_off:.0} ns off, {tc_on:.0} ns on; kfree_skb and TCP tracepoint programs {tp_on:.0} ns"

@@ -96,13 +96,13 @@ static __noinline int drop_event(struct __sk_buff *skb, __u32 dir, __u32 reason)
 		ev->sport = ports[0];
 		ev->dport = ports[1];
 	}
-	/* The agent drains the ring on a timer: woken only once a quarter of it waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_drop_events, 256 << 10));
+	/* The agent drains the ring on a timer: woken at each quarter of it that waits. */
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_drop_events, 256 << 10, sizeof(*ev)));
 	return 0;
 }
 
 /* Forwarding summaries (trace.h). */
-static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason);
+static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason, bool xlate);
 
 /* A `weir explain` packet: observe, change nothing. */
 static __always_inline bool explaining(const struct __sk_buff *skb)
@@ -113,9 +113,11 @@ static __always_inline bool explaining(const struct __sk_buff *skb)
 /*
  * Counts the packet under `reason` and returns `verdict`, so a program ends in one line. A
  * drop for a reason other than policy (whose drops are reported as verdicts) is reported
- * as an event; what goes on is summarized per flow (trace.h).
+ * as an event; what goes on is summarized per flow (trace.h), its translation looked for
+ * only when `xlate` (false: the caller knows the packet was not translated).
  */
-static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason, int verdict)
+static __always_inline int count_fwd(struct __sk_buff *skb, __u32 dir, __u32 reason,
+				     int verdict, bool xlate)
 {
 	__u32 idx = dir * WEIR_METRICS_STRIDE + reason;
 	struct metrics_value *m;
@@ -134,8 +136,14 @@ static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason,
 	    reason != DROP_POLICY_DENIED && reason != DROP_POLICY_FAILED)
 		drop_event(skb, dir, reason);
 	else if (verdict != TC_ACT_SHOT && reason < REASON_POLICY_ALLOWED)
-		trace_skb(skb, dir, reason);
+		trace_skb(skb, dir, reason, xlate);
 	return verdict;
+}
+
+/* count_fwd for a packet that may have been translated. */
+static __always_inline int count(struct __sk_buff *skb, __u32 dir, __u32 reason, int verdict)
+{
+	return count_fwd(skb, dir, reason, verdict, true);
 }
 
 static __always_inline const struct endpoint_info *endpoint4(__be32 addr)

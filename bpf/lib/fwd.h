@@ -23,11 +23,11 @@
  * decremented by the caller.
  */
 static __always_inline int fwd_to_endpoint(struct __sk_buff *skb, __u32 dir,
-					   const struct endpoint_info *ep)
+					   const struct endpoint_info *ep, bool xlate)
 {
 	if (pkt_set_macs(skb, ep->mac, ep->node_mac) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
-	return count(skb, dir, REASON_FORWARD_PEER, bpf_redirect_peer(ep->ifindex, 0));
+	return count_fwd(skb, dir, REASON_FORWARD_PEER, bpf_redirect_peer(ep->ifindex, 0), xlate);
 }
 
 /*
@@ -36,22 +36,22 @@ static __always_inline int fwd_to_endpoint(struct __sk_buff *skb, __u32 dir,
  * the next hop, gateway or destination, in the address fields).
  */
 static __always_inline int fwd_fib(struct __sk_buff *skb, __u32 dir, struct bpf_fib_lookup *p,
-				   long rc)
+				   long rc, bool xlate)
 {
 	struct bpf_redir_neigh nh = {};
 
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (pkt_set_macs(skb, p->dmac, p->smac) < 0)
 			return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
-		return count(skb, dir, REASON_FORWARD_FIB, bpf_redirect(p->ifindex, 0));
+		return count_fwd(skb, dir, REASON_FORWARD_FIB, bpf_redirect(p->ifindex, 0), xlate);
 	}
 	nh.nh_family = p->family;
 	if (p->family == AF_INET_)
 		nh.ipv4_nh = p->ipv4_dst;
 	else
 		__builtin_memcpy(nh.ipv6_nh, p->ipv6_dst, sizeof(nh.ipv6_nh));
-	return count(skb, dir, REASON_FORWARD_NEIGH,
-		     bpf_redirect_neigh(p->ifindex, &nh, sizeof(nh), 0));
+	return count_fwd(skb, dir, REASON_FORWARD_NEIGH,
+			 bpf_redirect_neigh(p->ifindex, &nh, sizeof(nh), 0), xlate);
 }
 
 /* Whether a FIB answer lets the packet be forwarded here; otherwise the stack decides. */
@@ -119,7 +119,7 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	const struct node_config *cfg;
 	const struct tunnel_info *tun;
 	__u8 tcp_flags = 0, tos, proto;
-	bool tracked = false;
+	bool tracked = false, dsr = false;
 	__u32 pflags;
 	__u16 tot_len;
 	long rc = 0;
@@ -150,6 +150,7 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 			proto = ip4->protocol;
 			tot_len = bpf_ntohs(ip4->tot_len);
 			nat = NAT_NONE;
+			dsr = true; /* its reply entry names the frontend: a translation */
 		}
 	}
 	if (ttl <= 1)
@@ -242,12 +243,13 @@ static __noinline int fwd_ip4(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	}
 	if (pkt_ip4_dec_ttl(skb, ttl) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
+	/* Neither translated here nor DSR: the summary need not look for a translation. */
 	if (ep)
-		return fwd_to_endpoint(skb, dir, ep);
+		return fwd_to_endpoint(skb, dir, ep, nat != NAT_NONE || dsr);
 	/* DSR: to the backend's node (the FIB's next hop), the frontend in the outer header. */
 	if (nat == NAT_DSR && dsr4_encap(skb, frontend.daddr, frontend.dport, p->ipv4_dst) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
-	return fwd_fib(skb, dir, p, rc);
+	return fwd_fib(skb, dir, p, rc, nat != NAT_NONE || dsr);
 }
 
 /* IPv6 counterpart of fwd_ip4 (load-balancing NAT: nodeport6.h). */
@@ -347,8 +349,8 @@ static __noinline int fwd_ip6(struct __sk_buff *skb, __u32 dir, bool from_pod)
 	if (pkt_ip6_dec_hlim(skb, hlim) < 0)
 		return count(skb, dir, DROP_HEADER_WRITE, TC_ACT_SHOT);
 	if (ep)
-		return fwd_to_endpoint(skb, dir, ep);
-	return fwd_fib(skb, dir, p, rc);
+		return fwd_to_endpoint(skb, dir, ep, nat != NAT_NONE);
+	return fwd_fib(skb, dir, p, rc, nat != NAT_NONE);
 }
 
 /*

@@ -297,8 +297,8 @@ static __always_inline void policy_event(const struct policy_scratch *s, __u8 di
 	ev->match[0] = s->hit.match[0];
 	ev->match[1] = s->hit.match[1];
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
-	/* The agent drains the ring on a timer: woken only once a quarter of it waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_events, 256 << 10));
+	/* The agent drains the ring on a timer: woken at each quarter of it that waits. */
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_events, 256 << 10, sizeof(*ev)));
 }
 
 /*

@@ -66,8 +66,8 @@ static __noinline int sock_emit(struct bpf_sock_addr *ctx, struct sock_event *e)
 		return 0;
 	}
 	__builtin_memcpy(ev, e, sizeof(*ev));
-	/* The agent drains them on a timer: woken only once a quarter of the ring waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_sock_events, 64 << 10));
+	/* The agent drains them on a timer: woken at each quarter of the ring that waits. */
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_sock_events, 64 << 10, sizeof(*ev)));
 	return 0;
 }
 

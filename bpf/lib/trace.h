@@ -61,6 +61,7 @@ _Static_assert(sizeof(struct trace_rec) == 64, "a flow's record is one cache lin
 /* Room for a summary's work: the programs calling it have little stack left. */
 struct trace_scratch {
 	struct trace_key k;
+	bool xlate; /* the packet may have been translated (else none is looked for) */
 	struct ct6_key r6;
 	union {
 		struct iphdr ip;
@@ -78,11 +79,13 @@ struct {
 
 /*
  * The flows, set-associative: a flow's set is a hash of its key, a flow missing from its set
- * takes an empty record, else one whose connection ended (FIN or RST), else the one reported
- * longest ago. Small enough to stay in cache (an LRU hash of 65,536 records missed the cache
- * and TLB at every new connection); records are read and written without locks, so two CPUs
- * racing on one set can count a packet in the wrong summary or report a flow twice, never
- * more (the authoritative counts are weir_metrics').
+ * takes an empty record, else one whose connection ended (FIN or RST), else one with nothing
+ * unreported, else the one reported longest ago. Small enough to stay in cache (an LRU hash
+ * of 65,536 records missed the cache and TLB at every new connection). A record taken from a
+ * live flow loses the packets since its last summary (as an LRU's eviction did), and the flow
+ * is reported again at its next packet (a non-TCP one as new). Records are read and written
+ * without locks: two CPUs racing on one set can count a packet in the wrong summary or report
+ * a flow twice. The authoritative counts are weir_metrics'.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -250,10 +253,12 @@ static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u
 #pragma unroll
 	for (int i = 0; i < TRACE_WAYS; i++) {
 		struct trace_rec *r = &set->way[i];
-		/* Empty beats ended beats the longest since its last summary. */
+		/* Empty beats ended beats nothing unreported beats the longest since its last
+		 * summary. */
 		__u32 score = !r->k.family ? 0xffffffff :
-			      (r->seen & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 0x80000000 :
-									 (now - r->last) >> 1;
+			      (r->seen & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 0xfffffffe :
+			      !r->packets ? 0xfffffffd :
+					    (now - r->last) >> 1;
 
 		if (score > best || i == 0) {
 			best = score;
@@ -351,15 +356,19 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		ev->flags = TRACE_F_NEW;
 	ev->flags |= s->reply ? TRACE_F_REPLY : 0;
 	/* A flow's translation is settled by its first packet (the conntrack entry is made
-	 * before the summary): looked for again only if the last look found one. */
+	 * before the summary): looked for again only if the last look found one, and not when
+	 * the program knows it translated nothing. */
 	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) && !s->plain) {
-		if (k->family == WEIR_AF_INET)
+		if (!sc->xlate)
+			s->plain = 1;
+		else if (k->family == WEIR_AF_INET)
 			trace_xlate4(ev, k);
 		else
 			trace_xlate6(ev, k, &sc->r6);
-		s->plain = !(ev->flags & TRACE_F_XLATE);
+		if (sc->xlate)
+			s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES));
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
 	return 0;
 }
 
@@ -383,8 +392,8 @@ static __always_inline int trace_l4(struct __sk_buff *skb, __u32 off, __u8 *out,
 	return bpf_skb_load_bytes(skb, off, out, n);
 }
 
-/* A tc program's packet, as it leaves the program under `reason`. */
-static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason)
+/* A tc program's packet, as it leaves the program under `reason` (`xlate`: see count_fwd). */
+static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason, bool xlate)
 {
 	struct trace_scratch *sc = trace_scratch();
 	void *data, *end;
@@ -438,6 +447,7 @@ static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason)
 	__builtin_memcpy(&sc->k.dport, &sc->l4[2], 2);
 	sc->k.ifindex = skb->ifindex;
 	sc->k.dir = dir;
+	sc->xlate = xlate;
 	return trace_flow(sc, sc->k.proto == IPPROTO_TCP_ ? sc->l4[13] : 0, skb->len, reason);
 }
 
@@ -466,6 +476,7 @@ static __always_inline void trace_xdp(struct xdp_md *ctx, __u32 reason)
 	}
 	sc->k.ifindex = ctx->ingress_ifindex;
 	sc->k.dir = WEIR_DIR_INGRESS;
+	sc->xlate = true;
 	trace_flow(sc, tcp, (__u32)(end - data), reason);
 }
 

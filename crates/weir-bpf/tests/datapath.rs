@@ -886,9 +886,9 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u
 }
 
 /// The flow table is set-associative (two records a set): a flow whose set is full takes the
-/// record of a connection that ended before that of a live one, else the record reported
-/// longest ago; a TCP flow that lost its record is reported again on its next packet, but not
-/// as new (only a SYN starts a connection).
+/// record of a connection that ended before that of a live one, and one with nothing
+/// unreported before one with packets pending; a TCP flow that lost its record is reported
+/// again on its next packet, but not as new (only a SYN starts a connection).
 #[test]
 fn the_flow_table_keeps_live_flows_over_ended_ones() {
     use weir_bpf::events::{TraceEvent, TRACE_F_NEW};
@@ -931,7 +931,6 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
         .take(3)
         .collect();
     assert_eq!(mates.len(), 3, "flows sharing the set of port 40000");
-    std::thread::sleep(std::time::Duration::from_millis(20));
     // A short connection in the same set: reported at its SYN and its RST.
     send(mates[0], 0x02);
     send(mates[0], 0x14);
@@ -943,20 +942,19 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
     assert_eq!(got[0].flags & TRACE_F_NEW, TRACE_F_NEW);
     send(40000, 0x10);
     assert!(take().is_empty(), "the live flow kept its record");
-    // Two live flows fill the set: a third takes the record reported longest ago (the
-    // long-lived flow's), which is then reported again, not as new, with its one packet.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Two live flows fill the set, the long-lived one with a packet unreported: a third
+    // takes the record with nothing unreported (mates[1]'s), and the long-lived flow keeps
+    // its record.
     send(mates[2], 0x02);
     assert_eq!(take().len(), 1);
     send(40000, 0x10);
+    assert!(take().is_empty(), "the live flow kept its record");
+    // The flow that lost its record is reported again at its next packet, not as new.
+    send(mates[1], 0x10);
     let got = take();
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0].src.port(), 40000);
+    assert_eq!(got[0].src.port(), mates[1]);
     assert_eq!((got[0].flags & TRACE_F_NEW, got[0].packets), (0, 1));
-    // (It took the record of the flow reported longest ago then, mates[1]'s.) The newest
-    // flow kept its record.
-    send(mates[2], 0x10);
-    assert!(take().is_empty());
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
@@ -1210,6 +1208,43 @@ fn dsr_node() -> (Fixture, u32, u32) {
     let veth = fx.ifindex("out0");
     fx.node_port_with(30082, 6, 12, Some((6, "10.50.0.9", 8080)), 8);
     (fx, in0, veth)
+}
+
+/// On the backend's node, the summary of a DSR flow decapsulated for a local pod names the
+/// frontend the client asked for (from the reply entry DSR made), though nothing was
+/// translated there.
+#[test]
+fn a_dsr_flows_summary_on_the_backends_node_names_its_frontend() {
+    use weir_bpf::events::{TraceEvent, TRACE_F_XLATE};
+    let (fx, in0, veth) = dsr_node();
+    fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
+    let mut cfg = fx.dp.config().expect("config");
+    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
+    fx.dp.set_config(&cfg).expect("config");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
+    let s2 = seen.clone();
+    let events = fx
+        .dp
+        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
+        .expect("trace events");
+    let to_pod = tcp4(("10.1.0.5", 40001), ("10.244.1.7", 8080), 0x02);
+    let (v, _) = fx.run(
+        TcProgram::FromNetdev,
+        &ipip(&to_pod, "10.1.0.1", "10.2.0.1", 30082),
+        in0,
+    );
+    assert_eq!(v, TC_ACT_REDIRECT, "delivered");
+    events.consume().expect("consume");
+    let got = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].flags & TRACE_F_XLATE, TRACE_F_XLATE, "{got:?}");
+    assert_eq!(
+        got[0].orig,
+        Some((
+            "10.1.0.5:40001".parse().unwrap(),
+            "10.1.0.1:30082".parse().unwrap()
+        ))
+    );
 }
 
 #[test]

@@ -127,22 +127,24 @@ struct Entry {
     raw: Raw,
 }
 
-/// The boot clock's offset from the wall clock, read again every second.
+/// The boot clock's offset from the wall clock, read again once events are a second past
+/// the last reading (by their own time stamps: no clock read per event).
 struct Clock {
     offset_ns: i128,
-    read: Option<std::time::Instant>,
+    /// The boot clock at the last reading (None: never read).
+    read: Option<u64>,
 }
 
 impl Clock {
     fn wall_ns(&mut self, boot_ns: u64) -> i128 {
         if self
             .read
-            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1))
+            .is_none_or(|at| boot_ns > at.saturating_add(1_000_000_000))
         {
             let wall = jiff::Timestamp::now().as_nanosecond();
-            let boot = super::boot_ns() as i128;
-            self.offset_ns = wall - boot;
-            self.read = Some(std::time::Instant::now());
+            let boot = super::boot_ns();
+            self.offset_ns = wall - boot as i128;
+            self.read = Some(boot);
         }
         self.offset_ns + boot_ns as i128
     }
