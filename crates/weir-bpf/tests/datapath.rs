@@ -868,6 +868,33 @@ fn forwarding_is_summarized_per_flow_with_its_translation() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
+/// Forwarding summaries turned on in a fixture, and what its ring holds.
+struct Summaries {
+    events: libbpf_rs::RingBuffer<'static>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<weir_bpf::events::TraceEvent>>>,
+}
+
+impl Summaries {
+    fn on(fx: &Fixture) -> Summaries {
+        let mut cfg = fx.dp.config().expect("config");
+        cfg.flags |= weir_bpf::datapath::CFG_TRACE;
+        fx.dp.set_config(&cfg).expect("config");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let events = fx
+            .dp
+            .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
+            .expect("trace events");
+        Summaries { events, seen }
+    }
+
+    /// The summaries reported since the last call.
+    fn take(&self) -> Vec<weir_bpf::events::TraceEvent> {
+        self.events.consume().expect("consume");
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
 /// The set of `weir_trace_flows` an IPv4 TCP flow's records are in: trace.h's trace_set_of
 /// (murmur3's 64-bit finaliser over the key's words as the program loads them).
 fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u8) -> u64 {
@@ -891,23 +918,12 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u
 /// again on its next packet, but not as new (only a SYN starts a connection).
 #[test]
 fn the_flow_table_keeps_live_flows_over_ended_ones() {
-    use weir_bpf::events::{TraceEvent, TRACE_F_NEW};
+    use weir_bpf::events::TRACE_F_NEW;
     let fx = Fixture::new();
     let in0 = fx.ifindex("in0");
     fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
-    let mut cfg = fx.dp.config().expect("config");
-    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
-    fx.dp.set_config(&cfg).expect("config");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
-    let s2 = seen.clone();
-    let events = fx
-        .dp
-        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
-        .expect("trace events");
-    let take = || {
-        events.consume().expect("consume");
-        std::mem::take(&mut *seen.lock().unwrap())
-    };
+    let summaries = Summaries::on(&fx);
+    let take = || summaries.take();
     let (client, server) = ("10.244.1.5", "10.244.1.7");
     let send = |port: u16, flags: u8| {
         let (v, _) = fx.run(
@@ -1215,18 +1231,10 @@ fn dsr_node() -> (Fixture, u32, u32) {
 /// translated there.
 #[test]
 fn a_dsr_flows_summary_on_the_backends_node_names_its_frontend() {
-    use weir_bpf::events::{TraceEvent, TRACE_F_XLATE};
+    use weir_bpf::events::TRACE_F_XLATE;
     let (fx, in0, veth) = dsr_node();
     fx.endpoint("10.244.1.7".parse().expect("ip"), veth);
-    let mut cfg = fx.dp.config().expect("config");
-    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
-    fx.dp.set_config(&cfg).expect("config");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
-    let s2 = seen.clone();
-    let events = fx
-        .dp
-        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
-        .expect("trace events");
+    let summaries = Summaries::on(&fx);
     let to_pod = tcp4(("10.1.0.5", 40001), ("10.244.1.7", 8080), 0x02);
     let (v, _) = fx.run(
         TcProgram::FromNetdev,
@@ -1234,8 +1242,7 @@ fn a_dsr_flows_summary_on_the_backends_node_names_its_frontend() {
         in0,
     );
     assert_eq!(v, TC_ACT_REDIRECT, "delivered");
-    events.consume().expect("consume");
-    let got = std::mem::take(&mut *seen.lock().unwrap());
+    let got = summaries.take();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].flags & TRACE_F_XLATE, TRACE_F_XLATE, "{got:?}");
     assert_eq!(
