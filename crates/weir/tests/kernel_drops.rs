@@ -157,8 +157,18 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
     assert!(find(&["--protocol", "udp", "--port", "9"])
         .iter()
         .all(|d| d["reason"] == "NO_SOCKET"));
+    // (Dropped ones: the client's TCP health towards m/shut is a flow to it too, logged at
+    // any round.)
     let table = ok(&mut lab.weir(&[
-        "observe", "--to-pod", "m/shut", "-o", "table", "--last", "2",
+        "observe",
+        "--to-pod",
+        "m/shut",
+        "--verdict",
+        "dropped",
+        "-o",
+        "table",
+        "--last",
+        "2",
     ]));
     let mut lines = table.lines();
     assert!(lines.next().unwrap().starts_with("TIME"), "{table}");
