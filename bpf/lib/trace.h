@@ -24,7 +24,7 @@
 /* The records' clock: the coarse monotonic clock in units of 2^20 ns (about a millisecond). */
 #define TRACE_CLOCK_SHIFT 20
 #define TRACE_INTERVAL	  ((__u32)(TRACE_INTERVAL_NS >> TRACE_CLOCK_SHIFT))
-/* The agent drains the summaries on a timer; it is woken only once this much waits. */
+/* The agent drains the summaries on a timer; it is woken at each multiple of this waiting. */
 #define TRACE_WAKEUP_BYTES (256 << 10)
 
 /* A flow at one observation point. */
@@ -244,6 +244,22 @@ static __always_inline struct trace_rec *trace_find(struct trace_set *set,
 	return NULL;
 }
 
+/* Whether record `r`'s connection ended (FIN or RST seen). */
+static __always_inline bool trace_ended(const struct trace_rec *r)
+{
+	return r->seen & (TCP_FLAG_FIN | TCP_FLAG_RST);
+}
+
+/* Record `s` starts a flow (or a new connection on its tuple) at a packet with TCP flags `tcp`. */
+static __always_inline void trace_start(struct trace_rec *s, __u8 tcp)
+{
+	s->packets = 0;
+	s->bytes = 0;
+	s->seen = 0;
+	s->plain = 0; /* its translation is its own: looked for again */
+	s->reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+}
+
 /* The record a flow missing from `set` takes (see weir_trace_flows), at `now`. */
 static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u32 now)
 {
@@ -256,7 +272,7 @@ static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u
 		/* Empty beats ended beats nothing unreported beats the longest since its last
 		 * summary. */
 		__u32 score = !r->k.family ? 0xffffffff :
-			      (r->seen & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 0xfffffffe :
+			      trace_ended(r) ? 0xfffffffe :
 			      !r->packets ? 0xfffffffd :
 					    (now - r->last) >> 1;
 
@@ -293,19 +309,11 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		/* Its packets so far are this event's. */
 		s = trace_victim(set, now);
 		__builtin_memcpy(&s->k, k, sizeof(s->k));
-		s->packets = 0;
-		s->bytes = 0;
-		s->seen = 0;
-		s->plain = 0;
-		s->reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+		trace_start(s, tcp);
 		first = true;
-	} else if ((tcp & TCP_FLAG_SYN) && (s->seen & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+	} else if ((tcp & TCP_FLAG_SYN) && trace_ended(s)) {
 		/* A new connection on a tuple whose last one ended: its own flow. */
-		s->seen = 0;
-		s->reply = (tcp & TCP_FLAG_ACK) != 0;
-		s->plain = 0; /* its translation is its own: looked for again */
-		s->packets = 0;
-		s->bytes = 0;
+		trace_start(s, tcp);
 		restart = true;
 	}
 	/* Plain adds: a flow's packets rarely race on two CPUs, and a summary's counts are not
