@@ -258,8 +258,9 @@ fn flood(t: &Topo, pods: &Arc<Mutex<PodDataplane>>, rate: f64, secs: f64) -> Res
     })
 }
 
-/// An Ethernet + IPv4 + TCP ACK from 10.1.0.5:40000 to the server pod's port 8080.
-fn ack_to_server() -> Vec<u8> {
+/// An Ethernet + IPv4 + TCP segment with `flags` from 10.1.0.5:40000 to the server pod's
+/// port 8080.
+fn segment_to_server(flags: u8) -> Vec<u8> {
     let mut f = vec![0u8; 12];
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 1, 0, 5];
@@ -267,7 +268,7 @@ fn ack_to_server() -> Vec<u8> {
     f.extend_from_slice(&ip);
     f.extend_from_slice(&40000u16.to_be_bytes());
     f.extend_from_slice(&8080u16.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     f
 }
 
@@ -275,7 +276,7 @@ fn ack_to_server() -> Vec<u8> {
 /// pod (BPF_PROG_TEST_RUN, 1,000,000 runs), with forwarding summaries `on` or off.
 fn per_packet_ns(t: &Topo, pods: &Arc<Mutex<PodDataplane>>, on: bool) -> Result<f64> {
     set_trace(pods, on)?;
-    let frame = ack_to_server();
+    let frame = segment_to_server(0x10);
     let d = crate::in_netns_thread(&t.n, || {
         let p = pods.lock().expect("pods");
         p.datapath()
@@ -285,6 +286,35 @@ fn per_packet_ns(t: &Topo, pods: &Arc<Mutex<PodDataplane>>, on: bool) -> Result<
     })?;
     set_trace(pods, false)?;
     Ok(d.as_nanos() as f64)
+}
+
+/// The average time `from_netdev` takes over a packet due a forwarding summary each time
+/// (TCP SYN+RST: a new connection on a tuple whose last one ended), the agent's reader
+/// draining the summaries; and the summaries it received.
+fn per_summary_ns(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<(f64, u64)> {
+    set_trace(pods, true)?;
+    let readers = Readers::start(pods, t, true)?;
+    let frame = segment_to_server(0x06);
+    // Bursts of half the ring, the reader given time to drain each (the kernel times the
+    // runs alone).
+    let (burst, bursts) = (4096, 64);
+    let d = crate::in_netns_thread(&t.n, || {
+        let mut d = Duration::ZERO;
+        for _ in 0..bursts {
+            let p = pods.lock().expect("pods");
+            d += p
+                .datapath()
+                .test_run_repeat(TcProgram::FromNetdev, &frame, 1, burst)?
+                .1;
+            drop(p);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(d / bursts)
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let taken = readers.finish()?;
+    set_trace(pods, false)?;
+    Ok((d.as_nanos() as f64, taken.traces.load(Ordering::Relaxed)))
 }
 
 /// The agent's cost of one forwarding summary: decoded events pushed into a flow log that
@@ -364,6 +394,20 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         median(&mut pp[0]),
         median(&mut pp[1])
     );
+    let mut ps = Vec::new();
+    let mut got = 0;
+    for _ in 0..5 {
+        let (ns, n) = per_summary_ns(&t, &pods)?;
+        ps.push(ns);
+        got = n;
+    }
+    println!(
+        "per packet due a summary (from_netdev, TCP SYN+RST, 64 bursts of 4,096, the reader draining, median of 5): {:.0} ns ({got} summaries received in the last run)",
+        median(&mut ps)
+    );
+    if std::env::var_os("WEIR_BENCH_PACKET_ONLY").is_some() {
+        return Ok(());
+    }
     println!("# weir-bench visibility: client pod -> server pod {SERVER}:8080 on one node through from_pod (bpf_redirect_peer); {threads} client threads, new connections (SO_LINGER 0); {rounds} rounds of {secs} s, order rotating, medians");
     println!("# off: policy verdicts and drops only; on: forwarding summaries (CFG_TRACE), kfree_skb and TCP tracepoint programs watching the pods, the agent's readers feeding its flow log");
     let parts = std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());

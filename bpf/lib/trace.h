@@ -6,8 +6,9 @@
  * reason, and otherwise at most every TRACE_INTERVAL_NS, each summary carrying the packets and
  * bytes since the previous one. A translated flow's summary names its addresses before the
  * translation (from the conntrack entry of the other direction). Off unless the agent sets
- * WEIR_CFG_TRACE; drops are reported one by one elsewhere (endpoint.h). What the full ring
- * refuses is counted per reason in weir_trace_lost.
+ * WEIR_CFG_TRACE; drops are reported one by one elsewhere (endpoint.h). An IPv4 flow's
+ * summary is a struct trace_event4 (64 bytes), an IPv6 flow's a struct trace_event. What the
+ * full ring refuses is counted per reason in weir_trace_lost.
  */
 #ifndef WEIR_LIB_TRACE_H
 #define WEIR_LIB_TRACE_H
@@ -95,7 +96,7 @@ struct {
 	__type(value, struct trace_set);
 } weir_trace_flows SEC(".maps");
 
-/* Forwarding summaries (struct trace_event). */
+/* Forwarding summaries (struct trace_event4 of IPv4 flows, struct trace_event of IPv6). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
@@ -130,7 +131,7 @@ static __always_inline struct trace_scratch *trace_scratch(void)
  * frontend, its snat_* the client when SNATed), a reply's is the original entry (its nat_* the
  * backend, its snat_* the node's address and port when SNATed).
  */
-static __always_inline void trace_xlate4(struct trace_event *ev, const struct trace_key *k)
+static __always_inline void trace_xlate4(struct trace_event4 *ev, const struct trace_key *k)
 {
 	struct ct4_key r = {
 		.saddr = k->daddr[0],
@@ -145,26 +146,26 @@ static __always_inline void trace_xlate4(struct trace_event *ev, const struct tr
 	if (!e || ct_expired(e))
 		return;
 	reply = !(e->flags & CT_F_REPLY);
-	ev->orig_saddr[0] = k->saddr[0];
-	ev->orig_daddr[0] = k->daddr[0];
+	ev->orig_saddr = k->saddr[0];
+	ev->orig_daddr = k->daddr[0];
 	ev->orig_sport = k->sport;
 	ev->orig_dport = k->dport;
 	if (!reply) {
-		ev->orig_daddr[0] = e->nat_addr;
+		ev->orig_daddr = e->nat_addr;
 		ev->orig_dport = e->nat_port;
 		if (e->flags & CT_F_SNAT) {
-			ev->orig_saddr[0] = e->snat_addr;
+			ev->orig_saddr = e->snat_addr;
 			ev->orig_sport = e->snat_port;
 		}
 	} else {
-		ev->orig_saddr[0] = e->nat_addr;
+		ev->orig_saddr = e->nat_addr;
 		ev->orig_sport = e->nat_port;
 		if (e->flags & CT_F_SNAT) {
-			ev->orig_daddr[0] = e->snat_addr;
+			ev->orig_daddr = e->snat_addr;
 			ev->orig_dport = e->snat_port;
 		}
 	}
-	if (ev->orig_saddr[0] == k->saddr[0] && ev->orig_daddr[0] == k->daddr[0] &&
+	if (ev->orig_saddr == k->saddr[0] && ev->orig_daddr == k->daddr[0] &&
 	    ev->orig_sport == k->sport && ev->orig_dport == k->dport)
 		return;
 	ev->svc_id = e->svc_id;
@@ -285,6 +286,94 @@ static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u
 }
 
 /*
+ * Whether the summary of flow record `s` looks for the flow's translation: a flow's
+ * translation is settled by its first packet (the conntrack entry is made before the
+ * summary), so it is looked for again only if the last look found one, and not when the
+ * program knows it translated nothing (the flow is then plain until a new connection).
+ */
+static __always_inline bool trace_looks(const struct trace_scratch *sc, struct trace_rec *s)
+{
+	if ((sc->k.proto != IPPROTO_TCP_ && sc->k.proto != IPPROTO_UDP_) || s->plain)
+		return false;
+	if (!sc->xlate)
+		s->plain = 1;
+	return sc->xlate;
+}
+
+/*
+ * Reports IPv4 flow record `s` (its packets and bytes handed over) at a packet with TCP flags
+ * `tcp`, under `reason`, with TRACE_F_* `flags`: 0, or -1 when the full ring refused it.
+ */
+static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_rec *s, __u8 tcp,
+				       __u32 reason, __u8 flags)
+{
+	const struct trace_key *k = &sc->k;
+	struct trace_event4 *ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
+
+	if (!ev)
+		return -1;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts = bpf_ktime_get_boot_ns();
+	/* Handed over: the next summary counts from here. */
+	ev->packets = s->packets;
+	ev->bytes = s->bytes;
+	s->packets -= ev->packets;
+	s->bytes -= ev->bytes;
+	ev->saddr = k->saddr[0];
+	ev->daddr = k->daddr[0];
+	ev->sport = k->sport;
+	ev->dport = k->dport;
+	ev->proto = k->proto;
+	ev->dir = k->dir;
+	ev->ifindex = k->ifindex;
+	ev->tcp_flags = tcp;
+	ev->reason = reason;
+	ev->tcp_seen = s->seen;
+	ev->flags = flags;
+	if (trace_looks(sc, s)) {
+		trace_xlate4(ev, k);
+		s->plain = !(ev->flags & TRACE_F_XLATE);
+	}
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
+	return 0;
+}
+
+/* trace_emit4 for IPv6 flows (struct trace_event). */
+static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_rec *s, __u8 tcp,
+				       __u32 reason, __u8 flags)
+{
+	const struct trace_key *k = &sc->k;
+	struct trace_event *ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
+
+	if (!ev)
+		return -1;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts = bpf_ktime_get_boot_ns();
+	ev->packets = s->packets;
+	ev->bytes = s->bytes;
+	s->packets -= ev->packets;
+	s->bytes -= ev->bytes;
+	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
+	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
+	ev->sport = k->sport;
+	ev->dport = k->dport;
+	ev->family = k->family;
+	ev->proto = k->proto;
+	ev->dir = k->dir;
+	ev->ifindex = k->ifindex;
+	ev->tcp_flags = tcp;
+	ev->reason = reason;
+	ev->tcp_seen = s->seen;
+	ev->flags = flags;
+	if (trace_looks(sc, s)) {
+		trace_xlate6(ev, k, &sc->r6);
+		s->plain = !(ev->flags & TRACE_F_XLATE);
+	}
+	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
+	return 0;
+}
+
+/*
  * Records a packet of flow `k` (`tcp` its TCP flags, `len` its length) that the program let
  * through under `reason`, and reports the flow when it is due (see above).
  */
@@ -297,10 +386,9 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	/* The coarse clock (no clock source read) is enough to space summaries seconds apart. */
 	__u32 now = bpf_ktime_get_coarse_ns() >> TRACE_CLOCK_SHIFT;
 	__u8 flags = tcp & TRACE_TCP_FLAGS;
-	struct trace_event *ev;
 	struct trace_rec *s;
-	__u64 packets, bytes;
 	bool first = false, restart = false;
+	__u8 ev_flags = 0;
 
 	if (!set)
 		return 0;
@@ -327,10 +415,13 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	s->last = now;
 	s->seen |= flags;
 	s->reason = reason;
-	packets = s->packets;
-	bytes = s->bytes;
-	ev = bpf_ringbuf_reserve(&weir_trace_events, sizeof(*ev), 0);
-	if (!ev) {
+	/* New: a connection's first SYN here, or another protocol's first packet (a TCP flow
+	 * whose record was taken meanwhile is reported again, not counted again). */
+	if (restart || (first && (k->proto != IPPROTO_TCP_ || (tcp & TCP_FLAG_SYN))))
+		ev_flags = TRACE_F_NEW;
+	ev_flags |= s->reply ? TRACE_F_REPLY : 0;
+	if (k->family == WEIR_AF_INET ? trace_emit4(sc, s, tcp, reason, ev_flags) :
+					trace_emit6(sc, s, tcp, reason, ev_flags)) {
 		__u64 *n = bpf_map_lookup_elem(&weir_trace_lost, &lost_key);
 
 		if (n)
@@ -338,45 +429,7 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 		/* A flow's first summary is due again at its next packet. */
 		if (first)
 			s->last = now - TRACE_INTERVAL;
-		return 0;
 	}
-	/* Handed over: the next summary counts from here. */
-	s->packets -= packets;
-	s->bytes -= bytes;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ts = bpf_ktime_get_boot_ns();
-	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
-	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
-	ev->sport = k->sport;
-	ev->dport = k->dport;
-	ev->family = k->family;
-	ev->proto = k->proto;
-	ev->dir = k->dir;
-	ev->ifindex = k->ifindex;
-	ev->tcp_flags = tcp;
-	ev->reason = reason;
-	ev->packets = packets;
-	ev->bytes = bytes;
-	ev->tcp_seen = s->seen;
-	/* New: a connection's first SYN here, or another protocol's first packet (a TCP flow
-	 * whose record was taken meanwhile is reported again, not counted again). */
-	if (restart || (first && (k->proto != IPPROTO_TCP_ || (tcp & TCP_FLAG_SYN))))
-		ev->flags = TRACE_F_NEW;
-	ev->flags |= s->reply ? TRACE_F_REPLY : 0;
-	/* A flow's translation is settled by its first packet (the conntrack entry is made
-	 * before the summary): looked for again only if the last look found one, and not when
-	 * the program knows it translated nothing. */
-	if ((k->proto == IPPROTO_TCP_ || k->proto == IPPROTO_UDP_) && !s->plain) {
-		if (!sc->xlate)
-			s->plain = 1;
-		else if (k->family == WEIR_AF_INET)
-			trace_xlate4(ev, k);
-		else
-			trace_xlate6(ev, k, &sc->r6);
-		if (sc->xlate)
-			s->plain = !(ev->flags & TRACE_F_XLATE);
-	}
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
 	return 0;
 }
 

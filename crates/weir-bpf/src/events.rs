@@ -109,12 +109,45 @@ fn sock_at(d: &[u8], family: u8, o: usize, p: usize) -> Option<SocketAddr> {
 }
 
 impl TraceEvent {
-    /// A `struct trace_event` (weir/api/datapath.h: 120 bytes, host order but for the
-    /// addresses and ports).
+    /// A `struct trace_event` (weir/api/datapath.h: 120 bytes) or an IPv4 flow's
+    /// `struct trace_event4` (64 bytes), told apart by length; host order but for the
+    /// addresses and ports.
     pub fn decode(d: &[u8]) -> Option<TraceEvent> {
-        if d.len() < 120 {
-            return None;
+        match d.len() {
+            120.. => Self::decode_any(d),
+            64.. => Self::decode4(d),
+            _ => None,
         }
+    }
+
+    /// A `struct trace_event4`: an IPv4 flow's summary.
+    fn decode4(d: &[u8]) -> Option<TraceEvent> {
+        let flags = d[57];
+        let orig = if flags & TRACE_F_XLATE != 0 {
+            Some((sock_at(d, AF_INET, 28, 36)?, sock_at(d, AF_INET, 32, 38)?))
+        } else {
+            None
+        };
+        Some(TraceEvent {
+            ts: u64_ne(d, 0),
+            bytes: u64_ne(d, 8),
+            src: sock_at(d, AF_INET, 16, 24)?,
+            dst: sock_at(d, AF_INET, 20, 26)?,
+            ifindex: u32_ne(d, 40),
+            svc_id: u32_ne(d, 44),
+            packets: u64::from(u32_ne(d, 48)),
+            reason: u32::from(u16::from_ne_bytes([d[52], d[53]])),
+            proto: d[54],
+            dir: d[55],
+            tcp_flags: d[56],
+            orig,
+            flags,
+            tcp_seen: d[58],
+        })
+    }
+
+    /// A `struct trace_event` (either family).
+    fn decode_any(d: &[u8]) -> Option<TraceEvent> {
         let family = d[44];
         let flags = d[112];
         let orig = if flags & TRACE_F_XLATE != 0 {
@@ -251,6 +284,26 @@ mod tests {
                 "10.96.0.10:80".parse().unwrap()
             ))
         );
+        // The same summary as an IPv4 flow's 64-byte record.
+        let mut d4 = vec![0u8; 64];
+        d4[0..8].copy_from_slice(&7u64.to_ne_bytes());
+        d4[8..16].copy_from_slice(&180u64.to_ne_bytes());
+        d4[16..20].copy_from_slice(&[10, 244, 1, 2]);
+        d4[20..24].copy_from_slice(&[10, 244, 2, 3]);
+        d4[24..26].copy_from_slice(&40000u16.to_be_bytes());
+        d4[26..28].copy_from_slice(&8080u16.to_be_bytes());
+        d4[28..32].copy_from_slice(&[10, 244, 1, 2]);
+        d4[32..36].copy_from_slice(&[10, 96, 0, 10]);
+        d4[36..38].copy_from_slice(&40000u16.to_be_bytes());
+        d4[38..40].copy_from_slice(&80u16.to_be_bytes());
+        d4[44..48].copy_from_slice(&5u32.to_ne_bytes());
+        d4[48..52].copy_from_slice(&3u32.to_ne_bytes());
+        d4[54] = 6;
+        d4[56] = 0x02;
+        d4[57] = TRACE_F_NEW | TRACE_F_XLATE;
+        d4[58] = 0x02;
+        assert_eq!(TraceEvent::decode(&d4), Some(t));
+        assert_eq!(TraceEvent::decode(&d4[..60]), None);
         let mut s = vec![0u8; 72];
         s[24..28].copy_from_slice(&[10, 96, 0, 10]);
         s[56..58].copy_from_slice(&80u16.to_be_bytes());

@@ -2060,6 +2060,7 @@ fn ipv6_node_ports_reach_local_and_remote_backends_and_replies_go_back() {
 
     // A backend on another node: DNAT + SNAT to the node's IPv6 address, a port of the range.
     fx.node_port6(30081, 8, (4, "fd50::9", 8080));
+    let summaries = Summaries::on(&fx);
     let syn = tcp6(("fd01::5", 40000), ("fd01::1", 30081), 0x02);
     let (v, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
     assert_eq!(v, TC_ACT_REDIRECT, "verdict");
@@ -2078,6 +2079,27 @@ fn ipv6_node_ports_reach_local_and_remote_backends_and_replies_go_back() {
         ("[fd01::1]:30081".into(), "[fd01::5]:40000".into())
     );
     assert_eq!(l4_csum6(&out), 0, "tcp checksum");
+    // Summarized in the full layout (IPv6 addresses), both ways named before translation.
+    use weir_bpf::events::{TRACE_F_NEW, TRACE_F_REPLY, TRACE_F_XLATE};
+    let got = summaries.take();
+    assert_eq!(got.len(), 2, "{got:?}");
+    let frontend = (
+        "[fd01::5]:40000".parse().unwrap(),
+        "[fd01::1]:30081".parse().unwrap(),
+    );
+    assert_eq!(
+        (got[0].src.to_string(), got[0].dst.to_string(), got[0].orig),
+        (src.clone(), dst.clone(), Some(frontend))
+    );
+    assert_eq!(
+        (got[0].flags, got[0].svc_id, got[0].packets),
+        (TRACE_F_NEW | TRACE_F_XLATE, 8, 1)
+    );
+    assert_eq!(got[1].flags, TRACE_F_NEW | TRACE_F_XLATE | TRACE_F_REPLY);
+    assert_eq!(
+        got[1].orig,
+        Some(("[fd50::9]:8080".parse().unwrap(), src.parse().unwrap()))
+    );
     let ct = fx.dp.ct6_entries().expect("ct6");
     assert_eq!(ct.len(), 2, "{ct:?}");
     assert!(ct

@@ -429,4 +429,34 @@ struct trace_event {
 };
 _Static_assert(sizeof(struct trace_event) == 120, "trace_event size");
 
+/*
+ * An IPv4 flow's forwarding summary: trace_event's fields with 4-byte addresses, in 64 bytes
+ * (a ring record of 72 bytes where trace_event's takes 128: most flows are IPv4, and the
+ * record's lines are most of a summary's cost). The reader tells the two apart by the
+ * record's length; trace_event carries IPv6 flows.
+ */
+struct trace_event4 {
+	__u64 ts;	    /* boot clock, nanoseconds */
+	__u64 bytes;	    /* since the flow's previous summary here, this one included */
+	__be32 saddr;	    /* network order (as the packet left the program) */
+	__be32 daddr;
+	__be16 sport;	    /* network order; 0 without ports */
+	__be16 dport;
+	__be32 orig_saddr;  /* TRACE_F_XLATE: the addresses and ports before translation */
+	__be32 orig_daddr;
+	__be16 orig_sport;
+	__be16 orig_dport;
+	__u32 ifindex;	    /* the device the program ran on */
+	__u32 svc_id;	    /* TRACE_F_XLATE: the frontend's service id (0: masquerade) */
+	__u32 packets;	    /* since the previous summary (a summary is due before 2^31) */
+	__u16 reason;	    /* REASON_* (what the program did) */
+	__u8 proto;
+	__u8 dir;	    /* WEIR_DIR_INGRESS or WEIR_DIR_EGRESS (of the device's hook) */
+	__u8 tcp_flags;	    /* this packet's */
+	__u8 flags;	    /* TRACE_F_* */
+	__u8 tcp_seen;	    /* the TCP flags (SYN, FIN, RST) seen on the flow here so far */
+	__u8 pad[5];
+};
+_Static_assert(sizeof(struct trace_event4) == 64, "trace_event4 size");
+
 #endif /* WEIR_API_DATAPATH_H */
