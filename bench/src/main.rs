@@ -354,6 +354,52 @@ fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
     Ok(())
 }
 
+/// Runs in the client namespace: `threads` loops of connect/request/reply/close (as
+/// [`client`]) until stdin closes; at each line read from stdin, prints the connections
+/// completed and failed so far (`connections errors`), so that the caller can count them
+/// over intervals of its own.
+fn client_live(target: SocketAddr, threads: usize) -> Result<()> {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    static FAILED: AtomicU64 = AtomicU64::new(0);
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                while !STOP.load(Ordering::Relaxed) {
+                    let ok = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                        .map(|mut s| {
+                            linger0(&s);
+                            let mut b = [0u8; 8];
+                            s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0
+                        })
+                        .unwrap_or(false);
+                    let n = if ok { &DONE } else { &FAILED };
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        line?;
+        writeln!(
+            out,
+            "{} {}",
+            DONE.load(Ordering::Relaxed),
+            FAILED.load(Ordering::Relaxed)
+        )?;
+        out.flush()?;
+    }
+    STOP.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    }
+    Ok(())
+}
+
 /// Replaces the nat rules of namespace `ns` with kube-proxy's iptables layout for `svcs`
 /// (legacy backend) and its jumps from the built-in chains.
 fn load_kube_proxy_iptables(ns: &str, svcs: &[Svc]) -> Result<()> {
@@ -386,6 +432,7 @@ fn spawn_in(ns: &str, cgroup: Option<&Path>, args: &[String]) -> Result<std::pro
     a.extend_from_slice(args);
     Ok(Command::new(self_exe())
         .args(&a)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?)
 }
@@ -896,6 +943,7 @@ fn main() -> Result<()> {
                 "__probe" => schedule::probe(&args[4], args[5].parse()?, args[6].parse()?),
                 "__podpod_rr" => podpod::rr(args[4].parse()?, args[5].parse()?, args[6].parse()?),
                 "__podpod_stream" => podpod::stream(args[4].parse()?, args[5].parse()?),
+                "__client_live" => client_live(args[5].parse()?, args[4].parse()?),
                 "__client" => client(
                     args[6..]
                         .iter()
@@ -946,7 +994,11 @@ fn main() -> Result<()> {
         Some("visibility") => {
             let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
             let secs = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2.0);
-            visibility::bench(rounds, secs, 4)
+            let threads = std::env::var("WEIR_BENCH_THREADS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(4);
+            visibility::bench(rounds, secs, threads)
         }
         Some("prefilter") => {
             let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);

@@ -50,6 +50,9 @@ impl Taken {
 /// (loaded, attached and watching the pods' namespaces) with their rings.
 struct Readers {
     stop: Arc<AtomicBool>,
+    /// With `full`: whether the kernel drop and TCP programs are to be attached, and are.
+    want_on: Arc<AtomicBool>,
+    is_on: Arc<AtomicBool>,
     taken: Arc<Taken>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -57,8 +60,13 @@ struct Readers {
 impl Readers {
     fn start(pods: &Arc<Mutex<PodDataplane>>, t: &Topo, full: bool) -> Result<Readers> {
         let stop = Arc::new(AtomicBool::new(false));
+        let (want_on, is_on) = (
+            Arc::new(AtomicBool::new(full)),
+            Arc::new(AtomicBool::new(full)),
+        );
         let taken = Arc::new(Taken::default());
         let (pods, st, tk) = (pods.clone(), stop.clone(), taken.clone());
+        let (wo, io) = (want_on.clone(), is_on.clone());
         let inums = [&t.n, &t.c, &t.s].map(|ns| {
             weir_bpf::kdrop::netns_inum(std::path::Path::new(&format!("/run/netns/{ns}")))
         });
@@ -94,16 +102,27 @@ impl Readers {
                 })?;
                 kdrops = Some((kd, krb));
             }
-            let mut _tcp = None;
+            let mut tcp = None;
             if full && parts.contains("tcp") {
                 let th = weir_bpf::tcp_health::TcpHealth::load()?;
                 th.watch(client?, 0)?;
                 th.watch(server?, 1)?;
-                _tcp = Some(th);
+                tcp = Some(th);
             }
             let _ = ready_tx.send(());
             let (cpu0, wall0) = (thread_cpu_us(), Instant::now());
+            let mut on = full;
             while !st.load(Ordering::Relaxed) {
+                if wo.load(Ordering::Relaxed) != on {
+                    on = !on;
+                    if let Some((kd, _)) = &mut kdrops {
+                        kd.set_attached(on)?;
+                    }
+                    if let Some(th) = &mut tcp {
+                        th.set_attached(on)?;
+                    }
+                    io.store(on, Ordering::Relaxed);
+                }
                 drops.poll(Duration::from_millis(20))?;
                 drops.consume()?;
                 if let Some(t) = &traces {
@@ -121,7 +140,7 @@ impl Readers {
             if let Some((kd, _)) = &kdrops {
                 progs.extend(kd.programs());
             }
-            if let Some(th) = &_tcp {
+            if let Some(th) = &tcp {
                 progs.extend(th.programs());
             }
             tk.tracepoint_ns
@@ -142,9 +161,25 @@ impl Readers {
         }
         Ok(Readers {
             stop,
+            want_on,
+            is_on,
             taken,
             thread: Some(thread),
         })
+    }
+
+    /// Attaches (`on`) or detaches the kernel drop and TCP programs of readers started
+    /// `full`, and waits until it is done.
+    fn set_on(&self, on: bool) -> Result<()> {
+        self.want_on.store(on, Ordering::Relaxed);
+        let start = Instant::now();
+        while self.is_on.load(Ordering::Relaxed) != on {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the readers did not turn visibility {on}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Stops the thread (its programs detach) and returns what it took.
@@ -167,6 +202,23 @@ fn thread_cpu_us() -> u64 {
 
 /// `kernel.bpf_stats_enabled`: programs' run time is counted while it is 1.
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns `kernel.bpf_stats_enabled` off, and back to what it was when dropped.
+struct StatsOff(String);
+
+impl StatsOff {
+    fn new() -> StatsOff {
+        let before = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
+        let _ = std::fs::write(BPF_STATS, "0");
+        StatsOff(before)
+    }
+}
+
+impl Drop for StatsOff {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.0.trim());
+    }
+}
 
 /// Run time of the tc programs so far (bpf_stats), in nanoseconds.
 fn tc_ns(pods: &Arc<Mutex<PodDataplane>>) -> u64 {
@@ -317,6 +369,69 @@ fn per_summary_ns(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<(f64, u64
     Ok((d.as_nanos() as f64, taken.traces.load(Ordering::Relaxed)))
 }
 
+/// Connection rates with visibility off and on in alternating phases of `phase` seconds
+/// over one continuous client run: `pairs` pairs (after one to warm up), the order within a
+/// pair alternating. Both sides of a pair meet the same host: its drift over seconds, larger
+/// here than what is measured, falls on both alike. Returns (off, on) per pair.
+fn interleaved(
+    t: &Topo,
+    pods: &Arc<Mutex<PodDataplane>>,
+    pairs: usize,
+    phase: f64,
+    threads: usize,
+) -> Result<Vec<(f64, f64)>> {
+    use std::io::{BufRead, Write};
+    let parts = std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());
+    let readers = Readers::start(pods, t, true)?;
+    let mut child = crate::spawn_in(
+        &t.c,
+        None,
+        &[
+            "__client_live".into(),
+            threads.to_string(),
+            format!("{SERVER}:8080"),
+        ],
+    )?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    // The client's connections so far, and when they were counted.
+    let mut count = || -> Result<(u64, Instant)> {
+        writeln!(stdin)?;
+        stdin.flush()?;
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let n = line.split_whitespace().next().unwrap_or("");
+        let n = n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the client printed {line:?}"))?;
+        Ok((n, Instant::now()))
+    };
+    let set = |on: bool| -> Result<()> {
+        set_trace(pods, on && parts.contains("trace"))?;
+        readers.set_on(on)
+    };
+    let mut out = Vec::new();
+    for pair in 0..=pairs {
+        let mut r = [0.0; 2];
+        for k in 0..2 {
+            let on = (k + pair) % 2 == 1;
+            set(on)?;
+            let (c0, t0) = count()?;
+            std::thread::sleep(Duration::from_secs_f64(phase));
+            let (c1, t1) = count()?;
+            r[usize::from(on)] = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+        }
+        if pair > 0 {
+            out.push((r[0], r[1]));
+        }
+    }
+    drop(stdin);
+    child.wait()?;
+    set(false)?;
+    readers.finish()?;
+    Ok(out)
+}
+
 /// The agent's cost of one forwarding summary: decoded events pushed into a flow log that
 /// knows 100 pods (names, workloads, labels) and their Services.
 fn flow_log_ns() -> f64 {
@@ -366,6 +481,9 @@ fn flow_log_ns() -> f64 {
 
 /// `weir-bench visibility [ROUNDS] [SECONDS]`.
 pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
+    // Run-time statistics cost each program run two clock reads: off while anything is
+    // timed (on only for the breakdown), as they were when the bench ends.
+    let _stats = StatsOff::new();
     let t = build("wvis")?;
     let mut server = spawn_in(&t.s, None, &["__serve".into(), "2".into()])?;
     std::thread::sleep(Duration::from_millis(300));
@@ -383,8 +501,9 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     if std::env::var_os("WEIR_BENCH_FLOWLOG_ONLY").is_some() {
         return Ok(());
     }
+    let quick = std::env::var_os("WEIR_BENCH_ONLY").is_some();
     let mut pp: [Vec<f64>; 2] = [vec![], vec![]];
-    for _ in 0..5 {
+    for _ in 0..if quick { 0 } else { 5 } {
         for on in [false, true] {
             pp[usize::from(on)].push(per_packet_ns(&t, &pods, on)?);
         }
@@ -396,7 +515,7 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     );
     let mut ps = Vec::new();
     let mut got = 0;
-    for _ in 0..5 {
+    for _ in 0..if quick { 0 } else { 5 } {
         let (ns, n) = per_summary_ns(&t, &pods)?;
         ps.push(ns);
         got = n;
@@ -413,7 +532,7 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     let parts = std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());
     let mut rate: [Vec<f64>; 2] = [vec![], vec![]];
     let mut bpf_per_conn: [Vec<(f64, f64)>; 2] = [vec![], vec![]];
-    let stats_before = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
+
     let mut ratios = Vec::new();
     let mut events_per_s = Vec::new();
     let mut cpu_share = Vec::new();
@@ -426,7 +545,12 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         }
         let mut this = [0.0; 2];
         for k in 0..2 {
-            let on = (k + round) % 2 == 1;
+            // WEIR_BENCH_ONLY=on|off: every run so (for profiling one side).
+            let on = match std::env::var("WEIR_BENCH_ONLY").as_deref() {
+                Ok("on") => true,
+                Ok("off") => false,
+                _ => (k + round) % 2 == 1,
+            };
             set_trace(&pods, on && parts.contains("trace"))?;
             let readers = Readers::start(&pods, &t, on)?;
             let tc0 = tc_ns(&pods);
@@ -467,7 +591,7 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         }
     }
     set_trace(&pods, false)?;
-    let _ = std::fs::write(BPF_STATS, stats_before.trim());
+    let _ = std::fs::write(BPF_STATS, "0");
     let (off, on) = (median(&mut rate[0]), median(&mut rate[1]));
     let tc_of = |k: usize| median(&mut bpf_per_conn[k].iter().map(|p| p.0).collect::<Vec<_>>());
     let (tc_off, tc_on) = (tc_of(0), tc_of(1));
@@ -488,6 +612,23 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     );
     println!(
         "BPF time per connection (bpf_stats): tc programs {tc_off:.0} ns off, {tc_on:.0} ns on; kfree_skb and TCP tracepoint programs {tp_on:.0} ns"
+    );
+
+    // The same comparison in alternating phases of one client run.
+    let phase = 0.5;
+    let pairs = ((rounds as f64 * secs / phase).round() as usize).max(4);
+    let pr = interleaved(&t, &pods, pairs, phase, threads)?;
+    let (off_sum, on_sum) = pr.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+    let mut pair_ratios: Vec<f64> = pr.iter().map(|p| p.1 / p.0).collect();
+    println!("# interleaved: one client run, visibility off and on in alternating phases of {phase} s ({pairs} pairs, the order alternating), programs attached and detached in between");
+    println!(
+        "interleaved ratio on/off: {:.3} ({:.0} vs {:.0} connections/s; median of pair ratios {:.3}, quartiles {:.3}-{:.3}; goal >= 0.95)",
+        on_sum / off_sum,
+        on_sum / pr.len() as f64,
+        off_sum / pr.len() as f64,
+        median(&mut pair_ratios),
+        crate::percentile(&mut pair_ratios, 0.25),
+        crate::percentile(&mut pair_ratios, 0.75)
     );
 
     // 2. What the reader takes before the ring refuses anything.

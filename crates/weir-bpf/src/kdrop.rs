@@ -51,10 +51,11 @@ pub struct KernelDrop {
     pub dst: Option<(IpAddr, u16)>,
 }
 
-/// The program, attached, counting the drops of one network namespace.
+/// The program, attached (unless detached with [`KernelDrops::set_attached`]), counting the
+/// drops of one network namespace.
 pub struct KernelDrops {
     skel: KdropSkel<'static>,
-    _link: Link,
+    link: Option<Link>,
     names: HashMap<u32, String>,
 }
 
@@ -149,16 +150,30 @@ impl KernelDrops {
             .ok_or_else(|| btf_err("kdrop.bpf.o has no read-only data"))?
             .layout = layout;
         let skel = open.load().map_err(lb("loading kdrop.bpf.o"))?;
-        let link = skel
-            .progs
-            .kfree_skb
-            .attach_raw_tracepoint("kfree_skb")
-            .map_err(lb("attaching to the kfree_skb tracepoint"))?;
-        Ok(KernelDrops {
+        let mut kd = KernelDrops {
             skel,
-            _link: link,
+            link: None,
             names,
-        })
+        };
+        kd.set_attached(true)?;
+        Ok(kd)
+    }
+
+    /// Attaches the program to `kfree_skb` (`true`, if it is not) or detaches it (`false`);
+    /// the maps and what they count stay.
+    pub fn set_attached(&mut self, on: bool) -> Result<(), BpfError> {
+        if !on {
+            self.link = None;
+        } else if self.link.is_none() {
+            let link = self
+                .skel
+                .progs
+                .kfree_skb
+                .attach_raw_tracepoint("kfree_skb")
+                .map_err(lb("attaching to the kfree_skb tracepoint"))?;
+            self.link = Some(link);
+        }
+        Ok(())
     }
 
     /// The program with its run statistics (counted while `kernel.bpf_stats_enabled` is 1).

@@ -34,10 +34,10 @@ use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
 /// How many namespaces can be watched.
 pub const SLOTS: u32 = 4096;
 
-/// The programs, attached.
+/// The programs, attached (unless detached with [`TcpHealth::set_attached`]).
 pub struct TcpHealth {
     skel: TcpHealthSkel<'static>,
-    _links: Vec<Link>,
+    links: Vec<Link>,
 }
 
 /// Checks that `inet_sock_set_state`'s arguments are what the program reads: the socket,
@@ -84,8 +84,26 @@ impl TcpHealth {
             }
         }
         let skel = open.load().map_err(lb("loading tcp_health.bpf.o"))?;
-        let p = &skel.progs;
-        let links = vec![
+        let mut th = TcpHealth {
+            skel,
+            links: Vec::new(),
+        };
+        th.set_attached(true)?;
+        Ok(th)
+    }
+
+    /// Attaches the programs to their tracepoints (`true`, if they are not) or detaches them
+    /// (`false`: the tracepoints cost nothing again); the maps and what they count stay.
+    pub fn set_attached(&mut self, on: bool) -> Result<(), BpfError> {
+        if !on {
+            self.links.clear();
+            return Ok(());
+        }
+        if !self.links.is_empty() {
+            return Ok(());
+        }
+        let p = &self.skel.progs;
+        self.links = vec![
             p.tcp_retransmit
                 .attach()
                 .map_err(lb("attaching to tcp_retransmit_skb"))?,
@@ -99,10 +117,7 @@ impl TcpHealth {
                 .attach()
                 .map_err(lb("attaching to inet_sock_set_state"))?,
         ];
-        Ok(TcpHealth {
-            skel,
-            _links: links,
-        })
+        Ok(())
     }
 
     /// The programs with their run statistics (counted while `kernel.bpf_stats_enabled` is
