@@ -356,8 +356,8 @@ fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
 
 /// Runs in the client namespace: `threads` loops of connect/request/reply/close (as
 /// [`client`]) until stdin closes; at each line read from stdin, prints the connections
-/// completed and failed so far (`connections errors`), so that the caller can count them
-/// over intervals of its own.
+/// completed and failed so far and when (`connections errors nanoseconds-since-start`), so
+/// that the caller can count them over intervals of its own.
 fn client_live(target: SocketAddr, threads: usize) -> Result<()> {
     use std::io::BufRead;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -371,6 +371,7 @@ fn client_live(target: SocketAddr, threads: usize) -> Result<()> {
                     let ok = TcpStream::connect_timeout(&target, Duration::from_secs(1))
                         .map(|mut s| {
                             linger0(&s);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
                             let mut b = [0u8; 8];
                             s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0
                         })
@@ -381,14 +382,16 @@ fn client_live(target: SocketAddr, threads: usize) -> Result<()> {
             })
         })
         .collect();
+    let start = Instant::now();
     let mut out = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         line?;
         writeln!(
             out,
-            "{} {}",
+            "{} {} {}",
             DONE.load(Ordering::Relaxed),
-            FAILED.load(Ordering::Relaxed)
+            FAILED.load(Ordering::Relaxed),
+            start.elapsed().as_nanos()
         )?;
         out.flush()?;
     }
@@ -418,6 +421,16 @@ fn load_kube_proxy_iptables(ns: &str, svcs: &[Svc]) -> Result<()> {
 
 fn self_exe() -> PathBuf {
     std::env::current_exe().expect("exe")
+}
+
+/// A helper process, killed (if it still runs) and waited for when dropped.
+pub(crate) struct Reap(pub(crate) std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs this binary inside a namespace (and cgroup) with `args`.

@@ -1,12 +1,16 @@
 //! `weir-bench visibility [ROUNDS] [SECONDS]`: what full flow visibility costs, and what it
 //! holds under load.
 //!
-//! 1. Connection rate pod to pod on one node through weir's tc programs (4 client threads,
-//!    connect/request/reply/close, SO_LINGER 0) with visibility off (no forwarding summaries,
-//!    no kernel drop or TCP health programs) and on (`CFG_TRACE` set, the `kfree_skb` and TCP
-//!    tracepoint programs attached and watching the pods, the agent's readers draining every
-//!    ring into its flow log, as the agent does). Rounds alternate, the order rotating;
-//!    medians and the ratio on/off (goal >= 0.95).
+//! 0. The flow log's cost per summary; `from_netdev`'s per packet with summaries off and on,
+//!    and per packet due a summary (BPF_PROG_TEST_RUN).
+//! 1. Connection rate pod to pod on one node through weir's tc programs (client threads,
+//!    4 unless `WEIR_BENCH_THREADS`, connect/request/reply/close, SO_LINGER 0) with
+//!    visibility off (no forwarding summaries, no kernel drop or TCP health programs) and on
+//!    (`CFG_TRACE` set, the `kfree_skb` and TCP tracepoint programs attached and watching the
+//!    pods, the agent's readers draining every ring into its flow log, as the agent does).
+//!    Two ways: rounds of separate client runs alternating, the order rotating (medians, the
+//!    ratio on/off, goal >= 0.95), and interleaved: one client run, visibility turned off and
+//!    on in alternating 0.5 s phases.
 //! 2. Events per second the agent's reader takes: drop events offered at rising rates
 //!    (BPF_PROG_TEST_RUN bursts of a malformed packet into `from_netdev`, paced), what it
 //!    received and what the full ring refused (counted in the kernel).
@@ -23,7 +27,7 @@ use weir_bpf::datapath::{TcProgram, CFG_TRACE};
 use weir_dataplane::pods::PodDataplane;
 
 use crate::podpod::{build, records, Topo, SERVER};
-use crate::{median, spawn_in};
+use crate::{median, spawn_in, Reap};
 
 /// What one reader thread took in: events by kind, and its own CPU time.
 #[derive(Default)]
@@ -50,8 +54,9 @@ impl Taken {
 /// (loaded, attached and watching the pods' namespaces) with their rings.
 struct Readers {
     stop: Arc<AtomicBool>,
-    /// With `full`: whether the kernel drop and TCP programs are to be attached, and are.
+    /// With `full`: whether the kernel drop and TCP programs are to be attached.
     want_on: Arc<AtomicBool>,
+    /// Whether they are (the thread's answer to `want_on`).
     is_on: Arc<AtomicBool>,
     taken: Arc<Taken>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
@@ -80,8 +85,7 @@ impl Readers {
                 k1.drops.fetch_add(1, Ordering::Relaxed);
             })?;
             let (l2, k2) = (log.clone(), tk.clone());
-            let parts =
-                std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());
+            let parts = parts();
             let traces = (full && parts.contains("trace"))
                 .then(|| {
                     dp.datapath().trace_events(move |e| {
@@ -170,10 +174,16 @@ impl Readers {
 
     /// Attaches (`on`) or detaches the kernel drop and TCP programs of readers started
     /// `full`, and waits until it is done.
-    fn set_on(&self, on: bool) -> Result<()> {
+    fn set_on(&mut self, on: bool) -> Result<()> {
         self.want_on.store(on, Ordering::Relaxed);
         let start = Instant::now();
         while self.is_on.load(Ordering::Relaxed) != on {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let t = self.thread.take().expect("a thread");
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("the readers panicked"))??;
+                bail!("the readers stopped before turning visibility {on}");
+            }
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("the readers did not turn visibility {on}");
             }
@@ -190,6 +200,16 @@ impl Readers {
                 .map_err(|_| anyhow::anyhow!("the readers panicked"))??;
         }
         Ok(self.taken.clone())
+    }
+}
+
+impl Drop for Readers {
+    /// Stops the thread (on an early return; `finish` stops it otherwise).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -347,8 +367,8 @@ fn per_summary_ns(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<(f64, u64
     set_trace(pods, true)?;
     let readers = Readers::start(pods, t, true)?;
     let frame = segment_to_server(0x06);
-    // Bursts of half the ring, the reader given time to drain each (the kernel times the
-    // runs alone).
+    // Bursts of 4,096 (72-byte records: under a third of the ring), the reader given time to
+    // drain each (the kernel times the runs alone).
     let (burst, bursts) = (4096, 64);
     let d = crate::in_netns_thread(&t.n, || {
         let mut d = Duration::ZERO;
@@ -381,9 +401,9 @@ fn interleaved(
     threads: usize,
 ) -> Result<Vec<(f64, f64)>> {
     use std::io::{BufRead, Write};
-    let parts = std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());
-    let readers = Readers::start(pods, t, true)?;
-    let mut child = crate::spawn_in(
+    let parts = parts();
+    let mut readers = Readers::start(pods, t, true)?;
+    let mut child = Reap(crate::spawn_in(
         &t.c,
         None,
         &[
@@ -391,42 +411,54 @@ fn interleaved(
             threads.to_string(),
             format!("{SERVER}:8080"),
         ],
-    )?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-    // The client's connections so far, and when they were counted.
-    let mut count = || -> Result<(u64, Instant)> {
+    )?);
+    let mut stdin = child.0.stdin.take().expect("piped stdin");
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().expect("piped stdout"));
+    // The client's connections and failures so far, and when (its clock, ns).
+    let mut count = || -> Result<[u64; 3]> {
         writeln!(stdin)?;
         stdin.flush()?;
         let mut line = String::new();
         stdout.read_line(&mut line)?;
-        let n = line.split_whitespace().next().unwrap_or("");
-        let n = n
-            .parse()
-            .map_err(|_| anyhow::anyhow!("the client printed {line:?}"))?;
-        Ok((n, Instant::now()))
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("the client printed {line:?}"))
     };
-    let set = |on: bool| -> Result<()> {
+    let mut set = |on: bool| -> Result<()> {
         set_trace(pods, on && parts.contains("trace"))?;
         readers.set_on(on)
     };
     let mut out = Vec::new();
+    let mut failed = [0; 2];
     for pair in 0..=pairs {
         let mut r = [0.0; 2];
         for k in 0..2 {
             let on = (k + pair) % 2 == 1;
             set(on)?;
-            let (c0, t0) = count()?;
+            let [c0, f0, t0] = count()?;
             std::thread::sleep(Duration::from_secs_f64(phase));
-            let (c1, t1) = count()?;
-            r[usize::from(on)] = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+            let [c1, f1, t1] = count()?;
+            r[usize::from(on)] = (c1 - c0) as f64 * 1e9 / (t1 - t0).max(1) as f64;
+            failed[usize::from(on)] += f1 - f0;
         }
         if pair > 0 {
             out.push((r[0], r[1]));
         }
     }
     drop(stdin);
-    child.wait()?;
+    let status = child.0.wait()?;
+    if !status.success() {
+        bail!("the client ended with {status}");
+    }
+    if failed != [0, 0] {
+        eprintln!(
+            "({} and {} failed connections with visibility off and on)",
+            failed[0], failed[1]
+        );
+    }
     set(false)?;
     readers.finish()?;
     Ok(out)
@@ -479,13 +511,30 @@ fn flow_log_ns() -> f64 {
     start.elapsed().as_nanos() as f64 / f64::from(n)
 }
 
+/// The parts of visibility turned on (`WEIR_BENCH_PARTS`: trace, kdrop, tcp; all by default).
+fn parts() -> String {
+    std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into())
+}
+
+/// `WEIR_BENCH_ONLY`: `on` or `off` runs one side only (for profiling it); unset, both.
+fn only() -> Result<Option<bool>> {
+    match std::env::var("WEIR_BENCH_ONLY").as_deref() {
+        Err(_) => Ok(None),
+        Ok("on") => Ok(Some(true)),
+        Ok("off") => Ok(Some(false)),
+        Ok(other) => bail!("WEIR_BENCH_ONLY={other}: on or off"),
+    }
+}
+
 /// `weir-bench visibility [ROUNDS] [SECONDS]`.
 pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     // Run-time statistics cost each program run two clock reads: off while anything is
-    // timed (on only for the breakdown), as they were when the bench ends.
+    // timed (on only for the breakdown), and back to what they were when the bench ends
+    // (but for an interrupt: a bench stopped during the breakdown leaves them on).
     let _stats = StatsOff::new();
+    let only = only()?;
     let t = build("wvis")?;
-    let mut server = spawn_in(&t.s, None, &["__serve".into(), "2".into()])?;
+    let _server = Reap(spawn_in(&t.s, None, &["__serve".into(), "2".into()])?);
     std::thread::sleep(Duration::from_millis(300));
     let pods = PodDataplane::new(&t.pins.join("tc"), &t.pins)?;
     let recs = records(&t)?;
@@ -501,11 +550,32 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     if std::env::var_os("WEIR_BENCH_FLOWLOG_ONLY").is_some() {
         return Ok(());
     }
-    let quick = std::env::var_os("WEIR_BENCH_ONLY").is_some();
+    if only.is_none() {
+        packet_costs(&t, &pods)?;
+    }
+    if std::env::var_os("WEIR_BENCH_PACKET_ONLY").is_some() {
+        return Ok(());
+    }
+    separate_rounds(&t, &pods, rounds, secs, threads, only)?;
+    if only.is_some() {
+        return Ok(());
+    }
+    report_interleaved(&t, &pods, rounds, secs, threads)?;
+    reader_capacity(&t, &pods)?;
+    let unaccounted = floods(&t, &pods, secs.max(2.0))?;
+    if unaccounted > 0 {
+        bail!("{unaccounted} drops unaccounted for");
+    }
+    Ok(())
+}
+
+/// `from_netdev`'s time per packet of an established flow with summaries off and on, and
+/// per packet due a summary.
+fn packet_costs(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<()> {
     let mut pp: [Vec<f64>; 2] = [vec![], vec![]];
-    for _ in 0..if quick { 0 } else { 5 } {
+    for _ in 0..5 {
         for on in [false, true] {
-            pp[usize::from(on)].push(per_packet_ns(&t, &pods, on)?);
+            pp[usize::from(on)].push(per_packet_ns(t, pods, on)?);
         }
     }
     println!(
@@ -515,8 +585,8 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     );
     let mut ps = Vec::new();
     let mut got = 0;
-    for _ in 0..if quick { 0 } else { 5 } {
-        let (ns, n) = per_summary_ns(&t, &pods)?;
+    for _ in 0..5 {
+        let (ns, n) = per_summary_ns(t, pods)?;
         ps.push(ns);
         got = n;
     }
@@ -524,84 +594,105 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         "per packet due a summary (from_netdev, TCP SYN+RST, 64 bursts of 4,096, the reader draining, median of 5): {:.0} ns ({got} summaries received in the last run)",
         median(&mut ps)
     );
-    if std::env::var_os("WEIR_BENCH_PACKET_ONLY").is_some() {
-        return Ok(());
+    Ok(())
+}
+
+/// What one round's run gave: its rate, and (visibility on) events per second and the
+/// reader's share of a core, or (the breakdown) the programs' time per connection.
+struct Run {
+    rate: f64,
+    events_per_s: f64,
+    cpu_share: f64,
+    /// tc programs, and kernel drop and TCP programs, ns per connection (bpf_stats).
+    bpf_ns: (f64, f64),
+}
+
+/// One client run of `secs` with visibility `on`.
+fn one_run(
+    t: &Topo,
+    pods: &Arc<Mutex<PodDataplane>>,
+    on: bool,
+    secs: f64,
+    threads: usize,
+) -> Result<Run> {
+    set_trace(pods, on && parts().contains("trace"))?;
+    let readers = Readers::start(pods, t, on)?;
+    let tc0 = tc_ns(pods);
+    let (rate, errors) = crate::policy::run_client(&t.c, threads, secs)?;
+    let tc = tc_ns(pods) - tc0;
+    let taken = readers.finish()?;
+    if errors > 0 {
+        eprintln!("({errors} failed connections with visibility {on})");
     }
+    let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    if std::env::var_os("WEIR_BENCH_DEBUG").is_some() {
+        let lost = pods.lock().expect("pods").datapath().traces_lost()?;
+        eprintln!(
+            "on={on} rate={rate:.0} traces={} kdrops={} drops={} traces_lost={lost:?}",
+            get(&taken.traces),
+            get(&taken.kernel_drops),
+            get(&taken.drops)
+        );
+    }
+    let conns = (rate * secs).max(1.0);
+    Ok(Run {
+        rate,
+        events_per_s: (get(&taken.traces) + get(&taken.kernel_drops)) as f64 / secs,
+        cpu_share: taken.cpu_share(),
+        bpf_ns: (tc as f64 / conns, get(&taken.tracepoint_ns) as f64 / conns),
+    })
+}
+
+/// Rounds of separate client runs, off and on (the order rotating; `only`: one side), and
+/// a last pair with bpf_stats on for the programs' time per connection.
+fn separate_rounds(
+    t: &Topo,
+    pods: &Arc<Mutex<PodDataplane>>,
+    rounds: usize,
+    secs: f64,
+    threads: usize,
+    only: Option<bool>,
+) -> Result<()> {
     println!("# weir-bench visibility: client pod -> server pod {SERVER}:8080 on one node through from_pod (bpf_redirect_peer); {threads} client threads, new connections (SO_LINGER 0); {rounds} rounds of {secs} s, order rotating, medians");
     println!("# off: policy verdicts and drops only; on: forwarding summaries (CFG_TRACE), kfree_skb and TCP tracepoint programs watching the pods, the agent's readers feeding its flow log");
-    let parts = std::env::var("WEIR_BENCH_PARTS").unwrap_or_else(|_| "trace,kdrop,tcp".into());
-    let mut rate: [Vec<f64>; 2] = [vec![], vec![]];
-    let mut bpf_per_conn: [Vec<(f64, f64)>; 2] = [vec![], vec![]];
-
+    let mut runs: [Vec<Run>; 2] = [vec![], vec![]];
+    let mut breakdown: [Vec<(f64, f64)>; 2] = [vec![], vec![]];
     let mut ratios = Vec::new();
-    let mut events_per_s = Vec::new();
-    let mut cpu_share = Vec::new();
     // Round 0 warms up; rounds 1..=ROUNDS measure; a last pair of runs counts the programs'
     // run time (bpf_stats, which costs time itself, so apart from the rates).
     for round in 0..=rounds + 1 {
-        let breakdown = round == rounds + 1;
-        if breakdown {
+        let last = round == rounds + 1;
+        if last {
             let _ = std::fs::write(BPF_STATS, "1");
         }
         let mut this = [0.0; 2];
         for k in 0..2 {
-            // WEIR_BENCH_ONLY=on|off: every run so (for profiling one side).
-            let on = match std::env::var("WEIR_BENCH_ONLY").as_deref() {
-                Ok("on") => true,
-                Ok("off") => false,
-                _ => (k + round) % 2 == 1,
-            };
-            set_trace(&pods, on && parts.contains("trace"))?;
-            let readers = Readers::start(&pods, &t, on)?;
-            let tc0 = tc_ns(&pods);
-            let (r, errors) = crate::policy::run_client(&t.c, threads, secs)?;
-            let tc = tc_ns(&pods) - tc0;
-            let taken = readers.finish()?;
-            if breakdown {
-                let conns = r * secs;
-                let tp = taken.tracepoint_ns.load(Ordering::Relaxed) as f64;
-                bpf_per_conn[usize::from(on)].push((tc as f64 / conns, tp / conns));
-                continue;
-            }
-            if errors > 0 {
-                eprintln!("({errors} failed connections with visibility {on})");
-            }
-            if std::env::var_os("WEIR_BENCH_DEBUG").is_some() {
-                let lost = pods.lock().expect("pods").datapath().traces_lost()?;
-                eprintln!(
-                    "on={on} rate={r:.0} traces={} kdrops={} drops={} traces_lost={lost:?}",
-                    taken.traces.load(Ordering::Relaxed),
-                    taken.kernel_drops.load(Ordering::Relaxed),
-                    taken.drops.load(Ordering::Relaxed)
-                );
-            }
-            this[usize::from(on)] = r;
-            if round > 0 {
-                rate[usize::from(on)].push(r);
-                if on {
-                    let n = taken.traces.load(Ordering::Relaxed)
-                        + taken.kernel_drops.load(Ordering::Relaxed);
-                    events_per_s.push(n as f64 / secs);
-                    cpu_share.push(taken.cpu_share());
-                }
+            let on = only.unwrap_or((k + round) % 2 == 1);
+            let run = one_run(t, pods, on, secs, threads)?;
+            this[usize::from(on)] = run.rate;
+            if last {
+                breakdown[usize::from(on)].push(run.bpf_ns);
+            } else if round > 0 {
+                runs[usize::from(on)].push(run);
             }
         }
-        if round > 0 && !breakdown {
+        if round > 0 && !last && only.is_none() {
             ratios.push(this[1] / this[0]);
         }
     }
-    set_trace(&pods, false)?;
+    set_trace(pods, false)?;
     let _ = std::fs::write(BPF_STATS, "0");
-    let (off, on) = (median(&mut rate[0]), median(&mut rate[1]));
-    let tc_of = |k: usize| median(&mut bpf_per_conn[k].iter().map(|p| p.0).collect::<Vec<_>>());
-    let (tc_off, tc_on) = (tc_of(0), tc_of(1));
-    let tp_on = median(&mut bpf_per_conn[1].iter().map(|p| p.1).collect::<Vec<_>>());
+    let of = |k: usize, f: fn(&Run) -> f64| median(&mut runs[k].iter().map(f).collect::<Vec<_>>());
+    let (off, on) = (of(0, |r| r.rate), of(1, |r| r.rate));
+    let (events, share) = (of(1, |r| r.events_per_s), of(1, |r| r.cpu_share));
     println!("visibility off: {off:.0} connections/s");
     println!(
-        "visibility on:  {on:.0} connections/s ({:.0} events/s into the flow log, reader thread {:.1}% of a core)",
-        median(&mut events_per_s),
-        100.0 * median(&mut cpu_share)
+        "visibility on:  {on:.0} connections/s ({events:.0} events/s into the flow log, reader thread {:.1}% of a core)",
+        100.0 * share
     );
+    if only.is_some() {
+        return Ok(());
+    }
     println!(
         "ratio on/off: {:.3} (median of per-round ratios {:.3}, quartiles {:.3}-{:.3} over {} rounds; goal >= 0.95)",
         on / off,
@@ -610,14 +701,30 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         crate::percentile(&mut ratios, 0.75),
         ratios.len()
     );
+    let bd = |k: usize, f: fn(&(f64, f64)) -> f64| {
+        median(&mut breakdown[k].iter().map(f).collect::<Vec<_>>())
+    };
     println!(
-        "BPF time per connection (bpf_stats): tc programs {tc_off:.0} ns off, {tc_on:.0} ns on; kfree_skb and TCP tracepoint programs {tp_on:.0} ns"
+        "BPF time per connection (bpf_stats): tc programs {:.0} ns off, {:.0} ns on; kfree_skb and TCP tracepoint programs {:.0} ns",
+        bd(0, |p| p.0),
+        bd(1, |p| p.0),
+        bd(1, |p| p.1)
     );
+    Ok(())
+}
 
-    // The same comparison in alternating phases of one client run.
+/// The on/off comparison in alternating phases of one client run, as long in all as the
+/// rounds.
+fn report_interleaved(
+    t: &Topo,
+    pods: &Arc<Mutex<PodDataplane>>,
+    rounds: usize,
+    secs: f64,
+    threads: usize,
+) -> Result<()> {
     let phase = 0.5;
     let pairs = ((rounds as f64 * secs / phase).round() as usize).max(4);
-    let pr = interleaved(&t, &pods, pairs, phase, threads)?;
+    let pr = interleaved(t, pods, pairs, phase, threads)?;
     let (off_sum, on_sum) = pr.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
     let mut pair_ratios: Vec<f64> = pr.iter().map(|p| p.1 / p.0).collect();
     println!("# interleaved: one client run, visibility off and on in alternating phases of {phase} s ({pairs} pairs, the order alternating), programs attached and detached in between");
@@ -630,49 +737,50 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
         crate::percentile(&mut pair_ratios, 0.25),
         crate::percentile(&mut pair_ratios, 0.75)
     );
+    Ok(())
+}
 
-    // 2. What the reader takes before the ring refuses anything.
+/// What the reader takes before the ring refuses anything: drop events offered at rising
+/// rates for 1 s each.
+fn reader_capacity(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<()> {
     println!("# drop events offered at rising rates for 1 s each, the agent's reader (flow log) draining");
     for offered in [50_000.0, 100_000.0, 200_000.0, 400_000.0, 800_000.0] {
-        let lost0 = drops_lost(&pods)?;
-        let readers = Readers::start(&pods, &t, false)?;
-        let (sent, reached) = flood(&t, &pods, offered, 1.0)?;
+        let lost0 = drops_lost(pods)?;
+        let readers = Readers::start(pods, t, false)?;
+        let (sent, reached) = flood(t, pods, offered, 1.0)?;
         std::thread::sleep(Duration::from_millis(300));
         let taken = readers.finish()?;
         let got = taken.drops.load(Ordering::Relaxed);
-        let lost = drops_lost(&pods)? - lost0;
+        let lost = drops_lost(pods)? - lost0;
         println!(
             "offered {reached:>9.0}/s: received {got:>8}, refused by the full ring {lost:>8} ({:.1}%), reader {:.0}% of a core",
             100.0 * lost as f64 / sent.max(1) as f64,
             100.0 * taken.cpu_share()
         );
     }
+    Ok(())
+}
 
-    // 3. Floods at 1 Mpps and as fast as one CPU makes them: every drop is an event received
-    // or an event counted lost.
-    let flood_secs = secs.max(2.0);
+/// Floods at 1 Mpps and as fast as one CPU makes them, for `secs` each: every drop must be
+/// an event received or an event counted lost. Returns the drops unaccounted for.
+fn floods(t: &Topo, pods: &Arc<Mutex<PodDataplane>>, secs: f64) -> Result<u64> {
     let mut unaccounted = 0;
     for rate in [1_000_000.0, f64::INFINITY] {
-        let (drops0, lost0) = (invalid_drops(&pods)?, drops_lost(&pods)?);
-        let readers = Readers::start(&pods, &t, false)?;
-        let (sent, reached) = flood(&t, &pods, rate, flood_secs)?;
+        let (drops0, lost0) = (invalid_drops(pods)?, drops_lost(pods)?);
+        let readers = Readers::start(pods, t, false)?;
+        let (sent, reached) = flood(t, pods, rate, secs)?;
         std::thread::sleep(Duration::from_millis(500));
         let taken = readers.finish()?;
-        let counted = invalid_drops(&pods)? - drops0;
-        let lost = drops_lost(&pods)? - lost0;
+        let counted = invalid_drops(pods)? - drops0;
+        let lost = drops_lost(pods)? - lost0;
         let got = taken.drops.load(Ordering::Relaxed);
         let exact = got + lost == counted && counted == sent;
         println!(
-            "drop flood {reached:.0} pps for {flood_secs} s: {sent} offered, {counted} counted by the datapath, {got} events received + {lost} counted lost = {} ({})",
+            "drop flood {reached:.0} pps for {secs} s: {sent} offered, {counted} counted by the datapath, {got} events received + {lost} counted lost = {} ({})",
             got + lost,
             if exact { "exact: none unreported" } else { "MISMATCH" }
         );
         unaccounted += counted.abs_diff(got + lost);
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    if unaccounted > 0 {
-        bail!("{unaccounted} drops unaccounted for");
-    }
-    Ok(())
+    Ok(unaccounted)
 }

@@ -286,12 +286,13 @@ static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u
 }
 
 /*
- * Whether the summary of flow record `s` looks for the flow's translation: a flow's
+ * Whether the summary of flow record `s` is to look for the flow's translation: a flow's
  * translation is settled by its first packet (the conntrack entry is made before the
  * summary), so it is looked for again only if the last look found one, and not when the
- * program knows it translated nothing (the flow is then plain until a new connection).
+ * program knows it translated nothing (marked here: the flow is then plain until a new
+ * connection on its tuple).
  */
-static __always_inline bool trace_looks(const struct trace_scratch *sc, struct trace_rec *s)
+static __always_inline bool trace_xlate_due(const struct trace_scratch *sc, struct trace_rec *s)
 {
 	if ((sc->k.proto != IPPROTO_TCP_ && sc->k.proto != IPPROTO_UDP_) || s->plain)
 		return false;
@@ -330,7 +331,7 @@ static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_re
 	ev->reason = reason;
 	ev->tcp_seen = s->seen;
 	ev->flags = flags;
-	if (trace_looks(sc, s)) {
+	if (trace_xlate_due(sc, s)) {
 		trace_xlate4(ev, k);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
@@ -365,7 +366,7 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 	ev->reason = reason;
 	ev->tcp_seen = s->seen;
 	ev->flags = flags;
-	if (trace_looks(sc, s)) {
+	if (trace_xlate_due(sc, s)) {
 		trace_xlate6(ev, k, &sc->r6);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}

@@ -1,6 +1,7 @@
 //! What the programs report besides verdicts and drops: forwarding summaries of the tc and XDP
-//! programs (`struct trace_event`, bpf/lib/trace.h) and the socket layer's translations
-//! (`struct sock_event`, bpf/lib/sock.h), decoded from their ring buffers.
+//! programs (`struct trace_event4` for IPv4 flows, `struct trace_event` for IPv6,
+//! bpf/lib/trace.h) and the socket layer's translations (`struct sock_event`,
+//! bpf/lib/sock.h), decoded from their ring buffers.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -262,8 +263,10 @@ mod tests {
         d[42..44].copy_from_slice(&8080u16.to_be_bytes());
         d[44] = AF_INET;
         d[45] = 6;
+        d[46] = 1;
         d[47] = 0x02;
-        d[48..52].copy_from_slice(&0u32.to_ne_bytes());
+        d[48..52].copy_from_slice(&0x0107u32.to_ne_bytes());
+        d[52..56].copy_from_slice(&9u32.to_ne_bytes());
         d[56..64].copy_from_slice(&3u64.to_ne_bytes());
         d[64..72].copy_from_slice(&180u64.to_ne_bytes());
         d[72..76].copy_from_slice(&[10, 244, 1, 2]);
@@ -277,6 +280,7 @@ mod tests {
         assert_eq!(t.src, "10.244.1.2:40000".parse().unwrap());
         assert_eq!(t.dst, "10.244.2.3:8080".parse().unwrap());
         assert_eq!((t.packets, t.bytes, t.svc_id), (3, 180, 5));
+        assert_eq!((t.ifindex, t.dir, t.reason, t.ts), (9, 1, 0x0107, 7));
         assert_eq!(
             t.orig,
             Some((
@@ -296,9 +300,12 @@ mod tests {
         d4[32..36].copy_from_slice(&[10, 96, 0, 10]);
         d4[36..38].copy_from_slice(&40000u16.to_be_bytes());
         d4[38..40].copy_from_slice(&80u16.to_be_bytes());
+        d4[40..44].copy_from_slice(&9u32.to_ne_bytes());
         d4[44..48].copy_from_slice(&5u32.to_ne_bytes());
         d4[48..52].copy_from_slice(&3u32.to_ne_bytes());
+        d4[52..54].copy_from_slice(&0x0107u16.to_ne_bytes());
         d4[54] = 6;
+        d4[55] = 1;
         d4[56] = 0x02;
         d4[57] = TRACE_F_NEW | TRACE_F_XLATE;
         d4[58] = 0x02;
