@@ -302,8 +302,32 @@ static __always_inline bool trace_xlate_due(const struct trace_scratch *sc, stru
 }
 
 /*
- * Reports IPv4 flow record `s` (its packets and bytes handed over) at a packet with TCP flags
- * `tcp`, under `reason`, with TRACE_F_* `flags`: 0, or -1 when the full ring refused it.
+ * Fills what both summary layouts share from flow record `s` of flow `k`, handing its packets
+ * and bytes over (the next summary counts from here). A macro: the layouts name the same
+ * fields with types of their own.
+ */
+#define TRACE_FILL(ev, k, s, tcp, reason, flags)        \
+	do {                                            \
+		__builtin_memset(ev, 0, sizeof(*(ev))); \
+		(ev)->ts = bpf_ktime_get_boot_ns();     \
+		(ev)->packets = (s)->packets;           \
+		(ev)->bytes = (s)->bytes;               \
+		(s)->packets -= (ev)->packets;          \
+		(s)->bytes -= (ev)->bytes;              \
+		(ev)->sport = (k)->sport;               \
+		(ev)->dport = (k)->dport;               \
+		(ev)->proto = (k)->proto;               \
+		(ev)->dir = (k)->dir;                   \
+		(ev)->ifindex = (k)->ifindex;           \
+		(ev)->tcp_flags = (tcp);                \
+		(ev)->reason = (reason);                \
+		(ev)->tcp_seen = (s)->seen;             \
+		(ev)->flags = (flags);                  \
+	} while (0)
+
+/*
+ * Reports IPv4 flow record `s` at a packet with TCP flags `tcp`, under `reason`, with
+ * TRACE_F_* `flags`: 0, or -1 when the full ring refused it.
  */
 static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_rec *s, __u8 tcp,
 				       __u32 reason, __u8 flags)
@@ -313,24 +337,9 @@ static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_re
 
 	if (!ev)
 		return -1;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ts = bpf_ktime_get_boot_ns();
-	/* Handed over: the next summary counts from here. */
-	ev->packets = s->packets;
-	ev->bytes = s->bytes;
-	s->packets -= ev->packets;
-	s->bytes -= ev->bytes;
+	TRACE_FILL(ev, k, s, tcp, reason, flags);
 	ev->saddr = k->saddr[0];
 	ev->daddr = k->daddr[0];
-	ev->sport = k->sport;
-	ev->dport = k->dport;
-	ev->proto = k->proto;
-	ev->dir = k->dir;
-	ev->ifindex = k->ifindex;
-	ev->tcp_flags = tcp;
-	ev->reason = reason;
-	ev->tcp_seen = s->seen;
-	ev->flags = flags;
 	if (trace_xlate_due(sc, s)) {
 		trace_xlate4(ev, k);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
@@ -348,24 +357,10 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 
 	if (!ev)
 		return -1;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ts = bpf_ktime_get_boot_ns();
-	ev->packets = s->packets;
-	ev->bytes = s->bytes;
-	s->packets -= ev->packets;
-	s->bytes -= ev->bytes;
+	TRACE_FILL(ev, k, s, tcp, reason, flags);
 	__builtin_memcpy(ev->saddr, k->saddr, sizeof(ev->saddr));
 	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
-	ev->sport = k->sport;
-	ev->dport = k->dport;
 	ev->family = k->family;
-	ev->proto = k->proto;
-	ev->dir = k->dir;
-	ev->ifindex = k->ifindex;
-	ev->tcp_flags = tcp;
-	ev->reason = reason;
-	ev->tcp_seen = s->seen;
-	ev->flags = flags;
 	if (trace_xlate_due(sc, s)) {
 		trace_xlate6(ev, k, &sc->r6);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
