@@ -9,9 +9,9 @@
 //!    liberal window tracking (while the programs are attached device by device, netfilter
 //!    sees one direction of a flow acknowledge data the other took past it);
 //! 3. the cut-over: the socket programs attached (new connections to Services are then made
-//!    to their backends, needing no NAT from anyone), the entries netfilter confirmed since
-//!    the dump (the events) taken over, then the tc and XDP programs on the node's devices
-//!    and every pod's;
+//!    to their backends, needing no NAT from anyone), 100 ms for the SYNs of connects made
+//!    just before to reach netfilter, the entries netfilter confirmed since the dump (the
+//!    events) taken over, then the tc and XDP programs on the node's devices and every pod's;
 //! 4. the entries confirmed while they went on taken over too;
 //! 5. the kernel's conntrack and NAT hooks held while flows the node's own processes opened
 //!    through netfilter's NAT live ([`weir_dataplane::nft::hold`]; no program sees those
@@ -28,6 +28,10 @@ use weir_dataplane::ebpf::EbpfDataplane;
 use weir_dataplane::{takeover, Dataplane};
 
 use super::{iptables_backend, policy_of, publish, remove_rules, Step, SwitchReport};
+
+/// How long the connects made before the socket programs went on are given to reach
+/// netfilter's conntrack (see [`run`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn e(what: &str) -> impl Fn(weir_dataplane::DataplaneError) -> String + '_ {
     move |err| format!("{what}: {err}")
@@ -162,6 +166,11 @@ pub(super) fn run(step: &Step, report: &mut SwitchReport) -> Result<(), String> 
             detach(step, &mut target);
             return Err(format!("attaching the socket programs: {err}"));
         }
+        // A connect made just before has sent its SYN, but the node may not have NATed and
+        // confirmed it yet (the veth's backlog lags under load): a flow taken over only
+        // after the tc programs meet its SYN-ACK would have that answer forwarded
+        // untranslated (the client resets it). Let such SYNs reach netfilter first.
+        std::thread::sleep(SETTLE);
     }
     take_late(step, (&target, &mut ct, &mut events), &mut seen, report);
     step.pods.dataplane.lock().expect("pods").resume_programs();
