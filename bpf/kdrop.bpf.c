@@ -147,7 +147,7 @@ int kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 		bpf_probe_read_kernel(&ev->ifindex, sizeof(ev->ifindex), dev + layout.dev_ifindex);
 	skb_addrs(skb, ev);
 	/* The agent drains the ring on a timer: woken at each quarter of it that waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_kdrop_events, 64 << 10, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_kdrop_events, 64 << 10, sizeof(*ev)));
 	return 0;
 }
 

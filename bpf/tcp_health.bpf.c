@@ -211,6 +211,36 @@ static __always_inline struct client *record_of(__u64 cookie, bool held)
 }
 
 /*
+ * Whether record `cl` still holds the socket with `cookie` (a compare-and-swap that changes
+ * nothing: a read ordered after those before it).
+ */
+static __always_inline bool holds(struct client *cl, __u64 cookie)
+{
+	return __sync_val_compare_and_swap(&cl->cookie, cookie, cookie) == cookie;
+}
+
+/* Takes record `cl` from whoever holds it (its cookie cleared: they read it no more); false
+ * when another CPU changed it first. */
+static __always_inline bool take(struct client *cl)
+{
+	__u64 had = cl->cookie;
+
+	return __sync_val_compare_and_swap(&cl->cookie, had, 0) == had;
+}
+
+/* Gives the record `cl`, filled while taken, to the socket with `cookie`. */
+static __always_inline void give(struct client *cl, __u64 cookie)
+{
+	__sync_lock_test_and_set(&cl->cookie, cookie);
+}
+
+/* Frees record `cl` if it still holds the socket with `cookie`. */
+static __always_inline void release(struct client *cl, __u64 cookie)
+{
+	__sync_val_compare_and_swap(&cl->cookie, cookie, 0);
+}
+
+/*
  * The record of `sk` when it is a watched client socket, or NULL, with `*snap` a copy of it
  * that was the socket's as a whole. The cookie is read, not asked for: a recorded socket has
  * one (given when it was recorded), and asking would give every other socket one too.
@@ -232,11 +262,8 @@ static __always_inline struct client *client_of(const struct sock___weir *sk,
 	if (!cl)
 		return NULL;
 	*snap = *cl;
-	/* Still the socket's after the copy? (A compare-and-swap that changes nothing: a read
-	 * ordered after the copy's.) */
-	if (__sync_val_compare_and_swap(&cl->cookie, cookie, cookie) != cookie)
-		return NULL;
-	return cl;
+	/* Still the socket's after the copy? */
+	return holds(cl, cookie) ? cl : NULL;
 }
 
 /* Fills `peer`'s frontend: what the socket layer translated `sk`'s connect from, if it did. */
@@ -270,7 +297,6 @@ static __always_inline void frontend_of(struct sock___weir *sk, struct tcp_peer_
 static __always_inline void hold(struct client *from)
 {
 	struct client snap = *from, *a, *b, *to;
-	__u64 had;
 
 	if (!snap.cookie || snap.since)
 		return; /* taken meanwhile, or connecting again */
@@ -279,22 +305,20 @@ static __always_inline void hold(struct client *from)
 	if (!a || !b)
 		return;
 	to = (!a->cookie || b->cookie) ? a : b;
-	had = to->cookie;
-	if (__sync_val_compare_and_swap(&to->cookie, had, 0) != had)
+	if (!take(to))
 		return;
 	to->since = 0;
 	to->peer = snap.peer;
-	__sync_lock_test_and_set(&to->cookie, snap.cookie);
+	give(to, snap.cookie);
 	/* Closed as it moved (its record released meanwhile)? Then the copy goes too. */
-	if (__sync_val_compare_and_swap(&from->cookie, snap.cookie, snap.cookie) != snap.cookie)
-		__sync_val_compare_and_swap(&to->cookie, snap.cookie, 0);
+	if (!holds(from, snap.cookie))
+		release(to, snap.cookie);
 }
 
 /* Records client socket `sk` (`cookie`) of namespace `slot` as it enters SYN_SENT. */
 static __always_inline void record_client(struct sock___weir *sk, __u64 cookie, __u32 slot)
 {
 	struct client *a = record_at(cookie, false, 0), *b = record_at(cookie, false, 1), *cl;
-	__u64 had;
 
 	if (!a || !b)
 		return;
@@ -310,22 +334,15 @@ static __always_inline void record_client(struct sock___weir *sk, __u64 cookie, 
 		cl = a->since <= b->since ? a : b; /* both connecting: the older is displaced */
 	if (cl->cookie && cl->cookie != cookie && !cl->since)
 		hold(cl);
-	had = cl->cookie;
-	/* Taken (whoever held it reads it no more), filled, then given to the socket. */
-	if (__sync_val_compare_and_swap(&cl->cookie, had, 0) != had)
+	/* Taken, filled, then given to the socket. */
+	if (!take(cl))
 		return; /* another connect took it first */
 	cl->since = bpf_ktime_get_boot_ns();
 	cl->peer.slot = slot;
 	cl->peer.pad = 0;
 	peer_of(sk, &cl->peer);
 	frontend_of(sk, &cl->peer);
-	__sync_lock_test_and_set(&cl->cookie, cookie);
-}
-
-/* Frees record `cl` if it still holds the socket with `cookie`. */
-static __always_inline void release(struct client *cl, __u64 cookie)
-{
-	__sync_val_compare_and_swap(&cl->cookie, cookie, 0);
+	give(cl, cookie);
 }
 
 /*

@@ -303,6 +303,20 @@ fn linger0(s: &TcpStream) {
     );
 }
 
+/// One connection to `to`: connect (1 s at most), request, reply (within `read_timeout`, if
+/// given), close with SO_LINGER 0. Returns how long the connect took, or None on a failure.
+fn exchange(to: SocketAddr, read_timeout: Option<Duration>) -> Option<Duration> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()?;
+    let connected = started.elapsed();
+    linger0(&s);
+    if read_timeout.is_some() {
+        let _ = s.set_read_timeout(read_timeout);
+    }
+    let mut b = [0u8; 8];
+    (s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0).then_some(connected)
+}
+
 /// Runs in the client namespace: `threads` loops of connect/request/reply/close for `secs`.
 /// Prints `connections p50_us p99_us errors`.
 fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
@@ -317,19 +331,9 @@ fn client(targets: Vec<SocketAddr>, threads: usize, secs: f64) -> Result<()> {
             while Instant::now() < deadline {
                 let to = targets[i % targets.len()];
                 i += 1;
-                let started = Instant::now();
-                match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
-                    Ok(mut s) => {
-                        let connected = started.elapsed();
-                        linger0(&s);
-                        let mut b = [0u8; 8];
-                        if s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0 {
-                            lat.push(connected.as_micros() as u64);
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    Err(_) => errors += 1,
+                match exchange(to, None) {
+                    Some(connected) => lat.push(connected.as_micros() as u64),
+                    None => errors += 1,
                 }
             }
             (lat, errors)
@@ -368,14 +372,7 @@ fn client_live(target: SocketAddr, threads: usize) -> Result<()> {
         .map(|_| {
             std::thread::spawn(move || {
                 while !STOP.load(Ordering::Relaxed) {
-                    let ok = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                        .map(|mut s| {
-                            linger0(&s);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                            let mut b = [0u8; 8];
-                            s.write_all(b"x\n").is_ok() && s.read(&mut b).unwrap_or(0) > 0
-                        })
-                        .unwrap_or(false);
+                    let ok = exchange(target, Some(Duration::from_secs(1))).is_some();
                     let n = if ok { &DONE } else { &FAILED };
                     n.fetch_add(1, Ordering::Relaxed);
                 }

@@ -48,7 +48,6 @@ static __always_inline __u64 ringbuf_lazy_wakeup(void *rb, __u64 bytes, __u64 si
 	return avail >= bytes && avail / bytes != (avail - rec) / bytes ? BPF_RB_FORCE_WAKEUP :
 									   BPF_RB_NO_WAKEUP;
 }
-#define RINGBUF_LAZY_WAKEUP(rb, bytes, size) ringbuf_lazy_wakeup(rb, bytes, size)
 
 /* The kernel pointer at `base + off` (tracing programs), or NULL. */
 static __always_inline void *read_ptr(const void *base, __u32 off)

@@ -97,7 +97,7 @@ static __noinline int drop_event(struct __sk_buff *skb, __u32 dir, __u32 reason)
 		ev->dport = ports[1];
 	}
 	/* The agent drains the ring on a timer: woken at each quarter of it that waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_drop_events, 256 << 10, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_drop_events, 256 << 10, sizeof(*ev)));
 	return 0;
 }
 

@@ -298,7 +298,7 @@ static __always_inline void policy_event(const struct policy_scratch *s, __u8 di
 	ev->match[1] = s->hit.match[1];
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
 	/* The agent drains the ring on a timer: woken at each quarter of it that waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_events, 256 << 10, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_events, 256 << 10, sizeof(*ev)));
 }
 
 /*

@@ -67,7 +67,7 @@ static __noinline int sock_emit(struct bpf_sock_addr *ctx, struct sock_event *e)
 	}
 	__builtin_memcpy(ev, e, sizeof(*ev));
 	/* The agent drains them on a timer: woken at each quarter of the ring that waits. */
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_sock_events, 64 << 10, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_sock_events, 64 << 10, sizeof(*ev)));
 	return 0;
 }
 

@@ -286,19 +286,16 @@ static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u
 }
 
 /*
- * Whether the summary of flow record `s` is to look for the flow's translation: a flow's
+ * Whether the summary of flow record `s` is to settle the flow's translation: a flow's
  * translation is settled by its first packet (the conntrack entry is made before the
- * summary), so it is looked for again only if the last look found one, and not when the
- * program knows it translated nothing (marked here: the flow is then plain until a new
- * connection on its tuple).
+ * summary), so it is looked for again only if the last look found one. The caller looks
+ * (unless the program knows it translated nothing) and marks the flow plain when none was
+ * found, until a new connection on its tuple.
  */
-static __always_inline bool trace_xlate_due(const struct trace_scratch *sc, struct trace_rec *s)
+static __always_inline bool trace_xlate_due(const struct trace_scratch *sc,
+					    const struct trace_rec *s)
 {
-	if ((sc->k.proto != IPPROTO_TCP_ && sc->k.proto != IPPROTO_UDP_) || s->plain)
-		return false;
-	if (!sc->xlate)
-		s->plain = 1;
-	return sc->xlate;
+	return (sc->k.proto == IPPROTO_TCP_ || sc->k.proto == IPPROTO_UDP_) && !s->plain;
 }
 
 /*
@@ -341,10 +338,11 @@ static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_re
 	ev->saddr = k->saddr[0];
 	ev->daddr = k->daddr[0];
 	if (trace_xlate_due(sc, s)) {
-		trace_xlate4(ev, k);
+		if (sc->xlate)
+			trace_xlate4(ev, k);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
 	return 0;
 }
 
@@ -362,10 +360,11 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 	__builtin_memcpy(ev->daddr, k->daddr, sizeof(ev->daddr));
 	ev->family = k->family;
 	if (trace_xlate_due(sc, s)) {
-		trace_xlate6(ev, k, &sc->r6);
+		if (sc->xlate)
+			trace_xlate6(ev, k, &sc->r6);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	bpf_ringbuf_submit(ev, RINGBUF_LAZY_WAKEUP(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
+	bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events, TRACE_WAKEUP_BYTES, sizeof(*ev)));
 	return 0;
 }
 

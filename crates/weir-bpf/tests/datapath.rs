@@ -783,28 +783,18 @@ fn node_port_to_a_remote_backend_is_snated_and_replies_go_back_to_the_client() {
 /// before translation, in both directions; nothing is reported while the flag is off.
 #[test]
 fn forwarding_is_summarized_per_flow_with_its_translation() {
-    use weir_bpf::events::{TraceEvent, TRACE_F_NEW, TRACE_F_REPLY, TRACE_F_XLATE};
+    use weir_bpf::events::{TRACE_F_NEW, TRACE_F_REPLY, TRACE_F_XLATE};
     let fx = Fixture::new();
     fx.node_setup();
     let in0 = fx.ifindex("in0");
     fx.node_port(30081, 6, 8, Some((4, "10.50.0.9", 8080)));
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TraceEvent>::new()));
-    let s2 = seen.clone();
-    let events = fx
-        .dp
-        .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
-        .expect("trace events");
-    let take = || {
-        events.consume().expect("consume");
-        std::mem::take(&mut *seen.lock().unwrap())
-    };
+    let summaries = Summaries::reading(&fx);
+    let take = || summaries.take();
     // Off: nothing.
     let syn = tcp4(("10.1.0.5", 40000), ("10.1.0.1", 30081), 0x02);
     fx.run(TcProgram::FromNetdev, &syn, in0);
     assert!(take().is_empty());
-    let mut cfg = fx.dp.config().expect("config");
-    cfg.flags |= weir_bpf::datapath::CFG_TRACE;
-    fx.dp.set_config(&cfg).expect("config");
+    Summaries::turn_on(&fx);
 
     let syn = tcp4(("10.1.0.5", 40002), ("10.1.0.1", 30081), 0x02);
     let (_, out) = fx.run(TcProgram::FromNetdev, &syn, in0);
@@ -875,10 +865,20 @@ struct Summaries {
 }
 
 impl Summaries {
+    /// Summaries turned on, and read.
     fn on(fx: &Fixture) -> Summaries {
+        Summaries::turn_on(fx);
+        Summaries::reading(fx)
+    }
+
+    fn turn_on(fx: &Fixture) {
         let mut cfg = fx.dp.config().expect("config");
         cfg.flags |= weir_bpf::datapath::CFG_TRACE;
         fx.dp.set_config(&cfg).expect("config");
+    }
+
+    /// A reader of the summaries, which stay off if they were.
+    fn reading(fx: &Fixture) -> Summaries {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = seen.clone();
         let events = fx
