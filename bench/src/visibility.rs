@@ -84,15 +84,9 @@ impl Readers {
                 l1.lock().expect("log").push_drop_event(e);
                 k1.drops.fetch_add(1, Ordering::Relaxed);
             })?;
-            let (l2, k2) = (log.clone(), tk.clone());
             let parts = parts();
             let traces = (full && parts.contains("trace"))
-                .then(|| {
-                    dp.datapath().trace_events(move |e| {
-                        l2.lock().expect("log").push_trace(e);
-                        k2.traces.fetch_add(1, Ordering::Relaxed);
-                    })
-                })
+                .then(|| weir_agent::flows::SummaryReader::open(dp.datapath(), log.clone()))
                 .transpose()?;
             drop(dp);
             let [node, client, server] = inums;
@@ -130,7 +124,8 @@ impl Readers {
                 drops.poll(Duration::from_millis(20))?;
                 drops.consume()?;
                 if let Some(t) = &traces {
-                    t.consume()?;
+                    t.drain(Duration::ZERO)?;
+                    tk.traces.store(t.read(), Ordering::Relaxed);
                 }
                 if let Some((_, krb)) = &kdrops {
                     krb.consume()?;
@@ -138,7 +133,8 @@ impl Readers {
             }
             drops.consume()?;
             if let Some(t) = &traces {
-                t.consume()?;
+                t.drain(Duration::ZERO)?;
+                tk.traces.store(t.read(), Ordering::Relaxed);
             }
             let mut progs = Vec::new();
             if let Some((kd, _)) = &kdrops {
@@ -433,20 +429,26 @@ fn interleaved(
     };
     let mut out = Vec::new();
     let mut failed = [0; 2];
+    let mut phases = Vec::new();
     for pair in 0..=pairs {
         let mut r = [0.0; 2];
         for k in 0..2 {
             let on = (k + pair) % 2 == 1;
             set(on)?;
+            let m0 = mono_ns();
             let [c0, f0, t0] = count()?;
             std::thread::sleep(Duration::from_secs_f64(phase));
             let [c1, f1, t1] = count()?;
+            phases.push(format!("{} {m0} {} {}", u8::from(on), mono_ns(), c1 - c0));
             r[usize::from(on)] = (c1 - c0) as f64 * 1e9 / (t1 - t0).max(1) as f64;
             failed[usize::from(on)] += f1 - f0;
         }
         if pair > 0 {
             out.push((r[0], r[1]));
         }
+    }
+    if let Some(path) = std::env::var_os("WEIR_BENCH_PHASES") {
+        std::fs::write(path, phases.join("\n"))?;
     }
     drop(stdin);
     let status = child.0.wait()?;
@@ -462,6 +464,13 @@ fn interleaved(
     set(false)?;
     readers.finish()?;
     Ok(out)
+}
+
+/// CLOCK_MONOTONIC, in nanoseconds (what `perf record -k CLOCK_MONOTONIC` stamps samples with).
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// The agent's cost of one forwarding summary: decoded events pushed into a flow log that
@@ -483,7 +492,7 @@ fn flow_log_ns() -> f64 {
             .insert((ip, 8080, 6), format!("ns{}/svc-{}", i % 5, i % 10));
     }
     let n = 200_000u32;
-    let events: Vec<weir_bpf::events::TraceEvent> = (0..n)
+    let mut events: Vec<weir_bpf::events::TraceEvent> = (0..n)
         .map(|i| weir_bpf::events::TraceEvent {
             ts: 1_000_000_000,
             reason: 0,
@@ -505,7 +514,7 @@ fn flow_log_ns() -> f64 {
         })
         .collect();
     let start = Instant::now();
-    for e in &events {
+    for e in events.drain(..) {
         log.push_trace(e);
     }
     start.elapsed().as_nanos() as f64 / f64::from(n)
@@ -550,17 +559,23 @@ pub fn bench(rounds: usize, secs: f64, threads: usize) -> Result<()> {
     if std::env::var_os("WEIR_BENCH_FLOWLOG_ONLY").is_some() {
         return Ok(());
     }
-    if only.is_none() {
+    let interleaved_only = std::env::var_os("WEIR_BENCH_INTERLEAVED_ONLY").is_some();
+    if only.is_none() && !interleaved_only {
         packet_costs(&t, &pods)?;
     }
     if std::env::var_os("WEIR_BENCH_PACKET_ONLY").is_some() {
         return Ok(());
     }
-    separate_rounds(&t, &pods, rounds, secs, threads, only)?;
+    if !interleaved_only {
+        separate_rounds(&t, &pods, rounds, secs, threads, only)?;
+    }
     if only.is_some() {
         return Ok(());
     }
     report_interleaved(&t, &pods, rounds, secs, threads)?;
+    if interleaved_only {
+        return Ok(());
+    }
     reader_capacity(&t, &pods)?;
     let unaccounted = floods(&t, &pods, secs.max(2.0))?;
     if unaccounted > 0 {

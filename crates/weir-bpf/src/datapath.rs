@@ -149,6 +149,15 @@ pub const DATAPATH_MAPS: &[&str] = &[
     "weir_trace_flows",
 ];
 
+/// The rings of the forwarding summaries: the programs write to the one of their CPU (its
+/// number modulo their count).
+pub const TRACE_RINGS: [&str; 4] = [
+    "weir_trace_events",
+    "weir_trace_events_1",
+    "weir_trace_events_2",
+    "weir_trace_events_3",
+];
+
 /// Which XDP program a node device gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpProgram {
@@ -649,6 +658,9 @@ impl Datapath {
             "weir_drop_lost" => &self.pod.maps.weir_drop_lost,
             "weir_trace_flows" => &self.pod.maps.weir_trace_flows,
             "weir_trace_events" => &self.pod.maps.weir_trace_events,
+            "weir_trace_events_1" => &self.pod.maps.weir_trace_events_1,
+            "weir_trace_events_2" => &self.pod.maps.weir_trace_events_2,
+            "weir_trace_events_3" => &self.pod.maps.weir_trace_events_3,
             "weir_trace_lost" => &self.pod.maps.weir_trace_lost,
             "weir_prefilter" => &self.xdp.maps.weir_prefilter,
             "weir_prefilter_stats" => &self.xdp.maps.weir_prefilter_stats,
@@ -1280,22 +1292,25 @@ impl Datapath {
         Ok(out)
     }
 
-    /// A reader of the forwarding summaries (`weir_trace_events`), calling `f` with each
-    /// (poll it on the thread that made it).
-    pub fn trace_events<F: FnMut(&crate::events::TraceEvent) + 'static>(
+    /// A reader of the forwarding summaries (the rings of [`TRACE_RINGS`], read together),
+    /// calling `f` with each (poll it on the thread that made it).
+    pub fn trace_events<F: FnMut(crate::events::TraceEvent) + 'static>(
         &self,
-        mut f: F,
+        f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let map = self.map("weir_trace_events");
-        crate::ring_reader(
-            map,
-            "reading map weir_trace_events",
-            move |data: &[u8]| {
+        let f = std::rc::Rc::new(std::cell::RefCell::new(f));
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        for name in TRACE_RINGS {
+            let f = f.clone();
+            b.add(self.map(name), move |data: &[u8]| {
                 if let Some(ev) = crate::events::TraceEvent::decode(data) {
-                    f(&ev);
+                    (f.borrow_mut())(ev);
                 }
-            },
-        )
+                0
+            })
+            .map_err(lb(format!("reading map {name}")))?;
+        }
+        b.build().map_err(lb("reading the forwarding summaries"))
     }
 
     /// Forwarding summaries the full ring buffer refused, per reason (name), summed over

@@ -883,15 +883,18 @@ impl Summaries {
         let s2 = seen.clone();
         let events = fx
             .dp
-            .trace_events(move |e| s2.lock().unwrap().push(e.clone()))
+            .trace_events(move |e| s2.lock().unwrap().push(e))
             .expect("trace events");
         Summaries { events, seen }
     }
 
-    /// The summaries reported since the last call.
+    /// The summaries reported since the last call, by time (a summary goes into the ring
+    /// of the CPU that wrote it, and the rings are read one after the other).
     fn take(&self) -> Vec<weir_bpf::events::TraceEvent> {
         self.events.consume().expect("consume");
-        std::mem::take(&mut *self.seen.lock().unwrap())
+        let mut got = std::mem::take(&mut *self.seen.lock().unwrap());
+        got.sort_by_key(|e| e.ts);
+        got
     }
 }
 
@@ -972,6 +975,47 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
     assert_eq!(got[0].src.port(), mates[1]);
     assert_eq!((got[0].flags & TRACE_F_NEW, got[0].packets), (0, 1));
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
+}
+
+/// Each CPU writes its summaries into a ring of its own (its number modulo the rings'
+/// count): one reader sees those of every CPU.
+#[test]
+fn summaries_from_every_cpu_reach_the_reader() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let fx = Fixture::new();
+    let in0 = fx.ifindex("in0");
+    fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
+    let summaries = Summaries::on(&fx);
+    let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
+    /// Puts the test thread back on the CPUs it had.
+    struct Restore(CpuSet);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = sched_setaffinity(Pid::from_raw(0), &self.0);
+        }
+    }
+    let _restore = Restore(allowed);
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .take(weir_bpf::datapath::TRACE_RINGS.len())
+        .collect();
+    for &cpu in &cpus {
+        let mut one = CpuSet::new();
+        one.set(cpu).expect("cpu");
+        sched_setaffinity(Pid::from_raw(0), &one).expect("pin");
+        let syn = tcp4(
+            ("10.244.1.5", 41000 + cpu as u16),
+            ("10.244.1.7", 8080),
+            0x02,
+        );
+        let (v, _) = fx.run(TcProgram::FromPod, &syn, in0);
+        assert_eq!(v, TC_ACT_REDIRECT);
+    }
+    let mut ports: Vec<u16> = summaries.take().iter().map(|e| e.src.port()).collect();
+    ports.sort();
+    let want: Vec<u16> = cpus.iter().map(|&c| 41000 + c as u16).collect();
+    assert_eq!(ports, want, "one summary from each of CPUs {cpus:?}");
 }
 
 /// Whether a new flow from client port `port` gets a SNAT port (else the NodePort drops it).

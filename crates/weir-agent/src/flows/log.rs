@@ -648,7 +648,7 @@ impl FlowLog {
     }
 
     /// Records one forwarding summary of the tc or XDP programs.
-    pub fn push_trace(&mut self, t: &TraceEvent) {
+    pub fn push_trace(&mut self, t: TraceEvent) {
         let ends = self.ends(Some(t.src.ip()), Some(t.dst.ip()));
         let (s, d) = (ends.0.as_ref(), ends.1.as_ref());
         let dir = direction_of(s, d);
@@ -664,7 +664,7 @@ impl FlowLog {
                 self.counters.service(svc.as_deref(), "translated");
             }
         }
-        self.add(t.ts, ends, Raw::Trace(t.clone()));
+        self.add(t.ts, ends, Raw::Trace(t));
     }
 
     /// Records one translation (or refusal) of the socket layer: the client is the pod

@@ -1,6 +1,7 @@
 //! Flows for `weir observe` and `weir ui`: reader threads drain the datapath's rings (policy
 //! verdicts `weir_events`; drops of weir's programs `weir_drop_events`; forwarding summaries
-//! of the tc and XDP programs `weir_trace_events`; the socket layer's translations
+//! of the tc and XDP programs `weir_trace_events` and `_1` to `_3` (a ring per CPU, read
+//! together by [`SummaryReader`]); the socket layer's translations
 //! `weir_sock_events`; the kernel's drops in the node's network namespace,
 //! `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
 //! as they are when the event arrives. `GET /flows?since=SEQ` hands out what came after
@@ -16,7 +17,9 @@ use weir_bpf::kdrop::KernelDrops;
 use crate::pods::Pods;
 
 mod log;
+mod summaries;
 pub use log::{FlowLog, MetricsContext};
+pub use summaries::SummaryReader;
 
 /// The boot clock now, nanoseconds (the clock of the datapath's event stamps).
 pub fn boot_ns() -> u64 {
@@ -349,12 +352,15 @@ pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), Stri
 }
 
 /// Starts the thread that drains the forwarding summaries of the tc and XDP programs into
-/// `log` (what their full ring buffer refused is read from the kernel at scrape time:
+/// `log` (what their full ring buffers refused is read from the kernel at scrape time:
 /// `weir_trace_events_lost_total`).
 pub fn spawn_traces(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    spawn_datapath_ring("weir-traces", "the forwarding summaries", pods, move |dp| {
-        dp.trace_events(move |ev| log.lock().expect("flow log").push_trace(ev))
-    })
+    crate::ring::spawn(
+        "weir-traces",
+        "the forwarding summaries",
+        move || SummaryReader::open(pods.dataplane.lock().expect("pods").datapath(), log),
+        SummaryReader::drain,
+    )
 }
 
 /// Starts the thread that drains the socket layer's translations (the ring buffer pinned at
@@ -736,13 +742,13 @@ mod tests {
             orig: orig.map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap())),
             svc_id: 7,
         };
-        log.push_trace(&summary(
+        log.push_trace(summary(
             "172.30.0.2:40000",
             "10.244.1.5:8080",
             TRACE_F_NEW | TRACE_F_XLATE,
             Some(("172.30.0.2:40000", "10.1.0.1:30080")),
         ));
-        log.push_trace(&summary(
+        log.push_trace(summary(
             "10.1.0.1:30080",
             "172.30.0.2:40000",
             TRACE_F_NEW | TRACE_F_XLATE | TRACE_F_REPLY,
