@@ -125,7 +125,7 @@ impl Readers {
                 drops.consume()?;
                 if let Some(t) = &traces {
                     t.drain(Duration::ZERO)?;
-                    tk.traces.store(t.read(), Ordering::Relaxed);
+                    tk.traces.store(t.received(), Ordering::Relaxed);
                 }
                 if let Some((_, krb)) = &kdrops {
                     krb.consume()?;
@@ -134,7 +134,7 @@ impl Readers {
             drops.consume()?;
             if let Some(t) = &traces {
                 t.drain(Duration::ZERO)?;
-                tk.traces.store(t.read(), Ordering::Relaxed);
+                tk.traces.store(t.received(), Ordering::Relaxed);
             }
             let mut progs = Vec::new();
             if let Some((kd, _)) = &kdrops {
@@ -435,11 +435,13 @@ fn interleaved(
         for k in 0..2 {
             let on = (k + pair) % 2 == 1;
             set(on)?;
-            let m0 = mono_ns();
+            let m0 = mono_ns()?;
             let [c0, f0, t0] = count()?;
             std::thread::sleep(Duration::from_secs_f64(phase));
             let [c1, f1, t1] = count()?;
-            phases.push(format!("{} {m0} {} {}", u8::from(on), mono_ns(), c1 - c0));
+            if pair > 0 {
+                phases.push(format!("{} {m0} {} {}", u8::from(on), mono_ns()?, c1 - c0));
+            }
             r[usize::from(on)] = (c1 - c0) as f64 * 1e9 / (t1 - t0).max(1) as f64;
             failed[usize::from(on)] += f1 - f0;
         }
@@ -467,10 +469,9 @@ fn interleaved(
 }
 
 /// CLOCK_MONOTONIC, in nanoseconds (what `perf record -k CLOCK_MONOTONIC` stamps samples with).
-fn mono_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+fn mono_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// The agent's cost of one forwarding summary: decoded events pushed into a flow log that

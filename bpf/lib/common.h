@@ -49,6 +49,19 @@ static __always_inline __u64 ringbuf_lazy_wakeup(void *rb, __u64 bytes, __u64 si
 									   BPF_RB_NO_WAKEUP;
 }
 
+/*
+ * ringbuf_lazy_wakeup for a record of `size` bytes about to be reserved (the unread data
+ * counted before it, its own bytes added). A record another CPU reserves in between can make
+ * it miss a crossing: the reader then wakes at the next one, or on its timer.
+ */
+static __always_inline __u64 ringbuf_lazy_wakeup_next(void *rb, __u64 bytes, __u64 size)
+{
+	__u64 rec = (size + 8 + 7) & ~7ULL;
+	__u64 avail = bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) + rec;
+
+	return avail / bytes != (avail - rec) / bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 /* The kernel pointer at `base + off` (tracing programs), or NULL. */
 static __always_inline void *read_ptr(const void *base, __u32 off)
 {

@@ -98,12 +98,16 @@ struct {
 
 /*
  * Forwarding summaries (struct trace_event4 of IPv4 flows, struct trace_event of IPv6), in
- * one of TRACE_RINGS rings by CPU (the CPU number modulo TRACE_RINGS): CPUs writing to one
- * shared ring took turns at its lock and producer position, each reservation moving those
- * cache lines from the CPU that wrote last (about 100 ns a reservation on two CPUs; about
- * 25 with a ring each). The agent reads the rings together.
+ * one of TRACE_RINGS rings by CPU (the CPU number modulo TRACE_RINGS; CPUs 0, 4, 8... share
+ * one): CPUs writing to one shared ring took turns at its lock and producer position, each
+ * reservation moving those cache lines from the CPU that wrote last (about 100 ns a
+ * reservation on two CPUs; about 25 with a ring each). The agent reads the rings together
+ * (datapath.rs TRACE_RINGS names them). The first keeps the name of the single ring before
+ * them, so that programs of the version before, attached until replaced, write where the
+ * reader reads. On fewer than TRACE_RINGS CPUs, the rings of the missing ones stay empty.
  */
 #define TRACE_RINGS 4
+_Static_assert(TRACE_RINGS == 4, "trace_reserve's cases and datapath.rs's TRACE_RINGS name four rings");
 struct trace_ring {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
@@ -113,37 +117,26 @@ struct trace_ring weir_trace_events_1 SEC(".maps");
 struct trace_ring weir_trace_events_2 SEC(".maps");
 struct trace_ring weir_trace_events_3 SEC(".maps");
 
-/* A record of `size` bytes in this CPU's ring (`*ring`: which, for trace_submit), or NULL. */
-static __always_inline void *trace_reserve(__u64 size, __u32 *ring)
+/*
+ * A record of `size` bytes in this CPU's ring, or NULL, with `*wakeup` the flags to submit it
+ * with (the wakeup worked out before the reservation, so that nothing after it depends on
+ * which ring it came from).
+ */
+static __always_inline void *trace_reserve(__u64 size, __u64 *wakeup)
 {
-	*ring = bpf_get_smp_processor_id() & (TRACE_RINGS - 1);
-	switch (*ring) {
+	switch (bpf_get_smp_processor_id() & (TRACE_RINGS - 1)) {
 	case 0:
+		*wakeup = ringbuf_lazy_wakeup_next(&weir_trace_events, TRACE_WAKEUP_BYTES, size);
 		return bpf_ringbuf_reserve(&weir_trace_events, size, 0);
 	case 1:
+		*wakeup = ringbuf_lazy_wakeup_next(&weir_trace_events_1, TRACE_WAKEUP_BYTES, size);
 		return bpf_ringbuf_reserve(&weir_trace_events_1, size, 0);
 	case 2:
+		*wakeup = ringbuf_lazy_wakeup_next(&weir_trace_events_2, TRACE_WAKEUP_BYTES, size);
 		return bpf_ringbuf_reserve(&weir_trace_events_2, size, 0);
 	default:
+		*wakeup = ringbuf_lazy_wakeup_next(&weir_trace_events_3, TRACE_WAKEUP_BYTES, size);
 		return bpf_ringbuf_reserve(&weir_trace_events_3, size, 0);
-	}
-}
-
-/* Submits record `ev` of `size` bytes that trace_reserve gave from `ring`. */
-static __always_inline void trace_submit(void *ev, __u32 ring, __u64 size)
-{
-	switch (ring) {
-	case 0:
-		bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events, TRACE_WAKEUP_BYTES, size));
-		return;
-	case 1:
-		bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events_1, TRACE_WAKEUP_BYTES, size));
-		return;
-	case 2:
-		bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events_2, TRACE_WAKEUP_BYTES, size));
-		return;
-	default:
-		bpf_ringbuf_submit(ev, ringbuf_lazy_wakeup(&weir_trace_events_3, TRACE_WAKEUP_BYTES, size));
 	}
 }
 
@@ -375,8 +368,8 @@ static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_re
 				       __u32 reason, __u8 flags)
 {
 	const struct trace_key *k = &sc->k;
-	__u32 ring;
-	struct trace_event4 *ev = trace_reserve(sizeof(*ev), &ring);
+	__u64 wakeup;
+	struct trace_event4 *ev = trace_reserve(sizeof(*ev), &wakeup);
 
 	if (!ev)
 		return -1;
@@ -388,7 +381,7 @@ static __always_inline int trace_emit4(struct trace_scratch *sc, struct trace_re
 			trace_xlate4(ev, k);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	trace_submit(ev, ring, sizeof(*ev));
+	bpf_ringbuf_submit(ev, wakeup);
 	return 0;
 }
 
@@ -397,8 +390,8 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 				       __u32 reason, __u8 flags)
 {
 	const struct trace_key *k = &sc->k;
-	__u32 ring;
-	struct trace_event *ev = trace_reserve(sizeof(*ev), &ring);
+	__u64 wakeup;
+	struct trace_event *ev = trace_reserve(sizeof(*ev), &wakeup);
 
 	if (!ev)
 		return -1;
@@ -411,7 +404,7 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 			trace_xlate6(ev, k, &sc->r6);
 		s->plain = !(ev->flags & TRACE_F_XLATE);
 	}
-	trace_submit(ev, ring, sizeof(*ev));
+	bpf_ringbuf_submit(ev, wakeup);
 	return 0;
 }
 

@@ -354,7 +354,7 @@ fn scrape(shared: &Shared) -> Vec<Sampled> {
     );
     let mut traces_lost = Sampled::new(
         "weir_trace_events_lost",
-        "Forwarding summaries the full ring buffer refused, by reason (their packets ride on the flow's next summary)",
+        "Forwarding summaries their full ring buffers refused, by reason (their packets ride on the flow's next summary)",
         true,
     );
     let mut sock_lost = Sampled::new(

@@ -268,7 +268,7 @@ pub const CFG_MASQUERADE: u32 = 2;
 /// `node_config.flags`: drain (under a netfilter dataplane the tc programs stay for the DSR
 /// flows established before the switch, and pass every other packet to the host stack).
 pub const CFG_DRAIN: u32 = 4;
-/// `node_config.flags`: forwarding summaries (`weir_trace_events`).
+/// `node_config.flags`: forwarding summaries (into the [`TRACE_RINGS`]).
 pub const CFG_TRACE: u32 = 8;
 
 /// Loads xdp_pass.bpf.o (no maps; its open object is leaked, as for every loaded program set).
@@ -1240,7 +1240,7 @@ impl Datapath {
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
         let map = self.map("weir_events");
-        crate::ring_reader(map, "reading map weir_events", move |data: &[u8]| {
+        crate::ring_reader(&[map], "reading map weir_events", move |data: &[u8]| {
             if data.len() >= std::mem::size_of::<flow_event>() {
                 f(&crate::from_bytes::<flow_event>(data));
             }
@@ -1254,11 +1254,15 @@ impl Datapath {
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
         let map = self.map("weir_drop_events");
-        crate::ring_reader(map, "reading map weir_drop_events", move |data: &[u8]| {
-            if let Some(ev) = DropEvent::decode(data) {
-                f(&ev);
-            }
-        })
+        crate::ring_reader(
+            &[map],
+            "reading map weir_drop_events",
+            move |data: &[u8]| {
+                if let Some(ev) = DropEvent::decode(data) {
+                    f(&ev);
+                }
+            },
+        )
     }
 
     /// Drop events the full ring buffer refused, per reason (name), summed over CPUs.
@@ -1296,24 +1300,21 @@ impl Datapath {
     /// calling `f` with each (poll it on the thread that made it).
     pub fn trace_events<F: FnMut(crate::events::TraceEvent) + 'static>(
         &self,
-        f: F,
+        mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let f = std::rc::Rc::new(std::cell::RefCell::new(f));
-        let mut b = libbpf_rs::RingBufferBuilder::new();
-        for name in TRACE_RINGS {
-            let f = f.clone();
-            b.add(self.map(name), move |data: &[u8]| {
+        let maps = TRACE_RINGS.map(|name| self.map(name) as &dyn MapCore);
+        crate::ring_reader(
+            &maps,
+            "reading the forwarding summaries",
+            move |data: &[u8]| {
                 if let Some(ev) = crate::events::TraceEvent::decode(data) {
-                    (f.borrow_mut())(ev);
+                    f(ev);
                 }
-                0
-            })
-            .map_err(lb(format!("reading map {name}")))?;
-        }
-        b.build().map_err(lb("reading the forwarding summaries"))
+            },
+        )
     }
 
-    /// Forwarding summaries the full ring buffer refused, per reason (name), summed over
+    /// Forwarding summaries their full ring buffers refused, per reason (name), summed over
     /// CPUs.
     pub fn traces_lost(&self) -> Result<Vec<(String, u64)>, BpfError> {
         self.lost_per_reason("weir_trace_lost", 0..weir_reason::REASON_POLICY_ALLOWED.0)

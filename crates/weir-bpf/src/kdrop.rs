@@ -232,7 +232,7 @@ impl KernelDrops {
         let names = self.names.clone();
         let map = &self.skel.maps.weir_kdrop_events;
         crate::ring_reader(
-            map,
+            &[map],
             "reading map weir_kdrop_events",
             move |data: &[u8]| {
                 if let Some(d) = decode(data, &names) {

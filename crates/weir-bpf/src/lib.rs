@@ -668,22 +668,26 @@ pub(crate) fn watch_pinned_ring<F: FnMut(&[u8]) + 'static>(
     let map: &'static MapHandle = Box::leak(Box::new(
         MapHandle::from_pinned_path(path).map_err(lb(&what))?,
     ));
-    ring_reader(map, &what, f)
+    ring_reader(&[map], &what, f)
 }
 
-/// A reader of ring buffer `map`, calling `f` with each record (`what`: for errors). Poll it
-/// on the thread that made it.
+/// A reader of the ring buffers `maps` (polled together), calling `f` with each record
+/// (`what`: for errors). Poll it on the thread that made it.
 pub(crate) fn ring_reader<F: FnMut(&[u8]) + 'static>(
-    map: &dyn libbpf_rs::MapCore,
+    maps: &[&dyn libbpf_rs::MapCore],
     what: &str,
-    mut f: F,
+    f: F,
 ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+    let f = std::rc::Rc::new(std::cell::RefCell::new(f));
     let mut b = libbpf_rs::RingBufferBuilder::new();
-    b.add(map, move |data: &[u8]| {
-        f(data);
-        0
-    })
-    .map_err(lb(what))?;
+    for map in maps {
+        let f = f.clone();
+        b.add(*map, move |data: &[u8]| {
+            (f.borrow_mut())(data);
+            0
+        })
+        .map_err(lb(what))?;
+    }
     b.build().map_err(lb(what))
 }
 

@@ -858,7 +858,7 @@ fn forwarding_is_summarized_per_flow_with_its_translation() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
-/// Forwarding summaries turned on in a fixture, and what its ring holds.
+/// Forwarding summaries turned on in a fixture, and what its rings hold.
 struct Summaries {
     events: libbpf_rs::RingBuffer<'static>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<weir_bpf::events::TraceEvent>>>,
@@ -977,16 +977,17 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
-/// Each CPU writes its summaries into a ring of its own (its number modulo the rings'
-/// count): one reader sees those of every CPU.
+/// Each CPU writes its summaries into the ring of its number modulo the rings' count, and
+/// a reader of them all sees those of every CPU.
 #[test]
-fn summaries_from_every_cpu_reach_the_reader() {
+fn each_cpu_writes_its_summaries_into_its_own_ring() {
     use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
+    use weir_bpf::datapath::TRACE_RINGS;
     let fx = Fixture::new();
     let in0 = fx.ifindex("in0");
     fx.endpoint("10.244.1.7".parse().expect("ip"), fx.ifindex("out0"));
-    let summaries = Summaries::on(&fx);
+    Summaries::turn_on(&fx);
     let allowed = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
     /// Puts the test thread back on the CPUs it had.
     struct Restore(CpuSet);
@@ -996,14 +997,19 @@ fn summaries_from_every_cpu_reach_the_reader() {
         }
     }
     let _restore = Restore(allowed);
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .take(weir_bpf::datapath::TRACE_RINGS.len())
+    // One CPU for each ring there are CPUs for.
+    let cpus: Vec<usize> = (0..TRACE_RINGS.len())
+        .filter_map(|ring| {
+            (0..CpuSet::count())
+                .find(|&c| c % TRACE_RINGS.len() == ring && allowed.is_set(c).unwrap_or(false))
+        })
         .collect();
+    assert!(cpus.len() >= 2, "two CPUs at least: {cpus:?}");
     for &cpu in &cpus {
         let mut one = CpuSet::new();
         one.set(cpu).expect("cpu");
         sched_setaffinity(Pid::from_raw(0), &one).expect("pin");
+        // fx.run's thread (made now) inherits the mask: the program runs on `cpu`.
         let syn = tcp4(
             ("10.244.1.5", 41000 + cpu as u16),
             ("10.244.1.7", 8080),
@@ -1012,10 +1018,34 @@ fn summaries_from_every_cpu_reach_the_reader() {
         let (v, _) = fx.run(TcProgram::FromPod, &syn, in0);
         assert_eq!(v, TC_ACT_REDIRECT);
     }
-    let mut ports: Vec<u16> = summaries.take().iter().map(|e| e.src.port()).collect();
-    ports.sort();
-    let want: Vec<u16> = cpus.iter().map(|&c| 41000 + c as u16).collect();
-    assert_eq!(ports, want, "one summary from each of CPUs {cpus:?}");
+    // Each ring read on its own: (ring, client port) of what it holds.
+    let maps: Vec<libbpf_rs::MapHandle> = TRACE_RINGS
+        .iter()
+        .map(|name| libbpf_rs::MapHandle::from_pinned_path(fx.pins.join("tc").join(name)))
+        .collect::<Result<_, _>>()
+        .expect("pinned rings");
+    let held = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let mut b = libbpf_rs::RingBufferBuilder::new();
+    for (ring, map) in maps.iter().enumerate() {
+        let held = held.clone();
+        b.add(map, move |d: &[u8]| {
+            let e = weir_bpf::events::TraceEvent::decode(d).expect("a summary");
+            held.borrow_mut().push((ring, e.src.port()));
+            0
+        })
+        .expect("ring");
+    }
+    b.build().expect("reader").consume().expect("consume");
+    let mut got = held.borrow().clone();
+    got.sort();
+    let want: Vec<(usize, u16)> = cpus
+        .iter()
+        .map(|&c| (c % TRACE_RINGS.len(), 41000 + c as u16))
+        .collect();
+    assert_eq!(
+        got, want,
+        "the summary of each of CPUs {cpus:?} in its ring"
+    );
 }
 
 /// Whether a new flow from client port `port` gets a SNAT port (else the NodePort drops it).

@@ -396,13 +396,13 @@ _Static_assert(sizeof(struct drop_event) == 64, "drop_event size");
 				* of a TCP flow whose first packet here was a SYN-ACK */
 
 /*
- * An IPv6 flow's forwarding summary (weir_trace_events ring buffer; an IPv4 flow's is the
+ * An IPv6 flow's forwarding summary (into the summary rings, trace.h; an IPv4 flow's is the
  * smaller struct trace_event4 below, but the layout holds either family, as older programs
  * wrote IPv4 ones too), for `weir observe`: what tc or XDP did
  * with a flow's packets at one observation point (device and hook), reported on the flow's
  * first packet there, on TCP flags (SYN, FIN, RST) new for it there, on a change of reason,
  * and otherwise at most every 5 s, with the packets and bytes since the previous summary.
- * What the full ring buffer refuses is counted per reason in weir_trace_lost (the packets
+ * What a full ring refuses is counted per reason in weir_trace_lost (the packets
  * ride on the flow's next summary).
  */
 struct trace_event {

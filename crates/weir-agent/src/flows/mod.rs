@@ -1,7 +1,7 @@
 //! Flows for `weir observe` and `weir ui`: reader threads drain the datapath's rings (policy
 //! verdicts `weir_events`; drops of weir's programs `weir_drop_events`; forwarding summaries
-//! of the tc and XDP programs `weir_trace_events` and `_1` to `_3` (a ring per CPU, read
-//! together by [`SummaryReader`]); the socket layer's translations
+//! of the tc and XDP programs `weir_trace_events` and `_1` to `_3` (a ring per CPU modulo
+//! four, read together by [`SummaryReader`]); the socket layer's translations
 //! `weir_sock_events`; the kernel's drops in the node's network namespace,
 //! `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
 //! as they are when the event arrives. `GET /flows?since=SEQ` hands out what came after
@@ -284,34 +284,37 @@ pub struct FlowPage {
     pub flows: Vec<FlowRecord>,
 }
 
-/// Starts thread `name`, which drains a ring of the node's datapath that `open` makes (with
-/// its callback into the flow log).
-fn spawn_datapath_ring<O>(
+/// Starts thread `name`, which drains rings of the node's datapath with the reader `open`
+/// makes (its callback into the flow log), `poll` a round at a time.
+fn spawn_datapath_ring<R, O, P, E>(
     name: &str,
     what: &'static str,
     pods: Arc<Pods>,
     open: O,
+    poll: P,
 ) -> Result<(), String>
 where
-    O: FnOnce(
-            &weir_bpf::datapath::Datapath,
-        ) -> Result<weir_bpf::RingBuffer<'static>, weir_bpf::BpfError>
-        + Send
-        + 'static,
+    O: FnOnce(&weir_bpf::datapath::Datapath) -> Result<R, weir_bpf::BpfError> + Send + 'static,
+    P: Fn(&R, std::time::Duration) -> Result<(), E> + Send + 'static,
+    E: std::fmt::Display,
 {
     crate::ring::spawn(
         name,
         what,
         move || open(pods.dataplane.lock().expect("pods").datapath()),
-        crate::ring::drain,
+        poll,
     )
 }
 
 /// Starts the thread that drains the policy verdicts into `log`.
 pub fn spawn(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    spawn_datapath_ring("weir-flows", "the policy verdict events", pods, move |dp| {
-        dp.events(move |ev| log.lock().expect("flow log").push(ev))
-    })
+    spawn_datapath_ring(
+        "weir-flows",
+        "the policy verdict events",
+        pods,
+        move |dp| dp.events(move |ev| log.lock().expect("flow log").push(ev)),
+        crate::ring::drain,
+    )
 }
 
 /// A kernel drop reason in words: the common ones said, the others spelled out.
@@ -346,19 +349,24 @@ pub fn kernel_reason_text(name: &str) -> String {
 /// `log` (what their full ring buffer refused is read from the kernel at scrape time:
 /// `weir_drop_events_lost_total`).
 pub fn spawn_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    spawn_datapath_ring("weir-drops", "the drop events", pods, move |dp| {
-        dp.drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev))
-    })
+    spawn_datapath_ring(
+        "weir-drops",
+        "the drop events",
+        pods,
+        move |dp| dp.drop_events(move |ev| log.lock().expect("flow log").push_drop_event(ev)),
+        crate::ring::drain,
+    )
 }
 
 /// Starts the thread that drains the forwarding summaries of the tc and XDP programs into
 /// `log` (what their full ring buffers refused is read from the kernel at scrape time:
 /// `weir_trace_events_lost_total`).
 pub fn spawn_traces(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) -> Result<(), String> {
-    crate::ring::spawn(
+    spawn_datapath_ring(
         "weir-traces",
         "the forwarding summaries",
-        move || SummaryReader::open(pods.dataplane.lock().expect("pods").datapath(), log),
+        pods,
+        move |dp| SummaryReader::open(dp, log),
         SummaryReader::drain,
     )
 }

@@ -30,8 +30,8 @@ pub struct SummaryReader {
     rb: weir_bpf::RingBuffer<'static>,
     batch: Rc<RefCell<Vec<TraceEvent>>>,
     log: Arc<Mutex<FlowLog>>,
-    /// Summaries read so far.
-    read: Rc<Cell<u64>>,
+    /// Summaries received so far.
+    received: Rc<Cell<u64>>,
 }
 
 impl SummaryReader {
@@ -41,8 +41,8 @@ impl SummaryReader {
         log: Arc<Mutex<FlowLog>>,
     ) -> Result<SummaryReader, weir_bpf::BpfError> {
         let batch = Rc::new(RefCell::new(Vec::with_capacity(BATCH)));
-        let read = Rc::new(Cell::new(0));
-        let (b, l, r) = (batch.clone(), log.clone(), read.clone());
+        let received = Rc::new(Cell::new(0));
+        let (b, l, r) = (batch.clone(), log.clone(), received.clone());
         let rb = dp.trace_events(move |ev| {
             let mut b = b.borrow_mut();
             b.push(ev);
@@ -55,7 +55,7 @@ impl SummaryReader {
             rb,
             batch,
             log,
-            read,
+            received,
         })
     }
 
@@ -70,8 +70,8 @@ impl SummaryReader {
         Ok(())
     }
 
-    /// Summaries read since the reader opened.
-    pub fn read(&self) -> u64 {
-        self.read.get()
+    /// Summaries received since the reader opened.
+    pub fn received(&self) -> u64 {
+        self.received.get()
     }
 }
