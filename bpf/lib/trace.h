@@ -20,8 +20,8 @@
 #define TRACE_INTERVAL_NS (5ULL * NSEC_PER_SEC)
 #define TRACE_TCP_FLAGS	  (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
 /* The flow table: TRACE_SETS sets of TRACE_WAYS records (a power of two). */
-#define TRACE_SETS 8192
-#define TRACE_WAYS 2
+#define TRACE_SETS 4096
+#define TRACE_WAYS 4
 /* The records' clock: the coarse monotonic clock in units of 2^20 ns (about a millisecond). */
 #define TRACE_CLOCK_SHIFT 20
 #define TRACE_INTERVAL	  ((__u32)(TRACE_INTERVAL_NS >> TRACE_CLOCK_SHIFT))
@@ -79,7 +79,8 @@ struct {
 } weir_trace_scratch SEC(".maps");
 
 /*
- * The flows, set-associative: a flow's set is a hash of its key, a flow missing from its set
+ * The flows, set-associative: a flow's set is a hash of its connection (trace_set_of: the
+ * request and reply ways, at one point each or at two, in four records), a flow missing from its set
  * takes an empty record, else one whose connection ended (FIN or RST), else one with nothing
  * unreported, else the one reported longest ago. Small enough to stay in cache (an LRU hash
  * of 65,536 records missed the cache and TLB at every new connection). A record taken from a
@@ -91,7 +92,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, TRACE_SETS);
-	__uint(map_flags, BPF_F_MMAPABLE); /* its records page-aligned: a set is two lines */
+	__uint(map_flags, BPF_F_MMAPABLE); /* its records page-aligned: a set is four lines */
 	__type(key, __u32);
 	__type(value, struct trace_set);
 } weir_trace_flows SEC(".maps");
@@ -250,15 +251,22 @@ static __always_inline void trace_xlate6(struct trace_event *ev, const struct tr
 	ev->flags |= TRACE_F_XLATE | (reply ? TRACE_F_REPLY : 0);
 }
 
-/* The set of flow `k` in weir_trace_flows. */
+/* A hash of one end of a flow: its address and port. */
+static __always_inline __u64 trace_end(const __be32 *addr, __be16 port)
+{
+	return hash64((__u64)(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) << 16 | port);
+}
+
+/*
+ * The set of flow `k` in weir_trace_flows: that of its connection, whichever way and wherever
+ * it is seen (the ends' hashes added, so both orders give the same). A reply's first packet
+ * finds the set its request's first packet just brought into the cache, where a set per
+ * direction cost a second cold line per connection.
+ */
 static __always_inline __u32 trace_set_of(const struct trace_key *k)
 {
-	__u32 s = k->saddr[0] ^ k->saddr[1] ^ k->saddr[2] ^ k->saddr[3];
-	__u32 d = k->daddr[0] ^ k->daddr[1] ^ k->daddr[2] ^ k->daddr[3];
-	__u64 rest = (__u64)k->sport << 48 | (__u64)k->dport << 32 |
-		     (k->ifindex ^ (__u32)k->proto << 24 ^ (__u32)k->dir << 16);
-
-	return hash64(((__u64)s << 32 | d) ^ hash64(rest)) & (TRACE_SETS - 1);
+	return hash64(trace_end(k->saddr, k->sport) + trace_end(k->daddr, k->dport) + k->proto) &
+	       (TRACE_SETS - 1);
 }
 
 static __always_inline bool trace_key_eq(const struct trace_key *a, const struct trace_key *b)

@@ -899,8 +899,9 @@ impl Summaries {
 }
 
 /// The set of `weir_trace_flows` an IPv4 TCP flow's records are in: trace.h's trace_set_of
-/// (murmur3's 64-bit finaliser over the key's words as the program loads them).
-fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u8) -> u64 {
+/// (murmur3's 64-bit finaliser over each end's address and port as the program loads them,
+/// the ends' hashes added).
+fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u64 {
     fn hash64(mut k: u64) -> u64 {
         k ^= k >> 33;
         k = k.wrapping_mul(0xff51afd7ed558ccd);
@@ -908,17 +909,18 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ifindex: u32, dir: u
         k = k.wrapping_mul(0xc4ceb9fe1a85ec53);
         k ^ (k >> 33)
     }
-    let word = |a: Ipv4Addr| u64::from(u32::from_ne_bytes(a.octets()));
-    let port = |p: u16| u64::from(u16::from_ne_bytes(p.to_be_bytes()));
-    let rest =
-        port(src.1) << 48 | port(dst.1) << 32 | u64::from(ifindex ^ 6 << 24 ^ u32::from(dir) << 16);
-    hash64((word(src.0) << 32 | word(dst.0)) ^ hash64(rest)) & (8192 - 1)
+    let end = |(a, p): (Ipv4Addr, u16)| {
+        let word = u64::from(u32::from_ne_bytes(a.octets()));
+        hash64(word << 16 | u64::from(u16::from_ne_bytes(p.to_be_bytes())))
+    };
+    hash64(end(src).wrapping_add(end(dst)).wrapping_add(6)) & (4096 - 1)
 }
 
-/// The flow table is set-associative (two records a set): a flow whose set is full takes the
-/// record of a connection that ended before that of a live one, and one with nothing
-/// unreported before one with packets pending; a TCP flow that lost its record is reported
-/// again on its next packet, but not as new (only a SYN starts a connection).
+/// The flow table is set-associative (four records a set, a connection's both ways in one):
+/// a flow whose set is full takes the record of a connection that ended before that of a live
+/// one, and one with nothing unreported before one with packets pending; a TCP flow that lost
+/// its record is reported again on its next packet, but not as new (only a SYN starts a
+/// connection).
 #[test]
 fn the_flow_table_keeps_live_flows_over_ended_ones() {
     use weir_bpf::events::TRACE_F_NEW;
@@ -936,43 +938,50 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
         );
         assert_eq!(v, TC_ACT_REDIRECT);
     };
-    // The long-lived flow.
-    send(40000, 0x02);
-    let got = take();
-    assert_eq!(got.len(), 1, "{got:?}");
-    let (ifindex, dir) = (got[0].ifindex, got[0].dir);
-    let set = |port| {
-        let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
-        trace_set_of((ip(client), port), (ip(server), 8080), ifindex, dir)
-    };
+    let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
+    let set = |port| trace_set_of((ip(client), port), (ip(server), 8080));
+    // Both ways of a connection share its set.
+    assert_eq!(
+        set(40000),
+        trace_set_of((ip(server), 8080), (ip(client), 40000))
+    );
     let mates: Vec<u16> = (40001..=u16::MAX)
         .filter(|&p| set(p) == set(40000))
-        .take(3)
+        .take(5)
         .collect();
-    assert_eq!(mates.len(), 3, "flows sharing the set of port 40000");
+    assert_eq!(mates.len(), 5, "flows sharing the set of port 40000");
+    // The long-lived flow.
+    send(40000, 0x02);
+    assert_eq!(take().len(), 1);
     // A short connection in the same set: reported at its SYN and its RST.
     send(mates[0], 0x02);
     send(mates[0], 0x14);
     assert_eq!(take().len(), 2);
-    // The next takes the ended connection's record, not the live flow's.
+    // Two more live flows fill the set; the next takes the ended connection's record, not a
+    // live flow's.
     send(mates[1], 0x02);
-    let got = take();
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0].flags & TRACE_F_NEW, TRACE_F_NEW);
-    send(40000, 0x10);
-    assert!(take().is_empty(), "the live flow kept its record");
-    // Two live flows fill the set, the long-lived one with a packet unreported: a third
-    // takes the record with nothing unreported (mates[1]'s), and the long-lived flow keeps
-    // its record.
     send(mates[2], 0x02);
+    send(mates[3], 0x02);
+    let got = take();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[2].flags & TRACE_F_NEW, TRACE_F_NEW);
+    for p in [40000, mates[1], mates[2]] {
+        send(p, 0x10);
+    }
+    assert!(take().is_empty(), "the live flows kept their records");
+    // Four live flows fill the set, all but mates[3] with a packet unreported: a fifth takes
+    // the record with nothing unreported (mates[3]'s), and the others keep theirs.
+    send(mates[4], 0x02);
     assert_eq!(take().len(), 1);
-    send(40000, 0x10);
-    assert!(take().is_empty(), "the live flow kept its record");
+    for p in [40000, mates[1], mates[2]] {
+        send(p, 0x10);
+    }
+    assert!(take().is_empty(), "the live flows kept their records");
     // The flow that lost its record is reported again at its next packet, not as new.
-    send(mates[1], 0x10);
+    send(mates[3], 0x10);
     let got = take();
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0].src.port(), mates[1]);
+    assert_eq!(got[0].src.port(), mates[3]);
     assert_eq!((got[0].flags & TRACE_F_NEW, got[0].packets), (0, 1));
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
