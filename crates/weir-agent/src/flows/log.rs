@@ -9,7 +9,28 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 
 /// The maps consulted for every event: a fast hash (their keys are not chosen by others).
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A label value written in the code, as a key: hashed and compared by where it is (its
+/// address and length), so that a lookup reads no text. The same text at two addresses is
+/// two keys of one series (the family finds the series by its labels' text).
+#[derive(Clone, Copy, Debug)]
+struct Lit(&'static str);
+
+impl PartialEq for Lit {
+    fn eq(&self, other: &Lit) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Lit {}
+
+impl std::hash::Hash for Lit {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.0.as_ptr() as usize).hash(h);
+        self.0.len().hash(h);
+    }
+}
 use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
 use weir_bpf::events::{
     sock_point_name, tcp_flag_names, SockEvent, TraceEvent, SOCK_XLATE_RECVMSG, TRACE_F_NEW,
@@ -151,7 +172,7 @@ impl Clock {
 }
 
 /// `weir_flows_total`'s counters by (event, verdict, direction).
-type FlowCounters = FastMap<(&'static str, &'static str, &'static str), Counter>;
+type FlowCounters = FastMap<(Lit, Lit, Lit), Counter>;
 
 /// Counters already looked up in their families, by their labels' values.
 #[derive(Default)]
@@ -164,19 +185,16 @@ struct Counters {
     /// direction): with a context.
     flows_by_ends: FastMap<String, FastMap<String, FastMap<String, FlowCounters>>>,
     /// `weir_policy_verdicts_total` by (verdict, direction, match).
-    verdicts: FastMap<(&'static str, &'static str, &'static str), Counter>,
+    verdicts: FastMap<(Lit, Lit, Lit), Counter>,
     /// `weir_tcp_flags_total` by (flag, family).
-    tcp_flags: FastMap<(&'static str, &'static str), Counter>,
+    tcp_flags: FastMap<(Lit, Lit), Counter>,
     /// `weir_service_connections_total` by Service (`namespace/name`), then outcome.
-    services: FastMap<String, FastMap<&'static str, Counter>>,
+    services: FastMap<String, FastMap<Lit, Counter>>,
 }
 
-/// The value under `key`, made on first use, without an allocation once it is there.
+/// The value under `key`, made on first use: one lookup, and no allocation once it is there.
 fn entry<'m, V: Default>(map: &'m mut FastMap<String, V>, key: &str) -> &'m mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_string(), V::default());
-    }
-    map.get_mut(key).expect("just made")
+    map.entry_ref(key).or_default()
 }
 
 /// The labels of a Service's `weir_service_connections_total` series.
@@ -223,7 +241,7 @@ impl Counters {
             entry(entry(entry(&mut self.flows_by_ends, reason), src), dst)
         };
         counters
-            .entry((event, verdict, dir))
+            .entry((Lit(event), Lit(verdict), Lit(dir)))
             .or_insert_with(|| {
                 let l = flow_labels(context, (event, verdict, dir), reason, (src, dst));
                 crate::metrics::METRICS.flows.get_or_create(&l).clone()
@@ -244,8 +262,8 @@ impl Counters {
                     if !gone(src) && !gone(dst) {
                         return true;
                     }
-                    for k in counters.keys() {
-                        let l = flow_labels(context, *k, reason, (src, dst));
+                    for (e, v, d) in counters.keys() {
+                        let l = flow_labels(context, (e.0, v.0, d.0), reason, (src, dst));
                         crate::metrics::METRICS.flows.remove(&l);
                     }
                     false
@@ -258,7 +276,7 @@ impl Counters {
 
     fn verdict(&mut self, verdict: &'static str, dir: &'static str, kind: &'static str) {
         self.verdicts
-            .entry((verdict, dir, kind))
+            .entry((Lit(verdict), Lit(dir), Lit(kind)))
             .or_insert_with(|| {
                 crate::metrics::METRICS
                     .policy_verdicts
@@ -282,7 +300,7 @@ impl Counters {
                 continue;
             }
             self.tcp_flags
-                .entry((flag, family))
+                .entry((Lit(flag), Lit(family)))
                 .or_insert_with(|| {
                     crate::metrics::METRICS
                         .tcp_flags
@@ -297,7 +315,7 @@ impl Counters {
     fn service(&mut self, service: Option<&str>, outcome: &'static str) {
         let Some(service) = service else { return };
         entry(&mut self.services, service)
-            .entry(outcome)
+            .entry(Lit(outcome))
             .or_insert_with(|| {
                 crate::metrics::METRICS
                     .service_connections
@@ -517,7 +535,7 @@ impl FlowLog {
             for outcome in self.counters.services[&service].keys() {
                 crate::metrics::METRICS
                     .service_connections
-                    .remove(&service_labels(&service, outcome));
+                    .remove(&service_labels(&service, outcome.0));
             }
             self.counters.services.remove(&service);
         }
