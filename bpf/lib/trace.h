@@ -79,9 +79,10 @@ struct {
 } weir_trace_scratch SEC(".maps");
 
 /*
- * The flows, set-associative: a flow's set is a hash of its connection (trace_set_of: the
- * request and reply ways, at one point each or at two, in four records), a flow missing from its set
- * takes an empty record, else one whose connection ended (FIN or RST), else one with nothing
+ * The flows, set-associative: a flow's set is a hash of its connection (trace_set_of), so
+ * that an untranslated connection's two ways, at one point each or at two, share four
+ * records. A flow missing from its set takes an empty record, else one whose connection
+ * ended (FIN or RST), else one with nothing
  * unreported, else the one reported longest ago. Small enough to stay in cache (an LRU hash
  * of 65,536 records missed the cache and TLB at every new connection). A record taken from a
  * live flow loses the packets since its last summary (as an LRU's eviction did), and the flow
@@ -261,7 +262,9 @@ static __always_inline __u64 trace_end(const __be32 *addr, __be16 port)
  * The set of flow `k` in weir_trace_flows: that of its connection, whichever way and wherever
  * it is seen (the ends' hashes added, so both orders give the same). A reply's first packet
  * finds the set its request's first packet just brought into the cache, where a set per
- * direction cost a second cold line per connection.
+ * direction cost a second cold set per connection. The key is the packet as it leaves: a
+ * translated flow's reply (a NodePort's, a masqueraded one's) has ends of its own, and a set
+ * of its own.
  */
 static __always_inline __u32 trace_set_of(const struct trace_key *k)
 {

@@ -266,9 +266,11 @@ fn shares_priorities_weights_and_ejection() {
     fault(c3, 1..=4, "refuse");
     let r = c1.connect_with("mcs/client", &target, &["--count", "100"]);
     let failed = 100 - r["ok"].as_u64().unwrap();
+    // At least 4 endpoints x 2 failures; more only from connects already on their way to an
+    // endpoint as it is ejected (`lab connect` keeps 16 in flight): a loaded run saw 17.
     assert!(
-        (8..=16).contains(&failed),
-        "4 endpoints x 2 failures, then none: {r}"
+        (8..=8 + 15).contains(&failed),
+        "4 endpoints x 2 failures, then none but those in flight: {r}"
     );
     eprintln!(
         "refusing c3: {failed} of 100 connections failed before its 4 endpoints were ejected"

@@ -11,9 +11,19 @@ use prometheus_client::metrics::counter::Counter;
 /// The maps consulted for every event: a fast hash (their keys are not chosen by others).
 type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
 
+use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
+use weir_bpf::events::{
+    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, SOCK_XLATE_RECVMSG, TRACE_F_NEW,
+    TRACE_F_REPLY,
+};
+use weir_bpf::kdrop::KernelDrop;
+use weir_control::policy::MatchKind;
+
 /// A label value written in the code, as a key: hashed and compared by where it is (its
 /// address and length), so that a lookup reads no text. The same text at two addresses is
-/// two keys of one series (the family finds the series by its labels' text).
+/// two keys of one series (the family finds the series by its labels' text). Only text the
+/// program holds (literals, or a fixed set of them): text made per event would add a key
+/// each time.
 #[derive(Clone, Copy, Debug)]
 struct Lit(&'static str);
 
@@ -31,13 +41,6 @@ impl std::hash::Hash for Lit {
         self.0.len().hash(h);
     }
 }
-use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
-use weir_bpf::events::{
-    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, SOCK_XLATE_RECVMSG, TRACE_F_NEW,
-    TRACE_F_REPLY,
-};
-use weir_bpf::kdrop::KernelDrop;
-use weir_control::policy::MatchKind;
 
 use super::{
     kernel_reason_text, FlowDetail, FlowEnd, FlowPage, FlowRecord, PodMeta, TcpStats, Translation,
@@ -240,6 +243,7 @@ impl Counters {
         } else {
             entry(entry(entry(&mut self.flows_by_ends, reason), src), dst)
         };
+        debug_assert!(counters.len() < 256, "label keys made per event");
         counters
             .entry((Lit(event), Lit(verdict), Lit(dir)))
             .or_insert_with(|| {
@@ -275,6 +279,7 @@ impl Counters {
     }
 
     fn verdict(&mut self, verdict: &'static str, dir: &'static str, kind: &'static str) {
+        debug_assert!(self.verdicts.len() < 256, "label keys made per event");
         self.verdicts
             .entry((Lit(verdict), Lit(dir), Lit(kind)))
             .or_insert_with(|| {
