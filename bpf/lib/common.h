@@ -39,27 +39,32 @@ static __always_inline __u64 hash64(__u64 k)
  * of `bytes` (a power of two), none for the others. One per record would cost the reader a
  * context switch each; one for every record past the threshold cost the producers an
  * interrupt each (the ring's irq_work) until the reader came round, about 0.4 us a record.
+ * `unread`: the ring's unread data, read after the record's reservation or, `pending`, before
+ * it (the record's own bytes then added).
  */
-static __always_inline __u64 ringbuf_lazy_wakeup(void *rb, __u64 bytes, __u64 size)
+static __always_inline __u64 lazy_wakeup_flags(__u64 unread, __u64 bytes, __u64 size, bool pending)
 {
-	__u64 avail = bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA);
 	__u64 rec = (size + 8 + 7) & ~7ULL; /* with its header, 8-byte aligned */
+	__u64 avail = unread + (pending ? rec : 0);
 
 	return avail >= bytes && avail / bytes != (avail - rec) / bytes ? BPF_RB_FORCE_WAKEUP :
 									   BPF_RB_NO_WAKEUP;
 }
 
+/* lazy_wakeup_flags for a record of `size` bytes already reserved in ring `rb`. */
+static __always_inline __u64 ringbuf_lazy_wakeup(void *rb, __u64 bytes, __u64 size)
+{
+	return lazy_wakeup_flags(bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA), bytes, size, false);
+}
+
 /*
- * ringbuf_lazy_wakeup for a record of `size` bytes about to be reserved (the unread data
- * counted before it, its own bytes added). A record another CPU reserves in between can make
- * it miss a crossing: the reader then wakes at the next one, or on its timer.
+ * lazy_wakeup_flags for a record of `size` bytes about to be reserved in ring `rb`. A record
+ * another CPU reserves in between can make it miss a crossing: the reader then wakes at the
+ * next one, or on its timer.
  */
 static __always_inline __u64 ringbuf_lazy_wakeup_next(void *rb, __u64 bytes, __u64 size)
 {
-	__u64 rec = (size + 8 + 7) & ~7ULL;
-	__u64 avail = bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) + rec;
-
-	return avail / bytes != (avail - rec) / bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	return lazy_wakeup_flags(bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA), bytes, size, true);
 }
 
 /* The kernel pointer at `base + off` (tracing programs), or NULL. */
