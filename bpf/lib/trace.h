@@ -259,38 +259,61 @@ static __always_inline __u64 trace_end(const __be32 *addr, __be16 port)
 }
 
 /*
- * The set of flow `k` in weir_trace_flows: that of its connection, whichever way and wherever
- * it is seen (the ends' hashes added, so both orders give the same). A reply's first packet
- * finds the set its request's first packet just brought into the cache, where a set per
- * direction cost a second cold set per connection. The key is the packet as it leaves: a
+ * Where flow `k` goes in weir_trace_flows: its set, that of its connection whichever way and
+ * wherever it is seen (the ends' hashes added, so both orders give the same), and in `*down`
+ * which end of the set it searches from (trace_way). A reply's first packet finds the set its
+ * request's first packet just brought into the cache, where a set per direction cost a second
+ * cold set per connection. A connection's two directions search from opposite ends (which end
+ * of the connection hashes lower decides), so that in a set of one connection a packet finds
+ * its own record first, without comparing the other direction's, which the CPU of that
+ * direction's sender writes at each of its packets. The key is the packet as it leaves: a
  * translated flow's reply (a NodePort's, a masqueraded one's) has ends of its own, and a set
  * of its own.
  */
-static __always_inline __u32 trace_set_of(const struct trace_key *k)
+static __always_inline __u32 trace_set_of(const struct trace_key *k, bool *down)
 {
-	return hash64(trace_end(k->saddr, k->sport) + trace_end(k->daddr, k->dport) + k->proto) &
-	       (TRACE_SETS - 1);
+	__u64 s = trace_end(k->saddr, k->sport), d = trace_end(k->daddr, k->dport);
+	__u64 h = hash64(s + d + k->proto);
+
+	*down = s > d;
+	return h & (TRACE_SETS - 1);
 }
 
+/*
+ * Whether flow keys `a` and `b` are the same, compared a word of eight bytes at a time (both
+ * are at the start of a map value or of a record: eight-byte aligned).
+ */
 static __always_inline bool trace_key_eq(const struct trace_key *a, const struct trace_key *b)
 {
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-	__u32 diff = 0;
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	__u64 diff = ((const __u32 *)a)[10] ^ ((const __u32 *)b)[10];
 
 #pragma unroll
-	for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+	for (int i = 0; i < 5; i++)
 		diff |= x[i] ^ y[i];
 	return !diff;
 }
+_Static_assert(sizeof(struct trace_key) == 44 && __builtin_offsetof(struct trace_rec, k) == 0 &&
+		       __builtin_offsetof(struct trace_scratch, k) == 0,
+	       "trace_key_eq: five words and a half, at an eight-byte boundary");
 
-/* The record of flow `k` in `set`, or NULL. */
+/* Way `i` of `set` in the order a flow searches it: from the first, or with `down` the last. */
+static __always_inline struct trace_rec *trace_way(struct trace_set *set, bool down, int i)
+{
+	return &set->way[down ? TRACE_WAYS - 1 - i : i];
+}
+
+/* The record of flow `k` in `set`, or NULL (`down`: see trace_way). */
 static __always_inline struct trace_rec *trace_find(struct trace_set *set,
-						    const struct trace_key *k)
+						    const struct trace_key *k, bool down)
 {
 #pragma unroll
-	for (int i = 0; i < TRACE_WAYS; i++)
-		if (trace_key_eq(&set->way[i].k, k))
-			return &set->way[i];
+	for (int i = 0; i < TRACE_WAYS; i++) {
+		struct trace_rec *r = trace_way(set, down, i);
+
+		if (trace_key_eq(&r->k, k))
+			return r;
+	}
 	return NULL;
 }
 
@@ -310,15 +333,19 @@ static __always_inline void trace_start(struct trace_rec *s, __u8 tcp)
 	s->reply = (tcp & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
 }
 
-/* The record a flow missing from `set` takes (see weir_trace_flows), at `now`. */
-static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u32 now)
+/*
+ * The record a flow missing from `set` takes (see weir_trace_flows), at `now`: of those as
+ * good, the first in the flow's order (`down`: see trace_way).
+ */
+static __always_inline struct trace_rec *trace_victim(struct trace_set *set, __u32 now,
+						      bool down)
 {
-	struct trace_rec *v = &set->way[0];
+	struct trace_rec *v = trace_way(set, down, 0);
 	__u32 best = 0;
 
 #pragma unroll
 	for (int i = 0; i < TRACE_WAYS; i++) {
-		struct trace_rec *r = &set->way[i];
+		struct trace_rec *r = trace_way(set, down, i);
 		/* Empty beats ended beats nothing unreported beats the longest since its last
 		 * summary. */
 		__u32 score = !r->k.family ? 0xffffffff :
@@ -426,7 +453,8 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
 {
 	const struct trace_key *k = &sc->k;
-	__u32 set_idx = trace_set_of(k);
+	bool down;
+	__u32 set_idx = trace_set_of(k, &down);
 	struct trace_set *set = bpf_map_lookup_elem(&weir_trace_flows, &set_idx);
 	__u32 lost_key = reason % WEIR_METRICS_STRIDE;
 	/* The coarse clock (no clock source read) is enough to space summaries seconds apart. */
@@ -438,10 +466,10 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 
 	if (!set)
 		return 0;
-	s = trace_find(set, k);
+	s = trace_find(set, k, down);
 	if (!s) {
 		/* Its packets so far are this event's. */
-		s = trace_victim(set, now);
+		s = trace_victim(set, now, down);
 		__builtin_memcpy(&s->k, k, sizeof(s->k));
 		trace_start(s, tcp);
 		first = true;

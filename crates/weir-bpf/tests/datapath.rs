@@ -989,6 +989,43 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
+/// A connection's two directions search their set from opposite ends, so that each finds its
+/// own record first: the client's SYN and the server's SYN-ACK, in an empty set, take its
+/// first and last records (which one takes which depends on the ends' hashes).
+#[test]
+fn a_connections_two_directions_take_opposite_ends_of_their_set() {
+    let fx = Fixture::new();
+    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
+    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
+    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    Summaries::turn_on(&fx);
+    let (client, server) = (("10.244.1.5", 40000), ("10.244.1.7", 8080));
+    for (pkt, dev) in [
+        (tcp4(client, server, 0x02), in0),
+        (tcp4(server, client, 0x12), out0),
+    ] {
+        assert_eq!(fx.run(TcProgram::FromPod, &pkt, dev).0, TC_ACT_REDIRECT);
+    }
+    let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
+    let set = trace_set_of((ip(client.0), client.1), (ip(server.0), server.1)) as u32;
+    let flows =
+        libbpf_rs::MapHandle::from_pinned_path(fx.pins.join("tc").join("weir_trace_flows"))
+            .expect("pinned flow table");
+    let value = libbpf_rs::MapCore::lookup(&flows, &set.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .expect("lookup")
+        .expect("the set");
+    // Per record (64 bytes): the source port at 32 (network order), the family at 40.
+    let sports: Vec<Option<u16>> = value
+        .chunks(64)
+        .map(|r| (r[40] != 0).then(|| u16::from_be_bytes([r[32], r[33]])))
+        .collect();
+    assert!(
+        sports == [Some(40000), None, None, Some(8080)]
+            || sports == [Some(8080), None, None, Some(40000)],
+        "the records of set {set}: {sports:?}"
+    );
+}
+
 /// Each CPU writes its summaries into the ring of its number modulo the rings' count, and
 /// a reader of them all sees those of every CPU.
 #[test]
