@@ -63,6 +63,10 @@ _Static_assert(sizeof(struct trace_rec) == 64, "a flow's record is one cache lin
 struct trace_scratch {
 	struct trace_key k;
 	bool xlate; /* the packet may have been translated (else none is looked for) */
+	/* trace_flow's map keys: here rather than on its stack, which the verifier tells
+	 * apart state by state (fewer states to walk) */
+	__u32 set;
+	__u32 lost;
 	struct ct6_key r6;
 	union {
 		struct iphdr ip;
@@ -297,10 +301,13 @@ _Static_assert(sizeof(struct trace_key) == 44 && __builtin_offsetof(struct trace
 		       __builtin_offsetof(struct trace_scratch, k) == 0,
 	       "trace_key_eq: five words and a half, at an eight-byte boundary");
 
-/* Way `i` of `set` in the order a flow searches it: from the first, or with `down` the last. */
+/*
+ * Way `i` of `set` in the order a flow searches it: from the first, or with `down` the last
+ * (i ^ 3 is 3 - i: arithmetic, not a branch, so the verifier walks one path).
+ */
 static __always_inline struct trace_rec *trace_way(struct trace_set *set, bool down, int i)
 {
-	return &set->way[down ? TRACE_WAYS - 1 - i : i];
+	return &set->way[(i ^ (-(__u32)down & (TRACE_WAYS - 1))) & (TRACE_WAYS - 1)];
 }
 
 /* The record of flow `k` in `set`, or NULL (`down`: see trace_way). */
@@ -453,10 +460,8 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
 {
 	const struct trace_key *k = &sc->k;
+	struct trace_set *set;
 	bool down;
-	__u32 set_idx = trace_set_of(k, &down);
-	struct trace_set *set = bpf_map_lookup_elem(&weir_trace_flows, &set_idx);
-	__u32 lost_key = reason % WEIR_METRICS_STRIDE;
 	/* The coarse clock (no clock source read) is enough to space summaries seconds apart. */
 	__u32 now = bpf_ktime_get_coarse_ns() >> TRACE_CLOCK_SHIFT;
 	__u8 flags = tcp & TRACE_TCP_FLAGS;
@@ -464,6 +469,8 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	bool first = false, restart = false;
 	__u8 ev_flags = 0;
 
+	sc->set = trace_set_of(k, &down);
+	set = bpf_map_lookup_elem(&weir_trace_flows, &sc->set);
 	if (!set)
 		return 0;
 	s = trace_find(set, k, down);
@@ -496,7 +503,10 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 	ev_flags |= s->reply ? TRACE_F_REPLY : 0;
 	if (k->family == WEIR_AF_INET ? trace_emit4(sc, s, tcp, reason, ev_flags) :
 					trace_emit6(sc, s, tcp, reason, ev_flags)) {
-		__u64 *n = bpf_map_lookup_elem(&weir_trace_lost, &lost_key);
+		__u64 *n;
+
+		sc->lost = reason % WEIR_METRICS_STRIDE;
+		n = bpf_map_lookup_elem(&weir_trace_lost, &sc->lost);
 
 		if (n)
 			*n += 1;
