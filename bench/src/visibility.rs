@@ -29,7 +29,7 @@ use weir_dataplane::pods::PodDataplane;
 use crate::podpod::{build, records, Topo, SERVER};
 use crate::{median, spawn_in, Reap};
 
-/// What one reader thread took in: events by kind, and its own CPU time.
+/// What the reader threads took in: events by kind, and their CPU time.
 #[derive(Default)]
 struct Taken {
     traces: AtomicU64,
@@ -42,16 +42,16 @@ struct Taken {
 }
 
 impl Taken {
-    /// The reader thread's CPU time over its running time.
+    /// The reader threads' CPU time over their running time (a share of one core).
     fn cpu_share(&self) -> f64 {
         self.cpu_us.load(Ordering::Relaxed) as f64
             / self.wall_us.load(Ordering::Relaxed).max(1) as f64
     }
 }
 
-/// The agent's readers on a thread of their own until `stop`: the drop ring always; with
-/// `full`, also the forwarding summaries, and the kernel drop and TCP health programs
-/// (loaded, attached and watching the pods' namespaces) with their rings.
+/// The agent's readers until `stop`: the drop ring always; with `full`, also the forwarding
+/// summaries (on a thread of their own, as in the agent), and the kernel drop and TCP health
+/// programs (loaded, attached and watching the pods' namespaces) with their ring.
 struct Readers {
     stop: Arc<AtomicBool>,
     /// With `full`: whether the kernel drop and TCP programs are to be attached.
@@ -84,11 +84,12 @@ impl Readers {
                 l1.lock().expect("log").push_drop_event(e);
                 k1.drops.fetch_add(1, Ordering::Relaxed);
             })?;
-            let parts = parts();
-            let traces = (full && parts.contains("trace"))
-                .then(|| weir_agent::flows::SummaryReader::open(dp.datapath(), log.clone()))
-                .transpose()?;
             drop(dp);
+            let parts = parts();
+            // The summaries on a thread of their own, read as the agent reads them.
+            let traces = (full && parts.contains("trace"))
+                .then(|| summaries_thread(&pods, &log, &st, &tk))
+                .transpose()?;
             let [node, client, server] = inums;
             let mut kdrops = None;
             if full && parts.contains("kdrop") {
@@ -123,18 +124,14 @@ impl Readers {
                 }
                 drops.poll(Duration::from_millis(20))?;
                 drops.consume()?;
-                if let Some(t) = &traces {
-                    t.drain(Duration::ZERO)?;
-                    tk.traces.store(t.received(), Ordering::Relaxed);
-                }
                 if let Some((_, krb)) = &kdrops {
                     krb.consume()?;
                 }
             }
             drops.consume()?;
-            if let Some(t) = &traces {
-                t.drain(Duration::ZERO)?;
-                tk.traces.store(t.received(), Ordering::Relaxed);
+            if let Some(t) = traces {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("the summaries' reader panicked"))??;
             }
             let mut progs = Vec::new();
             if let Some((kd, _)) = &kdrops {
@@ -150,7 +147,8 @@ impl Readers {
                     eprintln!("{}: {} runs, {} ns", p.name, p.run_count, p.run_time_ns);
                 }
             }
-            tk.cpu_us.store(thread_cpu_us() - cpu0, Ordering::Relaxed);
+            tk.cpu_us
+                .fetch_add(thread_cpu_us() - cpu0, Ordering::Relaxed);
             tk.wall_us
                 .store(wall0.elapsed().as_micros() as u64, Ordering::Relaxed);
             Ok(())
@@ -207,6 +205,49 @@ impl Drop for Readers {
             let _ = t.join();
         }
     }
+}
+
+/// The agent's summary reader on a thread of its own until `stop`, its rounds the agent's
+/// (a wait of up to `ring::POLL_WAIT` for a wakeup, then a drain), counting into `taken`.
+fn summaries_thread(
+    pods: &Arc<Mutex<PodDataplane>>,
+    log: &Arc<Mutex<FlowLog>>,
+    stop: &Arc<AtomicBool>,
+    taken: &Arc<Taken>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let (pods, log, stop, tk) = (pods.clone(), log.clone(), stop.clone(), taken.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || -> Result<()> {
+        let opened = {
+            let dp = pods.lock().expect("pods");
+            weir_agent::flows::SummaryReader::open(dp.datapath(), log)
+        };
+        let reader = match opened {
+            Ok(r) => {
+                let _ = ready_tx.send(Ok(()));
+                r
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return Ok(());
+            }
+        };
+        let cpu0 = thread_cpu_us();
+        while !stop.load(Ordering::Relaxed) {
+            reader.drain(weir_agent::ring::POLL_WAIT)?;
+            tk.traces.store(reader.received(), Ordering::Relaxed);
+        }
+        reader.drain(Duration::ZERO)?;
+        tk.traces.store(reader.received(), Ordering::Relaxed);
+        tk.cpu_us
+            .fetch_add(thread_cpu_us() - cpu0, Ordering::Relaxed);
+        Ok(())
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the summaries' reader did not start"))?
+        .map_err(|e| anyhow::anyhow!("opening the summaries' reader: {e}"))?;
+    Ok(thread)
 }
 
 /// CPU time of the calling thread, in microseconds.
@@ -703,7 +744,7 @@ fn separate_rounds(
     let (events, share) = (of(1, |r| r.events_per_s), of(1, |r| r.cpu_share));
     println!("visibility off: {off:.0} connections/s");
     println!(
-        "visibility on:  {on:.0} connections/s ({events:.0} events/s into the flow log, reader thread {:.1}% of a core)",
+        "visibility on:  {on:.0} connections/s ({events:.0} events/s into the flow log, reader threads {:.1}% of a core)",
         100.0 * share
     );
     if only.is_some() {

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
-/// Starts thread `name`: `open` makes the reader there; `poll` waits for and handles the
-/// events of one round. Returns once the reader is open, or why it could not be.
+/// How long a reader's round waits for a wakeup before it drains what is there anyway.
+pub const POLL_WAIT: Duration = Duration::from_millis(200);
+
+/// Starts thread `name`: `open` makes the reader there; `poll` waits (up to [`POLL_WAIT`])
+/// for and handles the events of one round. Returns once the reader is open, or why it could not be.
 pub fn spawn<R, E1, E2, O, P>(
     name: &str,
     what: &'static str,
@@ -32,7 +35,7 @@ where
                 }
             };
             loop {
-                if let Err(e) = poll(&reader, Duration::from_millis(200)) {
+                if let Err(e) = poll(&reader, POLL_WAIT) {
                     tracing::warn!(error = %e, "reading {what}");
                     std::thread::sleep(Duration::from_millis(200));
                 }

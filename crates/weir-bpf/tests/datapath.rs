@@ -1008,9 +1008,8 @@ fn a_connections_two_directions_take_opposite_ends_of_their_set() {
     }
     let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
     let set = trace_set_of((ip(client.0), client.1), (ip(server.0), server.1)) as u32;
-    let flows =
-        libbpf_rs::MapHandle::from_pinned_path(fx.pins.join("tc").join("weir_trace_flows"))
-            .expect("pinned flow table");
+    let flows = libbpf_rs::MapHandle::from_pinned_path(fx.pins.join("tc").join("weir_trace_flows"))
+        .expect("pinned flow table");
     let value = libbpf_rs::MapCore::lookup(&flows, &set.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
         .expect("lookup")
         .expect("the set");
