@@ -5,7 +5,8 @@
  * tracepoint, attached as a raw tracepoint (by name: no tracefs needed). The tracepoint's
  * arguments, the structures read through them and the reason values change between kernels:
  * the loader resolves all of them from the running kernel's BTF into `layout` (see
- * weir/api/kdrop.h). Each drop in the loader's network namespace is counted per reason
+ * weir/api/kdrop.h). Each drop in a watched network namespace (weir_kdrop_netns: the node's,
+ * and each local pod's, where socket and TCP drops happen) is counted per reason
  * (authoritative), and sent as an event with its addresses; what a full ring buffer refuses
  * is counted per reason too.
  * Minimum kernel: 5.17 (drop reasons).
@@ -17,6 +18,14 @@
 #include "weir/api/kdrop.h"
 
 const volatile struct kdrop_layout layout = {};
+
+/* The network namespaces watched (inode number -> 1), kept by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDROP_NETNS_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} weir_kdrop_netns SEC(".maps");
 
 /* Drops per reason (per CPU). */
 struct {
@@ -121,7 +130,7 @@ SEC("raw_tp/kfree_skb")
 int kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
 	const void *skb = (const void *)ctx->args[0];
-	__u32 i = layout.arg_reason, reason;
+	__u32 i = layout.arg_reason, reason, inum;
 	struct kdrop_event *ev;
 	__u64 arg = 0;
 	void *dev;
@@ -130,7 +139,10 @@ int kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	arg = raw_tp_arg(ctx, i);
 	reason = arg;
-	if (reason < layout.reason_min || !skb || skb_netns(skb) != layout.netns_inum)
+	if (reason < layout.reason_min || !skb)
+		return 0;
+	inum = skb_netns(skb);
+	if (!inum || !bpf_map_lookup_elem(&weir_kdrop_netns, &inum))
 		return 0;
 	bump(&weir_kdrops, reason);
 	ev = bpf_ringbuf_reserve(&weir_kdrop_events, sizeof(*ev), 0);

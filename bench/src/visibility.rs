@@ -91,9 +91,13 @@ impl Readers {
                 .then(|| summaries_thread(&pods, &log, &st, &tk))
                 .transpose()?;
             let [node, client, server] = inums;
+            let (node, client, server) = (node?, client?, server?);
             let mut kdrops = None;
             if full && parts.contains("kdrop") {
-                let kd = weir_bpf::kdrop::KernelDrops::load(node?)?;
+                // The node's namespace and the pods', as the agent watches them.
+                let kd = weir_bpf::kdrop::KernelDrops::load(node)?;
+                kd.watch(client)?;
+                kd.watch(server)?;
                 let (l3, k3) = (log.clone(), tk.clone());
                 let krb = kd.events(move |d| {
                     l3.lock().expect("log").push_kernel_drop(&d);
@@ -104,8 +108,8 @@ impl Readers {
             let mut tcp = None;
             if full && parts.contains("tcp") {
                 let th = weir_bpf::tcp_health::TcpHealth::load()?;
-                th.watch(client?, 0)?;
-                th.watch(server?, 1)?;
+                th.watch(client, 0)?;
+                th.watch(server, 1)?;
                 tcp = Some(th);
             }
             let _ = ready_tx.send(());

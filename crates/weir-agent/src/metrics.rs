@@ -7,7 +7,7 @@
 //! | `weir_datapath_bytes_total` | counter | `direction`, `reason` | their bytes |
 //! | `weir_drops_total` | counter | `reason` | the same packets where the reason is a drop |
 //! | `weir_policy_verdicts_total` | counter | `verdict`, `direction`, `match` | NetworkPolicy verdicts on new flows (`allowed`, `denied`), one per direction judged, by the kind of entry that matched (`l3-only`, `l3-l4`, `l4-only`, `all`, `none`), from the verdict events (those the ring buffer refused are counted as `REASON_EVENT_LOST` packets) |
-//! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
+//! | `weir_kernel_drops_total` | counter | `reason` | packets the kernel dropped in the node's network namespace or a local pod's, outside weir's programs, by the kernel's drop reason (`skb:kfree_skb`) |
 //! | `weir_kernel_drop_events_lost_total` | counter | `reason` | of those, the events its full ring buffer refused (still counted above) |
 //! | `weir_flows_total` | counter | `event`, `verdict`, `reason`, `direction` | flows the agent logged for `weir observe`: policy verdicts, forwarding summaries (`trace`), socket translations (`trace-sock`), drops of weir's programs, the kernel's drops |
 //! | `weir_tcp_flags_total` | counter | `flag`, `family` | TCP flags (`SYN`, `SYN-ACK`, `FIN`, `RST`) of forwarded flows, from the forwarding summaries |
@@ -152,7 +152,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
     );
     r.register(
         "weir_kernel_drops",
-        "Packets the kernel dropped in the node's network namespace outside weir's programs, by the kernel's drop reason",
+        "Packets the kernel dropped in the node's network namespace or a local pod's, outside weir's programs, by the kernel's drop reason",
         METRICS.kernel_drops.clone(),
     );
     r.register(

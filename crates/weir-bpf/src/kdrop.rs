@@ -1,5 +1,5 @@
 //! Kernel drops (`bpf/kdrop.bpf.c`): packets the kernel frees with a drop reason, from the
-//! `skb:kfree_skb` tracepoint, in one network namespace. Everything that changes between
+//! `skb:kfree_skb` tracepoint, in the network namespaces it watches. Everything that changes between
 //! kernels is read from the running kernel's BTF when loading: the tracepoint's arguments
 //! (where the reason is), the offsets of the `sk_buff`, `net_device`, `sock` and `net` fields
 //! the program reads, and the `enum skb_drop_reason` names and values. Nothing of it is
@@ -96,8 +96,8 @@ fn reason_arg(btf: &Btf) -> Result<u32, BpfError> {
         .ok_or_else(|| btf_err("kfree_skb has no skb_drop_reason argument"))
 }
 
-/// What the program needs from the running kernel, for drops in network namespace `inum`.
-fn layout(btf: &Btf, names: &HashMap<u32, String>, inum: u32) -> Result<kdrop_layout, BpfError> {
+/// What the program needs from the running kernel.
+fn layout(btf: &Btf, names: &HashMap<u32, String>) -> Result<kdrop_layout, BpfError> {
     let not_specified = names
         .iter()
         .find(|(_, n)| n.as_str() == "NOT_SPECIFIED")
@@ -106,7 +106,6 @@ fn layout(btf: &Btf, names: &HashMap<u32, String>, inum: u32) -> Result<kdrop_la
     Ok(kdrop_layout {
         arg_reason: reason_arg(btf)?,
         reason_min: not_specified + 1,
-        netns_inum: inum,
         skb_dev: offset_of(btf, "sk_buff", &["dev"])?,
         skb_sk: offset_of(btf, "sk_buff", &["sk"])?,
         skb_head: offset_of(btf, "sk_buff", &["head"])?,
@@ -134,11 +133,11 @@ pub fn netns_inum(path: &std::path::Path) -> Result<u32, BpfError> {
 
 impl KernelDrops {
     /// Loads and attaches the program for the drops of network namespace `inum` (see
-    /// [`netns_inum`]).
+    /// [`netns_inum`]); [`KernelDrops::watch`] adds others.
     pub fn load(inum: u32) -> Result<Self, BpfError> {
         let btf = Btf::from_vmlinux().map_err(lb("reading the kernel's BTF"))?;
         let names = reasons(&btf)?;
-        let layout = layout(&btf, &names, inum)?;
+        let layout = layout(&btf, &names)?;
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = KdropSkelBuilder::default()
@@ -155,8 +154,24 @@ impl KernelDrops {
             link: None,
             names,
         };
+        kd.watch(inum)?;
         kd.set_attached(true)?;
         Ok(kd)
+    }
+
+    /// Counts the drops of network namespace `inum` too (at most `KDROP_NETNS_MAX`
+    /// namespaces).
+    pub fn watch(&self, inum: u32) -> Result<(), BpfError> {
+        self.skel
+            .maps
+            .weir_kdrop_netns
+            .update(&inum.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("updating weir_kdrop_netns"))
+    }
+
+    /// Counts the drops of network namespace `inum` no more (those counted stay).
+    pub fn unwatch(&self, inum: u32) {
+        let _ = self.skel.maps.weir_kdrop_netns.delete(&inum.to_ne_bytes());
     }
 
     /// Attaches the program to `kfree_skb` (`true`, if it is not) or detaches it (`false`);

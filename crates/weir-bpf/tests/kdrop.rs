@@ -1,7 +1,7 @@
 //! Kernel drops against the running kernel: packets netfilter and the UDP stack drop in a
 //! scratch network namespace are counted under the kernel's own reason names (read from its
 //! BTF), exactly, with an event each carrying the addresses; another namespace's drops are
-//! not counted.
+//! not counted until it is watched (as the agent watches its pods'), nor after.
 
 mod netns;
 
@@ -63,4 +63,25 @@ fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
     let no_socket = seen.iter().find(|d| d.reason == "NO_SOCKET").unwrap();
     assert_eq!(no_socket.dst.map(|d| d.1), Some(9998));
     assert_eq!(no_socket.ifindex, 1, "{no_socket:?}");
+}
+
+/// A namespace watched after the load (a pod's) has its drops counted from then on, and no
+/// more once unwatched; the first one's are counted all along.
+#[test]
+fn a_watched_namespaces_drops_count_until_it_is_unwatched() {
+    let node = Netns::new("kd-n");
+    let pod = Netns::new("kd-p");
+    let drops = KernelDrops::load(netns_inum(node.path().as_ref()).expect("inum")).expect("load");
+    let pod_inum = netns_inum(pod.path().as_ref()).expect("inum");
+    let no_socket = || drops.counts().expect("counts").get("NO_SOCKET").copied();
+    pod.inside(|| send(2, 9998));
+    assert_eq!(no_socket(), None, "the pod's drops before it is watched");
+    drops.watch(pod_inum).expect("watch");
+    pod.inside(|| send(3, 9998));
+    node.inside(|| send(1, 9998));
+    assert_eq!(no_socket(), Some(4));
+    drops.unwatch(pod_inum);
+    pod.inside(|| send(5, 9998));
+    node.inside(|| send(1, 9998));
+    assert_eq!(no_socket(), Some(5));
 }

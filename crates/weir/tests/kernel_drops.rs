@@ -1,8 +1,9 @@
 //! Kernel drops and TCP health end to end: packets the kernel drops on a node outside weir's
-//! programs (here nftables' NetworkPolicy rules, and a datagram to a port nobody listens on)
-//! show up in `weir observe --reason` with the kernel's reason and the pod they belong to, and
-//! in `weir_kernel_drops_total`; the pods' connects, failures, retransmits and RTT in the
-//! `weir_tcp_*` metrics by namespace and workload.
+//! programs (here nftables' NetworkPolicy rules, and datagrams to a port nobody listens on,
+//! on the node and in a pod's own namespace) show up in `weir observe --reason` with the
+//! kernel's reason and the pod they belong to, and in `weir_kernel_drops_total`; the pods'
+//! connects, failures, retransmits and RTT in the `weir_tcp_*` metrics by namespace and
+//! workload.
 
 mod common;
 
@@ -118,6 +119,25 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
         .unwrap();
     assert_eq!(d["direction"], "egress", "{d}");
     assert_eq!(d["source"]["pod"], "m/client", "{d}");
+    // A datagram to a pod on a port nobody listens on there: the pod's own UDP stack drops
+    // it, in the pod's network namespace (watched as the node's is).
+    let web = lab.get_json(&["pod", "web", "-n", "m"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lab.eventually(
+        "the pod's socket drops observed",
+        Duration::from_secs(20),
+        || {
+            lab.connect("m/client", &format!("{web}:9"), "udp", 2);
+            observed(&lab, "NO_SOCKET").iter().any(|d| {
+                d["destination"]["pod"] == "m/web"
+                    && d["destination"]["port"] == 9
+                    && d["source"]["pod"] == "m/client"
+                    && d["direction"] == "ingress"
+            })
+        },
+    );
     // Through the Service: the drop names it; Hubble's filters find it.
     lab.connect("m/client", "shut.m:80", "tcp", 1);
     let find = |args: &[&str]| -> Vec<Value> {
@@ -194,10 +214,6 @@ fn kernel_drops_and_tcp_health_are_observed_by_pod_and_workload() {
     });
     // TCP health: the client's connects to web work, its connects to the isolated pod fail
     // after retransmitted SYNs; by namespace and workload, never by pod address.
-    let web = lab.get_json(&["pod", "web", "-n", "m"])["status"]["podIP"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let tcp = |series: &str| metric(&lab, series);
     let client = "namespace=\"m\",workload=\"client\"";
     let established = format!("weir_tcp_connects_total{{{client},outcome=\"established\"}}");

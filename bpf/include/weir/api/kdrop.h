@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Kernel drops (kdrop.bpf.c): packets the kernel frees with a drop reason (tracepoint
- * skb:kfree_skb), in the network namespace the loader names. Shared with userspace
+ * skb:kfree_skb), in the network namespaces the loader watches (the node's and its pods'):
+ * weir_kdrop_netns. Shared with userspace
  * (crates/weir-bpf/src/kdrop.rs reads the types from the object's BTF).
  */
 #ifndef WEIR_API_KDROP_H
@@ -9,12 +10,15 @@
 
 #include <linux/types.h>
 
+/* Network namespaces watched at most (the node's and its pods'). */
+#define KDROP_NETNS_MAX 4096
+
 /* One drop (weir_kdrop_events ring buffer). */
 struct kdrop_event {
 	__u64 ts;	 /* boot clock, nanoseconds */
 	__u64 location;	 /* the kernel address that freed the packet */
 	__u32 reason;	 /* enum skb_drop_reason of the running kernel */
-	__u32 ifindex;	 /* the packet's device (0: none) */
+	__u32 ifindex;	 /* the packet's device, in its own namespace (0: none) */
 	__be32 saddr[4]; /* network order; IPv4 in [0] */
 	__be32 daddr[4];
 	__be16 sport;	 /* network order; 0 without ports */
@@ -32,7 +36,6 @@ _Static_assert(sizeof(struct kdrop_event) == 64, "kdrop_event size");
 struct kdrop_layout {
 	__u32 arg_reason;	  /* the reason's position among the tracepoint's arguments */
 	__u32 reason_min;	  /* reasons below it are not drops (not dropped, consumed, unspecified) */
-	__u32 netns_inum;	  /* only drops in this network namespace */
 	__u32 skb_dev;		  /* struct sk_buff: dev */
 	__u32 skb_sk;		  /* sk */
 	__u32 skb_head;		  /* head */

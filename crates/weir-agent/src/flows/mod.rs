@@ -409,16 +409,17 @@ fn netns_pods(dir: &std::path::Path) -> HashMap<u64, (String, Vec<IpAddr>)> {
         .collect()
 }
 
-/// Starts the thread that drains the kernel's drops in the node's network namespace into
-/// `log`, and keeps `weir_kernel_drops_total` (the kernel's per-reason counts) and
-/// `weir_kernel_drop_events_lost_total` up to date. A kernel without drop reasons or BTF
-/// leaves a warning, not a failure.
+/// Starts the thread that drains the kernel's drops in the node's network namespace and the
+/// local pods' into `log`, and keeps `weir_kernel_drops_total` (the kernel's per-reason
+/// counts) and `weir_kernel_drop_events_lost_total` up to date. A kernel without drop
+/// reasons or BTF leaves a warning, not a failure.
 pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
     let ns = pods
         .config
         .netns
         .clone()
         .unwrap_or_else(|| "/proc/self/ns/net".into());
+    let endpoint_dir = pods.config.endpoint_dir.clone();
     let opened = crate::ring::spawn(
         "weir-kdrops",
         "the kernel's drop events",
@@ -432,9 +433,16 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
                 drops,
                 rb,
                 seen: Mutex::default(),
+                pods: Mutex::new(WatchedPods {
+                    endpoint_dir,
+                    node: inum,
+                    inums: Default::default(),
+                    synced: None,
+                }),
             })
         },
         |r, wait| {
+            r.pods.lock().expect("watched pods").sync(&r.drops);
             crate::ring::drain(&r.rb, wait)?;
             r.count();
             Ok::<(), weir_bpf::LibbpfError>(())
@@ -445,11 +453,58 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
     }
 }
 
-/// The kernel drop program, its event reader, and the counts last turned into metrics.
+/// The kernel drop program, its event reader, the counts last turned into metrics, and the
+/// pods whose namespaces it watches.
 struct KernelDropReader {
     drops: KernelDrops,
     rb: weir_bpf::RingBuffer<'static>,
     seen: Mutex<HashMap<(bool, String), u64>>,
+    pods: Mutex<WatchedPods>,
+}
+
+/// The local pods' network namespaces the kernel drop program watches, besides the node's:
+/// those of the endpoint records, read again at most every [`PODS_PERIOD`].
+struct WatchedPods {
+    endpoint_dir: std::path::PathBuf,
+    node: u32,
+    inums: std::collections::BTreeSet<u32>,
+    synced: Option<std::time::Instant>,
+}
+
+/// How often the kernel drop reader looks for pods come and gone.
+const PODS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl WatchedPods {
+    /// Watches the namespaces of pods come since the last time, and no more those of pods
+    /// gone (their drops counted so far stay counted).
+    fn sync(&mut self, drops: &KernelDrops) {
+        if self.synced.is_some_and(|t| t.elapsed() < PODS_PERIOD) {
+            return;
+        }
+        self.synced = Some(std::time::Instant::now());
+        let (records, _) = weir_model::endpoint::EndpointRecord::read_dir(&self.endpoint_dir);
+        let live: std::collections::BTreeSet<u32> = records
+            .iter()
+            .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())
+            .map(|r| r.netns_inode as u32)
+            .filter(|&i| i != self.node)
+            .collect();
+        for gone in self.inums.difference(&live) {
+            drops.unwatch(*gone);
+        }
+        self.inums.retain(|i| live.contains(i));
+        for inum in live {
+            if self.inums.contains(&inum) {
+                continue;
+            }
+            match drops.watch(inum) {
+                Ok(()) => {
+                    self.inums.insert(inum);
+                }
+                Err(e) => tracing::warn!(error = %e, inum, "watching a pod's kernel drops"),
+            }
+        }
+    }
 }
 
 impl KernelDropReader {
