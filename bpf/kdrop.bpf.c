@@ -154,6 +154,7 @@ int kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 	ev->ts = bpf_ktime_get_boot_ns();
 	ev->location = ctx->args[1];
 	ev->reason = reason;
+	ev->netns = inum;
 	dev = read_ptr(skb, layout.skb_dev);
 	if (dev)
 		bpf_probe_read_kernel(&ev->ifindex, sizeof(ev->ifindex), dev + layout.dev_ifindex);

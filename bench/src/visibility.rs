@@ -86,18 +86,18 @@ impl Readers {
             })?;
             drop(dp);
             let parts = parts();
-            // The summaries on a thread of their own, read as the agent reads them.
-            let traces = (full && parts.contains("trace"))
-                .then(|| summaries_thread(&pods, &log, &st, &tk))
-                .transpose()?;
-            let [node, client, server] = inums;
-            let (node, client, server) = (node?, client?, server?);
+            let inum = |i: usize| -> Result<u32> {
+                inums[i]
+                    .as_ref()
+                    .copied()
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            };
             let mut kdrops = None;
             if full && parts.contains("kdrop") {
                 // The node's namespace and the pods', as the agent watches them.
-                let kd = weir_bpf::kdrop::KernelDrops::load(node)?;
-                kd.watch(client)?;
-                kd.watch(server)?;
+                let kd = weir_bpf::kdrop::KernelDrops::load(inum(0)?)?;
+                kd.watch(inum(1)?)?;
+                kd.watch(inum(2)?)?;
                 let (l3, k3) = (log.clone(), tk.clone());
                 let krb = kd.events(move |d| {
                     l3.lock().expect("log").push_kernel_drop(&d);
@@ -108,10 +108,15 @@ impl Readers {
             let mut tcp = None;
             if full && parts.contains("tcp") {
                 let th = weir_bpf::tcp_health::TcpHealth::load()?;
-                th.watch(client, 0)?;
-                th.watch(server, 1)?;
+                th.watch(inum(1)?, 0)?;
+                th.watch(inum(2)?, 1)?;
                 tcp = Some(th);
             }
+            // The summaries on a thread of their own, read as the agent reads them: started
+            // last, so that a failure before leaves no thread whose stop nobody gives.
+            let traces = (full && parts.contains("trace"))
+                .then(|| summaries_thread(&pods, &log, &st, &tk))
+                .transpose()?;
             let _ = ready_tx.send(());
             let (cpu0, wall0) = (thread_cpu_us(), Instant::now());
             let mut on = full;

@@ -303,7 +303,8 @@ _Static_assert(sizeof(struct trace_key) == 44 && __builtin_offsetof(struct trace
 
 /*
  * Way `i` of `set` in the order a flow searches it: from the first, or with `down` the last
- * (i ^ 3 is 3 - i: arithmetic, not a branch, so the verifier walks one path).
+ * (i ^ 3 is 3 - i: the index is arithmetic, not a choice between two, so the verifier walks
+ * each way's access once).
  */
 static __always_inline struct trace_rec *trace_way(struct trace_set *set, bool down, int i)
 {

@@ -7,7 +7,8 @@ use std::time::Duration;
 pub const POLL_WAIT: Duration = Duration::from_millis(200);
 
 /// Starts thread `name`: `open` makes the reader there; `poll` waits (up to [`POLL_WAIT`])
-/// for and handles the events of one round. Returns once the reader is open, or why it could not be.
+/// for and handles the events of one round. Returns once the reader is open, or why it
+/// could not be.
 pub fn spawn<R, E1, E2, O, P>(
     name: &str,
     what: &'static str,

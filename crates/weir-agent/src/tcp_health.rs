@@ -155,7 +155,7 @@ fn pass(th: &TcpHealth, w: &mut Watch, pods: &Pods, log: &Arc<Mutex<FlowLog>>) {
 }
 
 /// The pods of endpoint records, by uid (those whose namespace is known).
-fn live_pods(records: &[EndpointRecord]) -> BTreeMap<&str, &EndpointRecord> {
+pub(crate) fn live_pods(records: &[EndpointRecord]) -> BTreeMap<&str, &EndpointRecord> {
     records
         .iter()
         .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())

@@ -1,9 +1,9 @@
 //! Kernel drops (`bpf/kdrop.bpf.c`): packets the kernel frees with a drop reason, from the
-//! `skb:kfree_skb` tracepoint, in the network namespaces it watches. Everything that changes between
-//! kernels is read from the running kernel's BTF when loading: the tracepoint's arguments
-//! (where the reason is), the offsets of the `sk_buff`, `net_device`, `sock` and `net` fields
-//! the program reads, and the `enum skb_drop_reason` names and values. Nothing of it is
-//! compiled in.
+//! `skb:kfree_skb` tracepoint, in the network namespaces it watches. Everything that changes
+//! between kernels is read from the running kernel's BTF when loading: the tracepoint's
+//! arguments (where the reason is), the offsets of the `sk_buff`, `net_device`, `sock` and
+//! `net` fields the program reads, and the `enum skb_drop_reason` names and values. Nothing
+//! of it is compiled in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::mem::MaybeUninit;
@@ -41,8 +41,11 @@ pub struct KernelDrop {
     pub ts: u64,
     /// The reason's name in the running kernel (`NETFILTER_DROP`, `NO_SOCKET`, ...).
     pub reason: String,
-    /// The packet's device (0: none).
+    /// The packet's device: its index in the namespace the drop happened in, a pod's
+    /// possibly, so not necessarily a node device (0: none).
     pub ifindex: u32,
+    /// The inode of the network namespace the drop happened in (the node's or a pod's).
+    pub netns: u32,
     /// IP protocol (0 when the packet is not IP).
     pub proto: u8,
     /// Source and destination (None when the packet is not IP); ports 0 without ports.
@@ -52,7 +55,8 @@ pub struct KernelDrop {
 }
 
 /// The program, attached (unless detached with [`KernelDrops::set_attached`]), counting the
-/// drops of one network namespace.
+/// drops of the network namespaces it watches (`weir_kdrop_netns`: the one given to
+/// [`KernelDrops::load`] and those added with [`KernelDrops::watch`]).
 pub struct KernelDrops {
     skel: KdropSkel<'static>,
     link: Option<Link>,
@@ -258,10 +262,10 @@ impl KernelDrops {
     }
 }
 
-/// A `struct kdrop_event` (weir/api/kdrop.h: 64 bytes, host order but for the addresses and
+/// A `struct kdrop_event` (weir/api/kdrop.h: 72 bytes, host order but for the addresses and
 /// ports).
 fn decode(d: &[u8], names: &HashMap<u32, String>) -> Option<KernelDrop> {
-    if d.len() < 64 {
+    if d.len() < 72 {
         return None;
     }
     let u64_at = |o: usize| u64::from_ne_bytes(d[o..o + 8].try_into().expect("8 bytes"));
@@ -286,6 +290,7 @@ fn decode(d: &[u8], names: &HashMap<u32, String>) -> Option<KernelDrop> {
             .cloned()
             .unwrap_or_else(|| format!("REASON_{reason}")),
         ifindex: u32_at(20),
+        netns: u32_at(64),
         proto,
         src: addr(24).map(|a| (a, port_at(56))),
         dst: addr(40).map(|a| (a, port_at(58))),

@@ -34,7 +34,7 @@ pub struct EndpointRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ifname: String,
     /// The inode number of the pod's network namespace (0: not known), which the TCP
-    /// health counters are kept by.
+    /// health counters are kept by and the kernel drop program watches.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub netns_inode: u64,
     /// The cookie of the pod's network namespace (0: not known), which the socket layer's

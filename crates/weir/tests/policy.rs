@@ -140,8 +140,12 @@ fn observe_allowed(lab: &Lab) {
 /// `weir observe` shows the drops of default-deny-ingress in x: pods, port, direction and
 /// reason, from both nodes; `--follow` prints new ones as they happen.
 fn observe_drops(lab: &Lab) {
+    // Policy drops (kernel drops in the pods' namespaces, at connections' ends, are dropped
+    // flows too).
     let out = run(&mut lab.weir(&[
         "observe",
+        "--type",
+        "policy-verdict",
         "--verdict",
         "dropped",
         "--pod",
@@ -206,7 +210,17 @@ fn observe_drops(lab: &Lab) {
         recs.iter().filter_map(|r| r["node"].as_str()).collect();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
 
-    let out = run(&mut lab.weir(&["observe", "--verdict", "dropped", "-n", "x", "--last", "1"]));
+    let out = run(&mut lab.weir(&[
+        "observe",
+        "--type",
+        "policy-verdict",
+        "--verdict",
+        "dropped",
+        "-n",
+        "x",
+        "--last",
+        "1",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.lines().count() == 1 && text.contains("DROPPED (DROP_POLICY_DENIED)"),
@@ -221,6 +235,8 @@ fn observe_drops(lab: &Lab) {
             "-f",
             "--pod",
             "x/b",
+            "--type",
+            "policy-verdict",
             "--verdict",
             "dropped",
             "-o",

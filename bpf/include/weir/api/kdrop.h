@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Kernel drops (kdrop.bpf.c): packets the kernel frees with a drop reason (tracepoint
- * skb:kfree_skb), in the network namespaces the loader watches (the node's and its pods'):
- * weir_kdrop_netns. Shared with userspace
- * (crates/weir-bpf/src/kdrop.rs reads the types from the object's BTF).
+ * skb:kfree_skb), in the network namespaces the loader watches (weir_kdrop_netns: the
+ * node's and its pods'). Shared with userspace (crates/weir-bpf/src/kdrop.rs reads the
+ * types from the object's BTF).
  */
 #ifndef WEIR_API_KDROP_H
 #define WEIR_API_KDROP_H
@@ -26,8 +26,10 @@ struct kdrop_event {
 	__u8 family;	 /* 4, 6, or 0 when not IP */
 	__u8 proto;	 /* IP protocol */
 	__u16 pad;
+	__u32 netns;	 /* the inode of the network namespace it was dropped in */
+	__u32 pad2;
 };
-_Static_assert(sizeof(struct kdrop_event) == 64, "kdrop_event size");
+_Static_assert(sizeof(struct kdrop_event) == 72, "kdrop_event size");
 
 /*
  * Where the loader found things in the running kernel (its BTF), written into the program's

@@ -133,7 +133,8 @@ enum Raw {
     /// With the policies that allowed it, per direction (`WEIR_DIR_*`), resolved on arrival.
     Verdict(flow_event, [Option<Origin>; 2]),
     Drop(DropEvent),
-    KernelDrop(Box<KernelDrop>),
+    /// With its direction, worked out on arrival.
+    KernelDrop(Box<(KernelDrop, &'static str)>),
     Trace(TraceEvent),
     /// With the client's address, when its network namespace is a known pod's.
     Sock(SockEvent, Option<IpAddr>),
@@ -367,6 +368,9 @@ pub struct FlowLog {
     /// A pod network namespace's cookie -> the pod (`namespace/name`) and its addresses
     /// (kept by the socket events' reader).
     pub netns_pods: HashMap<u64, (String, Vec<IpAddr>)>,
+    /// A local pod network namespace's inode -> the pod's addresses (kept by the kernel
+    /// drops' reader): which way a drop in a pod's namespace went.
+    pub kdrop_pods: HashMap<u32, Vec<IpAddr>>,
 }
 
 fn identity_kind(id: u32) -> &'static str {
@@ -472,6 +476,7 @@ impl FlowLog {
             live_origins: Vec::new(),
             frontends: HashMap::new(),
             netns_pods: HashMap::new(),
+            kdrop_pods: HashMap::new(),
         }
     }
 
@@ -636,9 +641,14 @@ impl FlowLog {
 
     /// Records one packet the kernel dropped (IP packets only: the others are counted in
     /// the metrics alone). Drops by tc and XDP programs are weir's own programs' under eBPF,
-    /// which report them with their reason: counted in the metrics, not logged twice.
+    /// which report them with their reason, and a queue purged at teardown lost no packet on
+    /// its way: counted in the metrics, not logged.
     pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
-        if matches!(d.reason.as_str(), "TC_INGRESS" | "TC_EGRESS" | "XDP") {
+        // A purged queue: a socket closed with data unread, a device going down.
+        if matches!(
+            d.reason.as_str(),
+            "TC_INGRESS" | "TC_EGRESS" | "XDP" | "QUEUE_PURGE"
+        ) {
             return;
         }
         let (Some(src), Some(dst)) = (d.src, d.dst) else {
@@ -646,10 +656,15 @@ impl FlowLog {
         };
         let ends = self.ends(Some(src.0), Some(dst.0));
         let (s, t) = (ends.0.as_ref(), ends.1.as_ref());
-        let dir = direction_of(s, t);
+        // Dropped in a local pod's namespace: from the pod when it sent it, else to it.
+        let dir = match self.kdrop_pods.get(&d.netns) {
+            Some(ips) if ips.contains(&src.0) => "egress",
+            Some(ips) if ips.contains(&dst.0) => "ingress",
+            _ => direction_of(s, t),
+        };
         self.counters
             .flow("kernel-drop", "dropped", &d.reason, dir, (s, t));
-        let raw = Raw::KernelDrop(Box::new(d.clone()));
+        let raw = Raw::KernelDrop(Box::new((d.clone(), dir)));
         self.add(d.ts, ends, raw);
     }
 
@@ -852,10 +867,12 @@ impl FlowLog {
                 rec.reason = reason_name(code);
                 rec.reason_text = reason_description(code);
             }
-            Raw::KernelDrop(d) => {
+            Raw::KernelDrop(b) => {
+                let (d, dir) = &**b;
                 let sock = |a: Option<(IpAddr, u16)>| a.map(|(ip, port)| SocketAddr::new(ip, port));
                 let ends = (sock(d.src), sock(d.dst));
                 self.render_drop(&mut rec, e, ("kernel-drop", ends.0, ends.1, d.proto));
+                rec.direction = (*dir).into();
                 rec.reason = d.reason.clone();
                 rec.reason_text = kernel_reason_text(&d.reason);
             }

@@ -2,8 +2,8 @@
 //! verdicts `weir_events`; drops of weir's programs `weir_drop_events`; forwarding summaries
 //! of the tc and XDP programs `weir_trace_events` and `_1` to `_3` (a ring per CPU modulo
 //! four, read together by [`SummaryReader`]); the socket layer's translations
-//! `weir_sock_events`; the kernel's drops in the node's network namespace,
-//! `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
+//! `weir_sock_events`; the kernel's drops in the node's network namespace and the local
+//! pods', `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
 //! as they are when the event arrives. `GET /flows?since=SEQ` hands out what came after
 //! `SEQ`.
 
@@ -77,7 +77,8 @@ pub struct FlowRecord {
     pub reason: String,
     /// Which pod's policy decided: `ingress` (the destination's) or `egress` (the source's);
     /// for a drop, `ingress` when the destination is a local pod, `egress` when the source
-    /// is, else `node`.
+    /// is, else `node` (a kernel drop in a local pod's own namespace: `egress` when the pod
+    /// sent the packet, `ingress` when it was for it).
     pub direction: String,
     /// The reason in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -426,8 +427,9 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
         move || -> Result<KernelDropReader, String> {
             let inum = weir_bpf::kdrop::netns_inum(&ns).map_err(|e| e.to_string())?;
             let drops = KernelDrops::load(inum).map_err(|e| e.to_string())?;
+            let events_log = log.clone();
             let rb = drops
-                .events(move |d| log.lock().expect("flow log").push_kernel_drop(&d))
+                .events(move |d| events_log.lock().expect("flow log").push_kernel_drop(&d))
                 .map_err(|e| e.to_string())?;
             Ok(KernelDropReader {
                 drops,
@@ -436,7 +438,9 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
                 pods: Mutex::new(WatchedPods {
                     endpoint_dir,
                     node: inum,
-                    inums: Default::default(),
+                    log,
+                    inums: BTreeMap::new(),
+                    failed: Default::default(),
                     synced: None,
                 }),
             })
@@ -467,7 +471,12 @@ struct KernelDropReader {
 struct WatchedPods {
     endpoint_dir: std::path::PathBuf,
     node: u32,
-    inums: std::collections::BTreeSet<u32>,
+    /// Where the watched pods' addresses go (`FlowLog::kdrop_pods`).
+    log: Arc<Mutex<FlowLog>>,
+    /// Watched: inode -> the pod's addresses.
+    inums: BTreeMap<u32, Vec<IpAddr>>,
+    /// Those that could not be watched (warned of once).
+    failed: std::collections::BTreeSet<u32>,
     synced: Option<std::time::Instant>,
 }
 
@@ -476,33 +485,46 @@ const PODS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl WatchedPods {
     /// Watches the namespaces of pods come since the last time, and no more those of pods
-    /// gone (their drops counted so far stay counted).
+    /// gone (their drops counted so far stay counted); the log learns their addresses.
     fn sync(&mut self, drops: &KernelDrops) {
         if self.synced.is_some_and(|t| t.elapsed() < PODS_PERIOD) {
             return;
         }
         self.synced = Some(std::time::Instant::now());
+        // A directory that cannot be read says nothing of the pods: all stay watched.
+        if std::fs::read_dir(&self.endpoint_dir).is_err() {
+            return;
+        }
         let (records, _) = weir_model::endpoint::EndpointRecord::read_dir(&self.endpoint_dir);
-        let live: std::collections::BTreeSet<u32> = records
-            .iter()
-            .filter(|r| r.netns_inode != 0 && !r.pod.is_empty())
-            .map(|r| r.netns_inode as u32)
-            .filter(|&i| i != self.node)
+        let live: BTreeMap<u32, Vec<IpAddr>> = crate::tcp_health::live_pods(&records)
+            .into_values()
+            .map(|r| (r.netns_inode as u32, r.ips.clone()))
+            .filter(|(i, _)| *i != self.node)
             .collect();
-        for gone in self.inums.difference(&live) {
+        self.failed.retain(|i| live.contains_key(i));
+        let before = self.inums.clone();
+        for gone in self.inums.keys().filter(|i| !live.contains_key(i)) {
             drops.unwatch(*gone);
         }
-        self.inums.retain(|i| live.contains(i));
-        for inum in live {
-            if self.inums.contains(&inum) {
+        self.inums.retain(|i, _| live.contains_key(i));
+        for (inum, ips) in live {
+            if self.inums.get(&inum) == Some(&ips) {
                 continue;
             }
             match drops.watch(inum) {
                 Ok(()) => {
-                    self.inums.insert(inum);
+                    self.failed.remove(&inum);
+                    self.inums.insert(inum, ips);
                 }
-                Err(e) => tracing::warn!(error = %e, inum, "watching a pod's kernel drops"),
+                Err(e) if self.failed.insert(inum) => {
+                    tracing::warn!(error = %e, inum, "watching a pod's kernel drops")
+                }
+                Err(_) => {}
             }
+        }
+        if self.inums != before {
+            self.log.lock().expect("flow log").kdrop_pods =
+                self.inums.clone().into_iter().collect();
         }
     }
 }
@@ -902,6 +924,7 @@ mod tests {
             ts: 0,
             reason: "NETFILTER_DROP".into(),
             ifindex: 3,
+            netns: 1,
             proto: 6,
             src: Some((src.parse().unwrap(), 40000)),
             dst: Some((dst.parse().unwrap(), 8080)),
@@ -914,11 +937,30 @@ mod tests {
             reason: "TC_INGRESS".into(),
             ..drop("172.30.0.2", "10.244.1.5")
         });
+        // A queue purged at teardown: no packet lost on its way, not logged.
+        log.push_kernel_drop(&KernelDrop {
+            reason: "QUEUE_PURGE".into(),
+            ..drop("172.30.0.2", "10.244.1.5")
+        });
         // Not IP (an ARP frame): counted in the metrics, not logged.
         log.push_kernel_drop(&KernelDrop {
             src: None,
             dst: None,
             ..drop("0.0.0.0", "0.0.0.0")
+        });
+        // In pod x/a's own namespace: from it when it sent it, though the destination is a
+        // pod too.
+        log.pod_names
+            .insert("10.244.1.6".parse().unwrap(), "x/b".into());
+        log.kdrop_pods
+            .insert(7, vec!["10.244.1.5".parse().unwrap()]);
+        log.push_kernel_drop(&KernelDrop {
+            netns: 7,
+            ..drop("10.244.1.5", "10.244.1.6")
+        });
+        log.push_kernel_drop(&KernelDrop {
+            netns: 7,
+            ..drop("10.244.1.6", "10.244.1.5")
         });
         let p = log.since(0);
         let got: Vec<(&str, String, Option<&str>)> = p
@@ -946,6 +988,8 @@ mod tests {
                 ("ingress", "172.30.0.2".to_string(), Some("x/a")),
                 ("egress", "10.244.1.5".to_string(), None),
                 ("node", "172.30.0.2".to_string(), None),
+                ("egress", "10.244.1.5".to_string(), Some("x/b")),
+                ("ingress", "10.244.1.6".to_string(), Some("x/a")),
             ]
         );
     }
