@@ -23,7 +23,8 @@ fn send(n: usize, port: u16) {
 fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
     let a = Netns::new("kd-a");
     let b = Netns::new("kd-b");
-    let drops = KernelDrops::load(netns_inum(a.path().as_ref()).expect("inum")).expect("load");
+    let a_inum = netns_inum(a.path().as_ref()).expect("inum");
+    let drops = KernelDrops::load(a_inum).expect("load");
     let seen: Arc<Mutex<Vec<KernelDrop>>> = Arc::default();
     let s2 = seen.clone();
     let events = drops
@@ -63,6 +64,7 @@ fn netfilter_and_socket_drops_are_counted_by_the_kernels_reason_names() {
     let no_socket = seen.iter().find(|d| d.reason == "NO_SOCKET").unwrap();
     assert_eq!(no_socket.dst.map(|d| d.1), Some(9998));
     assert_eq!(no_socket.ifindex, 1, "{no_socket:?}");
+    assert!(seen.iter().all(|d| d.netns == a_inum), "{seen:?}");
 }
 
 /// A namespace watched after the load (a pod's) has its drops counted from then on, and no

@@ -712,11 +712,13 @@ fn observed_across_the_clusterset(set: &ClusterSet) {
     set.c(1)
         .eventually("both clusters' flows", Duration::from_secs(10), || {
             all = flows(&[]);
-            all.iter()
-                .any(|f| f["node"] == "c1/node-1" && f["verdict"] == "dropped")
-                && all
-                    .iter()
-                    .any(|f| f["node"] == "c2/node-1" && f["event"] == "trace")
+            all.iter().any(|f| {
+                f["node"] == "c1/node-1"
+                    && f["event"] == "policy-verdict"
+                    && f["verdict"] == "dropped"
+            }) && all
+                .iter()
+                .any(|f| f["node"] == "c2/node-1" && f["event"] == "trace")
         });
     let times: Vec<&str> = all.iter().map(|f| f["time"].as_str().unwrap()).collect();
     let parsed: Vec<jiff::Timestamp> = times.iter().map(|t| t.parse().unwrap()).collect();

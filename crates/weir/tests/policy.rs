@@ -137,24 +137,26 @@ fn observe_allowed(lab: &Lab) {
     }
 }
 
-/// `weir observe` shows the drops of default-deny-ingress in x: pods, port, direction and
-/// reason, from both nodes; `--follow` prints new ones as they happen.
-fn observe_drops(lab: &Lab) {
-    // Policy drops (kernel drops in the pods' namespaces, at connections' ends, are dropped
-    // flows too).
-    let out = run(&mut lab.weir(&[
+/// `weir observe`'s arguments for policy drops (kernel drops in the pods' namespaces, at
+/// connections' ends, are dropped flows too), then `more`.
+fn policy_drops(more: &[&'static str]) -> Vec<&'static str> {
+    let mut a = vec![
         "observe",
         "--type",
         "policy-verdict",
         "--verdict",
         "dropped",
-        "--pod",
-        "x/a",
-        "--last",
-        "5000",
-        "-o",
-        "json",
-    ]));
+    ];
+    a.extend_from_slice(more);
+    a
+}
+
+/// `weir observe` shows the drops of default-deny-ingress in x: pods, port, direction and
+/// reason, from both nodes; `--follow` prints new ones as they happen.
+fn observe_drops(lab: &Lab) {
+    let out = run(&mut lab.weir(&policy_drops(&[
+        "--pod", "x/a", "--last", "5000", "-o", "json",
+    ])));
     assert!(
         out.status.success(),
         "{}",
@@ -210,17 +212,7 @@ fn observe_drops(lab: &Lab) {
         recs.iter().filter_map(|r| r["node"].as_str()).collect();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
 
-    let out = run(&mut lab.weir(&[
-        "observe",
-        "--type",
-        "policy-verdict",
-        "--verdict",
-        "dropped",
-        "-n",
-        "x",
-        "--last",
-        "1",
-    ]));
+    let out = run(&mut lab.weir(&policy_drops(&["-n", "x", "--last", "1"])));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.lines().count() == 1 && text.contains("DROPPED (DROP_POLICY_DENIED)"),
@@ -230,18 +222,7 @@ fn observe_drops(lab: &Lab) {
     // Following: a new drop shows up while the command runs.
     use std::io::BufRead;
     let mut child = lab
-        .weir(&[
-            "observe",
-            "-f",
-            "--pod",
-            "x/b",
-            "--type",
-            "policy-verdict",
-            "--verdict",
-            "dropped",
-            "-o",
-            "json",
-        ])
+        .weir(&policy_drops(&["-f", "--pod", "x/b", "-o", "json"]))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -29,7 +29,9 @@ struct kdrop_event {
 	__u32 netns;	 /* the inode of the network namespace it was dropped in */
 	__u32 pad2;
 };
-_Static_assert(sizeof(struct kdrop_event) == 72, "kdrop_event size");
+_Static_assert(sizeof(struct kdrop_event) == 72 &&
+		       __builtin_offsetof(struct kdrop_event, netns) == 64,
+	       "kdrop_event's layout: kdrop.rs decode reads these offsets");
 
 /*
  * Where the loader found things in the running kernel (its BTF), written into the program's

@@ -641,14 +641,9 @@ impl FlowLog {
 
     /// Records one packet the kernel dropped (IP packets only: the others are counted in
     /// the metrics alone). Drops by tc and XDP programs are weir's own programs' under eBPF,
-    /// which report them with their reason, and a queue purged at teardown lost no packet on
-    /// its way: counted in the metrics, not logged.
+    /// which report them with their reason: counted in the metrics, not logged twice.
     pub fn push_kernel_drop(&mut self, d: &KernelDrop) {
-        // A purged queue: a socket closed with data unread, a device going down.
-        if matches!(
-            d.reason.as_str(),
-            "TC_INGRESS" | "TC_EGRESS" | "XDP" | "QUEUE_PURGE"
-        ) {
+        if matches!(d.reason.as_str(), "TC_INGRESS" | "TC_EGRESS" | "XDP") {
             return;
         }
         let (Some(src), Some(dst)) = (d.src, d.dst) else {

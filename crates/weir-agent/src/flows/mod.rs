@@ -335,6 +335,12 @@ pub fn kernel_reason_text(name: &str) -> String {
         "PKT_TOO_BIG" => "larger than the path's MTU",
         "IP_RPFILTER" => "reverse path filtering refused its source",
         "OTHERHOST" => "it was not for this host",
+        "QUEUE_PURGE" => {
+            "a queue was emptied with it (a socket closed with data unread, a device or \
+             neighbour flushed)"
+        }
+        "TCP_CLOSE" => "it came for a TCP connection already closed",
+        "SOCKET_CLOSE" => "its socket was closed",
         _ => "",
     };
     if !said.is_empty() {
@@ -446,9 +452,10 @@ pub fn spawn_kernel_drops(pods: Arc<Pods>, log: Arc<Mutex<FlowLog>>) {
             })
         },
         |r, wait| {
-            r.pods.lock().expect("watched pods").sync(&r.drops);
+            // Drained first: a pod gone meanwhile is still known to its last drops.
             crate::ring::drain(&r.rb, wait)?;
             r.count();
+            r.pods.lock().expect("watched pods").sync(&r.drops);
             Ok::<(), weir_bpf::LibbpfError>(())
         },
     );
@@ -495,7 +502,7 @@ impl WatchedPods {
         if std::fs::read_dir(&self.endpoint_dir).is_err() {
             return;
         }
-        let (records, _) = weir_model::endpoint::EndpointRecord::read_dir(&self.endpoint_dir);
+        let (records, bad) = weir_model::endpoint::EndpointRecord::read_dir(&self.endpoint_dir);
         let live: BTreeMap<u32, Vec<IpAddr>> = crate::tcp_health::live_pods(&records)
             .into_values()
             .map(|r| (r.netns_inode as u32, r.ips.clone()))
@@ -503,12 +510,16 @@ impl WatchedPods {
             .collect();
         self.failed.retain(|i| live.contains_key(i));
         let before = self.inums.clone();
-        for gone in self.inums.keys().filter(|i| !live.contains_key(i)) {
-            drops.unwatch(*gone);
+        // A record that does not parse may be a live pod's: nothing is unwatched then.
+        if bad.is_empty() {
+            for gone in self.inums.keys().filter(|i| !live.contains_key(i)) {
+                drops.unwatch(*gone);
+            }
+            self.inums.retain(|i, _| live.contains_key(i));
         }
-        self.inums.retain(|i, _| live.contains_key(i));
         for (inum, ips) in live {
-            if self.inums.get(&inum) == Some(&ips) {
+            if let Some(had) = self.inums.get_mut(&inum) {
+                *had = ips; // watched already: its addresses may have changed
                 continue;
             }
             match drops.watch(inum) {
@@ -935,11 +946,6 @@ mod tests {
         // A tc program's drop (weir's own, which reports it itself): not logged.
         log.push_kernel_drop(&KernelDrop {
             reason: "TC_INGRESS".into(),
-            ..drop("172.30.0.2", "10.244.1.5")
-        });
-        // A queue purged at teardown: no packet lost on its way, not logged.
-        log.push_kernel_drop(&KernelDrop {
-            reason: "QUEUE_PURGE".into(),
             ..drop("172.30.0.2", "10.244.1.5")
         });
         // Not IP (an ARP frame): counted in the metrics, not logged.
