@@ -649,14 +649,20 @@ impl FlowLog {
         let (Some(src), Some(dst)) = (d.src, d.dst) else {
             return;
         };
-        let ends = self.ends(Some(src.0), Some(dst.0));
-        let (s, t) = (ends.0.as_ref(), ends.1.as_ref());
-        // Dropped in a local pod's namespace: from the pod when it sent it, else to it.
-        let dir = match self.kdrop_pods.get(&d.netns) {
+        let mut ends = self.ends(Some(src.0), Some(dst.0));
+        // Dropped in a local pod's namespace: from the pod when it sent it, to it when it was
+        // for it, else (its loopback, say) the pod's own, named as the source.
+        let in_pod = self.kdrop_pods.get(&d.netns).cloned();
+        let dir = match in_pod {
             Some(ips) if ips.contains(&src.0) => "egress",
             Some(ips) if ips.contains(&dst.0) => "ingress",
-            _ => direction_of(s, t),
+            Some(ips) => {
+                ends.0 = ips.first().and_then(|ip| self.pod_at(*ip));
+                "egress"
+            }
+            None => direction_of(ends.0.as_ref(), ends.1.as_ref()),
         };
+        let (s, t) = (ends.0.as_ref(), ends.1.as_ref());
         self.counters
             .flow("kernel-drop", "dropped", &d.reason, dir, (s, t));
         let raw = Raw::KernelDrop(Box::new((d.clone(), dir)));

@@ -78,7 +78,8 @@ pub struct FlowRecord {
     /// Which pod's policy decided: `ingress` (the destination's) or `egress` (the source's);
     /// for a drop, `ingress` when the destination is a local pod, `egress` when the source
     /// is, else `node` (a kernel drop in a local pod's own namespace: `egress` when the pod
-    /// sent the packet, `ingress` when it was for it).
+    /// sent the packet, `ingress` when it was for it, `egress` with the pod as the source
+    /// when neither end is its address, as on its loopback).
     pub direction: String,
     /// The reason in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -968,6 +969,11 @@ mod tests {
             netns: 7,
             ..drop("10.244.1.6", "10.244.1.5")
         });
+        // Its loopback: the pod's own, named as the source.
+        log.push_kernel_drop(&KernelDrop {
+            netns: 7,
+            ..drop("127.0.0.1", "127.0.0.1")
+        });
         let p = log.since(0);
         let got: Vec<(&str, String, Option<&str>)> = p
             .flows
@@ -996,7 +1002,10 @@ mod tests {
                 ("node", "172.30.0.2".to_string(), None),
                 ("egress", "10.244.1.5".to_string(), Some("x/b")),
                 ("ingress", "10.244.1.6".to_string(), Some("x/a")),
+                ("egress", "127.0.0.1".to_string(), None),
             ]
         );
+        let own = p.flows.last().unwrap();
+        assert_eq!(own.source.pod.as_deref(), Some("x/a"), "{own:?}");
     }
 }
