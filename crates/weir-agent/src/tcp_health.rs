@@ -24,8 +24,9 @@ use crate::pods::Pods;
 
 /// How often the counters are read.
 const PERIOD: Duration = Duration::from_secs(3);
-/// How often new pods are looked for (a pod's first connects come soon after its start).
-const NEW_PODS_PERIOD: Duration = Duration::from_millis(500);
+/// How often new pods are looked for (a pod's first connects come soon after its start; the
+/// kernel drop reader looks as often).
+pub(crate) const NEW_PODS_PERIOD: Duration = Duration::from_millis(500);
 
 /// One watched pod: its slot, namespace inode, addresses, labels and the counters last read.
 struct Watched {

@@ -3,9 +3,9 @@
 //! of the tc and XDP programs `weir_trace_events` and `_1` to `_3` (a ring per CPU modulo
 //! four, read together by [`SummaryReader`]); the socket layer's translations
 //! `weir_sock_events`; the kernel's drops in the node's network namespace and the local
-//! pods', `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the addresses
-//! as they are when the event arrives. `GET /flows?since=SEQ` hands out what came after
-//! `SEQ`.
+//! pods', `weir_bpf::kdrop`) into a bounded log ([`FlowLog`]), naming the pods behind the
+//! addresses as they are when the event arrives. `GET /flows?since=SEQ` hands out what came
+//! after `SEQ`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -475,7 +475,8 @@ struct KernelDropReader {
 }
 
 /// The local pods' network namespaces the kernel drop program watches, besides the node's:
-/// those of the endpoint records, read again at most every [`PODS_PERIOD`].
+/// those of the endpoint records, read again at most every `NEW_PODS_PERIOD` (as TCP health
+/// reads them).
 struct WatchedPods {
     endpoint_dir: std::path::PathBuf,
     node: u32,
@@ -488,19 +489,19 @@ struct WatchedPods {
     synced: Option<std::time::Instant>,
 }
 
-/// How often the kernel drop reader looks for pods come and gone.
-const PODS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
-
 impl WatchedPods {
     /// Watches the namespaces of pods come since the last time, and no more those of pods
     /// gone (their drops counted so far stay counted); the log learns their addresses.
     fn sync(&mut self, drops: &KernelDrops) {
-        if self.synced.is_some_and(|t| t.elapsed() < PODS_PERIOD) {
+        if self
+            .synced
+            .is_some_and(|t| t.elapsed() < crate::tcp_health::NEW_PODS_PERIOD)
+        {
             return;
         }
         self.synced = Some(std::time::Instant::now());
-        // A directory that cannot be read says nothing of the pods: all stay watched.
-        if std::fs::read_dir(&self.endpoint_dir).is_err() {
+        // A directory not there says nothing of the pods: all stay watched.
+        if !self.endpoint_dir.is_dir() {
             return;
         }
         let (records, bad) = weir_model::endpoint::EndpointRecord::read_dir(&self.endpoint_dir);
