@@ -111,7 +111,7 @@ _Static_assert(sizeof(struct client) == 64, "a record is one cache line, a pair 
 
 /*
  * The records of watched client sockets, from SYN_SENT until they leave ESTABLISHED, in one
- * of the two records of the pair their socket's cookie hashes to: no allocation and no lock
+ * of the two records of the pair their socket's cookie names (record_at): no allocation and no lock
  * on the connect path. Two regions: a connect takes a record of its pair among the first
  * TCP_CLIENTS_NEW (512 KiB, which stays in cache while short connections come and go: the
  * whole 8 MiB as one region cost the connection rate about 1.5% in misses), a free one, else
@@ -189,13 +189,16 @@ static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_pee
 
 /*
  * The record `i` of the pair of the socket with `cookie` (whoever holds it) in the new
- * region, or with `held` in the held one; or NULL.
+ * region, or with `held` in the held one; or NULL. The pair is the cookie's own, not a hash
+ * of it: the kernel hands a CPU's sockets their cookies in runs of consecutive numbers, so
+ * a CPU's connects take consecutive pairs, which the CPU's prefetcher brings in ahead of
+ * them (hashed, each connect's pair was a cache miss: a quarter of sock_set_state's time).
  */
 static __always_inline struct client *record_at(__u64 cookie, bool held, __u32 i)
 {
-	__u64 h = hash64(cookie);
-	__u32 idx = held ? TCP_CLIENTS_NEW + (h & (TCP_CLIENTS_HELD - 2)) + i :
-			   (h & (TCP_CLIENTS_NEW - 2)) + i;
+	__u64 pair = cookie << 1;
+	__u32 idx = held ? TCP_CLIENTS_NEW + (pair & (TCP_CLIENTS_HELD - 2)) + i :
+			   (pair & (TCP_CLIENTS_NEW - 2)) + i;
 
 	return bpf_map_lookup_elem(&weir_tcp_clients, &idx);
 }
