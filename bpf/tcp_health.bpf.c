@@ -87,6 +87,14 @@ struct {
 	__type(value, __u32);
 } weir_tcp_netns SEC(".maps");
 
+/* The same, first looked for at the inode's low bits (see TCP_NETNS_FAST). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TCP_NETNS_FAST);
+	__type(key, __u32);
+	__type(value, struct tcp_netns_slot);
+} weir_tcp_netns_fast SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, TCP_HEALTH_SLOTS);
@@ -139,23 +147,42 @@ struct {
 	__type(value, struct tcp_counters);
 } weir_tcp_peers SEC(".maps");
 
-/* The slot of the namespace `net`, or NULL when it is not watched. */
-static __always_inline __u32 *slot_of_net(const struct net___weir *net)
+/* The slot of the namespace `net` into `*slot`; false when it is not watched. */
+static __always_inline bool slot_of_net(const struct net___weir *net, __u32 *slot)
 {
-	__u32 inum;
+	__u32 inum, idx, *s;
+	struct tcp_netns_slot *f;
+	union {
+		__u64 word;
+		struct tcp_netns_slot e;
+	} v;
 
 	if (!net)
-		return NULL;
+		return false;
 	inum = net->ns.inum;
-	return bpf_map_lookup_elem(&weir_tcp_netns, &inum);
+	idx = inum & (TCP_NETNS_FAST - 1);
+	f = bpf_map_lookup_elem(&weir_tcp_netns_fast, &idx);
+	if (f) {
+		/* One load: an entry the agent rewrites meanwhile is read old or new, not half. */
+		v.word = *(volatile __u64 *)f;
+		if (v.e.inum == inum && inum) {
+			*slot = v.e.slot;
+			return true;
+		}
+	}
+	s = bpf_map_lookup_elem(&weir_tcp_netns, &inum);
+	if (!s)
+		return false;
+	*slot = *s;
+	return true;
 }
 
 /* The counters of the namespace `net`, or NULL when it is not watched. */
 static __always_inline struct tcp_counters *counters_of_net(const struct net___weir *net)
 {
-	__u32 *slot = slot_of_net(net);
+	__u32 slot;
 
-	return slot ? bpf_map_lookup_elem(&weir_tcp_counters, slot) : NULL;
+	return slot_of_net(net, &slot) ? bpf_map_lookup_elem(&weir_tcp_counters, &slot) : NULL;
 }
 
 /* The counters of a client socket's peer (made on first use), or NULL. */
@@ -471,7 +498,7 @@ int sock_set_state(__u64 *ctx)
 	struct sock___weir *sk = (void *)ctx[0];
 	int oldstate = (int)ctx[1], newstate = (int)ctx[2];
 	struct client *cl, snap;
-	__u32 *slot;
+	__u32 slot;
 
 	/* The transitions counted: into SYN_SENT, out of SYN_SENT or ESTABLISHED. */
 	if (!sk || (newstate != TCP_SYN_SENT_ && oldstate != TCP_SYN_SENT_ &&
@@ -481,10 +508,9 @@ int sock_set_state(__u64 *ctx)
 		/* A TCP socket of a watched namespace starts to connect: record it. */
 		if (!bpf_skc_to_tcp_sock(sk))
 			return 0;
-		slot = slot_of_net(sk->__sk_common.skc_net.net);
-		if (!slot)
+		if (!slot_of_net(sk->__sk_common.skc_net.net, &slot))
 			return 0;
-		record_client(sk, bpf_get_socket_cookie(sk), *slot);
+		record_client(sk, bpf_get_socket_cookie(sk), slot);
 		return 0;
 	}
 	cl = client_of(sk, &snap);

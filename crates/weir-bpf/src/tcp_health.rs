@@ -28,11 +28,19 @@ mod tcp_health_skel {
 }
 
 pub use tcp_health_skel::types::tcp_counters;
-use tcp_health_skel::types::tcp_peer_key;
+use tcp_health_skel::types::{tcp_netns_slot, tcp_peer_key};
 use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
 
 /// How many namespaces can be watched.
 pub const SLOTS: u32 = 4096;
+
+/// Entries of `weir_tcp_netns_fast` (`TCP_NETNS_FAST`).
+const NETNS_FAST: u32 = 8192;
+
+/// The entry of `weir_tcp_netns_fast` where namespace `inum` is looked for first.
+fn fast_index(inum: u32) -> u32 {
+    inum & (NETNS_FAST - 1)
+}
 
 /// The programs, attached (unless detached with [`TcpHealth::set_attached`]).
 pub struct TcpHealth {
@@ -152,13 +160,21 @@ impl TcpHealth {
             .maps
             .weir_tcp_netns
             .update(&inum.to_ne_bytes(), &slot.to_ne_bytes(), MapFlags::ANY)
-            .map_err(lb("updating weir_tcp_netns"))
+            .map_err(lb("updating weir_tcp_netns"))?;
+        // In the fast entry too, unless another namespace has it.
+        match self.fast_entry(inum)? {
+            (held, _) if held == 0 || held == inum => self.set_fast_entry(inum, inum, slot),
+            _ => Ok(()),
+        }
     }
 
     /// Stops watching network namespace `inum` (in `slot`): its peers' counters go too, so
     /// that the slot's next namespace starts from nothing.
     pub fn unwatch(&self, inum: u32, slot: u32) {
         let _ = self.skel.maps.weir_tcp_netns.delete(&inum.to_ne_bytes());
+        if matches!(self.fast_entry(inum), Ok((held, _)) if held == inum) {
+            let _ = self.refill_fast_entry(inum);
+        }
         let peers = &self.skel.maps.weir_tcp_peers;
         let keys: Vec<Vec<u8>> = peers
             .keys()
@@ -166,6 +182,57 @@ impl TcpHealth {
             .collect();
         for k in keys {
             let _ = peers.delete(&k);
+        }
+    }
+
+    /// The namespace and slot in the fast entry of namespace `inum` (0: free).
+    fn fast_entry(&self, inum: u32) -> Result<(u32, u32), BpfError> {
+        let v = self
+            .skel
+            .maps
+            .weir_tcp_netns_fast
+            .lookup(&fast_index(inum).to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading weir_tcp_netns_fast"))?
+            .unwrap_or_default();
+        let word = |i: usize| {
+            v.get(i..i + 4)
+                .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
+        };
+        Ok((word(0), word(4)))
+    }
+
+    /// Writes namespace `held` (0: none) and its `slot` into the fast entry of `inum`.
+    fn set_fast_entry(&self, inum: u32, held: u32, slot: u32) -> Result<(), BpfError> {
+        let value = tcp_netns_slot { inum: held, slot };
+        self.skel
+            .maps
+            .weir_tcp_netns_fast
+            .update(
+                &fast_index(inum).to_ne_bytes(),
+                crate::as_bytes(&value),
+                MapFlags::ANY,
+            )
+            .map_err(lb("updating weir_tcp_netns_fast"))
+    }
+
+    /// Gives the fast entry of `inum`, which its namespace left, to another watched
+    /// namespace of the same entry, if there is one; else frees it.
+    fn refill_fast_entry(&self, inum: u32) -> Result<(), BpfError> {
+        let netns = &self.skel.maps.weir_tcp_netns;
+        let next = netns
+            .keys()
+            .filter_map(|k| Some(u32::from_ne_bytes(k.as_slice().try_into().ok()?)))
+            .find(|&other| other != inum && fast_index(other) == fast_index(inum));
+        let Some(other) = next else {
+            return self.set_fast_entry(inum, 0, 0);
+        };
+        let slot = netns
+            .lookup(&other.to_ne_bytes(), MapFlags::ANY)
+            .map_err(lb("reading weir_tcp_netns"))?
+            .and_then(|v| Some(u32::from_ne_bytes(v.as_slice().try_into().ok()?)));
+        match slot {
+            Some(slot) => self.set_fast_entry(inum, other, slot),
+            None => self.set_fast_entry(inum, 0, 0), // unwatched meanwhile
         }
     }
 

@@ -80,13 +80,47 @@ fn a_watched_namespaces_tcp_health_is_counted() {
     assert_eq!(th.counters(5).unwrap().connects, 0);
 }
 
+/// `n` connects that work, to a listener of their own.
+fn connects(n: usize) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    for _ in 0..n {
+        let c = TcpStream::connect(l.local_addr().unwrap()).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        drop((c, s));
+    }
+}
+
+/// A namespace is found by its inode's low bits first (the fast entry), else in the hash of
+/// all: one whose fast entry another namespace has is counted all the same, is given the
+/// entry when that one goes, and is counted no more once unwatched itself.
+#[test]
+fn a_namespace_whose_fast_entry_is_taken_is_counted_all_the_same() {
+    let a = Netns::new("th-fast");
+    let th = TcpHealth::load().expect("load");
+    let inum = netns_inum(a.path().as_ref()).unwrap();
+    // Another inode with the same low bits (the fast entry's index), watched first.
+    let other = inum ^ (1 << 24);
+    th.watch(other, 3).expect("watch the other");
+    th.watch(inum, 4).expect("watch");
+    a.inside(|| connects(2));
+    assert_eq!(th.counters(4).unwrap().connects, 2);
+    assert_eq!(th.counters(3).unwrap().connects, 0);
+    th.unwatch(other, 3);
+    a.inside(|| connects(3));
+    assert_eq!(th.counters(4).unwrap().connects, 5);
+    th.unwatch(inum, 4);
+    a.inside(|| connects(1));
+    assert_eq!(th.counters(4).unwrap().connects, 5);
+}
+
 /// Many client connections open at once: every connect and every RTT sample is counted for
-/// the namespace, and for their peer too. 1,500 open connections fill some pairs of the
-/// region where connects start (4,096 pairs: about 26 pairs get a third), so established
-/// sockets move to the held region and are still counted for their peer when they close.
+/// the namespace, and for their peer too. A socket's pair in the region where connects start
+/// is its cookie's (4,096 pairs), and cookies come in runs of consecutive numbers: 9,000
+/// open connections give some 800 pairs a third socket, so established sockets move to the
+/// held region and are still counted for their peer when they close.
 #[test]
 fn many_open_client_connections_are_all_counted() {
-    const N: usize = 1500;
+    const N: usize = 9000;
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("rlimit");
     let want = (2 * N as u64 + 256).max(soft);

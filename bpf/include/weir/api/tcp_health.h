@@ -11,6 +11,21 @@
 /* Slots of weir_tcp_counters: one per watched network namespace (weir_tcp_netns). */
 #define TCP_HEALTH_SLOTS 4096
 
+/*
+ * Entries of weir_tcp_netns_fast: a watched namespace's slot is looked for first in the entry
+ * its inode's low bits name (an array lookup, where weir_tcp_netns, the hash of them all, cost
+ * a hash lookup at four of a connection's tracepoints). The agent puts a namespace there when
+ * the entry is free; one whose entry another has is found in weir_tcp_netns alone.
+ */
+#define TCP_NETNS_FAST 8192
+
+/* Value of weir_tcp_netns_fast (inum 0: free), written and read as one 8-byte word. */
+struct tcp_netns_slot {
+	__u32 inum;
+	__u32 slot;
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct tcp_netns_slot) == 8, "tcp_netns_slot size");
+
 /* Entries of weir_tcp_peers (an LRU: the least recently counted peers go first). */
 #define TCP_HEALTH_PEERS 16384
 
