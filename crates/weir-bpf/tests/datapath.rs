@@ -989,6 +989,63 @@ fn the_flow_table_keeps_live_flows_over_ended_ones() {
     assert!(fx.dp.traces_lost().expect("lost").is_empty());
 }
 
+/// Sets the time of the last summary of flow `src` -> `dst` (IPv4 TCP) back by `by` ticks of
+/// the flow table's clock, in its record (64 bytes: the source port at 32, the family at 40,
+/// the time at 56).
+fn age_flow(fx: &Fixture, src: (&str, u16), dst: (&str, u16), by: u32) {
+    use libbpf_rs::{MapCore, MapFlags};
+    let ip = |a: &str| a.parse::<Ipv4Addr>().expect("ip");
+    let set = trace_set_of((ip(src.0), src.1), (ip(dst.0), dst.1)) as u32;
+    let flows = libbpf_rs::MapHandle::from_pinned_path(fx.pins.join("tc").join("weir_trace_flows"))
+        .expect("pinned flow table");
+    let mut value = flows
+        .lookup(&set.to_ne_bytes(), MapFlags::ANY)
+        .expect("lookup")
+        .expect("the set");
+    let rec = value
+        .chunks_mut(64)
+        .find(|r| r[40] != 0 && u16::from_be_bytes([r[32], r[33]]) == src.1)
+        .expect("the flow's record");
+    let last = u32::from_ne_bytes(rec[56..60].try_into().unwrap()).wrapping_sub(by);
+    rec[56..60].copy_from_slice(&last.to_ne_bytes());
+    flows
+        .update(&set.to_ne_bytes(), &value, MapFlags::ANY)
+        .expect("update");
+}
+
+/// A flow with nothing new is summarized again once TRACE_INTERVAL_NS has passed since its
+/// last summary, with the packets since (its record's clock set back past the interval).
+#[test]
+fn a_flow_is_summarized_again_once_its_interval_has_passed() {
+    use weir_bpf::events::TRACE_F_NEW;
+    let fx = Fixture::new();
+    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
+    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
+    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    let summaries = Summaries::on(&fx);
+    let (client, server) = (("10.244.1.5", 40000), ("10.244.1.7", 8080));
+    let send = |flags: u8| {
+        let (v, _) = fx.run(TcProgram::FromPod, &tcp4(client, server, flags), in0);
+        assert_eq!(v, TC_ACT_REDIRECT);
+    };
+    send(0x02);
+    assert_eq!(summaries.take().len(), 1);
+    send(0x10);
+    send(0x10);
+    assert!(
+        summaries.take().is_empty(),
+        "nothing new within the interval"
+    );
+    // Far past the interval in any of the clock's units (jiffies, or 2^20 ns).
+    age_flow(&fx, client, server, 1 << 20);
+    send(0x10);
+    let got = summaries.take();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].packets, got[0].flags & TRACE_F_NEW), (3, 0));
+    send(0x10);
+    assert!(summaries.take().is_empty(), "the interval starts again");
+}
+
 /// A connection's two directions search their set from opposite ends, so that each finds its
 /// own record first: the client's SYN and the server's SYN-ACK, in an empty set, take its
 /// first and last records (which one takes which depends on the ends' hashes).
