@@ -216,14 +216,16 @@ static __always_inline void peer_of(const struct sock___weir *sk, struct tcp_pee
 
 /*
  * The record `i` of the pair of the socket with `cookie` (whoever holds it) in the new
- * region, or with `held` in the held one; or NULL. The pair is the cookie's own, not a hash
- * of it: the kernel hands a CPU's sockets their cookies in runs of consecutive numbers, so
- * a CPU's connects take consecutive pairs, which the CPU's prefetcher brings in ahead of
- * them (hashed, each connect's pair was a cache miss: a quarter of sock_set_state's time).
+ * region, or with `held` in the held one; or NULL. The kernel hands a CPU's sockets their
+ * cookies in runs of 4,096 consecutive numbers (a run per CPU at a time): a run's connects
+ * take consecutive pairs, which the CPU's prefetcher brings in ahead of them (hashed, each
+ * connect's pair was a cache miss: a quarter of sock_set_state's time). Each run starts at a
+ * pair of its own (a hash of the run's number), so that two CPUs going through runs at the
+ * same pace do not take the same pairs one after the other.
  */
 static __always_inline struct client *record_at(__u64 cookie, bool held, __u32 i)
 {
-	__u64 pair = cookie << 1;
+	__u64 pair = (cookie + hash64((cookie - 1) >> 12)) << 1; /* runs: 1..4096, 4097.. */
 	__u32 idx = held ? TCP_CLIENTS_NEW + (pair & (TCP_CLIENTS_HELD - 2)) + i :
 			   (pair & (TCP_CLIENTS_NEW - 2)) + i;
 
