@@ -1314,6 +1314,18 @@ impl Datapath {
         )
     }
 
+    /// A reader of the forwarding summaries as the programs write them (a `struct
+    /// trace_event4` of 64 bytes or a `struct trace_event` of 120: see
+    /// [`crate::events::TraceEvent::decode`]), calling `f` with each record's bytes (poll it
+    /// on the thread that made it).
+    pub fn trace_records<F: FnMut(&[u8]) + 'static>(
+        &self,
+        f: F,
+    ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
+        let maps = TRACE_RINGS.map(|name| self.map(name) as &dyn MapCore);
+        crate::ring_reader(&maps, "reading the forwarding summaries", f)
+    }
+
     /// Forwarding summaries their full ring buffers refused, per reason (name), summed over
     /// CPUs.
     pub fn traces_lost(&self) -> Result<Vec<(String, u64)>, BpfError> {

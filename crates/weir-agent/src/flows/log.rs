@@ -135,7 +135,10 @@ enum Raw {
     Drop(DropEvent),
     /// With its direction, worked out on arrival.
     KernelDrop(Box<(KernelDrop, &'static str)>),
-    Trace(TraceEvent),
+    /// An IPv6 flow's, or one pushed decoded.
+    Trace(Box<TraceEvent>),
+    /// An IPv4 flow's `struct trace_event4`, as the program wrote it.
+    Trace4([u8; 64]),
     /// With the client's address, when its network namespace is a known pod's.
     Sock(SockEvent, Option<IpAddr>),
     /// A pod's client sockets (at the address) towards one peer over a period.
@@ -688,6 +691,28 @@ impl FlowLog {
 
     /// Records one forwarding summary of the tc or XDP programs.
     pub fn push_trace(&mut self, t: TraceEvent) {
+        let ends = self.count_trace(&t);
+        self.add(t.ts, ends, Raw::Trace(Box::new(t)));
+    }
+
+    /// Records one forwarding summary as the programs wrote it (see
+    /// [`TraceEvent::decode`]): an IPv4 flow's is kept as it is (64 bytes) and decoded again
+    /// when read; one that does not decode is left out.
+    pub fn push_trace_record(&mut self, record: &[u8]) {
+        let Some(t) = TraceEvent::decode(record) else {
+            return;
+        };
+        match <[u8; 64]>::try_from(record) {
+            Ok(v4) => {
+                let ends = self.count_trace(&t);
+                self.add(t.ts, ends, Raw::Trace4(v4));
+            }
+            Err(_) => self.push_trace(t),
+        }
+    }
+
+    /// Counts forwarding summary `t` in the metrics; the pods at its ends.
+    fn count_trace(&mut self, t: &TraceEvent) -> Ends {
         let ends = self.ends(Some(t.src.ip()), Some(t.dst.ip()));
         let (s, d) = (ends.0.as_ref(), ends.1.as_ref());
         let dir = direction_of(s, d);
@@ -703,7 +728,7 @@ impl FlowLog {
                 self.counters.service(svc.as_deref(), "translated");
             }
         }
-        self.add(t.ts, ends, Raw::Trace(t));
+        ends
     }
 
     /// Records one translation (or refusal) of the socket layer: the client is the pod
@@ -878,6 +903,11 @@ impl FlowLog {
                 rec.reason_text = kernel_reason_text(&d.reason);
             }
             Raw::Trace(t) => self.render_trace(&mut rec, e, t),
+            Raw::Trace4(b) => {
+                if let Some(t) = TraceEvent::decode(b) {
+                    self.render_trace(&mut rec, e, &t);
+                }
+            }
             Raw::Sock(s, client) => self.render_sock(&mut rec, e, s, *client),
             Raw::TcpHealth(client, peer, h) => {
                 let (s, frontend) = &**h;

@@ -840,12 +840,14 @@ mod tests {
             orig: orig.map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap())),
             svc_id: 7,
         };
-        log.push_trace(summary(
+        // The request as the reader pushes it (the program's record), the reply decoded.
+        let request = summary(
             "172.30.0.2:40000",
             "10.244.1.5:8080",
             TRACE_F_NEW | TRACE_F_XLATE,
             Some(("172.30.0.2:40000", "10.1.0.1:30080")),
-        ));
+        );
+        log.push_trace_record(&request.encode4().expect("IPv4"));
         log.push_trace(summary(
             "10.1.0.1:30080",
             "172.30.0.2:40000",
