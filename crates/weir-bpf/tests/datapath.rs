@@ -916,6 +916,15 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u64 {
     hash64(end(src).wrapping_add(end(dst)).wrapping_add(6)) & (4096 - 1)
 }
 
+/// The client pod 10.244.1.5 at in0 and the server pod 10.244.1.7 at out0: their devices'
+/// indexes (in0, out0).
+fn client_and_server(fx: &Fixture) -> (u32, u32) {
+    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
+    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
+    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    (in0, out0)
+}
+
 /// The flow table is set-associative (four records a set, a connection's both ways in one):
 /// a flow whose set is full takes the record of a connection that ended before that of a live
 /// one, and one with nothing unreported before one with packets pending; a TCP flow that lost
@@ -925,9 +934,7 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u64 {
 fn the_flow_table_keeps_live_flows_over_ended_ones() {
     use weir_bpf::events::TRACE_F_NEW;
     let fx = Fixture::new();
-    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
-    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
-    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    let (in0, out0) = client_and_server(&fx);
     let summaries = Summaries::on(&fx);
     let take = || summaries.take();
     let (client, server) = ("10.244.1.5", "10.244.1.7");
@@ -1019,9 +1026,7 @@ fn age_flow(fx: &Fixture, src: (&str, u16), dst: (&str, u16), by: u32) {
 fn a_flow_is_summarized_again_once_its_interval_has_passed() {
     use weir_bpf::events::TRACE_F_NEW;
     let fx = Fixture::new();
-    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
-    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
-    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    let (in0, _) = client_and_server(&fx);
     let summaries = Summaries::on(&fx);
     let (client, server) = (("10.244.1.5", 40000), ("10.244.1.7", 8080));
     let send = |flags: u8| {
@@ -1052,9 +1057,7 @@ fn a_flow_is_summarized_again_once_its_interval_has_passed() {
 #[test]
 fn a_connections_two_directions_take_opposite_ends_of_their_set() {
     let fx = Fixture::new();
-    let (in0, out0) = (fx.ifindex("in0"), fx.ifindex("out0"));
-    fx.endpoint("10.244.1.7".parse().expect("ip"), out0);
-    fx.endpoint("10.244.1.5".parse().expect("ip"), in0);
+    let (in0, out0) = client_and_server(&fx);
     Summaries::turn_on(&fx);
     let (client, server) = (("10.244.1.5", 40000), ("10.244.1.7", 8080));
     for (pkt, dev) in [
