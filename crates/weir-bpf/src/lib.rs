@@ -226,6 +226,32 @@ fn set_aside_if_incompatible(m: &libbpf_rs::OpenMapMut<'_>, path: &Path) -> Opti
     std::fs::rename(path, &to).ok().map(|()| to)
 }
 
+/// The kernel config values to give the programs' `__kconfig` externs when the system has no
+/// config for libbpf to read them from (`/boot/config-RELEASE` or `/proc/config.gz` under
+/// `root`: without either, libbpf refuses to load an object with any, weak or not):
+/// `CONFIG_HZ=0`, so that the flow table's clock falls back to the coarse clock (trace.h).
+/// `None` where there is a config.
+fn kconfig_fallback(root: &Path) -> Option<&'static std::ffi::CStr> {
+    // SAFETY: uname fills the structure it is given.
+    let release = unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) == 0 {
+            std::ffi::CStr::from_ptr(u.release.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        }
+    };
+    let boot = root.join("boot").join(format!("config-{release}"));
+    let proc = root.join("proc/config.gz");
+    if boot.exists() || proc.exists() {
+        None
+    } else {
+        Some(c"CONFIG_HZ=0\n")
+    }
+}
+
 /// Opens and loads one object (`name`, for errors) with its maps pinned as [`pin_maps`] says,
 /// reusing maps already pinned there (so state survives restarts and upgrades). The open
 /// object must outlive the skeleton: one is leaked per loaded program set.
@@ -243,9 +269,18 @@ fn load_pinned<B: SkelBuilder<'static>>(
     }
     let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
         Box::leak(Box::new(MaybeUninit::uninit()));
-    let mut open = builder
-        .open(storage)
-        .map_err(lb(format!("opening {name}")))?;
+    let opened = match kconfig_fallback(Path::new("/")) {
+        None => builder.open(storage),
+        Some(kconfig) => {
+            let opts = libbpf_sys::bpf_object_open_opts {
+                sz: std::mem::size_of::<libbpf_sys::bpf_object_open_opts>() as _,
+                kconfig: kconfig.as_ptr(), // copied by libbpf
+                ..Default::default()
+            };
+            builder.open_opts(opts, storage)
+        }
+    };
+    let mut open = opened.map_err(lb(format!("opening {name}")))?;
     for name in RETIRED_MAPS {
         let _ = std::fs::remove_file(lb_pin_dir.join(name));
     }
@@ -727,6 +762,19 @@ pub(crate) fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_get_a_kernel_config_only_where_the_system_has_none() {
+        let root = std::env::temp_dir().join(format!("weir-kconfig-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("proc")).unwrap();
+        assert_eq!(
+            kconfig_fallback(&root).map(|c| c.to_str().unwrap()),
+            Some("CONFIG_HZ=0\n")
+        );
+        std::fs::write(root.join("proc/config.gz"), b"").unwrap();
+        assert_eq!(kconfig_fallback(&root), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn a_per_cpu_lru_is_sized_as_the_kernel_sizes_it() {

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+mod private_mounts;
+
 use weir_bpf::datapath::{
     endpoint_info, endpoint_key, Datapath, TcProgram, XdpProgram, AF_INET, AF_INET6,
 };
@@ -1024,6 +1026,41 @@ fn age_flow(fx: &Fixture, src: (&str, u16), dst: (&str, u16), by: u32) {
 /// last summary, with the packets since (its record's clock set back past the interval).
 #[test]
 fn a_flow_is_summarized_again_once_its_interval_has_passed() {
+    summarized_again_once_the_interval_has_passed();
+}
+
+/// The same where the system has no kernel config to give the programs CONFIG_HZ (an empty
+/// one where /proc/config.gz and /boot/config-RELEASE are, in a private mount namespace):
+/// the flow table keeps time by the coarse clock.
+#[test]
+fn without_a_kernel_config_the_flow_table_keeps_time_by_the_coarse_clock() {
+    const NAME: &str = "without_a_kernel_config_the_flow_table_keeps_time_by_the_coarse_clock";
+    if private_mounts::reexec_in_private_mount_ns(NAME) {
+        return;
+    }
+    let empty = std::env::temp_dir().join(format!("weir-empty-kconfig-{}", std::process::id()));
+    std::fs::write(&empty, b"").expect("an empty config");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
+    for config in [
+        "/proc/config.gz".to_string(),
+        format!("/boot/config-{}", release.trim()),
+    ] {
+        if std::path::Path::new(&config).exists() {
+            nix::mount::mount(
+                Some(&empty),
+                config.as_str(),
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .expect("hiding the kernel config");
+        }
+    }
+    summarized_again_once_the_interval_has_passed();
+    let _ = std::fs::remove_file(&empty);
+}
+
+fn summarized_again_once_the_interval_has_passed() {
     use weir_bpf::events::TRACE_F_NEW;
     let fx = Fixture::new();
     let (in0, _) = client_and_server(&fx);
