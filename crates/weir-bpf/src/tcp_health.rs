@@ -34,14 +34,6 @@ use tcp_health_skel::{TcpHealthSkel, TcpHealthSkelBuilder};
 /// How many namespaces can be watched.
 pub const SLOTS: u32 = 4096;
 
-/// Entries of `weir_tcp_netns_fast` (`TCP_NETNS_FAST`).
-const NETNS_FAST: u32 = 8192;
-
-/// The entry of `weir_tcp_netns_fast` where namespace `inum` is looked for first.
-fn fast_index(inum: u32) -> u32 {
-    inum & (NETNS_FAST - 1)
-}
-
 /// The programs, attached (unless detached with [`TcpHealth::set_attached`]).
 pub struct TcpHealth {
     skel: TcpHealthSkel<'static>,
@@ -161,20 +153,25 @@ impl TcpHealth {
             .weir_tcp_netns
             .update(&inum.to_ne_bytes(), &slot.to_ne_bytes(), MapFlags::ANY)
             .map_err(lb("updating weir_tcp_netns"))?;
-        // In the fast entry too, unless another namespace has it.
-        match self.fast_entry(inum)? {
-            (held, _) if held == 0 || held == inum => self.set_fast_entry(inum, inum, slot),
-            _ => Ok(()),
+        // In the fast entry too, unless another watched namespace has it. Only a shortcut:
+        // the hash just written is what counts, so a failure here fails nothing.
+        if let Ok((held, _)) = self.fast_entry(inum) {
+            if held == 0 || held == inum || !self.is_watched(held) {
+                let _ = self.set_fast_entry(inum, inum, slot);
+            }
         }
+        Ok(())
     }
 
     /// Stops watching network namespace `inum` (in `slot`): its peers' counters go too, so
     /// that the slot's next namespace starts from nothing.
     pub fn unwatch(&self, inum: u32, slot: u32) {
-        let _ = self.skel.maps.weir_tcp_netns.delete(&inum.to_ne_bytes());
+        // The fast entry first: while it is there, the namespace is found by it.
         if matches!(self.fast_entry(inum), Ok((held, _)) if held == inum) {
-            let _ = self.refill_fast_entry(inum);
+            let _ = self.set_fast_entry(inum, 0, 0);
         }
+        let _ = self.skel.maps.weir_tcp_netns.delete(&inum.to_ne_bytes());
+        let _ = self.refill_fast_entry(inum);
         let peers = &self.skel.maps.weir_tcp_peers;
         let keys: Vec<Vec<u8>> = peers
             .keys()
@@ -185,13 +182,26 @@ impl TcpHealth {
         }
     }
 
-    /// The namespace and slot in the fast entry of namespace `inum` (0: free).
-    fn fast_entry(&self, inum: u32) -> Result<(u32, u32), BpfError> {
+    /// Whether namespace `inum` is watched (in `weir_tcp_netns`).
+    fn is_watched(&self, inum: u32) -> bool {
+        matches!(
+            self.skel
+                .maps
+                .weir_tcp_netns
+                .lookup(&inum.to_ne_bytes(), MapFlags::ANY),
+            Ok(Some(_))
+        )
+    }
+
+    /// The namespace and slot in the fast entry of namespace `inum` (namespace 0: the entry
+    /// is free). For tests: the entry is a shortcut the counts do not depend on.
+    #[doc(hidden)]
+    pub fn fast_entry(&self, inum: u32) -> Result<(u32, u32), BpfError> {
         let v = self
             .skel
             .maps
             .weir_tcp_netns_fast
-            .lookup(&fast_index(inum).to_ne_bytes(), MapFlags::ANY)
+            .lookup(&self.fast_index(inum).to_ne_bytes(), MapFlags::ANY)
             .map_err(lb("reading weir_tcp_netns_fast"))?
             .unwrap_or_default();
         let word = |i: usize| {
@@ -201,30 +211,53 @@ impl TcpHealth {
         Ok((word(0), word(4)))
     }
 
-    /// Writes namespace `held` (0: none) and its `slot` into the fast entry of `inum`.
+    /// Makes the fast entry of `inum` hold namespace `held` (0: none) in `slot`. The kernel
+    /// copies an entry in without a guarantee of one 8-byte store, and a program reads it as
+    /// one: each write changes one of its halves only (the namespace cleared before the slot
+    /// changes, set after), so that a program sees a namespace only with its own slot.
     fn set_fast_entry(&self, inum: u32, held: u32, slot: u32) -> Result<(), BpfError> {
-        let value = tcp_netns_slot { inum: held, slot };
-        self.skel
-            .maps
-            .weir_tcp_netns_fast
-            .update(
-                &fast_index(inum).to_ne_bytes(),
-                crate::as_bytes(&value),
-                MapFlags::ANY,
-            )
-            .map_err(lb("updating weir_tcp_netns_fast"))
+        let (cur, cur_slot) = self.fast_entry(inum)?;
+        if (cur, cur_slot) == (held, slot) {
+            return Ok(());
+        }
+        let write = |held: u32, slot: u32| {
+            let value = tcp_netns_slot { inum: held, slot };
+            self.skel
+                .maps
+                .weir_tcp_netns_fast
+                .update(
+                    &self.fast_index(inum).to_ne_bytes(),
+                    crate::as_bytes(&value),
+                    MapFlags::ANY,
+                )
+                .map_err(lb("updating weir_tcp_netns_fast"))
+        };
+        if cur != 0 {
+            write(0, cur_slot)?;
+        }
+        if slot != cur_slot {
+            write(0, slot)?;
+        }
+        if held != 0 {
+            write(held, slot)?;
+        }
+        Ok(())
     }
 
     /// Gives the fast entry of `inum`, which its namespace left, to another watched
-    /// namespace of the same entry, if there is one; else frees it.
+    /// namespace of the same entry, if there is one (a walk of `weir_tcp_netns`: up to
+    /// [`SLOTS`] keys, at a namespace's end only).
     fn refill_fast_entry(&self, inum: u32) -> Result<(), BpfError> {
+        if self.fast_entry(inum)?.0 != 0 {
+            return Ok(());
+        }
         let netns = &self.skel.maps.weir_tcp_netns;
         let next = netns
             .keys()
             .filter_map(|k| Some(u32::from_ne_bytes(k.as_slice().try_into().ok()?)))
-            .find(|&other| other != inum && fast_index(other) == fast_index(inum));
+            .find(|&other| other != inum && self.fast_index(other) == self.fast_index(inum));
         let Some(other) = next else {
-            return self.set_fast_entry(inum, 0, 0);
+            return Ok(());
         };
         let slot = netns
             .lookup(&other.to_ne_bytes(), MapFlags::ANY)
@@ -232,8 +265,14 @@ impl TcpHealth {
             .and_then(|v| Some(u32::from_ne_bytes(v.as_slice().try_into().ok()?)));
         match slot {
             Some(slot) => self.set_fast_entry(inum, other, slot),
-            None => self.set_fast_entry(inum, 0, 0), // unwatched meanwhile
+            None => Ok(()), // unwatched meanwhile
         }
+    }
+
+    /// The entry of `weir_tcp_netns_fast` where namespace `inum` is looked for first (its
+    /// inode's low bits: the map's entries are a power of two).
+    fn fast_index(&self, inum: u32) -> u32 {
+        inum & (self.skel.maps.weir_tcp_netns_fast.max_entries() - 1)
     }
 
     /// Every peer of a watched namespace's client sockets (once each: an IPv4 address an

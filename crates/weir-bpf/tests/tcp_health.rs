@@ -102,13 +102,16 @@ fn a_namespace_whose_fast_entry_is_taken_is_counted_all_the_same() {
     let other = inum ^ (1 << 24);
     th.watch(other, 3).expect("watch the other");
     th.watch(inum, 4).expect("watch");
+    assert_eq!(th.fast_entry(inum).unwrap(), (other, 3));
     a.inside(|| connects(2));
     assert_eq!(th.counters(4).unwrap().connects, 2);
     assert_eq!(th.counters(3).unwrap().connects, 0);
     th.unwatch(other, 3);
+    assert_eq!(th.fast_entry(inum).unwrap(), (inum, 4), "handed on");
     a.inside(|| connects(3));
     assert_eq!(th.counters(4).unwrap().connects, 5);
     th.unwatch(inum, 4);
+    assert_eq!(th.fast_entry(inum).unwrap().0, 0, "freed");
     a.inside(|| connects(1));
     assert_eq!(th.counters(4).unwrap().connects, 5);
 }
