@@ -245,7 +245,9 @@ fn kconfig_fallback(root: &Path) -> Option<&'static std::ffi::CStr> {
     };
     let boot = root.join("boot").join(format!("config-{release}"));
     let proc = root.join("proc/config.gz");
-    if boot.exists() || proc.exists() {
+    // Readable, as libbpf opens it (gzopen), not merely there.
+    let readable = |p: &Path| std::fs::File::open(p).is_ok();
+    if readable(&boot) || readable(&proc) {
         None
     } else {
         Some(c"CONFIG_HZ=0\n")
