@@ -204,11 +204,8 @@ impl TcpHealth {
             .lookup(&self.fast_index(inum).to_ne_bytes(), MapFlags::ANY)
             .map_err(lb("reading weir_tcp_netns_fast"))?
             .unwrap_or_default();
-        let word = |i: usize| {
-            v.get(i..i + 4)
-                .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
-        };
-        Ok((word(0), word(4)))
+        let e: tcp_netns_slot = from_bytes(&v);
+        Ok((e.inum, e.slot))
     }
 
     /// Makes the fast entry of `inum` hold namespace `held` (0: none) in `slot`. The kernel
@@ -254,7 +251,7 @@ impl TcpHealth {
         let netns = &self.skel.maps.weir_tcp_netns;
         let next = netns
             .keys()
-            .filter_map(|k| Some(u32::from_ne_bytes(k.as_slice().try_into().ok()?)))
+            .map(|k| from_bytes::<u32>(&k))
             .find(|&other| other != inum && self.fast_index(other) == self.fast_index(inum));
         let Some(other) = next else {
             return Ok(());
@@ -262,7 +259,7 @@ impl TcpHealth {
         let slot = netns
             .lookup(&other.to_ne_bytes(), MapFlags::ANY)
             .map_err(lb("reading weir_tcp_netns"))?
-            .and_then(|v| Some(u32::from_ne_bytes(v.as_slice().try_into().ok()?)));
+            .map(|v| from_bytes::<u32>(&v));
         match slot {
             Some(slot) => self.set_fast_entry(inum, other, slot),
             None => Ok(()), // unwatched meanwhile
