@@ -1302,16 +1302,11 @@ impl Datapath {
         &self,
         mut f: F,
     ) -> Result<libbpf_rs::RingBuffer<'static>, BpfError> {
-        let maps = TRACE_RINGS.map(|name| self.map(name) as &dyn MapCore);
-        crate::ring_reader(
-            &maps,
-            "reading the forwarding summaries",
-            move |data: &[u8]| {
-                if let Some(ev) = crate::events::TraceEvent::decode(data) {
-                    f(ev);
-                }
-            },
-        )
+        self.trace_records(move |data| {
+            if let Some(ev) = crate::events::TraceEvent::decode(data) {
+                f(ev);
+            }
+        })
     }
 
     /// A reader of the forwarding summaries as the programs write them (a `struct
