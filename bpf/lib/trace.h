@@ -278,20 +278,21 @@ static __always_inline void trace_xlate6(struct trace_event *ev, const struct tr
 	ev->flags |= TRACE_F_XLATE | (reply ? TRACE_F_REPLY : 0);
 }
 
-/* A hash of one end of a flow: its address and port. */
+/* One end of a flow as a number: its address (folded to 32 bits) and port. */
 static __always_inline __u64 trace_end(const __be32 *addr, __be16 port)
 {
-	return hash64((__u64)(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) << 16 | port);
+	return (__u64)(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) << 16 | port;
 }
 
 /*
  * Where flow `k` goes in weir_trace_flows: its set, that of its connection whichever way and
- * wherever it is seen (the ends' hashes added, so both orders give the same), and in `*down`
- * which end of the set it searches from (trace_way). A reply's first packet finds the set its
- * request's first packet just brought into the cache, where a set per direction cost a second
- * cold set per connection. A connection's two directions search from opposite ends (which end
- * of the connection hashes lower decides), so that in a set of one connection a packet finds
- * its own record first, without comparing the other direction's, which the CPU of that
+ * wherever it is seen (a hash of the ends added, so both orders give the same; one hash per
+ * packet, where hashing each end first took two more), and in `*down` which end of the set
+ * it searches from (trace_way). A reply's first packet finds the set its request's first
+ * packet just brought into the cache, where a set per direction cost a second cold set per
+ * connection. A connection's two directions search from opposite ends (which end of the
+ * connection is the greater number decides), so that in a set of one connection a packet
+ * finds its own record first, without comparing the other direction's, which the CPU of that
  * direction's sender writes at each of its packets. The key is the packet as it leaves: a
  * translated flow's reply (a NodePort's, a masqueraded one's) has ends of its own, and a set
  * of its own.
@@ -299,10 +300,9 @@ static __always_inline __u64 trace_end(const __be32 *addr, __be16 port)
 static __always_inline __u32 trace_set_of(const struct trace_key *k, bool *down)
 {
 	__u64 s = trace_end(k->saddr, k->sport), d = trace_end(k->daddr, k->dport);
-	__u64 h = hash64(s + d + k->proto);
 
 	*down = s > d;
-	return h & (TRACE_SETS - 1);
+	return hash64(s + d + ((__u64)k->proto << 48)) & (TRACE_SETS - 1);
 }
 
 /*

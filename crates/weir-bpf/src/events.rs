@@ -109,6 +109,62 @@ fn sock_at(d: &[u8], family: u8, o: usize, p: usize) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, u16_be(d, p)))
 }
 
+/// What the agent counts of a forwarding summary: a few fields, read from an IPv4 flow's
+/// record as it is ([`TraceCount::of4`]: decoding the whole summary was a quarter of the
+/// agent's time per summary), or from a decoded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceCount {
+    /// When (boot clock, nanoseconds).
+    pub ts: u64,
+    /// The packet's source address as it left the program.
+    pub src: IpAddr,
+    /// Its destination address.
+    pub dst: IpAddr,
+    /// `REASON_*`.
+    pub reason: u32,
+    /// IP protocol.
+    pub proto: u8,
+    /// This packet's TCP flags.
+    pub tcp_flags: u8,
+    /// `TRACE_F_*`.
+    pub flags: u8,
+    /// The destination before translation (with `TRACE_F_XLATE`): the frontend a new
+    /// translated flow asked for.
+    pub frontend: Option<SocketAddr>,
+}
+
+impl TraceCount {
+    /// Of a `struct trace_event4` (an IPv4 flow's summary, as [`TraceEvent::decode`] reads it).
+    pub fn of4(d: &[u8; 64]) -> TraceCount {
+        let flags = d[57];
+        let v4 = |o: usize| IpAddr::V4(Ipv4Addr::new(d[o], d[o + 1], d[o + 2], d[o + 3]));
+        TraceCount {
+            ts: u64_ne(d, 0),
+            src: v4(16),
+            dst: v4(20),
+            reason: u32::from(u16::from_ne_bytes([d[52], d[53]])),
+            proto: d[54],
+            tcp_flags: d[56],
+            flags,
+            frontend: (flags & TRACE_F_XLATE != 0).then(|| SocketAddr::new(v4(32), u16_be(d, 38))),
+        }
+    }
+
+    /// Of a decoded summary.
+    pub fn of(t: &TraceEvent) -> TraceCount {
+        TraceCount {
+            ts: t.ts,
+            src: t.src.ip(),
+            dst: t.dst.ip(),
+            reason: t.reason,
+            proto: t.proto,
+            tcp_flags: t.tcp_flags,
+            flags: t.flags,
+            frontend: t.orig.map(|(_, frontend)| frontend),
+        }
+    }
+}
+
 impl TraceEvent {
     /// A `struct trace_event` (weir/api/datapath.h: 120 bytes) or an IPv4 flow's
     /// `struct trace_event4` (64 bytes), told apart by length; host order but for the
@@ -304,6 +360,18 @@ mod tests {
         };
         let record = ev.encode4().expect("an IPv4 flow's");
         assert_eq!(TraceEvent::decode(&record), Some(ev.clone()));
+        // What is counted, read from the record as it is, is what the decoded one says.
+        let counted = TraceCount::of4(&record);
+        assert_eq!(counted, TraceCount::of(&ev));
+        assert_eq!(counted.frontend, Some("172.30.0.2:40000".parse().unwrap()));
+        let plain = TraceEvent {
+            flags: TRACE_F_NEW,
+            orig: None,
+            ..ev.clone()
+        };
+        let plain4 = plain.encode4().expect("an IPv4 flow's");
+        assert_eq!(TraceCount::of4(&plain4), TraceCount::of(&plain));
+        assert_eq!(TraceCount::of4(&plain4).frontend, None);
         let v6 = TraceEvent {
             src: "[fd00::1]:1".parse().unwrap(),
             ..ev

@@ -13,8 +13,8 @@ type FastMap<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
 
 use weir_bpf::datapath::{flow_event, reason_description, reason_name, weir_reason, DropEvent};
 use weir_bpf::events::{
-    sock_point_name, tcp_flag_names, SockEvent, TraceEvent, SOCK_XLATE_RECVMSG, TRACE_F_NEW,
-    TRACE_F_REPLY,
+    sock_point_name, tcp_flag_names, SockEvent, TraceCount, TraceEvent, SOCK_XLATE_RECVMSG,
+    TRACE_F_NEW, TRACE_F_REPLY,
 };
 use weir_bpf::kdrop::KernelDrop;
 use weir_control::policy::MatchKind;
@@ -344,6 +344,9 @@ pub struct FlowLog {
     counters: Counters,
     /// The pods at addresses, as resolved since the pod maps last changed.
     ends: FastMap<IpAddr, Option<Arc<PodEnd>>>,
+    /// The last two addresses asked for with their pods (either way round): a connection's
+    /// summaries come one way then the other.
+    last_ends: Option<(IpAddr, IpAddr, Ends)>,
     /// Pod addresses -> `namespace/name` (kept by the policy loop, with [`FlowLog::set_pods`]).
     pub pod_names: HashMap<IpAddr, String>,
     /// `namespace/name` -> the pod's workload and labels (kept by the policy loop).
@@ -469,6 +472,7 @@ impl FlowLog {
             },
             counters: Counters::default(),
             ends: FastMap::default(),
+            last_ends: None,
             pod_names: HashMap::new(),
             pods: HashMap::new(),
             services: HashMap::new(),
@@ -498,6 +502,7 @@ impl FlowLog {
         self.pod_names = names;
         self.pods = pods;
         self.ends.clear();
+        self.last_ends = None;
     }
 
     /// Sets what `weir_flows_total` says of a flow's ends (from the next flow on).
@@ -586,10 +591,20 @@ impl FlowLog {
 
     /// The pods at addresses `src` and `dst`.
     fn ends(&mut self, src: Option<IpAddr>, dst: Option<IpAddr>) -> Ends {
-        (
-            src.and_then(|ip| self.pod_at(ip)),
-            dst.and_then(|ip| self.pod_at(ip)),
-        )
+        let (Some(s), Some(d)) = (src, dst) else {
+            return (
+                src.and_then(|ip| self.pod_at(ip)),
+                dst.and_then(|ip| self.pod_at(ip)),
+            );
+        };
+        match &self.last_ends {
+            Some((a, b, (pa, pb))) if (*a, *b) == (s, d) => return (pa.clone(), pb.clone()),
+            Some((a, b, (pa, pb))) if (*a, *b) == (d, s) => return (pb.clone(), pa.clone()),
+            _ => {}
+        }
+        let ends = (self.pod_at(s), self.pod_at(d));
+        self.last_ends = Some((s, d, ends.clone()));
+        ends
     }
 
     fn add(&mut self, ts: u64, (src, dst): Ends, raw: Raw) {
@@ -691,29 +706,31 @@ impl FlowLog {
 
     /// Records one forwarding summary of the tc or XDP programs.
     pub fn push_trace(&mut self, t: TraceEvent) {
-        let ends = self.count_trace(&t);
+        let ends = self.count_trace(&TraceCount::of(&t));
         self.add(t.ts, ends, Raw::Trace(Box::new(t)));
     }
 
     /// Records one forwarding summary as the programs wrote it (see
-    /// [`TraceEvent::decode`]): an IPv4 flow's is kept as it is (64 bytes) and decoded again
-    /// when read; one that does not decode is left out.
+    /// [`TraceEvent::decode`]): an IPv4 flow's is kept as it is (64 bytes), counted from the
+    /// few fields that count, and decoded when read; one that does not decode is left out.
     pub fn push_trace_record(&mut self, record: &[u8]) {
-        let Some(t) = TraceEvent::decode(record) else {
-            return;
-        };
-        match <[u8; 64]>::try_from(record) {
+        match <&[u8; 64]>::try_from(record) {
             Ok(v4) => {
+                let t = TraceCount::of4(v4);
                 let ends = self.count_trace(&t);
-                self.add(t.ts, ends, Raw::Trace4(v4));
+                self.add(t.ts, ends, Raw::Trace4(*v4));
             }
-            Err(_) => self.push_trace(t),
+            Err(_) => {
+                if let Some(t) = TraceEvent::decode(record) {
+                    self.push_trace(t);
+                }
+            }
         }
     }
 
     /// Counts forwarding summary `t` in the metrics; the pods at its ends.
-    fn count_trace(&mut self, t: &TraceEvent) -> Ends {
-        let ends = self.ends(Some(t.src.ip()), Some(t.dst.ip()));
+    fn count_trace(&mut self, t: &TraceCount) -> Ends {
+        let ends = self.ends(Some(t.src), Some(t.dst));
         let (s, d) = (ends.0.as_ref(), ends.1.as_ref());
         let dir = direction_of(s, d);
         let reason = reason_label(t.reason as u8);
@@ -723,7 +740,7 @@ impl FlowLog {
             self.counters.tcp_flags(t.tcp_flags, t.src.is_ipv4());
         }
         if t.flags & TRACE_F_NEW != 0 && t.flags & TRACE_F_REPLY == 0 {
-            if let Some((_, frontend)) = t.orig {
+            if let Some(frontend) = t.frontend {
                 let svc = self.frontend_service(frontend, t.proto);
                 self.counters.service(svc.as_deref(), "translated");
             }

@@ -778,6 +778,68 @@ mod tests {
         assert!("node".parse::<MetricsContext>().is_err());
     }
 
+    #[test]
+    fn a_connections_summaries_name_their_pods_both_ways_and_anew_after_the_pods_change() {
+        let mut log = FlowLog::new("n1");
+        let pods = |a: &str, b: &str| {
+            let ips: HashMap<IpAddr, String> = [
+                ("10.244.1.5".parse().unwrap(), a.to_string()),
+                ("10.244.1.9".parse().unwrap(), b.to_string()),
+            ]
+            .into();
+            (ips, HashMap::new())
+        };
+        let summary = |src: &str, dst: &str| {
+            TraceEvent {
+                ts: 0,
+                reason: weir_reason::REASON_FORWARD_PEER.0,
+                dir: 0,
+                ifindex: 3,
+                proto: 6,
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                tcp_flags: 0x02,
+                tcp_seen: 0x02,
+                packets: 1,
+                bytes: 60,
+                flags: TRACE_F_NEW,
+                orig: None,
+                svc_id: 0,
+            }
+            .encode4()
+            .expect("IPv4")
+        };
+        let (request, reply) = (
+            summary("10.244.1.9:40000", "10.244.1.5:8080"),
+            summary("10.244.1.5:8080", "10.244.1.9:40000"),
+        );
+        let (ips, meta) = pods("x/web", "x/client");
+        log.set_pods(ips, meta);
+        log.push_trace_record(&request);
+        log.push_trace_record(&reply);
+        log.push_trace_record(&request);
+        // The pods change: a summary after names the new ones.
+        let (ips, meta) = pods("x/web-2", "x/client-2");
+        log.set_pods(ips, meta);
+        log.push_trace_record(&reply);
+        let ends: Vec<(Option<String>, Option<String>)> = log
+            .since(0)
+            .flows
+            .into_iter()
+            .map(|f| (f.source.pod, f.destination.pod))
+            .collect();
+        let named = |s: &str, d: &str| (Some(s.to_string()), Some(d.to_string()));
+        assert_eq!(
+            ends,
+            [
+                named("x/client", "x/web"),
+                named("x/web", "x/client"),
+                named("x/client", "x/web"),
+                named("x/web-2", "x/client-2"),
+            ]
+        );
+    }
+
     /// A TCP packet from `src` to `dst` a program dropped for want of a route (ingress).
     fn no_route(src: &str, dst: &str) -> DropEvent {
         DropEvent {
