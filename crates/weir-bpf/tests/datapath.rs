@@ -901,8 +901,8 @@ impl Summaries {
 }
 
 /// The set of `weir_trace_flows` an IPv4 TCP flow's records are in: trace.h's trace_set_of
-/// (murmur3's 64-bit finaliser over the ends added, each its address and port as the
-/// program loads them, and the protocol above them).
+/// (murmur3's 64-bit finaliser over the two addresses added, as the program loads them, and
+/// the protocol above them; then the two ports added).
 fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u64 {
     fn hash64(mut k: u64) -> u64 {
         k ^= k >> 33;
@@ -911,11 +911,9 @@ fn trace_set_of(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> u64 {
         k = k.wrapping_mul(0xc4ceb9fe1a85ec53);
         k ^ (k >> 33)
     }
-    let end = |(a, p): (Ipv4Addr, u16)| {
-        let word = u64::from(u32::from_ne_bytes(a.octets()));
-        word << 16 | u64::from(u16::from_ne_bytes(p.to_be_bytes()))
-    };
-    hash64(end(src) + end(dst) + (6 << 48)) & (4096 - 1)
+    let addr = |a: Ipv4Addr| u64::from(u32::from_ne_bytes(a.octets()));
+    let base = hash64(addr(src.0) + addr(dst.0) + (6 << 48));
+    base.wrapping_add(u64::from(src.1) + u64::from(dst.1)) & (4096 - 1)
 }
 
 /// The client pod 10.244.1.5 at in0 and the server pod 10.244.1.7 at out0: their devices'
