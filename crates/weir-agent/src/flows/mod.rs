@@ -790,24 +790,9 @@ mod tests {
             (ips, HashMap::new())
         };
         let summary = |src: &str, dst: &str| {
-            TraceEvent {
-                ts: 0,
-                reason: weir_reason::REASON_FORWARD_PEER.0,
-                dir: 0,
-                ifindex: 3,
-                proto: 6,
-                src: src.parse().unwrap(),
-                dst: dst.parse().unwrap(),
-                tcp_flags: 0x02,
-                tcp_seen: 0x02,
-                packets: 1,
-                bytes: 60,
-                flags: TRACE_F_NEW,
-                orig: None,
-                svc_id: 0,
-            }
-            .encode4()
-            .expect("IPv4")
+            syn_summary(src, dst, TRACE_F_NEW, None)
+                .encode4()
+                .expect("IPv4")
         };
         let (request, reply) = (
             summary("10.244.1.9:40000", "10.244.1.5:8080"),
@@ -838,6 +823,27 @@ mod tests {
                 named("x/web-2", "x/client-2"),
             ]
         );
+    }
+
+    /// A forwarding summary of a TCP SYN from `src` to `dst` (`TRACE_F_*` `flags`, and the
+    /// addresses before translation).
+    fn syn_summary(src: &str, dst: &str, flags: u8, orig: Option<(&str, &str)>) -> TraceEvent {
+        TraceEvent {
+            ts: 0,
+            reason: weir_reason::REASON_FORWARD_PEER.0,
+            dir: 0,
+            ifindex: 3,
+            proto: 6,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            tcp_flags: 0x02,
+            tcp_seen: 0x02,
+            packets: 1,
+            bytes: 60,
+            flags,
+            orig: orig.map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap())),
+            svc_id: 7,
+        }
     }
 
     /// A TCP packet from `src` to `dst` a program dropped for want of a route (ingress).
@@ -886,22 +892,7 @@ mod tests {
             .insert(("0.0.0.0".parse().unwrap(), 30080, 6), "x/web".into());
         log.frontends
             .insert(("10.96.0.10".parse().unwrap(), 80, 6), "x/web".into());
-        let summary = |src: &str, dst: &str, flags: u8, orig: Option<(&str, &str)>| TraceEvent {
-            ts: 0,
-            reason: weir_reason::REASON_FORWARD_PEER.0,
-            dir: 0,
-            ifindex: 3,
-            proto: 6,
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            tcp_flags: 0x02,
-            tcp_seen: 0x02,
-            packets: 1,
-            bytes: 60,
-            flags,
-            orig: orig.map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap())),
-            svc_id: 7,
-        };
+        let summary = syn_summary;
         // The request as the reader pushes it (the program's record), the reply decoded.
         let request = summary(
             "172.30.0.2:40000",
