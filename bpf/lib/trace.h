@@ -545,23 +545,36 @@ static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, 
 }
 
 /*
- * The first `n` bytes of the L4 header at `off` into `out`: read in place when the linear
- * part holds them (the usual case), else copied.
+ * The ports of the TCP or UDP header at `off` into the key; returns TCP's flags (the header's
+ * 14th byte; 0 for UDP), or -1. Loaded in place when the linear part holds them (the usual
+ * case), else from a copy. Loaded as the words they are: copying the header byte by byte
+ * into the scratch and reading the ports back had each two-byte load wait for the two byte
+ * stores it spans (a quarter of trace_skb's samples).
  */
-static __always_inline int trace_l4(struct __sk_buff *skb, __u32 off, __u8 *out, __u32 n)
+static __always_inline int trace_ports(struct __sk_buff *skb, struct trace_scratch *sc, __u32 off)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	__u8 *p;
+	__u8 *p, tcp = 0;
 
 	if (off > 128)
 		return -1;
 	p = data + off;
-	if ((void *)(p + 14) <= end) {
-		__builtin_memcpy(out, p, 14);
-		return 0;
+	if (sc->k.proto == IPPROTO_TCP_) {
+		if ((void *)(p + 14) > end) {
+			if (bpf_skb_load_bytes(skb, off, sc->l4, 14) < 0)
+				return -1;
+			p = sc->l4;
+		}
+		tcp = p[13];
+	} else if ((void *)(p + 4) > end) {
+		if (bpf_skb_load_bytes(skb, off, sc->l4, 4) < 0)
+			return -1;
+		p = sc->l4;
 	}
-	return bpf_skb_load_bytes(skb, off, out, n);
+	sc->k.sport = ((__be16 *)p)[0];
+	sc->k.dport = ((__be16 *)p)[1];
+	return tcp;
 }
 
 /* A tc program's packet, as it leaves the program under `reason` (`xlate`: see count_fwd). */
@@ -570,10 +583,10 @@ static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason, 
 	struct trace_scratch *sc = trace_scratch();
 	void *data, *end;
 	__u32 l4 = 0;
+	int tcp = 0;
 
 	if (!sc)
 		return 0;
-	__builtin_memset(sc->l4, 0, sizeof(sc->l4));
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
@@ -608,19 +621,16 @@ static __noinline int trace_skb(struct __sk_buff *skb, __u32 dir, __u32 reason, 
 	} else {
 		return 0;
 	}
-	if (l4 && sc->k.proto == IPPROTO_TCP_) {
-		if (trace_l4(skb, l4, sc->l4, 14) < 0)
-			return 0;
-	} else if (l4 && sc->k.proto == IPPROTO_UDP_) {
-		if (trace_l4(skb, l4, sc->l4, 4) < 0)
+	/* Other protocols, and fragments after the first, have no ports (the key's are 0). */
+	if (l4 && (sc->k.proto == IPPROTO_TCP_ || sc->k.proto == IPPROTO_UDP_)) {
+		tcp = trace_ports(skb, sc, l4);
+		if (tcp < 0)
 			return 0;
 	}
-	__builtin_memcpy(&sc->k.sport, &sc->l4[0], 2);
-	__builtin_memcpy(&sc->k.dport, &sc->l4[2], 2);
 	sc->k.ifindex = skb->ifindex;
 	sc->k.dir = dir;
 	sc->xlate = xlate;
-	return trace_flow(sc, sc->k.proto == IPPROTO_TCP_ ? sc->l4[13] : 0, skb->len, reason);
+	return trace_flow(sc, tcp, skb->len, reason);
 }
 
 /* An XDP program's IPv4 packet (it translates no other), as it leaves under `reason`. */
@@ -643,8 +653,8 @@ static __always_inline void trace_xdp(struct xdp_md *ctx, __u32 reason)
 		tcp = l4[13];
 	if ((sc->k.proto == IPPROTO_TCP_ || sc->k.proto == IPPROTO_UDP_) &&
 	    (void *)(l4 + 4) <= end) {
-		__builtin_memcpy(&sc->k.sport, l4, 2);
-		__builtin_memcpy(&sc->k.dport, l4 + 2, 2);
+		sc->k.sport = ((__be16 *)l4)[0];
+		sc->k.dport = ((__be16 *)l4)[1];
 	}
 	sc->k.ifindex = ctx->ingress_ifindex;
 	sc->k.dir = WEIR_DIR_INGRESS;

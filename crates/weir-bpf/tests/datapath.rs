@@ -925,6 +925,33 @@ fn client_and_server(fx: &Fixture) -> (u32, u32) {
     (in0, out0)
 }
 
+/// A summary's key takes the ports of TCP and UDP (and TCP's flags), read from the header in
+/// place; other protocols' are 0 whatever their header holds.
+#[test]
+fn summaries_key_tcp_and_udp_flows_by_their_ports_and_others_without() {
+    let fx = Fixture::new();
+    let (in0, _) = client_and_server(&fx);
+    let summaries = Summaries::on(&fx);
+    let (client, server) = (("10.244.1.5", 40000), ("10.244.1.7", 5353));
+    for frame in [
+        tcp4(client, server, 0x02),
+        udp4(client, server),
+        sctp4(client, server),
+    ] {
+        let (v, _) = fx.run(TcProgram::FromPod, &frame, in0);
+        assert_eq!(v, TC_ACT_REDIRECT);
+    }
+    let got: Vec<(u8, u16, u16, u8)> = summaries
+        .take()
+        .iter()
+        .map(|e| (e.proto, e.src.port(), e.dst.port(), e.tcp_flags))
+        .collect();
+    assert_eq!(
+        got,
+        [(6, 40000, 5353, 0x02), (17, 40000, 5353, 0), (132, 0, 0, 0)]
+    );
+}
+
 /// The flow table is set-associative (four records a set, a connection's both ways in one):
 /// a flow whose set is full takes the record of a connection that ended before that of a live
 /// one, and one with nothing unreported before one with packets pending; a TCP flow that lost
