@@ -661,6 +661,18 @@ fn packet_costs(t: &Topo, pods: &Arc<Mutex<PodDataplane>>) -> Result<()> {
         "per packet due a summary (from_netdev, TCP SYN+RST, 64 bursts of 4,096, the reader draining, median of 5): {:.0} ns ({got} summaries received in the last run)",
         median(&mut ps)
     );
+    let walked: Vec<String> = pods
+        .lock()
+        .expect("pods")
+        .datapath()
+        .programs()
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.verified_insns))
+        .collect();
+    println!(
+        "instructions the verifier walked (of 1,000,000): {}",
+        walked.join(", ")
+    );
     Ok(())
 }
 

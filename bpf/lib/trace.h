@@ -482,9 +482,13 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
 
 /*
  * Records a packet of flow `k` (`tcp` its TCP flags, `len` its length) that the program let
- * through under `reason`, and reports the flow when it is due (see above).
+ * through under `reason`, and reports the flow when it is due (see above). Inline in its
+ * callers (trace_skb, itself a subprogram, and trace_xdp): as a subprogram of its own it cost
+ * a call and a return per packet, and returns are dear where the kernel guards them
+ * (Safe RET): 67 -> 62 ns per packet with summaries (from_netdev, BPF_PROG_TEST_RUN), for
+ * about 2,000 more instructions walked by the verifier (from_pod 388k, from_netdev 462k).
  */
-static __noinline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
+static __always_inline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
 {
 	const struct trace_key *k = &sc->k;
 	struct trace_set *set;

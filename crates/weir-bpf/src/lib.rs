@@ -739,6 +739,8 @@ pub struct ProgramInfo {
     pub run_count: u64,
     /// Total run time of those runs, in nanoseconds.
     pub run_time_ns: u64,
+    /// Instructions the verifier walked to accept it (of its limit, 1,000,000).
+    pub verified_insns: u32,
 }
 
 /// The kernel's information about the program behind `fd` (zeros if it cannot be read).
@@ -758,6 +760,7 @@ pub(crate) fn prog_info(name: &'static str, fd: i32) -> ProgramInfo {
         id: info.id,
         run_count: info.run_cnt,
         run_time_ns: info.run_time_ns,
+        verified_insns: info.verified_insns,
     }
 }
 
