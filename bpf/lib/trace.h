@@ -105,7 +105,7 @@ struct {
 } weir_trace_scratch SEC(".maps");
 
 /*
- * The flows, set-associative: a flow's set is a hash of its connection (trace_set_of), so
+ * The flows, set-associative: a flow's set is that of its connection (trace_set_of), so
  * that an untranslated connection's two ways, at one point each or at two, share four
  * records. A flow missing from its set takes an empty record, else one whose connection
  * ended (FIN or RST), else one with nothing
@@ -486,7 +486,8 @@ static __always_inline int trace_emit6(struct trace_scratch *sc, struct trace_re
  * callers (trace_skb, itself a subprogram, and trace_xdp): as a subprogram of its own it cost
  * a call and a return per packet, and returns are dear where the kernel guards them
  * (Safe RET): 67 -> 62 ns per packet with summaries (from_netdev, BPF_PROG_TEST_RUN), for
- * about 2,000 more instructions walked by the verifier (from_pod 388k, from_netdev 462k).
+ * about 1,000-2,500 more instructions walked by the verifier (from_pod 388k, from_netdev
+ * 462k, xdp_nodeport 49k, whose two trace_xdp calls each hold a copy).
  */
 static __always_inline int trace_flow(struct trace_scratch *sc, __u8 tcp, __u32 len, __u32 reason)
 {

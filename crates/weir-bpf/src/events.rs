@@ -128,8 +128,8 @@ pub struct TraceCount {
     pub tcp_flags: u8,
     /// `TRACE_F_*`.
     pub flags: u8,
-    /// The destination before translation (with `TRACE_F_XLATE`): the frontend a new
-    /// translated flow asked for.
+    /// The destination before translation (with `TRACE_F_XLATE`): the frontend a request
+    /// asked for (a reply's: the client, or the address it was masqueraded to).
     pub frontend: Option<SocketAddr>,
 }
 
